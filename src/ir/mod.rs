@@ -1,0 +1,366 @@
+//! The IR: a `petgraph::StableGraph` of tensor ops. Node ids stay valid while passes delete
+//! nodes, so records that point into the graph (graph outputs, adapted layers) survive rewrites.
+//!
+//! Each node produces one value; an edge runs from producer to consumer and carries the input
+//! slot it feeds. Shapes are static and checked when a node is added: a graph that exists is a
+//! graph whose shapes fit.
+
+mod dump;
+pub mod op;
+pub mod patch;
+
+pub use op::{Binary, Op, Unary};
+pub use patch::{rewrite, Patch, PatchOps, PatchRef, Rule};
+
+use crate::error::{Error, Result};
+use crate::tensor::{numel, DType, Tensor};
+use petgraph::stable_graph::{NodeIndex, StableGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use std::collections::{HashMap, HashSet};
+
+pub type NodeId = NodeIndex<u32>;
+
+/// One operation and the value it produces.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Unique name of the produced value (ONNX output name, initializer name, or a generated one).
+    pub name: String,
+    /// Where the node came from: the ONNX node name, or the pass that made it. Used to recover
+    /// PyTorch module paths and in messages.
+    pub label: String,
+    pub op: Op,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl Node {
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
+/// How an adapted layer's low-rank update is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Dora,
+    Lora,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Dora => "dora",
+            Method::Lora => "lora",
+        }
+    }
+}
+
+/// The linear op that an adapter wraps, as it was in the base model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LinearKind {
+    /// `x @ W`, W: [in, out].
+    MatMul,
+    /// `alpha * op(x) op(W) + beta * C`; W: [out, in] when `trans_b`.
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
+}
+
+/// A linear layer with a LoRA/DoRA adapter, recorded by the rewrite so that export (PEFT
+/// adapters), merge and training can find the pieces again. `Id` is [`NodeId`] in a graph and
+/// [`PatchRef`] inside a patch that is still being built.
+#[derive(Clone, Debug)]
+pub struct AdaptedLayer<Id = NodeId> {
+    /// PyTorch module path, e.g. `encoder.layer.0.attention.self.query`.
+    pub module: String,
+    pub method: Method,
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub kind: LinearKind,
+    /// The ONNX node name of the original linear op (kept by merge).
+    pub base_label: String,
+    /// The original op's inputs: x, the weight initializer, and Gemm's C.
+    pub x: Id,
+    pub weight: Id,
+    pub bias: Option<Id>,
+    /// Adapter tensors in PEFT orientation: A [r, in], B [out, r], m [out].
+    pub lora_a: Id,
+    pub lora_b: Id,
+    pub magnitude: Option<Id>,
+    /// The node whose value replaced the original op's output.
+    pub output: Id,
+}
+
+impl<Id: Copy> AdaptedLayer<Id> {
+    /// The same record with its node references translated.
+    pub fn map<T>(self, f: impl Fn(Id) -> T) -> AdaptedLayer<T> {
+        AdaptedLayer {
+            module: self.module,
+            method: self.method,
+            rank: self.rank,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            kind: self.kind,
+            base_label: self.base_label,
+            x: f(self.x),
+            weight: f(self.weight),
+            bias: self.bias.map(&f),
+            lora_a: f(self.lora_a),
+            lora_b: f(self.lora_b),
+            magnitude: self.magnitude.map(&f),
+            output: f(self.output),
+        }
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        scale(self.alpha, self.rank, self.rslora)
+    }
+}
+
+pub fn scale(alpha: f64, rank: usize, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+/// Model-level facts carried from import to export.
+#[derive(Clone, Debug, Default)]
+pub struct ModelInfo {
+    pub ir_version: i64,
+    pub opset: i64,
+    pub producer: String,
+    pub graph_name: String,
+    /// Symbolic dims of the inputs as the model declared them (name per dim, None when fixed).
+    pub input_dims: HashMap<String, Vec<Option<String>>>,
+}
+
+/// A whole model.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub graph: StableGraph<Node, usize>,
+    /// Graph inputs in declaration order (each an `Op::Input` node).
+    pub inputs: Vec<NodeId>,
+    /// Graph outputs: ONNX name and producing node.
+    pub outputs: Vec<(String, NodeId)>,
+    pub adapters: Vec<AdaptedLayer>,
+    pub info: ModelInfo,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.graph[id]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.graph[id]
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.graph.contains_node(id)
+    }
+
+    pub fn shape(&self, id: NodeId) -> &[usize] {
+        &self.graph[id].shape
+    }
+
+    /// The node's inputs, ordered by slot.
+    pub fn inputs_of(&self, id: NodeId) -> Vec<NodeId> {
+        let mut e: Vec<(usize, NodeId)> = self
+            .graph
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        e.sort();
+        e.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Nodes that read this node's value (each consumer once).
+    pub fn consumers(&self, id: NodeId) -> Vec<NodeId> {
+        let mut c: Vec<NodeId> = self
+            .graph
+            .neighbors_directed(id, Direction::Outgoing)
+            .collect();
+        c.sort();
+        c.dedup();
+        c
+    }
+
+    pub fn const_tensor(&self, id: NodeId) -> Option<&Tensor> {
+        match &self.graph[id].op {
+            Op::Const(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Adds a graph input of the given shape.
+    pub fn add_input(&mut self, name: &str, shape: Vec<usize>) -> NodeId {
+        let id = self.graph.add_node(Node {
+            name: name.into(),
+            label: name.into(),
+            op: Op::Input,
+            shape,
+            dtype: DType::F32,
+        });
+        self.inputs.push(id);
+        id
+    }
+
+    pub fn add_const(&mut self, name: &str, tensor: Tensor) -> NodeId {
+        let dtype = tensor.dtype();
+        self.graph.add_node(Node {
+            name: name.into(),
+            label: name.into(),
+            shape: tensor.shape.clone(),
+            op: Op::Const(tensor),
+            dtype,
+        })
+    }
+
+    /// Adds an op node after checking its input count and shapes.
+    pub fn add(&mut self, op: Op, inputs: &[NodeId], name: &str, label: &str) -> Result<NodeId> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.shape(i)).collect();
+        let shape = op
+            .shape(&shapes)
+            .map_err(|e| Error::Shape(format!("node '{label}': {}", strip_kind(e))))?;
+        let id = self.graph.add_node(Node {
+            name: name.into(),
+            label: label.into(),
+            op,
+            shape,
+            dtype: DType::F32,
+        });
+        for (slot, &i) in inputs.iter().enumerate() {
+            self.graph.add_edge(i, id, slot);
+        }
+        Ok(id)
+    }
+
+    /// Every consumer of `old` (and every graph output and adapter record pointing at it) now
+    /// reads `new` instead, except consumers listed in `keep`.
+    pub fn replace_uses(&mut self, old: NodeId, new: NodeId, keep: &HashSet<NodeId>) {
+        let edges: Vec<_> = self
+            .graph
+            .edges_directed(old, Direction::Outgoing)
+            .filter(|e| !keep.contains(&e.target()))
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
+        for (eid, target, slot) in edges {
+            self.graph.remove_edge(eid);
+            self.graph.add_edge(new, target, slot);
+        }
+        for (_, o) in self.outputs.iter_mut() {
+            if *o == old {
+                *o = new;
+            }
+        }
+        for a in self.adapters.iter_mut() {
+            if a.output == old {
+                a.output = new;
+            }
+        }
+    }
+
+    /// Nodes in an order where every node comes after its inputs. Errors on a cycle, naming a
+    /// node on it.
+    pub fn topo_order(&self) -> Result<Vec<NodeId>> {
+        petgraph::algo::toposort(&self.graph, None).map_err(|c| {
+            let n = &self.graph[c.node_id()];
+            Error::Graph(format!(
+                "the graph has a cycle through node '{}' (value '{}')",
+                n.label, n.name
+            ))
+        })
+    }
+
+    /// Removes every node that no graph output (or adapter tensor) depends on.
+    pub fn remove_dead(&mut self) {
+        let mut live = HashSet::new();
+        let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
+        for a in &self.adapters {
+            stack.extend([a.lora_a, a.lora_b, a.output]);
+            stack.extend(a.magnitude);
+        }
+        stack.extend(self.inputs.iter().copied());
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(self.graph.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        let dead: Vec<NodeId> = self
+            .graph
+            .node_indices()
+            .filter(|n| !live.contains(n))
+            .collect();
+        for n in dead {
+            self.graph.remove_node(n);
+        }
+    }
+
+    /// A value name not used by any node, starting from `base`.
+    pub fn fresh_name(&self, base: &str) -> String {
+        let taken: HashSet<&str> = self
+            .graph
+            .node_weights()
+            .map(|n| n.name.as_str())
+            .collect();
+        if !taken.contains(base) {
+            return base.to_string();
+        }
+        (1..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !taken.contains(n.as_str()))
+            .unwrap()
+    }
+
+    pub fn find_by_name(&self, name: &str) -> Option<NodeId> {
+        self.graph
+            .node_indices()
+            .find(|&n| self.graph[n].name == name)
+    }
+
+    /// Total parameters in constants (f32 only) and in adapter tensors.
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let adapter_nodes: HashSet<NodeId> = self
+            .adapters
+            .iter()
+            .flat_map(|a| [Some(a.lora_a), Some(a.lora_b), a.magnitude])
+            .flatten()
+            .collect();
+        let mut total = 0;
+        let mut trainable = 0;
+        for n in self.graph.node_indices() {
+            let node = &self.graph[n];
+            if matches!(node.op, Op::Const(_)) && node.dtype == DType::F32 {
+                total += node.numel();
+                if adapter_nodes.contains(&n) {
+                    trainable += node.numel();
+                }
+            }
+        }
+        (total, trainable)
+    }
+}
+
+/// Drops the "shape error: " prefix when re-wrapping an error with more context.
+fn strip_kind(e: Error) -> String {
+    match e {
+        Error::Shape(m) => m,
+        other => other.to_string(),
+    }
+}

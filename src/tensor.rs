@@ -1,0 +1,207 @@
+//! Host tensors: constants inside the IR (f32 weights, i64 shapes) and the f64 arrays the reference
+//! executor computes with. Device tensors are always f32.
+
+use std::sync::Arc;
+
+/// Element type of a value in the graph. Runtime values are f32; i64 appears only in constants that
+/// the importer consumes (shapes, axes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    I64,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::I64 => "int64",
+        }
+    }
+}
+
+/// Immutable, cheaply cloned tensor data.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Arc<[f32]>),
+    I64(Arc<[i64]>),
+}
+
+/// A constant tensor (initializer, Constant node, adapter weight).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(numel(&shape), data.len());
+        Tensor {
+            shape,
+            data: Data::F32(data.into()),
+        }
+    }
+
+    pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
+        debug_assert_eq!(numel(&shape), data.len());
+        Tensor {
+            shape,
+            data: Data::I64(data.into()),
+        }
+    }
+
+    pub fn scalar(v: f32) -> Self {
+        Tensor::f32(vec![], vec![v])
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) => DType::F32,
+            Data::I64(_) => DType::I64,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    /// The values widened to f64 (exact for f32, and for i64 below 2^53).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match &self.data {
+            Data::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::I64(v) => v.iter().map(|&x| x as f64).collect(),
+        }
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<&[i64]> {
+        match &self.data {
+            Data::I64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn to_array(&self) -> Array {
+        Array::new(self.shape.clone(), self.to_f64())
+    }
+}
+
+/// A dense row-major f64 array: the reference executor's value type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+impl Array {
+    pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Self {
+        assert_eq!(numel(&shape), data.len(), "array data does not fit its shape");
+        Array { shape, data }
+    }
+
+    pub fn zeros(shape: Vec<usize>) -> Self {
+        let n = numel(&shape);
+        Array::new(shape, vec![0.0; n])
+    }
+
+    pub fn to_tensor_f32(&self) -> Tensor {
+        Tensor::f32(
+            self.shape.clone(),
+            self.data.iter().map(|&x| x as f32).collect(),
+        )
+    }
+
+    pub fn from_f32(shape: Vec<usize>, data: &[f32]) -> Self {
+        Array::new(shape, data.iter().map(|&x| x as f64).collect())
+    }
+}
+
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Row-major strides of a shape.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// `1x16x8` style, for messages and the CLI.
+pub fn shape_str(shape: &[usize]) -> String {
+    if shape.is_empty() {
+        return "scalar".into();
+    }
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+/// Max-abs error over max-abs value of the reference: the project's one comparison metric.
+/// NaN anywhere gives infinity, so NaN never passes a tolerance check.
+pub fn relative_error(actual: &[f64], expected: &[f64]) -> f64 {
+    if actual.len() != expected.len() {
+        return f64::INFINITY;
+    }
+    let mut max_err = 0.0f64;
+    let mut max_ref = 0.0f64;
+    for (&a, &e) in actual.iter().zip(expected) {
+        if !a.is_finite() || !e.is_finite() {
+            return f64::INFINITY;
+        }
+        max_err = max_err.max((a - e).abs());
+        max_ref = max_ref.max(e.abs());
+    }
+    if max_ref == 0.0 {
+        max_err
+    } else {
+        max_err / max_ref
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for initialisation and test inputs, so results
+/// depend on the seed alone and not on a crate's version.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
