@@ -1,0 +1,251 @@
+//! One function per IR op, in f64.
+
+use crate::error::{Error, Result};
+use crate::ir::op::matmul_dims;
+use crate::ir::{Binary, Op, Unary};
+use crate::tensor::{numel, strides, Array};
+
+/// Evaluates one op on its input values.
+pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
+    let shapes: Vec<&[usize]> = args.iter().map(|a| a.shape.as_slice()).collect();
+    let out_shape = op.shape(&shapes)?;
+    Ok(match op {
+        Op::Input => return Err(Error::Graph("graph inputs have no value of their own".into())),
+        Op::Const(t) => t.to_array(),
+        Op::MatMul => matmul(args[0], args[1]),
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => gemm(args, *alpha as f64, *beta as f64, *trans_a, *trans_b),
+        Op::Unary(u) => {
+            let f = unary_fn(*u);
+            Array::new(out_shape, args[0].data.iter().map(|&x| f(x)).collect())
+        }
+        Op::Binary(b) => {
+            let f = binary_fn(*b);
+            let (a, c) = (args[0], args[1]);
+            let ia = broadcast_index(&a.shape, &out_shape);
+            let ic = broadcast_index(&c.shape, &out_shape);
+            let data = (0..numel(&out_shape))
+                .map(|i| f(a.data[ia(i)], c.data[ic(i)]))
+                .collect();
+            Array::new(out_shape, data)
+        }
+        Op::StopGradient | Op::Identity | Op::Reshape { .. } => {
+            Array::new(out_shape, args[0].data.clone())
+        }
+        Op::Transpose { perm } => transpose(args[0], perm),
+        Op::ReduceSum { axes, .. } => reduce_sum(args[0], axes, out_shape),
+        Op::LayerNorm { axis, epsilon } => layer_norm(args, *axis, *epsilon as f64),
+        Op::Softmax { axis } => softmax(args[0], *axis),
+    })
+}
+
+pub fn unary_fn(u: Unary) -> fn(f64) -> f64 {
+    match u {
+        Unary::Relu => |x| x.max(0.0),
+        Unary::Sigmoid => |x| 1.0 / (1.0 + (-x).exp()),
+        Unary::Tanh => f64::tanh,
+        Unary::Erf => libm::erf,
+        Unary::Gelu { tanh: false } => |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Unary::Gelu { tanh: true } => |x| {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        },
+        Unary::Sqrt => f64::sqrt,
+        Unary::Neg => |x| -x,
+        Unary::Exp => f64::exp,
+        Unary::Log => f64::ln,
+        Unary::Reciprocal => |x| 1.0 / x,
+    }
+}
+
+pub fn binary_fn(b: Binary) -> fn(f64, f64) -> f64 {
+    match b {
+        Binary::Add => |a, b| a + b,
+        Binary::Sub => |a, b| a - b,
+        Binary::Mul => |a, b| a * b,
+        Binary::Div => |a, b| a / b,
+        Binary::Pow => f64::powf,
+    }
+}
+
+/// Maps a flat index of `out` to the flat index of an operand of shape `shape` that broadcasts
+/// to it.
+pub fn broadcast_index(shape: &[usize], out: &[usize]) -> impl Fn(usize) -> usize {
+    let rank = out.len();
+    let offset = rank - shape.len();
+    let in_strides = strides(shape);
+    let out_strides = strides(out);
+    let dims: Vec<(usize, usize, usize)> = (0..rank)
+        .filter_map(|d| {
+            if d < offset || shape[d - offset] == 1 {
+                None
+            } else {
+                Some((out_strides[d], out[d], in_strides[d - offset]))
+            }
+        })
+        .collect();
+    move |i| {
+        dims.iter()
+            .map(|&(os, od, is)| (i / os) % od * is)
+            .sum()
+    }
+}
+
+fn matmul(a: &Array, b: &Array) -> Array {
+    let d = matmul_dims(&a.shape, &b.shape).expect("shape checked");
+    let (m, k, n) = (d.m, d.k, d.n);
+    // Batch offsets of each operand for each broadcast batch index.
+    let a_mat = |bi: usize| broadcast_index(&d.a_batch, &d.batch)(bi) * m * k;
+    let b_mat = |bi: usize| broadcast_index(&d.b_batch, &d.batch)(bi) * k * n;
+    let batches = numel(&d.batch);
+    let mut out = vec![0.0; batches * m * n];
+    for bi in 0..batches {
+        let (ao, bo) = (a_mat(bi), b_mat(bi));
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    acc += a.data[ao + i * k + p] * b.data[bo + p * n + j];
+                }
+                out[bi * m * n + i * n + j] = acc;
+            }
+        }
+    }
+    Array::new(d.out, out)
+}
+
+fn gemm(args: &[&Array], alpha: f64, beta: f64, ta: bool, tb: bool) -> Array {
+    let (a, b) = (args[0], args[1]);
+    let (m, k) = if ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
+    let n = if tb { b.shape[0] } else { b.shape[1] };
+    let at = |i: usize, p: usize| if ta { a.data[p * m + i] } else { a.data[i * k + p] };
+    let bt = |p: usize, j: usize| if tb { b.data[j * k + p] } else { b.data[p * n + j] };
+    let c = args.get(2).map(|c| (c, broadcast_index(&c.shape, &[m, n])));
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0;
+            for p in 0..k {
+                acc += at(i, p) * bt(p, j);
+            }
+            let mut v = alpha * acc;
+            if let Some((c, ci)) = &c {
+                v += beta * c.data[ci(i * n + j)];
+            }
+            out[i * n + j] = v;
+        }
+    }
+    Array::new(vec![m, n], out)
+}
+
+fn transpose(x: &Array, perm: &[usize]) -> Array {
+    let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    let in_strides = strides(&x.shape);
+    let out_strides = strides(&out_shape);
+    let data = (0..x.data.len())
+        .map(|i| {
+            let src: usize = (0..perm.len())
+                .map(|d| (i / out_strides[d]) % out_shape[d] * in_strides[perm[d]])
+                .sum();
+            x.data[src]
+        })
+        .collect();
+    Array::new(out_shape, data)
+}
+
+fn reduce_sum(x: &Array, axes: &[usize], out_shape: Vec<usize>) -> Array {
+    // Index into the kept-dims layout: reduced dims have size 1.
+    let kept: Vec<usize> = x
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
+        .collect();
+    let to_out = broadcast_index(&kept, &x.shape);
+    let mut out = vec![0.0; numel(&kept)];
+    for (i, &v) in x.data.iter().enumerate() {
+        out[to_out(i)] += v;
+    }
+    Array::new(out_shape, out)
+}
+
+fn layer_norm(args: &[&Array], axis: usize, eps: f64) -> Array {
+    let x = args[0];
+    let inner: usize = x.shape[axis..].iter().product();
+    let norm_shape = &x.shape[axis..];
+    let scale_at = broadcast_index(&args[1].shape, norm_shape);
+    let bias_at = args.get(2).map(|b| broadcast_index(&b.shape, norm_shape));
+    let mut out = vec![0.0; x.data.len()];
+    for (row, chunk) in x.data.chunks(inner).enumerate() {
+        let mean = chunk.iter().sum::<f64>() / inner as f64;
+        let var = chunk.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / inner as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (j, &v) in chunk.iter().enumerate() {
+            let mut y = (v - mean) * inv * args[1].data[scale_at(j)];
+            if let Some(b) = &bias_at {
+                y += args[2].data[b(j)];
+            }
+            out[row * inner + j] = y;
+        }
+    }
+    Array::new(x.shape.clone(), out)
+}
+
+fn softmax(x: &Array, axis: usize) -> Array {
+    let len = x.shape[axis];
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let outer: usize = x.shape[..axis].iter().product();
+    let mut out = vec![0.0; x.data.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| o * len * inner + j * inner + i;
+            let max = (0..len).map(|j| x.data[at(j)]).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = (0..len).map(|j| (x.data[at(j)] - max).exp()).sum();
+            for j in 0..len {
+                out[at(j)] = (x.data[at(j)] - max).exp() / sum;
+            }
+        }
+    }
+    Array::new(x.shape.clone(), out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn broadcast_matmul_matches_hand_computation() {
+        let a = Array::new(vec![2, 1, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let b = Array::new(vec![2, 2], vec![1.0, 0.0, 0.0, 2.0]);
+        let y = eval_op(&Op::MatMul, &[&a, &b]).unwrap();
+        assert_eq!(y.shape, vec![2, 1, 2]);
+        assert_eq!(y.data, vec![1.0, 4.0, 3.0, 8.0]);
+    }
+
+    #[test]
+    fn reduce_and_transpose() {
+        let x = Array::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let r = eval_op(&Op::ReduceSum { axes: vec![0], keepdims: false }, &[&x]).unwrap();
+        assert_eq!(r.data, vec![5.0, 7.0, 9.0]);
+        let t = eval_op(&Op::Transpose { perm: vec![1, 0] }, &[&x]).unwrap();
+        assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let c = eval_op(&Op::Const(Tensor::scalar(2.0)), &[]).unwrap();
+        let p = eval_op(&Op::Binary(Binary::Pow), &[&x, &c]).unwrap();
+        assert_eq!(p.data[5], 36.0);
+    }
+
+    #[test]
+    fn gemm_with_transposes_and_bias() {
+        let a = Array::new(vec![2, 1], vec![1.0, 2.0]); // transA -> [1, 2]
+        let b = Array::new(vec![1, 2], vec![3.0, 4.0]); // transB -> [2, 1]
+        let c = Array::new(vec![1], vec![10.0]);
+        let op = Op::Gemm { alpha: 2.0, beta: 0.5, trans_a: true, trans_b: true };
+        let y = eval_op(&op, &[&a, &b, &c]).unwrap();
+        assert_eq!(y.data, vec![2.0 * 11.0 + 5.0]);
+    }
+}
