@@ -1,1 +1,290 @@
-//! (in progress)
+//! Adapters in PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors`, with
+//! keys `base_model.model.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] and
+//! `.lora_magnitude_vector` [out]. A PEFT user's adapter runs in dorac, and dorac's goes back.
+
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Method, Op};
+use crate::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
+use crate::tensor::{shape_str, Array, Tensor};
+use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const KEY_PREFIX: &str = "base_model.model.";
+
+/// The parts of PEFT's `LoraConfig` that change the computation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeftConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_dora: bool,
+    pub use_rslora: bool,
+    pub target_modules: Vec<String>,
+    pub lora_dropout: f64,
+    /// Per-module overrides, keyed by PEFT pattern (a module-name suffix).
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+/// One layer's tensors.
+#[derive(Clone, Debug)]
+pub struct LayerTensors {
+    pub a: Array,
+    pub b: Array,
+    pub magnitude: Option<Array>,
+}
+
+/// A loaded adapter: config plus tensors by module name.
+#[derive(Clone, Debug)]
+pub struct PeftAdapter {
+    pub config: PeftConfig,
+    pub layers: BTreeMap<String, LayerTensors>,
+}
+
+impl PeftConfig {
+    /// Alpha for one module, honouring `alpha_pattern`.
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        pattern_lookup(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+    }
+
+    pub fn method(&self) -> Method {
+        if self.use_dora {
+            Method::Dora
+        } else {
+            Method::Lora
+        }
+    }
+}
+
+fn pattern_lookup<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T> {
+    map.iter()
+        .find(|(k, _)| crate::passes::matches_target(module, k))
+        .map(|(_, v)| *v)
+}
+
+/// Reads a PEFT adapter folder.
+pub fn load(dir: &Path) -> Result<PeftAdapter> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Input(format!("{}: invalid JSON ({e})", cfg_path.display())))?;
+    let bad = |what: &str| Error::Input(format!("{}: {what}", cfg_path.display()));
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(bad(&format!("peft_type is {t}; dorac reads LORA adapters (with or without use_dora)")));
+        }
+    }
+    let r = v.get("r").and_then(Value::as_u64).ok_or_else(|| bad("missing integer 'r'"))? as usize;
+    let lora_alpha = v
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .unwrap_or(8.0);
+    let target_modules = match v.get("target_modules") {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => vec![],
+    };
+    let obj_map = |key: &str| -> BTreeMap<String, f64> {
+        v.get(key)
+            .and_then(Value::as_object)
+            .map(|o| o.iter().filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f))).collect())
+            .unwrap_or_default()
+    };
+    if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        // PEFT's A and B keep [r, in] / [out, r] either way; only the base weight is transposed,
+        // and dorac reads the base weight's orientation from the ONNX graph.
+    }
+    let config = PeftConfig {
+        r,
+        lora_alpha,
+        use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
+        use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        target_modules,
+        lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        rank_pattern: obj_map("rank_pattern").into_iter().map(|(k, f)| (k, f as usize)).collect(),
+        alpha_pattern: obj_map("alpha_pattern"),
+    };
+
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let tensors = read_safetensors(&weights_path)?;
+    let mut parts: BTreeMap<String, (Option<Array>, Option<Array>, Option<Array>)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
+        let (module, slot) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+            (m, 0)
+        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            (m, 1)
+        } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
+            (m, 2)
+        } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector.weight") {
+            (m, 2) // older PEFT releases
+        } else {
+            return Err(Error::Input(format!(
+                "{}: unexpected tensor '{key}' (expected <module>.lora_A.weight, .lora_B.weight or .lora_magnitude_vector)",
+                weights_path.display()
+            )));
+        };
+        // PEFT may insert the adapter name for non-default adapters: `<module>.lora_A.<name>.weight`
+        // is not supported; plain keys only.
+        let e = parts.entry(module.to_string()).or_default();
+        match slot {
+            0 => e.0 = Some(t),
+            1 => e.1 = Some(t),
+            _ => e.2 = Some(t),
+        }
+    }
+    let mut layers = BTreeMap::new();
+    for (module, (a, b, m)) in parts {
+        let missing = |what: &str| {
+            Error::Input(format!("{}: module '{module}' has no {what}", weights_path.display()))
+        };
+        let a = a.ok_or_else(|| missing("lora_A.weight"))?;
+        let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+        if config.use_dora && m.is_none() {
+            return Err(missing("lora_magnitude_vector (the config says use_dora)"));
+        }
+        if a.shape.len() != 2 || b.shape.len() != 2 || a.shape[0] != b.shape[1] {
+            return Err(Error::Input(format!(
+                "{}: module '{module}': lora_A {} and lora_B {} do not form a rank-r pair",
+                weights_path.display(),
+                shape_str(&a.shape),
+                shape_str(&b.shape)
+            )));
+        }
+        layers.insert(module, LayerTensors { a, b, magnitude: m.filter(|_| config.use_dora) });
+    }
+    if layers.is_empty() {
+        return Err(Error::Input(format!("{}: no adapter tensors", weights_path.display())));
+    }
+    Ok(PeftAdapter { config, layers })
+}
+
+/// Applies an adapter to a graph. On a base model the named layers are rewritten; on a model
+/// that already has adapters (a rewritten model), their tensors are replaced.
+pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
+    let cfg = &adapter.config;
+    if !graph.adapters.is_empty() {
+        return replace_tensors(graph, adapter);
+    }
+    let layers = find_linear_layers(graph);
+    let mut specs = vec![];
+    let mut unknown = vec![];
+    for (module, t) in &adapter.layers {
+        let Some(layer) = layers.iter().find(|l| &l.module == module) else {
+            unknown.push(module.clone());
+            continue;
+        };
+        specs.push(AdapterSpec {
+            layer: layer.clone(),
+            method: cfg.method(),
+            rank: t.a.shape[0],
+            alpha: cfg.alpha_for(module),
+            rslora: cfg.use_rslora,
+            init: AdapterInit::Tensors {
+                a: t.a.to_tensor_f32(),
+                b: t.b.to_tensor_f32(),
+                m: t.magnitude.as_ref().map(Array::to_tensor_f32),
+            },
+        });
+    }
+    if !unknown.is_empty() {
+        let known: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
+        return Err(Error::Input(format!(
+            "the adapter names modules the model does not have: {} (the model's linear layers: {})",
+            unknown.join(", "),
+            known.join(", ")
+        )));
+    }
+    insert_adapters(graph, specs)
+}
+
+fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
+    let mut count = 0;
+    for (module, t) in &adapter.layers {
+        let Some(layer) = graph.adapters.iter().find(|a| &a.module == module).cloned() else {
+            return Err(Error::Input(format!(
+                "the adapter names module '{module}', which has no adapter in this model"
+            )));
+        };
+        if (layer.method == Method::Dora) != adapter.config.use_dora {
+            return Err(Error::Input(format!(
+                "module '{module}': the model's adapter is {}, the given one is {}",
+                layer.method.name(),
+                adapter.config.method().name()
+            )));
+        }
+        let mut set = |node, value: &Array, what: &str| -> Result<()> {
+            let n = graph.node_mut(node);
+            if n.shape != value.shape {
+                return Err(Error::Input(format!(
+                    "module '{module}': {what} has shape {}, the model's is {}",
+                    shape_str(&value.shape),
+                    shape_str(&n.shape)
+                )));
+            }
+            n.op = Op::Const(value.to_tensor_f32());
+            Ok(())
+        };
+        set(layer.lora_a, &t.a, "lora_A")?;
+        set(layer.lora_b, &t.b, "lora_B")?;
+        if let (Some(node), Some(m)) = (layer.magnitude, &t.magnitude) {
+            set(node, m, "lora_magnitude_vector")?;
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Writes the graph's adapters as a PEFT adapter folder (each file written atomically).
+pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
+    let first = graph
+        .adapters
+        .first()
+        .ok_or_else(|| Error::Input("the model has no adapters to save".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tensors = BTreeMap::new();
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    for a in &graph.adapters {
+        let get = |n| graph.const_tensor(n).map(Tensor::to_array).expect("adapter tensors are constants");
+        tensors.insert(format!("{KEY_PREFIX}{}.lora_A.weight", a.module), get(a.lora_a));
+        tensors.insert(format!("{KEY_PREFIX}{}.lora_B.weight", a.module), get(a.lora_b));
+        if let Some(m) = a.magnitude {
+            tensors.insert(format!("{KEY_PREFIX}{}.lora_magnitude_vector", a.module), get(m));
+        }
+        if a.rank != first.rank {
+            rank_pattern.insert(a.module.clone(), json!(a.rank));
+        }
+        if a.alpha != first.alpha {
+            alpha_pattern.insert(a.module.clone(), json!(a.alpha));
+        }
+    }
+    let mut targets: Vec<&str> = graph.adapters.iter().map(|a| a.module.as_str()).collect();
+    targets.sort();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": null,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": 0.0,
+        "use_dora": first.method == Method::Dora,
+        "use_rslora": first.rslora,
+        "target_modules": targets,
+        "fan_in_fan_out": false,
+        "bias": "none",
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "revision": null,
+    });
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}

@@ -1,1 +1,57 @@
-//! (in progress)
+//! The `dorac` command line. Each subcommand lives in its own file and only strings together
+//! library calls: load, rewrite, compile, run, write.
+
+mod common;
+mod compile;
+mod demo;
+mod merge;
+mod rewrite;
+mod run;
+
+use crate::error::Result;
+use clap::{Parser, Subcommand};
+
+/// dorac: a compiler for DoRA fine-tuning.
+///
+/// Imports an ONNX model, rewrites its linear layers into DoRA (or LoRA) subgraphs, compiles
+/// the graph to WGSL compute shaders and runs them on any GPU wgpu finds (Vulkan, Metal, DX12,
+/// GL). Adapters load and save in Hugging Face PEFT's format.
+#[derive(Parser, Debug)]
+#[command(name = "dorac", version, about, long_about = None, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  dorac rewrite models/mlp3d/model.onnx --rank 8 --alpha 16 --target fc
+  dorac run model.dora.onnx --inputs models/mlp3d/inputs.safetensors -o y.safetensors
+  dorac run models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora --inputs models/mlp3d/inputs.safetensors
+  dorac merge models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora -o merged.onnx
+  dorac demo";
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Rewrite linear layers (MatMul/Gemm with a weight initializer) into DoRA or LoRA subgraphs.
+    Rewrite(rewrite::Args),
+    /// Run inference on the GPU (or on the CPU reference executor when no GPU adapter exists).
+    Run(run::Args),
+    /// Fold adapters into the base weights: the base graph with new weights and nothing more.
+    Merge(merge::Args),
+    /// Show what dorac makes of a model: the IR, the generated WGSL, the execution plan.
+    Compile(compile::Args),
+    /// Rewrite, run, merge and compare on a bundled model, end to end.
+    Demo(demo::Args),
+}
+
+/// Runs the parsed command.
+pub fn main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Rewrite(a) => rewrite::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Compile(a) => compile::run(a),
+        Command::Demo(a) => demo::run(a),
+    }
+}

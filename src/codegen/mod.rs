@@ -1,1 +1,457 @@
-//! (in progress)
+//! Code generation: from an IR graph to a [`Plan`] of WGSL kernels and the buffers they read and
+//! write. The plan is plain data (no wgpu types), so it can be printed (`dorac compile --emit
+//! plan`), snapshot-tested and checked without a GPU; [`crate::runtime`] turns it into pipelines.
+//!
+//! - A [`Kernel`] computes a group of IR nodes (today one node each; fusion will pass longer
+//!   groups to [`plan_grouped`]) with one dispatch of one shader.
+//! - Shapes are static, so sizes and strides are baked into each shader as constants: no
+//!   uniforms, and a kernel reads on its own.
+//! - Every shader is parsed and validated by naga ([`validate`]) before anything sees it, so a
+//!   codegen bug is an error naming the kernel, not a driver crash.
+//!
+//! The WGSL text comes from templates under `shaders/` (see `template`), filled by one emitter per
+//! family of ops (`kernels`).
+
+mod kernels;
+mod schedule;
+mod template;
+pub mod wgsl;
+
+use crate::error::{Error, Result};
+use crate::ir::{Graph, NodeId, Op};
+use crate::tensor::shape_str;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+/// Index of a buffer in [`Plan::buffers`].
+pub type BufferId = usize;
+
+/// Why a buffer exists, which decides who fills it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BufferRole {
+    /// A graph input, written by every run.
+    Input(String),
+    /// A constant, uploaded once when the executable is built.
+    Const(NodeId),
+    /// A value only kernels read and write.
+    Intermediate,
+    /// A value read back as the named graph output (the first name, when several outputs share
+    /// the buffer).
+    Output(String),
+}
+
+/// One device buffer of f32 elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufferSpec {
+    /// The IR value it holds (the node's value name), for messages and the plan listing.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Element count (f32 each).
+    pub len: usize,
+    pub role: BufferRole,
+}
+
+impl BufferSpec {
+    /// Size in bytes. Zero-element values still get a 4-byte buffer, since wgpu cannot bind an
+    /// empty one.
+    pub fn bytes(&self) -> u64 {
+        4 * self.len.max(1) as u64
+    }
+}
+
+/// One compute dispatch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// `k03_gemm_layers_0_gemm`: position, op(s), sanitised node label. Stable across runs for
+    /// the same graph, so it can name snapshots, profiles and error messages.
+    pub name: String,
+    /// The IR nodes it computes: the anchor first, then its element-wise epilogue.
+    pub nodes: Vec<NodeId>,
+    /// What it computes, with shapes (also the shader's header comment).
+    pub summary: String,
+    /// The WGSL source, validated by naga.
+    pub source: String,
+    /// Read-only bindings 0..n, in order.
+    pub inputs: Vec<BufferId>,
+    /// The read-write binding n.
+    pub output: BufferId,
+    /// Workgroup counts for `dispatch_workgroups`; all zero when the output is empty.
+    pub workgroups: [u32; 3],
+}
+
+impl Kernel {
+    /// The buffers in binding order: inputs, then the output.
+    pub fn bindings(&self) -> impl Iterator<Item = BufferId> + '_ {
+        self.inputs.iter().copied().chain([self.output])
+    }
+}
+
+/// Knobs of [`plan_with`].
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// Workgroups per grid dimension before a dispatch spills into the next dimension. 65535 is
+    /// the WebGPU minimum that every adapter supports; tests lower it to exercise the spill
+    /// arithmetic on small tensors.
+    pub max_workgroups_per_dim: u32,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            max_workgroups_per_dim: 65_535,
+        }
+    }
+}
+
+/// Everything needed to run a graph on a GPU, as data.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// In execution order.
+    pub kernels: Vec<Kernel>,
+    pub buffers: Vec<BufferSpec>,
+    /// The buffer holding each live node's value. Views share their input's buffer.
+    pub node_buffers: BTreeMap<NodeId, BufferId>,
+    /// Graph inputs in declaration order, and their buffers.
+    pub inputs: Vec<(String, BufferId)>,
+    /// Graph outputs in declaration order, and the buffers to read them from.
+    pub outputs: Vec<(String, BufferId)>,
+}
+
+impl Plan {
+    /// Bytes of device memory the buffers take.
+    pub fn total_bytes(&self) -> u64 {
+        self.buffers.iter().map(|b| b.bytes()).sum()
+    }
+}
+
+/// Plans `graph` with one kernel per computing node and the default options.
+pub fn plan(graph: &Graph) -> Result<Plan> {
+    plan_with(graph, &PlanOptions::default())
+}
+
+/// [`plan`] with explicit options.
+pub fn plan_with(graph: &Graph, options: &PlanOptions) -> Result<Plan> {
+    let order = schedule::order(graph)?;
+    let live = schedule::live(graph);
+    let groups = order
+        .iter()
+        .filter(|n| live.contains(n) && has_kernel(&graph.node(**n).op))
+        .map(|&n| vec![n])
+        .collect();
+    plan_grouped(graph, groups, options)
+}
+
+/// Nodes that need a kernel of their own: everything but inputs, constants and views.
+fn has_kernel(op: &Op) -> bool {
+    !matches!(op, Op::Input | Op::Const(_)) && !op.is_view()
+}
+
+/// Plans `graph` with the given kernel groups: each an anchor node followed by an element-wise
+/// chain that consumes it (e.g. `[matmul, add, relu]`). Every live node that needs a kernel must
+/// be in exactly one group, and only a group's last value may be read outside it (the others
+/// stay in registers). This is the entry point for a fusion pass; [`plan`] uses one-node groups.
+pub fn plan_grouped(graph: &Graph, groups: Vec<Vec<NodeId>>, options: &PlanOptions) -> Result<Plan> {
+    let order = schedule::order(graph)?;
+    let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let live = schedule::live(graph);
+    let groups = check_groups(graph, groups, &live, &position)?;
+
+    let mut plan = Plan::default();
+    // Buffers in schedule order; a group's value is its last node's.
+    let in_group: HashSet<NodeId> = groups.iter().flat_map(|g| g[..g.len() - 1].iter().copied()).collect();
+    for &n in &order {
+        if !live.contains(&n) || in_group.contains(&n) {
+            continue;
+        }
+        let node = graph.node(n);
+        if node.op.is_view() {
+            let src = graph.inputs_of(n)[0];
+            plan.node_buffers.insert(n, plan.node_buffers[&src]);
+            continue;
+        }
+        if u32::try_from(node.numel()).is_err() {
+            return Err(Error::Gpu(format!(
+                "value '{}' has {} elements, more than the 2^32 that kernels index with u32",
+                node.name,
+                node.numel()
+            )));
+        }
+        let role = match &node.op {
+            Op::Input => BufferRole::Input(node.name.clone()),
+            Op::Const(_) => BufferRole::Const(n),
+            _ => BufferRole::Intermediate,
+        };
+        plan.node_buffers.insert(n, plan.buffers.len());
+        plan.buffers.push(BufferSpec {
+            name: node.name.clone(),
+            shape: node.shape.clone(),
+            len: node.numel(),
+            role,
+        });
+    }
+    // Outputs last: a view may make an intermediate buffer an output.
+    for (name, n) in &graph.outputs {
+        let b = plan.node_buffers[n];
+        if plan.buffers[b].role == BufferRole::Intermediate {
+            plan.buffers[b].role = BufferRole::Output(name.clone());
+        }
+        plan.outputs.push((name.clone(), b));
+    }
+    for &n in &graph.inputs {
+        plan.inputs.push((graph.node(n).name.clone(), plan.node_buffers[&n]));
+    }
+
+    for (index, group) in groups.into_iter().enumerate() {
+        let name = kernel_name(graph, index, &group);
+        let emitted = kernels::emit(graph, &group, &name, options.max_workgroups_per_dim)?;
+        validate(&name, &emitted.source)?;
+        let last = *group.last().expect("groups are not empty");
+        plan.kernels.push(Kernel {
+            name,
+            summary: emitted.summary,
+            source: emitted.source,
+            inputs: emitted.inputs.iter().map(|n| plan.node_buffers[n]).collect(),
+            output: plan.node_buffers[&last],
+            workgroups: emitted.workgroups,
+            nodes: group,
+        });
+    }
+    Ok(plan)
+}
+
+/// Checks the group contract of [`plan_grouped`] and sorts the groups into execution order (by
+/// their last node's position in the schedule, which comes after everything the group reads).
+fn check_groups(
+    graph: &Graph,
+    mut groups: Vec<Vec<NodeId>>,
+    live: &std::collections::BTreeSet<NodeId>,
+    position: &HashMap<NodeId, usize>,
+) -> Result<Vec<Vec<NodeId>>> {
+    let bad = |m: String| Err(Error::Graph(format!("kernel groups: {m}")));
+    let mut seen = HashSet::new();
+    let outputs: HashSet<NodeId> = graph.outputs.iter().map(|(_, n)| *n).collect();
+    for g in &groups {
+        if g.is_empty() {
+            return bad("an empty group".into());
+        }
+        for (k, &n) in g.iter().enumerate() {
+            if !graph.contains(n) || !has_kernel(&graph.node(n).op) {
+                return bad(format!("node {} needs no kernel", n.index()));
+            }
+            if !seen.insert(n) {
+                return bad(format!("node '{}' is in two groups", graph.node(n).label));
+            }
+            let interior = k + 1 < g.len();
+            let escapes = graph.consumers(n).iter().any(|c| !g.contains(c));
+            if interior && (escapes || outputs.contains(&n)) {
+                return bad(format!(
+                    "the value of '{}' is used outside its group, so it cannot stay in registers",
+                    graph.node(n).label
+                ));
+            }
+        }
+    }
+    if let Some(&n) = live
+        .iter()
+        .find(|&&n| has_kernel(&graph.node(n).op) && !seen.contains(&n))
+    {
+        return bad(format!("node '{}' is in no group", graph.node(n).label));
+    }
+    groups.sort_by_key(|g| position[g.last().unwrap()]);
+    Ok(groups)
+}
+
+/// `k{index}_{ops}_{label}`, lowercase ASCII, at most ~60 characters.
+fn kernel_name(graph: &Graph, index: usize, group: &[NodeId]) -> String {
+    let ops: Vec<&str> = group.iter().map(|&n| graph.node(n).op.name()).collect();
+    let anchor = graph.node(group[0]);
+    let mut label = sanitize(&anchor.label);
+    if label.is_empty() {
+        label = sanitize(&anchor.name);
+    }
+    if label.is_empty() {
+        label = format!("n{}", group[0].index());
+    }
+    format!("k{index:02}_{}_{label}", ops.join("_"))
+}
+
+/// Lowercase ASCII letters, digits and single underscores, at most 40 characters.
+fn sanitize(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        let c = if c.is_ascii_alphanumeric() {
+            c.to_ascii_lowercase()
+        } else {
+            '_'
+        };
+        if c == '_' && (out.is_empty() || out.ends_with('_')) {
+            continue;
+        }
+        out.push(c);
+    }
+    let mut out = out.trim_end_matches('_').to_string();
+    if out.len() > 40 {
+        out.truncate(40);
+        out = out.trim_end_matches('_').to_string();
+    }
+    out
+}
+
+/// Parses and validates a WGSL kernel with naga, as wgpu would, so that a codegen bug surfaces
+/// here as an [`Error::Gpu`] naming the kernel and quoting naga's diagnostic, instead of a panic
+/// or a driver error later.
+pub fn validate(name: &str, source: &str) -> Result<()> {
+    let path = format!("{name}.wgsl");
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| {
+        Error::Gpu(format!(
+            "kernel {name}: generated WGSL does not parse:\n{}",
+            e.emit_to_string_with_path(source, &path)
+        ))
+    })?;
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::default(),
+    )
+    .validate(&module)
+    .map_err(|e| {
+        Error::Gpu(format!(
+            "kernel {name}: generated WGSL is invalid:\n{}",
+            e.emit_to_string_with_path(source, &path)
+        ))
+    })?;
+    Ok(())
+}
+
+impl fmt::Display for Plan {
+    /// The plan as `dorac compile --emit plan` prints it: kernels in order with the nodes they
+    /// compute and the buffers they touch, then the buffers with their sizes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let buf = |b: BufferId| format!("b{b} '{}'", self.buffers[b].name);
+        writeln!(
+            f,
+            "plan: {} kernels, {} buffers, {}",
+            self.kernels.len(),
+            self.buffers.len(),
+            human_bytes(self.total_bytes())
+        )?;
+        writeln!(f, "kernels:")?;
+        for k in &self.kernels {
+            let [x, y, z] = k.workgroups;
+            writeln!(f, "  {}  ({x}x{y}x{z} workgroups)", k.name)?;
+            writeln!(f, "      {}", k.summary)?;
+            let nodes: Vec<String> = k.nodes.iter().map(|n| format!("%{}", n.index())).collect();
+            let reads: Vec<String> = k.inputs.iter().map(|&b| buf(b)).collect();
+            writeln!(
+                f,
+                "      nodes {}; reads {}; writes {}",
+                nodes.join(", "),
+                reads.join(", "),
+                buf(k.output)
+            )?;
+        }
+        writeln!(f, "buffers:")?;
+        for (i, b) in self.buffers.iter().enumerate() {
+            let role = match &b.role {
+                BufferRole::Input(name) => format!("input '{name}'"),
+                BufferRole::Const(n) => format!("const %{}", n.index()),
+                BufferRole::Intermediate => "intermediate".into(),
+                BufferRole::Output(name) => format!("output '{name}'"),
+            };
+            writeln!(
+                f,
+                "  b{i:<3} {:<14} {:>12} bytes  {role}  '{}'",
+                shape_str(&b.shape),
+                b.bytes(),
+                b.name
+            )?;
+        }
+        for (name, b) in &self.outputs {
+            writeln!(f, "output '{name}' <- b{b}")?;
+        }
+        writeln!(f, "total: {} bytes", self.total_bytes())
+    }
+}
+
+/// `1.5 MiB` style.
+fn human_bytes(n: u64) -> String {
+    let units = ["bytes", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Binary, Unary};
+    use crate::tensor::Tensor;
+
+    fn sample() -> (Graph, Vec<NodeId>) {
+        let mut g = Graph::new();
+        let x = g.add_input("x", vec![3, 4]);
+        let w = g.add_const("w", Tensor::f32(vec![4, 5], vec![0.5; 20]));
+        let bias = g.add_const("bias", Tensor::f32(vec![5], vec![1.0; 5]));
+        let mm = g.add(Op::MatMul, &[x, w], "mm", "/layers.0/MatMul").unwrap();
+        let add = g.add(Op::Binary(Binary::Add), &[mm, bias], "add", "add").unwrap();
+        let relu = g.add(Op::Unary(Unary::Relu), &[add], "h", "relu").unwrap();
+        let r = g
+            .add(Op::Reshape { shape: vec![15] }, &[relu], "y", "flatten")
+            .unwrap();
+        g.outputs.push(("y".into(), r));
+        (g, vec![mm, add, relu, r])
+    }
+
+    #[test]
+    fn one_kernel_per_computing_node_and_views_alias() {
+        let (g, n) = sample();
+        let p = plan(&g).unwrap();
+        let names: Vec<&str> = p.kernels.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["k00_matmul_layers_0_matmul", "k01_add_add", "k02_relu_relu"]);
+        assert_eq!(p.node_buffers[&n[3]], p.node_buffers[&n[2]]);
+        assert_eq!(p.outputs, vec![("y".to_string(), p.node_buffers[&n[2]])]);
+        assert_eq!(p.buffers[p.node_buffers[&n[2]]].role, BufferRole::Output("y".into()));
+        let text = p.to_string();
+        assert!(text.contains("k01_add_add"), "{text}");
+    }
+
+    #[test]
+    fn fused_groups_validate_and_interior_values_get_no_buffer() {
+        let (g, n) = sample();
+        let p = plan_grouped(&g, vec![vec![n[0], n[1], n[2]]], &PlanOptions::default()).unwrap();
+        assert_eq!(p.kernels.len(), 1);
+        assert_eq!(p.kernels[0].name, "k00_matmul_add_relu_layers_0_matmul");
+        assert!(!p.node_buffers.contains_key(&n[0]));
+        assert!(p.kernels[0].source.contains("let v2 = max(v1, 0.0);"));
+        let opts = PlanOptions::default();
+        assert!(plan_grouped(&g, vec![vec![n[0], n[1]], vec![n[2]]], &opts).is_ok());
+        let missing = plan_grouped(&g, vec![vec![n[0]], vec![n[1]]], &opts).unwrap_err();
+        assert!(missing.to_string().contains("in no group"), "{missing}");
+        // A group whose interior value is read outside it is refused.
+        let (mut g2, n2) = sample();
+        g2.outputs.push(("mm".into(), n2[0]));
+        let escape = plan_grouped(&g2, vec![vec![n2[0], n2[1], n2[2]]], &opts).unwrap_err();
+        assert!(escape.to_string().contains("used outside its group"), "{escape}");
+    }
+
+    #[test]
+    fn validate_names_the_kernel_and_quotes_naga() {
+        let e = validate("k07_bad", "fn main() { let x: f32 = 1u; }").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("k07_bad"), "{msg}");
+        assert!(msg.starts_with("gpu: kernel k07_bad"), "{msg}");
+    }
+
+    #[test]
+    fn sanitised_names() {
+        assert_eq!(sanitize("/encoder/layer.0/Gemm"), "encoder_layer_0_gemm");
+        assert_eq!(sanitize("__"), "");
+    }
+}

@@ -27,6 +27,8 @@ pub struct Patch<'g> {
     nodes: Vec<(Node, Vec<PatchRef>)>,
     shunts: Vec<(NodeId, PatchRef)>,
     adapters: Vec<AdaptedLayer<PatchRef>>,
+    claims: Vec<usize>,
+    dropped_adapters: Vec<String>,
 }
 
 /// A finished patch that no longer borrows the graph.
@@ -34,6 +36,8 @@ pub struct PatchOps {
     nodes: Vec<(Node, Vec<PatchRef>)>,
     shunts: Vec<(NodeId, PatchRef)>,
     adapters: Vec<AdaptedLayer<PatchRef>>,
+    claims: Vec<usize>,
+    dropped_adapters: Vec<String>,
 }
 
 impl<'g> Patch<'g> {
@@ -43,6 +47,8 @@ impl<'g> Patch<'g> {
             nodes: vec![],
             shunts: vec![],
             adapters: vec![],
+            claims: vec![],
+            dropped_adapters: vec![],
         }
     }
 
@@ -96,11 +102,26 @@ impl<'g> Patch<'g> {
         self.adapters.push(layer);
     }
 
+    /// The new node keeps its exact name; an old node holding it is renamed instead. Merge uses
+    /// this so a merged weight keeps its initializer's name.
+    pub fn claim_name(&mut self, r: PatchRef) {
+        if let PatchRef::New(i) = r {
+            self.claims.push(i);
+        }
+    }
+
+    /// Forgets the adapter record of `module` (its nodes go when they become dead).
+    pub fn drop_adapter(&mut self, module: &str) {
+        self.dropped_adapters.push(module.to_string());
+    }
+
     pub fn finish(self) -> PatchOps {
         PatchOps {
             nodes: self.nodes,
             shunts: self.shunts,
             adapters: self.adapters,
+            claims: self.claims,
+            dropped_adapters: self.dropped_adapters,
         }
     }
 }
@@ -108,7 +129,20 @@ impl<'g> Patch<'g> {
 impl Graph {
     /// Applies a finished patch. New value names are made unique.
     pub fn apply(&mut self, patch: PatchOps) {
-        let mut taken: HashSet<String> = self.graph.node_weights().map(|n| n.name.clone()).collect();
+        let mut taken: HashSet<String> =
+            self.graph.node_weights().map(|n| n.name.clone()).collect();
+        for &i in &patch.claims {
+            let name = &patch.nodes[i].0.name;
+            if let Some(holder) = self.find_by_name(name) {
+                let renamed = (1..)
+                    .map(|k| format!("{name}_{k}"))
+                    .find(|n| !taken.contains(n))
+                    .unwrap();
+                taken.insert(renamed.clone());
+                self.graph[holder].name = renamed;
+                taken.remove(name);
+            }
+        }
         let mut ids = Vec::with_capacity(patch.nodes.len());
         let resolve = |ids: &Vec<NodeId>, r: PatchRef| match r {
             PatchRef::Old(n) => n,
@@ -135,6 +169,8 @@ impl Graph {
             let new = resolve(&ids, new);
             self.replace_uses(old, new, &added);
         }
+        self.adapters
+            .retain(|a| !patch.dropped_adapters.contains(&a.module));
         for a in patch.adapters {
             self.adapters.push(a.map(|r| resolve(&ids, r)));
         }

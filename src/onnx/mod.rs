@@ -1,1 +1,268 @@
-//! (in progress)
+//! ONNX front end and back end: protobuf file <-> [`ir::Graph`](crate::ir::Graph).
+//!
+//! - [`load_model`] reads and decodes a `.onnx` file; [`save_model`] writes one atomically.
+//! - [`import`] turns a decoded model into the IR. Every shape in the IR is static, so symbolic
+//!   input dims must be pinned: [`import`] takes the CLI's `--shape` arguments
+//!   ([`ShapePins`], [`parse_shape_arg`]) or a plain map of dim sizes ([`Pins`]). The op table is [`import_ops::OPS`]: one entry per
+//!   ONNX op type.
+//! - [`export`] turns the IR back into a model: constants become initializers, every op its ONNX
+//!   node, and the adapter records (`graph.adapters`) and stop-gradient markers travel in the
+//!   model's `metadata_props` (see [`meta`]) so a rewritten model can be read back with its
+//!   adapters known.
+//!
+//! The protobuf types in [`proto`] are generated once by `scripts/gen-onnx-proto.sh` and checked
+//! in, so building dorac needs no `protoc`.
+
+mod data;
+mod export;
+mod import;
+pub mod import_ops;
+pub mod meta;
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod proto;
+
+pub use export::{export, EXPORT_MIN_IR_VERSION, EXPORT_MIN_OPSET};
+pub use import::import;
+
+use crate::error::{Error, Result};
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// The largest model protobuf can encode (a 2 GiB message limit). Bigger models need external
+/// data, which export does not write yet.
+pub const MAX_PROTO_BYTES: usize = (1 << 31) - 1;
+
+/// Reads and decodes an ONNX file. Errors name the file: [`Error::Io`] when it cannot be read,
+/// [`Error::Onnx`] when it is not a model (truncated, not protobuf, no graph, empty graph), so a
+/// wrong path or a half-downloaded file is reported as such instead of as a confusing import
+/// error later.
+pub fn load_model(path: &Path) -> Result<proto::ModelProto> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_model(&bytes, &path.display().to_string())
+}
+
+/// Decodes an in-memory ONNX model; `what` names it in errors (a file name, say). The same
+/// checks as [`load_model`].
+pub fn decode_model(bytes: &[u8], what: &str) -> Result<proto::ModelProto> {
+    if bytes.is_empty() {
+        return Err(Error::Onnx(format!(
+            "{what}: not an ONNX model (the file is empty)"
+        )));
+    }
+    let model = proto::ModelProto::decode(bytes).map_err(|e| {
+        Error::Onnx(format!(
+            "{what}: not an ONNX model (protobuf decode failed: {e})"
+        ))
+    })?;
+    if model.ir_version.is_none() {
+        return Err(Error::Onnx(format!(
+            "{what}: not an ONNX model (no ir_version; the protobuf decoded but is not a ModelProto)"
+        )));
+    }
+    let Some(graph) = &model.graph else {
+        return Err(Error::Onnx(format!(
+            "{what}: not an ONNX model (it has no graph)"
+        )));
+    };
+    if graph.output.is_empty() {
+        return Err(Error::Onnx(format!(
+            "{what}: the ONNX graph is empty ({} nodes and no outputs)",
+            graph.node.len()
+        )));
+    }
+    Ok(model)
+}
+
+/// Encodes a model and writes it atomically (a temporary file in the same folder, fsync,
+/// rename), so an interrupted run never leaves a half-written model where a good one was.
+/// Models over protobuf's 2 GiB limit are refused with a clear error instead of a corrupt file.
+pub fn save_model(model: &proto::ModelProto, path: &Path) -> Result<()> {
+    let len = model.encoded_len();
+    if len > MAX_PROTO_BYTES {
+        return Err(Error::Onnx(format!(
+            "{}: the model encodes to {len} bytes, over protobuf's 2 GiB limit; dorac does not \
+             write ONNX external data yet",
+            path.display()
+        )));
+    }
+    let bytes = model.encode_to_vec();
+    write_atomic(path, &bytes)
+}
+
+/// Writes `<path>.tmp-<pid>` in the target's folder, fsyncs it and renames it over `path`; the
+/// temporary file is removed if any step fails.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// The CLI's `--shape NAME=DIMS` arguments, as given: `NAME` is either a symbolic dim
+/// (`--shape batch=3` sizes that `dim_param` in every input) or a graph input (`--shape x=3x16`,
+/// that input's whole shape). Which one is decided against the model by [`ShapePins::resolve`]
+/// (which [`import`] calls), so parsing needs no model. The IR is statically shaped, so every
+/// symbolic dim must end up with a size.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShapePins {
+    /// `(NAME, sizes)` in argument order; names are unique.
+    pub entries: Vec<(String, Vec<usize>)>,
+}
+
+impl ShapePins {
+    /// Parses `--shape` arguments (see [`parse_shape_arg`]); a name given twice is an error.
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self> {
+        let mut pins = ShapePins::default();
+        for arg in args {
+            let (name, sizes) = parse_shape_arg(arg.as_ref())?;
+            if pins.entries.iter().any(|(n, _)| *n == name) {
+                return Err(Error::Input(format!(
+                    "--shape {}: '{name}' is given twice",
+                    arg.as_ref()
+                )));
+            }
+            pins.entries.push((name, sizes));
+        }
+        Ok(pins)
+    }
+
+    /// Sorts the entries into dim sizes and whole input shapes, the two maps [`import`] takes.
+    /// A name that is a graph input is a whole shape; a name that is a `dim_param` of some input
+    /// is a dim and takes one size. A name that is neither is an error listing what can be
+    /// pinned, so a typo does not silently leave a dim unpinned.
+    #[allow(clippy::type_complexity)]
+    pub fn resolve(
+        &self,
+        model: &proto::ModelProto,
+    ) -> Result<(HashMap<String, usize>, HashMap<String, Vec<usize>>)> {
+        let empty = proto::GraphProto::default();
+        let graph = model.graph.as_ref().unwrap_or(&empty);
+        let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+        let inputs: Vec<&str> = graph
+            .input
+            .iter()
+            .map(|i| i.name())
+            .filter(|n| !inits.contains(n))
+            .collect();
+        let mut dim_names: Vec<String> = vec![];
+        for i in graph.input.iter().filter(|i| !inits.contains(i.name())) {
+            for d in import::declared_dims(i).into_iter().flatten() {
+                if let import::DeclaredDim::Param(p) = d {
+                    if !dim_names.contains(&p) {
+                        dim_names.push(p);
+                    }
+                }
+            }
+        }
+        let mut dims = HashMap::new();
+        let mut shapes = HashMap::new();
+        for (name, sizes) in &self.entries {
+            let arg = format!(
+                "{name}={}",
+                sizes
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
+            );
+            if inputs.contains(&name.as_str()) {
+                shapes.insert(name.clone(), sizes.clone());
+            } else if dim_names.contains(name) {
+                if sizes.len() != 1 {
+                    return Err(Error::Input(format!(
+                        "--shape {arg}: '{name}' is a symbolic dim and takes one size (e.g. \
+                         --shape {name}=3), not a shape"
+                    )));
+                }
+                dims.insert(name.clone(), sizes[0]);
+            } else {
+                return Err(Error::Input(format!(
+                    "--shape {arg}: the model has no graph input or symbolic dim named '{name}' \
+                     (inputs: {}; symbolic dims: {})",
+                    or_none(&inputs.join(", ")),
+                    or_none(&dim_names.join(", "))
+                )));
+            }
+        }
+        Ok((dims, shapes))
+    }
+}
+
+/// Where [`import`] gets sizes for symbolic dims: a plain map of dim sizes (`batch` -> 3), or
+/// the CLI's `--shape` arguments ([`ShapePins`]), which may also give whole input shapes.
+pub trait Pins {
+    /// Dim sizes by `dim_param` name, and whole shapes by graph input name, for this model.
+    #[allow(clippy::type_complexity)]
+    fn resolve(
+        &self,
+        model: &proto::ModelProto,
+    ) -> Result<(HashMap<String, usize>, HashMap<String, Vec<usize>>)>;
+}
+
+/// Dim sizes by name; names the model does not use are ignored.
+impl Pins for HashMap<String, usize> {
+    fn resolve(
+        &self,
+        _model: &proto::ModelProto,
+    ) -> Result<(HashMap<String, usize>, HashMap<String, Vec<usize>>)> {
+        Ok((self.clone(), HashMap::new()))
+    }
+}
+
+/// `--shape` arguments; names the model does not use are an error (see [`ShapePins::resolve`]).
+impl Pins for ShapePins {
+    fn resolve(
+        &self,
+        model: &proto::ModelProto,
+    ) -> Result<(HashMap<String, usize>, HashMap<String, Vec<usize>>)> {
+        ShapePins::resolve(self, model)
+    }
+}
+
+fn or_none(s: &str) -> &str {
+    if s.is_empty() {
+        "none"
+    } else {
+        s
+    }
+}
+
+/// Parses one `--shape` argument, `NAME=DIMS` with DIMS like `3x16` (or `3` for one dim), into
+/// the name and the sizes. Whether NAME is a dim or an input is decided against a model by
+/// [`ShapePins::resolve`].
+pub fn parse_shape_arg(arg: &str) -> Result<(String, Vec<usize>)> {
+    let bad = |why: &str| {
+        Error::Input(format!(
+            "--shape {arg}: {why} (expected NAME=DIMS, e.g. --shape batch=3 or --shape x=3x16)"
+        ))
+    };
+    let (name, dims) = arg.split_once('=').ok_or_else(|| bad("no '='"))?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(bad("empty name"));
+    }
+    let dims = dims.trim();
+    if dims.is_empty() {
+        return Err(bad("no sizes"));
+    }
+    let sizes = dims
+        .split(['x', 'X', ','])
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| bad(&format!("'{dims}' is not a list of sizes")))?;
+    Ok((name.to_string(), sizes))
+}

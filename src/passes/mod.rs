@@ -1,1 +1,18 @@
-//! (in progress)
+//! Graph-to-graph passes. Each is a set of [`crate::ir::Rule`]s run by the one rewrite driver
+//! [`crate::ir::rewrite`], so every pass edits the graph through atomic patches.
+//!
+//! - [`linear`]: finds the linear layers (MatMul/Gemm with a 2-D weight initializer) and the
+//!   PyTorch module names they came from; PEFT-style target matching.
+//! - [`adapter_insert`]: rewrites chosen layers into DoRA or LoRA subgraphs.
+//! - [`fold`]: constant folding through the reference executor (frozen-only work is done once).
+//! - [`merge`]: folds adapters back into the base weights.
+
+pub mod adapter_insert;
+pub mod fold;
+pub mod linear;
+pub mod merge;
+
+pub use adapter_insert::{insert_adapters, AdapterInit, AdapterSpec};
+pub use fold::fold_constants;
+pub use linear::{find_linear_layers, matches_target, LinearLayer};
+pub use merge::merge_adapters;

@@ -1,1 +1,202 @@
-//! (in progress)
+//! Execution on wgpu: a [`Gpu`] (adapter, device, queue) and an [`Executable`] (a
+//! [`Plan`](crate::codegen::Plan) turned into pipelines and buffers, ready to run many times).
+//!
+//! Every wgpu failure becomes an [`Error::Gpu`] with context, never a panic: operations run
+//! inside device error scopes, and anything that escapes them lands in an uncaptured-error
+//! handler whose messages are reported by the next check.
+//!
+//! No adapter is a case of its own: [`Gpu::new`] then fails with a message starting with
+//! [`NO_ADAPTER`], and [`is_no_adapter`] recognises it, so the CLI can fall back to the
+//! reference executor on exactly that error and report every other one.
+
+mod executable;
+
+pub use executable::Executable;
+
+use crate::codegen;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// How the message of the error for "this machine has no usable adapter" begins.
+pub const NO_ADAPTER: &str = "no GPU adapter found";
+
+/// What to tell a user who has no adapter.
+pub const INSTALL_HINT: &str = "install a Vulkan driver: `scripts/install-vulkan.sh`, or on \
+     Debian/Ubuntu `apt-get install mesa-vulkan-drivers` (lavapipe, a software Vulkan driver)";
+
+/// True when `e` is [`Gpu::new`]'s "no adapter" error (and not, say, a device or shader error).
+pub fn is_no_adapter(e: &Error) -> bool {
+    matches!(e, Error::Gpu(m) if m.starts_with(NO_ADAPTER))
+}
+
+/// An open GPU: the adapter's device and queue, with the adapter's own limits.
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    uncaptured: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gpu {
+    /// Opens the first adapter wgpu finds (high-performance preferred). `backend` restricts the
+    /// search to one of `vulkan`, `metal`, `dx12`, `gl`; `None` uses wgpu's default backends
+    /// (which the `WGPU_BACKEND` environment variable can override).
+    ///
+    /// The device is created with the adapter's real limits, not WebGPU's defaults, so buffers
+    /// up to what the hardware allows work. Fails with a [`NO_ADAPTER`] error when no adapter
+    /// exists.
+    pub fn new(backend: Option<&str>) -> Result<Gpu> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(name) = backend {
+            desc.backends = parse_backend(name)?;
+        }
+        let which = match backend {
+            Some(name) => format!("backend {name}"),
+            None => format!("backends {:?}", desc.backends),
+        };
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Gpu(format!("{NO_ADAPTER} ({which}: {e}); {INSTALL_HINT}")))?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("dorac"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Gpu(format!("opening a device on {}: {e}", info.name)))?;
+        let uncaptured = Arc::new(Mutex::new(Vec::new()));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            uncaptured,
+        })
+    }
+
+    /// `llvmpipe (LLVM 15.0.6, 256 bits) on Vulkan, driver llvmpipe (Mesa 25.0.7)`: what ran the
+    /// kernels, for logs and benchmark reports.
+    pub fn describe(&self) -> String {
+        let i = &self.info;
+        let mut s = format!("{} on {}", i.name, i.backend);
+        if !i.driver.is_empty() {
+            s += &format!(", driver {}", i.driver);
+            if !i.driver_info.is_empty() {
+                s += &format!(" ({})", i.driver_info);
+            }
+        }
+        s
+    }
+
+    /// The device's limits (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    pub(crate) fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub(crate) fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    pub(crate) fn uncaptured(&self) -> Arc<Mutex<Vec<String>>> {
+        self.uncaptured.clone()
+    }
+}
+
+fn parse_backend(name: &str) -> Result<wgpu::Backends> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "vulkan" | "vk" => wgpu::Backends::VULKAN,
+        "metal" | "mtl" => wgpu::Backends::METAL,
+        "dx12" | "d3d12" => wgpu::Backends::DX12,
+        "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+        other => {
+            return Err(Error::Input(format!(
+                "unknown GPU backend '{other}' (expected vulkan, metal, dx12 or gl)"
+            )))
+        }
+    })
+}
+
+/// Plans `graph`, builds it and runs it once: the one-call path for the CLI and tests. Inputs
+/// and outputs are flat row-major f32, keyed by graph input and output name.
+pub fn run_graph(
+    gpu: &Gpu,
+    graph: &Graph,
+    inputs: &HashMap<String, Vec<f32>>,
+) -> Result<HashMap<String, Vec<f32>>> {
+    let plan = codegen::plan(graph)?;
+    Executable::new(gpu, &plan, graph)?.run(inputs)
+}
+
+/// Error scopes for all three filters around a stretch of wgpu calls. wgpu reports most errors
+/// asynchronously through scopes; popping them turns whatever was caught into an [`Error::Gpu`].
+/// Scopes are per thread, so push and check on the same thread.
+struct Scopes(Vec<wgpu::ErrorScopeGuard>);
+
+impl Scopes {
+    fn push(device: &wgpu::Device) -> Scopes {
+        Scopes(vec![
+            device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
+            device.push_error_scope(wgpu::ErrorFilter::Validation),
+            device.push_error_scope(wgpu::ErrorFilter::Internal),
+        ])
+    }
+
+    /// Pops the scopes; any error caught (or reported as uncaptured meanwhile) fails with
+    /// `context` in front.
+    fn check(self, context: &str, uncaptured: &Mutex<Vec<String>>) -> Result<()> {
+        let mut errors = Vec::new();
+        for guard in self.0.into_iter().rev() {
+            if let Some(e) = pollster::block_on(guard.pop()) {
+                errors.push(match e {
+                    wgpu::Error::OutOfMemory { .. } => "out of GPU memory".to_string(),
+                    other => other.to_string(),
+                });
+            }
+        }
+        if let Ok(mut u) = uncaptured.lock() {
+            errors.append(&mut u);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Gpu(format!("{context}: {}", errors.join("; "))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names() {
+        assert_eq!(parse_backend("Vulkan").unwrap(), wgpu::Backends::VULKAN);
+        assert_eq!(parse_backend("gl").unwrap(), wgpu::Backends::GL);
+        assert!(parse_backend("cuda").is_err());
+    }
+
+    #[test]
+    fn no_adapter_is_recognised() {
+        assert!(is_no_adapter(&Error::Gpu(format!("{NO_ADAPTER} (x)"))));
+        assert!(!is_no_adapter(&Error::Gpu("device lost".into())));
+        assert!(!is_no_adapter(&Error::Input(NO_ADAPTER.into())));
+    }
+}

@@ -1,0 +1,30 @@
+// {{KERNEL}}: {{SUMMARY}}
+//
+// One workgroup per output element ({{ROWS}} in all), each summing R = {{R}} input elements:
+// every invocation adds a strided share, then the workgroup adds the 64 partial sums in a tree.
+
+{{BINDINGS}}
+
+const ROWS: u32 = {{ROWS}}u;
+const R: u32 = {{R}}u;
+const GRID_X: u32 = {{GRID_X}}u;
+const GRID_Y: u32 = {{GRID_Y}}u;
+
+{{HELPERS}}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = (wg.z * GRID_Y + wg.y) * GRID_X + wg.x;
+    if row >= ROWS {
+        return;
+    }
+    let base = row_base(row);
+    var s = 0.0;
+    for (var t = lid; t < R; t = t + WG) {
+        s = s + x[base + reduced_offset(t)];
+    }
+    let total = workgroup_sum(lid, s);
+    if lid == 0u {
+        y[row] = total;
+    }
+}

@@ -1,0 +1,181 @@
+//! Pieces the subcommands share: loading a model with its pins, applying an adapter, running a
+//! graph on the GPU or the reference executor, and the adapted-layer table.
+
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::tensor::{shape_str, Array};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Loads and imports an ONNX model. `shapes` are `--shape NAME=DIMS` arguments; `input_shapes`
+/// pin whole inputs (from the tensors a user supplied).
+pub fn load_graph(
+    path: &Path,
+    shapes: &[String],
+    input_shapes: &HashMap<String, Vec<usize>>,
+) -> Result<Graph> {
+    let model = crate::onnx::load_model(path)?;
+    let pins = crate::onnx::ShapePins::parse(shapes)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    crate::onnx::import(&model, dir, &pins, input_shapes).map_err(|e| match e {
+        Error::Onnx(m) => Error::Onnx(format!("{}: {m}", path.display())),
+        other => other,
+    })
+}
+
+/// Applies a PEFT adapter folder to a graph (inserting or replacing adapters).
+pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
+    let adapter = crate::adapter::load(dir)?;
+    crate::adapter::apply(graph, &adapter)?;
+    Ok(())
+}
+
+/// Writes the rendered ONNX of `graph` to `out`, atomically.
+pub fn save_graph(graph: &Graph, out: &Path) -> Result<()> {
+    let model = crate::onnx::export(graph)?;
+    crate::onnx::save_model(&model, out)
+}
+
+/// `model.onnx` -> `model.<suffix>.onnx` beside it.
+pub fn sibling_path(model: &Path, suffix: &str) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    model.with_file_name(format!("{stem}.{suffix}.onnx"))
+}
+
+/// Where a graph ran.
+pub enum Engine {
+    Gpu(String),
+    Reference,
+}
+
+/// Runs an inference graph: on wgpu when an adapter exists, otherwise on the f64 reference
+/// executor with a one-line notice (or an error when a backend was asked for explicitly).
+pub fn execute(
+    graph: &Graph,
+    inputs: &BTreeMap<String, Array>,
+    backend: Option<&str>,
+    force_reference: bool,
+) -> Result<(BTreeMap<String, Array>, Engine)> {
+    if !force_reference {
+        match crate::runtime::Gpu::new(backend) {
+            Ok(gpu) => {
+                let host: HashMap<String, Vec<f32>> = inputs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+                    .collect();
+                let out = crate::runtime::run_graph(&gpu, graph, &host)?;
+                let shapes: HashMap<&str, &[usize]> = graph
+                    .outputs
+                    .iter()
+                    .map(|(n, id)| (n.as_str(), graph.shape(*id)))
+                    .collect();
+                let arrays = out
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let shape = shapes[k.as_str()].to_vec();
+                        let a = Array::from_f32(shape, &v);
+                        (k, a)
+                    })
+                    .collect();
+                return Ok((arrays, Engine::Gpu(gpu.describe())));
+            }
+            Err(e) if backend.is_none() && crate::runtime::is_no_adapter(&e) => {
+                eprintln!(
+                    "note: no GPU adapter found; running on the CPU reference executor (slow). \
+                     Install a Vulkan driver for the GPU path (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)."
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let inputs: HashMap<String, Array> = inputs.clone().into_iter().collect();
+    let out = crate::reference::run(graph, &inputs)?;
+    Ok((out.into_iter().collect(), Engine::Reference))
+}
+
+/// Checks the user's tensors against the graph inputs: every input present with its shape.
+pub fn check_inputs(graph: &Graph, inputs: &BTreeMap<String, Array>, file: &Path) -> Result<()> {
+    for &id in &graph.inputs {
+        let node = graph.node(id);
+        match inputs.get(&node.name) {
+            None => {
+                return Err(Error::Input(format!(
+                    "{}: no tensor named '{}' (the model's inputs: {})",
+                    file.display(),
+                    node.name,
+                    graph
+                        .inputs
+                        .iter()
+                        .map(|&i| format!("{} {}", graph.node(i).name, shape_str(graph.shape(i))))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+            Some(a) if a.shape != node.shape => {
+                return Err(Error::Input(format!(
+                    "{}: tensor '{}' has shape {}, the model expects {}",
+                    file.display(),
+                    node.name,
+                    shape_str(&a.shape),
+                    shape_str(&node.shape)
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The adapted-layer table `rewrite` prints, and the trainable share of all parameters.
+pub fn adapter_table(graph: &Graph) -> String {
+    let mut rows = vec![[
+        "layer".to_string(),
+        "in".into(),
+        "out".into(),
+        "rank".into(),
+        "params".into(),
+    ]];
+    for a in &graph.adapters {
+        let params = a.rank * (a.in_features + a.out_features)
+            + if a.magnitude.is_some() { a.out_features } else { 0 };
+        rows.push([
+            a.module.clone(),
+            a.in_features.to_string(),
+            a.out_features.to_string(),
+            a.rank.to_string(),
+            params.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                if c == 0 {
+                    format!("{s:<w$}", w = widths[c])
+                } else {
+                    format!("{s:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 8));
+            out.push('\n');
+        }
+    }
+    let (total, trainable) = graph.parameter_counts();
+    out.push_str(&format!(
+        "trainable params: {trainable} of {total} ({:.3}%)\n",
+        100.0 * trainable as f64 / total.max(1) as f64
+    ));
+    out
+}

@@ -1,0 +1,67 @@
+//! `dorac compile`: write what dorac makes of a model, for inspection.
+
+use super::common::{apply_adapter, load_graph};
+use crate::error::{Error, Result};
+use crate::tensors_io::write_atomic;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// What to write: ir (the IR after import, adapters and folding), wgsl (one file per
+    /// kernel), plan (kernels in order, buffers and their sizes). Repeatable.
+    #[arg(long, value_enum, default_values_t = vec![Emit::Plan])]
+    pub emit: Vec<Emit>,
+    /// Output folder.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// A PEFT-format adapter folder to apply first.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable.
+    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    pub shapes: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum Emit {
+    Ir,
+    Wgsl,
+    Plan,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut graph = load_graph(&args.model, &args.shapes, &HashMap::new())?;
+    std::fs::create_dir_all(&args.output).map_err(|e| Error::io(&args.output, e))?;
+    let write = |name: &str, text: &str| -> Result<()> {
+        let p = args.output.join(name);
+        write_atomic(&p, text.as_bytes())?;
+        println!("wrote {}", p.display());
+        Ok(())
+    };
+    if args.emit.contains(&Emit::Ir) {
+        write("ir.imported.txt", &graph.to_string())?;
+    }
+    if let Some(dir) = &args.adapter {
+        apply_adapter(&mut graph, dir)?;
+        if args.emit.contains(&Emit::Ir) {
+            write("ir.adapted.txt", &graph.to_string())?;
+        }
+    }
+    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+    if args.emit.contains(&Emit::Ir) {
+        write("ir.folded.txt", &graph.to_string())?;
+    }
+    let plan = crate::codegen::plan(&graph)?;
+    if args.emit.contains(&Emit::Plan) {
+        write("plan.txt", &plan.to_string())?;
+    }
+    if args.emit.contains(&Emit::Wgsl) {
+        for k in &plan.kernels {
+            write(&format!("{}.wgsl", k.name), &k.source)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `dorac demo`: the whole pipeline on the bundled models, checked against the goldens that
+//! onnxruntime and PEFT produced (models/make_models.py).
+
+use super::common::{execute, save_graph, Engine};
+use super::run::prepare;
+use crate::error::{Error, Result};
+use crate::ir::Method;
+use crate::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
+use crate::tensor::{relative_error, Array};
+use crate::tensors_io::read_safetensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Folder of bundled models (each with model.onnx, inputs, goldens and a PEFT adapter).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/models"))]
+    pub models: PathBuf,
+    /// Where the rewritten and merged models are written.
+    #[arg(long, default_value = "dorac-demo")]
+    pub out_dir: PathBuf,
+    /// GPU backend: vulkan, metal, dx12 or gl [default: the first wgpu finds].
+    #[arg(long)]
+    pub backend: Option<String>,
+}
+
+const TOLERANCE: f64 = 1e-5;
+
+pub fn run(args: Args) -> Result<()> {
+    std::fs::create_dir_all(&args.out_dir).map_err(|e| Error::io(&args.out_dir, e))?;
+    let mut failures = 0;
+    for name in ["mlp2d", "mlp3d"] {
+        failures += demo_model(&args, name)?;
+    }
+    if failures > 0 {
+        return Err(Error::Input(format!(
+            "demo: {failures} checks above the {TOLERANCE:e} tolerance"
+        )));
+    }
+    println!("\nall checks within {TOLERANCE:e} (max-abs error over max-abs value)");
+    Ok(())
+}
+
+fn demo_model(args: &Args, name: &str) -> Result<usize> {
+    let dir = args.models.join(name);
+    let model = dir.join("model.onnx");
+    let inputs = read_safetensors(&dir.join("inputs.safetensors"))?;
+    let ort = read_safetensors(&dir.join("ort_outputs.safetensors"))?;
+    let peft = read_safetensors(&dir.join("peft_dora_outputs.safetensors"))?;
+    let adapter = dir.join("peft_dora");
+    let backend = args.backend.as_deref();
+    let run = |path: &Path, adapter: Option<&Path>| -> Result<(BTreeMap<String, Array>, String)> {
+        let graph = prepare(path, &[], &inputs, adapter, false)?;
+        let (out, engine) = execute(&graph, &inputs, backend, false)?;
+        let engine = match engine {
+            Engine::Gpu(d) => d,
+            Engine::Reference => "CPU reference".into(),
+        };
+        Ok((out, engine))
+    };
+    println!("\n== {name}: {}", model.display());
+
+    // 1. The base model on the GPU against onnxruntime.
+    let (base, engine) = run(&model, None)?;
+    println!("   running on {engine}");
+    let mut rows = vec![("base model vs onnxruntime", err(&base, &ort, "y"))];
+
+    // 2. Rewrite with PEFT's initialisation: the adapted model must equal the base model.
+    let shapes: HashMap<String, Vec<usize>> =
+        inputs.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let mut graph = super::common::load_graph(&model, &[], &shapes)?;
+    let specs: Vec<AdapterSpec> = find_linear_layers(&graph)
+        .into_iter()
+        .map(|layer| AdapterSpec {
+            layer,
+            method: Method::Dora,
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            init: AdapterInit::Peft { seed: 0 },
+        })
+        .collect();
+    insert_adapters(&mut graph, specs)?;
+    let rewritten = args.out_dir.join(format!("{name}.dora.onnx"));
+    save_graph(&graph, &rewritten)?;
+    let (at_init, _) = run(&rewritten, None)?;
+    rows.push(("rewritten at init vs onnxruntime", err(&at_init, &ort, "y")));
+
+    // 3. PEFT's trained-looking adapter (non-zero B, perturbed m) against PEFT itself.
+    let (unmerged, _) = run(&model, Some(&adapter))?;
+    rows.push(("base + PEFT DoRA adapter vs PEFT", err(&unmerged, &peft, "y")));
+
+    // 4. Merge, write, reload: the merged model must match unmerged inference.
+    let mut graph = super::common::load_graph(&model, &[], &shapes)?;
+    super::common::apply_adapter(&mut graph, &adapter)?;
+    crate::passes::merge_adapters(&mut graph)?;
+    let merged = args.out_dir.join(format!("{name}.merged.onnx"));
+    save_graph(&graph, &merged)?;
+    let (merged_out, _) = run(&merged, None)?;
+    rows.push(("merged vs unmerged", err(&merged_out, &unmerged, "y")));
+
+    let mut failures = 0;
+    for (what, e) in rows {
+        let ok = e <= TOLERANCE;
+        failures += usize::from(!ok);
+        println!("   {what:<36} rel err {e:.2e}  {}", if ok { "ok" } else { "FAIL" });
+    }
+    println!("   wrote {} and {}", rewritten.display(), merged.display());
+    Ok(failures)
+}
+
+fn err(actual: &BTreeMap<String, Array>, expected: &BTreeMap<String, Array>, key: &str) -> f64 {
+    match (actual.get(key), expected.get(key)) {
+        (Some(a), Some(e)) => relative_error(&a.data, &e.data),
+        _ => f64::INFINITY,
+    }
+}

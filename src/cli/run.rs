@@ -1,0 +1,108 @@
+//! `dorac run`: inference on wgpu (or the reference executor).
+
+use super::common::{apply_adapter, check_inputs, execute, load_graph, Engine};
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::tensor::{shape_str, Array};
+use crate::tensors_io::{read_safetensors, write_safetensors};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A base model (use --adapter to apply a PEFT adapter) or a model made by `dorac rewrite`.
+    pub model: PathBuf,
+    /// Input tensors, named after the graph inputs (safetensors).
+    #[arg(long, value_name = "IN.safetensors")]
+    pub inputs: PathBuf,
+    /// Write the outputs here, named after the graph outputs [default: print a summary only].
+    #[arg(short, long, value_name = "OUT.safetensors")]
+    pub output: Option<PathBuf>,
+    /// A PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapters into the weights first (runs at the base model's cost).
+    #[arg(long)]
+    pub merged: bool,
+    /// GPU backend: vulkan, metal, dx12 or gl [default: the first wgpu finds].
+    #[arg(long, value_name = "B")]
+    pub backend: Option<String>,
+    /// Run on the CPU reference executor (f64) instead of the GPU.
+    #[arg(long)]
+    pub reference: bool,
+    /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable; shapes of
+    /// the given input tensors pin the inputs anyway.
+    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    pub shapes: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let inputs = read_safetensors(&args.inputs)?;
+    let graph = prepare(
+        &args.model,
+        &args.shapes,
+        &inputs,
+        args.adapter.as_deref(),
+        args.merged,
+    )?;
+    check_inputs(&graph, &inputs, &args.inputs)?;
+    let known: HashSet<&str> = graph.inputs.iter().map(|&i| graph.node(i).name.as_str()).collect();
+    let feed: BTreeMap<String, Array> = inputs
+        .into_iter()
+        .filter(|(k, _)| known.contains(k.as_str()))
+        .collect();
+    let start = Instant::now();
+    let (outputs, engine) = execute(&graph, &feed, args.backend.as_deref(), args.reference)?;
+    let elapsed = start.elapsed();
+    match engine {
+        Engine::Gpu(d) => println!("ran on {d} in {:.1} ms", elapsed.as_secs_f64() * 1e3),
+        Engine::Reference => println!(
+            "ran on the CPU reference executor in {:.1} ms",
+            elapsed.as_secs_f64() * 1e3
+        ),
+    }
+    for (name, a) in &outputs {
+        let finite = a.data.iter().all(|v| v.is_finite());
+        let max = a.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        println!(
+            "  {name}: {} max|y|={max:.6}{}",
+            shape_str(&a.shape),
+            if finite { "" } else { " (contains NaN/inf)" }
+        );
+    }
+    if let Some(out) = &args.output {
+        write_safetensors(out, &outputs)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Loads a model for inference: import with pins from the inputs, apply the adapter, merge if
+/// asked, and fold every constant expression (the DoRA magnitude scale included) once.
+pub fn prepare(
+    model: &Path,
+    shapes: &[String],
+    inputs: &BTreeMap<String, Array>,
+    adapter: Option<&Path>,
+    merged: bool,
+) -> Result<Graph> {
+    let input_shapes: HashMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    let mut graph = load_graph(model, shapes, &input_shapes)?;
+    if let Some(dir) = adapter {
+        apply_adapter(&mut graph, dir)?;
+    }
+    if merged {
+        if graph.adapters.is_empty() {
+            return Err(Error::Input(
+                "--merged: the model has no adapters (give --adapter DIR or a rewritten model)".into(),
+            ));
+        }
+        crate::passes::merge_adapters(&mut graph)?;
+    }
+    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+    Ok(graph)
+}

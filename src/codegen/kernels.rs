@@ -1,0 +1,608 @@
+//! The WGSL emitters: one per family of ops, each filling one template from `shaders/`.
+//!
+//! A kernel computes a *group* of IR nodes: an anchor (any op with a kernel) followed by an
+//! element-wise epilogue chain, each node consuming the previous one's value (e.g. MatMul -> Add
+//! bias -> Relu). The epilogue is applied to the anchor's value in registers, so the intermediate
+//! values never reach memory. [`super::plan`] makes one-node groups today; a fusion pass only has
+//! to choose longer groups (see [`super::plan_grouped`]).
+//!
+//! Adding an op: an arm in [`emit`] (or in [`elementwise_expr`] for an element-wise op), and a
+//! template under `shaders/` when no existing one fits.
+
+use super::template::{self, Lib};
+use super::wgsl::{self, broadcast_index, broadcast_muls, strided_index, Binding};
+use crate::error::{Error, Result};
+use crate::ir::op::matmul_dims;
+use crate::ir::{Binary, Graph, NodeId, Op, Unary};
+use crate::tensor::{numel, shape_str, strides};
+use std::collections::BTreeSet;
+
+/// Invocations per workgroup of the element-wise template.
+const ELEMENTWISE_WG: usize = 256;
+/// Output tile edge of the matmul template.
+const TILE: usize = 16;
+
+/// A rendered kernel, before the plan assigns buffers to its bindings.
+pub(crate) struct Emitted {
+    /// One line on what the kernel computes (shapes included), for the plan and the shader header.
+    pub summary: String,
+    pub source: String,
+    pub workgroups: [u32; 3],
+    /// The values the kernel reads, in binding order (the output binding comes after them).
+    pub inputs: Vec<NodeId>,
+}
+
+/// What an emitter accumulates besides its template's own text.
+struct Builder<'g> {
+    graph: &'g Graph,
+    inputs: Vec<(String, NodeId)>,
+    libs: BTreeSet<Lib>,
+    helpers: Vec<String>,
+}
+
+impl<'g> Builder<'g> {
+    fn new(graph: &'g Graph) -> Self {
+        Builder {
+            graph,
+            inputs: vec![],
+            libs: BTreeSet::new(),
+            helpers: vec![],
+        }
+    }
+
+    /// Declares an input binding named `name` holding `node`'s value; returns the name.
+    fn bind(&mut self, name: &str, node: NodeId) -> String {
+        self.inputs.push((name.to_string(), node));
+        name.to_string()
+    }
+
+    fn bindings(&self, out: NodeId) -> String {
+        let binding = |name: &str, n: NodeId| {
+            let node = self.graph.node(n);
+            Binding {
+                name: name.to_string(),
+                value: node.name.clone(),
+                shape: node.shape.clone(),
+            }
+        };
+        let inputs: Vec<Binding> = self.inputs.iter().map(|(s, n)| binding(s, *n)).collect();
+        wgsl::bindings(&inputs, &binding("y", out))
+    }
+
+    fn helpers(&self) -> String {
+        let mut parts: Vec<&str> = self.libs.iter().map(|l| l.source().trim_end()).collect();
+        parts.extend(self.helpers.iter().map(|h| h.trim_end()));
+        parts.join("\n\n")
+    }
+
+    fn finish(
+        self,
+        template_name: &str,
+        template: &str,
+        kernel: &str,
+        out: NodeId,
+        mut values: Vec<(&str, String)>,
+        workgroups: [u32; 3],
+        summary: String,
+    ) -> Result<Emitted> {
+        values.push(("KERNEL", kernel.to_string()));
+        values.push(("SUMMARY", wgsl::comment_safe(&summary)));
+        values.push(("BINDINGS", self.bindings(out)));
+        values.push(("HELPERS", self.helpers()));
+        let source = tidy(&template::render(template_name, template, &values)?);
+        Ok(Emitted {
+            summary,
+            source,
+            workgroups,
+            inputs: self.inputs.into_iter().map(|(_, n)| n).collect(),
+        })
+    }
+}
+
+/// Collapses runs of blank lines (left by empty placeholders) into one.
+fn tidy(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut blank = 0;
+    for line in source.lines() {
+        let line = line.trim_end();
+        blank = if line.is_empty() { blank + 1 } else { 0 };
+        if blank < 2 {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
+/// `max_workgroups` is the per-dimension dispatch limit the grid must respect.
+pub(crate) fn emit(
+    graph: &Graph,
+    group: &[NodeId],
+    name: &str,
+    max_workgroups: u32,
+) -> Result<Emitted> {
+    let anchor = group[0];
+    let node = graph.node(anchor);
+    let fusable = matches!(
+        node.op,
+        Op::Unary(_) | Op::Binary(_) | Op::Transpose { .. } | Op::MatMul | Op::Gemm { .. }
+    );
+    if group.len() > 1 && !fusable {
+        return Err(Error::Gpu(format!(
+            "kernel {name}: a {} cannot take an element-wise epilogue",
+            node.op.name()
+        )));
+    }
+    match &node.op {
+        Op::Unary(_) | Op::Binary(_) | Op::Transpose { .. } => {
+            elementwise(graph, group, name, max_workgroups)
+        }
+        Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, max_workgroups),
+        Op::ReduceSum { axes, .. } => reduce_sum(graph, anchor, axes, name, max_workgroups),
+        Op::LayerNorm { axis, epsilon } => {
+            layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
+        }
+        Op::Softmax { axis } => softmax(graph, anchor, *axis, name, max_workgroups),
+        op => Err(Error::Gpu(format!(
+            "kernel {name}: a {} node has no kernel (emitter bug)",
+            op.name()
+        ))),
+    }
+}
+
+/// The WGSL expression of an element-wise op applied to operand expressions `args`.
+fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Result<String> {
+    Ok(match op {
+        Op::Unary(u) => {
+            let x = &args[0];
+            match u {
+                Unary::Relu => format!("max({x}, 0.0)"),
+                Unary::Sigmoid => format!("1.0 / (1.0 + exp(-{x}))"),
+                Unary::Tanh => {
+                    libs.insert(Lib::Tanh);
+                    format!("tanh_f32({x})")
+                }
+                Unary::Erf => {
+                    libs.insert(Lib::Erf);
+                    format!("erf_f32({x})")
+                }
+                Unary::Gelu { tanh: false } => {
+                    // 0.5 x (1 + erf(x / sqrt 2)) written with erfc, which keeps its relative
+                    // accuracy in the left tail where 1 + erf cancels.
+                    libs.insert(Lib::Erf);
+                    format!("0.5 * {x} * erfc_f32(-{x} * 0.7071067812)")
+                }
+                Unary::Gelu { tanh: true } => {
+                    libs.insert(Lib::Tanh);
+                    format!(
+                        "0.5 * {x} * (1.0 + tanh_f32(0.7978845608 * ({x} + 0.044715 * {x} * {x} * {x})))"
+                    )
+                }
+                Unary::Sqrt => format!("sqrt({x})"),
+                Unary::Neg => format!("-{x}"),
+                Unary::Exp => format!("exp({x})"),
+                Unary::Log => format!("log({x})"),
+                Unary::Reciprocal => format!("1.0 / {x}"),
+            }
+        }
+        Op::Binary(b) => {
+            let (a, c) = (&args[0], &args[1]);
+            match b {
+                Binary::Add => format!("{a} + {c}"),
+                Binary::Sub => format!("{a} - {c}"),
+                Binary::Mul => format!("{a} * {c}"),
+                Binary::Div => format!("{a} / {c}"),
+                Binary::Pow => {
+                    libs.insert(Lib::Pow);
+                    format!("pow_f32({a}, {c})")
+                }
+            }
+        }
+        other => {
+            return Err(Error::Gpu(format!(
+                "{} is not element-wise (emitter bug)",
+                other.name()
+            )))
+        }
+    })
+}
+
+/// A statement's trailing comment naming the node it computes.
+fn node_comment(graph: &Graph, n: NodeId) -> String {
+    let node = graph.node(n);
+    wgsl::comment_safe(&format!("// {} '{}'", node.op.name(), node.label))
+}
+
+/// Emits the epilogue of `group` (nodes 1..) as statements over flat output index `i`, starting
+/// from the anchor's value in `v0`; returns the statements and the final value's name.
+fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<String>, String)> {
+    let graph = b.graph;
+    let out_shape = graph.shape(group[0]).to_vec();
+    let mut lines = vec![];
+    for k in 1..group.len() {
+        let n = group[k];
+        let node = graph.node(n);
+        if !matches!(node.op, Op::Unary(_) | Op::Binary(_)) || node.shape != out_shape {
+            return Err(Error::Gpu(format!(
+                "node '{}' ({} {}) cannot be an epilogue of a {} kernel: epilogue ops must be \
+                 element-wise and keep the shape",
+                node.label,
+                node.op.name(),
+                shape_str(&node.shape),
+                shape_str(&out_shape)
+            )));
+        }
+        let ins = graph.inputs_of(n);
+        if !ins.contains(&group[k - 1]) {
+            return Err(Error::Gpu(format!(
+                "node '{}' does not consume the value of the node before it in its group",
+                node.label
+            )));
+        }
+        let mut args = vec![];
+        for (slot, &i) in ins.iter().enumerate() {
+            if i == group[k - 1] {
+                args.push(format!("v{}", k - 1));
+                continue;
+            }
+            let name = b.bind(&format!("e{k}_{slot}"), i);
+            let from = graph.shape(i);
+            lines.push(format!(
+                "{indent}let {name}_i = {name}[{}];{}",
+                broadcast_index("i", from, &out_shape),
+                wgsl::broadcast_note(from, &out_shape)
+            ));
+            args.push(format!("{name}_i"));
+        }
+        let expr = elementwise_expr(&node.op, &args, &mut b.libs)?;
+        lines.push(format!(
+            "{indent}let v{k} = {expr}; {}",
+            node_comment(graph, n)
+        ));
+    }
+    Ok((lines, format!("v{}", group.len() - 1)))
+}
+
+fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Emitted> {
+    let anchor = group[0];
+    let node = graph.node(anchor);
+    let out_shape = node.shape.clone();
+    let n = numel(&out_shape);
+    let ins = graph.inputs_of(anchor);
+    let mut b = Builder::new(graph);
+    let mut lines = vec![];
+    let indent = "    ";
+    let summary;
+    match &node.op {
+        Op::Transpose { perm } => {
+            let x = b.bind("x", ins[0]);
+            let in_shape = graph.shape(ins[0]);
+            let in_strides = strides(in_shape);
+            let muls: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+            summary = format!(
+                "transpose {} by {perm:?} -> {}",
+                shape_str(in_shape),
+                shape_str(&out_shape)
+            );
+            lines.push(format!(
+                "{indent}let v0 = {x}[{}]; {}",
+                strided_index("i", &out_shape, &muls),
+                node_comment(graph, anchor)
+            ));
+        }
+        op => {
+            let names: &[&str] = if ins.len() == 1 { &["x"] } else { &["a", "b"] };
+            let mut args = vec![];
+            for (&input, &bname) in ins.iter().zip(names) {
+                let bname = b.bind(bname, input);
+                let from = graph.shape(input);
+                lines.push(format!(
+                    "{indent}let {bname}_i = {bname}[{}];{}",
+                    broadcast_index("i", from, &out_shape),
+                    wgsl::broadcast_note(from, &out_shape)
+                ));
+                args.push(format!("{bname}_i"));
+            }
+            let expr = elementwise_expr(op, &args, &mut b.libs)?;
+            lines.push(format!(
+                "{indent}let v0 = {expr}; {}",
+                node_comment(graph, anchor)
+            ));
+            let operands: Vec<String> = ins.iter().map(|&i| shape_str(graph.shape(i))).collect();
+            summary = format!(
+                "{} of {} -> {}",
+                op.name(),
+                operands.join(" and "),
+                shape_str(&out_shape)
+            );
+        }
+    }
+    let (more, last) = epilogue(&mut b, group, indent)?;
+    lines.extend(more);
+    lines.push(format!("{indent}y[i] = {last};"));
+    let summary = with_epilogue(graph, summary, group);
+    let workgroups = wgsl::grid(n.div_ceil(ELEMENTWISE_WG), max_wg, name)?;
+    b.finish(
+        "elementwise.wgsl",
+        template::ELEMENTWISE,
+        name,
+        *group.last().unwrap(),
+        vec![
+            ("N", n.to_string()),
+            ("GRID_X", workgroups[0].to_string()),
+            ("GRID_Y", workgroups[1].to_string()),
+            ("BODY", lines.join("\n")),
+        ],
+        workgroups,
+        summary,
+    )
+}
+
+/// The summary of a group: the anchor's, then the epilogue ops.
+fn with_epilogue(graph: &Graph, summary: String, group: &[NodeId]) -> String {
+    if group.len() == 1 {
+        return summary;
+    }
+    let ops: Vec<&str> = group[1..]
+        .iter()
+        .map(|&n| graph.node(n).op.name())
+        .collect();
+    format!("{summary}, then {}", ops.join(", "))
+}
+
+fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Emitted> {
+    let anchor = group[0];
+    let node = graph.node(anchor);
+    let ins = graph.inputs_of(anchor);
+    let (a_shape, b_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
+    let mut b = Builder::new(graph);
+    b.bind("a", ins[0]);
+    b.bind("b", ins[1]);
+    let indent = "        ";
+    let (m, k, n, batch, a_at, b_at, first, summary);
+    match &node.op {
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            (m, k) = if *trans_a {
+                (a_shape[1], a_shape[0])
+            } else {
+                (a_shape[0], a_shape[1])
+            };
+            n = if *trans_b { b_shape[0] } else { b_shape[1] };
+            batch = 1;
+            a_at = if *trans_a { "p * M + i" } else { "i * K + p" }.to_string();
+            b_at = if *trans_b { "j * K + p" } else { "p * N + j" }.to_string();
+            let mut value = match *alpha {
+                1.0 => "acc".to_string(),
+                al => format!("{} * acc", wgsl::f32_lit(al)?),
+            };
+            let mut c_note = String::new();
+            if let Some(&c_node) = ins.get(2) {
+                let c = b.bind("c", c_node);
+                let c_shape = graph.shape(c_node);
+                let load = format!("{c}[{}]", broadcast_index("i", c_shape, &[m, n]));
+                value += &match *beta {
+                    1.0 => format!(" + {load}"),
+                    be => format!(" + {} * {load}", wgsl::f32_lit(be)?),
+                };
+                c_note = format!(", C {}", shape_str(c_shape));
+            }
+            first = format!("{indent}let v0 = {value}; {}", node_comment(graph, anchor));
+            let t = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
+            summary = format!(
+                "gemm alpha={alpha} beta={beta}{}{}: A {}, B {}{c_note} -> {}",
+                t(*trans_a, " transA"),
+                t(*trans_b, " transB"),
+                shape_str(a_shape),
+                shape_str(b_shape),
+                shape_str(&node.shape)
+            );
+        }
+        _ => {
+            let d = matmul_dims(a_shape, b_shape).map_err(Error::Shape)?;
+            (m, k, n) = (d.m, d.k, d.n);
+            batch = numel(&d.batch);
+            let offset = |own: &[usize], size: usize| {
+                let muls: Vec<usize> = broadcast_muls(own, &d.batch)
+                    .into_iter()
+                    .map(|s| s * size)
+                    .collect();
+                match strided_index("batch", &d.batch, &muls).as_str() {
+                    "0u" => String::new(),
+                    e => format!("{e} + "),
+                }
+            };
+            a_at = format!("{}i * K + p", offset(&d.a_batch, m * k));
+            b_at = format!("{}p * N + j", offset(&d.b_batch, k * n));
+            first = format!("{indent}let v0 = acc; {}", node_comment(graph, anchor));
+            summary = format!(
+                "matmul {} @ {} -> {}",
+                shape_str(a_shape),
+                shape_str(b_shape),
+                shape_str(&node.shape)
+            );
+        }
+    }
+    b.helpers.push(format!(
+        "// Offset in `a` of A[i, p] of output matrix `batch`.\n\
+         fn a_at(batch: u32, i: u32, p: u32) -> u32 {{\n    return {a_at};\n}}"
+    ));
+    b.helpers.push(format!(
+        "// Offset in `b` of B[p, j] of output matrix `batch`.\n\
+         fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
+    ));
+    let mut lines = vec![first];
+    let (more, last) = epilogue(&mut b, group, indent)?;
+    lines.extend(more);
+    lines.push(format!("{indent}y[i] = {last};"));
+    let (tiles_m, tiles_n) = (m.div_ceil(TILE), n.div_ceil(TILE));
+    let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
+    let summary = with_epilogue(graph, summary, group);
+    b.finish(
+        "matmul.wgsl",
+        template::MATMUL,
+        name,
+        *group.last().unwrap(),
+        vec![
+            ("M", m.to_string()),
+            ("K", k.to_string()),
+            ("N", n.to_string()),
+            ("BATCH", batch.to_string()),
+            ("TILES_M", tiles_m.to_string()),
+            ("TILES_N", tiles_n.to_string()),
+            ("GRID_X", workgroups[0].to_string()),
+            ("GRID_Y", workgroups[1].to_string()),
+            ("EPILOGUE", lines.join("\n")),
+        ],
+        workgroups,
+        summary,
+    )
+}
+
+fn reduce_sum(
+    graph: &Graph,
+    n: NodeId,
+    axes: &[usize],
+    name: &str,
+    max_wg: u32,
+) -> Result<Emitted> {
+    let node = graph.node(n);
+    let x_node = graph.inputs_of(n)[0];
+    let x_shape = graph.shape(x_node).to_vec();
+    let x_strides = strides(&x_shape);
+    let (mut kept, mut kept_muls, mut red, mut red_muls) = (vec![], vec![], vec![], vec![]);
+    for (d, (&e, &s)) in x_shape.iter().zip(&x_strides).enumerate() {
+        if axes.contains(&d) {
+            red.push(e);
+            red_muls.push(s);
+        } else {
+            kept.push(e);
+            kept_muls.push(s);
+        }
+    }
+    let rows = numel(&node.shape);
+    let r = numel(&red);
+    let mut b = Builder::new(graph);
+    b.bind("x", x_node);
+    b.libs.insert(Lib::WorkgroupReduce);
+    b.helpers.push(format!(
+        "// Offset in `x` of the first element summed into output `row`.\n\
+         fn row_base(row: u32) -> u32 {{\n    return {};\n}}",
+        strided_index("row", &kept, &kept_muls)
+    ));
+    b.helpers.push(format!(
+        "// Offset, from row_base, of the t-th of the R elements summed into one output.\n\
+         fn reduced_offset(t: u32) -> u32 {{\n    return {};\n}}",
+        strided_index("t", &red, &red_muls)
+    ));
+    let keepdims = matches!(node.op, Op::ReduceSum { keepdims: true, .. });
+    let summary = format!(
+        "reduce_sum of {} over axes {axes:?}{} -> {}",
+        shape_str(&x_shape),
+        if keepdims { " (keepdims)" } else { "" },
+        shape_str(&node.shape)
+    );
+    let workgroups = wgsl::grid(rows, max_wg, name)?;
+    b.finish(
+        "reduce_sum.wgsl",
+        template::REDUCE_SUM,
+        name,
+        n,
+        vec![
+            ("ROWS", rows.to_string()),
+            ("R", r.to_string()),
+            ("GRID_X", workgroups[0].to_string()),
+            ("GRID_Y", workgroups[1].to_string()),
+        ],
+        workgroups,
+        summary,
+    )
+}
+
+fn layer_norm(
+    graph: &Graph,
+    n: NodeId,
+    axis: usize,
+    epsilon: f32,
+    name: &str,
+    max_wg: u32,
+) -> Result<Emitted> {
+    let ins = graph.inputs_of(n);
+    let x_shape = graph.shape(ins[0]).to_vec();
+    let norm_shape = &x_shape[axis..];
+    let (rows, d) = (numel(&x_shape[..axis]), numel(norm_shape));
+    let mut b = Builder::new(graph);
+    b.bind("x", ins[0]);
+    b.bind("scale", ins[1]);
+    b.libs.insert(Lib::WorkgroupReduce);
+    let scale_shape = graph.shape(ins[1]);
+    let mut output = format!(
+        "(x[base + t] - mean) * inv_std * scale[{}]",
+        broadcast_index("t", scale_shape, norm_shape)
+    );
+    let mut params = format!("scale {}", shape_str(scale_shape));
+    if let Some(&bias) = ins.get(2) {
+        b.bind("bias", bias);
+        let bias_shape = graph.shape(bias);
+        output += &format!(" + bias[{}]", broadcast_index("t", bias_shape, norm_shape));
+        params += &format!(", bias {}", shape_str(bias_shape));
+    }
+    let summary = format!(
+        "layer_norm of {} over dims {axis}.. (eps {epsilon:e}), {params}",
+        shape_str(&x_shape)
+    );
+    let workgroups = wgsl::grid(rows, max_wg, name)?;
+    b.finish(
+        "layer_norm.wgsl",
+        template::LAYER_NORM,
+        name,
+        n,
+        vec![
+            ("ROWS", rows.to_string()),
+            ("D", d.to_string()),
+            ("EPS", wgsl::f32_lit(epsilon)?),
+            (
+                "BIAS_NOTE",
+                if ins.len() > 2 { " + bias" } else { "" }.to_string(),
+            ),
+            ("OUTPUT", output),
+            ("GRID_X", workgroups[0].to_string()),
+            ("GRID_Y", workgroups[1].to_string()),
+        ],
+        workgroups,
+        summary,
+    )
+}
+
+fn softmax(graph: &Graph, n: NodeId, axis: usize, name: &str, max_wg: u32) -> Result<Emitted> {
+    let x_node = graph.inputs_of(n)[0];
+    let shape = graph.shape(x_node).to_vec();
+    let len = shape[axis];
+    let inner = numel(&shape[axis + 1..]);
+    let rows = numel(&shape[..axis]) * inner;
+    let mut b = Builder::new(graph);
+    b.bind("x", x_node);
+    b.libs.insert(Lib::WorkgroupReduce);
+    let summary = format!("softmax of {} along axis {axis}", shape_str(&shape));
+    let workgroups = wgsl::grid(rows, max_wg, name)?;
+    b.finish(
+        "softmax.wgsl",
+        template::SOFTMAX,
+        name,
+        n,
+        vec![
+            ("ROWS", rows.to_string()),
+            ("LEN", len.to_string()),
+            ("INNER", inner.to_string()),
+            ("GRID_X", workgroups[0].to_string()),
+            ("GRID_Y", workgroups[1].to_string()),
+        ],
+        workgroups,
+        summary,
+    )
+}

@@ -1,0 +1,76 @@
+//! The WGSL templates under `shaders/` and the `{{PLACEHOLDER}}` substitution that fills them.
+//! Templates are compiled into the binary (`include_str!`), so `dorac` needs no files at run time.
+
+use crate::error::{Error, Result};
+
+/// Kernel templates: one per family of ops.
+pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
+pub const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+pub const REDUCE_SUM: &str = include_str!("../../shaders/reduce_sum.wgsl");
+pub const LAYER_NORM: &str = include_str!("../../shaders/layer_norm.wgsl");
+pub const SOFTMAX: &str = include_str!("../../shaders/softmax.wgsl");
+
+/// Helper libraries, pasted into a kernel only when it uses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lib {
+    Erf,
+    Tanh,
+    Pow,
+    WorkgroupReduce,
+}
+
+impl Lib {
+    pub fn source(self) -> &'static str {
+        match self {
+            Lib::Erf => include_str!("../../shaders/lib/erf.wgsl"),
+            Lib::Tanh => include_str!("../../shaders/lib/tanh.wgsl"),
+            Lib::Pow => include_str!("../../shaders/lib/pow.wgsl"),
+            Lib::WorkgroupReduce => include_str!("../../shaders/lib/workgroup_reduce.wgsl"),
+        }
+    }
+}
+
+/// Replaces every `{{KEY}}` in `template` by its value, in one pass (a value that happens to
+/// contain braces is left alone). A placeholder without a value, or a value without a
+/// placeholder, is a bug in the emitter and is reported as such: naga would otherwise report it
+/// later, further from the cause.
+pub fn render(template_name: &str, template: &str, values: &[(&str, String)]) -> Result<String> {
+    let bug = |what: String| Error::Gpu(format!("template {template_name}: {what} (emitter bug)"));
+    let mut out = String::with_capacity(template.len() * 2);
+    let mut used = vec![false; values.len()];
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| bug("unterminated placeholder".into()))?;
+        let key = &after[..end];
+        let i = values
+            .iter()
+            .position(|(k, _)| *k == key)
+            .ok_or_else(|| bug(format!("placeholder {{{{{key}}}}} has no value")))?;
+        used[i] = true;
+        out.push_str(&values[i].1);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(bug(format!("no placeholder {{{{{}}}}}", values[i].0)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_fills_and_checks_placeholders() {
+        let t = "a {{X}} b {{Y}} {{X}}";
+        let v = [("X", "1".to_string()), ("Y", "2".to_string())];
+        assert_eq!(render("t", t, &v).unwrap(), "a 1 b 2 1");
+        assert!(render("t", t, &v[..1]).is_err());
+        assert!(render("t", "no placeholders", &v).is_err());
+    }
+}

@@ -1,0 +1,379 @@
+//! Tensor payloads: ONNX `TensorProto` <-> [`Tensor`], including external data files.
+//!
+//! Import accepts float32, float64, float16 and bfloat16 (all become f32) and int64 and int32
+//! (both become i64), from `raw_data` (little-endian), from the typed fields, or from an external
+//! file next to the model. Export always writes `raw_data`.
+
+use super::proto::tensor_proto::{DataLocation, DataType};
+use super::proto::TensorProto;
+use crate::error::{Error, Result};
+use crate::tensor::{numel, Data, Tensor};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Component, Path, PathBuf};
+
+/// The dtypes dorac reads, with their byte size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Elem {
+    F32,
+    F64,
+    F16,
+    Bf16,
+    I64,
+    I32,
+}
+
+impl Elem {
+    fn of(data_type: i32) -> Option<Elem> {
+        Some(match DataType::try_from(data_type).ok()? {
+            DataType::Float => Elem::F32,
+            DataType::Double => Elem::F64,
+            DataType::Float16 => Elem::F16,
+            DataType::Bfloat16 => Elem::Bf16,
+            DataType::Int64 => Elem::I64,
+            DataType::Int32 => Elem::I32,
+            _ => return None,
+        })
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 4,
+            Elem::F64 | Elem::I64 => 8,
+            Elem::F16 | Elem::Bf16 => 2,
+        }
+    }
+}
+
+/// The name ONNX gives a `data_type` value, for messages.
+pub(crate) fn dtype_name(data_type: i32) -> String {
+    match DataType::try_from(data_type) {
+        Ok(t) => t.as_str_name().to_lowercase(),
+        Err(_) => format!("data type {data_type}"),
+    }
+}
+
+/// Decodes a tensor. `model_dir` is where external data files are looked up; `what` names the
+/// tensor in errors ("initializer 'w'", "the value of Constant node 'c'").
+pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -> Result<Tensor> {
+    let err = |msg: String| Error::Onnx(format!("{what}: {msg}"));
+    let elem = Elem::of(t.data_type()).ok_or_else(|| {
+        err(format!(
+            "{} tensors are not supported (dorac reads float32, float64, float16, bfloat16, \
+             int32 and int64)",
+            dtype_name(t.data_type())
+        ))
+    })?;
+    if t.segment.is_some() {
+        return Err(err("segmented tensors are not supported".into()));
+    }
+    let shape = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dim {d} in {:?}", t.dims))))
+        .collect::<Result<Vec<usize>>>()?;
+    let n = numel(&shape);
+    let external = t.data_location() == DataLocation::External;
+    let external_bytes;
+    let raw: Option<&[u8]> = if external {
+        external_bytes = read_external(t, model_dir, n * elem.size(), &err)?;
+        Some(&external_bytes)
+    } else {
+        t.raw_data.as_deref()
+    };
+    let data = match raw {
+        Some(bytes) => {
+            if bytes.len() != n * elem.size() {
+                return Err(err(format!(
+                    "raw data has {} bytes, but shape {:?} of {} needs {}",
+                    bytes.len(),
+                    shape,
+                    dtype_name(t.data_type()),
+                    n * elem.size()
+                )));
+            }
+            from_le_bytes(elem, bytes)
+        }
+        None => from_typed_fields(elem, t, n).map_err(err)?,
+    };
+    Ok(Tensor { shape, data })
+}
+
+fn from_le_bytes(elem: Elem, b: &[u8]) -> Data {
+    let chunks = b.chunks_exact(elem.size());
+    match elem {
+        Elem::F32 => Data::F32(
+            chunks
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        Elem::F64 => Data::F32(
+            chunks
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+        ),
+        Elem::F16 => Data::F32(
+            chunks
+                .map(|c| f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())))
+                .collect(),
+        ),
+        Elem::Bf16 => Data::F32(
+            chunks
+                .map(|c| bf16_to_f32(u16::from_le_bytes(c.try_into().unwrap())))
+                .collect(),
+        ),
+        Elem::I64 => Data::I64(
+            chunks
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        Elem::I32 => Data::I64(
+            chunks
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+    }
+}
+
+fn from_typed_fields(elem: Elem, t: &TensorProto, n: usize) -> std::result::Result<Data, String> {
+    let check = |field: &str, len: usize| {
+        if len == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{field} has {len} values, but shape {:?} needs {n}",
+                t.dims
+            ))
+        }
+    };
+    Ok(match elem {
+        Elem::F32 => {
+            check("float_data", t.float_data.len())?;
+            Data::F32(t.float_data.clone().into())
+        }
+        Elem::F64 => {
+            check("double_data", t.double_data.len())?;
+            Data::F32(t.double_data.iter().map(|&x| x as f32).collect())
+        }
+        // float16 and bfloat16 travel as their 16 bits in int32_data.
+        Elem::F16 => {
+            check("int32_data", t.int32_data.len())?;
+            Data::F32(t.int32_data.iter().map(|&x| f16_to_f32(x as u16)).collect())
+        }
+        Elem::Bf16 => {
+            check("int32_data", t.int32_data.len())?;
+            Data::F32(
+                t.int32_data
+                    .iter()
+                    .map(|&x| bf16_to_f32(x as u16))
+                    .collect(),
+            )
+        }
+        Elem::I64 => {
+            check("int64_data", t.int64_data.len())?;
+            Data::I64(t.int64_data.clone().into())
+        }
+        Elem::I32 => {
+            check("int32_data", t.int32_data.len())?;
+            Data::I64(t.int32_data.iter().map(|&x| x as i64).collect())
+        }
+    })
+}
+
+/// IEEE half to single precision (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: shift the mantissa up until its leading one is the implicit bit.
+            let mut e: u32 = 127 - 15 + 1;
+            let mut m = mant;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((m & 0x3ff) << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (mant << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (mant << 13),
+    };
+    f32::from_bits(bits)
+}
+
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Reads an external-data tensor's bytes. The location must stay inside the model's folder: an
+/// absolute path, a `..` component, or a symlink that resolves outside is refused, because a
+/// model file is untrusted input and must not make dorac read arbitrary files.
+fn read_external(
+    t: &TensorProto,
+    model_dir: &Path,
+    expected: usize,
+    err: &dyn Fn(String) -> Error,
+) -> Result<Vec<u8>> {
+    let mut location = None;
+    let mut offset: u64 = 0;
+    let mut length: Option<u64> = None;
+    for kv in &t.external_data {
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| err(format!("external data {} '{v}' is not a number", kv.key())))
+        };
+        match kv.key() {
+            "location" => location = Some(kv.value().to_string()),
+            "offset" => offset = parse(kv.value())?,
+            "length" => length = Some(parse(kv.value())?),
+            _ => {}
+        }
+    }
+    let location =
+        location.ok_or_else(|| err("external data without a 'location' entry".into()))?;
+    let path = safe_external_path(model_dir, &location).map_err(err)?;
+    if let Some(len) = length {
+        if len != expected as u64 {
+            return Err(err(format!(
+                "external data length {len} does not match the tensor's {expected} bytes"
+            )));
+        }
+    }
+    let mut f = std::fs::File::open(&path).map_err(|e| {
+        err(format!(
+            "cannot open external data file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let size = f
+        .metadata()
+        .map_err(|e| {
+            err(format!(
+                "cannot read external data file {}: {e}",
+                path.display()
+            ))
+        })?
+        .len();
+    let end = offset.checked_add(expected as u64);
+    if end.is_none_or(|end| end > size) {
+        return Err(err(format!(
+            "external data file {} has {size} bytes, but the tensor needs bytes {offset}..{} \
+             (the file is short or the offset is wrong)",
+            path.display(),
+            offset as u128 + expected as u128
+        )));
+    }
+    let mut buf = vec![0u8; expected];
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| {
+            err(format!(
+                "cannot read external data file {}: {e}",
+                path.display()
+            ))
+        })?;
+    Ok(buf)
+}
+
+/// Resolves `location` under `model_dir`, refusing anything that could leave the folder.
+fn safe_external_path(model_dir: &Path, location: &str) -> std::result::Result<PathBuf, String> {
+    let loc = Path::new(location);
+    if location.is_empty() {
+        return Err("external data location is empty".into());
+    }
+    if loc.is_absolute() || loc.has_root() {
+        return Err(format!(
+            "external data location '{location}' is an absolute path; dorac reads external data \
+             only from files inside the model's folder"
+        ));
+    }
+    for c in loc.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!(
+                    "external data location '{location}' leaves the model's folder ('..'); dorac \
+                     reads external data only from files inside it"
+                ))
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "external data location '{location}' is an absolute path; dorac reads \
+                     external data only from files inside the model's folder"
+                ))
+            }
+        }
+    }
+    let dir = if model_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        model_dir
+    };
+    let full = dir.join(loc);
+    let canon_dir = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the model's folder {}: {e}", dir.display()))?;
+    let canon = full
+        .canonicalize()
+        .map_err(|e| format!("cannot open external data file {}: {e}", full.display()))?;
+    if !canon.starts_with(&canon_dir) {
+        return Err(format!(
+            "external data location '{location}' resolves to {}, outside the model's folder {} \
+             (through a symlink); dorac reads external data only from files inside it",
+            canon.display(),
+            canon_dir.display()
+        ));
+    }
+    Ok(canon)
+}
+
+/// Encodes a tensor as an initializer with `raw_data` (little-endian).
+pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
+    let (data_type, raw): (DataType, Vec<u8>) = match &t.data {
+        Data::F32(v) => (
+            DataType::Float,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        Data::I64(v) => (
+            DataType::Int64,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+    };
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: t.shape.iter().map(|&d| d as i64).collect(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(bf16_to_f32(0x3f80), 1.0);
+    }
+
+    #[test]
+    fn external_paths() {
+        let dir = std::env::temp_dir();
+        assert!(safe_external_path(&dir, "/etc/passwd")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(safe_external_path(&dir, "a/../../x.bin")
+            .unwrap_err()
+            .contains("leaves"));
+        assert!(safe_external_path(&dir, "").is_err());
+    }
+}

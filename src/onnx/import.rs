@@ -1,0 +1,606 @@
+//! ONNX model -> IR. Checks the model as a whole first (unsupported ops, dangling names,
+//! cycles, input types and shapes) so that each problem class is reported once, completely; then
+//! builds the IR node by node through the op table in [`super::import_ops`].
+//!
+//! Nodes are added in a canonical order (graph inputs, constants, then ops in a stable
+//! topological order) so that importing an exported model gives the same graph, node for node.
+
+use super::data::{dtype_name, tensor_from_proto};
+use super::import_ops::{self, Ctx};
+use super::meta::{self, AdapterMeta};
+use super::proto::{self, tensor_shape_proto::dimension, type_proto, ModelProto, NodeProto};
+use super::Pins;
+use crate::error::{Error, Result};
+use crate::ir::{Graph, ModelInfo, NodeId};
+use crate::tensor::shape_str;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::path::Path;
+
+/// A dim as the model declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DeclaredDim {
+    Fixed(usize),
+    Param(String),
+    Unknown,
+}
+
+/// The declared dims of a graph input, or None when it declares no shape.
+pub(crate) fn declared_dims(vi: &proto::ValueInfoProto) -> Option<Vec<DeclaredDim>> {
+    let Some(proto::TypeProto {
+        value: Some(type_proto::Value::TensorType(t)),
+        ..
+    }) = &vi.r#type
+    else {
+        return None;
+    };
+    let shape = t.shape.as_ref()?;
+    Some(
+        shape
+            .dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(dimension::Value::DimValue(v)) if *v >= 0 => DeclaredDim::Fixed(*v as usize),
+                Some(dimension::Value::DimParam(p)) if !p.is_empty() => {
+                    DeclaredDim::Param(p.clone())
+                }
+                _ => DeclaredDim::Unknown,
+            })
+            .collect(),
+    )
+}
+
+fn declared_str(d: &[DeclaredDim]) -> String {
+    let parts: Vec<String> = d
+        .iter()
+        .map(|d| match d {
+            DeclaredDim::Fixed(v) => v.to_string(),
+            DeclaredDim::Param(p) => p.clone(),
+            DeclaredDim::Unknown => "?".into(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+fn list_str(s: &[usize]) -> String {
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The label of a node: its name, or its first output for an unnamed node.
+fn node_label(n: &NodeProto) -> String {
+    match n.name() {
+        "" => n
+            .output
+            .iter()
+            .find(|o| !o.is_empty())
+            .cloned()
+            .unwrap_or_else(|| format!("<unnamed {}>", n.op_type())),
+        name => name.to_string(),
+    }
+}
+
+/// The opset of the default ONNX domain.
+pub(crate) fn default_opset(model: &ModelProto) -> Result<i64> {
+    model
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain(), "" | "ai.onnx"))
+        .map(|o| o.version())
+        .ok_or_else(|| Error::Onnx("the model imports no opset of the default ONNX domain".into()))
+}
+
+/// Turns a decoded model into the IR.
+///
+/// - `model_dir` is the folder external data files are read from (the model file's folder).
+/// - `pins` sizes symbolic dims: a `HashMap<String, usize>` of dim sizes by `dim_param` name, or
+///   [`ShapePins`](super::ShapePins) (the CLI's `--shape batch=3` / `--shape x=3x16`), see [`Pins`].
+/// - `input_shapes` gives whole shapes of graph inputs by name (the tensors a user supplies).
+///   They take precedence over `pins`, must agree with the model's fixed dims and with a
+///   `--shape` for the same input; a symbolic dim they fix also sizes that dim in other inputs.
+///
+/// Every symbolic dim must end up with a size (the IR is statically shaped); the error for those
+/// that do not says how to pin them. Unsupported ops are reported all at once. Graph inputs that
+/// are also initializers are constants. dorac's own metadata (adapters, stop-gradient markers,
+/// see [`super::meta`]) is read back. Nodes nothing depends on are dropped.
+pub fn import<P: Pins + ?Sized>(
+    model: &ModelProto,
+    model_dir: &Path,
+    pins: &P,
+    input_shapes: &HashMap<String, Vec<usize>>,
+) -> Result<Graph> {
+    let (dims, mut shapes) = pins.resolve(model)?;
+    for (name, given) in input_shapes {
+        match shapes.get(name) {
+            Some(s) if s != given => {
+                return Err(Error::Input(format!(
+                    "input '{name}': --shape {name}={} but the supplied tensor has shape {}",
+                    shape_str(s),
+                    shape_str(given)
+                )))
+            }
+            _ => {
+                shapes.insert(name.clone(), given.clone());
+            }
+        }
+    }
+    import_resolved(model, model_dir, &dims, &shapes)
+}
+
+fn import_resolved(
+    model: &ModelProto,
+    model_dir: &Path,
+    pins: &HashMap<String, usize>,
+    input_shapes: &HashMap<String, Vec<usize>>,
+) -> Result<Graph> {
+    let gp = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::Onnx("the model has no graph".into()))?;
+    if gp.output.is_empty() {
+        return Err(Error::Onnx(
+            "the ONNX graph is empty (it has no outputs)".into(),
+        ));
+    }
+    let opset = default_opset(model)?;
+
+    // Initializers by name; duplicates are malformed.
+    let mut inits: HashMap<&str, &proto::TensorProto> = HashMap::new();
+    for t in &gp.initializer {
+        if t.name().is_empty() {
+            return Err(Error::Onnx("an initializer has no name".into()));
+        }
+        if inits.insert(t.name(), t).is_some() {
+            return Err(Error::Onnx(format!(
+                "initializer '{}' is defined twice",
+                t.name()
+            )));
+        }
+    }
+    // Graph inputs that are not initializers (old exporters list initializers as inputs too).
+    let inputs: Vec<&proto::ValueInfoProto> = gp
+        .input
+        .iter()
+        .filter(|i| !inits.contains_key(i.name()))
+        .collect();
+    let mut input_names = HashSet::new();
+    if let Some(dup) = inputs.iter().find(|i| !input_names.insert(i.name())) {
+        return Err(Error::Onnx(format!(
+            "graph input '{}' is listed twice",
+            dup.name()
+        )));
+    }
+
+    let consumed: HashSet<&str> = gp
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .chain(gp.output.iter().map(|o| o.name()))
+        .filter(|s| !s.is_empty())
+        .collect();
+
+    check_supported(gp, &inputs, &consumed)?;
+    let order = topo_sort(gp, &inits, &inputs)?;
+
+    let mut g = Graph::new();
+    g.info = ModelInfo {
+        ir_version: model.ir_version(),
+        opset,
+        producer: model.producer_name().to_string(),
+        graph_name: gp.name().to_string(),
+        input_dims: HashMap::new(),
+    };
+    let mut values: HashMap<String, NodeId> = HashMap::new();
+
+    // 1. Graph inputs, with static shapes.
+    let shapes = resolve_input_shapes(&inputs, pins, input_shapes)?;
+    for (vi, (shape, dims)) in inputs.iter().zip(shapes) {
+        let id = g.add_input(vi.name(), shape);
+        values.insert(vi.name().to_string(), id);
+        g.info.input_dims.insert(vi.name().to_string(), dims);
+    }
+
+    // 2. Initializers, in file order (unused ones are dropped at the end).
+    for t in &gp.initializer {
+        let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
+        let id = g.add_const(t.name(), tensor);
+        values.insert(t.name().to_string(), id);
+    }
+
+    // 3. Nodes: Constant nodes first (they read nothing), then the rest, each in topological
+    // order, so constants precede ops as they do in an exported model.
+    let stop_gradient = stop_gradient_nodes(model, gp)?;
+    let (constants, ops): (Vec<usize>, Vec<usize>) = order
+        .into_iter()
+        .partition(|&i| gp.node[i].op_type() == "Constant");
+    for i in constants.into_iter().chain(ops) {
+        let node = &gp.node[i];
+        let name = node.output[0].clone();
+        let label = node_label(node);
+        let sg = stop_gradient.contains(node.name());
+        let id = {
+            let mut cx = Ctx::new(
+                &mut g,
+                &values,
+                opset,
+                node,
+                name.clone(),
+                label,
+                model_dir,
+                sg,
+            );
+            import_ops::build(&mut cx)?
+        };
+        values.insert(name, id);
+    }
+
+    // 4. Graph outputs.
+    let mut seen = HashSet::new();
+    for o in &gp.output {
+        if !seen.insert(o.name()) {
+            return Err(Error::Onnx(format!(
+                "graph output '{}' is listed twice",
+                o.name()
+            )));
+        }
+        // topo_sort checked that every output resolves.
+        g.outputs.push((o.name().to_string(), values[o.name()]));
+    }
+
+    // 5. dorac's adapter records.
+    if let Some(json) = metadata(model, meta::ADAPTERS_KEY) {
+        let records: Vec<AdapterMeta> = meta::parse(meta::ADAPTERS_KEY, json)?;
+        for r in &records {
+            let layer = r.to_layer(&values)?;
+            g.adapters.push(layer);
+        }
+    }
+
+    g.remove_dead();
+    Ok(g)
+}
+
+fn metadata<'m>(model: &'m ModelProto, key: &str) -> Option<&'m str> {
+    model
+        .metadata_props
+        .iter()
+        .find(|p| p.key() == key)
+        .map(|p| p.value())
+}
+
+/// The node names listed in `dorac.stop_gradient`; each must be an Identity node.
+fn stop_gradient_nodes(model: &ModelProto, gp: &proto::GraphProto) -> Result<HashSet<String>> {
+    let Some(json) = metadata(model, meta::STOP_GRADIENT_KEY) else {
+        return Ok(HashSet::new());
+    };
+    let names: Vec<String> = meta::parse(meta::STOP_GRADIENT_KEY, json)?;
+    for n in &names {
+        if !gp
+            .node
+            .iter()
+            .any(|node| node.name() == n && node.op_type() == "Identity")
+        {
+            return Err(Error::Onnx(format!(
+                "metadata '{}' names node '{n}', which is not an Identity node of the graph",
+                meta::STOP_GRADIENT_KEY
+            )));
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// Refuses, in one error, everything dorac cannot import: unknown op types, other domains,
+/// subgraphs, optional outputs that are used, and non-float32 graph inputs.
+fn check_supported(
+    gp: &proto::GraphProto,
+    inputs: &[&proto::ValueInfoProto],
+    consumed: &HashSet<&str>,
+) -> Result<()> {
+    // (what, names), in order of first appearance.
+    let mut problems: Vec<(String, Vec<String>)> = vec![];
+    let mut note = |what: String, name: String| match problems.iter_mut().find(|(w, _)| *w == what)
+    {
+        Some((_, names)) => names.push(name),
+        None => problems.push((what, vec![name])),
+    };
+    for n in &gp.node {
+        let op = n.op_type();
+        let domain = n.domain();
+        let what = if !matches!(domain, "" | "ai.onnx") {
+            Some(format!("{op} (domain '{domain}')"))
+        } else if n
+            .attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+        {
+            Some(format!("{op} (with a subgraph)"))
+        } else if import_ops::rule(op).is_none() {
+            Some(op.to_string())
+        } else if n
+            .output
+            .iter()
+            .skip(1)
+            .any(|o| !o.is_empty() && consumed.contains(o.as_str()))
+        {
+            Some(format!(
+                "{op} with its extra outputs used (dorac computes only the first output)"
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            note(what, node_label(n));
+        }
+    }
+    let mut typed = |what: String, name: &str| note(what, name.to_string());
+    for vi in inputs {
+        match &vi.r#type {
+            Some(proto::TypeProto {
+                value: Some(type_proto::Value::TensorType(t)),
+                ..
+            }) => {
+                if t.elem_type() != proto::tensor_proto::DataType::Float as i32 {
+                    typed(
+                        format!("{} graph inputs", dtype_name(t.elem_type())),
+                        vi.name(),
+                    );
+                }
+            }
+            _ => typed("non-tensor graph inputs".into(), vi.name()),
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unsupported(
+        problems
+            .into_iter()
+            .map(|(what, names)| {
+                let kind = if what.ends_with("graph inputs") {
+                    "inputs"
+                } else {
+                    "nodes"
+                };
+                format!("{what} ({kind}: {})", names.join(", "))
+            })
+            .collect(),
+    ))
+}
+
+/// Node indices in topological order (ties in file order). Also checks that every name a node
+/// or graph output reads is produced exactly once, and reports cycles by their nodes.
+fn topo_sort(
+    gp: &proto::GraphProto,
+    inits: &HashMap<&str, &proto::TensorProto>,
+    inputs: &[&proto::ValueInfoProto],
+) -> Result<Vec<usize>> {
+    let sources: HashSet<&str> = inits
+        .keys()
+        .copied()
+        .chain(inputs.iter().map(|i| i.name()))
+        .collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in gp.node.iter().enumerate() {
+        if n.output.first().is_none_or(|o| o.is_empty()) {
+            return Err(Error::Onnx(format!(
+                "node '{}' ({}) has no output",
+                node_label(n),
+                n.op_type()
+            )));
+        }
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if sources.contains(o.as_str()) {
+                return Err(Error::Graph(format!(
+                    "node '{}' writes '{o}', which is also an initializer or graph input",
+                    node_label(n)
+                )));
+            }
+            if let Some(&j) = producer.get(o.as_str()) {
+                return Err(Error::Graph(format!(
+                    "value '{o}' is written by two nodes: '{}' and '{}'",
+                    node_label(&gp.node[j]),
+                    node_label(n)
+                )));
+            }
+            producer.insert(o, i);
+        }
+    }
+    let mut missing = vec![];
+    for n in &gp.node {
+        for v in n.input.iter().filter(|v| !v.is_empty()) {
+            if !sources.contains(v.as_str()) && !producer.contains_key(v.as_str()) {
+                missing.push(format!(
+                    "node '{}' reads '{v}', which no initializer, graph input or node produces",
+                    node_label(n)
+                ));
+            }
+        }
+    }
+    for o in &gp.output {
+        if !sources.contains(o.name()) && !producer.contains_key(o.name()) {
+            missing.push(format!(
+                "graph output '{}' is not produced by any node, initializer or graph input",
+                o.name()
+            ));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Graph(missing.join("; ")));
+    }
+
+    // Kahn's algorithm with a min-heap: deterministic, file order among ready nodes.
+    let n = gp.node.len();
+    let mut indegree = vec![0usize; n];
+    let mut users: Vec<Vec<usize>> = vec![vec![]; n];
+    for (i, node) in gp.node.iter().enumerate() {
+        for v in node.input.iter().filter(|v| !v.is_empty()) {
+            if let Some(&p) = producer.get(v.as_str()) {
+                indegree[i] += 1;
+                users[p].push(i);
+            }
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &u in &users[i] {
+            indegree[u] -= 1;
+            if indegree[u] == 0 {
+                ready.push(Reverse(u));
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // The nodes left over are on a cycle or downstream of one; name those on a cycle.
+    let left: Vec<usize> = (0..n).filter(|&i| indegree[i] > 0).collect();
+    let mut dg = petgraph::graph::DiGraph::<usize, ()>::new();
+    let ids: HashMap<usize, _> = left.iter().map(|&i| (i, dg.add_node(i))).collect();
+    for &i in &left {
+        for &u in &users[i] {
+            if let (Some(&a), Some(&b)) = (ids.get(&i), ids.get(&u)) {
+                dg.add_edge(a, b, ());
+            }
+        }
+    }
+    let mut on_cycle: Vec<usize> = petgraph::algo::tarjan_scc(&dg)
+        .into_iter()
+        .filter(|scc| scc.len() > 1 || dg.contains_edge(scc[0], scc[0]))
+        .flatten()
+        .map(|id| dg[id])
+        .collect();
+    on_cycle.sort_unstable();
+    let names: Vec<String> = on_cycle.iter().map(|&i| node_label(&gp.node[i])).collect();
+    Err(Error::Graph(format!(
+        "the graph has a cycle through nodes: {}",
+        names.join(", ")
+    )))
+}
+
+/// Static shape and declared dims (for [`ModelInfo::input_dims`]) of each graph input.
+#[allow(clippy::type_complexity)]
+fn resolve_input_shapes(
+    inputs: &[&proto::ValueInfoProto],
+    pins: &HashMap<String, usize>,
+    input_shapes: &HashMap<String, Vec<usize>>,
+) -> Result<Vec<(Vec<usize>, Vec<Option<String>>)>> {
+    let declared: Vec<Option<Vec<DeclaredDim>>> =
+        inputs.iter().map(|vi| declared_dims(vi)).collect();
+
+    // Given shapes: check against the declaration, and learn the symbolic dims they fix.
+    let mut learned: HashMap<String, (usize, String)> = HashMap::new();
+    let mut errors: Vec<String> = vec![];
+    for (vi, decl) in inputs.iter().zip(&declared) {
+        let (Some(given), Some(decl)) = (input_shapes.get(vi.name()), decl) else {
+            continue;
+        };
+        let fits = given.len() == decl.len()
+            && given.iter().zip(decl).all(|(g, d)| match d {
+                DeclaredDim::Fixed(v) => g == v,
+                _ => true,
+            });
+        if !fits {
+            return Err(Error::Input(format!(
+                "input '{}': the given shape {} does not match the model's {}",
+                vi.name(),
+                list_str(given),
+                declared_str(decl)
+            )));
+        }
+        for (&g, d) in given.iter().zip(decl) {
+            if let DeclaredDim::Param(p) = d {
+                if let Some(&pin) = pins.get(p) {
+                    if pin != g {
+                        errors.push(format!(
+                            "input '{}' has shape {} (dim '{p}' = {g}), but --shape {p}={pin}",
+                            vi.name(),
+                            list_str(given)
+                        ));
+                    }
+                }
+                learned
+                    .entry(p.clone())
+                    .or_insert((g, vi.name().to_string()));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::Input(errors.join("; ")));
+    }
+
+    let mut out = vec![];
+    let mut unpinned: Vec<String> = vec![];
+    for (vi, decl) in inputs.iter().zip(&declared) {
+        let name = vi.name();
+        let given = input_shapes.get(name);
+        let Some(decl) = decl else {
+            match given {
+                Some(g) => out.push((g.clone(), vec![Some("?".to_string()); g.len()])),
+                None => unpinned.push(format!(
+                    "input '{name}' declares no shape: give it with --shape {name}=DIMS (e.g. \
+                     --shape {name}=3x16)"
+                )),
+            }
+            continue;
+        };
+        let dims: Vec<Option<String>> = decl
+            .iter()
+            .map(|d| match d {
+                DeclaredDim::Fixed(_) => None,
+                DeclaredDim::Param(p) => Some(p.clone()),
+                DeclaredDim::Unknown => Some("?".to_string()),
+            })
+            .collect();
+        if let Some(g) = given {
+            out.push((g.clone(), dims));
+            continue;
+        }
+        let sizes: Vec<Option<usize>> = decl
+            .iter()
+            .map(|d| match d {
+                DeclaredDim::Fixed(v) => Some(*v),
+                DeclaredDim::Param(p) => pins.get(p).copied().or(learned.get(p).map(|l| l.0)),
+                DeclaredDim::Unknown => None,
+            })
+            .collect();
+        if sizes.iter().any(Option::is_none) {
+            let example: Vec<String> = sizes
+                .iter()
+                .map(|s| s.map_or("N".to_string(), |v| v.to_string()))
+                .collect();
+            let example = example.join("x");
+            for (i, (s, d)) in sizes.iter().zip(decl).enumerate() {
+                if s.is_some() {
+                    continue;
+                }
+                unpinned.push(match d {
+                    DeclaredDim::Param(p) => format!(
+                        "input '{name}' has symbolic dim '{p}' (dim {i} of {}) with no size: pin \
+                         it with --shape {p}=N, or give the whole shape with --shape \
+                         {name}={example}",
+                        declared_str(decl)
+                    ),
+                    _ => format!(
+                        "input '{name}' has an unnamed dim {i} (of {}) with no size: give the \
+                         whole shape with --shape {name}={example}",
+                        declared_str(decl)
+                    ),
+                });
+            }
+            continue;
+        }
+        out.push((sizes.into_iter().flatten().collect(), dims));
+    }
+    if !unpinned.is_empty() {
+        return Err(Error::Input(unpinned.join("; ")));
+    }
+    Ok(out)
+}

@@ -1,0 +1,163 @@
+//! Linear layers and their module names.
+//!
+//! PEFT addresses layers by PyTorch module path (`encoder.layer.0.attention.self.query`).
+//! ONNX exports keep that path in one of two places: the weight initializer's name
+//! (`layers.0.weight`, when the exporter kept the parameter as is) or the node's scope name
+//! (`/blocks.0/fc/MatMul`, when the weight was transposed into an anonymous initializer).
+
+use crate::ir::{Graph, LinearKind, NodeId, Op};
+use crate::tensor::DType;
+use std::collections::HashMap;
+
+/// A MatMul or Gemm whose weight is a 2-D float constant: a candidate for an adapter.
+#[derive(Clone, Debug)]
+pub struct LinearLayer {
+    pub node: NodeId,
+    pub module: String,
+    pub kind: LinearKind,
+    pub x: NodeId,
+    pub weight: NodeId,
+    pub bias: Option<NodeId>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// Every linear layer of the graph in topological order, with unique module names. Layers that
+/// already carry an adapter are not listed again.
+pub fn find_linear_layers(graph: &Graph) -> Vec<LinearLayer> {
+    let adapted_weights: Vec<NodeId> = graph.adapters.iter().map(|a| a.weight).collect();
+    let order = graph.topo_order().unwrap_or_default();
+    let mut layers = vec![];
+    for n in order {
+        let inputs = graph.inputs_of(n);
+        let kind = match &graph.node(n).op {
+            Op::MatMul => LinearKind::MatMul,
+            &Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => LinearKind::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            },
+            _ => continue,
+        };
+        let (x, w) = (inputs[0], inputs[1]);
+        let wnode = graph.node(w);
+        let is_weight = matches!(wnode.op, Op::Const(_))
+            && wnode.dtype == DType::F32
+            && wnode.shape.len() == 2;
+        // A product of two constants is not a layer (the DoRA norm's `A W0` is one).
+        if !is_weight || matches!(graph.node(x).op, Op::Const(_)) || adapted_weights.contains(&w)
+        {
+            continue;
+        }
+        let trans_b = matches!(kind, LinearKind::Gemm { trans_b: true, .. });
+        let (in_features, out_features) = if trans_b {
+            (wnode.shape[1], wnode.shape[0])
+        } else {
+            (wnode.shape[0], wnode.shape[1])
+        };
+        if let LinearKind::MatMul = kind {
+            // x @ W needs x's last dim to be `in`; 1-D x is a vector-matrix product, still linear.
+            if graph.shape(x).last() != Some(&in_features) {
+                continue;
+            }
+        }
+        layers.push(LinearLayer {
+            node: n,
+            module: module_name(graph, n, w),
+            kind,
+            x,
+            weight: w,
+            bias: inputs.get(2).copied(),
+            in_features,
+            out_features,
+        });
+    }
+    // Two products in one module (rare for weights) get distinct names.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for l in layers.iter_mut() {
+        let count = seen.entry(l.module.clone()).or_insert(0);
+        if *count > 0 {
+            l.module = format!("{}_{}", l.module, count);
+        }
+        *count += 1;
+    }
+    layers
+}
+
+/// The PyTorch module path of a linear node.
+fn module_name(graph: &Graph, node: NodeId, weight: NodeId) -> String {
+    let wname = &graph.node(weight).name;
+    if let Some(m) = wname.strip_suffix(".weight") {
+        if !m.is_empty() && !m.contains("::") && !m.contains('/') {
+            return m.to_string();
+        }
+    }
+    let label = &graph.node(node).label;
+    module_from_scope(label).unwrap_or_else(|| {
+        label
+            .trim_matches('/')
+            .chars()
+            .map(|c| if c.is_alphanumeric() || c == '.' || c == '_' { c } else { '_' })
+            .collect()
+    })
+}
+
+/// `/a/b.0/c/MatMul` -> `a.b.0.c`. A Sequential's children appear as `/layers/layers.0/...`:
+/// a component that extends the path so far by `.<index>` replaces the last component.
+pub fn module_from_scope(label: &str) -> Option<String> {
+    if !label.starts_with('/') {
+        return None;
+    }
+    let parts: Vec<&str> = label.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.len() < 2 {
+        return None;
+    }
+    let mut path: Vec<String> = vec![];
+    for part in &parts[..parts.len() - 1] {
+        match path.last() {
+            Some(last) if part.starts_with(&format!("{last}.")) => {
+                *path.last_mut().unwrap() = part.to_string();
+            }
+            _ => path.push(part.to_string()),
+        }
+    }
+    Some(path.join("."))
+}
+
+/// PEFT's `target_modules` rule for one name: an exact match, or a suffix that starts at a
+/// component boundary (`query` matches `encoder.layer.0.attention.self.query`, not `subquery`).
+pub fn matches_target(module: &str, pattern: &str) -> bool {
+    module == pattern || module.ends_with(&format!(".{pattern}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_names_follow_pytorch_module_paths() {
+        assert_eq!(module_from_scope("/blocks.0/fc/MatMul").unwrap(), "blocks.0.fc");
+        assert_eq!(module_from_scope("/layers/layers.0/Gemm").unwrap(), "layers.0");
+        assert_eq!(module_from_scope("/proj_in/MatMul").unwrap(), "proj_in");
+        assert_eq!(
+            module_from_scope("/bert/encoder/layer.0/attention/self/query/MatMul").unwrap(),
+            "bert.encoder.layer.0.attention.self.query"
+        );
+        assert_eq!(module_from_scope("MatMul_3"), None);
+    }
+
+    #[test]
+    fn targets_match_on_component_boundaries() {
+        assert!(matches_target("encoder.layer.0.attention.self.query", "query"));
+        assert!(matches_target("blocks.0.fc", "0.fc"));
+        assert!(matches_target("head", "head"));
+        assert!(!matches_target("subquery", "query"));
+        assert!(!matches_target("blocks.0.fc", "c"));
+    }
+}

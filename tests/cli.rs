@@ -1,0 +1,184 @@
+//! The `dorac` binary as a user meets it: happy paths, and bad input that must end in one clear
+//! line, a non-zero exit, no panic and no output file left behind.
+
+mod common;
+
+use common::*;
+use prost::Message;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dorac(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dorac"))
+        .args(args)
+        .output()
+        .expect("the dorac binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts a clean failure: exit code 1, one `error:` line mentioning `needle`, no panic, and
+/// the output folder holding nothing but `keep`.
+fn assert_clean_failure(out: &Output, needle: &str, dir: &Path, keep: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+    let mut left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect();
+    left.sort();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+fn model_proto(name: &str) -> dorac::onnx::proto::ModelProto {
+    dorac::onnx::load_model(&models_dir().join(name).join("model.onnx")).unwrap()
+}
+
+fn write_model(dir: &Path, file: &str, m: &dorac::onnx::proto::ModelProto) -> PathBuf {
+    let p = dir.join(file);
+    std::fs::write(&p, m.encode_to_vec()).unwrap();
+    p
+}
+
+#[test]
+fn rewrite_run_merge_from_the_command_line() {
+    let dir = temp_dir("cli-happy");
+    let model = dir.join("model.onnx");
+    std::fs::copy(models_dir().join("mlp3d/model.onnx"), &model).unwrap();
+    let inputs = models_dir().join("mlp3d/inputs.safetensors");
+    let adapter_out = dir.join("adapter");
+
+    let out = dorac(&[
+        "rewrite", s(&model), "--rank", "4", "--alpha", "8", "--target", "fc", "--adapter-out", s(&adapter_out),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("blocks.0.fc") && stdout.contains("blocks.1.fc"), "{stdout}");
+    assert!(!stdout.contains("proj_in"), "--target fc adapts only the fc layers: {stdout}");
+    assert!(stdout.contains("trainable params"), "{stdout}");
+    let rewritten = dir.join("model.dora.onnx");
+    assert!(rewritten.exists());
+    assert!(adapter_out.join("adapter_config.json").exists());
+    assert!(adapter_out.join("adapter_model.safetensors").exists());
+
+    let y = dir.join("y.safetensors");
+    let out = dorac(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = dorac::tensors_io::read_safetensors(&y).unwrap();
+    let ort = read("mlp3d", "ort_outputs.safetensors");
+    assert!(rel(&got, &ort, "y") < 1e-5);
+
+    let peft_dir = models_dir().join("mlp3d/peft_dora");
+    let merged = dir.join("merged.onnx");
+    let out = dorac(&["merge", s(&model), "--adapter", s(&peft_dir), "-o", s(&merged)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let y2 = dir.join("y2.safetensors");
+    let out = dorac(&["run", s(&merged), "--inputs", s(&inputs), "-o", s(&y2)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let y3 = dir.join("y3.safetensors");
+    let out = dorac(&["run", s(&model), "--adapter", s(&peft_dir), "--inputs", s(&inputs), "-o", s(&y3)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged_y = dorac::tensors_io::read_safetensors(&y2).unwrap();
+    let unmerged_y = dorac::tensors_io::read_safetensors(&y3).unwrap();
+    let peft = read("mlp3d", "peft_dora_outputs.safetensors");
+    assert!(rel(&merged_y, &unmerged_y, "y") < 1e-5);
+    assert!(rel(&unmerged_y, &peft, "y") < 1e-5);
+}
+
+#[test]
+fn symbolic_dims_must_be_pinned() {
+    let dir = temp_dir("cli-pin");
+    let model = models_dir().join("mlp2d/model.onnx");
+    let out_file = dir.join("out.onnx");
+    let out = dorac(&["rewrite", s(&model), "-o", s(&out_file)]);
+    assert_clean_failure(&out, "--shape", &dir, &[]);
+    let out = dorac(&["rewrite", s(&model), "-o", s(&out_file), "--shape", "batch=3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn truncated_and_non_onnx_files_are_refused() {
+    let dir = temp_dir("cli-bad-files");
+    let bytes = std::fs::read(models_dir().join("mlp3d/model.onnx")).unwrap();
+    let truncated = dir.join("truncated.onnx");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let text = dir.join("notes.onnx");
+    std::fs::write(&text, "this is not a model\n").unwrap();
+    for bad in [&truncated, &text] {
+        let out_file = dir.join("out.onnx");
+        let out = dorac(&["rewrite", s(bad), "-o", s(&out_file)]);
+        let name = bad.file_name().unwrap().to_str().unwrap();
+        assert_clean_failure(&out, name, &dir, &["truncated.onnx", "notes.onnx"]);
+    }
+    let out = dorac(&["rewrite", s(&dir.join("missing.onnx"))]);
+    assert_clean_failure(&out, "missing.onnx", &dir, &["truncated.onnx", "notes.onnx"]);
+}
+
+#[test]
+fn broken_graphs_are_refused_with_the_node_named() {
+    let dir = temp_dir("cli-broken");
+    // A missing initializer.
+    let mut m = model_proto("mlp3d");
+    let g = m.graph.as_mut().unwrap();
+    let pos = g.initializer.iter().position(|t| t.name == "out.bias").unwrap();
+    g.initializer.remove(pos);
+    let missing = write_model(&dir, "missing_init.onnx", &m);
+    // A cycle: the first node reads the last node's output.
+    let mut m = model_proto("mlp3d");
+    let g = m.graph.as_mut().unwrap();
+    let last_out = g.node.last().unwrap().output[0].clone();
+    g.node[0].input[0] = last_out;
+    let cycle = write_model(&dir, "cycle.onnx", &m);
+    // Two unsupported op types on three nodes: one error lists them all.
+    let mut m = model_proto("mlp3d");
+    let g = m.graph.as_mut().unwrap();
+    g.node[1].op_type = "Loop".into();
+    g.node[2].op_type = "Scan".into();
+    g.node[3].op_type = "Loop".into();
+    let (n1, n2, n3) = (g.node[1].name.clone(), g.node[2].name.clone(), g.node[3].name.clone());
+    let unsupported = write_model(&dir, "unsupported.onnx", &m);
+    let keep = ["missing_init.onnx", "cycle.onnx", "unsupported.onnx"];
+
+    let out_file = dir.join("out.onnx");
+    let out = dorac(&["rewrite", s(&missing), "-o", s(&out_file)]);
+    assert_clean_failure(&out, "out.bias", &dir, &keep);
+    let out = dorac(&["rewrite", s(&cycle), "-o", s(&out_file)]);
+    assert_clean_failure(&out, "cycle", &dir, &keep);
+    let out = dorac(&["merge", s(&unsupported), "-o", s(&out_file)]);
+    for needle in ["Loop", "Scan", n1.as_str(), n2.as_str(), n3.as_str()] {
+        assert_clean_failure(&out, needle, &dir, &keep);
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_before_running() {
+    let dir = temp_dir("cli-bad-inputs");
+    let model = models_dir().join("mlp3d/model.onnx");
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("x".to_string(), dorac::tensor::Array::zeros(vec![2, 5, 15]));
+    let wrong_shape = dir.join("wrong_shape.safetensors");
+    dorac::tensors_io::write_safetensors(&wrong_shape, &t).unwrap();
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("input".to_string(), dorac::tensor::Array::zeros(vec![2, 5, 16]));
+    let wrong_name = dir.join("wrong_name.safetensors");
+    dorac::tensors_io::write_safetensors(&wrong_name, &t).unwrap();
+    let keep = ["wrong_shape.safetensors", "wrong_name.safetensors"];
+    let out_file = dir.join("y.safetensors");
+    let out = dorac(&["run", s(&model), "--inputs", s(&wrong_shape), "-o", s(&out_file)]);
+    assert_clean_failure(&out, "'x'", &dir, &keep);
+    let out = dorac(&["run", s(&model), "--inputs", s(&wrong_name), "-o", s(&out_file)]);
+    assert_clean_failure(&out, "'x'", &dir, &keep);
+    // An adapter for another model.
+    let other = models_dir().join("mlp2d/peft_dora");
+    let inputs = models_dir().join("mlp3d/inputs.safetensors");
+    let out = dorac(&["run", s(&model), "--adapter", s(&other), "--inputs", s(&inputs), "-o", s(&out_file)]);
+    assert_clean_failure(&out, "layers.0", &dir, &keep);
+}

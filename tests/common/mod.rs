@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests: the bundled models, one GPU per test binary, temp
+//! folders.
+#![allow(dead_code)]
+
+use dorac::ir::Graph;
+use dorac::tensor::Array;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+pub fn read(name: &str, file: &str) -> BTreeMap<String, Array> {
+    dorac::tensors_io::read_safetensors(&models_dir().join(name).join(file)).unwrap()
+}
+
+/// Imports a bundled model with its inputs' shapes pinned.
+pub fn load(name: &str) -> Graph {
+    let path = models_dir().join(name).join("model.onnx");
+    load_path(&path, &read(name, "inputs.safetensors"))
+}
+
+pub fn load_path(path: &std::path::Path, inputs: &BTreeMap<String, Array>) -> Graph {
+    let model = dorac::onnx::load_model(path).unwrap();
+    let shapes: HashMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    dorac::onnx::import(
+        &model,
+        path.parent().unwrap(),
+        &dorac::onnx::ShapePins::default(),
+        &shapes,
+    )
+    .unwrap()
+}
+
+/// The GPU, or a failure that says how to get one: tests never skip the GPU path.
+pub fn gpu() -> &'static dorac::runtime::Gpu {
+    static GPU: OnceLock<dorac::runtime::Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        dorac::runtime::Gpu::new(None).unwrap_or_else(|e| {
+            panic!("{e}\nthe GPU tests need a wgpu adapter: run scripts/install-vulkan.sh (Debian: apt-get install mesa-vulkan-drivers)")
+        })
+    })
+}
+
+pub fn run_gpu(graph: &Graph, inputs: &BTreeMap<String, Array>) -> BTreeMap<String, Array> {
+    let host: HashMap<String, Vec<f32>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+        .collect();
+    let out = dorac::runtime::run_graph(gpu(), graph, &host).unwrap();
+    out.into_iter()
+        .map(|(k, v)| {
+            let id = graph.outputs.iter().find(|(n, _)| *n == k).unwrap().1;
+            (k, Array::from_f32(graph.shape(id).to_vec(), &v))
+        })
+        .collect()
+}
+
+pub fn run_reference(graph: &Graph, inputs: &BTreeMap<String, Array>) -> BTreeMap<String, Array> {
+    let inputs: HashMap<String, Array> = inputs.clone().into_iter().collect();
+    dorac::reference::run(graph, &inputs)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+pub fn rel(a: &BTreeMap<String, Array>, b: &BTreeMap<String, Array>, key: &str) -> f64 {
+    dorac::tensor::relative_error(&a[key].data, &b[key].data)
+}
+
+/// A fresh, empty folder for one test.
+pub fn temp_dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dorac-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub const MODELS: [&str; 2] = ["mlp2d", "mlp3d"];

@@ -1,0 +1,654 @@
+//! Every WGSL kernel against the f64 reference executor, on a real wgpu adapter.
+//!
+//! Each test builds a tiny IR graph by hand, runs it through `codegen` + `runtime` and through
+//! `reference::run`, and compares every output with `tensor::relative_error` (max-abs error over
+//! max-abs reference value) at 1e-5. Inputs are random with a fresh seed per run, printed with
+//! every test and quoted in every failure; `DORAC_TEST_SEED=<seed>` replays a run.
+//!
+//! These tests need a GPU adapter and FAIL without one (lavapipe, Mesa's software Vulkan driver,
+//! is enough): run `scripts/install-vulkan.sh` or `apt-get install mesa-vulkan-drivers`.
+//!
+//! The snapshot tests at the end pin the generated WGSL of a small MLP (tests/snapshots/): a
+//! changed shader shows up as a diff to review. Accept a reviewed change with
+//! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
+
+use dorac::codegen::{self, PlanOptions};
+use dorac::ir::{Binary, Graph, NodeId, Op, Unary};
+use dorac::reference;
+use dorac::runtime::{self, Executable, Gpu};
+use dorac::tensor::{numel, relative_error, Array, Rng, Tensor};
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+const TOL: f64 = 1e-5;
+
+/// One adapter for the whole test binary: opening a device costs more than most tests.
+fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+    match GPU.get_or_init(|| Gpu::new(None).map_err(|e| e.to_string())) {
+        Ok(g) => g,
+        Err(e) => panic!(
+            "these tests need a GPU adapter and none was found: {e}\n\
+             Install one (a software Vulkan driver is enough): run scripts/install-vulkan.sh, \
+             or apt-get install mesa-vulkan-drivers"
+        ),
+    }
+}
+
+/// The run's seed: `DORAC_TEST_SEED`, or the clock.
+fn base_seed() -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    *SEED.get_or_init(|| match std::env::var("DORAC_TEST_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .expect("DORAC_TEST_SEED must be an unsigned integer"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    })
+}
+
+/// A graph under test with its random feeds. Each test derives its own stream from the run's
+/// seed and its name, so tests do not depend on each other's order.
+struct Case {
+    test: &'static str,
+    rng: Rng,
+    graph: Graph,
+    feeds: HashMap<String, Array>,
+}
+
+impl Case {
+    fn new(test: &'static str) -> Case {
+        let base = base_seed();
+        let name_hash = test
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        println!("{test}: seed {base} (replay with DORAC_TEST_SEED={base})");
+        Case {
+            test,
+            rng: Rng::new(base ^ name_hash),
+            graph: Graph::new(),
+            feeds: HashMap::new(),
+        }
+    }
+
+    /// `len` values uniform in [lo, hi), rounded to f32 so both executors see the same numbers.
+    fn values(&mut self, len: usize, lo: f64, hi: f64) -> Vec<f32> {
+        (0..len).map(|_| self.rng.range(lo, hi) as f32).collect()
+    }
+
+    fn input(&mut self, name: &str, shape: &[usize], lo: f64, hi: f64) -> NodeId {
+        let v = self.values(numel(shape), lo, hi);
+        self.input_values(name, shape, v)
+    }
+
+    fn input_values(&mut self, name: &str, shape: &[usize], v: Vec<f32>) -> NodeId {
+        self.feeds
+            .insert(name.into(), Array::from_f32(shape.to_vec(), &v));
+        self.graph.add_input(name, shape.to_vec())
+    }
+
+    fn constant(&mut self, name: &str, shape: &[usize], lo: f64, hi: f64) -> NodeId {
+        let v = self.values(numel(shape), lo, hi);
+        self.graph.add_const(name, Tensor::f32(shape.to_vec(), v))
+    }
+
+    fn op(&mut self, op: Op, inputs: &[NodeId], name: &str) -> NodeId {
+        self.graph
+            .add(op, inputs, name, name)
+            .unwrap_or_else(|e| panic!("{}: building '{name}': {e}", self.test))
+    }
+
+    fn output(&mut self, name: &str, n: NodeId) {
+        self.graph.outputs.push((name.into(), n));
+    }
+
+    /// `op` on `inputs`, as a graph output of the same name.
+    fn out(&mut self, op: Op, inputs: &[NodeId], name: &str) -> NodeId {
+        let n = self.op(op, inputs, name);
+        self.output(name, n);
+        n
+    }
+
+    fn check(self) {
+        self.check_with(&PlanOptions::default());
+    }
+
+    /// Plans with `options`, runs on the GPU and on the reference, and asserts every output.
+    fn check_with(self, options: &PlanOptions) {
+        let plan = codegen::plan_with(&self.graph, options)
+            .unwrap_or_else(|e| panic!("{}: plan: {e}", self.test));
+        self.check_plan(&plan);
+    }
+
+    fn check_plan(self, plan: &codegen::Plan) {
+        let test = self.test;
+        let seed = base_seed();
+        let exe = Executable::new(gpu(), plan, &self.graph)
+            .unwrap_or_else(|e| panic!("{test}: building the executable: {e}"));
+        let host: HashMap<String, Vec<f32>> = self
+            .feeds
+            .iter()
+            .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+            .collect();
+        let got = exe
+            .run(&host)
+            .unwrap_or_else(|e| panic!("{test}: run (seed {seed}): {e}"));
+        let want = reference::run(&self.graph, &self.feeds)
+            .unwrap_or_else(|e| panic!("{test}: reference: {e}"));
+        let mut failures = vec![];
+        for (name, _) in &self.graph.outputs {
+            let g: Vec<f64> = got[name].iter().map(|&x| x as f64).collect();
+            let err = relative_error(&g, &want[name].data);
+            println!("relerr {test}/{name} {err:.3e}");
+            if !(err <= TOL) {
+                let worst = g
+                    .iter()
+                    .zip(&want[name].data)
+                    .enumerate()
+                    .max_by(|a, b| {
+                        let d = |(_, (g, w)): &(usize, (&f64, &f64))| (*g - *w).abs();
+                        d(a).partial_cmp(&d(b)).unwrap_or(std::cmp::Ordering::Greater)
+                    })
+                    .map(|(i, (g, w))| format!(" (worst at {i}: gpu {g}, reference {w})"))
+                    .unwrap_or_default();
+                failures.push(format!("{name}: relative error {err:e} > {TOL:e}{worst}"));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{test} (seed {seed}; replay with DORAC_TEST_SEED={seed}):\n  {}",
+            failures.join("\n  ")
+        );
+    }
+}
+
+fn un(u: Unary) -> Op {
+    Op::Unary(u)
+}
+
+fn bin(b: Binary) -> Op {
+    Op::Binary(b)
+}
+
+// ---------------------------------------------------------------- element-wise
+
+#[test]
+fn unary_ops() {
+    let mut c = Case::new("unary_ops");
+    let x = c.input("x", &[7, 45], -4.0, 4.0);
+    let pos = c.input("pos", &[7, 45], 0.05, 5.0);
+    let wide = c.input("wide", &[300], -20.0, 20.0);
+    for (u, name, input) in [
+        (Unary::Relu, "relu", x),
+        (Unary::Sigmoid, "sigmoid", wide),
+        (Unary::Tanh, "tanh", wide),
+        (Unary::Tanh, "tanh_small", x),
+        (Unary::Neg, "neg", x),
+        (Unary::Exp, "exp", x),
+        (Unary::Sqrt, "sqrt", pos),
+        (Unary::Log, "log", pos),
+        (Unary::Reciprocal, "reciprocal", pos),
+    ] {
+        c.out(un(u), &[input], name);
+    }
+    c.check();
+}
+
+#[test]
+fn tanh_and_sigmoid_survive_large_inputs() {
+    let mut c = Case::new("tanh_and_sigmoid_survive_large_inputs");
+    let big = vec![
+        -1e4, -500.0, -100.0, -89.0, -45.0, -10.0, -1e-3, -1e-8, 0.0, 1e-8, 1e-3, 0.39, 0.41, 10.0,
+        45.0, 89.0, 100.0, 500.0, 1e4,
+    ];
+    let x = c.input_values("x", &[big.len()], big);
+    c.out(un(Unary::Tanh), &[x], "tanh");
+    c.out(un(Unary::Sigmoid), &[x], "sigmoid");
+    c.out(un(Unary::Gelu { tanh: true }), &[x], "gelu_tanh");
+    c.out(un(Unary::Gelu { tanh: false }), &[x], "gelu_erf");
+    c.check();
+}
+
+#[test]
+fn erf_and_gelu_over_minus6_to_6() {
+    let mut c = Case::new("erf_and_gelu_over_minus6_to_6");
+    // An even grid over [-6, 6] (hits the branch points) plus random points.
+    let mut v: Vec<f32> = (0..=1200).map(|i| -6.0 + i as f32 * 0.01).collect();
+    v.extend(c.values(1199, -6.0, 6.0));
+    let x = c.input_values("x", &[2400], v);
+    c.out(un(Unary::Erf), &[x], "erf");
+    c.out(un(Unary::Gelu { tanh: false }), &[x], "gelu_erf");
+    c.out(un(Unary::Gelu { tanh: true }), &[x], "gelu_tanh");
+    c.check();
+}
+
+#[test]
+fn binary_ops_with_broadcasting() {
+    let mut c = Case::new("binary_ops_with_broadcasting");
+    // (a shape, b shape, variant) -> every op.
+    let variants: [(&[usize], &[usize], &str); 8] = [
+        (&[3, 4], &[3, 4], "same"),
+        (&[3, 4], &[], "scalar"),
+        (&[], &[3, 4], "scalar_first"),
+        (&[3, 4], &[4], "row"),
+        (&[3, 4], &[3, 1], "column"),
+        (&[2, 1, 4], &[3, 4], "rank_extended"),
+        (&[3, 1], &[1, 4], "outer"),
+        (&[2, 3, 1, 5], &[3, 4, 1], "both_ways"),
+    ];
+    for (sa, sb, variant) in variants {
+        let a = c.input(&format!("a_{variant}"), sa, -2.0, 2.0);
+        let b = c.input(&format!("b_{variant}"), sb, 0.5, 2.0);
+        for (op, name) in [
+            (Binary::Add, "add"),
+            (Binary::Sub, "sub"),
+            (Binary::Mul, "mul"),
+            (Binary::Div, "div"),
+        ] {
+            c.out(bin(op), &[a, b], &format!("{name}_{variant}"));
+        }
+    }
+    c.check();
+}
+
+#[test]
+fn pow_negative_bases_and_fractional_exponents() {
+    let mut c = Case::new("pow_negative_bases_and_fractional_exponents");
+    // Negative (and positive) bases with integer exponents, broadcast along the row.
+    let base = c.input("base", &[6, 7], -3.0, 3.0);
+    let ints = c.graph.add_const(
+        "ints",
+        Tensor::f32(vec![7], vec![-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]),
+    );
+    c.out(bin(Binary::Pow), &[base, ints], "pow_int");
+    // Positive bases with fractional exponents.
+    let pos = c.input("pos", &[6, 7], 0.1, 3.0);
+    let frac = c.input("frac", &[6, 7], -2.5, 2.5);
+    c.out(bin(Binary::Pow), &[pos, frac], "pow_frac");
+    // A scalar exponent (x^2, the DoRA norm's square), negative bases included.
+    let two = c.graph.add_const("two", Tensor::scalar(2.0));
+    c.out(bin(Binary::Pow), &[base, two], "pow_square");
+    c.check();
+}
+
+#[test]
+fn pow_of_negative_base_and_fractional_exponent_is_nan() {
+    let mut g = Graph::new();
+    let a = g.add_const("a", Tensor::f32(vec![3], vec![-2.0, -8.0, 0.0]));
+    let e = g.add_const("e", Tensor::f32(vec![3], vec![0.5, 1.0 / 3.0, 2.0]));
+    let y = g.add(bin(Binary::Pow), &[a, e], "y", "y").unwrap();
+    g.outputs.push(("y".into(), y));
+    let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
+    assert!(out["y"][0].is_nan() && out["y"][1].is_nan(), "{:?}", out["y"]);
+    assert_eq!(out["y"][2], 0.0);
+}
+
+// ---------------------------------------------------------------- matmul and gemm
+
+#[test]
+fn matmul_shapes() {
+    let mut c = Case::new("matmul_shapes");
+    // (a, b, name): several tiles with sizes that are not multiples of 16, batches with broadcast
+    // batch dims, and 1-D operands.
+    let cases: [(&[usize], &[usize], &str); 9] = [
+        (&[37, 53], &[53, 29], "tiles_37x53x29"),
+        (&[16, 16], &[16, 16], "one_tile"),
+        (&[2, 3, 5, 7], &[7, 4], "batched_a"),
+        (&[5, 7], &[3, 7, 4], "batched_b"),
+        (&[2, 1, 5, 7], &[3, 7, 4], "broadcast_batch"),
+        (&[4, 20, 33], &[4, 33, 18], "batched_both"),
+        (&[7], &[7, 4], "vector_a"),
+        (&[3, 5, 7], &[7], "vector_b"),
+        (&[40], &[40], "dot"),
+    ];
+    for (sa, sb, name) in cases {
+        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
+        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
+        c.out(Op::MatMul, &[a, b], name);
+    }
+    c.check();
+}
+
+#[test]
+fn gemm_transposes_alpha_beta_and_c() {
+    let mut c = Case::new("gemm_transposes_alpha_beta_and_c");
+    let (m, k, n) = (19, 23, 17);
+    for trans_a in [false, true] {
+        for trans_b in [false, true] {
+            let sa = if trans_a { [k, m] } else { [m, k] };
+            let sb = if trans_b { [n, k] } else { [k, n] };
+            let tag = format!("{}{}", trans_a as u8, trans_b as u8);
+            let a = c.input(&format!("a{tag}"), &sa, -1.0, 1.0);
+            let b = c.constant(&format!("b{tag}"), &sb, -1.0, 1.0);
+            let c_shapes: [(&[usize], &str); 5] = [
+                (&[n], "row"),
+                (&[m, 1], "column"),
+                (&[m, n], "full"),
+                (&[], "scalar"),
+                (&[1, n], "row2d"),
+            ];
+            for (cs, cname) in c_shapes {
+                let cc = c.constant(&format!("c{tag}_{cname}"), cs, -1.0, 1.0);
+                let op = Op::Gemm {
+                    alpha: 0.75,
+                    beta: -1.5,
+                    trans_a,
+                    trans_b,
+                };
+                c.out(op, &[a, b, cc], &format!("gemm{tag}_{cname}"));
+            }
+            let op = Op::Gemm {
+                alpha: 1.0,
+                beta: 1.0,
+                trans_a,
+                trans_b,
+            };
+            c.out(op, &[a, b], &format!("gemm{tag}_no_c"));
+        }
+    }
+    c.check();
+}
+
+// ---------------------------------------------------------------- layout ops and reductions
+
+#[test]
+fn transposes() {
+    let mut c = Case::new("transposes");
+    let x2 = c.input("x2", &[5, 7], -1.0, 1.0);
+    c.out(Op::Transpose { perm: vec![1, 0] }, &[x2], "t2_10");
+    let x3 = c.input("x3", &[2, 3, 4], -1.0, 1.0);
+    for perm in [[0, 2, 1], [2, 0, 1], [1, 2, 0], [2, 1, 0]] {
+        let name = format!("t3_{}{}{}", perm[0], perm[1], perm[2]);
+        c.out(Op::Transpose { perm: perm.to_vec() }, &[x3], &name);
+    }
+    let x4 = c.input("x4", &[2, 3, 4, 5], -1.0, 1.0);
+    for perm in [[0, 2, 1, 3], [3, 1, 0, 2], [0, 1, 2, 3], [3, 2, 1, 0]] {
+        let name = format!("t4_{}{}{}{}", perm[0], perm[1], perm[2], perm[3]);
+        c.out(Op::Transpose { perm: perm.to_vec() }, &[x4], &name);
+    }
+    c.check();
+}
+
+#[test]
+fn reduce_sums() {
+    let mut c = Case::new("reduce_sums");
+    let x = c.input("x", &[3, 4, 5], -1.0, 1.0);
+    let axes_sets: [&[usize]; 7] = [&[0], &[1], &[2], &[0, 2], &[1, 2], &[0, 1, 2], &[]];
+    for axes in axes_sets {
+        for keepdims in [false, true] {
+            let tag: String = axes.iter().map(|a| a.to_string()).collect();
+            let name = format!("sum_{tag}_{}", if keepdims { "keep" } else { "drop" });
+            let op = Op::ReduceSum {
+                axes: axes.to_vec(),
+                keepdims,
+            };
+            c.out(op, &[x], &name);
+        }
+    }
+    // Long rows: each invocation adds many elements before the tree.
+    let long = c.input("long", &[3, 1000], -1.0, 1.0);
+    let op = Op::ReduceSum {
+        axes: vec![1],
+        keepdims: false,
+    };
+    c.out(op, &[long], "sum_long_rows");
+    c.check();
+}
+
+#[test]
+fn layer_norms() {
+    let mut c = Case::new("layer_norms");
+    let x = c.input("x", &[4, 6, 32], -2.0, 2.0);
+    let scale = c.constant("scale", &[32], 0.5, 1.5);
+    let bias = c.constant("bias", &[32], -1.0, 1.0);
+    let ln = |axis| Op::LayerNorm {
+        axis,
+        epsilon: 1e-5,
+    };
+    c.out(ln(2), &[x, scale, bias], "last_axis");
+    c.out(ln(2), &[x, scale], "last_axis_no_bias");
+    let scale2 = c.constant("scale2", &[6, 32], 0.5, 1.5);
+    c.out(ln(1), &[x, scale2, bias], "axis1_bias_broadcast");
+    c.out(ln(1), &[x, scale2], "axis1_no_bias");
+    // Rows longer than a workgroup, with a large mean (the two-pass variance keeps it exact).
+    let wide = c.input("wide", &[3, 300], 99.0, 101.0);
+    let s = c.constant("s300", &[300], 0.5, 1.5);
+    let b = c.constant("b300", &[300], -1.0, 1.0);
+    let op = Op::LayerNorm {
+        axis: 1,
+        epsilon: 1e-6,
+    };
+    c.out(op, &[wide, s, b], "wide_rows");
+    c.check();
+}
+
+#[test]
+fn softmaxes() {
+    let mut c = Case::new("softmaxes");
+    let x = c.input("x", &[4, 7, 9], -20.0, 20.0);
+    for axis in [2, 1, 0] {
+        c.out(Op::Softmax { axis }, &[x], &format!("softmax_axis{axis}"));
+    }
+    let long = c.input("long", &[3, 500], -30.0, 30.0);
+    c.out(Op::Softmax { axis: 1 }, &[long], "softmax_long_rows");
+    c.check();
+}
+
+// ---------------------------------------------------------------- dispatch and executables
+
+/// Every template with a dispatch limit lowered to 3 workgroups per dimension, so that each one
+/// spills into y and z on small tensors.
+#[test]
+fn grid_spill_with_a_lowered_limit() {
+    let mut c = Case::new("grid_spill_with_a_lowered_limit");
+    let x = c.input("x", &[20, 200], -1.0, 1.0); // 4000 elements: 16 workgroups
+    let row = c.input("row", &[200], -1.0, 1.0);
+    c.out(bin(Binary::Add), &[x, row], "add");
+    c.out(un(Unary::Tanh), &[x], "tanh");
+    c.out(Op::Transpose { perm: vec![1, 0] }, &[x], "transpose");
+    c.out(Op::Softmax { axis: 1 }, &[x], "softmax"); // 20 rows
+    let op = Op::ReduceSum {
+        axes: vec![1],
+        keepdims: true,
+    };
+    c.out(op, &[x], "reduce");
+    let scale = c.constant("scale", &[200], 0.5, 1.5);
+    let op = Op::LayerNorm {
+        axis: 1,
+        epsilon: 1e-5,
+    };
+    c.out(op, &[x, scale], "layer_norm");
+    let a = c.input("a", &[5, 20, 24], -1.0, 1.0); // 5 x 2 x 2 = 20 tiles
+    let b = c.input("b", &[24, 20], -1.0, 1.0);
+    c.out(Op::MatMul, &[a, b], "matmul");
+    let plan = codegen::plan_with(
+        &c.graph,
+        &PlanOptions {
+            max_workgroups_per_dim: 3,
+        },
+    )
+    .unwrap();
+    for k in &plan.kernels {
+        assert!(
+            k.workgroups[1] > 1 && k.workgroups.iter().all(|&w| w <= 3),
+            "{} was dispatched as {:?}",
+            k.name,
+            k.workgroups
+        );
+    }
+    c.check_plan(&plan);
+}
+
+/// Over 65535 x 256 elements in one element-wise kernel: the real limit spills into y.
+#[test]
+fn dispatch_over_65535_workgroups() {
+    let start = Instant::now();
+    let (rows, cols) = (17_000, 1_000); // 17M elements, 66407 workgroups of 256
+    let mut c = Case::new("dispatch_over_65535_workgroups");
+    let x: Vec<f32> = (0..rows * cols).map(|i| (i % 4099) as f32).collect();
+    let b: Vec<f32> = c.values(cols, -1000.0, 1000.0);
+    let mut g = Graph::new();
+    let xi = g.add_input("x", vec![rows, cols]);
+    let bi = g.add_const("b", Tensor::f32(vec![cols], b.clone()));
+    let y = g.add(bin(Binary::Add), &[xi, bi], "y", "y").unwrap();
+    g.outputs.push(("y".into(), y));
+    let plan = codegen::plan(&g).unwrap();
+    assert_eq!(plan.kernels[0].workgroups, [65_535, 2, 1]);
+    let exe = Executable::new(gpu(), &plan, &g).unwrap();
+    let built = start.elapsed();
+    let out = exe.run(&HashMap::from([("x".to_string(), x)])).unwrap();
+    let y = &out["y"];
+    assert_eq!(y.len(), rows * cols);
+    // f32 addition is correctly rounded on both sides, so the results agree exactly.
+    let bad = (0..rows * cols).find(|&i| y[i] != (i % 4099) as f32 + b[i % cols]);
+    assert!(bad.is_none(), "wrong value at {bad:?} (seed {})", base_seed());
+    println!(
+        "17M-element add: built in {:.2?}, total {:.2?}",
+        built,
+        start.elapsed()
+    );
+}
+
+#[test]
+fn executable_runs_again_and_checks_its_inputs() {
+    let mut c = Case::new("executable_runs_again_and_checks_its_inputs");
+    let x = c.input("x", &[4, 8], -1.0, 1.0);
+    let w = c.constant("w", &[8, 3], -1.0, 1.0);
+    let y = c.out(Op::MatMul, &[x, w], "y");
+    let flat = c.op(Op::Reshape { shape: vec![12] }, &[y], "flat");
+    c.output("flat", flat);
+    let same = c.op(Op::Identity, &[x], "same"); // an output that is an input's buffer
+    c.output("same", same);
+    c.output("w_out", w); // and one that is a constant's
+    let plan = codegen::plan(&c.graph).unwrap();
+    assert_eq!(plan.kernels.len(), 1, "{plan}");
+    let exe = Executable::new(gpu(), &plan, &c.graph).unwrap();
+    for round in 0..2 {
+        let xs = c.values(32, -1.0, 1.0);
+        let out = exe
+            .run(&HashMap::from([("x".to_string(), xs.clone())]))
+            .unwrap();
+        let feeds = HashMap::from([("x".to_string(), Array::from_f32(vec![4, 8], &xs))]);
+        let want = reference::run(&c.graph, &feeds).unwrap();
+        for name in ["y", "flat", "same", "w_out"] {
+            let g: Vec<f64> = out[name].iter().map(|&v| v as f64).collect();
+            let err = relative_error(&g, &want[name].data);
+            assert!(err <= TOL, "round {round}, {name}: {err:e}");
+        }
+    }
+    let missing = exe.run(&HashMap::new()).unwrap_err().to_string();
+    assert!(missing.contains("missing input 'x'") && missing.contains("4x8"), "{missing}");
+    let short = HashMap::from([("x".to_string(), vec![0.0; 31])]);
+    let short = exe.run(&short).unwrap_err().to_string();
+    assert!(short.contains("'x' has 31 values") && short.contains("32"), "{short}");
+    let extra = HashMap::from([
+        ("x".to_string(), vec![0.0; 32]),
+        ("z".to_string(), vec![0.0; 1]),
+    ]);
+    let extra = exe.run(&extra).unwrap_err().to_string();
+    assert!(extra.contains("unknown input") && extra.contains("\"z\""), "{extra}");
+}
+
+#[test]
+fn fused_epilogue_matches_the_reference() {
+    let mut c = Case::new("fused_epilogue_matches_the_reference");
+    let x = c.input("x", &[2, 21, 30], -1.0, 1.0);
+    let w = c.constant("w", &[30, 18], -1.0, 1.0);
+    let bias = c.constant("bias", &[18], -1.0, 1.0);
+    let mm = c.op(Op::MatMul, &[x, w], "mm");
+    let add = c.op(bin(Binary::Add), &[mm, bias], "add");
+    let act = c.op(un(Unary::Gelu { tanh: false }), &[add], "gelu");
+    let scale = c.constant("scale", &[21, 1], 0.5, 2.0);
+    let y = c.out(bin(Binary::Mul), &[scale, act], "y");
+    let t = c.op(Op::Transpose { perm: vec![0, 2, 1] }, &[y], "t");
+    let z = c.out(un(Unary::Sigmoid), &[t], "z");
+    let groups = vec![vec![mm, add, act, y], vec![t, z]];
+    let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
+    assert_eq!(plan.kernels.len(), 2, "{plan}");
+    c.check_plan(&plan);
+}
+
+#[test]
+fn oversized_tensors_are_refused_by_name() {
+    let mut g = Graph::new();
+    let x = g.add_input("huge_activation", vec![1 << 15, 1 << 15]); // 4 GiB of f32
+    let y = g.add(un(Unary::Neg), &[x], "y", "y").unwrap();
+    g.outputs.push(("y".into(), y));
+    let plan = codegen::plan(&g).unwrap();
+    let err = match Executable::new(gpu(), &plan, &g) {
+        Ok(_) => panic!("a 4 GiB buffer was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("huge_activation") && err.contains("32768x32768"),
+        "{err}"
+    );
+}
+
+#[test]
+fn adapter_is_described() {
+    let d = gpu().describe();
+    println!("adapter: {d}");
+    assert!(!d.is_empty());
+}
+
+// ---------------------------------------------------------------- snapshots
+
+/// x -> Gemm(W1, b1, transB) -> Relu -> Gemm(W2, b2) -> Softmax: the shape of a classifier head.
+fn mlp() -> Graph {
+    let mut rng = Rng::new(7);
+    let mut t = |shape: Vec<usize>| {
+        let v = (0..numel(&shape)).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+        Tensor::f32(shape, v)
+    };
+    let mut g = Graph::new();
+    let x = g.add_input("x", vec![4, 8]);
+    let w1 = g.add_const("fc1.weight", t(vec![16, 8]));
+    let b1 = g.add_const("fc1.bias", t(vec![16]));
+    let w2 = g.add_const("fc2.weight", t(vec![16, 10]));
+    let b2 = g.add_const("fc2.bias", t(vec![10]));
+    let gemm = |trans_b| Op::Gemm {
+        alpha: 1.0,
+        beta: 1.0,
+        trans_a: false,
+        trans_b,
+    };
+    let h = g.add(gemm(true), &[x, w1, b1], "h", "/fc1/Gemm").unwrap();
+    let r = g
+        .add(un(Unary::Relu), &[h], "h_relu", "/act/Relu")
+        .unwrap();
+    let o = g.add(gemm(false), &[r, w2, b2], "logits", "/fc2/Gemm").unwrap();
+    let p = g
+        .add(Op::Softmax { axis: 1 }, &[o], "probs", "/Softmax")
+        .unwrap();
+    g.outputs.push(("probs".into(), p));
+    g
+}
+
+#[test]
+fn mlp_wgsl_snapshots() {
+    let g = mlp();
+    let plan = codegen::plan(&g).unwrap();
+    let again = codegen::plan(&mlp()).unwrap();
+    assert_eq!(plan.kernels, again.kernels, "codegen is not deterministic");
+    insta::assert_snapshot!("mlp_plan", plan.to_string());
+    for k in &plan.kernels {
+        insta::assert_snapshot!(format!("mlp_{}", k.name), k.source);
+    }
+}
+
+#[test]
+fn mlp_runs() {
+    let mut c = Case::new("mlp_runs");
+    c.graph = mlp();
+    let v = c.values(32, -2.0, 2.0);
+    c.feeds
+        .insert("x".into(), Array::from_f32(vec![4, 8], &v));
+    c.check();
+}

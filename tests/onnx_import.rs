@@ -1,0 +1,982 @@
+//! ONNX front end and back end: importing the test models, round trips through export, and the
+//! error paths (malformed files, dangling names, cycles, unsupported ops, external data, shapes).
+
+use dorac::ir::{AdaptedLayer, Graph, LinearKind, Method, Op, Unary};
+use dorac::onnx::proto::{
+    self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
+};
+use dorac::onnx::{export, import, load_model, parse_shape_arg, save_model, ShapePins};
+use dorac::tensor::Tensor;
+use dorac::Error;
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+fn model_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name)
+        .join("model.onnx")
+}
+
+/// A temp folder unique to this process and test, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("dorac-onnx-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pins(p: &[(&str, usize)]) -> HashMap<String, usize> {
+    p.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn no_pins() -> HashMap<String, usize> {
+    HashMap::new()
+}
+
+fn no_shapes() -> HashMap<String, Vec<usize>> {
+    HashMap::new()
+}
+
+fn import_file(name: &str, p: &[(&str, usize)]) -> Graph {
+    let path = model_path(name);
+    let model = load_model(&path).unwrap();
+    import(&model, path.parent().unwrap(), &pins(p), &no_shapes()).unwrap()
+}
+
+fn count_ops(g: &Graph) -> HashMap<&'static str, usize> {
+    let mut m = HashMap::new();
+    for n in g.graph.node_weights() {
+        *m.entry(n.op.name()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// export -> encode -> decode -> import.
+fn round_trip(g: &Graph) -> Graph {
+    let model = export(g).unwrap();
+    let bytes = model.encode_to_vec();
+    let back = ModelProto::decode(&bytes[..]).unwrap();
+    import(&back, Path::new("."), &no_pins(), &no_shapes()).unwrap()
+}
+
+// ---- small model builders ----
+
+fn vi(name: &str, dims: &[Result<i64, &str>]) -> ValueInfoProto {
+    vi_typed(name, dims, DataType::Float)
+}
+
+fn vi_typed(name: &str, dims: &[Result<i64, &str>], elem: DataType) -> ValueInfoProto {
+    use tensor_shape_proto::dimension::Value;
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(elem as i32),
+                shape: Some(proto::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| tensor_shape_proto::Dimension {
+                            value: Some(match d {
+                                Ok(v) => Value::DimValue(*v),
+                                Err(p) => Value::DimParam(p.to_string()),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn with_attr(mut n: NodeProto, a: AttributeProto) -> NodeProto {
+    n.attribute.push(a);
+    n
+}
+
+fn attr_i(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn f32_init(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn i64_init(name: &str, v: &[i64]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(DataType::Int64 as i32),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn model(
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    opset: i64,
+) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(opset),
+        }],
+        producer_name: Some("test".into()),
+        graph: Some(proto::GraphProto {
+            name: Some("g".into()),
+            node: nodes,
+            initializer: inits,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn import_err(m: &ModelProto) -> Error {
+    import(m, Path::new("."), &no_pins(), &no_shapes()).unwrap_err()
+}
+
+// ---- the test models ----
+
+#[test]
+fn imports_mlp2d_with_a_batch_pin() {
+    let g = import_file("mlp2d", &[("batch", 3)]);
+    assert_eq!(g.inputs.len(), 1);
+    let x = g.node(g.inputs[0]);
+    assert_eq!((x.name.as_str(), x.shape.as_slice()), ("x", &[3, 16][..]));
+    assert_eq!(g.outputs.len(), 1);
+    let (name, y) = &g.outputs[0];
+    assert_eq!(name, "y");
+    assert_eq!(g.shape(*y), &[3, 4]);
+    assert_eq!(
+        g.node(*y).op,
+        Op::Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: true
+        }
+    );
+    assert_eq!(g.node(*y).label, "/head/Gemm");
+    let ops = count_ops(&g);
+    assert_eq!(ops["gemm"], 3);
+    assert_eq!(ops["div"], 1);
+    assert_eq!(ops["erf"], 1);
+    assert_eq!(ops["add"], 1);
+    assert_eq!(ops["mul"], 2);
+    assert_eq!(ops["tanh"], 1);
+    // 3 weights + 3 biases + 3 scalar Constants.
+    assert_eq!(ops["const"], 9);
+    assert_eq!(g.info.opset, 17);
+    assert_eq!(g.info.ir_version, 8);
+    assert_eq!(g.info.producer, "pytorch");
+    assert_eq!(
+        g.info.input_dims["x"],
+        vec![Some("batch".to_string()), None]
+    );
+    // Constant nodes keep their ONNX node name as label.
+    let c = g
+        .find_by_name("/layers/layers.1/Constant_output_0")
+        .unwrap();
+    assert_eq!(g.node(c).label, "/layers/layers.1/Constant");
+    assert_eq!(g.const_tensor(c).unwrap().shape, Vec::<usize>::new());
+    let w = g.find_by_name("layers.0.weight").unwrap();
+    assert_eq!(g.shape(w), &[32, 16]);
+}
+
+#[test]
+fn imports_mlp3d() {
+    let g = import_file("mlp3d", &[]);
+    let x = g.node(g.inputs[0]);
+    assert_eq!(x.shape, vec![2, 5, 16]);
+    let (name, y) = &g.outputs[0];
+    assert_eq!(name, "y");
+    assert_eq!(g.node(*y).op, Op::Softmax { axis: 2 });
+    assert_eq!(g.shape(*y), &[2, 5, 8]);
+    let ops = count_ops(&g);
+    assert_eq!(ops["matmul"], 4);
+    assert_eq!(ops["add"], 6);
+    assert_eq!(ops["layer_norm"], 1);
+    assert_eq!(ops["relu"], 1);
+    assert_eq!(ops["sigmoid"], 2);
+    assert_eq!(ops["mul"], 2);
+    assert_eq!(ops["softmax"], 1);
+    let ln = g
+        .graph
+        .node_indices()
+        .find(|&n| matches!(g.node(n).op, Op::LayerNorm { .. }))
+        .unwrap();
+    match g.node(ln).op {
+        Op::LayerNorm { axis, epsilon } => {
+            assert_eq!(axis, 2);
+            assert!((epsilon - 1e-5).abs() < 1e-9);
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(g.inputs_of(ln).len(), 3);
+    assert_eq!(g.node(ln).label, "/norm/LayerNormalization");
+    let mm = g.find_by_name("/proj_in/MatMul_output_0").unwrap();
+    assert_eq!(g.shape(mm), &[2, 5, 32]);
+    assert_eq!(g.node(g.inputs_of(mm)[1]).name, "onnx::MatMul_34");
+}
+
+#[test]
+fn round_trip_gives_the_same_ir() {
+    for (name, p) in [("mlp2d", vec![("batch", 3)]), ("mlp3d", vec![])] {
+        let g = import_file(name, &p);
+        let back = round_trip(&g);
+        assert_eq!(format!("{g}"), format!("{back}"), "{name}");
+        // And the exported model is stable.
+        let a = export(&g).unwrap().encode_to_vec();
+        let b = export(&back).unwrap().encode_to_vec();
+        assert_eq!(
+            a, b,
+            "{name}: export is not deterministic across a round trip"
+        );
+    }
+}
+
+#[test]
+fn export_writes_static_shapes_opset_and_initializers() {
+    let g = import_file("mlp2d", &[("batch", 3)]);
+    let m = export(&g).unwrap();
+    assert_eq!(m.producer_name(), "dorac");
+    assert_eq!(m.ir_version(), 8);
+    assert_eq!(m.opset_import[0].version(), 17);
+    let gp = m.graph.as_ref().unwrap();
+    let dims = |v: &ValueInfoProto| match &v.r#type.as_ref().unwrap().value {
+        Some(type_proto::Value::TensorType(t)) => t
+            .shape
+            .as_ref()
+            .unwrap()
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(tensor_shape_proto::dimension::Value::DimValue(v)) => v,
+                _ => -1,
+            })
+            .collect::<Vec<_>>(),
+        _ => panic!("not a tensor"),
+    };
+    assert_eq!(gp.input[0].name(), "x");
+    assert_eq!(dims(&gp.input[0]), vec![3, 16]);
+    assert_eq!(gp.output[0].name(), "y");
+    assert_eq!(dims(&gp.output[0]), vec![3, 4]);
+    assert!(gp.initializer.iter().all(|t| t.raw_data.is_some()));
+    let names: HashSet<&str> = gp.initializer.iter().map(|t| t.name()).collect();
+    assert!(names.contains("layers.0.weight"));
+    let gemm = gp.node.iter().find(|n| n.name() == "/head/Gemm").unwrap();
+    assert_eq!(gemm.output, vec!["y".to_string()]);
+}
+
+/// A rewritten graph (StopGradient, Gelu, Reshape, ReduceSum, adapter record) survives
+/// export and import: after one trip the IR text is a fixed point and the adapter is restored.
+#[test]
+fn adapters_and_stop_gradient_round_trip() {
+    let mut g = import_file("mlp3d", &[]);
+    let mm = g.find_by_name("/proj_in/MatMul_output_0").unwrap();
+    let x = g.inputs_of(mm)[0];
+    let w = g.inputs_of(mm)[1];
+    let a = g.add_const("lora_A", Tensor::f32(vec![4, 16], vec![0.01; 64]));
+    let b = g.add_const("lora_B", Tensor::f32(vec![32, 4], vec![0.02; 128]));
+    let m = g.add_const("magnitude", Tensor::f32(vec![32], vec![1.0; 32]));
+    let sg = g
+        .add(Op::StopGradient, &[mm], "sg_out", "dora/stop_gradient")
+        .unwrap();
+    let gelu = g
+        .add(
+            Op::Unary(Unary::Gelu { tanh: true }),
+            &[sg],
+            "gelu_out",
+            "dora/gelu",
+        )
+        .unwrap();
+    let r = g
+        .add(
+            Op::Reshape {
+                shape: vec![10, 32],
+            },
+            &[gelu],
+            "flat",
+            "dora/reshape",
+        )
+        .unwrap();
+    let s = g
+        .add(
+            Op::ReduceSum {
+                axes: vec![0],
+                keepdims: false,
+            },
+            &[r],
+            "flat_sum",
+            "dora/sum",
+        )
+        .unwrap();
+    let back = g
+        .add(
+            Op::Reshape { shape: vec![32] },
+            &[s],
+            "sum_vec",
+            "dora/reshape",
+        )
+        .unwrap();
+    let out = g
+        .add(
+            Op::Binary(dorac::ir::Binary::Mul),
+            &[mm, back],
+            "scaled",
+            "dora/mul",
+        )
+        .unwrap();
+    g.replace_uses(mm, out, &[sg, out].into_iter().collect());
+    g.outputs.push(("extra".into(), out));
+    g.adapters.push(AdaptedLayer {
+        module: "proj_in".into(),
+        method: Method::Dora,
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        in_features: 16,
+        out_features: 32,
+        kind: LinearKind::MatMul,
+        base_label: "/proj_in/MatMul".into(),
+        x,
+        weight: w,
+        bias: None,
+        lora_a: a,
+        lora_b: b,
+        magnitude: Some(m),
+        output: out,
+    });
+
+    let model = export(&g).unwrap();
+    let gp = model.graph.as_ref().unwrap();
+    // Gelu is decomposed; StopGradient is an Identity listed in the metadata.
+    assert!(gp.node.iter().all(|n| n.op_type() != "Gelu"));
+    let sg_nodes: Vec<&NodeProto> = gp
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "Identity")
+        .collect();
+    assert_eq!(sg_nodes.len(), 1);
+    assert_eq!(sg_nodes[0].name(), "dora/stop_gradient");
+    // Two nodes share a label: names are made unique.
+    let names: Vec<&str> = gp.node.iter().map(|n| n.name()).collect();
+    let unique: HashSet<&str> = names.iter().copied().collect();
+    assert_eq!(names.len(), unique.len());
+    let meta: HashMap<&str, &str> = model
+        .metadata_props
+        .iter()
+        .map(|p| (p.key(), p.value()))
+        .collect();
+    assert_eq!(meta["dorac.stop_gradient"], r#"["dora/stop_gradient"]"#);
+    let adapters: serde_json::Value = serde_json::from_str(meta["dorac.adapters"]).unwrap();
+    assert_eq!(adapters[0]["module"], "proj_in");
+    assert_eq!(adapters[0]["kind"]["op"], "MatMul");
+    assert_eq!(adapters[0]["output"], "extra");
+    assert_eq!(adapters[0]["bias"], serde_json::Value::Null);
+
+    let g1 = round_trip(&g);
+    let g2 = round_trip(&g1);
+    assert_eq!(format!("{g1}"), format!("{g2}"));
+    let ops = count_ops(&g1);
+    assert_eq!(ops["stop_gradient"], 1);
+    assert_eq!(ops["reshape"], 2);
+    assert_eq!(ops["reduce_sum"], 1);
+    assert_eq!(g1.adapters.len(), 1);
+    let ad = &g1.adapters[0];
+    assert_eq!(ad.module, "proj_in");
+    assert_eq!(ad.method, Method::Dora);
+    assert_eq!(g1.node(ad.lora_a).name, "lora_A");
+    assert_eq!(g1.node(ad.magnitude.unwrap()).name, "magnitude");
+    assert_eq!(g1.node(ad.weight).name, "onnx::MatMul_34");
+    assert_eq!(g1.node(ad.x).name, "x");
+    assert_eq!(g1.outputs[1].0, "extra");
+    assert_eq!(ad.output, g1.outputs[1].1);
+}
+
+// ---- loading and saving ----
+
+#[test]
+fn truncated_and_random_files_are_not_models() {
+    let dir = TempDir::new("truncated");
+    let bytes = std::fs::read(model_path("mlp2d")).unwrap();
+    let cut = dir.path().join("cut.onnx");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_model(&cut).unwrap_err().to_string();
+    assert!(
+        e.contains("cut.onnx") && e.contains("not an ONNX model"),
+        "{e}"
+    );
+
+    let mut rng = dorac::tensor::Rng::new(7);
+    let noise: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
+    let rnd = dir.path().join("random.onnx");
+    std::fs::write(&rnd, &noise).unwrap();
+    let e = load_model(&rnd).unwrap_err().to_string();
+    assert!(
+        e.contains("random.onnx") && e.contains("not an ONNX model"),
+        "{e}"
+    );
+
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let e = load_model(&empty).unwrap_err().to_string();
+    assert!(e.contains("not an ONNX model"), "{e}");
+
+    let e = load_model(&dir.path().join("absent.onnx")).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+
+    // A model without a graph.
+    let no_graph = dir.path().join("nograph.onnx");
+    let m = ModelProto {
+        ir_version: Some(8),
+        ..Default::default()
+    };
+    std::fs::write(&no_graph, m.encode_to_vec()).unwrap();
+    let e = load_model(&no_graph).unwrap_err().to_string();
+    assert!(e.contains("no graph"), "{e}");
+}
+
+#[test]
+fn save_model_writes_atomically_and_reloads() {
+    let dir = TempDir::new("save");
+    let g = import_file("mlp3d", &[]);
+    let m = export(&g).unwrap();
+    let path = dir.path().join("out.onnx");
+    save_model(&m, &path).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("out.onnx")]);
+    let back = load_model(&path).unwrap();
+    assert_eq!(back, m);
+    // A folder that does not exist: an Io error naming the path, no temp file left anywhere.
+    let e = save_model(&m, &dir.path().join("no/such/out.onnx")).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+}
+
+// ---- structural errors ----
+
+#[test]
+fn missing_initializer_names_node_and_value() {
+    let m = model(
+        vec![node("MatMul", "/fc/MatMul", &["x", "fc.weight"], &["y"])],
+        vec![],
+        vec![vi("x", &[Ok(2), Ok(4)])],
+        vec![vi("y", &[Ok(2), Ok(3)])],
+        17,
+    );
+    let e = import_err(&m).to_string();
+    assert!(
+        e.contains(
+            "node '/fc/MatMul' reads 'fc.weight', which no initializer, graph input or node \
+             produces"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn cycle_is_reported_with_its_nodes() {
+    let m = model(
+        vec![
+            node("Relu", "start", &["x"], &["s"]),
+            node("Add", "a", &["s", "b_out"], &["a_out"]),
+            node("Relu", "b", &["a_out"], &["b_out"]),
+            node("Relu", "after", &["b_out"], &["y"]),
+        ],
+        vec![],
+        vec![vi("x", &[Ok(2)])],
+        vec![vi("y", &[Ok(2)])],
+        17,
+    );
+    let e = import_err(&m);
+    assert!(matches!(e, Error::Graph(_)));
+    assert!(
+        e.to_string()
+            .contains("the graph has a cycle through nodes: a, b"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_ops_are_listed_in_one_error() {
+    let m = model(
+        vec![
+            node("Loop", "/a/Loop", &["x"], &["l1"]),
+            node("Scan", "s1", &["l1"], &["s"]),
+            node("Loop", "/b/Loop", &["s"], &["y"]),
+        ],
+        vec![],
+        vec![vi("x", &[Ok(2)])],
+        vec![vi("y", &[Ok(2)])],
+        17,
+    );
+    let e = import_err(&m);
+    assert_eq!(
+        e.to_string(),
+        "unsupported ONNX ops: Loop (nodes: /a/Loop, /b/Loop); Scan (nodes: s1)"
+    );
+}
+
+#[test]
+fn other_domains_and_integer_inputs_are_refused() {
+    let mut fused = node("FusedMatMul", "f", &["x", "ids"], &["y"]);
+    fused.domain = Some("com.microsoft".into());
+    let m = model(
+        vec![fused],
+        vec![],
+        vec![
+            vi("x", &[Ok(2)]),
+            vi_typed("ids", &[Ok(2)], DataType::Int64),
+        ],
+        vec![vi("y", &[Ok(2)])],
+        17,
+    );
+    let e = import_err(&m).to_string();
+    assert!(
+        e.contains("FusedMatMul (domain 'com.microsoft') (nodes: f)")
+            && e.contains("int64 graph inputs (inputs: ids)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn used_layer_norm_statistics_are_refused() {
+    let m = model(
+        vec![
+            node("LayerNormalization", "ln", &["x", "s"], &["y", "mean"]),
+            node("Relu", "r", &["mean"], &["z"]),
+        ],
+        vec![f32_init("s", &[4], &[1.0; 4])],
+        vec![vi("x", &[Ok(2), Ok(4)])],
+        vec![vi("y", &[Ok(2), Ok(4)]), vi("z", &[Ok(2), Ok(1)])],
+        17,
+    );
+    let e = import_err(&m).to_string();
+    assert!(
+        e.contains("LayerNormalization with its extra outputs used") && e.ends_with("(nodes: ln)"),
+        "{e}"
+    );
+}
+
+// ---- shapes ----
+
+#[test]
+fn unpinned_symbolic_dim_says_how_to_pin_it() {
+    let path = model_path("mlp2d");
+    let m = load_model(&path).unwrap();
+    let e = import(&m, path.parent().unwrap(), &no_pins(), &no_shapes()).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Input(_)));
+    assert!(
+        msg.contains("input 'x'")
+            && msg.contains("'batch'")
+            && msg.contains("--shape batch=N")
+            && msg.contains("--shape x=Nx16"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn input_shapes_take_precedence_and_must_fit() {
+    let path = model_path("mlp2d");
+    let m = load_model(&path).unwrap();
+    let dir = path.parent().unwrap();
+    let shapes: HashMap<String, Vec<usize>> = [("x".to_string(), vec![5, 16])].into();
+    let g = import(&m, dir, &no_pins(), &shapes).unwrap();
+    assert_eq!(g.shape(g.outputs[0].1), &[5, 4]);
+
+    let bad: HashMap<String, Vec<usize>> = [("x".to_string(), vec![5, 17])].into();
+    let e = import(&m, dir, &no_pins(), &bad).unwrap_err().to_string();
+    assert!(
+        e.contains("input 'x'") && e.contains("[5, 17]") && e.contains("[batch, 16]"),
+        "{e}"
+    );
+
+    let e = import(&m, dir, &pins(&[("batch", 3)]), &shapes)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--shape batch=3"), "{e}");
+}
+
+#[test]
+fn shape_args_parse_and_sort_into_dims_and_inputs() {
+    assert_eq!(
+        parse_shape_arg("x=3x16").unwrap(),
+        ("x".to_string(), vec![3, 16])
+    );
+    assert_eq!(
+        parse_shape_arg("batch=3").unwrap(),
+        ("batch".to_string(), vec![3])
+    );
+    for bad in ["x", "=3", "x=", "x=3xq", "x=-1"] {
+        let e = parse_shape_arg(bad).unwrap_err().to_string();
+        assert!(e.contains("--shape"), "{bad}: {e}");
+    }
+    let e = ShapePins::parse(&["batch=3", "batch=4"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("twice"), "{e}");
+
+    let path = model_path("mlp2d");
+    let m = load_model(&path).unwrap();
+    let resolve = |args: &[&str]| ShapePins::parse(args).and_then(|p| p.resolve(&m));
+    let (dims, shapes) = resolve(&["batch=4"]).unwrap();
+    assert_eq!((dims, shapes), (pins(&[("batch", 4)]), HashMap::new()));
+    let (dims, shapes) = resolve(&["x=2x16"]).unwrap();
+    assert!(dims.is_empty());
+    assert_eq!(shapes["x"], vec![2, 16]);
+    let e = resolve(&["btach=4"]).unwrap_err().to_string();
+    assert!(
+        e.contains("inputs: x") && e.contains("symbolic dims: batch"),
+        "{e}"
+    );
+    let e = resolve(&["batch=4x2"]).unwrap_err().to_string();
+    assert!(e.contains("one size"), "{e}");
+
+    // import with ShapePins: --shape pins plus the shapes of supplied tensors, which must agree.
+    let dir = path.parent().unwrap();
+    let g = import(
+        &m,
+        dir,
+        &ShapePins::parse(&["batch=2"]).unwrap(),
+        &no_shapes(),
+    )
+    .unwrap();
+    assert_eq!(g.shape(g.inputs[0]), &[2, 16]);
+    let by_input = ShapePins::parse(&["x=6x16"]).unwrap();
+    let g = import(&m, dir, &by_input, &no_shapes()).unwrap();
+    assert_eq!(g.shape(g.outputs[0].1), &[6, 4]);
+    let tensors: HashMap<String, Vec<usize>> = [("x".to_string(), vec![6, 16])].into();
+    assert!(import(&m, dir, &by_input, &tensors).is_ok());
+    let tensors: HashMap<String, Vec<usize>> = [("x".to_string(), vec![7, 16])].into();
+    let e = import(&m, dir, &by_input, &tensors)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--shape x=6x16") && e.contains("7x16"), "{e}");
+}
+
+// ---- ops ----
+
+#[test]
+fn shape_ops_resolve_at_import() {
+    // x[2,3,4] -> Reshape(0,-1) -> [2,12] -> Transpose -> [12,2] -> Flatten(axis=0) -> [1,24]
+    // -> ReduceSum(axes=[-1], keepdims=0) -> [1]; Constant value_ints feeds the shape.
+    let shape_const = with_attr(
+        node("Constant", "shape_c", &[], &["shape"]),
+        attr_ints("value_ints", &[0, -1]),
+    );
+    let m = model(
+        vec![
+            node("Reshape", "r", &["x", "shape"], &["r_out"]),
+            shape_const,
+            node("Transpose", "t", &["r_out"], &["t_out"]),
+            with_attr(
+                node("Flatten", "f", &["t_out"], &["f_out"]),
+                attr_i("axis", 0),
+            ),
+            with_attr(
+                node("ReduceSum", "s", &["f_out", "axes"], &["y"]),
+                attr_i("keepdims", 0),
+            ),
+        ],
+        vec![i64_init("axes", &[-1])],
+        vec![vi("x", &[Ok(2), Ok(3), Ok(4)])],
+        vec![vi("y", &[Ok(1)])],
+        17,
+    );
+    let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    let ops: Vec<Op> = g
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .map(|n| g.node(n).op.clone())
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            Op::Input,
+            Op::Reshape { shape: vec![2, 12] },
+            Op::Transpose { perm: vec![1, 0] },
+            Op::Reshape { shape: vec![1, 24] },
+            Op::ReduceSum {
+                axes: vec![1],
+                keepdims: false
+            },
+        ]
+    );
+    // int64 constants were consumed and dropped.
+    assert_eq!(g.graph.node_count(), 5);
+    assert_eq!(g.shape(g.outputs[0].1), &[1]);
+    let back = round_trip(&g);
+    assert_eq!(format!("{g}"), format!("{back}"));
+
+    // ReduceSum before opset 13 takes axes from an attribute.
+    let m11 = model(
+        vec![with_attr(
+            node("ReduceSum", "s", &["x"], &["y"]),
+            attr_ints("axes", &[0, 2]),
+        )],
+        vec![],
+        vec![vi("x", &[Ok(2), Ok(3), Ok(4)])],
+        vec![vi("y", &[Ok(1), Ok(3), Ok(1)])],
+        11,
+    );
+    let g = import(&m11, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    assert_eq!(
+        g.node(g.outputs[0].1).op,
+        Op::ReduceSum {
+            axes: vec![0, 2],
+            keepdims: true
+        }
+    );
+}
+
+#[test]
+fn reshape_of_a_computed_shape_is_unsupported() {
+    let m = model(
+        vec![
+            node("Relu", "r", &["s"], &["s2"]),
+            node("Reshape", "reshape", &["x", "s2"], &["y"]),
+        ],
+        vec![],
+        vec![vi("x", &[Ok(4)]), vi("s", &[Ok(2)])],
+        vec![vi("y", &[Ok(2), Ok(2)])],
+        17,
+    );
+    let e = import_err(&m).to_string();
+    assert!(e.contains("Reshape") && e.contains("reshape"), "{e}");
+}
+
+#[test]
+fn old_softmax_only_on_the_last_axis() {
+    let mk = |axis: i64| {
+        model(
+            vec![with_attr(
+                node("Softmax", "sm", &["x"], &["y"]),
+                attr_i("axis", axis),
+            )],
+            vec![],
+            vec![vi("x", &[Ok(2), Ok(3), Ok(4)])],
+            vec![vi("y", &[Ok(2), Ok(3), Ok(4)])],
+            11,
+        )
+    };
+    let g = import(&mk(-1), Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    assert_eq!(g.node(g.outputs[0].1).op, Op::Softmax { axis: 2 });
+    let e = import_err(&mk(1));
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+}
+
+#[test]
+fn gelu_and_constants() {
+    let approx = with_attr(
+        node("Gelu", "g", &["x"], &["y"]),
+        AttributeProto {
+            name: Some("approximate".into()),
+            r#type: Some(AttributeType::String as i32),
+            s: Some(b"tanh".to_vec()),
+            ..Default::default()
+        },
+    );
+    let c = with_attr(
+        node("Constant", "c", &[], &["half"]),
+        AttributeProto {
+            name: Some("value_float".into()),
+            r#type: Some(AttributeType::Float as i32),
+            f: Some(0.5),
+            ..Default::default()
+        },
+    );
+    let m = model(
+        vec![approx, c, node("Mul", "m", &["y", "half"], &["z"])],
+        vec![],
+        vec![vi("x", &[Ok(3)])],
+        vec![vi("z", &[Ok(3)])],
+        20,
+    );
+    let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    let gelu = g.find_by_name("y").unwrap();
+    assert_eq!(g.node(gelu).op, Op::Unary(Unary::Gelu { tanh: true }));
+    let half = g.find_by_name("half").unwrap();
+    assert_eq!(g.const_tensor(half).unwrap(), &Tensor::scalar(0.5));
+    // Export keeps the opset (20) and decomposes Gelu all the same.
+    let out = export(&g).unwrap();
+    assert_eq!(out.opset_import[0].version(), 20);
+    assert!(out
+        .graph
+        .unwrap()
+        .node
+        .iter()
+        .any(|n| n.op_type() == "Tanh"));
+}
+
+#[test]
+fn initializer_listed_as_input_is_a_constant() {
+    let m = model(
+        vec![node("Add", "add", &["x", "b"], &["y"])],
+        vec![f32_init("b", &[2], &[1.0, 2.0])],
+        vec![vi("x", &[Ok(2)]), vi("b", &[Ok(2)])],
+        vec![vi("y", &[Ok(2)])],
+        17,
+    );
+    let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    assert_eq!(g.inputs.len(), 1);
+    let b = g.find_by_name("b").unwrap();
+    assert_eq!(g.const_tensor(b).unwrap().as_f32().unwrap(), &[1.0, 2.0]);
+}
+
+// ---- external data ----
+
+fn external(name: &str, location: &str, offset: usize, dims: &[i64]) -> TensorProto {
+    let entry = |k: &str, v: String| proto::StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v),
+    };
+    let n: i64 = dims.iter().product();
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        data_location: Some(proto::tensor_proto::DataLocation::External as i32),
+        external_data: vec![
+            entry("location", location.into()),
+            entry("offset", offset.to_string()),
+            entry("length", (n * 4).to_string()),
+        ],
+        ..Default::default()
+    }
+}
+
+fn external_model(location: &str) -> ModelProto {
+    model(
+        vec![node("MatMul", "mm", &["x", "w"], &["y"])],
+        vec![external("w", location, 8, &[2, 3])],
+        vec![vi("x", &[Ok(1), Ok(2)])],
+        vec![vi("y", &[Ok(1), Ok(3)])],
+        17,
+    )
+}
+
+#[test]
+fn external_data_is_read_from_the_model_folder() {
+    let dir = TempDir::new("external");
+    let w: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let mut bytes = vec![0xAAu8; 8];
+    bytes.extend(w.iter().flat_map(|x| x.to_le_bytes()));
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/weights.bin"), &bytes).unwrap();
+    let path = dir.path().join("model.onnx");
+    save_model(&external_model("data/weights.bin"), &path).unwrap();
+
+    let m = load_model(&path).unwrap();
+    let g = import(&m, path.parent().unwrap(), &no_pins(), &no_shapes()).unwrap();
+    let wn = g.find_by_name("w").unwrap();
+    assert_eq!(g.const_tensor(wn).unwrap().as_f32().unwrap(), &w[..]);
+
+    // Leaving the folder, absolute paths, missing and short files: errors naming the tensor.
+    std::fs::write(dir.path().join("short.bin"), [0u8; 12]).unwrap();
+    let outside = dir.path().join("escape.bin");
+    std::fs::write(&outside, &bytes).unwrap();
+    let inner = dir.path().join("inner");
+    std::fs::create_dir_all(&inner).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        ("../escape.bin".into(), "leaves the model's folder"),
+        (outside.display().to_string(), "absolute path"),
+        ("missing.bin".into(), "cannot open external data file"),
+        ("short.bin".into(), "the file is short"),
+    ];
+    for (loc, expect) in cases {
+        let e = import(&external_model(&loc), &inner, &no_pins(), &no_shapes());
+        if loc == "short.bin" || loc == "missing.bin" {
+            // These two live in (or are looked up in) the main folder.
+            let e = import(&external_model(&loc), dir.path(), &no_pins(), &no_shapes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("initializer 'w'") && e.contains(expect),
+                "{loc}: {e}"
+            );
+            continue;
+        }
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("initializer 'w'") && e.contains(expect),
+            "{loc}: {e}"
+        );
+    }
+
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&outside, inner.join("link.bin")).unwrap();
+        let e = import(
+            &external_model("link.bin"),
+            &inner,
+            &no_pins(),
+            &no_shapes(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("initializer 'w'") && e.contains("outside the model's folder"),
+            "{e}"
+        );
+    }
+}
