@@ -1,8 +1,8 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
 // One workgroup per normalised row ({{ROWS}} rows of D = {{D}} contiguous elements). Two
-// reductions give the mean and the (biased) variance; the variance pass subtracts the mean first,
-// which keeps it accurate when the mean is large. Then
+// reductions give the mean and then the (biased) variance of the deviations from it (two passes,
+// not E[x^2] - E[x]^2, which cancels badly). Then
 // y = (x - mean) / sqrt(var + eps) * scale{{BIAS_NOTE}}.
 
 {{BINDINGS}}
@@ -23,18 +23,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let base = row * D;
 
-    // Summing x - x[base] instead of x keeps the partial sums small when the row's mean is
-    // large compared to its spread, so the mean does not lose digits.
+    // Everything is computed relative to the row's first element: x - shift is exact for
+    // elements near it, so a mean that is large compared to the row's spread costs no digits
+    // (rounding the mean itself to f32 would cost up to half an ulp of the mean).
     let shift = x[base];
     var s = 0.0;
     for (var t = lid; t < D; t = t + WG) {
         s = s + (x[base + t] - shift);
     }
-    let mean = shift + workgroup_sum(lid, s) / f32(D);
+    let rel_mean = workgroup_sum(lid, s) / f32(D); // the mean minus shift
 
     var q = 0.0;
     for (var t = lid; t < D; t = t + WG) {
-        let d = x[base + t] - mean;
+        let d = (x[base + t] - shift) - rel_mean;
         q = q + d * d;
     }
     let inv_std = 1.0 / sqrt(workgroup_sum(lid, q) / f32(D) + EPS);

@@ -1,10 +1,11 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
-// Tiled matrix product, {{BATCH}} x ({{M}}x{{K}} @ {{K}}x{{N}}). Each 16x16 workgroup computes one
-// 16x16 tile of one output matrix, walking K in 16-wide slabs that it stages in workgroup memory
-// (each input element is read from global memory once per tile instead of 16 times). M, K and N
-// need not be multiples of 16: loads outside the matrices read 0, and invocations outside the
-// output store nothing. The epilogue turns the dot product `acc` into the stored value.
+// Tiled matrix product: {{BATCH}} x ({{M}}x{{K}} @ {{K}}x{{N}}).
+// Each 16x16 workgroup computes one 16x16 tile of one output matrix, walking K in 16-wide slabs
+// that it stages in workgroup memory (so each input element is read from global memory once per
+// tile, not 16 times). M, K and N need not be multiples of 16: loads outside the matrices read 0,
+// and invocations outside the output store nothing. The epilogue turns the dot product `acc` into
+// the stored value.
 
 {{BINDINGS}}
 

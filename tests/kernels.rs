@@ -63,11 +63,9 @@ struct Case {
 impl Case {
     fn new(test: &'static str) -> Case {
         let base = base_seed();
-        let name_hash = test
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
+        let name_hash = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         println!("{test}: seed {base} (replay with DORAC_TEST_SEED={base})");
         Case {
             test,
@@ -153,7 +151,8 @@ impl Case {
                     .enumerate()
                     .max_by(|a, b| {
                         let d = |(_, (g, w)): &(usize, (&f64, &f64))| (*g - *w).abs();
-                        d(a).partial_cmp(&d(b)).unwrap_or(std::cmp::Ordering::Greater)
+                        d(a).partial_cmp(&d(b))
+                            .unwrap_or(std::cmp::Ordering::Greater)
                     })
                     .map(|(i, (g, w))| format!(" (worst at {i}: gpu {g}, reference {w})"))
                     .unwrap_or_default();
@@ -285,7 +284,11 @@ fn pow_of_negative_base_and_fractional_exponent_is_nan() {
     let y = g.add(bin(Binary::Pow), &[a, e], "y", "y").unwrap();
     g.outputs.push(("y".into(), y));
     let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
-    assert!(out["y"][0].is_nan() && out["y"][1].is_nan(), "{:?}", out["y"]);
+    assert!(
+        out["y"][0].is_nan() && out["y"][1].is_nan(),
+        "{:?}",
+        out["y"]
+    );
     assert_eq!(out["y"][2], 0.0);
 }
 
@@ -365,12 +368,24 @@ fn transposes() {
     let x3 = c.input("x3", &[2, 3, 4], -1.0, 1.0);
     for perm in [[0, 2, 1], [2, 0, 1], [1, 2, 0], [2, 1, 0]] {
         let name = format!("t3_{}{}{}", perm[0], perm[1], perm[2]);
-        c.out(Op::Transpose { perm: perm.to_vec() }, &[x3], &name);
+        c.out(
+            Op::Transpose {
+                perm: perm.to_vec(),
+            },
+            &[x3],
+            &name,
+        );
     }
     let x4 = c.input("x4", &[2, 3, 4, 5], -1.0, 1.0);
     for perm in [[0, 2, 1, 3], [3, 1, 0, 2], [0, 1, 2, 3], [3, 2, 1, 0]] {
         let name = format!("t4_{}{}{}{}", perm[0], perm[1], perm[2], perm[3]);
-        c.out(Op::Transpose { perm: perm.to_vec() }, &[x4], &name);
+        c.out(
+            Op::Transpose {
+                perm: perm.to_vec(),
+            },
+            &[x4],
+            &name,
+        );
     }
     c.check();
 }
@@ -507,7 +522,11 @@ fn dispatch_over_65535_workgroups() {
     assert_eq!(y.len(), rows * cols);
     // f32 addition is correctly rounded on both sides, so the results agree exactly.
     let bad = (0..rows * cols).find(|&i| y[i] != (i % 4099) as f32 + b[i % cols]);
-    assert!(bad.is_none(), "wrong value at {bad:?} (seed {})", base_seed());
+    assert!(
+        bad.is_none(),
+        "wrong value at {bad:?} (seed {})",
+        base_seed()
+    );
     println!(
         "17M-element add: built in {:.2?}, total {:.2?}",
         built,
@@ -543,16 +562,25 @@ fn executable_runs_again_and_checks_its_inputs() {
         }
     }
     let missing = exe.run(&HashMap::new()).unwrap_err().to_string();
-    assert!(missing.contains("missing input 'x'") && missing.contains("4x8"), "{missing}");
+    assert!(
+        missing.contains("missing input 'x'") && missing.contains("4x8"),
+        "{missing}"
+    );
     let short = HashMap::from([("x".to_string(), vec![0.0; 31])]);
     let short = exe.run(&short).unwrap_err().to_string();
-    assert!(short.contains("'x' has 31 values") && short.contains("32"), "{short}");
+    assert!(
+        short.contains("'x' has 31 values") && short.contains("32"),
+        "{short}"
+    );
     let extra = HashMap::from([
         ("x".to_string(), vec![0.0; 32]),
         ("z".to_string(), vec![0.0; 1]),
     ]);
     let extra = exe.run(&extra).unwrap_err().to_string();
-    assert!(extra.contains("unknown input") && extra.contains("\"z\""), "{extra}");
+    assert!(
+        extra.contains("unknown input") && extra.contains("\"z\""),
+        "{extra}"
+    );
 }
 
 #[test]
@@ -566,7 +594,13 @@ fn fused_epilogue_matches_the_reference() {
     let act = c.op(un(Unary::Gelu { tanh: false }), &[add], "gelu");
     let scale = c.constant("scale", &[21, 1], 0.5, 2.0);
     let y = c.out(bin(Binary::Mul), &[scale, act], "y");
-    let t = c.op(Op::Transpose { perm: vec![0, 2, 1] }, &[y], "t");
+    let t = c.op(
+        Op::Transpose {
+            perm: vec![0, 2, 1],
+        },
+        &[y],
+        "t",
+    );
     let z = c.out(un(Unary::Sigmoid), &[t], "z");
     let groups = vec![vec![mm, add, act, y], vec![t, z]];
     let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
@@ -604,7 +638,9 @@ fn adapter_is_described() {
 fn mlp() -> Graph {
     let mut rng = Rng::new(7);
     let mut t = |shape: Vec<usize>| {
-        let v = (0..numel(&shape)).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+        let v = (0..numel(&shape))
+            .map(|_| rng.range(-1.0, 1.0) as f32)
+            .collect();
         Tensor::f32(shape, v)
     };
     let mut g = Graph::new();
@@ -620,10 +656,10 @@ fn mlp() -> Graph {
         trans_b,
     };
     let h = g.add(gemm(true), &[x, w1, b1], "h", "/fc1/Gemm").unwrap();
-    let r = g
-        .add(un(Unary::Relu), &[h], "h_relu", "/act/Relu")
+    let r = g.add(un(Unary::Relu), &[h], "h_relu", "/act/Relu").unwrap();
+    let o = g
+        .add(gemm(false), &[r, w2, b2], "logits", "/fc2/Gemm")
         .unwrap();
-    let o = g.add(gemm(false), &[r, w2, b2], "logits", "/fc2/Gemm").unwrap();
     let p = g
         .add(Op::Softmax { axis: 1 }, &[o], "probs", "/Softmax")
         .unwrap();
@@ -648,7 +684,6 @@ fn mlp_runs() {
     let mut c = Case::new("mlp_runs");
     c.graph = mlp();
     let v = c.values(32, -2.0, 2.0);
-    c.feeds
-        .insert("x".into(), Array::from_f32(vec![4, 8], &v));
+    c.feeds.insert("x".into(), Array::from_f32(vec![4, 8], &v));
     c.check();
 }

@@ -87,7 +87,8 @@ fn peft_adapters_match_peft() {
             fold_constants(&mut folded, &HashSet::new()).unwrap();
             let gpu = rel(&run_gpu(&folded, &inputs), &peft, "y");
             println!("{name} {adapter}: reference {cpu:.2e} gpu {gpu:.2e}");
-            assert!(cpu < 1e-9, "{name} {adapter}: reference vs PEFT {cpu:e}");
+            // Not 1e-15: the exported GELU uses f32-rounded constants (sqrt 2), PEFT exact ones.
+            assert!(cpu < 1e-7, "{name} {adapter}: reference vs PEFT {cpu:e}");
             assert!(gpu < 1e-5, "{name} {adapter}: gpu vs PEFT {gpu:e}");
         }
     }

@@ -542,7 +542,7 @@ fn layer_norm(
     b.libs.insert(Lib::WorkgroupReduce);
     let scale_shape = graph.shape(ins[1]);
     let mut output = format!(
-        "(x[base + t] - mean) * inv_std * scale[{}]",
+        "((x[base + t] - shift) - rel_mean) * inv_std * scale[{}]",
         broadcast_index("t", scale_shape, norm_shape)
     );
     let mut params = format!("scale {}", shape_str(scale_shape));

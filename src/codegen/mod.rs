@@ -67,6 +67,8 @@ pub struct Kernel {
     pub name: String,
     /// The IR nodes it computes: the anchor first, then its element-wise epilogue.
     pub nodes: Vec<NodeId>,
+    /// The nodes' labels (ONNX node names), parallel to `nodes`, for the listing and messages.
+    pub labels: Vec<String>,
     /// What it computes, with shapes (also the shader's header comment).
     pub summary: String,
     /// The WGSL source, validated by naga.
@@ -150,7 +152,11 @@ fn has_kernel(op: &Op) -> bool {
 /// chain that consumes it (e.g. `[matmul, add, relu]`). Every live node that needs a kernel must
 /// be in exactly one group, and only a group's last value may be read outside it (the others
 /// stay in registers). This is the entry point for a fusion pass; [`plan`] uses one-node groups.
-pub fn plan_grouped(graph: &Graph, groups: Vec<Vec<NodeId>>, options: &PlanOptions) -> Result<Plan> {
+pub fn plan_grouped(
+    graph: &Graph,
+    groups: Vec<Vec<NodeId>>,
+    options: &PlanOptions,
+) -> Result<Plan> {
     let order = schedule::order(graph)?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
@@ -158,7 +164,10 @@ pub fn plan_grouped(graph: &Graph, groups: Vec<Vec<NodeId>>, options: &PlanOptio
 
     let mut plan = Plan::default();
     // Buffers in schedule order; a group's value is its last node's.
-    let in_group: HashSet<NodeId> = groups.iter().flat_map(|g| g[..g.len() - 1].iter().copied()).collect();
+    let in_group: HashSet<NodeId> = groups
+        .iter()
+        .flat_map(|g| g[..g.len() - 1].iter().copied())
+        .collect();
     for &n in &order {
         if !live.contains(&n) || in_group.contains(&n) {
             continue;
@@ -198,7 +207,8 @@ pub fn plan_grouped(graph: &Graph, groups: Vec<Vec<NodeId>>, options: &PlanOptio
         plan.outputs.push((name.clone(), b));
     }
     for &n in &graph.inputs {
-        plan.inputs.push((graph.node(n).name.clone(), plan.node_buffers[&n]));
+        plan.inputs
+            .push((graph.node(n).name.clone(), plan.node_buffers[&n]));
     }
 
     for (index, group) in groups.into_iter().enumerate() {
@@ -210,9 +220,14 @@ pub fn plan_grouped(graph: &Graph, groups: Vec<Vec<NodeId>>, options: &PlanOptio
             name,
             summary: emitted.summary,
             source: emitted.source,
-            inputs: emitted.inputs.iter().map(|n| plan.node_buffers[n]).collect(),
+            inputs: emitted
+                .inputs
+                .iter()
+                .map(|n| plan.node_buffers[n])
+                .collect(),
             output: plan.node_buffers[&last],
             workgroups: emitted.workgroups,
+            labels: group.iter().map(|&n| graph.node(n).label.clone()).collect(),
             nodes: group,
         });
     }
@@ -339,12 +354,17 @@ impl fmt::Display for Plan {
             let [x, y, z] = k.workgroups;
             writeln!(f, "  {}  ({x}x{y}x{z} workgroups)", k.name)?;
             writeln!(f, "      {}", k.summary)?;
-            let nodes: Vec<String> = k.nodes.iter().map(|n| format!("%{}", n.index())).collect();
+            let nodes: Vec<String> = k
+                .nodes
+                .iter()
+                .zip(&k.labels)
+                .map(|(n, l)| format!("#{} '{l}'", n.index()))
+                .collect();
             let reads: Vec<String> = k.inputs.iter().map(|&b| buf(b)).collect();
+            writeln!(f, "      nodes {}", nodes.join(", "))?;
             writeln!(
                 f,
-                "      nodes {}; reads {}; writes {}",
-                nodes.join(", "),
+                "      reads {}; writes {}",
                 reads.join(", "),
                 buf(k.output)
             )?;
@@ -352,17 +372,17 @@ impl fmt::Display for Plan {
         writeln!(f, "buffers:")?;
         for (i, b) in self.buffers.iter().enumerate() {
             let role = match &b.role {
-                BufferRole::Input(name) => format!("input '{name}'"),
-                BufferRole::Const(n) => format!("const %{}", n.index()),
+                BufferRole::Input(_) => "input".to_string(),
+                BufferRole::Const(n) => format!("const #{}", n.index()),
                 BufferRole::Intermediate => "intermediate".into(),
                 BufferRole::Output(name) => format!("output '{name}'"),
             };
             writeln!(
                 f,
-                "  b{i:<3} {:<14} {:>12} bytes  {role}  '{}'",
+                "  b{i:<3} {:<24} {:<12} {:>10} bytes  {role}",
+                format!("'{}'", b.name),
                 shape_str(&b.shape),
                 b.bytes(),
-                b.name
             )?;
         }
         for (name, b) in &self.outputs {
@@ -399,8 +419,12 @@ mod tests {
         let x = g.add_input("x", vec![3, 4]);
         let w = g.add_const("w", Tensor::f32(vec![4, 5], vec![0.5; 20]));
         let bias = g.add_const("bias", Tensor::f32(vec![5], vec![1.0; 5]));
-        let mm = g.add(Op::MatMul, &[x, w], "mm", "/layers.0/MatMul").unwrap();
-        let add = g.add(Op::Binary(Binary::Add), &[mm, bias], "add", "add").unwrap();
+        let mm = g
+            .add(Op::MatMul, &[x, w], "mm", "/layers.0/MatMul")
+            .unwrap();
+        let add = g
+            .add(Op::Binary(Binary::Add), &[mm, bias], "add", "add")
+            .unwrap();
         let relu = g.add(Op::Unary(Unary::Relu), &[add], "h", "relu").unwrap();
         let r = g
             .add(Op::Reshape { shape: vec![15] }, &[relu], "y", "flatten")
@@ -414,10 +438,16 @@ mod tests {
         let (g, n) = sample();
         let p = plan(&g).unwrap();
         let names: Vec<&str> = p.kernels.iter().map(|k| k.name.as_str()).collect();
-        assert_eq!(names, ["k00_matmul_layers_0_matmul", "k01_add_add", "k02_relu_relu"]);
+        assert_eq!(
+            names,
+            ["k00_matmul_layers_0_matmul", "k01_add_add", "k02_relu_relu"]
+        );
         assert_eq!(p.node_buffers[&n[3]], p.node_buffers[&n[2]]);
         assert_eq!(p.outputs, vec![("y".to_string(), p.node_buffers[&n[2]])]);
-        assert_eq!(p.buffers[p.node_buffers[&n[2]]].role, BufferRole::Output("y".into()));
+        assert_eq!(
+            p.buffers[p.node_buffers[&n[2]]].role,
+            BufferRole::Output("y".into())
+        );
         let text = p.to_string();
         assert!(text.contains("k01_add_add"), "{text}");
     }
@@ -438,7 +468,10 @@ mod tests {
         let (mut g2, n2) = sample();
         g2.outputs.push(("mm".into(), n2[0]));
         let escape = plan_grouped(&g2, vec![vec![n2[0], n2[1], n2[2]]], &opts).unwrap_err();
-        assert!(escape.to_string().contains("used outside its group"), "{escape}");
+        assert!(
+            escape.to_string().contains("used outside its group"),
+            "{escape}"
+        );
     }
 
     #[test]

@@ -173,7 +173,10 @@ mod tests {
             "(i / 12u) * 4u + i % 4u"
         );
         // Transpose 2x3 -> 3x2: out (j, i) reads in[i * 3 + j].
-        assert_eq!(strided_index("i", &[3, 2], &[1, 3]), "(i / 2u) + i % 2u * 3u");
+        assert_eq!(
+            strided_index("i", &[3, 2], &[1, 3]),
+            "(i / 2u) + i % 2u * 3u"
+        );
     }
 
     #[test]
