@@ -128,7 +128,7 @@ fn broken_graphs_are_refused_with_the_node_named() {
     // A missing initializer.
     let mut m = model_proto("mlp3d");
     let g = m.graph.as_mut().unwrap();
-    let pos = g.initializer.iter().position(|t| t.name == "out.bias").unwrap();
+    let pos = g.initializer.iter().position(|t| t.name.as_deref() == Some("out.bias")).unwrap();
     g.initializer.remove(pos);
     let missing = write_model(&dir, "missing_init.onnx", &m);
     // A cycle: the first node reads the last node's output.
@@ -140,10 +140,10 @@ fn broken_graphs_are_refused_with_the_node_named() {
     // Two unsupported op types on three nodes: one error lists them all.
     let mut m = model_proto("mlp3d");
     let g = m.graph.as_mut().unwrap();
-    g.node[1].op_type = "Loop".into();
-    g.node[2].op_type = "Scan".into();
-    g.node[3].op_type = "Loop".into();
-    let (n1, n2, n3) = (g.node[1].name.clone(), g.node[2].name.clone(), g.node[3].name.clone());
+    g.node[1].op_type = Some("Loop".into());
+    g.node[2].op_type = Some("Scan".into());
+    g.node[3].op_type = Some("Loop".into());
+    let names: Vec<String> = (1..4).map(|i| g.node[i].name.clone().unwrap()).collect();
     let unsupported = write_model(&dir, "unsupported.onnx", &m);
     let keep = ["missing_init.onnx", "cycle.onnx", "unsupported.onnx"];
 
@@ -153,7 +153,7 @@ fn broken_graphs_are_refused_with_the_node_named() {
     let out = dorac(&["rewrite", s(&cycle), "-o", s(&out_file)]);
     assert_clean_failure(&out, "cycle", &dir, &keep);
     let out = dorac(&["merge", s(&unsupported), "-o", s(&out_file)]);
-    for needle in ["Loop", "Scan", n1.as_str(), n2.as_str(), n3.as_str()] {
+    for needle in ["Loop", "Scan", &names[0], &names[1], &names[2]] {
         assert_clean_failure(&out, needle, &dir, &keep);
     }
 }

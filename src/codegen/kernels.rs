@@ -77,8 +77,7 @@ impl<'g> Builder<'g> {
 
     fn finish(
         self,
-        template_name: &str,
-        template: &str,
+        template: template::Template,
         kernel: &str,
         out: NodeId,
         mut values: Vec<(&str, String)>,
@@ -89,7 +88,7 @@ impl<'g> Builder<'g> {
         values.push(("SUMMARY", wgsl::comment_safe(&summary)));
         values.push(("BINDINGS", self.bindings(out)));
         values.push(("HELPERS", self.helpers()));
-        let source = tidy(&template::render(template_name, template, &values)?);
+        let source = tidy(&template::render(template.name, template.text, &values)?);
         Ok(Emitted {
             summary,
             source,
@@ -324,7 +323,6 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
     let summary = with_epilogue(graph, summary, group);
     let workgroups = wgsl::grid(n.div_ceil(ELEMENTWISE_WG), max_wg, name)?;
     b.finish(
-        "elementwise.wgsl",
         template::ELEMENTWISE,
         name,
         *group.last().unwrap(),
@@ -444,7 +442,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
     let summary = with_epilogue(graph, summary, group);
     b.finish(
-        "matmul.wgsl",
         template::MATMUL,
         name,
         *group.last().unwrap(),
@@ -509,7 +506,6 @@ fn reduce_sum(
     );
     let workgroups = wgsl::grid(rows, max_wg, name)?;
     b.finish(
-        "reduce_sum.wgsl",
         template::REDUCE_SUM,
         name,
         n,
@@ -558,7 +554,6 @@ fn layer_norm(
     );
     let workgroups = wgsl::grid(rows, max_wg, name)?;
     b.finish(
-        "layer_norm.wgsl",
         template::LAYER_NORM,
         name,
         n,
@@ -591,7 +586,6 @@ fn softmax(graph: &Graph, n: NodeId, axis: usize, name: &str, max_wg: u32) -> Re
     let summary = format!("softmax of {} along axis {axis}", shape_str(&shape));
     let workgroups = wgsl::grid(rows, max_wg, name)?;
     b.finish(
-        "softmax.wgsl",
         template::SOFTMAX,
         name,
         n,

@@ -15,7 +15,7 @@
 mod kernels;
 mod schedule;
 mod template;
-pub mod wgsl;
+mod wgsl;
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, NodeId, Op};

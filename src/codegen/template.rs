@@ -3,12 +3,28 @@
 
 use crate::error::{Error, Result};
 
+/// A kernel template: its file name under `shaders/` (for messages) and its text.
+#[derive(Clone, Copy)]
+pub struct Template {
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
+macro_rules! template {
+    ($file:literal) => {
+        Template {
+            name: $file,
+            text: include_str!(concat!("../../shaders/", $file)),
+        }
+    };
+}
+
 /// Kernel templates: one per family of ops.
-pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
-pub const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
-pub const REDUCE_SUM: &str = include_str!("../../shaders/reduce_sum.wgsl");
-pub const LAYER_NORM: &str = include_str!("../../shaders/layer_norm.wgsl");
-pub const SOFTMAX: &str = include_str!("../../shaders/softmax.wgsl");
+pub const ELEMENTWISE: Template = template!("elementwise.wgsl");
+pub const MATMUL: Template = template!("matmul.wgsl");
+pub const REDUCE_SUM: Template = template!("reduce_sum.wgsl");
+pub const LAYER_NORM: Template = template!("layer_norm.wgsl");
+pub const SOFTMAX: Template = template!("softmax.wgsl");
 
 /// Helper libraries, pasted into a kernel only when it uses them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -79,6 +79,12 @@ impl Gpu {
                 v.push(e.to_string());
             }
         }));
+        let sink = uncaptured.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(format!("device lost ({reason:?}): {message}"));
+            }
+        });
         Ok(Gpu {
             device,
             queue,
