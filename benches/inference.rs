@@ -13,7 +13,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// An MLP of `layers` Gemm layers (PyTorch's Linear export: W [out, in], transB=1) with ReLU.
@@ -22,16 +25,37 @@ fn mlp(batch: usize, width: usize, layers: usize, rng: &mut Rng) -> Graph {
     let mut h = g.add_input("x", vec![batch, width]);
     let bound = 1.0 / (width as f64).sqrt();
     for l in 0..layers {
-        let w: Vec<f32> = (0..width * width).map(|_| rng.range(-bound, bound) as f32).collect();
-        let b: Vec<f32> = (0..width).map(|_| rng.range(-bound, bound) as f32).collect();
-        let w = g.add_const(&format!("layers.{l}.weight"), Tensor::f32(vec![width, width], w));
+        let w: Vec<f32> = (0..width * width)
+            .map(|_| rng.range(-bound, bound) as f32)
+            .collect();
+        let b: Vec<f32> = (0..width)
+            .map(|_| rng.range(-bound, bound) as f32)
+            .collect();
+        let w = g.add_const(
+            &format!("layers.{l}.weight"),
+            Tensor::f32(vec![width, width], w),
+        );
         let b = g.add_const(&format!("layers.{l}.bias"), Tensor::f32(vec![width], b));
-        let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+        let gemm = Op::Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: true,
+        };
         let label = format!("/layers/layers.{l}/Gemm");
-        h = g.add(gemm, &[h, w, b], &format!("{label}_output_0"), &label).unwrap();
+        h = g
+            .add(gemm, &[h, w, b], &format!("{label}_output_0"), &label)
+            .unwrap();
         if l + 1 < layers {
             let label = format!("/layers/act{l}/Relu");
-            h = g.add(Op::Unary(dorac::ir::Unary::Relu), &[h], &format!("{label}_output_0"), &label).unwrap();
+            h = g
+                .add(
+                    Op::Unary(dorac::ir::Unary::Relu),
+                    &[h],
+                    &format!("{label}_output_0"),
+                    &label,
+                )
+                .unwrap();
         }
     }
     g.outputs.push(("y".into(), h));
@@ -44,7 +68,11 @@ fn adapted(base: &Graph, method: Method, rank: usize, rng: &mut Rng) -> Graph {
         .into_iter()
         .map(|layer| {
             let (fin, fout) = (layer.in_features, layer.out_features);
-            let mut v = |n: usize, s: f64| (0..n).map(|_| (rng.normal() * s) as f32).collect::<Vec<_>>();
+            let mut v = |n: usize, s: f64| {
+                (0..n)
+                    .map(|_| (rng.normal() * s) as f32)
+                    .collect::<Vec<_>>()
+            };
             let a = Tensor::f32(vec![rank, fin], v(rank * fin, 0.05));
             let b = Tensor::f32(vec![fout, rank], v(fout * rank, 0.05));
             let m = Tensor::f32(vec![fout], v(fout, 0.1).iter().map(|x| 1.0 + x).collect());
@@ -54,7 +82,11 @@ fn adapted(base: &Graph, method: Method, rank: usize, rng: &mut Rng) -> Graph {
                 rank,
                 alpha: 2.0 * rank as f64,
                 rslora: false,
-                init: AdapterInit::Tensors { a, b, m: Some(m).filter(|_| method == Method::Dora) },
+                init: AdapterInit::Tensors {
+                    a,
+                    b,
+                    m: Some(m).filter(|_| method == Method::Dora),
+                },
             }
         })
         .collect();
@@ -105,7 +137,12 @@ fn main() {
     let inputs: HashMap<String, Vec<f32>> = [("x".to_string(), x)].into();
 
     let mut results = vec![];
-    for (name, g) in [("base", &base), ("dora (unmerged)", &dora), ("lora (unmerged)", &lora), ("dora merged", &merged)] {
+    for (name, g) in [
+        ("base", &base),
+        ("dora (unmerged)", &dora),
+        ("lora (unmerged)", &lora),
+        ("dora merged", &merged),
+    ] {
         let mut g = g.clone();
         fold_constants(&mut g, &HashSet::new()).unwrap();
         let plan = dorac::codegen::plan(&g).unwrap();
@@ -133,7 +170,16 @@ fn main() {
     }
     let t = |n: &str| results.iter().find(|r| r.0 == n).unwrap().1;
     println!("\nratios (this run):");
-    println!("  unmerged DoRA / base  {:.3}", t("dora (unmerged)") / t("base"));
-    println!("  unmerged DoRA / LoRA  {:.3}", t("dora (unmerged)") / t("lora (unmerged)"));
-    println!("  merged DoRA / base    {:.3}", t("dora merged") / t("base"));
+    println!(
+        "  unmerged DoRA / base  {:.3}",
+        t("dora (unmerged)") / t("base")
+    );
+    println!(
+        "  unmerged DoRA / LoRA  {:.3}",
+        t("dora (unmerged)") / t("lora (unmerged)")
+    );
+    println!(
+        "  merged DoRA / base    {:.3}",
+        t("dora merged") / t("base")
+    );
 }

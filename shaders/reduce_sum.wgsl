@@ -1,6 +1,6 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
-// One workgroup per output element ({{ROWS}} in all), each summing R = {{R}} input elements:
+// One workgroup per output element ({{ROWS}} in all), each summing R = {{R}} terms {{TERM}}:
 // every invocation adds a strided share, then the workgroup adds the 64 partial sums in a tree.
 
 {{BINDINGS}}
@@ -21,7 +21,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let base = row_base(row);
     var s = 0.0;
     for (var t = lid; t < R; t = t + WG) {
-        s = s + x[base + reduced_offset(t)];
+        let v = x[base + reduced_offset(t)];
+        s = s + {{TERM}};
     }
     let total = workgroup_sum(lid, s);
     if lid == 0u {

@@ -102,7 +102,11 @@ pub struct Array {
 
 impl Array {
     pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Self {
-        assert_eq!(numel(&shape), data.len(), "array data does not fit its shape");
+        assert_eq!(
+            numel(&shape),
+            data.len(),
+            "array data does not fit its shape"
+        );
         Array { shape, data }
     }
 

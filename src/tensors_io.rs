@@ -39,9 +39,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Tensors in name order, widened to f64 (f32, f64, f16, bf16, i64 and i32 files are accepted).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::Input(format!("{}: not a safetensors file ({e})", path.display()))
-    })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Input(format!("{}: not a safetensors file ({e})", path.display())))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();

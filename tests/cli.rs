@@ -57,12 +57,31 @@ fn rewrite_run_merge_from_the_command_line() {
     let adapter_out = dir.join("adapter");
 
     let out = dorac(&[
-        "rewrite", s(&model), "--rank", "4", "--alpha", "8", "--target", "fc", "--adapter-out", s(&adapter_out),
+        "rewrite",
+        s(&model),
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--target",
+        "fc",
+        "--adapter-out",
+        s(&adapter_out),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("blocks.0.fc") && stdout.contains("blocks.1.fc"), "{stdout}");
-    assert!(!stdout.contains("proj_in"), "--target fc adapts only the fc layers: {stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("blocks.0.fc") && stdout.contains("blocks.1.fc"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("proj_in"),
+        "--target fc adapts only the fc layers: {stdout}"
+    );
     assert!(stdout.contains("trainable params"), "{stdout}");
     let rewritten = dir.join("model.dora.onnx");
     assert!(rewritten.exists());
@@ -71,21 +90,53 @@ fn rewrite_run_merge_from_the_command_line() {
 
     let y = dir.join("y.safetensors");
     let out = dorac(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = dorac::tensors_io::read_safetensors(&y).unwrap();
     let ort = read("mlp3d", "ort_outputs.safetensors");
     assert!(rel(&got, &ort, "y") < 1e-5);
 
     let peft_dir = models_dir().join("mlp3d/peft_dora");
     let merged = dir.join("merged.onnx");
-    let out = dorac(&["merge", s(&model), "--adapter", s(&peft_dir), "-o", s(&merged)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dorac(&[
+        "merge",
+        s(&model),
+        "--adapter",
+        s(&peft_dir),
+        "-o",
+        s(&merged),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let y2 = dir.join("y2.safetensors");
     let out = dorac(&["run", s(&merged), "--inputs", s(&inputs), "-o", s(&y2)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let y3 = dir.join("y3.safetensors");
-    let out = dorac(&["run", s(&model), "--adapter", s(&peft_dir), "--inputs", s(&inputs), "-o", s(&y3)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dorac(&[
+        "run",
+        s(&model),
+        "--adapter",
+        s(&peft_dir),
+        "--inputs",
+        s(&inputs),
+        "-o",
+        s(&y3),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let merged_y = dorac::tensors_io::read_safetensors(&y2).unwrap();
     let unmerged_y = dorac::tensors_io::read_safetensors(&y3).unwrap();
     let peft = read("mlp3d", "peft_dora_outputs.safetensors");
@@ -100,8 +151,19 @@ fn symbolic_dims_must_be_pinned() {
     let out_file = dir.join("out.onnx");
     let out = dorac(&["rewrite", s(&model), "-o", s(&out_file)]);
     assert_clean_failure(&out, "--shape", &dir, &[]);
-    let out = dorac(&["rewrite", s(&model), "-o", s(&out_file), "--shape", "batch=3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dorac(&[
+        "rewrite",
+        s(&model),
+        "-o",
+        s(&out_file),
+        "--shape",
+        "batch=3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -119,7 +181,12 @@ fn truncated_and_non_onnx_files_are_refused() {
         assert_clean_failure(&out, name, &dir, &["truncated.onnx", "notes.onnx"]);
     }
     let out = dorac(&["rewrite", s(&dir.join("missing.onnx"))]);
-    assert_clean_failure(&out, "missing.onnx", &dir, &["truncated.onnx", "notes.onnx"]);
+    assert_clean_failure(
+        &out,
+        "missing.onnx",
+        &dir,
+        &["truncated.onnx", "notes.onnx"],
+    );
 }
 
 #[test]
@@ -128,7 +195,11 @@ fn broken_graphs_are_refused_with_the_node_named() {
     // A missing initializer.
     let mut m = model_proto("mlp3d");
     let g = m.graph.as_mut().unwrap();
-    let pos = g.initializer.iter().position(|t| t.name.as_deref() == Some("out.bias")).unwrap();
+    let pos = g
+        .initializer
+        .iter()
+        .position(|t| t.name.as_deref() == Some("out.bias"))
+        .unwrap();
     g.initializer.remove(pos);
     let missing = write_model(&dir, "missing_init.onnx", &m);
     // A cycle: the first node reads the last node's output.
@@ -167,18 +238,44 @@ fn bad_inputs_are_refused_before_running() {
     let wrong_shape = dir.join("wrong_shape.safetensors");
     dorac::tensors_io::write_safetensors(&wrong_shape, &t).unwrap();
     let mut t = std::collections::BTreeMap::new();
-    t.insert("input".to_string(), dorac::tensor::Array::zeros(vec![2, 5, 16]));
+    t.insert(
+        "input".to_string(),
+        dorac::tensor::Array::zeros(vec![2, 5, 16]),
+    );
     let wrong_name = dir.join("wrong_name.safetensors");
     dorac::tensors_io::write_safetensors(&wrong_name, &t).unwrap();
     let keep = ["wrong_shape.safetensors", "wrong_name.safetensors"];
     let out_file = dir.join("y.safetensors");
-    let out = dorac(&["run", s(&model), "--inputs", s(&wrong_shape), "-o", s(&out_file)]);
+    let out = dorac(&[
+        "run",
+        s(&model),
+        "--inputs",
+        s(&wrong_shape),
+        "-o",
+        s(&out_file),
+    ]);
     assert_clean_failure(&out, "'x'", &dir, &keep);
-    let out = dorac(&["run", s(&model), "--inputs", s(&wrong_name), "-o", s(&out_file)]);
+    let out = dorac(&[
+        "run",
+        s(&model),
+        "--inputs",
+        s(&wrong_name),
+        "-o",
+        s(&out_file),
+    ]);
     assert_clean_failure(&out, "'x'", &dir, &keep);
     // An adapter for another model.
     let other = models_dir().join("mlp2d/peft_dora");
     let inputs = models_dir().join("mlp3d/inputs.safetensors");
-    let out = dorac(&["run", s(&model), "--adapter", s(&other), "--inputs", s(&inputs), "-o", s(&out_file)]);
+    let out = dorac(&[
+        "run",
+        s(&model),
+        "--adapter",
+        s(&other),
+        "--inputs",
+        s(&inputs),
+        "-o",
+        s(&out_file),
+    ]);
     assert_clean_failure(&out, "layers.0", &dir, &keep);
 }

@@ -13,7 +13,7 @@
 //! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
 
 use dorac::codegen::{self, PlanOptions};
-use dorac::ir::{Binary, Graph, NodeId, Op, Unary};
+use dorac::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
 use dorac::tensor::{numel, relative_error, Array, Rng, Tensor};
@@ -397,7 +397,8 @@ fn reduce_sums() {
         for keepdims in [false, true] {
             let tag: String = axes.iter().map(|a| a.to_string()).collect();
             let name = format!("sum_{tag}_{}", if keepdims { "keep" } else { "drop" });
-            let op = Op::ReduceSum {
+            let op = Op::Reduce {
+                kind: Reduce::Sum,
                 axes: axes.to_vec(),
                 keepdims,
             };
@@ -406,11 +407,22 @@ fn reduce_sums() {
     }
     // Long rows: each invocation adds many elements before the tree.
     let long = c.input("long", &[3, 1000], -1.0, 1.0);
-    let op = Op::ReduceSum {
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
         axes: vec![1],
         keepdims: false,
     };
     c.out(op, &[long], "sum_long_rows");
+    // Sum of squares (DoRA's frozen column norms), over either axis of a weight matrix.
+    let w = c.input("w", &[37, 53], -1.0, 1.0);
+    for axis in [0, 1] {
+        let op = Op::Reduce {
+            kind: Reduce::SumSquare,
+            axes: vec![axis],
+            keepdims: false,
+        };
+        c.out(op, &[w], &format!("sum_square_{axis}"));
+    }
     c.check();
 }
 
@@ -466,7 +478,8 @@ fn grid_spill_with_a_lowered_limit() {
     c.out(un(Unary::Tanh), &[x], "tanh");
     c.out(Op::Transpose { perm: vec![1, 0] }, &[x], "transpose");
     c.out(Op::Softmax { axis: 1 }, &[x], "softmax"); // 20 rows
-    let op = Op::ReduceSum {
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
         axes: vec![1],
         keepdims: true,
     };

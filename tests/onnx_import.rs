@@ -1,7 +1,7 @@
 //! ONNX front end and back end: importing the test models, round trips through export, and the
 //! error paths (malformed files, dangling names, cycles, unsupported ops, external data, shapes).
 
-use dorac::ir::{AdaptedLayer, Graph, LinearKind, Method, Op, Unary};
+use dorac::ir::{AdaptedLayer, Graph, LinearKind, Method, Op, Reduce, Unary};
 use dorac::onnx::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
@@ -357,7 +357,8 @@ fn adapters_and_stop_gradient_round_trip() {
         .unwrap();
     let s = g
         .add(
-            Op::ReduceSum {
+            Op::Reduce {
+                kind: Reduce::Sum,
                 axes: vec![0],
                 keepdims: false,
             },
@@ -756,7 +757,8 @@ fn shape_ops_resolve_at_import() {
             Op::Reshape { shape: vec![2, 12] },
             Op::Transpose { perm: vec![1, 0] },
             Op::Reshape { shape: vec![1, 24] },
-            Op::ReduceSum {
+            Op::Reduce {
+                kind: Reduce::Sum,
                 axes: vec![1],
                 keepdims: false
             },
@@ -782,7 +784,8 @@ fn shape_ops_resolve_at_import() {
     let g = import(&m11, Path::new("."), &no_pins(), &no_shapes()).unwrap();
     assert_eq!(
         g.node(g.outputs[0].1).op,
-        Op::ReduceSum {
+        Op::Reduce {
+            kind: Reduce::Sum,
             axes: vec![0, 2],
             keepdims: true
         }

@@ -74,23 +74,32 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
     let bad = |what: &str| Error::Input(format!("{}: {what}", cfg_path.display()));
     if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
-            return Err(bad(&format!("peft_type is {t}; dorac reads LORA adapters (with or without use_dora)")));
+            return Err(bad(&format!(
+                "peft_type is {t}; dorac reads LORA adapters (with or without use_dora)"
+            )));
         }
     }
-    let r = v.get("r").and_then(Value::as_u64).ok_or_else(|| bad("missing integer 'r'"))? as usize;
-    let lora_alpha = v
-        .get("lora_alpha")
-        .and_then(Value::as_f64)
-        .unwrap_or(8.0);
+    let r = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("missing integer 'r'"))? as usize;
+    let lora_alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
     let target_modules = match v.get("target_modules") {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
         Some(Value::String(s)) => vec![s.clone()],
         _ => vec![],
     };
     let obj_map = |key: &str| -> BTreeMap<String, f64> {
         v.get(key)
             .and_then(Value::as_object)
-            .map(|o| o.iter().filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f))).collect())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f)))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
@@ -101,16 +110,23 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         r,
         lora_alpha,
         use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
-        use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         target_modules,
         lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        rank_pattern: obj_map("rank_pattern").into_iter().map(|(k, f)| (k, f as usize)).collect(),
+        rank_pattern: obj_map("rank_pattern")
+            .into_iter()
+            .map(|(k, f)| (k, f as usize))
+            .collect(),
         alpha_pattern: obj_map("alpha_pattern"),
     };
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let tensors = read_safetensors(&weights_path)?;
-    let mut parts: BTreeMap<String, (Option<Array>, Option<Array>, Option<Array>)> = BTreeMap::new();
+    let mut parts: BTreeMap<String, (Option<Array>, Option<Array>, Option<Array>)> =
+        BTreeMap::new();
     for (key, t) in tensors {
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
         let (module, slot) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
@@ -139,7 +155,10 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
     let mut layers = BTreeMap::new();
     for (module, (a, b, m)) in parts {
         let missing = |what: &str| {
-            Error::Input(format!("{}: module '{module}' has no {what}", weights_path.display()))
+            Error::Input(format!(
+                "{}: module '{module}' has no {what}",
+                weights_path.display()
+            ))
         };
         let a = a.ok_or_else(|| missing("lora_A.weight"))?;
         let b = b.ok_or_else(|| missing("lora_B.weight"))?;
@@ -154,10 +173,20 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
                 shape_str(&b.shape)
             )));
         }
-        layers.insert(module, LayerTensors { a, b, magnitude: m.filter(|_| config.use_dora) });
+        layers.insert(
+            module,
+            LayerTensors {
+                a,
+                b,
+                magnitude: m.filter(|_| config.use_dora),
+            },
+        );
     }
     if layers.is_empty() {
-        return Err(Error::Input(format!("{}: no adapter tensors", weights_path.display())));
+        return Err(Error::Input(format!(
+            "{}: no adapter tensors",
+            weights_path.display()
+        )));
     }
     Ok(PeftAdapter { config, layers })
 }
@@ -249,11 +278,25 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
     for a in &graph.adapters {
-        let get = |n| graph.const_tensor(n).map(Tensor::to_array).expect("adapter tensors are constants");
-        tensors.insert(format!("{KEY_PREFIX}{}.lora_A.weight", a.module), get(a.lora_a));
-        tensors.insert(format!("{KEY_PREFIX}{}.lora_B.weight", a.module), get(a.lora_b));
+        let get = |n| {
+            graph
+                .const_tensor(n)
+                .map(Tensor::to_array)
+                .expect("adapter tensors are constants")
+        };
+        tensors.insert(
+            format!("{KEY_PREFIX}{}.lora_A.weight", a.module),
+            get(a.lora_a),
+        );
+        tensors.insert(
+            format!("{KEY_PREFIX}{}.lora_B.weight", a.module),
+            get(a.lora_b),
+        );
         if let Some(m) = a.magnitude {
-            tensors.insert(format!("{KEY_PREFIX}{}.lora_magnitude_vector", a.module), get(m));
+            tensors.insert(
+                format!("{KEY_PREFIX}{}.lora_magnitude_vector", a.module),
+                get(m),
+            );
         }
         if a.rank != first.rank {
             rank_pattern.insert(a.module.clone(), json!(a.rank));

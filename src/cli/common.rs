@@ -140,7 +140,11 @@ pub fn adapter_table(graph: &Graph) -> String {
     ]];
     for a in &graph.adapters {
         let params = a.rank * (a.in_features + a.out_features)
-            + if a.magnitude.is_some() { a.out_features } else { 0 };
+            + if a.magnitude.is_some() {
+                a.out_features
+            } else {
+                0
+            };
         rows.push([
             a.module.clone(),
             a.in_features.to_string(),

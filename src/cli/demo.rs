@@ -66,8 +66,10 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
     let mut rows = vec![("base model vs onnxruntime", err(&base, &ort, "y"))];
 
     // 2. Rewrite with PEFT's initialisation: the adapted model must equal the base model.
-    let shapes: HashMap<String, Vec<usize>> =
-        inputs.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
+    let shapes: HashMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
     let mut graph = super::common::load_graph(&model, &[], &shapes)?;
     let specs: Vec<AdapterSpec> = find_linear_layers(&graph)
         .into_iter()
@@ -88,7 +90,10 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
 
     // 3. PEFT's trained-looking adapter (non-zero B, perturbed m) against PEFT itself.
     let (unmerged, _) = run(&model, Some(&adapter))?;
-    rows.push(("base + PEFT DoRA adapter vs PEFT", err(&unmerged, &peft, "y")));
+    rows.push((
+        "base + PEFT DoRA adapter vs PEFT",
+        err(&unmerged, &peft, "y"),
+    ));
 
     // 4. Merge, write, reload: the merged model must match unmerged inference.
     let mut graph = super::common::load_graph(&model, &[], &shapes)?;
@@ -103,7 +108,10 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
     for (what, e) in rows {
         let ok = e <= TOLERANCE;
         failures += usize::from(!ok);
-        println!("   {what:<36} rel err {e:.2e}  {}", if ok { "ok" } else { "FAIL" });
+        println!(
+            "   {what:<36} rel err {e:.2e}  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
     }
     println!("   wrote {} and {}", rewritten.display(), merged.display());
     Ok(failures)

@@ -3,7 +3,9 @@
 use super::common::{adapter_table, load_graph, save_graph, sibling_path};
 use crate::error::{Error, Result};
 use crate::ir::Method;
-use crate::passes::{find_linear_layers, insert_adapters, matches_target, AdapterInit, AdapterSpec};
+use crate::passes::{
+    find_linear_layers, insert_adapters, matches_target, AdapterInit, AdapterSpec,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -83,7 +85,11 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::Input(format!(
             "no layer matches --target {} (the model's linear layers: {})",
             patterns.join(","),
-            layers.iter().map(|l| l.module.as_str()).collect::<Vec<_>>().join(", ")
+            layers
+                .iter()
+                .map(|l| l.module.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let specs = chosen

@@ -47,7 +47,11 @@ pub fn run(args: Args) -> Result<()> {
         args.merged,
     )?;
     check_inputs(&graph, &inputs, &args.inputs)?;
-    let known: HashSet<&str> = graph.inputs.iter().map(|&i| graph.node(i).name.as_str()).collect();
+    let known: HashSet<&str> = graph
+        .inputs
+        .iter()
+        .map(|&i| graph.node(i).name.as_str())
+        .collect();
     let feed: BTreeMap<String, Array> = inputs
         .into_iter()
         .filter(|(k, _)| known.contains(k.as_str()))
@@ -98,7 +102,8 @@ pub fn prepare(
     if merged {
         if graph.adapters.is_empty() {
             return Err(Error::Input(
-                "--merged: the model has no adapters (give --adapter DIR or a rewritten model)".into(),
+                "--merged: the model has no adapters (give --adapter DIR or a rewritten model)"
+                    .into(),
             ));
         }
         crate::passes::merge_adapters(&mut graph)?;

@@ -13,7 +13,7 @@ use super::template::{self, Lib};
 use super::wgsl::{self, broadcast_index, broadcast_muls, strided_index, Binding};
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, Graph, NodeId, Op, Unary};
+use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::tensor::{numel, shape_str, strides};
 use std::collections::BTreeSet;
 
@@ -138,7 +138,7 @@ pub(crate) fn emit(
             elementwise(graph, group, name, max_workgroups)
         }
         Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, max_workgroups),
-        Op::ReduceSum { axes, .. } => reduce_sum(graph, anchor, axes, name, max_workgroups),
+        Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, max_workgroups),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
@@ -461,9 +461,10 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
     )
 }
 
-fn reduce_sum(
+fn reduce(
     graph: &Graph,
     n: NodeId,
+    kind: Reduce,
     axes: &[usize],
     name: &str,
     max_wg: u32,
@@ -497,9 +498,15 @@ fn reduce_sum(
          fn reduced_offset(t: u32) -> u32 {{\n    return {};\n}}",
         strided_index("t", &red, &red_muls)
     ));
-    let keepdims = matches!(node.op, Op::ReduceSum { keepdims: true, .. });
+    let keepdims = matches!(node.op, Op::Reduce { keepdims: true, .. });
+    // The element transform applied before summing.
+    let term = match kind {
+        Reduce::Sum => "v",
+        Reduce::SumSquare => "v * v",
+    };
     let summary = format!(
-        "reduce_sum of {} over axes {axes:?}{} -> {}",
+        "{} of {} over axes {axes:?}{} -> {}",
+        node.op.name(),
         shape_str(&x_shape),
         if keepdims { " (keepdims)" } else { "" },
         shape_str(&node.shape)
@@ -512,6 +519,7 @@ fn reduce_sum(
         vec![
             ("ROWS", rows.to_string()),
             ("R", r.to_string()),
+            ("TERM", term.to_string()),
             ("GRID_X", workgroups[0].to_string()),
             ("GRID_Y", workgroups[1].to_string()),
         ],

@@ -29,7 +29,7 @@ impl fmt::Display for Graph {
                 } => format!(" alpha={alpha} beta={beta} trans_a={trans_a} trans_b={trans_b}"),
                 Op::Reshape { shape } => format!(" to={}", shape_str(shape)),
                 Op::Transpose { perm } => format!(" perm={perm:?}"),
-                Op::ReduceSum { axes, keepdims } => format!(" axes={axes:?} keepdims={keepdims}"),
+                Op::Reduce { axes, keepdims, .. } => format!(" axes={axes:?} keepdims={keepdims}"),
                 Op::LayerNorm { axis, epsilon } => format!(" axis={axis} eps={epsilon}"),
                 Op::Softmax { axis } => format!(" axis={axis}"),
                 Op::Unary(crate::ir::Unary::Gelu { tanh: true }) => " approximate=tanh".into(),

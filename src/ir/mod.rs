@@ -9,7 +9,7 @@ mod dump;
 pub mod op;
 pub mod patch;
 
-pub use op::{Binary, Op, Unary};
+pub use op::{Binary, Op, Reduce, Unary};
 pub use patch::{rewrite, Patch, PatchOps, PatchRef, Rule};
 
 use crate::error::{Error, Result};
@@ -314,11 +314,7 @@ impl Graph {
 
     /// A value name not used by any node, starting from `base`.
     pub fn fresh_name(&self, base: &str) -> String {
-        let taken: HashSet<&str> = self
-            .graph
-            .node_weights()
-            .map(|n| n.name.as_str())
-            .collect();
+        let taken: HashSet<&str> = self.graph.node_weights().map(|n| n.name.as_str()).collect();
         if !taken.contains(base) {
             return base.to_string();
         }

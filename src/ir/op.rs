@@ -24,6 +24,14 @@ pub enum Unary {
     Reciprocal,
 }
 
+/// What a reduction computes over its axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    Sum,
+    /// Sum of squares: DoRA's frozen column norms `||W0[:, j]||²` without an [in, out] temporary.
+    SumSquare,
+}
+
 /// Element-wise functions of two inputs, with numpy broadcasting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binary {
@@ -62,8 +70,9 @@ pub enum Op {
     Transpose {
         perm: Vec<usize>,
     },
-    /// Sum over `axes` (sorted, unique).
-    ReduceSum {
+    /// A reduction over `axes` (sorted, unique).
+    Reduce {
+        kind: Reduce,
         axes: Vec<usize>,
         keepdims: bool,
     },
@@ -108,7 +117,13 @@ impl Op {
             Op::Identity => "identity",
             Op::Reshape { .. } => "reshape",
             Op::Transpose { .. } => "transpose",
-            Op::ReduceSum { .. } => "reduce_sum",
+            Op::Reduce {
+                kind: Reduce::Sum, ..
+            } => "reduce_sum",
+            Op::Reduce {
+                kind: Reduce::SumSquare,
+                ..
+            } => "reduce_sum_square",
             Op::LayerNorm { .. } => "layer_norm",
             Op::Softmax { .. } => "softmax",
         }
@@ -144,7 +159,7 @@ impl Op {
         match self {
             Op::Input => err("graph inputs have no shape rule".into()),
             Op::Const(t) => Ok(t.shape.clone()),
-            Op::MatMul => matmul_shape(inputs[0], inputs[1]).map_err(|m| Error::Shape(m)),
+            Op::MatMul => matmul_shape(inputs[0], inputs[1]).map_err(Error::Shape),
             Op::Gemm {
                 trans_a, trans_b, ..
             } => {
@@ -208,7 +223,7 @@ impl Op {
                 }
                 Ok(perm.iter().map(|&p| x[p]).collect())
             }
-            Op::ReduceSum { axes, keepdims } => {
+            Op::Reduce { axes, keepdims, .. } => {
                 let x = inputs[0];
                 if axes.iter().any(|&a| a >= x.len()) {
                     return err(format!("axes {axes:?} out of range for rank {}", x.len()));
@@ -257,8 +272,16 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,

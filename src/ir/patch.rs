@@ -64,7 +64,13 @@ impl<'g> Patch<'g> {
     }
 
     /// Adds an op; its shape is checked now, against the inputs' shapes.
-    pub fn add(&mut self, op: Op, inputs: &[PatchRef], name: &str, label: &str) -> Result<PatchRef> {
+    pub fn add(
+        &mut self,
+        op: Op,
+        inputs: &[PatchRef],
+        name: &str,
+        label: &str,
+    ) -> Result<PatchRef> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|&r| self.shape(r)).collect();
         let shape = op.shape(&shapes).map_err(|e| match e {
             Error::Shape(m) => Error::Shape(format!("node '{label}': {m}")),

@@ -19,7 +19,7 @@ use super::proto::{
     AttributeProto, ModelProto, NodeProto, TensorProto,
 };
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Graph, NodeId, Op, Unary};
+use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::tensor::{DType, Tensor};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -50,6 +50,7 @@ pub fn export(graph: &Graph) -> Result<ModelProto> {
         consts: vec![],
         extra_inits: vec![],
         stop_gradient: vec![],
+        opset,
     };
     let extra_outputs = ex.assign_names(&order)?;
     for &n in &order {
@@ -187,6 +188,8 @@ fn stable_topo(graph: &Graph) -> Result<Vec<NodeId>> {
 }
 
 struct Exporter<'g> {
+    /// The opset being written (ReduceSumSquare's axes move from attribute to input at 18).
+    opset: i64,
     graph: &'g Graph,
     /// Final ONNX value name of each IR node.
     names: HashMap<NodeId, String>,
@@ -375,16 +378,28 @@ impl Exporter<'_> {
                 "Transpose",
                 vec![attr_ints("perm", perm.iter().map(|&p| p as i64).collect())],
             ),
-            Op::ReduceSum { axes, keepdims } => {
+            Op::Reduce {
+                kind,
+                axes,
+                keepdims,
+            } => {
+                let op_type = match kind {
+                    Reduce::Sum => "ReduceSum",
+                    Reduce::SumSquare => "ReduceSumSquare",
+                };
                 let a: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
-                let t = Tensor::i64(vec![a.len()], a);
-                let axes_name = self.extra_const(&format!("{out}_axes"), &t);
                 let mut attrs = vec![attr_int("keepdims", *keepdims as i64)];
-                if axes.is_empty() {
-                    attrs.push(attr_int("noop_with_empty_axes", 1));
+                let mut node_inputs = vec![ins[0].clone()];
+                if self.opset >= super::import_ops::axes_input_since(*kind) {
+                    let t = Tensor::i64(vec![a.len()], a);
+                    node_inputs.push(self.extra_const(&format!("{out}_axes"), &t));
+                    if axes.is_empty() {
+                        attrs.push(attr_int("noop_with_empty_axes", 1));
+                    }
+                } else {
+                    attrs.push(attr_ints("axes", a));
                 }
-                let ins = vec![ins[0].clone(), axes_name];
-                self.node("ReduceSum", ins, out, label, attrs);
+                self.node(op_type, node_inputs, out, label, attrs);
                 return Ok(());
             }
             Op::LayerNorm { axis, epsilon } => (

@@ -10,7 +10,7 @@
 use super::data;
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Graph, NodeId, Op, Unary};
+use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::tensor::{shape_str, DType, Tensor};
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -54,6 +54,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("LayerNormalization", Rule::Build(layer_norm)),
     ("Softmax", Rule::Build(softmax)),
     ("ReduceSum", Rule::Build(reduce_sum)),
+    ("ReduceSumSquare", Rule::Build(reduce_sum_square)),
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it.
@@ -472,10 +473,26 @@ fn softmax(cx: &mut Ctx) -> Result<NodeId> {
 }
 
 fn reduce_sum(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::Sum)
+}
+
+fn reduce_sum_square(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::SumSquare)
+}
+
+/// The opset from which a reduction takes its axes as an input instead of an attribute.
+pub fn axes_input_since(kind: Reduce) -> i64 {
+    match kind {
+        Reduce::Sum => 13,
+        Reduce::SumSquare => 18,
+    }
+}
+
+fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
     let x = cx.input(0)?;
     let rank = cx.shape(x).len();
     let keepdims = cx.attr_bool("keepdims", true)?;
-    let (axes, noop) = if cx.opset >= 13 {
+    let (axes, noop) = if cx.opset >= axes_input_since(kind) {
         // Some exporters still write the pre-13 `axes` attribute; accept it when there is no
         // axes input.
         let axes = match cx.const_ints(1, "axes input")? {
@@ -499,5 +516,12 @@ fn reduce_sum(cx: &mut Ctx) -> Result<NodeId> {
     };
     axes.sort_unstable();
     axes.dedup();
-    cx.add(Op::ReduceSum { axes, keepdims }, &[x])
+    cx.add(
+        Op::Reduce {
+            kind,
+            axes,
+            keepdims,
+        },
+        &[x],
+    )
 }

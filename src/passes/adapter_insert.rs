@@ -16,7 +16,7 @@
 use crate::error::{Error, Result};
 use crate::ir::{
     rewrite, AdaptedLayer, Binary, Graph, LinearKind, Method, NodeId, Op, Patch, PatchOps,
-    PatchRef, Rule, Unary,
+    PatchRef, Reduce, Rule, Unary,
 };
 use crate::passes::linear::LinearLayer;
 use crate::tensor::{shape_str, Rng, Tensor};
@@ -76,7 +76,10 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
     let l = &spec.layer;
     let (r, fin, fout) = (spec.rank, l.in_features, l.out_features);
     if r == 0 {
-        return Err(Error::Input(format!("layer '{}': rank must be at least 1", l.module)));
+        return Err(Error::Input(format!(
+            "layer '{}': rank must be at least 1",
+            l.module
+        )));
     }
     let base_label = graph.node(l.node).label.clone();
     let scope = match base_label.rfind('/') {
@@ -152,24 +155,45 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
     let xa = p.add(Op::MatMul, &[x_in, a_t], &name("xa"), &label("xa"))?;
     let xab = p.add(Op::MatMul, &[xa, b_t], &name("xab"), &label("xab"))?;
     let s_ref = p.constant(&name("scaling"), Tensor::scalar(s as f32));
-    let lowrank = p.add(Op::Binary(Binary::Mul), &[xab, s_ref], &name("lowrank"), &label("lowrank"))?;
-    let u = p.add(Op::Binary(Binary::Add), &[base, lowrank], &name("u"), &label("u"))?;
+    let lowrank = p.add(
+        Op::Binary(Binary::Mul),
+        &[xab, s_ref],
+        &name("lowrank"),
+        &label("lowrank"),
+    )?;
+    let u = p.add(
+        Op::Binary(Binary::Add),
+        &[base, lowrank],
+        &name("u"),
+        &label("u"),
+    )?;
 
     let mut y = u;
     if let (Method::Dora, Some(m_ref)) = (spec.method, m_ref) {
         let mul = Op::Binary(Binary::Mul);
         let add = Op::Binary(Binary::Add);
-        let rsum = |axis: usize| Op::ReduceSum {
+        let rsum = |axis: usize| Op::Reduce {
+            kind: Reduce::Sum,
             axes: vec![axis],
             keepdims: false,
         };
-        // ||W0[:, j]||², over the `in` axis of W as stored (alpha² folded in).
-        let w_sq = p.add(mul.clone(), &[w, w], &name("w0_sq"), &label("w0_sq"))?;
+        // ||W0[:, j]||², over the `in` axis of W as stored (alpha² folded in). One reduction of
+        // squares: no [in, out] temporary even before constant folding.
         let in_axis = if trans_b { 1 } else { 0 };
-        let mut w0_norm_sq = p.add(rsum(in_axis), &[w_sq], &name("w0_norm_sq"), &label("w0_norm_sq"))?;
+        let sum_sq = Op::Reduce {
+            kind: Reduce::SumSquare,
+            axes: vec![in_axis],
+            keepdims: false,
+        };
+        let mut w0_norm_sq = p.add(sum_sq, &[w], &name("w0_norm_sq"), &label("w0_norm_sq"))?;
         if alpha != 1.0 {
             let a2 = p.constant(&name("alpha_sq"), Tensor::scalar(alpha * alpha));
-            w0_norm_sq = p.add(mul.clone(), &[w0_norm_sq, a2], &name("w0_norm_sq_scaled"), &label("w0_norm_sq_scaled"))?;
+            w0_norm_sq = p.add(
+                mul.clone(),
+                &[w0_norm_sq, a2],
+                &name("w0_norm_sq_scaled"),
+                &label("w0_norm_sq_scaled"),
+            )?;
         }
         // (A W0): [r, out], in the layer's own orientation.
         let a_w0 = match l.kind {
@@ -186,32 +210,92 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
                 &label("a_w0"),
             )?,
         };
-        let cross_terms = p.add(mul.clone(), &[a_w0, b_t], &name("cross_terms"), &label("cross_terms"))?;
+        let cross_terms = p.add(
+            mul.clone(),
+            &[a_w0, b_t],
+            &name("cross_terms"),
+            &label("cross_terms"),
+        )?;
         let cross = p.add(rsum(0), &[cross_terms], &name("cross"), &label("cross"))?;
         let a_at = p.add(Op::MatMul, &[a_ref, a_t], &name("a_at"), &label("a_at"))?;
-        let b_a_at = p.add(Op::MatMul, &[b_ref, a_at], &name("b_a_at"), &label("b_a_at"))?;
-        let quad_terms = p.add(mul.clone(), &[b_a_at, b_ref], &name("quad_terms"), &label("quad_terms"))?;
+        let b_a_at = p.add(
+            Op::MatMul,
+            &[b_ref, a_at],
+            &name("b_a_at"),
+            &label("b_a_at"),
+        )?;
+        let quad_terms = p.add(
+            mul.clone(),
+            &[b_a_at, b_ref],
+            &name("quad_terms"),
+            &label("quad_terms"),
+        )?;
         let quad = p.add(rsum(1), &[quad_terms], &name("quad"), &label("quad"))?;
         let two_s = p.constant(&name("two_scaling"), Tensor::scalar((2.0 * s) as f32));
         let s_sq = p.constant(&name("scaling_sq"), Tensor::scalar((s * s) as f32));
-        let cross_s = p.add(mul.clone(), &[cross, two_s], &name("cross_scaled"), &label("cross_scaled"))?;
-        let quad_s = p.add(mul.clone(), &[quad, s_sq], &name("quad_scaled"), &label("quad_scaled"))?;
-        let n_sq = p.add(add.clone(), &[w0_norm_sq, cross_s], &name("norm_sq_partial"), &label("norm_sq_partial"))?;
+        let cross_s = p.add(
+            mul.clone(),
+            &[cross, two_s],
+            &name("cross_scaled"),
+            &label("cross_scaled"),
+        )?;
+        let quad_s = p.add(
+            mul.clone(),
+            &[quad, s_sq],
+            &name("quad_scaled"),
+            &label("quad_scaled"),
+        )?;
+        let n_sq = p.add(
+            add.clone(),
+            &[w0_norm_sq, cross_s],
+            &name("norm_sq_partial"),
+            &label("norm_sq_partial"),
+        )?;
         let n_sq = p.add(add, &[n_sq, quad_s], &name("norm_sq"), &label("norm_sq"))?;
         // Rounding can push n² slightly below zero: clamp, as dora-math.md says.
-        let n_sq = p.add(Op::Unary(Unary::Relu), &[n_sq], &name("norm_sq_clamped"), &label("norm_sq_clamped"))?;
-        let norm = p.add(Op::Unary(Unary::Sqrt), &[n_sq], &name("norm"), &label("norm"))?;
-        let detached = p.add(Op::StopGradient, &[norm], &name("norm_detached"), &label("norm_detached"))?;
-        let g = p.add(Op::Binary(Binary::Div), &[m_ref, detached], &name("magnitude_scale"), &label("magnitude_scale"))?;
+        let n_sq = p.add(
+            Op::Unary(Unary::Relu),
+            &[n_sq],
+            &name("norm_sq_clamped"),
+            &label("norm_sq_clamped"),
+        )?;
+        let norm = p.add(
+            Op::Unary(Unary::Sqrt),
+            &[n_sq],
+            &name("norm"),
+            &label("norm"),
+        )?;
+        let detached = p.add(
+            Op::StopGradient,
+            &[norm],
+            &name("norm_detached"),
+            &label("norm_detached"),
+        )?;
+        let g = p.add(
+            Op::Binary(Binary::Div),
+            &[m_ref, detached],
+            &name("magnitude_scale"),
+            &label("magnitude_scale"),
+        )?;
         y = p.add(mul, &[u, g], &name("scaled"), &label("scaled"))?;
     }
     if let Some(bias) = l.bias {
         let mut c: PatchRef = bias.into();
         if beta != 1.0 {
             let beta_ref = p.constant(&name("beta"), Tensor::scalar(beta));
-            c = p.add(Op::Binary(Binary::Mul), &[c, beta_ref], &name("bias_scaled"), &label("bias_scaled"))?;
+            c = p.add(
+                Op::Binary(Binary::Mul),
+                &[c, beta_ref],
+                &name("bias_scaled"),
+                &label("bias_scaled"),
+            )?;
         }
-        y = p.add(Op::Binary(Binary::Add), &[y, c], &name("out"), &label("out"))?;
+        y = p.add(
+            Op::Binary(Binary::Add),
+            &[y, c],
+            &name("out"),
+            &label("out"),
+        )?;
     }
     if p.shape(y) != graph.shape(l.node) {
         return Err(Error::Shape(format!(
@@ -277,7 +361,11 @@ fn peft_init(
             .map(|j| {
                 let sq: f64 = (0..fin)
                     .map(|i| {
-                        let v = if trans_b { w[j * fin + i] } else { w[i * fout + j] };
+                        let v = if trans_b {
+                            w[j * fin + i]
+                        } else {
+                            w[i * fout + j]
+                        };
                         v * v
                     })
                     .sum();

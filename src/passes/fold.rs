@@ -29,9 +29,9 @@ impl Rule for FoldConstants<'_> {
             return Ok(None);
         }
         let inputs = graph.inputs_of(node);
-        let all_const = inputs.iter().all(|i| {
-            matches!(graph.node(*i).op, Op::Const(_)) && !self.keep_variable.contains(i)
-        });
+        let all_const = inputs
+            .iter()
+            .all(|i| matches!(graph.node(*i).op, Op::Const(_)) && !self.keep_variable.contains(i));
         if !all_const {
             return Ok(None);
         }

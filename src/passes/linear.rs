@@ -47,12 +47,10 @@ pub fn find_linear_layers(graph: &Graph) -> Vec<LinearLayer> {
         };
         let (x, w) = (inputs[0], inputs[1]);
         let wnode = graph.node(w);
-        let is_weight = matches!(wnode.op, Op::Const(_))
-            && wnode.dtype == DType::F32
-            && wnode.shape.len() == 2;
+        let is_weight =
+            matches!(wnode.op, Op::Const(_)) && wnode.dtype == DType::F32 && wnode.shape.len() == 2;
         // A product of two constants is not a layer (the DoRA norm's `A W0` is one).
-        if !is_weight || matches!(graph.node(x).op, Op::Const(_)) || adapted_weights.contains(&w)
-        {
+        if !is_weight || matches!(graph.node(x).op, Op::Const(_)) || adapted_weights.contains(&w) {
             continue;
         }
         let trans_b = matches!(kind, LinearKind::Gemm { trans_b: true, .. });
@@ -103,7 +101,13 @@ fn module_name(graph: &Graph, node: NodeId, weight: NodeId) -> String {
         label
             .trim_matches('/')
             .chars()
-            .map(|c| if c.is_alphanumeric() || c == '.' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_alphanumeric() || c == '.' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     })
 }
@@ -142,8 +146,14 @@ mod tests {
 
     #[test]
     fn scope_names_follow_pytorch_module_paths() {
-        assert_eq!(module_from_scope("/blocks.0/fc/MatMul").unwrap(), "blocks.0.fc");
-        assert_eq!(module_from_scope("/layers/layers.0/Gemm").unwrap(), "layers.0");
+        assert_eq!(
+            module_from_scope("/blocks.0/fc/MatMul").unwrap(),
+            "blocks.0.fc"
+        );
+        assert_eq!(
+            module_from_scope("/layers/layers.0/Gemm").unwrap(),
+            "layers.0"
+        );
         assert_eq!(module_from_scope("/proj_in/MatMul").unwrap(), "proj_in");
         assert_eq!(
             module_from_scope("/bert/encoder/layer.0/attention/self/query/MatMul").unwrap(),
@@ -154,7 +164,10 @@ mod tests {
 
     #[test]
     fn targets_match_on_component_boundaries() {
-        assert!(matches_target("encoder.layer.0.attention.self.query", "query"));
+        assert!(matches_target(
+            "encoder.layer.0.attention.self.query",
+            "query"
+        ));
         assert!(matches_target("blocks.0.fc", "0.fc"));
         assert!(matches_target("head", "head"));
         assert!(!matches_target("subquery", "query"));

@@ -56,7 +56,12 @@ impl Rule for MergeAdapter {
 /// The merged weight in the layer's stored orientation. Computed in f64 from the exact
 /// (materialised) norm: merging builds the [in, out] matrix anyway.
 pub fn merged_weight(graph: &Graph, layer: &AdaptedLayer) -> Tensor {
-    let get = |n: NodeId| graph.const_tensor(n).expect("adapter tensors are constants").to_f64();
+    let get = |n: NodeId| {
+        graph
+            .const_tensor(n)
+            .expect("adapter tensors are constants")
+            .to_f64()
+    };
     let (w, a, b) = (get(layer.weight), get(layer.lora_a), get(layer.lora_b));
     let (fin, fout, r) = (layer.in_features, layer.out_features, layer.rank);
     let (alpha, trans_b) = match layer.kind {
@@ -68,7 +73,11 @@ pub fn merged_weight(graph: &Graph, layer: &AdaptedLayer) -> Tensor {
     let mut v = vec![0.0f64; fin * fout];
     for i in 0..fin {
         for j in 0..fout {
-            let w0 = if trans_b { w[j * fin + i] } else { w[i * fout + j] };
+            let w0 = if trans_b {
+                w[j * fin + i]
+            } else {
+                w[i * fout + j]
+            };
             let dw: f64 = (0..r).map(|k| b[j * r + k] * a[k * fin + i]).sum();
             v[i * fout + j] = alpha * w0 + s * dw;
         }
@@ -76,7 +85,10 @@ pub fn merged_weight(graph: &Graph, layer: &AdaptedLayer) -> Tensor {
     if let (Method::Dora, Some(m)) = (layer.method, layer.magnitude) {
         let m = get(m);
         for j in 0..fout {
-            let norm = (0..fin).map(|i| v[i * fout + j].powi(2)).sum::<f64>().sqrt();
+            let norm = (0..fin)
+                .map(|i| v[i * fout + j].powi(2))
+                .sum::<f64>()
+                .sqrt();
             let g = m[j] / norm;
             for i in 0..fin {
                 v[i * fout + j] *= g;
@@ -87,7 +99,11 @@ pub fn merged_weight(graph: &Graph, layer: &AdaptedLayer) -> Tensor {
     let shape = graph.shape(layer.weight).to_vec();
     let data: Vec<f32> = (0..fin * fout)
         .map(|idx| {
-            let (i, j) = if trans_b { (idx % fin, idx / fin) } else { (idx / fout, idx % fout) };
+            let (i, j) = if trans_b {
+                (idx % fin, idx / fin)
+            } else {
+                (idx / fout, idx % fout)
+            };
             (v[i * fout + j] / alpha) as f32
         })
         .collect();

@@ -43,9 +43,8 @@ pub fn run_all(graph: &Graph, inputs: &HashMap<String, Array>) -> Result<HashMap
             }
             op => {
                 let args: Vec<&Array> = graph.inputs_of(n).iter().map(|i| &values[i]).collect();
-                eval_op(op, &args).map_err(|e| {
-                    Error::Graph(format!("evaluating node '{}': {e}", node.label))
-                })?
+                eval_op(op, &args)
+                    .map_err(|e| Error::Graph(format!("evaluating node '{}': {e}", node.label)))?
             }
         };
         values.insert(n, value);

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, Op, Unary};
+use crate::ir::{Binary, Op, Reduce, Unary};
 use crate::tensor::{numel, strides, Array};
 
 /// Evaluates one op on its input values.
@@ -10,7 +10,11 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
     let shapes: Vec<&[usize]> = args.iter().map(|a| a.shape.as_slice()).collect();
     let out_shape = op.shape(&shapes)?;
     Ok(match op {
-        Op::Input => return Err(Error::Graph("graph inputs have no value of their own".into())),
+        Op::Input => {
+            return Err(Error::Graph(
+                "graph inputs have no value of their own".into(),
+            ))
+        }
         Op::Const(t) => t.to_array(),
         Op::MatMul => matmul(args[0], args[1]),
         Op::Gemm {
@@ -37,7 +41,7 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
             Array::new(out_shape, args[0].data.clone())
         }
         Op::Transpose { perm } => transpose(args[0], perm),
-        Op::ReduceSum { axes, .. } => reduce_sum(args[0], axes, out_shape),
+        Op::Reduce { kind, axes, .. } => reduce(args[0], *kind, axes, out_shape),
         Op::LayerNorm { axis, epsilon } => layer_norm(args, *axis, *epsilon as f64),
         Op::Softmax { axis } => softmax(args[0], *axis),
     })
@@ -49,7 +53,9 @@ pub fn unary_fn(u: Unary) -> fn(f64) -> f64 {
         Unary::Sigmoid => |x| 1.0 / (1.0 + (-x).exp()),
         Unary::Tanh => f64::tanh,
         Unary::Erf => libm::erf,
-        Unary::Gelu { tanh: false } => |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Unary::Gelu { tanh: false } => {
+            |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+        }
         Unary::Gelu { tanh: true } => |x| {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
@@ -88,11 +94,7 @@ pub fn broadcast_index(shape: &[usize], out: &[usize]) -> impl Fn(usize) -> usiz
             }
         })
         .collect();
-    move |i| {
-        dims.iter()
-            .map(|&(os, od, is)| (i / os) % od * is)
-            .sum()
-    }
+    move |i| dims.iter().map(|&(os, od, is)| (i / os) % od * is).sum()
 }
 
 fn matmul(a: &Array, b: &Array) -> Array {
@@ -120,10 +122,26 @@ fn matmul(a: &Array, b: &Array) -> Array {
 
 fn gemm(args: &[&Array], alpha: f64, beta: f64, ta: bool, tb: bool) -> Array {
     let (a, b) = (args[0], args[1]);
-    let (m, k) = if ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
+    let (m, k) = if ta {
+        (a.shape[1], a.shape[0])
+    } else {
+        (a.shape[0], a.shape[1])
+    };
     let n = if tb { b.shape[0] } else { b.shape[1] };
-    let at = |i: usize, p: usize| if ta { a.data[p * m + i] } else { a.data[i * k + p] };
-    let bt = |p: usize, j: usize| if tb { b.data[j * k + p] } else { b.data[p * n + j] };
+    let at = |i: usize, p: usize| {
+        if ta {
+            a.data[p * m + i]
+        } else {
+            a.data[i * k + p]
+        }
+    };
+    let bt = |p: usize, j: usize| {
+        if tb {
+            b.data[j * k + p]
+        } else {
+            b.data[p * n + j]
+        }
+    };
     let c = args.get(2).map(|c| (c, broadcast_index(&c.shape, &[m, n])));
     let mut out = vec![0.0; m * n];
     for i in 0..m {
@@ -157,7 +175,7 @@ fn transpose(x: &Array, perm: &[usize]) -> Array {
     Array::new(out_shape, data)
 }
 
-fn reduce_sum(x: &Array, axes: &[usize], out_shape: Vec<usize>) -> Array {
+fn reduce(x: &Array, kind: Reduce, axes: &[usize], out_shape: Vec<usize>) -> Array {
     // Index into the kept-dims layout: reduced dims have size 1.
     let kept: Vec<usize> = x
         .shape
@@ -168,7 +186,10 @@ fn reduce_sum(x: &Array, axes: &[usize], out_shape: Vec<usize>) -> Array {
     let to_out = broadcast_index(&kept, &x.shape);
     let mut out = vec![0.0; numel(&kept)];
     for (i, &v) in x.data.iter().enumerate() {
-        out[to_out(i)] += v;
+        out[to_out(i)] += match kind {
+            Reduce::Sum => v,
+            Reduce::SumSquare => v * v,
+        };
     }
     Array::new(out_shape, out)
 }
@@ -203,7 +224,9 @@ fn softmax(x: &Array, axis: usize) -> Array {
     for o in 0..outer {
         for i in 0..inner {
             let at = |j: usize| o * len * inner + j * inner + i;
-            let max = (0..len).map(|j| x.data[at(j)]).fold(f64::NEG_INFINITY, f64::max);
+            let max = (0..len)
+                .map(|j| x.data[at(j)])
+                .fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = (0..len).map(|j| (x.data[at(j)] - max).exp()).sum();
             for j in 0..len {
                 out[at(j)] = (x.data[at(j)] - max).exp() / sum;
@@ -230,8 +253,15 @@ mod tests {
     #[test]
     fn reduce_and_transpose() {
         let x = Array::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let r = eval_op(&Op::ReduceSum { axes: vec![0], keepdims: false }, &[&x]).unwrap();
+        let sum = |kind| Op::Reduce {
+            kind,
+            axes: vec![0],
+            keepdims: false,
+        };
+        let r = eval_op(&sum(Reduce::Sum), &[&x]).unwrap();
         assert_eq!(r.data, vec![5.0, 7.0, 9.0]);
+        let r = eval_op(&sum(Reduce::SumSquare), &[&x]).unwrap();
+        assert_eq!(r.data, vec![17.0, 29.0, 45.0]);
         let t = eval_op(&Op::Transpose { perm: vec![1, 0] }, &[&x]).unwrap();
         assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
         let c = eval_op(&Op::Const(Tensor::scalar(2.0)), &[]).unwrap();
@@ -244,7 +274,12 @@ mod tests {
         let a = Array::new(vec![2, 1], vec![1.0, 2.0]); // transA -> [1, 2]
         let b = Array::new(vec![1, 2], vec![3.0, 4.0]); // transB -> [2, 1]
         let c = Array::new(vec![1], vec![10.0]);
-        let op = Op::Gemm { alpha: 2.0, beta: 0.5, trans_a: true, trans_b: true };
+        let op = Op::Gemm {
+            alpha: 2.0,
+            beta: 0.5,
+            trans_a: true,
+            trans_b: true,
+        };
         let y = eval_op(&op, &[&a, &b, &c]).unwrap();
         assert_eq!(y.data, vec![2.0 * 11.0 + 5.0]);
     }
