@@ -279,3 +279,23 @@ fn bad_inputs_are_refused_before_running() {
     ]);
     assert_clean_failure(&out, "layers.0", &dir, &keep);
 }
+
+#[test]
+fn without_a_gpu_adapter_run_falls_back_to_the_reference_executor() {
+    let dir = temp_dir("cli-fallback");
+    let model = models_dir().join("mlp3d/model.onnx");
+    let inputs = models_dir().join("mlp3d/inputs.safetensors");
+    let y = dir.join("y.safetensors");
+    // No DX12 on this platform: wgpu finds no adapter.
+    let out = Command::new(env!("CARGO_BIN_EXE_dorac"))
+        .args(["run", s(&model), "--inputs", s(&inputs), "-o", s(&y)])
+        .env("WGPU_BACKEND", if cfg!(windows) { "metal" } else { "dx12" })
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("no GPU adapter found"), "{stderr}");
+    assert!(stderr.contains("mesa-vulkan-drivers"), "{stderr}");
+    let got = dorac::tensors_io::read_safetensors(&y).unwrap();
+    assert!(rel(&got, &read("mlp3d", "ort_outputs.safetensors"), "y") < 1e-5);
+}

@@ -125,7 +125,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let tensors = read_safetensors(&weights_path)?;
-    let mut parts: BTreeMap<String, (Option<Array>, Option<Array>, Option<Array>)> =
+    let mut parts: BTreeMap<String, [Option<Array>; 3]> =
         BTreeMap::new();
     for (key, t) in tensors {
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
@@ -146,14 +146,10 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         // PEFT may insert the adapter name for non-default adapters: `<module>.lora_A.<name>.weight`
         // is not supported; plain keys only.
         let e = parts.entry(module.to_string()).or_default();
-        match slot {
-            0 => e.0 = Some(t),
-            1 => e.1 = Some(t),
-            _ => e.2 = Some(t),
-        }
+        e[slot] = Some(t);
     }
     let mut layers = BTreeMap::new();
-    for (module, (a, b, m)) in parts {
+    for (module, [a, b, m]) in parts {
         let missing = |what: &str| {
             Error::Input(format!(
                 "{}: module '{module}' has no {what}",
