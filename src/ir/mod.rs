@@ -155,6 +155,10 @@ pub struct Graph {
     /// Graph outputs: ONNX name and producing node.
     pub outputs: Vec<(String, NodeId)>,
     pub adapters: Vec<AdaptedLayer>,
+    /// Persistent state of a compiled training step: `(state, next)` means that after each run
+    /// the value of `next` becomes the value of the graph input `state` (parameters, Adam
+    /// moments, the step counter). State inputs live on the device across runs.
+    pub updates: Vec<(NodeId, NodeId)>,
     pub info: ModelInfo,
 }
 
@@ -274,6 +278,11 @@ impl Graph {
                 a.output = new;
             }
         }
+        for (_, next) in self.updates.iter_mut() {
+            if *next == old {
+                *next = new;
+            }
+        }
     }
 
     /// Nodes in an order where every node comes after its inputs. Errors on a cycle, naming a
@@ -297,6 +306,9 @@ impl Graph {
             stack.extend(a.magnitude);
         }
         stack.extend(self.inputs.iter().copied());
+        for &(state, next) in &self.updates {
+            stack.extend([state, next]);
+        }
         while let Some(n) = stack.pop() {
             if live.insert(n) {
                 stack.extend(self.graph.neighbors_directed(n, Direction::Incoming));

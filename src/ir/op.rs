@@ -84,6 +84,26 @@ pub enum Op {
     Softmax {
         axis: usize,
     },
+    /// numpy-style broadcast of the input to `shape` (ONNX Expand with a static shape; the
+    /// gradient of a reduction).
+    Expand {
+        shape: Vec<usize>,
+    },
+    /// The derivative of a unary function, applied: inputs (x, dy), output `f'(x) * dy`.
+    UnaryGrad(Unary),
+    /// Mean softmax cross-entropy over class indices: inputs logits [..., C] and labels [...]
+    /// (class ids stored as f32); output a scalar. Positions whose label is `ignore_index` do
+    /// not count. With `shift`, position t's logits predict label t+1 along the second-to-last
+    /// logits dim (next-token loss for language models).
+    SoftmaxCrossEntropy {
+        ignore_index: i64,
+        shift: bool,
+    },
+    /// Its gradient: inputs (logits, labels, dloss scalar), output dlogits.
+    SoftmaxCrossEntropyGrad {
+        ignore_index: i64,
+        shift: bool,
+    },
 }
 
 impl Op {
@@ -126,6 +146,10 @@ impl Op {
             } => "reduce_sum_square",
             Op::LayerNorm { .. } => "layer_norm",
             Op::Softmax { .. } => "softmax",
+            Op::Expand { .. } => "expand",
+            Op::UnaryGrad(_) => "unary_grad",
+            Op::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
+            Op::SoftmaxCrossEntropyGrad { .. } => "softmax_cross_entropy_grad",
         }
     }
 
@@ -138,7 +162,10 @@ impl Op {
     pub fn arity(&self) -> (usize, usize) {
         match self {
             Op::Input | Op::Const(_) => (0, 0),
-            Op::MatMul | Op::Binary(_) => (2, 2),
+            Op::MatMul | Op::Binary(_) | Op::UnaryGrad(_) | Op::SoftmaxCrossEntropy { .. } => {
+                (2, 2)
+            }
+            Op::SoftmaxCrossEntropyGrad { .. } => (3, 3),
             Op::Gemm { .. } => (2, 3),
             Op::LayerNorm { .. } => (2, 3),
             _ => (1, 1),
@@ -262,6 +289,46 @@ impl Op {
                     ));
                 }
                 Ok(inputs[0].to_vec())
+            }
+            Op::Expand { shape } => {
+                if broadcast(inputs[0], shape).as_deref() != Some(&shape[..]) {
+                    return err(format!(
+                        "{} does not broadcast to {}",
+                        shape_str(inputs[0]),
+                        shape_str(shape)
+                    ));
+                }
+                Ok(shape.clone())
+            }
+            Op::UnaryGrad(_) => {
+                if inputs[0] != inputs[1] {
+                    return err(format!(
+                        "x {} and dy {} differ",
+                        shape_str(inputs[0]),
+                        shape_str(inputs[1])
+                    ));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::SoftmaxCrossEntropy { shift, .. } | Op::SoftmaxCrossEntropyGrad { shift, .. } => {
+                let (logits, labels) = (inputs[0], inputs[1]);
+                if logits.is_empty() || labels != &logits[..logits.len() - 1] {
+                    return err(format!(
+                        "labels {} must be the logits' shape {} without its last (class) dim",
+                        shape_str(labels),
+                        shape_str(logits)
+                    ));
+                }
+                if *shift && logits.len() < 2 {
+                    return err("a shifted loss needs logits of rank >= 2 (positions, classes)".into());
+                }
+                if let Some(d) = inputs.get(2) {
+                    if !d.iter().all(|&x| x == 1) {
+                        return err(format!("dloss must be a scalar, got {}", shape_str(d)));
+                    }
+                    return Ok(logits.to_vec());
+                }
+                Ok(vec![])
             }
         }
     }

@@ -410,6 +410,24 @@ impl Exporter<'_> {
                 ],
             ),
             Op::Softmax { axis } => ("Softmax", vec![attr_int("axis", *axis as i64)]),
+            Op::Expand { shape } => {
+                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let t = Tensor::i64(vec![dims.len()], dims);
+                let s = self.extra_const(&format!("{out}_shape"), &t);
+                let ins = vec![ins[0].clone(), s];
+                self.node("Expand", ins, out, label, vec![]);
+                return Ok(());
+            }
+            // Training-only ops (gradients, fused losses) have no ONNX form: training graphs
+            // are compiled, never exported.
+            op @ (Op::UnaryGrad(_)
+            | Op::SoftmaxCrossEntropy { .. }
+            | Op::SoftmaxCrossEntropyGrad { .. }) => {
+                return Err(Error::Graph(format!(
+                    "node '{label}': the training-only op {} cannot be exported to ONNX",
+                    op.name()
+                )))
+            }
         };
         self.node(op_type, ins, out, label, attrs);
         Ok(())

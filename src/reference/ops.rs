@@ -44,6 +44,35 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
         Op::Reduce { kind, axes, .. } => reduce(args[0], *kind, axes, out_shape),
         Op::LayerNorm { axis, epsilon } => layer_norm(args, *axis, *epsilon as f64),
         Op::Softmax { axis } => softmax(args[0], *axis),
+        Op::Expand { .. } => {
+            let at = broadcast_index(&args[0].shape, &out_shape);
+            let data = (0..numel(&out_shape)).map(|i| args[0].data[at(i)]).collect();
+            Array::new(out_shape, data)
+        }
+        Op::UnaryGrad(u) => {
+            let d = unary_derivative(*u);
+            let data = args[0]
+                .data
+                .iter()
+                .zip(&args[1].data)
+                .map(|(&x, &dy)| d(x) * dy)
+                .collect();
+            Array::new(out_shape, data)
+        }
+        &Op::SoftmaxCrossEntropy {
+            ignore_index,
+            shift,
+        } => {
+            let (loss, _) = cross_entropy(args[0], args[1], ignore_index, shift, None);
+            Array::new(vec![], vec![loss])
+        }
+        &Op::SoftmaxCrossEntropyGrad {
+            ignore_index,
+            shift,
+        } => {
+            let (_, grad) = cross_entropy(args[0], args[1], ignore_index, shift, Some(args[2].data[0]));
+            Array::new(out_shape, grad)
+        }
     })
 }
 
@@ -66,6 +95,81 @@ pub fn unary_fn(u: Unary) -> fn(f64) -> f64 {
         Unary::Log => f64::ln,
         Unary::Reciprocal => |x| 1.0 / x,
     }
+}
+
+/// f'(x) for each unary function.
+pub fn unary_derivative(u: Unary) -> fn(f64) -> f64 {
+    use std::f64::consts::{PI, SQRT_2};
+    match u {
+        Unary::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
+        Unary::Sigmoid => |x| {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 - s)
+        },
+        Unary::Tanh => |x| 1.0 - x.tanh().powi(2),
+        Unary::Erf => |x| 2.0 / PI.sqrt() * (-x * x).exp(),
+        Unary::Gelu { tanh: false } => |x| {
+            0.5 * (1.0 + libm::erf(x / SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * PI).sqrt()
+        },
+        Unary::Gelu { tanh: true } => |x| {
+            let c = (2.0 / PI).sqrt();
+            let t = (c * (x + 0.044715 * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        },
+        Unary::Sqrt => |x| 0.5 / x.sqrt(),
+        Unary::Neg => |_| -1.0,
+        Unary::Exp => f64::exp,
+        Unary::Log => |x| 1.0 / x,
+        Unary::Reciprocal => |x| -1.0 / (x * x),
+    }
+}
+
+/// Mean softmax cross-entropy, and (when `dloss` is given) its gradient w.r.t. the logits.
+/// Rows are the logits' leading positions; with `shift`, row t of each sequence is scored
+/// against label t+1 and the last position of each sequence is not scored.
+fn cross_entropy(
+    logits: &Array,
+    labels: &Array,
+    ignore_index: i64,
+    shift: bool,
+    dloss: Option<f64>,
+) -> (f64, Vec<f64>) {
+    let c = *logits.shape.last().unwrap();
+    let rows = logits.data.len() / c.max(1);
+    let seq = if shift { logits.shape[logits.shape.len() - 2] } else { 1 };
+    let target = |row: usize| -> Option<usize> {
+        let label_at = if shift {
+            if row % seq == seq - 1 {
+                return None;
+            }
+            row + 1
+        } else {
+            row
+        };
+        let l = labels.data[label_at];
+        if l as i64 == ignore_index || l < 0.0 || l as usize >= c {
+            None
+        } else {
+            Some(l as usize)
+        }
+    };
+    let count = (0..rows).filter(|&r| target(r).is_some()).count() as f64;
+    let mut loss = 0.0;
+    let mut grad = vec![0.0; if dloss.is_some() { logits.data.len() } else { 0 }];
+    for r in 0..rows {
+        let Some(t) = target(r) else { continue };
+        let z = &logits.data[r * c..(r + 1) * c];
+        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+        loss += sum.ln() + max - z[t];
+        if let Some(d) = dloss {
+            for j in 0..c {
+                let p = (z[j] - max).exp() / sum;
+                grad[r * c + j] = d * (p - if j == t { 1.0 } else { 0.0 }) / count;
+            }
+        }
+    }
+    (loss / count, grad)
 }
 
 pub fn binary_fn(b: Binary) -> fn(f64, f64) -> f64 {
