@@ -125,8 +125,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let tensors = read_safetensors(&weights_path)?;
-    let mut parts: BTreeMap<String, [Option<Array>; 3]> =
-        BTreeMap::new();
+    let mut parts: BTreeMap<String, [Option<Array>; 3]> = BTreeMap::new();
     for (key, t) in tensors {
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
         let (module, slot) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {

@@ -320,7 +320,9 @@ impl Op {
                     ));
                 }
                 if *shift && logits.len() < 2 {
-                    return err("a shifted loss needs logits of rank >= 2 (positions, classes)".into());
+                    return err(
+                        "a shifted loss needs logits of rank >= 2 (positions, classes)".into(),
+                    );
                 }
                 if let Some(d) = inputs.get(2) {
                     if !d.iter().all(|&x| x == 1) {

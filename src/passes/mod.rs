@@ -8,6 +8,7 @@
 //! - [`merge`]: folds adapters back into the base weights.
 
 pub mod adapter_insert;
+pub mod autodiff;
 pub mod fold;
 pub mod linear;
 pub mod merge;

@@ -46,7 +46,9 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
         Op::Softmax { axis } => softmax(args[0], *axis),
         Op::Expand { .. } => {
             let at = broadcast_index(&args[0].shape, &out_shape);
-            let data = (0..numel(&out_shape)).map(|i| args[0].data[at(i)]).collect();
+            let data = (0..numel(&out_shape))
+                .map(|i| args[0].data[at(i)])
+                .collect();
             Array::new(out_shape, data)
         }
         Op::UnaryGrad(u) => {
@@ -70,7 +72,8 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
             ignore_index,
             shift,
         } => {
-            let (_, grad) = cross_entropy(args[0], args[1], ignore_index, shift, Some(args[2].data[0]));
+            let (_, grad) =
+                cross_entropy(args[0], args[1], ignore_index, shift, Some(args[2].data[0]));
             Array::new(out_shape, grad)
         }
     })
@@ -108,9 +111,9 @@ pub fn unary_derivative(u: Unary) -> fn(f64) -> f64 {
         },
         Unary::Tanh => |x| 1.0 - x.tanh().powi(2),
         Unary::Erf => |x| 2.0 / PI.sqrt() * (-x * x).exp(),
-        Unary::Gelu { tanh: false } => |x| {
-            0.5 * (1.0 + libm::erf(x / SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * PI).sqrt()
-        },
+        Unary::Gelu { tanh: false } => {
+            |x| 0.5 * (1.0 + libm::erf(x / SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * PI).sqrt()
+        }
         Unary::Gelu { tanh: true } => |x| {
             let c = (2.0 / PI).sqrt();
             let t = (c * (x + 0.044715 * x * x * x)).tanh();
@@ -136,7 +139,11 @@ fn cross_entropy(
 ) -> (f64, Vec<f64>) {
     let c = *logits.shape.last().unwrap();
     let rows = logits.data.len() / c.max(1);
-    let seq = if shift { logits.shape[logits.shape.len() - 2] } else { 1 };
+    let seq = if shift {
+        logits.shape[logits.shape.len() - 2]
+    } else {
+        1
+    };
     let target = |row: usize| -> Option<usize> {
         let label_at = if shift {
             if row % seq == seq - 1 {
@@ -155,7 +162,14 @@ fn cross_entropy(
     };
     let count = (0..rows).filter(|&r| target(r).is_some()).count() as f64;
     let mut loss = 0.0;
-    let mut grad = vec![0.0; if dloss.is_some() { logits.data.len() } else { 0 }];
+    let mut grad = vec![
+        0.0;
+        if dloss.is_some() {
+            logits.data.len()
+        } else {
+            0
+        }
+    ];
     for r in 0..rows {
         let Some(t) = target(r) else { continue };
         let z = &logits.data[r * c..(r + 1) * c];

@@ -1,0 +1,349 @@
+//! One gradient rule per op: given a node and the cotangent `dy` of its output, the cotangents
+//! of its inputs (`None` where an input needs none). Every rule builds plain IR ops, so the
+//! backward pass compiles to the same kernels as the forward pass.
+
+use super::Builder;
+use crate::error::{Error, Result};
+use crate::ir::op::matmul_dims;
+use crate::ir::{Binary, NodeId, Op, Reduce, Unary};
+use crate::tensor::numel;
+
+type Grads = Vec<Option<NodeId>>;
+
+/// The cotangents of `n`'s inputs; `wanted[i]` says whether input i needs one.
+pub(super) fn input_grads(
+    b: &mut Builder,
+    n: NodeId,
+    dy: NodeId,
+    wanted: &[bool],
+) -> Result<Grads> {
+    let op = b.g.node(n).op.clone();
+    let ins = b.g.inputs_of(n);
+    let shape = |b: &Builder, i: usize| b.g.shape(ins[i]).to_vec();
+    Ok(match op {
+        Op::Input | Op::Const(_) | Op::StopGradient => vec![],
+        Op::Identity => vec![Some(dy)],
+        Op::Reshape { .. } => vec![Some(b.reshape(dy, &shape(b, 0), n, "reshape")?)],
+        Op::Transpose { perm } => {
+            let mut inverse = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inverse[p] = i;
+            }
+            vec![Some(b.add(
+                Op::Transpose { perm: inverse },
+                &[dy],
+                n,
+                "transpose",
+            )?)]
+        }
+        Op::Expand { .. } => vec![Some(b.sum_to(dy, &shape(b, 0), n, "expand")?)],
+        Op::Unary(u) => vec![Some(b.add(Op::UnaryGrad(u), &[ins[0], dy], n, "unary")?)],
+        Op::Binary(op) => binary(b, n, op, &ins, dy, wanted)?,
+        Op::MatMul => matmul(b, n, &ins, dy, wanted)?,
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => gemm(b, n, &ins, dy, wanted, alpha, beta, trans_a, trans_b)?,
+        Op::Reduce { kind, axes, .. } => {
+            let xs = shape(b, 0);
+            let kept: Vec<usize> = xs
+                .iter()
+                .enumerate()
+                .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
+                .collect();
+            let dy = b.reshape(dy, &kept, n, "keepdims")?;
+            let spread = b.add(Op::Expand { shape: xs }, &[dy], n, "spread")?;
+            match kind {
+                Reduce::Sum => vec![Some(spread)],
+                Reduce::SumSquare => {
+                    let two = b.scalar(2.0, n, "two");
+                    let two_x = b.binary(Binary::Mul, ins[0], two, n, "two_x")?;
+                    vec![Some(b.binary(
+                        Binary::Mul,
+                        spread,
+                        two_x,
+                        n,
+                        "sum_square",
+                    )?)]
+                }
+            }
+        }
+        Op::Softmax { axis } => {
+            // dx = y * (dy - sum(dy * y, axis))
+            let dyy = b.binary(Binary::Mul, dy, n, n, "dy_y")?;
+            let sum = b.add(
+                Op::Reduce {
+                    kind: Reduce::Sum,
+                    axes: vec![axis],
+                    keepdims: true,
+                },
+                &[dyy],
+                n,
+                "dy_y_sum",
+            )?;
+            let centered = b.binary(Binary::Sub, dy, sum, n, "centered")?;
+            vec![Some(b.binary(Binary::Mul, n, centered, n, "softmax")?)]
+        }
+        Op::LayerNorm { axis, epsilon } => layer_norm(b, n, &ins, dy, wanted, axis, epsilon)?,
+        Op::SoftmaxCrossEntropy {
+            ignore_index,
+            shift,
+        } => {
+            let op = Op::SoftmaxCrossEntropyGrad {
+                ignore_index,
+                shift,
+            };
+            vec![
+                Some(b.add(op, &[ins[0], ins[1], dy], n, "cross_entropy")?),
+                None,
+            ]
+        }
+        op @ (Op::UnaryGrad(_) | Op::SoftmaxCrossEntropyGrad { .. }) => {
+            return Err(Error::Graph(format!(
+                "node '{}': no second derivative for {}",
+                b.g.node(n).label,
+                op.name()
+            )))
+        }
+    })
+}
+
+fn binary(
+    b: &mut Builder,
+    n: NodeId,
+    op: Binary,
+    ins: &[NodeId],
+    dy: NodeId,
+    wanted: &[bool],
+) -> Result<Grads> {
+    let (x, y) = (ins[0], ins[1]);
+    let (xs, ys) = (b.g.shape(x).to_vec(), b.g.shape(y).to_vec());
+    let mut out = vec![None, None];
+    match op {
+        Binary::Add => {
+            out[0] = Some(dy);
+            out[1] = Some(dy);
+        }
+        Binary::Sub => {
+            out[0] = Some(dy);
+            if wanted[1] {
+                out[1] = Some(b.add(Op::Unary(Unary::Neg), &[dy], n, "neg")?);
+            }
+        }
+        Binary::Mul => {
+            if wanted[0] {
+                out[0] = Some(b.binary(Binary::Mul, dy, y, n, "dx")?);
+            }
+            if wanted[1] {
+                out[1] = Some(b.binary(Binary::Mul, dy, x, n, "dy")?);
+            }
+        }
+        Binary::Div => {
+            if wanted[0] {
+                out[0] = Some(b.binary(Binary::Div, dy, y, n, "dx")?);
+            }
+            if wanted[1] {
+                // d(x/y)/dy = -(x/y)/y
+                let q = b.binary(Binary::Div, n, y, n, "q_over_y")?;
+                let t = b.binary(Binary::Mul, dy, q, n, "dy_q")?;
+                out[1] = Some(b.add(Op::Unary(Unary::Neg), &[t], n, "dy")?);
+            }
+        }
+        Binary::Pow => {
+            if wanted[0] {
+                // y * x^(y-1)
+                let one = b.scalar(1.0, n, "one");
+                let ym1 = b.binary(Binary::Sub, y, one, n, "exp_minus_one")?;
+                let p = b.binary(Binary::Pow, x, ym1, n, "pow")?;
+                let d = b.binary(Binary::Mul, p, y, n, "deriv")?;
+                out[0] = Some(b.binary(Binary::Mul, dy, d, n, "dx")?);
+            }
+            if wanted[1] {
+                // x^y * ln x
+                let ln = b.add(Op::Unary(Unary::Log), &[x], n, "ln")?;
+                let d = b.binary(Binary::Mul, n, ln, n, "deriv_exp")?;
+                out[1] = Some(b.binary(Binary::Mul, dy, d, n, "dy")?);
+            }
+        }
+    }
+    for (i, target) in [(0, &xs), (1, &ys)] {
+        out[i] = match (out[i], wanted[i]) {
+            (Some(g), true) => Some(b.sum_to(g, target, n, if i == 0 { "dx" } else { "dy" })?),
+            _ => None,
+        };
+    }
+    Ok(out)
+}
+
+fn swap_last_two(rank: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..rank).collect();
+    p.swap(rank - 2, rank - 1);
+    p
+}
+
+/// numpy matmul: operands are promoted to rank >= 2, products taken with broadcast batch dims,
+/// then summed back to each operand's shape.
+fn matmul(
+    b: &mut Builder,
+    n: NodeId,
+    ins: &[NodeId],
+    dy: NodeId,
+    wanted: &[bool],
+) -> Result<Grads> {
+    let (a, w) = (ins[0], ins[1]);
+    let (as_, ws) = (b.g.shape(a).to_vec(), b.g.shape(w).to_vec());
+    let d = matmul_dims(&as_, &ws).map_err(Error::Shape)?;
+    let a2: Vec<usize> = if as_.len() == 1 {
+        vec![1, d.k]
+    } else {
+        as_.clone()
+    };
+    let w2: Vec<usize> = if ws.len() == 1 {
+        vec![d.k, 1]
+    } else {
+        ws.clone()
+    };
+    let mut dy2 = d.batch.clone();
+    dy2.extend([d.m, d.n]);
+    let a_full = b.reshape(a, &a2, n, "a2")?;
+    let w_full = b.reshape(w, &w2, n, "b2")?;
+    let dyf = b.reshape(dy, &dy2, n, "dy2")?;
+    let mut out = vec![None, None];
+    if wanted[0] {
+        let wt = b.add(
+            Op::Transpose {
+                perm: swap_last_two(w2.len()),
+            },
+            &[w_full],
+            n,
+            "b_t",
+        )?;
+        let da = b.add(Op::MatMul, &[dyf, wt], n, "da")?;
+        let da = b.sum_to(da, &a2, n, "da")?;
+        out[0] = Some(b.reshape(da, &as_, n, "da_shape")?);
+    }
+    if wanted[1] {
+        let at = b.add(
+            Op::Transpose {
+                perm: swap_last_two(a2.len()),
+            },
+            &[a_full],
+            n,
+            "a_t",
+        )?;
+        let dw = b.add(Op::MatMul, &[at, dyf], n, "db")?;
+        let dw = b.sum_to(dw, &w2, n, "db")?;
+        out[1] = Some(b.reshape(dw, &ws, n, "db_shape")?);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    b: &mut Builder,
+    n: NodeId,
+    ins: &[NodeId],
+    dy: NodeId,
+    wanted: &[bool],
+    alpha: f32,
+    beta: f32,
+    ta: bool,
+    tb: bool,
+) -> Result<Grads> {
+    let (a, w) = (ins[0], ins[1]);
+    let gemm = |alpha: f32, trans_a: bool, trans_b: bool| Op::Gemm {
+        alpha,
+        beta: 0.0,
+        trans_a,
+        trans_b,
+    };
+    let mut out = vec![None; ins.len()];
+    if wanted[0] {
+        // d op(A) = alpha dY op(B)^T; transpose back when A was transposed.
+        out[0] = Some(if ta {
+            b.add(gemm(alpha, tb, true), &[w, dy], n, "da")?
+        } else {
+            b.add(gemm(alpha, false, !tb), &[dy, w], n, "da")?
+        });
+    }
+    if wanted[1] {
+        out[1] = Some(if tb {
+            b.add(gemm(alpha, true, ta), &[dy, a], n, "db")?
+        } else {
+            b.add(gemm(alpha, !ta, false), &[a, dy], n, "db")?
+        });
+    }
+    if let (Some(&c), Some(true)) = (ins.get(2), wanted.get(2)) {
+        let cs = b.g.shape(c).to_vec();
+        let mut g = dy;
+        if beta != 1.0 {
+            let s = b.scalar(beta as f64, n, "beta");
+            g = b.binary(Binary::Mul, g, s, n, "dc_scaled")?;
+        }
+        out[2] = Some(b.sum_to(g, &cs, n, "dc")?);
+    }
+    Ok(out)
+}
+
+/// LayerNorm's backward, recomputing the statistics from x (cheap next to storing them):
+/// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * scale.
+fn layer_norm(
+    b: &mut Builder,
+    n: NodeId,
+    ins: &[NodeId],
+    dy: NodeId,
+    wanted: &[bool],
+    axis: usize,
+    eps: f32,
+) -> Result<Grads> {
+    let x = ins[0];
+    let xs = b.g.shape(x).to_vec();
+    let axes: Vec<usize> = (axis..xs.len()).collect();
+    let count = numel(&xs[axis..]) as f64;
+    let mean_of = |b: &mut Builder, v: NodeId, tag: &str| -> Result<NodeId> {
+        let s = b.add(
+            Op::Reduce {
+                kind: Reduce::Sum,
+                axes: axes.clone(),
+                keepdims: true,
+            },
+            &[v],
+            n,
+            &format!("{tag}_sum"),
+        )?;
+        let inv = b.scalar(1.0 / count, n, &format!("{tag}_inv_count"));
+        b.binary(Binary::Mul, s, inv, n, &format!("{tag}_mean"))
+    };
+    let mean = mean_of(b, x, "x")?;
+    let xc = b.binary(Binary::Sub, x, mean, n, "xc")?;
+    let sq = b.binary(Binary::Mul, xc, xc, n, "xc_sq")?;
+    let var = mean_of(b, sq, "var")?;
+    let e = b.scalar(eps as f64, n, "eps");
+    let ve = b.binary(Binary::Add, var, e, n, "var_eps")?;
+    let sd = b.add(Op::Unary(Unary::Sqrt), &[ve], n, "std")?;
+    let rstd = b.add(Op::Unary(Unary::Reciprocal), &[sd], n, "rstd")?;
+    let xhat = b.binary(Binary::Mul, xc, rstd, n, "xhat")?;
+    let mut out = vec![None; ins.len()];
+    if wanted[0] {
+        let dxhat = b.binary(Binary::Mul, dy, ins[1], n, "dxhat")?;
+        let m1 = mean_of(b, dxhat, "dxhat")?;
+        let prod = b.binary(Binary::Mul, dxhat, xhat, n, "dxhat_xhat")?;
+        let m2 = mean_of(b, prod, "dxhat_xhat")?;
+        let t = b.binary(Binary::Mul, xhat, m2, n, "xhat_m2")?;
+        let u = b.binary(Binary::Sub, dxhat, m1, n, "dxhat_centered")?;
+        let v = b.binary(Binary::Sub, u, t, n, "dxhat_proj")?;
+        out[0] = Some(b.binary(Binary::Mul, v, rstd, n, "dx")?);
+    }
+    if wanted[1] {
+        let ss = b.g.shape(ins[1]).to_vec();
+        let g = b.binary(Binary::Mul, dy, xhat, n, "dscale_terms")?;
+        out[1] = Some(b.sum_to(g, &ss, n, "dscale")?);
+    }
+    if let (Some(&bias), Some(true)) = (ins.get(2), wanted.get(2)) {
+        let bs = b.g.shape(bias).to_vec();
+        out[2] = Some(b.sum_to(dy, &bs, n, "dbias")?);
+    }
+    Ok(out)
+}
