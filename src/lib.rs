@@ -17,6 +17,7 @@ pub mod onnx;
 pub mod passes;
 pub mod reference;
 pub mod runtime;
+pub mod train;
 pub mod tensor;
 pub mod tensors_io;
 

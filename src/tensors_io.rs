@@ -38,6 +38,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Tensors in name order, widened to f64 (f32, f64, f16, bf16, i64 and i32 files are accepted).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
+    Ok(read_safetensors_typed(path)?
+        .into_iter()
+        .map(|(k, (a, _))| (k, a))
+        .collect())
+}
+
+/// Whether a stored tensor held floats or integers (data checks need to know: class labels must
+/// be integers, model inputs floats).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Float(&'static str),
+    Int(&'static str),
+}
+
+impl Stored {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stored::Float(n) | Stored::Int(n) => n,
+        }
+    }
+}
+
+/// Like [`read_safetensors`], with each tensor's stored kind.
+pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, Stored)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Input(format!("{}: not a safetensors file ({e})", path.display())))?;
@@ -45,6 +69,15 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let data = view.data();
+        let stored = match view.dtype() {
+            Dtype::F32 => Stored::Float("float32"),
+            Dtype::F64 => Stored::Float("float64"),
+            Dtype::F16 => Stored::Float("float16"),
+            Dtype::BF16 => Stored::Float("bfloat16"),
+            Dtype::I64 => Stored::Int("int64"),
+            Dtype::I32 => Stored::Int("int32"),
+            _ => Stored::Int("other"),
+        };
         let values: Vec<f64> = match view.dtype() {
             Dtype::F32 => data
                 .chunks_exact(4)
@@ -77,7 +110,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
                 )))
             }
         };
-        out.insert(name, Array::new(shape, values));
+        out.insert(name, (Array::new(shape, values), stored));
     }
     Ok(out)
 }

@@ -465,6 +465,201 @@ fn softmaxes() {
     c.check();
 }
 
+// ---------------------------------------------------------------- training ops
+
+#[test]
+fn expands() {
+    let mut c = Case::new("expands");
+    let cases: [(&[usize], &[usize], &str); 7] = [
+        (&[], &[3, 4], "scalar"),
+        (&[1], &[7], "unit"),
+        (&[4], &[3, 4], "row"),
+        (&[3, 1], &[3, 4], "column"),
+        (&[2, 1, 4], &[5, 2, 3, 4], "rank_extended"),
+        (&[3, 4], &[3, 4], "same"),
+        (&[300], &[70, 300], "many_workgroups"),
+    ];
+    for (from, to, name) in cases {
+        let x = c.input(&format!("x_{name}"), from, -2.0, 2.0);
+        c.out(Op::Expand { shape: to.to_vec() }, &[x], name);
+    }
+    c.check();
+}
+
+/// Every `Unary`'s derivative times dy, on the ranges where the function is defined.
+#[test]
+fn unary_grads() {
+    let mut c = Case::new("unary_grads");
+    let x = c.input("x", &[7, 45], -4.0, 4.0);
+    let pos = c.input("pos", &[7, 45], 0.05, 5.0);
+    let wide = c.input("wide", &[7, 45], -20.0, 20.0);
+    let dy = c.input("dy", &[7, 45], -2.0, 2.0);
+    let all = [
+        (Unary::Relu, "relu"),
+        (Unary::Sigmoid, "sigmoid"),
+        (Unary::Tanh, "tanh"),
+        (Unary::Erf, "erf"),
+        (Unary::Gelu { tanh: false }, "gelu_erf"),
+        (Unary::Gelu { tanh: true }, "gelu_tanh"),
+        (Unary::Sqrt, "sqrt"),
+        (Unary::Neg, "neg"),
+        (Unary::Exp, "exp"),
+        (Unary::Log, "log"),
+        (Unary::Reciprocal, "reciprocal"),
+    ];
+    for (u, name) in all {
+        let positive_only = matches!(u, Unary::Sqrt | Unary::Log | Unary::Reciprocal);
+        let input = if positive_only { pos } else { x };
+        c.out(Op::UnaryGrad(u), &[input, dy], &format!("{name}_grad"));
+        if matches!(
+            u,
+            Unary::Sigmoid | Unary::Tanh | Unary::Erf | Unary::Gelu { .. }
+        ) {
+            c.out(Op::UnaryGrad(u), &[wide, dy], &format!("{name}_grad_wide"));
+        }
+    }
+    c.check();
+}
+
+/// The derivatives in their tails and at their branch points, where naive formulas cancel or
+/// overflow.
+#[test]
+fn unary_grads_survive_large_inputs() {
+    let mut c = Case::new("unary_grads_survive_large_inputs");
+    let big = vec![
+        -1e4, -500.0, -100.0, -89.0, -45.0, -10.0, -6.0, -0.5, -1e-3, -1e-8, 0.0, 1e-8, 1e-3,
+        0.39, 0.41, 0.5, 6.0, 10.0, 45.0, 89.0, 100.0, 500.0, 1e4,
+    ];
+    let n = big.len();
+    let x = c.input_values("x", &[n], big);
+    let dy = c.input("dy", &[n], 0.5, 2.0);
+    for (u, name) in [
+        (Unary::Relu, "relu"),
+        (Unary::Sigmoid, "sigmoid"),
+        (Unary::Tanh, "tanh"),
+        (Unary::Erf, "erf"),
+        (Unary::Gelu { tanh: false }, "gelu_erf"),
+        (Unary::Gelu { tanh: true }, "gelu_tanh"),
+    ] {
+        c.out(Op::UnaryGrad(u), &[x, dy], &format!("{name}_grad"));
+    }
+    c.check();
+}
+
+/// Labels for `rows` positions of `classes` classes: mostly valid class ids, some
+/// `ignore_index`, some out of range (negative, >= classes) and some fractional (truncated).
+fn labels(c: &mut Case, rows: usize, classes: usize, ignore_index: i64) -> Vec<f32> {
+    (0..rows)
+        .map(|_| {
+            let r = c.rng.uniform();
+            let class = (c.rng.uniform() * classes as f64).floor() as f32;
+            if r < 0.15 {
+                ignore_index as f32
+            } else if r < 0.2 {
+                classes as f32 + 3.0
+            } else if r < 0.22 {
+                -1.0
+            } else if r < 0.27 {
+                class + 0.5
+            } else {
+                class
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn softmax_cross_entropy_and_its_gradient() {
+    let mut c = Case::new("softmax_cross_entropy_and_its_gradient");
+    // (logits shape, shift, ignore_index, logits range, name)
+    let cases: [(&[usize], bool, i64, f64, &str); 7] = [
+        (&[6, 257], false, -100, 5.0, "rows_257_classes"),
+        (&[2, 5, 257], true, -100, 5.0, "shifted_257_classes"),
+        (&[3, 4, 10], false, -100, 3.0, "rank3"),
+        (&[3, 9, 7], true, 2, 3.0, "shifted_ignore_a_class"),
+        (&[150, 33], false, 0, 4.0, "many_rows_ignore_class_0"),
+        (&[4, 64], false, -100, 80.0, "large_logits"),
+        (&[1, 3], false, -100, 1.0, "single_row"),
+    ];
+    for (shape, shift, ignore_index, range, name) in cases {
+        let classes = *shape.last().unwrap();
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        let logits = c.input(&format!("logits_{name}"), shape, -range, range);
+        let mut l = labels(&mut c, rows, classes, ignore_index);
+        l[0] = 0.0; // at least one position counts
+        if shift {
+            l[1] = 1.0;
+        }
+        let labels = c.input_values(&format!("labels_{name}"), &shape[..shape.len() - 1], l);
+        let dloss = c.input(&format!("dloss_{name}"), &[], 0.5, 2.0);
+        let loss = Op::SoftmaxCrossEntropy {
+            ignore_index,
+            shift,
+        };
+        c.out(loss, &[logits, labels], &format!("loss_{name}"));
+        let grad = Op::SoftmaxCrossEntropyGrad {
+            ignore_index,
+            shift,
+        };
+        c.out(grad, &[logits, labels, dloss], &format!("grad_{name}"));
+    }
+    c.check();
+}
+
+/// Every position ignored: the gradient is all zeros (the loss is 0/0, NaN, on both sides).
+#[test]
+fn cross_entropy_with_every_position_ignored() {
+    let mut c = Case::new("cross_entropy_with_every_position_ignored");
+    let logits = c.input("logits", &[3, 5], -1.0, 1.0);
+    let labels = c.input_values("labels", &[3], vec![-100.0; 3]);
+    let dloss = c.input("dloss", &[1], 1.0, 2.0);
+    let op = Op::SoftmaxCrossEntropy {
+        ignore_index: -100,
+        shift: false,
+    };
+    let loss = c.op(op, &[logits, labels], "loss");
+    c.output("loss", loss);
+    let op = Op::SoftmaxCrossEntropyGrad {
+        ignore_index: -100,
+        shift: false,
+    };
+    let grad = c.op(op, &[logits, labels, dloss], "grad");
+    c.output("grad", grad);
+    let plan = codegen::plan(&c.graph).unwrap();
+    let exe = Executable::new(gpu(), &plan, &c.graph).unwrap();
+    let host: HashMap<String, Vec<f32>> = c
+        .feeds
+        .iter()
+        .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+        .collect();
+    let out = exe.run(&host).unwrap();
+    assert!(out["loss"][0].is_nan(), "{:?}", out["loss"]);
+    assert!(out["grad"].iter().all(|&g| g == 0.0), "{:?}", out["grad"]);
+}
+
+/// UnaryGrad and Expand as anchors and as epilogues.
+#[test]
+fn training_ops_fuse_as_elementwise() {
+    let mut c = Case::new("training_ops_fuse_as_elementwise");
+    let x = c.input("x", &[6, 20], -3.0, 3.0);
+    let w = c.constant("w", &[20, 12], -1.0, 1.0);
+    let pre = c.input("pre", &[6, 12], -3.0, 3.0);
+    // dy = x @ w, then gelu'(pre) * dy, then * 0.5, in the matmul's epilogue.
+    let dy = c.op(Op::MatMul, &[x, w], "dy");
+    let g = c.op(Op::UnaryGrad(Unary::Gelu { tanh: false }), &[pre, dy], "g");
+    let half = c.constant("half", &[], 0.5, 0.5);
+    let gh = c.out(bin(Binary::Mul), &[g, half], "gh");
+    // An Expand anchor with a UnaryGrad and a same-shape Expand after it.
+    let col = c.input("col", &[6, 1], -1.0, 1.0);
+    let e = c.op(Op::Expand { shape: vec![6, 12] }, &[col], "e");
+    let t = c.op(Op::UnaryGrad(Unary::Tanh), &[pre, e], "t");
+    let e2 = c.out(Op::Expand { shape: vec![6, 12] }, &[t], "e2");
+    let groups = vec![vec![dy, g, gh], vec![e, t, e2]];
+    let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
+    assert_eq!(plan.kernels.len(), 2, "{plan}");
+    c.check_plan(&plan);
+}
+
 // ---------------------------------------------------------------- dispatch and executables
 
 /// Every template with a dispatch limit lowered to 3 workgroups per dimension, so that each one

@@ -123,10 +123,8 @@ pub(crate) fn emit(
 ) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
-    let fusable = matches!(
-        node.op,
-        Op::Unary(_) | Op::Binary(_) | Op::Transpose { .. } | Op::MatMul | Op::Gemm { .. }
-    );
+    let fusable = is_elementwise(&node.op)
+        || matches!(node.op, Op::Transpose { .. } | Op::MatMul | Op::Gemm { .. });
     if group.len() > 1 && !fusable {
         return Err(Error::Gpu(format!(
             "kernel {name}: a {} cannot take an element-wise epilogue",
@@ -134,15 +132,25 @@ pub(crate) fn emit(
         )));
     }
     match &node.op {
-        Op::Unary(_) | Op::Binary(_) | Op::Transpose { .. } => {
-            elementwise(graph, group, name, max_workgroups)
-        }
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::UnaryGrad(_)
+        | Op::Expand { .. }
+        | Op::Transpose { .. } => elementwise(graph, group, name, max_workgroups),
         Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, max_workgroups),
         Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, max_workgroups),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
         Op::Softmax { axis } => softmax(graph, anchor, *axis, name, max_workgroups),
+        &Op::SoftmaxCrossEntropy {
+            ignore_index,
+            shift,
+        } => cross_entropy(graph, anchor, ignore_index, shift, name, max_workgroups),
+        &Op::SoftmaxCrossEntropyGrad {
+            ignore_index,
+            shift,
+        } => cross_entropy(graph, anchor, ignore_index, shift, name, max_workgroups),
         op => Err(Error::Gpu(format!(
             "kernel {name}: a {} node has no kernel (emitter bug)",
             op.name()
@@ -150,7 +158,17 @@ pub(crate) fn emit(
     }
 }
 
-/// The WGSL expression of an element-wise op applied to operand expressions `args`.
+/// Ops that compute each output element from the same-index (broadcast) elements of their
+/// inputs: they can anchor an element-wise kernel or sit in another kernel's epilogue.
+fn is_elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::UnaryGrad(_) | Op::Expand { .. }
+    )
+}
+
+/// The WGSL expression of an element-wise op applied to operand expressions `args` (simple
+/// names, so an expression may repeat them).
 fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Result<String> {
     Ok(match op {
         Op::Unary(u) => {
@@ -198,6 +216,38 @@ fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Resul
                 }
             }
         }
+        Op::UnaryGrad(u) => {
+            let (x, dy) = (&args[0], &args[1]);
+            match u {
+                Unary::Relu => format!("select(0.0, 1.0, {x} > 0.0) * {dy}"),
+                Unary::Sigmoid => {
+                    libs.insert(Lib::SigmoidGrad);
+                    format!("sigmoid_grad({x}, {dy})")
+                }
+                Unary::Tanh => {
+                    libs.insert(Lib::TanhGrad);
+                    format!("tanh_grad({x}, {dy})")
+                }
+                // 2 / sqrt(pi) exp(-x^2)
+                Unary::Erf => format!("1.1283791671 * exp(-{x} * {x}) * {dy}"),
+                Unary::Gelu { tanh: false } => {
+                    libs.insert(Lib::Erf);
+                    libs.insert(Lib::GeluGrad);
+                    format!("gelu_grad({x}, {dy})")
+                }
+                Unary::Gelu { tanh: true } => {
+                    libs.insert(Lib::GeluTanhGrad);
+                    format!("gelu_tanh_grad({x}, {dy})")
+                }
+                Unary::Sqrt => format!("0.5 / sqrt({x}) * {dy}"),
+                Unary::Neg => format!("-{dy}"),
+                Unary::Exp => format!("exp({x}) * {dy}"),
+                Unary::Log => format!("{dy} / {x}"),
+                Unary::Reciprocal => format!("-{dy} / ({x} * {x})"),
+            }
+        }
+        // The broadcast is in the operand's load; the value passes through.
+        Op::Expand { .. } => args[0].clone(),
         other => {
             return Err(Error::Gpu(format!(
                 "{} is not element-wise (emitter bug)",
@@ -207,10 +257,19 @@ fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Resul
     })
 }
 
+/// The op's name in summaries and comments: [`Op::name`], with the function of a `UnaryGrad`
+/// spelt out (`sigmoid_grad`).
+fn op_title(op: &Op) -> String {
+    match op {
+        Op::UnaryGrad(u) => format!("{}_grad", Op::Unary(*u).name()),
+        op => op.name().to_string(),
+    }
+}
+
 /// A statement's trailing comment naming the node it computes.
 fn node_comment(graph: &Graph, n: NodeId) -> String {
     let node = graph.node(n);
-    wgsl::comment_safe(&format!("// {} '{}'", node.op.name(), node.label))
+    wgsl::comment_safe(&format!("// {} '{}'", op_title(&node.op), node.label))
 }
 
 /// Emits the epilogue of `group` (nodes 1..) as statements over flat output index `i`, starting
@@ -222,7 +281,7 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
     for k in 1..group.len() {
         let n = group[k];
         let node = graph.node(n);
-        if !matches!(node.op, Op::Unary(_) | Op::Binary(_)) || node.shape != out_shape {
+        if !is_elementwise(&node.op) || node.shape != out_shape {
             return Err(Error::Gpu(format!(
                 "node '{}' ({} {}) cannot be an epilogue of a {} kernel: epilogue ops must be \
                  element-wise and keep the shape",
@@ -291,7 +350,11 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
             ));
         }
         op => {
-            let names: &[&str] = if ins.len() == 1 { &["x"] } else { &["a", "b"] };
+            let names: &[&str] = match (op, ins.len()) {
+                (Op::UnaryGrad(_), _) => &["x", "dy"],
+                (_, 1) => &["x"],
+                _ => &["a", "b"],
+            };
             let mut args = vec![];
             for (&input, &bname) in ins.iter().zip(names) {
                 let bname = b.bind(bname, input);
@@ -311,7 +374,7 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
             let operands: Vec<String> = ins.iter().map(|&i| shape_str(graph.shape(i))).collect();
             summary = format!(
                 "{} of {} -> {}",
-                op.name(),
+                op_title(op),
                 operands.join(" and "),
                 shape_str(&out_shape)
             );
@@ -342,9 +405,9 @@ fn with_epilogue(graph: &Graph, summary: String, group: &[NodeId]) -> String {
     if group.len() == 1 {
         return summary;
     }
-    let ops: Vec<&str> = group[1..]
+    let ops: Vec<String> = group[1..]
         .iter()
-        .map(|&n| graph.node(n).op.name())
+        .map(|&n| op_title(&graph.node(n).op))
         .collect();
     format!("{summary}, then {}", ops.join(", "))
 }
@@ -607,4 +670,95 @@ fn softmax(graph: &Graph, n: NodeId, axis: usize, name: &str, max_wg: u32) -> Re
         workgroups,
         summary,
     )
+}
+
+/// `SoftmaxCrossEntropy` (one workgroup, a scalar) and `SoftmaxCrossEntropyGrad` (one workgroup
+/// per position): the templates share `row_softmax_stats` and the generated `target` helper,
+/// which bakes in the label rules (shift, ignore_index, range).
+fn cross_entropy(
+    graph: &Graph,
+    n: NodeId,
+    ignore_index: i64,
+    shift: bool,
+    name: &str,
+    max_wg: u32,
+) -> Result<Emitted> {
+    let node = graph.node(n);
+    let grad = matches!(node.op, Op::SoftmaxCrossEntropyGrad { .. });
+    let ins = graph.inputs_of(n);
+    let logits_shape = graph.shape(ins[0]).to_vec();
+    let c = *logits_shape.last().expect("shape checked: logits have a class dim");
+    let rows = numel(graph.shape(ins[1]));
+    let seq = if shift {
+        logits_shape[logits_shape.len() - 2]
+    } else {
+        1
+    };
+    let mut b = Builder::new(graph);
+    b.bind("logits", ins[0]);
+    b.bind("labels", ins[1]);
+    if grad {
+        b.bind("dloss", ins[2]);
+    }
+    b.libs.insert(Lib::WorkgroupReduce);
+    b.libs.insert(Lib::RowSoftmaxStats);
+    b.helpers.push(target_helper(ignore_index, shift, seq, c)?);
+    let summary = format!(
+        "{} of logits {} and labels {} (ignore_index {ignore_index}{}) -> {}",
+        node.op.name(),
+        shape_str(&logits_shape),
+        shape_str(graph.shape(ins[1])),
+        if shift { ", shifted" } else { "" },
+        shape_str(&node.shape),
+    );
+    let mut values = vec![("ROWS", rows.to_string()), ("C", c.to_string())];
+    let (template, workgroups) = if grad {
+        let workgroups = wgsl::grid(rows, max_wg, name)?;
+        values.push(("GRID_X", workgroups[0].to_string()));
+        values.push(("GRID_Y", workgroups[1].to_string()));
+        (template::CROSS_ENTROPY_GRAD, workgroups)
+    } else {
+        (template::CROSS_ENTROPY, [1, 1, 1])
+    };
+    b.finish(template, name, n, values, workgroups, summary)
+}
+
+/// `fn target(row: u32) -> i32`: the class position `row` is scored against, or -1 when it does
+/// not count, exactly as the reference decides: the label (the next position's with `shift`,
+/// where the last position of each sequence of `seq` has none) truncated to an integer, unless it
+/// is `ignore_index`, negative, or not below `c`.
+fn target_helper(ignore_index: i64, shift: bool, seq: usize, c: usize) -> Result<String> {
+    let mut body = String::new();
+    let label_at = if shift {
+        body += &format!(
+            "    if row % {} == {} {{\n        return -1; // the last position of a sequence has no next label\n    }}\n",
+            wgsl::u32_lit(seq),
+            wgsl::u32_lit(seq - 1)
+        );
+        "row + 1u"
+    } else {
+        "row"
+    };
+    body += &format!("    let l = labels[{label_at}];\n");
+    let c_lit = wgsl::f32_lit(c as f32)?;
+    // A negative ignore_index (the usual -100) is already covered by `l < 0.0`, and one of C or
+    // more by `l >= C`: only a class id in range needs its own test.
+    let ignore = if ignore_index >= 0 && (ignore_index as u64) < c as u64 {
+        format!(" || trunc(l) == {}", wgsl::f32_lit(ignore_index as f32)?)
+    } else {
+        String::new()
+    };
+    body += &format!(
+        "    if l < 0.0 || l >= {c_lit}{ignore} {{\n        return -1;\n    }}\n    return i32(l);"
+    );
+    let rule = if ignore.is_empty() {
+        format!("ignore_index {ignore_index} is out of the class range, so only that applies")
+    } else {
+        format!("or ignore_index {ignore_index}")
+    };
+    Ok(format!(
+        "// The class position `row` is scored against, or -1 when it does not count: labels are\n\
+         // class ids stored as f32 (truncated), and a label out of [0, C) does not count ({rule}).\n\
+         fn target(row: u32) -> i32 {{\n{body}\n}}"
+    ))
 }

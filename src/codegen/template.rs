@@ -25,14 +25,24 @@ pub const MATMUL: Template = template!("matmul.wgsl");
 pub const REDUCE_SUM: Template = template!("reduce_sum.wgsl");
 pub const LAYER_NORM: Template = template!("layer_norm.wgsl");
 pub const SOFTMAX: Template = template!("softmax.wgsl");
+pub const CROSS_ENTROPY: Template = template!("cross_entropy.wgsl");
+pub const CROSS_ENTROPY_GRAD: Template = template!("cross_entropy_grad.wgsl");
 
-/// Helper libraries, pasted into a kernel only when it uses them.
+/// Helper libraries, pasted into a kernel only when it uses them, in this order (a library may
+/// use the ones declared before it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Lib {
     Erf,
     Tanh,
     Pow,
     WorkgroupReduce,
+    SigmoidGrad,
+    TanhGrad,
+    /// Uses [`Lib::Erf`].
+    GeluGrad,
+    GeluTanhGrad,
+    /// Uses [`Lib::WorkgroupReduce`].
+    RowSoftmaxStats,
 }
 
 impl Lib {
@@ -42,6 +52,11 @@ impl Lib {
             Lib::Tanh => include_str!("../../shaders/lib/tanh.wgsl"),
             Lib::Pow => include_str!("../../shaders/lib/pow.wgsl"),
             Lib::WorkgroupReduce => include_str!("../../shaders/lib/workgroup_reduce.wgsl"),
+            Lib::SigmoidGrad => include_str!("../../shaders/lib/sigmoid_grad.wgsl"),
+            Lib::TanhGrad => include_str!("../../shaders/lib/tanh_grad.wgsl"),
+            Lib::GeluGrad => include_str!("../../shaders/lib/gelu_grad.wgsl"),
+            Lib::GeluTanhGrad => include_str!("../../shaders/lib/gelu_tanh_grad.wgsl"),
+            Lib::RowSoftmaxStats => include_str!("../../shaders/lib/row_softmax_stats.wgsl"),
         }
     }
 }

@@ -1,0 +1,114 @@
+//! Checkpoints: the adapter in PEFT format plus the optimizer state, so `--resume` continues
+//! exactly. Each checkpoint is a folder `checkpoint-<step>` written under a temporary name and
+//! renamed into place, so a killed run leaves only complete checkpoints behind; the newest
+//! complete one is the one resumed.
+
+use super::program::ParamRole;
+use super::session::Session;
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Op};
+use crate::tensor::Array;
+use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_FILE: &str = "trainer_state.json";
+pub const FULL_WEIGHTS_FILE: &str = "trained_weights.safetensors";
+const KEEP: usize = 2;
+
+/// Writes the current parameters into `graph`'s constants (so adapter export sees them).
+pub fn sync_params(graph: &mut Graph, session: &Session) -> Result<()> {
+    for (name, t) in session.params()? {
+        let id = graph
+            .find_by_name(&name)
+            .ok_or_else(|| Error::Graph(format!("parameter '{name}' is not in the model graph")))?;
+        graph.node_mut(id).op = Op::Const(t);
+    }
+    Ok(())
+}
+
+/// Writes the trained tensors to `dir`: a PEFT adapter (adapter methods) or the trained weights
+/// (full fine-tuning). `graph` is the model graph with adapters, parameters synced.
+pub fn write_weights(graph: &Graph, session: &Session, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if session.program.params.iter().all(|p| p.role == ParamRole::Weight) {
+        let tensors: BTreeMap<String, Array> = session
+            .params()?
+            .into_iter()
+            .map(|(k, t)| (k, t.to_array()))
+            .collect();
+        return write_safetensors(&dir.join(FULL_WEIGHTS_FILE), &tensors);
+    }
+    crate::adapter::save(graph, dir)
+}
+
+/// Saves `checkpoint-<step>` under `out` and prunes all but the newest few.
+pub fn save(out: &Path, graph: &Graph, session: &Session, trainer: &Value) -> Result<PathBuf> {
+    let step = session.steps_taken()?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let final_dir = out.join(format!("checkpoint-{step}"));
+    let tmp = out.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        write_weights(graph, session, &tmp)?;
+        let state = session.read_state()?;
+        write_safetensors(&tmp.join(STATE_FILE), &state)?;
+        let text = serde_json::to_string_pretty(trainer).expect("JSON serialises");
+        write_atomic(&tmp.join(TRAINER_FILE), text.as_bytes())?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let mut all = list(out)?;
+    all.sort();
+    while all.len() > KEEP {
+        let (_, old) = all.remove(0);
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints under `out`, as (step, path).
+pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(vec![]);
+    };
+    let mut found = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+            if e.path().join(TRAINER_FILE).exists() {
+                found.push((step, e.path()));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The newest complete checkpoint under `out`.
+pub fn latest(out: &Path) -> Result<Option<(usize, PathBuf)>> {
+    Ok(list(out)?.into_iter().max())
+}
+
+/// Loads a checkpoint's optimizer state (parameters, moments, step) into the session and
+/// returns its trainer record.
+pub fn restore(dir: &Path, session: &mut Session) -> Result<Value> {
+    let state = read_safetensors(&dir.join(STATE_FILE))?;
+    session.write_state(&state)?;
+    let path = dir.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Input(format!("{}: invalid JSON ({e})", path.display())))
+}
+
+/// The trainer record stored with each checkpoint.
+pub fn trainer_record(step: usize, total_steps: usize, seed: u64, config: &Value) -> Value {
+    json!({ "step": step, "total_steps": total_steps, "seed": seed, "config": config })
+}

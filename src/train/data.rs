@@ -1,0 +1,159 @@
+//! The training data: named tensors whose dim 0 indexes examples, checked against the model
+//! before the first step. Batches are slices along dim 0 in an order fixed by (seed, epoch), so
+//! a resumed run sees exactly the batches an uninterrupted run would.
+
+use super::loss::LossKind;
+use crate::error::{Error, Result};
+use crate::tensor::{shape_str, Array, Rng};
+use crate::tensors_io::{read_safetensors_typed, Stored};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A loaded, validated data set.
+pub struct Dataset {
+    pub tensors: BTreeMap<String, Array>,
+    pub examples: usize,
+}
+
+/// What the model needs from the data: per-example shapes of each tensor.
+pub struct Expected<'a> {
+    /// Model inputs: name and shape of ONE example (the model's shape without dim 0).
+    pub inputs: Vec<(String, Vec<usize>)>,
+    pub labels: &'a str,
+    /// Per-example label shape.
+    pub label_shape: Vec<usize>,
+    pub loss: LossKind,
+    /// Class count for range checks (classification losses).
+    pub classes: Option<usize>,
+}
+
+/// Loads `path` and checks names, shapes, dtypes and label ranges, naming the tensor at fault.
+pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
+    let file = path.display().to_string();
+    let mut raw = read_safetensors_typed(path)?;
+    let mut tensors = BTreeMap::new();
+    let mut examples: Option<(usize, String)> = None;
+    let mut take = |name: &str, per_example: &[usize], integer: bool, raw: &mut BTreeMap<String, (Array, Stored)>| -> Result<()> {
+        let Some((a, stored)) = raw.remove(name) else {
+            return Err(Error::Input(format!(
+                "{file}: no tensor named '{name}' (it has: {})",
+                available_names(raw)
+            )));
+        };
+        match (integer, stored) {
+            (true, Stored::Float(t)) => {
+                return Err(Error::Input(format!(
+                    "{file}: '{name}' holds {t}; class labels must be integers (int64 or int32)"
+                )))
+            }
+            (false, Stored::Int(t)) => {
+                return Err(Error::Input(format!(
+                    "{file}: '{name}' holds {t}; expected floating-point values"
+                )))
+            }
+            _ => {}
+        }
+        if a.shape.is_empty() || a.shape[1..] != *per_example {
+            return Err(Error::Input(format!(
+                "{file}: '{name}' has shape {}, expected [examples, {}]",
+                shape_str(&a.shape),
+                per_example.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        match &examples {
+            Some((n, other)) if *n != a.shape[0] => {
+                return Err(Error::Input(format!(
+                    "{file}: '{name}' has {} examples but '{other}' has {n}",
+                    a.shape[0]
+                )))
+            }
+            None => examples = Some((a.shape[0], name.to_string())),
+            _ => {}
+        }
+        tensors.insert(name.to_string(), a);
+        Ok(())
+    };
+    for (name, shape) in &want.inputs {
+        take(name, shape, false, &mut raw)?;
+    }
+    let integer_labels = want.loss != LossKind::Mse;
+    take(want.labels, &want.label_shape, integer_labels, &mut raw)?;
+    if let Some(classes) = want.classes {
+        let ignore = match want.loss {
+            LossKind::CrossEntropy { ignore_index } | LossKind::Lm { ignore_index } => ignore_index,
+            LossKind::Mse => i64::MIN,
+        };
+        let labels = &tensors[want.labels];
+        if let Some((i, &v)) = labels
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| v as i64 != ignore && (v < 0.0 || v as usize >= classes))
+        {
+            let per = labels.data.len() / labels.shape[0].max(1);
+            return Err(Error::Input(format!(
+                "{file}: label {} of example {} in '{}' is out of range: classes are 0..{} (ignore index {ignore})",
+                v as i64,
+                i / per.max(1),
+                want.labels,
+                classes - 1
+            )));
+        }
+    }
+    let examples = examples.map(|e| e.0).unwrap_or(0);
+    if examples == 0 {
+        return Err(Error::Input(format!("{file}: the data set has no examples")));
+    }
+    Ok(Dataset { tensors, examples })
+}
+
+fn available_names(raw: &BTreeMap<String, (Array, Stored)>) -> String {
+    raw.iter()
+        .map(|(k, (a, s))| format!("{k} {} {}", s.name(), shape_str(&a.shape)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Dataset {
+    /// Full batches per epoch (the last partial batch is dropped: shapes are static).
+    pub fn batches_per_epoch(&self, batch_size: usize) -> Result<usize> {
+        if batch_size == 0 || batch_size > self.examples {
+            return Err(Error::Input(format!(
+                "--batch-size {batch_size}: the data set has {} examples",
+                self.examples
+            )));
+        }
+        Ok(self.examples / batch_size)
+    }
+
+    /// The example order of one epoch: a seeded shuffle, or the file's order.
+    pub fn order(&self, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.examples).collect();
+        if shuffle {
+            let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed);
+            for i in (1..idx.len()).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                idx.swap(i, j);
+            }
+        }
+        idx
+    }
+
+    /// The tensors of batch `b` (0-based, within its epoch) of the given order.
+    pub fn batch(&self, order: &[usize], b: usize, batch_size: usize) -> BTreeMap<String, Array> {
+        let rows = &order[b * batch_size..(b + 1) * batch_size];
+        self.tensors
+            .iter()
+            .map(|(name, a)| {
+                let per: usize = a.shape[1..].iter().product();
+                let mut data = Vec::with_capacity(rows.len() * per);
+                for &r in rows {
+                    data.extend_from_slice(&a.data[r * per..(r + 1) * per]);
+                }
+                let mut shape = a.shape.clone();
+                shape[0] = batch_size;
+                (name.clone(), Array::new(shape, data))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,85 @@
+//! Losses appended to a model's output: the last nodes of the forward pass.
+
+use crate::error::{Error, Result};
+use crate::ir::{Binary, Graph, NodeId, Op, Reduce};
+use crate::tensor::{numel, shape_str, Tensor};
+
+/// Which loss to train with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossKind {
+    /// Mean squared error against a target of the output's shape.
+    Mse,
+    /// Mean softmax cross-entropy over class indices (the output's last dim), skipping
+    /// `ignore_index`.
+    CrossEntropy { ignore_index: i64 },
+    /// Next-token cross-entropy: logits at position t predict label t+1.
+    Lm { ignore_index: i64 },
+}
+
+impl LossKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Mse => "mse",
+            LossKind::CrossEntropy { .. } => "cross-entropy",
+            LossKind::Lm { .. } => "lm",
+        }
+    }
+
+    /// The shape the labels tensor must have for a model output of `output` shape.
+    pub fn label_shape(self, output: &[usize]) -> Vec<usize> {
+        match self {
+            LossKind::Mse => output.to_vec(),
+            _ => output[..output.len().saturating_sub(1)].to_vec(),
+        }
+    }
+
+    /// Number of classes, for label range checks (None for regression).
+    pub fn classes(self, output: &[usize]) -> Option<usize> {
+        match self {
+            LossKind::Mse => None,
+            _ => output.last().copied(),
+        }
+    }
+}
+
+/// Adds a labels input named `labels` and the scalar loss on `output`; returns (labels, loss).
+pub fn append(graph: &mut Graph, kind: LossKind, output: NodeId, labels: &str) -> Result<(NodeId, NodeId)> {
+    let out_shape = graph.shape(output).to_vec();
+    if kind != LossKind::Mse && out_shape.is_empty() {
+        return Err(Error::Input(format!(
+            "--loss {}: the model output is a scalar; a classification loss needs logits [..., classes]",
+            kind.name()
+        )));
+    }
+    if let LossKind::Lm { .. } = kind {
+        if out_shape.len() < 2 {
+            return Err(Error::Input(format!(
+                "--loss lm needs logits [batch, positions, vocab]; the output has shape {}",
+                shape_str(&out_shape)
+            )));
+        }
+    }
+    let label_node = graph.add_input(labels, kind.label_shape(&out_shape));
+    let loss = match kind {
+        LossKind::Mse => {
+            let diff = graph.add(Op::Binary(Binary::Sub), &[output, label_node], "loss/diff", "/loss/mse/diff")?;
+            let sq = Op::Reduce {
+                kind: Reduce::SumSquare,
+                axes: (0..out_shape.len()).collect(),
+                keepdims: false,
+            };
+            let total = graph.add(sq, &[diff], "loss/sum_sq", "/loss/mse/sum_sq")?;
+            let inv = graph.add_const("loss/inv_count", Tensor::scalar(1.0 / numel(&out_shape).max(1) as f32));
+            graph.add(Op::Binary(Binary::Mul), &[total, inv], "loss", "/loss/mse")?
+        }
+        LossKind::CrossEntropy { ignore_index } | LossKind::Lm { ignore_index } => {
+            let shift = matches!(kind, LossKind::Lm { .. });
+            let op = Op::SoftmaxCrossEntropy {
+                ignore_index,
+                shift,
+            };
+            graph.add(op, &[output, label_node], "loss", "/loss/cross_entropy")?
+        }
+    };
+    Ok((label_node, loss))
+}

@@ -1,0 +1,181 @@
+//! AdamW as graph ops, with PyTorch's semantics: decoupled weight decay, bias correction, eps
+//! added outside the square root, optional global-norm gradient clipping (as
+//! `clip_grad_norm_`). The learning rate is a graph input, so schedules cost nothing on the
+//! device: the host computes lr(step) and writes one scalar per step.
+
+use crate::error::Result;
+use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::tensor::Tensor;
+
+/// Hyperparameters (PyTorch's defaults except the learning rate).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Max global L2 norm of all gradients; None disables clipping.
+    pub grad_clip: Option<f64>,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: None,
+        }
+    }
+}
+
+/// Learning-rate schedules, each with linear warmup from 0 over `warmup` steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    Constant,
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+}
+
+impl Schedule {
+    /// The learning rate of step `step` (0-based) of `total`, as transformers' schedulers do.
+    pub fn lr(self, base: f64, step: usize, total: usize, warmup: usize) -> f64 {
+        if step < warmup {
+            return base * step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+        match self {
+            Schedule::Constant => base,
+            Schedule::Linear => base * (1.0 - progress).max(0.0),
+            Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}
+
+/// Names of the optimizer's graph inputs.
+pub const LR_INPUT: &str = "optim.lr";
+pub const STEP_INPUT: &str = "optim.step";
+pub const GRAD_NORM_OUTPUT: &str = "grad_norm";
+
+/// One parameter's optimizer wiring: its moment state inputs.
+pub struct Moments {
+    pub m: NodeId,
+    pub v: NodeId,
+}
+
+/// Adds the AdamW update for every (param, grad) pair and registers the state updates. Returns
+/// the moment inputs of each parameter and the grad-norm node when clipping is on.
+pub fn append(
+    graph: &mut Graph,
+    cfg: &AdamW,
+    params: &[(NodeId, NodeId)],
+) -> Result<(Vec<Moments>, Option<NodeId>)> {
+    let c = |g: &mut Graph, name: &str, v: f64| g.add_const(&format!("optim/{name}"), Tensor::scalar(v as f32));
+    let lr = graph.add_input(LR_INPUT, vec![]);
+    let step = graph.add_input(STEP_INPUT, vec![]);
+    let one = c(graph, "one", 1.0);
+    let t = graph.add(Op::Binary(Binary::Add), &[step, one], "optim/t", "/optim/t")?;
+    graph.updates.push((step, t));
+    // Bias corrections 1 - beta^t, computed on the device from the step counter.
+    let b1 = c(graph, "beta1", cfg.beta1);
+    let b2 = c(graph, "beta2", cfg.beta2);
+    let b1t = graph.add(Op::Binary(Binary::Pow), &[b1, t], "optim/beta1_t", "/optim/beta1_t")?;
+    let b2t = graph.add(Op::Binary(Binary::Pow), &[b2, t], "optim/beta2_t", "/optim/beta2_t")?;
+    let bc1 = graph.add(Op::Binary(Binary::Sub), &[one, b1t], "optim/bc1", "/optim/bc1")?;
+    let bc2 = graph.add(Op::Binary(Binary::Sub), &[one, b2t], "optim/bc2", "/optim/bc2")?;
+    // step_size = lr / bc1; denominator scale 1 / sqrt(bc2).
+    let step_size = graph.add(Op::Binary(Binary::Div), &[lr, bc1], "optim/step_size", "/optim/step_size")?;
+    let sqrt_bc2 = graph.add(Op::Unary(Unary::Sqrt), &[bc2], "optim/sqrt_bc2", "/optim/sqrt_bc2")?;
+    let decay = c(graph, "weight_decay", cfg.weight_decay);
+    let lr_wd = graph.add(Op::Binary(Binary::Mul), &[lr, decay], "optim/lr_wd", "/optim/lr_wd")?;
+    let keep = graph.add(Op::Binary(Binary::Sub), &[one, lr_wd], "optim/keep", "/optim/keep")?;
+    let (one_m_b1, one_m_b2) = (c(graph, "one_minus_beta1", 1.0 - cfg.beta1), c(graph, "one_minus_beta2", 1.0 - cfg.beta2));
+    let eps = c(graph, "eps", cfg.eps);
+
+    // Global-norm clipping: coef = min(1, max_norm / (norm + 1e-6)) = 1 - relu(1 - ratio).
+    let mut grad_norm = None;
+    let mut grads: Vec<NodeId> = params.iter().map(|p| p.1).collect();
+    if let Some(max_norm) = cfg.grad_clip {
+        let mut total: Option<NodeId> = None;
+        for (i, &g) in grads.iter().enumerate() {
+            let rank = graph.shape(g).len();
+            let sq = Op::Reduce {
+                kind: Reduce::SumSquare,
+                axes: (0..rank).collect(),
+                keepdims: false,
+            };
+            let s = graph.add(sq, &[g], &format!("optim/grad_sq_{i}"), "/optim/grad_sq")?;
+            total = Some(match total {
+                None => s,
+                Some(acc) => graph.add(Op::Binary(Binary::Add), &[acc, s], &format!("optim/grad_sq_acc_{i}"), "/optim/grad_sq_acc")?,
+            });
+        }
+        if let Some(total) = total {
+            let norm = graph.add(Op::Unary(Unary::Sqrt), &[total], "optim/grad_norm", "/optim/grad_norm")?;
+            let tiny = c(graph, "clip_eps", 1e-6);
+            let denom = graph.add(Op::Binary(Binary::Add), &[norm, tiny], "optim/clip_denom", "/optim/clip_denom")?;
+            let max = c(graph, "max_norm", max_norm);
+            let ratio = graph.add(Op::Binary(Binary::Div), &[max, denom], "optim/clip_ratio", "/optim/clip_ratio")?;
+            let short = graph.add(Op::Binary(Binary::Sub), &[one, ratio], "optim/clip_short", "/optim/clip_short")?;
+            let excess = graph.add(Op::Unary(Unary::Relu), &[short], "optim/clip_excess", "/optim/clip_excess")?;
+            let coef = graph.add(Op::Binary(Binary::Sub), &[one, excess], "optim/clip_coef", "/optim/clip_coef")?;
+            for (i, g) in grads.iter_mut().enumerate() {
+                *g = graph.add(Op::Binary(Binary::Mul), &[*g, coef], &format!("optim/clipped_{i}"), "/optim/clipped")?;
+            }
+            grad_norm = Some(norm);
+        }
+    }
+
+    let mut moments = vec![];
+    for (&(p, _), &g) in params.iter().zip(&grads) {
+        let name = graph.node(p).name.clone();
+        let shape = graph.shape(p).to_vec();
+        let m = graph.add_input(&format!("optim.exp_avg.{name}"), shape.clone());
+        let v = graph.add_input(&format!("optim.exp_avg_sq.{name}"), shape);
+        let op = |b| Op::Binary(b);
+        let tag = |s: &str| format!("optim/{name}/{s}");
+        let label = |s: &str| format!("/optim/{name}/{s}");
+        let bin = |graph: &mut Graph, b: Binary, x: NodeId, y: NodeId, s: &str| graph.add(op(b), &[x, y], &tag(s), &label(s));
+        // m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g²
+        let m_old = bin(graph, Binary::Mul, m, b1, "m_decay")?;
+        let m_new_part = bin(graph, Binary::Mul, g, one_m_b1, "m_grad")?;
+        let m_next = bin(graph, Binary::Add, m_old, m_new_part, "exp_avg")?;
+        let g2 = bin(graph, Binary::Mul, g, g, "grad_sq")?;
+        let v_old = bin(graph, Binary::Mul, v, b2, "v_decay")?;
+        let v_new_part = bin(graph, Binary::Mul, g2, one_m_b2, "v_grad")?;
+        let v_next = bin(graph, Binary::Add, v_old, v_new_part, "exp_avg_sq")?;
+        // p' = p (1 - lr wd) - step_size * m' / (sqrt(v') / sqrt(bc2) + eps)
+        let decayed = bin(graph, Binary::Mul, p, keep, "decayed")?;
+        let root = graph.add(Op::Unary(Unary::Sqrt), &[v_next], &tag("sqrt_v"), &label("sqrt_v"))?;
+        let scaled = bin(graph, Binary::Div, root, sqrt_bc2, "sqrt_v_hat")?;
+        let denom = bin(graph, Binary::Add, scaled, eps, "denom")?;
+        let ratio = bin(graph, Binary::Div, m_next, denom, "ratio")?;
+        let delta = bin(graph, Binary::Mul, ratio, step_size, "delta")?;
+        let p_next = bin(graph, Binary::Sub, decayed, delta, "next")?;
+        graph.updates.push((p, p_next));
+        graph.updates.push((m, m_next));
+        graph.updates.push((v, v_next));
+        moments.push(Moments { m, v });
+    }
+    Ok((moments, grad_norm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_warm_up_then_decay() {
+        assert_eq!(Schedule::Constant.lr(1.0, 0, 10, 2), 0.0);
+        assert_eq!(Schedule::Constant.lr(1.0, 1, 10, 2), 0.5);
+        assert_eq!(Schedule::Constant.lr(1.0, 5, 10, 2), 1.0);
+        assert!((Schedule::Linear.lr(1.0, 6, 10, 2) - 0.5).abs() < 1e-12);
+        assert!((Schedule::Cosine.lr(1.0, 6, 10, 2) - 0.5).abs() < 1e-12);
+        assert!(Schedule::Cosine.lr(1.0, 10, 10, 0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,245 @@
+//! Builds the training-step graph: trainable tensors become persistent state inputs, the loss
+//! is appended, autodiff adds the backward pass for the trainable tensors only, AdamW adds the
+//! update, and constant folding computes every frozen-only expression (such as the DoRA norm's
+//! `||W0[:, j]||²`) once, at compile time.
+
+use super::loss::{self, LossKind};
+use super::optimizer::{self, AdamW};
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Method, NodeId, Op};
+use crate::passes::autodiff::differentiate;
+use crate::tensor::Tensor;
+use std::collections::HashSet;
+
+/// What is trained (paper section 5 and its ablations), all through the same rewrite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainMethod {
+    /// A, B and m.
+    Dora,
+    /// A and B of a LoRA adapter.
+    Lora,
+    /// m only (A, B frozen).
+    Magnitude,
+    /// A and B (m frozen).
+    Direction,
+    /// The targeted weights themselves (no adapter).
+    Full,
+}
+
+impl TrainMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainMethod::Dora => "dora",
+            TrainMethod::Lora => "lora",
+            TrainMethod::Magnitude => "magnitude",
+            TrainMethod::Direction => "direction",
+            TrainMethod::Full => "full",
+        }
+    }
+
+    /// The adapter the model needs for this method (None for full fine-tuning).
+    pub fn adapter(self) -> Option<Method> {
+        match self {
+            TrainMethod::Lora => Some(Method::Lora),
+            TrainMethod::Full => None,
+            _ => Some(Method::Dora),
+        }
+    }
+}
+
+/// Which tensor of a layer a parameter is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamRole {
+    LoraA,
+    LoraB,
+    Magnitude,
+    Weight,
+}
+
+impl ParamRole {
+    /// The suffix used in golden files and checkpoints.
+    pub fn key(self) -> &'static str {
+        match self {
+            ParamRole::LoraA => "lora_A",
+            ParamRole::LoraB => "lora_B",
+            ParamRole::Magnitude => "magnitude",
+            ParamRole::Weight => "weight",
+        }
+    }
+}
+
+/// One trainable tensor.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// The graph input holding it (the tensor's IR name, e.g. `fc.lora_A.weight`).
+    pub name: String,
+    pub module: String,
+    pub role: ParamRole,
+    pub node: NodeId,
+    pub exp_avg: String,
+    pub exp_avg_sq: String,
+    /// The gradient's graph output name (present when built with `expose_grads`).
+    pub grad_output: String,
+    /// Starting value.
+    pub initial: Tensor,
+}
+
+/// Options for [`build`].
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub method: TrainMethod,
+    pub loss: LossKind,
+    /// The model output the loss applies to (None: the first).
+    pub output: Option<String>,
+    /// Name of the labels input (the data tensor).
+    pub labels: String,
+    pub optimizer: AdamW,
+    /// Differentiate through the DoRA norm instead of detaching it.
+    pub exact_norm_grad: bool,
+    /// Also make every gradient a graph output (tests); training fetches only the loss.
+    pub expose_grads: bool,
+    /// Modules whose weights `full` trains (None: every adapted-or-linear layer).
+    pub full_targets: Option<Vec<String>>,
+}
+
+/// A compiled training step.
+pub struct Program {
+    pub graph: Graph,
+    pub params: Vec<Param>,
+    /// Model inputs fed from the data set each step.
+    pub data_inputs: Vec<String>,
+    pub labels: String,
+    pub loss: LossKind,
+    pub has_grad_norm: bool,
+}
+
+/// Builds the step graph from a model that already carries the adapters the method needs
+/// (or, for `full`, from the base model).
+pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
+    let output = match &opts.output {
+        None => graph.outputs.first().map(|o| o.1).ok_or_else(|| Error::Input("the model has no outputs".into()))?,
+        Some(name) => graph
+            .outputs
+            .iter()
+            .find(|o| &o.0 == name)
+            .map(|o| o.1)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "--output {name}: the model's outputs are {}",
+                    graph.outputs.iter().map(|o| o.0.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?,
+    };
+    let data_inputs: Vec<String> = graph.inputs.iter().map(|&i| graph.node(i).name.clone()).collect();
+    if data_inputs.contains(&opts.labels) {
+        return Err(Error::Input(format!(
+            "--labels {}: that name is a model input; the labels need a tensor of their own",
+            opts.labels
+        )));
+    }
+
+    if opts.exact_norm_grad {
+        for n in graph.graph.node_indices().collect::<Vec<_>>() {
+            if matches!(graph.node(n).op, Op::StopGradient) {
+                graph.node_mut(n).op = Op::Identity;
+            }
+        }
+    }
+
+    // The trainable tensors, in a stable order: by layer, then A, B, m.
+    let mut chosen: Vec<(NodeId, String, ParamRole)> = vec![];
+    match opts.method {
+        TrainMethod::Full => {
+            let layers = crate::passes::find_linear_layers(&graph);
+            for l in layers {
+                let wanted = opts
+                    .full_targets
+                    .as_ref()
+                    .is_none_or(|t| t.iter().any(|p| crate::passes::matches_target(&l.module, p)));
+                if wanted {
+                    chosen.push((l.weight, l.module.clone(), ParamRole::Weight));
+                }
+            }
+        }
+        method => {
+            if graph.adapters.is_empty() {
+                return Err(Error::Input(format!("--method {}: the model has no adapters", method.name())));
+            }
+            for a in &graph.adapters {
+                let need = method.adapter();
+                if need != Some(a.method) {
+                    return Err(Error::Input(format!(
+                        "--method {}: layer '{}' has a {} adapter",
+                        method.name(),
+                        a.module,
+                        a.method.name()
+                    )));
+                }
+                if matches!(method, TrainMethod::Dora | TrainMethod::Lora | TrainMethod::Direction) {
+                    chosen.push((a.lora_a, a.module.clone(), ParamRole::LoraA));
+                    chosen.push((a.lora_b, a.module.clone(), ParamRole::LoraB));
+                }
+                if matches!(method, TrainMethod::Dora | TrainMethod::Magnitude) {
+                    if let Some(m) = a.magnitude {
+                        chosen.push((m, a.module.clone(), ParamRole::Magnitude));
+                    }
+                }
+            }
+        }
+    }
+    if chosen.is_empty() {
+        return Err(Error::Input("nothing to train: no layer matched".into()));
+    }
+    // Shared weights (tied embeddings, say) are trained once.
+    let mut seen = HashSet::new();
+    chosen.retain(|c| seen.insert(c.0));
+
+    // Trainable constants become persistent inputs, keeping their node ids (and so the
+    // adapter records) intact.
+    let mut params = vec![];
+    for (node, module, role) in &chosen {
+        let initial = graph
+            .const_tensor(*node)
+            .cloned()
+            .ok_or_else(|| Error::Graph(format!("parameter '{}' is not a constant", graph.node(*node).name)))?;
+        graph.node_mut(*node).op = Op::Input;
+        graph.inputs.push(*node);
+        let name = graph.node(*node).name.clone();
+        params.push(Param {
+            exp_avg: format!("optim.exp_avg.{name}"),
+            exp_avg_sq: format!("optim.exp_avg_sq.{name}"),
+            grad_output: format!("grad.{name}"),
+            name,
+            module: module.clone(),
+            role: *role,
+            node: *node,
+            initial,
+        });
+    }
+
+    let (_labels, loss_node) = loss::append(&mut graph, opts.loss, output, &opts.labels)?;
+    // The model's own outputs are not needed by a training step: only the loss comes back.
+    graph.outputs = vec![("loss".into(), loss_node)];
+    let nodes: Vec<NodeId> = params.iter().map(|p| p.node).collect();
+    let grads = differentiate(&mut graph, loss_node, &nodes)?;
+    if opts.expose_grads {
+        for (p, &g) in params.iter().zip(&grads) {
+            graph.outputs.push((p.grad_output.clone(), g));
+        }
+    }
+    let pairs: Vec<(NodeId, NodeId)> = nodes.iter().copied().zip(grads).collect();
+    let (_moments, grad_norm) = optimizer::append(&mut graph, &opts.optimizer, &pairs)?;
+    if let Some(n) = grad_norm {
+        graph.outputs.push((optimizer::GRAD_NORM_OUTPUT.into(), n));
+    }
+    // Frozen-only work (W0 column norms, transposed frozen weights...) happens once, here.
+    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+    Ok(Program {
+        graph,
+        params,
+        data_inputs,
+        labels: opts.labels.clone(),
+        loss: opts.loss,
+        has_grad_norm: grad_norm.is_some(),
+    })
+}

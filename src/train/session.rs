@@ -1,0 +1,182 @@
+//! Running compiled steps. Parameters, gradients and Adam moments stay on the device; each step
+//! uploads one batch and the learning rate and reads back only the loss (and the gradient norm
+//! when clipping). The reference executor runs the same program in f64 for tests and as the
+//! CPU fallback.
+
+use super::optimizer::{GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
+use super::program::Program;
+use crate::error::{Error, Result};
+use crate::runtime::{Executable, Gpu};
+use crate::tensor::{Array, Tensor};
+use std::collections::{BTreeMap, HashMap};
+
+enum Engine {
+    Gpu(Box<Executable>),
+    /// Values of every state input, kept on the host.
+    Reference(HashMap<String, Array>),
+}
+
+/// What a step reports.
+#[derive(Clone, Debug)]
+pub struct StepMetrics {
+    pub loss: f64,
+    pub grad_norm: Option<f64>,
+}
+
+/// A program with its state, ready to step.
+pub struct Session {
+    pub program: Program,
+    engine: Engine,
+    /// Names of every state input (parameters, moments, step counter).
+    state_names: Vec<String>,
+}
+
+impl Session {
+    /// Compiles for the GPU (when `gpu` is given) or the reference executor, and initialises
+    /// the state: parameters from the program, moments at zero, step 0.
+    pub fn new(program: Program, gpu: Option<&Gpu>) -> Result<Session> {
+        let g = &program.graph;
+        let state_names: Vec<String> = g.updates.iter().map(|(s, _)| g.node(*s).name.clone()).collect();
+        let engine = match gpu {
+            Some(gpu) => {
+                let plan = crate::codegen::plan(g)?;
+                Engine::Gpu(Box::new(Executable::new(gpu, &plan, g)?))
+            }
+            None => Engine::Reference(HashMap::new()),
+        };
+        let mut s = Session {
+            program,
+            engine,
+            state_names,
+        };
+        let mut init: BTreeMap<String, Array> = BTreeMap::new();
+        for p in &s.program.params {
+            init.insert(p.name.clone(), p.initial.to_array());
+            let zeros = Array::zeros(p.initial.shape.clone());
+            init.insert(p.exp_avg.clone(), zeros.clone());
+            init.insert(p.exp_avg_sq.clone(), zeros);
+        }
+        init.insert(STEP_INPUT.into(), Array::new(vec![], vec![0.0]));
+        s.write_state(&init)?;
+        Ok(s)
+    }
+
+    /// Overwrites state tensors by name (resume, or loading an adapter).
+    pub fn write_state(&mut self, values: &BTreeMap<String, Array>) -> Result<()> {
+        for (name, v) in values {
+            if !self.state_names.contains(name) {
+                return Err(Error::Input(format!("'{name}' is not part of the training state")));
+            }
+            let id = self.program.graph.find_by_name(name).expect("state names are graph inputs");
+            let want = self.program.graph.shape(id);
+            if want != v.shape.as_slice() {
+                return Err(Error::Input(format!(
+                    "state '{name}' has shape {:?}, the program expects {:?}",
+                    v.shape, want
+                )));
+            }
+            match &mut self.engine {
+                Engine::Gpu(exe) => {
+                    let data: Vec<f32> = v.data.iter().map(|&x| x as f32).collect();
+                    exe.write(name, &data)?;
+                }
+                Engine::Reference(state) => {
+                    // Keep the host state in f32, as the device does, so both engines agree.
+                    state.insert(name.clone(), v.to_tensor_f32().to_array());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the whole state back (parameters, moments, step counter).
+    pub fn read_state(&self) -> Result<BTreeMap<String, Array>> {
+        let mut out = BTreeMap::new();
+        for name in &self.state_names {
+            let id = self.program.graph.find_by_name(name).expect("state names are graph inputs");
+            let shape = self.program.graph.shape(id).to_vec();
+            let a = match &self.engine {
+                Engine::Gpu(exe) => Array::from_f32(shape, &exe.read(name)?),
+                Engine::Reference(state) => state[name].clone(),
+            };
+            out.insert(name.clone(), a);
+        }
+        Ok(out)
+    }
+
+    /// The current value of each parameter, by parameter name.
+    pub fn params(&self) -> Result<BTreeMap<String, Tensor>> {
+        let state = self.read_state()?;
+        Ok(self
+            .program
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), state[&p.name].to_tensor_f32()))
+            .collect())
+    }
+
+    /// One optimizer step on one batch (model inputs and labels by name) at learning rate `lr`.
+    /// `fetch` names extra graph outputs to read back (gradients in tests).
+    pub fn step(
+        &mut self,
+        batch: &BTreeMap<String, Array>,
+        lr: f64,
+        fetch: &[&str],
+    ) -> Result<(StepMetrics, BTreeMap<String, Array>)> {
+        let mut wanted: Vec<&str> = vec!["loss"];
+        if self.program.has_grad_norm {
+            wanted.push(GRAD_NORM_OUTPUT);
+        }
+        wanted.extend_from_slice(fetch);
+        let g = &self.program.graph;
+        let out_shape = |name: &str| -> Result<Vec<usize>> {
+            g.outputs
+                .iter()
+                .find(|o| o.0 == name)
+                .map(|o| g.shape(o.1).to_vec())
+                .ok_or_else(|| Error::Input(format!("the training step has no output '{name}'")))
+        };
+        let mut results: BTreeMap<String, Array> = BTreeMap::new();
+        match &mut self.engine {
+            Engine::Gpu(exe) => {
+                let mut inputs: HashMap<String, Vec<f32>> = batch
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+                    .collect();
+                inputs.insert(LR_INPUT.into(), vec![lr as f32]);
+                let out = exe.step(&inputs, &wanted)?;
+                for (k, v) in out {
+                    let shape = out_shape(&k)?;
+                    results.insert(k, Array::from_f32(shape, &v));
+                }
+            }
+            Engine::Reference(state) => {
+                let mut inputs: HashMap<String, Array> = state.clone();
+                for (k, v) in batch {
+                    inputs.insert(k.clone(), v.clone());
+                }
+                inputs.insert(LR_INPUT.into(), Array::new(vec![], vec![lr as f32 as f64]));
+                let values = crate::reference::run_all(g, &inputs)?;
+                for name in &wanted {
+                    let id = g.outputs.iter().find(|o| o.0 == *name).map(|o| o.1).ok_or_else(|| {
+                        Error::Input(format!("the training step has no output '{name}'"))
+                    })?;
+                    results.insert(name.to_string(), values[&id].clone());
+                }
+                for (s, next) in &g.updates {
+                    let v = values[next].to_tensor_f32().to_array();
+                    state.insert(g.node(*s).name.clone(), v);
+                }
+            }
+        }
+        let loss = results["loss"].data[0];
+        let grad_norm = results.get(GRAD_NORM_OUTPUT).map(|a| a.data[0]);
+        Ok((StepMetrics { loss, grad_norm }, results))
+    }
+
+    /// The number of optimizer steps taken so far (the device's counter).
+    pub fn steps_taken(&self) -> Result<usize> {
+        let s = self.read_state()?;
+        Ok(s[STEP_INPUT].data[0] as usize)
+    }
+}
