@@ -5,7 +5,7 @@
 // workgroups with. The 64 invocations take the positions one after the other, sharing each row's
 // classes: row_softmax_stats gives the row's max M and S = sum_j exp(z_j - M) (numerically
 // stable: exp never overflows), and the position's loss is (M - z_t) + log(S). Positions that do
-// not count (see `target`) are skipped. Every invocation knows every loss; invocation
+// not count (see `class_of`) are skipped. Every invocation knows every loss; invocation
 // row % 64 adds it to its own partial sum, and a final tree reduction adds the 64 partials, so
 // the rounding error grows with ROWS / 64, not ROWS. The mean divides by the number of positions
 // that count (NaN when none does, as in the reference).
@@ -24,7 +24,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var partial = 0.0;
     var count = 0.0;
     for (var row = 0u; row < ROWS; row = row + 1u) {
-        let t = target(row);
+        let t = class_of(row);
         if t < 0 {
             continue;
         }

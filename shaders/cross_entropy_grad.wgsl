@@ -3,7 +3,7 @@
 // Gradient of the mean softmax cross-entropy w.r.t. the logits: one workgroup per position
 // (ROWS = {{ROWS}} rows of C = {{C}} contiguous classes), dlogits[j] = dloss / count * (p_j - [j ==
 // t]) with p the row's softmax (max-subtracted, see row_softmax_stats), and zeros for positions
-// that do not count (see `target`). Each workgroup first counts the positions that do (a strided
+// that do not count (see `class_of`). Each workgroup first counts the positions that do (a strided
 // pass over the labels and a tree reduction), so the mean's divisor needs no second kernel.
 
 {{BINDINGS}}
@@ -25,14 +25,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var n = 0.0;
     for (var r = lid; r < ROWS; r = r + WG) {
-        if target(r) >= 0 {
+        if class_of(r) >= 0 {
             n = n + 1.0;
         }
     }
     let count = workgroup_sum(lid, n);
 
     let base = row * C;
-    let t = target(row);
+    let t = class_of(row);
     if t < 0 {
         for (var j = lid; j < C; j = j + WG) {
             y[base + j] = 0.0;

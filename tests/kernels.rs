@@ -572,8 +572,10 @@ fn labels(c: &mut Case, rows: usize, classes: usize, ignore_index: i64) -> Vec<f
 fn softmax_cross_entropy_and_its_gradient() {
     let mut c = Case::new("softmax_cross_entropy_and_its_gradient");
     // (logits shape, shift, ignore_index, logits range, name)
-    let cases: [(&[usize], bool, i64, f64, &str); 7] = [
+    let cases: [(&[usize], bool, i64, f64, &str); 9] = [
         (&[6, 257], false, -100, 5.0, "rows_257_classes"),
+        (&[2, 3, 1000], true, -100, 5.0, "shifted_1000_classes"),
+        (&[2, 700, 5], true, -100, 3.0, "shifted_1400_positions"),
         (&[2, 5, 257], true, -100, 5.0, "shifted_257_classes"),
         (&[3, 4, 10], false, -100, 3.0, "rank3"),
         (&[3, 9, 7], true, 2, 3.0, "shifted_ignore_a_class"),
@@ -685,6 +687,18 @@ fn grid_spill_with_a_lowered_limit() {
         epsilon: 1e-5,
     };
     c.out(op, &[x, scale], "layer_norm");
+    let col = c.input("col", &[20, 1], -1.0, 1.0);
+    c.out(Op::Expand { shape: vec![20, 200] }, &[col], "expand");
+    let dy = c.input("dy", &[20, 200], -1.0, 1.0);
+    c.out(Op::UnaryGrad(Unary::Sigmoid), &[x, dy], "sigmoid_grad");
+    let labels: Vec<f32> = (0..20).map(|i| (i * 7 % 200) as f32).collect();
+    let labels = c.input_values("labels", &[20], labels);
+    let dloss = c.input("dloss", &[], 0.5, 2.0);
+    let op = Op::SoftmaxCrossEntropyGrad {
+        ignore_index: -100,
+        shift: false,
+    };
+    c.out(op, &[x, labels, dloss], "cross_entropy_grad"); // 20 rows
     let a = c.input("a", &[5, 20, 24], -1.0, 1.0); // 5 x 2 x 2 = 20 tiles
     let b = c.input("b", &[24, 20], -1.0, 1.0);
     c.out(Op::MatMul, &[a, b], "matmul");

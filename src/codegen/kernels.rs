@@ -673,7 +673,7 @@ fn softmax(graph: &Graph, n: NodeId, axis: usize, name: &str, max_wg: u32) -> Re
 }
 
 /// `SoftmaxCrossEntropy` (one workgroup, a scalar) and `SoftmaxCrossEntropyGrad` (one workgroup
-/// per position): the templates share `row_softmax_stats` and the generated `target` helper,
+/// per position): the templates share `row_softmax_stats` and the generated `class_of` helper,
 /// which bakes in the label rules (shift, ignore_index, range).
 fn cross_entropy(
     graph: &Graph,
@@ -723,7 +723,7 @@ fn cross_entropy(
     b.finish(template, name, n, values, workgroups, summary)
 }
 
-/// `fn target(row: u32) -> i32`: the class position `row` is scored against, or -1 when it does
+/// `fn class_of(row: u32) -> i32`: the class position `row` is scored against, or -1 when it does
 /// not count, exactly as the reference decides: the label (the next position's with `shift`,
 /// where the last position of each sequence of `seq` has none) truncated to an integer, unless it
 /// is `ignore_index`, negative, or not below `c`.
@@ -759,6 +759,6 @@ fn target_helper(ignore_index: i64, shift: bool, seq: usize, c: usize) -> Result
     Ok(format!(
         "// The class position `row` is scored against, or -1 when it does not count: labels are\n\
          // class ids stored as f32 (truncated), and a label out of [0, C) does not count ({rule}).\n\
-         fn target(row: u32) -> i32 {{\n{body}\n}}"
+         fn class_of(row: u32) -> i32 {{\n{body}\n}}"
     ))
 }

@@ -40,7 +40,8 @@ pub enum BufferRole {
     Output(String),
 }
 
-/// One device buffer of f32 elements.
+/// One buffer of f32 elements: one value's storage. Several intermediates whose lifetimes do not
+/// overlap may share one device allocation (see `storage`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BufferSpec {
     /// The IR value it holds (the node's value name), for messages and the plan listing.
@@ -49,6 +50,11 @@ pub struct BufferSpec {
     /// Element count (f32 each).
     pub len: usize,
     pub role: BufferRole,
+    /// The buffer whose device allocation holds this one: itself when it has its own, or an
+    /// earlier intermediate whose last reader has run before this buffer is written (the
+    /// planner's liveness-based reuse). Allocations are as large as their owner, which is at
+    /// least as large as every buffer stored in it.
+    pub storage: BufferId,
 }
 
 impl BufferSpec {
@@ -57,6 +63,26 @@ impl BufferSpec {
     pub fn bytes(&self) -> u64 {
         4 * self.len.max(1) as u64
     }
+}
+
+/// A graph input whose value lives on the device across runs: after every run, the value of
+/// `next` becomes its value (`Graph::updates`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateSpec {
+    /// The graph input's name.
+    pub name: String,
+    /// The state's buffer (an input buffer).
+    pub buffer: BufferId,
+    /// The buffer holding the value of `next` (a view's source buffer when `next` is a view).
+    pub next: BufferId,
+}
+
+/// One buffer-to-buffer copy of `bytes` bytes, recorded after all kernels of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateCopy {
+    pub from: BufferId,
+    pub to: BufferId,
+    pub bytes: u64,
 }
 
 /// One compute dispatch.
@@ -117,12 +143,43 @@ pub struct Plan {
     pub inputs: Vec<(String, BufferId)>,
     /// Graph outputs in declaration order, and the buffers to read them from.
     pub outputs: Vec<(String, BufferId)>,
+    /// The state inputs (a subset of `inputs`), in `Graph::updates` order.
+    pub states: Vec<StateSpec>,
+    /// The copies that update the state, in the order to record them after the kernels. A
+    /// `next` that is itself a state updated by an earlier copy is first snapshotted into a
+    /// buffer of its own, so every state gets the value `next` had at the end of the kernels.
+    /// States whose `next` shares their buffer need no copy.
+    pub copies: Vec<StateCopy>,
 }
 
 impl Plan {
-    /// Bytes of device memory the buffers take.
+    /// Bytes the values would take with a buffer each (no reuse).
     pub fn total_bytes(&self) -> u64 {
         self.buffers.iter().map(|b| b.bytes()).sum()
+    }
+
+    /// Bytes of device memory actually allocated: one allocation per buffer that owns its
+    /// storage, sized for the largest buffer stored in it.
+    pub fn peak_bytes(&self) -> u64 {
+        (0..self.buffers.len())
+            .filter(|&b| self.buffers[b].storage == b)
+            .map(|b| self.allocation_bytes(b))
+            .sum()
+    }
+
+    /// The size of the allocation owned by buffer `owner` (0 when it owns none).
+    pub fn allocation_bytes(&self, owner: BufferId) -> u64 {
+        self.buffers
+            .iter()
+            .filter(|b| b.storage == owner)
+            .map(|b| b.bytes())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// True when `name` is a state input.
+    pub fn is_state(&self, name: &str) -> bool {
+        self.states.iter().any(|s| s.name == name)
     }
 }
 
@@ -196,6 +253,7 @@ pub fn plan_grouped(
             shape: node.shape.clone(),
             len: node.numel(),
             role,
+            storage: plan.buffers.len(),
         });
     }
     // Outputs last: a view may make an intermediate buffer an output.
@@ -231,7 +289,139 @@ pub fn plan_grouped(
             nodes: group,
         });
     }
+    plan_state(graph, &mut plan)?;
+    reuse_buffers(&mut plan);
     Ok(plan)
+}
+
+/// Fills [`Plan::states`] and [`Plan::copies`] from `Graph::updates`, after checking them: each
+/// state is a distinct graph input, and its `next` has as many elements.
+fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
+    let bad = |m: String| Err(Error::Graph(format!("state update: {m}")));
+    for &(state, next) in &graph.updates {
+        if !graph.contains(state) || !graph.contains(next) {
+            return bad("a (state, next) pair names a node that is not in the graph".into());
+        }
+        let node = graph.node(state);
+        if !matches!(node.op, Op::Input) || !graph.inputs.contains(&state) {
+            return bad(format!(
+                "'{}' is a {} node, not a graph input",
+                node.name,
+                node.op.name()
+            ));
+        }
+        if plan.is_state(&node.name) {
+            return bad(format!("'{}' is updated twice", node.name));
+        }
+        let next_node = graph.node(next);
+        if next_node.numel() != node.numel() {
+            return bad(format!(
+                "'{}' ({}) cannot take the value of '{}' ({})",
+                node.name,
+                shape_str(&node.shape),
+                next_node.name,
+                shape_str(&next_node.shape)
+            ));
+        }
+        plan.states.push(StateSpec {
+            name: node.name.clone(),
+            buffer: plan.node_buffers[&state],
+            next: plan.node_buffers[&next],
+        });
+    }
+    // Copies run in order, so a state that is some other state's `next` must be read before it
+    // is overwritten: snapshot such sources first.
+    let targets: HashSet<BufferId> = plan
+        .states
+        .iter()
+        .filter(|s| s.next != s.buffer)
+        .map(|s| s.buffer)
+        .collect();
+    let mut snapshots: BTreeMap<BufferId, BufferId> = BTreeMap::new();
+    for s in &plan.states {
+        if s.next != s.buffer && targets.contains(&s.next) && !snapshots.contains_key(&s.next) {
+            let src = &plan.buffers[s.next];
+            let id = plan.buffers.len();
+            plan.buffers.push(BufferSpec {
+                name: format!("{} (before the update)", src.name),
+                shape: src.shape.clone(),
+                len: src.len,
+                role: BufferRole::Intermediate,
+                storage: id,
+            });
+            snapshots.insert(s.next, id);
+        }
+    }
+    for (&from, &to) in &snapshots {
+        plan.copies.push(StateCopy {
+            from,
+            to,
+            bytes: 4 * plan.buffers[from].len as u64,
+        });
+    }
+    for s in &plan.states {
+        if s.next != s.buffer {
+            plan.copies.push(StateCopy {
+                from: snapshots.get(&s.next).copied().unwrap_or(s.next),
+                to: s.buffer,
+                bytes: 4 * plan.buffers[s.buffer].len as u64,
+            });
+        }
+    }
+    plan.copies.retain(|c| c.bytes > 0);
+    Ok(())
+}
+
+/// Liveness-based buffer reuse: walking the kernels in order, an intermediate's storage becomes
+/// free once the last kernel reading it has run, and a later kernel's output takes the smallest
+/// free allocation that is large enough (or a new one). Inputs, constants, outputs, snapshots and
+/// every buffer a state copy reads keep their own allocation. A kernel's output never shares its
+/// own inputs' storage: a storage is freed only after the kernel, so wgpu never sees one buffer
+/// bound read-only and read-write in the same dispatch.
+fn reuse_buffers(plan: &mut Plan) {
+    let copy_sources: HashSet<BufferId> = plan.copies.iter().map(|c| c.from).collect();
+    let snapshots: HashSet<BufferId> = plan.copies.iter().map(|c| c.to).collect();
+    let reusable = |b: BufferId, spec: &BufferSpec| {
+        spec.role == BufferRole::Intermediate
+            && !copy_sources.contains(&b)
+            && !snapshots.contains(&b)
+    };
+    // The last kernel that reads each buffer (or writes it, when nothing reads it).
+    let mut last_use: HashMap<BufferId, usize> = HashMap::new();
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        for b in kernel.bindings() {
+            last_use.insert(b, k);
+        }
+    }
+    // Free allocations: (bytes, owner).
+    let mut free: Vec<(u64, BufferId)> = vec![];
+    let mut assigned: HashSet<BufferId> = HashSet::new();
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        let out = kernel.output;
+        if reusable(out, &plan.buffers[out]) && assigned.insert(out) {
+            let bytes = plan.buffers[out].bytes();
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, (size, _))| *size >= bytes)
+                .min_by_key(|(_, &(size, owner))| (size, owner))
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                let (_, owner) = free.swap_remove(i);
+                plan.buffers[out].storage = owner;
+            }
+        }
+        let mut released: Vec<BufferId> = kernel
+            .bindings()
+            .filter(|&b| last_use[&b] == k && reusable(b, &plan.buffers[b]))
+            .collect();
+        released.sort();
+        released.dedup();
+        for b in released {
+            let owner = plan.buffers[b].storage;
+            free.push((plan.allocation_bytes(owner), owner));
+        }
+    }
 }
 
 /// Checks the group contract of [`plan_grouped`] and sorts the groups into execution order (by
@@ -342,12 +532,16 @@ impl fmt::Display for Plan {
     /// compute and the buffers they touch, then the buffers with their sizes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let buf = |b: BufferId| format!("b{b} '{}'", self.buffers[b].name);
+        let allocations = (0..self.buffers.len())
+            .filter(|&b| self.buffers[b].storage == b)
+            .count();
         writeln!(
             f,
-            "plan: {} kernels, {} buffers, {}",
+            "plan: {} kernels, {} buffers in {allocations} allocations, {} of values, {} allocated",
             self.kernels.len(),
             self.buffers.len(),
-            human_bytes(self.total_bytes())
+            human_bytes(self.total_bytes()),
+            human_bytes(self.peak_bytes())
         )?;
         writeln!(f, "kernels:")?;
         for k in &self.kernels {
@@ -371,12 +565,16 @@ impl fmt::Display for Plan {
         }
         writeln!(f, "buffers:")?;
         for (i, b) in self.buffers.iter().enumerate() {
-            let role = match &b.role {
+            let mut role = match &b.role {
+                BufferRole::Input(name) if self.is_state(name) => "state".to_string(),
                 BufferRole::Input(_) => "input".to_string(),
                 BufferRole::Const(n) => format!("const #{}", n.index()),
                 BufferRole::Intermediate => "intermediate".into(),
                 BufferRole::Output(name) => format!("output '{name}'"),
             };
+            if b.storage != i {
+                role += &format!(", in b{}'s memory", b.storage);
+            }
             writeln!(
                 f,
                 "  b{i:<3} {:<24} {:<12} {:>10} bytes  {role}",
@@ -385,10 +583,26 @@ impl fmt::Display for Plan {
                 b.bytes(),
             )?;
         }
+        if !self.states.is_empty() {
+            writeln!(f, "state updates, after the kernels:")?;
+            for c in &self.copies {
+                writeln!(
+                    f,
+                    "  copy {} -> {} ({} bytes)",
+                    buf(c.from),
+                    buf(c.to),
+                    c.bytes
+                )?;
+            }
+            for s in self.states.iter().filter(|s| s.next == s.buffer) {
+                writeln!(f, "  {} is its own next value: no copy", buf(s.buffer))?;
+            }
+        }
         for (name, b) in &self.outputs {
             writeln!(f, "output '{name}' <- b{b}")?;
         }
-        writeln!(f, "total: {} bytes", self.total_bytes())
+        writeln!(f, "total: {} bytes", self.total_bytes())?;
+        writeln!(f, "allocated: {} bytes", self.peak_bytes())
     }
 }
 

@@ -40,12 +40,19 @@ pub fn order(graph: &Graph) -> Result<Vec<NodeId>> {
     Ok(out)
 }
 
-/// The nodes some graph output depends on, plus the graph inputs (which are always fed).
-/// Nodes outside this set get no buffer and no kernel.
+/// The nodes some graph output or state update depends on, plus the graph inputs (which are
+/// always fed). Nodes outside this set get no buffer and no kernel.
 pub fn live(graph: &Graph) -> BTreeSet<NodeId> {
     let mut live = BTreeSet::new();
     let mut stack: Vec<NodeId> = graph.outputs.iter().map(|(_, n)| *n).collect();
     stack.extend(graph.inputs.iter().copied());
+    stack.extend(
+        graph
+            .updates
+            .iter()
+            .flat_map(|&(state, next)| [state, next])
+            .filter(|&n| graph.contains(n)),
+    );
     while let Some(n) = stack.pop() {
         if live.insert(n) {
             stack.extend(graph.inputs_of(n));

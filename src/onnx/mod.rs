@@ -266,3 +266,35 @@ pub fn parse_shape_arg(arg: &str) -> Result<(String, Vec<usize>)> {
         .map_err(|_| bad(&format!("'{dims}' is not a list of sizes")))?;
     Ok((name.to_string(), sizes))
 }
+
+/// Sets dim 0 of every graph input (initializers excluded) to `batch`. Training re-batches a
+/// model exported with a fixed batch size: dim 0 is the batch, whatever the export baked in.
+pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
+    use proto::tensor_shape_proto::dimension::Value as Dim;
+    use proto::type_proto::Value as Type;
+    let Some(graph) = model.graph.as_mut() else {
+        return;
+    };
+    let inits: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.clone())
+        .collect();
+    for vi in graph.input.iter_mut() {
+        if vi.name.as_ref().is_some_and(|n| inits.contains(n)) {
+            continue;
+        }
+        let dim0 = vi
+            .r#type
+            .as_mut()
+            .and_then(|t| t.value.as_mut())
+            .and_then(|v| match v {
+                Type::TensorType(t) => t.shape.as_mut(),
+                _ => None,
+            })
+            .and_then(|s| s.dim.first_mut());
+        if let Some(d) = dim0 {
+            d.value = Some(Dim::DimValue(batch as i64));
+        }
+    }
+}

@@ -1,13 +1,20 @@
-//! A plan made real: one pipeline and bind group per kernel, one buffer per plan buffer,
-//! constants uploaded once. A run writes the inputs, records the whole forward pass into one
-//! command encoder, submits once and reads the outputs back.
+//! A plan made real: one pipeline and bind group per kernel, one device allocation per plan
+//! buffer that owns its storage (intermediates with disjoint lifetimes share one), constants
+//! uploaded once. A step writes the inputs it is given, records the whole graph into one command
+//! encoder (kernels, then the read-back copies of the outputs asked for, then the state copies),
+//! submits once and reads back only those outputs.
+//!
+//! Graph inputs keep their values between runs: a state input (`Graph::updates`) is written
+//! once and then updated on the device by every step; any other input may be given anew to each
+//! step or written once and reused.
 
 use super::{Gpu, Scopes};
-use crate::codegen::{self, BufferRole, Plan};
+use crate::codegen::{self, BufferId, BufferRole, Plan, StateCopy};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::tensor::{shape_str, Data};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU64;
 use std::sync::{mpsc, Arc, Mutex};
 
 /// One kernel, ready to dispatch.
@@ -18,54 +25,92 @@ struct Dispatch {
     workgroups: [u32; 3],
 }
 
+/// A graph input.
+struct InputSlot {
+    name: String,
+    buffer: BufferId,
+    shape: Vec<usize>,
+    /// Updated on the device after every step (`Graph::updates`).
+    state: bool,
+}
+
+impl InputSlot {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
 /// A graph output and where it is read back through.
 struct Readback {
     name: String,
-    buffer: usize,
+    buffer: BufferId,
     len: usize,
     staging: wgpu::Buffer,
 }
 
-/// A compiled graph on one device. Build once with [`Executable::new`], then [`run`] it as many
-/// times as needed; runs on one executable are serialised (they share buffers).
+/// What the executable's buffers hold so far.
+struct Status {
+    /// Per input (in `inputs` order): whether it has been given a value.
+    written: Vec<bool>,
+    /// Whether a run has completed, so the outputs hold values.
+    ran: bool,
+}
+
+/// A compiled graph on one device. Build once with [`Executable::new`], then [`run`] or
+/// [`step`] it as many times as needed; calls on one executable are serialised (they share
+/// buffers).
 ///
 /// [`run`]: Executable::run
+/// [`step`]: Executable::step
 pub struct Executable {
     device: wgpu::Device,
     queue: wgpu::Queue,
     uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Per plan buffer, the device buffer holding it (the allocation of its `storage` owner).
     buffers: Vec<wgpu::Buffer>,
     dispatches: Vec<Dispatch>,
-    /// Graph inputs: name, buffer, shape.
-    inputs: Vec<(String, usize, Vec<usize>)>,
+    inputs: Vec<InputSlot>,
     outputs: Vec<Readback>,
-    run_lock: Mutex<()>,
+    copies: Vec<StateCopy>,
+    status: Mutex<Status>,
 }
 
 impl Executable {
-    /// Creates the buffers (checked against the device's limits first, so an oversized tensor is
-    /// named instead of failing inside wgpu), uploads the constants of `graph`, and builds one
-    /// pipeline per kernel from its naga-validated source.
+    /// Creates the allocations (checked against the device's limits first, so an oversized
+    /// tensor is named instead of failing inside wgpu), uploads the constants of `graph`, and
+    /// builds one pipeline per kernel from its naga-validated source.
     pub fn new(gpu: &Gpu, plan: &Plan, graph: &Graph) -> Result<Executable> {
         let device = gpu.device();
         let uncaptured = gpu.uncaptured();
         check_limits(gpu, plan)?;
 
         let scopes = Scopes::push(device);
-        let buffers: Vec<wgpu::Buffer> = plan
-            .buffers
-            .iter()
-            .map(|spec| {
-                device.create_buffer(&wgpu::BufferDescriptor {
+        let mut owned: HashMap<BufferId, wgpu::Buffer> = HashMap::new();
+        for (b, spec) in plan.buffers.iter().enumerate() {
+            if spec.storage == b {
+                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(&spec.name),
-                    size: spec.bytes(),
+                    size: plan.allocation_bytes(b),
                     usage: wgpu::BufferUsages::STORAGE
                         | wgpu::BufferUsages::COPY_DST
                         | wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
+                });
+                owned.insert(b, buffer);
+            }
+        }
+        let buffers: Vec<wgpu::Buffer> = plan
+            .buffers
+            .iter()
+            .map(|spec| {
+                owned.get(&spec.storage).cloned().ok_or_else(|| {
+                    Error::Gpu(format!(
+                        "plan buffer '{}' is stored in b{}, which owns no allocation (planner bug)",
+                        spec.name, spec.storage
+                    ))
                 })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (spec, buffer) in plan.buffers.iter().zip(&buffers) {
             if let BufferRole::Const(n) = spec.role {
                 let tensor = graph.const_tensor(n).ok_or_else(|| {
@@ -92,12 +137,7 @@ impl Executable {
                 name: name.clone(),
                 buffer: *b,
                 len: plan.buffers[*b].len,
-                staging: device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&format!("readback {name}")),
-                    size: plan.buffers[*b].bytes(),
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
+                staging: staging_buffer(device, &format!("readback {name}"), plan.buffers[*b].len),
             })
             .collect();
         scopes.check("creating buffers", &uncaptured)?;
@@ -106,7 +146,7 @@ impl Executable {
         for k in &plan.kernels {
             codegen::validate(&k.name, &k.source)?;
             let scopes = Scopes::push(device);
-            let (pipeline, bind_group) = build_kernel(device, k, &buffers);
+            let (pipeline, bind_group) = build_kernel(device, k, plan, &buffers);
             scopes.check(&format!("building kernel {}", k.name), &uncaptured)?;
             dispatches.push(Dispatch {
                 name: k.name.clone(),
@@ -115,10 +155,15 @@ impl Executable {
                 workgroups: k.workgroups,
             });
         }
-        let inputs = plan
+        let inputs: Vec<InputSlot> = plan
             .inputs
             .iter()
-            .map(|(name, b)| (name.clone(), *b, plan.buffers[*b].shape.clone()))
+            .map(|(name, b)| InputSlot {
+                name: name.clone(),
+                buffer: *b,
+                shape: plan.buffers[*b].shape.clone(),
+                state: plan.is_state(name),
+            })
             .collect();
         Ok(Executable {
             device: device.clone(),
@@ -126,36 +171,120 @@ impl Executable {
             uncaptured,
             buffers,
             dispatches,
+            status: Mutex::new(Status {
+                written: vec![false; inputs.len()],
+                ran: false,
+            }),
             inputs,
             outputs,
-            run_lock: Mutex::new(()),
+            copies: plan.copies.clone(),
         })
     }
 
-    /// Runs the forward pass on `inputs` (flat row-major f32 per graph input name) and returns
-    /// the graph outputs by name. Every input must be present with exactly its shape's element
-    /// count, and no unknown names may be given (a misspelt input would otherwise be silently
-    /// ignored). All kernels go into one command encoder and one submission.
+    /// Runs the graph on `inputs` (flat row-major f32 per graph input name) and returns every
+    /// graph output by name.
+    ///
+    /// Without state, every input must be present with exactly its shape's element count, and no
+    /// unknown names may be given (a misspelt input would otherwise be silently ignored). With
+    /// state (`Graph::updates`), it is [`step`](Executable::step) with every output fetched.
     pub fn run(&self, inputs: &HashMap<String, Vec<f32>>) -> Result<HashMap<String, Vec<f32>>> {
-        let _serial = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.check_inputs(inputs)?;
+        if !self.inputs.iter().any(|i| i.state) {
+            self.check_inputs(inputs)?;
+        }
+        let all: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+        self.step(inputs, &all)
+    }
+
+    /// One step: writes `inputs` (any graph inputs, state or not, by name), records all kernels,
+    /// the read-back of the `fetch`ed graph outputs and then the state copies into ONE command
+    /// encoder, submits once and returns only the fetched outputs (as computed by this step, from
+    /// the state before its update).
+    ///
+    /// Inputs not given keep their last value: every non-state input must have been given to
+    /// this or an earlier call (or [`write`](Executable::write)), and every state input must
+    /// have been initialised with `write` before the first step. Errors name what is missing,
+    /// unknown or of the wrong length, and then nothing is written or run.
+    pub fn step(
+        &self,
+        inputs: &HashMap<String, Vec<f32>>,
+        fetch: &[&str],
+    ) -> Result<HashMap<String, Vec<f32>>> {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        // Check everything before writing anything.
+        let mut given = Vec::with_capacity(inputs.len());
+        let mut unknown = vec![];
+        for (name, data) in inputs {
+            match self.input_index(name) {
+                Some(i) => {
+                    self.check_len(i, data)?;
+                    given.push((i, data));
+                }
+                None => unknown.push(name.as_str()),
+            }
+        }
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(Error::Input(format!(
+                "unknown input(s) {unknown:?}; the graph's inputs are {:?}",
+                self.input_names()
+            )));
+        }
+        let mut fetched: Vec<&Readback> = vec![];
+        for &name in fetch {
+            let o = self.outputs.iter().find(|o| o.name == name).ok_or_else(|| {
+                let outputs: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+                Error::Input(format!(
+                    "cannot fetch '{name}': the graph's outputs are {outputs:?}"
+                ))
+            })?;
+            if !fetched.iter().any(|f| f.name == o.name) {
+                fetched.push(o);
+            }
+        }
+        let has_value = |i: usize| status.written[i] || given.iter().any(|&(g, _)| g == i);
+        let missing = |state: bool| -> Vec<String> {
+            (0..self.inputs.len())
+                .filter(|&i| self.inputs[i].state == state && !has_value(i))
+                .map(|i| {
+                    let slot = &self.inputs[i];
+                    format!("'{}' ({})", slot.name, shape_str(&slot.shape))
+                })
+                .collect()
+        };
+        let (missing_inputs, missing_state) = (missing(false), missing(true));
+        if !missing_state.is_empty() {
+            return Err(Error::Input(format!(
+                "state input(s) {} not initialised: write() their initial values before the \
+                 first step",
+                missing_state.join(", ")
+            )));
+        }
+        if !missing_inputs.is_empty() {
+            return Err(Error::Input(format!(
+                "missing input(s) {}: pass them to this step or write() them first",
+                missing_inputs.join(", ")
+            )));
+        }
 
         let scopes = Scopes::push(&self.device);
-        for (name, b, _) in &self.inputs {
-            let data = &inputs[name];
+        for &(i, data) in &given {
             if !data.is_empty() {
-                self.queue
-                    .write_buffer(&self.buffers[*b], 0, bytemuck::cast_slice(data));
+                self.queue.write_buffer(
+                    &self.buffers[self.inputs[i].buffer],
+                    0,
+                    bytemuck::cast_slice(data),
+                );
             }
+            status.written[i] = true;
         }
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("forward"),
+                label: Some("step"),
             });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
+                label: Some("kernels"),
                 timestamp_writes: None,
             });
             for d in &self.dispatches {
@@ -170,20 +299,115 @@ impl Executable {
                 pass.pop_debug_group();
             }
         }
-        for o in &self.outputs {
+        // Read-backs before the state copies: outputs are this step's values, even one that
+        // shares a state's buffer.
+        for o in &fetched {
             if o.len > 0 {
                 let bytes = 4 * o.len as u64;
                 encoder.copy_buffer_to_buffer(&self.buffers[o.buffer], 0, &o.staging, 0, bytes);
             }
         }
+        for c in &self.copies {
+            encoder.copy_buffer_to_buffer(&self.buffers[c.from], 0, &self.buffers[c.to], 0, c.bytes);
+        }
         let submission = self.queue.submit([encoder.finish()]);
+        let reads: Vec<(&str, &wgpu::Buffer, usize)> = fetched
+            .iter()
+            .map(|o| (o.name.as_str(), &o.staging, o.len))
+            .collect();
+        let result = self.download(submission, scopes, &reads, "running the step");
+        if result.is_ok() {
+            status.ran = true;
+        }
+        result
+    }
 
+    /// Sets graph input `name` (a state or any other input) to `data`, flat row-major, which
+    /// must have exactly its shape's element count. Takes effect for the next step.
+    pub fn write(&self, name: &str, data: &[f32]) -> Result<()> {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let i = self.input_index(name).ok_or_else(|| {
+            Error::Input(format!(
+                "cannot write '{name}': the graph's inputs are {:?}",
+                self.input_names()
+            ))
+        })?;
+        self.check_len(i, data)?;
+        let scopes = Scopes::push(&self.device);
+        if !data.is_empty() {
+            self.queue.write_buffer(
+                &self.buffers[self.inputs[i].buffer],
+                0,
+                bytemuck::cast_slice(data),
+            );
+        }
+        scopes.check(&format!("writing input '{name}'"), &self.uncaptured)?;
+        status.written[i] = true;
+        Ok(())
+    }
+
+    /// The current value of graph input `name` (for a state, its value after the last step) or
+    /// of graph output `name` (as the last run computed it).
+    pub fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let (buffer, len) = if let Some(i) = self.input_index(name) {
+            if !status.written[i] {
+                return Err(Error::Input(format!(
+                    "input '{name}' has no value yet: write() it or pass it to a step first"
+                )));
+            }
+            (self.inputs[i].buffer, self.inputs[i].len())
+        } else if let Some(o) = self.outputs.iter().find(|o| o.name == name) {
+            if !status.ran {
+                return Err(Error::Input(format!(
+                    "output '{name}' has no value yet: run a step first"
+                )));
+            }
+            (o.buffer, o.len)
+        } else {
+            let outputs: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+            return Err(Error::Input(format!(
+                "cannot read '{name}': the graph's inputs are {:?} and its outputs {outputs:?}",
+                self.input_names()
+            )));
+        };
+        if len == 0 {
+            return Ok(vec![]);
+        }
+        let scopes = Scopes::push(&self.device);
+        let staging = staging_buffer(&self.device, &format!("read {name}"), len);
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read"),
+            });
+        encoder.copy_buffer_to_buffer(&self.buffers[buffer], 0, &staging, 0, 4 * len as u64);
+        let submission = self.queue.submit([encoder.finish()]);
+        let mut out = self.download(
+            submission,
+            scopes,
+            &[(name, &staging, len)],
+            &format!("reading '{name}'"),
+        )?;
+        Ok(out.remove(name).unwrap_or_default())
+    }
+
+    /// Waits for `submission`, checks `scopes`, and copies each mapped staging buffer out (then
+    /// unmaps it, even after a failure, so the next call can map it again).
+    fn download(
+        &self,
+        submission: wgpu::SubmissionIndex,
+        scopes: Scopes,
+        reads: &[(&str, &wgpu::Buffer, usize)],
+        context: &str,
+    ) -> Result<HashMap<String, Vec<f32>>> {
         let (tx, rx) = mpsc::channel();
-        let mapped: Vec<&Readback> = self.outputs.iter().filter(|o| o.len > 0).collect();
-        for (i, o) in mapped.iter().enumerate() {
+        let mapped: Vec<&(&str, &wgpu::Buffer, usize)> =
+            reads.iter().filter(|(_, _, len)| *len > 0).collect();
+        for (i, (_, staging, len)) in mapped.iter().enumerate() {
             let tx = tx.clone();
-            o.staging
-                .slice(..4 * o.len as u64)
+            staging
+                .slice(..4 * *len as u64)
                 .map_async(wgpu::MapMode::Read, move |r| {
                     let _ = tx.send((i, r));
                 });
@@ -193,84 +417,104 @@ impl Executable {
             submission_index: Some(submission),
             timeout: None,
         });
-        let scope_result = scopes.check("running the forward pass", &self.uncaptured);
+        let scope_result = scopes.check(context, &self.uncaptured);
         let mut map_errors = vec![];
         let mut is_mapped = vec![false; mapped.len()];
         for (i, r) in rx.try_iter() {
             match r {
                 Ok(()) => is_mapped[i] = true,
-                Err(e) => map_errors.push(format!("reading back '{}': {e}", mapped[i].name)),
+                Err(e) => map_errors.push(format!("reading back '{}': {e}", mapped[i].0)),
             }
         }
         if map_errors.is_empty() && is_mapped.iter().any(|m| !m) {
-            map_errors.push("an output buffer was not mapped after the wait".into());
+            map_errors.push("a read-back buffer was not mapped after the wait".into());
         }
         let result = (|| {
-            polled.map_err(|e| Error::Gpu(format!("waiting for the forward pass: {e}")))?;
+            polled.map_err(|e| Error::Gpu(format!("{context}: waiting for the device: {e}")))?;
             scope_result?;
             if !map_errors.is_empty() {
                 return Err(Error::Gpu(map_errors.join("; ")));
             }
             let mut out = HashMap::new();
-            for o in &self.outputs {
-                let values = if o.len == 0 {
+            for &(name, staging, len) in reads {
+                let values = if len == 0 {
                     vec![]
                 } else {
-                    let view = o
-                        .staging
-                        .slice(..4 * o.len as u64)
+                    let view = staging
+                        .slice(..4 * len as u64)
                         .get_mapped_range()
-                        .map_err(|e| {
-                            Error::Gpu(format!("reading back output '{}': {e:?}", o.name))
-                        })?;
+                        .map_err(|e| Error::Gpu(format!("reading back '{name}': {e:?}")))?;
                     bytemuck::cast_slice::<u8, f32>(&view).to_vec()
                 };
-                out.insert(o.name.clone(), values);
+                out.insert(name.to_string(), values);
             }
             Ok(out)
         })();
-        // Unmap whatever got mapped, so the next run can map again even after a failure.
-        for (o, m) in mapped.iter().zip(is_mapped) {
+        for (r, m) in mapped.iter().zip(is_mapped) {
             if m {
-                o.staging.unmap();
+                r.1.unmap();
             }
         }
         result
     }
 
-    fn check_inputs(&self, inputs: &HashMap<String, Vec<f32>>) -> Result<()> {
-        for (name, _, shape) in &self.inputs {
-            let expected: usize = shape.iter().product();
-            match inputs.get(name) {
-                None => {
-                    return Err(Error::Input(format!(
-                        "missing input '{name}' (shape {})",
-                        shape_str(shape)
-                    )))
-                }
-                Some(v) if v.len() != expected => {
-                    return Err(Error::Input(format!(
-                        "input '{name}' has {} values, its shape {} needs {expected}",
-                        v.len(),
-                        shape_str(shape)
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-        let mut unknown: Vec<&String> = inputs
-            .keys()
-            .filter(|k| !self.inputs.iter().any(|(n, _, _)| n == *k))
-            .collect();
-        if !unknown.is_empty() {
-            unknown.sort();
-            let known: Vec<&str> = self.inputs.iter().map(|(n, _, _)| n.as_str()).collect();
+    fn input_index(&self, name: &str) -> Option<usize> {
+        self.inputs.iter().position(|i| i.name == name)
+    }
+
+    fn input_names(&self) -> Vec<&str> {
+        self.inputs.iter().map(|i| i.name.as_str()).collect()
+    }
+
+    fn check_len(&self, i: usize, data: &[f32]) -> Result<()> {
+        let slot = &self.inputs[i];
+        if data.len() != slot.len() {
             return Err(Error::Input(format!(
-                "unknown input(s) {unknown:?}; the graph's inputs are {known:?}"
+                "input '{}' has {} values, its shape {} needs {}",
+                slot.name,
+                data.len(),
+                shape_str(&slot.shape),
+                slot.len()
             )));
         }
         Ok(())
     }
+
+    /// `run`'s strict check for graphs without state: every input given, none unknown.
+    fn check_inputs(&self, inputs: &HashMap<String, Vec<f32>>) -> Result<()> {
+        for slot in &self.inputs {
+            if !inputs.contains_key(&slot.name) {
+                return Err(Error::Input(format!(
+                    "missing input '{}' (shape {})",
+                    slot.name,
+                    shape_str(&slot.shape)
+                )));
+            }
+        }
+        let known: HashSet<&str> = self.input_names().into_iter().collect();
+        let mut unknown: Vec<&String> = inputs
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(Error::Input(format!(
+                "unknown input(s) {unknown:?}; the graph's inputs are {:?}",
+                self.input_names()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A MAP_READ buffer for `len` f32 values (at least 4 bytes).
+fn staging_buffer(device: &wgpu::Device, label: &str, len: usize) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: 4 * len.max(1) as u64,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
 }
 
 /// Refuses, with the tensor's or kernel's name, what the device cannot hold or dispatch.
@@ -320,6 +564,7 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
 fn build_kernel(
     device: &wgpu::Device,
     k: &codegen::Kernel,
+    plan: &Plan,
     buffers: &[wgpu::Buffer],
 ) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -362,7 +607,12 @@ fn build_kernel(
         .enumerate()
         .map(|(i, b)| wgpu::BindGroupEntry {
             binding: i as u32,
-            resource: buffers[b].as_entire_binding(),
+            // The value's own bytes at the start of its allocation, which may be larger.
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &buffers[b],
+                offset: 0,
+                size: NonZeroU64::new(plan.buffers[b].bytes()),
+            }),
         })
         .collect();
     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {

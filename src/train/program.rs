@@ -110,6 +110,7 @@ pub struct Program {
     pub data_inputs: Vec<String>,
     pub labels: String,
     pub loss: LossKind,
+    pub optimizer: AdamW,
     pub has_grad_norm: bool,
 }
 
@@ -240,6 +241,7 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
         data_inputs,
         labels: opts.labels.clone(),
         loss: opts.loss,
+        optimizer: opts.optimizer.clone(),
         has_grad_norm: grad_norm.is_some(),
     })
 }
