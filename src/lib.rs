@@ -17,8 +17,8 @@ pub mod onnx;
 pub mod passes;
 pub mod reference;
 pub mod runtime;
-pub mod train;
 pub mod tensor;
 pub mod tensors_io;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -527,8 +527,8 @@ fn unary_grads() {
 fn unary_grads_survive_large_inputs() {
     let mut c = Case::new("unary_grads_survive_large_inputs");
     let big = vec![
-        -1e4, -500.0, -100.0, -89.0, -45.0, -10.0, -6.0, -0.5, -1e-3, -1e-8, 0.0, 1e-8, 1e-3,
-        0.39, 0.41, 0.5, 6.0, 10.0, 45.0, 89.0, 100.0, 500.0, 1e4,
+        -1e4, -500.0, -100.0, -89.0, -45.0, -10.0, -6.0, -0.5, -1e-3, -1e-8, 0.0, 1e-8, 1e-3, 0.39,
+        0.41, 0.5, 6.0, 10.0, 45.0, 89.0, 100.0, 500.0, 1e4,
     ];
     let n = big.len();
     let x = c.input_values("x", &[n], big);
@@ -688,7 +688,13 @@ fn grid_spill_with_a_lowered_limit() {
     };
     c.out(op, &[x, scale], "layer_norm");
     let col = c.input("col", &[20, 1], -1.0, 1.0);
-    c.out(Op::Expand { shape: vec![20, 200] }, &[col], "expand");
+    c.out(
+        Op::Expand {
+            shape: vec![20, 200],
+        },
+        &[col],
+        "expand",
+    );
     let dy = c.input("dy", &[20, 200], -1.0, 1.0);
     c.out(Op::UnaryGrad(Unary::Sigmoid), &[x, dy], "sigmoid_grad");
     let labels: Vec<f32> = (0..20).map(|i| (i * 7 % 200) as f32).collect();

@@ -45,7 +45,10 @@ fn program(case: &Case, data: &BTreeMap<String, Array>) -> dorac::train::Program
         &Default::default(),
     )
     .unwrap();
-    let adapter = case.spec["adapter"].as_str().unwrap().trim_start_matches("../");
+    let adapter = case.spec["adapter"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("../");
     let a = dorac::adapter::load(&dir.join(adapter)).unwrap();
     dorac::adapter::apply(&mut graph, &a).unwrap();
     let s = &case.spec;
@@ -61,7 +64,11 @@ fn program(case: &Case, data: &BTreeMap<String, Array>) -> dorac::train::Program
         k => panic!("unknown loss {k}"),
     };
     let opts = BuildOptions {
-        method: if s["method"] == "lora" { TrainMethod::Lora } else { TrainMethod::Dora },
+        method: if s["method"] == "lora" {
+            TrainMethod::Lora
+        } else {
+            TrainMethod::Dora
+        },
         loss,
         output: None,
         labels: labels.into(),
@@ -84,7 +91,8 @@ fn check_case(case: &Case, gpu: bool) {
     let dir = models_dir().join(case.model).join("train");
     let data = dorac::tensors_io::read_safetensors(&dir.join("data.safetensors")).unwrap();
     let golden =
-        dorac::tensors_io::read_safetensors(&dir.join(case.spec["file"].as_str().unwrap())).unwrap();
+        dorac::tensors_io::read_safetensors(&dir.join(case.spec["file"].as_str().unwrap()))
+            .unwrap();
     let prog = program(case, &data);
     let params = prog.params.clone();
     let labels = prog.labels.clone();
@@ -97,7 +105,12 @@ fn check_case(case: &Case, gpu: bool) {
     let fetch: Vec<&str> = params.iter().map(|p| p.grad_output.as_str()).collect();
     // The issue asks 1e-5; the reference keeps state in f32 as the device does, so the same.
     let tol = 1e-5;
-    let tag = format!("{} {} ({})", case.model, case.name, if gpu { "gpu" } else { "reference" });
+    let tag = format!(
+        "{} {} ({})",
+        case.model,
+        case.name,
+        if gpu { "gpu" } else { "reference" }
+    );
     let mut grads = BTreeMap::new();
     for step in 0..steps {
         let (metrics, out) = session.step(&batch, lr, &fetch).unwrap();
@@ -107,8 +120,15 @@ fn check_case(case: &Case, gpu: bool) {
             golden["losses"].data[step]
         };
         let e = (metrics.loss - want).abs() / want.abs();
-        println!("{tag}: step {step} loss {} vs {want} ({e:.1e})", metrics.loss);
-        assert!(e < tol, "{tag}: loss at step {step}: {} vs {want}", metrics.loss);
+        println!(
+            "{tag}: step {step} loss {} vs {want} ({e:.1e})",
+            metrics.loss
+        );
+        assert!(
+            e < tol,
+            "{tag}: loss at step {step}: {} vs {want}",
+            metrics.loss
+        );
         if let (Some(n), Some(want)) = (metrics.grad_norm, golden.get("grad_norm")) {
             let e = (n - want.data[0]).abs() / want.data[0];
             assert!(e < tol, "{tag}: grad norm {n} vs {}", want.data[0]);
@@ -132,7 +152,10 @@ fn check_case(case: &Case, gpu: bool) {
             assert!(e < tol, "{tag}: {what}.{key} rel err {e:e}");
         }
     }
-    println!("{tag}: worst relative error {worst:.2e} over {} tensors", params.len() * 4);
+    println!(
+        "{tag}: worst relative error {worst:.2e} over {} tensors",
+        params.len() * 4
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod demo;
 mod merge;
 mod rewrite;
 mod run;
+mod train;
 
 use crate::error::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,7 @@ Examples:
   dorac run model.dora.onnx --inputs models/mlp3d/inputs.safetensors -o y.safetensors
   dorac run models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora --inputs models/mlp3d/inputs.safetensors
   dorac merge models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora -o merged.onnx
+  dorac train models/mlp2d/model.onnx --data models/mlp2d/train/data.safetensors --loss mse --lr 1e-2
   dorac demo";
 
 #[derive(Subcommand, Debug)]
@@ -39,6 +41,8 @@ pub enum Command {
     Run(run::Args),
     /// Fold adapters into the base weights: the base graph with new weights and nothing more.
     Merge(merge::Args),
+    /// Train adapters: forward, loss, backward and AdamW compiled into one GPU step.
+    Train(train::Args),
     /// Show what dorac makes of a model: the IR, the generated WGSL, the execution plan.
     Compile(compile::Args),
     /// Rewrite, run, merge and compare on a bundled model, end to end.
@@ -51,6 +55,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Rewrite(a) => rewrite::run(a),
         Command::Run(a) => run::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Train(a) => train::run(a),
         Command::Compile(a) => compile::run(a),
         Command::Demo(a) => demo::run(a),
     }

@@ -261,6 +261,7 @@ fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Resul
 /// spelt out (`sigmoid_grad`).
 fn op_title(op: &Op) -> String {
     match op {
+        Op::UnaryGrad(Unary::Gelu { tanh: true }) => "gelu_tanh_grad".into(),
         Op::UnaryGrad(u) => format!("{}_grad", Op::Unary(*u).name()),
         op => op.name().to_string(),
     }
@@ -687,10 +688,13 @@ fn cross_entropy(
     let grad = matches!(node.op, Op::SoftmaxCrossEntropyGrad { .. });
     let ins = graph.inputs_of(n);
     let logits_shape = graph.shape(ins[0]).to_vec();
-    let c = *logits_shape.last().expect("shape checked: logits have a class dim");
+    let c = *logits_shape
+        .last()
+        .expect("shape checked: logits have a class dim");
     let rows = numel(graph.shape(ins[1]));
+    // (At least 1: with no positions there are no rows, and the modulus must not be 0.)
     let seq = if shift {
-        logits_shape[logits_shape.len() - 2]
+        logits_shape[logits_shape.len() - 2].max(1)
     } else {
         1
     };
@@ -752,13 +756,19 @@ fn target_helper(ignore_index: i64, shift: bool, seq: usize, c: usize) -> Result
         "    if l < 0.0 || l >= {c_lit}{ignore} {{\n        return -1;\n    }}\n    return i32(l);"
     );
     let rule = if ignore.is_empty() {
-        format!("ignore_index {ignore_index} is out of the class range, so only that applies")
+        format!("ignore_index {ignore_index} lies outside [0, C), so it needs no test of its own")
     } else {
-        format!("or ignore_index {ignore_index}")
+        format!("neither does ignore_index {ignore_index}")
+    };
+    let shifted = if shift {
+        "\n// Shifted (next-token loss): position `row` is scored against the label of `row + 1`."
+    } else {
+        ""
     };
     Ok(format!(
-        "// The class position `row` is scored against, or -1 when it does not count: labels are\n\
-         // class ids stored as f32 (truncated), and a label out of [0, C) does not count ({rule}).\n\
+        "// The class that position `row` is scored against, or -1 when it does not count. Labels\n\
+         // are class ids stored as f32 (truncated); a label outside [0, C) does not count, and\n\
+         // {rule}.{shifted}\n\
          fn class_of(row: u32) -> i32 {{\n{body}\n}}"
     ))
 }

@@ -145,10 +145,10 @@ pub struct Plan {
     pub outputs: Vec<(String, BufferId)>,
     /// The state inputs (a subset of `inputs`), in `Graph::updates` order.
     pub states: Vec<StateSpec>,
-    /// The copies that update the state, in the order to record them after the kernels. A
-    /// `next` that is itself a state updated by an earlier copy is first snapshotted into a
-    /// buffer of its own, so every state gets the value `next` had at the end of the kernels.
-    /// States whose `next` shares their buffer need no copy.
+    /// The copies that update the state, in the order to record them after the kernels: a copy
+    /// that reads a state comes before the one that overwrites it, and states that swap values
+    /// go through a snapshot buffer, so every state gets the value its `next` had at the end of
+    /// the kernels. States whose `next` shares their buffer need no copy.
     pub copies: Vec<StateCopy>,
 }
 
@@ -329,46 +329,46 @@ fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
             next: plan.node_buffers[&next],
         });
     }
-    // Copies run in order, so a state that is some other state's `next` must be read before it
-    // is overwritten: snapshot such sources first.
-    let targets: HashSet<BufferId> = plan
+    // Copies run in order, so a copy that reads a state's buffer must come before the copy that
+    // overwrites it: emit first the copies whose target no pending copy reads. When only cycles
+    // are left (states that swap values), snapshot one target into a buffer of its own.
+    let mut pending: Vec<StateCopy> = plan
         .states
         .iter()
-        .filter(|s| s.next != s.buffer)
-        .map(|s| s.buffer)
+        .filter(|s| s.next != s.buffer && plan.buffers[s.buffer].len > 0)
+        .map(|s| StateCopy {
+            from: s.next,
+            to: s.buffer,
+            bytes: 4 * plan.buffers[s.buffer].len as u64,
+        })
         .collect();
-    let mut snapshots: BTreeMap<BufferId, BufferId> = BTreeMap::new();
-    for s in &plan.states {
-        if s.next != s.buffer && targets.contains(&s.next) && !snapshots.contains_key(&s.next) {
-            let src = &plan.buffers[s.next];
-            let id = plan.buffers.len();
-            plan.buffers.push(BufferSpec {
-                name: format!("{} (before the update)", src.name),
-                shape: src.shape.clone(),
-                len: src.len,
-                role: BufferRole::Intermediate,
-                storage: id,
-            });
-            snapshots.insert(s.next, id);
+    while !pending.is_empty() {
+        let ready = pending
+            .iter()
+            .position(|c| !pending.iter().any(|o| o.from == c.to));
+        if let Some(i) = ready {
+            plan.copies.push(pending.remove(i));
+            continue;
         }
-    }
-    for (&from, &to) in &snapshots {
-        plan.copies.push(StateCopy {
-            from,
-            to,
-            bytes: 4 * plan.buffers[from].len as u64,
+        let victim = pending[0].to;
+        let src = &plan.buffers[victim];
+        let snapshot = plan.buffers.len();
+        plan.buffers.push(BufferSpec {
+            name: format!("{} (before the update)", src.name),
+            shape: src.shape.clone(),
+            len: src.len,
+            role: BufferRole::Intermediate,
+            storage: snapshot,
         });
-    }
-    for s in &plan.states {
-        if s.next != s.buffer {
-            plan.copies.push(StateCopy {
-                from: snapshots.get(&s.next).copied().unwrap_or(s.next),
-                to: s.buffer,
-                bytes: 4 * plan.buffers[s.buffer].len as u64,
-            });
+        plan.copies.push(StateCopy {
+            from: victim,
+            to: snapshot,
+            bytes: pending[0].bytes,
+        });
+        for c in pending.iter_mut().filter(|c| c.from == victim) {
+            c.from = snapshot;
         }
     }
-    plan.copies.retain(|c| c.bytes > 0);
     Ok(())
 }
 

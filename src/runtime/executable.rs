@@ -231,12 +231,16 @@ impl Executable {
         }
         let mut fetched: Vec<&Readback> = vec![];
         for &name in fetch {
-            let o = self.outputs.iter().find(|o| o.name == name).ok_or_else(|| {
-                let outputs: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
-                Error::Input(format!(
-                    "cannot fetch '{name}': the graph's outputs are {outputs:?}"
-                ))
-            })?;
+            let o = self
+                .outputs
+                .iter()
+                .find(|o| o.name == name)
+                .ok_or_else(|| {
+                    let outputs: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+                    Error::Input(format!(
+                        "cannot fetch '{name}': the graph's outputs are {outputs:?}"
+                    ))
+                })?;
             if !fetched.iter().any(|f| f.name == o.name) {
                 fetched.push(o);
             }
@@ -308,7 +312,13 @@ impl Executable {
             }
         }
         for c in &self.copies {
-            encoder.copy_buffer_to_buffer(&self.buffers[c.from], 0, &self.buffers[c.to], 0, c.bytes);
+            encoder.copy_buffer_to_buffer(
+                &self.buffers[c.from],
+                0,
+                &self.buffers[c.to],
+                0,
+                c.bytes,
+            );
         }
         let submission = self.queue.submit([encoder.finish()]);
         let reads: Vec<(&str, &wgpu::Buffer, usize)> = fetched

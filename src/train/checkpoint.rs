@@ -33,7 +33,12 @@ pub fn sync_params(graph: &mut Graph, session: &Session) -> Result<()> {
 /// (full fine-tuning). `graph` is the model graph with adapters, parameters synced.
 pub fn write_weights(graph: &Graph, session: &Session, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    if session.program.params.iter().all(|p| p.role == ParamRole::Weight) {
+    if session
+        .program
+        .params
+        .iter()
+        .all(|p| p.role == ParamRole::Weight)
+    {
         let tensors: BTreeMap<String, Array> = session
             .params()?
             .into_iter()
@@ -51,9 +56,20 @@ pub fn save(out: &Path, graph: &Graph, session: &Session, trainer: &Value) -> Re
     let final_dir = out.join(format!("checkpoint-{step}"));
     let tmp = out.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    let state = session.read_state()?;
+    if let Some((name, _)) = state
+        .iter()
+        .find(|(_, a)| a.data.iter().any(|v| !v.is_finite()))
+    {
+        let last = latest(out)?
+            .map(|(s, d)| format!("the last checkpoint ({}, step {s}) is intact", d.display()))
+            .unwrap_or_else(|| "no checkpoint was written".into());
+        return Err(Error::Input(format!(
+            "'{name}' became non-finite at step {step}; stopping: {last}. Try a lower --lr or --grad-clip"
+        )));
+    }
     let result = (|| -> Result<()> {
         write_weights(graph, session, &tmp)?;
-        let state = session.read_state()?;
         write_safetensors(&tmp.join(STATE_FILE), &state)?;
         let text = serde_json::to_string_pretty(trainer).expect("JSON serialises");
         write_atomic(&tmp.join(TRAINER_FILE), text.as_bytes())?;
@@ -83,7 +99,10 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut found = vec![];
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             if e.path().join(TRAINER_FILE).exists() {
                 found.push((step, e.path()));
             }
@@ -97,15 +116,18 @@ pub fn latest(out: &Path) -> Result<Option<(usize, PathBuf)>> {
     Ok(list(out)?.into_iter().max())
 }
 
-/// Loads a checkpoint's optimizer state (parameters, moments, step) into the session and
-/// returns its trainer record.
-pub fn restore(dir: &Path, session: &mut Session) -> Result<Value> {
-    let state = read_safetensors(&dir.join(STATE_FILE))?;
-    session.write_state(&state)?;
+/// A checkpoint's trainer record (step, settings).
+pub fn read_record(dir: &Path) -> Result<Value> {
     let path = dir.join(TRAINER_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| Error::Input(format!("{}: invalid JSON ({e})", path.display())))
+}
+
+/// Loads a checkpoint's optimizer state (parameters, moments, step) into the session.
+pub fn restore(dir: &Path, session: &mut Session) -> Result<()> {
+    let state = read_safetensors(&dir.join(STATE_FILE))?;
+    session.write_state(&state)
 }
 
 /// The trainer record stored with each checkpoint.

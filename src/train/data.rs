@@ -33,7 +33,11 @@ pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
     let mut raw = read_safetensors_typed(path)?;
     let mut tensors = BTreeMap::new();
     let mut examples: Option<(usize, String)> = None;
-    let mut take = |name: &str, per_example: &[usize], integer: bool, raw: &mut BTreeMap<String, (Array, Stored)>| -> Result<()> {
+    let mut take = |name: &str,
+                    per_example: &[usize],
+                    integer: bool,
+                    raw: &mut BTreeMap<String, (Array, Stored)>|
+     -> Result<()> {
         let Some((a, stored)) = raw.remove(name) else {
             return Err(Error::Input(format!(
                 "{file}: no tensor named '{name}' (it has: {})",
@@ -57,7 +61,11 @@ pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
             return Err(Error::Input(format!(
                 "{file}: '{name}' has shape {}, expected [examples, {}]",
                 shape_str(&a.shape),
-                per_example.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                per_example
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         match &examples {
@@ -102,7 +110,9 @@ pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
     }
     let examples = examples.map(|e| e.0).unwrap_or(0);
     if examples == 0 {
-        return Err(Error::Input(format!("{file}: the data set has no examples")));
+        return Err(Error::Input(format!(
+            "{file}: the data set has no examples"
+        )));
     }
     Ok(Dataset { tensors, examples })
 }
@@ -130,7 +140,8 @@ impl Dataset {
     pub fn order(&self, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.examples).collect();
         if shuffle {
-            let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed);
+            let mut rng =
+                Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed);
             for i in (1..idx.len()).rev() {
                 let j = (rng.next_u64() % (i as u64 + 1)) as usize;
                 idx.swap(i, j);

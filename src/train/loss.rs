@@ -43,7 +43,12 @@ impl LossKind {
 }
 
 /// Adds a labels input named `labels` and the scalar loss on `output`; returns (labels, loss).
-pub fn append(graph: &mut Graph, kind: LossKind, output: NodeId, labels: &str) -> Result<(NodeId, NodeId)> {
+pub fn append(
+    graph: &mut Graph,
+    kind: LossKind,
+    output: NodeId,
+    labels: &str,
+) -> Result<(NodeId, NodeId)> {
     let out_shape = graph.shape(output).to_vec();
     if kind != LossKind::Mse && out_shape.is_empty() {
         return Err(Error::Input(format!(
@@ -62,14 +67,22 @@ pub fn append(graph: &mut Graph, kind: LossKind, output: NodeId, labels: &str) -
     let label_node = graph.add_input(labels, kind.label_shape(&out_shape));
     let loss = match kind {
         LossKind::Mse => {
-            let diff = graph.add(Op::Binary(Binary::Sub), &[output, label_node], "loss/diff", "/loss/mse/diff")?;
+            let diff = graph.add(
+                Op::Binary(Binary::Sub),
+                &[output, label_node],
+                "loss/diff",
+                "/loss/mse/diff",
+            )?;
             let sq = Op::Reduce {
                 kind: Reduce::SumSquare,
                 axes: (0..out_shape.len()).collect(),
                 keepdims: false,
             };
             let total = graph.add(sq, &[diff], "loss/sum_sq", "/loss/mse/sum_sq")?;
-            let inv = graph.add_const("loss/inv_count", Tensor::scalar(1.0 / numel(&out_shape).max(1) as f32));
+            let inv = graph.add_const(
+                "loss/inv_count",
+                Tensor::scalar(1.0 / numel(&out_shape).max(1) as f32),
+            );
             graph.add(Op::Binary(Binary::Mul), &[total, inv], "loss", "/loss/mse")?
         }
         LossKind::CrossEntropy { ignore_index } | LossKind::Lm { ignore_index } => {

@@ -91,7 +91,9 @@ pub fn append(
     cfg: &AdamW,
     params: &[(NodeId, NodeId)],
 ) -> Result<(Vec<Moments>, Option<NodeId>)> {
-    let c = |g: &mut Graph, name: &str, v: f64| g.add_const(&format!("optim/{name}"), Tensor::scalar(v as f32));
+    let c = |g: &mut Graph, name: &str, v: f64| {
+        g.add_const(&format!("optim/{name}"), Tensor::scalar(v as f32))
+    };
     let lr = graph.add_input(LR_INPUT, vec![]);
     let step_size = graph.add_input(STEP_SIZE_INPUT, vec![]);
     let sqrt_bc2 = graph.add_input(BC2_SQRT_INPUT, vec![]);
@@ -99,9 +101,22 @@ pub fn append(
     let b1 = c(graph, "beta1", cfg.beta1);
     let b2 = c(graph, "beta2", cfg.beta2);
     let decay = c(graph, "weight_decay", cfg.weight_decay);
-    let lr_wd = graph.add(Op::Binary(Binary::Mul), &[lr, decay], "optim/lr_wd", "/optim/lr_wd")?;
-    let keep = graph.add(Op::Binary(Binary::Sub), &[one, lr_wd], "optim/keep", "/optim/keep")?;
-    let (one_m_b1, one_m_b2) = (c(graph, "one_minus_beta1", 1.0 - cfg.beta1), c(graph, "one_minus_beta2", 1.0 - cfg.beta2));
+    let lr_wd = graph.add(
+        Op::Binary(Binary::Mul),
+        &[lr, decay],
+        "optim/lr_wd",
+        "/optim/lr_wd",
+    )?;
+    let keep = graph.add(
+        Op::Binary(Binary::Sub),
+        &[one, lr_wd],
+        "optim/keep",
+        "/optim/keep",
+    )?;
+    let (one_m_b1, one_m_b2) = (
+        c(graph, "one_minus_beta1", 1.0 - cfg.beta1),
+        c(graph, "one_minus_beta2", 1.0 - cfg.beta2),
+    );
     let eps = c(graph, "eps", cfg.eps);
 
     // Global-norm clipping: coef = min(1, max_norm / (norm + 1e-6)) = 1 - relu(1 - ratio).
@@ -119,20 +134,60 @@ pub fn append(
             let s = graph.add(sq, &[g], &format!("optim/grad_sq_{i}"), "/optim/grad_sq")?;
             total = Some(match total {
                 None => s,
-                Some(acc) => graph.add(Op::Binary(Binary::Add), &[acc, s], &format!("optim/grad_sq_acc_{i}"), "/optim/grad_sq_acc")?,
+                Some(acc) => graph.add(
+                    Op::Binary(Binary::Add),
+                    &[acc, s],
+                    &format!("optim/grad_sq_acc_{i}"),
+                    "/optim/grad_sq_acc",
+                )?,
             });
         }
         if let Some(total) = total {
-            let norm = graph.add(Op::Unary(Unary::Sqrt), &[total], "optim/grad_norm", "/optim/grad_norm")?;
+            let norm = graph.add(
+                Op::Unary(Unary::Sqrt),
+                &[total],
+                "optim/grad_norm",
+                "/optim/grad_norm",
+            )?;
             let tiny = c(graph, "clip_eps", 1e-6);
-            let denom = graph.add(Op::Binary(Binary::Add), &[norm, tiny], "optim/clip_denom", "/optim/clip_denom")?;
+            let denom = graph.add(
+                Op::Binary(Binary::Add),
+                &[norm, tiny],
+                "optim/clip_denom",
+                "/optim/clip_denom",
+            )?;
             let max = c(graph, "max_norm", max_norm);
-            let ratio = graph.add(Op::Binary(Binary::Div), &[max, denom], "optim/clip_ratio", "/optim/clip_ratio")?;
-            let short = graph.add(Op::Binary(Binary::Sub), &[one, ratio], "optim/clip_short", "/optim/clip_short")?;
-            let excess = graph.add(Op::Unary(Unary::Relu), &[short], "optim/clip_excess", "/optim/clip_excess")?;
-            let coef = graph.add(Op::Binary(Binary::Sub), &[one, excess], "optim/clip_coef", "/optim/clip_coef")?;
+            let ratio = graph.add(
+                Op::Binary(Binary::Div),
+                &[max, denom],
+                "optim/clip_ratio",
+                "/optim/clip_ratio",
+            )?;
+            let short = graph.add(
+                Op::Binary(Binary::Sub),
+                &[one, ratio],
+                "optim/clip_short",
+                "/optim/clip_short",
+            )?;
+            let excess = graph.add(
+                Op::Unary(Unary::Relu),
+                &[short],
+                "optim/clip_excess",
+                "/optim/clip_excess",
+            )?;
+            let coef = graph.add(
+                Op::Binary(Binary::Sub),
+                &[one, excess],
+                "optim/clip_coef",
+                "/optim/clip_coef",
+            )?;
             for (i, g) in grads.iter_mut().enumerate() {
-                *g = graph.add(Op::Binary(Binary::Mul), &[*g, coef], &format!("optim/clipped_{i}"), "/optim/clipped")?;
+                *g = graph.add(
+                    Op::Binary(Binary::Mul),
+                    &[*g, coef],
+                    &format!("optim/clipped_{i}"),
+                    "/optim/clipped",
+                )?;
             }
             grad_norm = Some(norm);
         }
@@ -147,7 +202,9 @@ pub fn append(
         let op = |b| Op::Binary(b);
         let tag = |s: &str| format!("optim/{name}/{s}");
         let label = |s: &str| format!("/optim/{name}/{s}");
-        let bin = |graph: &mut Graph, b: Binary, x: NodeId, y: NodeId, s: &str| graph.add(op(b), &[x, y], &tag(s), &label(s));
+        let bin = |graph: &mut Graph, b: Binary, x: NodeId, y: NodeId, s: &str| {
+            graph.add(op(b), &[x, y], &tag(s), &label(s))
+        };
         // m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g²
         let m_old = bin(graph, Binary::Mul, m, b1, "m_decay")?;
         let m_new_part = bin(graph, Binary::Mul, g, one_m_b1, "m_grad")?;
@@ -158,7 +215,12 @@ pub fn append(
         let v_next = bin(graph, Binary::Add, v_old, v_new_part, "exp_avg_sq")?;
         // p' = p (1 - lr wd) - step_size * m' / (sqrt(v') / sqrt(bc2) + eps)
         let decayed = bin(graph, Binary::Mul, p, keep, "decayed")?;
-        let root = graph.add(Op::Unary(Unary::Sqrt), &[v_next], &tag("sqrt_v"), &label("sqrt_v"))?;
+        let root = graph.add(
+            Op::Unary(Unary::Sqrt),
+            &[v_next],
+            &tag("sqrt_v"),
+            &label("sqrt_v"),
+        )?;
         let scaled = bin(graph, Binary::Div, root, sqrt_bc2, "sqrt_v_hat")?;
         let denom = bin(graph, Binary::Add, scaled, eps, "denom")?;
         let ratio = bin(graph, Binary::Div, m_next, denom, "ratio")?;

@@ -118,7 +118,11 @@ pub struct Program {
 /// (or, for `full`, from the base model).
 pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
     let output = match &opts.output {
-        None => graph.outputs.first().map(|o| o.1).ok_or_else(|| Error::Input("the model has no outputs".into()))?,
+        None => graph
+            .outputs
+            .first()
+            .map(|o| o.1)
+            .ok_or_else(|| Error::Input("the model has no outputs".into()))?,
         Some(name) => graph
             .outputs
             .iter()
@@ -127,11 +131,20 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
             .ok_or_else(|| {
                 Error::Input(format!(
                     "--output {name}: the model's outputs are {}",
-                    graph.outputs.iter().map(|o| o.0.as_str()).collect::<Vec<_>>().join(", ")
+                    graph
+                        .outputs
+                        .iter()
+                        .map(|o| o.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?,
     };
-    let data_inputs: Vec<String> = graph.inputs.iter().map(|&i| graph.node(i).name.clone()).collect();
+    let data_inputs: Vec<String> = graph
+        .inputs
+        .iter()
+        .map(|&i| graph.node(i).name.clone())
+        .collect();
     if data_inputs.contains(&opts.labels) {
         return Err(Error::Input(format!(
             "--labels {}: that name is a model input; the labels need a tensor of their own",
@@ -153,10 +166,10 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
         TrainMethod::Full => {
             let layers = crate::passes::find_linear_layers(&graph);
             for l in layers {
-                let wanted = opts
-                    .full_targets
-                    .as_ref()
-                    .is_none_or(|t| t.iter().any(|p| crate::passes::matches_target(&l.module, p)));
+                let wanted = opts.full_targets.as_ref().is_none_or(|t| {
+                    t.iter()
+                        .any(|p| crate::passes::matches_target(&l.module, p))
+                });
                 if wanted {
                     chosen.push((l.weight, l.module.clone(), ParamRole::Weight));
                 }
@@ -164,7 +177,10 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
         }
         method => {
             if graph.adapters.is_empty() {
-                return Err(Error::Input(format!("--method {}: the model has no adapters", method.name())));
+                return Err(Error::Input(format!(
+                    "--method {}: the model has no adapters",
+                    method.name()
+                )));
             }
             for a in &graph.adapters {
                 let need = method.adapter();
@@ -176,7 +192,10 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
                         a.method.name()
                     )));
                 }
-                if matches!(method, TrainMethod::Dora | TrainMethod::Lora | TrainMethod::Direction) {
+                if matches!(
+                    method,
+                    TrainMethod::Dora | TrainMethod::Lora | TrainMethod::Direction
+                ) {
                     chosen.push((a.lora_a, a.module.clone(), ParamRole::LoraA));
                     chosen.push((a.lora_b, a.module.clone(), ParamRole::LoraB));
                 }
@@ -199,10 +218,12 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
     // adapter records) intact.
     let mut params = vec![];
     for (node, module, role) in &chosen {
-        let initial = graph
-            .const_tensor(*node)
-            .cloned()
-            .ok_or_else(|| Error::Graph(format!("parameter '{}' is not a constant", graph.node(*node).name)))?;
+        let initial = graph.const_tensor(*node).cloned().ok_or_else(|| {
+            Error::Graph(format!(
+                "parameter '{}' is not a constant",
+                graph.node(*node).name
+            ))
+        })?;
         graph.node_mut(*node).op = Op::Input;
         graph.inputs.push(*node);
         let name = graph.node(*node).name.clone();

@@ -41,7 +41,11 @@ impl Session {
     /// the state: parameters from the program, moments at zero, step 0.
     pub fn new(program: Program, gpu: Option<&Gpu>) -> Result<Session> {
         let g = &program.graph;
-        let state_names: Vec<String> = g.updates.iter().map(|(s, _)| g.node(*s).name.clone()).collect();
+        let state_names: Vec<String> = g
+            .updates
+            .iter()
+            .map(|(s, _)| g.node(*s).name.clone())
+            .collect();
         let engine = match gpu {
             Some(gpu) => {
                 let plan = crate::codegen::plan(g)?;
@@ -75,9 +79,15 @@ impl Session {
                 continue;
             }
             if !self.state_names.contains(name) {
-                return Err(Error::Input(format!("'{name}' is not part of the training state")));
+                return Err(Error::Input(format!(
+                    "'{name}' is not part of the training state"
+                )));
             }
-            let id = self.program.graph.find_by_name(name).expect("state names are graph inputs");
+            let id = self
+                .program
+                .graph
+                .find_by_name(name)
+                .expect("state names are graph inputs");
             let want = self.program.graph.shape(id);
             if want != v.shape.as_slice() {
                 return Err(Error::Input(format!(
@@ -102,12 +112,22 @@ impl Session {
     /// Reads the whole state back (parameters, moments, step counter).
     pub fn read_state(&self) -> Result<BTreeMap<String, Array>> {
         let mut out = BTreeMap::new();
-        out.insert(STEP_KEY.to_string(), Array::new(vec![], vec![self.steps as f64]));
+        out.insert(
+            STEP_KEY.to_string(),
+            Array::new(vec![], vec![self.steps as f64]),
+        );
         for name in &self.state_names {
-            let id = self.program.graph.find_by_name(name).expect("state names are graph inputs");
+            let id = self
+                .program
+                .graph
+                .find_by_name(name)
+                .expect("state names are graph inputs");
             let shape = self.program.graph.shape(id).to_vec();
             let a = match &self.engine {
-                Engine::Gpu(_) => { let _ = shape; unreachable!("TEMP") }
+                Engine::Gpu(_) => {
+                    let _ = shape;
+                    unreachable!("TEMP")
+                }
                 Engine::Reference(state) => state[name].clone(),
             };
             out.insert(name.clone(), a);
@@ -175,9 +195,14 @@ impl Session {
                 }
                 let values = crate::reference::run_all(g, &inputs)?;
                 for name in &wanted {
-                    let id = g.outputs.iter().find(|o| o.0 == *name).map(|o| o.1).ok_or_else(|| {
-                        Error::Input(format!("the training step has no output '{name}'"))
-                    })?;
+                    let id = g
+                        .outputs
+                        .iter()
+                        .find(|o| o.0 == *name)
+                        .map(|o| o.1)
+                        .ok_or_else(|| {
+                            Error::Input(format!("the training step has no output '{name}'"))
+                        })?;
                     results.insert(name.to_string(), values[&id].clone());
                 }
                 for (s, next) in &g.updates {

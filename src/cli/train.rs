@@ -1,0 +1,439 @@
+//! `dorac train`: compile a training step for the GPU and run it over a data set.
+
+use super::common::apply_adapter;
+use crate::error::{Error, Result};
+use crate::passes::{
+    find_linear_layers, insert_adapters, matches_target, AdapterInit, AdapterSpec,
+};
+use crate::runtime::{is_no_adapter, Gpu};
+use crate::train::checkpoint;
+use crate::train::data::{self, Expected};
+use crate::train::report::{write_loss_png, MetricsLog, Progress, StepRecord};
+use crate::train::{build, AdamW, BuildOptions, LossKind, Schedule, Session, TrainMethod};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The base ONNX model (or one made by `dorac rewrite`).
+    pub model: PathBuf,
+    /// Training data (safetensors): tensors named after the graph inputs, plus the labels;
+    /// dim 0 indexes examples.
+    #[arg(long, value_name = "DATA.safetensors")]
+    pub data: PathBuf,
+    /// mse (targets shaped like the output), cross-entropy (class indices), lm (next-token
+    /// cross-entropy on shifted logits).
+    #[arg(long, value_enum)]
+    pub loss: LossArg,
+    /// The model output the loss applies to [default: the first output].
+    #[arg(long, value_name = "NAME")]
+    pub output: Option<String>,
+    /// The labels tensor in DATA [default: `target` for mse, `labels` otherwise].
+    #[arg(long, value_name = "TENSOR")]
+    pub labels: Option<String>,
+    /// Class index that does not count in cross-entropy losses.
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
+    pub ignore_index: i64,
+    /// Optimizer steps [default: one epoch].
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the data set (the last partial batch of each is dropped).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Examples per step [default: min(8, examples)].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// AdamW's decoupled weight decay (applied to every trained tensor, as PyTorch does).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Adam betas.
+    #[arg(long, default_value = "0.9,0.999", value_name = "B1,B2")]
+    pub betas: String,
+    /// Adam epsilon (added outside the square root).
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the global gradient L2 norm to this value.
+    #[arg(long, value_name = "MAX_NORM")]
+    pub grad_clip: Option<f64>,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub schedule: ScheduleArg,
+    /// Linear warmup steps from 0 to --lr.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// dora, lora, magnitude (m only), direction (A and B only), full (the weights themselves).
+    #[arg(long, value_enum, default_value = "dora")]
+    pub method: MethodArg,
+    /// Adapter rank (PEFT's default).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// lora_alpha (scale alpha / r).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Scale by alpha / sqrt(r).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Modules to adapt (PEFT target_modules: a name or dotted suffix). Default: every linear
+    /// layer. Repeatable or comma-separated.
+    #[arg(long = "target", value_name = "PATTERN")]
+    pub targets: Vec<String>,
+    /// Start from this PEFT adapter instead of a fresh one.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Differentiate through the DoRA norm (the default detaches it, as PEFT does).
+    #[arg(long)]
+    pub exact_norm_grad: bool,
+    /// Seed for adapter initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep the data set's order.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Save a checkpoint every K steps (always at the end).
+    #[arg(long, value_name = "K")]
+    pub save_every: Option<usize>,
+    /// Output folder: the adapter (PEFT format), checkpoints, metrics.jsonl, loss.png
+    /// [default: <model stem>-<method>].
+    #[arg(short, long, value_name = "ADAPTER_DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output folder (optimizer state and data
+    /// order included).
+    #[arg(long)]
+    pub resume: bool,
+    /// GPU backend: vulkan, metal, dx12 or gl.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Train on the CPU reference executor (f64 math, f32 state).
+    #[arg(long)]
+    pub reference: bool,
+    /// Pin a symbolic dim (`seq=64`). The batch dim follows --batch-size.
+    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    pub shapes: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum LossArg {
+    Mse,
+    CrossEntropy,
+    Lm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ScheduleArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum MethodArg {
+    Dora,
+    Lora,
+    Magnitude,
+    Direction,
+    Full,
+}
+
+impl From<MethodArg> for TrainMethod {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Dora => TrainMethod::Dora,
+            MethodArg::Lora => TrainMethod::Lora,
+            MethodArg::Magnitude => TrainMethod::Magnitude,
+            MethodArg::Direction => TrainMethod::Direction,
+            MethodArg::Full => TrainMethod::Full,
+        }
+    }
+}
+
+fn parse_betas(s: &str) -> Result<(f64, f64)> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let bad = || {
+        Error::Input(format!(
+            "--betas {s}: expected two numbers in [0, 1), e.g. 0.9,0.999"
+        ))
+    };
+    if parts.len() != 2 {
+        return Err(bad());
+    }
+    let b1: f64 = parts[0].parse().map_err(|_| bad())?;
+    let b2: f64 = parts[1].parse().map_err(|_| bad())?;
+    if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+        return Err(bad());
+    }
+    Ok((b1, b2))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let method = TrainMethod::from(args.method);
+    let loss = match args.loss {
+        LossArg::Mse => LossKind::Mse,
+        LossArg::CrossEntropy => LossKind::CrossEntropy {
+            ignore_index: args.ignore_index,
+        },
+        LossArg::Lm => LossKind::Lm {
+            ignore_index: args.ignore_index,
+        },
+    };
+    let labels = args.labels.clone().unwrap_or_else(|| {
+        if loss == LossKind::Mse {
+            "target"
+        } else {
+            "labels"
+        }
+        .into()
+    });
+    let (beta1, beta2) = parse_betas(&args.betas)?;
+    let optimizer = AdamW {
+        lr: args.lr,
+        beta1,
+        beta2,
+        eps: args.eps,
+        weight_decay: args.weight_decay,
+        grad_clip: args.grad_clip,
+    };
+    let schedule = match args.schedule {
+        ScheduleArg::Constant => Schedule::Constant,
+        ScheduleArg::Linear => Schedule::Linear,
+        ScheduleArg::Cosine => Schedule::Cosine,
+    };
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stem = args
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        args.model
+            .with_file_name(format!("{stem}-{}", method.name()))
+    });
+
+    // The data decides the batch size; the model is re-batched to it.
+    let peek = crate::tensors_io::read_safetensors(&args.data)?;
+    let examples = peek
+        .values()
+        .next()
+        .map(|a| a.shape.first().copied().unwrap_or(0))
+        .unwrap_or(0);
+    drop(peek);
+    let batch_size = args.batch_size.unwrap_or(examples.clamp(1, 8));
+    let mut graph = load_rebatched(&args.model, &args.shapes, batch_size)?;
+    let output_node = match &args.output {
+        Some(name) => graph.outputs.iter().find(|o| &o.0 == name).map(|o| o.1),
+        None => graph.outputs.first().map(|o| o.1),
+    }
+    .ok_or_else(|| {
+        Error::Input(format!(
+            "--output: the model has no output {:?}",
+            args.output
+        ))
+    })?;
+    let out_shape = graph.shape(output_node).to_vec();
+    let expected = Expected {
+        inputs: graph
+            .inputs
+            .iter()
+            .map(|&i| (graph.node(i).name.clone(), graph.shape(i)[1..].to_vec()))
+            .collect(),
+        labels: &labels,
+        label_shape: loss.label_shape(&out_shape)[1..].to_vec(),
+        loss,
+        classes: loss.classes(&out_shape),
+    };
+    let dataset = data::load(&args.data, &expected)?;
+    let per_epoch = dataset.batches_per_epoch(batch_size)?;
+    let total = match (args.steps, args.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => e * per_epoch,
+        (None, None) => per_epoch,
+    };
+    if total == 0 {
+        return Err(Error::Input("nothing to do: 0 steps".into()));
+    }
+
+    // Adapters: a given PEFT adapter, a rewritten model's own, or fresh ones (PEFT's init).
+    if let Some(dir) = &args.adapter {
+        apply_adapter(&mut graph, dir)?;
+    } else if graph.adapters.is_empty() {
+        if let Some(kind) = method.adapter() {
+            let patterns = split_targets(&args.targets);
+            let specs: Vec<AdapterSpec> = find_linear_layers(&graph)
+                .into_iter()
+                .filter(|l| {
+                    patterns.is_empty() || patterns.iter().any(|p| matches_target(&l.module, p))
+                })
+                .map(|layer| AdapterSpec {
+                    layer,
+                    method: kind,
+                    rank: args.rank,
+                    alpha: args.alpha,
+                    rslora: args.rslora,
+                    init: AdapterInit::Peft { seed: args.seed },
+                })
+                .collect();
+            if specs.is_empty() {
+                return Err(Error::Input(format!(
+                    "no linear layer matches --target {}",
+                    patterns.join(",")
+                )));
+            }
+            insert_adapters(&mut graph, specs)?;
+        }
+    }
+    let opts = BuildOptions {
+        method,
+        loss,
+        output: args.output.clone(),
+        labels: labels.clone(),
+        optimizer: optimizer.clone(),
+        exact_norm_grad: args.exact_norm_grad,
+        expose_grads: false,
+        full_targets: (!args.targets.is_empty()).then(|| split_targets(&args.targets)),
+    };
+    let program = build(graph.clone(), &opts)?;
+    let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();
+
+    let gpu = if args.reference {
+        None
+    } else {
+        match Gpu::new(args.backend.as_deref()) {
+            Ok(g) => Some(g),
+            Err(e) if args.backend.is_none() && is_no_adapter(&e) => {
+                eprintln!("note: no GPU adapter found; training on the CPU reference executor (slow). Install a Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers).");
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let engine = gpu
+        .as_ref()
+        .map(|g| g.describe())
+        .unwrap_or_else(|| "CPU reference executor".into());
+    let mut session = Session::new(program, gpu.as_ref())?;
+
+    let config = json!({
+        "model": args.model.display().to_string(), "data": args.data.display().to_string(),
+        "method": method.name(), "loss": loss.name(), "labels": labels, "rank": args.rank,
+        "alpha": args.alpha, "rslora": args.rslora, "lr": args.lr, "betas": [beta1, beta2],
+        "eps": args.eps, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+        "schedule": format!("{schedule:?}").to_lowercase(), "warmup": args.warmup,
+        "batch_size": batch_size, "total_steps": total, "seed": args.seed,
+        "shuffle": !args.no_shuffle, "exact_norm_grad": args.exact_norm_grad,
+    });
+    let mut start = 0;
+    if args.resume {
+        let (step, dir) = checkpoint::latest(&out)?
+            .ok_or_else(|| Error::Input(format!("--resume: no checkpoint in {}", out.display())))?;
+        let record = checkpoint::read_record(&dir)?;
+        if record["config"] != config {
+            return Err(Error::Input(format!(
+                "--resume: {} was made with different settings; resume with the same flags (saved: {})",
+                dir.display(),
+                record["config"]
+            )));
+        }
+        checkpoint::restore(&dir, &mut session)?;
+        start = step;
+        eprintln!("resuming from {} (step {step})", dir.display());
+    }
+    println!(
+        "training {} on {engine}: method {}, {} trainable parameters, {} examples, batch {batch_size}, {total} steps",
+        args.model.display(),
+        method.name(),
+        trainable,
+        dataset.examples
+    );
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let mut log = MetricsLog::open(&out, Some(start))?;
+    let mut progress = Progress::new(total, start, args.quiet);
+    let clock = Instant::now();
+    let abort_after: Option<usize> = std::env::var("DORAC_ABORT_AFTER_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut order_epoch = usize::MAX;
+    let mut order = vec![];
+    let save = |graph: &mut crate::ir::Graph, session: &Session| -> Result<PathBuf> {
+        checkpoint::sync_params(graph, session)?;
+        let rec = checkpoint::trainer_record(session.steps_taken()?, total, args.seed, &config);
+        checkpoint::save(&out, graph, session, &rec)
+    };
+    for step in start..total {
+        let (epoch, b) = (step / per_epoch, step % per_epoch);
+        if epoch != order_epoch {
+            order = dataset.order(args.seed, epoch, !args.no_shuffle);
+            order_epoch = epoch;
+        }
+        let batch = dataset.batch(&order, b, batch_size);
+        let lr = schedule.lr(args.lr, step, total, args.warmup);
+        let (metrics, _) = session.step(&batch, lr, &[])?;
+        if !metrics.loss.is_finite() {
+            progress.finish();
+            log.flush()?;
+            let last = checkpoint::latest(&out)?
+                .map(|(s, d)| format!("the last checkpoint ({}, step {s}) is intact", d.display()))
+                .unwrap_or_else(|| "no checkpoint was written".into());
+            return Err(Error::Input(format!(
+                "the loss became {} at step {} (lr {lr:.3e}); stopping: {last}. Try a lower --lr or --grad-clip",
+                metrics.loss,
+                step + 1
+            )));
+        }
+        let rec = StepRecord {
+            step,
+            epoch,
+            loss: metrics.loss,
+            lr,
+            grad_norm: metrics.grad_norm,
+            elapsed_s: clock.elapsed().as_secs_f64(),
+        };
+        progress.update(&rec);
+        log.push(rec)?;
+        let done = step + 1;
+        if args.save_every.is_some_and(|k| k > 0 && done % k == 0) && done < total {
+            log.flush()?;
+            save(&mut graph, &session)?;
+        }
+        if abort_after == Some(done) {
+            // Fault injection for the crash-safety tests: die like a killed process would.
+            std::process::abort();
+        }
+    }
+    progress.finish();
+    log.flush()?;
+    let ckpt = save(&mut graph, &session)?;
+    checkpoint::write_weights(&graph, &session, &out)?;
+    write_loss_png(&out.join("loss.png"), log.records(), 640, 400)?;
+    let first = log.records().first().map(|r| r.loss).unwrap_or(f64::NAN);
+    let last = log.records().last().map(|r| r.loss).unwrap_or(f64::NAN);
+    println!(
+        "loss {first:.6} -> {last:.6} in {:.1} s; wrote {} (adapter), {}, metrics.jsonl, loss.png",
+        clock.elapsed().as_secs_f64(),
+        out.display(),
+        ckpt.file_name().unwrap().to_string_lossy()
+    );
+    Ok(())
+}
+
+fn split_targets(t: &[String]) -> Vec<String> {
+    t.iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Imports the model with dim 0 of every input set to the batch size.
+fn load_rebatched(path: &Path, shapes: &[String], batch: usize) -> Result<crate::ir::Graph> {
+    let mut model = crate::onnx::load_model(path)?;
+    crate::onnx::set_batch_dim(&mut model, batch);
+    let pins = crate::onnx::ShapePins::parse(shapes)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    crate::onnx::import(&model, dir, &pins, &HashMap::new())
+}
