@@ -8,6 +8,11 @@
 //!   uniforms, and a kernel reads on its own.
 //! - Every shader is parsed and validated by naga ([`validate`]) before anything sees it, so a
 //!   codegen bug is an error naming the kernel, not a driver crash.
+//! - Each value has a [`BufferSpec`]; intermediates whose lifetimes do not overlap share device
+//!   memory (`BufferSpec::storage`, liveness-based), so [`Plan::peak_bytes`] is what a run
+//!   allocates and [`Plan::total_bytes`] what it would without reuse.
+//! - Persistent state (`Graph::updates`) becomes [`Plan::states`] and the buffer copies
+//!   ([`Plan::copies`]) that the runtime records after the kernels of every step.
 //!
 //! The WGSL text comes from templates under `shaders/` (see `template`), filled by one emitter per
 //! family of ops (`kernels`).
@@ -161,20 +166,18 @@ impl Plan {
     /// Bytes of device memory actually allocated: one allocation per buffer that owns its
     /// storage, sized for the largest buffer stored in it.
     pub fn peak_bytes(&self) -> u64 {
-        (0..self.buffers.len())
-            .filter(|&b| self.buffers[b].storage == b)
-            .map(|b| self.allocation_bytes(b))
-            .sum()
+        self.allocations().values().sum()
     }
 
-    /// The size of the allocation owned by buffer `owner` (0 when it owns none).
-    pub fn allocation_bytes(&self, owner: BufferId) -> u64 {
-        self.buffers
-            .iter()
-            .filter(|b| b.storage == owner)
-            .map(|b| b.bytes())
-            .max()
-            .unwrap_or(0)
+    /// The device allocations: for each buffer that owns its storage, the bytes it needs (the
+    /// largest of the buffers stored in it).
+    pub fn allocations(&self) -> BTreeMap<BufferId, u64> {
+        let mut sizes = BTreeMap::new();
+        for b in &self.buffers {
+            let size = sizes.entry(b.storage).or_insert(0);
+            *size = b.bytes().max(*size);
+        }
+        sizes
     }
 
     /// True when `name` is a state input.
@@ -418,8 +421,9 @@ fn reuse_buffers(plan: &mut Plan) {
         released.sort();
         released.dedup();
         for b in released {
+            // The owner was the allocation's first buffer, and later ones are no larger.
             let owner = plan.buffers[b].storage;
-            free.push((plan.allocation_bytes(owner), owner));
+            free.push((plan.buffers[owner].bytes(), owner));
         }
     }
 }
@@ -532,9 +536,7 @@ impl fmt::Display for Plan {
     /// compute and the buffers they touch, then the buffers with their sizes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let buf = |b: BufferId| format!("b{b} '{}'", self.buffers[b].name);
-        let allocations = (0..self.buffers.len())
-            .filter(|&b| self.buffers[b].storage == b)
-            .count();
+        let allocations = self.allocations().len();
         writeln!(
             f,
             "plan: {} kernels, {} buffers in {allocations} allocations, {} of values, {} allocated",
@@ -686,6 +688,71 @@ mod tests {
             escape.to_string().contains("used outside its group"),
             "{escape}"
         );
+    }
+
+    /// A chain of element-wise ops with a state update: intermediates reuse freed memory, while
+    /// inputs, outputs and the buffer the state copy reads keep theirs.
+    #[test]
+    fn chains_reuse_memory_and_state_copies_are_planned() {
+        let mut g = Graph::new();
+        let p = g.add_input("p", vec![8]);
+        let next = g.add(Op::Unary(Unary::Neg), &[p], "next", "next").unwrap();
+        let mut v = next;
+        for i in 0..4 {
+            v = g
+                .add(Op::Unary(Unary::Exp), &[v], &format!("e{i}"), "e")
+                .unwrap();
+        }
+        let small = g
+            .add(Op::Reshape { shape: vec![2, 4] }, &[v], "r", "r")
+            .unwrap();
+        let s = g
+            .add(
+                Op::Reduce {
+                    kind: crate::ir::Reduce::Sum,
+                    axes: vec![1],
+                    keepdims: false,
+                },
+                &[small],
+                "s",
+                "s",
+            )
+            .unwrap();
+        let y = g.add(Op::Unary(Unary::Relu), &[s], "y", "y").unwrap();
+        g.outputs.push(("y".into(), y));
+        g.updates.push((p, next));
+        let plan = plan(&g).unwrap();
+        let text = plan.to_string();
+        let b = |n: NodeId| plan.node_buffers[&n];
+        // e0 and e1 take fresh memory; e2 reuses e0's, e3 e1's, and s (smaller) e2's.
+        let storage = |n: NodeId| plan.buffers[b(n)].storage;
+        assert_eq!(storage(next), b(next), "{text}");
+        let e: Vec<NodeId> = (0..4)
+            .map(|i| g.find_by_name(&format!("e{i}")).unwrap())
+            .collect();
+        assert_eq!(storage(e[0]), b(e[0]), "{text}");
+        assert_eq!(storage(e[2]), b(e[0]), "{text}");
+        assert_eq!(storage(e[3]), b(e[1]), "{text}");
+        assert_eq!(storage(s), b(e[0]), "{text}");
+        assert_eq!(plan.total_bytes(), 6 * 32 + 8 + 8, "{text}");
+        assert_eq!(plan.peak_bytes(), 4 * 32 + 8, "{text}");
+        assert_eq!(
+            plan.copies,
+            vec![StateCopy {
+                from: b(next),
+                to: b(p),
+                bytes: 32
+            }]
+        );
+        for needle in [
+            "in 5 allocations, 208 bytes of values, 136 bytes allocated",
+            "intermediate, in b3's memory",
+            "b0   'p'                      8                    32 bytes  state",
+            "state updates, after the kernels:\n  copy b1 'next' -> b0 'p' (32 bytes)",
+            "total: 208 bytes\nallocated: 136 bytes",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in\n{text}");
+        }
     }
 
     #[test]

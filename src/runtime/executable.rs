@@ -86,31 +86,27 @@ impl Executable {
 
         let scopes = Scopes::push(device);
         let mut owned: HashMap<BufferId, wgpu::Buffer> = HashMap::new();
-        for (b, spec) in plan.buffers.iter().enumerate() {
-            if spec.storage == b {
-                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&spec.name),
-                    size: plan.allocation_bytes(b),
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_DST
-                        | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                });
-                owned.insert(b, buffer);
-            }
+        for (owner, size) in plan.allocations() {
+            let Some(spec) = plan.buffers.get(owner) else {
+                return Err(Error::Gpu(format!(
+                    "a plan buffer is stored in b{owner}, which does not exist (planner bug)"
+                )));
+            };
+            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&spec.name),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            owned.insert(owner, buffer);
         }
         let buffers: Vec<wgpu::Buffer> = plan
             .buffers
             .iter()
-            .map(|spec| {
-                owned.get(&spec.storage).cloned().ok_or_else(|| {
-                    Error::Gpu(format!(
-                        "plan buffer '{}' is stored in b{}, which owns no allocation (planner bug)",
-                        spec.name, spec.storage
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?;
+            .map(|spec| owned[&spec.storage].clone())
+            .collect();
         for (spec, buffer) in plan.buffers.iter().zip(&buffers) {
             if let BufferRole::Const(n) = spec.role {
                 let tensor = graph.const_tensor(n).ok_or_else(|| {
@@ -357,7 +353,8 @@ impl Executable {
     }
 
     /// The current value of graph input `name` (for a state, its value after the last step) or
-    /// of graph output `name` (as the last run computed it).
+    /// of graph output `name` (as the last step computed it, whether fetched or not; an output
+    /// that is a state input's value reads as that state's current value).
     pub fn read(&self, name: &str) -> Result<Vec<f32>> {
         let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let (buffer, len) = if let Some(i) = self.input_index(name) {

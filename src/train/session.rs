@@ -49,8 +49,7 @@ impl Session {
         let engine = match gpu {
             Some(gpu) => {
                 let plan = crate::codegen::plan(g)?;
-                let _ = Engine::Gpu(Box::new(Executable::new(gpu, &plan, g)?));
-                return Err(Error::Gpu("TEMP: GPU training pending".into()));
+                Engine::Gpu(Box::new(Executable::new(gpu, &plan, g)?))
             }
             None => Engine::Reference(HashMap::new()),
         };
@@ -97,8 +96,8 @@ impl Session {
             }
             match &mut self.engine {
                 Engine::Gpu(exe) => {
-                    let _ = (exe, v);
-                    unreachable!("TEMP: waiting for Executable::write")
+                    let data: Vec<f32> = v.data.iter().map(|&x| x as f32).collect();
+                    exe.write(name, &data)?;
                 }
                 Engine::Reference(state) => {
                     // Keep the host state in f32, as the device does, so both engines agree.
@@ -124,10 +123,7 @@ impl Session {
                 .expect("state names are graph inputs");
             let shape = self.program.graph.shape(id).to_vec();
             let a = match &self.engine {
-                Engine::Gpu(_) => {
-                    let _ = shape;
-                    unreachable!("TEMP")
-                }
+                Engine::Gpu(exe) => Array::from_f32(shape, &exe.read(name)?),
                 Engine::Reference(state) => state[name].clone(),
             };
             out.insert(name.clone(), a);
@@ -177,9 +173,7 @@ impl Session {
                 for (k, v) in step_scalars(&self.program.optimizer, lr, self.steps + 1) {
                     inputs.insert(k.into(), vec![v as f32]);
                 }
-                let _ = (exe, &inputs);
-                let out: HashMap<String, Vec<f32>> = unreachable!("TEMP");
-                #[allow(unreachable_code)]
+                let out = exe.step(&inputs, &wanted)?;
                 for (k, v) in out {
                     let shape = out_shape(&k)?;
                     results.insert(k, Array::from_f32(shape, &v));
