@@ -42,7 +42,7 @@ pub enum Command {
     /// Fold adapters into the base weights: the base graph with new weights and nothing more.
     Merge(merge::Args),
     /// Train adapters: forward, loss, backward and AdamW compiled into one GPU step.
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Show what dorac makes of a model: the IR, the generated WGSL, the execution plan.
     Compile(compile::Args),
     /// Rewrite, run, merge and compare on a bundled model, end to end.
@@ -55,7 +55,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Rewrite(a) => rewrite::run(a),
         Command::Run(a) => run::run(a),
         Command::Merge(a) => merge::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Compile(a) => compile::run(a),
         Command::Demo(a) => demo::run(a),
     }

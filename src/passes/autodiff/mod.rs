@@ -134,7 +134,8 @@ impl<'g> Builder<'g> {
         let mut cotangents: HashMap<NodeId, NodeId> = HashMap::new();
         if depends.contains(&loss) {
             let one = self.scalar(1.0, loss, "seed");
-            let seed = self.reshape(one, &self.g.shape(loss).to_vec(), loss, "seed_shape")?;
+            let shape = self.g.shape(loss).to_vec();
+            let seed = self.reshape(one, &shape, loss, "seed_shape")?;
             cotangents.insert(loss, seed);
         }
         for &n in order.iter().rev() {
