@@ -2,7 +2,8 @@
 //! graph on the GPU or the reference executor, and the adapted-layer table.
 
 use crate::error::{Error, Result};
-use crate::ir::Graph;
+use crate::ir::{Graph, Method};
+use crate::passes::{find_linear_layers, matches_target, AdapterInit, AdapterSpec};
 use crate::tensor::{shape_str, Array};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -182,4 +183,80 @@ pub fn adapter_table(graph: &Graph) -> String {
         100.0 * trainable as f64 / total.max(1) as f64
     ));
     out
+}
+
+/// The adapter flags `rewrite` and `train` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// Adapter rank r (PEFT's default).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// lora_alpha; the update is scaled by alpha / r (PEFT's default alpha is 8).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Scale by alpha / sqrt(r) (rank-stabilised LoRA).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Module to adapt, matched as PEFT's target_modules: the name or a dotted suffix
+    /// (`--target fc` adapts `blocks.0.fc`). Repeatable, or comma-separated. Default: every
+    /// linear layer.
+    #[arg(long = "target", value_name = "PATTERN")]
+    pub targets: Vec<String>,
+}
+
+impl AdapterArgs {
+    /// The --target patterns, split at commas.
+    pub fn patterns(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .flat_map(|t| t.split(','))
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+
+    /// One adapter per targeted linear layer, at PEFT's initialisation. Errors when the model
+    /// has no linear layer or none matches, listing the model's layers.
+    pub fn specs(
+        &self,
+        graph: &Graph,
+        method: Method,
+        seed: u64,
+        model: &Path,
+    ) -> Result<Vec<AdapterSpec>> {
+        let patterns = self.patterns();
+        let layers = find_linear_layers(graph);
+        if layers.is_empty() {
+            return Err(Error::Input(format!(
+                "{}: no linear layers (MatMul/Gemm with a 2-D float weight initializer) to adapt",
+                model.display()
+            )));
+        }
+        let specs: Vec<AdapterSpec> = layers
+            .iter()
+            .filter(|l| {
+                patterns.is_empty() || patterns.iter().any(|p| matches_target(&l.module, p))
+            })
+            .map(|layer| AdapterSpec {
+                layer: layer.clone(),
+                method,
+                rank: self.rank,
+                alpha: self.alpha,
+                rslora: self.rslora,
+                init: AdapterInit::Peft { seed },
+            })
+            .collect();
+        if specs.is_empty() {
+            return Err(Error::Input(format!(
+                "no layer matches --target {} (the model's linear layers: {})",
+                patterns.join(","),
+                layers
+                    .iter()
+                    .map(|l| l.module.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(specs)
+    }
 }

@@ -1,11 +1,9 @@
 //! `dorac rewrite`: insert DoRA/LoRA adapters and write the rewritten ONNX.
 
-use super::common::{adapter_table, load_graph, save_graph, sibling_path};
-use crate::error::{Error, Result};
+use super::common::{adapter_table, load_graph, save_graph, sibling_path, AdapterArgs};
+use crate::error::Result;
 use crate::ir::Method;
-use crate::passes::{
-    find_linear_layers, insert_adapters, matches_target, AdapterInit, AdapterSpec,
-};
+use crate::passes::insert_adapters;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -19,20 +17,8 @@ pub struct Args {
     /// dora: magnitude and direction (the norm is detached, as in PEFT); lora: plain LoRA.
     #[arg(long, value_enum, default_value = "dora")]
     pub method: MethodArg,
-    /// Adapter rank r (PEFT's default).
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// lora_alpha; the update is scaled by alpha / r (PEFT's default alpha is 8).
-    #[arg(long, default_value_t = 8.0)]
-    pub alpha: f64,
-    /// Scale by alpha / sqrt(r) (rank-stabilised LoRA).
-    #[arg(long)]
-    pub rslora: bool,
-    /// Module to adapt, matched as PEFT's target_modules: the name or a dotted suffix
-    /// (`--target fc` adapts `blocks.0.fc`). Repeatable, or comma-separated. Default: every
-    /// linear layer.
-    #[arg(long = "target", value_name = "PATTERN")]
-    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// Seed for A's kaiming-uniform initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -62,47 +48,7 @@ impl From<MethodArg> for Method {
 pub fn run(args: Args) -> Result<()> {
     let mut graph = load_graph(&args.model, &args.shapes, &HashMap::new())?;
     let method = Method::from(args.method);
-    let patterns: Vec<String> = args
-        .targets
-        .iter()
-        .flat_map(|t| t.split(','))
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let layers = find_linear_layers(&graph);
-    if layers.is_empty() {
-        return Err(Error::Input(format!(
-            "{}: no linear layers (MatMul/Gemm with a 2-D float weight initializer) to adapt",
-            args.model.display()
-        )));
-    }
-    let chosen: Vec<_> = layers
-        .iter()
-        .filter(|l| patterns.is_empty() || patterns.iter().any(|p| matches_target(&l.module, p)))
-        .cloned()
-        .collect();
-    if chosen.is_empty() {
-        return Err(Error::Input(format!(
-            "no layer matches --target {} (the model's linear layers: {})",
-            patterns.join(","),
-            layers
-                .iter()
-                .map(|l| l.module.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    let specs = chosen
-        .into_iter()
-        .map(|layer| AdapterSpec {
-            layer,
-            method,
-            rank: args.rank,
-            alpha: args.alpha,
-            rslora: args.rslora,
-            init: AdapterInit::Peft { seed: args.seed },
-        })
-        .collect();
+    let specs = args.adapter.specs(&graph, method, args.seed, &args.model)?;
     insert_adapters(&mut graph, specs)?;
     let out = args
         .output

@@ -1,10 +1,8 @@
 //! `dorac train`: compile a training step for the GPU and run it over a data set.
 
-use super::common::apply_adapter;
+use super::common::{apply_adapter, AdapterArgs};
 use crate::error::{Error, Result};
-use crate::passes::{
-    find_linear_layers, insert_adapters, matches_target, AdapterInit, AdapterSpec,
-};
+use crate::passes::insert_adapters;
 use crate::runtime::{is_no_adapter, Gpu};
 use crate::train::checkpoint;
 use crate::train::data::{self, Expected};
@@ -69,19 +67,8 @@ pub struct Args {
     /// dora, lora, magnitude (m only), direction (A and B only), full (the weights themselves).
     #[arg(long, value_enum, default_value = "dora")]
     pub method: MethodArg,
-    /// Adapter rank (PEFT's default).
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// lora_alpha (scale alpha / r).
-    #[arg(long, default_value_t = 8.0)]
-    pub alpha: f64,
-    /// Scale by alpha / sqrt(r).
-    #[arg(long)]
-    pub rslora: bool,
-    /// Modules to adapt (PEFT target_modules: a name or dotted suffix). Default: every linear
-    /// layer. Repeatable or comma-separated.
-    #[arg(long = "target", value_name = "PATTERN")]
-    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub adapter_args: AdapterArgs,
     /// Start from this PEFT adapter instead of a fresh one.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -263,27 +250,9 @@ pub fn run(args: Args) -> Result<()> {
         apply_adapter(&mut graph, dir)?;
     } else if graph.adapters.is_empty() {
         if let Some(kind) = method.adapter() {
-            let patterns = split_targets(&args.targets);
-            let specs: Vec<AdapterSpec> = find_linear_layers(&graph)
-                .into_iter()
-                .filter(|l| {
-                    patterns.is_empty() || patterns.iter().any(|p| matches_target(&l.module, p))
-                })
-                .map(|layer| AdapterSpec {
-                    layer,
-                    method: kind,
-                    rank: args.rank,
-                    alpha: args.alpha,
-                    rslora: args.rslora,
-                    init: AdapterInit::Peft { seed: args.seed },
-                })
-                .collect();
-            if specs.is_empty() {
-                return Err(Error::Input(format!(
-                    "no linear layer matches --target {}",
-                    patterns.join(",")
-                )));
-            }
+            let specs = args
+                .adapter_args
+                .specs(&graph, kind, args.seed, &args.model)?;
             insert_adapters(&mut graph, specs)?;
         }
     }
@@ -295,7 +264,7 @@ pub fn run(args: Args) -> Result<()> {
         optimizer: optimizer.clone(),
         exact_norm_grad: args.exact_norm_grad,
         expose_grads: false,
-        full_targets: (!args.targets.is_empty()).then(|| split_targets(&args.targets)),
+        full_targets: (!args.adapter_args.targets.is_empty()).then(|| args.adapter_args.patterns()),
     };
     let program = build(graph.clone(), &opts)?;
     let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();
@@ -320,8 +289,8 @@ pub fn run(args: Args) -> Result<()> {
 
     let config = json!({
         "model": args.model.display().to_string(), "data": args.data.display().to_string(),
-        "method": method.name(), "loss": loss.name(), "labels": labels, "rank": args.rank,
-        "alpha": args.alpha, "rslora": args.rslora, "lr": args.lr, "betas": [beta1, beta2],
+        "method": method.name(), "loss": loss.name(), "labels": labels, "rank": args.adapter_args.rank,
+        "alpha": args.adapter_args.alpha, "rslora": args.adapter_args.rslora, "lr": args.lr, "betas": [beta1, beta2],
         "eps": args.eps, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
         "schedule": format!("{schedule:?}").to_lowercase(), "warmup": args.warmup,
         "batch_size": batch_size, "total_steps": total, "seed": args.seed,
@@ -419,14 +388,6 @@ pub fn run(args: Args) -> Result<()> {
         ckpt.file_name().unwrap().to_string_lossy()
     );
     Ok(())
-}
-
-fn split_targets(t: &[String]) -> Vec<String> {
-    t.iter()
-        .flat_map(|s| s.split(','))
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
 }
 
 /// Imports the model with dim 0 of every input set to the batch size.
