@@ -10,8 +10,9 @@ use std::path::PathBuf;
 pub struct Args {
     /// The ONNX model.
     pub model: PathBuf,
-    /// What to write: ir (the IR after import, adapters and folding), wgsl (one file per
-    /// kernel), plan (kernels in order, buffers and their sizes). Repeatable.
+    /// What to write: ir (the IR after each pass), dot (Graphviz of the compiled graph), wgsl
+    /// (one file per kernel), plan (kernels in order, buffers and their sizes, peak memory).
+    /// Repeatable.
     #[arg(long, value_enum, default_values_t = vec![Emit::Plan])]
     pub emit: Vec<Emit>,
     /// Output folder.
@@ -20,6 +21,13 @@ pub struct Args {
     /// A PEFT-format adapter folder to apply first.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Compile a training step (forward, loss, backward, AdamW) instead of inference. Layers
+    /// without an adapter get a DoRA adapter at PEFT's initialisation.
+    #[arg(long)]
+    pub train: bool,
+    /// The loss of the training step (with --train).
+    #[arg(long, value_enum, default_value = "mse")]
+    pub loss: super::train::LossArg,
     /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable.
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     pub shapes: Vec<String>,
@@ -28,6 +36,7 @@ pub struct Args {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
 pub enum Emit {
     Ir,
+    Dot,
     Wgsl,
     Plan,
 }
@@ -50,9 +59,45 @@ pub fn run(args: Args) -> Result<()> {
             write("ir.adapted.txt", &graph.to_string())?;
         }
     }
-    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
-    if args.emit.contains(&Emit::Ir) {
-        write("ir.folded.txt", &graph.to_string())?;
+    if args.train {
+        if graph.adapters.is_empty() {
+            let specs = super::common::AdapterArgs {
+                rank: 8,
+                alpha: 8.0,
+                rslora: false,
+                targets: vec![],
+            }
+            .specs(&graph, crate::ir::Method::Dora, 0, &args.model)?;
+            crate::passes::insert_adapters(&mut graph, specs)?;
+        }
+        let loss = args.loss.kind(-100);
+        let opts = crate::train::BuildOptions {
+            method: crate::train::TrainMethod::Dora,
+            loss,
+            output: None,
+            labels: if loss == crate::train::LossKind::Mse {
+                "target"
+            } else {
+                "labels"
+            }
+            .into(),
+            optimizer: crate::train::AdamW::default(),
+            exact_norm_grad: false,
+            expose_grads: false,
+            full_targets: None,
+        };
+        graph = crate::train::build(graph, &opts)?.graph;
+        if args.emit.contains(&Emit::Ir) {
+            write("ir.train_step.txt", &graph.to_string())?;
+        }
+    } else {
+        crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+        if args.emit.contains(&Emit::Ir) {
+            write("ir.folded.txt", &graph.to_string())?;
+        }
+    }
+    if args.emit.contains(&Emit::Dot) {
+        write("graph.dot", &crate::ir::to_dot(&graph))?;
     }
     let plan = crate::codegen::plan(&graph)?;
     if args.emit.contains(&Emit::Plan) {

@@ -113,6 +113,16 @@ pub enum LossArg {
     Lm,
 }
 
+impl LossArg {
+    pub fn kind(self, ignore_index: i64) -> LossKind {
+        match self {
+            LossArg::Mse => LossKind::Mse,
+            LossArg::CrossEntropy => LossKind::CrossEntropy { ignore_index },
+            LossArg::Lm => LossKind::Lm { ignore_index },
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum ScheduleArg {
     Constant,

@@ -65,3 +65,54 @@ impl fmt::Display for Graph {
         Ok(())
     }
 }
+
+/// Graphviz (dot) view of the graph: ops as boxes labelled with op and shape, inputs as
+/// ellipses, constants as small grey notes, adapter tensors highlighted.
+pub fn to_dot(g: &Graph) -> String {
+    let mut out = String::from(
+        "digraph dorac {\n  rankdir=TB;\n  node [fontname=\"Helvetica\", fontsize=10];\n",
+    );
+    let adapter_nodes: std::collections::HashSet<_> = g
+        .adapters
+        .iter()
+        .flat_map(|a| [Some(a.lora_a), Some(a.lora_b), a.magnitude])
+        .flatten()
+        .collect();
+    let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut ids: Vec<_> = g.graph.node_indices().collect();
+    ids.sort();
+    for n in &ids {
+        let node = g.node(*n);
+        let (shape, style) = match node.op {
+            Op::Input => ("ellipse", "filled\", fillcolor=\"#dbeafe"),
+            Op::Const(_) if adapter_nodes.contains(n) => ("note", "filled\", fillcolor=\"#fde68a"),
+            Op::Const(_) => ("note", "filled\", fillcolor=\"#eeeeee"),
+            _ => ("box", "rounded"),
+        };
+        out += &format!(
+            "  n{} [shape={shape}, style=\"{style}\", label=\"{}\\n{}\\n{}\"];\n",
+            n.index(),
+            escape(node.op.name()),
+            escape(&node.name),
+            shape_str(&node.shape)
+        );
+    }
+    for n in &ids {
+        for (slot, i) in g.inputs_of(*n).iter().enumerate() {
+            out += &format!(
+                "  n{} -> n{} [label=\"{slot}\", fontsize=8];\n",
+                i.index(),
+                n.index()
+            );
+        }
+    }
+    for (name, n) in &g.outputs {
+        out += &format!(
+            "  out_{0} [shape=ellipse, style=\"filled\", fillcolor=\"#dcfce7\", label=\"{1}\"];\n  n{2} -> out_{0};\n",
+            n.index(),
+            escape(name),
+            n.index()
+        );
+    }
+    out + "}\n"
+}

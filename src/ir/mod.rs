@@ -6,6 +6,7 @@
 //! graph whose shapes fit.
 
 mod dump;
+pub use dump::to_dot;
 pub mod op;
 pub mod patch;
 
