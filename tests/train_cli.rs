@@ -88,7 +88,13 @@ fn training_lowers_the_loss_and_writes_a_peft_adapter() {
 fn run_with(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Output {
     let (m, d) = (model(), demo_data());
     let mut args: Vec<&str> = vec![s(&m), "--data", s(&d), "-o", s(dir)];
-    args.extend_from_slice(&FLAGS);
+    // The reference executor unless a test picks a GPU backend.
+    let flags: Vec<&str> = if extra.contains(&"--backend") {
+        FLAGS.iter().copied().filter(|f| *f != "--reference").collect()
+    } else {
+        FLAGS.to_vec()
+    };
+    args.extend_from_slice(&flags);
     args.extend_from_slice(extra);
     // Defaults for these tests unless a test sets its own.
     for (flag, value) in [("--lr", "1e-2"), ("--rank", "4")] {
@@ -101,10 +107,20 @@ fn run_with(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Output {
 
 #[test]
 fn a_killed_run_resumes_to_the_same_adapter() {
-    let dir = temp_dir("train-resume");
+    resume_case("train-resume", &[]);
+}
+
+#[test]
+fn a_killed_gpu_run_resumes_to_the_same_adapter() {
+    let _ = common::gpu();
+    resume_case("train-resume-gpu", &["--backend", "vulkan"]);
+}
+
+fn resume_case(name: &str, extra: &[&str]) {
+    let dir = temp_dir(name);
     let whole = dir.join("whole");
     let killed = dir.join("killed");
-    let common = [
+    let mut common = vec![
         "--steps",
         "40",
         "--save-every",
@@ -114,13 +130,14 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         "--warmup",
         "5",
     ];
+    common.extend_from_slice(extra);
     ok(&run_with(&whole, &common, &[]));
     // Dies after step 25: checkpoint-20 is the last complete one.
     let out = run_with(&killed, &common, &[("DORAC_ABORT_AFTER_STEP", "25")]);
     assert!(!out.status.success());
     assert!(killed.join("checkpoint-20").exists());
     assert!(!killed.join("adapter_model.safetensors").exists());
-    let mut resume = common.to_vec();
+    let mut resume = common.clone();
     resume.push("--resume");
     ok(&run_with(&killed, &resume, &[]));
     let a = std::fs::read(whole.join("adapter_model.safetensors")).unwrap();
