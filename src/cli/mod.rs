@@ -4,6 +4,7 @@
 mod common;
 mod compile;
 mod demo;
+mod generate;
 mod merge;
 mod rewrite;
 mod run;
@@ -47,6 +48,8 @@ pub enum Command {
     Compile(compile::Args),
     /// Rewrite, run, merge and compare on a bundled model, end to end.
     Demo(demo::Args),
+    /// Greedy decoding with a byte-level language model (and an optional adapter).
+    Generate(generate::Args),
 }
 
 /// Runs the parsed command.
@@ -58,5 +61,6 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Compile(a) => compile::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }

@@ -1,0 +1,136 @@
+//! `dorac generate`: greedy decoding with a byte-level language model (token = byte value),
+//! through the same compiled inference as `dorac run`. Shapes are static, so the model sees a
+//! fixed window of positions: the prompt fills it from the left, each step appends the most
+//! likely next byte, and once the window is full it slides.
+
+use super::common::apply_adapter;
+use crate::error::{Error, Result};
+use crate::runtime::{is_no_adapter, Executable, Gpu};
+use crate::tensor::{shape_str, Array};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A byte-level causal language model (input ids [batch, positions] -> logits
+    /// [batch, positions, 256]).
+    pub model: PathBuf,
+    /// A PEFT-format adapter to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    /// How many bytes to generate.
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// GPU backend: vulkan, metal, dx12 or gl.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Decode on the CPU reference executor.
+    #[arg(long)]
+    pub reference: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut proto = crate::onnx::load_model(&args.model)?;
+    crate::onnx::set_batch_dim(&mut proto, 1);
+    let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
+    let mut graph = crate::onnx::import(
+        &proto,
+        dir,
+        &crate::onnx::ShapePins::default(),
+        &HashMap::new(),
+    )?;
+    if let Some(a) = &args.adapter {
+        apply_adapter(&mut graph, a)?;
+    }
+    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+    let ids_node = *graph
+        .inputs
+        .first()
+        .ok_or_else(|| Error::Input("the model has no inputs".into()))?;
+    let ids_name = graph.node(ids_node).name.clone();
+    let window = match graph.shape(ids_node) {
+        [1, s] => *s,
+        other => {
+            return Err(Error::Input(format!(
+                "input '{ids_name}' has shape {}; generate needs token ids [batch, positions]",
+                shape_str(other)
+            )))
+        }
+    };
+    let mask_name = graph
+        .inputs
+        .iter()
+        .map(|&i| graph.node(i).name.clone())
+        .find(|n| n == "attention_mask");
+    let (out_name, out_node) = graph.outputs[0].clone();
+    let vocab = *graph.shape(out_node).last().unwrap_or(&0);
+    if graph.shape(out_node) != [1, window, vocab] || vocab < 256 {
+        return Err(Error::Input(format!(
+            "output '{out_name}' has shape {}; generate needs byte logits [1, {window}, >=256]",
+            shape_str(graph.shape(out_node))
+        )));
+    }
+    let gpu = if args.reference {
+        None
+    } else {
+        match Gpu::new(args.backend.as_deref()) {
+            Ok(g) => Some(g),
+            Err(e) if args.backend.is_none() && is_no_adapter(&e) => None,
+            Err(e) => return Err(e),
+        }
+    };
+    let exe = match &gpu {
+        Some(g) => Some(Executable::new(g, &crate::codegen::plan(&graph)?, &graph)?),
+        None => None,
+    };
+    let mut tokens: Vec<u8> = args.prompt.bytes().collect();
+    if tokens.is_empty() {
+        return Err(Error::Input("--prompt is empty".into()));
+    }
+    let prompt_len = tokens.len();
+    for _ in 0..args.tokens {
+        let start = tokens.len().saturating_sub(window);
+        let visible = &tokens[start..];
+        let mut ids = vec![0f32; window];
+        for (i, &t) in visible.iter().enumerate() {
+            ids[i] = t as f32;
+        }
+        let mut mask = vec![0f32; window];
+        mask[..visible.len()].iter_mut().for_each(|m| *m = 1.0);
+        let logits: Vec<f32> = match &exe {
+            Some(exe) => {
+                let mut inputs = HashMap::from([(ids_name.clone(), ids)]);
+                if let Some(m) = &mask_name {
+                    inputs.insert(m.clone(), mask);
+                }
+                exe.run(&inputs)?.remove(&out_name).unwrap_or_default()
+            }
+            None => {
+                let mut inputs =
+                    HashMap::from([(ids_name.clone(), Array::from_f32(vec![1, window], &ids))]);
+                if let Some(m) = &mask_name {
+                    inputs.insert(m.clone(), Array::from_f32(vec![1, window], &mask));
+                }
+                let out = crate::reference::run(&graph, &inputs)?;
+                out[&out_name].data.iter().map(|&v| v as f32).collect()
+            }
+        };
+        let pos = visible.len() - 1;
+        let row = &logits[pos * vocab..pos * vocab + 256];
+        let next = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u8)
+            .unwrap_or(b' ');
+        tokens.push(next);
+    }
+    let text = String::from_utf8_lossy(&tokens);
+    // The prompt's bytes are valid UTF-8, so its end is a char boundary of the lossy text.
+    let (prompt, continuation) = text.split_at(prompt_len);
+    println!("{prompt}[{continuation}]");
+    Ok(())
+}
