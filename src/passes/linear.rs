@@ -97,19 +97,34 @@ fn module_name(graph: &Graph, node: NodeId, weight: NodeId) -> String {
         }
     }
     let label = &graph.node(node).label;
-    module_from_scope(label).unwrap_or_else(|| {
-        label
-            .trim_matches('/')
-            .chars()
-            .map(|c| {
-                if c.is_alphanumeric() || c == '.' || c == '_' {
-                    c
-                } else {
-                    '_'
+    if let Some(m) = module_from_scope(label) {
+        return m;
+    }
+    // torch.export-based exports name nodes `node_MatMul_49` and weights `val_50`; the bias
+    // added right after the product still carries the parameter name `<module>.bias`.
+    for consumer in graph.consumers(node) {
+        if !matches!(graph.node(consumer).op, Op::Binary(crate::ir::Binary::Add)) {
+            continue;
+        }
+        for i in graph.inputs_of(consumer) {
+            if let Some(m) = graph.node(i).name.strip_suffix(".bias") {
+                if matches!(graph.node(i).op, Op::Const(_)) && !m.contains("::") && !m.is_empty() {
+                    return m.to_string();
                 }
-            })
-            .collect()
-    })
+            }
+        }
+    }
+    label
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `/a/b.0/c/MatMul` -> `a.b.0.c`. A Sequential's children appear as `/layers/layers.0/...`:
