@@ -323,3 +323,61 @@ fn stop_gradient_blocks_the_path() {
     // d(x * sg(x))/dx = sg(x) = x, not 2x.
     assert_eq!(vals[&grads[0]].data, xs.data);
 }
+
+#[test]
+fn transformer_op_rules() {
+    for op in [Binary::Max, Binary::Min] {
+        for (sa, sb) in [(&[3usize, 4][..], &[3usize, 4][..]), (&[3, 4], &[4])] {
+            let mut c = Case::new(&format!("{op:?} {sa:?} {sb:?}"));
+            let a = c.input("a", sa, -1.0, 1.0);
+            let b = c.input("b", sb, -1.0, 1.0);
+            let y = c.op(Op::Binary(op), &[a, b]);
+            c.check(y);
+        }
+    }
+    let mut c = Case::new("where");
+    let cond: Vec<bool> = (0..12).map(|i| i % 3 != 0).collect();
+    let cond = c.g.add_const("cond", Tensor::bool(vec![3, 4], cond));
+    let x = c.input("x", &[3, 4], -1.0, 1.0);
+    let y = c.input("y", &[4], -1.0, 1.0);
+    let w = c.op(Op::Where, &[cond, x, y]);
+    c.check(w);
+    let mut c = Case::new("slice and concat");
+    let x = c.input("x", &[4, 6], -1.0, 1.0);
+    let s1 = c.op(
+        Op::Slice {
+            starts: vec![1, 2],
+            ends: vec![3, 5],
+            steps: vec![1, 1],
+        },
+        &[x],
+    );
+    let s2 = c.op(
+        Op::Slice {
+            starts: vec![0, 0],
+            ends: vec![2, 6],
+            steps: vec![1, 1],
+        },
+        &[x],
+    );
+    let z = c.input("z", &[2, 4], -1.0, 1.0);
+    let y = c.op(Op::Concat { axis: 1 }, &[s1, s2, z]);
+    c.check(y);
+    let mut c = Case::new("trilu and cast");
+    let x = c.input("x", &[2, 4, 4], -1.0, 1.0);
+    let t = c.op(Op::Trilu { upper: false, k: 0 }, &[x]);
+    let y = c.op(
+        Op::Cast {
+            to: dorac::tensor::DType::F32,
+        },
+        &[t],
+    );
+    c.check(y);
+    // Comparisons pass no gradient, but the value they select through Where does.
+    let mut c = Case::new("masked");
+    let x = c.input("x", &[3, 4], -1.0, 1.0);
+    let zero = c.g.add_const("zero", Tensor::scalar(0.0));
+    let mask = c.op(Op::Binary(Binary::Less), &[zero, x]);
+    let y = c.op(Op::Where, &[mask, x, zero]);
+    c.check(y);
+}

@@ -6,7 +6,7 @@ use super::Builder;
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
 use crate::ir::{Binary, NodeId, Op, Reduce, Unary};
-use crate::tensor::numel;
+use crate::tensor::{numel, DType};
 
 type Grads = Vec<Option<NodeId>>;
 
@@ -37,6 +37,7 @@ pub(super) fn input_grads(
             )?)]
         }
         Op::Expand { .. } => vec![Some(b.sum_to(dy, &shape(b, 0), n, "expand")?)],
+        Op::Unary(u) if u.is_predicate() => vec![None],
         Op::Unary(u) => vec![Some(b.add(Op::UnaryGrad(u), &[ins[0], dy], n, "unary")?)],
         Op::Binary(op) => binary(b, n, op, &ins, dy, wanted)?,
         Op::MatMul => matmul(b, n, &ins, dy, wanted)?,
@@ -107,7 +108,135 @@ pub(super) fn input_grads(
                 op.name()
             )))
         }
+        // Casts between floats pass the cotangent through; to integers or bools nothing flows.
+        Op::Cast { to } => {
+            if to == DType::F32 {
+                vec![Some(dy)]
+            } else {
+                vec![None]
+            }
+        }
+        Op::Where => {
+            // dx = where(c, dy, 0), dy = where(c, 0, dy); the condition gets nothing.
+            let zero = b.scalar(0.0, n, "zero");
+            let (cond, x, y) = (ins[0], ins[1], ins[2]);
+            let mut out = vec![None, None, None];
+            if wanted[1] {
+                let g = b.add(Op::Where, &[cond, dy, zero], n, "where_x")?;
+                out[1] = Some(b.sum_to(g, &shape(b, 1), n, "dx")?);
+            }
+            if wanted[2] {
+                let g = b.add(Op::Where, &[cond, zero, dy], n, "where_y")?;
+                out[2] = Some(b.sum_to(g, &shape(b, 2), n, "dy")?);
+            }
+            let _ = (x, y);
+            out
+        }
+        Op::Slice {
+            starts,
+            ends,
+            steps,
+        } => vec![Some(slice_grad(
+            b,
+            n,
+            dy,
+            &shape(b, 0),
+            &starts,
+            &ends,
+            &steps,
+        )?)],
+        Op::Concat { axis } => {
+            // Each input's cotangent is its window of dy along the axis.
+            let mut offset = 0i64;
+            let mut out = vec![];
+            for (i, &input) in ins.iter().enumerate() {
+                let s = b.g.shape(input).to_vec();
+                let len = s[axis] as i64;
+                if wanted[i] {
+                    let dims = b.g.shape(dy).to_vec();
+                    let mut starts = vec![0i64; dims.len()];
+                    let mut ends: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+                    starts[axis] = offset;
+                    ends[axis] = offset + len;
+                    let op = Op::Slice {
+                        starts,
+                        ends,
+                        steps: vec![1; dims.len()],
+                    };
+                    out.push(Some(b.add(op, &[dy], n, &format!("concat_part{i}"))?));
+                } else {
+                    out.push(None);
+                }
+                offset += len;
+            }
+            out
+        }
+        Op::Trilu { upper, k } => vec![Some(b.add(Op::Trilu { upper, k }, &[dy], n, "trilu")?)],
+        // Index inputs are not differentiable; the gathered data would need a scatter-add,
+        // which no training method needs yet (embeddings stay frozen).
+        op @ (Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherND { .. }) => {
+            if wanted[0] {
+                return Err(Error::Graph(format!(
+                    "node '{}': the gradient of {}'s data (a trainable embedding) is not supported",
+                    b.g.node(n).label,
+                    op.name()
+                )));
+            }
+            vec![None, None]
+        }
     })
+}
+
+/// The cotangent of a slice's input: dy placed back at its window, zeros elsewhere, built as a
+/// concatenation of zero blocks around dy along each sliced axis.
+fn slice_grad(
+    b: &mut Builder,
+    n: NodeId,
+    dy: NodeId,
+    in_shape: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    steps: &[i64],
+) -> Result<NodeId> {
+    let mut g = dy;
+    for d in 0..in_shape.len() {
+        let cur = b.g.shape(g).to_vec();
+        if cur[d] == in_shape[d] {
+            continue;
+        }
+        if steps[d] != 1 {
+            return Err(Error::Graph(format!(
+                "node '{}': the gradient of a slice with step {} is not supported",
+                b.g.node(n).label,
+                steps[d]
+            )));
+        }
+        let before = starts[d].max(0) as usize;
+        let after = in_shape[d] - before - cur[d];
+        let _ = ends;
+        let mut parts = vec![];
+        for (len, tag) in [(before, "pad_before"), (after, "pad_after")] {
+            if len > 0 {
+                let mut zs = cur.clone();
+                zs[d] = len;
+                let z = b.scalar(0.0, n, &format!("{tag}{d}_zero"));
+                parts.push((
+                    tag,
+                    b.add(Op::Expand { shape: zs }, &[z], n, &format!("{tag}{d}"))?,
+                ));
+            }
+        }
+        let mut inputs = vec![];
+        if let Some(p) = parts.iter().find(|p| p.0 == "pad_before") {
+            inputs.push(p.1);
+        }
+        inputs.push(g);
+        if let Some(p) = parts.iter().find(|p| p.0 == "pad_after") {
+            inputs.push(p.1);
+        }
+        g = b.add(Op::Concat { axis: d }, &inputs, n, &format!("unslice{d}"))?;
+    }
+    Ok(g)
 }
 
 fn binary(
@@ -166,6 +295,25 @@ fn binary(
                 let d = b.binary(Binary::Mul, n, ln, n, "deriv_exp")?;
                 out[1] = Some(b.binary(Binary::Mul, dy, d, n, "dy")?);
             }
+        }
+        Binary::Max | Binary::Min => {
+            // The cotangent goes to the operand that was chosen (x on ties, as the mask says).
+            let chosen = if op == Binary::Max {
+                b.binary(Binary::LessOrEqual, y, x, n, "x_chosen")?
+            } else {
+                b.binary(Binary::LessOrEqual, x, y, n, "x_chosen")?
+            };
+            let zero = b.scalar(0.0, n, "zero");
+            if wanted[0] {
+                out[0] = Some(b.add(Op::Where, &[chosen, dy, zero], n, "dx")?);
+            }
+            if wanted[1] {
+                out[1] = Some(b.add(Op::Where, &[chosen, zero, dy], n, "dy")?);
+            }
+        }
+        // Comparisons and logical ops are piecewise constant: no gradient flows.
+        Binary::Equal | Binary::Less | Binary::LessOrEqual | Binary::And | Binary::Or => {
+            return Ok(vec![None, None]);
         }
     }
     for (i, target) in [(0, &xs), (1, &ys)] {
