@@ -1,14 +1,18 @@
-//! Host tensors: constants inside the IR (f32 weights, i64 shapes) and the f64 arrays the reference
-//! executor computes with. Device tensors are always f32.
+//! Host tensors: constants inside the IR (f32 weights, i64 shapes and ids, bool masks) and the f64
+//! arrays the reference executor computes with. Device tensors are always f32: integer and bool
+//! values travel as f32 there (ids exactly below 2^24, bools as 0.0/1.0).
 
 use std::sync::Arc;
 
-/// Element type of a value in the graph. Runtime values are f32; i64 appears only in constants that
-/// the importer consumes (shapes, axes).
+/// Element type of a value in the graph: what the value means, which decides folding and
+/// reference semantics (a Cast to int truncates, comparisons give 0/1). On the device every value
+/// is stored as f32 whatever its type. ONNX's other types map onto these three: float64/16 and
+/// bfloat16 are computed as float32, int32 (and the other integer types) as int64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     I64,
+    Bool,
 }
 
 impl DType {
@@ -16,7 +20,12 @@ impl DType {
         match self {
             DType::F32 => "float32",
             DType::I64 => "int64",
+            DType::Bool => "bool",
         }
+    }
+
+    pub fn is_float(self) -> bool {
+        self == DType::F32
     }
 }
 
@@ -25,6 +34,7 @@ impl DType {
 pub enum Data {
     F32(Arc<[f32]>),
     I64(Arc<[i64]>),
+    Bool(Arc<[bool]>),
 }
 
 /// A constant tensor (initializer, Constant node, adapter weight).
@@ -51,6 +61,14 @@ impl Tensor {
         }
     }
 
+    pub fn bool(shape: Vec<usize>, data: Vec<bool>) -> Self {
+        debug_assert_eq!(numel(&shape), data.len());
+        Tensor {
+            shape,
+            data: Data::Bool(data.into()),
+        }
+    }
+
     pub fn scalar(v: f32) -> Self {
         Tensor::f32(vec![], vec![v])
     }
@@ -59,6 +77,7 @@ impl Tensor {
         match self.data {
             Data::F32(_) => DType::F32,
             Data::I64(_) => DType::I64,
+            Data::Bool(_) => DType::Bool,
         }
     }
 
@@ -71,6 +90,16 @@ impl Tensor {
         match &self.data {
             Data::F32(v) => v.iter().map(|&x| x as f64).collect(),
             Data::I64(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
+        }
+    }
+
+    /// The values as the device holds them: f32 (ids exact below 2^24, bools as 0/1).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            Data::F32(v) => v.to_vec(),
+            Data::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            Data::Bool(v) => v.iter().map(|&x| x as u8 as f32).collect(),
         }
     }
 
@@ -120,6 +149,18 @@ impl Array {
             self.shape.clone(),
             self.data.iter().map(|&x| x as f32).collect(),
         )
+    }
+
+    /// The values as a tensor of `dtype`: rounded once to f32, or (for integer and bool values,
+    /// which the reference computes exactly) converted: integers truncate toward zero (NaN gives
+    /// 0, out-of-range values saturate), bools are `x != 0`.
+    pub fn to_tensor(&self, dtype: DType) -> Tensor {
+        let shape = self.shape.clone();
+        match dtype {
+            DType::F32 => self.to_tensor_f32(),
+            DType::I64 => Tensor::i64(shape, self.data.iter().map(|&x| x as i64).collect()),
+            DType::Bool => Tensor::bool(shape, self.data.iter().map(|&x| x != 0.0).collect()),
+        }
     }
 
     pub fn from_f32(shape: Vec<usize>, data: &[f32]) -> Self {

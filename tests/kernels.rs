@@ -16,7 +16,7 @@ use dorac::codegen::{self, PlanOptions};
 use dorac::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
-use dorac::tensor::{numel, relative_error, Array, Rng, Tensor};
+use dorac::tensor::{numel, relative_error, Array, DType, Rng, Tensor};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -662,6 +662,328 @@ fn training_ops_fuse_as_elementwise() {
     c.check_plan(&plan);
 }
 
+// ---------------------------------------------------------------- transformer ops
+
+/// `len` integers uniform in `lo..=hi`, as f32 (token ids, positions, masks).
+fn ints(c: &mut Case, len: usize, lo: i64, hi: i64) -> Vec<f32> {
+    (0..len)
+        .map(|_| (lo + (c.rng.uniform() * (hi - lo + 1) as f64).floor() as i64).min(hi) as f32)
+        .collect()
+}
+
+/// A graph input of integer (or bool) values with the given element type.
+fn typed_input(c: &mut Case, name: &str, shape: &[usize], v: Vec<f32>, dtype: DType) -> NodeId {
+    let id = c.input_values(name, shape, v);
+    c.graph.node_mut(id).dtype = dtype;
+    id
+}
+
+/// Comparisons on small integers (so that ties occur), logical ops on bools, Max and Min, all
+/// with broadcasting; Not and IsNaN.
+#[test]
+fn comparisons_logic_max_min() {
+    let mut c = Case::new("comparisons_logic_max_min");
+    let variants: [(&[usize], &[usize], &str); 4] = [
+        (&[5, 6], &[5, 6], "same"),
+        (&[5, 6], &[], "scalar"),
+        (&[5, 1], &[1, 6], "outer"),
+        (&[2, 1, 6], &[5, 6], "rank_extended"),
+    ];
+    for (sa, sb, variant) in variants {
+        let va = ints(&mut c, numel(sa), -2, 2);
+        let vb = ints(&mut c, numel(sb), -2, 2);
+        let a = c.input_values(&format!("a_{variant}"), sa, va);
+        let b = c.input_values(&format!("b_{variant}"), sb, vb);
+        let bools: Vec<f32> = ints(&mut c, numel(sa), 0, 1);
+        let p = typed_input(&mut c, &format!("p_{variant}"), sa, bools, DType::Bool);
+        let bools: Vec<f32> = ints(&mut c, numel(sb), 0, 1);
+        let q = typed_input(&mut c, &format!("q_{variant}"), sb, bools, DType::Bool);
+        for (op, name) in [
+            (Binary::Equal, "equal"),
+            (Binary::Less, "less"),
+            (Binary::LessOrEqual, "less_or_equal"),
+        ] {
+            c.out(bin(op), &[a, b], &format!("{name}_{variant}"));
+        }
+        c.out(bin(Binary::And), &[p, q], &format!("and_{variant}"));
+        c.out(bin(Binary::Or), &[p, q], &format!("or_{variant}"));
+        let fa = c.input(&format!("fa_{variant}"), sa, -3.0, 3.0);
+        let fb = c.input(&format!("fb_{variant}"), sb, -3.0, 3.0);
+        c.out(bin(Binary::Max), &[fa, fb], &format!("max_{variant}"));
+        c.out(bin(Binary::Min), &[fa, fb], &format!("min_{variant}"));
+    }
+    let bools = ints(&mut c, 30, 0, 1);
+    let p = typed_input(&mut c, "p", &[30], bools, DType::Bool);
+    c.out(un(Unary::Not), &[p], "not");
+    let mut v = c.values(40, -1e30, 1e30);
+    for i in (0..40).step_by(3) {
+        v[i] = f32::NAN;
+    }
+    v[1] = f32::INFINITY;
+    v[2] = f32::NEG_INFINITY;
+    let x = c.input_values("x", &[40], v);
+    c.out(un(Unary::IsNaN), &[x], "is_nan");
+    c.check();
+}
+
+/// Division of integer values truncates toward zero, on the device as in the reference.
+#[test]
+fn integer_division_truncates() {
+    let mut c = Case::new("integer_division_truncates");
+    let v = ints(&mut c, 60, -50, 50);
+    let a = typed_input(&mut c, "a", &[6, 10], v, DType::I64);
+    let v: Vec<f32> = ints(&mut c, 10, 1, 7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| if i % 2 == 0 { d } else { -d })
+        .collect();
+    let b = typed_input(&mut c, "b", &[10], v, DType::I64);
+    let q = c.out(bin(Binary::Div), &[a, b], "quotient");
+    assert_eq!(c.graph.node(q).dtype, DType::I64);
+    c.check();
+}
+
+/// Max and Min keep a NaN operand (WGSL's max and min may drop it), as torch does.
+#[test]
+fn max_and_min_propagate_nan() {
+    let mut g = Graph::new();
+    let a = g.add_const("a", Tensor::f32(vec![3], vec![f32::NAN, 1.0, 2.0]));
+    let b = g.add_const("b", Tensor::f32(vec![3], vec![0.0, f32::NAN, 3.0]));
+    for (op, name) in [(Binary::Max, "max"), (Binary::Min, "min")] {
+        let y = g.add(bin(op), &[a, b], name, name).unwrap();
+        g.outputs.push((name.into(), y));
+    }
+    let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
+    assert!(
+        out["max"][0].is_nan() && out["max"][1].is_nan(),
+        "{:?}",
+        out["max"]
+    );
+    assert!(
+        out["min"][0].is_nan() && out["min"][1].is_nan(),
+        "{:?}",
+        out["min"]
+    );
+    assert_eq!((out["max"][2], out["min"][2]), (3.0, 2.0));
+}
+
+#[test]
+fn casts_and_where() {
+    let mut c = Case::new("casts_and_where");
+    let mut v = c.values(60, -5.0, 5.0);
+    v[..6].copy_from_slice(&[0.0, -0.0, 2.5, -2.5, 0.99, -0.99]);
+    let x = c.input_values("x", &[6, 10], v);
+    let to_int = c.out(Op::Cast { to: DType::I64 }, &[x], "to_int64");
+    c.out(Op::Cast { to: DType::Bool }, &[x], "to_bool");
+    // A cast back to float is a view of the integer values.
+    c.out(Op::Cast { to: DType::F32 }, &[to_int], "back_to_float");
+    type Shapes<'a> = (&'a [usize], &'a [usize], &'a [usize], &'a str);
+    let shapes: [Shapes; 4] = [
+        (&[6, 10], &[6, 10], &[6, 10], "same"),
+        (&[6, 1], &[10], &[], "broadcast"),
+        (&[1, 1, 10], &[6, 10], &[3, 1, 1], "all_three"),
+        (&[], &[4, 5], &[5], "scalar_cond"),
+    ];
+    for (sc, sx, sy, name) in shapes {
+        let bools = ints(&mut c, numel(sc), 0, 1);
+        let cond = typed_input(&mut c, &format!("cond_{name}"), sc, bools, DType::Bool);
+        let a = c.input(&format!("a_{name}"), sx, -2.0, 2.0);
+        let b = c.input(&format!("b_{name}"), sy, -2.0, 2.0);
+        c.out(Op::Where, &[cond, a, b], &format!("where_{name}"));
+    }
+    c.check();
+}
+
+/// Gather with runtime ids (an embedding lookup: ids include negative and out-of-range
+/// values, which give 0), along inner axes, with a scalar id, and with constant ids.
+#[test]
+fn gathers() {
+    let mut c = Case::new("gathers");
+    let table = c.constant("table", &[50, 24], -1.0, 1.0);
+    let v = ints(&mut c, 14, -53, 52);
+    let ids = typed_input(&mut c, "ids", &[2, 7], v, DType::I64);
+    c.out(Op::Gather { axis: 0 }, &[table, ids], "embedding");
+    let x = c.input("x", &[3, 9, 4], -1.0, 1.0);
+    let v = ints(&mut c, 5, -9, 8);
+    let cols = typed_input(&mut c, "cols", &[5], v, DType::I64);
+    c.out(Op::Gather { axis: 1 }, &[x, cols], "axis1");
+    let last = c.graph.add_const("last", Tensor::i64(vec![], vec![-1]));
+    c.out(Op::Gather { axis: 2 }, &[x, last], "scalar_id");
+    let two = c
+        .graph
+        .add_const("two", Tensor::i64(vec![2, 2], vec![0, 2, -1, 1]));
+    c.out(Op::Gather { axis: 0 }, &[x, two], "constant_ids");
+    // A long table: many workgroups.
+    let big = c.constant("big", &[300, 64], -1.0, 1.0);
+    let v = ints(&mut c, 64, 0, 299);
+    let many = typed_input(&mut c, "many", &[8, 8], v, DType::I64);
+    c.out(Op::Gather { axis: 0 }, &[big, many], "embedding_many");
+    c.check();
+}
+
+#[test]
+fn gather_elements_and_gather_nd() {
+    let mut c = Case::new("gather_elements_and_gather_nd");
+    let data = c.input("data", &[4, 6, 5], -1.0, 1.0);
+    for (axis, shape, dim) in [(0, [3, 6, 5], 4), (1, [4, 9, 2], 6), (2, [2, 3, 7], 5)] {
+        let v = ints(&mut c, numel(&shape), -(dim as i64) - 1, dim as i64);
+        let ids = typed_input(&mut c, &format!("ids{axis}"), &shape, v, DType::I64);
+        c.out(
+            Op::GatherElements { axis },
+            &[data, ids],
+            &format!("gather_elements_axis{axis}"),
+        );
+    }
+    // GatherND: whole rows (k = 1), elements (k = 3), pairs (k = 2) with a batch dim.
+    let cases: [(&[usize], usize, &str); 4] = [
+        (&[3, 1], 0, "rows"),
+        (&[2, 2, 3], 0, "elements"),
+        (&[4, 3, 1], 1, "batched_rows"),
+        (&[4, 2], 1, "batched_pairs"),
+    ];
+    for (shape, batch_dims, name) in cases {
+        let k = shape[shape.len() - 1];
+        let dims = [4usize, 6, 5];
+        let n = numel(shape);
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                let d = dims[batch_dims + i % k] as i64;
+                ints(&mut c, 1, -d, d - 1)[0]
+            })
+            .collect();
+        let ids = typed_input(&mut c, &format!("nd_{name}"), shape, v, DType::I64);
+        c.out(
+            Op::GatherND { batch_dims },
+            &[data, ids],
+            &format!("gather_nd_{name}"),
+        );
+    }
+    // An out-of-range id in a tuple gives 0.
+    let bad = c
+        .graph
+        .add_const("bad", Tensor::i64(vec![2, 2], vec![1, 2, 9, 0]));
+    c.out(
+        Op::GatherND { batch_dims: 0 },
+        &[data, bad],
+        "gather_nd_out_of_range",
+    );
+    c.check();
+}
+
+/// Slices with negative and clamped bounds (resolved as the importer does), steps of 2 and 3
+/// and negative steps, an empty window, and Split's pieces.
+#[test]
+fn slices() {
+    let mut c = Case::new("slices");
+    let x = c.input("x", &[5, 8, 6], -1.0, 1.0);
+    let shape = [5, 8, 6];
+    #[allow(clippy::type_complexity)]
+    let cases: [(&[i64], &[i64], Option<&[i64]>, Option<&[i64]>, &str); 8] = [
+        (&[1], &[4], None, None, "rows"),
+        (
+            &[-3],
+            &[i64::MAX],
+            Some(&[1]),
+            None,
+            "negative_start_clamped_end",
+        ),
+        (&[0, 1], &[8, -1], Some(&[1, 2]), Some(&[2, 3]), "steps"),
+        (&[-1], &[i64::MIN], Some(&[1]), Some(&[-1]), "reversed"),
+        (
+            &[4, 5],
+            &[0, -100],
+            Some(&[0, 2]),
+            Some(&[-2, -2]),
+            "negative_steps",
+        ),
+        (&[3], &[3], Some(&[2]), None, "empty"),
+        (&[0, 2, 1], &[5, 7, 6], None, Some(&[3, 2, 4]), "all_dims"),
+        (
+            &[7, -1],
+            &[-100, 0],
+            Some(&[1, 2]),
+            Some(&[-3, -1]),
+            "down_to_zero",
+        ),
+    ];
+    for (starts, ends, axes, steps, name) in cases {
+        let (starts, ends, steps) =
+            dorac::ir::op::resolve_slice(&shape, starts, ends, axes, steps).unwrap();
+        let op = Op::Slice {
+            starts,
+            ends,
+            steps,
+        };
+        c.out(op, &[x], &format!("slice_{name}"));
+    }
+    c.check();
+}
+
+#[test]
+fn concats() {
+    let mut c = Case::new("concats");
+    let a = c.input("a", &[3, 4, 5], -1.0, 1.0);
+    let b = c.input("b", &[3, 2, 5], -1.0, 1.0);
+    let e = c.input("e", &[3, 0, 5], -1.0, 1.0);
+    c.out(Op::Concat { axis: 1 }, &[a, b, e, a], "axis1");
+    let d = c.input("d", &[1, 4, 5], -1.0, 1.0);
+    c.out(Op::Concat { axis: 0 }, &[a, d, a], "axis0");
+    let f = c.input("f", &[3, 4, 2], -1.0, 1.0);
+    c.out(Op::Concat { axis: 2 }, &[f, a, f], "axis2");
+    let parts: Vec<NodeId> = (0..7)
+        .map(|i| c.input(&format!("p{i}"), &[2, i + 1], -1.0, 1.0))
+        .collect();
+    c.out(Op::Concat { axis: 1 }, &parts, "seven_inputs");
+    let s = c.input("s", &[1], -1.0, 1.0);
+    c.out(Op::Concat { axis: 0 }, &[s, s], "scalars");
+    c.check();
+}
+
+#[test]
+fn trilus() {
+    let mut c = Case::new("trilus");
+    let x = c.input("x", &[2, 5, 7], -1.0, 1.0);
+    for upper in [true, false] {
+        for k in [-2i64, 0, 3, 9] {
+            let name = format!("{}_{k}", if upper { "upper" } else { "lower" });
+            c.out(Op::Trilu { upper, k }, &[x], &name.replace('-', "m"));
+        }
+    }
+    let wide = c.input("wide", &[3, 40], -1.0, 1.0);
+    c.out(Op::Trilu { upper: false, k: 0 }, &[wide], "wide_lower");
+    c.check();
+}
+
+/// A gather anchoring an epilogue with a three-input Where and a Cast: an attention-mask shape.
+#[test]
+fn index_ops_anchor_epilogues() {
+    let mut c = Case::new("index_ops_anchor_epilogues");
+    let table = c.constant("table", &[20, 12], -1.0, 1.0);
+    let v = ints(&mut c, 6, 0, 19);
+    let ids = typed_input(&mut c, "ids", &[6], v, DType::I64);
+    let g = c.op(Op::Gather { axis: 0 }, &[table, ids], "g");
+    let bools = ints(&mut c, 12, 0, 1);
+    let mask = typed_input(&mut c, "mask", &[12], bools, DType::Bool);
+    let minus = c.constant("minus", &[], -1e4, -1e4);
+    let w = c.op(Op::Where, &[mask, g, minus], "w");
+    let y = c.out(Op::Cast { to: DType::I64 }, &[w], "y");
+    let x = c.input("x", &[4, 9], -3.0, 3.0);
+    let s = c.op(
+        Op::Slice {
+            starts: vec![3, 0],
+            ends: vec![-1, 9],
+            steps: vec![-1, 2],
+        },
+        &[x],
+        "s",
+    );
+    let z = c.out(un(Unary::Exp), &[s], "z");
+    let groups = vec![vec![g, w, y], vec![s, z]];
+    let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
+    assert_eq!(plan.kernels.len(), 2, "{plan}");
+    c.check_plan(&plan);
+}
+
 // ---------------------------------------------------------------- dispatch and executables
 
 /// Every template with a dispatch limit lowered to 3 workgroups per dimension, so that each one
@@ -708,6 +1030,19 @@ fn grid_spill_with_a_lowered_limit() {
     let a = c.input("a", &[5, 20, 24], -1.0, 1.0); // 5 x 2 x 2 = 20 tiles
     let b = c.input("b", &[24, 20], -1.0, 1.0);
     c.out(Op::MatMul, &[a, b], "matmul");
+    // The index-mapping ops share the element-wise template's grid.
+    let ids: Vec<f32> = (0..20).map(|i| ((i * 3) % 20) as f32).collect();
+    let ids = c.input_values("ids", &[20], ids);
+    c.out(Op::Gather { axis: 0 }, &[x, ids], "gather");
+    let op = Op::Slice {
+        starts: vec![19, 0],
+        ends: vec![-1, 200],
+        steps: vec![-1, 1],
+    };
+    c.out(op, &[x], "slice");
+    let top = c.input("top", &[1, 200], -1.0, 1.0);
+    c.out(Op::Concat { axis: 0 }, &[top, x], "concat");
+    c.out(Op::Trilu { upper: true, k: 1 }, &[x], "trilu");
     let plan = codegen::plan_with(
         &c.graph,
         &PlanOptions {

@@ -1,13 +1,13 @@
 //! ONNX front end and back end: importing the test models, round trips through export, and the
 //! error paths (malformed files, dangling names, cycles, unsupported ops, external data, shapes).
 
-use dorac::ir::{AdaptedLayer, Graph, LinearKind, Method, Op, Reduce, Unary};
+use dorac::ir::{AdaptedLayer, Binary, Graph, LinearKind, Method, Op, Reduce, Unary};
 use dorac::onnx::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 };
 use dorac::onnx::{export, import, load_model, parse_shape_arg, save_model, ShapePins};
-use dorac::tensor::Tensor;
+use dorac::tensor::{Array, DType, Tensor};
 use dorac::Error;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
@@ -577,7 +577,7 @@ fn unsupported_ops_are_listed_in_one_error() {
 }
 
 #[test]
-fn other_domains_and_integer_inputs_are_refused() {
+fn other_domains_and_string_inputs_are_refused() {
     let mut fused = node("FusedMatMul", "f", &["x", "ids"], &["y"]);
     fused.domain = Some("com.microsoft".into());
     let m = model(
@@ -585,7 +585,7 @@ fn other_domains_and_integer_inputs_are_refused() {
         vec![],
         vec![
             vi("x", &[Ok(2)]),
-            vi_typed("ids", &[Ok(2)], DataType::Int64),
+            vi_typed("ids", &[Ok(2)], DataType::String),
         ],
         vec![vi("y", &[Ok(2)])],
         17,
@@ -593,7 +593,7 @@ fn other_domains_and_integer_inputs_are_refused() {
     let e = import_err(&m).to_string();
     assert!(
         e.contains("FusedMatMul (domain 'com.microsoft') (nodes: f)")
-            && e.contains("int64 graph inputs (inputs: ids)"),
+            && e.contains("string graph inputs (inputs: ids)"),
         "{e}"
     );
 }
@@ -982,4 +982,761 @@ fn external_data_is_read_from_the_model_folder() {
             "{e}"
         );
     }
+}
+
+// ---- transformer ops: integer and bool values, shape computations, multiple outputs ----
+
+fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int64 as i32),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn typed_tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+fn attr_t(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(t),
+        ..Default::default()
+    }
+}
+
+/// A Constant node holding `t`.
+fn constant(output: &str, t: TensorProto) -> NodeProto {
+    with_attr(node("Constant", output, &[], &[output]), attr_t("value", t))
+}
+
+fn import_ok(m: &ModelProto) -> Graph {
+    import(m, Path::new("."), &no_pins(), &no_shapes()).unwrap()
+}
+
+/// Runs the reference on `(input, values)` pairs (shapes from the graph).
+fn eval(g: &Graph, feeds: &[(&str, Vec<f64>)]) -> HashMap<String, Array> {
+    let inputs = feeds
+        .iter()
+        .map(|(name, v)| {
+            let id = g.find_by_name(name).unwrap();
+            (
+                name.to_string(),
+                Array::new(g.shape(id).to_vec(), v.clone()),
+            )
+        })
+        .collect();
+    dorac::reference::run(g, &inputs).unwrap()
+}
+
+/// Export and import give the same IR text, and the same values on `feeds`.
+fn assert_round_trip(g: &Graph, feeds: &[(&str, Vec<f64>)]) -> Graph {
+    let back = round_trip(g);
+    assert_eq!(format!("{g}"), format!("{back}"));
+    assert_eq!(eval(g, feeds), eval(&back, feeds));
+    back
+}
+
+fn ops_in_order(g: &Graph) -> Vec<&'static str> {
+    g.topo_order()
+        .unwrap()
+        .into_iter()
+        .map(|n| g.node(n).op.name())
+        .collect()
+}
+
+#[test]
+fn shape_gather_concat_reshape_folds_at_import() {
+    // x[2, 3, 4] -> Reshape(x, Concat(Gather(Shape(x), 0), Unsqueeze(Mul(Gather(Shape(x), [1]),
+    // Shape(x, start=-1))), ...)): the pattern of a dynamic-axes export; also Size, integer Div.
+    let nodes = vec![
+        node("Shape", "shape", &["x"], &["s"]),
+        constant("zero", i64_tensor("zero", &[], &[0])),
+        node("Gather", "batch", &["s", "zero"], &["b"]),
+        with_attr(node("Shape", "tail", &["x"], &["t"]), attr_i("start", -1)),
+        constant("one", i64_tensor("one", &[1], &[1])),
+        node("Gather", "rows", &["s", "one"], &["r"]),
+        node("Mul", "mul", &["r", "t"], &["rt"]),
+        node("Size", "size", &["x"], &["n"]),
+        constant("two", i64_tensor("two", &[], &[2])),
+        node("Div", "half", &["n", "two"], &["h"]),
+        node("Unsqueeze", "unsq", &["b", "ax0"], &["b1"]),
+        node("Concat", "cat", &["b1", "rt"], &["target"]),
+        node("Reshape", "reshape", &["x", "target"], &["y"]),
+        node("Unsqueeze", "unsq2", &["h", "ax0"], &["h1"]),
+        constant("two1", i64_tensor("two1", &[1], &[2])),
+        node("Concat", "cat2", &["two1", "h1"], &["target2"]),
+        node("Reshape", "reshape2", &["x", "target2"], &["z"]),
+    ];
+    let nodes: Vec<NodeProto> = nodes
+        .into_iter()
+        .map(|n| {
+            if n.op_type() == "Concat" {
+                with_attr(n, attr_i("axis", 0))
+            } else {
+                n
+            }
+        })
+        .collect();
+    let m = model(
+        nodes,
+        vec![i64_init("ax0", &[0])],
+        vec![vi("x", &[Ok(2), Ok(3), Ok(4)])],
+        vec![vi("y", &[Ok(2), Ok(12)]), vi("z", &[Ok(2), Ok(12)])],
+        15,
+    );
+    let g = import_ok(&m);
+    // Only the input and two reshapes are left: every shape computation was a constant.
+    assert_eq!(g.graph.node_count(), 3, "{g}");
+    assert_eq!(
+        g.node(g.outputs[0].1).op,
+        Op::Reshape { shape: vec![2, 12] }
+    );
+    assert_eq!(
+        g.node(g.outputs[1].1).op,
+        Op::Reshape { shape: vec![2, 12] }
+    );
+    let x: Vec<f64> = (0..24).map(f64::from).collect();
+    assert_round_trip(&g, &[("x", x)]);
+}
+
+#[test]
+fn int64_and_bool_inputs_masks_and_embeddings() {
+    // ids int64 [2, 3] -> Gather(table) ; mask int64 -> Cast(bool) -> Not -> Where(-1e4, 0)
+    // -> Unsqueeze -> Add to the embedding sum; Equal(ids, 0) as a second (bool) output.
+    let table: Vec<f32> = (0..15).map(|i| i as f32).collect();
+    let m = model(
+        vec![
+            node("Gather", "embed", &["table", "ids"], &["e"]),
+            with_attr(node("Cast", "to_bool", &["mask"], &["mb"]), attr_i("to", 9)),
+            node("Not", "not", &["mb"], &["pad"]),
+            node("Where", "where", &["pad", "neg", "zero"], &["bias"]),
+            node("Unsqueeze", "unsq", &["bias", "last"], &["bias3"]),
+            node("Add", "add", &["e", "bias3"], &["y"]),
+            node("Equal", "eq", &["ids", "zero_id"], &["is_pad"]),
+            node("And", "and", &["is_pad", "flag"], &["both"]),
+        ],
+        vec![
+            f32_init("table", &[5, 3], &table),
+            f32_init("neg", &[], &[-1e4]),
+            f32_init("zero", &[], &[0.0]),
+            i64_init("last", &[-1]),
+            i64_tensor("zero_id", &[], &[0]),
+        ],
+        vec![
+            vi_typed("ids", &[Ok(2), Ok(3)], DataType::Int64),
+            vi_typed("mask", &[Ok(2), Ok(3)], DataType::Int64),
+            vi_typed("flag", &[Ok(1)], DataType::Bool),
+        ],
+        vec![
+            vi("y", &[Ok(2), Ok(3), Ok(3)]),
+            vi_typed("both", &[Ok(2), Ok(3)], DataType::Bool),
+        ],
+        17,
+    );
+    let g = import_ok(&m);
+    let dtype = |name: &str| g.node(g.find_by_name(name).unwrap()).dtype;
+    assert_eq!(dtype("ids"), DType::I64);
+    assert_eq!(dtype("flag"), DType::Bool);
+    assert_eq!(dtype("mb"), DType::Bool);
+    assert_eq!(dtype("is_pad"), DType::Bool);
+    assert_eq!(dtype("y"), DType::F32);
+    let feeds = [
+        ("ids", vec![1.0, -1.0, 0.0, 4.0, 2.0, 0.0]),
+        ("mask", vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0]),
+        ("flag", vec![1.0]),
+    ];
+    let out = eval(&g, &feeds);
+    // Row 1: table[1]; row 2: table[-1] = table[4]; last position padded.
+    assert_eq!(out["y"].data[..6], [3.0, 4.0, 5.0, 12.0, 13.0, 14.0]);
+    assert_eq!(out["y"].data[15..], [-1e4, -1e4 + 1.0, -1e4 + 2.0]);
+    assert_eq!(out["both"].data, vec![0.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
+    let back = assert_round_trip(&g, &feeds);
+    // The exported inputs and outputs keep their types.
+    let m = export(&back).unwrap();
+    let elem = |v: &ValueInfoProto| match &v.r#type.as_ref().unwrap().value {
+        Some(type_proto::Value::TensorType(t)) => t.elem_type(),
+        _ => panic!("not a tensor"),
+    };
+    let gp = m.graph.unwrap();
+    let types: Vec<i32> = gp.input.iter().chain(&gp.output).map(elem).collect();
+    let want = [
+        DataType::Int64,
+        DataType::Int64,
+        DataType::Bool,
+        DataType::Float,
+    ];
+    let want: Vec<i32> = want
+        .iter()
+        .chain([&DataType::Bool])
+        .map(|&t| t as i32)
+        .collect();
+    assert_eq!(types, want);
+}
+
+#[test]
+fn masks_of_constants_fold_at_import() {
+    // The causal mask of a legacy GPT-2 export: LessOrEqual of two constant ranges, a bool
+    // ConstantOfShape, And, Cast; Range with a computed limit; Trilu of it; Expand with a
+    // bidirectional shape; all constants, folded (the float Where of them is left to the fold pass).
+    let t_true = typed_tensor("one", &[1], DataType::Bool, vec![1]);
+    let nodes = vec![
+        node("Shape", "shape", &["x"], &["s"]),
+        node("Gather", "len", &["s", "one_idx"], &["n"]),
+        node("Range", "range", &["zero", "n", "step"], &["pos"]),
+        node("Unsqueeze", "queries", &["pos", "ax1"], &["query"]),
+        node("Unsqueeze", "keys", &["pos", "ax0"], &["key"]),
+        node("LessOrEqual", "le", &["key", "query"], &["causal"]),
+        with_attr(
+            node("ConstantOfShape", "ones", &["dims"], &["all"]),
+            attr_t("value", t_true),
+        ),
+        node("And", "and", &["all", "causal"], &["mask"]),
+        with_attr(node("Cast", "cast", &["mask"], &["maskf"]), attr_i("to", 1)),
+        node("Trilu", "tril", &["maskf", "k"], &["lower"]),
+        node("Expand", "expand", &["lower", "big"], &["lower3"]),
+        node("Add", "add", &["x", "lower3"], &["y"]),
+    ];
+    let nodes: Vec<NodeProto> = nodes
+        .into_iter()
+        .map(|n| match n.op_type() {
+            "Trilu" => with_attr(n, attr_i("upper", 0)),
+            _ => n,
+        })
+        .collect();
+    let m = model(
+        nodes,
+        vec![
+            i64_tensor("one_idx", &[], &[1]),
+            i64_tensor("zero", &[], &[0]),
+            i64_tensor("step", &[], &[1]),
+            i64_init("ax0", &[0]),
+            i64_init("ax1", &[1]),
+            i64_init("dims", &[4, 4]),
+            i64_tensor("k", &[], &[-1]),
+            i64_init("big", &[2, 1, 1]),
+        ],
+        vec![vi("x", &[Ok(2), Ok(4), Ok(4)])],
+        vec![vi("y", &[Ok(2), Ok(4), Ok(4)])],
+        17,
+    );
+    let g = import_ok(&m);
+    let ops = count_ops(&g);
+    // Float ops on constants stay for the fold pass: Cast (a view), Trilu, Expand.
+    for gone in ["less_or_equal", "and", "gather", "slice", "concat"] {
+        assert!(!ops.contains_key(gone), "{gone} left in\n{g}");
+    }
+    let mask = g.find_by_name("mask").unwrap();
+    let t = g.const_tensor(mask).unwrap();
+    assert_eq!(t.dtype(), DType::Bool);
+    // Key position j <= query position i: the lower triangle, diagonal included.
+    let lower = [
+        1., 0., 0., 0., 1., 1., 0., 0., 1., 1., 1., 0., 1., 1., 1., 1.,
+    ];
+    assert_eq!(t.to_f64(), lower);
+    let x = vec![0.0; 32];
+    let out = eval(&g, &[("x", x.clone())]);
+    // Trilu(lower, k = -1) keeps its part strictly below the diagonal, for both batch entries.
+    let strict = [
+        0., 0., 0., 0., 1., 0., 0., 0., 1., 1., 0., 0., 1., 1., 1., 0.,
+    ];
+    assert_eq!(out["y"].data, [strict, strict].concat());
+    assert_round_trip(&g, &[("x", x.clone())]);
+    let mut folded = g.clone();
+    dorac::passes::fold_constants(&mut folded, &HashSet::new()).unwrap();
+    let mut ops = ops_in_order(&folded);
+    ops.sort();
+    assert_eq!(ops, ["add", "const", "input"]);
+    assert_eq!(eval(&folded, &[("x", x.clone())]), out);
+}
+
+#[test]
+fn split_by_sizes_and_by_num_outputs() {
+    // opset 13: sizes as an input; opset 18: num_outputs (uneven: 3, 3, 1), unused output.
+    let m13 = model(
+        vec![
+            with_attr(
+                node("Split", "split", &["x", "sizes"], &["a", "b"]),
+                attr_i("axis", 1),
+            ),
+            node("Sub", "sub", &["a", "b2"], &["y"]),
+            node("Relu", "r", &["b"], &["z"]),
+        ],
+        vec![i64_init("sizes", &[2, 4]), f32_init("b2", &[1], &[1.0])],
+        vec![vi("x", &[Ok(3), Ok(6)])],
+        vec![vi("y", &[Ok(3), Ok(2)]), vi("z", &[Ok(3), Ok(4)])],
+        13,
+    );
+    let g = import_ok(&m13);
+    let a = g.find_by_name("a").unwrap();
+    assert_eq!(
+        g.node(a).op,
+        Op::Slice {
+            starts: vec![0, 0],
+            ends: vec![3, 2],
+            steps: vec![1, 1]
+        }
+    );
+    let b = g.find_by_name("b").unwrap();
+    assert_eq!(g.shape(b), &[3, 4]);
+    let x: Vec<f64> = (0..18).map(f64::from).collect();
+    let out = eval(&g, &[("x", x.clone())]);
+    assert_eq!(out["y"].data, vec![-1., 0., 5., 6., 11., 12.]);
+    assert_eq!(out["z"].data[..4], [2., 3., 4., 5.]);
+    assert_round_trip(&g, &[("x", x)]);
+
+    let split18 = with_attr(
+        node("Split", "split", &["x"], &["p", "", "r"]),
+        attr_i("num_outputs", 3),
+    );
+    let m18 = model(
+        vec![split18, node("Neg", "n", &["p"], &["y"])],
+        vec![],
+        vec![vi("x", &[Ok(7), Ok(2)])],
+        vec![vi("y", &[Ok(3), Ok(2)]), vi("r", &[Ok(1), Ok(2)])],
+        18,
+    );
+    let g = import_ok(&m18);
+    assert_eq!(g.shape(g.outputs[0].1), &[3, 2]);
+    let r = g.outputs[1].1;
+    assert_eq!(
+        g.node(r).op,
+        Op::Slice {
+            starts: vec![6, 0],
+            ends: vec![7, 2],
+            steps: vec![1, 1]
+        }
+    );
+    let x: Vec<f64> = (0..14).map(f64::from).collect();
+    assert_eq!(eval(&g, &[("x", x.clone())])["r"].data, vec![12., 13.]);
+    assert_round_trip(&g, &[("x", x)]);
+
+    // Extra outputs of other ops are still refused when used.
+    let e = import_err(&model(
+        vec![
+            node("Relu", "r", &["x"], &["y", "extra"]),
+            node("Neg", "n", &["extra"], &["z"]),
+        ],
+        vec![],
+        vec![vi("x", &[Ok(2)])],
+        vec![vi("z", &[Ok(2)])],
+        18,
+    ));
+    assert!(
+        e.to_string().contains("Relu with its extra outputs used"),
+        "{e}"
+    );
+}
+
+#[test]
+fn slice_with_negative_bounds_clamping_and_steps() {
+    let m = model(
+        vec![
+            node(
+                "Slice",
+                "s",
+                &["x", "starts", "ends", "axes", "steps"],
+                &["y"],
+            ),
+            node("Slice", "t", &["x", "starts2", "ends2"], &["z"]),
+        ],
+        vec![
+            i64_init("starts", &[-1, 1]),
+            i64_init("ends", &[-100, i64::MAX]),
+            i64_init("axes", &[0, -1]),
+            i64_init("steps", &[-2, 3]),
+            i64_init("starts2", &[1]),
+            i64_init("ends2", &[-1]),
+        ],
+        vec![vi("x", &[Ok(5), Ok(8)])],
+        vec![vi("y", &[Ok(3), Ok(3)]), vi("z", &[Ok(3), Ok(8)])],
+        13,
+    );
+    let g = import_ok(&m);
+    let y = g.outputs[0].1;
+    // Rows 4, 2, 0; columns 1, 4, 7; the end is exact (start + len * step).
+    assert_eq!(
+        g.node(y).op,
+        Op::Slice {
+            starts: vec![4, 1],
+            ends: vec![-2, 10],
+            steps: vec![-2, 3]
+        }
+    );
+    let x: Vec<f64> = (0..40).map(f64::from).collect();
+    let out = eval(&g, &[("x", x.clone())]);
+    assert_eq!(
+        out["y"].data,
+        vec![33., 36., 39., 17., 20., 23., 1., 4., 7.]
+    );
+    assert_eq!(out["z"].data[0], 8.0);
+    assert_eq!(g.shape(g.outputs[1].1), &[3, 8]);
+    assert_round_trip(&g, &[("x", x)]);
+    // A window that runs down past element 0 exports as ONNX's -dim - 1 and comes back.
+    let m = model(
+        vec![node("Slice", "s", &["x", "st", "en", "ax", "sp"], &["y"])],
+        vec![
+            i64_init("st", &[2]),
+            i64_init("en", &[i64::MIN]),
+            i64_init("ax", &[1]),
+            i64_init("sp", &[-1]),
+        ],
+        vec![vi("x", &[Ok(2), Ok(3)])],
+        vec![vi("y", &[Ok(2), Ok(3)])],
+        13,
+    );
+    let g = import_ok(&m);
+    let x = vec![1., 2., 3., 4., 5., 6.];
+    assert_eq!(
+        eval(&g, &[("x", x.clone())])["y"].data,
+        vec![3., 2., 1., 6., 5., 4.]
+    );
+    assert_round_trip(&g, &[("x", x)]);
+}
+
+#[test]
+fn reduce_mean_axes_by_opset() {
+    let mk = |opset: i64| {
+        let (n, inits) = if opset >= 18 {
+            (
+                node("ReduceMean", "m", &["x", "axes"], &["y"]),
+                vec![i64_init("axes", &[-1, 0])],
+            )
+        } else {
+            (
+                with_attr(
+                    node("ReduceMean", "m", &["x"], &["y"]),
+                    attr_ints("axes", &[-1, 0]),
+                ),
+                vec![],
+            )
+        };
+        model(
+            vec![with_attr(n, attr_i("keepdims", 0))],
+            inits,
+            vec![vi("x", &[Ok(2), Ok(3), Ok(4)])],
+            vec![vi("y", &[Ok(3)])],
+            opset,
+        )
+    };
+    let x: Vec<f64> = (0..24).map(f64::from).collect();
+    for opset in [13, 17, 18] {
+        let g = import_ok(&mk(opset));
+        let mut ops = ops_in_order(&g);
+        ops.sort();
+        assert_eq!(ops, ["const", "div", "input", "reduce_sum"], "{g}");
+        let sum = g.inputs_of(g.outputs[0].1)[0];
+        assert_eq!(
+            g.node(sum).op,
+            Op::Reduce {
+                kind: Reduce::Sum,
+                axes: vec![0, 2],
+                keepdims: false
+            }
+        );
+        // Means of {0..3, 12..15}, {4..7, 16..19}, {8..11, 20..23}.
+        assert_eq!(
+            eval(&g, &[("x", x.clone())])["y"].data,
+            vec![7.5, 11.5, 15.5]
+        );
+        assert_round_trip(&g, &[("x", x.clone())]);
+    }
+    // From 18, an axes attribute where the input should be is still accepted.
+    let g = import_ok(&model(
+        vec![with_attr(
+            node("ReduceMean", "m", &["x"], &["y"]),
+            attr_ints("axes", &[1]),
+        )],
+        vec![],
+        vec![vi("x", &[Ok(2), Ok(3), Ok(4)])],
+        vec![vi("y", &[Ok(2), Ok(1), Ok(4)])],
+        18,
+    ));
+    assert_eq!(g.shape(g.outputs[0].1), &[2, 1, 4]);
+}
+
+#[test]
+fn casts_comparisons_and_variadic_min_max() {
+    let cast = |to: DataType, out: &str| {
+        with_attr(node("Cast", out, &["x"], &[out]), attr_i("to", to as i64))
+    };
+    let m = model(
+        vec![
+            cast(DataType::Int64, "i"),
+            cast(DataType::Int32, "i32"),
+            cast(DataType::Bool, "b"),
+            cast(DataType::Double, "d"),
+            cast(DataType::Float, "f"),
+            node("Greater", "gt", &["x", "w"], &["gt"]),
+            node("GreaterOrEqual", "ge", &["i", "zero"], &["ge"]),
+            node("Less", "lt", &["x", "w"], &["lt"]),
+            node("IsNaN", "nan", &["x"], &["nan"]),
+            node("Max", "max", &["x", "w", "half"], &["max"]),
+            node("Min", "min", &["x", "w"], &["min"]),
+            node("Clip", "clip", &["x", "lo", "hi"], &["clip"]),
+            node("Clip", "clip_lo", &["x", "lo"], &["clip_lo"]),
+            node("Div", "idiv", &["i", "two"], &["q"]),
+        ],
+        vec![
+            f32_init("w", &[4], &[0.0, 1.0, -1.0, 2.0]),
+            f32_init("half", &[], &[0.5]),
+            f32_init("lo", &[], &[-1.0]),
+            f32_init("hi", &[], &[1.0]),
+            i64_tensor("zero", &[], &[0]),
+            i64_tensor("two", &[], &[2]),
+        ],
+        vec![vi("x", &[Ok(2), Ok(4)])],
+        [
+            "i", "i32", "b", "d", "f", "gt", "ge", "lt", "nan", "max", "min", "clip", "clip_lo",
+            "q",
+        ]
+        .iter()
+        .map(|n| vi(n, &[Ok(2), Ok(4)]))
+        .collect(),
+        17,
+    );
+    let g = import_ok(&m);
+    let node_of = |name: &str| g.node(g.find_by_name(name).unwrap());
+    assert_eq!(node_of("i").op, Op::Cast { to: DType::I64 });
+    assert_eq!(node_of("i32").dtype, DType::I64);
+    assert_eq!(node_of("b").dtype, DType::Bool);
+    // Float to float: nothing to do.
+    assert_eq!(node_of("d").op, Op::Identity);
+    assert_eq!(node_of("f").op, Op::Identity);
+    // Greater is Less with the operands swapped.
+    let gt = g.find_by_name("gt").unwrap();
+    assert_eq!(g.node(gt).op, Op::Binary(Binary::Less));
+    assert_eq!(g.node(g.inputs_of(gt)[0]).name, "w");
+    assert_eq!(node_of("max").op, Op::Binary(Binary::Max));
+    let x = vec![-2.5, 0.0, 3.7, f64::NAN, 1.5, -0.5, -7.9, 2.0];
+    let out = eval(&g, &[("x", x.clone())]);
+    assert_eq!(out["i"].data[..3], [-2.0, 0.0, 3.0]);
+    assert_eq!(out["b"].data, vec![1., 0., 1., 1., 1., 1., 1., 1.]);
+    assert_eq!(out["gt"].data, vec![0., 0., 1., 0., 1., 0., 0., 0.]);
+    assert_eq!(out["ge"].data[..3], [0., 1., 1.]);
+    assert_eq!(out["nan"].data, vec![0., 0., 0., 1., 0., 0., 0., 0.]);
+    assert_eq!(out["max"].data[..3], [0.5, 1.0, 3.7]);
+    assert!(out["max"].data[3].is_nan());
+    assert_eq!(out["min"].data[..3], [-2.5, 0.0, -1.0]);
+    assert_eq!(out["clip"].data[..3], [-1.0, 0.0, 1.0]);
+    assert_eq!(out["clip_lo"].data[..3], [-1.0, 0.0, 3.7]);
+    // Integer division truncates toward zero: -2 / 2, 0 / 2, 3 / 2, ..., -7 / 2.
+    assert_eq!(node_of("q").op, Op::Binary(Binary::Div));
+    assert_eq!(node_of("q").dtype, DType::I64);
+    assert_eq!(out["q"].data[..3], [-1.0, 0.0, 1.0]);
+    assert_eq!(out["q"].data[6], -3.0);
+    let back = round_trip(&g);
+    assert_eq!(format!("{g}"), format!("{back}"));
+}
+
+#[test]
+fn gathers_unsqueeze_squeeze_and_trilu() {
+    let nd_idx = i64_tensor("nd", &[2, 2], &[1, -1, 0, 2]);
+    let el_idx = i64_tensor("el", &[2, 2], &[2, 0, -1, 1]);
+    let squeeze_old = with_attr(
+        node("Squeeze", "sq_old", &["x4"], &["sq_old"]),
+        attr_ints("axes", &[0, 2]),
+    );
+    let unsqueeze_old = with_attr(
+        node("Unsqueeze", "unsq_old", &["x"], &["u_old"]),
+        attr_ints("axes", &[0, -1]),
+    );
+    let build = |opset: i64| {
+        let (sq, unsq) = if opset >= 13 {
+            (
+                node("Squeeze", "sq", &["x4", "sq_axes"], &["sq"]),
+                node("Unsqueeze", "unsq", &["x", "unsq_axes"], &["u"]),
+            )
+        } else {
+            (
+                {
+                    let mut n = squeeze_old.clone();
+                    n.output = vec!["sq".into()];
+                    n
+                },
+                {
+                    let mut n = unsqueeze_old.clone();
+                    n.output = vec!["u".into()];
+                    n
+                },
+            )
+        };
+        model(
+            vec![
+                constant("nd", nd_idx.clone()),
+                constant("el", el_idx.clone()),
+                node("GatherND", "gnd", &["x", "nd"], &["gnd"]),
+                with_attr(
+                    node("GatherElements", "gel", &["x", "el"], &["gel"]),
+                    attr_i("axis", 1),
+                ),
+                with_attr(
+                    node("Gather", "gcol", &["x", "col"], &["gcol"]),
+                    attr_i("axis", 1),
+                ),
+                with_attr(
+                    node("Trilu", "triu", &["x", "k"], &["triu"]),
+                    attr_i("upper", 1),
+                ),
+                sq,
+                unsq,
+                node("Squeeze", "sq_all", &["x4"], &["sq_all"]),
+            ],
+            vec![
+                i64_tensor("col", &[], &[-1]),
+                i64_tensor("k", &[], &[1]),
+                i64_init("sq_axes", &[0, -2]),
+                i64_init("unsq_axes", &[0, -1]),
+            ],
+            vec![
+                vi("x", &[Ok(2), Ok(3)]),
+                vi("x4", &[Ok(1), Ok(2), Ok(1), Ok(3)]),
+            ],
+            vec![
+                vi("gnd", &[Ok(2)]),
+                vi("gel", &[Ok(2), Ok(2)]),
+                vi("gcol", &[Ok(2)]),
+                vi("triu", &[Ok(2), Ok(3)]),
+                vi("sq", &[Ok(2), Ok(3)]),
+                vi("u", &[Ok(1), Ok(2), Ok(3), Ok(1)]),
+                vi("sq_all", &[Ok(2), Ok(3)]),
+            ],
+            opset,
+        )
+    };
+    let x = vec![1., 2., 3., 4., 5., 6.];
+    let x4: Vec<f64> = (10..16).map(f64::from).collect();
+    let feeds = [("x", x), ("x4", x4)];
+    for opset in [11, 13, 18] {
+        let g = import_ok(&build(opset));
+        let out = eval(&g, &feeds);
+        assert_eq!(out["gnd"].data, vec![6., 3.], "opset {opset}");
+        assert_eq!(out["gel"].data, vec![3., 1., 6., 5.]);
+        assert_eq!(out["gcol"].data, vec![3., 6.]);
+        assert_eq!(out["triu"].data, vec![0., 2., 3., 0., 0., 6.]);
+        assert_eq!(out["sq"].shape, vec![2, 3]);
+        assert_eq!(out["u"].shape, vec![1, 2, 3, 1]);
+        assert_eq!(out["sq_all"].shape, vec![2, 3]);
+        assert_round_trip(&g, &feeds);
+        // Trilu needs opset 14 in the exported model.
+        assert!(export(&g).unwrap().opset_import[0].version() >= 14);
+    }
+}
+
+#[test]
+fn computed_and_runtime_shape_inputs() {
+    // A shape computed from a float constant through Cast folds; one computed from a graph
+    // input is refused, naming the node.
+    let m = model(
+        vec![
+            node("Sqrt", "sqrt", &["four"], &["two_f"]),
+            with_attr(node("Cast", "cast", &["two_f"], &["two"]), attr_i("to", 7)),
+            node("ConstantOfShape", "zeros", &["two"], &["z"]),
+            node("Add", "add", &["x", "z"], &["y"]),
+        ],
+        vec![f32_init("four", &[1], &[4.0])],
+        vec![vi("x", &[Ok(2)])],
+        vec![vi("y", &[Ok(2)])],
+        17,
+    );
+    let g = import_ok(&m);
+    assert_eq!(g.shape(g.outputs[0].1), &[2]);
+    let m = model(
+        vec![
+            with_attr(node("Cast", "cast", &["n"], &["ni"]), attr_i("to", 7)),
+            node("Range", "range", &["zero", "ni", "one"], &["r"]),
+        ],
+        vec![i64_tensor("zero", &[], &[0]), i64_tensor("one", &[], &[1])],
+        vec![vi("n", &[])],
+        vec![vi_typed("r", &[Err("n")], DataType::Int64)],
+        17,
+    );
+    let e = import_err(&m);
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    assert!(
+        e.to_string().contains("Range") && e.to_string().contains("range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bool_and_narrow_integer_initializers() {
+    let m = model(
+        vec![
+            node("And", "and", &["p", "mask"], &["y"]),
+            with_attr(node("Cast", "c", &["small"], &["f"]), attr_i("to", 1)),
+            node("Mul", "mul", &["x", "f"], &["z"]),
+        ],
+        vec![
+            typed_tensor("mask", &[3], DataType::Bool, vec![1, 0, 1]),
+            typed_tensor("small", &[3], DataType::Int8, vec![0xff, 2, 3]),
+        ],
+        vec![vi_typed("p", &[Ok(3)], DataType::Bool), vi("x", &[Ok(3)])],
+        vec![vi_typed("y", &[Ok(3)], DataType::Bool), vi("z", &[Ok(3)])],
+        17,
+    );
+    let g = import_ok(&m);
+    let mask = g.find_by_name("mask").unwrap();
+    assert_eq!(
+        g.const_tensor(mask).unwrap(),
+        &Tensor::bool(vec![3], vec![true, false, true])
+    );
+    let small = g.find_by_name("small").unwrap();
+    assert_eq!(
+        g.const_tensor(small).unwrap(),
+        &Tensor::i64(vec![3], vec![-1, 2, 3])
+    );
+    let feeds = [("p", vec![1.0, 1.0, 0.0]), ("x", vec![1.0, 1.0, 1.0])];
+    let out = eval(&g, &feeds);
+    assert_eq!(out["y"].data, vec![1.0, 0.0, 0.0]);
+    assert_eq!(out["z"].data, vec![-1.0, 2.0, 3.0]);
+    assert_round_trip(&g, &feeds);
+}
+
+#[test]
+fn long_concat_becomes_a_tree_of_bindable_concats() {
+    // 16 runtime inputs: one kernel binds at most 7, so the importer nests them.
+    let names: Vec<String> = (0..16).map(|i| format!("x{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let m = model(
+        vec![with_attr(
+            node("Concat", "cat", &refs, &["y"]),
+            attr_i("axis", -1),
+        )],
+        vec![],
+        names.iter().map(|n| vi(n, &[Ok(2), Ok(1)])).collect(),
+        vec![vi("y", &[Ok(2), Ok(16)])],
+        17,
+    );
+    let g = import_ok(&m);
+    let concats: Vec<usize> = g
+        .graph
+        .node_indices()
+        .filter(|&n| matches!(g.node(n).op, Op::Concat { .. }))
+        .map(|n| g.inputs_of(n).len())
+        .collect();
+    assert!(concats.iter().all(|&k| k <= 7), "{concats:?}");
+    assert_eq!(concats.len(), 4, "{g}");
+    let feeds: Vec<(&str, Vec<f64>)> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, vec![i as f64, -(i as f64)]))
+        .collect();
+    let out = eval(&g, &feeds);
+    let want: Vec<f64> = (0..16)
+        .map(f64::from)
+        .chain((0..16).map(|i| -f64::from(i)))
+        .collect();
+    assert_eq!(out["y"].data, want);
+    assert_round_trip(&g, &feeds);
 }

@@ -90,7 +90,11 @@ fn run_with(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut args: Vec<&str> = vec![s(&m), "--data", s(&d), "-o", s(dir)];
     // The reference executor unless a test picks a GPU backend.
     let flags: Vec<&str> = if extra.contains(&"--backend") {
-        FLAGS.iter().copied().filter(|f| *f != "--reference").collect()
+        FLAGS
+            .iter()
+            .copied()
+            .filter(|f| *f != "--reference")
+            .collect()
     } else {
         FLAGS.to_vec()
     };

@@ -14,6 +14,7 @@ use super::wgsl::{self, broadcast_index, broadcast_muls, strided_index, Binding}
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
 use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::tensor::DType;
 use crate::tensor::{numel, shape_str, strides};
 use std::collections::BTreeSet;
 
@@ -124,7 +125,8 @@ pub(crate) fn emit(
     let anchor = group[0];
     let node = graph.node(anchor);
     let fusable = is_elementwise(&node.op)
-        || matches!(node.op, Op::Transpose { .. } | Op::MatMul | Op::Gemm { .. });
+        || is_index_map(&node.op)
+        || matches!(node.op, Op::MatMul | Op::Gemm { .. });
     if group.len() > 1 && !fusable {
         return Err(Error::Gpu(format!(
             "kernel {name}: a {} cannot take an element-wise epilogue",
@@ -132,11 +134,9 @@ pub(crate) fn emit(
         )));
     }
     match &node.op {
-        Op::Unary(_)
-        | Op::Binary(_)
-        | Op::UnaryGrad(_)
-        | Op::Expand { .. }
-        | Op::Transpose { .. } => elementwise(graph, group, name, max_workgroups),
+        op if is_elementwise(op) || is_index_map(op) => {
+            elementwise(graph, group, name, max_workgroups)
+        }
         Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, max_workgroups),
         Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, max_workgroups),
         Op::LayerNorm { axis, epsilon } => {
@@ -163,13 +163,44 @@ pub(crate) fn emit(
 fn is_elementwise(op: &Op) -> bool {
     matches!(
         op,
-        Op::Unary(_) | Op::Binary(_) | Op::UnaryGrad(_) | Op::Expand { .. }
+        Op::Unary(_)
+            | Op::Binary(_)
+            | Op::UnaryGrad(_)
+            | Op::Expand { .. }
+            | Op::Cast { .. }
+            | Op::Where
     )
 }
 
-/// The WGSL expression of an element-wise op applied to operand expressions `args` (simple
-/// names, so an expression may repeat them).
-fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Result<String> {
+/// Ops that compute each output element from input elements found by index arithmetic on the
+/// output position (layout changes and gathers): they run on the element-wise template with
+/// their own loads, and can anchor an epilogue.
+fn is_index_map(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Gather { .. }
+            | Op::GatherElements { .. }
+            | Op::GatherND { .. }
+            | Op::Trilu { .. }
+    )
+}
+
+/// A bool result (1.0 or 0.0) of a WGSL condition.
+fn truth(cond: String) -> String {
+    format!("select(0.0, 1.0, {cond})")
+}
+
+/// The WGSL expression of an element-wise op with a result of type `dtype` applied to operand
+/// expressions `args` (simple names, so an expression may repeat them).
+fn elementwise_expr(
+    op: &Op,
+    dtype: DType,
+    args: &[String],
+    libs: &mut BTreeSet<Lib>,
+) -> Result<String> {
     Ok(match op {
         Op::Unary(u) => {
             let x = &args[0];
@@ -201,6 +232,11 @@ fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Resul
                 Unary::Exp => format!("exp({x})"),
                 Unary::Log => format!("log({x})"),
                 Unary::Reciprocal => format!("1.0 / {x}"),
+                Unary::Not => truth(format!("{x} == 0.0")),
+                Unary::IsNaN => {
+                    libs.insert(Lib::IsNan);
+                    truth(format!("is_nan_f32({x})"))
+                }
             }
         }
         Op::Binary(b) => {
@@ -209,13 +245,36 @@ fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Resul
                 Binary::Add => format!("{a} + {c}"),
                 Binary::Sub => format!("{a} - {c}"),
                 Binary::Mul => format!("{a} * {c}"),
+                // Integer division truncates (ONNX); i32 division does, exactly, for the ids
+                // and sizes an f32 holds exactly.
+                Binary::Div if dtype == DType::I64 => format!("f32(i32({a}) / i32({c}))"),
                 Binary::Div => format!("{a} / {c}"),
                 Binary::Pow => {
                     libs.insert(Lib::Pow);
                     format!("pow_f32({a}, {c})")
                 }
+                // WGSL's max and min may drop a NaN operand; torch (and the reference) keep it.
+                Binary::Max | Binary::Min => {
+                    libs.insert(Lib::IsNan);
+                    let f = if *b == Binary::Max { "max" } else { "min" };
+                    format!("select({f}({a}, {c}), {a} + {c}, is_nan_f32({a}) || is_nan_f32({c}))")
+                }
+                Binary::Equal => truth(format!("{a} == {c}")),
+                Binary::Less => truth(format!("{a} < {c}")),
+                Binary::LessOrEqual => truth(format!("{a} <= {c}")),
+                Binary::And => truth(format!("{a} != 0.0 && {c} != 0.0")),
+                Binary::Or => truth(format!("{a} != 0.0 || {c} != 0.0")),
             }
         }
+        Op::Cast { to } => {
+            let x = &args[0];
+            match to {
+                DType::F32 => x.clone(),
+                DType::I64 => format!("trunc({x})"),
+                DType::Bool => truth(format!("{x} != 0.0")),
+            }
+        }
+        Op::Where => format!("select({}, {}, {} != 0.0)", args[2], args[1], args[0]),
         Op::UnaryGrad(u) => {
             let (x, dy) = (&args[0], &args[1]);
             match u {
@@ -244,6 +303,7 @@ fn elementwise_expr(op: &Op, args: &[String], libs: &mut BTreeSet<Lib>) -> Resul
                 Unary::Exp => format!("exp({x}) * {dy}"),
                 Unary::Log => format!("{dy} / {x}"),
                 Unary::Reciprocal => format!("-{dy} / ({x} * {x})"),
+                Unary::Not | Unary::IsNaN => format!("0.0 * {dy}"),
             }
         }
         // The broadcast is in the operand's load; the value passes through.
@@ -314,7 +374,7 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
             ));
             args.push(format!("{name}_i"));
         }
-        let expr = elementwise_expr(&node.op, &args, &mut b.libs)?;
+        let expr = elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?;
         lines.push(format!(
             "{indent}let v{k} = {expr}; {}",
             node_comment(graph, n)
@@ -350,9 +410,13 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
                 node_comment(graph, anchor)
             ));
         }
+        op if is_index_map(op) => {
+            summary = index_map(&mut b, anchor, &mut lines, indent)?;
+        }
         op => {
             let names: &[&str] = match (op, ins.len()) {
                 (Op::UnaryGrad(_), _) => &["x", "dy"],
+                (Op::Where, _) => &["cond", "a", "b"],
                 (_, 1) => &["x"],
                 _ => &["a", "b"],
             };
@@ -367,7 +431,7 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
                 ));
                 args.push(format!("{bname}_i"));
             }
-            let expr = elementwise_expr(op, &args, &mut b.libs)?;
+            let expr = elementwise_expr(op, node.dtype, &args, &mut b.libs)?;
             lines.push(format!(
                 "{indent}let v0 = {expr}; {}",
                 node_comment(graph, anchor)
@@ -399,6 +463,271 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
         workgroups,
         summary,
     )
+}
+
+/// The loads of an index-mapping anchor (Slice, Concat, the gathers, Trilu): statements over
+/// flat output index `i` that end with its value in `v0`. Returns the kernel summary.
+fn index_map(b: &mut Builder, n: NodeId, lines: &mut Vec<String>, indent: &str) -> Result<String> {
+    let graph = b.graph;
+    let node = graph.node(n);
+    let out = node.shape.clone();
+    let ins = graph.inputs_of(n);
+    let comment = node_comment(graph, n);
+    let x_shape = graph.shape(ins[0]).to_vec();
+    let x_strides = strides(&x_shape);
+    let u = wgsl::u32_lit;
+    let mut push = |line: String| lines.push(format!("{indent}{line}"));
+    if numel(&out) == 0 {
+        // No invocation runs; the shader only has to be valid.
+        push(format!("let v0 = 0.0; {comment} (empty output)"));
+        return Ok(format!("{} -> {} (empty)", node.op.name(), shape_str(&out)));
+    }
+    Ok(match &node.op {
+        Op::Slice { starts, steps, .. } => {
+            // base + sum(j_d * step_d * stride_d): the terms of negative steps are subtracted,
+            // after the positive ones, so the u32 arithmetic never goes below zero.
+            let x = b.bind("x", ins[0]);
+            let empty = numel(&out) == 0;
+            let base: i64 = (0..out.len())
+                .map(|d| {
+                    if empty {
+                        0
+                    } else {
+                        starts[d] * x_strides[d] as i64
+                    }
+                })
+                .sum();
+            let muls = |sign: i64| -> Vec<usize> {
+                (0..out.len())
+                    .map(|d| {
+                        let m = steps[d] * sign * x_strides[d] as i64;
+                        if m > 0 {
+                            m as usize
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            };
+            let (pos, neg) = (
+                strided_index("i", &out, &muls(1)),
+                strided_index("i", &out, &muls(-1)),
+            );
+            let mut at = u(base as usize);
+            if pos != "0u" {
+                at = if base == 0 {
+                    pos
+                } else {
+                    format!("{at} + {pos}")
+                };
+            }
+            if neg != "0u" {
+                at = format!("{at} - ({neg})");
+            }
+            push(format!("let v0 = {x}[{at}]; {comment}"));
+            format!(
+                "slice of {} from {starts:?} by {steps:?} -> {}",
+                shape_str(&x_shape),
+                shape_str(&out)
+            )
+        }
+        Op::Concat { axis } => {
+            let axis = *axis;
+            let inner = numel(&out[axis + 1..]);
+            push(format!(
+                "let c = {}; // position along the joined axis {axis}",
+                strided_index("i", &out, &unit_mul(out.len(), axis))
+            ));
+            push("var v0: f32;".into());
+            let mut offset = 0;
+            let mut branches = vec![];
+            let mut parts = vec![];
+            for (k, &input) in ins.iter().enumerate() {
+                let shape = graph.shape(input);
+                let len = shape[axis];
+                parts.push(shape_str(shape));
+                if len == 0 {
+                    continue;
+                }
+                let x = b.bind(&format!("x{k}"), input);
+                // The input's own layout: outer dims as the output's, `len` along the axis.
+                let mut muls = strides(shape);
+                muls[axis] = 0;
+                let rest = strided_index("i", &out, &muls);
+                let along = match (offset, inner) {
+                    (0, 1) => "c".to_string(),
+                    (0, _) => format!("c * {}", u(inner)),
+                    (o, 1) => format!("(c - {})", u(o)),
+                    (o, _) => format!("(c - {}) * {}", u(o), u(inner)),
+                };
+                let load = if rest == "0u" {
+                    format!("v0 = {x}[{along}];")
+                } else {
+                    format!("v0 = {x}[{rest} + {along}];")
+                };
+                offset += len;
+                branches.push((offset, load));
+            }
+            let last = branches.len().saturating_sub(1);
+            for (j, (end, load)) in branches.iter().enumerate() {
+                let head = match (j, j == last) {
+                    (0, true) => "{".to_string(),
+                    (0, false) => format!("if c < {} {{", u(*end)),
+                    (_, true) => "} else {".to_string(),
+                    _ => format!("}} else if c < {} {{", u(*end)),
+                };
+                push(head);
+                push(format!("    {load}"));
+            }
+            if !branches.is_empty() {
+                push(format!("}} {comment}"));
+            }
+            format!(
+                "concat of {} along axis {axis} -> {}",
+                parts.join(", "),
+                shape_str(&out)
+            )
+        }
+        Op::Gather { axis } => {
+            let axis = *axis;
+            let idx_shape = graph.shape(ins[1]).to_vec();
+            let (dim, inner) = (x_shape[axis], numel(&x_shape[axis + 1..]));
+            let summary = format!(
+                "gather of {} at ids {} along axis {axis} -> {}",
+                shape_str(&x_shape),
+                shape_str(&idx_shape),
+                shape_str(&out)
+            );
+            if dim == 0 {
+                push(format!("let v0 = 0.0; {comment} (nothing to gather from)"));
+                return Ok(summary);
+            }
+            let x = b.bind("data", ins[0]);
+            let ids = b.bind("ids", ins[1]);
+            b.libs.insert(Lib::GatherPosition);
+            // Output dims: outer (data's before axis), the ids', inner (data's after axis).
+            let view = [numel(&x_shape[..axis]), numel(&idx_shape), inner];
+            let id_at = strided_index("i", &view, &[0, 1, 0]);
+            let base = strided_index("i", &view, &[dim * inner, 0, 1]);
+            push(format!(
+                "let p = gather_position({ids}[{id_at}], {});",
+                u(dim)
+            ));
+            let at = offset_expr(&base, "u32(max(p, 0))", inner);
+            push(format!(
+                "let v0 = select(0.0, {x}[{at}], p >= 0); {comment}"
+            ));
+            summary
+        }
+        Op::GatherElements { axis } => {
+            let axis = *axis;
+            let dim = x_shape[axis];
+            let summary = format!(
+                "gather_elements of {} along axis {axis} -> {}",
+                shape_str(&x_shape),
+                shape_str(&out)
+            );
+            if dim == 0 {
+                push(format!("let v0 = 0.0; {comment} (nothing to gather from)"));
+                return Ok(summary);
+            }
+            let x = b.bind("data", ins[0]);
+            let ids = b.bind("ids", ins[1]);
+            b.libs.insert(Lib::GatherPosition);
+            let mut muls = x_strides.clone();
+            muls[axis] = 0;
+            let base = strided_index("i", &out, &muls);
+            push(format!("let p = gather_position({ids}[i], {});", u(dim)));
+            let at = offset_expr(&base, "u32(max(p, 0))", x_strides[axis]);
+            push(format!(
+                "let v0 = select(0.0, {x}[{at}], p >= 0); {comment}"
+            ));
+            summary
+        }
+        Op::GatherND { batch_dims } => {
+            let bd = *batch_dims;
+            let idx_shape = graph.shape(ins[1]).to_vec();
+            let q = idx_shape.len();
+            let k = idx_shape[q - 1];
+            let inner = numel(&x_shape[bd + k..]);
+            let summary = format!(
+                "gather_nd of {} at ids {} (batch_dims {bd}) -> {}",
+                shape_str(&x_shape),
+                shape_str(&idx_shape),
+                shape_str(&out)
+            );
+            if numel(&x_shape) == 0 {
+                push(format!("let v0 = 0.0; {comment} (nothing to gather from)"));
+                return Ok(summary);
+            }
+            let x = b.bind("data", ins[0]);
+            let ids = b.bind("ids", ins[1]);
+            b.libs.insert(Lib::GatherPosition);
+            // Output dims: batch, tuples per batch entry, inner (data's dims after the indexed).
+            let view = [numel(&idx_shape[..bd]), numel(&idx_shape[bd..q - 1]), inner];
+            let m = strided_index("i", &view, &[view[1], 1, 0]);
+            push(format!("let m = {m}; // the index tuple"));
+            let mut at = strided_index("i", &view, &[numel(&x_shape[bd..]), 0, 1]);
+            let mut ok = vec![];
+            for t in 0..k {
+                let id_at = match (k, t) {
+                    (1, _) => "m".to_string(),
+                    (_, 0) => format!("m * {}", u(k)),
+                    _ => format!("m * {} + {}", u(k), u(t)),
+                };
+                push(format!(
+                    "let p{t} = gather_position({ids}[{id_at}], {});",
+                    u(x_shape[bd + t])
+                ));
+                at = offset_expr(&at, &format!("u32(max(p{t}, 0))"), x_strides[bd + t]);
+                ok.push(format!("p{t} >= 0"));
+            }
+            push(format!(
+                "let v0 = select(0.0, {x}[{at}], {}); {comment}",
+                ok.join(" && ")
+            ));
+            summary
+        }
+        &Op::Trilu { upper, k } => {
+            let x = b.bind("x", ins[0]);
+            let r = out.len();
+            let row = strided_index("i", &out, &unit_mul(r, r - 2));
+            let col = strided_index("i", &out, &unit_mul(r, r - 1));
+            push(format!("let d = i32({col}) - i32({row}); // column - row"));
+            let keep = format!("d {} {k}", if upper { ">=" } else { "<=" });
+            push(format!("let v0 = select(0.0, {x}[i], {keep}); {comment}"));
+            format!(
+                "trilu ({} triangle, k {k}) of {}",
+                if upper { "upper" } else { "lower" },
+                shape_str(&out)
+            )
+        }
+        other => {
+            return Err(Error::Gpu(format!(
+                "{} is not an index-mapping op (emitter bug)",
+                other.name()
+            )))
+        }
+    })
+}
+
+/// Multipliers that pick out the coordinate along `axis` of a rank-`rank` index space.
+fn unit_mul(rank: usize, axis: usize) -> Vec<usize> {
+    (0..rank).map(|d| usize::from(d == axis)).collect()
+}
+
+/// `base + term * mul`, written short.
+fn offset_expr(base: &str, term: &str, mul: usize) -> String {
+    let t = if mul == 1 {
+        term.to_string()
+    } else {
+        format!("{term} * {}", wgsl::u32_lit(mul))
+    };
+    if base == "0u" {
+        t
+    } else {
+        format!("{base} + {t}")
+    }
 }
 
 /// The summary of a group: the anchor's, then the epilogue ops.

@@ -43,6 +43,8 @@ pub enum Lib {
     GeluTanhGrad,
     /// Uses [`Lib::WorkgroupReduce`].
     RowSoftmaxStats,
+    IsNan,
+    GatherPosition,
 }
 
 impl Lib {
@@ -57,6 +59,8 @@ impl Lib {
             Lib::GeluGrad => include_str!("../../shaders/lib/gelu_grad.wgsl"),
             Lib::GeluTanhGrad => include_str!("../../shaders/lib/gelu_tanh_grad.wgsl"),
             Lib::RowSoftmaxStats => include_str!("../../shaders/lib/row_softmax_stats.wgsl"),
+            Lib::IsNan => include_str!("../../shaders/lib/is_nan.wgsl"),
+            Lib::GatherPosition => include_str!("../../shaders/lib/gather_position.wgsl"),
         }
     }
 }

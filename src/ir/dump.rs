@@ -1,7 +1,7 @@
 //! A readable text form of the IR, one node per line, for `dorac compile --emit ir` and tests.
 
 use super::{Graph, Op};
-use crate::tensor::shape_str;
+use crate::tensor::{shape_str, DType};
 use std::fmt;
 
 impl fmt::Display for Graph {
@@ -33,11 +33,27 @@ impl fmt::Display for Graph {
                 Op::LayerNorm { axis, epsilon } => format!(" axis={axis} eps={epsilon}"),
                 Op::Softmax { axis } => format!(" axis={axis}"),
                 Op::Unary(crate::ir::Unary::Gelu { tanh: true }) => " approximate=tanh".into(),
+                Op::Cast { to } => format!(" to={}", to.name()),
+                Op::Gather { axis } | Op::GatherElements { axis } | Op::Concat { axis } => {
+                    format!(" axis={axis}")
+                }
+                Op::GatherND { batch_dims } => format!(" batch_dims={batch_dims}"),
+                Op::Slice {
+                    starts,
+                    ends,
+                    steps,
+                } => format!(" starts={starts:?} ends={ends:?} steps={steps:?}"),
+                Op::Trilu { upper, k } => format!(" upper={upper} k={k}"),
                 _ => String::new(),
+            };
+            // Non-float values name their type (constants already do, in `detail`).
+            let dtype = match (&node.op, node.dtype) {
+                (Op::Const(_), _) | (_, DType::F32) => String::new(),
+                (_, t) => format!(" {}", t.name()),
             };
             writeln!(
                 f,
-                "%{} = {}{}({}) : {}  # {}",
+                "%{} = {}{}({}) : {}{dtype}  # {}",
                 pos[&n],
                 node.op.name(),
                 detail,

@@ -213,14 +213,20 @@ impl Graph {
         }
     }
 
-    /// Adds a graph input of the given shape.
+    /// Adds a float32 graph input of the given shape.
     pub fn add_input(&mut self, name: &str, shape: Vec<usize>) -> NodeId {
+        self.add_typed_input(name, shape, DType::F32)
+    }
+
+    /// Adds a graph input of the given shape and element type. Whatever the type, its values
+    /// reach the device as f32 (token ids, masks) and the reference as f64.
+    pub fn add_typed_input(&mut self, name: &str, shape: Vec<usize>, dtype: DType) -> NodeId {
         let id = self.graph.add_node(Node {
             name: name.into(),
             label: name.into(),
             op: Op::Input,
             shape,
-            dtype: DType::F32,
+            dtype,
         });
         self.inputs.push(id);
         id
@@ -237,18 +243,21 @@ impl Graph {
         })
     }
 
-    /// Adds an op node after checking its input count and shapes.
+    /// Adds an op node after checking its input count and shapes; its element type follows
+    /// from its inputs' ([`Op::dtype`]).
     pub fn add(&mut self, op: Op, inputs: &[NodeId], name: &str, label: &str) -> Result<NodeId> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.shape(i)).collect();
         let shape = op
             .shape(&shapes)
             .map_err(|e| Error::Shape(format!("node '{label}': {}", strip_kind(e))))?;
+        let dtypes: Vec<DType> = inputs.iter().map(|&i| self.graph[i].dtype).collect();
+        let dtype = op.dtype(&dtypes);
         let id = self.graph.add_node(Node {
             name: name.into(),
             label: label.into(),
             op,
             shape,
-            dtype: DType::F32,
+            dtype,
         });
         for (slot, &i) in inputs.iter().enumerate() {
             self.graph.add_edge(i, id, slot);

@@ -4,7 +4,11 @@
 //! (`onnx::import_ops`, `onnx::export`). CONTRIBUTING.md lists the steps.
 
 use crate::error::{Error, Result};
-use crate::tensor::{shape_str, Tensor};
+use crate::tensor::{shape_str, DType, Tensor};
+
+/// The most inputs one Concat node takes: with its output, one kernel binds at most 8 storage
+/// buffers, WebGPU's guaranteed minimum. The importer splits longer concatenations into a tree.
+pub const MAX_CONCAT_INPUTS: usize = 7;
 
 /// Element-wise functions of one input.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -22,6 +26,17 @@ pub enum Unary {
     Exp,
     Log,
     Reciprocal,
+    /// Logical not of a bool (0/1) value.
+    Not,
+    /// 1 where the input is NaN, else 0 (a bool).
+    IsNaN,
+}
+
+impl Unary {
+    /// Functions whose result is a bool whatever the input type.
+    pub fn is_predicate(self) -> bool {
+        matches!(self, Unary::Not | Unary::IsNaN)
+    }
 }
 
 /// What a reduction computes over its axes.
@@ -32,14 +47,35 @@ pub enum Reduce {
     SumSquare,
 }
 
-/// Element-wise functions of two inputs, with numpy broadcasting.
+/// Element-wise functions of two inputs, with numpy broadcasting. Comparisons and logical ops
+/// give bools (0/1); And and Or read their inputs as bools (non-zero is true). ONNX's Greater and
+/// GreaterOrEqual are Less and LessOrEqual with the operands swapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binary {
     Add,
     Sub,
     Mul,
+    /// Division; on integer values (the node's type is int64) it truncates toward zero, as
+    /// ONNX's integer Div does.
     Div,
     Pow,
+    Max,
+    Min,
+    Equal,
+    Less,
+    LessOrEqual,
+    And,
+    Or,
+}
+
+impl Binary {
+    /// Functions whose result is a bool whatever the inputs' type.
+    pub fn is_predicate(self) -> bool {
+        matches!(
+            self,
+            Binary::Equal | Binary::Less | Binary::LessOrEqual | Binary::And | Binary::Or
+        )
+    }
 }
 
 /// One IR operation. Every op produces exactly one value.
@@ -104,6 +140,50 @@ pub enum Op {
         ignore_index: i64,
         shift: bool,
     },
+    /// Conversion to `to`: to int64 truncates toward zero, to bool is `x != 0`, to float32 keeps
+    /// the value (on the device every value is already f32, so it is a view).
+    Cast {
+        to: DType,
+    },
+    /// `cond ? x : y` element-wise with numpy broadcasting of all three; inputs cond, x, y.
+    Where,
+    /// ONNX Gather: inputs data and indices (any shape; ids stored as f32 on the device, rounded
+    /// to the nearest integer, negative ids count from the end). The output is
+    /// `data.shape[..axis] ++ indices.shape ++ data.shape[axis + 1..]`. An id outside
+    /// `-dim..dim` gives 0 (ONNX leaves it undefined; no kernel ever reads out of bounds).
+    Gather {
+        axis: usize,
+    },
+    /// ONNX GatherElements: the output has the indices' shape; element `i` is `data` at `i`
+    /// with coordinate `axis` replaced by `indices[i]` (same id rules as Gather).
+    GatherElements {
+        axis: usize,
+    },
+    /// ONNX GatherND: the last indices dim indexes the leading `k` dims of `data` after
+    /// `batch_dims` shared batch dims (same id rules as Gather).
+    GatherND {
+        batch_dims: usize,
+    },
+    /// A strided window, one entry per input dim, fully resolved: element `j` along dim `d` is
+    /// input element `starts[d] + j * steps[d]`, for `j` in `0..ceil((ends[d] - starts[d]) /
+    /// steps[d])`. The importer normalises ONNX's negative and clamped values; steps may be
+    /// negative (then `ends[d]` may be -1: the window runs down to element 0). ONNX Split is
+    /// one Slice per output.
+    Slice {
+        starts: Vec<i64>,
+        ends: Vec<i64>,
+        steps: Vec<i64>,
+    },
+    /// Joins its inputs (1 to [`MAX_CONCAT_INPUTS`]) along `axis`.
+    Concat {
+        axis: usize,
+    },
+    /// Keeps the upper (`upper`) or lower triangle of the last two dims, relative to diagonal `k`
+    /// (above the main one when positive), and zeros the rest.
+    Trilu {
+        upper: bool,
+        k: i64,
+    },
 }
 
 impl Op {
@@ -125,6 +205,8 @@ impl Op {
                 Unary::Exp => "exp",
                 Unary::Log => "log",
                 Unary::Reciprocal => "reciprocal",
+                Unary::Not => "not",
+                Unary::IsNaN => "is_nan",
             },
             Op::Binary(b) => match b {
                 Binary::Add => "add",
@@ -132,6 +214,13 @@ impl Op {
                 Binary::Mul => "mul",
                 Binary::Div => "div",
                 Binary::Pow => "pow",
+                Binary::Max => "max",
+                Binary::Min => "min",
+                Binary::Equal => "equal",
+                Binary::Less => "less",
+                Binary::LessOrEqual => "less_or_equal",
+                Binary::And => "and",
+                Binary::Or => "or",
             },
             Op::StopGradient => "stop_gradient",
             Op::Identity => "identity",
@@ -150,12 +239,39 @@ impl Op {
             Op::UnaryGrad(_) => "unary_grad",
             Op::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
             Op::SoftmaxCrossEntropyGrad { .. } => "softmax_cross_entropy_grad",
+            Op::Cast { .. } => "cast",
+            Op::Where => "where",
+            Op::Gather { .. } => "gather",
+            Op::GatherElements { .. } => "gather_elements",
+            Op::GatherND { .. } => "gather_nd",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Trilu { .. } => "trilu",
+        }
+    }
+
+    /// The element type of the result, given the inputs' types. Predicates give bools, Cast its
+    /// target; every other op keeps the type of its first (for Where: its second) input.
+    pub fn dtype(&self, inputs: &[DType]) -> DType {
+        match self {
+            Op::Const(t) => t.dtype(),
+            Op::Input | Op::SoftmaxCrossEntropy { .. } | Op::SoftmaxCrossEntropyGrad { .. } => {
+                DType::F32
+            }
+            Op::Unary(u) if u.is_predicate() => DType::Bool,
+            Op::Binary(b) if b.is_predicate() => DType::Bool,
+            Op::Cast { to } => *to,
+            Op::Where => inputs.get(1).copied().unwrap_or(DType::F32),
+            _ => inputs.first().copied().unwrap_or(DType::F32),
         }
     }
 
     /// Ops whose output is their input's bytes unchanged: they cost no kernel.
     pub fn is_view(&self) -> bool {
-        matches!(self, Op::Identity | Op::StopGradient | Op::Reshape { .. })
+        matches!(
+            self,
+            Op::Identity | Op::StopGradient | Op::Reshape { .. } | Op::Cast { to: DType::F32 }
+        )
     }
 
     /// The number of inputs the op takes: (min, max).
@@ -165,7 +281,9 @@ impl Op {
             Op::MatMul | Op::Binary(_) | Op::UnaryGrad(_) | Op::SoftmaxCrossEntropy { .. } => {
                 (2, 2)
             }
-            Op::SoftmaxCrossEntropyGrad { .. } => (3, 3),
+            Op::SoftmaxCrossEntropyGrad { .. } | Op::Where => (3, 3),
+            Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherND { .. } => (2, 2),
+            Op::Concat { .. } => (1, MAX_CONCAT_INPUTS),
             Op::Gemm { .. } => (2, 3),
             Op::LayerNorm { .. } => (2, 3),
             _ => (1, 1),
@@ -215,7 +333,9 @@ impl Op {
                 }
                 Ok(vec![m, n])
             }
-            Op::Unary(_) | Op::StopGradient | Op::Identity => Ok(inputs[0].to_vec()),
+            Op::Unary(_) | Op::StopGradient | Op::Identity | Op::Cast { .. } => {
+                Ok(inputs[0].to_vec())
+            }
             Op::Binary(_) => match broadcast(inputs[0], inputs[1]) {
                 Some(s) => Ok(s),
                 None => err(format!(
@@ -332,8 +452,204 @@ impl Op {
                 }
                 Ok(vec![])
             }
+            Op::Where => {
+                let s = broadcast(inputs[0], inputs[1]).and_then(|s| broadcast(&s, inputs[2]));
+                s.map_or_else(
+                    || {
+                        err(format!(
+                            "cond {}, x {} and y {} do not broadcast",
+                            shape_str(inputs[0]),
+                            shape_str(inputs[1]),
+                            shape_str(inputs[2])
+                        ))
+                    },
+                    Ok,
+                )
+            }
+            Op::Gather { axis } => {
+                let (data, idx) = (inputs[0], inputs[1]);
+                if *axis >= data.len() {
+                    return err(format!("axis {axis} out of range for rank {}", data.len()));
+                }
+                Ok([&data[..*axis], idx, &data[axis + 1..]].concat())
+            }
+            Op::GatherElements { axis } => {
+                let (data, idx) = (inputs[0], inputs[1]);
+                let fits = data.len() == idx.len()
+                    && *axis < data.len()
+                    && (0..data.len()).all(|d| d == *axis || idx[d] <= data[d]);
+                if !fits {
+                    return err(format!(
+                        "indices {} do not fit data {} (same rank, no larger off axis {axis})",
+                        shape_str(idx),
+                        shape_str(data)
+                    ));
+                }
+                Ok(idx.to_vec())
+            }
+            Op::GatherND { batch_dims } => gather_nd_shape(inputs[0], inputs[1], *batch_dims)
+                .map_err(|m| Error::Shape(format!("{}: {m}", self.name()))),
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            } => slice_shape(inputs[0], starts, ends, steps)
+                .map_err(|m| Error::Shape(format!("{}: {m}", self.name()))),
+            Op::Concat { axis } => {
+                let first = inputs[0];
+                if *axis >= first.len() {
+                    return err(format!("axis {axis} out of range for rank {}", first.len()));
+                }
+                let mut out = first.to_vec();
+                out[*axis] = 0;
+                for s in inputs {
+                    let same = s.len() == first.len()
+                        && (0..s.len()).all(|d| d == *axis || s[d] == first[d]);
+                    if !same {
+                        let all: Vec<String> = inputs.iter().map(|s| shape_str(s)).collect();
+                        return err(format!("inputs {} differ off axis {axis}", all.join(", ")));
+                    }
+                    out[*axis] += s[*axis];
+                }
+                Ok(out)
+            }
+            Op::Trilu { .. } => {
+                if inputs[0].len() < 2 {
+                    return err(format!("needs rank >= 2, got {}", shape_str(inputs[0])));
+                }
+                Ok(inputs[0].to_vec())
+            }
         }
     }
+}
+
+/// The length of a strided window: `ceil((end - start) / step)`, at least 0.
+pub fn slice_len(start: i64, end: i64, step: i64) -> usize {
+    let span = if step > 0 { end - start } else { start - end };
+    let step = step.abs();
+    if span <= 0 {
+        0
+    } else {
+        ((span + step - 1) / step) as usize
+    }
+}
+
+fn slice_shape(
+    x: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    steps: &[i64],
+) -> std::result::Result<Vec<usize>, String> {
+    if starts.len() != x.len() || ends.len() != x.len() || steps.len() != x.len() {
+        return Err(format!(
+            "starts {starts:?}, ends {ends:?} and steps {steps:?} need one entry per dim of {}",
+            shape_str(x)
+        ));
+    }
+    let mut out = Vec::with_capacity(x.len());
+    for d in 0..x.len() {
+        let (start, step, dim) = (starts[d], steps[d], x[d] as i64);
+        if step == 0 {
+            return Err(format!("step 0 on dim {d}"));
+        }
+        let len = slice_len(start, ends[d], step);
+        let last = start + (len as i64 - 1) * step;
+        if len > 0 && !((0..dim).contains(&start) && (0..dim).contains(&last)) {
+            return Err(format!(
+                "dim {d}: elements {start}..{} by {step} are outside 0..{dim}",
+                ends[d]
+            ));
+        }
+        out.push(len);
+    }
+    Ok(out)
+}
+
+/// The resolved Slice of ONNX's `starts`, `ends`, `axes` and `steps` on a tensor of shape `x`
+/// (negative values count from the end; out-of-range values are clamped, as ONNX specifies).
+/// `axes` default to `0..starts.len()`, `steps` to 1. Returns `(starts, ends, steps)` per dim,
+/// with each end made exact (`start + len * step`) so that equal windows compare equal.
+#[allow(clippy::type_complexity)]
+pub fn resolve_slice(
+    x: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<&[i64]>,
+    steps: Option<&[i64]>,
+) -> std::result::Result<(Vec<i64>, Vec<i64>, Vec<i64>), String> {
+    let rank = x.len() as i64;
+    let n = starts.len();
+    let default_axes: Vec<i64> = (0..n as i64).collect();
+    let axes = axes.unwrap_or(&default_axes);
+    let ones = vec![1; n];
+    let steps = steps.unwrap_or(&ones);
+    if ends.len() != n || axes.len() != n || steps.len() != n {
+        return Err(format!(
+            "starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} differ in length"
+        ));
+    }
+    let mut s: Vec<i64> = vec![0; x.len()];
+    let mut e: Vec<i64> = x.iter().map(|&d| d as i64).collect();
+    let mut st: Vec<i64> = vec![1; x.len()];
+    let mut seen = vec![false; x.len()];
+    for i in 0..n {
+        let a = axes[i];
+        if a < -rank || a >= rank {
+            return Err(format!("axis {a} is out of range for rank {rank}"));
+        }
+        let a = if a < 0 { a + rank } else { a } as usize;
+        if std::mem::replace(&mut seen[a], true) {
+            return Err(format!("axis {} is given twice in {axes:?}", axes[i]));
+        }
+        let dim = x[a] as i64;
+        let step = steps[i];
+        if step == 0 {
+            return Err(format!("step 0 on axis {a}"));
+        }
+        let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (start, end) = if step > 0 {
+            (wrap(starts[i]).clamp(0, dim), wrap(ends[i]).clamp(0, dim))
+        } else {
+            (
+                wrap(starts[i]).clamp(-1, dim - 1),
+                wrap(ends[i]).clamp(-1, dim - 1),
+            )
+        };
+        let len = slice_len(start, end, step) as i64;
+        // An empty window starts at 0 (or at -1 going down), so equal windows compare equal.
+        let start = if len == 0 {
+            if step > 0 {
+                0
+            } else {
+                -1
+            }
+        } else {
+            start
+        };
+        s[a] = start;
+        e[a] = start + len * step;
+        st[a] = step;
+    }
+    Ok((s, e, st))
+}
+
+fn gather_nd_shape(
+    data: &[usize],
+    idx: &[usize],
+    b: usize,
+) -> std::result::Result<Vec<usize>, String> {
+    let q = idx.len();
+    let Some(&k) = idx.last() else {
+        return Err("indices must have rank >= 1".into());
+    };
+    if k == 0 || b + k > data.len() || b >= q || data[..b] != idx[..b] {
+        return Err(format!(
+            "indices {} do not index data {} with batch_dims {b}",
+            shape_str(idx),
+            shape_str(data)
+        ));
+    }
+    Ok([&idx[..q - 1], &data[b + k..]].concat())
 }
 
 /// numpy broadcasting of two shapes, or None when they are incompatible.

@@ -63,6 +63,13 @@ impl<'g> Patch<'g> {
         }
     }
 
+    pub fn dtype(&self, r: PatchRef) -> DType {
+        match r {
+            PatchRef::Old(n) => self.graph.node(n).dtype,
+            PatchRef::New(i) => self.nodes[i].0.dtype,
+        }
+    }
+
     /// Adds an op; its shape is checked now, against the inputs' shapes.
     pub fn add(
         &mut self,
@@ -76,12 +83,13 @@ impl<'g> Patch<'g> {
             Error::Shape(m) => Error::Shape(format!("node '{label}': {m}")),
             other => other,
         })?;
+        let dtypes: Vec<DType> = inputs.iter().map(|&r| self.dtype(r)).collect();
         let node = Node {
             name: name.into(),
             label: label.into(),
+            dtype: op.dtype(&dtypes),
             op,
             shape,
-            dtype: DType::F32,
         };
         self.nodes.push((node, inputs.to_vec()));
         Ok(PatchRef::New(self.nodes.len() - 1))

@@ -1,13 +1,13 @@
 //! Tensor payloads: ONNX `TensorProto` <-> [`Tensor`], including external data files.
 //!
-//! Import accepts float32, float64, float16 and bfloat16 (all become f32) and int64 and int32
-//! (both become i64), from `raw_data` (little-endian), from the typed fields, or from an external
-//! file next to the model. Export always writes `raw_data`.
+//! Import accepts float32, float64, float16 and bfloat16 (all become f32), int64, int32, int16,
+//! int8, uint16 and uint8 (all become i64) and bool, from `raw_data` (little-endian), from the
+//! typed fields, or from an external file next to the model. Export always writes `raw_data`.
 
 use super::proto::tensor_proto::{DataLocation, DataType};
 use super::proto::TensorProto;
 use crate::error::{Error, Result};
-use crate::tensor::{numel, Data, Tensor};
+use crate::tensor::{numel, DType, Data, Tensor};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
@@ -20,6 +20,11 @@ enum Elem {
     Bf16,
     I64,
     I32,
+    I16,
+    U16,
+    I8,
+    U8,
+    Bool,
 }
 
 impl Elem {
@@ -31,6 +36,11 @@ impl Elem {
             DataType::Bfloat16 => Elem::Bf16,
             DataType::Int64 => Elem::I64,
             DataType::Int32 => Elem::I32,
+            DataType::Int16 => Elem::I16,
+            DataType::Uint16 => Elem::U16,
+            DataType::Int8 => Elem::I8,
+            DataType::Uint8 => Elem::U8,
+            DataType::Bool => Elem::Bool,
             _ => return None,
         })
     }
@@ -39,9 +49,23 @@ impl Elem {
         match self {
             Elem::F32 | Elem::I32 => 4,
             Elem::F64 | Elem::I64 => 8,
-            Elem::F16 | Elem::Bf16 => 2,
+            Elem::F16 | Elem::Bf16 | Elem::I16 | Elem::U16 => 2,
+            Elem::I8 | Elem::U8 | Elem::Bool => 1,
         }
     }
+
+    fn dtype(self) -> DType {
+        match self {
+            Elem::F32 | Elem::F64 | Elem::F16 | Elem::Bf16 => DType::F32,
+            Elem::I64 | Elem::I32 | Elem::I16 | Elem::U16 | Elem::I8 | Elem::U8 => DType::I64,
+            Elem::Bool => DType::Bool,
+        }
+    }
+}
+
+/// The IR type of an ONNX element type, or None when dorac does not read it.
+pub(crate) fn ir_dtype(data_type: i32) -> Option<DType> {
+    Elem::of(data_type).map(Elem::dtype)
 }
 
 /// The name ONNX gives a `data_type` value, for messages.
@@ -59,7 +83,7 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
     let elem = Elem::of(t.data_type()).ok_or_else(|| {
         err(format!(
             "{} tensors are not supported (dorac reads float32, float64, float16, bfloat16, \
-             int32 and int64)",
+             int64, int32, int16, int8, uint16, uint8 and bool)",
             dtype_name(t.data_type())
         ))
     })?;
@@ -131,6 +155,19 @@ fn from_le_bytes(elem: Elem, b: &[u8]) -> Data {
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect(),
         ),
+        Elem::I16 => Data::I64(
+            chunks
+                .map(|c| i16::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        Elem::U16 => Data::I64(
+            chunks
+                .map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        Elem::I8 => Data::I64(b.iter().map(|&x| x as i8 as i64).collect()),
+        Elem::U8 => Data::I64(b.iter().map(|&x| x as i64).collect()),
+        Elem::Bool => Data::Bool(b.iter().map(|&x| x != 0).collect()),
     }
 }
 
@@ -172,9 +209,14 @@ fn from_typed_fields(elem: Elem, t: &TensorProto, n: usize) -> std::result::Resu
             check("int64_data", t.int64_data.len())?;
             Data::I64(t.int64_data.clone().into())
         }
-        Elem::I32 => {
+        // The narrower integer types and bool also travel in int32_data.
+        Elem::I32 | Elem::I16 | Elem::U16 | Elem::I8 | Elem::U8 => {
             check("int32_data", t.int32_data.len())?;
             Data::I64(t.int32_data.iter().map(|&x| x as i64).collect())
+        }
+        Elem::Bool => {
+            check("int32_data", t.int32_data.len())?;
+            Data::Bool(t.int32_data.iter().map(|&x| x != 0).collect())
         }
     })
 }
@@ -340,6 +382,7 @@ pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
             DataType::Int64,
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
+        Data::Bool(v) => (DataType::Bool, v.iter().map(|&x| x as u8).collect()),
     };
     TensorProto {
         name: Some(name.to_string()),

@@ -30,6 +30,8 @@ pub const EXPORT_MIN_IR_VERSION: i64 = 8;
 pub const EXPORT_MIN_OPSET: i64 = 13;
 /// The opset export writes when the graph has a LayerNorm.
 pub const LAYER_NORM_OPSET: i64 = 17;
+/// The lowest opset export writes when the graph has a Trilu (which exists from 14).
+pub const TRILU_OPSET: i64 = 14;
 
 /// Turns the IR into an ONNX model (see the module docs for naming and opset rules).
 pub fn export(graph: &Graph) -> Result<ModelProto> {
@@ -40,6 +42,12 @@ pub fn export(graph: &Graph) -> Result<ModelProto> {
         .any(|&n| matches!(graph.node(n).op, Op::LayerNorm { .. }))
     {
         opset = opset.max(LAYER_NORM_OPSET);
+    }
+    if order
+        .iter()
+        .any(|&n| matches!(graph.node(n).op, Op::Trilu { .. }))
+    {
+        opset = opset.max(TRILU_OPSET);
     }
     let mut ex = Exporter {
         graph,
@@ -65,11 +73,7 @@ pub fn export(graph: &Graph) -> Result<ModelProto> {
 
     let value_info = |name: &str, n: NodeId| {
         let node = graph.node(n);
-        let elem = match node.dtype {
-            DType::F32 => DataType::Float,
-            DType::I64 => DataType::Int64,
-        };
-        tensor_value_info(name, &node.shape, elem)
+        tensor_value_info(name, &node.shape, data_type(node.dtype))
     };
     let inputs = graph
         .inputs
@@ -418,6 +422,56 @@ impl Exporter<'_> {
                 self.node("Expand", ins, out, label, vec![]);
                 return Ok(());
             }
+            Op::Cast { to } => ("Cast", vec![attr_int("to", data_type(*to) as i64)]),
+            Op::Where => ("Where", vec![]),
+            Op::Gather { axis } => ("Gather", vec![attr_int("axis", *axis as i64)]),
+            Op::GatherElements { axis } => ("GatherElements", vec![attr_int("axis", *axis as i64)]),
+            Op::GatherND { batch_dims } => {
+                ("GatherND", vec![attr_int("batch_dims", *batch_dims as i64)])
+            }
+            Op::Concat { axis } => ("Concat", vec![attr_int("axis", *axis as i64)]),
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            } => {
+                let x_shape = g.shape(g.inputs_of(n)[0]);
+                // ONNX reads a negative position as counted from the end; a window running
+                // down past element 0 ends (or, when empty, starts) at -1, written as -dim - 1,
+                // which ONNX clamps back to -1.
+                let onnx_pos = |v: i64, d: usize| if v < 0 { -(x_shape[d] as i64) - 1 } else { v };
+                let rank = x_shape.len();
+                let list = |ex: &mut Self, tag: &str, v: Vec<i64>| {
+                    ex.extra_const(&format!("{out}_{tag}"), &Tensor::i64(vec![rank], v))
+                };
+                let s = list(
+                    self,
+                    "starts",
+                    (0..rank).map(|d| onnx_pos(starts[d], d)).collect(),
+                );
+                let e = list(
+                    self,
+                    "ends",
+                    (0..rank).map(|d| onnx_pos(ends[d], d)).collect(),
+                );
+                let a = list(self, "axes", (0..rank as i64).collect());
+                let st = list(self, "steps", steps.clone());
+                let ins = vec![ins[0].clone(), s, e, a, st];
+                self.node("Slice", ins, out, label, vec![]);
+                return Ok(());
+            }
+            &Op::Trilu { upper, k } => {
+                let kc = self.extra_const(&format!("{out}_k"), &Tensor::i64(vec![], vec![k]));
+                let ins = vec![ins[0].clone(), kc];
+                self.node(
+                    "Trilu",
+                    ins,
+                    out,
+                    label,
+                    vec![attr_int("upper", upper as i64)],
+                );
+                return Ok(());
+            }
             // Training-only ops (gradients, fused losses) have no ONNX form: training graphs
             // are compiled, never exported.
             op @ (Op::UnaryGrad(_)
@@ -478,6 +532,8 @@ fn unary_type(u: Unary) -> &'static str {
         Unary::Exp => "Exp",
         Unary::Log => "Log",
         Unary::Reciprocal => "Reciprocal",
+        Unary::Not => "Not",
+        Unary::IsNaN => "IsNaN",
     }
 }
 
@@ -488,6 +544,22 @@ fn binary_type(b: Binary) -> &'static str {
         Binary::Mul => "Mul",
         Binary::Div => "Div",
         Binary::Pow => "Pow",
+        Binary::Max => "Max",
+        Binary::Min => "Min",
+        Binary::Equal => "Equal",
+        Binary::Less => "Less",
+        Binary::LessOrEqual => "LessOrEqual",
+        Binary::And => "And",
+        Binary::Or => "Or",
+    }
+}
+
+/// The ONNX element type of an IR type.
+fn data_type(t: DType) -> DataType {
+    match t {
+        DType::F32 => DataType::Float,
+        DType::I64 => DataType::Int64,
+        DType::Bool => DataType::Bool,
     }
 }
 

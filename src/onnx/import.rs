@@ -5,14 +5,14 @@
 //! Nodes are added in a canonical order (graph inputs, constants, then ops in a stable
 //! topological order) so that importing an exported model gives the same graph, node for node.
 
-use super::data::{dtype_name, tensor_from_proto};
+use super::data::{dtype_name, ir_dtype, tensor_from_proto};
 use super::import_ops::{self, Ctx};
 use super::meta::{self, AdapterMeta};
 use super::proto::{self, tensor_shape_proto::dimension, type_proto, ModelProto, NodeProto};
 use super::Pins;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, ModelInfo, NodeId};
-use crate::tensor::shape_str;
+use crate::tensor::{shape_str, DType};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::Path;
@@ -200,7 +200,7 @@ fn import_resolved(
     // 1. Graph inputs, with static shapes.
     let shapes = resolve_input_shapes(&inputs, pins, input_shapes)?;
     for (vi, (shape, dims)) in inputs.iter().zip(shapes) {
-        let id = g.add_input(vi.name(), shape);
+        let id = g.add_typed_input(vi.name(), shape, input_dtype(vi).unwrap_or(DType::F32));
         values.insert(vi.name().to_string(), id);
         g.info.input_dims.insert(vi.name().to_string(), dims);
     }
@@ -215,6 +215,7 @@ fn import_resolved(
     // 3. Nodes: Constant nodes first (they read nothing), then the rest, each in topological
     // order, so constants precede ops as they do in an exported model.
     let stop_gradient = stop_gradient_nodes(model, gp)?;
+    let constness = std::cell::RefCell::new(HashMap::new());
     let (constants, ops): (Vec<usize>, Vec<usize>) = order
         .into_iter()
         .partition(|&i| gp.node[i].op_type() == "Constant");
@@ -223,20 +224,13 @@ fn import_resolved(
         let name = node.output[0].clone();
         let label = node_label(node);
         let sg = stop_gradient.contains(node.name());
-        let id = {
+        let outputs = {
             let mut cx = Ctx::new(
-                &mut g,
-                &values,
-                opset,
-                node,
-                name.clone(),
-                label,
-                model_dir,
-                sg,
+                &mut g, &values, opset, node, name, label, model_dir, sg, &constness,
             );
             import_ops::build(&mut cx)?
         };
-        values.insert(name, id);
+        values.extend(outputs);
     }
 
     // 4. Graph outputs.
@@ -294,8 +288,21 @@ fn stop_gradient_nodes(model: &ModelProto, gp: &proto::GraphProto) -> Result<Has
     Ok(names.into_iter().collect())
 }
 
+/// The IR type of a tensor graph input (float types compute as float32, integer types as
+/// int64; the device holds them all as f32), or None when dorac cannot take it.
+fn input_dtype(vi: &proto::ValueInfoProto) -> Option<DType> {
+    match &vi.r#type {
+        Some(proto::TypeProto {
+            value: Some(type_proto::Value::TensorType(t)),
+            ..
+        }) => ir_dtype(t.elem_type()),
+        _ => None,
+    }
+}
+
 /// Refuses, in one error, everything dorac cannot import: unknown op types, other domains,
-/// subgraphs, optional outputs that are used, and non-float32 graph inputs.
+/// subgraphs, extra outputs that are used (except where an op has several), and graph inputs
+/// of a type dorac cannot take.
 fn check_supported(
     gp: &proto::GraphProto,
     inputs: &[&proto::ValueInfoProto],
@@ -321,11 +328,11 @@ fn check_supported(
             Some(format!("{op} (with a subgraph)"))
         } else if import_ops::rule(op).is_none() {
             Some(op.to_string())
-        } else if n
-            .output
-            .iter()
-            .skip(1)
-            .any(|o| !o.is_empty() && consumed.contains(o.as_str()))
+        } else if !import_ops::MULTI_OUTPUT.contains(&op)
+            && n.output
+                .iter()
+                .skip(1)
+                .any(|o| !o.is_empty() && consumed.contains(o.as_str()))
         {
             Some(format!(
                 "{op} with its extra outputs used (dorac computes only the first output)"
@@ -344,7 +351,7 @@ fn check_supported(
                 value: Some(type_proto::Value::TensorType(t)),
                 ..
             }) => {
-                if t.elem_type() != proto::tensor_proto::DataType::Float as i32 {
+                if input_dtype(vi).is_none() {
                     typed(
                         format!("{} graph inputs", dtype_name(t.elem_type())),
                         vi.name(),

@@ -2,17 +2,36 @@
 //! one entry in [`OPS`] (plus, usually, a small function below it); the importer asks this table
 //! both whether an op is supported and how to build it.
 //!
-//! A builder reads its node through [`Ctx`]: inputs (float32 values, or int64 constants that
-//! are consumed at import, such as Reshape's shape), attributes with their defaults, and the
-//! opset. It adds its IR nodes with [`Ctx::add`], which names the result after the ONNX node's
-//! output and checks shapes, and returns the node that produces the ONNX node's first output.
+//! A builder reads its node through [`Ctx`]: inputs (values, or int64 constants that are
+//! consumed at import, such as Reshape's shape), attributes with their defaults, and the opset.
+//! It adds its IR nodes with [`Ctx::add`], which names the result after the ONNX node's output
+//! and checks shapes, and returns the node that produces the ONNX node's first output (a node
+//! with several outputs registers the others with [`Ctx::set_output`]).
+//!
+//! Shapes are static, so shape computations are constants: Shape, Size, ConstantOfShape and
+//! Range become constants directly, and [`Ctx::add`] evaluates every integer or bool node whose
+//! inputs are all constant (through the reference executor), so that chains such as
+//! Shape -> Gather -> Concat -> Reshape, or a causal mask built from Range and LessOrEqual, are
+//! constants by the time an op needs them. Float results are left to `passes::fold_constants`,
+//! which knows which constants are trainable (the adapter tensors of a rewritten model are
+//! constants in the IR, and must stay separate).
+//!
+//! The builders live by family: `layout` (Unsqueeze, Squeeze, Concat, Slice, Split, Expand,
+//! Trilu), `shape` (Shape, Size, ConstantOfShape, Range), `gather` (Gather, GatherElements,
+//! GatherND) and `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip).
+
+mod gather;
+mod layout;
+mod logic;
+mod shape;
 
 use super::data;
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 use crate::error::{Error, Result};
 use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
-use crate::tensor::{shape_str, DType, Tensor};
-use std::cell::Cell;
+use crate::reference::eval_typed;
+use crate::tensor::{shape_str, Array, DType, Tensor};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -34,6 +53,20 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Mul", Rule::Binary(Binary::Mul)),
     ("Div", Rule::Binary(Binary::Div)),
     ("Pow", Rule::Binary(Binary::Pow)),
+    ("Equal", Rule::Binary(Binary::Equal)),
+    ("Less", Rule::Binary(Binary::Less)),
+    ("LessOrEqual", Rule::Binary(Binary::LessOrEqual)),
+    ("Greater", Rule::Build(logic::greater)),
+    ("GreaterOrEqual", Rule::Build(logic::greater_or_equal)),
+    ("And", Rule::Binary(Binary::And)),
+    ("Or", Rule::Binary(Binary::Or)),
+    ("Not", Rule::Unary(Unary::Not)),
+    ("IsNaN", Rule::Unary(Unary::IsNaN)),
+    ("Max", Rule::Build(logic::max)),
+    ("Min", Rule::Build(logic::min)),
+    ("Clip", Rule::Build(logic::clip)),
+    ("Cast", Rule::Build(logic::cast)),
+    ("Where", Rule::Build(logic::where_)),
     ("Relu", Rule::Unary(Unary::Relu)),
     ("Sigmoid", Rule::Unary(Unary::Sigmoid)),
     ("Tanh", Rule::Unary(Unary::Tanh)),
@@ -55,7 +88,26 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Softmax", Rule::Build(softmax)),
     ("ReduceSum", Rule::Build(reduce_sum)),
     ("ReduceSumSquare", Rule::Build(reduce_sum_square)),
+    ("ReduceMean", Rule::Build(reduce_mean)),
+    ("Shape", Rule::Build(shape::shape)),
+    ("Size", Rule::Build(shape::size)),
+    ("ConstantOfShape", Rule::Build(shape::constant_of_shape)),
+    ("Range", Rule::Build(shape::range)),
+    ("Unsqueeze", Rule::Build(layout::unsqueeze)),
+    ("Squeeze", Rule::Build(layout::squeeze)),
+    ("Concat", Rule::Build(layout::concat)),
+    ("Slice", Rule::Build(layout::slice)),
+    ("Split", Rule::Build(layout::split)),
+    ("Expand", Rule::Build(layout::expand)),
+    ("Trilu", Rule::Build(layout::trilu)),
+    ("Gather", Rule::Build(gather::gather)),
+    ("GatherElements", Rule::Build(gather::gather_elements)),
+    ("GatherND", Rule::Build(gather::gather_nd)),
 ];
+
+/// Op types whose nodes may have several outputs that are used (each becomes its own IR node);
+/// of any other op only the first output may be used.
+pub const MULTI_OUTPUT: &[&str] = &["Split"];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it.
 pub fn rule(op_type: &str) -> Option<Rule> {
@@ -64,7 +116,8 @@ pub fn rule(op_type: &str) -> Option<Rule> {
 
 /// Builds the IR for one node (whose op type has a rule), then checks that the builder read
 /// every input the node has, so an input dorac would ignore is an error and not a wrong result.
-pub(crate) fn build(cx: &mut Ctx) -> Result<NodeId> {
+/// Returns the IR node of each ONNX output that has one, by output name.
+pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
     let rule = rule(cx.op_type()).ok_or_else(|| {
         Error::Unsupported(vec![format!("{} (nodes: {})", cx.op_type(), cx.label)])
     })?;
@@ -94,7 +147,9 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<NodeId> {
             cx.node.input.len()
         )));
     }
-    Ok(id)
+    let mut outputs = vec![(cx.name.clone(), id)];
+    outputs.append(&mut cx.extra_outputs);
+    Ok(outputs)
 }
 
 /// What a builder sees of the node it imports.
@@ -113,6 +168,10 @@ pub struct Ctx<'a> {
     /// The node is an Identity that dorac exported for a StopGradient.
     pub stop_gradient: bool,
     max_read: Cell<usize>,
+    /// Outputs after the first, by ONNX name (see [`Ctx::set_output`]).
+    extra_outputs: Vec<(String, NodeId)>,
+    /// Which nodes depend on constants only, shared by the whole import ([`Ctx::is_constant`]).
+    constness: &'a RefCell<HashMap<NodeId, bool>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -126,6 +185,7 @@ impl<'a> Ctx<'a> {
         label: String,
         model_dir: &'a Path,
         stop_gradient: bool,
+        constness: &'a RefCell<HashMap<NodeId, bool>>,
     ) -> Self {
         Ctx {
             graph,
@@ -137,6 +197,8 @@ impl<'a> Ctx<'a> {
             model_dir,
             stop_gradient,
             max_read: Cell::new(0),
+            extra_outputs: vec![],
+            constness,
         }
     }
 
@@ -166,40 +228,64 @@ impl<'a> Ctx<'a> {
         self.values.get(name).copied()
     }
 
-    /// Optional float32 input `i`.
+    /// Optional input `i`, of any element type.
     pub fn opt_input(&self, i: usize) -> Result<Option<NodeId>> {
-        let Some(id) = self.value(i) else {
-            return Ok(None);
-        };
-        let n = self.graph.node(id);
-        if n.dtype != DType::F32 {
-            return Err(self.unsupported(format!(
-                "{} on {} values (input '{}'; dorac computes in float32 only)",
-                self.op_type(),
-                n.dtype.name(),
-                n.name
-            )));
-        }
-        Ok(Some(id))
+        Ok(self.value(i))
     }
 
-    /// Required float32 input `i`.
+    /// Required input `i`.
     pub fn input(&self, i: usize) -> Result<NodeId> {
         self.opt_input(i)?
             .ok_or_else(|| self.err(format!("input {i} is missing")))
     }
 
-    /// Optional input `i` that must be an int64 (or int32) constant, consumed at import (a
-    /// shape, axes). A computed value is a dorac limitation, reported as unsupported.
-    pub fn const_ints(&self, i: usize, what: &str) -> Result<Option<Vec<i64>>> {
+    /// Every input from `from` on (variadic ops); absent ones are an error.
+    pub fn inputs_from(&self, from: usize) -> Result<Vec<NodeId>> {
+        (from..self.node.input.len().max(from))
+            .map(|i| self.input(i))
+            .collect()
+    }
+
+    /// Optional input `i` whose value must be known at import: a constant, or a node computed
+    /// from constants only (evaluated here). A value that depends on a graph input is a dorac
+    /// limitation, reported as unsupported.
+    pub fn const_input(&self, i: usize, what: &str) -> Result<Option<Tensor>> {
         let Some(id) = self.value(i) else {
             return Ok(None);
         };
-        match self.graph.const_tensor(id).and_then(|t| t.as_i64()) {
-            Some(v) => Ok(Some(v.to_vec())),
-            None => Err(self.unsupported(format!(
-                "{} with a {what} that is not an int64 constant",
+        if !self.is_constant(id) {
+            return Err(self.unsupported(format!(
+                "{} with a {what} computed from graph inputs (dorac needs it at import)",
                 self.op_type()
+            )));
+        }
+        self.evaluate(id).map(Some)
+    }
+
+    /// Optional input `i` that must be an integer constant, consumed at import (a shape, axes).
+    pub fn const_ints(&self, i: usize, what: &str) -> Result<Option<Vec<i64>>> {
+        let Some(t) = self.const_input(i, what)? else {
+            return Ok(None);
+        };
+        match t.as_i64() {
+            Some(v) => Ok(Some(v.to_vec())),
+            None => Err(self.err(format!(
+                "the {what} is {}, expected int64",
+                t.dtype().name()
+            ))),
+        }
+    }
+
+    /// Optional input `i` that must be a constant scalar (one element), as f64.
+    pub fn const_scalar(&self, i: usize, what: &str) -> Result<Option<f64>> {
+        let Some(t) = self.const_input(i, what)? else {
+            return Ok(None);
+        };
+        match t.to_f64()[..] {
+            [v] => Ok(Some(v)),
+            _ => Err(self.err(format!(
+                "the {what} has shape {}, expected one value",
+                shape_str(&t.shape)
             ))),
         }
     }
@@ -208,10 +294,100 @@ impl<'a> Ctx<'a> {
         self.graph.shape(id).to_vec()
     }
 
+    pub fn dtype(&self, id: NodeId) -> DType {
+        self.graph.node(id).dtype
+    }
+
     /// Adds the node's result (named after its output, labelled with the node name).
     pub fn add(&mut self, op: Op, inputs: &[NodeId]) -> Result<NodeId> {
-        let (name, label) = (self.name.clone(), self.label.clone());
-        self.graph.add(op, inputs, &name, &label)
+        let name = self.name.clone();
+        self.add_named(op, inputs, &name)
+    }
+
+    /// Adds a node named `name` (an intermediate of a lowering, or a further output), labelled
+    /// with the node name. An integer or bool node whose inputs are all constant is evaluated
+    /// now and becomes a constant (see the module docs).
+    pub fn add_named(&mut self, op: Op, inputs: &[NodeId], name: &str) -> Result<NodeId> {
+        let label = self.label.clone();
+        let id = self.graph.add(op, inputs, name, &label)?;
+        let node = self.graph.node(id);
+        if node.dtype.is_float() || !inputs.iter().all(|&i| self.is_constant(i)) {
+            return Ok(id);
+        }
+        let value = self.evaluate(id)?;
+        self.graph.graph.remove_node(id);
+        // The index may be reused by the constant: forget what was known about it.
+        self.constness.borrow_mut().remove(&id);
+        self.add_const(name, value)
+    }
+
+    /// A fresh IR name for an intermediate of this node's lowering: `<output>/<tag>`.
+    pub fn temp_name(&self, tag: &str) -> String {
+        self.graph.fresh_name(&format!("{}/{tag}", self.name))
+    }
+
+    /// Adds a constant, labelled with the node name.
+    pub fn add_const(&mut self, name: &str, value: Tensor) -> Result<NodeId> {
+        let id = self.graph.add_const(name, value);
+        self.graph.node_mut(id).label = self.label.clone();
+        Ok(id)
+    }
+
+    /// Registers `id` as the value of output `i` (> 0) of a node with several outputs; an
+    /// output with no name is skipped.
+    pub fn set_output(&mut self, i: usize, id: NodeId) {
+        if let Some(name) = self.node.output.get(i).filter(|n| !n.is_empty()) {
+            self.extra_outputs.push((name.clone(), id));
+        }
+    }
+
+    /// True when the value depends on constants only (no graph input). Answers are remembered
+    /// for the whole import, so each node is looked at once.
+    pub fn is_constant(&self, id: NodeId) -> bool {
+        let mut memo = self.constness.borrow_mut();
+        // Post-order without recursion: graphs can be thousands of nodes deep.
+        let mut stack = vec![(id, false)];
+        while let Some((n, inputs_done)) = stack.pop() {
+            if memo.contains_key(&n) {
+                continue;
+            }
+            let ins = self.graph.inputs_of(n);
+            let known = match self.graph.node(n).op {
+                Op::Const(_) => Some(true),
+                Op::Input => Some(false),
+                _ if inputs_done => Some(ins.iter().all(|i| memo[i])),
+                _ => None,
+            };
+            match known {
+                Some(v) => {
+                    memo.insert(n, v);
+                }
+                None => {
+                    stack.push((n, true));
+                    stack.extend(ins.into_iter().map(|i| (i, false)));
+                }
+            }
+        }
+        memo[&id]
+    }
+
+    /// The value of a node that depends on constants only, computed by the reference executor
+    /// and stored as its type (f32 rounded once per node, as constant folding does).
+    pub fn evaluate(&self, id: NodeId) -> Result<Tensor> {
+        let node = self.graph.node(id);
+        if let Op::Const(t) = &node.op {
+            return Ok(t.clone());
+        }
+        let args: Vec<Array> = self
+            .graph
+            .inputs_of(id)
+            .iter()
+            .map(|&i| self.evaluate(i).map(|t| t.to_array()))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Array> = args.iter().collect();
+        let value = eval_typed(&node.op, &refs, node.dtype)
+            .map_err(|e| self.err(format!("evaluating '{}' at import: {e}", node.name)))?;
+        Ok(value.to_tensor(node.dtype))
     }
 
     fn attr(&self, name: &str, ty: AttributeType) -> Result<Option<&'a AttributeProto>> {
@@ -489,11 +665,49 @@ pub fn axes_input_since(kind: Reduce) -> i64 {
 }
 
 fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
+    let (x, axes, keepdims) = reduce_args(cx, axes_input_since(kind))?;
+    let Some(axes) = axes else {
+        return cx.add(Op::Identity, &[x]);
+    };
+    cx.add(
+        Op::Reduce {
+            kind,
+            axes,
+            keepdims,
+        },
+        &[x],
+    )
+}
+
+/// ReduceMean (axes as an input from opset 18) as a ReduceSum divided by the element count:
+/// the IR needs no op of its own, and training gets its gradient from the sum's and Div's.
+fn reduce_mean(cx: &mut Ctx) -> Result<NodeId> {
+    let (x, axes, keepdims) = reduce_args(cx, 18)?;
+    let Some(axes) = axes else {
+        return cx.add(Op::Identity, &[x]);
+    };
+    let shape = cx.shape(x);
+    let count: usize = axes.iter().map(|&a| shape[a]).product();
+    let sum_name = cx.temp_name("sum");
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
+        axes,
+        keepdims,
+    };
+    let sum = cx.add_named(op, &[x], &sum_name)?;
+    let count_name = cx.temp_name("count");
+    let n = cx.add_const(&count_name, Tensor::scalar(count as f32))?;
+    cx.add(Op::Binary(Binary::Div), &[sum, n])
+}
+
+/// The input, sorted unique axes (None: a no-op, `noop_with_empty_axes` with no axes) and
+/// keepdims of a reduction that takes its axes as an input from opset `axes_input_since`.
+fn reduce_args(cx: &Ctx, axes_input_since: i64) -> Result<(NodeId, Option<Vec<usize>>, bool)> {
     let x = cx.input(0)?;
     let rank = cx.shape(x).len();
     let keepdims = cx.attr_bool("keepdims", true)?;
-    let (axes, noop) = if cx.opset >= axes_input_since(kind) {
-        // Some exporters still write the pre-13 `axes` attribute; accept it when there is no
+    let (axes, noop) = if cx.opset >= axes_input_since {
+        // Some exporters still write the older `axes` attribute; accept it when there is no
         // axes input.
         let axes = match cx.const_ints(1, "axes input")? {
             Some(a) => Some(a),
@@ -505,7 +719,7 @@ fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
     };
     let axes = axes.unwrap_or_default();
     if axes.is_empty() && noop {
-        return cx.add(Op::Identity, &[x]);
+        return Ok((x, None, keepdims));
     }
     let mut axes: Vec<usize> = if axes.is_empty() {
         (0..rank).collect()
@@ -516,12 +730,5 @@ fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
     };
     axes.sort_unstable();
     axes.dedup();
-    cx.add(
-        Op::Reduce {
-            kind,
-            axes,
-            keepdims,
-        },
-        &[x],
-    )
+    Ok((x, Some(axes), keepdims))
 }

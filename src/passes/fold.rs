@@ -1,11 +1,11 @@
 //! Constant folding: a node whose inputs are all constants becomes a constant, computed by the
-//! reference executor in f64 and rounded once to f32. For inference this evaluates the whole DoRA
+//! reference executor in f64 and stored as the node's type (floats rounded once to f32; integer
+//! and bool values, shapes and masks, exactly). For inference this evaluates the whole DoRA
 //! norm and magnitude scale `g` at compile time, so running an adapted model never recomputes it.
 
 use crate::error::Result;
 use crate::ir::{rewrite, Graph, NodeId, Op, Patch, PatchOps, Rule};
-use crate::reference::eval_op;
-use crate::tensor::DType;
+use crate::reference::eval_typed;
 use std::collections::HashSet;
 
 /// Folds everything that depends only on constants, except the nodes in `keep_variable` (e.g.
@@ -25,7 +25,7 @@ impl Rule for FoldConstants<'_> {
 
     fn apply(&self, graph: &Graph, node: NodeId) -> Result<Option<PatchOps>> {
         let n = graph.node(node);
-        if matches!(n.op, Op::Input | Op::Const(_)) || n.dtype != DType::F32 {
+        if matches!(n.op, Op::Input | Op::Const(_)) {
             return Ok(None);
         }
         let inputs = graph.inputs_of(node);
@@ -40,9 +40,9 @@ impl Rule for FoldConstants<'_> {
             .map(|&i| graph.const_tensor(i).unwrap().to_array())
             .collect();
         let refs: Vec<_> = args.iter().collect();
-        let value = eval_op(&n.op, &refs)?;
+        let value = eval_typed(&n.op, &refs, n.dtype)?;
         let mut p = Patch::new(graph);
-        let c = p.constant(&n.name, value.to_tensor_f32());
+        let c = p.constant(&n.name, value.to_tensor(n.dtype));
         p.claim_name(c);
         p.replace(node, c);
         Ok(Some(p.finish()))

@@ -8,7 +8,7 @@ pub use ops::eval_op;
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, NodeId, Op};
-use crate::tensor::{shape_str, Array};
+use crate::tensor::{shape_str, Array, DType};
 use std::collections::HashMap;
 
 /// Runs the whole graph; `inputs` are keyed by graph input name. Returns graph outputs by name.
@@ -43,11 +43,27 @@ pub fn run_all(graph: &Graph, inputs: &HashMap<String, Array>) -> Result<HashMap
             }
             op => {
                 let args: Vec<&Array> = graph.inputs_of(n).iter().map(|i| &values[i]).collect();
-                eval_op(op, &args)
+                eval_typed(op, &args, node.dtype)
                     .map_err(|e| Error::Graph(format!("evaluating node '{}': {e}", node.label)))?
             }
         };
         values.insert(n, value);
     }
     Ok(values)
+}
+
+/// [`eval_op`] for a node whose value has type `dtype`: an integer value is truncated toward
+/// zero and a bool is `x != 0`. Only division can leave the integers (ONNX's integer Div
+/// truncates); for every other op this changes nothing.
+pub fn eval_typed(op: &Op, args: &[&Array], dtype: DType) -> Result<Array> {
+    let mut value = eval_op(op, args)?;
+    match dtype {
+        DType::F32 => {}
+        DType::I64 => value.data.iter_mut().for_each(|x| *x = *x as i64 as f64),
+        DType::Bool => value
+            .data
+            .iter_mut()
+            .for_each(|x| *x = if *x != 0.0 { 1.0 } else { 0.0 }),
+    }
+    Ok(value)
 }

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
 use crate::ir::{Binary, Op, Reduce, Unary};
-use crate::tensor::{numel, strides, Array};
+use crate::tensor::{numel, strides, Array, DType};
 
 /// Evaluates one op on its input values.
 pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
@@ -76,7 +76,157 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
                 cross_entropy(args[0], args[1], ignore_index, shift, Some(args[2].data[0]));
             Array::new(out_shape, grad)
         }
+        Op::Cast { to } => {
+            let f: fn(f64) -> f64 = match to {
+                DType::F32 => |x| x,
+                // `as i64` truncates toward zero, saturates, and takes NaN to 0.
+                DType::I64 => |x| x as i64 as f64,
+                DType::Bool => |x| truth(x != 0.0),
+            };
+            Array::new(out_shape, args[0].data.iter().map(|&x| f(x)).collect())
+        }
+        Op::Where => {
+            let at: Vec<_> = args
+                .iter()
+                .map(|a| broadcast_index(&a.shape, &out_shape))
+                .collect();
+            let data = (0..numel(&out_shape))
+                .map(|i| {
+                    let pick = if args[0].data[at[0](i)] != 0.0 { 1 } else { 2 };
+                    args[pick].data[at[pick](i)]
+                })
+                .collect();
+            Array::new(out_shape, data)
+        }
+        Op::Gather { axis } => gather(args[0], args[1], *axis, out_shape),
+        Op::GatherElements { axis } => gather_elements(args[0], args[1], *axis),
+        Op::GatherND { batch_dims } => gather_nd(args[0], args[1], *batch_dims, out_shape),
+        Op::Slice { starts, steps, .. } => {
+            let in_strides = strides(&args[0].shape);
+            let out_strides = strides(&out_shape);
+            let data = (0..numel(&out_shape))
+                .map(|i| {
+                    let src: i64 = (0..out_shape.len())
+                        .map(|d| {
+                            let j = ((i / out_strides[d]) % out_shape[d]) as i64;
+                            (starts[d] + j * steps[d]) * in_strides[d] as i64
+                        })
+                        .sum();
+                    args[0].data[src as usize]
+                })
+                .collect();
+            Array::new(out_shape, data)
+        }
+        Op::Concat { axis } => {
+            let inner: usize = out_shape[axis + 1..].iter().product();
+            let outer: usize = out_shape[..*axis].iter().product();
+            let mut data = Vec::with_capacity(numel(&out_shape));
+            for o in 0..outer {
+                for a in args {
+                    let chunk = a.shape[*axis] * inner;
+                    data.extend_from_slice(&a.data[o * chunk..(o + 1) * chunk]);
+                }
+            }
+            Array::new(out_shape, data)
+        }
+        &Op::Trilu { upper, k } => {
+            let r = out_shape.len();
+            let (rows, cols) = (out_shape[r - 2], out_shape[r - 1]);
+            let data = args[0]
+                .data
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    let (row, col) = (((i / cols) % rows) as i64, (i % cols) as i64);
+                    let keep = if upper {
+                        col - row >= k
+                    } else {
+                        col - row <= k
+                    };
+                    if keep {
+                        x
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Array::new(out_shape, data)
+        }
     })
+}
+
+/// A bool as the reference holds it.
+fn truth(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// The position an index value selects along a dim of `dim` elements, as every gather kernel
+/// reads it: rounded to the nearest integer (ties to even, like WGSL's `round`), negative values
+/// counted from the end; None when it falls outside the dim (the gathered value is then 0).
+pub fn gather_position(v: f64, dim: usize) -> Option<usize> {
+    let r = v.round_ties_even();
+    let r = if r < 0.0 { r + dim as f64 } else { r };
+    (r >= 0.0 && r < dim as f64).then_some(r as usize)
+}
+
+fn gather(data: &Array, idx: &Array, axis: usize, out_shape: Vec<usize>) -> Array {
+    let dim = data.shape[axis];
+    let inner: usize = data.shape[axis + 1..].iter().product();
+    let n_idx = idx.data.len();
+    let out = (0..numel(&out_shape))
+        .map(|i| {
+            let (o, j, r) = (i / (n_idx * inner), (i / inner) % n_idx, i % inner);
+            gather_position(idx.data[j], dim).map_or(0.0, |p| data.data[(o * dim + p) * inner + r])
+        })
+        .collect();
+    Array::new(out_shape, out)
+}
+
+fn gather_elements(data: &Array, idx: &Array, axis: usize) -> Array {
+    let d_strides = strides(&data.shape);
+    let i_strides = strides(&idx.shape);
+    let out = (0..idx.data.len())
+        .map(|i| {
+            let mut off = 0;
+            for d in 0..idx.shape.len() {
+                let c = (i / i_strides[d]) % idx.shape[d];
+                if d != axis {
+                    off += c * d_strides[d];
+                }
+            }
+            gather_position(idx.data[i], data.shape[axis])
+                .map_or(0.0, |p| data.data[off + p * d_strides[axis]])
+        })
+        .collect();
+    Array::new(idx.shape.clone(), out)
+}
+
+fn gather_nd(data: &Array, idx: &Array, b: usize, out_shape: Vec<usize>) -> Array {
+    let q = idx.shape.len();
+    let k = idx.shape[q - 1];
+    let d_strides = strides(&data.shape);
+    let inner: usize = data.shape[b + k..].iter().product();
+    // Index tuples per batch entry, and data elements per batch entry.
+    let tuples_per_batch: usize = idx.shape[b..q - 1].iter().product();
+    let batch_size: usize = data.shape[b..].iter().product();
+    let out = (0..numel(&out_shape))
+        .map(|i| {
+            let (m, r) = (i / inner.max(1), i % inner.max(1));
+            let mut off = (m / tuples_per_batch.max(1)) * batch_size + r;
+            for t in 0..k {
+                match gather_position(idx.data[m * k + t], data.shape[b + t]) {
+                    Some(p) => off += p * d_strides[b + t],
+                    None => return 0.0,
+                }
+            }
+            data.data[off]
+        })
+        .collect();
+    Array::new(out_shape, out)
 }
 
 pub fn unary_fn(u: Unary) -> fn(f64) -> f64 {
@@ -97,6 +247,8 @@ pub fn unary_fn(u: Unary) -> fn(f64) -> f64 {
         Unary::Exp => f64::exp,
         Unary::Log => f64::ln,
         Unary::Reciprocal => |x| 1.0 / x,
+        Unary::Not => |x| truth(x == 0.0),
+        Unary::IsNaN => |x| truth(x.is_nan()),
     }
 }
 
@@ -124,6 +276,8 @@ pub fn unary_derivative(u: Unary) -> fn(f64) -> f64 {
         Unary::Exp => f64::exp,
         Unary::Log => |x| 1.0 / x,
         Unary::Reciprocal => |x| -1.0 / (x * x),
+        // Piecewise constant: no gradient flows through a predicate.
+        Unary::Not | Unary::IsNaN => |_| 0.0,
     }
 }
 
@@ -193,6 +347,26 @@ pub fn binary_fn(b: Binary) -> fn(f64, f64) -> f64 {
         Binary::Mul => |a, b| a * b,
         Binary::Div => |a, b| a / b,
         Binary::Pow => f64::powf,
+        // NaN propagates, as in torch.maximum / torch.minimum.
+        Binary::Max => |a, b| {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }
+        },
+        Binary::Min => |a, b| {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.min(b)
+            }
+        },
+        Binary::Equal => |a, b| truth(a == b),
+        Binary::Less => |a, b| truth(a < b),
+        Binary::LessOrEqual => |a, b| truth(a <= b),
+        Binary::And => |a, b| truth(a != 0.0 && b != 0.0),
+        Binary::Or => |a, b| truth(a != 0.0 || b != 0.0),
     }
 }
 

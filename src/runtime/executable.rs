@@ -12,7 +12,7 @@ use super::{Gpu, Scopes};
 use crate::codegen::{self, BufferId, BufferRole, Plan, StateCopy};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
-use crate::tensor::{shape_str, Data};
+use crate::tensor::shape_str;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
 use std::sync::{mpsc, Arc, Mutex};
@@ -116,10 +116,7 @@ impl Executable {
                         n.index()
                     ))
                 })?;
-                let data: Vec<f32> = match &tensor.data {
-                    Data::F32(v) => v.to_vec(),
-                    Data::I64(v) => v.iter().map(|&x| x as f32).collect(),
-                };
+                let data = tensor.to_f32();
                 if !data.is_empty() {
                     gpu.queue()
                         .write_buffer(buffer, 0, bytemuck::cast_slice(&data));
@@ -427,10 +424,28 @@ impl Executable {
         let scope_result = scopes.check(context, &self.uncaptured);
         let mut map_errors = vec![];
         let mut is_mapped = vec![false; mapped.len()];
-        for (i, r) in rx.try_iter() {
-            match r {
-                Ok(()) => is_mapped[i] = true,
-                Err(e) => map_errors.push(format!("reading back '{}': {e}", mapped[i].0)),
+        // Map callbacks run inside some thread's poll. When several threads share the device,
+        // ours may return before our callbacks fired (another poll holds them), so keep
+        // polling, briefly, until every read-back reported or the channel closed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut reported = 0;
+        while reported < mapped.len() {
+            match rx.try_recv() {
+                Ok((i, r)) => {
+                    reported += 1;
+                    match r {
+                        Ok(()) => is_mapped[i] = true,
+                        Err(e) => map_errors.push(format!("reading back '{}': {e}", mapped[i].0)),
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
             }
         }
         if map_errors.is_empty() && is_mapped.iter().any(|m| !m) {
