@@ -1,0 +1,120 @@
+//! DoRA on real transformer exports (tiny BERT and GPT-2, both PyTorch exporters): the model
+//! rewritten at PEFT's initialisation computes the base function, a PEFT adapter runs as in
+//! PEFT, and the merged model matches unmerged DoRA; each through ONNX export and re-import.
+
+mod common;
+
+use common::*;
+use dorac::ir::{Graph, Method};
+use dorac::passes::{find_linear_layers, insert_adapters, matches_target, merge_adapters};
+use dorac::passes::{AdapterInit, AdapterSpec};
+use dorac::tensor::Array;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+const TOL: f64 = 1e-4;
+const VARIANTS: [&str; 4] = [
+    "legacy_op14",
+    "legacy_op17",
+    "legacy_op17_dynamic",
+    "dynamo_op18",
+];
+
+fn import(path: &Path, inputs: &BTreeMap<String, Array>) -> Graph {
+    let proto = dorac::onnx::load_model(path).unwrap();
+    let shapes: HashMap<String, Vec<usize>> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect();
+    dorac::onnx::import(
+        &proto,
+        path.parent().unwrap(),
+        &dorac::onnx::ShapePins::default(),
+        &shapes,
+    )
+    .unwrap()
+}
+
+fn round_trip(g: &Graph, inputs: &BTreeMap<String, Array>, tag: &str) -> Graph {
+    let dir = temp_dir(tag);
+    let path = dir.join("model.onnx");
+    dorac::onnx::save_model(&dorac::onnx::export(g).unwrap(), &path).unwrap();
+    import(&path, inputs)
+}
+
+fn gpu_out(g: &Graph, inputs: &BTreeMap<String, Array>) -> BTreeMap<String, Array> {
+    let mut g = g.clone();
+    dorac::passes::fold_constants(&mut g, &Default::default()).unwrap();
+    let feed: BTreeMap<String, Array> = inputs
+        .iter()
+        .filter(|(k, _)| g.inputs.iter().any(|&i| &g.node(i).name == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    run_gpu(&g, &feed)
+}
+
+#[test]
+fn transformers_rewrite_adapt_and_merge() {
+    for (model, targets) in [
+        ("bert_tiny", vec!["query", "value"]),
+        ("gpt2_tiny", vec!["c_attn", "c_proj", "c_fc"]),
+    ] {
+        let dir = models_dir().join(model);
+        let inputs = read(model, "inputs.safetensors");
+        let peft = read(model, "peft_dora_outputs.safetensors");
+        for variant in VARIANTS {
+            let tag = format!("{model}/{variant}");
+            let ort = read(model, &format!("{variant}.ort.safetensors"));
+            let base = import(&dir.join(format!("{variant}.onnx")), &inputs);
+            let out_name = base.outputs[0].0.clone();
+
+            // Rewritten at PEFT's init: the base function, through ONNX and back.
+            let mut g = base.clone();
+            let specs: Vec<AdapterSpec> = find_linear_layers(&g)
+                .into_iter()
+                .filter(|l| targets.iter().any(|t| matches_target(&l.module, t)))
+                .map(|layer| AdapterSpec {
+                    layer,
+                    method: Method::Dora,
+                    rank: 4,
+                    alpha: 8.0,
+                    rslora: false,
+                    init: AdapterInit::Peft { seed: 1 },
+                })
+                .collect();
+            let expected_layers = if model == "bert_tiny" { 4 } else { 8 };
+            assert_eq!(
+                specs.len(),
+                expected_layers,
+                "{tag}: targeted layers {:?}",
+                specs.iter().map(|s| &s.layer.module).collect::<Vec<_>>()
+            );
+            insert_adapters(&mut g, specs).unwrap();
+            let g = round_trip(&g, &inputs, &format!("{model}-{variant}-init"));
+            let e = rel(&gpu_out(&g, &inputs), &ort, &out_name);
+            assert!(e < TOL, "{tag}: rewritten at init vs onnxruntime {e:e}");
+
+            // PEFT's adapter, unmerged.
+            let mut g = base.clone();
+            let a = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
+            dorac::adapter::apply(&mut g, &a).unwrap();
+            let unmerged = gpu_out(&g, &inputs);
+            let e_peft = rel(&unmerged, &peft, &out_name);
+            assert!(e_peft < TOL, "{tag}: --adapter vs PEFT {e_peft:e}");
+
+            // Merged, through ONNX and back: the base graph's op count, unmerged DoRA's outputs.
+            merge_adapters(&mut g).unwrap();
+            let merged = round_trip(&g, &inputs, &format!("{model}-{variant}-merged"));
+            assert_eq!(
+                merged.graph.node_count(),
+                round_trip(&base, &inputs, &format!("{model}-{variant}-base"))
+                    .graph
+                    .node_count(),
+                "{tag}: merged graph differs from base"
+            );
+            let e_merge = rel(&gpu_out(&merged, &inputs), &unmerged, &out_name);
+            assert!(e_merge < TOL, "{tag}: merged vs unmerged {e_merge:e}");
+            println!("{tag}: init vs ORT {e:.1e}, adapter vs PEFT {e_peft:.1e}, merged vs unmerged {e_merge:.1e}");
+        }
+    }
+}
