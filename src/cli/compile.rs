@@ -100,8 +100,30 @@ pub fn run(args: Args) -> Result<()> {
         write("graph.dot", &crate::ir::to_dot(&graph))?;
     }
     let plan = crate::codegen::plan(&graph)?;
+    // Work that depends only on constants (shape arithmetic, masks built from constants) must
+    // have been folded away: a kernel reading nothing but constants would redo it every run.
+    let constant_only: Vec<&str> = plan
+        .kernels
+        .iter()
+        .filter(|k| {
+            k.inputs
+                .iter()
+                .all(|&b| matches!(plan.buffers[b].role, crate::codegen::BufferRole::Const(_)))
+        })
+        .map(|k| k.name.as_str())
+        .collect();
+    let summary = format!(
+        "{} kernels; constant-only (shape) work left in the program: {}",
+        plan.kernels.len(),
+        if constant_only.is_empty() {
+            "none".to_string()
+        } else {
+            constant_only.join(", ")
+        }
+    );
+    println!("{summary}");
     if args.emit.contains(&Emit::Plan) {
-        write("plan.txt", &plan.to_string())?;
+        write("plan.txt", &format!("{plan}\n{summary}\n"))?;
     }
     if args.emit.contains(&Emit::Wgsl) {
         for k in &plan.kernels {

@@ -30,18 +30,18 @@ pub struct Args {
     /// Decode on the CPU reference executor.
     #[arg(long)]
     pub reference: bool,
+    /// Pin symbolic dims, e.g. `--shape seq=16` for a model exported with dynamic axes (the
+    /// batch is 1).
+    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    pub shapes: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let mut proto = crate::onnx::load_model(&args.model)?;
     crate::onnx::set_batch_dim(&mut proto, 1);
     let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
-    let mut graph = crate::onnx::import(
-        &proto,
-        dir,
-        &crate::onnx::ShapePins::default(),
-        &HashMap::new(),
-    )?;
+    let pins = crate::onnx::ShapePins::parse(&args.shapes)?;
+    let mut graph = crate::onnx::import(&proto, dir, &pins, &HashMap::new())?;
     if let Some(a) = &args.adapter {
         apply_adapter(&mut graph, a)?;
     }

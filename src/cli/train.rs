@@ -237,7 +237,11 @@ pub fn run(args: Args) -> Result<()> {
         inputs: graph
             .inputs
             .iter()
-            .map(|&i| (graph.node(i).name.clone(), graph.shape(i)[1..].to_vec()))
+            .map(|&i| {
+                let node = graph.node(i);
+                let integer = node.dtype != crate::tensor::DType::F32;
+                (node.name.clone(), graph.shape(i)[1..].to_vec(), integer)
+            })
             .collect(),
         labels: &labels,
         label_shape: loss.label_shape(&out_shape)[1..].to_vec(),

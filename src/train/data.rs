@@ -17,8 +17,9 @@ pub struct Dataset {
 
 /// What the model needs from the data: per-example shapes of each tensor.
 pub struct Expected<'a> {
-    /// Model inputs: name and shape of ONE example (the model's shape without dim 0).
-    pub inputs: Vec<(String, Vec<usize>)>,
+    /// Model inputs: name, shape of ONE example (the model's shape without dim 0), and whether
+    /// the model reads integers (token ids, masks) rather than floats.
+    pub inputs: Vec<(String, Vec<usize>, bool)>,
     pub labels: &'a str,
     /// Per-example label shape.
     pub label_shape: Vec<usize>,
@@ -47,7 +48,7 @@ pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
         match (integer, stored) {
             (true, Stored::Float(t)) => {
                 return Err(Error::Input(format!(
-                    "{file}: '{name}' holds {t}; class labels must be integers (int64 or int32)"
+                    "{file}: '{name}' holds {t}; expected integers (int64 or int32): class labels and token ids are integers"
                 )))
             }
             (false, Stored::Int(t)) => {
@@ -81,8 +82,8 @@ pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
         tensors.insert(name.to_string(), a);
         Ok(())
     };
-    for (name, shape) in &want.inputs {
-        take(name, shape, false, &mut raw)?;
+    for (name, shape, integer) in &want.inputs {
+        take(name, shape, *integer, &mut raw)?;
     }
     let integer_labels = want.loss != LossKind::Mse;
     take(want.labels, &want.label_shape, integer_labels, &mut raw)?;
