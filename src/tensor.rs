@@ -29,10 +29,80 @@ impl DType {
     }
 }
 
+/// f32 values, owned or borrowed straight from a memory-mapped file (large models' external
+/// weights are mapped, not copied: the OS pages them in as the GPU upload reads them).
+#[derive(Clone)]
+pub enum F32Buf {
+    Owned(Arc<[f32]>),
+    /// `len` values at byte `offset` of `map` (4-byte aligned, little-endian host).
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl F32Buf {
+    /// Borrows `len` f32 values at `offset` of a mapped file when the layout allows it
+    /// (aligned offset, little-endian host); None otherwise, and the caller copies.
+    pub fn mapped(map: Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<F32Buf> {
+        let fits = offset
+            .checked_add(len * 4)
+            .is_some_and(|end| end <= map.len());
+        let aligned = (map.as_ptr() as usize + offset) % 4 == 0;
+        (cfg!(target_endian = "little") && fits && aligned).then_some(F32Buf::Mapped {
+            map,
+            offset,
+            len,
+        })
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, F32Buf::Mapped { .. })
+    }
+}
+
+impl std::ops::Deref for F32Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Buf::Owned(v) => v,
+            F32Buf::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + *len * 4])
+            }
+        }
+    }
+}
+
+impl PartialEq for F32Buf {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for F32Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_mapped() { "mapped" } else { "owned" };
+        write!(f, "F32Buf({kind}, {} values)", self.len())
+    }
+}
+
+impl From<Vec<f32>> for F32Buf {
+    fn from(v: Vec<f32>) -> Self {
+        F32Buf::Owned(v.into())
+    }
+}
+
+impl FromIterator<f32> for F32Buf {
+    fn from_iter<I: IntoIterator<Item = f32>>(iter: I) -> Self {
+        F32Buf::Owned(iter.into_iter().collect())
+    }
+}
+
 /// Immutable, cheaply cloned tensor data.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
-    F32(Arc<[f32]>),
+    F32(F32Buf),
     I64(Arc<[i64]>),
     Bool(Arc<[bool]>),
 }

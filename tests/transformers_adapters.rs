@@ -118,3 +118,18 @@ fn transformers_rewrite_adapt_and_merge() {
         }
     }
 }
+
+#[test]
+fn external_weights_are_memory_mapped_and_run() {
+    let inputs = read("bert_tiny", "inputs.safetensors");
+    let g = import(&models_dir().join("bert_tiny/external/model.onnx"), &inputs);
+    let mapped = g
+        .graph
+        .node_weights()
+        .filter(|n| matches!(&n.op, dorac::ir::Op::Const(t) if matches!(&t.data, dorac::tensor::Data::F32(b) if b.is_mapped())))
+        .count();
+    assert!(mapped > 10, "only {mapped} weights are mapped");
+    let ort = read("bert_tiny", "legacy_op17.ort.safetensors");
+    let e = rel(&gpu_out(&g, &inputs), &ort, "logits");
+    assert!(e < TOL, "external-data BERT vs onnxruntime {e:e}");
+}

@@ -8,7 +8,6 @@ use super::proto::tensor_proto::{DataLocation, DataType};
 use super::proto::TensorProto;
 use crate::error::{Error, Result};
 use crate::tensor::{numel, DType, Data, Tensor};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 /// The dtypes dorac reads, with their byte size.
@@ -97,10 +96,20 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
         .collect::<Result<Vec<usize>>>()?;
     let n = numel(&shape);
     let external = t.data_location() == DataLocation::External;
-    let external_bytes;
+    let mapped;
     let raw: Option<&[u8]> = if external {
-        external_bytes = read_external(t, model_dir, n * elem.size(), &err)?;
-        Some(&external_bytes)
+        let (map, offset) = map_external(t, model_dir, n * elem.size(), &err)?;
+        // float32 weights are used in place from the mapping; other types are converted.
+        if let Elem::F32 = elem {
+            if let Some(buf) = crate::tensor::F32Buf::mapped(map.clone(), offset, n) {
+                return Ok(Tensor {
+                    shape,
+                    data: Data::F32(buf),
+                });
+            }
+        }
+        mapped = (map, offset);
+        Some(&mapped.0[mapped.1..mapped.1 + n * elem.size()])
     } else {
         t.raw_data.as_deref()
     };
@@ -248,15 +257,16 @@ fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// Reads an external-data tensor's bytes. The location must stay inside the model's folder: an
-/// absolute path, a `..` component, or a symlink that resolves outside is refused, because a
-/// model file is untrusted input and must not make dorac read arbitrary files.
-fn read_external(
+/// Memory-maps an external-data tensor's file; returns the mapping and the tensor's offset.
+/// The location must stay inside the model's folder: an absolute path, a `..` component, or a
+/// symlink that resolves outside is refused, because a model file is untrusted input and must
+/// not make dorac read arbitrary files.
+fn map_external(
     t: &TensorProto,
     model_dir: &Path,
     expected: usize,
     err: &dyn Fn(String) -> Error,
-) -> Result<Vec<u8>> {
+) -> Result<(std::sync::Arc<memmap2::Mmap>, usize)> {
     let mut location = None;
     let mut offset: u64 = 0;
     let mut length: Option<u64> = None;
@@ -283,7 +293,7 @@ fn read_external(
             )));
         }
     }
-    let mut f = std::fs::File::open(&path).map_err(|e| {
+    let f = std::fs::File::open(&path).map_err(|e| {
         err(format!(
             "cannot open external data file {}: {e}",
             path.display()
@@ -307,16 +317,15 @@ fn read_external(
             offset as u128 + expected as u128
         )));
     }
-    let mut buf = vec![0u8; expected];
-    f.seek(SeekFrom::Start(offset))
-        .and_then(|_| f.read_exact(&mut buf))
-        .map_err(|e| {
-            err(format!(
-                "cannot read external data file {}: {e}",
-                path.display()
-            ))
-        })?;
-    Ok(buf)
+    // SAFETY: the mapping is read-only; like every reader of a model file, dorac assumes the
+    // file is not truncated or rewritten while it runs.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| {
+        err(format!(
+            "cannot map external data file {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok((std::sync::Arc::new(map), offset as usize))
 }
 
 /// Resolves `location` under `model_dir`, refusing anything that could leave the folder.
