@@ -49,7 +49,7 @@ impl F32Buf {
         let fits = offset
             .checked_add(len * 4)
             .is_some_and(|end| end <= map.len());
-        let aligned = (map.as_ptr() as usize + offset) % 4 == 0;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(4);
         (cfg!(target_endian = "little") && fits && aligned).then_some(F32Buf::Mapped {
             map,
             offset,
