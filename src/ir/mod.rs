@@ -71,6 +71,45 @@ pub enum LinearKind {
     },
 }
 
+impl LinearKind {
+    /// The kind of a MatMul or Gemm node (None for other ops).
+    pub fn of(op: &Op) -> Option<LinearKind> {
+        match *op {
+            Op::MatMul => Some(LinearKind::MatMul),
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => Some(LinearKind::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The op that computes this layer.
+    pub fn op(&self) -> Op {
+        match *self {
+            LinearKind::MatMul => Op::MatMul,
+            LinearKind::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            },
+        }
+    }
+}
+
 /// A linear layer with a LoRA/DoRA adapter, recorded by the rewrite so that export (PEFT
 /// adapters), merge and training can find the pieces again. `Id` is [`NodeId`] in a graph and
 /// [`PatchRef`] inside a patch that is still being built.

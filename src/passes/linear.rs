@@ -30,20 +30,8 @@ pub fn find_linear_layers(graph: &Graph) -> Vec<LinearLayer> {
     let mut layers = vec![];
     for n in order {
         let inputs = graph.inputs_of(n);
-        let kind = match &graph.node(n).op {
-            Op::MatMul => LinearKind::MatMul,
-            &Op::Gemm {
-                alpha,
-                beta,
-                trans_a,
-                trans_b,
-            } => LinearKind::Gemm {
-                alpha,
-                beta,
-                trans_a,
-                trans_b,
-            },
-            _ => continue,
+        let Some(kind) = LinearKind::of(&graph.node(n).op) else {
+            continue;
         };
         let (x, w) = (inputs[0], inputs[1]);
         let wnode = graph.node(w);

@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::ir::{
-    rewrite, AdaptedLayer, Graph, LinearKind, Method, NodeId, Op, Patch, PatchOps, PatchRef, Rule,
+    rewrite, AdaptedLayer, Graph, LinearKind, Method, NodeId, Patch, PatchOps, PatchRef, Rule,
 };
 use crate::tensor::Tensor;
 
@@ -28,20 +28,7 @@ impl Rule for MergeAdapter {
         let mut p = Patch::new(graph);
         let w = p.constant(&graph.node(layer.weight).name, merged);
         p.claim_name(w);
-        let op = match layer.kind {
-            LinearKind::MatMul => Op::MatMul,
-            LinearKind::Gemm {
-                alpha,
-                beta,
-                trans_a,
-                trans_b,
-            } => Op::Gemm {
-                alpha,
-                beta,
-                trans_a,
-                trans_b,
-            },
-        };
+        let op = layer.kind.op();
         let mut inputs = vec![layer.x.into(), w];
         inputs.extend(layer.bias.map(PatchRef::Old));
         let out_name = format!("{}_output_0", layer.base_label);
