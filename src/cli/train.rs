@@ -213,14 +213,10 @@ pub fn run(args: Args) -> Result<()> {
     });
 
     // The data decides the batch size; the model is re-batched to it.
-    let peek = crate::tensors_io::read_safetensors(&args.data)?;
-    let examples = peek
-        .values()
-        .next()
-        .map(|a| a.shape.first().copied().unwrap_or(0))
-        .unwrap_or(0);
-    drop(peek);
-    let batch_size = args.batch_size.unwrap_or(examples.clamp(1, 8));
+    let raw = crate::tensors_io::read_safetensors_typed(&args.data)?;
+    let batch_size = args
+        .batch_size
+        .unwrap_or(data::count_examples(&raw).clamp(1, 8));
     let mut graph = load_rebatched(&args.model, &args.shapes, batch_size)?;
     let output_node = match &args.output {
         Some(name) => graph.outputs.iter().find(|o| &o.0 == name).map(|o| o.1),
@@ -228,8 +224,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     .ok_or_else(|| {
         Error::Input(format!(
-            "--output: the model has no output {:?}",
-            args.output
+            "--output {}: the model's outputs are {}",
+            args.output.as_deref().unwrap_or(""),
+            graph
+                .outputs
+                .iter()
+                .map(|o| o.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })?;
     let out_shape = graph.shape(output_node).to_vec();
@@ -248,7 +250,7 @@ pub fn run(args: Args) -> Result<()> {
         loss,
         classes: loss.classes(&out_shape),
     };
-    let dataset = data::load(&args.data, &expected)?;
+    let dataset = data::from_tensors(&args.data, raw, &expected)?;
     let per_epoch = dataset.batches_per_epoch(batch_size)?;
     let total = match (args.steps, args.epochs) {
         (Some(s), _) => s,

@@ -30,8 +30,24 @@ pub struct Expected<'a> {
 
 /// Loads `path` and checks names, shapes, dtypes and label ranges, naming the tensor at fault.
 pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
+    from_tensors(path, read_safetensors_typed(path)?, want)
+}
+
+/// The number of examples (dim 0 of the first tensor) of a file's tensors, before checking.
+pub fn count_examples(raw: &BTreeMap<String, (Array, Stored)>) -> usize {
+    raw.values()
+        .next()
+        .and_then(|(a, _)| a.shape.first().copied())
+        .unwrap_or(0)
+}
+
+/// Checks tensors already read from `path` (see [`load`]).
+pub fn from_tensors(
+    path: &Path,
+    mut raw: BTreeMap<String, (Array, Stored)>,
+    want: &Expected,
+) -> Result<Dataset> {
     let file = path.display().to_string();
-    let mut raw = read_safetensors_typed(path)?;
     let mut tensors = BTreeMap::new();
     let mut examples: Option<(usize, String)> = None;
     let mut take = |name: &str,
