@@ -5,7 +5,7 @@ use super::common::{execute, save_graph, Engine};
 use super::run::prepare;
 use crate::error::{Error, Result};
 use crate::ir::Method;
-use crate::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
+use crate::passes::insert_adapters;
 use crate::tensor::{relative_error, Array};
 use crate::tensors_io::read_safetensors;
 use std::collections::{BTreeMap, HashMap};
@@ -71,17 +71,13 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
         .map(|(k, v)| (k.clone(), v.shape.clone()))
         .collect();
     let mut graph = super::common::load_graph(&model, &[], &shapes)?;
-    let specs: Vec<AdapterSpec> = find_linear_layers(&graph)
-        .into_iter()
-        .map(|layer| AdapterSpec {
-            layer,
-            method: Method::Dora,
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            init: AdapterInit::Peft { seed: 0 },
-        })
-        .collect();
+    let every_layer = super::common::AdapterArgs {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: vec![],
+    };
+    let specs = every_layer.specs(&graph, Method::Dora, 0, &model)?;
     insert_adapters(&mut graph, specs)?;
     let rewritten = args.out_dir.join(format!("{name}.dora.onnx"));
     save_graph(&graph, &rewritten)?;
