@@ -1047,6 +1047,7 @@ fn grid_spill_with_a_lowered_limit() {
         &c.graph,
         &PlanOptions {
             max_workgroups_per_dim: 3,
+            ..PlanOptions::default()
         },
     )
     .unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use common::gpu;
-use dorac::codegen::{self, BufferRole, Plan};
+use dorac::codegen::{self, BufferRole, Plan, PlanOptions};
 use dorac::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::Executable;
@@ -42,7 +42,20 @@ fn sgd_step() -> Graph {
 }
 
 fn build(g: &Graph) -> (Plan, Executable) {
-    let plan = codegen::plan(g).unwrap();
+    build_with(g, &PlanOptions::default())
+}
+
+/// Without fusion, element-wise chains keep one kernel and one intermediate per node: the
+/// reuse tests need those intermediates.
+fn unfused() -> PlanOptions {
+    PlanOptions {
+        fuse: false,
+        ..PlanOptions::default()
+    }
+}
+
+fn build_with(g: &Graph, options: &PlanOptions) -> (Plan, Executable) {
+    let plan = codegen::plan_with(g, options).unwrap();
     let exe = Executable::new(gpu(), &plan, g).unwrap_or_else(|e| panic!("{e}\n{plan}"));
     (plan, exe)
 }
@@ -364,7 +377,8 @@ fn next_values_are_computed_even_when_no_output_needs_them() {
 
 /// x [64] -> 12 alternating element-wise ops -> y: every intermediate after the second fits a
 /// freed one, so the chain runs in three allocations (input, output, two ping-pong
-/// intermediates), and the results are bit-identical to a plan without reuse.
+/// intermediates), and the results are bit-identical to a plan without reuse. Planned unfused:
+/// fused, the chain would be one kernel with no intermediates at all.
 #[test]
 fn buffer_reuse_on_a_chain_keeps_results_exact() {
     let mut g = Graph::new();
@@ -396,7 +410,7 @@ fn buffer_reuse_on_a_chain_keeps_results_exact() {
     );
     let y = add(&mut g, Op::Binary(Binary::Add), &[v, sum], "y");
     g.outputs.push(("y".into(), y));
-    let plan = codegen::plan(&g).unwrap();
+    let plan = codegen::plan_with(&g, &unfused()).unwrap();
     println!("{plan}");
     let intermediates: Vec<usize> = (0..plan.buffers.len())
         .filter(|&b| plan.buffers[b].role == BufferRole::Intermediate)
@@ -463,23 +477,31 @@ fn buffers_read_by_state_copies_are_not_reused() {
     }
     g.outputs.push(("out".into(), v));
     g.updates.push((p, next));
-    let (plan, exe) = build(&g);
-    let nb = plan.node_buffers[&next];
-    assert!(
-        plan.buffers
-            .iter()
-            .enumerate()
-            .all(|(b, s)| b == nb || s.storage != nb),
-        "{plan}"
-    );
-    assert!(plan.peak_bytes() < plan.total_bytes(), "{plan}");
-    let p0: Vec<f32> = (0..16).map(|i| i as f32 / 4.0).collect();
-    exe.write("p", &p0).unwrap();
-    exe.step(&HashMap::new(), &["out"]).unwrap();
-    let neg: Vec<f32> = p0.iter().map(|v| -v).collect();
-    assert_eq!(exe.read("p").unwrap(), neg);
-    exe.step(&HashMap::new(), &[]).unwrap();
-    assert_eq!(exe.read("p").unwrap(), p0);
+    // Unfused (the chain's intermediates exist and reuse memory), then fused (the chain is one
+    // kernel after next's, which stays a buffer of its own).
+    for (fused, options) in [(false, unfused()), (true, PlanOptions::default())] {
+        let (plan, exe) = build_with(&g, &options);
+        let nb = plan.node_buffers[&next];
+        assert!(
+            plan.buffers
+                .iter()
+                .enumerate()
+                .all(|(b, s)| b == nb || s.storage != nb),
+            "{plan}"
+        );
+        if fused {
+            assert_eq!(plan.kernels.len(), 2, "{plan}");
+        } else {
+            assert!(plan.peak_bytes() < plan.total_bytes(), "{plan}");
+        }
+        let p0: Vec<f32> = (0..16).map(|i| i as f32 / 4.0).collect();
+        exe.write("p", &p0).unwrap();
+        exe.step(&HashMap::new(), &["out"]).unwrap();
+        let neg: Vec<f32> = p0.iter().map(|v| -v).collect();
+        assert_eq!(exe.read("p").unwrap(), neg);
+        exe.step(&HashMap::new(), &[]).unwrap();
+        assert_eq!(exe.read("p").unwrap(), p0);
+    }
 }
 
 /// The bundled 3-D MLP: what reuse saves, and that it still matches the reference.

@@ -3,8 +3,8 @@
 //! A kernel computes a *group* of IR nodes: an anchor (any op with a kernel) followed by an
 //! element-wise epilogue chain, each node consuming the previous one's value (e.g. MatMul -> Add
 //! bias -> Relu). The epilogue is applied to the anchor's value in registers, so the intermediate
-//! values never reach memory. [`super::plan`] makes one-node groups today; a fusion pass only has
-//! to choose longer groups (see [`super::plan_grouped`]).
+//! values never reach memory. The fusion pass (`super::fusion`) chooses the groups; any grouping
+//! that keeps the contract of [`super::plan_grouped`] renders.
 //!
 //! Adding an op: an arm in [`emit`] (or in [`elementwise_expr`] for an element-wise op), and a
 //! template under `shaders/` when no existing one fits.
@@ -124,10 +124,7 @@ pub(crate) fn emit(
 ) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
-    let fusable = is_elementwise(&node.op)
-        || is_index_map(&node.op)
-        || matches!(node.op, Op::MatMul | Op::Gemm { .. });
-    if group.len() > 1 && !fusable {
+    if group.len() > 1 && !takes_epilogue(&node.op) {
         return Err(Error::Gpu(format!(
             "kernel {name}: a {} cannot take an element-wise epilogue",
             node.op.name()
@@ -158,9 +155,15 @@ pub(crate) fn emit(
     }
 }
 
+/// Ops whose kernel can apply an element-wise epilogue to its value (the anchors of fused
+/// groups): the element-wise and index-mapping ops, MatMul and Gemm.
+pub(super) fn takes_epilogue(op: &Op) -> bool {
+    is_elementwise(op) || is_index_map(op) || matches!(op, Op::MatMul | Op::Gemm { .. })
+}
+
 /// Ops that compute each output element from the same-index (broadcast) elements of their
 /// inputs: they can anchor an element-wise kernel or sit in another kernel's epilogue.
-fn is_elementwise(op: &Op) -> bool {
+pub(super) fn is_elementwise(op: &Op) -> bool {
     matches!(
         op,
         Op::Unary(_)

@@ -2,8 +2,9 @@
 //! write. The plan is plain data (no wgpu types), so it can be printed (`dorac compile --emit
 //! plan`), snapshot-tested and checked without a GPU; [`crate::runtime`] turns it into pipelines.
 //!
-//! - A [`Kernel`] computes a group of IR nodes (today one node each; fusion will pass longer
-//!   groups to [`plan_grouped`]) with one dispatch of one shader.
+//! - A [`Kernel`] computes a group of IR nodes with one dispatch of one shader: an anchor and
+//!   the element-wise chain that consumes it, kept in registers. The fusion pass (`fusion`)
+//!   chooses the groups; [`plan_grouped`] takes any grouping that keeps its contract.
 //! - Shapes are static, so sizes and strides are baked into each shader as constants: no
 //!   uniforms, and a kernel reads on its own.
 //! - Every shader is parsed and validated by naga ([`validate`]) before anything sees it, so a
@@ -17,6 +18,7 @@
 //! The WGSL text comes from templates under `shaders/` (see `template`), filled by one emitter per
 //! family of ops (`kernels`).
 
+mod fusion;
 mod kernels;
 mod schedule;
 mod template;
@@ -126,12 +128,16 @@ pub struct PlanOptions {
     /// the WebGPU minimum that every adapter supports; tests lower it to exercise the spill
     /// arithmetic on small tensors.
     pub max_workgroups_per_dim: u32,
+    /// Fuse element-wise chains into the kernel of the value they consume (see `fusion`); off,
+    /// every computing node gets a kernel of its own. On by default; tests turn it off to compare.
+    pub fuse: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
             max_workgroups_per_dim: 65_535,
+            fuse: true,
         }
     }
 }
@@ -186,20 +192,15 @@ impl Plan {
     }
 }
 
-/// Plans `graph` with one kernel per computing node and the default options.
+/// Plans `graph` with the default options: element-wise chains fused into the kernel of the
+/// value they consume.
 pub fn plan(graph: &Graph) -> Result<Plan> {
     plan_with(graph, &PlanOptions::default())
 }
 
-/// [`plan`] with explicit options.
+/// [`plan`] with explicit options (`fuse: false` gives one kernel per computing node).
 pub fn plan_with(graph: &Graph, options: &PlanOptions) -> Result<Plan> {
-    let order = schedule::order(graph)?;
-    let live = schedule::live(graph);
-    let groups = order
-        .iter()
-        .filter(|n| live.contains(n) && has_kernel(&graph.node(**n).op))
-        .map(|&n| vec![n])
-        .collect();
+    let groups = fusion::groups(graph, options.fuse)?;
     plan_grouped(graph, groups, options)
 }
 
@@ -211,7 +212,7 @@ fn has_kernel(op: &Op) -> bool {
 /// Plans `graph` with the given kernel groups: each an anchor node followed by an element-wise
 /// chain that consumes it (e.g. `[matmul, add, relu]`). Every live node that needs a kernel must
 /// be in exactly one group, and only a group's last value may be read outside it (the others
-/// stay in registers). This is the entry point for a fusion pass; [`plan`] uses one-node groups.
+/// stay in registers). [`plan`] gets its groups from the fusion pass.
 pub fn plan_grouped(
     graph: &Graph,
     groups: Vec<Vec<NodeId>>,
@@ -652,7 +653,11 @@ mod tests {
     #[test]
     fn one_kernel_per_computing_node_and_views_alias() {
         let (g, n) = sample();
-        let p = plan(&g).unwrap();
+        let unfused = PlanOptions {
+            fuse: false,
+            ..PlanOptions::default()
+        };
+        let p = plan_with(&g, &unfused).unwrap();
         let names: Vec<&str> = p.kernels.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(
             names,
@@ -666,6 +671,14 @@ mod tests {
         );
         let text = p.to_string();
         assert!(text.contains("k01_add_add"), "{text}");
+        // Fused (the default), the chain is one kernel writing the view's buffer.
+        let fused = plan(&g).unwrap();
+        let names: Vec<&str> = fused.kernels.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["k00_matmul_add_relu_layers_0_matmul"]);
+        assert_eq!(
+            fused.outputs,
+            vec![("y".to_string(), fused.node_buffers[&n[2]])]
+        );
     }
 
     #[test]
@@ -721,7 +734,12 @@ mod tests {
         let y = g.add(Op::Unary(Unary::Relu), &[s], "y", "y").unwrap();
         g.outputs.push(("y".into(), y));
         g.updates.push((p, next));
-        let plan = plan(&g).unwrap();
+        // Unfused, so that the chain's intermediates get buffers to reuse.
+        let unfused = PlanOptions {
+            fuse: false,
+            ..PlanOptions::default()
+        };
+        let plan = plan_with(&g, &unfused).unwrap();
         let text = plan.to_string();
         let b = |n: NodeId| plan.node_buffers[&n];
         // e0 and e1 take fresh memory; e2 reuses e0's, e3 e1's, and s (smaller) e2's.

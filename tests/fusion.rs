@@ -1,0 +1,371 @@
+//! Kernel fusion (`codegen::plan` fuses element-wise chains by default): fused and unfused plans
+//! of the same graph must compute the same values, on whole models (mlp3d, with and without a
+//! DoRA adapter), on training steps (forward, loss, backward, AdamW update: mlp3d and the tiny
+//! GPT-2), and the cases where fusing would be wrong must stay unfused.
+
+mod common;
+
+use common::*;
+use dorac::codegen::{self, Plan, PlanOptions};
+use dorac::ir::{Binary, Graph, NodeId, Op, Unary};
+use dorac::runtime::Executable;
+use dorac::tensor::{relative_error, Array, Rng, Tensor};
+use dorac::train::optimizer::step_scalars;
+use dorac::train::{build, AdamW, BuildOptions, LossKind, Program, TrainMethod};
+use std::collections::{BTreeMap, HashMap};
+
+/// Fused and unfused results agree this closely (relative, max-abs over max-abs). The two plans
+/// evaluate the same f32 expressions; only where a backend contracts a fused multiply-add across
+/// what used to be a kernel boundary may the last bit differ.
+const TOL: f64 = 1e-6;
+
+fn unfused() -> PlanOptions {
+    PlanOptions {
+        fuse: false,
+        ..PlanOptions::default()
+    }
+}
+
+fn host(values: &BTreeMap<String, Array>) -> HashMap<String, Vec<f32>> {
+    values
+        .iter()
+        .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+        .collect()
+}
+
+/// Runs `graph` under both plans: writes `state` once, then runs `steps` steps on `feeds(t)`
+/// (t = 1, 2, ...) fetching every output; compares every output of every step and, at the end,
+/// every state. Returns (fused kernels, unfused kernels).
+fn compare(
+    tag: &str,
+    graph: &Graph,
+    state: &BTreeMap<String, Array>,
+    steps: usize,
+    feeds: impl Fn(usize) -> BTreeMap<String, Array>,
+) -> (usize, usize) {
+    let fused = codegen::plan(graph).unwrap();
+    let plain = codegen::plan_with(graph, &unfused()).unwrap();
+    assert!(
+        plain.kernels.iter().all(|k| k.nodes.len() == 1),
+        "{tag}: fuse: false still fused"
+    );
+    check_bindings(tag, &fused);
+    let exes: Vec<Executable> = [&fused, &plain]
+        .iter()
+        .map(|p| Executable::new(gpu(), p, graph).unwrap())
+        .collect();
+    for exe in &exes {
+        for (name, v) in host(state) {
+            exe.write(&name, &v).unwrap();
+        }
+    }
+    let outputs: Vec<&str> = graph.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    let mut worst = 0.0f64;
+    let mut check = |what: String, a: &[f32], b: &[f32]| {
+        let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+        let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+        let err = relative_error(&a, &b);
+        assert!(
+            err <= TOL,
+            "{tag}: {what}: fused vs unfused relative error {err:e}"
+        );
+        worst = worst.max(err);
+    };
+    for t in 1..=steps {
+        let inputs = host(&feeds(t));
+        let got: Vec<HashMap<String, Vec<f32>>> = exes
+            .iter()
+            .map(|e| e.step(&inputs, &outputs).unwrap())
+            .collect();
+        for name in &outputs {
+            check(
+                format!("step {t} output '{name}'"),
+                &got[0][*name],
+                &got[1][*name],
+            );
+        }
+    }
+    for name in state.keys() {
+        let (a, b) = (exes[0].read(name).unwrap(), exes[1].read(name).unwrap());
+        check(format!("state '{name}' after {steps} steps"), &a, &b);
+    }
+    let counts = (fused.kernels.len(), plain.kernels.len());
+    println!(
+        "{tag}: {} kernels fused, {} unfused; worst relative difference {worst:.2e}",
+        counts.0, counts.1
+    );
+    counts
+}
+
+/// Every fused kernel stays within the bindings every WebGPU adapter allows.
+fn check_bindings(tag: &str, plan: &Plan) {
+    for k in &plan.kernels {
+        let n = k.bindings().count();
+        assert!(n <= 8, "{tag}: {} binds {n} buffers", k.name);
+    }
+}
+
+fn with_adapter(name: &str, adapter: &str) -> Graph {
+    let mut g = load(name);
+    let a = dorac::adapter::load(&models_dir().join(name).join(adapter)).unwrap();
+    dorac::adapter::apply(&mut g, &a).unwrap();
+    g
+}
+
+fn random(shape: &[usize], rng: &mut Rng) -> Array {
+    let n = shape.iter().product();
+    Array::new(shape.to_vec(), (0..n).map(|_| rng.normal()).collect())
+}
+
+#[test]
+fn mlp3d_fused_matches_unfused() {
+    let g = load("mlp3d");
+    let inputs = read("mlp3d", "inputs.safetensors");
+    let (fused, plain) = compare("mlp3d", &g, &BTreeMap::new(), 1, |_| inputs.clone());
+    assert!(fused < plain, "mlp3d: nothing fused ({fused} kernels)");
+    // And both match the reference executor.
+    let want = run_reference(&g, &inputs);
+    let got = run_gpu(&g, &inputs);
+    assert!(rel(&got, &want, "y") < 1e-5);
+}
+
+#[test]
+fn dora_adapted_mlp3d_fused_matches_unfused() {
+    // Unfolded: the factored norm, the low-rank path and the magnitude scale all run on the
+    // device, as in training.
+    let g = with_adapter("mlp3d", "peft_dora");
+    let inputs = read("mlp3d", "inputs.safetensors");
+    let (fused, plain) = compare("mlp3d + DoRA", &g, &BTreeMap::new(), 1, |_| inputs.clone());
+    assert!(
+        fused < plain,
+        "mlp3d + DoRA: nothing fused ({fused} kernels)"
+    );
+    let peft = read("mlp3d", "peft_dora_outputs.safetensors");
+    let got = run_gpu(&g, &inputs);
+    assert!(rel(&got, &peft, "y") < 1e-5);
+}
+
+/// The state a session starts from: parameters at their initial values, moments at zero.
+fn initial_state(program: &Program) -> BTreeMap<String, Array> {
+    let mut state = BTreeMap::new();
+    for p in &program.params {
+        state.insert(p.name.clone(), p.initial.to_array());
+        let zeros = Array::zeros(p.initial.shape.clone());
+        state.insert(p.exp_avg.clone(), zeros.clone());
+        state.insert(p.exp_avg_sq.clone(), zeros);
+    }
+    state
+}
+
+/// A batch plus the optimizer's per-step scalars for step `t`.
+fn step_feeds(
+    batch: &BTreeMap<String, Array>,
+    optimizer: &AdamW,
+    t: usize,
+) -> BTreeMap<String, Array> {
+    let mut feeds = batch.clone();
+    for (k, v) in step_scalars(optimizer, optimizer.lr, t) {
+        feeds.insert(k.into(), Array::new(vec![], vec![v as f32 as f64]));
+    }
+    feeds
+}
+
+#[test]
+fn dora_training_steps_fused_match_unfused() {
+    let mut rng = Rng::new(11);
+    let x = read("mlp3d", "inputs.safetensors")["x"].clone();
+    let batch: BTreeMap<String, Array> = [
+        ("x".to_string(), x),
+        ("target".to_string(), random(&[2, 5, 8], &mut rng)),
+    ]
+    .into();
+    for (method, exact, clip) in [
+        (TrainMethod::Dora, false, None),
+        (TrainMethod::Dora, true, Some(0.5)),
+        (TrainMethod::Lora, false, None),
+    ] {
+        let adapter = if method == TrainMethod::Lora {
+            "peft_lora"
+        } else {
+            "peft_dora"
+        };
+        let optimizer = AdamW {
+            lr: 1e-2,
+            grad_clip: clip,
+            ..AdamW::default()
+        };
+        let opts = BuildOptions {
+            method,
+            loss: LossKind::Mse,
+            output: None,
+            labels: "target".into(),
+            optimizer: optimizer.clone(),
+            exact_norm_grad: exact,
+            expose_grads: true,
+            full_targets: None,
+        };
+        let program = build(with_adapter("mlp3d", adapter), &opts).unwrap();
+        let tag = format!("mlp3d {} step (exact norm {exact})", method.name());
+        let state = initial_state(&program);
+        let (fused, plain) = compare(&tag, &program.graph, &state, 3, |t| {
+            step_feeds(&batch, &optimizer, t)
+        });
+        assert!(fused < plain, "{tag}: nothing fused");
+    }
+}
+
+#[test]
+fn gpt2_tiny_training_step_fused_matches_unfused() {
+    let dir = models_dir().join("gpt2_tiny");
+    let data = dorac::tensors_io::read_safetensors(&dir.join("train/data.safetensors")).unwrap();
+    let proto = dorac::onnx::load_model(&dir.join("legacy_op17.onnx")).unwrap();
+    let shapes: HashMap<String, Vec<usize>> =
+        [("input_ids".to_string(), data["input_ids"].shape.clone())].into();
+    let mut g =
+        dorac::onnx::import(&proto, &dir, &dorac::onnx::ShapePins::default(), &shapes).unwrap();
+    let adapter = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
+    dorac::adapter::apply(&mut g, &adapter).unwrap();
+    let optimizer = AdamW {
+        lr: 1e-2,
+        ..AdamW::default()
+    };
+    let opts = BuildOptions {
+        method: TrainMethod::Dora,
+        loss: LossKind::Lm { ignore_index: -100 },
+        output: None,
+        labels: "labels".into(),
+        optimizer: optimizer.clone(),
+        exact_norm_grad: false,
+        expose_grads: true,
+        full_targets: None,
+    };
+    let program = build(g, &opts).unwrap();
+    let state = initial_state(&program);
+    let (fused, plain) = compare("gpt2_tiny DoRA lm step", &program.graph, &state, 2, |t| {
+        step_feeds(&data, &optimizer, t)
+    });
+    assert!(
+        fused * 10 < plain * 7,
+        "gpt2_tiny: {fused} fused kernels of {plain}: less than 30% fewer"
+    );
+}
+
+// ---------------------------------------------------------------- where fusion must not happen
+
+/// x @ w + bias -> relu -> * 2 -> output "y", with `mid` (the add) exposed in the ways that
+/// must stop the chain at it.
+fn chain() -> (Graph, [NodeId; 4]) {
+    let mut rng = Rng::new(3);
+    let mut t = |shape: Vec<usize>| {
+        let v = (0..shape.iter().product())
+            .map(|_| rng.range(-1.0, 1.0) as f32)
+            .collect();
+        Tensor::f32(shape, v)
+    };
+    let mut g = Graph::new();
+    let x = g.add_input("x", vec![6, 10]);
+    let w = g.add_const("w", t(vec![10, 12]));
+    let bias = g.add_const("bias", t(vec![12]));
+    let two = g.add_const("two", Tensor::scalar(2.0));
+    let mm = g.add(Op::MatMul, &[x, w], "mm", "mm").unwrap();
+    let add = g.add(Op::Binary(Binary::Add), &[mm, bias], "mid", "add");
+    let add = add.unwrap();
+    let relu = g
+        .add(Op::Unary(Unary::Relu), &[add], "relu", "relu")
+        .unwrap();
+    let y = g
+        .add(Op::Binary(Binary::Mul), &[relu, two], "y", "mul")
+        .unwrap();
+    g.outputs.push(("y".into(), y));
+    (g, [mm, add, relu, y])
+}
+
+fn groups(plan: &Plan) -> Vec<Vec<NodeId>> {
+    plan.kernels.iter().map(|k| k.nodes.clone()).collect()
+}
+
+fn x_feed() -> BTreeMap<String, Array> {
+    [("x".to_string(), random(&[6, 10], &mut Rng::new(9)))].into()
+}
+
+#[test]
+fn a_whole_chain_fuses_into_one_kernel() {
+    let (g, n) = chain();
+    let plan = codegen::plan(&g).unwrap();
+    assert_eq!(groups(&plan), vec![n.to_vec()], "{plan}");
+    compare("chain", &g, &BTreeMap::new(), 1, |_| x_feed());
+    let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
+    assert!(rel(&got, &want, "y") < 1e-5);
+}
+
+#[test]
+fn a_value_with_two_consumers_ends_its_chain() {
+    let (mut g, [mm, add, relu, y]) = chain();
+    let neg = g.add(Op::Unary(Unary::Neg), &[add], "neg", "neg").unwrap();
+    g.outputs.push(("neg".into(), neg));
+    let plan = codegen::plan(&g).unwrap();
+    let gr = groups(&plan);
+    assert!(gr.contains(&vec![mm, add]), "{plan}");
+    assert!(gr.contains(&vec![relu, y]), "{plan}");
+    assert!(gr.contains(&vec![neg]), "{plan}");
+    compare("two consumers", &g, &BTreeMap::new(), 1, |_| x_feed());
+}
+
+#[test]
+fn a_graph_output_ends_its_chain() {
+    let (mut g, [mm, add, relu, y]) = chain();
+    g.outputs.push(("mid".into(), add));
+    let plan = codegen::plan(&g).unwrap();
+    assert_eq!(groups(&plan), vec![vec![mm, add], vec![relu, y]], "{plan}");
+    // The output in the middle has its own buffer and is read back.
+    let out = plan.outputs.iter().find(|(n, _)| n == "mid").unwrap().1;
+    assert_eq!(plan.node_buffers[&add], out);
+    compare("output in the middle", &g, &BTreeMap::new(), 1, |_| {
+        x_feed()
+    });
+    let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
+    assert!(rel(&got, &want, "mid") < 1e-5);
+}
+
+#[test]
+fn a_state_update_value_ends_its_chain() {
+    // A state s [6, 12] takes the add's value after every step; the add also feeds the chain.
+    let (mut g, [mm, add, relu, y]) = chain();
+    let s = g.add_input("s", vec![6, 12]);
+    let plus = g
+        .add(Op::Binary(Binary::Add), &[y, s], "out", "plus")
+        .unwrap();
+    g.outputs[0] = ("out".into(), plus);
+    g.updates.push((s, add));
+    let plan = codegen::plan(&g).unwrap();
+    let gr = groups(&plan);
+    assert!(gr.contains(&vec![mm, add]), "{plan}");
+    // s is a graph input: ready before relu runs, so the final add joins relu's chain.
+    assert!(gr.contains(&vec![relu, y, plus]), "{plan}");
+    assert_eq!(plan.states[0].next, plan.node_buffers[&add], "{plan}");
+    let state: BTreeMap<String, Array> = [("s".to_string(), Array::zeros(vec![6, 12]))].into();
+    compare("state update in the middle", &g, &state, 3, |_| x_feed());
+}
+
+#[test]
+fn an_input_computed_after_the_anchor_is_not_pulled_in() {
+    // y = relu(x @ w + bias) * 2 * late, where `late` (exp of another input) is scheduled after
+    // the matmul: the last Mul stays out of the matmul's kernel, and joins `late`'s instead (its
+    // other input, y, is ready before `late` runs).
+    let (mut g, [mm, add, relu, y]) = chain();
+    let z = g.add_input("z", vec![6, 12]);
+    let late = g.add(Op::Unary(Unary::Exp), &[z], "late", "late").unwrap();
+    let prod = g
+        .add(Op::Binary(Binary::Mul), &[y, late], "prod", "prod")
+        .unwrap();
+    g.outputs[0] = ("prod".into(), prod);
+    let plan = codegen::plan(&g).unwrap();
+    assert!(groups(&plan).contains(&vec![mm, add, relu, y]), "{plan}");
+    assert!(groups(&plan).contains(&vec![late, prod]), "{plan}");
+    let feeds = |_| {
+        let mut f = x_feed();
+        f.insert("z".into(), random(&[6, 12], &mut Rng::new(4)));
+        f
+    };
+    compare("late input", &g, &BTreeMap::new(), 1, feeds);
+}
