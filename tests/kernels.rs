@@ -356,6 +356,66 @@ fn gemm_transposes_alpha_beta_and_c() {
     c.check();
 }
 
+/// Shapes around the register-blocked kernel's 64x64 tile (16-wide K slabs): the smaller kernel
+/// just below it (63), one exact tile, one tile and a row/column of the next, several partial
+/// tiles with K not a multiple of 16, broadcast batch dims, and 1-D operands next to large ones.
+#[test]
+fn matmul_blocked_shapes() {
+    let mut c = Case::new("matmul_blocked_shapes");
+    let cases: [(&[usize], &[usize], &str); 8] = [
+        (&[63, 63], &[63, 63], "below_63"),
+        (&[64, 64], &[64, 64], "tile_64"),
+        (&[65, 65], &[65, 65], "tiles_65"),
+        (&[127, 129], &[129, 130], "tiles_127x129x130"),
+        (&[64, 1], &[1, 70], "k_1"),
+        (&[2, 1, 70, 33], &[3, 33, 66], "broadcast_batch"),
+        (&[129], &[3, 129, 64], "vector_a"),
+        (&[2, 100, 72], &[72], "vector_b"),
+    ];
+    for (sa, sb, name) in cases {
+        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
+        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
+        c.out(Op::MatMul, &[a, b], name);
+    }
+    c.check();
+}
+
+/// Gemm's transposes, alpha, beta and broadcast C on register-blocked shapes.
+#[test]
+fn gemm_blocked_transposes_alpha_beta_and_c() {
+    let mut c = Case::new("gemm_blocked_transposes_alpha_beta_and_c");
+    let (m, k, n) = (67, 45, 130);
+    for trans_a in [false, true] {
+        for trans_b in [false, true] {
+            let sa = if trans_a { [k, m] } else { [m, k] };
+            let sb = if trans_b { [n, k] } else { [k, n] };
+            let tag = format!("{}{}", trans_a as u8, trans_b as u8);
+            let a = c.input(&format!("a{tag}"), &sa, -1.0, 1.0);
+            let b = c.constant(&format!("b{tag}"), &sb, -1.0, 1.0);
+            let c_shapes: [(&[usize], &str); 3] =
+                [(&[n], "row"), (&[m, 1], "column"), (&[m, n], "full")];
+            for (cs, cname) in c_shapes {
+                let cc = c.constant(&format!("c{tag}_{cname}"), cs, -1.0, 1.0);
+                let op = Op::Gemm {
+                    alpha: 0.75,
+                    beta: -1.5,
+                    trans_a,
+                    trans_b,
+                };
+                c.out(op, &[a, b, cc], &format!("gemm{tag}_{cname}"));
+            }
+            let op = Op::Gemm {
+                alpha: 1.0,
+                beta: 1.0,
+                trans_a,
+                trans_b,
+            };
+            c.out(op, &[a, b], &format!("gemm{tag}_no_c"));
+        }
+    }
+    c.check();
+}
+
 // ---------------------------------------------------------------- layout ops and reductions
 
 #[test]
@@ -1167,6 +1227,31 @@ fn fused_epilogue_matches_the_reference() {
     let groups = vec![vec![mm, add, act, y], vec![t, z]];
     let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
     assert_eq!(plan.kernels.len(), 2, "{plan}");
+    c.check_plan(&plan);
+}
+
+/// The same epilogue chain on a register-blocked matmul (batched, partial tiles): every element
+/// of each invocation's 4x4 block goes through it.
+#[test]
+fn fused_epilogue_on_a_blocked_matmul() {
+    let mut c = Case::new("fused_epilogue_on_a_blocked_matmul");
+    let x = c.input("x", &[2, 65, 70], -1.0, 1.0);
+    let w = c.constant("w", &[70, 129], -1.0, 1.0);
+    let bias = c.constant("bias", &[129], -1.0, 1.0);
+    let mm = c.op(Op::MatMul, &[x, w], "mm");
+    let add = c.op(bin(Binary::Add), &[mm, bias], "add");
+    let act = c.op(un(Unary::Gelu { tanh: false }), &[add], "gelu");
+    let scale = c.constant("scale", &[65, 1], 0.5, 2.0);
+    let y = c.out(bin(Binary::Mul), &[scale, act], "y");
+    let groups = vec![vec![mm, add, act, y]];
+    let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
+    assert_eq!(plan.kernels.len(), 1, "{plan}");
+    assert!(
+        plan.kernels[0].source.contains("Register-blocked"),
+        "{}",
+        plan.kernels[0].source
+    );
+    insta::assert_snapshot!("blocked_matmul_epilogue", plan.kernels[0].source);
     c.check_plan(&plan);
 }
 

@@ -20,8 +20,20 @@ use std::collections::BTreeSet;
 
 /// Invocations per workgroup of the element-wise template.
 const ELEMENTWISE_WG: usize = 256;
-/// Output tile edge of the matmul template.
+/// Output tile edge of the matmul template (one output per invocation).
 const TILE: usize = 16;
+/// Output tile edge of the register-blocked matmul template (a 4x4 block per invocation).
+const BLOCKED_TILE: usize = 64;
+/// A matmul whose output matrices have at least this many rows and columns uses the
+/// register-blocked template; smaller ones (e.g. DoRA's rank-r products, or a 1-D operand) keep
+/// the 16x16 template, which wastes less of its tile on them (a 64x64 tile for a 16x2 output
+/// would be 99% padding). From 64 on, at least one blocked tile is full in each direction.
+const BLOCKED_MIN: usize = BLOCKED_TILE;
+/// The register-blocked matmul template (not in `template`'s list: only this emitter uses it).
+const MATMUL_BLOCKED: template::Template = template::Template {
+    name: "matmul_blocked.wgsl",
+    text: include_str!("../../shaders/matmul_blocked.wgsl"),
+};
 
 /// A rendered kernel, before the plan assigns buffers to its bindings.
 pub(crate) struct Emitted {
@@ -745,6 +757,9 @@ fn with_epilogue(graph: &Graph, summary: String, group: &[NodeId]) -> String {
     format!("{summary}, then {}", ops.join(", "))
 }
 
+/// MatMul and Gemm: the 16x16 template (one output per invocation), or the register-blocked
+/// one (a 4x4 block per invocation, 64x64 per workgroup) for outputs of at least
+/// [`BLOCKED_MIN`] rows and columns. Both run the same epilogue on each output element.
 fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
@@ -753,7 +768,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
     let mut b = Builder::new(graph);
     b.bind("a", ins[0]);
     b.bind("b", ins[1]);
-    let indent = "        ";
+    // `first`: the statement that turns the dot product `acc` into `v0` (indented below).
     let (m, k, n, batch, a_at, b_at, first, summary);
     match &node.op {
         Op::Gemm {
@@ -786,7 +801,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
                 };
                 c_note = format!(", C {}", shape_str(c_shape));
             }
-            first = format!("{indent}let v0 = {value}; {}", node_comment(graph, anchor));
+            first = format!("let v0 = {value}; {}", node_comment(graph, anchor));
             let t = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
             summary = format!(
                 "gemm alpha={alpha} beta={beta}{}{}: A {}, B {}{c_note} -> {}",
@@ -813,7 +828,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
             };
             a_at = format!("{}i * K + p", offset(&d.a_batch, m * k));
             b_at = format!("{}p * N + j", offset(&d.b_batch, k * n));
-            first = format!("{indent}let v0 = acc; {}", node_comment(graph, anchor));
+            first = format!("let v0 = acc; {}", node_comment(graph, anchor));
             summary = format!(
                 "matmul {} @ {} -> {}",
                 shape_str(a_shape),
@@ -830,15 +845,21 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
         "// Offset in `b` of B[p, j] of output matrix `batch`.\n\
          fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
     ));
-    let mut lines = vec![first];
+    let blocked = m >= BLOCKED_MIN && n >= BLOCKED_MIN;
+    let (template, tile, indent) = if blocked {
+        (MATMUL_BLOCKED, BLOCKED_TILE, "                ")
+    } else {
+        (template::MATMUL, TILE, "        ")
+    };
+    let mut lines = vec![format!("{indent}{first}")];
     let (more, last) = epilogue(&mut b, group, indent)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
-    let (tiles_m, tiles_n) = (m.div_ceil(TILE), n.div_ceil(TILE));
+    let (tiles_m, tiles_n) = (m.div_ceil(tile), n.div_ceil(tile));
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
     let summary = with_epilogue(graph, summary, group);
     b.finish(
-        template::MATMUL,
+        template,
         name,
         *group.last().unwrap(),
         vec![
