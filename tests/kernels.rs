@@ -362,8 +362,11 @@ fn gemm_transposes_alpha_beta_and_c() {
 #[test]
 fn matmul_blocked_shapes() {
     let mut c = Case::new("matmul_blocked_shapes");
-    let cases: [(&[usize], &[usize], &str); 8] = [
+    let cases: [(&[usize], &[usize], &str); 10] = [
         (&[63, 63], &[63, 63], "below_63"),
+        // Thin products (DoRA's A W0 and x Aᵀ at rank 16) take the blocked kernel too.
+        (&[16, 70], &[70, 300], "thin_rows_16"),
+        (&[2, 150, 70], &[70, 17], "thin_cols_17"),
         (&[64, 64], &[64, 64], "tile_64"),
         (&[65, 65], &[65, 65], "tiles_65"),
         (&[127, 129], &[129, 130], "tiles_127x129x130"),

@@ -24,11 +24,14 @@ const ELEMENTWISE_WG: usize = 256;
 const TILE: usize = 16;
 /// Output tile edge of the register-blocked matmul template (a 4x4 block per invocation).
 const BLOCKED_TILE: usize = 64;
-/// A matmul whose output matrices have at least this many rows and columns uses the
-/// register-blocked template; smaller ones (e.g. DoRA's rank-r products, or a 1-D operand) keep
-/// the 16x16 template, which wastes less of its tile on them (a 64x64 tile for a 16x2 output
-/// would be 99% padding). From 64 on, at least one blocked tile is full in each direction.
+/// A matmul whose output matrices hold at least BLOCKED_MIN² elements, with both sides at least
+/// [`BLOCKED_MIN_SIDE`], uses the register-blocked template. Thin products such as DoRA's
+/// `A W0` (r x out) or `x Aᵀ` (rows x r) with r >= 16 still gain from it despite a partly empty
+/// tile (measured on lavapipe: the blocked kernel runs about 6x faster, a 16-wide tile wastes
+/// 75%); tiny ones (r = 4, a 1-D operand, 4x16 @ 16x2) keep the 16x16 template.
 const BLOCKED_MIN: usize = BLOCKED_TILE;
+/// The smallest output side the blocked template takes (see [`BLOCKED_MIN`]).
+const BLOCKED_MIN_SIDE: usize = 16;
 /// The register-blocked matmul template (not in `template`'s list: only this emitter uses it).
 const MATMUL_BLOCKED: template::Template = template::Template {
     name: "matmul_blocked.wgsl",
@@ -845,7 +848,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
         "// Offset in `b` of B[p, j] of output matrix `batch`.\n\
          fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
     ));
-    let blocked = m >= BLOCKED_MIN && n >= BLOCKED_MIN;
+    let blocked = m.min(n) >= BLOCKED_MIN_SIDE && m * n >= BLOCKED_MIN * BLOCKED_MIN;
     let (template, tile, indent) = if blocked {
         (MATMUL_BLOCKED, BLOCKED_TILE, "                ")
     } else {
