@@ -398,9 +398,14 @@ pub fn run(args: Args) -> Result<()> {
     let first = log.records().first().map(|r| r.loss).unwrap_or(f64::NAN);
     let last = log.records().last().map(|r| r.loss).unwrap_or(f64::NAN);
     println!(
-        "loss {first:.6} -> {last:.6} in {:.1} s; wrote {} (adapter), {}, metrics.jsonl, loss.png",
+        "loss {first:.6} -> {last:.6} in {:.1} s; wrote {} ({}), {}, metrics.jsonl, loss.png",
         clock.elapsed().as_secs_f64(),
         out.display(),
+        if method == TrainMethod::Full {
+            "trained weights"
+        } else {
+            "adapter"
+        },
         ckpt.file_name().unwrap().to_string_lossy()
     );
     Ok(())
