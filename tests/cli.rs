@@ -15,6 +15,17 @@ fn dorac(args: &[&str]) -> Output {
         .expect("the dorac binary runs")
 }
 
+/// Runs dorac and asserts it succeeded, showing its stderr otherwise.
+fn dorac_ok(args: &[&str]) -> Output {
+    let out = dorac(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -89,19 +100,14 @@ fn rewrite_run_merge_from_the_command_line() {
     assert!(adapter_out.join("adapter_model.safetensors").exists());
 
     let y = dir.join("y.safetensors");
-    let out = dorac(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = dorac_ok(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
     let got = dorac::tensors_io::read_safetensors(&y).unwrap();
     let ort = read("mlp3d", "ort_outputs.safetensors");
     assert!(rel(&got, &ort, "y") < 1e-5);
 
     let peft_dir = models_dir().join("mlp3d/peft_dora");
     let merged = dir.join("merged.onnx");
-    let out = dorac(&[
+    let out = dorac_ok(&[
         "merge",
         s(&model),
         "--adapter",
@@ -109,20 +115,10 @@ fn rewrite_run_merge_from_the_command_line() {
         "-o",
         s(&merged),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let y2 = dir.join("y2.safetensors");
-    let out = dorac(&["run", s(&merged), "--inputs", s(&inputs), "-o", s(&y2)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = dorac_ok(&["run", s(&merged), "--inputs", s(&inputs), "-o", s(&y2)]);
     let y3 = dir.join("y3.safetensors");
-    let out = dorac(&[
+    let out = dorac_ok(&[
         "run",
         s(&model),
         "--adapter",
@@ -132,11 +128,6 @@ fn rewrite_run_merge_from_the_command_line() {
         "-o",
         s(&y3),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let merged_y = dorac::tensors_io::read_safetensors(&y2).unwrap();
     let unmerged_y = dorac::tensors_io::read_safetensors(&y3).unwrap();
     let peft = read("mlp3d", "peft_dora_outputs.safetensors");
@@ -151,7 +142,7 @@ fn symbolic_dims_must_be_pinned() {
     let out_file = dir.join("out.onnx");
     let out = dorac(&["rewrite", s(&model), "-o", s(&out_file)]);
     assert_clean_failure(&out, "--shape", &dir, &[]);
-    let out = dorac(&[
+    let out = dorac_ok(&[
         "rewrite",
         s(&model),
         "-o",
@@ -159,11 +150,6 @@ fn symbolic_dims_must_be_pinned() {
         "--shape",
         "batch=3",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

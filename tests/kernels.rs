@@ -318,8 +318,14 @@ fn matmul_shapes() {
 
 #[test]
 fn gemm_transposes_alpha_beta_and_c() {
-    let mut c = Case::new("gemm_transposes_alpha_beta_and_c");
-    let (m, k, n) = (19, 23, 17);
+    // The 16x16 template (sizes below the blocked kernel's threshold), every broadcast C.
+    gemm_cases("gemm_transposes_alpha_beta_and_c", (19, 23, 17), true);
+}
+
+/// Every transA/transB combination of an m x k by k x n Gemm, with alpha and beta, C as a row,
+/// a column and a full matrix (plus a scalar and a 1 x n row when `all_c`), and without C.
+fn gemm_cases(test: &'static str, (m, k, n): (usize, usize, usize), all_c: bool) {
+    let mut c = Case::new(test);
     for trans_a in [false, true] {
         for trans_b in [false, true] {
             let sa = if trans_a { [k, m] } else { [m, k] };
@@ -327,15 +333,16 @@ fn gemm_transposes_alpha_beta_and_c() {
             let tag = format!("{}{}", trans_a as u8, trans_b as u8);
             let a = c.input(&format!("a{tag}"), &sa, -1.0, 1.0);
             let b = c.constant(&format!("b{tag}"), &sb, -1.0, 1.0);
-            let c_shapes: [(&[usize], &str); 5] = [
-                (&[n], "row"),
-                (&[m, 1], "column"),
-                (&[m, n], "full"),
-                (&[], "scalar"),
-                (&[1, n], "row2d"),
+            let mut c_shapes: Vec<(Vec<usize>, &str)> = vec![
+                (vec![n], "row"),
+                (vec![m, 1], "column"),
+                (vec![m, n], "full"),
             ];
+            if all_c {
+                c_shapes.extend([(vec![], "scalar"), (vec![1, n], "row2d")]);
+            }
             for (cs, cname) in c_shapes {
-                let cc = c.constant(&format!("c{tag}_{cname}"), cs, -1.0, 1.0);
+                let cc = c.constant(&format!("c{tag}_{cname}"), &cs, -1.0, 1.0);
                 let op = Op::Gemm {
                     alpha: 0.75,
                     beta: -1.5,
@@ -386,37 +393,11 @@ fn matmul_blocked_shapes() {
 /// Gemm's transposes, alpha, beta and broadcast C on register-blocked shapes.
 #[test]
 fn gemm_blocked_transposes_alpha_beta_and_c() {
-    let mut c = Case::new("gemm_blocked_transposes_alpha_beta_and_c");
-    let (m, k, n) = (67, 45, 130);
-    for trans_a in [false, true] {
-        for trans_b in [false, true] {
-            let sa = if trans_a { [k, m] } else { [m, k] };
-            let sb = if trans_b { [n, k] } else { [k, n] };
-            let tag = format!("{}{}", trans_a as u8, trans_b as u8);
-            let a = c.input(&format!("a{tag}"), &sa, -1.0, 1.0);
-            let b = c.constant(&format!("b{tag}"), &sb, -1.0, 1.0);
-            let c_shapes: [(&[usize], &str); 3] =
-                [(&[n], "row"), (&[m, 1], "column"), (&[m, n], "full")];
-            for (cs, cname) in c_shapes {
-                let cc = c.constant(&format!("c{tag}_{cname}"), cs, -1.0, 1.0);
-                let op = Op::Gemm {
-                    alpha: 0.75,
-                    beta: -1.5,
-                    trans_a,
-                    trans_b,
-                };
-                c.out(op, &[a, b, cc], &format!("gemm{tag}_{cname}"));
-            }
-            let op = Op::Gemm {
-                alpha: 1.0,
-                beta: 1.0,
-                trans_a,
-                trans_b,
-            };
-            c.out(op, &[a, b], &format!("gemm{tag}_no_c"));
-        }
-    }
-    c.check();
+    gemm_cases(
+        "gemm_blocked_transposes_alpha_beta_and_c",
+        (67, 45, 130),
+        false,
+    );
 }
 
 // ---------------------------------------------------------------- layout ops and reductions

@@ -246,8 +246,8 @@ fn bad_data_is_refused_with_the_tensor_named() {
     );
     let p = dir.join("labels.safetensors");
     write_mixed(&p, &m, &["labels".to_string()]);
-    let out = train(
-        &[
+    let classify = || {
+        let args = [
             s(&mp),
             "--data",
             s(&p),
@@ -256,26 +256,13 @@ fn bad_data_is_refused_with_the_tensor_named() {
             "-o",
             s(&out_dir),
             "--reference",
-        ],
-        &[],
-    );
-    fails_with(&out, "out of range");
+        ];
+        train(&args, &[])
+    };
+    fails_with(&classify(), "out of range");
     // Float labels for a classification loss.
     write_mixed(&p, &m, &[]);
-    let out = train(
-        &[
-            s(&mp),
-            "--data",
-            s(&p),
-            "--loss",
-            "cross-entropy",
-            "-o",
-            s(&out_dir),
-            "--reference",
-        ],
-        &[],
-    );
-    fails_with(&out, "integers");
+    fails_with(&classify(), "integers");
     assert!(!out_dir.join("adapter_model.safetensors").exists());
 }
 
