@@ -100,14 +100,14 @@ fn rewrite_run_merge_from_the_command_line() {
     assert!(adapter_out.join("adapter_model.safetensors").exists());
 
     let y = dir.join("y.safetensors");
-    let out = dorac_ok(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
+    dorac_ok(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
     let got = dorac::tensors_io::read_safetensors(&y).unwrap();
     let ort = read("mlp3d", "ort_outputs.safetensors");
     assert!(rel(&got, &ort, "y") < 1e-5);
 
     let peft_dir = models_dir().join("mlp3d/peft_dora");
     let merged = dir.join("merged.onnx");
-    let out = dorac_ok(&[
+    dorac_ok(&[
         "merge",
         s(&model),
         "--adapter",
@@ -116,9 +116,9 @@ fn rewrite_run_merge_from_the_command_line() {
         s(&merged),
     ]);
     let y2 = dir.join("y2.safetensors");
-    let out = dorac_ok(&["run", s(&merged), "--inputs", s(&inputs), "-o", s(&y2)]);
+    dorac_ok(&["run", s(&merged), "--inputs", s(&inputs), "-o", s(&y2)]);
     let y3 = dir.join("y3.safetensors");
-    let out = dorac_ok(&[
+    dorac_ok(&[
         "run",
         s(&model),
         "--adapter",
@@ -142,7 +142,7 @@ fn symbolic_dims_must_be_pinned() {
     let out_file = dir.join("out.onnx");
     let out = dorac(&["rewrite", s(&model), "-o", s(&out_file)]);
     assert_clean_failure(&out, "--shape", &dir, &[]);
-    let out = dorac_ok(&[
+    dorac_ok(&[
         "rewrite",
         s(&model),
         "-o",
