@@ -31,7 +31,9 @@ if [ "$codename" = bookworm ] && ! grep -rqs "bookworm-backports" /etc/apt/sourc
     fi
 fi
 apt-get update -qq
-if [ "$codename" = bookworm ] && apt-cache policy mesa-vulkan-drivers | grep -q bpo; then
+# grep reads the whole listing (no -q): under pipefail an early exit of grep -q fails the pipeline
+# with SIGPIPE, and the slow Mesa of the main suite would be installed instead.
+if [ "$codename" = bookworm ] && apt-cache policy mesa-vulkan-drivers | grep bpo >/dev/null; then
     apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1 >/dev/null
 else
     apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null

@@ -14,6 +14,7 @@ pub mod codegen;
 pub mod error;
 pub mod ir;
 pub mod onnx;
+pub mod ops;
 pub mod passes;
 pub mod reference;
 pub mod runtime;

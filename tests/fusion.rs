@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use dorac::codegen::{self, Plan, PlanOptions};
-use dorac::ir::{Binary, Graph, NodeId, Op, Unary};
+use dorac::ir::{unary, Binary, Graph, NodeId, Op};
 use dorac::runtime::Executable;
 use dorac::tensor::{relative_error, Array, Rng, Tensor};
 use dorac::train::optimizer::step_scalars;
@@ -271,7 +271,7 @@ fn chain() -> (Graph, [NodeId; 4]) {
     let add = g.add(Op::Binary(Binary::Add), &[mm, bias], "mid", "add");
     let add = add.unwrap();
     let relu = g
-        .add(Op::Unary(Unary::Relu), &[add], "relu", "relu")
+        .add(Op::Unary(unary::RELU), &[add], "relu", "relu")
         .unwrap();
     let y = g
         .add(Op::Binary(Binary::Mul), &[relu, two], "y", "mul")
@@ -301,7 +301,7 @@ fn a_whole_chain_fuses_into_one_kernel() {
 #[test]
 fn a_value_with_two_consumers_ends_its_chain() {
     let (mut g, [mm, add, relu, y]) = chain();
-    let neg = g.add(Op::Unary(Unary::Neg), &[add], "neg", "neg").unwrap();
+    let neg = g.add(Op::Unary(unary::NEG), &[add], "neg", "neg").unwrap();
     g.outputs.push(("neg".into(), neg));
     let plan = codegen::plan(&g).unwrap();
     let gr = groups(&plan);
@@ -354,7 +354,7 @@ fn an_input_computed_after_the_anchor_is_not_pulled_in() {
     // other input, y, is ready before `late` runs).
     let (mut g, [mm, add, relu, y]) = chain();
     let z = g.add_input("z", vec![6, 12]);
-    let late = g.add(Op::Unary(Unary::Exp), &[z], "late", "late").unwrap();
+    let late = g.add(Op::Unary(unary::EXP), &[z], "late", "late").unwrap();
     let prod = g
         .add(Op::Binary(Binary::Mul), &[y, late], "prod", "prod")
         .unwrap();

@@ -13,7 +13,7 @@
 //! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
 
 use dorac::codegen::{self, PlanOptions};
-use dorac::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use dorac::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
 use dorac::tensor::{numel, relative_error, Array, DType, Rng, Tensor};
@@ -181,16 +181,20 @@ fn unary_ops() {
     let x = c.input("x", &[7, 45], -4.0, 4.0);
     let pos = c.input("pos", &[7, 45], 0.05, 5.0);
     let wide = c.input("wide", &[300], -20.0, 20.0);
+    for u in unary::ALL.iter().filter(|u| !u.is_predicate()) {
+        let (lo, hi) = u.def().sample_range;
+        let x = c.input(&format!("x_{}", u.name()), &[7, 45], lo, hi);
+        c.out(un(*u), &[x], u.name());
+    }
+    // Where the naive formulas overflow or cancel.
     for (u, name, input) in [
-        (Unary::Relu, "relu", x),
-        (Unary::Sigmoid, "sigmoid", wide),
-        (Unary::Tanh, "tanh", wide),
-        (Unary::Tanh, "tanh_small", x),
-        (Unary::Neg, "neg", x),
-        (Unary::Exp, "exp", x),
-        (Unary::Sqrt, "sqrt", pos),
-        (Unary::Log, "log", pos),
-        (Unary::Reciprocal, "reciprocal", pos),
+        (unary::SIGMOID, "sigmoid_wide", wide),
+        (unary::TANH, "tanh_wide", wide),
+        (unary::TANH, "tanh_small", x),
+        (unary::EXP, "exp_4", x),
+        (unary::SQRT, "sqrt_near_0", pos),
+        (unary::LOG, "log_near_0", pos),
+        (unary::RECIPROCAL, "reciprocal_near_0", pos),
     ] {
         c.out(un(u), &[input], name);
     }
@@ -205,10 +209,10 @@ fn tanh_and_sigmoid_survive_large_inputs() {
         45.0, 89.0, 100.0, 500.0, 1e4,
     ];
     let x = c.input_values("x", &[big.len()], big);
-    c.out(un(Unary::Tanh), &[x], "tanh");
-    c.out(un(Unary::Sigmoid), &[x], "sigmoid");
-    c.out(un(Unary::Gelu { tanh: true }), &[x], "gelu_tanh");
-    c.out(un(Unary::Gelu { tanh: false }), &[x], "gelu_erf");
+    c.out(un(unary::TANH), &[x], "tanh");
+    c.out(un(unary::SIGMOID), &[x], "sigmoid");
+    c.out(un(unary::GELU_TANH), &[x], "gelu_tanh");
+    c.out(un(unary::GELU), &[x], "gelu_erf");
     c.check();
 }
 
@@ -219,9 +223,9 @@ fn erf_and_gelu_over_minus6_to_6() {
     let mut v: Vec<f32> = (0..=1200).map(|i| -6.0 + i as f32 * 0.01).collect();
     v.extend(c.values(1199, -6.0, 6.0));
     let x = c.input_values("x", &[2400], v);
-    c.out(un(Unary::Erf), &[x], "erf");
-    c.out(un(Unary::Gelu { tanh: false }), &[x], "gelu_erf");
-    c.out(un(Unary::Gelu { tanh: true }), &[x], "gelu_tanh");
+    c.out(un(unary::ERF), &[x], "erf");
+    c.out(un(unary::GELU), &[x], "gelu_erf");
+    c.out(un(unary::GELU_TANH), &[x], "gelu_tanh");
     c.check();
 }
 
@@ -534,33 +538,25 @@ fn expands() {
 #[test]
 fn unary_grads() {
     let mut c = Case::new("unary_grads");
-    let x = c.input("x", &[7, 45], -4.0, 4.0);
-    let pos = c.input("pos", &[7, 45], 0.05, 5.0);
     let wide = c.input("wide", &[7, 45], -20.0, 20.0);
     let dy = c.input("dy", &[7, 45], -2.0, 2.0);
-    let all = [
-        (Unary::Relu, "relu"),
-        (Unary::Sigmoid, "sigmoid"),
-        (Unary::Tanh, "tanh"),
-        (Unary::Erf, "erf"),
-        (Unary::Gelu { tanh: false }, "gelu_erf"),
-        (Unary::Gelu { tanh: true }, "gelu_tanh"),
-        (Unary::Sqrt, "sqrt"),
-        (Unary::Neg, "neg"),
-        (Unary::Exp, "exp"),
-        (Unary::Log, "log"),
-        (Unary::Reciprocal, "reciprocal"),
-    ];
-    for (u, name) in all {
-        let positive_only = matches!(u, Unary::Sqrt | Unary::Log | Unary::Reciprocal);
-        let input = if positive_only { pos } else { x };
-        c.out(Op::UnaryGrad(u), &[input, dy], &format!("{name}_grad"));
-        if matches!(
-            u,
-            Unary::Sigmoid | Unary::Tanh | Unary::Erf | Unary::Gelu { .. }
-        ) {
-            c.out(Op::UnaryGrad(u), &[wide, dy], &format!("{name}_grad_wide"));
-        }
+    for u in unary::ALL.iter().filter(|u| !u.is_predicate()) {
+        let (lo, hi) = u.def().sample_range;
+        let x = c.input(&format!("x_{}", u.name()), &[7, 45], lo, hi);
+        c.out(Op::UnaryGrad(*u), &[x, dy], &format!("{}_grad", u.name()));
+    }
+    for u in [
+        unary::SIGMOID,
+        unary::TANH,
+        unary::ERF,
+        unary::GELU,
+        unary::GELU_TANH,
+    ] {
+        c.out(
+            Op::UnaryGrad(u),
+            &[wide, dy],
+            &format!("{}_grad_wide", u.name()),
+        );
     }
     c.check();
 }
@@ -578,12 +574,12 @@ fn unary_grads_survive_large_inputs() {
     let x = c.input_values("x", &[n], big);
     let dy = c.input("dy", &[n], 0.5, 2.0);
     for (u, name) in [
-        (Unary::Relu, "relu"),
-        (Unary::Sigmoid, "sigmoid"),
-        (Unary::Tanh, "tanh"),
-        (Unary::Erf, "erf"),
-        (Unary::Gelu { tanh: false }, "gelu_erf"),
-        (Unary::Gelu { tanh: true }, "gelu_tanh"),
+        (unary::RELU, "relu"),
+        (unary::SIGMOID, "sigmoid"),
+        (unary::TANH, "tanh"),
+        (unary::ERF, "erf"),
+        (unary::GELU, "gelu_erf"),
+        (unary::GELU_TANH, "gelu_tanh"),
     ] {
         c.out(Op::UnaryGrad(u), &[x, dy], &format!("{name}_grad"));
     }
@@ -692,13 +688,13 @@ fn training_ops_fuse_as_elementwise() {
     let pre = c.input("pre", &[6, 12], -3.0, 3.0);
     // dy = x @ w, then gelu'(pre) * dy, then * 0.5, in the matmul's epilogue.
     let dy = c.op(Op::MatMul, &[x, w], "dy");
-    let g = c.op(Op::UnaryGrad(Unary::Gelu { tanh: false }), &[pre, dy], "g");
+    let g = c.op(Op::UnaryGrad(unary::GELU), &[pre, dy], "g");
     let half = c.constant("half", &[], 0.5, 0.5);
     let gh = c.out(bin(Binary::Mul), &[g, half], "gh");
     // An Expand anchor with a UnaryGrad and a same-shape Expand after it.
     let col = c.input("col", &[6, 1], -1.0, 1.0);
     let e = c.op(Op::Expand { shape: vec![6, 12] }, &[col], "e");
-    let t = c.op(Op::UnaryGrad(Unary::Tanh), &[pre, e], "t");
+    let t = c.op(Op::UnaryGrad(unary::TANH), &[pre, e], "t");
     let e2 = c.out(Op::Expand { shape: vec![6, 12] }, &[t], "e2");
     let groups = vec![vec![dy, g, gh], vec![e, t, e2]];
     let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
@@ -758,7 +754,7 @@ fn comparisons_logic_max_min() {
     }
     let bools = ints(&mut c, 30, 0, 1);
     let p = typed_input(&mut c, "p", &[30], bools, DType::Bool);
-    c.out(un(Unary::Not), &[p], "not");
+    c.out(un(unary::NOT), &[p], "not");
     let mut v = c.values(40, -1e30, 1e30);
     for i in (0..40).step_by(3) {
         v[i] = f32::NAN;
@@ -766,7 +762,7 @@ fn comparisons_logic_max_min() {
     v[1] = f32::INFINITY;
     v[2] = f32::NEG_INFINITY;
     let x = c.input_values("x", &[40], v);
-    c.out(un(Unary::IsNaN), &[x], "is_nan");
+    c.out(un(unary::IS_NAN), &[x], "is_nan");
     c.check();
 }
 
@@ -1021,7 +1017,7 @@ fn index_ops_anchor_epilogues() {
         &[x],
         "s",
     );
-    let z = c.out(un(Unary::Exp), &[s], "z");
+    let z = c.out(un(unary::EXP), &[s], "z");
     let groups = vec![vec![g, w, y], vec![s, z]];
     let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
     assert_eq!(plan.kernels.len(), 2, "{plan}");
@@ -1038,7 +1034,7 @@ fn grid_spill_with_a_lowered_limit() {
     let x = c.input("x", &[20, 200], -1.0, 1.0); // 4000 elements: 16 workgroups
     let row = c.input("row", &[200], -1.0, 1.0);
     c.out(bin(Binary::Add), &[x, row], "add");
-    c.out(un(Unary::Tanh), &[x], "tanh");
+    c.out(un(unary::TANH), &[x], "tanh");
     c.out(Op::Transpose { perm: vec![1, 0] }, &[x], "transpose");
     c.out(Op::Softmax { axis: 1 }, &[x], "softmax"); // 20 rows
     let op = Op::Reduce {
@@ -1062,7 +1058,7 @@ fn grid_spill_with_a_lowered_limit() {
         "expand",
     );
     let dy = c.input("dy", &[20, 200], -1.0, 1.0);
-    c.out(Op::UnaryGrad(Unary::Sigmoid), &[x, dy], "sigmoid_grad");
+    c.out(Op::UnaryGrad(unary::SIGMOID), &[x, dy], "sigmoid_grad");
     let labels: Vec<f32> = (0..20).map(|i| (i * 7 % 200) as f32).collect();
     let labels = c.input_values("labels", &[20], labels);
     let dloss = c.input("dloss", &[], 0.5, 2.0);
@@ -1197,7 +1193,7 @@ fn fused_epilogue_matches_the_reference() {
     let bias = c.constant("bias", &[18], -1.0, 1.0);
     let mm = c.op(Op::MatMul, &[x, w], "mm");
     let add = c.op(bin(Binary::Add), &[mm, bias], "add");
-    let act = c.op(un(Unary::Gelu { tanh: false }), &[add], "gelu");
+    let act = c.op(un(unary::GELU), &[add], "gelu");
     let scale = c.constant("scale", &[21, 1], 0.5, 2.0);
     let y = c.out(bin(Binary::Mul), &[scale, act], "y");
     let t = c.op(
@@ -1207,7 +1203,7 @@ fn fused_epilogue_matches_the_reference() {
         &[y],
         "t",
     );
-    let z = c.out(un(Unary::Sigmoid), &[t], "z");
+    let z = c.out(un(unary::SIGMOID), &[t], "z");
     let groups = vec![vec![mm, add, act, y], vec![t, z]];
     let plan = codegen::plan_grouped(&c.graph, groups, &PlanOptions::default()).unwrap();
     assert_eq!(plan.kernels.len(), 2, "{plan}");
@@ -1224,7 +1220,7 @@ fn fused_epilogue_on_a_blocked_matmul() {
     let bias = c.constant("bias", &[129], -1.0, 1.0);
     let mm = c.op(Op::MatMul, &[x, w], "mm");
     let add = c.op(bin(Binary::Add), &[mm, bias], "add");
-    let act = c.op(un(Unary::Gelu { tanh: false }), &[add], "gelu");
+    let act = c.op(un(unary::GELU), &[add], "gelu");
     let scale = c.constant("scale", &[65, 1], 0.5, 2.0);
     let y = c.out(bin(Binary::Mul), &[scale, act], "y");
     let groups = vec![vec![mm, add, act, y]];
@@ -1243,7 +1239,7 @@ fn fused_epilogue_on_a_blocked_matmul() {
 fn oversized_tensors_are_refused_by_name() {
     let mut g = Graph::new();
     let x = g.add_input("huge_activation", vec![1 << 15, 1 << 15]); // 4 GiB of f32
-    let y = g.add(un(Unary::Neg), &[x], "y", "y").unwrap();
+    let y = g.add(un(unary::NEG), &[x], "y", "y").unwrap();
     g.outputs.push(("y".into(), y));
     let plan = codegen::plan(&g).unwrap();
     let err = match Executable::new(gpu(), &plan, &g) {
@@ -1307,7 +1303,7 @@ fn mlp() -> Graph {
         trans_b,
     };
     let h = g.add(gemm(true), &[x, w1, b1], "h", "/fc1/Gemm").unwrap();
-    let r = g.add(un(Unary::Relu), &[h], "h_relu", "/act/Relu").unwrap();
+    let r = g.add(un(unary::RELU), &[h], "h_relu", "/act/Relu").unwrap();
     let o = g
         .add(gemm(false), &[r, w2, b2], "logits", "/fc2/Gemm")
         .unwrap();

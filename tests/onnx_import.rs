@@ -1,7 +1,7 @@
 //! ONNX front end and back end: importing the test models, round trips through export, and the
 //! error paths (malformed files, dangling names, cycles, unsupported ops, external data, shapes).
 
-use dorac::ir::{AdaptedLayer, Binary, Graph, LinearKind, Method, Op, Reduce, Unary};
+use dorac::ir::{unary, AdaptedLayer, Binary, Graph, LinearKind, Method, Op, Reduce};
 use dorac::onnx::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
@@ -338,12 +338,7 @@ fn adapters_and_stop_gradient_round_trip() {
         .add(Op::StopGradient, &[mm], "sg_out", "dora/stop_gradient")
         .unwrap();
     let gelu = g
-        .add(
-            Op::Unary(Unary::Gelu { tanh: true }),
-            &[sg],
-            "gelu_out",
-            "dora/gelu",
-        )
+        .add(Op::Unary(unary::GELU_TANH), &[sg], "gelu_out", "dora/gelu")
         .unwrap();
     let r = g
         .add(
@@ -857,7 +852,7 @@ fn gelu_and_constants() {
     );
     let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
     let gelu = g.find_by_name("y").unwrap();
-    assert_eq!(g.node(gelu).op, Op::Unary(Unary::Gelu { tanh: true }));
+    assert_eq!(g.node(gelu).op, Op::Unary(unary::GELU_TANH));
     let half = g.find_by_name("half").unwrap();
     assert_eq!(g.const_tensor(half).unwrap(), &Tensor::scalar(0.5));
     // Export keeps the opset (20) and decomposes Gelu all the same.

@@ -6,7 +6,7 @@ mod common;
 
 use common::gpu;
 use dorac::codegen::{self, BufferRole, Plan, PlanOptions};
-use dorac::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use dorac::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
 use dorac::reference;
 use dorac::runtime::Executable;
 use dorac::tensor::{relative_error, Array, Tensor};
@@ -335,7 +335,7 @@ fn bad_updates_are_refused_by_the_planner() {
     let mut g = Graph::new();
     let p = g.add_input("p", vec![4]);
     let c = g.add_const("c", Tensor::f32(vec![3], vec![0.0; 3]));
-    let n = add(&mut g, Op::Unary(Unary::Neg), &[p], "n");
+    let n = add(&mut g, Op::Unary(unary::NEG), &[p], "n");
     g.outputs.push(("n".into(), n));
     g.updates = vec![(p, c)];
     let e = codegen::plan(&g).unwrap_err().to_string();
@@ -387,14 +387,14 @@ fn buffer_reuse_on_a_chain_keeps_results_exact() {
     let mut v = x;
     for i in 0..12 {
         v = match i % 3 {
-            0 => add(&mut g, Op::Unary(Unary::Tanh), &[v], &format!("t{i}")),
+            0 => add(&mut g, Op::Unary(unary::TANH), &[v], &format!("t{i}")),
             1 => add(
                 &mut g,
                 Op::Binary(Binary::Mul),
                 &[v, half],
                 &format!("m{i}"),
             ),
-            _ => add(&mut g, Op::Unary(Unary::Sigmoid), &[v], &format!("s{i}")),
+            _ => add(&mut g, Op::Unary(unary::SIGMOID), &[v], &format!("s{i}")),
         };
     }
     // A smaller value late in the chain reuses a larger allocation.
@@ -469,11 +469,11 @@ fn buffer_reuse_on_a_chain_keeps_results_exact() {
 fn buffers_read_by_state_copies_are_not_reused() {
     let mut g = Graph::new();
     let p = g.add_input("p", vec![16]);
-    let next = add(&mut g, Op::Unary(Unary::Neg), &[p], "p_next");
+    let next = add(&mut g, Op::Unary(unary::NEG), &[p], "p_next");
     // A long chain after it, whose intermediates could otherwise take next's memory.
-    let mut v = add(&mut g, Op::Unary(Unary::Exp), &[next], "e0");
+    let mut v = add(&mut g, Op::Unary(unary::EXP), &[next], "e0");
     for i in 1..6 {
-        v = add(&mut g, Op::Unary(Unary::Tanh), &[v], &format!("e{i}"));
+        v = add(&mut g, Op::Unary(unary::TANH), &[v], &format!("e{i}"));
     }
     g.outputs.push(("out".into(), v));
     g.updates.push((p, next));

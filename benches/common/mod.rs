@@ -44,7 +44,7 @@ pub fn mlp(batch: usize, width: usize, layers: usize, rng: &mut Rng) -> Graph {
             let label = format!("/layers/act{l}/Relu");
             h = g
                 .add(
-                    Op::Unary(dorac::ir::Unary::Relu),
+                    Op::Unary(dorac::ir::unary::RELU),
                     &[h],
                     &format!("{label}_output_0"),
                     &label,

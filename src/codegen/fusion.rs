@@ -117,7 +117,7 @@ fn buffer_owner(graph: &Graph, mut n: NodeId) -> NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{Binary, Unary};
+    use crate::ir::{unary, Binary};
     use crate::tensor::Tensor;
 
     /// x @ w + bias -> relu -> * scale, where `scale` is computed before or after the matmul.
@@ -127,15 +127,15 @@ mod tests {
         let w = g.add_const("w", Tensor::f32(vec![4, 5], vec![0.5; 20]));
         let bias = g.add_const("bias", Tensor::f32(vec![5], vec![1.0; 5]));
         let s_in = g.add_input("s", vec![3, 5]);
-        let early = g.add(Op::Unary(Unary::Exp), &[s_in], "early", "early");
+        let early = g.add(Op::Unary(unary::EXP), &[s_in], "early", "early");
         let early = early.unwrap();
         let mm = g.add(Op::MatMul, &[x, w], "mm", "mm").unwrap();
-        let late = g.add(Op::Unary(Unary::Exp), &[s_in], "late", "late");
+        let late = g.add(Op::Unary(unary::EXP), &[s_in], "late", "late");
         let late = late.unwrap();
         let add = g.add(Op::Binary(Binary::Add), &[mm, bias], "add", "add");
         let add = add.unwrap();
         let relu = g
-            .add(Op::Unary(Unary::Relu), &[add], "relu", "relu")
+            .add(Op::Unary(unary::RELU), &[add], "relu", "relu")
             .unwrap();
         let scale = if scale_first { early } else { late };
         let y = g.add(Op::Binary(Binary::Mul), &[relu, scale], "y", "y");
@@ -179,7 +179,7 @@ mod tests {
         assert!(gr.contains(&vec![n[3]]), "{gr:?}");
         // Two consumers.
         let (mut g, n) = chain(true);
-        let neg = g.add(Op::Unary(Unary::Neg), &[n[1]], "neg", "neg").unwrap();
+        let neg = g.add(Op::Unary(unary::NEG), &[n[1]], "neg", "neg").unwrap();
         g.outputs.push(("neg".into(), neg));
         let gr = groups(&g, true).unwrap();
         assert!(gr.contains(&vec![n[0], n[1]]), "{gr:?}");

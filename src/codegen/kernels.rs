@@ -13,7 +13,7 @@ use super::template::{self, Lib};
 use super::wgsl::{self, broadcast_index, broadcast_muls, strided_index, Binding};
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::{Binary, Graph, NodeId, Op, Reduce};
 use crate::tensor::DType;
 use crate::tensor::{numel, shape_str, strides};
 use std::collections::BTreeSet;
@@ -220,43 +220,7 @@ fn elementwise_expr(
     libs: &mut BTreeSet<Lib>,
 ) -> Result<String> {
     Ok(match op {
-        Op::Unary(u) => {
-            let x = &args[0];
-            match u {
-                Unary::Relu => format!("max({x}, 0.0)"),
-                Unary::Sigmoid => format!("1.0 / (1.0 + exp(-{x}))"),
-                Unary::Tanh => {
-                    libs.insert(Lib::Tanh);
-                    format!("tanh_f32({x})")
-                }
-                Unary::Erf => {
-                    libs.insert(Lib::Erf);
-                    format!("erf_f32({x})")
-                }
-                Unary::Gelu { tanh: false } => {
-                    // 0.5 x (1 + erf(x / sqrt 2)) written with erfc, which keeps its relative
-                    // accuracy in the left tail where 1 + erf cancels.
-                    libs.insert(Lib::Erf);
-                    format!("0.5 * {x} * erfc_f32(-{x} * 0.7071067812)")
-                }
-                Unary::Gelu { tanh: true } => {
-                    libs.insert(Lib::Tanh);
-                    format!(
-                        "0.5 * {x} * (1.0 + tanh_f32(0.7978845608 * ({x} + 0.044715 * {x} * {x} * {x})))"
-                    )
-                }
-                Unary::Sqrt => format!("sqrt({x})"),
-                Unary::Neg => format!("-{x}"),
-                Unary::Exp => format!("exp({x})"),
-                Unary::Log => format!("log({x})"),
-                Unary::Reciprocal => format!("1.0 / {x}"),
-                Unary::Not => truth(format!("{x} == 0.0")),
-                Unary::IsNaN => {
-                    libs.insert(Lib::IsNan);
-                    truth(format!("is_nan_f32({x})"))
-                }
-            }
-        }
+        Op::Unary(u) => (u.def().wgsl)(&args[0], libs),
         Op::Binary(b) => {
             let (a, c) = (&args[0], &args[1]);
             match b {
@@ -293,37 +257,7 @@ fn elementwise_expr(
             }
         }
         Op::Where => format!("select({}, {}, {} != 0.0)", args[2], args[1], args[0]),
-        Op::UnaryGrad(u) => {
-            let (x, dy) = (&args[0], &args[1]);
-            match u {
-                Unary::Relu => format!("select(0.0, 1.0, {x} > 0.0) * {dy}"),
-                Unary::Sigmoid => {
-                    libs.insert(Lib::SigmoidGrad);
-                    format!("sigmoid_grad({x}, {dy})")
-                }
-                Unary::Tanh => {
-                    libs.insert(Lib::TanhGrad);
-                    format!("tanh_grad({x}, {dy})")
-                }
-                // 2 / sqrt(pi) exp(-x^2)
-                Unary::Erf => format!("1.1283791671 * exp(-{x} * {x}) * {dy}"),
-                Unary::Gelu { tanh: false } => {
-                    libs.insert(Lib::Erf);
-                    libs.insert(Lib::GeluGrad);
-                    format!("gelu_grad({x}, {dy})")
-                }
-                Unary::Gelu { tanh: true } => {
-                    libs.insert(Lib::GeluTanhGrad);
-                    format!("gelu_tanh_grad({x}, {dy})")
-                }
-                Unary::Sqrt => format!("0.5 / sqrt({x}) * {dy}"),
-                Unary::Neg => format!("-{dy}"),
-                Unary::Exp => format!("exp({x}) * {dy}"),
-                Unary::Log => format!("{dy} / {x}"),
-                Unary::Reciprocal => format!("-{dy} / ({x} * {x})"),
-                Unary::Not | Unary::IsNaN => format!("0.0 * {dy}"),
-            }
-        }
+        Op::UnaryGrad(u) => (u.def().wgsl_grad)(&args[0], &args[1], libs),
         // The broadcast is in the operand's load; the value passes through.
         Op::Expand { .. } => args[0].clone(),
         other => {
@@ -339,8 +273,7 @@ fn elementwise_expr(
 /// spelt out (`sigmoid_grad`).
 fn op_title(op: &Op) -> String {
     match op {
-        Op::UnaryGrad(Unary::Gelu { tanh: true }) => "gelu_tanh_grad".into(),
-        Op::UnaryGrad(u) => format!("{}_grad", Op::Unary(*u).name()),
+        Op::UnaryGrad(u) => format!("{}_grad", u.name()),
         op => op.name().to_string(),
     }
 }

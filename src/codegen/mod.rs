@@ -21,7 +21,7 @@
 mod fusion;
 mod kernels;
 mod schedule;
-mod template;
+pub(crate) mod template;
 mod wgsl;
 
 use crate::error::{Error, Result};
@@ -628,7 +628,7 @@ fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{Binary, Unary};
+    use crate::ir::{unary, Binary};
     use crate::tensor::Tensor;
 
     fn sample() -> (Graph, Vec<NodeId>) {
@@ -642,7 +642,7 @@ mod tests {
         let add = g
             .add(Op::Binary(Binary::Add), &[mm, bias], "add", "add")
             .unwrap();
-        let relu = g.add(Op::Unary(Unary::Relu), &[add], "h", "relu").unwrap();
+        let relu = g.add(Op::Unary(unary::RELU), &[add], "h", "relu").unwrap();
         let r = g
             .add(Op::Reshape { shape: vec![15] }, &[relu], "y", "flatten")
             .unwrap();
@@ -709,11 +709,11 @@ mod tests {
     fn chains_reuse_memory_and_state_copies_are_planned() {
         let mut g = Graph::new();
         let p = g.add_input("p", vec![8]);
-        let next = g.add(Op::Unary(Unary::Neg), &[p], "next", "next").unwrap();
+        let next = g.add(Op::Unary(unary::NEG), &[p], "next", "next").unwrap();
         let mut v = next;
         for i in 0..4 {
             v = g
-                .add(Op::Unary(Unary::Exp), &[v], &format!("e{i}"), "e")
+                .add(Op::Unary(unary::EXP), &[v], &format!("e{i}"), "e")
                 .unwrap();
         }
         let small = g
@@ -731,7 +731,7 @@ mod tests {
                 "s",
             )
             .unwrap();
-        let y = g.add(Op::Unary(Unary::Relu), &[s], "y", "y").unwrap();
+        let y = g.add(Op::Unary(unary::RELU), &[s], "y", "y").unwrap();
         g.outputs.push(("y".into(), y));
         g.updates.push((p, next));
         // Unfused, so that the chain's intermediates get buffers to reuse.

@@ -32,7 +32,6 @@ impl fmt::Display for Graph {
                 Op::Reduce { axes, keepdims, .. } => format!(" axes={axes:?} keepdims={keepdims}"),
                 Op::LayerNorm { axis, epsilon } => format!(" axis={axis} eps={epsilon}"),
                 Op::Softmax { axis } => format!(" axis={axis}"),
-                Op::Unary(crate::ir::Unary::Gelu { tanh: true }) => " approximate=tanh".into(),
                 Op::Cast { to } => format!(" to={}", to.name()),
                 Op::Gather { axis } | Op::GatherElements { axis } | Op::Concat { axis } => {
                     format!(" axis={axis}")

@@ -10,6 +10,7 @@ pub use dump::to_dot;
 pub mod op;
 pub mod patch;
 
+pub use crate::ops::unary;
 pub use op::{Binary, Op, Reduce, Unary};
 pub use patch::{rewrite, Patch, PatchOps, PatchRef, Rule};
 

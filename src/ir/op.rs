@@ -10,34 +10,7 @@ use crate::tensor::{shape_str, DType, Tensor};
 /// buffers, WebGPU's guaranteed minimum. The importer splits longer concatenations into a tree.
 pub const MAX_CONCAT_INPUTS: usize = 7;
 
-/// Element-wise functions of one input.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Unary {
-    Relu,
-    Sigmoid,
-    Tanh,
-    Erf,
-    /// ONNX Gelu; `tanh` selects the tanh approximation.
-    Gelu {
-        tanh: bool,
-    },
-    Sqrt,
-    Neg,
-    Exp,
-    Log,
-    Reciprocal,
-    /// Logical not of a bool (0/1) value.
-    Not,
-    /// 1 where the input is NaN, else 0 (a bool).
-    IsNaN,
-}
-
-impl Unary {
-    /// Functions whose result is a bool whatever the input type.
-    pub fn is_predicate(self) -> bool {
-        matches!(self, Unary::Not | Unary::IsNaN)
-    }
-}
+pub use crate::ops::Unary;
 
 /// What a reduction computes over its axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,20 +167,7 @@ impl Op {
             Op::Const(_) => "const",
             Op::MatMul => "matmul",
             Op::Gemm { .. } => "gemm",
-            Op::Unary(u) => match u {
-                Unary::Relu => "relu",
-                Unary::Sigmoid => "sigmoid",
-                Unary::Tanh => "tanh",
-                Unary::Erf => "erf",
-                Unary::Gelu { .. } => "gelu",
-                Unary::Sqrt => "sqrt",
-                Unary::Neg => "neg",
-                Unary::Exp => "exp",
-                Unary::Log => "log",
-                Unary::Reciprocal => "reciprocal",
-                Unary::Not => "not",
-                Unary::IsNaN => "is_nan",
-            },
+            Op::Unary(u) => u.name(),
             Op::Binary(b) => match b {
                 Binary::Add => "add",
                 Binary::Sub => "sub",

@@ -19,7 +19,7 @@ use super::proto::{
     AttributeProto, ModelProto, NodeProto, TensorProto,
 };
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
 use crate::tensor::{DType, Tensor};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -353,11 +353,19 @@ impl Exporter<'_> {
                     attr_int("transB", *trans_b as i64),
                 ],
             ),
-            Op::Unary(Unary::Gelu { tanh }) => {
-                self.gelu(&ins[0], &out, label, *tanh);
+            Op::Unary(u) if *u == unary::GELU || *u == unary::GELU_TANH => {
+                self.gelu(&ins[0], &out, label, *u == unary::GELU_TANH);
                 return Ok(());
             }
-            Op::Unary(u) => (unary_type(*u), vec![]),
+            Op::Unary(u) => match u.def().onnx {
+                Some(op_type) => (op_type, vec![]),
+                None => {
+                    return Err(Error::Graph(format!(
+                        "{} has no ONNX form (exporter bug)",
+                        u.name()
+                    )))
+                }
+            },
             Op::Binary(b) => (binary_type(*b), vec![]),
             Op::Identity => ("Identity", vec![]),
             Op::StopGradient => {
@@ -517,23 +525,6 @@ impl Exporter<'_> {
         let p = step(self, "Add", vec![inner, one], "plus1");
         let m = step(self, "Mul", vec![x.into(), p], "mul");
         self.node("Mul", vec![m, half], out.to_string(), label, vec![]);
-    }
-}
-
-fn unary_type(u: Unary) -> &'static str {
-    match u {
-        Unary::Relu => "Relu",
-        Unary::Sigmoid => "Sigmoid",
-        Unary::Tanh => "Tanh",
-        Unary::Erf => "Erf",
-        Unary::Gelu { .. } => "Gelu",
-        Unary::Sqrt => "Sqrt",
-        Unary::Neg => "Neg",
-        Unary::Exp => "Exp",
-        Unary::Log => "Log",
-        Unary::Reciprocal => "Reciprocal",
-        Unary::Not => "Not",
-        Unary::IsNaN => "IsNaN",
     }
 }
 

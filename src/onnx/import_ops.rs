@@ -28,7 +28,7 @@ mod shape;
 use super::data;
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::reference::eval_typed;
 use crate::tensor::{shape_str, Array, DType, Tensor};
 use std::cell::{Cell, RefCell};
@@ -38,7 +38,7 @@ use std::path::Path;
 /// How an ONNX op type is imported.
 #[derive(Clone, Copy)]
 pub enum Rule {
-    /// An element-wise op of one input without attributes.
+    /// An element-wise op of one input without attributes (from `ops::unary`).
     Unary(Unary),
     /// An element-wise op of two inputs (numpy broadcasting) without attributes.
     Binary(Binary),
@@ -60,22 +60,11 @@ pub const OPS: &[(&str, Rule)] = &[
     ("GreaterOrEqual", Rule::Build(logic::greater_or_equal)),
     ("And", Rule::Binary(Binary::And)),
     ("Or", Rule::Binary(Binary::Or)),
-    ("Not", Rule::Unary(Unary::Not)),
-    ("IsNaN", Rule::Unary(Unary::IsNaN)),
     ("Max", Rule::Build(logic::max)),
     ("Min", Rule::Build(logic::min)),
     ("Clip", Rule::Build(logic::clip)),
     ("Cast", Rule::Build(logic::cast)),
     ("Where", Rule::Build(logic::where_)),
-    ("Relu", Rule::Unary(Unary::Relu)),
-    ("Sigmoid", Rule::Unary(Unary::Sigmoid)),
-    ("Tanh", Rule::Unary(Unary::Tanh)),
-    ("Erf", Rule::Unary(Unary::Erf)),
-    ("Sqrt", Rule::Unary(Unary::Sqrt)),
-    ("Neg", Rule::Unary(Unary::Neg)),
-    ("Exp", Rule::Unary(Unary::Exp)),
-    ("Log", Rule::Unary(Unary::Log)),
-    ("Reciprocal", Rule::Unary(Unary::Reciprocal)),
     ("Gelu", Rule::Build(gelu)),
     ("MatMul", Rule::Build(matmul)),
     ("Gemm", Rule::Build(gemm)),
@@ -109,9 +98,21 @@ pub const OPS: &[(&str, Rule)] = &[
 /// of any other op only the first output may be used.
 pub const MULTI_OUTPUT: &[&str] = &["Split"];
 
-/// The rule for an op type of the default domain, or None when dorac does not support it.
+/// The rule for an op type of the default domain, or None when dorac does not support it: an
+/// entry of [`OPS`], or a function of `ops::unary` by its ONNX name.
 pub fn rule(op_type: &str) -> Option<Rule> {
-    OPS.iter().find(|(t, _)| *t == op_type).map(|(_, r)| *r)
+    OPS.iter()
+        .find(|(t, _)| *t == op_type)
+        .map(|(_, r)| *r)
+        .or_else(|| Unary::from_onnx(op_type).map(Rule::Unary))
+}
+
+/// Every ONNX op type dorac imports, sorted.
+pub fn supported_ops() -> Vec<&'static str> {
+    let mut all: Vec<&str> = OPS.iter().map(|(t, _)| *t).collect();
+    all.extend(unary::ALL.iter().filter_map(|u| u.def().onnx));
+    all.sort_unstable();
+    all
 }
 
 /// Builds the IR for one node (whose op type has a rule), then checks that the builder read
@@ -496,7 +497,8 @@ fn gelu(cx: &mut Ctx) -> Result<NodeId> {
             )))
         }
     };
-    cx.add(Op::Unary(Unary::Gelu { tanh }), &[x])
+    let f = if tanh { unary::GELU_TANH } else { unary::GELU };
+    cx.add(Op::Unary(f), &[x])
 }
 
 fn identity(cx: &mut Ctx) -> Result<NodeId> {

@@ -15,8 +15,8 @@
 
 use crate::error::{Error, Result};
 use crate::ir::{
-    rewrite, AdaptedLayer, Binary, Graph, LinearKind, Method, NodeId, Op, Patch, PatchOps,
-    PatchRef, Reduce, Rule, Unary,
+    rewrite, unary, AdaptedLayer, Binary, Graph, LinearKind, Method, NodeId, Op, Patch, PatchOps,
+    PatchRef, Reduce, Rule,
 };
 use crate::passes::linear::LinearLayer;
 use crate::tensor::{shape_str, Rng, Tensor};
@@ -254,13 +254,13 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
         let n_sq = p.add(add, &[n_sq, quad_s], &name("norm_sq"), &label("norm_sq"))?;
         // Rounding can push n² slightly below zero: clamp, as dora-math.md says.
         let n_sq = p.add(
-            Op::Unary(Unary::Relu),
+            Op::Unary(unary::RELU),
             &[n_sq],
             &name("norm_sq_clamped"),
             &label("norm_sq_clamped"),
         )?;
         let norm = p.add(
-            Op::Unary(Unary::Sqrt),
+            Op::Unary(unary::SQRT),
             &[n_sq],
             &name("norm"),
             &label("norm"),

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, Op, Reduce, Unary};
+use crate::ir::{Binary, Op, Reduce};
 use crate::tensor::{numel, strides, Array, DType};
 
 /// Evaluates one op on its input values.
@@ -24,7 +24,7 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
             trans_b,
         } => gemm(args, *alpha as f64, *beta as f64, *trans_a, *trans_b),
         Op::Unary(u) => {
-            let f = unary_fn(*u);
+            let f = u.def().eval;
             Array::new(out_shape, args[0].data.iter().map(|&x| f(x)).collect())
         }
         Op::Binary(b) => {
@@ -52,7 +52,7 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
             Array::new(out_shape, data)
         }
         Op::UnaryGrad(u) => {
-            let d = unary_derivative(*u);
+            let d = u.def().derivative;
             let data = args[0]
                 .data
                 .iter()
@@ -227,58 +227,6 @@ fn gather_nd(data: &Array, idx: &Array, b: usize, out_shape: Vec<usize>) -> Arra
         })
         .collect();
     Array::new(out_shape, out)
-}
-
-pub fn unary_fn(u: Unary) -> fn(f64) -> f64 {
-    match u {
-        Unary::Relu => |x| x.max(0.0),
-        Unary::Sigmoid => |x| 1.0 / (1.0 + (-x).exp()),
-        Unary::Tanh => f64::tanh,
-        Unary::Erf => libm::erf,
-        Unary::Gelu { tanh: false } => {
-            |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
-        }
-        Unary::Gelu { tanh: true } => |x| {
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-        },
-        Unary::Sqrt => f64::sqrt,
-        Unary::Neg => |x| -x,
-        Unary::Exp => f64::exp,
-        Unary::Log => f64::ln,
-        Unary::Reciprocal => |x| 1.0 / x,
-        Unary::Not => |x| truth(x == 0.0),
-        Unary::IsNaN => |x| truth(x.is_nan()),
-    }
-}
-
-/// f'(x) for each unary function.
-pub fn unary_derivative(u: Unary) -> fn(f64) -> f64 {
-    use std::f64::consts::{PI, SQRT_2};
-    match u {
-        Unary::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
-        Unary::Sigmoid => |x| {
-            let s = 1.0 / (1.0 + (-x).exp());
-            s * (1.0 - s)
-        },
-        Unary::Tanh => |x| 1.0 - x.tanh().powi(2),
-        Unary::Erf => |x| 2.0 / PI.sqrt() * (-x * x).exp(),
-        Unary::Gelu { tanh: false } => {
-            |x| 0.5 * (1.0 + libm::erf(x / SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * PI).sqrt()
-        }
-        Unary::Gelu { tanh: true } => |x| {
-            let c = (2.0 / PI).sqrt();
-            let t = (c * (x + 0.044715 * x * x * x)).tanh();
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
-        },
-        Unary::Sqrt => |x| 0.5 / x.sqrt(),
-        Unary::Neg => |_| -1.0,
-        Unary::Exp => f64::exp,
-        Unary::Log => |x| 1.0 / x,
-        Unary::Reciprocal => |x| -1.0 / (x * x),
-        // Piecewise constant: no gradient flows through a predicate.
-        Unary::Not | Unary::IsNaN => |_| 0.0,
-    }
 }
 
 /// Mean softmax cross-entropy, and (when `dloss` is given) its gradient w.r.t. the logits.

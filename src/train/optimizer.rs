@@ -6,7 +6,7 @@
 //! relative to `1 - 0.999`).
 
 use crate::error::Result;
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
 use crate::tensor::Tensor;
 
 /// Hyperparameters (PyTorch's defaults except the learning rate).
@@ -144,7 +144,7 @@ pub fn append(
         }
         if let Some(total) = total {
             let norm = graph.add(
-                Op::Unary(Unary::Sqrt),
+                Op::Unary(unary::SQRT),
                 &[total],
                 "optim/grad_norm",
                 "/optim/grad_norm",
@@ -170,7 +170,7 @@ pub fn append(
                 "/optim/clip_short",
             )?;
             let excess = graph.add(
-                Op::Unary(Unary::Relu),
+                Op::Unary(unary::RELU),
                 &[short],
                 "optim/clip_excess",
                 "/optim/clip_excess",
@@ -216,7 +216,7 @@ pub fn append(
         // p' = p (1 - lr wd) - step_size * m' / (sqrt(v') / sqrt(bc2) + eps)
         let decayed = bin(graph, Binary::Mul, p, keep, "decayed")?;
         let root = graph.add(
-            Op::Unary(Unary::Sqrt),
+            Op::Unary(unary::SQRT),
             &[v_next],
             &tag("sqrt_v"),
             &label("sqrt_v"),

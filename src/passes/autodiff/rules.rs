@@ -5,7 +5,7 @@
 use super::Builder;
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, NodeId, Op, Reduce, Unary};
+use crate::ir::{unary, Binary, NodeId, Op, Reduce};
 use crate::tensor::{numel, DType};
 
 type Grads = Vec<Option<NodeId>>;
@@ -258,7 +258,7 @@ fn binary(
         Binary::Sub => {
             out[0] = Some(dy);
             if wanted[1] {
-                out[1] = Some(b.add(Op::Unary(Unary::Neg), &[dy], n, "neg")?);
+                out[1] = Some(b.add(Op::Unary(unary::NEG), &[dy], n, "neg")?);
             }
         }
         Binary::Mul => {
@@ -277,7 +277,7 @@ fn binary(
                 // d(x/y)/dy = -(x/y)/y
                 let q = b.binary(Binary::Div, n, y, n, "q_over_y")?;
                 let t = b.binary(Binary::Mul, dy, q, n, "dy_q")?;
-                out[1] = Some(b.add(Op::Unary(Unary::Neg), &[t], n, "dy")?);
+                out[1] = Some(b.add(Op::Unary(unary::NEG), &[t], n, "dy")?);
             }
         }
         Binary::Pow => {
@@ -291,7 +291,7 @@ fn binary(
             }
             if wanted[1] {
                 // x^y * ln x
-                let ln = b.add(Op::Unary(Unary::Log), &[x], n, "ln")?;
+                let ln = b.add(Op::Unary(unary::LOG), &[x], n, "ln")?;
                 let d = b.binary(Binary::Mul, n, ln, n, "deriv_exp")?;
                 out[1] = Some(b.binary(Binary::Mul, dy, d, n, "dy")?);
             }
@@ -470,8 +470,8 @@ fn layer_norm(
     let var = mean_of(b, sq, "var")?;
     let e = b.scalar(eps as f64, n, "eps");
     let ve = b.binary(Binary::Add, var, e, n, "var_eps")?;
-    let sd = b.add(Op::Unary(Unary::Sqrt), &[ve], n, "std")?;
-    let rstd = b.add(Op::Unary(Unary::Reciprocal), &[sd], n, "rstd")?;
+    let sd = b.add(Op::Unary(unary::SQRT), &[ve], n, "std")?;
+    let rstd = b.add(Op::Unary(unary::RECIPROCAL), &[sd], n, "rstd")?;
     let xhat = b.binary(Binary::Mul, xc, rstd, n, "xhat")?;
     let mut out = vec![None; ins.len()];
     if wanted[0] {
