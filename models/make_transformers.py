@@ -68,7 +68,7 @@ KNOWN_OPS = set("""
 LayerNormalization Softmax Gather Shape Unsqueeze Squeeze Concat Slice Split Where Equal Less LessOrEqual
 Greater GreaterOrEqual And Not IsNaN Cast Expand ConstantOfShape Range ReduceMean ReduceSum Max Min Neg Exp
 Log Reciprocal Clip GatherElements GatherND Trilu MatMul Gemm Add Sub Mul Div Pow Relu Sigmoid Tanh Erf Gelu
-Sqrt Identity Constant Reshape Transpose Flatten
+Sqrt Identity Constant Reshape Transpose Flatten Sin Cos Abs
 """.split())
 
 
@@ -216,8 +216,9 @@ def export(model, feeds, input_names, dynamic_out, path, variant):
                 kw["dynamic_axes"] = {**{n: {0: "batch", 1: "seq"} for n in input_names}, "logits": dynamic_out}
             torch.onnx.export(model, args, str(path), **common, **kw)
         else:
-            assert variant == "dynamo_op18"
-            torch.onnx.export(model, args, str(path), dynamo=True, opset_version=18, external_data=False, **common)
+            assert variant.startswith("dynamo_op"), variant
+            opset = int(variant.removeprefix("dynamo_op"))
+            torch.onnx.export(model, args, str(path), dynamo=True, opset_version=opset, external_data=False, **common)
     assert not path.with_name(path.name + ".data").exists()
 
 
@@ -467,7 +468,7 @@ def make_one(name, spec):
     y_same, y_shape = torch_logits(base, alt_same), torch_logits(base, alt_shape)
 
     summary = {}
-    for variant in VARIANTS:
+    for variant in spec.get("variants", VARIANTS):
         path = folder / f"{variant}.onnx"
         export(exp, feeds, spec["input_names"], spec["dynamic_out"], path, variant)
         info = describe(path, base)

@@ -13,12 +13,30 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 const TOL: f64 = 1e-4;
-const VARIANTS: [&str; 4] = [
-    "legacy_op14",
-    "legacy_op17",
-    "legacy_op17_dynamic",
-    "dynamo_op18",
+/// Decoder projections as PEFT names them in Llama, Qwen2 and Mistral.
+const DECODER_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
+
+/// The exported variants of a model folder: every `<variant>.onnx` beside its onnxruntime golden.
+fn variants(model: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(models_dir().join(model))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            name.strip_suffix(".ort.safetensors").map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    assert!(out.len() >= 4, "{model}: variants {out:?}");
+    out
+}
 
 fn import(path: &Path, inputs: &BTreeMap<String, Array>) -> Graph {
     let proto = dorac::onnx::load_model(path).unwrap();
@@ -55,14 +73,17 @@ fn gpu_out(g: &Graph, inputs: &BTreeMap<String, Array>) -> BTreeMap<String, Arra
 
 #[test]
 fn transformers_rewrite_adapt_and_merge() {
-    for (model, targets) in [
-        ("bert_tiny", vec!["query", "value"]),
-        ("gpt2_tiny", vec!["c_attn", "c_proj", "c_fc"]),
+    for (model, targets, expected_layers) in [
+        ("bert_tiny", &["query", "value"][..], 4),
+        ("gpt2_tiny", &["c_attn", "c_proj", "c_fc"][..], 8),
+        ("llama_tiny", &DECODER_TARGETS[..], 14),
+        ("qwen2_tiny", &DECODER_TARGETS[..], 14),
+        ("mistral_tiny", &DECODER_TARGETS[..], 14),
     ] {
         let dir = models_dir().join(model);
         let inputs = read(model, "inputs.safetensors");
         let peft = read(model, "peft_dora_outputs.safetensors");
-        for variant in VARIANTS {
+        for variant in variants(model) {
             let tag = format!("{model}/{variant}");
             let ort = read(model, &format!("{variant}.ort.safetensors"));
             let base = import(&dir.join(format!("{variant}.onnx")), &inputs);
@@ -82,7 +103,6 @@ fn transformers_rewrite_adapt_and_merge() {
                     init: AdapterInit::Peft { seed: 1 },
                 })
                 .collect();
-            let expected_layers = if model == "bert_tiny" { 4 } else { 8 };
             assert_eq!(
                 specs.len(),
                 expected_layers,
@@ -132,4 +152,32 @@ fn external_weights_are_memory_mapped_and_run() {
     let ort = read("bert_tiny", "legacy_op17.ort.safetensors");
     let e = rel(&gpu_out(&g, &inputs), &ort, "logits");
     assert!(e < TOL, "external-data BERT vs onnxruntime {e:e}");
+}
+
+/// A PEFT adapter made on the Hugging Face model applies to an export of that model inside a
+/// wrapper module (every module path prefixed `m.`), legacy and torch.export-based: adapter
+/// names find the export's modules by a unique suffix, as PEFT's `target_modules` do.
+#[test]
+fn peft_adapter_applies_to_a_wrapped_export() {
+    let dir = models_dir().join("llama_tiny");
+    let inputs = read("llama_tiny", "inputs.safetensors");
+    let peft = read("llama_tiny", "peft_dora_outputs.safetensors");
+    let adapter = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
+    for variant in ["legacy_op17", "dynamo_op20"] {
+        let ort = read("llama_tiny", &format!("wrapped/{variant}.ort.safetensors"));
+        let mut g = import(&dir.join(format!("wrapped/{variant}.onnx")), &inputs);
+        let modules: Vec<String> = find_linear_layers(&g)
+            .into_iter()
+            .map(|l| l.module)
+            .collect();
+        assert!(
+            modules.contains(&"m.model.layers.0.self_attn.q_proj".to_string()),
+            "{variant}: {modules:?}"
+        );
+        let e_base = rel(&gpu_out(&g, &inputs), &ort, "logits");
+        assert!(e_base < TOL, "wrapped {variant} vs onnxruntime {e_base:e}");
+        assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), 14);
+        let e = rel(&gpu_out(&g, &inputs), &peft, "logits");
+        assert!(e < TOL, "wrapped {variant} + PEFT adapter vs PEFT {e:e}");
+    }
 }

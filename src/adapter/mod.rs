@@ -4,7 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Method, Op};
-use crate::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
+use crate::passes::{
+    find_linear_layers, insert_adapters, resolve_module, AdapterInit, AdapterSpec, ModuleMatch,
+};
 use crate::tensor::{shape_str, Array, Tensor};
 use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
 use serde_json::{json, Value};
@@ -194,13 +196,18 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         return replace_tensors(graph, adapter);
     }
     let layers = find_linear_layers(graph);
+    let names: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
     let mut specs = vec![];
-    let mut unknown = vec![];
+    let mut problems = vec![];
     for (module, t) in &adapter.layers {
-        let Some(layer) = layers.iter().find(|l| &l.module == module) else {
-            unknown.push(module.clone());
-            continue;
+        let found = match find_module(module, &names) {
+            Ok(found) => found,
+            Err(why) => {
+                problems.push(why);
+                continue;
+            }
         };
+        let layer = layers.iter().find(|l| l.module == found).unwrap();
         specs.push(AdapterSpec {
             layer: layer.clone(),
             method: cfg.method(),
@@ -214,25 +221,50 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             },
         });
     }
-    if !unknown.is_empty() {
-        let known: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
+    if !problems.is_empty() {
         return Err(Error::Input(format!(
-            "the adapter names modules the model does not have: {} (the model's linear layers: {})",
-            unknown.join(", "),
-            known.join(", ")
+            "the adapter's modules do not all match the model's linear layers: {} (the model's: {})",
+            problems.join("; "),
+            names.join(", ")
         )));
     }
     insert_adapters(graph, specs)
 }
 
+/// The model module an adapter's module name stands for (see [`resolve_module`]), or why none.
+fn find_module(module: &str, names: &[&str]) -> std::result::Result<String, String> {
+    match resolve_module(module, names) {
+        ModuleMatch::Found(m) => Ok(m.to_string()),
+        ModuleMatch::Ambiguous(all) => Err(format!(
+            "module '{module}' matches several of the model's ({}); name one in full",
+            all.join(", ")
+        )),
+        ModuleMatch::Missing(close) if close.is_empty() => {
+            Err(format!("module '{module}' is not in the model"))
+        }
+        ModuleMatch::Missing(close) => Err(format!(
+            "module '{module}' is not in the model (closest: {})",
+            close.join(", ")
+        )),
+    }
+}
+
 fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     let mut count = 0;
     for (module, t) in &adapter.layers {
-        let Some(layer) = graph.adapters.iter().find(|a| &a.module == module).cloned() else {
-            return Err(Error::Input(format!(
-                "the adapter names module '{module}', which has no adapter in this model"
-            )));
-        };
+        let names: Vec<&str> = graph.adapters.iter().map(|a| a.module.as_str()).collect();
+        let found = find_module(module, &names).map_err(|why| {
+            Error::Input(format!(
+                "{why}, among the modules that have an adapter in this model ({})",
+                names.join(", ")
+            ))
+        })?;
+        let layer = graph
+            .adapters
+            .iter()
+            .find(|a| a.module == found)
+            .cloned()
+            .unwrap();
         if (layer.method == Method::Dora) != adapter.config.use_dora {
             return Err(Error::Input(format!(
                 "module '{module}': the model's adapter is {}, the given one is {}",

@@ -72,8 +72,46 @@ fn list_str(s: &[usize]) -> String {
     )
 }
 
-/// The label of a node: its name, or its first output for an unnamed node.
+/// The label of a node: its name, or its first output for an unnamed node. A MatMul or Gemm
+/// that the torch.export-based exporter wrote (named `node_linear_3`, its weight `val_47`) gets
+/// the module path it recorded in `metadata_props` as a scope, `/<module>/node_linear_3`, the
+/// form the legacy exporter gives its node names, so that `passes::linear` finds PEFT's module
+/// name in either export.
 fn node_label(n: &NodeProto) -> String {
+    let plain = plain_label(n);
+    if matches!(n.op_type(), "MatMul" | "Gemm") && !plain.starts_with('/') {
+        if let Some(module) = exported_module(n) {
+            return format!("/{module}/{plain}");
+        }
+    }
+    plain
+}
+
+/// The module path of a node of the torch.export-based exporter: the last-but-one entry of its
+/// `pkg.torch.onnx.name_scopes` (a Python list literal: the module scopes from the root, then
+/// the op), or None at the top level or without the entry.
+fn exported_module(n: &NodeProto) -> Option<String> {
+    let scopes = n
+        .metadata_props
+        .iter()
+        .find(|p| p.key() == "pkg.torch.onnx.name_scopes")?
+        .value();
+    let entries: Vec<&str> = scopes
+        .trim()
+        .strip_prefix('[')?
+        .strip_suffix(']')?
+        .split(',')
+        .map(|e| e.trim().trim_matches(|c| c == '\'' || c == '"'))
+        .collect();
+    let module = entries.len().checked_sub(2).map(|i| entries[i])?;
+    let valid = !module.is_empty()
+        && module
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '.' || c == '_');
+    valid.then(|| module.to_string())
+}
+
+fn plain_label(n: &NodeProto) -> String {
     match n.name() {
         "" => n
             .output

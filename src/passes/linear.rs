@@ -143,9 +143,84 @@ pub fn matches_target(module: &str, pattern: &str) -> bool {
     module == pattern || module.ends_with(&format!(".{pattern}"))
 }
 
+/// How an adapter's module name finds one of the model's: PEFT's `target_modules` rule
+/// applied to a single name. The whole name, or else the one model module that ends with it at a
+/// `.` boundary: an export that wraps the Hugging Face model in a module prefixes every path
+/// (`m.transformer.layer.0.attention.q_lin` for PEFT's `transformer.layer.0.attention.q_lin`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ModuleMatch<'a> {
+    Found(&'a str),
+    /// Several model modules end with the name; listed for the error message.
+    Ambiguous(Vec<&'a str>),
+    /// None does; the closest names (sharing the longest suffix), for the error message.
+    Missing(Vec<&'a str>),
+}
+
+pub fn resolve_module<'a>(name: &str, modules: &[&'a str]) -> ModuleMatch<'a> {
+    if let Some(m) = modules.iter().find(|m| **m == name) {
+        return ModuleMatch::Found(m);
+    }
+    let by_suffix: Vec<&str> = modules
+        .iter()
+        .copied()
+        .filter(|m| matches_target(m, name))
+        .collect();
+    match by_suffix.len() {
+        1 => ModuleMatch::Found(by_suffix[0]),
+        0 => {
+            let shared = |m: &str| {
+                m.bytes()
+                    .rev()
+                    .zip(name.bytes().rev())
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            };
+            let best = modules.iter().map(|m| shared(m)).max().unwrap_or(0);
+            let close = modules
+                .iter()
+                .copied()
+                .filter(|m| best > 0 && shared(m) == best)
+                .take(3)
+                .collect();
+            ModuleMatch::Missing(close)
+        }
+        _ => ModuleMatch::Ambiguous(by_suffix),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adapter_names_find_wrapped_modules_by_a_unique_suffix() {
+        let model = [
+            "m.transformer.layer.0.attention.q_lin",
+            "m.transformer.layer.1.attention.q_lin",
+            "m.classifier",
+        ];
+        assert_eq!(
+            resolve_module("transformer.layer.0.attention.q_lin", &model),
+            ModuleMatch::Found("m.transformer.layer.0.attention.q_lin")
+        );
+        assert_eq!(
+            resolve_module("m.classifier", &model),
+            ModuleMatch::Found("m.classifier")
+        );
+        assert_eq!(
+            resolve_module("attention.q_lin", &model),
+            ModuleMatch::Ambiguous(vec![model[0], model[1]])
+        );
+        // Not at a component boundary.
+        assert!(matches!(
+            resolve_module("lassifier", &model),
+            ModuleMatch::Missing(_)
+        ));
+        assert_eq!(
+            resolve_module("transformer.layer.2.attention.q_lin", &model),
+            ModuleMatch::Missing(vec![model[0], model[1]])
+        );
+    }
 
     #[test]
     fn scope_names_follow_pytorch_module_paths() {

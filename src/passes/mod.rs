@@ -15,5 +15,5 @@ pub mod merge;
 
 pub use adapter_insert::{insert_adapters, AdapterInit, AdapterSpec};
 pub use fold::fold_constants;
-pub use linear::{find_linear_layers, matches_target, LinearLayer};
+pub use linear::{find_linear_layers, matches_target, resolve_module, LinearLayer, ModuleMatch};
 pub use merge::merge_adapters;
