@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Training golden for the tiny GPT-2: one AdamW step of PEFT DoRA with the causal LM loss, float64.
+"""Training goldens for the tiny GPT-2 and Llama: one AdamW step of PEFT DoRA with the causal LM
+loss, float64.
 
-Run from the repository root, after make_transformers.py (it reads gpt2_tiny's inputs and adapter
-and changes none of them):
+Run from the repository root, after make_transformers.py and make_decoders.py (it reads each
+model's inputs and adapter and changes none of them):
 
-    /work/pyenv/bin/python models/make_transformer_goldens.py
+    /work/pyenv/bin/python models/make_transformer_goldens.py [gpt2_tiny|llama_tiny ...]
 
-It writes models/gpt2_tiny/train/:
+(all models without arguments). It writes models/<model>/train/ (described here for gpt2_tiny;
+llama_tiny's is the same with its 14 nn.Linear projections, W0 = weight.T):
 
     data.safetensors     "input_ids" int64 [2, 16] (= ../inputs.safetensors), "labels" int64 [2, 16]
                          (= input_ids: the loss shifts internally)
@@ -50,11 +52,27 @@ sys.path.insert(0, str(MODELS_DIR))
 import make_transformers  # noqa: E402
 
 DTYPE = torch.float64
-FOLDER = MODELS_DIR / "gpt2_tiny"
+import make_decoders  # noqa: E402
+
+# Per model: how to rebuild the float32 base, whether its adapted layers are GPT-2's Conv1D
+# (weight stored [in, out], fan_in_fan_out), how many modules PEFT adapts, the exported variants.
+CASES = {
+    "gpt2_tiny": dict(build=make_transformers.build_gpt2, conv1d=True, n_modules=8,
+                      onnx=["legacy_op14", "legacy_op17", "legacy_op17_dynamic", "dynamo_op18"]),
+    "llama_tiny": dict(build=make_decoders.MODELS["llama_tiny"]["build"], conv1d=False, n_modules=14,
+                       onnx=["legacy_op14", "legacy_op17", "legacy_op17_dynamic", "dynamo_op20"]),
+}
+FOLDER = None  # models/<model>, set per case by main
+CASE = None
 OPT = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 EXACT_TOL = 1e-12
 FD_H = 1e-6
 FD_TOL = 1e-8
+# transformers' Llama computes RMSNorm and the attention softmax in float32 even in a float64
+# model, so its loss carries float32 rounding (~1e-7 relative, far under the tests' 1e-4): finite
+# differences need a wider step there and are a sanity check only.
+FD_F32_H = 1e-3
+FD_F32_TOL = 2e-3
 
 
 def check(cond, msg):
@@ -102,7 +120,7 @@ def trainable(model):
                 break
         else:
             raise RuntimeError(f"unexpected trainable parameter {n}")
-    check(len(out) == 3 * len(mods) == 24, f"{len(out)} trainable tensors in {len(mods)} modules")
+    check(len(out) == 3 * len(mods) == 3 * CASE["n_modules"], f"{len(out)} trainable tensors in {len(mods)} modules")
     return out, mods
 
 
@@ -129,18 +147,42 @@ def lm_loss_by_hand(logits, ids):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="mean")
 
 
+def check_base_against_ort(base):
+    """For exports whose weights are anonymous (transposed): the rebuilt model gives the ORT golden."""
+    ids = load_file(str(FOLDER / "inputs.safetensors"))["input_ids"]
+    ort_out = load_file(str(FOLDER / "legacy_op17.ort.safetensors"))["logits"]
+    with torch.no_grad():
+        e = (base(input_ids=ids).logits - ort_out).abs().max().item()
+    check(e < 1e-5, f"rebuilt base vs legacy_op17.ort.safetensors: {e:.3e}")
+    print(f"  rebuilt base vs onnxruntime on legacy_op17.onnx: max abs {e:.1e}")
+
+
 def main():
     import peft
 
+    global FOLDER, CASE
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, peft {peft.__version__}")
     torch.set_num_threads(1)
-    base32 = make_transformers.build_gpt2()
-    check_base_against_onnx(base32)
+    for name in sys.argv[1:] or list(CASES):
+        FOLDER, CASE = MODELS_DIR / name, CASES[name]
+        print(f"\n=================== {name} ===================")
+        make_case(name)
+    print("\nall checks passed")
+
+
+def make_case(name):
+    import peft
+
+    base32 = CASE["build"]()
+    if CASE["conv1d"]:
+        check_base_against_onnx(base32)
+    else:
+        check_base_against_ort(base32)
     base = copy.deepcopy(base32).to(DTYPE)
     ids = load_file(str(FOLDER / "inputs.safetensors"))["input_ids"]
     gold = load_file(str(FOLDER / "peft_dora_outputs.safetensors"))["logits"]
     cfg = json.loads((FOLDER / "peft_dora" / "adapter_config.json").read_text())
-    check(cfg["fan_in_fan_out"] and cfg["lora_dropout"] == 0.0 and not cfg["use_rslora"], f"config {cfg}")
+    check(cfg["fan_in_fan_out"] == CASE["conv1d"] and cfg["lora_dropout"] == 0.0 and not cfg["use_rslora"], f"config {cfg}")
     s = cfg["lora_alpha"] / cfg["r"]
 
     model = load_peft(base)
@@ -157,8 +199,12 @@ def main():
     for mod in mods:  # Conv1D base layers: weight [in, out]; lora_A [r, in], lora_B [out, r], m [out]
         lin = dict(model.named_modules())[f"base_model.model.{mod}"]
         w = lin.get_base_layer()
-        check(isinstance(w, Conv1D) and lin.fan_in_fan_out, f"{mod} is not a fan_in_fan_out Conv1D")
-        i, o = w.weight.shape
+        if CASE["conv1d"]:
+            check(isinstance(w, Conv1D) and lin.fan_in_fan_out, f"{mod} is not a fan_in_fan_out Conv1D")
+            i, o = w.weight.shape
+        else:
+            check(isinstance(w, torch.nn.Linear) and not lin.fan_in_fan_out, f"{mod} is not a Linear")
+            o, i = w.weight.shape
         shapes = {k.rsplit(".", 1)[1]: list(p.shape) for k, p in params if k.startswith(mod + ".")}
         check(shapes == {"lora_A": [4, i], "lora_B": [o, 4], "magnitude": [o]}, f"{mod}: shapes {shapes}")
     print(f"  trainable: {len(params)} tensors in {len(mods)} modules: {mods}")
@@ -204,7 +250,7 @@ def main():
     # dora-math.md Backward (detached norm), W0 = Conv1D weight [in, out] as stored
     worst = 0.0
     for mod in mods:
-        W0 = dict(model.named_modules())[f"base_model.model.{mod}"].get_base_layer().weight.detach()
+        W0 = make_transformers.w0_doc(dict(model.named_modules())[f"base_model.model.{mod}"].get_base_layer()).detach()
         A, B, m = before[f"{mod}.lora_A"], before[f"{mod}.lora_B"], before[f"{mod}.magnitude"]
         X = cap.x[mod].reshape(-1, W0.shape[0])
         G = cap.g[mod].reshape(-1, W0.shape[1])
@@ -217,7 +263,7 @@ def main():
             e = rel_err(grads[f"{mod}.{tag}"], r)
             check(e < EXACT_TOL, f"{mod}.{tag}: grad vs dora-math.md: rel err {e:.3e}")
             worst = max(worst, e)
-    print(f"  dora-math.md backward (detached) vs PEFT grads, W0 = Conv1D weight [in, out]: max rel err {worst:.2e}")
+    print(f"  dora-math.md backward (detached) vs PEFT grads, W0 [in, out]: max rel err {worst:.2e}")
 
     # AdamW by hand
     lr, (b1, b2), eps, wd = OPT["lr"], OPT["betas"], OPT["eps"], OPT["weight_decay"]
@@ -241,15 +287,17 @@ def main():
         vals = []
         with torch.no_grad():
             orig = p[idx].item()
-            for h in (FD_H, -FD_H):
+            fd_h = FD_H if CASE["conv1d"] else FD_F32_H
+            for h in (fd_h, -fd_h):
                 p[idx] = orig + h
                 vals.append(lm_loss_by_hand(fd_model(input_ids=ids).logits, ids).item())
             p[idx] = orig
-        fd = (vals[0] - vals[1]) / (2 * FD_H)
+        fd = (vals[0] - vals[1]) / (2 * fd_h)
         gd = grads[key][idx].item()
         print(f"  FD {key}{list(idx)}: fd {fd:+.12e}  detached grad {gd:+.12e}  |diff| {abs(fd - gd):.1e}")
         if key.endswith("magnitude"):
-            check(abs(fd - gd) < FD_TOL, f"FD vs magnitude grad {key}: {abs(fd - gd):.3e}")
+            check(abs(fd - gd) < (FD_TOL if CASE["conv1d"] else FD_F32_TOL),
+                  f"FD vs magnitude grad {key}: {abs(fd - gd):.3e}")
 
     # write
     train_dir = FOLDER / "train"
@@ -260,16 +308,17 @@ def main():
     save_file(data, str(train_dir / "data.safetensors"))
     save_file(out, str(train_dir / "dora_lm.safetensors"))
     meta = {
-        "model": "gpt2_tiny",
-        "onnx": ["../legacy_op14.onnx", "../legacy_op17.onnx", "../legacy_op17_dynamic.onnx", "../dynamo_op18.onnx"],
+        "model": name,
+        "onnx": [f"../{v}.onnx" for v in CASE["onnx"]],
         "dtype": "float64 (model and every tensor of the case file; data.safetensors is int64)",
         "data": "data.safetensors",
         "data_tensors": {k: {"dtype": "int64", "shape": list(v.shape)} for k, v in sorted(data.items())},
         "modules": mods,
         "scaling": s,
         "key_format": "<tag>.<module>.<lora_A|lora_B|magnitude>, tag in grad, after, exp_avg, exp_avg_sq; "
-                      "PEFT orientation: lora_A [r, in], lora_B [out, r], magnitude [out], also for these "
-                      "Conv1D layers whose base weight is stored [in, out] (fan_in_fan_out)",
+                      "PEFT orientation: lora_A [r, in], lora_B [out, r], magnitude [out]"
+                      + (", also for these Conv1D layers whose base weight is stored [in, out] (fan_in_fan_out)"
+                         if CASE["conv1d"] else ""),
         "generated_with": {"torch": torch.__version__.split("+")[0], "peft": peft.__version__,
                            "transformers": __import__("transformers").__version__},
         "cases": {
@@ -297,10 +346,9 @@ def main():
     (train_dir / "cases.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     for p in train_dir.iterdir():
         p.chmod(0o644)
-    print("  files in models/gpt2_tiny/train:")
+    print(f"  files in models/{name}/train:")
     for p in sorted(train_dir.iterdir()):
         print(f"    {p.name:24s} {p.stat().st_size:7d} B")
-    print("\nall checks passed")
 
 
 if __name__ == "__main__":
