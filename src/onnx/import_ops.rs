@@ -107,14 +107,6 @@ pub fn rule(op_type: &str) -> Option<Rule> {
         .or_else(|| Unary::from_onnx(op_type).map(Rule::Unary))
 }
 
-/// Every ONNX op type dorac imports, sorted.
-pub fn supported_ops() -> Vec<&'static str> {
-    let mut all: Vec<&str> = OPS.iter().map(|(t, _)| *t).collect();
-    all.extend(unary::ALL.iter().filter_map(|u| u.def().onnx));
-    all.sort_unstable();
-    all
-}
-
 /// Builds the IR for one node (whose op type has a rule), then checks that the builder read
 /// every input the node has, so an input dorac would ignore is an error and not a wrong result.
 /// Returns the IR node of each ONNX output that has one, by output name.
