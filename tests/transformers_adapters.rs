@@ -79,6 +79,18 @@ fn transformers_rewrite_adapt_and_merge() {
         ("llama_tiny", &DECODER_TARGETS[..], 14),
         ("qwen2_tiny", &DECODER_TARGETS[..], 14),
         ("mistral_tiny", &DECODER_TARGETS[..], 14),
+        ("gemma_tiny", &DECODER_TARGETS[..], 14),
+        // Phi-3's fused projections; GPT-NeoX's, under its own names.
+        (
+            "phi3_tiny",
+            &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"][..],
+            8,
+        ),
+        (
+            "gpt_neox_tiny",
+            &["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"][..],
+            8,
+        ),
     ] {
         let dir = models_dir().join(model);
         let inputs = read(model, "inputs.safetensors");

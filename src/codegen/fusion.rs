@@ -6,7 +6,8 @@
 //! follows it, one at a time, while all of these hold for the group's current last value `v` and
 //! the candidate `c`:
 //!
-//! - `v` has exactly one consumer, `c` (so nothing else reads it: no second node, no view), and
+//! - `v` has exactly one live consumer, `c` (so nothing else reads it: no second node, no view;
+//!   dead nodes, such as a Shape whose value was folded at import, read nothing), and
 //!   `v` is neither a graph output nor the `next` value of a state update. It then never needs a
 //!   buffer and stays in registers.
 //! - `c` is element-wise (`kernels::is_elementwise`) and has the anchor's shape (an epilogue is
@@ -24,7 +25,7 @@ use super::kernels::{is_elementwise, takes_epilogue};
 use super::{has_kernel, schedule};
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Storage buffers one fused kernel may bind (inputs and output): WebGPU's guaranteed minimum of
 /// `max_storage_buffers_per_shader_stage`, so a fused plan runs on every adapter.
@@ -55,7 +56,7 @@ pub fn groups(graph: &Graph, fuse: bool) -> Result<Vec<Vec<NodeId>>> {
         if fuse && takes_epilogue(&graph.node(anchor).op) {
             // Bindings of the anchor alone (an upper bound: every input bound once) and its output.
             let mut bindings = graph.inputs_of(anchor).len() + 1;
-            while let Some(next) = absorbable(graph, &group, &kept, &position, &taken) {
+            while let Some(next) = absorbable(graph, &group, &kept, &live, &position, &taken) {
                 let extra = graph
                     .inputs_of(next)
                     .iter()
@@ -79,6 +80,7 @@ fn absorbable(
     graph: &Graph,
     group: &[NodeId],
     kept: &HashSet<NodeId>,
+    live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
     taken: &HashSet<NodeId>,
 ) -> Option<NodeId> {
@@ -87,7 +89,12 @@ fn absorbable(
     if kept.contains(&last) {
         return None;
     }
-    let &[next] = graph.consumers(last).as_slice() else {
+    let consumers: Vec<NodeId> = graph
+        .consumers(last)
+        .into_iter()
+        .filter(|c| live.contains(c))
+        .collect();
+    let &[next] = consumers.as_slice() else {
         return None;
     };
     let node = graph.node(next);

@@ -9,8 +9,8 @@
 //!
 //! Opset: the source model's, raised to at least 13 (Softmax over one axis and ReduceSum with an
 //! axes input have their current meaning from 13 on) and to 17 when the graph has a LayerNorm
-//! (LayerNormalization exists from 17). Gelu is written as its Erf (or Tanh) formula rather than
-//! the opset-20 Gelu op, so the exported model runs on common runtimes.
+//! (LayerNormalization exists from 17). Gelu is written as the Gelu op when the opset is at least
+//! 20 (the source model already needed a runtime that has it), else as its Erf (or Tanh) formula.
 
 use super::data::tensor_to_proto;
 use super::meta::{self, AdapterMeta};
@@ -30,6 +30,8 @@ pub const EXPORT_MIN_IR_VERSION: i64 = 8;
 pub const EXPORT_MIN_OPSET: i64 = 13;
 /// The opset export writes when the graph has a LayerNorm.
 pub const LAYER_NORM_OPSET: i64 = 17;
+/// The first opset with the Gelu op.
+pub const GELU_OPSET: i64 = 20;
 /// The lowest opset export writes when the graph has a Trilu (which exists from 14).
 pub const TRILU_OPSET: i64 = 14;
 
@@ -353,6 +355,16 @@ impl Exporter<'_> {
                     attr_int("transB", *trans_b as i64),
                 ],
             ),
+            Op::Unary(u)
+                if (*u == unary::GELU || *u == unary::GELU_TANH) && self.opset >= GELU_OPSET =>
+            {
+                let approximate = if *u == unary::GELU_TANH {
+                    "tanh"
+                } else {
+                    "none"
+                };
+                ("Gelu", vec![attr_string("approximate", approximate)])
+            }
             Op::Unary(u) if *u == unary::GELU || *u == unary::GELU_TANH => {
                 self.gelu(&ins[0], &out, label, *u == unary::GELU_TANH);
                 return Ok(());
@@ -568,6 +580,15 @@ fn attr_float(name: &str, v: f32) -> AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Float as i32),
         f: Some(v),
+        ..Default::default()
+    }
+}
+
+fn attr_string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(v.as_bytes().to_vec()),
         ..Default::default()
     }
 }
