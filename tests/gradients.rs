@@ -43,6 +43,28 @@ impl Case {
         }
     }
 
+    /// A case on an imported ONNX model: every graph input gets random values in [-1, 1].
+    fn imported(name: &str, path: &std::path::Path) -> (Case, NodeId) {
+        let mut c = Case::new(name);
+        let model = dorac::onnx::load_model(path).unwrap();
+        let g = dorac::onnx::import(
+            &model,
+            path.parent().unwrap(),
+            &dorac::onnx::ShapePins::default(),
+            &HashMap::new(),
+        )
+        .unwrap();
+        for &i in &g.inputs {
+            let shape = g.shape(i).to_vec();
+            let data = (0..numel(&shape)).map(|_| c.rng.range(-1.0, 1.0)).collect();
+            c.values
+                .insert(g.node(i).name.clone(), Array::new(shape, data));
+        }
+        let out = g.outputs[0].1;
+        c.g = g;
+        (c, out)
+    }
+
     fn input(&mut self, name: &str, shape: &[usize], lo: f64, hi: f64) -> NodeId {
         let data = (0..numel(shape)).map(|_| self.rng.range(lo, hi)).collect();
         self.values
@@ -372,4 +394,29 @@ fn transformer_op_rules() {
     let mask = c.op(Op::Binary(Binary::Less), &[zero, x]);
     let y = c.op(Op::Where, &[mask, x, zero]);
     c.check(y);
+}
+
+/// Gather with constant indices (repeated, negative and out-of-range ids) passes its cotangent
+/// back to the data; Conv, lowered to such a Gather and a MatMul, gets gradients for its input
+/// and its filter bank.
+#[test]
+fn gather_and_conv_rules() {
+    for axis in [0, 1] {
+        let mut c = Case::new(&format!("gather with constant indices, axis {axis}"));
+        let x = c.input("x", &[4, 5], -1.0, 1.0);
+        let ids =
+            c.g.add_const("ids", Tensor::i64(vec![2, 3], vec![0, 3, 3, -1, 9, 1]));
+        let y = c.op(Op::Gather { axis }, &[x, ids]);
+        c.check(y);
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/conv");
+    for name in [
+        "conv2d_strides_dilations",
+        "conv2d_groups",
+        "conv1d",
+        "conv2d_filter_input",
+    ] {
+        let (c, y) = Case::imported(name, &dir.join(format!("{name}.onnx")));
+        c.check(y);
+    }
 }

@@ -18,8 +18,10 @@
 //!
 //! The builders live by family: `layout` (Unsqueeze, Squeeze, Concat, Slice, Split, Expand,
 //! Trilu), `shape` (Shape, Size, ConstantOfShape, Range), `gather` (Gather, GatherElements,
-//! GatherND) and `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip).
+//! GatherND), `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip) and `conv` (Conv,
+//! lowered to a Gather of input windows and a MatMul).
 
+mod conv;
 mod gather;
 mod layout;
 mod logic;
@@ -92,6 +94,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Gather", Rule::Build(gather::gather)),
     ("GatherElements", Rule::Build(gather::gather_elements)),
     ("GatherND", Rule::Build(gather::gather_nd)),
+    ("Conv", Rule::Build(conv::conv)),
 ];
 
 /// Op types whose nodes may have several outputs that are used (each becomes its own IR node);

@@ -172,8 +172,13 @@ pub(super) fn input_grads(
             out
         }
         Op::Trilu { upper, k } => vec![Some(b.add(Op::Trilu { upper, k }, &[dy], n, "trilu")?)],
-        // Index inputs are not differentiable; the gathered data would need a scatter-add,
-        // which no training method needs yet (embeddings stay frozen).
+        // With constant indices (Conv's input windows, a fixed selection) the data's cotangent
+        // is a gather of dy through the inverted index table. Index inputs take no gradient.
+        Op::Gather { axis } if wanted[0] && matches!(b.g.node(ins[1]).op, Op::Const(_)) => {
+            vec![Some(gather_grad(b, n, &ins, dy, axis)?), None]
+        }
+        // Runtime indices (token ids into an embedding) would need a scatter-add, which no
+        // training method needs yet (embeddings stay frozen).
         op @ (Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherND { .. }) => {
             if wanted[0] {
                 return Err(Error::Graph(format!(
@@ -185,6 +190,61 @@ pub(super) fn input_grads(
             vec![None, None]
         }
     })
+}
+
+/// The cotangent of Gather's data when its indices are a constant: each data row `j` along
+/// `axis` receives the sum of the cotangent rows of every index position holding `j`. The
+/// positions are inverted at compile time into a `[dim, m]` table (m: the most positions any row
+/// is read by; unused slots hold an out-of-range id, which Gather reads as 0), so the backward
+/// pass is a Gather of dy followed by a sum over the m slots: no scatter, no atomics.
+fn gather_grad(
+    b: &mut Builder,
+    n: NodeId,
+    ins: &[NodeId],
+    dy: NodeId,
+    axis: usize,
+) -> Result<NodeId> {
+    let data_shape = b.g.shape(ins[0]).to_vec();
+    let Op::Const(t) = &b.g.node(ins[1]).op else {
+        unreachable!("the caller checked that the indices are constant")
+    };
+    let ids = t.to_f64();
+    let dim = data_shape[axis];
+    let mut readers: Vec<Vec<i64>> = vec![vec![]; dim];
+    for (p, &id) in ids.iter().enumerate() {
+        let id = id.round() as i64;
+        let j = if id < 0 { id + dim as i64 } else { id };
+        if (0..dim as i64).contains(&j) {
+            readers[j as usize].push(p as i64);
+        }
+    }
+    let m = readers.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let unused = ids.len() as i64;
+    let table: Vec<i64> = readers
+        .iter()
+        .flat_map(|r| r.iter().copied().chain(std::iter::repeat(unused)).take(m))
+        .collect();
+    let name =
+        b.g.fresh_name(&format!("grad/{}/windows", b.g.node(n).name));
+    let table =
+        b.g.add_const(&name, crate::tensor::Tensor::i64(vec![dim, m], table));
+    let mut flat = data_shape.clone();
+    flat[axis] = ids.len();
+    let dy = b.reshape(dy, &flat, n, "positions")?;
+    let rows = b.add(Op::Gather { axis }, &[dy, table], n, "gather")?;
+    if m == 1 {
+        return b.reshape(rows, &data_shape, n, "rows");
+    }
+    b.add(
+        Op::Reduce {
+            kind: Reduce::Sum,
+            axes: vec![axis + 1],
+            keepdims: false,
+        },
+        &[rows],
+        n,
+        "sum",
+    )
 }
 
 /// The cotangent of a slice's input: dy placed back at its window, zeros elsewhere, built as a
