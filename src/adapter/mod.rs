@@ -1,6 +1,11 @@
 //! Adapters in PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors`, with
 //! keys `base_model.model.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] and
 //! `.lora_magnitude_vector` [out]. A PEFT user's adapter runs in dorac, and dorac's goes back.
+//!
+//! Conv layers (lowered at import to a linear layer over input windows, see
+//! `onnx::import_ops::conv`) keep PEFT's Conv shapes on disk: lora_A `[r, C, kernel...]`, lora_B
+//! `[out, r, 1...]`, magnitude `[1, out, 1...]`; in the graph they are the 2-D `[r, C*K]`,
+//! `[out, r]` and `[out]` of that linear layer.
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Method, Op};
@@ -31,12 +36,14 @@ pub struct PeftConfig {
     pub alpha_pattern: BTreeMap<String, f64>,
 }
 
-/// One layer's tensors.
+/// One layer's tensors, in the 2-D (1-D for m) shapes of a linear layer.
 #[derive(Clone, Debug)]
 pub struct LayerTensors {
     pub a: Array,
     pub b: Array,
     pub magnitude: Option<Array>,
+    /// For a Conv adapter, lora_A's shape on disk `[r, C, kernel...]`.
+    pub conv_a_shape: Option<Vec<usize>>,
 }
 
 /// A loaded adapter: config plus tensors by module name.
@@ -159,6 +166,16 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         };
         let a = a.ok_or_else(|| missing("lora_A.weight"))?;
         let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+        let conv_a_shape = (a.shape.len() > 2).then(|| a.shape.clone());
+        let (a, b, m) = match &conv_a_shape {
+            Some(_) => flatten_conv(a, b, m).map_err(|why| {
+                Error::Input(format!(
+                    "{}: module '{module}': {why}",
+                    weights_path.display()
+                ))
+            })?,
+            None => (a, b, m),
+        };
         if config.use_dora && m.is_none() {
             return Err(missing("lora_magnitude_vector (the config says use_dora)"));
         }
@@ -176,6 +193,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
                 a,
                 b,
                 magnitude: m.filter(|_| config.use_dora),
+                conv_a_shape,
             },
         );
     }
@@ -186,6 +204,41 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         )));
     }
     Ok(PeftAdapter { config, layers })
+}
+
+/// A Conv adapter's tensors as a linear layer's: lora_A `[r, C, kernel...]` -> `[r, C*K]`,
+/// lora_B `[out, r, 1...]` -> `[out, r]`, magnitude `[1, out, 1...]` -> `[out]`.
+fn flatten_conv(
+    a: Array,
+    b: Array,
+    m: Option<Array>,
+) -> std::result::Result<(Array, Array, Option<Array>), String> {
+    let dims = a.shape.len();
+    let ones = |s: &[usize]| s.iter().all(|&d| d == 1);
+    if b.shape.len() != dims || !ones(&b.shape[2..]) {
+        return Err(format!(
+            "lora_A {} is a Conv's, so lora_B must be [out, r, 1...] of the same rank, not {}",
+            shape_str(&a.shape),
+            shape_str(&b.shape)
+        ));
+    }
+    let rows: usize = a.shape[1..].iter().product();
+    let a = Array::new(vec![a.shape[0], rows], a.data);
+    let b = Array::new(b.shape[..2].to_vec(), b.data);
+    let m = match m {
+        Some(m) if m.shape.len() == dims && m.shape[0] == 1 && ones(&m.shape[2..]) => {
+            Some(Array::new(vec![m.shape[1]], m.data))
+        }
+        Some(m) if m.shape.len() == 1 => Some(m),
+        Some(m) => {
+            return Err(format!(
+                "the magnitude of a Conv adapter must be [1, out, 1...], not {}",
+                shape_str(&m.shape)
+            ))
+        }
+        None => None,
+    };
+    Ok((a, b, m))
 }
 
 /// Applies an adapter to a graph. On a base model the named layers are rewritten; on a model
@@ -208,6 +261,24 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             }
         };
         let layer = layers.iter().find(|l| l.module == found).unwrap();
+        let filter = graph.conv_filters.get(&layer.weight);
+        match (&t.conv_a_shape, filter) {
+            (Some(a), Some(f)) if a[1..] != f[1..] => problems.push(format!(
+                "module '{module}': lora_A {} does not fit the Conv's filters {}",
+                shape_str(a),
+                shape_str(f)
+            )),
+            (Some(a), None) => problems.push(format!(
+                "module '{module}': lora_A {} is a Conv's, but '{found}' is a linear layer",
+                shape_str(a)
+            )),
+            (None, Some(f)) => problems.push(format!(
+                "module '{module}': '{found}' is a Conv (filters {}), but lora_A {} is a linear layer's",
+                shape_str(f),
+                shape_str(&t.a.shape)
+            )),
+            _ => {}
+        }
         specs.push(AdapterSpec {
             layer: layer.clone(),
             method: cfg.method(),
@@ -305,24 +376,34 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
     for a in &graph.adapters {
-        let get = |n| {
-            graph
+        // A Conv's tensors go out in PEFT's Conv shapes (see the module docs).
+        let conv = graph.conv_filters.get(&a.weight);
+        let get = |n, what: &str| {
+            let t = graph
                 .const_tensor(n)
                 .map(Tensor::to_array)
-                .expect("adapter tensors are constants")
+                .expect("adapter tensors are constants");
+            let Some(f) = conv else { return t };
+            let ones = vec![1; f.len() - 2];
+            let shape = match what {
+                "a" => [&[t.shape[0]][..], &f[1..]].concat(),
+                "b" => [&t.shape[..], &ones].concat(),
+                _ => [&[1, t.shape[0]][..], &ones].concat(),
+            };
+            Array::new(shape, t.data)
         };
         tensors.insert(
             format!("{KEY_PREFIX}{}.lora_A.weight", a.module),
-            get(a.lora_a),
+            get(a.lora_a, "a"),
         );
         tensors.insert(
             format!("{KEY_PREFIX}{}.lora_B.weight", a.module),
-            get(a.lora_b),
+            get(a.lora_b, "b"),
         );
         if let Some(m) = a.magnitude {
             tensors.insert(
                 format!("{KEY_PREFIX}{}.lora_magnitude_vector", a.module),
-                get(m),
+                get(m, "m"),
             );
         }
         if a.rank != first.rank {

@@ -19,7 +19,7 @@ use crate::tensor::{numel, DType, Tensor};
 use petgraph::stable_graph::{NodeIndex, StableGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub type NodeId = NodeIndex<u32>;
 
@@ -201,6 +201,10 @@ pub struct Graph {
     /// moments, the step counter). State inputs live on the device across runs.
     pub updates: Vec<(NodeId, NodeId)>,
     pub info: ModelInfo,
+    /// The filter matrices of Convs lowered at import (`onnx::import_ops::conv`): weight node
+    /// `[C*K, M]` -> the ONNX filter bank's shape `[M, C, kernel...]`, which PEFT's Conv adapter
+    /// tensors follow (lora_A `[r, C, kernel...]`, lora_B `[M, r, 1...]`).
+    pub conv_filters: BTreeMap<NodeId, Vec<usize>>,
 }
 
 impl Graph {
@@ -371,6 +375,7 @@ impl Graph {
             .collect();
         for n in dead {
             self.graph.remove_node(n);
+            self.conv_filters.remove(&n);
         }
     }
 

@@ -111,6 +111,17 @@ pub fn export(graph: &Graph) -> Result<ModelProto> {
         }
         metadata_props.push(string_entry(meta::ADAPTERS_KEY, meta::to_json(&records)));
     }
+    let filters: std::collections::BTreeMap<&str, &Vec<usize>> = graph
+        .conv_filters
+        .iter()
+        .filter_map(|(n, s)| ex.names.get(n).map(|name| (name.as_str(), s)))
+        .collect();
+    if !filters.is_empty() {
+        metadata_props.push(string_entry(
+            meta::CONV_FILTERS_KEY,
+            meta::to_json(&filters),
+        ));
+    }
     if !ex.stop_gradient.is_empty() {
         metadata_props.push(string_entry(
             meta::STOP_GRADIENT_KEY,

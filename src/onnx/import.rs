@@ -293,6 +293,20 @@ fn import_resolved(
         }
     }
 
+    if let Some(json) = metadata(model, meta::CONV_FILTERS_KEY) {
+        let filters: std::collections::BTreeMap<String, Vec<usize>> =
+            meta::parse(meta::CONV_FILTERS_KEY, json)?;
+        for (name, shape) in filters {
+            let id = values.get(&name).copied().ok_or_else(|| {
+                Error::Onnx(format!(
+                    "metadata '{}' names '{name}', which is not a value in the graph",
+                    meta::CONV_FILTERS_KEY
+                ))
+            })?;
+            g.conv_filters.insert(id, shape);
+        }
+    }
+
     g.remove_dead();
     Ok(g)
 }

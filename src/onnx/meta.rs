@@ -3,6 +3,8 @@
 //!
 //! - `dorac.adapters`: a JSON array, one [`AdapterMeta`] per `graph.adapters` entry, with the
 //!   value names (ONNX tensor names in the exported model) of the nodes it points at.
+//! - `dorac.conv_filters`: the filter shapes of Convs lowered at import, by value name, so
+//!   that Conv adapters keep PEFT's shapes after a round trip.
 //! - `dorac.stop_gradient`: a JSON array of ONNX node names; those `Identity` nodes are
 //!   [`Op::StopGradient`](crate::ir::Op::StopGradient) in the IR (ONNX has no such op).
 
@@ -13,6 +15,9 @@ use std::collections::HashMap;
 
 /// Metadata key of the adapter records.
 pub const ADAPTERS_KEY: &str = "dorac.adapters";
+/// Metadata key of the lowered Convs' filter shapes (`Graph::conv_filters`): a JSON object from
+/// the filter matrix's value name to the ONNX filter bank's shape.
+pub const CONV_FILTERS_KEY: &str = "dorac.conv_filters";
 /// Metadata key of the stop-gradient node names.
 pub const STOP_GRADIENT_KEY: &str = "dorac.stop_gradient";
 

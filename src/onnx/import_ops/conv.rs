@@ -299,12 +299,13 @@ fn filter_matrix(cx: &mut Ctx, w: NodeId, group: usize, mg: usize, rows: usize) 
                     }
                 }
             }
-            let shape = if group == 1 {
-                vec![rows, mg]
-            } else {
-                vec![group, rows, mg]
-            };
-            return cx.add_const(&name, Tensor::f32(shape, out));
+            if group > 1 {
+                return cx.add_const(&name, Tensor::f32(vec![group, rows, mg], out));
+            }
+            let id = cx.add_const(&name, Tensor::f32(vec![rows, mg], out))?;
+            let filters = cx.shape(w);
+            cx.graph.conv_filters.insert(id, filters);
+            return Ok(id);
         }
     }
     let (shape, perm) = if group == 1 {
