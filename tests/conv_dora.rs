@@ -116,7 +116,7 @@ fn conv_and_linear_adapters_do_not_mix() {
     );
 }
 
-fn training_step(gpu: bool) {
+fn training_step(on_gpu: bool) {
     let dir = models_dir().join("convnet");
     let data = read("convnet", "train/data.safetensors");
     let golden = read("convnet", "train/dora_mse.safetensors");
@@ -138,12 +138,12 @@ fn training_step(gpu: bool) {
     };
     let prog = build(g, &opts).unwrap();
     let params = prog.params.clone();
-    let mut session = Session::new(prog, if gpu { Some(gpu()) } else { None }).unwrap();
+    let mut session = Session::new(prog, on_gpu.then(gpu)).unwrap();
     let fetch: Vec<&str> = params.iter().map(|p| p.grad_output.as_str()).collect();
     let batch: BTreeMap<_, _> = data.clone();
     let (metrics, grads) = session.step(&batch, 1e-2, &fetch).unwrap();
     let want = golden["loss"].data[0];
-    let tag = if gpu { "gpu" } else { "reference" };
+    let tag = if on_gpu { "gpu" } else { "reference" };
     assert!(
         (metrics.loss - want).abs() / want < TOL,
         "{tag}: loss {} vs PEFT {want}",
@@ -155,7 +155,7 @@ fn training_step(gpu: bool) {
     for p in &params {
         let key = format!("{}.{}", p.module, p.role.key());
         let mut checks = vec![("grad", &grads[&p.grad_output])];
-        if !gpu {
+        if !on_gpu {
             // AdamW's first step divides by sqrt(v) ~ |g|: on the device f32 rounding of tiny
             // gradients is amplified (see tests/train_peft.rs), so the update is checked here.
             checks.extend([
