@@ -855,15 +855,38 @@ fn gelu_and_constants() {
     assert_eq!(g.node(gelu).op, Op::Unary(unary::GELU_TANH));
     let half = g.find_by_name("half").unwrap();
     assert_eq!(g.const_tensor(half).unwrap(), &Tensor::scalar(0.5));
-    // Export keeps the opset (20) and decomposes Gelu all the same.
+    // Export keeps the opset (20), which has the Gelu op: a round trip keeps one node.
     let out = export(&g).unwrap();
     assert_eq!(out.opset_import[0].version(), 20);
-    assert!(out
+    let gelu = out
         .graph
+        .as_ref()
         .unwrap()
         .node
         .iter()
-        .any(|n| n.op_type() == "Tanh"));
+        .find(|n| n.op_type() == "Gelu");
+    let approximate = gelu
+        .unwrap()
+        .attribute
+        .iter()
+        .find(|a| a.name() == "approximate");
+    assert_eq!(approximate.unwrap().s(), b"tanh");
+    // Below opset 20 Gelu is written as its formula.
+    let mut g17 = g.clone();
+    g17.info.opset = 17;
+    let out = export(&g17).unwrap();
+    let types: Vec<&str> = out
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type())
+        .collect();
+    assert!(
+        types.contains(&"Tanh") && !types.contains(&"Gelu"),
+        "{types:?}"
+    );
 }
 
 #[test]

@@ -156,3 +156,102 @@ fn a_compiled_step_holds_no_frozen_weight_gradient_and_no_frozen_only_work() {
         }
     }
 }
+
+/// A weight column of norm zero (a pruned neuron; PEFT computes 0/0 = NaN there, its issue
+/// #2049): DoRA at init computes exactly the base output, merges to the base weights, and
+/// trains without NaN on the reference executor and the GPU, with the detached and the exact
+/// norm gradient; its B row learns (the column is not frozen dead); the other columns still
+/// compute PEFT's DoRA (tests/train_peft.rs).
+#[test]
+fn zero_norm_columns_give_the_base_output_and_train_without_nan() {
+    let data = demo();
+    let pruned = |method: TrainMethod| {
+        let mut g = model(TrainMethod::Full);
+        let layers = find_linear_layers(&g);
+        for l in &layers[..2] {
+            let Op::Const(t) = &g.node(l.weight).op else {
+                panic!("weights are constants")
+            };
+            // Output column 1 of the layer: W[:, 1] of a MatMul's [in, out] weight, W[1, :] of
+            // a Gemm's transposed [out, in] one.
+            let mut a = t.to_array();
+            let cols = a.shape[1];
+            let stored_out_first =
+                matches!(l.kind, dorac::ir::LinearKind::Gemm { trans_b: true, .. });
+            for (i, v) in a.data.iter_mut().enumerate() {
+                let out = if stored_out_first { i / cols } else { i % cols };
+                if out == 1 {
+                    *v = 0.0;
+                }
+            }
+            g.node_mut(l.weight).op = Op::Const(a.to_tensor_f32());
+        }
+        let base = g.clone();
+        if let Some(kind) = method.adapter() {
+            let specs = find_linear_layers(&g)
+                .into_iter()
+                .map(|layer| AdapterSpec {
+                    layer,
+                    method: kind,
+                    rank: 3,
+                    alpha: 6.0,
+                    rslora: false,
+                    init: AdapterInit::Peft { seed: 3 },
+                })
+                .collect();
+            insert_adapters(&mut g, specs).unwrap();
+        }
+        (base, g)
+    };
+    let (base, dora) = pruned(TrainMethod::Dora);
+    let inputs: BTreeMap<String, Array> = [("x".to_string(), data["x"].clone())].into();
+    let want = run_reference(&base, &inputs);
+    for (how, got) in [
+        ("reference", run_reference(&dora, &inputs)),
+        ("gpu", run_gpu(&dora, &inputs)),
+    ] {
+        let out = &got["y"].data;
+        assert!(
+            out.iter().all(|v| v.is_finite()),
+            "{how}: non-finite output"
+        );
+        let e = dorac::tensor::relative_error(out, &want["y"].data);
+        assert!(e < 1e-6, "{how}: DoRA at init vs base {e:e}");
+    }
+    let mut merged = dora.clone();
+    dorac::passes::merge_adapters(&mut merged).unwrap();
+    let e = rel(&run_reference(&merged, &inputs), &want, "y");
+    assert!(e < 1e-6, "merged at init vs base {e:e}");
+
+    for exact_norm_grad in [false, true] {
+        for gpu_run in [false, true] {
+            let (_, g) = pruned(TrainMethod::Dora);
+            let mut opts = options(TrainMethod::Dora);
+            opts.exact_norm_grad = exact_norm_grad;
+            let program = build(g, &opts).unwrap();
+            let mut s = Session::new(program, gpu_run.then(gpu)).unwrap();
+            let losses: Vec<f64> = (0..20)
+                .map(|_| s.step(&data, 1e-2, &[]).unwrap().0.loss)
+                .collect();
+            let state = s.read_state().unwrap();
+            let tag = format!("exact norm {exact_norm_grad}, gpu {gpu_run}");
+            // Row 1 of the first layer's B (its zero column) has moved off zero.
+            let b = state
+                .iter()
+                .find(|(k, _)| k.ends_with("lora_B.weight"))
+                .map(|(_, v)| v)
+                .unwrap();
+            let r = b.shape[1];
+            assert!(
+                b.data[r..2 * r].iter().any(|&v| v != 0.0),
+                "{tag}: the zero column's B row did not learn"
+            );
+            assert!(
+                state.values().all(|a| a.data.iter().all(|v| v.is_finite())),
+                "{tag}: non-finite state"
+            );
+            assert!(losses[19] < losses[0], "{tag}: loss {losses:?}");
+            println!("{tag}: loss {} -> {}", losses[0], losses[19]);
+        }
+    }
+}

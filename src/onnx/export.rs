@@ -380,6 +380,22 @@ impl Exporter<'_> {
                 self.gelu(&ins[0], &out, label, *u == unary::GELU_TANH);
                 return Ok(());
             }
+            Op::Unary(u) if *u == unary::POSITIVE_OR_ONE => {
+                // Where(Less(0, x), x, 1)
+                let zero = self.extra_const(&format!("{out}_zero"), &Tensor::scalar(0.0));
+                let one = self.extra_const(&format!("{out}_one"), &Tensor::scalar(1.0));
+                let positive = unique(&mut self.used_values, &format!("{out}_positive"));
+                let x = ins[0].clone();
+                self.node(
+                    "Less",
+                    vec![zero, x.clone()],
+                    positive.clone(),
+                    &format!("{label}/positive"),
+                    vec![],
+                );
+                self.node("Where", vec![positive, x, one], out, label, vec![]);
+                return Ok(());
+            }
             Op::Unary(u) => match u.def().onnx {
                 Some(op_type) => (op_type, vec![]),
                 None => {

@@ -252,12 +252,16 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
             &label("norm_sq_partial"),
         )?;
         let n_sq = p.add(add, &[n_sq, quad_s], &name("norm_sq"), &label("norm_sq"))?;
-        // Rounding can push n² slightly below zero: clamp, as dora-math.md says.
+        // Rounding can push n² slightly below zero (dora-math.md clamps it at 0), and a column
+        // of norm zero (a pruned neuron; PEFT divides 0 by 0 there, its issue #2049) has no
+        // direction: such a norm reads as 1, so the scale is m itself (1 at init, see
+        // `peft_init`) and neither the value nor any gradient is NaN. Non-zero norms pass
+        // through unchanged: PEFT's values bit for bit.
         let n_sq = p.add(
-            Op::Unary(unary::RELU),
+            Op::Unary(unary::POSITIVE_OR_ONE),
             &[n_sq],
-            &name("norm_sq_clamped"),
-            &label("norm_sq_clamped"),
+            &name("norm_sq_safe"),
+            &label("norm_sq_safe"),
         )?;
         let norm = p.add(
             Op::Unary(unary::SQRT),
@@ -369,7 +373,14 @@ fn peft_init(
                         v * v
                     })
                     .sum();
-                (alpha.abs() as f64 * sq.sqrt()) as f32
+                // A zero column gets magnitude 1, not its norm 0: with the norm read as 1 (see
+                // the rewrite above) its scale is 1, the layer computes the base output, and B
+                // still receives LoRA's gradient there.
+                if sq > 0.0 {
+                    (alpha.abs() as f64 * sq.sqrt()) as f32
+                } else {
+                    1.0
+                }
             })
             .collect();
         Tensor::f32(vec![fout], norms)

@@ -76,7 +76,8 @@ pub fn merged_weight(graph: &Graph, layer: &AdaptedLayer) -> Tensor {
                 .map(|i| v[i * fout + j].powi(2))
                 .sum::<f64>()
                 .sqrt();
-            let g = m[j] / norm;
+            // A zero column's norm reads as 1, as in the unmerged layer (see adapter_insert).
+            let g = if norm > 0.0 { m[j] / norm } else { m[j] };
             for i in 0..fin {
                 v[i * fout + j] *= g;
             }

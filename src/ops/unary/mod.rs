@@ -22,6 +22,7 @@ mod is_nan;
 mod log;
 mod neg;
 mod not;
+mod positive_or_one;
 mod reciprocal;
 mod relu;
 mod sigmoid;
@@ -38,6 +39,7 @@ pub use is_nan::IS_NAN;
 pub use log::LOG;
 pub use neg::NEG;
 pub use not::NOT;
+pub use positive_or_one::POSITIVE_OR_ONE;
 pub use reciprocal::RECIPROCAL;
 pub use relu::RELU;
 pub use sigmoid::SIGMOID;
@@ -47,8 +49,23 @@ pub use tanh::TANH;
 
 /// Every unary function dorac knows.
 pub const ALL: &[Unary] = &[
-    RELU, SIGMOID, TANH, ERF, GELU, GELU_TANH, SQRT, NEG, EXP, LOG, RECIPROCAL, NOT, IS_NAN, SIN,
-    COS, ABS,
+    RELU,
+    SIGMOID,
+    TANH,
+    ERF,
+    GELU,
+    GELU_TANH,
+    SQRT,
+    NEG,
+    EXP,
+    LOG,
+    RECIPROCAL,
+    NOT,
+    IS_NAN,
+    SIN,
+    COS,
+    ABS,
+    POSITIVE_OR_ONE,
 ];
 
 use crate::codegen::template::Lib;
