@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 const TOL: f64 = 1e-4;
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 10] = [
     "bert_tiny",
     "gpt2_tiny",
     "llama_tiny",
@@ -26,6 +26,8 @@ const MODELS: [&str; 8] = [
     "phi3_tiny",
     "gemma_tiny",
     "gpt_neox_tiny",
+    "distilbert_tiny",
+    "t5_encoder_tiny",
 ];
 
 /// Every `.onnx` of a model folder (and of its `external/` subfolder, when there is one), with
