@@ -1,6 +1,7 @@
-//! DoRA on real transformer exports (tiny BERT and GPT-2, both PyTorch exporters): the model
-//! rewritten at PEFT's initialisation computes the base function, a PEFT adapter runs as in
-//! PEFT, and the merged model matches unmerged DoRA; each through ONNX export and re-import.
+//! DoRA on real transformer exports (the tiny encoders and decoders, both PyTorch exporters):
+//! the model rewritten at PEFT's initialisation computes the base function, a PEFT adapter runs
+//! as in PEFT, and the merged model matches unmerged DoRA; each through ONNX export and
+//! re-import.
 
 mod common;
 
