@@ -207,7 +207,8 @@ def torch_logits(model, feeds):
 # --------------------------------------------------------------------------------------------
 
 
-def export(model, feeds, input_names, dynamic_out, path, variant, output="logits"):
+def export(model, feeds, input_names, dynamic_out, path, variant, output="logits", dynamic_in=None):
+    """dynamic_in: the dynamic axes of every input of legacy_op17_dynamic (default batch and seq)."""
     args = tuple(feeds[n] for n in input_names)
     common = dict(input_names=input_names, output_names=[output])
     with warnings.catch_warnings():
@@ -215,7 +216,8 @@ def export(model, feeds, input_names, dynamic_out, path, variant, output="logits
         if variant.startswith("legacy"):
             kw = dict(dynamo=False, opset_version=14 if variant == "legacy_op14" else 17, do_constant_folding=True)
             if variant.endswith("dynamic"):
-                kw["dynamic_axes"] = {**{n: {0: "batch", 1: "seq"} for n in input_names}, output: dynamic_out}
+                axes = dynamic_in or {0: "batch", 1: "seq"}
+                kw["dynamic_axes"] = {**{n: dict(axes) for n in input_names}, output: dynamic_out}
             torch.onnx.export(model, args, str(path), **common, **kw)
         else:
             assert variant.startswith("dynamo_op"), variant
@@ -475,7 +477,7 @@ def make_one(name, spec):
     out_name = spec.get("output", "logits")
     for variant in spec.get("variants", VARIANTS):
         path = folder / f"{variant}.onnx"
-        export(exp, feeds, spec["input_names"], spec["dynamic_out"], path, variant, out_name)
+        export(exp, feeds, spec["input_names"], spec["dynamic_out"], path, variant, out_name, spec.get("dynamic_in"))
         info = describe(path, base)
         out = run_ort(path, feeds)
         assert list(out) == [out_name], list(out)
@@ -551,7 +553,7 @@ def make_wrapped(name, spec, probe, variants=("legacy_op17", "dynamo_op20")):
     print(f"\n  --- {name}/wrapped ---")
     for variant in variants:
         path = folder / f"{variant}.onnx"
-        export(model, feeds, spec["input_names"], spec["dynamic_out"], path, variant, out_name)
+        export(model, feeds, spec["input_names"], spec["dynamic_out"], path, variant, out_name, spec.get("dynamic_in"))
         info = describe(path, base)
         modules = {r["from_name"] or r["from_meta"] for r in info["linears"]}
         assert f"m.{probe}" in modules, modules

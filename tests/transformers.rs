@@ -1,7 +1,8 @@
-//! Transformer models as PyTorch's exporters write them (models/bert_tiny, models/gpt2_tiny:
-//! legacy TorchScript exporter at opsets 14 and 17, with static and with dynamic shapes, and the
-//! torch.export-based exporter at opset 18, plus BERT with external data). Every variant must
-//! import with the shapes of `inputs.safetensors` (int64 token ids and masks, given as float
+//! Transformer models as PyTorch's exporters write them (models/bert_tiny, models/gpt2_tiny, the
+//! decoders of make_decoders.py, and DistilBERT and the T5 encoder of make_encoders.py: legacy
+//! TorchScript exporter at opsets 14 and 17, with static and with dynamic shapes, and the
+//! torch.export-based exporter at opset 18 or 20, plus BERT with external data). Every variant
+//! must import with the shapes of `inputs.safetensors` (int64 token ids and masks, given as float
 //! values), run on the GPU and on the reference executor, and match onnxruntime's output
 //! (`<variant>.ort.safetensors`) at 1e-4 relative. Shape computations must be gone by then: no
 //! kernel of the compiled plan computes from constants only, and the dynamic variant compiles to
@@ -17,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 const TOL: f64 = 1e-4;
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 10] = [
     "bert_tiny",
     "gpt2_tiny",
     "llama_tiny",
@@ -26,6 +27,8 @@ const MODELS: [&str; 8] = [
     "phi3_tiny",
     "gemma_tiny",
     "gpt_neox_tiny",
+    "distilbert_tiny",
+    "t5_encoder_tiny",
 ];
 
 /// Every `.onnx` of a model folder (and of its `external/` subfolder, when there is one), with

@@ -1,6 +1,7 @@
-//! DoRA on real transformer exports (tiny BERT and GPT-2, both PyTorch exporters): the model
-//! rewritten at PEFT's initialisation computes the base function, a PEFT adapter runs as in
-//! PEFT, and the merged model matches unmerged DoRA; each through ONNX export and re-import.
+//! DoRA on real transformer exports (the tiny encoders and decoders, both PyTorch exporters):
+//! the model rewritten at PEFT's initialisation computes the base function, a PEFT adapter runs
+//! as in PEFT, and the merged model matches unmerged DoRA; each through ONNX export and
+//! re-import.
 
 mod common;
 
@@ -91,6 +92,13 @@ fn transformers_rewrite_adapt_and_merge() {
             &["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"][..],
             8,
         ),
+        // Encoders: DistilBERT (attention and FFN), the T5 encoder (bias-free projections).
+        (
+            "distilbert_tiny",
+            &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"][..],
+            12,
+        ),
+        ("t5_encoder_tiny", &["q", "k", "v", "o", "wi", "wo"][..], 12),
     ] {
         let dir = models_dir().join(model);
         let inputs = read(model, "inputs.safetensors");
@@ -171,25 +179,34 @@ fn external_weights_are_memory_mapped_and_run() {
 /// names find the export's modules by a unique suffix, as PEFT's `target_modules` do.
 #[test]
 fn peft_adapter_applies_to_a_wrapped_export() {
-    let dir = models_dir().join("llama_tiny");
-    let inputs = read("llama_tiny", "inputs.safetensors");
-    let peft = read("llama_tiny", "peft_dora_outputs.safetensors");
-    let adapter = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
-    for variant in ["legacy_op17", "dynamo_op20"] {
-        let ort = read("llama_tiny", &format!("wrapped/{variant}.ort.safetensors"));
-        let mut g = import(&dir.join(format!("wrapped/{variant}.onnx")), &inputs);
-        let modules: Vec<String> = find_linear_layers(&g)
-            .into_iter()
-            .map(|l| l.module)
-            .collect();
-        assert!(
-            modules.contains(&"m.model.layers.0.self_attn.q_proj".to_string()),
-            "{variant}: {modules:?}"
-        );
-        let e_base = rel(&gpu_out(&g, &inputs), &ort, "logits");
-        assert!(e_base < TOL, "wrapped {variant} vs onnxruntime {e_base:e}");
-        assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), 14);
-        let e = rel(&gpu_out(&g, &inputs), &peft, "logits");
-        assert!(e < TOL, "wrapped {variant} + PEFT adapter vs PEFT {e:e}");
+    // (model, a module of the wrapped export, adapted layers)
+    for (model, probe, layers) in [
+        ("llama_tiny", "m.model.layers.0.self_attn.q_proj", 14),
+        (
+            "distilbert_tiny",
+            "m.distilbert.transformer.layer.0.attention.q_lin",
+            12,
+        ),
+    ] {
+        let dir = models_dir().join(model);
+        let inputs = read(model, "inputs.safetensors");
+        let peft = read(model, "peft_dora_outputs.safetensors");
+        let adapter = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
+        for variant in ["legacy_op17", "dynamo_op20"] {
+            let tag = format!("{model}/wrapped/{variant}");
+            let ort = read(model, &format!("wrapped/{variant}.ort.safetensors"));
+            let mut g = import(&dir.join(format!("wrapped/{variant}.onnx")), &inputs);
+            let modules: Vec<String> = find_linear_layers(&g)
+                .into_iter()
+                .map(|l| l.module)
+                .collect();
+            assert!(modules.contains(&probe.to_string()), "{tag}: {modules:?}");
+            let e_base = rel(&gpu_out(&g, &inputs), &ort, "logits");
+            assert!(e_base < TOL, "{tag} vs onnxruntime {e_base:e}");
+            assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), layers);
+            let e = rel(&gpu_out(&g, &inputs), &peft, "logits");
+            assert!(e < TOL, "{tag} + PEFT adapter vs PEFT {e:e}");
+            println!("{tag}: base vs ORT {e_base:.1e}, adapter vs PEFT {e:.1e}");
+        }
     }
 }
