@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 const TOL: f64 = 1e-4;
-const MODELS: [&str; 10] = [
+const MODELS: [&str; 11] = [
     "bert_tiny",
     "gpt2_tiny",
     "llama_tiny",
@@ -29,6 +29,7 @@ const MODELS: [&str; 10] = [
     "gpt_neox_tiny",
     "distilbert_tiny",
     "t5_encoder_tiny",
+    "vit_tiny",
 ];
 
 /// Every `.onnx` of a model folder (and of its `external/` subfolder, when there is one), with

@@ -99,6 +99,11 @@ fn transformers_rewrite_adapt_and_merge() {
             12,
         ),
         ("t5_encoder_tiny", &["q", "k", "v", "o", "wi", "wo"][..], 12),
+        (
+            "vit_tiny",
+            &["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"][..],
+            12,
+        ),
     ] {
         let dir = models_dir().join(model);
         let inputs = read(model, "inputs.safetensors");
@@ -208,5 +213,51 @@ fn peft_adapter_applies_to_a_wrapped_export() {
             assert!(e < TOL, "{tag} + PEFT adapter vs PEFT {e:e}");
             println!("{tag}: base vs ORT {e_base:.1e}, adapter vs PEFT {e:.1e}");
         }
+    }
+}
+
+/// PEFT DoRA on ViT's patch-embedding Conv (`DoraConv2dLayer`) as well as its projections, on
+/// every exporter variant: PEFT's output unmerged and merged, and the adapter saved by dorac has
+/// PEFT's tensors and shapes (Conv-shaped for the projection).
+#[test]
+fn vit_conv_adapter_matches_peft() {
+    let dir = models_dir().join("vit_tiny");
+    let inputs = read("vit_tiny", "inputs.safetensors");
+    let peft = read("vit_tiny", "peft_dora_conv_outputs.safetensors");
+    let adapter = dorac::adapter::load(&dir.join("peft_dora_conv")).unwrap();
+    let want =
+        dorac::tensors_io::read_safetensors(&dir.join("peft_dora_conv/adapter_model.safetensors"))
+            .unwrap();
+    for variant in variants("vit_tiny") {
+        let tag = format!("vit_tiny/{variant}");
+        let mut g = import(&dir.join(format!("{variant}.onnx")), &inputs);
+        let out_name = g.outputs[0].0.clone();
+        assert_eq!(
+            dorac::adapter::apply(&mut g, &adapter).unwrap(),
+            13,
+            "{tag}"
+        );
+        let unmerged = gpu_out(&g, &inputs);
+        let e = rel(&unmerged, &peft, &out_name);
+        assert!(e < TOL, "{tag}: Conv adapter vs PEFT {e:e}");
+
+        let saved = temp_dir(&format!("vit-conv-{variant}"));
+        dorac::adapter::save(&round_trip(&g, &inputs, &format!("vit-{variant}")), &saved).unwrap();
+        let got =
+            dorac::tensors_io::read_safetensors(&saved.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(got.len(), want.len(), "{tag}");
+        for (k, w) in &want {
+            let k_got = got.get(k).unwrap_or_else(|| panic!("{tag}: {k} not saved"));
+            assert_eq!(k_got.shape, w.shape, "{tag}: {k}");
+            assert!(
+                dorac::tensor::relative_error(&k_got.data, &w.data) < 1e-7,
+                "{tag}: {k}"
+            );
+        }
+
+        merge_adapters(&mut g).unwrap();
+        let e_merge = rel(&gpu_out(&g, &inputs), &unmerged, &out_name);
+        assert!(e_merge < TOL, "{tag}: merged vs unmerged {e_merge:e}");
+        println!("{tag}: Conv adapter vs PEFT {e:.1e}, merged vs unmerged {e_merge:.1e}");
     }
 }
