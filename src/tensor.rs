@@ -115,6 +115,36 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// The `len` entries from `start` along `axis`. Leading-axis slices of a memory-mapped f32
+    /// tensor stay mapped; anything else is copied.
+    pub fn slice_axis(&self, axis: usize, start: usize, len: usize) -> Tensor {
+        let outer: usize = self.shape[..axis].iter().product();
+        let inner: usize = self.shape[axis + 1..].iter().product();
+        let dim = self.shape[axis];
+        let mut shape = self.shape.clone();
+        shape[axis] = len;
+        if let (Data::F32(F32Buf::Mapped { map, offset, .. }), 1) = (&self.data, outer) {
+            let view = F32Buf::mapped(map.clone(), offset + 4 * start * inner, len * inner);
+            if let Some(view) = view {
+                return Tensor {
+                    shape,
+                    data: Data::F32(view),
+                };
+            }
+        }
+        fn pick<T: Copy>(v: &[T], outer: usize, dim: usize, inner: usize, s: usize, l: usize) -> Vec<T> {
+            (0..outer)
+                .flat_map(|o| v[(o * dim + s) * inner..(o * dim + s + l) * inner].iter().copied())
+                .collect()
+        }
+        let data = match &self.data {
+            Data::F32(v) => Data::F32(pick(v, outer, dim, inner, start, len).into()),
+            Data::I64(v) => Data::I64(pick(v, outer, dim, inner, start, len).into()),
+            Data::Bool(v) => Data::Bool(pick(v, outer, dim, inner, start, len).into()),
+        };
+        Tensor { shape, data }
+    }
+
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(numel(&shape), data.len());
         Tensor {

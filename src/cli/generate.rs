@@ -83,7 +83,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let exe = match &gpu {
-        Some(g) => Some(Executable::new(g, &crate::codegen::plan(&graph)?, &graph)?),
+        Some(g) => Some(Executable::compile(g, &graph)?),
         None => None,
     };
     let mut tokens: Vec<u8> = args.prompt.bytes().collect();

@@ -6,14 +6,17 @@
 //! - [`adapter_insert`]: rewrites chosen layers into DoRA or LoRA subgraphs.
 //! - [`fold`]: constant folding through the reference executor (frozen-only work is done once).
 //! - [`merge`]: folds adapters back into the base weights.
+//! - [`split`]: cuts constants larger than one device binding into chunks at their readers.
 
 pub mod adapter_insert;
 pub mod autodiff;
 pub mod fold;
 pub mod linear;
 pub mod merge;
+pub mod split;
 
 pub use adapter_insert::{insert_adapters, AdapterInit, AdapterSpec};
 pub use fold::fold_constants;
 pub use linear::{find_linear_layers, matches_target, resolve_module, LinearLayer, ModuleMatch};
 pub use merge::merge_adapters;
+pub use split::split_large_constants;

@@ -76,6 +76,24 @@ pub struct Executable {
 }
 
 impl Executable {
+    /// Plans `graph` for this device and creates its executable. Constants larger than one of
+    /// the device's storage bindings are first split at their readers
+    /// ([`crate::passes::split_large_constants`]), so a model whose embedding exceeds the
+    /// binding limit (GPT-2 small's 154 MB on lavapipe's 128 MiB) still runs.
+    pub fn compile(gpu: &Gpu, graph: &Graph) -> Result<Executable> {
+        let limit = gpu.limits().max_storage_buffer_binding_size;
+        let mut split;
+        let graph = if crate::passes::split::needs_split(graph, limit) {
+            split = graph.clone();
+            crate::passes::split_large_constants(&mut split, limit)?;
+            &split
+        } else {
+            graph
+        };
+        let plan = crate::codegen::plan(graph)?;
+        Executable::new(gpu, &plan, graph)
+    }
+
     /// Creates the allocations (checked against the device's limits first, so an oversized
     /// tensor is named instead of failing inside wgpu), uploads the constants of `graph`, and
     /// builds one pipeline per kernel from its naga-validated source.

@@ -13,7 +13,6 @@ mod executable;
 
 pub use executable::Executable;
 
-use crate::codegen;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use std::collections::HashMap;
@@ -147,8 +146,7 @@ pub fn run_graph(
     graph: &Graph,
     inputs: &HashMap<String, Vec<f32>>,
 ) -> Result<HashMap<String, Vec<f32>>> {
-    let plan = codegen::plan(graph)?;
-    Executable::new(gpu, &plan, graph)?.run(inputs)
+    Executable::compile(gpu, graph)?.run(inputs)
 }
 
 /// Error scopes for all three filters around a stretch of wgpu calls. wgpu reports most errors

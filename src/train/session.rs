@@ -48,8 +48,7 @@ impl Session {
             .collect();
         let engine = match gpu {
             Some(gpu) => {
-                let plan = crate::codegen::plan(g)?;
-                Engine::Gpu(Box::new(Executable::new(gpu, &plan, g)?))
+                Engine::Gpu(Box::new(Executable::compile(gpu, g)?))
             }
             None => Engine::Reference(HashMap::new()),
         };

@@ -1,0 +1,257 @@
+//! Constants larger than one storage binding, split into chunks that each fit.
+//!
+//! A device binds at most `max_storage_buffer_binding_size` bytes per buffer (128 MiB on
+//! lavapipe), less than GPT-2 small's token embedding (50257 x 768 f32, 154 MB). Each op that
+//! reads such a constant is rewritten over chunks of it, with ops dorac already has, so the
+//! reference executor, the kernels and autodiff need nothing new:
+//!
+//! - **Gather** of rows (an embedding): one Gather per chunk of rows with the ids shifted into
+//!   that chunk, summed. An id outside a chunk reads as 0 there (Gather's rule for out-of-range
+//!   ids), so exactly one chunk contributes each row.
+//! - **MatMul** `x @ W` (a tied LM head): W split along its output columns, one product per
+//!   chunk, concatenated along the last axis. W on the left is split along its rows.
+//! - **Gemm** likewise along N (transposed or not), with its C split when it has N columns.
+//!
+//! Any other reader of an oversized constant is an error naming the tensor. Splits along rows of
+//! a memory-mapped weight stay mapped (no copy); column splits are copied.
+
+use crate::error::{Error, Result};
+use crate::ir::{rewrite, Binary, Graph, NodeId, Op, Patch, PatchOps, PatchRef, Rule};
+use crate::ir::op::MAX_CONCAT_INPUTS;
+use crate::tensor::{shape_str, DType, Tensor};
+
+/// The constants of `graph` over `max_bytes`.
+fn oversized(graph: &Graph, max_bytes: u64) -> Vec<NodeId> {
+    graph
+        .graph
+        .node_indices()
+        .filter(|&n| matches!(graph.node(n).op, Op::Const(_)) && bytes(graph.shape(n)) > max_bytes)
+        .collect()
+}
+
+/// Whether some constant of `graph` is over `max_bytes`.
+pub fn needs_split(graph: &Graph, max_bytes: u64) -> bool {
+    !oversized(graph, max_bytes).is_empty()
+}
+
+/// Splits every constant over `max_bytes` at each of its readers. Returns how many readers were
+/// rewritten.
+pub fn split_large_constants(graph: &mut Graph, max_bytes: u64) -> Result<usize> {
+    let big = oversized(graph, max_bytes);
+    if big.is_empty() {
+        return Ok(0);
+    }
+    for &c in &big {
+        for reader in graph.consumers(c) {
+            if !splittable(graph, reader, c) {
+                let n = graph.node(c);
+                return Err(Error::Unsupported(vec![format!(
+                    "constant '{}' ({}, {} bytes) exceeds the device's {max_bytes}-byte storage \
+                     binding, and its reader '{}' ({}) cannot be split (Gather rows, MatMul and \
+                     Gemm can)",
+                    n.name,
+                    shape_str(&n.shape),
+                    bytes(&n.shape),
+                    graph.node(reader).label,
+                    graph.node(reader).op.name()
+                )]));
+            }
+        }
+    }
+    rewrite(graph, &[&SplitReader { max_bytes }])
+}
+
+/// Every value is f32 (or f32-sized) on the device.
+fn bytes(shape: &[usize]) -> u64 {
+    4 * shape.iter().map(|&d| d as u64).product::<u64>()
+}
+
+/// Whether `reader`'s use of constant `c` has a split form.
+fn splittable(g: &Graph, reader: NodeId, c: NodeId) -> bool {
+    let ins = g.inputs_of(reader);
+    let only = |i: usize| ins.iter().enumerate().all(|(k, &n)| (n == c) == (k == i));
+    match g.node(reader).op {
+        Op::Gather { .. } => only(0) && g.node(c).dtype == DType::F32,
+        Op::MatMul => g.shape(c).len() == 2 && (only(0) || only(1)),
+        Op::Gemm { .. } => only(1),
+        _ => false,
+    }
+}
+
+struct SplitReader {
+    max_bytes: u64,
+}
+
+impl Rule for SplitReader {
+    fn name(&self) -> &str {
+        "split_large_constant"
+    }
+
+    fn apply(&self, graph: &Graph, node: NodeId) -> Result<Option<PatchOps>> {
+        let ins = graph.inputs_of(node);
+        let Some(pos) = ins.iter().position(|&n| {
+            matches!(graph.node(n).op, Op::Const(_)) && bytes(graph.shape(n)) > self.max_bytes
+        }) else {
+            return Ok(None);
+        };
+        let c = ins[pos];
+        let mut p = Patch::new(graph);
+        let y = match graph.node(node).op.clone() {
+            Op::Gather { axis } => gather(&mut p, node, c, ins[1], axis, self.max_bytes)?,
+            Op::MatMul if pos == 1 => {
+                let w = chunks(&mut p, c, 1, self.max_bytes);
+                let parts = w
+                    .iter()
+                    .map(|&(wi, _, _)| add(&mut p, node, Op::MatMul, &[ins[0].into(), wi], "mm"))
+                    .collect::<Result<Vec<_>>>()?;
+                let rank = graph.shape(node).len();
+                concat(&mut p, node, parts, rank - 1)?
+            }
+            Op::MatMul => {
+                // W [M, K] on the left: M is the result's second-to-last axis, or its last when
+                // the right operand is a vector.
+                let w = chunks(&mut p, c, 0, self.max_bytes);
+                let parts = w
+                    .iter()
+                    .map(|&(wi, _, _)| add(&mut p, node, Op::MatMul, &[wi, ins[1].into()], "mm"))
+                    .collect::<Result<Vec<_>>>()?;
+                let rank = graph.shape(node).len();
+                let vector = graph.shape(ins[1]).len() == 1;
+                concat(&mut p, node, parts, if vector { rank - 1 } else { rank - 2 })?
+            }
+            op @ Op::Gemm { trans_b, .. } => {
+                // N is W's dim 1, or dim 0 when transposed.
+                let axis = if trans_b { 0 } else { 1 };
+                let w = chunks(&mut p, c, axis, self.max_bytes);
+                let n = graph.shape(node)[1];
+                let mut parts = vec![];
+                for &(wi, start, len) in &w {
+                    let mut args: Vec<PatchRef> = vec![ins[0].into(), wi];
+                    if let Some(&bias) = ins.get(2) {
+                        let bs = graph.shape(bias).to_vec();
+                        let sliced = bs.last() == Some(&n) && n > 1;
+                        args.push(if sliced {
+                            slice_last(&mut p, node, bias.into(), &bs, start, len)?
+                        } else {
+                            bias.into()
+                        });
+                    }
+                    parts.push(add(&mut p, node, op.clone(), &args, "gemm")?);
+                }
+                concat(&mut p, node, parts, 1)?
+            }
+            _ => return Ok(None),
+        };
+        p.replace(node, y);
+        Ok(Some(p.finish()))
+    }
+}
+
+/// Adds a node named after `of`, with a tag.
+fn add(p: &mut Patch, of: NodeId, op: Op, ins: &[PatchRef], tag: &str) -> Result<PatchRef> {
+    let g = p.graph();
+    let name = g.fresh_name(&format!("{}/split_{tag}", g.node(of).name));
+    let label = format!("{}/split_{tag}", g.node(of).label);
+    p.add(op, ins, &name, &label)
+}
+
+/// Constant `c` cut along `axis` into chunks of at most `max_bytes`: (chunk, first index, length).
+fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRef, usize, usize)> {
+    let g = p.graph();
+    let shape = g.shape(c).to_vec();
+    let Op::Const(t) = &g.node(c).op else {
+        unreachable!("only constants are split")
+    };
+    let slab = bytes(&shape) / shape[axis] as u64; // bytes per index along `axis`
+    let per = ((max_bytes / slab.max(1)) as usize).max(1);
+    let name = g.node(c).name.clone();
+    let mut out = vec![];
+    let mut start = 0;
+    while start < shape[axis] {
+        let len = per.min(shape[axis] - start);
+        let part = t.slice_axis(axis, start, len);
+        out.push((p.constant(&format!("{name}/rows_{start}"), part), start, len));
+        start += len;
+    }
+    out
+}
+
+/// Gather over row chunks of `data` along `axis`: per chunk, the ids shifted into it (ids below
+/// the chunk become its length, which reads as 0), gathered, and all summed.
+fn gather(
+    p: &mut Patch,
+    node: NodeId,
+    data: NodeId,
+    ids: NodeId,
+    axis: usize,
+    max_bytes: u64,
+) -> Result<PatchRef> {
+    let g = p.graph();
+    let dim = g.shape(data)[axis] as i64;
+    let id_type = g.node(ids).dtype;
+    let konst = |p: &mut Patch, tag: &str, v: i64| {
+        let name = p.graph().fresh_name(&format!("{}/split_{tag}", p.graph().node(node).name));
+        let t = match id_type {
+            DType::F32 => Tensor::scalar(v as f32),
+            _ => Tensor::i64(vec![], vec![v]),
+        };
+        p.constant(&name, t)
+    };
+    // Negative ids count from the end: normalise them first.
+    let zero = konst(p, "zero", 0);
+    let dim_c = konst(p, "dim", dim);
+    let negative = add(p, node, Op::Binary(Binary::Less), &[ids.into(), zero], "negative")?;
+    let wrapped = add(p, node, Op::Binary(Binary::Add), &[ids.into(), dim_c], "wrapped")?;
+    let ids_n = add(p, node, Op::Where, &[negative, wrapped, ids.into()], "ids")?;
+    let parts = chunks(p, data, axis, max_bytes);
+    let mut sum: Option<PatchRef> = None;
+    for (chunk, start, len) in parts {
+        let off = konst(p, "offset", start as i64);
+        let len_c = konst(p, "len", len as i64);
+        let shifted = add(p, node, Op::Binary(Binary::Sub), &[ids_n, off], "shifted")?;
+        let below = add(p, node, Op::Binary(Binary::Less), &[shifted, zero], "below")?;
+        let local = add(p, node, Op::Where, &[below, len_c, shifted], "local")?;
+        let rows = add(p, node, Op::Gather { axis }, &[chunk, local], "gather")?;
+        sum = Some(match sum {
+            None => rows,
+            Some(s) => add(p, node, Op::Binary(Binary::Add), &[s, rows], "sum")?,
+        });
+    }
+    Ok(sum.expect("a split constant has at least one chunk"))
+}
+
+/// Concatenation of `parts` along `axis`, as a tree when there are more than a kernel binds.
+fn concat(p: &mut Patch, of: NodeId, mut parts: Vec<PatchRef>, axis: usize) -> Result<PatchRef> {
+    while parts.len() > 1 {
+        parts = parts
+            .chunks(MAX_CONCAT_INPUTS)
+            .map(|group| match group {
+                [one] => Ok(*one),
+                _ => add(p, of, Op::Concat { axis }, group, "concat"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    Ok(parts[0])
+}
+
+/// `x[..., start..start + len]` along the last axis.
+fn slice_last(
+    p: &mut Patch,
+    of: NodeId,
+    x: PatchRef,
+    shape: &[usize],
+    start: usize,
+    len: usize,
+) -> Result<PatchRef> {
+    let rank = shape.len();
+    let mut starts = vec![0i64; rank];
+    let mut ends: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    starts[rank - 1] = start as i64;
+    ends[rank - 1] = (start + len) as i64;
+    let op = Op::Slice {
+        starts,
+        ends,
+        steps: vec![1; rank],
+    };
+    add(p, of, op, &[x], "bias")
+}
