@@ -63,6 +63,35 @@ def perturb(model, seed):
                 m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g, dtype=m.dtype))
 
 
+def train_golden(peft_model, x, target, out_dir):
+    """train/data.safetensors and train/dora_mse.safetensors: one AdamW step (lr 1e-2) on the MSE."""
+    peft_model.train()
+    params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in params], lr=1e-2)
+    opt.zero_grad()
+    x_in = x.to(DTYPE) if x.is_floating_point() else x
+    loss = torch.nn.functional.mse_loss(peft_model(x_in), target.to(DTYPE))
+    loss.backward()
+    out = {"loss": loss.detach().reshape([])}
+    grads = {n: p.grad.detach().clone() for n, p in params}
+    opt.step()
+    for n, p in params:
+        module = n.removeprefix("base_model.model.").split(".lora_")[0]
+        role = ("lora_A" if ".lora_A." in n or ".lora_embedding_A." in n
+                else "lora_B" if ".lora_B." in n or ".lora_embedding_B." in n else "magnitude")
+        key = f"{module}.{role}"
+        st = opt.state[p]
+        out[f"grad.{key}"] = grads[n]
+        out[f"after.{key}"] = p.detach().clone()
+        out[f"exp_avg.{key}"] = st["exp_avg"].detach().clone()
+        out[f"exp_avg_sq.{key}"] = st["exp_avg_sq"].detach().clone()
+    (out_dir / "train").mkdir(exist_ok=True)
+    save_file({"x": x, "target": target}, str(out_dir / "train" / "data.safetensors"))
+    save_file({k: v.to(DTYPE).contiguous() for k, v in sorted(out.items())},
+              str(out_dir / "train" / "dora_mse.safetensors"))
+    print(f"loss {loss.item():.6f}, {len(params)} trainable tensors")
+
+
 def main():
     torch.manual_seed(2402)
     torch.set_num_threads(1)
@@ -96,28 +125,8 @@ def main():
     shapes = {k: list(v.shape) for k, v in peft_model.state_dict().items() if "lora" in k}
     print("adapter tensors:", shapes)
 
-    # One AdamW step on the MSE, float64.
-    peft_model.train()
-    params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in params], lr=1e-2)
-    opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(peft_model(x.to(DTYPE)), target.to(DTYPE))
-    loss.backward()
-    out = {"loss": loss.detach().reshape([])}
-    grads = {n: p.grad.detach().clone() for n, p in params}
-    opt.step()
-    for n, p in params:
-        module = n.removeprefix("base_model.model.").split(".lora_")[0]
-        role = ("lora_A" if ".lora_A." in n else "lora_B" if ".lora_B." in n else "magnitude")
-        key = f"{module}.{role}"
-        st = opt.state[p]
-        out[f"grad.{key}"] = grads[n]
-        out[f"after.{key}"] = p.detach().clone()
-        out[f"exp_avg.{key}"] = st["exp_avg"].detach().clone()
-        out[f"exp_avg_sq.{key}"] = st["exp_avg_sq"].detach().clone()
-    save_file({"x": x, "target": target}, str(OUT / "train" / "data.safetensors"))
-    save_file({k: v.to(DTYPE).contiguous() for k, v in sorted(out.items())}, str(OUT / "train" / "dora_mse.safetensors"))
-    print(f"PEFT effect {effect:.3e}, loss {loss.item():.6f}, {len(params)} trainable tensors")
+    train_golden(peft_model, x, target, OUT)
+    print(f"PEFT effect {effect:.3e}")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,20 @@ impl Tensor {
                 };
             }
         }
-        fn pick<T: Copy>(v: &[T], outer: usize, dim: usize, inner: usize, s: usize, l: usize) -> Vec<T> {
+        fn pick<T: Copy>(
+            v: &[T],
+            outer: usize,
+            dim: usize,
+            inner: usize,
+            s: usize,
+            l: usize,
+        ) -> Vec<T> {
             (0..outer)
-                .flat_map(|o| v[(o * dim + s) * inner..(o * dim + s + l) * inner].iter().copied())
+                .flat_map(|o| {
+                    v[(o * dim + s) * inner..(o * dim + s + l) * inner]
+                        .iter()
+                        .copied()
+                })
                 .collect()
         }
         let data = match &self.data {

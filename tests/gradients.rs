@@ -28,6 +28,8 @@ struct Case {
     values: HashMap<String, Array>,
     rng: Rng,
     seed: u64,
+    /// Graph inputs that are fed but not differentiated (runtime token ids).
+    fixed: Vec<NodeId>,
 }
 
 impl Case {
@@ -40,6 +42,7 @@ impl Case {
             values: HashMap::new(),
             rng: Rng::new(seed),
             seed,
+            fixed: vec![],
         }
     }
 
@@ -70,6 +73,16 @@ impl Case {
         self.values
             .insert(name.into(), Array::new(shape.to_vec(), data));
         self.g.add_input(name, shape.to_vec())
+    }
+
+    /// A graph input with given values that is not differentiated (token ids).
+    fn fixed_input(&mut self, name: &str, shape: &[usize], values: Vec<f64>) -> NodeId {
+        self.values
+            .insert(name.into(), Array::new(shape.to_vec(), values));
+        let id = self.g.add_input(name, shape.to_vec());
+        self.g.node_mut(id).dtype = dorac::tensor::DType::I64;
+        self.fixed.push(id);
+        id
     }
 
     /// Class ids as an input that is not differentiated.
@@ -109,7 +122,13 @@ impl Case {
             &[weighted],
         );
         self.g.outputs.push(("loss".into(), loss));
-        let params = self.g.inputs.clone();
+        let params: Vec<NodeId> = self
+            .g
+            .inputs
+            .iter()
+            .copied()
+            .filter(|i| !self.fixed.contains(i))
+            .collect();
         let grads = differentiate(&mut self.g, loss, &params).unwrap();
         let values = reference::run_all(&self.g, &self.values).unwrap();
         let loss_at =
@@ -409,6 +428,12 @@ fn gather_and_conv_rules() {
         let y = c.op(Op::Gather { axis }, &[x, ids]);
         c.check(y);
     }
+    // Runtime ids (an embedding lookup): repeated, negative and out-of-range ids.
+    let mut c = Case::new("gather with runtime ids");
+    let x = c.input("table", &[6, 2, 3], -1.0, 1.0);
+    let ids = c.fixed_input("ids", &[2, 3], vec![0.0, 5.0, 5.0, -2.0, 9.0, 2.0]);
+    let y = c.op(Op::Gather { axis: 0 }, &[x, ids]);
+    c.check(y);
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/conv");
     for name in [
         "conv2d_strides_dilations",

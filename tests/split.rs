@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 fn random(rng: &mut Rng, shape: &[usize]) -> Tensor {
     Tensor::f32(
         shape.to_vec(),
-        (0..numel(shape)).map(|_| rng.range(-1.0, 1.0) as f32).collect(),
+        (0..numel(shape))
+            .map(|_| rng.range(-1.0, 1.0) as f32)
+            .collect(),
     )
 }
 
@@ -25,7 +27,11 @@ fn random(rng: &mut Rng, shape: &[usize]) -> Tensor {
 fn check(tag: &str, g: &Graph, inputs: &BTreeMap<String, Array>, limit: u64, rewritten: usize) {
     let want = run_reference(g, inputs);
     let mut s = g.clone();
-    assert_eq!(split_large_constants(&mut s, limit).unwrap(), rewritten, "{tag}");
+    assert_eq!(
+        split_large_constants(&mut s, limit).unwrap(),
+        rewritten,
+        "{tag}"
+    );
     let biggest = s
         .graph
         .node_weights()
@@ -56,7 +62,9 @@ fn split_readers_compute_what_the_whole_constant_does() {
         "ids",
         Tensor::i64(vec![2, 4], vec![0, 49, 13, -1, 24, 25, 60, -50]),
     );
-    let y = g.add(Op::Gather { axis: 0 }, &[table, ids], "y", "y").unwrap();
+    let y = g
+        .add(Op::Gather { axis: 0 }, &[table, ids], "y", "y")
+        .unwrap();
     g.outputs.push(("y".into(), y));
     check("gather", &g, &BTreeMap::new(), 400, 1);
 
@@ -74,7 +82,10 @@ fn split_readers_compute_what_the_whole_constant_does() {
         let _ = w;
         let y = g.add(Op::MatMul, &ins, "y", "y").unwrap();
         g.outputs.push(("y".into(), y));
-        let xv = Array::new(vec![3, 8], (0..24).map(|i| (i as f64 * 0.37).sin()).collect());
+        let xv = Array::new(
+            vec![3, 8],
+            (0..24).map(|i| (i as f64 * 0.37).sin()).collect(),
+        );
         check(tag, &g, &[("x".into(), xv)].into(), 256, 1);
     }
 
@@ -91,7 +102,10 @@ fn split_readers_compute_what_the_whole_constant_does() {
     };
     let y = g.add(op, &[x, w, b], "y", "y").unwrap();
     g.outputs.push(("y".into(), y));
-    let xv = Array::new(vec![3, 8], (0..24).map(|i| (i as f64 * 0.11).cos()).collect());
+    let xv = Array::new(
+        vec![3, 8],
+        (0..24).map(|i| (i as f64 * 0.11).cos()).collect(),
+    );
     check("gemm", &g, &[("x".into(), xv)].into(), 256, 1);
 }
 

@@ -6,6 +6,10 @@
 //! `onnx::import_ops::conv`) keep PEFT's Conv shapes on disk: lora_A `[r, C, kernel...]`, lora_B
 //! `[out, r, 1...]`, magnitude `[1, out, 1...]`; in the graph they are the 2-D `[r, C*K]`,
 //! `[out, r]` and `[out]` of that linear layer.
+//!
+//! Embeddings (`LinearKind::Embedding`) use PEFT's embedding keys, `<module>.lora_embedding_A`
+//! `[r, num_embeddings]` and `.lora_embedding_B` `[dim, r]`: the same orientation as a linear
+//! layer's A and B with in = num_embeddings and out = dim.
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Method, Op};
@@ -44,6 +48,8 @@ pub struct LayerTensors {
     pub magnitude: Option<Array>,
     /// For a Conv adapter, lora_A's shape on disk `[r, C, kernel...]`.
     pub conv_a_shape: Option<Vec<usize>>,
+    /// Stored under PEFT's embedding keys (`lora_embedding_A`, `lora_embedding_B`).
+    pub embedding: bool,
 }
 
 /// A loaded adapter: config plus tensors by module name.
@@ -135,11 +141,18 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
     let weights_path = dir.join(WEIGHTS_FILE);
     let tensors = read_safetensors(&weights_path)?;
     let mut parts: BTreeMap<String, [Option<Array>; 3]> = BTreeMap::new();
+    let mut embeddings = std::collections::BTreeSet::new();
     for (key, t) in tensors {
         let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
         let (module, slot) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             (m, 0)
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            (m, 1)
+        } else if let Some(m) = rest.strip_suffix(".lora_embedding_A") {
+            embeddings.insert(m.to_string());
+            (m, 0)
+        } else if let Some(m) = rest.strip_suffix(".lora_embedding_B") {
+            embeddings.insert(m.to_string());
             (m, 1)
         } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
             (m, 2)
@@ -147,7 +160,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
             (m, 2) // older PEFT releases
         } else {
             return Err(Error::Input(format!(
-                "{}: unexpected tensor '{key}' (expected <module>.lora_A.weight, .lora_B.weight or .lora_magnitude_vector)",
+                "{}: unexpected tensor '{key}' (expected <module>.lora_A.weight, .lora_B.weight, .lora_embedding_A, .lora_embedding_B or .lora_magnitude_vector)",
                 weights_path.display()
             )));
         };
@@ -164,8 +177,21 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
                 weights_path.display()
             ))
         };
-        let a = a.ok_or_else(|| missing("lora_A.weight"))?;
-        let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+        let embedding = embeddings.contains(&module);
+        let a = a.ok_or_else(|| {
+            missing(if embedding {
+                "lora_embedding_A"
+            } else {
+                "lora_A.weight"
+            })
+        })?;
+        let b = b.ok_or_else(|| {
+            missing(if embedding {
+                "lora_embedding_B"
+            } else {
+                "lora_B.weight"
+            })
+        })?;
         let conv_a_shape = (a.shape.len() > 2).then(|| a.shape.clone());
         let (a, b, m) = match &conv_a_shape {
             Some(_) => flatten_conv(a, b, m).map_err(|why| {
@@ -194,6 +220,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
                 b,
                 magnitude: m.filter(|_| config.use_dora),
                 conv_a_shape,
+                embedding,
             },
         );
     }
@@ -278,6 +305,15 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
                 shape_str(&t.a.shape)
             )),
             _ => {}
+        }
+        if t.embedding != layer.is_embedding() {
+            let (given, is) = match t.embedding {
+                true => ("an embedding's (lora_embedding_A/B)", "a linear layer"),
+                false => ("a linear layer's (lora_A/B)", "an embedding"),
+            };
+            problems.push(format!(
+                "module '{module}': the tensors are {given}, but '{found}' is {is}"
+            ));
         }
         specs.push(AdapterSpec {
             layer: layer.clone(),
@@ -392,12 +428,16 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
             };
             Array::new(shape, t.data)
         };
+        let (key_a, key_b) = match a.kind {
+            crate::ir::LinearKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
+            _ => ("lora_A.weight", "lora_B.weight"),
+        };
         tensors.insert(
-            format!("{KEY_PREFIX}{}.lora_A.weight", a.module),
+            format!("{KEY_PREFIX}{}.{key_a}", a.module),
             get(a.lora_a, "a"),
         );
         tensors.insert(
-            format!("{KEY_PREFIX}{}.lora_B.weight", a.module),
+            format!("{KEY_PREFIX}{}.{key_b}", a.module),
             get(a.lora_b, "b"),
         );
         if let Some(m) = a.magnitude {

@@ -234,8 +234,9 @@ impl AdapterArgs {
         }
         let specs: Vec<AdapterSpec> = layers
             .iter()
-            .filter(|l| {
-                patterns.is_empty() || patterns.iter().any(|p| matches_target(&l.module, p))
+            .filter(|l| match patterns.is_empty() {
+                true => !l.is_embedding(),
+                false => patterns.iter().any(|p| matches_target(&l.module, p)),
             })
             .map(|layer| AdapterSpec {
                 layer: layer.clone(),

@@ -10,8 +10,8 @@
 //!   dead nodes, such as a Shape whose value was folded at import, read nothing), and
 //!   `v` is neither a graph output nor the `next` value of a state update. It then never needs a
 //!   buffer and stays in registers.
-//! - `c` is element-wise (`kernels::is_elementwise`) and has the anchor's shape (an epilogue is
-//!   applied at the anchor's flat output index).
+//! - `c` is element-wise (`kernels::is_elementwise`), needs a kernel (a view does not), and has
+//!   the anchor's shape (an epilogue is applied at the anchor's flat output index).
 //! - Every other input of `c` is available before the anchor runs: a graph input, a constant, or
 //!   a value whose buffer is written earlier in the schedule than the anchor (views are followed
 //!   to the value that owns the buffer). Nothing the group reads is produced after its anchor, so
@@ -98,7 +98,13 @@ fn absorbable(
         return None;
     };
     let node = graph.node(next);
-    if taken.contains(&next) || !is_elementwise(&node.op) || node.shape != graph.shape(anchor) {
+    // A view (Cast to f32, Reshape) is no kernel's work: it ends the chain, and its readers
+    // read the buffer it aliases.
+    if taken.contains(&next)
+        || !is_elementwise(&node.op)
+        || !has_kernel(&node.op)
+        || node.shape != graph.shape(anchor)
+    {
         return None;
     }
     let ready = graph

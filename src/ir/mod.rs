@@ -70,10 +70,14 @@ pub enum LinearKind {
         trans_a: bool,
         trans_b: bool,
     },
+    /// `W[ids]`, a Gather of rows (an embedding): the product of one-hot ids with W
+    /// `[in = num_embeddings, out = dim]`, so DoRA's column norm runs over the vocabulary, as in
+    /// PEFT's `DoraEmbeddingLayer`. Inputs (W, ids): the weight comes first.
+    Embedding,
 }
 
 impl LinearKind {
-    /// The kind of a MatMul or Gemm node (None for other ops).
+    /// The kind of a MatMul, Gemm or row-Gather node (None for other ops).
     pub fn of(op: &Op) -> Option<LinearKind> {
         match *op {
             Op::MatMul => Some(LinearKind::MatMul),
@@ -88,6 +92,7 @@ impl LinearKind {
                 trans_a,
                 trans_b,
             }),
+            Op::Gather { axis: 0 } => Some(LinearKind::Embedding),
             _ => None,
         }
     }
@@ -107,6 +112,15 @@ impl LinearKind {
                 trans_a,
                 trans_b,
             },
+            LinearKind::Embedding => Op::Gather { axis: 0 },
+        }
+    }
+
+    /// The layer's op inputs in order, given x (the ids of an embedding) and the weight.
+    pub fn operands<T>(&self, x: T, weight: T) -> [T; 2] {
+        match self {
+            LinearKind::Embedding => [weight, x],
+            _ => [x, weight],
         }
     }
 }

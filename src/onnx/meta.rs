@@ -48,6 +48,7 @@ pub struct AdapterMeta {
 #[serde(tag = "op")]
 pub enum KindMeta {
     MatMul,
+    Embedding,
     Gemm {
         alpha: f32,
         beta: f32,
@@ -69,6 +70,7 @@ impl AdapterMeta {
             out_features: a.out_features,
             kind: match a.kind {
                 LinearKind::MatMul => KindMeta::MatMul,
+                LinearKind::Embedding => KindMeta::Embedding,
                 LinearKind::Gemm {
                     alpha,
                     beta,
@@ -125,6 +127,7 @@ impl AdapterMeta {
             out_features: self.out_features,
             kind: match self.kind {
                 KindMeta::MatMul => LinearKind::MatMul,
+                KindMeta::Embedding => LinearKind::Embedding,
                 KindMeta::Gemm {
                     alpha,
                     beta,

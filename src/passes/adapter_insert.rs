@@ -89,7 +89,7 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
     let module = &l.module;
     let s = crate::ir::scale(spec.alpha, r, spec.rslora);
     let (alpha, beta, trans_a, trans_b) = match l.kind {
-        LinearKind::MatMul => (1.0f32, 1.0f32, false, false),
+        LinearKind::MatMul | LinearKind::Embedding => (1.0f32, 1.0f32, false, false),
         LinearKind::Gemm {
             alpha,
             beta,
@@ -152,7 +152,16 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
     };
     let a_t = p.add(t01(), &[a_ref], &name("lora_A_t"), &label("lora_A_t"))?;
     let b_t = p.add(t01(), &[b_ref], &name("lora_B_t"), &label("lora_B_t"))?;
-    let xa = p.add(Op::MatMul, &[x_in, a_t], &name("xa"), &label("xa"))?;
+    // An embedding's x A^T is a lookup of A^T's rows by the ids.
+    let xa = match l.kind {
+        LinearKind::Embedding => p.add(
+            Op::Gather { axis: 0 },
+            &[a_t, x_in],
+            &name("xa"),
+            &label("xa"),
+        )?,
+        _ => p.add(Op::MatMul, &[x_in, a_t], &name("xa"), &label("xa"))?,
+    };
     let xab = p.add(Op::MatMul, &[xa, b_t], &name("xab"), &label("xab"))?;
     let s_ref = p.constant(&name("scaling"), Tensor::scalar(s as f32));
     let lowrank = p.add(
@@ -197,7 +206,9 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
         }
         // (A W0): [r, out], in the layer's own orientation.
         let a_w0 = match l.kind {
-            LinearKind::MatMul => p.add(Op::MatMul, &[a_ref, w], &name("a_w0"), &label("a_w0"))?,
+            LinearKind::MatMul | LinearKind::Embedding => {
+                p.add(Op::MatMul, &[a_ref, w], &name("a_w0"), &label("a_w0"))?
+            }
             LinearKind::Gemm { .. } => p.add(
                 Op::Gemm {
                     alpha,

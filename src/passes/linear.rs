@@ -9,7 +9,8 @@ use crate::ir::{Graph, LinearKind, NodeId, Op};
 use crate::tensor::DType;
 use std::collections::HashMap;
 
-/// A MatMul or Gemm whose weight is a 2-D float constant: a candidate for an adapter.
+/// A MatMul or Gemm whose weight is a 2-D float constant, or a Gather of rows of one by runtime
+/// ids (an embedding): a candidate for an adapter.
 #[derive(Clone, Debug)]
 pub struct LinearLayer {
     pub node: NodeId,
@@ -20,6 +21,14 @@ pub struct LinearLayer {
     pub bias: Option<NodeId>,
     pub in_features: usize,
     pub out_features: usize,
+}
+
+impl LinearLayer {
+    /// Embeddings are adapted only when named: a default target list ("every linear layer")
+    /// leaves them out, as PEFT's defaults do.
+    pub fn is_embedding(&self) -> bool {
+        self.kind == LinearKind::Embedding
+    }
 }
 
 /// Every linear layer of the graph in topological order, with unique module names. Layers that
@@ -33,7 +42,11 @@ pub fn find_linear_layers(graph: &Graph) -> Vec<LinearLayer> {
         let Some(kind) = LinearKind::of(&graph.node(n).op) else {
             continue;
         };
-        let (x, w) = (inputs[0], inputs[1]);
+        let [x, w] = kind.operands(inputs[0], inputs[1]);
+        // An embedding looks up runtime ids (a lookup of constant ids is folded away).
+        if kind == LinearKind::Embedding && graph.node(x).dtype.is_float() {
+            continue;
+        }
         let wnode = graph.node(w);
         let is_weight =
             matches!(wnode.op, Op::Const(_)) && wnode.dtype == DType::F32 && wnode.shape.len() == 2;

@@ -29,7 +29,7 @@ impl Rule for MergeAdapter {
         let w = p.constant(&graph.node(layer.weight).name, merged);
         p.claim_name(w);
         let op = layer.kind.op();
-        let mut inputs = vec![layer.x.into(), w];
+        let mut inputs = layer.kind.operands(layer.x.into(), w).to_vec();
         inputs.extend(layer.bias.map(PatchRef::Old));
         let out_name = format!("{}_output_0", layer.base_label);
         let y = p.add(op, &inputs, &out_name, &layer.base_label)?;
@@ -52,7 +52,7 @@ pub fn merged_weight(graph: &Graph, layer: &AdaptedLayer) -> Tensor {
     let (w, a, b) = (get(layer.weight), get(layer.lora_a), get(layer.lora_b));
     let (fin, fout, r) = (layer.in_features, layer.out_features, layer.rank);
     let (alpha, trans_b) = match layer.kind {
-        LinearKind::MatMul => (1.0, false),
+        LinearKind::MatMul | LinearKind::Embedding => (1.0, false),
         LinearKind::Gemm { alpha, trans_b, .. } => (alpha as f64, trans_b),
     };
     let s = layer.scale();

@@ -16,8 +16,8 @@
 //! a memory-mapped weight stay mapped (no copy); column splits are copied.
 
 use crate::error::{Error, Result};
-use crate::ir::{rewrite, Binary, Graph, NodeId, Op, Patch, PatchOps, PatchRef, Rule};
 use crate::ir::op::MAX_CONCAT_INPUTS;
+use crate::ir::{rewrite, Binary, Graph, NodeId, Op, Patch, PatchOps, PatchRef, Rule};
 use crate::tensor::{shape_str, DType, Tensor};
 
 /// The constants of `graph` over `max_bytes`.
@@ -117,7 +117,12 @@ impl Rule for SplitReader {
                     .collect::<Result<Vec<_>>>()?;
                 let rank = graph.shape(node).len();
                 let vector = graph.shape(ins[1]).len() == 1;
-                concat(&mut p, node, parts, if vector { rank - 1 } else { rank - 2 })?
+                concat(
+                    &mut p,
+                    node,
+                    parts,
+                    if vector { rank - 1 } else { rank - 2 },
+                )?
             }
             op @ Op::Gemm { trans_b, .. } => {
                 // N is W's dim 1, or dim 0 when transposed.
@@ -170,7 +175,11 @@ fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRe
     while start < shape[axis] {
         let len = per.min(shape[axis] - start);
         let part = t.slice_axis(axis, start, len);
-        out.push((p.constant(&format!("{name}/rows_{start}"), part), start, len));
+        out.push((
+            p.constant(&format!("{name}/rows_{start}"), part),
+            start,
+            len,
+        ));
         start += len;
     }
     out
@@ -190,7 +199,9 @@ fn gather(
     let dim = g.shape(data)[axis] as i64;
     let id_type = g.node(ids).dtype;
     let konst = |p: &mut Patch, tag: &str, v: i64| {
-        let name = p.graph().fresh_name(&format!("{}/split_{tag}", p.graph().node(node).name));
+        let name = p
+            .graph()
+            .fresh_name(&format!("{}/split_{tag}", p.graph().node(node).name));
         let t = match id_type {
             DType::F32 => Tensor::scalar(v as f32),
             _ => Tensor::i64(vec![], vec![v]),
@@ -200,8 +211,20 @@ fn gather(
     // Negative ids count from the end: normalise them first.
     let zero = konst(p, "zero", 0);
     let dim_c = konst(p, "dim", dim);
-    let negative = add(p, node, Op::Binary(Binary::Less), &[ids.into(), zero], "negative")?;
-    let wrapped = add(p, node, Op::Binary(Binary::Add), &[ids.into(), dim_c], "wrapped")?;
+    let negative = add(
+        p,
+        node,
+        Op::Binary(Binary::Less),
+        &[ids.into(), zero],
+        "negative",
+    )?;
+    let wrapped = add(
+        p,
+        node,
+        Op::Binary(Binary::Add),
+        &[ids.into(), dim_c],
+        "wrapped",
+    )?;
     let ids_n = add(p, node, Op::Where, &[negative, wrapped, ids.into()], "ids")?;
     let parts = chunks(p, data, axis, max_bytes);
     let mut sum: Option<PatchRef> = None;

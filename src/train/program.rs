@@ -166,10 +166,12 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
         TrainMethod::Full => {
             let layers = crate::passes::find_linear_layers(&graph);
             for l in layers {
-                let wanted = opts.full_targets.as_ref().is_none_or(|t| {
-                    t.iter()
-                        .any(|p| crate::passes::matches_target(&l.module, p))
-                });
+                let wanted = match &opts.full_targets {
+                    None => !l.is_embedding(),
+                    Some(t) => t
+                        .iter()
+                        .any(|p| crate::passes::matches_target(&l.module, p)),
+                };
                 if wanted {
                     chosen.push((l.weight, l.module.clone(), ParamRole::Weight));
                 }

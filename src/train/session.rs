@@ -47,9 +47,7 @@ impl Session {
             .map(|(s, _)| g.node(*s).name.clone())
             .collect();
         let engine = match gpu {
-            Some(gpu) => {
-                Engine::Gpu(Box::new(Executable::compile(gpu, g)?))
-            }
+            Some(gpu) => Engine::Gpu(Box::new(Executable::compile(gpu, g)?)),
             None => Engine::Reference(HashMap::new()),
         };
         let mut s = Session {

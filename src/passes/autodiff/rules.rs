@@ -177,8 +177,11 @@ pub(super) fn input_grads(
         Op::Gather { axis } if wanted[0] && matches!(b.g.node(ins[1]).op, Op::Const(_)) => {
             vec![Some(gather_grad(b, n, &ins, dy, axis)?), None]
         }
-        // Runtime indices (token ids into an embedding) would need a scatter-add, which no
-        // training method needs yet (embeddings stay frozen).
+        // Runtime ids into rows (an embedding, or DoRA's A^T on one): a one-hot product.
+        Op::Gather { axis: 0 } if wanted[0] => {
+            vec![Some(gather_rows_grad(b, n, &ins, dy)?), None]
+        }
+        // Runtime ids along another axis, and the other gathers, would need a scatter-add.
         op @ (Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherND { .. }) => {
             if wanted[0] {
                 return Err(Error::Graph(format!(
@@ -245,6 +248,47 @@ fn gather_grad(
         n,
         "sum",
     )
+}
+
+/// The cotangent of Gather's data along axis 0 when the ids are runtime values (token ids):
+/// `onehot(ids)ᵀ @ dy`, with the ids flattened to P positions and the data's trailing dims to F,
+/// so the scatter-add is one `[V, P] x [P, F]` product (no atomics). The one-hot matrix is
+/// `[P, V]`: fine for a batch of tokens against a vocabulary, not for millions of positions.
+fn gather_rows_grad(b: &mut Builder, n: NodeId, ins: &[NodeId], dy: NodeId) -> Result<NodeId> {
+    let data_shape = b.g.shape(ins[0]).to_vec();
+    let v = data_shape[0];
+    let f: usize = data_shape[1..].iter().product();
+    let p = numel(b.g.shape(ins[1]));
+    let ids_type = b.g.node(ins[1]).dtype;
+    let konst = |b: &mut Builder, tag: &str, t: crate::tensor::Tensor| {
+        let name = b.g.fresh_name(&format!("grad/{}/{tag}", b.g.node(n).name));
+        b.g.add_const(&name, t)
+    };
+    let int = |x: i64| match ids_type {
+        DType::F32 => crate::tensor::Tensor::scalar(x as f32),
+        _ => crate::tensor::Tensor::i64(vec![], vec![x]),
+    };
+    let ids = b.reshape(ins[1], &[p, 1], n, "ids")?;
+    // Negative ids count from the end.
+    let zero = konst(b, "zero", int(0));
+    let dim = konst(b, "dim", int(v as i64));
+    let negative = b.add(Op::Binary(Binary::Less), &[ids, zero], n, "negative")?;
+    let wrapped = b.add(Op::Binary(Binary::Add), &[ids, dim], n, "wrapped")?;
+    let ids = b.add(Op::Where, &[negative, wrapped, ids], n, "ids_wrapped")?;
+    let rows: Vec<i64> = (0..v as i64).collect();
+    let rows = match ids_type {
+        DType::F32 => {
+            crate::tensor::Tensor::f32(vec![1, v], rows.iter().map(|&r| r as f32).collect())
+        }
+        _ => crate::tensor::Tensor::i64(vec![1, v], rows),
+    };
+    let rows = konst(b, "rows", rows);
+    let hit = b.add(Op::Binary(Binary::Equal), &[ids, rows], n, "one_hot")?;
+    let hot = b.add(Op::Cast { to: DType::F32 }, &[hit], n, "one_hot_f32")?;
+    let hot_t = b.add(Op::Transpose { perm: vec![1, 0] }, &[hot], n, "one_hot_t")?;
+    let dy = b.reshape(dy, &[p, f], n, "dy_rows")?;
+    let d = b.add(Op::MatMul, &[hot_t, dy], n, "scatter")?;
+    b.reshape(d, &data_shape, n, "data")
 }
 
 /// The cotangent of a slice's input: dy placed back at its window, zeros elsewhere, built as a

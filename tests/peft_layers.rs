@@ -1,8 +1,10 @@
-//! DoRA on Conv layers as PEFT does them (`DoraConv2dLayer`: the norm over every dim but the
-//! output channel), on the small CNN of `models/make_convnet.py` (two Convs and a Linear head):
-//! rewrite at init computes the base model, PEFT's adapter (Conv-shaped tensors) gives PEFT's
-//! output, merge keeps it, a saved adapter has PEFT's shapes and values, and one AdamW step
-//! matches PEFT's loss, gradients, moments and updated adapter.
+//! DoRA on the layer kinds PEFT adapts besides Linear: Conv (`DoraConv2dLayer`: the norm over
+//! every dim but the output channel) on the small CNN of `models/make_convnet.py`, and Embedding
+//! (`DoraEmbeddingLayer`: the norm of each embedding dim over the vocabulary) on the token model
+//! of `models/make_embednet.py`. For each: rewrite at init computes the base model, PEFT's
+//! adapter (Conv-shaped tensors, embedding keys) gives PEFT's output, merge keeps it, a saved
+//! adapter has PEFT's keys, shapes and values, and one AdamW step matches PEFT's loss,
+//! gradients, moments and updated adapter.
 
 mod common;
 
@@ -16,24 +18,40 @@ use std::collections::BTreeMap;
 
 const TOL: f64 = 1e-5;
 
-fn base() -> dorac::ir::Graph {
+fn base(model: &str) -> dorac::ir::Graph {
     load_path(
-        &models_dir().join("convnet/model.onnx"),
-        &read("convnet", "inputs.safetensors"),
+        &models_dir().join(model).join("model.onnx"),
+        &read(model, "inputs.safetensors"),
     )
 }
 
 #[test]
 fn conv_layers_rewrite_adapt_merge_and_save_like_peft() {
-    let inputs = read("convnet", "inputs.safetensors");
-    let ort = read("convnet", "ort_outputs.safetensors");
-    let peft = read("convnet", "peft_dora_outputs.safetensors");
-    let g = base();
-    let layers = find_linear_layers(&g);
+    let layers = find_linear_layers(&base("convnet"));
     let modules: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
     assert_eq!(modules, ["conv1", "conv2", "fc"]);
     // conv2: 6 channels x 2x2 taps in, 8 out.
     assert_eq!((layers[1].in_features, layers[1].out_features), (24, 8));
+    rewrite_adapt_merge_and_save("convnet", 3);
+}
+
+#[test]
+fn embedding_layers_rewrite_adapt_merge_and_save_like_peft() {
+    let layers = find_linear_layers(&base("embednet"));
+    let modules: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
+    assert_eq!(modules, ["embed", "fc"]);
+    // The embedding: 40 rows (in), 8 dims (out).
+    assert_eq!((layers[0].in_features, layers[0].out_features), (40, 8));
+    assert!(layers[0].is_embedding());
+    rewrite_adapt_merge_and_save("embednet", 2);
+}
+
+fn rewrite_adapt_merge_and_save(model: &str, adapted: usize) {
+    let inputs = read(model, "inputs.safetensors");
+    let ort = read(model, "ort_outputs.safetensors");
+    let peft = read(model, "peft_dora_outputs.safetensors");
+    let g = base(model);
+    let layers = find_linear_layers(&g);
     let e = rel(&run_gpu(&g, &inputs), &ort, "y");
     assert!(e < TOL, "base vs onnxruntime {e:e}");
 
@@ -53,10 +71,10 @@ fn conv_layers_rewrite_adapt_merge_and_save_like_peft() {
     let e = rel(&run_gpu(&init, &inputs), &ort, "y");
     assert!(e < TOL, "rewritten at init vs onnxruntime {e:e}");
 
-    let dir = models_dir().join("convnet/peft_dora");
+    let dir = models_dir().join(model).join("peft_dora");
     let adapter = dorac::adapter::load(&dir).unwrap();
-    let mut g = base();
-    assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), 3);
+    let mut g = base(model);
+    assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), adapted);
     let unmerged = run_gpu(&g, &inputs);
     let (eg, er) = (
         rel(&unmerged, &peft, "y"),
@@ -69,9 +87,9 @@ fn conv_layers_rewrite_adapt_merge_and_save_like_peft() {
     );
 
     // Saved in PEFT's Conv shapes, with the same values; through ONNX and back too.
-    let out = temp_dir("conv-adapter");
+    let out = temp_dir(&format!("{model}-adapter"));
     let bytes = prost::Message::encode_to_vec(&dorac::onnx::export(&g).unwrap());
-    let back = dorac::onnx::decode_model(&bytes, "convnet").unwrap();
+    let back = dorac::onnx::decode_model(&bytes, model).unwrap();
     let shapes = [("x".to_string(), inputs["x"].shape.clone())].into();
     let g2 = dorac::onnx::import(
         &back,
@@ -107,7 +125,7 @@ fn conv_and_linear_adapters_do_not_mix() {
     let conv1 = adapter.layers["conv1"].clone();
     adapter.layers.insert("conv1".into(), fc);
     adapter.layers.insert("fc".into(), conv1);
-    let err = dorac::adapter::apply(&mut base(), &adapter)
+    let err = dorac::adapter::apply(&mut base("convnet"), &adapter)
         .unwrap_err()
         .to_string();
     assert!(
@@ -116,11 +134,11 @@ fn conv_and_linear_adapters_do_not_mix() {
     );
 }
 
-fn training_step(on_gpu: bool) {
-    let dir = models_dir().join("convnet");
-    let data = read("convnet", "train/data.safetensors");
-    let golden = read("convnet", "train/dora_mse.safetensors");
-    let mut g = base();
+fn training_step(model: &str, tensors: usize, on_gpu: bool) {
+    let dir = models_dir().join(model);
+    let data = read(model, "train/data.safetensors");
+    let golden = read(model, "train/dora_mse.safetensors");
+    let mut g = base(model);
     let adapter = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
     dorac::adapter::apply(&mut g, &adapter).unwrap();
     let opts = BuildOptions {
@@ -143,14 +161,14 @@ fn training_step(on_gpu: bool) {
     let batch: BTreeMap<_, _> = data.clone();
     let (metrics, grads) = session.step(&batch, 1e-2, &fetch).unwrap();
     let want = golden["loss"].data[0];
-    let tag = if on_gpu { "gpu" } else { "reference" };
+    let tag = format!("{model} ({})", if on_gpu { "gpu" } else { "reference" });
     assert!(
         (metrics.loss - want).abs() / want < TOL,
         "{tag}: loss {} vs PEFT {want}",
         metrics.loss
     );
     let state = session.read_state().unwrap();
-    assert_eq!(params.len(), 9);
+    assert_eq!(params.len(), tensors);
     let mut worst = 0.0f64;
     for p in &params {
         let key = format!("{}.{}", p.module, p.role.key());
@@ -179,11 +197,13 @@ fn training_step(on_gpu: bool) {
 }
 
 #[test]
-fn conv_dora_training_step_matches_peft_on_the_reference_executor() {
-    training_step(false);
+fn dora_training_steps_match_peft_on_the_reference_executor() {
+    training_step("convnet", 9, false);
+    training_step("embednet", 6, false);
 }
 
 #[test]
-fn conv_dora_training_step_matches_peft_on_the_gpu() {
-    training_step(true);
+fn dora_training_steps_match_peft_on_the_gpu() {
+    training_step("convnet", 9, true);
+    training_step("embednet", 6, true);
 }
