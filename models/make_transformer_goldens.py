@@ -46,7 +46,10 @@ six projections of both blocks and the patch-embedding Conv, PEFT's DoraConv2dLa
 Its gradient check reads the Conv as a linear layer on the unfolded patches: X = unfold(x) [N*16, 48]
 in (channel, kh, kw) order, W0 = weight.reshape(32, 48).T, A = lora_A.reshape(4, 48), B = lora_B
 [32, 4], m [32]. HF's ViT computes the attention softmax in float32 even in a float64 model (as
-Llama its RMSNorm and softmax): the golden carries that rounding (~1e-7 relative).
+Llama its RMSNorm and softmax): the golden carries that rounding (~1e-7 relative). Its other checks
+are the ones above, plus: every dropout probability is 0, the Conv is PEFT's DoraConv2dLayer with
+its Conv-shaped tensors, HF's model(pixel_values, labels=labels).loss equals the loss, finite
+differences also on the Conv's tensors.
 """
 
 import copy
