@@ -110,6 +110,13 @@ fn check(case: &Case, gpu: bool) {
     for variant in case.variants {
         let prog = program(case, variant, &data);
         let params = prog.params.clone();
+        // lora_A, lora_B and the magnitude of every adapted layer (the ViT's Conv included).
+        assert_eq!(
+            params.len(),
+            3 * case.adapted_layers,
+            "{}/{variant}",
+            case.model
+        );
         let mut session = Session::new(prog, if gpu { Some(common::gpu()) } else { None }).unwrap();
         let fetch: Vec<&str> = params.iter().map(|p| p.grad_output.as_str()).collect();
         let (metrics, grads) = session.step(&data, 1e-2, &fetch).unwrap();
