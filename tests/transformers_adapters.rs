@@ -211,6 +211,14 @@ fn peft_adapter_applies_to_a_wrapped_export() {
             assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), layers);
             let e = rel(&gpu_out(&g, &inputs), &peft, "logits");
             assert!(e < TOL, "{tag} + PEFT adapter vs PEFT {e:e}");
+            // Saved back under PEFT's names (no `m.`): it loads on the unwrapped HF model.
+            let saved = temp_dir(&format!("wrapped-{model}-{variant}"));
+            dorac::adapter::save(&g, &saved).unwrap();
+            let keys = |d: &Path| {
+                let t = dorac::tensors_io::read_safetensors(&d.join("adapter_model.safetensors"));
+                t.unwrap().into_keys().collect::<Vec<_>>()
+            };
+            assert_eq!(keys(&saved), keys(&dir.join("peft_dora")), "{tag}");
             println!("{tag}: base vs ORT {e_base:.1e}, adapter vs PEFT {e:.1e}");
         }
     }

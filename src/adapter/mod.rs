@@ -315,8 +315,13 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
                 "module '{module}': the tensors are {given}, but '{found}' is {is}"
             ));
         }
+        // The adapted layer keeps the adapter's module name: an adapter made on the Hugging Face
+        // model and applied to a wrapped export (`m.` + its name) is saved back under PEFT's names,
+        // so it loads in PEFT on the unwrapped model.
+        let mut layer = layer.clone();
+        layer.module = module.clone();
         specs.push(AdapterSpec {
-            layer: layer.clone(),
+            layer,
             method: cfg.method(),
             rank: t.a.shape[0],
             alpha: cfg.alpha_for(module),
