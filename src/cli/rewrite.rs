@@ -46,6 +46,7 @@ impl From<MethodArg> for Method {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let start = std::time::Instant::now();
     let mut graph = load_graph(&args.model, &args.shapes, &HashMap::new())?;
     let method = Method::from(args.method);
     let specs = args.adapter.specs(&graph, method, args.seed, &args.model)?;
@@ -56,7 +57,11 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| sibling_path(&args.model, method.name()));
     save_graph(&graph, &out)?;
     print!("{}", adapter_table(&graph));
-    println!("wrote {}", out.display());
+    println!(
+        "wrote {} in {:.1} s",
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
     if let Some(dir) = &args.adapter_out {
         crate::adapter::save(&graph, dir)?;
         println!("wrote adapter {}", dir.display());
