@@ -231,6 +231,11 @@ fn elementwise_expr(
                 // and sizes an f32 holds exactly.
                 Binary::Div if dtype == DType::I64 => format!("f32(i32({a}) / i32({c}))"),
                 Binary::Div => format!("{a} / {c}"),
+                // An integer base gives an integer (ONNX: the base's type): see pow_int.wgsl.
+                Binary::Pow if dtype == DType::I64 => {
+                    libs.extend([Lib::Pow, Lib::PowInt]);
+                    format!("pow_int_f32({a}, {c})")
+                }
                 Binary::Pow => {
                     libs.insert(Lib::Pow);
                     format!("pow_f32({a}, {c})")

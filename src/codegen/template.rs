@@ -35,6 +35,8 @@ pub enum Lib {
     Erf,
     Tanh,
     Pow,
+    /// Uses [`Lib::Pow`].
+    PowInt,
     WorkgroupReduce,
     SigmoidGrad,
     TanhGrad,
@@ -53,6 +55,7 @@ impl Lib {
             Lib::Erf => include_str!("../../shaders/lib/erf.wgsl"),
             Lib::Tanh => include_str!("../../shaders/lib/tanh.wgsl"),
             Lib::Pow => include_str!("../../shaders/lib/pow.wgsl"),
+            Lib::PowInt => include_str!("../../shaders/lib/pow_int.wgsl"),
             Lib::WorkgroupReduce => include_str!("../../shaders/lib/workgroup_reduce.wgsl"),
             Lib::SigmoidGrad => include_str!("../../shaders/lib/sigmoid_grad.wgsl"),
             Lib::TanhGrad => include_str!("../../shaders/lib/tanh_grad.wgsl"),

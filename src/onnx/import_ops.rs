@@ -96,7 +96,7 @@ pub const OPS: &[(&str, Rule)] = &[
 
 /// Op types whose nodes may have several outputs that are used (each becomes its own IR node);
 /// of any other op only the first output may be used.
-pub const MULTI_OUTPUT: &[&str] = &["Split"];
+pub const MULTI_OUTPUT: &[&str] = &["Split", "LayerNormalization"];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
 /// entry of [`OPS`], or a function of `ops::unary` by its ONNX name.
@@ -165,6 +165,8 @@ pub struct Ctx<'a> {
     extra_outputs: Vec<(String, NodeId)>,
     /// Which nodes depend on constants only, shared by the whole import ([`Ctx::is_constant`]).
     constness: &'a RefCell<HashMap<NodeId, bool>>,
+    /// Values of graph inputs known at import, by name (see `onnx::import_with_values`).
+    input_values: &'a HashMap<String, Array>,
 }
 
 impl<'a> Ctx<'a> {
@@ -179,6 +181,7 @@ impl<'a> Ctx<'a> {
         model_dir: &'a Path,
         stop_gradient: bool,
         constness: &'a RefCell<HashMap<NodeId, bool>>,
+        input_values: &'a HashMap<String, Array>,
     ) -> Self {
         Ctx {
             graph,
@@ -192,6 +195,7 @@ impl<'a> Ctx<'a> {
             max_read: Cell::new(0),
             extra_outputs: vec![],
             constness,
+            input_values,
         }
     }
 
@@ -240,15 +244,18 @@ impl<'a> Ctx<'a> {
     }
 
     /// Optional input `i` whose value must be known at import: a constant, or a node computed
-    /// from constants only (evaluated here). A value that depends on a graph input is a dorac
-    /// limitation, reported as unsupported.
+    /// from constants and graph inputs whose values were given at import only (evaluated here).
+    /// A value that depends on any other graph input is a dorac limitation, reported as
+    /// unsupported.
     pub fn const_input(&self, i: usize, what: &str) -> Result<Option<Tensor>> {
         let Some(id) = self.value(i) else {
             return Ok(None);
         };
-        if !self.is_constant(id) {
+        if !self.is_known(id) {
             return Err(self.unsupported(format!(
-                "{} with a {what} computed from graph inputs (dorac needs it at import)",
+                "{} with a {what} computed from graph inputs (dorac needs it at import: give \
+                 the input's value, as `dorac run` does with the integer tensors of its inputs \
+                 file)",
                 self.op_type()
             )));
         }
@@ -364,12 +371,49 @@ impl<'a> Ctx<'a> {
         memo[&id]
     }
 
-    /// The value of a node that depends on constants only, computed by the reference executor
-    /// and stored as its type (f32 rounded once per node, as constant folding does).
+    /// The value of a graph input given at import, as its declared type, if any.
+    fn input_value(&self, id: NodeId) -> Option<Tensor> {
+        let node = self.graph.node(id);
+        match node.op {
+            Op::Input => self
+                .input_values
+                .get(&node.name)
+                .map(|a| a.to_tensor(node.dtype)),
+            _ => None,
+        }
+    }
+
+    /// True when the value depends on constants and graph inputs given at import only.
+    pub fn is_known(&self, id: NodeId) -> bool {
+        if self.is_constant(id) {
+            return true;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![id];
+        while let Some(n) = stack.pop() {
+            let given = matches!(self.graph.node(n).op, Op::Input)
+                && self.input_values.contains_key(&self.graph.node(n).name);
+            if !seen.insert(n) || given || self.is_constant(n) {
+                continue;
+            }
+            if matches!(self.graph.node(n).op, Op::Input) {
+                return false;
+            }
+            stack.extend(self.graph.inputs_of(n));
+        }
+        true
+    }
+
+    /// The value of a node that depends on constants (and graph inputs given at import) only,
+    /// computed by the reference executor and stored as its type (f32 rounded once per node, as
+    /// constant folding does).
     pub fn evaluate(&self, id: NodeId) -> Result<Tensor> {
         let node = self.graph.node(id);
         if let Op::Const(t) = &node.op {
             return Ok(t.clone());
+        }
+        if let Some(t) = self.input_value(id) {
+            return Ok(t);
         }
         let args: Vec<Array> = self
             .graph
@@ -619,10 +663,54 @@ fn layer_norm(cx: &mut Ctx) -> Result<NodeId> {
     let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), rank, false)?;
     let epsilon = cx.attr_float("epsilon")?.unwrap_or(1e-5);
     let op = Op::LayerNorm { axis, epsilon };
-    match bias {
-        Some(b) => cx.add(op, &[x, scale, b]),
-        None => cx.add(op, &[x, scale]),
+    let y = match bias {
+        Some(b) => cx.add(op, &[x, scale, b])?,
+        None => cx.add(op, &[x, scale])?,
+    };
+    let wanted = |i: usize| cx.node.output.get(i).is_some_and(|o| !o.is_empty());
+    if wanted(1) || wanted(2) {
+        let (mean, inv_std) = layer_norm_stats(cx, x, axis, epsilon)?;
+        cx.set_output(1, mean);
+        cx.set_output(2, inv_std);
     }
+    Ok(y)
+}
+
+/// LayerNormalization's optional outputs Mean and InvStdDev (the statistics over the axes from
+/// `axis` on, kept as dims of size 1), from existing ops: a sum divided by the count, and
+/// 1 / sqrt(mean((x - mean)^2) + epsilon), as the op itself computes them.
+fn layer_norm_stats(
+    cx: &mut Ctx,
+    x: NodeId,
+    axis: usize,
+    epsilon: f32,
+) -> Result<(NodeId, NodeId)> {
+    let shape = cx.shape(x);
+    let axes: Vec<usize> = (axis..shape.len()).collect();
+    let count: usize = shape[axis..].iter().product();
+    let reduce = Op::Reduce {
+        kind: Reduce::Sum,
+        axes,
+        keepdims: true,
+    };
+    let out = |i: usize| cx.node.output.get(i).filter(|o| !o.is_empty()).cloned();
+    let (mean_name, inv_name) = (
+        out(1).unwrap_or_else(|| cx.temp_name("mean")),
+        out(2).unwrap_or_else(|| cx.temp_name("inv_std_dev")),
+    );
+    let t = |cx: &Ctx, tag: &str| cx.temp_name(tag);
+    let n = cx.add_const(&t(cx, "count"), Tensor::scalar(count as f32))?;
+    let sum = cx.add_named(reduce.clone(), &[x], &t(cx, "sum"))?;
+    let mean = cx.add_named(Op::Binary(Binary::Div), &[sum, n], &mean_name)?;
+    let d = cx.add_named(Op::Binary(Binary::Sub), &[x, mean], &t(cx, "centered"))?;
+    let sq = cx.add_named(Op::Binary(Binary::Mul), &[d, d], &t(cx, "squared"))?;
+    let ss = cx.add_named(reduce, &[sq], &t(cx, "sum_squares"))?;
+    let var = cx.add_named(Op::Binary(Binary::Div), &[ss, n], &t(cx, "variance"))?;
+    let eps = cx.add_const(&t(cx, "epsilon"), Tensor::scalar(epsilon))?;
+    let ve = cx.add_named(Op::Binary(Binary::Add), &[var, eps], &t(cx, "variance_eps"))?;
+    let sd = cx.add_named(Op::Unary(unary::SQRT), &[ve], &t(cx, "std_dev"))?;
+    let inv = cx.add_named(Op::Unary(unary::RECIPROCAL), &[sd], &inv_name)?;
+    Ok((mean, inv))
 }
 
 fn softmax(cx: &mut Ctx) -> Result<NodeId> {
