@@ -294,6 +294,42 @@ fn pow_of_negative_base_and_fractional_exponent_is_nan() {
     assert_eq!(out["y"][2], 0.0);
 }
 
+/// Pow of an integer base has the base's type (ONNX): the device's f32 power (pow(3, 6) may
+/// come out as 729.0002) must give the exact integer, for integer and float exponents alike
+/// (a fractional result truncates toward zero, as the reference's integer results do).
+#[test]
+fn integer_pow_is_exact() {
+    let mut c = Case::new("integer_pow_is_exact");
+    let v = ints(&mut c, 8 * 7, -12, 12);
+    let base = typed_input(&mut c, "base", &[8, 7], v, DType::I64);
+    let v: Vec<f32> = (0..7).map(|e| e as f32).collect();
+    let int_exp = typed_input(&mut c, "int_exp", &[7], v, DType::I64);
+    let v = vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let float_exp = c.input_values("float_exp", &[7], v);
+    let v = vec![-2.0, -1.0, 0.5, 1.5, -0.5, 2.5, 6.0];
+    let mixed_exp = c.input_values("mixed_exp", &[7], v);
+    let v = ints(&mut c, 8 * 7, 1, 12);
+    let positive = typed_input(&mut c, "positive", &[8, 7], v, DType::I64);
+    c.out(bin(Binary::Pow), &[base, int_exp], "int_int");
+    c.out(bin(Binary::Pow), &[base, float_exp], "int_float");
+    c.out(bin(Binary::Pow), &[positive, mixed_exp], "int_mixed");
+    for name in ["int_int", "int_float", "int_mixed"] {
+        let id = c.graph.outputs.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(c.graph.node(id).dtype, DType::I64);
+    }
+    let host: HashMap<String, Vec<f32>> = c
+        .feeds
+        .iter()
+        .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+        .collect();
+    let got = runtime::run_graph(gpu(), &c.graph, &host).unwrap();
+    let want = reference::run(&c.graph, &c.feeds).unwrap();
+    for (name, _) in &c.graph.outputs {
+        let g: Vec<f64> = got[name].iter().map(|&x| x as f64).collect();
+        assert_eq!(g, want[name].data, "{name} (seed {})", base_seed());
+    }
+}
+
 // ---------------------------------------------------------------- matmul and gemm
 
 #[test]

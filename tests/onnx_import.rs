@@ -593,23 +593,42 @@ fn other_domains_and_string_inputs_are_refused() {
     );
 }
 
+/// LayerNormalization's Mean and InvStdDev outputs, when used, are computed (from a sum, a
+/// division and a square root; the normalisation itself stays one op), with the reduced axes
+/// kept as dims of size 1.
 #[test]
-fn used_layer_norm_statistics_are_refused() {
+fn used_layer_norm_statistics_are_computed() {
     let m = model(
         vec![
-            node("LayerNormalization", "ln", &["x", "s"], &["y", "mean"]),
+            node(
+                "LayerNormalization",
+                "ln",
+                &["x", "s"],
+                &["y", "mean", "inv"],
+            ),
             node("Relu", "r", &["mean"], &["z"]),
         ],
         vec![f32_init("s", &[4], &[1.0; 4])],
         vec![vi("x", &[Ok(2), Ok(4)])],
-        vec![vi("y", &[Ok(2), Ok(4)]), vi("z", &[Ok(2), Ok(1)])],
+        vec![
+            vi("y", &[Ok(2), Ok(4)]),
+            vi("z", &[Ok(2), Ok(1)]),
+            vi("inv", &[Ok(2), Ok(1)]),
+        ],
         17,
     );
-    let e = import_err(&m).to_string();
-    assert!(
-        e.contains("LayerNormalization with its extra outputs used") && e.ends_with("(nodes: ln)"),
-        "{e}"
-    );
+    let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    let x = [1.0, 2.0, 3.0, 6.0, -1.0, -1.0, 1.0, 1.0];
+    let inputs = HashMap::from([("x".to_string(), Array::new(vec![2, 4], x.to_vec()))]);
+    let out = dorac::reference::run(&g, &inputs).unwrap();
+    assert_eq!(out["z"].shape, vec![2, 1]);
+    assert_eq!(out["z"].data, vec![3.0, 0.0]);
+    let eps = 1e-5f32 as f64;
+    let want = [1.0 / (3.5f64 + eps).sqrt(), 1.0 / (1.0 + eps).sqrt()];
+    assert_eq!(out["inv"].shape, vec![2, 1]);
+    for (a, b) in out["inv"].data.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
 }
 
 // ---- shapes ----
@@ -855,7 +874,7 @@ fn gelu_and_constants() {
     assert_eq!(g.node(gelu).op, Op::Unary(unary::GELU_TANH));
     let half = g.find_by_name("half").unwrap();
     assert_eq!(g.const_tensor(half).unwrap(), &Tensor::scalar(0.5));
-    // Export keeps the opset (20) and decomposes Gelu all the same.
+    // Export keeps the opset (20), where Gelu is an ONNX op.
     let out = export(&g).unwrap();
     assert_eq!(out.opset_import[0].version(), 20);
     assert!(out
@@ -863,7 +882,7 @@ fn gelu_and_constants() {
         .unwrap()
         .node
         .iter()
-        .any(|n| n.op_type() == "Tanh"));
+        .any(|n| n.op_type() == "Gelu"));
 }
 
 #[test]

@@ -4,7 +4,7 @@ use super::common::{apply_adapter, check_inputs, execute, load_graph_with_values
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::tensor::{shape_str, Array};
-use crate::tensors_io::{read_safetensors, write_safetensors};
+use crate::tensors_io::{read_safetensors, write_safetensors_typed};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,7 +20,8 @@ pub struct Args {
     /// compiled graph is for these values.
     #[arg(long, value_name = "IN.safetensors")]
     pub inputs: PathBuf,
-    /// Write the outputs here, named after the graph outputs [default: print a summary only].
+    /// Write the outputs here, named after the graph outputs, in their types (float32, int64 or
+    /// bool) [default: print a summary only].
     #[arg(short, long, value_name = "OUT.safetensors")]
     pub output: Option<PathBuf>,
     /// A PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -80,7 +81,15 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if let Some(out) = &args.output {
-        write_safetensors(out, &outputs)?;
+        let typed: BTreeMap<String, (Array, crate::tensor::DType)> = outputs
+            .into_iter()
+            .map(|(k, a)| {
+                let id = graph.outputs.iter().find(|(n, _)| *n == k).map(|o| o.1);
+                let dtype = id.map_or(crate::tensor::DType::F32, |id| graph.node(id).dtype);
+                (k, (a, dtype))
+            })
+            .collect();
+        write_safetensors_typed(out, &typed)?;
         println!("wrote {}", out.display());
     }
     Ok(())
