@@ -18,11 +18,14 @@
 //!
 //! The builders live by family: `layout` (Unsqueeze, Squeeze, Concat, Slice, Split, Expand,
 //! Trilu), `shape` (Shape, Size, ConstantOfShape, Range), `gather` (Gather, GatherElements,
-//! GatherND) and `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip).
+//! GatherND), `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip) and `lowered`
+//! (ops that become small graphs of existing IR ops: activations, RMSNormalization,
+//! LogSoftmax, ReduceL1/L2/LogSum, Tile, SpaceToDepth...).
 
 mod gather;
 mod layout;
 mod logic;
+mod lowered;
 mod shape;
 
 use super::data;
@@ -92,11 +95,42 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Gather", Rule::Build(gather::gather)),
     ("GatherElements", Rule::Build(gather::gather_elements)),
     ("GatherND", Rule::Build(gather::gather_nd)),
+    // Lowered to existing IR ops (see `lowered`).
+    ("LeakyRelu", Rule::Build(lowered::leaky_relu)),
+    ("PRelu", Rule::Build(lowered::prelu)),
+    ("Elu", Rule::Build(lowered::elu)),
+    ("Selu", Rule::Build(lowered::selu)),
+    ("Celu", Rule::Build(lowered::celu)),
+    ("ThresholdedRelu", Rule::Build(lowered::thresholded_relu)),
+    ("HardSigmoid", Rule::Build(lowered::hard_sigmoid)),
+    ("HardSwish", Rule::Build(lowered::hard_swish)),
+    ("Softplus", Rule::Build(lowered::softplus)),
+    ("Softsign", Rule::Build(lowered::softsign)),
+    ("Mish", Rule::Build(lowered::mish)),
+    ("Swish", Rule::Build(lowered::swish)),
+    ("IsInf", Rule::Build(lowered::is_inf)),
+    ("Xor", Rule::Build(lowered::xor)),
+    ("Sum", Rule::Build(lowered::sum)),
+    ("Mean", Rule::Build(lowered::mean)),
+    ("CastLike", Rule::Build(lowered::cast_like)),
+    ("Dropout", Rule::Build(lowered::dropout)),
+    ("RMSNormalization", Rule::Build(lowered::rms_normalization)),
+    ("LogSoftmax", Rule::Build(lowered::log_softmax)),
+    ("ReduceL1", Rule::Build(lowered::reduce_l1)),
+    ("ReduceL2", Rule::Build(lowered::reduce_l2)),
+    ("ReduceLogSum", Rule::Build(lowered::reduce_log_sum)),
+    (
+        "GlobalAveragePool",
+        Rule::Build(lowered::global_average_pool),
+    ),
+    ("Tile", Rule::Build(lowered::tile)),
+    ("SpaceToDepth", Rule::Build(lowered::space_to_depth)),
+    ("DepthToSpace", Rule::Build(lowered::depth_to_space)),
 ];
 
 /// Op types whose nodes may have several outputs that are used (each becomes its own IR node);
 /// of any other op only the first output may be used.
-pub const MULTI_OUTPUT: &[&str] = &["Split", "LayerNormalization"];
+pub const MULTI_OUTPUT: &[&str] = &["Split", "LayerNormalization", "Dropout"];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
 /// entry of [`OPS`], or a function of `ops::unary` by its ONNX name.
