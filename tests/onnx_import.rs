@@ -593,6 +593,34 @@ fn other_domains_and_string_inputs_are_refused() {
     );
 }
 
+/// An attribute no builder reads could change the result: it is refused by name, not ignored.
+#[test]
+fn unread_attributes_are_refused() {
+    let n = with_attr(
+        node("Relu", "r", &["x"], &["y"]),
+        AttributeProto {
+            name: Some("broadcast".into()),
+            r#type: Some(AttributeType::Int as i32),
+            i: Some(1),
+            ..Default::default()
+        },
+    );
+    let m = model(
+        vec![n],
+        vec![],
+        vec![vi("x", &[Ok(3)])],
+        vec![vi("y", &[Ok(3)])],
+        17,
+    );
+    let e = import_err(&m);
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("Relu with attribute 'broadcast'") && e.contains("(nodes: r)"),
+        "{e}"
+    );
+}
+
 /// LayerNormalization's Mean and InvStdDev outputs, when used, are computed (from a sum, a
 /// division and a square root; the normalisation itself stays one op), with the reduced axes
 /// kept as dims of size 1.

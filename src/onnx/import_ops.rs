@@ -160,6 +160,17 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
         }
         Rule::Build(f) => f(cx)?,
     };
+    // An attribute no builder looked at could change the result: refuse it, unless it only
+    // matters for what dorac does not do (float8 saturation, stashed precision, random seeds).
+    if let Some(a) = cx.node.attribute.iter().find(|a| {
+        !cx.attrs_read.borrow().contains(a.name()) && !IGNORED_ATTRIBUTES.contains(&a.name())
+    }) {
+        return Err(cx.unsupported(format!(
+            "{} with attribute '{}' (dorac does not read it)",
+            cx.op_type(),
+            a.name()
+        )));
+    }
     let used = cx.max_read.get();
     if let Some((i, name)) = cx
         .node
@@ -179,6 +190,12 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
     Ok(outputs)
 }
 
+/// Attributes that do not change what dorac computes: `stash_type` (normalisations: the
+/// precision of intermediates; dorac computes in f32 or f64 anyway), `saturate` and `round_mode`
+/// (casts to float8 types, which dorac does not have), `seed` (random ops in training mode,
+/// which dorac refuses).
+const IGNORED_ATTRIBUTES: &[&str] = &["stash_type", "saturate", "round_mode", "seed"];
+
 /// What a builder sees of the node it imports.
 pub struct Ctx<'a> {
     pub graph: &'a mut Graph,
@@ -195,6 +212,8 @@ pub struct Ctx<'a> {
     /// The node is an Identity that dorac exported for a StopGradient.
     pub stop_gradient: bool,
     max_read: Cell<usize>,
+    /// Names of the attributes the builder asked for (present or not).
+    attrs_read: RefCell<std::collections::HashSet<String>>,
     /// Outputs after the first, by ONNX name (see [`Ctx::set_output`]).
     extra_outputs: Vec<(String, NodeId)>,
     /// Which nodes depend on constants only, shared by the whole import ([`Ctx::is_constant`]).
@@ -227,6 +246,7 @@ impl<'a> Ctx<'a> {
             model_dir,
             stop_gradient,
             max_read: Cell::new(0),
+            attrs_read: RefCell::default(),
             extra_outputs: vec![],
             constness,
             input_values,
@@ -462,6 +482,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn attr(&self, name: &str, ty: AttributeType) -> Result<Option<&'a AttributeProto>> {
+        self.attrs_read.borrow_mut().insert(name.to_string());
         let Some(a) = self.node.attribute.iter().find(|a| a.name() == name) else {
             return Ok(None);
         };
@@ -831,7 +852,11 @@ fn reduce_args(cx: &Ctx, axes_input_since: i64) -> Result<(NodeId, Option<Vec<us
         };
         (axes, cx.attr_bool("noop_with_empty_axes", false)?)
     } else {
-        (cx.attr_ints("axes")?, false)
+        // The attribute belongs to the newer opsets; honour it if an exporter wrote it anyway.
+        (
+            cx.attr_ints("axes")?,
+            cx.attr_bool("noop_with_empty_axes", false)?,
+        )
     };
     let axes = axes.unwrap_or_default();
     if axes.is_empty() && noop {
