@@ -217,7 +217,7 @@ fn shape_and_reduction_rules() {
         &[x],
     );
     c.check(y);
-    for kind in [Reduce::Sum, Reduce::SumSquare] {
+    for kind in [Reduce::Sum, Reduce::SumSquare, Reduce::Max, Reduce::Min] {
         for (axes, keepdims) in [(vec![0], false), (vec![1, 2], true), (vec![2], false)] {
             let mut c = Case::new(&format!("{kind:?} {axes:?} {keepdims}"));
             let x = c.input("x", &[2, 3, 4], -1.0, 1.0);

@@ -497,6 +497,24 @@ fn reduce_sums() {
         keepdims: false,
     };
     c.out(op, &[long], "sum_long_rows");
+    // Maximum and minimum over the same axis sets, and over long rows.
+    for kind in [Reduce::Max, Reduce::Min] {
+        for axes in [&[0][..], &[2], &[0, 2], &[0, 1, 2]] {
+            let tag: String = axes.iter().map(|a| a.to_string()).collect();
+            let op = Op::Reduce {
+                kind,
+                axes: axes.to_vec(),
+                keepdims: axes.len() == 1,
+            };
+            c.out(op, &[x], &format!("{kind:?}_{tag}"));
+        }
+        let op = Op::Reduce {
+            kind,
+            axes: vec![1],
+            keepdims: false,
+        };
+        c.out(op, &[long], &format!("{kind:?}_long_rows"));
+    }
     // Sum of squares (DoRA's frozen column norms), over either axis of a weight matrix.
     let w = c.input("w", &[37, 53], -1.0, 1.0);
     for axis in [0, 1] {
@@ -817,6 +835,28 @@ fn integer_division_truncates() {
     let q = c.out(bin(Binary::Div), &[a, b], "quotient");
     assert_eq!(c.graph.node(q).dtype, DType::I64);
     c.check();
+}
+
+/// ReduceMax and ReduceMin: a NaN in a row makes its result NaN; a row of infinities keeps them.
+#[test]
+fn reduce_max_min_nan_and_infinities() {
+    let mut g = Graph::new();
+    let inf = f32::INFINITY;
+    let v = vec![1.0, f32::NAN, 3.0, -inf, -inf, -inf, 2.0, 5.0, -7.0];
+    let a = g.add_const("a", Tensor::f32(vec![3, 3], v));
+    for (kind, name) in [(Reduce::Max, "max"), (Reduce::Min, "min")] {
+        let op = Op::Reduce {
+            kind,
+            axes: vec![1],
+            keepdims: false,
+        };
+        let y = g.add(op, &[a], name, name).unwrap();
+        g.outputs.push((name.into(), y));
+    }
+    let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
+    assert!(out["max"][0].is_nan() && out["min"][0].is_nan(), "{out:?}");
+    assert_eq!((out["max"][1], out["min"][1]), (-inf, -inf));
+    assert_eq!((out["max"][2], out["min"][2]), (5.0, -7.0));
 }
 
 /// Max and Min keep a NaN operand (WGSL's max and min may drop it), as torch does.

@@ -857,11 +857,17 @@ fn reduce(
         strided_index("t", &red, &red_muls)
     ));
     let keepdims = matches!(node.op, Op::Reduce { keepdims: true, .. });
-    // The element transform applied before summing.
-    let term = match kind {
-        Reduce::Sum => "v",
-        Reduce::SumSquare => "v * v",
+    // The element transform applied before summing (or taking the maximum: a minimum is the
+    // maximum of the negated terms, negated).
+    let (template, term, sign) = match kind {
+        Reduce::Sum => (template::REDUCE_SUM, "v", None),
+        Reduce::SumSquare => (template::REDUCE_SUM, "v * v", None),
+        Reduce::Max => (template::REDUCE_MAX, "v", Some("1.0")),
+        Reduce::Min => (template::REDUCE_MAX, "v", Some("-1.0")),
     };
+    if sign.is_some() {
+        b.libs.insert(Lib::IsNan);
+    }
     let summary = format!(
         "{} of {} over axes {axes:?}{} -> {}",
         node.op.name(),
@@ -870,20 +876,15 @@ fn reduce(
         shape_str(&node.shape)
     );
     let workgroups = wgsl::grid(rows, max_wg, name)?;
-    b.finish(
-        template::REDUCE_SUM,
-        name,
-        n,
-        vec![
-            ("ROWS", rows.to_string()),
-            ("R", r.to_string()),
-            ("TERM", term.to_string()),
-            ("GRID_X", workgroups[0].to_string()),
-            ("GRID_Y", workgroups[1].to_string()),
-        ],
-        workgroups,
-        summary,
-    )
+    let mut values = vec![
+        ("ROWS", rows.to_string()),
+        ("R", r.to_string()),
+        ("TERM", term.to_string()),
+        ("GRID_X", workgroups[0].to_string()),
+        ("GRID_Y", workgroups[1].to_string()),
+    ];
+    values.extend(sign.map(|s| ("SIGN", s.to_string())));
+    b.finish(template, name, n, values, workgroups, summary)
 }
 
 fn layer_norm(

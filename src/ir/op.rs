@@ -18,6 +18,10 @@ pub enum Reduce {
     Sum,
     /// Sum of squares: DoRA's frozen column norms `||W0[:, j]||²` without an [in, out] temporary.
     SumSquare,
+    /// Maximum (NaN if any element is NaN; -inf over no elements).
+    Max,
+    /// Minimum (NaN if any element is NaN; +inf over no elements).
+    Min,
 }
 
 /// Element-wise functions of two inputs, with numpy broadcasting. Comparisons and logical ops
@@ -193,6 +197,12 @@ impl Op {
                 kind: Reduce::SumSquare,
                 ..
             } => "reduce_sum_square",
+            Op::Reduce {
+                kind: Reduce::Max, ..
+            } => "reduce_max",
+            Op::Reduce {
+                kind: Reduce::Min, ..
+            } => "reduce_min",
             Op::LayerNorm { .. } => "layer_norm",
             Op::Softmax { .. } => "softmax",
             Op::Expand { .. } => "expand",

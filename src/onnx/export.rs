@@ -410,6 +410,8 @@ impl Exporter<'_> {
                 let op_type = match kind {
                     Reduce::Sum => "ReduceSum",
                     Reduce::SumSquare => "ReduceSumSquare",
+                    Reduce::Max => "ReduceMax",
+                    Reduce::Min => "ReduceMin",
                 };
                 let a: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
                 let mut attrs = vec![attr_int("keepdims", *keepdims as i64)];

@@ -33,7 +33,7 @@ use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, Te
 use crate::error::{Error, Result};
 use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::reference::eval_typed;
-use crate::tensor::{shape_str, Array, DType, Tensor};
+use crate::tensor::{numel, shape_str, Array, DType, Tensor};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::Path;
@@ -81,6 +81,8 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ReduceSum", Rule::Build(reduce_sum)),
     ("ReduceSumSquare", Rule::Build(reduce_sum_square)),
     ("ReduceMean", Rule::Build(reduce_mean)),
+    ("ReduceMax", Rule::Build(reduce_max)),
+    ("ReduceMin", Rule::Build(reduce_min)),
     ("Shape", Rule::Build(shape::shape)),
     ("Size", Rule::Build(shape::size)),
     ("ConstantOfShape", Rule::Build(shape::constant_of_shape)),
@@ -119,6 +121,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ReduceL1", Rule::Build(lowered::reduce_l1)),
     ("ReduceL2", Rule::Build(lowered::reduce_l2)),
     ("ReduceLogSum", Rule::Build(lowered::reduce_log_sum)),
+    ("ReduceLogSumExp", Rule::Build(lowered::reduce_log_sum_exp)),
     (
         "GlobalAveragePool",
         Rule::Build(lowered::global_average_pool),
@@ -793,11 +796,19 @@ fn reduce_sum_square(cx: &mut Ctx) -> Result<NodeId> {
     reduce(cx, Reduce::SumSquare)
 }
 
+fn reduce_max(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::Max)
+}
+
+fn reduce_min(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::Min)
+}
+
 /// The opset from which a reduction takes its axes as an input instead of an attribute.
 pub fn axes_input_since(kind: Reduce) -> i64 {
     match kind {
         Reduce::Sum => 13,
-        Reduce::SumSquare => 18,
+        Reduce::SumSquare | Reduce::Max | Reduce::Min => 18,
     }
 }
 
@@ -806,6 +817,27 @@ fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
     let Some(axes) = axes else {
         return cx.add(Op::Identity, &[x]);
     };
+    let shape = cx.shape(x);
+    let empty = axes.iter().any(|&a| shape[a] == 0);
+    if empty && matches!(kind, Reduce::Max | Reduce::Min) && !cx.dtype(x).is_float() {
+        // The maximum of no elements is the type's least value: false for bools; an integer
+        // type's (such as -2^63) is not a value the device holds exactly.
+        if cx.dtype(x) != DType::Bool {
+            return Err(cx.unsupported(format!(
+                "{} over no elements of an integer tensor (the type's extreme value)",
+                cx.op_type()
+            )));
+        }
+        let out: Vec<usize> = shape
+            .iter()
+            .enumerate()
+            .filter(|&(d, _)| keepdims || !axes.contains(&d))
+            .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
+            .collect();
+        let value = kind == Reduce::Min;
+        let name = cx.name.clone();
+        return cx.add_const(&name, Tensor::bool(out.clone(), vec![value; numel(&out)]));
+    }
     cx.add(
         Op::Reduce {
             kind,

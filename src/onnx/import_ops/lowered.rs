@@ -356,6 +356,44 @@ pub fn reduce_log_sum(cx: &mut Ctx) -> Result<NodeId> {
     reduce_lowered(cx, 18, Reduce::Sum, None, Some(unary::LOG))
 }
 
+/// `m + log(sum(exp(x - m)))` with `m` the maximum over the axes: no overflow for large x.
+pub fn reduce_log_sum_exp(cx: &mut Ctx) -> Result<NodeId> {
+    let (x, axes, keepdims) = reduce_args(cx, 18)?;
+    let Some(axes) = axes else {
+        // A reduction over no axes: log(exp(x)) = x.
+        return cx.add(Op::Identity, &[x]);
+    };
+    let op = |kind| Op::Reduce {
+        kind,
+        axes: axes.clone(),
+        keepdims: true,
+    };
+    let m = tmp(cx, op(Reduce::Max), &[x], "max")?;
+    // An all -inf (or empty) row has m = -inf: shift by 0 there instead (x - m would be NaN).
+    let finite = {
+        let zero = scalar(cx, 0.0, "zero")?;
+        let e = un(cx, unary::EXP, m, "exp_max")?;
+        let pos = bin(cx, Binary::Less, zero, e, "max_above_minus_inf")?;
+        tmp(cx, Op::Where, &[pos, m, zero], "shift")?
+    };
+    let d = bin(cx, Binary::Sub, x, finite, "shifted")?;
+    let e = un(cx, unary::EXP, d, "exp")?;
+    let s = tmp(cx, op(Reduce::Sum), &[e], "sum")?;
+    let l = un(cx, unary::LOG, s, "log")?;
+    if keepdims {
+        return cx.add(Op::Binary(Binary::Add), &[l, finite]);
+    }
+    let r = bin(cx, Binary::Add, l, finite, "keepdims")?;
+    let shape: Vec<usize> = cx
+        .shape(x)
+        .iter()
+        .enumerate()
+        .filter(|(d, _)| !axes.contains(d))
+        .map(|(_, &s)| s)
+        .collect();
+    cx.add(Op::Reshape { shape }, &[r])
+}
+
 /// The mean over every dim after the first two, kept as dims of size 1.
 pub fn global_average_pool(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
