@@ -98,7 +98,12 @@ fn absorbable(
         return None;
     };
     let node = graph.node(next);
-    if taken.contains(&next) || !is_elementwise(&node.op) || node.shape != graph.shape(anchor) {
+    // A view (a Cast to float32 is one: every value is f32 on the device) has no kernel to join.
+    if taken.contains(&next)
+        || !is_elementwise(&node.op)
+        || node.op.is_view()
+        || node.shape != graph.shape(anchor)
+    {
         return None;
     }
     let ready = graph

@@ -123,6 +123,14 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ReduceLogSum", Rule::Build(lowered::reduce_log_sum)),
     ("ReduceLogSumExp", Rule::Build(lowered::reduce_log_sum_exp)),
     (
+        "NegativeLogLikelihoodLoss",
+        Rule::Build(lowered::negative_log_likelihood_loss),
+    ),
+    (
+        "SoftmaxCrossEntropyLoss",
+        Rule::Build(lowered::softmax_cross_entropy_loss),
+    ),
+    (
         "GlobalAveragePool",
         Rule::Build(lowered::global_average_pool),
     ),
@@ -133,7 +141,12 @@ pub const OPS: &[(&str, Rule)] = &[
 
 /// Op types whose nodes may have several outputs that are used (each becomes its own IR node);
 /// of any other op only the first output may be used.
-pub const MULTI_OUTPUT: &[&str] = &["Split", "LayerNormalization", "Dropout"];
+pub const MULTI_OUTPUT: &[&str] = &[
+    "Split",
+    "LayerNormalization",
+    "Dropout",
+    "SoftmaxCrossEntropyLoss",
+];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
 /// entry of [`OPS`], or a function of `ops::unary` by its ONNX name.

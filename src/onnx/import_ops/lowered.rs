@@ -394,6 +394,125 @@ pub fn reduce_log_sum_exp(cx: &mut Ctx) -> Result<NodeId> {
     cx.add(Op::Reshape { shape }, &[r])
 }
 
+/// NegativeLogLikelihoodLoss of `input` [N, C, d...] (log-probabilities) at class ids `target`
+/// [N, d...], with optional class weights [C], `ignore_index` and `reduction`: GatherElements
+/// along the class axis, weights by Gather, the ignored positions masked out.
+fn nll(cx: &mut Ctx, input: NodeId, target: NodeId, weight: Option<NodeId>) -> Result<NodeId> {
+    let ignore = cx.attr_int("ignore_index")?;
+    let reduction = cx
+        .attr_string("reduction")?
+        .unwrap_or_else(|| "mean".into());
+    if !matches!(reduction.as_str(), "none" | "sum" | "mean") {
+        return Err(cx.err(format!(
+            "reduction '{reduction}', expected \"none\", \"sum\" or \"mean\""
+        )));
+    }
+    let xs = cx.shape(input);
+    let ts = cx.shape(target);
+    let mut want = xs.clone();
+    if xs.len() >= 2 {
+        want.remove(1);
+    }
+    if xs.len() < 2 || ts != want {
+        return Err(cx.err(format!(
+            "input {xs:?} and target {ts:?} do not fit ([N, C, d...] and [N, d...])"
+        )));
+    }
+    // Ignored positions gather class 0 (any valid id) and are masked out below.
+    let (t, keep) = match ignore {
+        Some(i) => {
+            let name = cx.temp_name("ignore_index");
+            let ig = cx.add_const(&name, Tensor::i64(vec![], vec![i]))?;
+            let hit = bin(cx, Binary::Equal, target, ig, "ignored")?;
+            let name = cx.temp_name("class0");
+            let zero = cx.add_const(&name, Tensor::i64(vec![], vec![0]))?;
+            let t = tmp(cx, Op::Where, &[hit, zero, target], "safe_target")?;
+            let keep = un(cx, unary::NOT, hit, "kept")?;
+            (t, Some(keep))
+        }
+        None => (target, None),
+    };
+    let mut unsq = ts.clone();
+    unsq.insert(1, 1);
+    let t1 = tmp(cx, Op::Reshape { shape: unsq }, &[t], "target_1")?;
+    let picked = tmp(cx, Op::GatherElements { axis: 1 }, &[input, t1], "picked")?;
+    let picked = tmp(
+        cx,
+        Op::Reshape { shape: ts.clone() },
+        &[picked],
+        "picked_flat",
+    )?;
+    let mut w = match weight {
+        Some(wt) => Some(tmp(cx, Op::Gather { axis: 0 }, &[wt, t], "weight")?),
+        None => None,
+    };
+    if let Some(keep) = keep {
+        let k = tmp(
+            cx,
+            Op::Cast {
+                to: crate::tensor::DType::F32,
+            },
+            &[keep],
+            "mask",
+        )?;
+        w = Some(match w {
+            Some(w) => bin(cx, Binary::Mul, w, k, "weight_kept")?,
+            None => k,
+        });
+    }
+    let neg = un(cx, unary::NEG, picked, "neg")?;
+    let loss = match w {
+        Some(w) => bin(cx, Binary::Mul, neg, w, "weighted")?,
+        None => neg,
+    };
+    let all = |n: usize| Op::Reduce {
+        kind: Reduce::Sum,
+        axes: (0..n).collect(),
+        keepdims: false,
+    };
+    match reduction.as_str() {
+        "none" => cx.add(Op::Identity, &[loss]),
+        "sum" => cx.add(all(ts.len()), &[loss]),
+        _ => {
+            let total = tmp(cx, all(ts.len()), &[loss], "total")?;
+            let den = match w {
+                Some(w) => tmp(cx, all(ts.len()), &[w], "weight_total")?,
+                None => scalar(cx, numel(&ts) as f32, "count")?,
+            };
+            cx.add(Op::Binary(Binary::Div), &[total, den])
+        }
+    }
+}
+
+pub fn negative_log_likelihood_loss(cx: &mut Ctx) -> Result<NodeId> {
+    let input = cx.input(0)?;
+    let target = cx.input(1)?;
+    let weight = cx.opt_input(2)?;
+    nll(cx, input, target, weight)
+}
+
+/// NLL of the log-softmax over the class axis (1); the optional second output is that
+/// log-probability.
+pub fn softmax_cross_entropy_loss(cx: &mut Ctx) -> Result<NodeId> {
+    let scores = cx.input(0)?;
+    let labels = cx.input(1)?;
+    let weight = cx.opt_input(2)?;
+    if cx.shape(scores).len() < 2 {
+        return Err(cx.err("scores must have rank 2 or more ([N, C, d...])".into()));
+    }
+    let p = tmp(cx, Op::Softmax { axis: 1 }, &[scores], "softmax")?;
+    let log_prob = match cx.node.output.get(1).filter(|o| !o.is_empty()) {
+        Some(name) => {
+            let name = name.clone();
+            cx.add_named(Op::Unary(unary::LOG), &[p], &name)?
+        }
+        None => un(cx, unary::LOG, p, "log_prob")?,
+    };
+    let loss = nll(cx, log_prob, labels, weight)?;
+    cx.set_output(1, log_prob);
+    Ok(loss)
+}
+
 /// The mean over every dim after the first two, kept as dims of size 1.
 pub fn global_average_pool(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
