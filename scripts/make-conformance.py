@@ -52,10 +52,10 @@ def supported_ops():
         src = f.read()
     table = src[src.index("pub const OPS"):]
     table = table[: table.index("];")]
-    ops.update(re.findall(r'\(\s*"([A-Za-z]+)"\s*,\s*Rule::', table))
+    ops.update(re.findall(r'\(\s*"([A-Za-z0-9]+)"\s*,\s*Rule::', table))
     for path in glob.glob(os.path.join(REPO, "src", "ops", "unary", "*.rs")):
         with open(path) as f:
-            ops.update(re.findall(r'onnx:\s*Some\("([A-Za-z]+)"\)', f.read()))
+            ops.update(re.findall(r'onnx:\s*Some\("([A-Za-z0-9]+)"\)', f.read()))
     return ops
 
 
