@@ -155,6 +155,14 @@ fn binary_rules_with_broadcasting() {
             c.check(y);
         }
     }
+    // Mod and Fmod, with quotients in (2, 3): away from the jumps at integer quotients.
+    for op in [Binary::Mod, Binary::Fmod] {
+        let mut c = Case::new(&format!("{op:?}"));
+        let a = c.input("a", &[3, 4], 2.2, 2.8);
+        let b = c.input("b", &[4], 0.95, 1.05);
+        let y = c.op(Op::Binary(op), &[a, b]);
+        c.check(y);
+    }
 }
 
 #[test]

@@ -859,6 +859,38 @@ fn reduce_max_min_nan_and_infinities() {
     assert_eq!((out["max"][2], out["min"][2]), (5.0, -7.0));
 }
 
+/// Mod (the divisor's sign) and Fmod (the dividend's), on integers (exact, i32 arithmetic) and on
+/// floats whose quotients stay away from integers (where truncation in f32 and f64 could differ).
+#[test]
+fn mod_and_fmod() {
+    let mut c = Case::new("mod_and_fmod");
+    let v = ints(&mut c, 40, -50, 50);
+    let a = typed_input(&mut c, "a", &[4, 10], v, DType::I64);
+    let v: Vec<f32> = ints(&mut c, 10, 1, 7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| if i % 3 == 0 { -d } else { d })
+        .collect();
+    let b = typed_input(&mut c, "b", &[10], v, DType::I64);
+    let mut fb = vec![];
+    let mut fa = vec![];
+    for i in 0..40 {
+        let d = c.rng.range(0.5, 3.0) * if i % 3 == 0 { -1.0 } else { 1.0 };
+        let k = (c.rng.range(-5.0, 5.0)).floor();
+        let frac = c.rng.range(0.1, 0.9);
+        fb.push(d as f32);
+        fa.push(((k + frac) * d) as f32);
+    }
+    let x = c.input_values("x", &[40], fa);
+    let y = c.input_values("y", &[40], fb);
+    for (op, name) in [(Binary::Mod, "mod"), (Binary::Fmod, "fmod")] {
+        let r = c.out(bin(op), &[a, b], &format!("int_{name}"));
+        assert_eq!(c.graph.node(r).dtype, DType::I64);
+        c.out(bin(op), &[x, y], &format!("float_{name}"));
+    }
+    c.check();
+}
+
 /// Max and Min keep a NaN operand (WGSL's max and min may drop it), as torch does.
 #[test]
 fn max_and_min_propagate_nan() {

@@ -251,6 +251,25 @@ fn elementwise_expr(
                 Binary::LessOrEqual => truth(format!("{a} <= {c}")),
                 Binary::And => truth(format!("{a} != 0.0 && {c} != 0.0")),
                 Binary::Or => truth(format!("{a} != 0.0 || {c} != 0.0")),
+                // Integer remainders in i32 arithmetic (exact for the integers an f32 holds);
+                // float ones with WGSL's f32 `%` (x - y * trunc(x / y)), except that a finite x
+                // modulo an infinite y is x, as C's fmod says (the formula gives NaN).
+                Binary::Mod | Binary::Fmod => {
+                    let r = if dtype == DType::I64 {
+                        format!("f32(i32({a}) % i32({c}))")
+                    } else {
+                        format!(
+                            "select({a} % {c}, {a}, abs({c}) > 3.40282347e38 && abs({a}) <= 3.40282347e38)"
+                        )
+                    };
+                    if *b == Binary::Fmod {
+                        r
+                    } else {
+                        format!(
+                            "select({r}, {r} + {c}, {r} != 0.0 && (({r} < 0.0) != ({c} < 0.0)))"
+                        )
+                    }
+                }
             }
         }
         Op::Cast { to } => {

@@ -43,6 +43,12 @@ pub enum Binary {
     LessOrEqual,
     And,
     Or,
+    /// Remainder with the sign of the divisor, `x - y * floor(x / y)` (ONNX Mod, fmod = 0;
+    /// Python's `%`).
+    Mod,
+    /// Remainder with the sign of the dividend, `x - y * trunc(x / y)` (ONNX Mod, fmod = 1; C's
+    /// `fmod`).
+    Fmod,
 }
 
 impl Binary {
@@ -185,6 +191,8 @@ impl Op {
                 Binary::LessOrEqual => "less_or_equal",
                 Binary::And => "and",
                 Binary::Or => "or",
+                Binary::Mod => "mod",
+                Binary::Fmod => "fmod",
             },
             Op::StopGradient => "stop_gradient",
             Op::Identity => "identity",

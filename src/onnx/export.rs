@@ -378,6 +378,7 @@ impl Exporter<'_> {
                     )))
                 }
             },
+            Op::Binary(Binary::Fmod) => ("Mod", vec![attr_int("fmod", 1)]),
             Op::Binary(b) => (binary_type(*b), vec![]),
             Op::Identity => ("Identity", vec![]),
             Op::StopGradient => {
@@ -556,6 +557,7 @@ fn binary_type(b: Binary) -> &'static str {
         Binary::LessOrEqual => "LessOrEqual",
         Binary::And => "And",
         Binary::Or => "Or",
+        Binary::Mod | Binary::Fmod => "Mod",
     }
 }
 

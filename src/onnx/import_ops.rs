@@ -112,6 +112,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Swish", Rule::Build(lowered::swish)),
     ("IsInf", Rule::Build(lowered::is_inf)),
     ("Xor", Rule::Build(lowered::xor)),
+    ("Mod", Rule::Build(lowered::modulo)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

@@ -315,6 +315,17 @@ pub fn binary_fn(b: Binary) -> fn(f64, f64) -> f64 {
         Binary::LessOrEqual => |a, b| truth(a <= b),
         Binary::And => |a, b| truth(a != 0.0 && b != 0.0),
         Binary::Or => |a, b| truth(a != 0.0 || b != 0.0),
+        // f64 `%` is C's fmod (exact); Mod moves a remainder whose sign differs from the
+        // divisor's by one divisor.
+        Binary::Fmod => |a, b| a % b,
+        Binary::Mod => |a, b| {
+            let r = a % b;
+            if r != 0.0 && (r < 0.0) != (b < 0.0) {
+                r + b
+            } else {
+                r
+            }
+        },
     }
 }
 

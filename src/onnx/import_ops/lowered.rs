@@ -7,9 +7,10 @@
 //! - activations: LeakyRelu, PRelu, Elu, Selu, Celu, ThresholdedRelu, HardSigmoid, HardSwish,
 //!   Softplus (in the stable form `max(x, 0) + log(1 + exp(-|x|))`), Softsign, Mish, Swish;
 //! - IsInf, Xor, Sum and Mean (variadic), CastLike, Dropout (inference: the identity, and an
-//!   all-true mask);
-//! - normalisations and reductions: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
-//!   ReduceLogSum, GlobalAveragePool;
+//!   all-true mask), Mod (the IR's Mod or Fmod by its `fmod` attribute);
+//! - normalisations, reductions and losses: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
+//!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
+//!   SoftmaxCrossEntropyLoss;
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape).
 
 use super::{reduce_args, Ctx};
@@ -194,6 +195,17 @@ pub fn is_inf(cx: &mut Ctx) -> Result<NodeId> {
         // Both off: nothing is detected (+inf is never -inf).
         (false, false) => cx.add(Op::Binary(Binary::And), &[is_p, is_n]),
     }
+}
+
+/// Mod: the sign of the divisor (fmod = 0, integers only in ONNX) or of the dividend (fmod = 1).
+pub fn modulo(cx: &mut Ctx) -> Result<NodeId> {
+    let a = cx.input(0)?;
+    let b = cx.input(1)?;
+    let op = match cx.attr_bool("fmod", false)? {
+        true => Binary::Fmod,
+        false => Binary::Mod,
+    };
+    cx.add(Op::Binary(op), &[a, b])
 }
 
 /// `!(a == b)` on bools.

@@ -331,6 +331,17 @@ fn binary(
                 out[1] = Some(b.add(Op::Where, &[chosen, zero, dy], n, "dy")?);
             }
         }
+        // d/dx (x mod y) = 1 and d/dy = -floor(x / y) (or -trunc): (x - r) / y is that
+        // quotient, from the result itself.
+        Binary::Mod | Binary::Fmod => {
+            out[0] = Some(dy);
+            if wanted[1] {
+                let d = b.binary(Binary::Sub, x, n, n, "x_minus_r")?;
+                let q = b.binary(Binary::Div, d, y, n, "quotient")?;
+                let t = b.binary(Binary::Mul, dy, q, n, "dy_q")?;
+                out[1] = Some(b.add(Op::Unary(unary::NEG), &[t], n, "dy")?);
+            }
+        }
         // Comparisons and logical ops are piecewise constant: no gradient flows.
         Binary::Equal | Binary::Less | Binary::LessOrEqual | Binary::And | Binary::Or => {
             return Ok(vec![None, None]);
