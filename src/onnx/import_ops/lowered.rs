@@ -6,6 +6,7 @@
 //!
 //! - activations: LeakyRelu, PRelu, Elu, Selu, Celu, ThresholdedRelu, HardSigmoid, HardSwish,
 //!   Softplus (in the stable form `max(x, 0) + log(1 + exp(-|x|))`), Softsign, Mish, Swish;
+//! - ArgMax, ArgMin and Hardmax (from ReduceMax/ReduceMin, Equal and an index constant);
 //! - IsInf, Xor, Sum and Mean (variadic), CastLike, Dropout (inference: the identity, and an
 //!   all-true mask), Mod (the IR's Mod or Fmod by its `fmod` attribute);
 //! - normalisations, reductions and losses: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
@@ -523,6 +524,94 @@ pub fn softmax_cross_entropy_loss(cx: &mut Ctx) -> Result<NodeId> {
     let loss = nll(cx, log_prob, labels, weight)?;
     cx.set_output(1, log_prob);
     Ok(loss)
+}
+
+/// The index along `axis` of the first (or last) maximum (or minimum), kept as a dim of size 1:
+/// the positions equal to the extreme (or NaN: numpy's argmax picks the first NaN, and the
+/// extreme is NaN then) keep their index, the others an index past the end (or -1), and a
+/// minimum (maximum) over those picks the first (last).
+fn arg_extreme(cx: &mut Ctx, x: NodeId, axis: usize, max: bool, last: bool) -> Result<NodeId> {
+    let shape = cx.shape(x);
+    let len = shape[axis];
+    if len == 0 {
+        return Err(cx.err(format!("axis {axis} has size 0: no element to pick")));
+    }
+    let reduce = |kind| Op::Reduce {
+        kind,
+        axes: vec![axis],
+        keepdims: true,
+    };
+    let kind = if max { Reduce::Max } else { Reduce::Min };
+    let m = tmp(cx, reduce(kind), &[x], "extreme")?;
+    let hit = bin(cx, Binary::Equal, x, m, "hit")?;
+    let nan = un(cx, unary::IS_NAN, x, "nan")?;
+    let hit = bin(cx, Binary::Or, hit, nan, "hit_or_nan")?;
+    let mut ids_shape = vec![1; shape.len()];
+    ids_shape[axis] = len;
+    let name = cx.temp_name("ids");
+    let ids = cx.add_const(&name, Tensor::i64(ids_shape, (0..len as i64).collect()))?;
+    let miss = if last { -1 } else { len as i64 };
+    let name = cx.temp_name("miss");
+    let miss = cx.add_const(&name, Tensor::i64(vec![], vec![miss]))?;
+    let cand = tmp(cx, Op::Where, &[hit, ids, miss], "candidates")?;
+    let pick = if last { Reduce::Max } else { Reduce::Min };
+    tmp(cx, reduce(pick), &[cand], "index")
+}
+
+fn arg(cx: &mut Ctx, max: bool) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(0), shape.len(), false)?;
+    let keepdims = cx.attr_bool("keepdims", true)?;
+    let last = cx.attr_bool("select_last_index", false)?;
+    let i = arg_extreme(cx, x, axis, max, last)?;
+    if keepdims {
+        return cx.add(Op::Identity, &[i]);
+    }
+    let mut out = shape;
+    out.remove(axis);
+    cx.add(Op::Reshape { shape: out }, &[i])
+}
+
+pub fn arg_max(cx: &mut Ctx) -> Result<NodeId> {
+    arg(cx, true)
+}
+
+pub fn arg_min(cx: &mut Ctx) -> Result<NodeId> {
+    arg(cx, false)
+}
+
+/// 1 at the first maximum along `axis` (default -1; before opset 13 the input is flattened to
+/// 2-D at `axis`, the same only for the last axis), 0 elsewhere.
+pub fn hardmax(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let rank = shape.len();
+    let default = if cx.opset >= 13 { -1 } else { 1 };
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(default), rank, false)?;
+    if cx.opset < 13 && axis + 1 != rank {
+        return Err(cx.unsupported(format!(
+            "Hardmax (opset {} semantics) over axis {axis} of a rank-{rank} input (only the \
+             last axis is supported before opset 13)",
+            cx.opset
+        )));
+    }
+    let i = arg_extreme(cx, x, axis, true, false)?;
+    let mut ids_shape = vec![1; rank];
+    ids_shape[axis] = shape[axis];
+    let name = cx.temp_name("positions");
+    let ids = cx.add_const(
+        &name,
+        Tensor::i64(ids_shape, (0..shape[axis] as i64).collect()),
+    )?;
+    let hot = bin(cx, Binary::Equal, ids, i, "hot")?;
+    // Equal broadcasts to x's shape, since `i` has x's dims but `axis`.
+    cx.add(
+        Op::Cast {
+            to: crate::tensor::DType::F32,
+        },
+        &[hot],
+    )
 }
 
 /// The mean over every dim after the first two, kept as dims of size 1.
