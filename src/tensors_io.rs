@@ -3,7 +3,7 @@
 //! run never leaves a half-written output behind.
 
 use crate::error::{Error, Result};
-use crate::tensor::{shape_str, Array};
+use crate::tensor::{shape_str, Array, DType};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -36,7 +36,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Tensors in name order, widened to f64 (f32, f64, f16, bf16, i64 and i32 files are accepted).
+/// Tensors in name order, widened to f64 (float, integer and bool files are accepted; bools read
+/// as 0/1). A 0-d tensor has shape `[]`.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
     Ok(read_safetensors_typed(path)?
         .into_iter()
@@ -76,6 +77,13 @@ pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, St
             Dtype::BF16 => Stored::Float("bfloat16"),
             Dtype::I64 => Stored::Int("int64"),
             Dtype::I32 => Stored::Int("int32"),
+            Dtype::I16 => Stored::Int("int16"),
+            Dtype::I8 => Stored::Int("int8"),
+            Dtype::U64 => Stored::Int("uint64"),
+            Dtype::U32 => Stored::Int("uint32"),
+            Dtype::U16 => Stored::Int("uint16"),
+            Dtype::U8 => Stored::Int("uint8"),
+            Dtype::BOOL => Stored::Int("bool"),
             _ => Stored::Int("other"),
         };
         let values: Vec<f64> = match view.dtype() {
@@ -103,9 +111,28 @@ pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, St
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
                 .collect(),
+            Dtype::I16 => data
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+                .collect(),
+            Dtype::I8 => data.iter().map(|&b| b as i8 as f64).collect(),
+            Dtype::U64 => data
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::U32 => data
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::U16 => data
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as f64)
+                .collect(),
+            Dtype::U8 => data.iter().map(|&b| b as f64).collect(),
+            Dtype::BOOL => data.iter().map(|&b| (b != 0) as u8 as f64).collect(),
             other => {
                 return Err(Error::Input(format!(
-                    "{}: tensor '{name}' has dtype {other:?}; dorac reads float32/float64/float16/bfloat16/int64/int32",
+                    "{}: tensor '{name}' has dtype {other:?}; dorac reads float, integer and bool tensors",
                     path.display()
                 )))
             }
@@ -117,21 +144,49 @@ pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, St
 
 /// Writes f32 tensors (values rounded from f64) atomically.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Array>) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let typed: BTreeMap<String, (Array, DType)> = tensors
         .iter()
-        .map(|(name, a)| {
-            let b: Vec<u8> = a
-                .data
-                .iter()
-                .flat_map(|&v| (v as f32).to_le_bytes())
-                .collect();
-            (name.clone(), a.shape.clone(), b)
+        .map(|(k, a)| (k.clone(), (a.clone(), DType::F32)))
+        .collect();
+    write_safetensors_typed(path, &typed)
+}
+
+/// Writes tensors in their IR type atomically: float32 (rounded from f64), int64 (truncated) or
+/// bool (nonzero is true).
+pub fn write_safetensors_typed(
+    path: &Path,
+    tensors: &BTreeMap<String, (Array, DType)>,
+) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = tensors
+        .iter()
+        .map(|(name, (a, dtype))| {
+            let (b, st): (Vec<u8>, Dtype) = match dtype {
+                DType::F32 => (
+                    a.data
+                        .iter()
+                        .flat_map(|&v| (v as f32).to_le_bytes())
+                        .collect(),
+                    Dtype::F32,
+                ),
+                DType::I64 => (
+                    a.data
+                        .iter()
+                        .flat_map(|&v| (v as i64).to_le_bytes())
+                        .collect(),
+                    Dtype::I64,
+                ),
+                DType::Bool => (
+                    a.data.iter().map(|&v| (v != 0.0) as u8).collect(),
+                    Dtype::BOOL,
+                ),
+            };
+            (name.clone(), a.shape.clone(), b, st)
         })
         .collect();
     let views = bytes
         .iter()
-        .map(|(name, shape, b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+        .map(|(name, shape, b, st)| {
+            safetensors::tensor::TensorView::new(*st, shape.clone(), b)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| Error::Input(format!("tensor '{name}': {e}")))
         })

@@ -383,3 +383,45 @@ fn generate_decodes_greedily_with_and_without_an_adapter() {
     ]);
     assert_eq!(base.stdout, again.stdout);
 }
+
+/// `dorac run` takes shapes and split sizes fed as graph inputs from the inputs file (pinned at
+/// import), and writes outputs in their types, 0-d ones included: conformance cases through the
+/// command line, against their expected outputs.
+#[test]
+fn run_pins_shape_inputs_and_writes_typed_outputs() {
+    use dorac::tensors_io::{read_safetensors_typed, Stored};
+    let dir = temp_dir("run_typed");
+    let suite = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance");
+    for case in [
+        "test_reshape_negative_dim",
+        "test_split_variable_parts_1d_opset18",
+        "test_equal",
+        "test_matmul_1d_1d",
+    ] {
+        let case_dir = suite.join(case);
+        let out = dir.join(format!("{case}.safetensors"));
+        dorac_ok(&[
+            "run",
+            s(&case_dir.join("model.onnx")),
+            "--inputs",
+            s(&case_dir.join("inputs.safetensors")),
+            "-o",
+            s(&out),
+        ]);
+        let got = read_safetensors_typed(&out).unwrap();
+        let want = read_safetensors_typed(&case_dir.join("outputs.safetensors")).unwrap();
+        assert_eq!(got.len(), want.len(), "{case}");
+        for (name, (w, w_kind)) in &want {
+            let (g, g_kind) = &got[name];
+            assert_eq!(g.shape, w.shape, "{case}: {name}");
+            let kind = |k: &Stored| match k {
+                Stored::Float(_) => "float",
+                Stored::Int("bool") => "bool",
+                Stored::Int(_) => "int",
+            };
+            assert_eq!(kind(g_kind), kind(w_kind), "{case}: {name}");
+            let err = dorac::tensor::relative_error(&g.data, &w.data);
+            assert!(err <= 1e-5, "{case}: {name}: relative error {err:e}");
+        }
+    }
+}

@@ -369,3 +369,34 @@ fn an_input_computed_after_the_anchor_is_not_pulled_in() {
     };
     compare("late input", &g, &BTreeMap::new(), 1, feeds);
 }
+
+/// A Cast to float32 is a view (every value is f32 on the device): the chain before it ends
+/// there, and the value after it is the chain's result read through the view.
+#[test]
+fn a_view_ends_its_chain() {
+    let mut g = Graph::new();
+    let x = g.add_input("x", vec![6, 10]);
+    let zero = g.add_const("zero", Tensor::scalar(0.0));
+    let pos = g
+        .add(Op::Binary(Binary::Less), &[zero, x], "pos", "pos")
+        .unwrap();
+    let not = g.add(Op::Unary(unary::NOT), &[pos], "not", "not").unwrap();
+    let cast = g
+        .add(
+            Op::Cast {
+                to: dorac::tensor::DType::F32,
+            },
+            &[not],
+            "mask",
+            "mask",
+        )
+        .unwrap();
+    let y = g
+        .add(Op::Binary(Binary::Mul), &[cast, x], "y", "y")
+        .unwrap();
+    g.outputs.push(("y".into(), y));
+    let plan = codegen::plan(&g).unwrap();
+    assert!(groups(&plan).iter().all(|gr| !gr.contains(&cast)), "{plan}");
+    let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
+    assert!(rel(&got, &want, "y") < 1e-5);
+}

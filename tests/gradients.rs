@@ -196,6 +196,14 @@ fn binary_rules_with_broadcasting() {
             c.check(y);
         }
     }
+    // Mod and Fmod, with quotients in (2, 3): away from the jumps at integer quotients.
+    for op in [Binary::Mod, Binary::Fmod] {
+        let mut c = Case::new(&format!("{op:?}"));
+        let a = c.input("a", &[3, 4], 2.2, 2.8);
+        let b = c.input("b", &[4], 0.95, 1.05);
+        let y = c.op(Op::Binary(op), &[a, b]);
+        c.check(y);
+    }
 }
 
 #[test]
@@ -258,7 +266,7 @@ fn shape_and_reduction_rules() {
         &[x],
     );
     c.check(y);
-    for kind in [Reduce::Sum, Reduce::SumSquare] {
+    for kind in [Reduce::Sum, Reduce::SumSquare, Reduce::Max, Reduce::Min] {
         for (axes, keepdims) in [(vec![0], false), (vec![1, 2], true), (vec![2], false)] {
             let mut c = Case::new(&format!("{kind:?} {axes:?} {keepdims}"));
             let x = c.input("x", &[2, 3, 4], -1.0, 1.0);

@@ -294,6 +294,42 @@ fn pow_of_negative_base_and_fractional_exponent_is_nan() {
     assert_eq!(out["y"][2], 0.0);
 }
 
+/// Pow of an integer base has the base's type (ONNX): the device's f32 power (pow(3, 6) may
+/// come out as 729.0002) must give the exact integer, for integer and float exponents alike
+/// (a fractional result truncates toward zero, as the reference's integer results do).
+#[test]
+fn integer_pow_is_exact() {
+    let mut c = Case::new("integer_pow_is_exact");
+    let v = ints(&mut c, 8 * 7, -12, 12);
+    let base = typed_input(&mut c, "base", &[8, 7], v, DType::I64);
+    let v: Vec<f32> = (0..7).map(|e| e as f32).collect();
+    let int_exp = typed_input(&mut c, "int_exp", &[7], v, DType::I64);
+    let v = vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let float_exp = c.input_values("float_exp", &[7], v);
+    let v = vec![-2.0, -1.0, 0.5, 1.5, -0.5, 2.5, 6.0];
+    let mixed_exp = c.input_values("mixed_exp", &[7], v);
+    let v = ints(&mut c, 8 * 7, 1, 12);
+    let positive = typed_input(&mut c, "positive", &[8, 7], v, DType::I64);
+    c.out(bin(Binary::Pow), &[base, int_exp], "int_int");
+    c.out(bin(Binary::Pow), &[base, float_exp], "int_float");
+    c.out(bin(Binary::Pow), &[positive, mixed_exp], "int_mixed");
+    for name in ["int_int", "int_float", "int_mixed"] {
+        let id = c.graph.outputs.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(c.graph.node(id).dtype, DType::I64);
+    }
+    let host: HashMap<String, Vec<f32>> = c
+        .feeds
+        .iter()
+        .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+        .collect();
+    let got = runtime::run_graph(gpu(), &c.graph, &host).unwrap();
+    let want = reference::run(&c.graph, &c.feeds).unwrap();
+    for (name, _) in &c.graph.outputs {
+        let g: Vec<f64> = got[name].iter().map(|&x| x as f64).collect();
+        assert_eq!(g, want[name].data, "{name} (seed {})", base_seed());
+    }
+}
+
 // ---------------------------------------------------------------- matmul and gemm
 
 #[test]
@@ -461,6 +497,24 @@ fn reduce_sums() {
         keepdims: false,
     };
     c.out(op, &[long], "sum_long_rows");
+    // Maximum and minimum over the same axis sets, and over long rows.
+    for kind in [Reduce::Max, Reduce::Min] {
+        for axes in [&[0][..], &[2], &[0, 2], &[0, 1, 2]] {
+            let tag: String = axes.iter().map(|a| a.to_string()).collect();
+            let op = Op::Reduce {
+                kind,
+                axes: axes.to_vec(),
+                keepdims: axes.len() == 1,
+            };
+            c.out(op, &[x], &format!("{kind:?}_{tag}"));
+        }
+        let op = Op::Reduce {
+            kind,
+            axes: vec![1],
+            keepdims: false,
+        };
+        c.out(op, &[long], &format!("{kind:?}_long_rows"));
+    }
     // Sum of squares (DoRA's frozen column norms), over either axis of a weight matrix.
     let w = c.input("w", &[37, 53], -1.0, 1.0);
     for axis in [0, 1] {
@@ -780,6 +834,60 @@ fn integer_division_truncates() {
     let b = typed_input(&mut c, "b", &[10], v, DType::I64);
     let q = c.out(bin(Binary::Div), &[a, b], "quotient");
     assert_eq!(c.graph.node(q).dtype, DType::I64);
+    c.check();
+}
+
+/// ReduceMax and ReduceMin: a NaN in a row makes its result NaN; a row of infinities keeps them.
+#[test]
+fn reduce_max_min_nan_and_infinities() {
+    let mut g = Graph::new();
+    let inf = f32::INFINITY;
+    let v = vec![1.0, f32::NAN, 3.0, -inf, -inf, -inf, 2.0, 5.0, -7.0];
+    let a = g.add_const("a", Tensor::f32(vec![3, 3], v));
+    for (kind, name) in [(Reduce::Max, "max"), (Reduce::Min, "min")] {
+        let op = Op::Reduce {
+            kind,
+            axes: vec![1],
+            keepdims: false,
+        };
+        let y = g.add(op, &[a], name, name).unwrap();
+        g.outputs.push((name.into(), y));
+    }
+    let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
+    assert!(out["max"][0].is_nan() && out["min"][0].is_nan(), "{out:?}");
+    assert_eq!((out["max"][1], out["min"][1]), (-inf, -inf));
+    assert_eq!((out["max"][2], out["min"][2]), (5.0, -7.0));
+}
+
+/// Mod (the divisor's sign) and Fmod (the dividend's), on integers (exact, i32 arithmetic) and on
+/// floats whose quotients stay away from integers (where truncation in f32 and f64 could differ).
+#[test]
+fn mod_and_fmod() {
+    let mut c = Case::new("mod_and_fmod");
+    let v = ints(&mut c, 40, -50, 50);
+    let a = typed_input(&mut c, "a", &[4, 10], v, DType::I64);
+    let v: Vec<f32> = ints(&mut c, 10, 1, 7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| if i % 3 == 0 { -d } else { d })
+        .collect();
+    let b = typed_input(&mut c, "b", &[10], v, DType::I64);
+    let mut fb = vec![];
+    let mut fa = vec![];
+    for i in 0..40 {
+        let d = c.rng.range(0.5, 3.0) * if i % 3 == 0 { -1.0 } else { 1.0 };
+        let k = (c.rng.range(-5.0, 5.0)).floor();
+        let frac = c.rng.range(0.1, 0.9);
+        fb.push(d as f32);
+        fa.push(((k + frac) * d) as f32);
+    }
+    let x = c.input_values("x", &[40], fa);
+    let y = c.input_values("y", &[40], fb);
+    for (op, name) in [(Binary::Mod, "mod"), (Binary::Fmod, "fmod")] {
+        let r = c.out(bin(op), &[a, b], &format!("int_{name}"));
+        assert_eq!(c.graph.node(r).dtype, DType::I64);
+        c.out(bin(op), &[x, y], &format!("float_{name}"));
+    }
     c.check();
 }
 

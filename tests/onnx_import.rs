@@ -593,23 +593,70 @@ fn other_domains_and_string_inputs_are_refused() {
     );
 }
 
+/// An attribute no builder reads could change the result: it is refused by name, not ignored.
 #[test]
-fn used_layer_norm_statistics_are_refused() {
+fn unread_attributes_are_refused() {
+    let n = with_attr(
+        node("Relu", "r", &["x"], &["y"]),
+        AttributeProto {
+            name: Some("broadcast".into()),
+            r#type: Some(AttributeType::Int as i32),
+            i: Some(1),
+            ..Default::default()
+        },
+    );
+    let m = model(
+        vec![n],
+        vec![],
+        vec![vi("x", &[Ok(3)])],
+        vec![vi("y", &[Ok(3)])],
+        17,
+    );
+    let e = import_err(&m);
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("Relu with attribute 'broadcast'") && e.contains("(nodes: r)"),
+        "{e}"
+    );
+}
+
+/// LayerNormalization's Mean and InvStdDev outputs, when used, are computed (from a sum, a
+/// division and a square root; the normalisation itself stays one op), with the reduced axes
+/// kept as dims of size 1.
+#[test]
+fn used_layer_norm_statistics_are_computed() {
     let m = model(
         vec![
-            node("LayerNormalization", "ln", &["x", "s"], &["y", "mean"]),
+            node(
+                "LayerNormalization",
+                "ln",
+                &["x", "s"],
+                &["y", "mean", "inv"],
+            ),
             node("Relu", "r", &["mean"], &["z"]),
         ],
         vec![f32_init("s", &[4], &[1.0; 4])],
         vec![vi("x", &[Ok(2), Ok(4)])],
-        vec![vi("y", &[Ok(2), Ok(4)]), vi("z", &[Ok(2), Ok(1)])],
+        vec![
+            vi("y", &[Ok(2), Ok(4)]),
+            vi("z", &[Ok(2), Ok(1)]),
+            vi("inv", &[Ok(2), Ok(1)]),
+        ],
         17,
     );
-    let e = import_err(&m).to_string();
-    assert!(
-        e.contains("LayerNormalization with its extra outputs used") && e.ends_with("(nodes: ln)"),
-        "{e}"
-    );
+    let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    let x = [1.0, 2.0, 3.0, 6.0, -1.0, -1.0, 1.0, 1.0];
+    let inputs = HashMap::from([("x".to_string(), Array::new(vec![2, 4], x.to_vec()))]);
+    let out = dorac::reference::run(&g, &inputs).unwrap();
+    assert_eq!(out["z"].shape, vec![2, 1]);
+    assert_eq!(out["z"].data, vec![3.0, 0.0]);
+    let eps = 1e-5f32 as f64;
+    let want = [1.0 / (3.5f64 + eps).sqrt(), 1.0 / (1.0 + eps).sqrt()];
+    assert_eq!(out["inv"].shape, vec![2, 1]);
+    for (a, b) in out["inv"].data.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
 }
 
 // ---- shapes ----

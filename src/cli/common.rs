@@ -15,12 +15,25 @@ pub fn load_graph(
     shapes: &[String],
     input_shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<Graph> {
+    load_graph_with_values(path, shapes, input_shapes, &HashMap::new())
+}
+
+/// [`load_graph`] with the values of inputs that ops need at import (shapes, axes, split sizes
+/// fed as graph inputs), see [`crate::onnx::import_with_values`].
+pub fn load_graph_with_values(
+    path: &Path,
+    shapes: &[String],
+    input_shapes: &HashMap<String, Vec<usize>>,
+    input_values: &HashMap<String, Array>,
+) -> Result<Graph> {
     let model = crate::onnx::load_model(path)?;
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    crate::onnx::import(&model, dir, &pins, input_shapes).map_err(|e| match e {
-        Error::Onnx(m) => Error::Onnx(format!("{}: {m}", path.display())),
-        other => other,
+    crate::onnx::import_with_values(&model, dir, &pins, input_shapes, input_values).map_err(|e| {
+        match e {
+            Error::Onnx(m) => Error::Onnx(format!("{}: {m}", path.display())),
+            other => other,
+        }
     })
 }
 

@@ -1,10 +1,10 @@
 //! `dorac run`: inference on wgpu (or the reference executor).
 
-use super::common::{apply_adapter, check_inputs, execute, load_graph, Engine};
+use super::common::{apply_adapter, check_inputs, execute, load_graph_with_values, Engine};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::tensor::{shape_str, Array};
-use crate::tensors_io::{read_safetensors, write_safetensors};
+use crate::tensors_io::{read_safetensors, write_safetensors_typed};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,10 +13,15 @@ use std::time::Instant;
 pub struct Args {
     /// A base model (use --adapter to apply a PEFT adapter) or a model made by `dorac rewrite`.
     pub model: PathBuf,
-    /// Input tensors, named after the graph inputs (safetensors).
+    /// Input tensors, named after the graph inputs (safetensors). Where an op needs an operand at
+    /// import (Reshape's shape, Expand's shape, Slice's starts/ends/axes/steps, Split's sizes,
+    /// reduction or (Un)Squeeze axes, Tile's repeats, Range's bounds...) and the model feeds it
+    /// from a graph input, the tensor's value is pinned as a constant, as --shape pins a dim: the
+    /// compiled graph is for these values.
     #[arg(long, value_name = "IN.safetensors")]
     pub inputs: PathBuf,
-    /// Write the outputs here, named after the graph outputs [default: print a summary only].
+    /// Write the outputs here, named after the graph outputs, in their types (float32, int64 or
+    /// bool) [default: print a summary only].
     #[arg(short, long, value_name = "OUT.safetensors")]
     pub output: Option<PathBuf>,
     /// A PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -76,14 +81,24 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if let Some(out) = &args.output {
-        write_safetensors(out, &outputs)?;
+        let typed: BTreeMap<String, (Array, crate::tensor::DType)> = outputs
+            .into_iter()
+            .map(|(k, a)| {
+                let id = graph.outputs.iter().find(|(n, _)| *n == k).map(|o| o.1);
+                let dtype = id.map_or(crate::tensor::DType::F32, |id| graph.node(id).dtype);
+                (k, (a, dtype))
+            })
+            .collect();
+        write_safetensors_typed(out, &typed)?;
         println!("wrote {}", out.display());
     }
     Ok(())
 }
 
-/// Loads a model for inference: import with pins from the inputs, apply the adapter, merge if
-/// asked, and fold every constant expression (the DoRA magnitude scale included) once.
+/// Loads a model for inference: import with pins from the inputs (their shapes, and their values
+/// where an op needs one at import: a shape, axes or split sizes fed as a graph input), apply
+/// the adapter, merge if asked, and fold every constant expression (the DoRA magnitude scale
+/// included) once.
 pub fn prepare(
     model: &Path,
     shapes: &[String],
@@ -95,7 +110,8 @@ pub fn prepare(
         .iter()
         .map(|(k, v)| (k.clone(), v.shape.clone()))
         .collect();
-    let mut graph = load_graph(model, shapes, &input_shapes)?;
+    let values: HashMap<String, Array> = inputs.clone().into_iter().collect();
+    let mut graph = load_graph_with_values(model, shapes, &input_shapes, &values)?;
     if let Some(dir) = adapter {
         apply_adapter(&mut graph, dir)?;
     }

@@ -231,6 +231,11 @@ fn elementwise_expr(
                 // and sizes an f32 holds exactly.
                 Binary::Div if dtype == DType::I64 => format!("f32(i32({a}) / i32({c}))"),
                 Binary::Div => format!("{a} / {c}"),
+                // An integer base gives an integer (ONNX: the base's type): see pow_int.wgsl.
+                Binary::Pow if dtype == DType::I64 => {
+                    libs.extend([Lib::Pow, Lib::PowInt]);
+                    format!("pow_int_f32({a}, {c})")
+                }
                 Binary::Pow => {
                     libs.insert(Lib::Pow);
                     format!("pow_f32({a}, {c})")
@@ -246,6 +251,25 @@ fn elementwise_expr(
                 Binary::LessOrEqual => truth(format!("{a} <= {c}")),
                 Binary::And => truth(format!("{a} != 0.0 && {c} != 0.0")),
                 Binary::Or => truth(format!("{a} != 0.0 || {c} != 0.0")),
+                // Integer remainders in i32 arithmetic (exact for the integers an f32 holds);
+                // float ones with WGSL's f32 `%` (x - y * trunc(x / y)), except that a finite x
+                // modulo an infinite y is x, as C's fmod says (the formula gives NaN).
+                Binary::Mod | Binary::Fmod => {
+                    let r = if dtype == DType::I64 {
+                        format!("f32(i32({a}) % i32({c}))")
+                    } else {
+                        format!(
+                            "select({a} % {c}, {a}, abs({c}) > 3.40282347e38 && abs({a}) <= 3.40282347e38)"
+                        )
+                    };
+                    if *b == Binary::Fmod {
+                        r
+                    } else {
+                        format!(
+                            "select({r}, {r} + {c}, {r} != 0.0 && (({r} < 0.0) != ({c} < 0.0)))"
+                        )
+                    }
+                }
             }
         }
         Op::Cast { to } => {
@@ -852,11 +876,17 @@ fn reduce(
         strided_index("t", &red, &red_muls)
     ));
     let keepdims = matches!(node.op, Op::Reduce { keepdims: true, .. });
-    // The element transform applied before summing.
-    let term = match kind {
-        Reduce::Sum => "v",
-        Reduce::SumSquare => "v * v",
+    // The element transform applied before summing (or taking the maximum: a minimum is the
+    // maximum of the negated terms, negated).
+    let (template, term, sign) = match kind {
+        Reduce::Sum => (template::REDUCE_SUM, "v", None),
+        Reduce::SumSquare => (template::REDUCE_SUM, "v * v", None),
+        Reduce::Max => (template::REDUCE_MAX, "v", Some("1.0")),
+        Reduce::Min => (template::REDUCE_MAX, "v", Some("-1.0")),
     };
+    if sign.is_some() {
+        b.libs.insert(Lib::IsNan);
+    }
     let summary = format!(
         "{} of {} over axes {axes:?}{} -> {}",
         node.op.name(),
@@ -865,20 +895,15 @@ fn reduce(
         shape_str(&node.shape)
     );
     let workgroups = wgsl::grid(rows, max_wg, name)?;
-    b.finish(
-        template::REDUCE_SUM,
-        name,
-        n,
-        vec![
-            ("ROWS", rows.to_string()),
-            ("R", r.to_string()),
-            ("TERM", term.to_string()),
-            ("GRID_X", workgroups[0].to_string()),
-            ("GRID_Y", workgroups[1].to_string()),
-        ],
-        workgroups,
-        summary,
-    )
+    let mut values = vec![
+        ("ROWS", rows.to_string()),
+        ("R", r.to_string()),
+        ("TERM", term.to_string()),
+        ("GRID_X", workgroups[0].to_string()),
+        ("GRID_Y", workgroups[1].to_string()),
+    ];
+    values.extend(sign.map(|s| ("SIGN", s.to_string())));
+    b.finish(template, name, n, values, workgroups, summary)
 }
 
 fn layer_norm(

@@ -23,6 +23,7 @@ macro_rules! template {
 pub const ELEMENTWISE: Template = template!("elementwise.wgsl");
 pub const MATMUL: Template = template!("matmul.wgsl");
 pub const REDUCE_SUM: Template = template!("reduce_sum.wgsl");
+pub const REDUCE_MAX: Template = template!("reduce_max.wgsl");
 pub const LAYER_NORM: Template = template!("layer_norm.wgsl");
 pub const SOFTMAX: Template = template!("softmax.wgsl");
 pub const CROSS_ENTROPY: Template = template!("cross_entropy.wgsl");
@@ -35,6 +36,8 @@ pub enum Lib {
     Erf,
     Tanh,
     Pow,
+    /// Uses [`Lib::Pow`].
+    PowInt,
     WorkgroupReduce,
     SigmoidGrad,
     TanhGrad,
@@ -53,6 +56,7 @@ impl Lib {
             Lib::Erf => include_str!("../../shaders/lib/erf.wgsl"),
             Lib::Tanh => include_str!("../../shaders/lib/tanh.wgsl"),
             Lib::Pow => include_str!("../../shaders/lib/pow.wgsl"),
+            Lib::PowInt => include_str!("../../shaders/lib/pow_int.wgsl"),
             Lib::WorkgroupReduce => include_str!("../../shaders/lib/workgroup_reduce.wgsl"),
             Lib::SigmoidGrad => include_str!("../../shaders/lib/sigmoid_grad.wgsl"),
             Lib::TanhGrad => include_str!("../../shaders/lib/tanh_grad.wgsl"),

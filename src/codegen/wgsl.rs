@@ -29,6 +29,11 @@ pub fn u32_lit(v: usize) -> String {
 /// dim needs no modulo because `var` is in range.
 pub fn strided_index(var: &str, shape: &[usize], muls: &[usize]) -> String {
     debug_assert_eq!(shape.len(), muls.len());
+    // An index into an empty range is never evaluated (no element has it); its strides would be
+    // zero, and a division by a zero constant is invalid WGSL.
+    if shape.contains(&0) {
+        return "0u".to_string();
+    }
     // (extent, mul) per dim, unit dims dropped, contiguous neighbours merged.
     let mut dims: Vec<(usize, usize)> = Vec::new();
     for (&e, &m) in shape.iter().zip(muls) {

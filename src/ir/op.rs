@@ -18,6 +18,10 @@ pub enum Reduce {
     Sum,
     /// Sum of squares: DoRA's frozen column norms `||W0[:, j]||²` without an [in, out] temporary.
     SumSquare,
+    /// Maximum (NaN if any element is NaN; -inf over no elements).
+    Max,
+    /// Minimum (NaN if any element is NaN; +inf over no elements).
+    Min,
 }
 
 /// Element-wise functions of two inputs, with numpy broadcasting. Comparisons and logical ops
@@ -39,6 +43,12 @@ pub enum Binary {
     LessOrEqual,
     And,
     Or,
+    /// Remainder with the sign of the divisor, `x - y * floor(x / y)` (ONNX Mod, fmod = 0;
+    /// Python's `%`).
+    Mod,
+    /// Remainder with the sign of the dividend, `x - y * trunc(x / y)` (ONNX Mod, fmod = 1; C's
+    /// `fmod`).
+    Fmod,
 }
 
 impl Binary {
@@ -181,6 +191,8 @@ impl Op {
                 Binary::LessOrEqual => "less_or_equal",
                 Binary::And => "and",
                 Binary::Or => "or",
+                Binary::Mod => "mod",
+                Binary::Fmod => "fmod",
             },
             Op::StopGradient => "stop_gradient",
             Op::Identity => "identity",
@@ -193,6 +205,12 @@ impl Op {
                 kind: Reduce::SumSquare,
                 ..
             } => "reduce_sum_square",
+            Op::Reduce {
+                kind: Reduce::Max, ..
+            } => "reduce_max",
+            Op::Reduce {
+                kind: Reduce::Min, ..
+            } => "reduce_min",
             Op::LayerNorm { .. } => "layer_norm",
             Op::Softmax { .. } => "softmax",
             Op::Expand { .. } => "expand",

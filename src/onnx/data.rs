@@ -21,6 +21,8 @@ enum Elem {
     I32,
     I16,
     U16,
+    U32,
+    U64,
     I8,
     U8,
     Bool,
@@ -37,6 +39,8 @@ impl Elem {
             DataType::Int32 => Elem::I32,
             DataType::Int16 => Elem::I16,
             DataType::Uint16 => Elem::U16,
+            DataType::Uint32 => Elem::U32,
+            DataType::Uint64 => Elem::U64,
             DataType::Int8 => Elem::I8,
             DataType::Uint8 => Elem::U8,
             DataType::Bool => Elem::Bool,
@@ -46,8 +50,8 @@ impl Elem {
 
     fn size(self) -> usize {
         match self {
-            Elem::F32 | Elem::I32 => 4,
-            Elem::F64 | Elem::I64 => 8,
+            Elem::F32 | Elem::I32 | Elem::U32 => 4,
+            Elem::F64 | Elem::I64 | Elem::U64 => 8,
             Elem::F16 | Elem::Bf16 | Elem::I16 | Elem::U16 => 2,
             Elem::I8 | Elem::U8 | Elem::Bool => 1,
         }
@@ -56,7 +60,14 @@ impl Elem {
     fn dtype(self) -> DType {
         match self {
             Elem::F32 | Elem::F64 | Elem::F16 | Elem::Bf16 => DType::F32,
-            Elem::I64 | Elem::I32 | Elem::I16 | Elem::U16 | Elem::I8 | Elem::U8 => DType::I64,
+            Elem::I64
+            | Elem::I32
+            | Elem::I16
+            | Elem::U16
+            | Elem::U32
+            | Elem::U64
+            | Elem::I8
+            | Elem::U8 => DType::I64,
             Elem::Bool => DType::Bool,
         }
     }
@@ -174,6 +185,17 @@ fn from_le_bytes(elem: Elem, b: &[u8]) -> Data {
                 .map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect(),
         ),
+        Elem::U32 => Data::I64(
+            chunks
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        // Values above i64::MAX wrap; the device holds integers exactly only below 2^24 anyway.
+        Elem::U64 => Data::I64(
+            chunks
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
         Elem::I8 => Data::I64(b.iter().map(|&x| x as i8 as i64).collect()),
         Elem::U8 => Data::I64(b.iter().map(|&x| x as i64).collect()),
         Elem::Bool => Data::Bool(b.iter().map(|&x| x != 0).collect()),
@@ -222,6 +244,11 @@ fn from_typed_fields(elem: Elem, t: &TensorProto, n: usize) -> std::result::Resu
         Elem::I32 | Elem::I16 | Elem::U16 | Elem::I8 | Elem::U8 => {
             check("int32_data", t.int32_data.len())?;
             Data::I64(t.int32_data.iter().map(|&x| x as i64).collect())
+        }
+        // uint32 and uint64 travel in uint64_data.
+        Elem::U32 | Elem::U64 => {
+            check("uint64_data", t.uint64_data.len())?;
+            Data::I64(t.uint64_data.iter().map(|&x| x as i64).collect())
         }
         Elem::Bool => {
             check("int32_data", t.int32_data.len())?;

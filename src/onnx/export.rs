@@ -405,6 +405,7 @@ impl Exporter<'_> {
                     )))
                 }
             },
+            Op::Binary(Binary::Fmod) => ("Mod", vec![attr_int("fmod", 1)]),
             Op::Binary(b) => (binary_type(*b), vec![]),
             Op::Identity => ("Identity", vec![]),
             Op::StopGradient => {
@@ -437,6 +438,8 @@ impl Exporter<'_> {
                 let op_type = match kind {
                     Reduce::Sum => "ReduceSum",
                     Reduce::SumSquare => "ReduceSumSquare",
+                    Reduce::Max => "ReduceMax",
+                    Reduce::Min => "ReduceMin",
                 };
                 let a: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
                 let mut attrs = vec![attr_int("keepdims", *keepdims as i64)];
@@ -581,6 +584,7 @@ fn binary_type(b: Binary) -> &'static str {
         Binary::LessOrEqual => "LessOrEqual",
         Binary::And => "And",
         Binary::Or => "Or",
+        Binary::Mod | Binary::Fmod => "Mod",
     }
 }
 

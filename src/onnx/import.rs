@@ -12,7 +12,7 @@ use super::proto::{self, tensor_shape_proto::dimension, type_proto, ModelProto, 
 use super::Pins;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, ModelInfo, NodeId};
-use crate::tensor::{shape_str, DType};
+use crate::tensor::{shape_str, Array, DType};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::Path;
@@ -152,6 +152,28 @@ pub fn import<P: Pins + ?Sized>(
     pins: &P,
     input_shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<Graph> {
+    import_with_values(model, model_dir, pins, input_shapes, &HashMap::new())
+}
+
+/// [`import`], with the values of some graph inputs known at import (`dorac run` passes the
+/// tensors it is given; each is read as its input's declared type). Where an op needs an operand at import (Reshape's shape,
+/// Slice's starts, a reduction's axes, Tile's repeats...) and that operand is computed from
+/// constants and such inputs only, it is evaluated with these values, as `--shape` pins a dim.
+/// The inputs stay graph inputs (fed as usual); elsewhere they are ordinary values.
+pub fn import_with_values<P: Pins + ?Sized>(
+    model: &ModelProto,
+    model_dir: &Path,
+    pins: &P,
+    input_shapes: &HashMap<String, Vec<usize>>,
+    input_values: &HashMap<String, Array>,
+) -> Result<Graph> {
+    let mut input_shapes = input_shapes.clone();
+    for (name, t) in input_values {
+        input_shapes
+            .entry(name.clone())
+            .or_insert_with(|| t.shape.clone());
+    }
+    let input_shapes = &input_shapes;
     let (dims, mut shapes) = pins.resolve(model)?;
     for (name, given) in input_shapes {
         match shapes.get(name) {
@@ -167,7 +189,7 @@ pub fn import<P: Pins + ?Sized>(
             }
         }
     }
-    import_resolved(model, model_dir, &dims, &shapes)
+    import_resolved(model, model_dir, &dims, &shapes, input_values)
 }
 
 fn import_resolved(
@@ -175,6 +197,7 @@ fn import_resolved(
     model_dir: &Path,
     pins: &HashMap<String, usize>,
     input_shapes: &HashMap<String, Vec<usize>>,
+    input_values: &HashMap<String, Array>,
 ) -> Result<Graph> {
     let gp = model
         .graph
@@ -264,7 +287,16 @@ fn import_resolved(
         let sg = stop_gradient.contains(node.name());
         let outputs = {
             let mut cx = Ctx::new(
-                &mut g, &values, opset, node, name, label, model_dir, sg, &constness,
+                &mut g,
+                &values,
+                opset,
+                node,
+                name,
+                label,
+                model_dir,
+                sg,
+                &constness,
+                input_values,
             );
             import_ops::build(&mut cx)?
         };

@@ -18,13 +18,16 @@
 //!
 //! The builders live by family: `layout` (Unsqueeze, Squeeze, Concat, Slice, Split, Expand,
 //! Trilu), `shape` (Shape, Size, ConstantOfShape, Range), `gather` (Gather, GatherElements,
-//! GatherND), `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip) and `conv` (Conv,
-//! lowered to a Gather of input windows and a MatMul).
+//! GatherND), `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip), `conv` (Conv,
+//! lowered to a Gather of input windows and a MatMul) and `lowered` (ops that become small graphs
+//! of existing IR ops: activations, RMSNormalization, LogSoftmax, ReduceL1/L2/LogSum, Tile,
+//! SpaceToDepth...).
 
 mod conv;
 mod gather;
 mod layout;
 mod logic;
+mod lowered;
 mod shape;
 
 use super::data;
@@ -32,7 +35,7 @@ use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, Te
 use crate::error::{Error, Result};
 use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
 use crate::reference::eval_typed;
-use crate::tensor::{shape_str, Array, DType, Tensor};
+use crate::tensor::{numel, shape_str, Array, DType, Tensor};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::Path;
@@ -80,6 +83,8 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ReduceSum", Rule::Build(reduce_sum)),
     ("ReduceSumSquare", Rule::Build(reduce_sum_square)),
     ("ReduceMean", Rule::Build(reduce_mean)),
+    ("ReduceMax", Rule::Build(reduce_max)),
+    ("ReduceMin", Rule::Build(reduce_min)),
     ("Shape", Rule::Build(shape::shape)),
     ("Size", Rule::Build(shape::size)),
     ("ConstantOfShape", Rule::Build(shape::constant_of_shape)),
@@ -95,11 +100,60 @@ pub const OPS: &[(&str, Rule)] = &[
     ("GatherElements", Rule::Build(gather::gather_elements)),
     ("GatherND", Rule::Build(gather::gather_nd)),
     ("Conv", Rule::Build(conv::conv)),
+    // Lowered to existing IR ops (see `lowered`).
+    ("LeakyRelu", Rule::Build(lowered::leaky_relu)),
+    ("PRelu", Rule::Build(lowered::prelu)),
+    ("Elu", Rule::Build(lowered::elu)),
+    ("Selu", Rule::Build(lowered::selu)),
+    ("Celu", Rule::Build(lowered::celu)),
+    ("ThresholdedRelu", Rule::Build(lowered::thresholded_relu)),
+    ("HardSigmoid", Rule::Build(lowered::hard_sigmoid)),
+    ("HardSwish", Rule::Build(lowered::hard_swish)),
+    ("Softplus", Rule::Build(lowered::softplus)),
+    ("Softsign", Rule::Build(lowered::softsign)),
+    ("Mish", Rule::Build(lowered::mish)),
+    ("Swish", Rule::Build(lowered::swish)),
+    ("IsInf", Rule::Build(lowered::is_inf)),
+    ("Xor", Rule::Build(lowered::xor)),
+    ("Mod", Rule::Build(lowered::modulo)),
+    ("ArgMax", Rule::Build(lowered::arg_max)),
+    ("ArgMin", Rule::Build(lowered::arg_min)),
+    ("Hardmax", Rule::Build(lowered::hardmax)),
+    ("Sum", Rule::Build(lowered::sum)),
+    ("Mean", Rule::Build(lowered::mean)),
+    ("CastLike", Rule::Build(lowered::cast_like)),
+    ("Dropout", Rule::Build(lowered::dropout)),
+    ("RMSNormalization", Rule::Build(lowered::rms_normalization)),
+    ("LogSoftmax", Rule::Build(lowered::log_softmax)),
+    ("ReduceL1", Rule::Build(lowered::reduce_l1)),
+    ("ReduceL2", Rule::Build(lowered::reduce_l2)),
+    ("ReduceLogSum", Rule::Build(lowered::reduce_log_sum)),
+    ("ReduceLogSumExp", Rule::Build(lowered::reduce_log_sum_exp)),
+    (
+        "NegativeLogLikelihoodLoss",
+        Rule::Build(lowered::negative_log_likelihood_loss),
+    ),
+    (
+        "SoftmaxCrossEntropyLoss",
+        Rule::Build(lowered::softmax_cross_entropy_loss),
+    ),
+    (
+        "GlobalAveragePool",
+        Rule::Build(lowered::global_average_pool),
+    ),
+    ("Tile", Rule::Build(lowered::tile)),
+    ("SpaceToDepth", Rule::Build(lowered::space_to_depth)),
+    ("DepthToSpace", Rule::Build(lowered::depth_to_space)),
 ];
 
 /// Op types whose nodes may have several outputs that are used (each becomes its own IR node);
 /// of any other op only the first output may be used.
-pub const MULTI_OUTPUT: &[&str] = &["Split"];
+pub const MULTI_OUTPUT: &[&str] = &[
+    "Split",
+    "LayerNormalization",
+    "Dropout",
+    "SoftmaxCrossEntropyLoss",
+];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
 /// entry of [`OPS`], or a function of `ops::unary` by its ONNX name.
@@ -129,6 +183,17 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
         }
         Rule::Build(f) => f(cx)?,
     };
+    // An attribute no builder looked at could change the result: refuse it, unless it only
+    // matters for what dorac does not do (float8 saturation, stashed precision, random seeds).
+    if let Some(a) = cx.node.attribute.iter().find(|a| {
+        !cx.attrs_read.borrow().contains(a.name()) && !IGNORED_ATTRIBUTES.contains(&a.name())
+    }) {
+        return Err(cx.unsupported(format!(
+            "{} with attribute '{}' (dorac does not read it)",
+            cx.op_type(),
+            a.name()
+        )));
+    }
     let used = cx.max_read.get();
     if let Some((i, name)) = cx
         .node
@@ -148,6 +213,12 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
     Ok(outputs)
 }
 
+/// Attributes that do not change what dorac computes: `stash_type` (normalisations: the
+/// precision of intermediates; dorac computes in f32 or f64 anyway), `saturate` and `round_mode`
+/// (casts to float8 types, which dorac does not have), `seed` (random ops in training mode,
+/// which dorac refuses).
+const IGNORED_ATTRIBUTES: &[&str] = &["stash_type", "saturate", "round_mode", "seed"];
+
 /// What a builder sees of the node it imports.
 pub struct Ctx<'a> {
     pub graph: &'a mut Graph,
@@ -164,10 +235,14 @@ pub struct Ctx<'a> {
     /// The node is an Identity that dorac exported for a StopGradient.
     pub stop_gradient: bool,
     max_read: Cell<usize>,
+    /// Names of the attributes the builder asked for (present or not).
+    attrs_read: RefCell<std::collections::HashSet<String>>,
     /// Outputs after the first, by ONNX name (see [`Ctx::set_output`]).
     extra_outputs: Vec<(String, NodeId)>,
     /// Which nodes depend on constants only, shared by the whole import ([`Ctx::is_constant`]).
     constness: &'a RefCell<HashMap<NodeId, bool>>,
+    /// Values of graph inputs known at import, by name (see `onnx::import_with_values`).
+    input_values: &'a HashMap<String, Array>,
 }
 
 impl<'a> Ctx<'a> {
@@ -182,6 +257,7 @@ impl<'a> Ctx<'a> {
         model_dir: &'a Path,
         stop_gradient: bool,
         constness: &'a RefCell<HashMap<NodeId, bool>>,
+        input_values: &'a HashMap<String, Array>,
     ) -> Self {
         Ctx {
             graph,
@@ -193,8 +269,10 @@ impl<'a> Ctx<'a> {
             model_dir,
             stop_gradient,
             max_read: Cell::new(0),
+            attrs_read: RefCell::default(),
             extra_outputs: vec![],
             constness,
+            input_values,
         }
     }
 
@@ -243,15 +321,18 @@ impl<'a> Ctx<'a> {
     }
 
     /// Optional input `i` whose value must be known at import: a constant, or a node computed
-    /// from constants only (evaluated here). A value that depends on a graph input is a dorac
-    /// limitation, reported as unsupported.
+    /// from constants and graph inputs whose values were given at import only (evaluated here).
+    /// A value that depends on any other graph input is a dorac limitation, reported as
+    /// unsupported.
     pub fn const_input(&self, i: usize, what: &str) -> Result<Option<Tensor>> {
         let Some(id) = self.value(i) else {
             return Ok(None);
         };
-        if !self.is_constant(id) {
+        if !self.is_known(id) {
             return Err(self.unsupported(format!(
-                "{} with a {what} computed from graph inputs (dorac needs it at import)",
+                "{} with a {what} computed from graph inputs (dorac needs it at import: give \
+                 the input's value, as `dorac run` does with the integer tensors of its inputs \
+                 file)",
                 self.op_type()
             )));
         }
@@ -367,12 +448,49 @@ impl<'a> Ctx<'a> {
         memo[&id]
     }
 
-    /// The value of a node that depends on constants only, computed by the reference executor
-    /// and stored as its type (f32 rounded once per node, as constant folding does).
+    /// The value of a graph input given at import, as its declared type, if any.
+    fn input_value(&self, id: NodeId) -> Option<Tensor> {
+        let node = self.graph.node(id);
+        match node.op {
+            Op::Input => self
+                .input_values
+                .get(&node.name)
+                .map(|a| a.to_tensor(node.dtype)),
+            _ => None,
+        }
+    }
+
+    /// True when the value depends on constants and graph inputs given at import only.
+    pub fn is_known(&self, id: NodeId) -> bool {
+        if self.is_constant(id) {
+            return true;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![id];
+        while let Some(n) = stack.pop() {
+            let given = matches!(self.graph.node(n).op, Op::Input)
+                && self.input_values.contains_key(&self.graph.node(n).name);
+            if !seen.insert(n) || given || self.is_constant(n) {
+                continue;
+            }
+            if matches!(self.graph.node(n).op, Op::Input) {
+                return false;
+            }
+            stack.extend(self.graph.inputs_of(n));
+        }
+        true
+    }
+
+    /// The value of a node that depends on constants (and graph inputs given at import) only,
+    /// computed by the reference executor and stored as its type (f32 rounded once per node, as
+    /// constant folding does).
     pub fn evaluate(&self, id: NodeId) -> Result<Tensor> {
         let node = self.graph.node(id);
         if let Op::Const(t) = &node.op {
             return Ok(t.clone());
+        }
+        if let Some(t) = self.input_value(id) {
+            return Ok(t);
         }
         let args: Vec<Array> = self
             .graph
@@ -387,6 +505,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn attr(&self, name: &str, ty: AttributeType) -> Result<Option<&'a AttributeProto>> {
+        self.attrs_read.borrow_mut().insert(name.to_string());
         let Some(a) = self.node.attribute.iter().find(|a| a.name() == name) else {
             return Ok(None);
         };
@@ -622,10 +741,54 @@ fn layer_norm(cx: &mut Ctx) -> Result<NodeId> {
     let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), rank, false)?;
     let epsilon = cx.attr_float("epsilon")?.unwrap_or(1e-5);
     let op = Op::LayerNorm { axis, epsilon };
-    match bias {
-        Some(b) => cx.add(op, &[x, scale, b]),
-        None => cx.add(op, &[x, scale]),
+    let y = match bias {
+        Some(b) => cx.add(op, &[x, scale, b])?,
+        None => cx.add(op, &[x, scale])?,
+    };
+    let wanted = |i: usize| cx.node.output.get(i).is_some_and(|o| !o.is_empty());
+    if wanted(1) || wanted(2) {
+        let (mean, inv_std) = layer_norm_stats(cx, x, axis, epsilon)?;
+        cx.set_output(1, mean);
+        cx.set_output(2, inv_std);
     }
+    Ok(y)
+}
+
+/// LayerNormalization's optional outputs Mean and InvStdDev (the statistics over the axes from
+/// `axis` on, kept as dims of size 1), from existing ops: a sum divided by the count, and
+/// 1 / sqrt(mean((x - mean)^2) + epsilon), as the op itself computes them.
+fn layer_norm_stats(
+    cx: &mut Ctx,
+    x: NodeId,
+    axis: usize,
+    epsilon: f32,
+) -> Result<(NodeId, NodeId)> {
+    let shape = cx.shape(x);
+    let axes: Vec<usize> = (axis..shape.len()).collect();
+    let count: usize = shape[axis..].iter().product();
+    let reduce = Op::Reduce {
+        kind: Reduce::Sum,
+        axes,
+        keepdims: true,
+    };
+    let out = |i: usize| cx.node.output.get(i).filter(|o| !o.is_empty()).cloned();
+    let (mean_name, inv_name) = (
+        out(1).unwrap_or_else(|| cx.temp_name("mean")),
+        out(2).unwrap_or_else(|| cx.temp_name("inv_std_dev")),
+    );
+    let t = |cx: &Ctx, tag: &str| cx.temp_name(tag);
+    let n = cx.add_const(&t(cx, "count"), Tensor::scalar(count as f32))?;
+    let sum = cx.add_named(reduce.clone(), &[x], &t(cx, "sum"))?;
+    let mean = cx.add_named(Op::Binary(Binary::Div), &[sum, n], &mean_name)?;
+    let d = cx.add_named(Op::Binary(Binary::Sub), &[x, mean], &t(cx, "centered"))?;
+    let sq = cx.add_named(Op::Binary(Binary::Mul), &[d, d], &t(cx, "squared"))?;
+    let ss = cx.add_named(reduce, &[sq], &t(cx, "sum_squares"))?;
+    let var = cx.add_named(Op::Binary(Binary::Div), &[ss, n], &t(cx, "variance"))?;
+    let eps = cx.add_const(&t(cx, "epsilon"), Tensor::scalar(epsilon))?;
+    let ve = cx.add_named(Op::Binary(Binary::Add), &[var, eps], &t(cx, "variance_eps"))?;
+    let sd = cx.add_named(Op::Unary(unary::SQRT), &[ve], &t(cx, "std_dev"))?;
+    let inv = cx.add_named(Op::Unary(unary::RECIPROCAL), &[sd], &inv_name)?;
+    Ok((mean, inv))
 }
 
 fn softmax(cx: &mut Ctx) -> Result<NodeId> {
@@ -653,11 +816,19 @@ fn reduce_sum_square(cx: &mut Ctx) -> Result<NodeId> {
     reduce(cx, Reduce::SumSquare)
 }
 
+fn reduce_max(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::Max)
+}
+
+fn reduce_min(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::Min)
+}
+
 /// The opset from which a reduction takes its axes as an input instead of an attribute.
 pub fn axes_input_since(kind: Reduce) -> i64 {
     match kind {
         Reduce::Sum => 13,
-        Reduce::SumSquare => 18,
+        Reduce::SumSquare | Reduce::Max | Reduce::Min => 18,
     }
 }
 
@@ -666,6 +837,27 @@ fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
     let Some(axes) = axes else {
         return cx.add(Op::Identity, &[x]);
     };
+    let shape = cx.shape(x);
+    let empty = axes.iter().any(|&a| shape[a] == 0);
+    if empty && matches!(kind, Reduce::Max | Reduce::Min) && !cx.dtype(x).is_float() {
+        // The maximum of no elements is the type's least value: false for bools; an integer
+        // type's (such as -2^63) is not a value the device holds exactly.
+        if cx.dtype(x) != DType::Bool {
+            return Err(cx.unsupported(format!(
+                "{} over no elements of an integer tensor (the type's extreme value)",
+                cx.op_type()
+            )));
+        }
+        let out: Vec<usize> = shape
+            .iter()
+            .enumerate()
+            .filter(|&(d, _)| keepdims || !axes.contains(&d))
+            .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
+            .collect();
+        let value = kind == Reduce::Min;
+        let name = cx.name.clone();
+        return cx.add_const(&name, Tensor::bool(out.clone(), vec![value; numel(&out)]));
+    }
     cx.add(
         Op::Reduce {
             kind,
@@ -712,7 +904,11 @@ fn reduce_args(cx: &Ctx, axes_input_since: i64) -> Result<(NodeId, Option<Vec<us
         };
         (axes, cx.attr_bool("noop_with_empty_axes", false)?)
     } else {
-        (cx.attr_ints("axes")?, false)
+        // The attribute belongs to the newer opsets; honour it if an exporter wrote it anyway.
+        (
+            cx.attr_ints("axes")?,
+            cx.attr_bool("noop_with_empty_axes", false)?,
+        )
     };
     let axes = axes.unwrap_or_default();
     if axes.is_empty() && noop {

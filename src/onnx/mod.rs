@@ -22,7 +22,7 @@ pub mod meta;
 pub mod proto;
 
 pub use export::{export, EXPORT_MIN_IR_VERSION, EXPORT_MIN_OPSET};
-pub use import::import;
+pub use import::{import, import_with_values};
 
 use crate::error::{Error, Result};
 use prost::Message;

@@ -315,6 +315,17 @@ pub fn binary_fn(b: Binary) -> fn(f64, f64) -> f64 {
         Binary::LessOrEqual => |a, b| truth(a <= b),
         Binary::And => |a, b| truth(a != 0.0 && b != 0.0),
         Binary::Or => |a, b| truth(a != 0.0 || b != 0.0),
+        // f64 `%` is C's fmod (exact); Mod moves a remainder whose sign differs from the
+        // divisor's by one divisor.
+        Binary::Fmod => |a, b| a % b,
+        Binary::Mod => |a, b| {
+            let r = a % b;
+            if r != 0.0 && (r < 0.0) != (b < 0.0) {
+                r + b
+            } else {
+                r
+            }
+        },
     }
 }
 
@@ -424,12 +435,22 @@ fn reduce(x: &Array, kind: Reduce, axes: &[usize], out_shape: Vec<usize>) -> Arr
         .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
         .collect();
     let to_out = broadcast_index(&kept, &x.shape);
-    let mut out = vec![0.0; numel(&kept)];
+    let init = match kind {
+        Reduce::Sum | Reduce::SumSquare => 0.0,
+        Reduce::Max => f64::NEG_INFINITY,
+        Reduce::Min => f64::INFINITY,
+    };
+    let mut out = vec![init; numel(&kept)];
     for (i, &v) in x.data.iter().enumerate() {
-        out[to_out(i)] += match kind {
-            Reduce::Sum => v,
-            Reduce::SumSquare => v * v,
-        };
+        let o = &mut out[to_out(i)];
+        match kind {
+            Reduce::Sum => *o += v,
+            Reduce::SumSquare => *o += v * v,
+            // NaN wins (numpy's maximum.reduce); f64::max would drop it.
+            Reduce::Max if v.is_nan() || v > *o => *o = v,
+            Reduce::Min if v.is_nan() || v < *o => *o = v,
+            Reduce::Max | Reduce::Min => {}
+        }
     }
     Array::new(out_shape, out)
 }

@@ -55,9 +55,29 @@ pub(super) fn input_grads(
                 .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
                 .collect();
             let dy = b.reshape(dy, &kept, n, "keepdims")?;
-            let spread = b.add(Op::Expand { shape: xs }, &[dy], n, "spread")?;
+            let spread = b.add(Op::Expand { shape: xs.clone() }, &[dy], n, "spread")?;
             match kind {
                 Reduce::Sum => vec![Some(spread)],
+                // The gradient goes to the elements equal to the result, shared evenly among
+                // ties (as torch's amax and amin).
+                Reduce::Max | Reduce::Min => {
+                    let y = b.reshape(n, &kept, n, "y_keepdims")?;
+                    let y = b.add(Op::Expand { shape: xs }, &[y], n, "y_spread")?;
+                    let hit = b.binary(Binary::Equal, ins[0], y, n, "hit")?;
+                    let mask = b.add(Op::Cast { to: DType::F32 }, &[hit], n, "mask")?;
+                    let count = b.add(
+                        Op::Reduce {
+                            kind: Reduce::Sum,
+                            axes: axes.clone(),
+                            keepdims: true,
+                        },
+                        &[mask],
+                        n,
+                        "ties",
+                    )?;
+                    let share = b.binary(Binary::Div, mask, count, n, "share")?;
+                    vec![Some(b.binary(Binary::Mul, spread, share, n, "extreme")?)]
+                }
                 Reduce::SumSquare => {
                     let two = b.scalar(2.0, n, "two");
                     let two_x = b.binary(Binary::Mul, ins[0], two, n, "two_x")?;
@@ -413,6 +433,17 @@ fn binary(
             }
             if wanted[1] {
                 out[1] = Some(b.add(Op::Where, &[chosen, zero, dy], n, "dy")?);
+            }
+        }
+        // d/dx (x mod y) = 1 and d/dy = -floor(x / y) (or -trunc): (x - r) / y is that
+        // quotient, from the result itself.
+        Binary::Mod | Binary::Fmod => {
+            out[0] = Some(dy);
+            if wanted[1] {
+                let d = b.binary(Binary::Sub, x, n, n, "x_minus_r")?;
+                let q = b.binary(Binary::Div, d, y, n, "quotient")?;
+                let t = b.binary(Binary::Mul, dy, q, n, "dy_q")?;
+                out[1] = Some(b.add(Op::Unary(unary::NEG), &[t], n, "dy")?);
             }
         }
         // Comparisons and logical ops are piecewise constant: no gradient flows.

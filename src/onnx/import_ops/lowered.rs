@@ -1,0 +1,729 @@
+//! ONNX ops imported as small graphs of existing IR ops (CONTRIBUTING: "prefer a lowering to
+//! existing ops when it costs nothing"): the reference executor, the WGSL kernels, export and
+//! autodiff already know every op they become, and fusion puts element-wise chains back into one
+//! kernel. Each builder names its intermediates `<output>/<tag>` and its last node after the
+//! ONNX output.
+//!
+//! - activations: LeakyRelu, PRelu, Elu, Selu, Celu, ThresholdedRelu, HardSigmoid, HardSwish,
+//!   Softplus (in the stable form `max(x, 0) + log(1 + exp(-|x|))`), Softsign, Mish, Swish;
+//! - ArgMax, ArgMin and Hardmax (from ReduceMax/ReduceMin, Equal and an index constant);
+//! - IsInf, Xor, Sum and Mean (variadic), CastLike, Dropout (inference: the identity, and an
+//!   all-true mask), Mod (the IR's Mod or Fmod by its `fmod` attribute);
+//! - normalisations, reductions and losses: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
+//!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
+//!   SoftmaxCrossEntropyLoss;
+//! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape).
+
+use super::{reduce_args, Ctx};
+use crate::error::Result;
+use crate::ir::{unary, Binary, NodeId, Op, Reduce, Unary};
+use crate::tensor::{numel, Tensor};
+
+/// An intermediate node `<output>/<tag>`.
+fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<NodeId> {
+    let name = cx.temp_name(tag);
+    cx.add_named(op, inputs, &name)
+}
+
+fn bin(cx: &mut Ctx, b: Binary, x: NodeId, y: NodeId, tag: &str) -> Result<NodeId> {
+    tmp(cx, Op::Binary(b), &[x, y], tag)
+}
+
+fn un(cx: &mut Ctx, u: Unary, x: NodeId, tag: &str) -> Result<NodeId> {
+    tmp(cx, Op::Unary(u), &[x], tag)
+}
+
+/// A float32 scalar constant.
+fn scalar(cx: &mut Ctx, v: f32, tag: &str) -> Result<NodeId> {
+    let name = cx.temp_name(tag);
+    cx.add_const(&name, Tensor::scalar(v))
+}
+
+fn alpha(cx: &Ctx, default: f32) -> Result<f32> {
+    Ok(cx.attr_float("alpha")?.unwrap_or(default))
+}
+
+/// `x < 0 ? neg : x`.
+fn where_negative(cx: &mut Ctx, x: NodeId, neg: NodeId) -> Result<NodeId> {
+    let zero = scalar(cx, 0.0, "zero")?;
+    let c = bin(cx, Binary::Less, x, zero, "negative")?;
+    cx.add(Op::Where, &[c, neg, x])
+}
+
+pub fn leaky_relu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = scalar(cx, alpha(cx, 0.01)?, "alpha")?;
+    let neg = bin(cx, Binary::Mul, x, a, "scaled")?;
+    where_negative(cx, x, neg)
+}
+
+pub fn prelu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let slope = cx.input(1)?;
+    let neg = bin(cx, Binary::Mul, x, slope, "scaled")?;
+    where_negative(cx, x, neg)
+}
+
+/// `alpha * (exp(x) - 1)`.
+fn exp_minus_one(cx: &mut Ctx, x: NodeId, alpha: f32) -> Result<NodeId> {
+    let e = un(cx, unary::EXP, x, "exp")?;
+    let one = scalar(cx, 1.0, "one")?;
+    let em1 = bin(cx, Binary::Sub, e, one, "exp_minus_one")?;
+    let a = scalar(cx, alpha, "alpha")?;
+    bin(cx, Binary::Mul, em1, a, "scaled")
+}
+
+pub fn elu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let neg = exp_minus_one(cx, x, alpha(cx, 1.0)?)?;
+    where_negative(cx, x, neg)
+}
+
+pub fn selu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = alpha(cx, 1.673_263_2)?;
+    let gamma = cx.attr_float("gamma")?.unwrap_or(1.050_701);
+    let neg = exp_minus_one(cx, x, a)?;
+    let zero = scalar(cx, 0.0, "zero")?;
+    let c = bin(cx, Binary::LessOrEqual, x, zero, "non_positive")?;
+    let e = tmp(cx, Op::Where, &[c, neg, x], "elu")?;
+    let g = scalar(cx, gamma, "gamma")?;
+    cx.add(Op::Binary(Binary::Mul), &[e, g])
+}
+
+/// `max(0, x) + min(0, alpha * (exp(x / alpha) - 1))`.
+pub fn celu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = alpha(cx, 1.0)?;
+    let inv = scalar(cx, 1.0 / a, "inv_alpha")?;
+    let xa = bin(cx, Binary::Mul, x, inv, "x_over_alpha")?;
+    let neg = exp_minus_one(cx, xa, a)?;
+    let zero = scalar(cx, 0.0, "zero")?;
+    let pos = bin(cx, Binary::Max, x, zero, "positive_part")?;
+    let neg = bin(cx, Binary::Min, neg, zero, "negative_part")?;
+    cx.add(Op::Binary(Binary::Add), &[pos, neg])
+}
+
+pub fn thresholded_relu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = scalar(cx, alpha(cx, 1.0)?, "alpha")?;
+    let c = bin(cx, Binary::Less, a, x, "above")?;
+    let zero = scalar(cx, 0.0, "zero")?;
+    cx.add(Op::Where, &[c, x, zero])
+}
+
+/// `clamp(alpha * x + beta, 0, 1)`.
+fn hard_sigmoid_of(cx: &mut Ctx, x: NodeId, alpha: f32, beta: f32) -> Result<NodeId> {
+    let a = scalar(cx, alpha, "alpha")?;
+    let b = scalar(cx, beta, "beta")?;
+    let ax = bin(cx, Binary::Mul, x, a, "scaled")?;
+    let t = bin(cx, Binary::Add, ax, b, "shifted")?;
+    let zero = scalar(cx, 0.0, "zero")?;
+    let one = scalar(cx, 1.0, "one")?;
+    let lo = bin(cx, Binary::Max, t, zero, "at_least_0")?;
+    bin(cx, Binary::Min, lo, one, "hard_sigmoid")
+}
+
+pub fn hard_sigmoid(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let beta = cx.attr_float("beta")?.unwrap_or(0.5);
+    let h = hard_sigmoid_of(cx, x, alpha(cx, 0.2)?, beta)?;
+    cx.add(Op::Identity, &[h])
+}
+
+pub fn hard_swish(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let h = hard_sigmoid_of(cx, x, 1.0 / 6.0, 0.5)?;
+    cx.add(Op::Binary(Binary::Mul), &[x, h])
+}
+
+/// `max(x, 0) + log(1 + exp(-|x|))`: no overflow for large |x|.
+fn softplus_of(cx: &mut Ctx, x: NodeId) -> Result<NodeId> {
+    let zero = scalar(cx, 0.0, "zero")?;
+    let one = scalar(cx, 1.0, "one")?;
+    let pos = bin(cx, Binary::Max, x, zero, "positive_part")?;
+    let a = un(cx, unary::ABS, x, "abs")?;
+    let na = un(cx, unary::NEG, a, "minus_abs")?;
+    let e = un(cx, unary::EXP, na, "exp")?;
+    let e1 = bin(cx, Binary::Add, e, one, "one_plus_exp")?;
+    let l = un(cx, unary::LOG, e1, "log")?;
+    bin(cx, Binary::Add, pos, l, "softplus")
+}
+
+pub fn softplus(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let s = softplus_of(cx, x)?;
+    cx.add(Op::Identity, &[s])
+}
+
+pub fn softsign(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = un(cx, unary::ABS, x, "abs")?;
+    let one = scalar(cx, 1.0, "one")?;
+    let d = bin(cx, Binary::Add, a, one, "one_plus_abs")?;
+    cx.add(Op::Binary(Binary::Div), &[x, d])
+}
+
+/// `x * tanh(softplus(x))`.
+pub fn mish(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let s = softplus_of(cx, x)?;
+    let t = un(cx, unary::TANH, s, "tanh")?;
+    cx.add(Op::Binary(Binary::Mul), &[x, t])
+}
+
+/// `x * sigmoid(alpha * x)`.
+pub fn swish(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = scalar(cx, alpha(cx, 1.0)?, "alpha")?;
+    let ax = bin(cx, Binary::Mul, x, a, "scaled")?;
+    let s = un(cx, unary::SIGMOID, ax, "sigmoid")?;
+    cx.add(Op::Binary(Binary::Mul), &[x, s])
+}
+
+pub fn is_inf(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let neg = cx.attr_bool("detect_negative", true)?;
+    let pos = cx.attr_bool("detect_positive", true)?;
+    let p = scalar(cx, f32::INFINITY, "inf")?;
+    let n = scalar(cx, f32::NEG_INFINITY, "minus_inf")?;
+    let is_p = bin(cx, Binary::Equal, x, p, "is_pos_inf")?;
+    let is_n = bin(cx, Binary::Equal, x, n, "is_neg_inf")?;
+    match (pos, neg) {
+        (true, true) => cx.add(Op::Binary(Binary::Or), &[is_p, is_n]),
+        (true, false) => cx.add(Op::Identity, &[is_p]),
+        (false, true) => cx.add(Op::Identity, &[is_n]),
+        // Both off: nothing is detected (+inf is never -inf).
+        (false, false) => cx.add(Op::Binary(Binary::And), &[is_p, is_n]),
+    }
+}
+
+/// Mod: the sign of the divisor (fmod = 0, integers only in ONNX) or of the dividend (fmod = 1).
+pub fn modulo(cx: &mut Ctx) -> Result<NodeId> {
+    let a = cx.input(0)?;
+    let b = cx.input(1)?;
+    let op = match cx.attr_bool("fmod", false)? {
+        true => Binary::Fmod,
+        false => Binary::Mod,
+    };
+    cx.add(Op::Binary(op), &[a, b])
+}
+
+/// `!(a == b)` on bools.
+pub fn xor(cx: &mut Ctx) -> Result<NodeId> {
+    let a = cx.input(0)?;
+    let b = cx.input(1)?;
+    let e = bin(cx, Binary::Equal, a, b, "equal")?;
+    cx.add(Op::Unary(unary::NOT), &[e])
+}
+
+/// The inputs added with broadcasting, and optionally divided by their count.
+fn sum_of_inputs(cx: &mut Ctx, mean: bool) -> Result<NodeId> {
+    let inputs = cx.inputs_from(0)?;
+    let Some((&first, rest)) = inputs.split_first() else {
+        return Err(cx.err("no inputs".into()));
+    };
+    let mut acc = first;
+    for (i, &x) in rest.iter().enumerate() {
+        acc = bin(cx, Binary::Add, acc, x, &format!("step{i}"))?;
+    }
+    if mean && !rest.is_empty() {
+        let n = scalar(cx, inputs.len() as f32, "count")?;
+        return cx.add(Op::Binary(Binary::Div), &[acc, n]);
+    }
+    cx.add(Op::Identity, &[acc])
+}
+
+pub fn sum(cx: &mut Ctx) -> Result<NodeId> {
+    sum_of_inputs(cx, false)
+}
+
+pub fn mean(cx: &mut Ctx) -> Result<NodeId> {
+    sum_of_inputs(cx, true)
+}
+
+/// Cast to the element type of the second input (only its type is read).
+pub fn cast_like(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let like = cx.input(1)?;
+    let to = cx.dtype(like);
+    if cx.dtype(x) == to {
+        return cx.add(Op::Identity, &[x]);
+    }
+    cx.add(Op::Cast { to }, &[x])
+}
+
+/// Dropout for inference: the identity, with an all-true mask. Training mode with a nonzero
+/// ratio draws random numbers, which dorac does not do: refused.
+pub fn dropout(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let (ratio, training) = if cx.opset >= 12 {
+        let training = cx.const_scalar(2, "training_mode")?.unwrap_or(0.0) != 0.0;
+        let ratio = match training {
+            true => cx.const_scalar(1, "ratio")?.unwrap_or(0.5),
+            false => {
+                cx.opt_input(1)?;
+                0.0
+            }
+        };
+        (ratio, training)
+    } else {
+        // Before opset 12: attribute ratio; training unless is_test (opsets < 7).
+        let ratio = cx.attr_float("ratio")?.unwrap_or(0.5) as f64;
+        (ratio, false)
+    };
+    if training && ratio != 0.0 {
+        return Err(cx.unsupported(format!(
+            "Dropout in training mode (ratio {ratio}: random masks)"
+        )));
+    }
+    let y = cx.add(Op::Identity, &[x])?;
+    if cx.node.output.get(1).is_some_and(|o| !o.is_empty()) {
+        let shape = cx.shape(x);
+        let name = cx.node.output[1].clone();
+        let mask = cx.add_const(
+            &name,
+            Tensor::bool(shape.clone(), vec![true; numel(&shape)]),
+        )?;
+        cx.set_output(1, mask);
+    }
+    Ok(y)
+}
+
+/// `x / sqrt(mean(x^2 over axis..) + epsilon) * scale`.
+pub fn rms_normalization(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let scale = cx.input(1)?;
+    let shape = cx.shape(x);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), shape.len(), false)?;
+    let epsilon = cx.attr_float("epsilon")?.unwrap_or(1e-5);
+    let count: usize = shape[axis..].iter().product();
+    let op = Op::Reduce {
+        kind: Reduce::SumSquare,
+        axes: (axis..shape.len()).collect(),
+        keepdims: true,
+    };
+    let ss = tmp(cx, op, &[x], "sum_squares")?;
+    let n = scalar(cx, count as f32, "count")?;
+    let ms = bin(cx, Binary::Div, ss, n, "mean_square")?;
+    let eps = scalar(cx, epsilon, "epsilon")?;
+    let me = bin(cx, Binary::Add, ms, eps, "mean_square_eps")?;
+    let rms = un(cx, unary::SQRT, me, "rms")?;
+    let normed = bin(cx, Binary::Div, x, rms, "normalized")?;
+    cx.add(Op::Binary(Binary::Mul), &[normed, scale])
+}
+
+/// `log(softmax(x))` over one axis (the last only before opset 13, as for Softmax).
+pub fn log_softmax(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let rank = cx.shape(x).len();
+    let default = if cx.opset >= 13 { -1 } else { 1 };
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(default), rank, false)?;
+    if cx.opset < 13 && axis + 1 != rank {
+        return Err(cx.unsupported(format!(
+            "LogSoftmax (opset {} semantics) over axis {axis} of a rank-{rank} input (only the \
+             last axis is supported before opset 13)",
+            cx.opset
+        )));
+    }
+    let s = tmp(cx, Op::Softmax { axis }, &[x], "softmax")?;
+    cx.add(Op::Unary(unary::LOG), &[s])
+}
+
+/// A reduction as `post(sum(pre(x)))`; with `noop_with_empty_axes` and no axes, `post(pre(x))`.
+fn reduce_lowered(
+    cx: &mut Ctx,
+    axes_input_since: i64,
+    kind: Reduce,
+    pre: Option<Unary>,
+    post: Option<Unary>,
+) -> Result<NodeId> {
+    let (x, axes, keepdims) = reduce_args(cx, axes_input_since)?;
+    let mut v = match pre {
+        Some(u) => un(cx, u, x, "term")?,
+        None => x,
+    };
+    if let Some(axes) = axes {
+        let op = Op::Reduce {
+            kind,
+            axes,
+            keepdims,
+        };
+        v = tmp(cx, op, &[v], "sum")?;
+    }
+    match post {
+        Some(u) => cx.add(Op::Unary(u), &[v]),
+        None => cx.add(Op::Identity, &[v]),
+    }
+}
+
+pub fn reduce_l1(cx: &mut Ctx) -> Result<NodeId> {
+    reduce_lowered(cx, 18, Reduce::Sum, Some(unary::ABS), None)
+}
+
+pub fn reduce_l2(cx: &mut Ctx) -> Result<NodeId> {
+    reduce_lowered(cx, 18, Reduce::SumSquare, None, Some(unary::SQRT))
+}
+
+pub fn reduce_log_sum(cx: &mut Ctx) -> Result<NodeId> {
+    reduce_lowered(cx, 18, Reduce::Sum, None, Some(unary::LOG))
+}
+
+/// `m + log(sum(exp(x - m)))` with `m` the maximum over the axes: no overflow for large x.
+pub fn reduce_log_sum_exp(cx: &mut Ctx) -> Result<NodeId> {
+    let (x, axes, keepdims) = reduce_args(cx, 18)?;
+    let Some(axes) = axes else {
+        // A reduction over no axes: log(exp(x)) = x.
+        return cx.add(Op::Identity, &[x]);
+    };
+    let op = |kind| Op::Reduce {
+        kind,
+        axes: axes.clone(),
+        keepdims: true,
+    };
+    let m = tmp(cx, op(Reduce::Max), &[x], "max")?;
+    // An all -inf (or empty) row has m = -inf: shift by 0 there instead (x - m would be NaN).
+    let finite = {
+        let zero = scalar(cx, 0.0, "zero")?;
+        let e = un(cx, unary::EXP, m, "exp_max")?;
+        let pos = bin(cx, Binary::Less, zero, e, "max_above_minus_inf")?;
+        tmp(cx, Op::Where, &[pos, m, zero], "shift")?
+    };
+    let d = bin(cx, Binary::Sub, x, finite, "shifted")?;
+    let e = un(cx, unary::EXP, d, "exp")?;
+    let s = tmp(cx, op(Reduce::Sum), &[e], "sum")?;
+    let l = un(cx, unary::LOG, s, "log")?;
+    if keepdims {
+        return cx.add(Op::Binary(Binary::Add), &[l, finite]);
+    }
+    let r = bin(cx, Binary::Add, l, finite, "keepdims")?;
+    let shape: Vec<usize> = cx
+        .shape(x)
+        .iter()
+        .enumerate()
+        .filter(|(d, _)| !axes.contains(d))
+        .map(|(_, &s)| s)
+        .collect();
+    cx.add(Op::Reshape { shape }, &[r])
+}
+
+/// NegativeLogLikelihoodLoss of `input` [N, C, d...] (log-probabilities) at class ids `target`
+/// [N, d...], with optional class weights [C], `ignore_index` and `reduction`: GatherElements
+/// along the class axis, weights by Gather, the ignored positions masked out.
+fn nll(cx: &mut Ctx, input: NodeId, target: NodeId, weight: Option<NodeId>) -> Result<NodeId> {
+    let ignore = cx.attr_int("ignore_index")?;
+    let reduction = cx
+        .attr_string("reduction")?
+        .unwrap_or_else(|| "mean".into());
+    if !matches!(reduction.as_str(), "none" | "sum" | "mean") {
+        return Err(cx.err(format!(
+            "reduction '{reduction}', expected \"none\", \"sum\" or \"mean\""
+        )));
+    }
+    let xs = cx.shape(input);
+    let ts = cx.shape(target);
+    let mut want = xs.clone();
+    if xs.len() >= 2 {
+        want.remove(1);
+    }
+    if xs.len() < 2 || ts != want {
+        return Err(cx.err(format!(
+            "input {xs:?} and target {ts:?} do not fit ([N, C, d...] and [N, d...])"
+        )));
+    }
+    // Ignored positions gather class 0 (any valid id) and are masked out below.
+    let (t, keep) = match ignore {
+        Some(i) => {
+            let name = cx.temp_name("ignore_index");
+            let ig = cx.add_const(&name, Tensor::i64(vec![], vec![i]))?;
+            let hit = bin(cx, Binary::Equal, target, ig, "ignored")?;
+            let name = cx.temp_name("class0");
+            let zero = cx.add_const(&name, Tensor::i64(vec![], vec![0]))?;
+            let t = tmp(cx, Op::Where, &[hit, zero, target], "safe_target")?;
+            let keep = un(cx, unary::NOT, hit, "kept")?;
+            (t, Some(keep))
+        }
+        None => (target, None),
+    };
+    let mut unsq = ts.clone();
+    unsq.insert(1, 1);
+    let t1 = tmp(cx, Op::Reshape { shape: unsq }, &[t], "target_1")?;
+    let picked = tmp(cx, Op::GatherElements { axis: 1 }, &[input, t1], "picked")?;
+    let picked = tmp(
+        cx,
+        Op::Reshape { shape: ts.clone() },
+        &[picked],
+        "picked_flat",
+    )?;
+    let mut w = match weight {
+        Some(wt) => Some(tmp(cx, Op::Gather { axis: 0 }, &[wt, t], "weight")?),
+        None => None,
+    };
+    if let Some(keep) = keep {
+        let k = tmp(
+            cx,
+            Op::Cast {
+                to: crate::tensor::DType::F32,
+            },
+            &[keep],
+            "mask",
+        )?;
+        w = Some(match w {
+            Some(w) => bin(cx, Binary::Mul, w, k, "weight_kept")?,
+            None => k,
+        });
+    }
+    let neg = un(cx, unary::NEG, picked, "neg")?;
+    let loss = match w {
+        Some(w) => bin(cx, Binary::Mul, neg, w, "weighted")?,
+        None => neg,
+    };
+    let all = |n: usize| Op::Reduce {
+        kind: Reduce::Sum,
+        axes: (0..n).collect(),
+        keepdims: false,
+    };
+    match reduction.as_str() {
+        "none" => cx.add(Op::Identity, &[loss]),
+        "sum" => cx.add(all(ts.len()), &[loss]),
+        _ => {
+            let total = tmp(cx, all(ts.len()), &[loss], "total")?;
+            let den = match w {
+                Some(w) => tmp(cx, all(ts.len()), &[w], "weight_total")?,
+                None => scalar(cx, numel(&ts) as f32, "count")?,
+            };
+            cx.add(Op::Binary(Binary::Div), &[total, den])
+        }
+    }
+}
+
+pub fn negative_log_likelihood_loss(cx: &mut Ctx) -> Result<NodeId> {
+    let input = cx.input(0)?;
+    let target = cx.input(1)?;
+    let weight = cx.opt_input(2)?;
+    nll(cx, input, target, weight)
+}
+
+/// NLL of the log-softmax over the class axis (1); the optional second output is that
+/// log-probability.
+pub fn softmax_cross_entropy_loss(cx: &mut Ctx) -> Result<NodeId> {
+    let scores = cx.input(0)?;
+    let labels = cx.input(1)?;
+    let weight = cx.opt_input(2)?;
+    if cx.shape(scores).len() < 2 {
+        return Err(cx.err("scores must have rank 2 or more ([N, C, d...])".into()));
+    }
+    let p = tmp(cx, Op::Softmax { axis: 1 }, &[scores], "softmax")?;
+    let log_prob = match cx.node.output.get(1).filter(|o| !o.is_empty()) {
+        Some(name) => {
+            let name = name.clone();
+            cx.add_named(Op::Unary(unary::LOG), &[p], &name)?
+        }
+        None => un(cx, unary::LOG, p, "log_prob")?,
+    };
+    let loss = nll(cx, log_prob, labels, weight)?;
+    cx.set_output(1, log_prob);
+    Ok(loss)
+}
+
+/// The index along `axis` of the first (or last) maximum (or minimum), kept as a dim of size 1:
+/// the positions equal to the extreme (or NaN: numpy's argmax picks the first NaN, and the
+/// extreme is NaN then) keep their index, the others an index past the end (or -1), and a
+/// minimum (maximum) over those picks the first (last).
+fn arg_extreme(cx: &mut Ctx, x: NodeId, axis: usize, max: bool, last: bool) -> Result<NodeId> {
+    let shape = cx.shape(x);
+    let len = shape[axis];
+    if len == 0 {
+        return Err(cx.err(format!("axis {axis} has size 0: no element to pick")));
+    }
+    let reduce = |kind| Op::Reduce {
+        kind,
+        axes: vec![axis],
+        keepdims: true,
+    };
+    let kind = if max { Reduce::Max } else { Reduce::Min };
+    let m = tmp(cx, reduce(kind), &[x], "extreme")?;
+    let hit = bin(cx, Binary::Equal, x, m, "hit")?;
+    let nan = un(cx, unary::IS_NAN, x, "nan")?;
+    let hit = bin(cx, Binary::Or, hit, nan, "hit_or_nan")?;
+    let mut ids_shape = vec![1; shape.len()];
+    ids_shape[axis] = len;
+    let name = cx.temp_name("ids");
+    let ids = cx.add_const(&name, Tensor::i64(ids_shape, (0..len as i64).collect()))?;
+    let miss = if last { -1 } else { len as i64 };
+    let name = cx.temp_name("miss");
+    let miss = cx.add_const(&name, Tensor::i64(vec![], vec![miss]))?;
+    let cand = tmp(cx, Op::Where, &[hit, ids, miss], "candidates")?;
+    let pick = if last { Reduce::Max } else { Reduce::Min };
+    tmp(cx, reduce(pick), &[cand], "index")
+}
+
+fn arg(cx: &mut Ctx, max: bool) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(0), shape.len(), false)?;
+    let keepdims = cx.attr_bool("keepdims", true)?;
+    let last = cx.attr_bool("select_last_index", false)?;
+    let i = arg_extreme(cx, x, axis, max, last)?;
+    if keepdims {
+        return cx.add(Op::Identity, &[i]);
+    }
+    let mut out = shape;
+    out.remove(axis);
+    cx.add(Op::Reshape { shape: out }, &[i])
+}
+
+pub fn arg_max(cx: &mut Ctx) -> Result<NodeId> {
+    arg(cx, true)
+}
+
+pub fn arg_min(cx: &mut Ctx) -> Result<NodeId> {
+    arg(cx, false)
+}
+
+/// 1 at the first maximum along `axis` (default -1; before opset 13 the input is flattened to
+/// 2-D at `axis`, the same only for the last axis), 0 elsewhere.
+pub fn hardmax(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let rank = shape.len();
+    let default = if cx.opset >= 13 { -1 } else { 1 };
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(default), rank, false)?;
+    if cx.opset < 13 && axis + 1 != rank {
+        return Err(cx.unsupported(format!(
+            "Hardmax (opset {} semantics) over axis {axis} of a rank-{rank} input (only the \
+             last axis is supported before opset 13)",
+            cx.opset
+        )));
+    }
+    let i = arg_extreme(cx, x, axis, true, false)?;
+    let mut ids_shape = vec![1; rank];
+    ids_shape[axis] = shape[axis];
+    let name = cx.temp_name("positions");
+    let ids = cx.add_const(
+        &name,
+        Tensor::i64(ids_shape, (0..shape[axis] as i64).collect()),
+    )?;
+    let hot = bin(cx, Binary::Equal, ids, i, "hot")?;
+    // Equal broadcasts to x's shape, since `i` has x's dims but `axis`.
+    cx.add(
+        Op::Cast {
+            to: crate::tensor::DType::F32,
+        },
+        &[hot],
+    )
+}
+
+/// The mean over every dim after the first two, kept as dims of size 1.
+pub fn global_average_pool(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    if shape.len() < 3 {
+        return Err(cx.err(format!(
+            "the input has rank {}, expected at least 3 (N, C, spatial...)",
+            shape.len()
+        )));
+    }
+    let count: usize = shape[2..].iter().product();
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: (2..shape.len()).collect(),
+        keepdims: true,
+    };
+    let s = tmp(cx, op, &[x], "sum")?;
+    let n = scalar(cx, count as f32, "count")?;
+    cx.add(Op::Binary(Binary::Div), &[s, n])
+}
+
+/// Tile as reshape to `[1, d0, 1, d1, ...]`, expand to `[r0, d0, r1, d1, ...]`, reshape to
+/// `[r0 * d0, r1 * d1, ...]`.
+pub fn tile(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let repeats = cx
+        .const_ints(1, "repeats")?
+        .ok_or_else(|| cx.err("the repeats input is missing".into()))?;
+    let shape = cx.shape(x);
+    if repeats.len() != shape.len() || repeats.iter().any(|&r| r < 0) {
+        return Err(cx.err(format!(
+            "repeats {repeats:?} must have one non-negative entry per input dim (rank {})",
+            shape.len()
+        )));
+    }
+    let reps: Vec<usize> = repeats.iter().map(|&r| r as usize).collect();
+    let spread: Vec<usize> = shape.iter().flat_map(|&d| [1, d]).collect();
+    let big: Vec<usize> = shape
+        .iter()
+        .zip(&reps)
+        .flat_map(|(&d, &r)| [r, d])
+        .collect();
+    let out: Vec<usize> = shape.iter().zip(&reps).map(|(&d, &r)| d * r).collect();
+    let a = tmp(cx, Op::Reshape { shape: spread }, &[x], "spread")?;
+    let b = tmp(cx, Op::Expand { shape: big }, &[a], "repeated")?;
+    cx.add(Op::Reshape { shape: out }, &[b])
+}
+
+/// `[N, C, H, W]` as `shape`, permuted by `perm`, reshaped to `out`.
+fn rearrange(
+    cx: &mut Ctx,
+    x: NodeId,
+    shape: Vec<usize>,
+    perm: Vec<usize>,
+    out: Vec<usize>,
+) -> Result<NodeId> {
+    let a = tmp(cx, Op::Reshape { shape }, &[x], "blocks")?;
+    let b = tmp(cx, Op::Transpose { perm }, &[a], "moved")?;
+    cx.add(Op::Reshape { shape: out }, &[b])
+}
+
+/// The NCHW input dims and the blocksize, checked.
+fn nchw_blocks(cx: &Ctx, x: NodeId) -> Result<([usize; 4], usize)> {
+    let shape = cx.shape(x);
+    let b = cx
+        .attr_int("blocksize")?
+        .ok_or_else(|| cx.err("the blocksize attribute is missing".into()))?;
+    let [n, c, h, w] = shape[..] else {
+        return Err(cx.err(format!("the input has rank {}, expected 4", shape.len())));
+    };
+    if b <= 0 {
+        return Err(cx.err(format!("blocksize {b} is not positive")));
+    }
+    Ok(([n, c, h, w], b as usize))
+}
+
+pub fn space_to_depth(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let ([n, c, h, w], b) = nchw_blocks(cx, x)?;
+    if h % b != 0 || w % b != 0 {
+        return Err(cx.err(format!(
+            "H {h} and W {w} must be multiples of blocksize {b}"
+        )));
+    }
+    // DCR puts the block offsets before the channels, CRD after them.
+    let perm = match cx.attr_string("mode")?.as_deref() {
+        None | Some("DCR") => vec![0, 3, 5, 1, 2, 4],
+        Some("CRD") => vec![0, 1, 3, 5, 2, 4],
+        Some(m) => return Err(cx.err(format!("mode '{m}', expected \"DCR\" or \"CRD\""))),
+    };
+    rearrange(
+        cx,
+        x,
+        vec![n, c, h / b, b, w / b, b],
+        perm,
+        vec![n, c * b * b, h / b, w / b],
+    )
+}
+
+pub fn depth_to_space(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let ([n, c, h, w], b) = nchw_blocks(cx, x)?;
+    if c % (b * b) != 0 {
+        return Err(cx.err(format!("C {c} must be a multiple of blocksize² {}", b * b)));
+    }
+    let c2 = c / (b * b);
+    let (shape, perm) = match cx.attr_string("mode")?.as_deref() {
+        None | Some("DCR") => (vec![n, b, b, c2, h, w], vec![0, 3, 4, 1, 5, 2]),
+        Some("CRD") => (vec![n, c2, b, b, h, w], vec![0, 1, 4, 2, 5, 3]),
+        Some(m) => return Err(cx.err(format!("mode '{m}', expected \"DCR\" or \"CRD\""))),
+    };
+    rearrange(cx, x, shape, perm, vec![n, c2, h * b, w * b])
+}
