@@ -258,6 +258,20 @@ fn binary_ops_with_broadcasting() {
     c.check();
 }
 
+/// Every binary function of `ops::binary` (a new one is covered without further code), on
+/// float operands where each is defined and smooth: a in [0.5, 2], b in [0.5, 2] broadcast by
+/// rows. Special values and integer types have their own tests below.
+#[test]
+fn every_binary_function() {
+    let mut c = Case::new("every_binary_function");
+    let a = c.input("a", &[5, 7], 0.5, 2.0);
+    let b = c.input("b", &[7], 0.5, 2.0);
+    for &op in Binary::ALL {
+        c.out(bin(op), &[a, b], op.name());
+    }
+    c.check();
+}
+
 #[test]
 fn pow_negative_bases_and_fractional_exponents() {
     let mut c = Case::new("pow_negative_bases_and_fractional_exponents");

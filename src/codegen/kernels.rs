@@ -13,7 +13,7 @@ use super::template::{self, Lib};
 use super::wgsl::{self, broadcast_index, broadcast_muls, strided_index, Binding};
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce};
+use crate::ir::{Graph, NodeId, Op, Reduce};
 use crate::tensor::DType;
 use crate::tensor::{numel, shape_str, strides};
 use std::collections::BTreeSet;
@@ -221,57 +221,7 @@ fn elementwise_expr(
 ) -> Result<String> {
     Ok(match op {
         Op::Unary(u) => (u.def().wgsl)(&args[0], libs),
-        Op::Binary(b) => {
-            let (a, c) = (&args[0], &args[1]);
-            match b {
-                Binary::Add => format!("{a} + {c}"),
-                Binary::Sub => format!("{a} - {c}"),
-                Binary::Mul => format!("{a} * {c}"),
-                // Integer division truncates (ONNX); i32 division does, exactly, for the ids
-                // and sizes an f32 holds exactly.
-                Binary::Div if dtype == DType::I64 => format!("f32(i32({a}) / i32({c}))"),
-                Binary::Div => format!("{a} / {c}"),
-                // An integer base gives an integer (ONNX: the base's type): see pow_int.wgsl.
-                Binary::Pow if dtype == DType::I64 => {
-                    libs.extend([Lib::Pow, Lib::PowInt]);
-                    format!("pow_int_f32({a}, {c})")
-                }
-                Binary::Pow => {
-                    libs.insert(Lib::Pow);
-                    format!("pow_f32({a}, {c})")
-                }
-                // WGSL's max and min may drop a NaN operand; torch (and the reference) keep it.
-                Binary::Max | Binary::Min => {
-                    libs.insert(Lib::IsNan);
-                    let f = if *b == Binary::Max { "max" } else { "min" };
-                    format!("select({f}({a}, {c}), {a} + {c}, is_nan_f32({a}) || is_nan_f32({c}))")
-                }
-                Binary::Equal => truth(format!("{a} == {c}")),
-                Binary::Less => truth(format!("{a} < {c}")),
-                Binary::LessOrEqual => truth(format!("{a} <= {c}")),
-                Binary::And => truth(format!("{a} != 0.0 && {c} != 0.0")),
-                Binary::Or => truth(format!("{a} != 0.0 || {c} != 0.0")),
-                // Integer remainders in i32 arithmetic (exact for the integers an f32 holds);
-                // float ones with WGSL's f32 `%` (x - y * trunc(x / y)), except that a finite x
-                // modulo an infinite y is x, as C's fmod says (the formula gives NaN).
-                Binary::Mod | Binary::Fmod => {
-                    let r = if dtype == DType::I64 {
-                        format!("f32(i32({a}) % i32({c}))")
-                    } else {
-                        format!(
-                            "select({a} % {c}, {a}, abs({c}) > 3.40282347e38 && abs({a}) <= 3.40282347e38)"
-                        )
-                    };
-                    if *b == Binary::Fmod {
-                        r
-                    } else {
-                        format!(
-                            "select({r}, {r} + {c}, {r} != 0.0 && (({r} < 0.0) != ({c} < 0.0)))"
-                        )
-                    }
-                }
-            }
-        }
+        Op::Binary(b) => (b.def().wgsl)(&args[0], &args[1], dtype == DType::I64, libs),
         Op::Cast { to } => {
             let x = &args[0];
             match to {

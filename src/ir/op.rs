@@ -10,7 +10,7 @@ use crate::tensor::{shape_str, DType, Tensor};
 /// buffers, WebGPU's guaranteed minimum. The importer splits longer concatenations into a tree.
 pub const MAX_CONCAT_INPUTS: usize = 7;
 
-pub use crate::ops::Unary;
+pub use crate::ops::{Binary, Unary};
 
 /// What a reduction computes over its axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,43 +22,6 @@ pub enum Reduce {
     Max,
     /// Minimum (NaN if any element is NaN; +inf over no elements).
     Min,
-}
-
-/// Element-wise functions of two inputs, with numpy broadcasting. Comparisons and logical ops
-/// give bools (0/1); And and Or read their inputs as bools (non-zero is true). ONNX's Greater and
-/// GreaterOrEqual are Less and LessOrEqual with the operands swapped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Binary {
-    Add,
-    Sub,
-    Mul,
-    /// Division; on integer values (the node's type is int64) it truncates toward zero, as
-    /// ONNX's integer Div does.
-    Div,
-    Pow,
-    Max,
-    Min,
-    Equal,
-    Less,
-    LessOrEqual,
-    And,
-    Or,
-    /// Remainder with the sign of the divisor, `x - y * floor(x / y)` (ONNX Mod, fmod = 0;
-    /// Python's `%`).
-    Mod,
-    /// Remainder with the sign of the dividend, `x - y * trunc(x / y)` (ONNX Mod, fmod = 1; C's
-    /// `fmod`).
-    Fmod,
-}
-
-impl Binary {
-    /// Functions whose result is a bool whatever the inputs' type.
-    pub fn is_predicate(self) -> bool {
-        matches!(
-            self,
-            Binary::Equal | Binary::Less | Binary::LessOrEqual | Binary::And | Binary::Or
-        )
-    }
 }
 
 /// One IR operation. Every op produces exactly one value.
@@ -178,22 +141,7 @@ impl Op {
             Op::MatMul => "matmul",
             Op::Gemm { .. } => "gemm",
             Op::Unary(u) => u.name(),
-            Op::Binary(b) => match b {
-                Binary::Add => "add",
-                Binary::Sub => "sub",
-                Binary::Mul => "mul",
-                Binary::Div => "div",
-                Binary::Pow => "pow",
-                Binary::Max => "max",
-                Binary::Min => "min",
-                Binary::Equal => "equal",
-                Binary::Less => "less",
-                Binary::LessOrEqual => "less_or_equal",
-                Binary::And => "and",
-                Binary::Or => "or",
-                Binary::Mod => "mod",
-                Binary::Fmod => "fmod",
-            },
+            Op::Binary(b) => b.name(),
             Op::StopGradient => "stop_gradient",
             Op::Identity => "identity",
             Op::Reshape { .. } => "reshape",

@@ -19,7 +19,7 @@ use super::proto::{
     AttributeProto, ModelProto, NodeProto, TensorProto,
 };
 use crate::error::{Error, Result};
-use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
+use crate::ir::{unary, Graph, NodeId, Op, Reduce};
 use crate::tensor::{DType, Tensor};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -405,8 +405,11 @@ impl Exporter<'_> {
                     )))
                 }
             },
-            Op::Binary(Binary::Fmod) => ("Mod", vec![attr_int("fmod", 1)]),
-            Op::Binary(b) => (binary_type(*b), vec![]),
+            Op::Binary(b) => {
+                let def = b.def();
+                let attrs = def.onnx_attrs.iter().map(|&(k, v)| attr_int(k, v));
+                (def.onnx, attrs.collect())
+            }
             Op::Identity => ("Identity", vec![]),
             Op::StopGradient => {
                 let name = self.node("Identity", ins, out, label, vec![]);
@@ -567,24 +570,6 @@ impl Exporter<'_> {
         let p = step(self, "Add", vec![inner, one], "plus1");
         let m = step(self, "Mul", vec![x.into(), p], "mul");
         self.node("Mul", vec![m, half], out.to_string(), label, vec![]);
-    }
-}
-
-fn binary_type(b: Binary) -> &'static str {
-    match b {
-        Binary::Add => "Add",
-        Binary::Sub => "Sub",
-        Binary::Mul => "Mul",
-        Binary::Div => "Div",
-        Binary::Pow => "Pow",
-        Binary::Max => "Max",
-        Binary::Min => "Min",
-        Binary::Equal => "Equal",
-        Binary::Less => "Less",
-        Binary::LessOrEqual => "LessOrEqual",
-        Binary::And => "And",
-        Binary::Or => "Or",
-        Binary::Mod | Binary::Fmod => "Mod",
     }
 }
 

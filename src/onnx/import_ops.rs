@@ -53,18 +53,8 @@ pub enum Rule {
 
 /// Every ONNX op type (default domain) dorac imports.
 pub const OPS: &[(&str, Rule)] = &[
-    ("Add", Rule::Binary(Binary::Add)),
-    ("Sub", Rule::Binary(Binary::Sub)),
-    ("Mul", Rule::Binary(Binary::Mul)),
-    ("Div", Rule::Binary(Binary::Div)),
-    ("Pow", Rule::Binary(Binary::Pow)),
-    ("Equal", Rule::Binary(Binary::Equal)),
-    ("Less", Rule::Binary(Binary::Less)),
-    ("LessOrEqual", Rule::Binary(Binary::LessOrEqual)),
     ("Greater", Rule::Build(logic::greater)),
     ("GreaterOrEqual", Rule::Build(logic::greater_or_equal)),
-    ("And", Rule::Binary(Binary::And)),
-    ("Or", Rule::Binary(Binary::Or)),
     ("Max", Rule::Build(logic::max)),
     ("Min", Rule::Build(logic::min)),
     ("Clip", Rule::Build(logic::clip)),
@@ -156,12 +146,14 @@ pub const MULTI_OUTPUT: &[&str] = &[
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
-/// entry of [`OPS`], or a function of `ops::unary` by its ONNX name.
+/// entry of [`OPS`], or a function of `ops::unary` or `ops::binary` by its ONNX name (the one
+/// place those names are written).
 pub fn rule(op_type: &str) -> Option<Rule> {
     OPS.iter()
         .find(|(t, _)| *t == op_type)
         .map(|(_, r)| *r)
         .or_else(|| Unary::from_onnx(op_type).map(Rule::Unary))
+        .or_else(|| Binary::from_onnx(op_type).map(Rule::Binary))
 }
 
 /// Builds the IR for one node (whose op type has a rule), then checks that the builder read

@@ -5,7 +5,10 @@
 //! all read. Adding an op of a family is one file plus its line in that list.
 //!
 //! - [`unary`]: element-wise functions of one input (Relu, Sin, Abs, ...).
+//! - [`binary`]: element-wise functions of two inputs with broadcasting (Add, Pow, Less, Mod...).
 
+pub mod binary;
 pub mod unary;
 
+pub use binary::Binary;
 pub use unary::Unary;

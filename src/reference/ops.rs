@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Binary, Op, Reduce};
+use crate::ir::{Op, Reduce};
 use crate::tensor::{numel, strides, Array, DType};
 
 /// Evaluates one op on its input values.
@@ -28,7 +28,7 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
             Array::new(out_shape, args[0].data.iter().map(|&x| f(x)).collect())
         }
         Op::Binary(b) => {
-            let f = binary_fn(*b);
+            let f = b.def().eval;
             let (a, c) = (args[0], args[1]);
             let ia = broadcast_index(&a.shape, &out_shape);
             let ic = broadcast_index(&c.shape, &out_shape);
@@ -288,47 +288,6 @@ fn cross_entropy(
     (loss / count, grad)
 }
 
-pub fn binary_fn(b: Binary) -> fn(f64, f64) -> f64 {
-    match b {
-        Binary::Add => |a, b| a + b,
-        Binary::Sub => |a, b| a - b,
-        Binary::Mul => |a, b| a * b,
-        Binary::Div => |a, b| a / b,
-        Binary::Pow => f64::powf,
-        // NaN propagates, as in torch.maximum / torch.minimum.
-        Binary::Max => |a, b| {
-            if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.max(b)
-            }
-        },
-        Binary::Min => |a, b| {
-            if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.min(b)
-            }
-        },
-        Binary::Equal => |a, b| truth(a == b),
-        Binary::Less => |a, b| truth(a < b),
-        Binary::LessOrEqual => |a, b| truth(a <= b),
-        Binary::And => |a, b| truth(a != 0.0 && b != 0.0),
-        Binary::Or => |a, b| truth(a != 0.0 || b != 0.0),
-        // f64 `%` is C's fmod (exact); Mod moves a remainder whose sign differs from the
-        // divisor's by one divisor.
-        Binary::Fmod => |a, b| a % b,
-        Binary::Mod => |a, b| {
-            let r = a % b;
-            if r != 0.0 && (r < 0.0) != (b < 0.0) {
-                r + b
-            } else {
-                r
-            }
-        },
-    }
-}
-
 /// Maps a flat index of `out` to the flat index of an operand of shape `shape` that broadcasts
 /// to it.
 pub fn broadcast_index(shape: &[usize], out: &[usize]) -> impl Fn(usize) -> usize {
@@ -526,7 +485,7 @@ mod tests {
         let t = eval_op(&Op::Transpose { perm: vec![1, 0] }, &[&x]).unwrap();
         assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
         let c = eval_op(&Op::Const(Tensor::scalar(2.0)), &[]).unwrap();
-        let p = eval_op(&Op::Binary(Binary::Pow), &[&x, &c]).unwrap();
+        let p = eval_op(&Op::Binary(crate::ir::Binary::Pow), &[&x, &c]).unwrap();
         assert_eq!(p.data[5], 36.0);
     }
 

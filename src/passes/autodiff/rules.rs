@@ -372,90 +372,21 @@ fn binary(
     wanted: &[bool],
 ) -> Result<Grads> {
     let (x, y) = (ins[0], ins[1]);
-    let (xs, ys) = (b.g.shape(x).to_vec(), b.g.shape(y).to_vec());
+    let args = crate::ops::binary::GradArgs {
+        n,
+        x,
+        y,
+        dy,
+        wanted: [wanted[0], wanted[1]],
+    };
+    let at_output = (op.def().grad)(b, &args)?;
+    // Each cotangent back to its operand's shape (numpy broadcasting).
     let mut out = vec![None, None];
-    match op {
-        Binary::Add => {
-            out[0] = Some(dy);
-            out[1] = Some(dy);
+    for (i, operand) in [x, y].into_iter().enumerate() {
+        if let (Some(g), true) = (at_output[i], wanted[i]) {
+            let shape = b.g.shape(operand).to_vec();
+            out[i] = Some(b.sum_to(g, &shape, n, if i == 0 { "dx" } else { "dy" })?);
         }
-        Binary::Sub => {
-            out[0] = Some(dy);
-            if wanted[1] {
-                out[1] = Some(b.add(Op::Unary(unary::NEG), &[dy], n, "neg")?);
-            }
-        }
-        Binary::Mul => {
-            if wanted[0] {
-                out[0] = Some(b.binary(Binary::Mul, dy, y, n, "dx")?);
-            }
-            if wanted[1] {
-                out[1] = Some(b.binary(Binary::Mul, dy, x, n, "dy")?);
-            }
-        }
-        Binary::Div => {
-            if wanted[0] {
-                out[0] = Some(b.binary(Binary::Div, dy, y, n, "dx")?);
-            }
-            if wanted[1] {
-                // d(x/y)/dy = -(x/y)/y
-                let q = b.binary(Binary::Div, n, y, n, "q_over_y")?;
-                let t = b.binary(Binary::Mul, dy, q, n, "dy_q")?;
-                out[1] = Some(b.add(Op::Unary(unary::NEG), &[t], n, "dy")?);
-            }
-        }
-        Binary::Pow => {
-            if wanted[0] {
-                // y * x^(y-1)
-                let one = b.scalar(1.0, n, "one");
-                let ym1 = b.binary(Binary::Sub, y, one, n, "exp_minus_one")?;
-                let p = b.binary(Binary::Pow, x, ym1, n, "pow")?;
-                let d = b.binary(Binary::Mul, p, y, n, "deriv")?;
-                out[0] = Some(b.binary(Binary::Mul, dy, d, n, "dx")?);
-            }
-            if wanted[1] {
-                // x^y * ln x
-                let ln = b.add(Op::Unary(unary::LOG), &[x], n, "ln")?;
-                let d = b.binary(Binary::Mul, n, ln, n, "deriv_exp")?;
-                out[1] = Some(b.binary(Binary::Mul, dy, d, n, "dy")?);
-            }
-        }
-        Binary::Max | Binary::Min => {
-            // The cotangent goes to the operand that was chosen (x on ties, as the mask says).
-            let chosen = if op == Binary::Max {
-                b.binary(Binary::LessOrEqual, y, x, n, "x_chosen")?
-            } else {
-                b.binary(Binary::LessOrEqual, x, y, n, "x_chosen")?
-            };
-            let zero = b.scalar(0.0, n, "zero");
-            if wanted[0] {
-                out[0] = Some(b.add(Op::Where, &[chosen, dy, zero], n, "dx")?);
-            }
-            if wanted[1] {
-                out[1] = Some(b.add(Op::Where, &[chosen, zero, dy], n, "dy")?);
-            }
-        }
-        // d/dx (x mod y) = 1 and d/dy = -floor(x / y) (or -trunc): (x - r) / y is that
-        // quotient, from the result itself.
-        Binary::Mod | Binary::Fmod => {
-            out[0] = Some(dy);
-            if wanted[1] {
-                let d = b.binary(Binary::Sub, x, n, n, "x_minus_r")?;
-                let q = b.binary(Binary::Div, d, y, n, "quotient")?;
-                let t = b.binary(Binary::Mul, dy, q, n, "dy_q")?;
-                out[1] = Some(b.add(Op::Unary(unary::NEG), &[t], n, "dy")?);
-            }
-        }
-        // Comparisons and logical ops are piecewise constant: no gradient flows.
-        Binary::Equal | Binary::Less | Binary::LessOrEqual | Binary::And | Binary::Or => {
-            return Ok(vec![None, None]);
-        }
-    }
-    for (i, target) in [(0, &xs), (1, &ys)] {
-        out[i] = match (out[i], wanted[i]) {
-            (Some(g), true) => Some(b.sum_to(g, target, n, if i == 0 { "dx" } else { "dy" })?),
-            _ => None,
-        };
     }
     Ok(out)
 }
