@@ -15,7 +15,8 @@ A case is kept when every node of its graph (including the nodes of function-exp
 get their cases by re-running this script:
 
   - the `OPS` table of src/onnx/import_ops.rs (lines `("Name", Rule::...)`),
-  - the unary functions of src/ops/unary/*.rs (`onnx: Some("Name")`).
+  - the unary functions of src/ops/unary/*.rs (`onnx: Some("Name")`),
+  - the binary functions of src/ops/binary/*.rs imported directly (`onnx: "Name"`, `import: true`).
 
 Each kept case becomes tests/conformance/<case>/ with
   - model.onnx           the case's model, unchanged,
@@ -56,6 +57,12 @@ def supported_ops():
     for path in glob.glob(os.path.join(REPO, "src", "ops", "unary", "*.rs")):
         with open(path) as f:
             ops.update(re.findall(r'onnx:\s*Some\("([A-Za-z0-9]+)"\)', f.read()))
+    # Binary functions imported directly (`import: true`); the others come through OPS builders.
+    for path in glob.glob(os.path.join(REPO, "src", "ops", "binary", "*.rs")):
+        with open(path) as f:
+            for name, imported in re.findall(r'onnx:\s*"([A-Za-z0-9]+)",.*?import:\s*(true|false)', f.read(), re.S):
+                if imported == "true":
+                    ops.add(name)
     return ops
 
 
