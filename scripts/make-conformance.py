@@ -16,7 +16,8 @@ get their cases by re-running this script:
 
   - the `OPS` table of src/onnx/import_ops.rs (lines `("Name", Rule::...)`),
   - the unary functions of src/ops/unary/*.rs (`onnx: Some("Name")`),
-  - the binary functions of src/ops/binary/*.rs imported directly (`onnx: "Name"`, `import: true`).
+  - the binary functions of src/ops/binary/*.rs imported directly (`onnx: "Name"`, `import: true`),
+  - the reductions of src/ops/reduce/*.rs (`onnx: "Name"`).
 
 Each kept case becomes tests/conformance/<case>/ with
   - model.onnx           the case's model, unchanged,
@@ -63,6 +64,9 @@ def supported_ops():
             for name, imported in re.findall(r'onnx:\s*"([A-Za-z0-9]+)",.*?import:\s*(true|false)', f.read(), re.S):
                 if imported == "true":
                     ops.add(name)
+    for path in glob.glob(os.path.join(REPO, "src", "ops", "reduce", "*.rs")):
+        with open(path) as f:
+            ops.update(re.findall(r'onnx:\s*"([A-Za-z0-9]+)"', f.read()))
     return ops
 
 

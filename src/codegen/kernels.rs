@@ -828,12 +828,8 @@ fn reduce(
     let keepdims = matches!(node.op, Op::Reduce { keepdims: true, .. });
     // The element transform applied before summing (or taking the maximum: a minimum is the
     // maximum of the negated terms, negated).
-    let (template, term, sign) = match kind {
-        Reduce::Sum => (template::REDUCE_SUM, "v", None),
-        Reduce::SumSquare => (template::REDUCE_SUM, "v * v", None),
-        Reduce::Max => (template::REDUCE_MAX, "v", Some("1.0")),
-        Reduce::Min => (template::REDUCE_MAX, "v", Some("-1.0")),
-    };
+    let wgsl = &kind.def().wgsl;
+    let (template, term, sign) = (wgsl.template, wgsl.term, wgsl.sign);
     if sign.is_some() {
         b.libs.insert(Lib::IsNan);
     }

@@ -10,19 +10,7 @@ use crate::tensor::{shape_str, DType, Tensor};
 /// buffers, WebGPU's guaranteed minimum. The importer splits longer concatenations into a tree.
 pub const MAX_CONCAT_INPUTS: usize = 7;
 
-pub use crate::ops::{Binary, Unary};
-
-/// What a reduction computes over its axes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reduce {
-    Sum,
-    /// Sum of squares: DoRA's frozen column norms `||W0[:, j]||²` without an [in, out] temporary.
-    SumSquare,
-    /// Maximum (NaN if any element is NaN; -inf over no elements).
-    Max,
-    /// Minimum (NaN if any element is NaN; +inf over no elements).
-    Min,
-}
+pub use crate::ops::{Binary, Reduce, Unary};
 
 /// One IR operation. Every op produces exactly one value.
 #[derive(Clone, Debug, PartialEq)]
@@ -146,19 +134,7 @@ impl Op {
             Op::Identity => "identity",
             Op::Reshape { .. } => "reshape",
             Op::Transpose { .. } => "transpose",
-            Op::Reduce {
-                kind: Reduce::Sum, ..
-            } => "reduce_sum",
-            Op::Reduce {
-                kind: Reduce::SumSquare,
-                ..
-            } => "reduce_sum_square",
-            Op::Reduce {
-                kind: Reduce::Max, ..
-            } => "reduce_max",
-            Op::Reduce {
-                kind: Reduce::Min, ..
-            } => "reduce_min",
+            Op::Reduce { kind, .. } => kind.name(),
             Op::LayerNorm { .. } => "layer_norm",
             Op::Softmax { .. } => "softmax",
             Op::Expand { .. } => "expand",

@@ -19,7 +19,7 @@ use super::proto::{
     AttributeProto, ModelProto, NodeProto, TensorProto,
 };
 use crate::error::{Error, Result};
-use crate::ir::{unary, Graph, NodeId, Op, Reduce};
+use crate::ir::{unary, Graph, NodeId, Op};
 use crate::tensor::{DType, Tensor};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -438,16 +438,11 @@ impl Exporter<'_> {
                 axes,
                 keepdims,
             } => {
-                let op_type = match kind {
-                    Reduce::Sum => "ReduceSum",
-                    Reduce::SumSquare => "ReduceSumSquare",
-                    Reduce::Max => "ReduceMax",
-                    Reduce::Min => "ReduceMin",
-                };
+                let op_type = kind.def().onnx;
                 let a: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
                 let mut attrs = vec![attr_int("keepdims", *keepdims as i64)];
                 let mut node_inputs = vec![ins[0].clone()];
-                if self.opset >= super::import_ops::axes_input_since(*kind) {
+                if self.opset >= kind.def().axes_input_since {
                     let t = Tensor::i64(vec![a.len()], a);
                     node_inputs.push(self.extra_const(&format!("{out}_axes"), &t));
                     if axes.is_empty() {

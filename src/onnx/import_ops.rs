@@ -47,6 +47,8 @@ pub enum Rule {
     Unary(Unary),
     /// An element-wise op of two inputs (numpy broadcasting) without attributes.
     Binary(Binary),
+    /// A reduction (from `ops::reduce`): axes, keepdims, noop_with_empty_axes.
+    Reduce(Reduce),
     /// Anything else: a function that builds the node.
     Build(fn(&mut Ctx) -> Result<NodeId>),
 }
@@ -70,11 +72,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Transpose", Rule::Build(transpose)),
     ("LayerNormalization", Rule::Build(layer_norm)),
     ("Softmax", Rule::Build(softmax)),
-    ("ReduceSum", Rule::Build(reduce_sum)),
-    ("ReduceSumSquare", Rule::Build(reduce_sum_square)),
     ("ReduceMean", Rule::Build(reduce_mean)),
-    ("ReduceMax", Rule::Build(reduce_max)),
-    ("ReduceMin", Rule::Build(reduce_min)),
     ("Shape", Rule::Build(shape::shape)),
     ("Size", Rule::Build(shape::size)),
     ("ConstantOfShape", Rule::Build(shape::constant_of_shape)),
@@ -146,14 +144,15 @@ pub const MULTI_OUTPUT: &[&str] = &[
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
-/// entry of [`OPS`], or a function of `ops::unary` or `ops::binary` by its ONNX name (the one
-/// place those names are written).
+/// entry of [`OPS`], or a definition of `ops::unary`, `ops::binary` or `ops::reduce` by its ONNX
+/// name (the one place those names are written).
 pub fn rule(op_type: &str) -> Option<Rule> {
     OPS.iter()
         .find(|(t, _)| *t == op_type)
         .map(|(_, r)| *r)
         .or_else(|| Unary::from_onnx(op_type).map(Rule::Unary))
         .or_else(|| Binary::from_onnx(op_type).map(Rule::Binary))
+        .or_else(|| Reduce::from_onnx(op_type).map(Rule::Reduce))
 }
 
 /// Builds the IR for one node (whose op type has a rule), then checks that the builder read
@@ -173,6 +172,7 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
             let b_in = cx.input(1)?;
             cx.add(Op::Binary(b), &[a, b_in])?
         }
+        Rule::Reduce(kind) => reduce(cx, kind)?,
         Rule::Build(f) => f(cx)?,
     };
     // An attribute no builder looked at could change the result: refuse it, unless it only
@@ -800,32 +800,8 @@ fn softmax(cx: &mut Ctx) -> Result<NodeId> {
     cx.add(Op::Softmax { axis }, &[x])
 }
 
-fn reduce_sum(cx: &mut Ctx) -> Result<NodeId> {
-    reduce(cx, Reduce::Sum)
-}
-
-fn reduce_sum_square(cx: &mut Ctx) -> Result<NodeId> {
-    reduce(cx, Reduce::SumSquare)
-}
-
-fn reduce_max(cx: &mut Ctx) -> Result<NodeId> {
-    reduce(cx, Reduce::Max)
-}
-
-fn reduce_min(cx: &mut Ctx) -> Result<NodeId> {
-    reduce(cx, Reduce::Min)
-}
-
-/// The opset from which a reduction takes its axes as an input instead of an attribute.
-pub fn axes_input_since(kind: Reduce) -> i64 {
-    match kind {
-        Reduce::Sum => 13,
-        Reduce::SumSquare | Reduce::Max | Reduce::Min => 18,
-    }
-}
-
 fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {
-    let (x, axes, keepdims) = reduce_args(cx, axes_input_since(kind))?;
+    let (x, axes, keepdims) = reduce_args(cx, kind.def().axes_input_since)?;
     let Some(axes) = axes else {
         return cx.add(Op::Identity, &[x]);
     };

@@ -6,9 +6,12 @@
 //!
 //! - [`unary`]: element-wise functions of one input (Relu, Sin, Abs, ...).
 //! - [`binary`]: element-wise functions of two inputs with broadcasting (Add, Pow, Less, Mod...).
+//! - [`reduce`]: reductions over axes (ReduceSum, ReduceSumSquare, ReduceMax, ReduceMin).
 
 pub mod binary;
+pub mod reduce;
 pub mod unary;
 
 pub use binary::Binary;
+pub use reduce::Reduce;
 pub use unary::Unary;

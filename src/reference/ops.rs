@@ -394,22 +394,11 @@ fn reduce(x: &Array, kind: Reduce, axes: &[usize], out_shape: Vec<usize>) -> Arr
         .map(|(d, &s)| if axes.contains(&d) { 1 } else { s })
         .collect();
     let to_out = broadcast_index(&kept, &x.shape);
-    let init = match kind {
-        Reduce::Sum | Reduce::SumSquare => 0.0,
-        Reduce::Max => f64::NEG_INFINITY,
-        Reduce::Min => f64::INFINITY,
-    };
-    let mut out = vec![init; numel(&kept)];
+    let def = kind.def();
+    let mut out = vec![def.init; numel(&kept)];
     for (i, &v) in x.data.iter().enumerate() {
         let o = &mut out[to_out(i)];
-        match kind {
-            Reduce::Sum => *o += v,
-            Reduce::SumSquare => *o += v * v,
-            // NaN wins (numpy's maximum.reduce); f64::max would drop it.
-            Reduce::Max if v.is_nan() || v > *o => *o = v,
-            Reduce::Min if v.is_nan() || v < *o => *o = v,
-            Reduce::Max | Reduce::Min => {}
-        }
+        *o = (def.combine)(*o, v);
     }
     Array::new(out_shape, out)
 }

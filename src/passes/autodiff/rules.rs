@@ -56,40 +56,14 @@ pub(super) fn input_grads(
                 .collect();
             let dy = b.reshape(dy, &kept, n, "keepdims")?;
             let spread = b.add(Op::Expand { shape: xs.clone() }, &[dy], n, "spread")?;
-            match kind {
-                Reduce::Sum => vec![Some(spread)],
-                // The gradient goes to the elements equal to the result, shared evenly among
-                // ties (as torch's amax and amin).
-                Reduce::Max | Reduce::Min => {
-                    let y = b.reshape(n, &kept, n, "y_keepdims")?;
-                    let y = b.add(Op::Expand { shape: xs }, &[y], n, "y_spread")?;
-                    let hit = b.binary(Binary::Equal, ins[0], y, n, "hit")?;
-                    let mask = b.add(Op::Cast { to: DType::F32 }, &[hit], n, "mask")?;
-                    let count = b.add(
-                        Op::Reduce {
-                            kind: Reduce::Sum,
-                            axes: axes.clone(),
-                            keepdims: true,
-                        },
-                        &[mask],
-                        n,
-                        "ties",
-                    )?;
-                    let share = b.binary(Binary::Div, mask, count, n, "share")?;
-                    vec![Some(b.binary(Binary::Mul, spread, share, n, "extreme")?)]
-                }
-                Reduce::SumSquare => {
-                    let two = b.scalar(2.0, n, "two");
-                    let two_x = b.binary(Binary::Mul, ins[0], two, n, "two_x")?;
-                    vec![Some(b.binary(
-                        Binary::Mul,
-                        spread,
-                        two_x,
-                        n,
-                        "sum_square",
-                    )?)]
-                }
-            }
+            let args = crate::ops::reduce::GradArgs {
+                n,
+                x: ins[0],
+                spread,
+                axes: &axes,
+                keepdims_shape: &kept,
+            };
+            vec![Some((kind.def().grad)(b, &args)?)]
         }
         Op::Softmax { axis } => {
             // dx = y * (dy - sum(dy * y, axis))
