@@ -156,6 +156,22 @@ impl Tensor {
         Tensor { shape, data }
     }
 
+    /// f32 tensors joined along `axis` (the inverse of [`Tensor::slice_axis`]).
+    pub fn concat_axis(parts: &[Tensor], axis: usize) -> Tensor {
+        let mut shape = parts[0].shape.clone();
+        shape[axis] = parts.iter().map(|t| t.shape[axis]).sum();
+        let outer: usize = shape[..axis].iter().product();
+        let values: Vec<Vec<f32>> = parts.iter().map(Tensor::to_f32).collect();
+        let mut data = Vec::with_capacity(numel(&shape));
+        for o in 0..outer {
+            for (t, v) in parts.iter().zip(&values) {
+                let block = numel(&t.shape[axis..]);
+                data.extend_from_slice(&v[o * block..(o + 1) * block]);
+            }
+        }
+        Tensor::f32(shape, data)
+    }
+
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(numel(&shape), data.len());
         Tensor {

@@ -7,7 +7,9 @@ use crate::runtime::{is_no_adapter, Gpu};
 use crate::train::checkpoint;
 use crate::train::data::{self, Expected};
 use crate::train::report::{write_loss_png, MetricsLog, Progress, StepRecord};
-use crate::train::{build, AdamW, BuildOptions, LossKind, Schedule, Session, TrainMethod};
+use crate::train::{
+    build_for_device, AdamW, BuildOptions, LossKind, Schedule, Session, TrainMethod,
+};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -282,9 +284,6 @@ pub fn run(args: Args) -> Result<()> {
         expose_grads: false,
         full_targets: (!args.adapter_args.targets.is_empty()).then(|| args.adapter_args.patterns()),
     };
-    let program = build(graph.clone(), &opts)?;
-    let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();
-
     let gpu = if args.reference {
         None
     } else {
@@ -297,6 +296,12 @@ pub fn run(args: Args) -> Result<()> {
             Err(e) => return Err(e),
         }
     };
+    // Trainable tensors over the device's binding limit are trained in chunks.
+    let limit = gpu
+        .as_ref()
+        .map(|g| g.limits().max_storage_buffer_binding_size);
+    let program = build_for_device(graph.clone(), &opts, limit)?;
+    let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();
     let engine = gpu
         .as_ref()
         .map(|g| g.describe())

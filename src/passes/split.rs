@@ -44,17 +44,7 @@ pub fn split_large_constants(graph: &mut Graph, max_bytes: u64) -> Result<usize>
     for &c in &big {
         for reader in graph.consumers(c) {
             if !splittable(graph, reader, c) {
-                let n = graph.node(c);
-                return Err(Error::Unsupported(vec![format!(
-                    "constant '{}' ({}, {} bytes) exceeds the device's {max_bytes}-byte storage \
-                     binding, and its reader '{}' ({}) cannot be split (Gather rows, MatMul and \
-                     Gemm can)",
-                    n.name,
-                    shape_str(&n.shape),
-                    bytes(&n.shape),
-                    graph.node(reader).label,
-                    graph.node(reader).op.name()
-                )]));
+                return Err(refusal(graph, c, reader, max_bytes));
             }
         }
     }
@@ -89,67 +79,175 @@ impl Rule for SplitReader {
 
     fn apply(&self, graph: &Graph, node: NodeId) -> Result<Option<PatchOps>> {
         let ins = graph.inputs_of(node);
-        let Some(pos) = ins.iter().position(|&n| {
+        let Some(&c) = ins.iter().find(|&&n| {
             matches!(graph.node(n).op, Op::Const(_)) && bytes(graph.shape(n)) > self.max_bytes
         }) else {
             return Ok(None);
         };
-        let c = ins[pos];
         let mut p = Patch::new(graph);
-        let y = match graph.node(node).op.clone() {
-            Op::Gather { axis } => gather(&mut p, node, c, ins[1], axis, self.max_bytes)?,
-            Op::MatMul if pos == 1 => {
-                let w = chunks(&mut p, c, 1, self.max_bytes);
-                let parts = w
-                    .iter()
-                    .map(|&(wi, _, _)| add(&mut p, node, Op::MatMul, &[ins[0].into(), wi], "mm"))
-                    .collect::<Result<Vec<_>>>()?;
-                let rank = graph.shape(node).len();
-                concat(&mut p, node, parts, rank - 1)?
-            }
-            Op::MatMul => {
-                // W [M, K] on the left: M is the result's second-to-last axis, or its last when
-                // the right operand is a vector.
-                let w = chunks(&mut p, c, 0, self.max_bytes);
-                let parts = w
-                    .iter()
-                    .map(|&(wi, _, _)| add(&mut p, node, Op::MatMul, &[wi, ins[1].into()], "mm"))
-                    .collect::<Result<Vec<_>>>()?;
-                let rank = graph.shape(node).len();
-                let vector = graph.shape(ins[1]).len() == 1;
-                concat(
-                    &mut p,
-                    node,
-                    parts,
-                    if vector { rank - 1 } else { rank - 2 },
-                )?
-            }
-            op @ Op::Gemm { trans_b, .. } => {
-                // N is W's dim 1, or dim 0 when transposed.
-                let axis = if trans_b { 0 } else { 1 };
-                let w = chunks(&mut p, c, axis, self.max_bytes);
-                let n = graph.shape(node)[1];
-                let mut parts = vec![];
-                for &(wi, start, len) in &w {
-                    let mut args: Vec<PatchRef> = vec![ins[0].into(), wi];
-                    if let Some(&bias) = ins.get(2) {
-                        let bs = graph.shape(bias).to_vec();
-                        let sliced = bs.last() == Some(&n) && n > 1;
-                        args.push(if sliced {
-                            slice_last(&mut p, node, bias.into(), &bs, start, len)?
-                        } else {
-                            bias.into()
-                        });
-                    }
-                    parts.push(add(&mut p, node, op.clone(), &args, "gemm")?);
-                }
-                concat(&mut p, node, parts, 1)?
-            }
-            _ => return Ok(None),
-        };
+        let axis = split_axis(graph, node, c);
+        let parts = chunks(&mut p, c, axis, self.max_bytes);
+        let y = read_chunks(&mut p, node, c, &parts)?;
         p.replace(node, y);
         Ok(Some(p.finish()))
     }
+}
+
+/// The axis along which `reader` needs its operand `c` cut: the gathered axis, a MatMul's or
+/// Gemm's output columns (N), or the rows of a left MatMul operand.
+fn split_axis(g: &Graph, reader: NodeId, c: NodeId) -> usize {
+    match g.node(reader).op {
+        Op::Gather { axis } => axis,
+        Op::MatMul if g.inputs_of(reader)[1] == c => 1,
+        Op::MatMul => 0,
+        Op::Gemm { trans_b, .. } => usize::from(!trans_b),
+        _ => unreachable!("splittable() admitted the reader"),
+    }
+}
+
+/// The value of `reader` computed from the chunks of its operand `c` (each: chunk, first index
+/// along the split axis, length).
+fn read_chunks(
+    p: &mut Patch,
+    node: NodeId,
+    c: NodeId,
+    parts: &[(PatchRef, usize, usize)],
+) -> Result<PatchRef> {
+    let graph = p.graph();
+    let ins = graph.inputs_of(node);
+    Ok(match graph.node(node).op.clone() {
+        Op::Gather { axis } => {
+            let dim = graph.shape(c)[axis];
+            gather(p, node, parts, ins[1], axis, dim)?
+        }
+        Op::MatMul if ins[1] == c => {
+            let products = parts
+                .iter()
+                .map(|&(wi, _, _)| add(p, node, Op::MatMul, &[ins[0].into(), wi], "mm"))
+                .collect::<Result<Vec<_>>>()?;
+            let rank = graph.shape(node).len();
+            concat(p, node, products, rank - 1)?
+        }
+        Op::MatMul => {
+            // W [M, K] on the left: M is the result's second-to-last axis, or its last when
+            // the right operand is a vector.
+            let products = parts
+                .iter()
+                .map(|&(wi, _, _)| add(p, node, Op::MatMul, &[wi, ins[1].into()], "mm"))
+                .collect::<Result<Vec<_>>>()?;
+            let rank = graph.shape(node).len();
+            let vector = graph.shape(ins[1]).len() == 1;
+            concat(p, node, products, if vector { rank - 1 } else { rank - 2 })?
+        }
+        op @ Op::Gemm { .. } => {
+            let n = graph.shape(node)[1];
+            let mut products = vec![];
+            for &(wi, start, len) in parts {
+                let mut args: Vec<PatchRef> = vec![ins[0].into(), wi];
+                if let Some(&bias) = ins.get(2) {
+                    let bs = graph.shape(bias).to_vec();
+                    let sliced = bs.last() == Some(&n) && n > 1;
+                    args.push(if sliced {
+                        slice_last(p, node, bias.into(), &bs, start, len)?
+                    } else {
+                        bias.into()
+                    });
+                }
+                products.push(add(p, node, op.clone(), &args, "gemm")?);
+            }
+            concat(p, node, products, 1)?
+        }
+        _ => unreachable!("splittable() admitted the reader"),
+    })
+}
+
+/// A trainable tensor larger than `max_bytes`: constant `c` cut once into chunk constants along
+/// the one axis all its readers agree on, each reader rewritten over the shared chunks. Returns
+/// the chunks (node, axis, first index, length), which training then makes its parameters, so
+/// each chunk's gradient, Adam moments and update fit a binding. Readers that need different
+/// axes (a Gather of rows and a product by columns) are refused by name.
+pub fn split_parameter(graph: &mut Graph, c: NodeId, max_bytes: u64) -> Result<Vec<Chunk>> {
+    let readers = graph.consumers(c);
+    let name = graph.node(c).name.clone();
+    let mut axis = None;
+    for &r in &readers {
+        if !splittable(graph, r, c) {
+            return Err(refusal(graph, c, r, max_bytes));
+        }
+        let a = split_axis(graph, r, c);
+        if axis.is_some_and(|b| b != a) {
+            return Err(Error::Unsupported(vec![format!(
+                "trainable '{name}' ({} bytes) exceeds the device's {max_bytes}-byte storage \
+                 binding, and its readers need it cut along different axes",
+                bytes(graph.shape(c))
+            )]));
+        }
+        axis = Some(a);
+    }
+    let axis = axis.unwrap_or(0);
+    let Op::Const(t) = graph.node(c).op.clone() else {
+        return Err(Error::Graph(format!(
+            "parameter '{name}' is not a constant"
+        )));
+    };
+    let dim = t.shape[axis];
+    let per = rows_per_chunk(&t.shape, axis, max_bytes);
+    let mut out = vec![];
+    let mut start = 0;
+    while start < dim {
+        let len = per.min(dim - start);
+        let id = graph.add_const(
+            &format!("{name}/rows_{start}"),
+            t.slice_axis(axis, start, len),
+        );
+        out.push(Chunk {
+            node: id,
+            axis,
+            start,
+        });
+        start += len;
+    }
+    for r in readers {
+        let mut p = Patch::new(graph);
+        let parts: Vec<(PatchRef, usize, usize)> = out
+            .iter()
+            .map(|ch| (ch.node.into(), ch.start, graph.shape(ch.node)[axis]))
+            .collect();
+        let y = read_chunks(&mut p, r, c, &parts)?;
+        p.replace(r, y);
+        let ops = p.finish();
+        graph.apply(ops);
+    }
+    Ok(out)
+}
+
+/// One chunk of a split parameter.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub node: NodeId,
+    /// The axis the tensor was cut along, and where along it this chunk starts.
+    pub axis: usize,
+    pub start: usize,
+}
+
+/// How many indices along `axis` one chunk of a tensor of `shape` holds within `max_bytes`.
+fn rows_per_chunk(shape: &[usize], axis: usize, max_bytes: u64) -> usize {
+    let slab = bytes(shape) / shape[axis].max(1) as u64;
+    ((max_bytes / slab.max(1)) as usize).max(1)
+}
+
+/// The error for an oversized constant whose reader has no split form.
+fn refusal(graph: &Graph, c: NodeId, reader: NodeId, max_bytes: u64) -> Error {
+    let n = graph.node(c);
+    Error::Unsupported(vec![format!(
+        "constant '{}' ({}, {} bytes) exceeds the device's {max_bytes}-byte storage binding, and \
+         its reader '{}' ({}) cannot be split (Gather rows, MatMul and Gemm can)",
+        n.name,
+        shape_str(&n.shape),
+        bytes(&n.shape),
+        graph.node(reader).label,
+        graph.node(reader).op.name()
+    )])
 }
 
 /// Adds a node named after `of`, with a tag.
@@ -167,8 +265,7 @@ fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRe
     let Op::Const(t) = &g.node(c).op else {
         unreachable!("only constants are split")
     };
-    let slab = bytes(&shape) / shape[axis] as u64; // bytes per index along `axis`
-    let per = ((max_bytes / slab.max(1)) as usize).max(1);
+    let per = rows_per_chunk(&shape, axis, max_bytes);
     let name = g.node(c).name.clone();
     let mut out = vec![];
     let mut start = 0;
@@ -185,19 +282,18 @@ fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRe
     out
 }
 
-/// Gather over row chunks of `data` along `axis`: per chunk, the ids shifted into it (ids below
-/// the chunk become its length, which reads as 0), gathered, and all summed.
+/// Gather over row chunks of the data along `axis` (`dim` rows in all): per chunk, the ids
+/// shifted into it (ids below the chunk become its length, which reads as 0), gathered, and all
+/// summed.
 fn gather(
     p: &mut Patch,
     node: NodeId,
-    data: NodeId,
+    parts: &[(PatchRef, usize, usize)],
     ids: NodeId,
     axis: usize,
-    max_bytes: u64,
+    dim: usize,
 ) -> Result<PatchRef> {
-    let g = p.graph();
-    let dim = g.shape(data)[axis] as i64;
-    let id_type = g.node(ids).dtype;
+    let id_type = p.graph().node(ids).dtype;
     let konst = |p: &mut Patch, tag: &str, v: i64| {
         let name = p
             .graph()
@@ -210,7 +306,7 @@ fn gather(
     };
     // Negative ids count from the end: normalise them first.
     let zero = konst(p, "zero", 0);
-    let dim_c = konst(p, "dim", dim);
+    let dim_c = konst(p, "dim", dim as i64);
     let negative = add(
         p,
         node,
@@ -226,9 +322,8 @@ fn gather(
         "wrapped",
     )?;
     let ids_n = add(p, node, Op::Where, &[negative, wrapped, ids.into()], "ids")?;
-    let parts = chunks(p, data, axis, max_bytes);
     let mut sum: Option<PatchRef> = None;
-    for (chunk, start, len) in parts {
+    for &(chunk, start, len) in parts {
         let off = konst(p, "offset", start as i64);
         let len_c = konst(p, "len", len as i64);
         let shifted = add(p, node, Op::Binary(Binary::Sub), &[ids_n, off], "shifted")?;
@@ -240,7 +335,7 @@ fn gather(
             Some(s) => add(p, node, Op::Binary(Binary::Add), &[s, rows], "sum")?,
         });
     }
-    Ok(sum.expect("a split constant has at least one chunk"))
+    Ok(sum.expect("a split tensor has at least one chunk"))
 }
 
 /// Concatenation of `parts` along `axis`, as a tree when there are more than a kernel binds.

@@ -18,5 +18,5 @@ pub mod session;
 
 pub use loss::LossKind;
 pub use optimizer::{AdamW, Schedule};
-pub use program::{build, BuildOptions, Param, ParamRole, Program, TrainMethod};
+pub use program::{build, build_for_device, BuildOptions, Param, ParamRole, Program, TrainMethod};
 pub use session::Session;

@@ -82,6 +82,9 @@ pub struct Param {
     pub grad_output: String,
     /// Starting value.
     pub initial: Tensor,
+    /// For a chunk of a tensor too large for one device binding: the whole tensor's name, the
+    /// axis it was cut along and where this chunk starts (see `passes::split::split_parameter`).
+    pub part_of: Option<(String, usize, usize)>,
 }
 
 /// Options for [`build`].
@@ -116,7 +119,18 @@ pub struct Program {
 
 /// Builds the step graph from a model that already carries the adapters the method needs
 /// (or, for `full`, from the base model).
-pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
+pub fn build(graph: Graph, opts: &BuildOptions) -> Result<Program> {
+    build_for_device(graph, opts, None)
+}
+
+/// [`build`] for a device that binds at most `max_tensor_bytes` per buffer: a trainable tensor
+/// larger than that (a fully fine-tuned embedding) is trained as chunks that each fit, with their
+/// own gradients, moments and updates.
+pub fn build_for_device(
+    mut graph: Graph,
+    opts: &BuildOptions,
+    max_tensor_bytes: Option<u64>,
+) -> Result<Program> {
     let output = match &opts.output {
         None => graph
             .outputs
@@ -140,6 +154,12 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
                 ))
             })?,
     };
+    let output_name = graph
+        .outputs
+        .iter()
+        .find(|o| o.1 == output)
+        .map(|o| o.0.clone())
+        .expect("the output is a graph output");
     let data_inputs: Vec<String> = graph
         .inputs
         .iter()
@@ -215,6 +235,31 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
     // Shared weights (tied embeddings, say) are trained once.
     let mut seen = HashSet::new();
     chosen.retain(|c| seen.insert(c.0));
+    // Tensors over the device's binding limit are trained in chunks.
+    let mut parts: std::collections::HashMap<NodeId, (String, usize, usize)> = Default::default();
+    if let Some(limit) = max_tensor_bytes {
+        let mut fitted = vec![];
+        for (node, module, role) in chosen {
+            if 4 * crate::tensor::numel(graph.shape(node)) as u64 <= limit {
+                fitted.push((node, module, role));
+                continue;
+            }
+            let whole = graph.node(node).name.clone();
+            for ch in crate::passes::split::split_parameter(&mut graph, node, limit)? {
+                parts.insert(ch.node, (whole.clone(), ch.axis, ch.start));
+                fitted.push((ch.node, module.clone(), role));
+            }
+        }
+        chosen = fitted;
+        graph.remove_dead();
+    }
+    // The split may have replaced the node that computes the output: find it again by name.
+    let output = graph
+        .outputs
+        .iter()
+        .find(|o| o.0 == output_name)
+        .map(|o| o.1)
+        .expect("the output name was checked above");
 
     // Trainable constants become persistent inputs, keeping their node ids (and so the
     // adapter records) intact.
@@ -238,6 +283,7 @@ pub fn build(mut graph: Graph, opts: &BuildOptions) -> Result<Program> {
             role: *role,
             node: *node,
             initial,
+            part_of: parts.get(node).cloned(),
         });
     }
 

@@ -131,12 +131,27 @@ impl Session {
     /// The current value of each parameter, by parameter name.
     pub fn params(&self) -> Result<BTreeMap<String, Tensor>> {
         let state = self.read_state()?;
-        Ok(self
-            .program
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), state[&p.name].to_tensor_f32()))
-            .collect())
+        let mut out = BTreeMap::new();
+        // A tensor trained in chunks (over the device's binding limit) comes back whole.
+        let mut chunks: BTreeMap<String, (usize, Vec<(usize, Tensor)>)> = BTreeMap::new();
+        for p in &self.program.params {
+            let t = state[&p.name].to_tensor_f32();
+            match &p.part_of {
+                None => {
+                    out.insert(p.name.clone(), t);
+                }
+                Some((whole, axis, start)) => {
+                    let e = chunks.entry(whole.clone()).or_insert((*axis, vec![]));
+                    e.1.push((*start, t));
+                }
+            }
+        }
+        for (whole, (axis, mut parts)) in chunks {
+            parts.sort_by_key(|(start, _)| *start);
+            let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+            out.insert(whole, Tensor::concat_axis(&parts, axis));
+        }
+        Ok(out)
     }
 
     /// One optimizer step on one batch (model inputs and labels by name) at learning rate `lr`.
