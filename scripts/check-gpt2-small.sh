@@ -29,6 +29,9 @@ rm -rf dora
 t "$dorac" train legacy_op17.onnx --data train.safetensors --loss lm --target c_attn --batch-size 2 \
     --steps 3 --lr 1e-3 -o dora --quiet
 cat dora/metrics.jsonl
+rm -rf full-wte
+t "$dorac" train legacy_op17.onnx --data train.safetensors --loss lm --method full \
+    --target transformer.wte --batch-size 2 --steps 2 --lr 1e-4 -o full-wte --quiet
 t "$dorac" run legacy_op17.onnx --adapter dora --inputs inputs.safetensors -o adapted.safetensors
 t "$dorac" merge legacy_op17.onnx --adapter dora -o merged.onnx
 t "$dorac" run merged.onnx --inputs inputs.safetensors -o merged.safetensors
