@@ -1,12 +1,12 @@
 //! Transformer models as PyTorch's exporters write them (models/bert_tiny, models/gpt2_tiny, the
-//! decoders of make_decoders.py, and DistilBERT and the T5 encoder of make_encoders.py: legacy
+//! decoders of make_decoders.py, and DistilBERT, the T5 encoder and ViT of make_encoders.py: legacy
 //! TorchScript exporter at opsets 14 and 17, with static and with dynamic shapes, and the
 //! torch.export-based exporter at opset 18 or 20, plus BERT with external data). Every variant
 //! must import with the shapes of `inputs.safetensors` (int64 token ids and masks, given as float
-//! values), run on the GPU and on the reference executor, and match onnxruntime's output
+//! values; ViT's pixel values), run on the GPU and on the reference executor, and match onnxruntime's output
 //! (`<variant>.ort.safetensors`) at 1e-4 relative. Shape computations must be gone by then: no
-//! kernel of the compiled plan computes from constants only, and the dynamic variant compiles to
-//! the same kernels as the static one. Each imported variant also survives export and import.
+//! kernel of the compiled plan computes from constants only, and the dynamic variant computes the
+//! same nodes as the static one. Each imported variant also survives export and import.
 
 mod common;
 
