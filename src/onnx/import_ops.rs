@@ -116,6 +116,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ArgMax", Rule::Build(lowered::arg_max)),
     ("ArgMin", Rule::Build(lowered::arg_min)),
     ("Hardmax", Rule::Build(lowered::hardmax)),
+    ("Pad", Rule::Build(lowered::pad)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

@@ -12,7 +12,8 @@
 //! - normalisations, reductions and losses: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
 //!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
 //!   SoftmaxCrossEntropyLoss;
-//! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape).
+//! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
+//!   Gather per padded axis, every mode).
 
 use super::{reduce_args, Ctx};
 use crate::error::Result;
@@ -612,6 +613,115 @@ pub fn hardmax(cx: &mut Ctx) -> Result<NodeId> {
         },
         &[hot],
     )
+}
+
+/// Pad as one Gather per padded axis with a constant index vector: output position j reads
+/// input position j - begin (cropping for negative pads), mapped by the mode: `edge` clamps,
+/// `reflect` mirrors without repeating the border, `wrap` wraps around, and `constant` reads an
+/// index past the end, which gathers 0; a nonzero constant is put where a gathered all-true
+/// mask says no input element landed.
+pub fn pad(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let rank = shape.len();
+    let mode = cx.attr_string("mode")?.unwrap_or_else(|| "constant".into());
+    let (pads, value, axes) = if cx.opset >= 11 {
+        let pads = cx
+            .const_ints(1, "pads input")?
+            .ok_or_else(|| cx.err("the pads input is missing".into()))?;
+        let value = cx.const_scalar(2, "constant_value input")?.unwrap_or(0.0);
+        let axes = cx.const_ints(3, "axes input")?;
+        (pads, value, axes)
+    } else {
+        let pads = cx
+            .attr_ints("pads")?
+            .ok_or_else(|| cx.err("the pads attribute is missing".into()))?;
+        (pads, cx.attr_float("value")?.unwrap_or(0.0) as f64, None)
+    };
+    let axes: Vec<usize> = match axes {
+        Some(a) => a
+            .iter()
+            .map(|&a| cx.axis(a, rank, false))
+            .collect::<Result<_>>()?,
+        None => (0..rank).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return Err(cx.err(format!(
+            "pads {pads:?} must have 2 entries per padded axis ({} axes)",
+            axes.len()
+        )));
+    }
+    if !matches!(mode.as_str(), "constant" | "edge" | "reflect" | "wrap") {
+        return Err(cx.err(format!(
+            "mode '{mode}', expected constant, edge, reflect or wrap"
+        )));
+    }
+    let mut v = x;
+    let mut mask: Option<NodeId> = None;
+    let fill = mode == "constant" && value != 0.0;
+    if fill {
+        let name = cx.temp_name("inside");
+        mask = Some(cx.add_const(
+            &name,
+            Tensor::bool(shape.clone(), vec![true; numel(&shape)]),
+        )?);
+    }
+    for (k, &d) in axes.iter().enumerate() {
+        let (b, e) = (pads[k], pads[k + axes.len()]);
+        if b == 0 && e == 0 {
+            continue;
+        }
+        let n = shape[d] as i64;
+        let out = n + b + e;
+        if out < 0 || (n == 0 && out > 0 && mode != "constant") {
+            return Err(cx.err(format!(
+                "pads ({b}, {e}) do not fit axis {d} of size {n} in mode {mode}"
+            )));
+        }
+        let ids: Vec<i64> = (0..out)
+            .map(|j| {
+                let src = j - b;
+                match mode.as_str() {
+                    "edge" => src.clamp(0, n - 1),
+                    "wrap" => src.rem_euclid(n),
+                    "reflect" if n == 1 => 0,
+                    "reflect" => {
+                        let m = src.rem_euclid(2 * (n - 1));
+                        if m >= n {
+                            2 * (n - 1) - m
+                        } else {
+                            m
+                        }
+                    }
+                    // Past the end: Gather gives 0.
+                    _ if (0..n).contains(&src) => src,
+                    _ => n,
+                }
+            })
+            .collect();
+        let name = cx.temp_name(&format!("ids{d}"));
+        let idx = cx.add_const(&name, Tensor::i64(vec![ids.len()], ids))?;
+        v = tmp(cx, Op::Gather { axis: d }, &[v, idx], &format!("axis{d}"))?;
+        if let Some(m) = mask {
+            mask = Some(tmp(
+                cx,
+                Op::Gather { axis: d },
+                &[m, idx],
+                &format!("inside{d}"),
+            )?);
+        }
+    }
+    let Some(mask) = mask else {
+        return cx.add(Op::Identity, &[v]);
+    };
+    let name = cx.temp_name("value");
+    let c = match cx.dtype(x) {
+        crate::tensor::DType::F32 => Tensor::scalar(value as f32),
+        crate::tensor::DType::I64 => Tensor::i64(vec![], vec![value as i64]),
+        crate::tensor::DType::Bool => Tensor::bool(vec![], vec![value != 0.0]),
+    };
+    let c = cx.add_const(&name, c)?;
+    cx.add(Op::Where, &[mask, v, c])
 }
 
 /// The mean over every dim after the first two, kept as dims of size 1.
