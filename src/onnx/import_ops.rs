@@ -117,6 +117,8 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ArgMin", Rule::Build(lowered::arg_min)),
     ("Hardmax", Rule::Build(lowered::hardmax)),
     ("Pad", Rule::Build(lowered::pad)),
+    ("CumSum", Rule::Build(lowered::cum_sum)),
+    ("OneHot", Rule::Build(lowered::one_hot)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

@@ -12,6 +12,7 @@
 //! - normalisations, reductions and losses: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
 //!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
 //!   SoftmaxCrossEntropyLoss;
+//! - CumSum (a product with a triangular constant), OneHot (Equal with positions, Where);
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode).
 
@@ -722,6 +723,98 @@ pub fn pad(cx: &mut Ctx) -> Result<NodeId> {
     };
     let c = cx.add_const(&name, c)?;
     cx.add(Op::Where, &[mask, v, c])
+}
+
+/// CumSum as a product with a constant triangular matrix along the axis (moved last and back):
+/// `y[.., j] = sum_i x[.., i] T[i, j]`, T picking i <= j (i < j when `exclusive`; mirrored when
+/// `reverse`).
+pub fn cum_sum(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let rank = shape.len();
+    let axis = cx
+        .const_scalar(1, "axis input")?
+        .ok_or_else(|| cx.err("the axis input is missing".into()))?;
+    let axis = cx.axis(axis as i64, rank, false)?;
+    let exclusive = cx.attr_bool("exclusive", false)?;
+    let reverse = cx.attr_bool("reverse", false)?;
+    let n = shape[axis];
+    let takes = |i: usize, j: usize| match (reverse, exclusive) {
+        (false, false) => i <= j,
+        (false, true) => i < j,
+        (true, false) => i >= j,
+        (true, true) => i > j,
+    };
+    let tri: Vec<f32> = (0..n * n)
+        .map(|k| takes(k / n, k % n) as u8 as f32)
+        .collect();
+    let name = cx.temp_name("triangle");
+    let t = match cx.dtype(x) {
+        crate::tensor::DType::F32 => Tensor::f32(vec![n, n], tri),
+        _ => Tensor::i64(vec![n, n], tri.iter().map(|&v| v as i64).collect()),
+    };
+    let t = cx.add_const(&name, t)?;
+    if axis + 1 == rank {
+        return cx.add(Op::MatMul, &[x, t]);
+    }
+    let mut perm: Vec<usize> = (0..rank).collect();
+    perm.swap(axis, rank - 1);
+    let moved = tmp(cx, Op::Transpose { perm: perm.clone() }, &[x], "axis_last")?;
+    let sums = tmp(cx, Op::MatMul, &[moved, t], "sums")?;
+    cx.add(Op::Transpose { perm }, &[sums])
+}
+
+/// OneHot: `on` where the (integer, negative counting from `depth`) index equals the position
+/// along the new axis, `off` elsewhere.
+pub fn one_hot(cx: &mut Ctx) -> Result<NodeId> {
+    let indices = cx.input(0)?;
+    let depth = cx
+        .const_scalar(1, "depth input")?
+        .ok_or_else(|| cx.err("the depth input is missing".into()))?;
+    let values = cx.input(2)?;
+    if depth < 1.0 {
+        return Err(cx.err(format!("depth {depth} is not positive")));
+    }
+    let depth = depth as usize;
+    let shape = cx.shape(indices);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), shape.len() + 1, false)?;
+    if cx.shape(values) != [2] {
+        return Err(cx.err("values must have shape [2] (off, on)".into()));
+    }
+    let ids = match cx.dtype(indices) {
+        crate::tensor::DType::I64 => indices,
+        _ => tmp(
+            cx,
+            Op::Cast {
+                to: crate::tensor::DType::I64,
+            },
+            &[indices],
+            "ids",
+        )?,
+    };
+    let name = cx.temp_name("depth");
+    let d = cx.add_const(&name, Tensor::i64(vec![], vec![depth as i64]))?;
+    let name = cx.temp_name("zero");
+    let zero = cx.add_const(&name, Tensor::i64(vec![], vec![0]))?;
+    let neg = bin(cx, Binary::Less, ids, zero, "negative")?;
+    let wrapped = bin(cx, Binary::Add, ids, d, "wrapped")?;
+    let ids = tmp(cx, Op::Where, &[neg, wrapped, ids], "index")?;
+    let mut unsq = shape.clone();
+    unsq.insert(axis, 1);
+    let ids = tmp(cx, Op::Reshape { shape: unsq }, &[ids], "index_unsqueezed")?;
+    let mut pos_shape = vec![1; shape.len() + 1];
+    pos_shape[axis] = depth;
+    let name = cx.temp_name("positions");
+    let pos = cx.add_const(&name, Tensor::i64(pos_shape, (0..depth as i64).collect()))?;
+    let hot = bin(cx, Binary::Equal, ids, pos, "hot")?;
+    let pick = |cx: &mut Ctx, i: i64, tag: &str| -> Result<NodeId> {
+        let name = cx.temp_name(&format!("{tag}_id"));
+        let c = cx.add_const(&name, Tensor::i64(vec![], vec![i]))?;
+        tmp(cx, Op::Gather { axis: 0 }, &[values, c], tag)
+    };
+    let off = pick(cx, 0, "off")?;
+    let on = pick(cx, 1, "on")?;
+    cx.add(Op::Where, &[hot, on, off])
 }
 
 /// The mean over every dim after the first two, kept as dims of size 1.
