@@ -119,6 +119,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Pad", Rule::Build(lowered::pad)),
     ("CumSum", Rule::Build(lowered::cum_sum)),
     ("OneHot", Rule::Build(lowered::one_hot)),
+    ("Attention", Rule::Build(lowered::attention)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),
@@ -153,6 +154,7 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "LayerNormalization",
     "Dropout",
     "SoftmaxCrossEntropyLoss",
+    "Attention",
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an

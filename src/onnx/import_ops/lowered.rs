@@ -13,6 +13,7 @@
 //!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
 //!   SoftmaxCrossEntropyLoss;
 //! - CumSum (a product with a triangular constant), OneHot (Equal with positions, Where);
+//! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode).
 
@@ -929,4 +930,272 @@ pub fn depth_to_space(cx: &mut Ctx) -> Result<NodeId> {
         Some(m) => return Err(cx.err(format!("mode '{m}', expected \"DCR\" or \"CRD\""))),
     };
     rearrange(cx, x, shape, perm, vec![n, c2, h * b, w * b])
+}
+
+/// Attention (opsets 23-25) from MatMul, Softmax and masks, following the ONNX reference:
+/// 3-D inputs split into heads, past keys and values concatenated (the present outputs),
+/// grouped-query heads repeated, Q and K each scaled by sqrt(scale), softcap, then an additive
+/// bias: the attention mask (a bool mask as 0 / -inf, padded with -inf up to the key length),
+/// and the causal, sliding-window and `nonpad_kv_seqlen` masks, which depend only on shapes and
+/// on `nonpad_kv_seqlen` (known at import) and so are one constant. A query row whose bias is
+/// -inf everywhere attends to nothing: its probabilities are 0. The optional fourth output is
+/// the QK product (softcapped) for modes 0 and 1, with the bias for mode 2, the probabilities
+/// for mode 3.
+pub fn attention(cx: &mut Ctx) -> Result<NodeId> {
+    use crate::tensor::DType;
+    let (q, k, v) = (cx.input(0)?, cx.input(1)?, cx.input(2)?);
+    let mask = cx.opt_input(3)?;
+    let past_k = cx.opt_input(4)?;
+    let past_v = cx.opt_input(5)?;
+    let nonpad = cx.const_ints(6, "nonpad_kv_seqlen input")?;
+    let is_causal = cx.attr_bool("is_causal", false)?;
+    let q_heads = cx.attr_int("q_num_heads")?;
+    let kv_heads = cx.attr_int("kv_num_heads")?;
+    let scale = cx.attr_float("scale")?;
+    let softcap = cx.attr_float("softcap")?.unwrap_or(0.0);
+    let mode = cx.attr_int("qk_matmul_output_mode")?.unwrap_or(0);
+    // The softmax is computed in f32 (or f64 on the reference) whatever precision is asked.
+    let _ = cx.attr_int("softmax_precision")?;
+    let left = cx.attr_int("left_window_size")?.unwrap_or(-1);
+    let right = cx.attr_int("right_window_size")?.unwrap_or(-1);
+    if past_k.is_some() != past_v.is_some() || (past_k.is_some() && nonpad.is_some()) {
+        return Err(
+            cx.err("past_key and past_value come together, and not with nonpad_kv_seqlen".into())
+        );
+    }
+    if !(0..=3).contains(&mode) {
+        return Err(cx.err(format!("qk_matmul_output_mode {mode}, expected 0 to 3")));
+    }
+    let qs = cx.shape(q);
+    let three_d = qs.len() == 3;
+    // [B, S, H * D] -> [B, H, S, D]
+    let split_heads = |cx: &mut Ctx, x: NodeId, heads: Option<i64>, tag: &str| -> Result<NodeId> {
+        let s = cx.shape(x);
+        let h = heads.filter(|&h| h > 0).ok_or_else(|| {
+            cx.err("3-D inputs need the q_num_heads and kv_num_heads attributes".into())
+        })? as usize;
+        if s[2] % h != 0 {
+            return Err(cx.err(format!(
+                "hidden size {} is not a multiple of {h} heads",
+                s[2]
+            )));
+        }
+        let r = tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![s[0], s[1], h, s[2] / h],
+            },
+            &[x],
+            tag,
+        )?;
+        tmp(
+            cx,
+            Op::Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[r],
+            &format!("{tag}_heads"),
+        )
+    };
+    let (q, k, v) = if three_d {
+        (
+            split_heads(cx, q, q_heads, "q")?,
+            split_heads(cx, k, kv_heads, "k")?,
+            split_heads(cx, v, kv_heads, "v")?,
+        )
+    } else if qs.len() == 4 {
+        (q, k, v)
+    } else {
+        return Err(cx.err(format!("Q has rank {}, expected 3 or 4", qs.len())));
+    };
+    let (qs, ks) = (cx.shape(q), cx.shape(k));
+    let (batch, hq, sq, dh) = (qs[0], qs[1], qs[2], qs[3]);
+    let concat = |cx: &mut Ctx, past: Option<NodeId>, x: NodeId, i: usize| -> Result<NodeId> {
+        let Some(p) = past else { return Ok(x) };
+        match cx.node.output.get(i).filter(|o| !o.is_empty()).cloned() {
+            Some(name) => cx.add_named(Op::Concat { axis: 2 }, &[p, x], &name),
+            None => tmp(cx, Op::Concat { axis: 2 }, &[p, x], &format!("present{i}")),
+        }
+    };
+    let k = concat(cx, past_k, k, 1)?;
+    let v = concat(cx, past_v, v, 2)?;
+    cx.set_output(1, k);
+    cx.set_output(2, v);
+    let past_len = past_k.map_or(0, |p| cx.shape(p)[2]);
+    let (hkv, skv) = (ks[1], cx.shape(k)[2]);
+    // Grouped-query attention: each key/value head serves hq / hkv query heads, in order.
+    let repeat = |cx: &mut Ctx, x: NodeId, tag: &str| -> Result<NodeId> {
+        if hq == hkv {
+            return Ok(x);
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(cx.err(format!(
+                "{hq} query heads do not share {hkv} key/value heads"
+            )));
+        }
+        let s = cx.shape(x);
+        let r = tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![s[0], hkv, 1, s[2], s[3]],
+            },
+            &[x],
+            tag,
+        )?;
+        let big = vec![s[0], hkv, hq / hkv, s[2], s[3]];
+        let e = tmp(
+            cx,
+            Op::Expand { shape: big },
+            &[r],
+            &format!("{tag}_repeated"),
+        )?;
+        tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![s[0], hq, s[2], s[3]],
+            },
+            &[e],
+            &format!("{tag}_groups"),
+        )
+    };
+    let kr = repeat(cx, k, "k_group")?;
+    let vr = repeat(cx, v, "v_group")?;
+    let scale = scale.map_or(1.0 / (dh as f64).sqrt(), |s| s as f64);
+    let root = scalar(cx, scale.sqrt() as f32, "sqrt_scale")?;
+    let qsc = bin(cx, Binary::Mul, q, root, "q_scaled")?;
+    let ksc = bin(cx, Binary::Mul, kr, root, "k_scaled")?;
+    let kt = tmp(
+        cx,
+        Op::Transpose {
+            perm: vec![0, 1, 3, 2],
+        },
+        &[ksc],
+        "k_t",
+    )?;
+    let mut qk = tmp(cx, Op::MatMul, &[qsc, kt], "qk")?;
+    if softcap > 0.0 {
+        let c = scalar(cx, softcap, "softcap")?;
+        let d = bin(cx, Binary::Div, qk, c, "qk_over_cap")?;
+        let t = un(cx, unary::TANH, d, "qk_tanh")?;
+        qk = bin(cx, Binary::Mul, t, c, "qk_capped")?;
+    }
+    // The attention mask as an additive bias over the full key length.
+    let neg_inf = scalar(cx, f32::NEG_INFINITY, "minus_inf")?;
+    let mut bias = match mask {
+        None => None,
+        Some(m) => {
+            let m = if cx.dtype(m) == DType::Bool {
+                let zero = scalar(cx, 0.0, "zero")?;
+                tmp(cx, Op::Where, &[m, zero, neg_inf], "mask_bias")?
+            } else {
+                m
+            };
+            let ms = cx.shape(m);
+            let last = *ms
+                .last()
+                .ok_or_else(|| cx.err("attn_mask is a scalar".into()))?;
+            if last > skv {
+                return Err(cx.err(format!("attn_mask covers {last} keys, there are {skv}")));
+            }
+            Some(if last < skv {
+                let mut ps = ms.clone();
+                *ps.last_mut().unwrap() = skv - last;
+                let fill = tmp(cx, Op::Expand { shape: ps }, &[neg_inf], "mask_fill")?;
+                tmp(
+                    cx,
+                    Op::Concat { axis: ms.len() - 1 },
+                    &[m, fill],
+                    "mask_padded",
+                )?
+            } else {
+                m
+            })
+        }
+    };
+    // Causal, window and padding masks: a constant of [q, kv], or [batch, 1, q, kv] when they
+    // depend on each batch's nonpad_kv_seqlen.
+    let windowed = left >= 0 || right >= 0;
+    if is_causal || windowed || nonpad.is_some() {
+        let offsets: Vec<i64> = match &nonpad {
+            Some(n) if n.len() != batch => {
+                return Err(cx.err(format!(
+                    "nonpad_kv_seqlen has {} entries, batch is {batch}",
+                    n.len()
+                )))
+            }
+            Some(n) => n.iter().map(|&l| l - sq as i64).collect(),
+            None => vec![past_len as i64],
+        };
+        let mut data = Vec::with_capacity(offsets.len() * sq * skv);
+        for (b, &off) in offsets.iter().enumerate() {
+            for i in 0..sq as i64 {
+                for j in 0..skv as i64 {
+                    let diff = i + off - j;
+                    let mut ok = !is_causal || diff >= 0;
+                    ok &= left < 0 || diff <= left;
+                    ok &= right < 0 || -diff <= right;
+                    if let Some(n) = &nonpad {
+                        ok &= j < n[b];
+                    }
+                    data.push(if ok { 0.0 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let shape = if nonpad.is_some() {
+            vec![batch, 1, sq, skv]
+        } else {
+            vec![sq, skv]
+        };
+        let name = cx.temp_name("position_bias");
+        let c = cx.add_const(&name, Tensor::f32(shape, data))?;
+        bias = Some(match bias {
+            Some(b) => bin(cx, Binary::Add, b, c, "bias")?,
+            None => c,
+        });
+    }
+    let scores = match bias {
+        Some(b) => bin(cx, Binary::Add, qk, b, "qk_bias")?,
+        None => qk,
+    };
+    let mut p = tmp(cx, Op::Softmax { axis: 3 }, &[scores], "probs")?;
+    if let Some(b) = bias {
+        let rank = cx.shape(b).len();
+        let op = Op::Reduce {
+            kind: Reduce::Max,
+            axes: vec![rank - 1],
+            keepdims: true,
+        };
+        let most = tmp(cx, op, &[b], "bias_max")?;
+        let none = bin(cx, Binary::Equal, most, neg_inf, "row_masked")?;
+        let zero = scalar(cx, 0.0, "zero")?;
+        p = tmp(cx, Op::Where, &[none, zero, p], "probs_guarded")?;
+    }
+    if let Some(name) = cx.node.output.get(3).filter(|o| !o.is_empty()).cloned() {
+        let out = match mode {
+            0 | 1 => qk,
+            2 => scores,
+            _ => p,
+        };
+        let o = cx.add_named(Op::Identity, &[out], &name)?;
+        cx.set_output(3, o);
+    }
+    let y = tmp(cx, Op::MatMul, &[p, vr], "attended")?;
+    if !three_d {
+        return cx.add(Op::Identity, &[y]);
+    }
+    let dv = cx.shape(y)[3];
+    let t = tmp(
+        cx,
+        Op::Transpose {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[y],
+        "merge",
+    )?;
+    cx.add(
+        Op::Reshape {
+            shape: vec![batch, sq, hq * dv],
+        },
+        &[t],
+    )
 }
