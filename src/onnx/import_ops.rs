@@ -120,6 +120,8 @@ pub const OPS: &[(&str, Rule)] = &[
     ("CumSum", Rule::Build(lowered::cum_sum)),
     ("OneHot", Rule::Build(lowered::one_hot)),
     ("Attention", Rule::Build(lowered::attention)),
+    ("RotaryEmbedding", Rule::Build(lowered::rotary_embedding)),
+    ("LpNormalization", Rule::Build(lowered::lp_normalization)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

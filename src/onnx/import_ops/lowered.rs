@@ -13,7 +13,9 @@
 //!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
 //!   SoftmaxCrossEntropyLoss;
 //! - CumSum (a product with a triangular constant), OneHot (Equal with positions, Where);
-//! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks).
+//! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks),
+//!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
+//!   LpNormalization.
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode).
 
@@ -1198,4 +1200,153 @@ pub fn attention(cx: &mut Ctx) -> Result<NodeId> {
         },
         &[t],
     )
+}
+
+/// RotaryEmbedding (opset 23): the rotated part of each head (its first `rotary_embedding_dim`
+/// features, halves or even/odd pairs when `interleaved`) is turned by the cos/sin caches (looked
+/// up by `position_ids` when given): `(x1 cos - x2 sin, x1 sin + x2 cos)`; the rest passes.
+pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let cos = cx.input(1)?;
+    let sin = cx.input(2)?;
+    let pos = cx.opt_input(3)?;
+    let interleaved = cx.attr_bool("interleaved", false)?;
+    let heads = cx.attr_int("num_heads")?.unwrap_or(0);
+    let rot = cx.attr_int("rotary_embedding_dim")?.unwrap_or(0);
+    let xs = cx.shape(x);
+    // [B, S, H, D]
+    let h = match xs.len() {
+        4 => tmp(
+            cx,
+            Op::Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[x],
+            "seq_major",
+        )?,
+        3 => {
+            if heads <= 0 || xs[2] % heads as usize != 0 {
+                return Err(cx.err(format!(
+                    "a 3-D input needs num_heads dividing its hidden size {} (num_heads {heads})",
+                    xs[2]
+                )));
+            }
+            let n = heads as usize;
+            let shape = vec![xs[0], xs[1], n, xs[2] / n];
+            tmp(cx, Op::Reshape { shape }, &[x], "heads")?
+        }
+        r => return Err(cx.err(format!("the input has rank {r}, expected 3 or 4"))),
+    };
+    let hs = cx.shape(h);
+    let d = hs[3];
+    let rot = if rot <= 0 { d } else { rot as usize };
+    if rot > d || rot % 2 != 0 {
+        return Err(cx.err(format!(
+            "rotary_embedding_dim {rot} must be even and at most {d}"
+        )));
+    }
+    let half = rot / 2;
+    let gather = |cx: &mut Ctx, ids: Vec<i64>, tag: &str| -> Result<NodeId> {
+        let name = cx.temp_name(&format!("{tag}_ids"));
+        let c = cx.add_const(&name, Tensor::i64(vec![ids.len()], ids))?;
+        tmp(cx, Op::Gather { axis: 3 }, &[h, c], tag)
+    };
+    let (i1, i2): (Vec<i64>, Vec<i64>) = if interleaved {
+        (
+            (0..half as i64).map(|i| 2 * i).collect(),
+            (0..half as i64).map(|i| 2 * i + 1).collect(),
+        )
+    } else {
+        (
+            (0..half as i64).collect(),
+            (half as i64..rot as i64).collect(),
+        )
+    };
+    let x1 = gather(cx, i1, "x1")?;
+    let x2 = gather(cx, i2, "x2")?;
+    let lookup = |cx: &mut Ctx, cache: NodeId, tag: &str| -> Result<NodeId> {
+        let c = match pos {
+            Some(p) => tmp(cx, Op::Gather { axis: 0 }, &[cache, p], tag)?,
+            None => cache,
+        };
+        let mut s = cx.shape(c);
+        if s.last() != Some(&half) {
+            return Err(cx.err(format!("the {tag} cache {s:?} must end in {half}")));
+        }
+        s.insert(s.len() - 1, 1);
+        tmp(
+            cx,
+            Op::Reshape { shape: s },
+            &[c],
+            &format!("{tag}_per_head"),
+        )
+    };
+    let c = lookup(cx, cos, "cos")?;
+    let s = lookup(cx, sin, "sin")?;
+    let x1c = bin(cx, Binary::Mul, x1, c, "x1_cos")?;
+    let x2s = bin(cx, Binary::Mul, x2, s, "x2_sin")?;
+    let x1s = bin(cx, Binary::Mul, x1, s, "x1_sin")?;
+    let x2c = bin(cx, Binary::Mul, x2, c, "x2_cos")?;
+    let real = bin(cx, Binary::Sub, x1c, x2s, "real")?;
+    let imag = bin(cx, Binary::Add, x1s, x2c, "imag")?;
+    let mut rotated = if interleaved {
+        let mut s5 = cx.shape(real);
+        s5.push(1);
+        let r = tmp(cx, Op::Reshape { shape: s5.clone() }, &[real], "real_pairs")?;
+        let i = tmp(cx, Op::Reshape { shape: s5 }, &[imag], "imag_pairs")?;
+        let p = tmp(cx, Op::Concat { axis: 4 }, &[r, i], "pairs")?;
+        let mut s4 = hs.clone();
+        s4[3] = rot;
+        tmp(cx, Op::Reshape { shape: s4 }, &[p], "rotated")?
+    } else {
+        tmp(cx, Op::Concat { axis: 3 }, &[real, imag], "rotated")?
+    };
+    if rot < d {
+        let rest = gather(cx, (rot as i64..d as i64).collect(), "passed")?;
+        rotated = tmp(cx, Op::Concat { axis: 3 }, &[rotated, rest], "all")?;
+    }
+    match xs.len() {
+        4 => cx.add(
+            Op::Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[rotated],
+        ),
+        _ => cx.add(Op::Reshape { shape: xs }, &[rotated]),
+    }
+}
+
+/// LpNormalization: `x / ||x||_p` along `axis` (p = 1 or 2); a zero vector stays zero.
+pub fn lp_normalization(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let rank = cx.shape(x).len();
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), rank, false)?;
+    let p = cx.attr_int("p")?.unwrap_or(2);
+    let norm = match p {
+        1 => {
+            let a = un(cx, unary::ABS, x, "abs")?;
+            let op = Op::Reduce {
+                kind: Reduce::Sum,
+                axes: vec![axis],
+                keepdims: true,
+            };
+            tmp(cx, op, &[a], "norm")?
+        }
+        2 => {
+            let op = Op::Reduce {
+                kind: Reduce::SumSquare,
+                axes: vec![axis],
+                keepdims: true,
+            };
+            let ss = tmp(cx, op, &[x], "sum_squares")?;
+            un(cx, unary::SQRT, ss, "norm")?
+        }
+        _ => return Err(cx.err(format!("p is {p}, expected 1 or 2"))),
+    };
+    // A zero vector stays zero (the reference divides by 1 there).
+    let zero = scalar(cx, 0.0, "zero")?;
+    let one = scalar(cx, 1.0, "one")?;
+    let z = bin(cx, Binary::Equal, norm, zero, "zero_norm")?;
+    let norm = tmp(cx, Op::Where, &[z, one, norm], "safe_norm")?;
+    cx.add(Op::Binary(Binary::Div), &[x, norm])
 }
