@@ -122,6 +122,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Attention", Rule::Build(lowered::attention)),
     ("RotaryEmbedding", Rule::Build(lowered::rotary_embedding)),
     ("LpNormalization", Rule::Build(lowered::lp_normalization)),
+    ("DequantizeLinear", Rule::Build(lowered::dequantize_linear)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

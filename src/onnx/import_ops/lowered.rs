@@ -15,7 +15,7 @@
 //! - CumSum (a product with a triangular constant), OneHot (Equal with positions, Where);
 //! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks),
 //!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
-//!   LpNormalization.
+//!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode).
 
@@ -1349,4 +1349,62 @@ pub fn lp_normalization(cx: &mut Ctx) -> Result<NodeId> {
     let z = bin(cx, Binary::Equal, norm, zero, "zero_norm")?;
     let norm = tmp(cx, Op::Where, &[z, one, norm], "safe_norm")?;
     cx.add(Op::Binary(Binary::Div), &[x, norm])
+}
+
+/// DequantizeLinear: `(x - zero_point) * scale`, with per-tensor, per-axis (1-D along `axis`)
+/// or blocked (`block_size` elements of `axis` per entry) scale and zero point.
+pub fn dequantize_linear(cx: &mut Ctx) -> Result<NodeId> {
+    use crate::tensor::DType;
+    let x = cx.input(0)?;
+    let scale = cx.input(1)?;
+    let zp = cx.opt_input(2)?;
+    let xs = cx.shape(x);
+    // The axis matters (and must be valid) only for a scale that is not one value.
+    let axis_attr = cx.attr_int("axis")?.unwrap_or(1);
+    let block = cx.attr_int("block_size")?.unwrap_or(0);
+    if let Some(t) = cx.attr_int("output_dtype")? {
+        if t != 0 && super::data::ir_dtype(t as i32) != Some(DType::F32) {
+            return Err(cx.unsupported(format!("DequantizeLinear to output type {t}")));
+        }
+    }
+    // The scale (or zero point) laid out to broadcast against x.
+    let spread = |cx: &mut Ctx, t: NodeId, tag: &str| -> Result<NodeId> {
+        let ts = cx.shape(t);
+        if block <= 0 && (numel(&ts) == 1 || ts.is_empty()) {
+            return Ok(t);
+        }
+        let axis = cx.axis(axis_attr, xs.len(), false)?;
+        if block > 0 {
+            let n = xs[axis];
+            let ids: Vec<i64> = (0..n as i64).map(|j| j / block).collect();
+            let name = cx.temp_name(&format!("{tag}_blocks"));
+            let c = cx.add_const(&name, Tensor::i64(vec![n], ids))?;
+            return tmp(cx, Op::Gather { axis }, &[t, c], &format!("{tag}_spread"));
+        }
+        if ts.len() == 1 && ts[0] == xs[axis] {
+            let mut s = vec![1; xs.len()];
+            s[axis] = ts[0];
+            return tmp(cx, Op::Reshape { shape: s }, &[t], &format!("{tag}_axis"));
+        }
+        Err(cx.err(format!(
+            "{tag} {ts:?} does not fit input {xs:?} along axis {axis}"
+        )))
+    };
+    let xf = match cx.dtype(x) {
+        DType::F32 => x,
+        _ => tmp(cx, Op::Cast { to: DType::F32 }, &[x], "x_float")?,
+    };
+    let s = spread(cx, scale, "scale")?;
+    let d = match zp {
+        Some(z) => {
+            let z = spread(cx, z, "zero_point")?;
+            let zf = match cx.dtype(z) {
+                DType::F32 => z,
+                _ => tmp(cx, Op::Cast { to: DType::F32 }, &[z], "zero_point_float")?,
+            };
+            bin(cx, Binary::Sub, xf, zf, "centered")?
+        }
+        None => xf,
+    };
+    cx.add(Op::Binary(Binary::Mul), &[d, s])
 }
