@@ -976,7 +976,7 @@ pub fn attention(cx: &mut Ctx) -> Result<NodeId> {
         let h = heads.filter(|&h| h > 0).ok_or_else(|| {
             cx.err("3-D inputs need the q_num_heads and kv_num_heads attributes".into())
         })? as usize;
-        if s[2] % h != 0 {
+        if !s[2].is_multiple_of(h) {
             return Err(cx.err(format!(
                 "hidden size {} is not a multiple of {h} heads",
                 s[2]
@@ -1225,7 +1225,7 @@ pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
             "seq_major",
         )?,
         3 => {
-            if heads <= 0 || xs[2] % heads as usize != 0 {
+            if heads <= 0 || !xs[2].is_multiple_of(heads as usize) {
                 return Err(cx.err(format!(
                     "a 3-D input needs num_heads dividing its hidden size {} (num_heads {heads})",
                     xs[2]
