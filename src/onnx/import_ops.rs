@@ -123,6 +123,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("RotaryEmbedding", Rule::Build(lowered::rotary_embedding)),
     ("LpNormalization", Rule::Build(lowered::lp_normalization)),
     ("DequantizeLinear", Rule::Build(lowered::dequantize_linear)),
+    ("CenterCropPad", Rule::Build(lowered::center_crop_pad)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

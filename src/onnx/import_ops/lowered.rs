@@ -17,7 +17,7 @@
 //!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
 //!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
-//!   Gather per padded axis, every mode).
+//!   Gather per padded axis, every mode), CenterCropPad.
 
 use super::{reduce_args, Ctx};
 use crate::error::Result;
@@ -1407,4 +1407,45 @@ pub fn dequantize_linear(cx: &mut Ctx) -> Result<NodeId> {
         None => xf,
     };
     cx.add(Op::Binary(Binary::Mul), &[d, s])
+}
+
+/// CenterCropPad: each listed axis cropped or zero-padded to its target size around the centre
+/// (the extra element of an odd difference at the end), as one Gather per axis whose indices
+/// past the end gather 0.
+pub fn center_crop_pad(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let target = cx
+        .const_ints(1, "shape input")?
+        .ok_or_else(|| cx.err("the shape input is missing".into()))?;
+    let xs = cx.shape(x);
+    let axes: Vec<usize> = match cx.attr_ints("axes")? {
+        Some(a) => a
+            .iter()
+            .map(|&a| cx.axis(a, xs.len(), false))
+            .collect::<Result<_>>()?,
+        None => (0..xs.len()).collect(),
+    };
+    if target.len() != axes.len() || target.iter().any(|&t| t < 0) {
+        return Err(cx.err(format!(
+            "shape {target:?} must give a size for each of the {} axes",
+            axes.len()
+        )));
+    }
+    let mut v = x;
+    for (&a, &t) in axes.iter().zip(&target) {
+        let n = xs[a] as i64;
+        if t == n {
+            continue;
+        }
+        // Output position j reads input j + shift (cropping) or j - (t - n) / 2 (padding).
+        let shift = if t < n { (n - t) / 2 } else { -((t - n) / 2) };
+        let ids: Vec<i64> = (0..t)
+            .map(|j| j + shift)
+            .map(|s| if (0..n).contains(&s) { s } else { n })
+            .collect();
+        let name = cx.temp_name(&format!("ids{a}"));
+        let c = cx.add_const(&name, Tensor::i64(vec![ids.len()], ids))?;
+        v = tmp(cx, Op::Gather { axis: a }, &[v, c], &format!("axis{a}"))?;
+    }
+    cx.add(Op::Identity, &[v])
 }
