@@ -15,7 +15,8 @@
 //! - CumSum (a product with a triangular constant), OneHot (Equal with positions, Where);
 //! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks),
 //!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
-//!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked).
+//!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked);
+//! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode), CenterCropPad.
 
@@ -1448,4 +1449,151 @@ pub fn center_crop_pad(cx: &mut Ctx) -> Result<NodeId> {
         v = tmp(cx, Op::Gather { axis: a }, &[v, c], &format!("axis{a}"))?;
     }
     cx.add(Op::Identity, &[v])
+}
+
+/// Scatter with indices known at import (constants, or an input whose value was given): each
+/// output element's writers are known, so the op is Gathers of the flat updates with constant
+/// ids, one layer per writer rank, combined with the data by Where (no reduction: the last
+/// writer wins) or by the reduction (add, mul, max, min). `pairs` are (output position, update
+/// position) in write order.
+fn scatter_known(
+    cx: &mut Ctx,
+    data: NodeId,
+    updates: NodeId,
+    pairs: Vec<(usize, usize)>,
+) -> Result<NodeId> {
+    let reduction = cx
+        .attr_string("reduction")?
+        .unwrap_or_else(|| "none".into());
+    let combine = match reduction.as_str() {
+        "none" => None,
+        "add" => Some(Binary::Add),
+        "mul" => Some(Binary::Mul),
+        "max" => Some(Binary::Max),
+        "min" => Some(Binary::Min),
+        r => {
+            return Err(cx.err(format!(
+                "reduction '{r}', expected none, add, mul, max or min"
+            )))
+        }
+    };
+    let ds = cx.shape(data);
+    let n = numel(&ds);
+    let m = numel(&cx.shape(updates));
+    let mut writers: Vec<Vec<usize>> = vec![vec![]; n];
+    for (o, u) in pairs {
+        writers[o].push(u);
+    }
+    if combine.is_none() {
+        for w in &mut writers {
+            if w.len() > 1 {
+                w.drain(..w.len() - 1);
+            }
+        }
+    }
+    let layers = writers.iter().map(Vec::len).max().unwrap_or(0);
+    let flat = tmp(cx, Op::Reshape { shape: vec![n] }, &[data], "data_flat")?;
+    let upd = tmp(
+        cx,
+        Op::Reshape { shape: vec![m] },
+        &[updates],
+        "updates_flat",
+    )?;
+    let mut acc = flat;
+    for l in 0..layers {
+        // Id m is past the end: Gather gives 0 there, and the mask keeps acc.
+        let ids: Vec<i64> = writers
+            .iter()
+            .map(|w| w.get(l).map_or(m as i64, |&u| u as i64))
+            .collect();
+        let mask: Vec<bool> = writers.iter().map(|w| w.len() > l).collect();
+        let name = cx.temp_name(&format!("writer{l}_ids"));
+        let idc = cx.add_const(&name, Tensor::i64(vec![n], ids))?;
+        let name = cx.temp_name(&format!("writer{l}_mask"));
+        let mc = cx.add_const(&name, Tensor::bool(vec![n], mask))?;
+        let g = tmp(
+            cx,
+            Op::Gather { axis: 0 },
+            &[upd, idc],
+            &format!("writer{l}"),
+        )?;
+        let v = match combine {
+            Some(b) => bin(cx, b, acc, g, &format!("combined{l}"))?,
+            None => g,
+        };
+        acc = tmp(cx, Op::Where, &[mc, v, acc], &format!("scattered{l}"))?;
+    }
+    cx.add(Op::Reshape { shape: ds }, &[acc])
+}
+
+/// ScatterElements (and the older Scatter): update i goes to position i with coordinate `axis`
+/// replaced by indices[i].
+pub fn scatter_elements(cx: &mut Ctx) -> Result<NodeId> {
+    let data = cx.input(0)?;
+    let updates = cx.input(2)?;
+    let ids = cx
+        .const_ints(1, "indices input")?
+        .ok_or_else(|| cx.err("the indices input is missing".into()))?;
+    let ds = cx.shape(data);
+    let is = cx.shape(updates);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(0), ds.len(), false)?;
+    let ds_strides = crate::tensor::strides(&ds);
+    let is_strides = crate::tensor::strides(&is);
+    if ids.len() != numel(&is) {
+        return Err(cx.err("indices and updates must have the same shape".into()));
+    }
+    let mut pairs = Vec::with_capacity(ids.len());
+    for (u, &id) in ids.iter().enumerate() {
+        let dim = ds[axis] as i64;
+        if id < -dim || id >= dim {
+            return Err(cx.err(format!(
+                "index {id} is out of range for axis {axis} of size {dim}"
+            )));
+        }
+        let id = if id < 0 { id + dim } else { id } as usize;
+        let mut o = 0;
+        for d in 0..ds.len() {
+            let c = (u / is_strides[d]) % is[d];
+            o += if d == axis { id } else { c } * ds_strides[d];
+        }
+        pairs.push((o, u));
+    }
+    scatter_known(cx, data, updates, pairs)
+}
+
+/// ScatterND: update slice q goes to the data slice at the index tuple indices[q].
+pub fn scatter_nd(cx: &mut Ctx) -> Result<NodeId> {
+    let data = cx.input(0)?;
+    let updates = cx.input(2)?;
+    let ids = cx
+        .const_ints(1, "indices input")?
+        .ok_or_else(|| cx.err("the indices input is missing".into()))?;
+    let idx_shape = cx.shape(cx.input(1)?);
+    let ds = cx.shape(data);
+    let k = *idx_shape.last().unwrap_or(&0);
+    if k == 0 || k > ds.len() {
+        return Err(cx.err(format!(
+            "index tuples of length {k} do not fit data of rank {}",
+            ds.len()
+        )));
+    }
+    let slice: usize = ds[k..].iter().product();
+    let ds_strides = crate::tensor::strides(&ds);
+    let mut pairs = vec![];
+    for (q, tuple) in ids.chunks(k).enumerate() {
+        let mut base = 0;
+        for (d, &i) in tuple.iter().enumerate() {
+            let dim = ds[d] as i64;
+            if i < -dim || i >= dim {
+                return Err(cx.err(format!(
+                    "index {i} is out of range for dim {d} of size {dim}"
+                )));
+            }
+            base += (if i < 0 { i + dim } else { i }) as usize * ds_strides[d];
+        }
+        for e in 0..slice {
+            pairs.push((base + e, q * slice + e));
+        }
+    }
+    scatter_known(cx, data, updates, pairs)
 }
