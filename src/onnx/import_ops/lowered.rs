@@ -1247,24 +1247,31 @@ pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
         )));
     }
     let half = rot / 2;
-    let gather = |cx: &mut Ctx, ids: Vec<i64>, tag: &str| -> Result<NodeId> {
-        let name = cx.temp_name(&format!("{tag}_ids"));
-        let c = cx.add_const(&name, Tensor::i64(vec![ids.len()], ids))?;
-        tmp(cx, Op::Gather { axis: 3 }, &[h, c], tag)
-    };
-    let (i1, i2): (Vec<i64>, Vec<i64>) = if interleaved {
-        (
-            (0..half as i64).map(|i| 2 * i).collect(),
-            (0..half as i64).map(|i| 2 * i + 1).collect(),
+    // Strided windows of the last dim (Slice: differentiable, unlike a Gather of the data).
+    let window = |cx: &mut Ctx, start: usize, end: usize, step: i64, tag: &str| {
+        let mut starts = vec![0i64; 4];
+        let mut ends: Vec<i64> = hs.iter().map(|&e| e as i64).collect();
+        let mut steps = vec![1i64; 4];
+        (starts[3], ends[3], steps[3]) = (start as i64, end as i64, step);
+        tmp(
+            cx,
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            },
+            &[h],
+            tag,
         )
+    };
+    let (x1, x2) = if interleaved {
+        (window(cx, 0, rot, 2, "x1")?, window(cx, 1, rot, 2, "x2")?)
     } else {
         (
-            (0..half as i64).collect(),
-            (half as i64..rot as i64).collect(),
+            window(cx, 0, half, 1, "x1")?,
+            window(cx, half, rot, 1, "x2")?,
         )
     };
-    let x1 = gather(cx, i1, "x1")?;
-    let x2 = gather(cx, i2, "x2")?;
     let lookup = |cx: &mut Ctx, cache: NodeId, tag: &str| -> Result<NodeId> {
         let c = match pos {
             Some(p) => tmp(cx, Op::Gather { axis: 0 }, &[cache, p], tag)?,
@@ -1303,7 +1310,7 @@ pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
         tmp(cx, Op::Concat { axis: 3 }, &[real, imag], "rotated")?
     };
     if rot < d {
-        let rest = gather(cx, (rot as i64..d as i64).collect(), "passed")?;
+        let rest = window(cx, rot, d, 1, "passed")?;
         rotated = tmp(cx, Op::Concat { axis: 3 }, &[rotated, rest], "all")?;
     }
     match xs.len() {
