@@ -883,6 +883,7 @@ fn reduce(
         Reduce::SumSquare => (template::REDUCE_SUM, "v * v", None),
         Reduce::Max => (template::REDUCE_MAX, "v", Some("1.0")),
         Reduce::Min => (template::REDUCE_MAX, "v", Some("-1.0")),
+        Reduce::Prod => (template::REDUCE_PROD, "v", None),
     };
     if sign.is_some() {
         b.libs.insert(Lib::IsNan);

@@ -22,6 +22,8 @@ pub enum Reduce {
     Max,
     /// Minimum (NaN if any element is NaN; +inf over no elements).
     Min,
+    /// Product (1 over no elements).
+    Prod,
 }
 
 /// Element-wise functions of two inputs, with numpy broadcasting. Comparisons and logical ops
@@ -211,6 +213,9 @@ impl Op {
             Op::Reduce {
                 kind: Reduce::Min, ..
             } => "reduce_min",
+            Op::Reduce {
+                kind: Reduce::Prod, ..
+            } => "reduce_prod",
             Op::LayerNorm { .. } => "layer_norm",
             Op::Softmax { .. } => "softmax",
             Op::Expand { .. } => "expand",

@@ -413,6 +413,7 @@ impl Exporter<'_> {
                     Reduce::SumSquare => "ReduceSumSquare",
                     Reduce::Max => "ReduceMax",
                     Reduce::Min => "ReduceMin",
+                    Reduce::Prod => "ReduceProd",
                 };
                 let a: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
                 let mut attrs = vec![attr_int("keepdims", *keepdims as i64)];

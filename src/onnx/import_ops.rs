@@ -83,6 +83,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ReduceMean", Rule::Build(reduce_mean)),
     ("ReduceMax", Rule::Build(reduce_max)),
     ("ReduceMin", Rule::Build(reduce_min)),
+    ("ReduceProd", Rule::Build(reduce_prod)),
     ("Shape", Rule::Build(shape::shape)),
     ("Size", Rule::Build(shape::size)),
     ("ConstantOfShape", Rule::Build(shape::constant_of_shape)),
@@ -833,11 +834,15 @@ fn reduce_min(cx: &mut Ctx) -> Result<NodeId> {
     reduce(cx, Reduce::Min)
 }
 
+fn reduce_prod(cx: &mut Ctx) -> Result<NodeId> {
+    reduce(cx, Reduce::Prod)
+}
+
 /// The opset from which a reduction takes its axes as an input instead of an attribute.
 pub fn axes_input_since(kind: Reduce) -> i64 {
     match kind {
         Reduce::Sum => 13,
-        Reduce::SumSquare | Reduce::Max | Reduce::Min => 18,
+        Reduce::SumSquare | Reduce::Max | Reduce::Min | Reduce::Prod => 18,
     }
 }
 

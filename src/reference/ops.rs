@@ -437,6 +437,7 @@ fn reduce(x: &Array, kind: Reduce, axes: &[usize], out_shape: Vec<usize>) -> Arr
     let to_out = broadcast_index(&kept, &x.shape);
     let init = match kind {
         Reduce::Sum | Reduce::SumSquare => 0.0,
+        Reduce::Prod => 1.0,
         Reduce::Max => f64::NEG_INFINITY,
         Reduce::Min => f64::INFINITY,
     };
@@ -446,6 +447,7 @@ fn reduce(x: &Array, kind: Reduce, axes: &[usize], out_shape: Vec<usize>) -> Arr
         match kind {
             Reduce::Sum => *o += v,
             Reduce::SumSquare => *o += v * v,
+            Reduce::Prod => *o *= v,
             // NaN wins (numpy's maximum.reduce); f64::max would drop it.
             Reduce::Max if v.is_nan() || v > *o => *o = v,
             Reduce::Min if v.is_nan() || v < *o => *o = v,

@@ -58,6 +58,14 @@ pub(super) fn input_grads(
             let spread = b.add(Op::Expand { shape: xs.clone() }, &[dy], n, "spread")?;
             match kind {
                 Reduce::Sum => vec![Some(spread)],
+                // d/dx_i is the product of the others: y / x_i fails at zeros, and no training
+                // method needs it yet.
+                Reduce::Prod => {
+                    return Err(Error::Graph(format!(
+                        "node '{}': the gradient of a product reduction is not supported",
+                        b.g.node(n).label
+                    )))
+                }
                 // The gradient goes to the elements equal to the result, shared evenly among
                 // ties (as torch's amax and amin).
                 Reduce::Max | Reduce::Min => {
