@@ -529,6 +529,21 @@ fn reduce_sums() {
         };
         c.out(op, &[long], &format!("{kind:?}_long_rows"));
     }
+    // Products of factors near 1 (no overflow over the long rows).
+    let near_one = c.input("near_one", &[3, 4, 5], 0.8, 1.25);
+    let long_near_one = c.input("long_near_one", &[3, 200], 0.95, 1.05);
+    for (axes, input, tag) in [
+        (vec![1], near_one, "1"),
+        (vec![0, 2], near_one, "02"),
+        (vec![1], long_near_one, "long_rows"),
+    ] {
+        let op = Op::Reduce {
+            kind: Reduce::Prod,
+            axes,
+            keepdims: false,
+        };
+        c.out(op, &[input], &format!("prod_{tag}"));
+    }
     // Sum of squares (DoRA's frozen column norms), over either axis of a weight matrix.
     let w = c.input("w", &[37, 53], -1.0, 1.0);
     for axis in [0, 1] {

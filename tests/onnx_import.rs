@@ -593,6 +593,57 @@ fn other_domains_and_string_inputs_are_refused() {
     );
 }
 
+/// A shape fed as a graph input is refused without its value, with a hint; given its value at
+/// import (as `dorac run` gives its inputs' values), it is used as a constant and the input
+/// stays a graph input.
+#[test]
+fn shape_inputs_are_pinned_from_given_values() {
+    let m = model(
+        vec![
+            node("Reshape", "r", &["x", "shape"], &["y"]),
+            node("Add", "a", &["shape", "shape"], &["twice"]),
+        ],
+        vec![],
+        vec![
+            vi("x", &[Ok(2), Ok(6)]),
+            vi_typed("shape", &[Ok(3)], DataType::Int64),
+        ],
+        vec![
+            vi("y", &[Ok(3), Ok(2), Ok(2)]),
+            vi_typed("twice", &[Ok(3)], DataType::Int64),
+        ],
+        17,
+    );
+    let e = import_err(&m).to_string();
+    assert!(
+        e.contains("Reshape with a shape computed from graph inputs"),
+        "{e}"
+    );
+    assert!(e.contains("give the input's value"), "{e}");
+    let values = HashMap::from([(
+        "shape".to_string(),
+        Array::new(vec![3], vec![3.0, -1.0, 2.0]),
+    )]);
+    let g = dorac::onnx::import_with_values(&m, Path::new("."), &no_pins(), &no_shapes(), &values)
+        .unwrap();
+    let y = g.outputs.iter().find(|(n, _)| n == "y").unwrap().1;
+    assert_eq!(g.shape(y), &[3, 2, 2]);
+    // The input is still an input, and its other uses still read it at run time.
+    assert_eq!(g.inputs.len(), 2);
+    let inputs = HashMap::from([
+        (
+            "x".to_string(),
+            Array::new(vec![2, 6], (0..12).map(f64::from).collect()),
+        ),
+        (
+            "shape".to_string(),
+            Array::new(vec![3], vec![3.0, -1.0, 2.0]),
+        ),
+    ]);
+    let out = dorac::reference::run(&g, &inputs).unwrap();
+    assert_eq!(out["twice"].data, vec![6.0, -2.0, 4.0]);
+}
+
 /// An attribute no builder reads could change the result: it is refused by name, not ignored.
 #[test]
 fn unread_attributes_are_refused() {

@@ -24,6 +24,7 @@ pub const ELEMENTWISE: Template = template!("elementwise.wgsl");
 pub const MATMUL: Template = template!("matmul.wgsl");
 pub const REDUCE_SUM: Template = template!("reduce_sum.wgsl");
 pub const REDUCE_MAX: Template = template!("reduce_max.wgsl");
+pub const REDUCE_PROD: Template = template!("reduce_prod.wgsl");
 pub const LAYER_NORM: Template = template!("layer_norm.wgsl");
 pub const SOFTMAX: Template = template!("softmax.wgsl");
 pub const CROSS_ENTROPY: Template = template!("cross_entropy.wgsl");

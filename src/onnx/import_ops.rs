@@ -107,6 +107,17 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ArgMax", Rule::Build(lowered::arg_max)),
     ("ArgMin", Rule::Build(lowered::arg_min)),
     ("Hardmax", Rule::Build(lowered::hardmax)),
+    ("Pad", Rule::Build(lowered::pad)),
+    ("CumSum", Rule::Build(lowered::cum_sum)),
+    ("OneHot", Rule::Build(lowered::one_hot)),
+    ("Attention", Rule::Build(lowered::attention)),
+    ("RotaryEmbedding", Rule::Build(lowered::rotary_embedding)),
+    ("LpNormalization", Rule::Build(lowered::lp_normalization)),
+    ("DequantizeLinear", Rule::Build(lowered::dequantize_linear)),
+    ("CenterCropPad", Rule::Build(lowered::center_crop_pad)),
+    ("ScatterElements", Rule::Build(lowered::scatter_elements)),
+    ("Scatter", Rule::Build(lowered::scatter_elements)),
+    ("ScatterND", Rule::Build(lowered::scatter_nd)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),
@@ -141,6 +152,7 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "LayerNormalization",
     "Dropout",
     "SoftmaxCrossEntropyLoss",
+    "Attention",
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an

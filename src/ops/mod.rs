@@ -6,7 +6,7 @@
 //!
 //! - [`unary`]: element-wise functions of one input (Relu, Sin, Abs, ...).
 //! - [`binary`]: element-wise functions of two inputs with broadcasting (Add, Pow, Less, Mod...).
-//! - [`reduce`]: reductions over axes (ReduceSum, ReduceSumSquare, ReduceMax, ReduceMin).
+//! - [`reduce`]: reductions over axes (ReduceSum, ReduceSumSquare, ReduceMax, ReduceMin, ReduceProd).
 
 pub mod binary;
 pub mod reduce;

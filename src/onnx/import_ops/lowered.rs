@@ -12,7 +12,13 @@
 //! - normalisations, reductions and losses: RMSNormalization, LogSoftmax, ReduceL1, ReduceL2,
 //!   ReduceLogSum, ReduceLogSumExp, GlobalAveragePool, NegativeLogLikelihoodLoss,
 //!   SoftmaxCrossEntropyLoss;
-//! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape).
+//! - CumSum (a product with a triangular constant), OneHot (Equal with positions, Where);
+//! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks),
+//!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
+//!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked);
+//! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer).
+//! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
+//!   Gather per padded axis, every mode), CenterCropPad.
 
 use super::{reduce_args, Ctx};
 use crate::error::Result;
@@ -614,6 +620,207 @@ pub fn hardmax(cx: &mut Ctx) -> Result<NodeId> {
     )
 }
 
+/// Pad as one Gather per padded axis with a constant index vector: output position j reads
+/// input position j - begin (cropping for negative pads), mapped by the mode: `edge` clamps,
+/// `reflect` mirrors without repeating the border, `wrap` wraps around, and `constant` reads an
+/// index past the end, which gathers 0; a nonzero constant is put where a gathered all-true
+/// mask says no input element landed.
+pub fn pad(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let rank = shape.len();
+    let mode = cx.attr_string("mode")?.unwrap_or_else(|| "constant".into());
+    let (pads, value, axes) = if cx.opset >= 11 {
+        let pads = cx
+            .const_ints(1, "pads input")?
+            .ok_or_else(|| cx.err("the pads input is missing".into()))?;
+        let value = cx.const_scalar(2, "constant_value input")?.unwrap_or(0.0);
+        let axes = cx.const_ints(3, "axes input")?;
+        (pads, value, axes)
+    } else {
+        let pads = cx
+            .attr_ints("pads")?
+            .ok_or_else(|| cx.err("the pads attribute is missing".into()))?;
+        (pads, cx.attr_float("value")?.unwrap_or(0.0) as f64, None)
+    };
+    let axes: Vec<usize> = match axes {
+        Some(a) => a
+            .iter()
+            .map(|&a| cx.axis(a, rank, false))
+            .collect::<Result<_>>()?,
+        None => (0..rank).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return Err(cx.err(format!(
+            "pads {pads:?} must have 2 entries per padded axis ({} axes)",
+            axes.len()
+        )));
+    }
+    if !matches!(mode.as_str(), "constant" | "edge" | "reflect" | "wrap") {
+        return Err(cx.err(format!(
+            "mode '{mode}', expected constant, edge, reflect or wrap"
+        )));
+    }
+    let mut v = x;
+    let mut mask: Option<NodeId> = None;
+    let fill = mode == "constant" && value != 0.0;
+    if fill {
+        let name = cx.temp_name("inside");
+        mask = Some(cx.add_const(
+            &name,
+            Tensor::bool(shape.clone(), vec![true; numel(&shape)]),
+        )?);
+    }
+    for (k, &d) in axes.iter().enumerate() {
+        let (b, e) = (pads[k], pads[k + axes.len()]);
+        if b == 0 && e == 0 {
+            continue;
+        }
+        let n = shape[d] as i64;
+        let out = n + b + e;
+        if out < 0 || (n == 0 && out > 0 && mode != "constant") {
+            return Err(cx.err(format!(
+                "pads ({b}, {e}) do not fit axis {d} of size {n} in mode {mode}"
+            )));
+        }
+        let ids: Vec<i64> = (0..out)
+            .map(|j| {
+                let src = j - b;
+                match mode.as_str() {
+                    "edge" => src.clamp(0, n - 1),
+                    "wrap" => src.rem_euclid(n),
+                    "reflect" if n == 1 => 0,
+                    "reflect" => {
+                        let m = src.rem_euclid(2 * (n - 1));
+                        if m >= n {
+                            2 * (n - 1) - m
+                        } else {
+                            m
+                        }
+                    }
+                    // Past the end: Gather gives 0.
+                    _ if (0..n).contains(&src) => src,
+                    _ => n,
+                }
+            })
+            .collect();
+        let name = cx.temp_name(&format!("ids{d}"));
+        let idx = cx.add_const(&name, Tensor::i64(vec![ids.len()], ids))?;
+        v = tmp(cx, Op::Gather { axis: d }, &[v, idx], &format!("axis{d}"))?;
+        if let Some(m) = mask {
+            mask = Some(tmp(
+                cx,
+                Op::Gather { axis: d },
+                &[m, idx],
+                &format!("inside{d}"),
+            )?);
+        }
+    }
+    let Some(mask) = mask else {
+        return cx.add(Op::Identity, &[v]);
+    };
+    let name = cx.temp_name("value");
+    let c = match cx.dtype(x) {
+        crate::tensor::DType::F32 => Tensor::scalar(value as f32),
+        crate::tensor::DType::I64 => Tensor::i64(vec![], vec![value as i64]),
+        crate::tensor::DType::Bool => Tensor::bool(vec![], vec![value != 0.0]),
+    };
+    let c = cx.add_const(&name, c)?;
+    cx.add(Op::Where, &[mask, v, c])
+}
+
+/// CumSum as a product with a constant triangular matrix along the axis (moved last and back):
+/// `y[.., j] = sum_i x[.., i] T[i, j]`, T picking i <= j (i < j when `exclusive`; mirrored when
+/// `reverse`).
+pub fn cum_sum(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let shape = cx.shape(x);
+    let rank = shape.len();
+    let axis = cx
+        .const_scalar(1, "axis input")?
+        .ok_or_else(|| cx.err("the axis input is missing".into()))?;
+    let axis = cx.axis(axis as i64, rank, false)?;
+    let exclusive = cx.attr_bool("exclusive", false)?;
+    let reverse = cx.attr_bool("reverse", false)?;
+    let n = shape[axis];
+    let takes = |i: usize, j: usize| match (reverse, exclusive) {
+        (false, false) => i <= j,
+        (false, true) => i < j,
+        (true, false) => i >= j,
+        (true, true) => i > j,
+    };
+    let tri: Vec<f32> = (0..n * n)
+        .map(|k| takes(k / n, k % n) as u8 as f32)
+        .collect();
+    let name = cx.temp_name("triangle");
+    let t = match cx.dtype(x) {
+        crate::tensor::DType::F32 => Tensor::f32(vec![n, n], tri),
+        _ => Tensor::i64(vec![n, n], tri.iter().map(|&v| v as i64).collect()),
+    };
+    let t = cx.add_const(&name, t)?;
+    if axis + 1 == rank {
+        return cx.add(Op::MatMul, &[x, t]);
+    }
+    let mut perm: Vec<usize> = (0..rank).collect();
+    perm.swap(axis, rank - 1);
+    let moved = tmp(cx, Op::Transpose { perm: perm.clone() }, &[x], "axis_last")?;
+    let sums = tmp(cx, Op::MatMul, &[moved, t], "sums")?;
+    cx.add(Op::Transpose { perm }, &[sums])
+}
+
+/// OneHot: `on` where the (integer, negative counting from `depth`) index equals the position
+/// along the new axis, `off` elsewhere.
+pub fn one_hot(cx: &mut Ctx) -> Result<NodeId> {
+    let indices = cx.input(0)?;
+    let depth = cx
+        .const_scalar(1, "depth input")?
+        .ok_or_else(|| cx.err("the depth input is missing".into()))?;
+    let values = cx.input(2)?;
+    if depth < 1.0 {
+        return Err(cx.err(format!("depth {depth} is not positive")));
+    }
+    let depth = depth as usize;
+    let shape = cx.shape(indices);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), shape.len() + 1, false)?;
+    if cx.shape(values) != [2] {
+        return Err(cx.err("values must have shape [2] (off, on)".into()));
+    }
+    let ids = match cx.dtype(indices) {
+        crate::tensor::DType::I64 => indices,
+        _ => tmp(
+            cx,
+            Op::Cast {
+                to: crate::tensor::DType::I64,
+            },
+            &[indices],
+            "ids",
+        )?,
+    };
+    let name = cx.temp_name("depth");
+    let d = cx.add_const(&name, Tensor::i64(vec![], vec![depth as i64]))?;
+    let name = cx.temp_name("zero");
+    let zero = cx.add_const(&name, Tensor::i64(vec![], vec![0]))?;
+    let neg = bin(cx, Binary::Less, ids, zero, "negative")?;
+    let wrapped = bin(cx, Binary::Add, ids, d, "wrapped")?;
+    let ids = tmp(cx, Op::Where, &[neg, wrapped, ids], "index")?;
+    let mut unsq = shape.clone();
+    unsq.insert(axis, 1);
+    let ids = tmp(cx, Op::Reshape { shape: unsq }, &[ids], "index_unsqueezed")?;
+    let mut pos_shape = vec![1; shape.len() + 1];
+    pos_shape[axis] = depth;
+    let name = cx.temp_name("positions");
+    let pos = cx.add_const(&name, Tensor::i64(pos_shape, (0..depth as i64).collect()))?;
+    let hot = bin(cx, Binary::Equal, ids, pos, "hot")?;
+    let pick = |cx: &mut Ctx, i: i64, tag: &str| -> Result<NodeId> {
+        let name = cx.temp_name(&format!("{tag}_id"));
+        let c = cx.add_const(&name, Tensor::i64(vec![], vec![i]))?;
+        tmp(cx, Op::Gather { axis: 0 }, &[values, c], tag)
+    };
+    let off = pick(cx, 0, "off")?;
+    let on = pick(cx, 1, "on")?;
+    cx.add(Op::Where, &[hot, on, off])
+}
+
 /// The mean over every dim after the first two, kept as dims of size 1.
 pub fn global_average_pool(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
@@ -726,4 +933,674 @@ pub fn depth_to_space(cx: &mut Ctx) -> Result<NodeId> {
         Some(m) => return Err(cx.err(format!("mode '{m}', expected \"DCR\" or \"CRD\""))),
     };
     rearrange(cx, x, shape, perm, vec![n, c2, h * b, w * b])
+}
+
+/// Attention (opsets 23-25) from MatMul, Softmax and masks, following the ONNX reference:
+/// 3-D inputs split into heads, past keys and values concatenated (the present outputs),
+/// grouped-query heads repeated, Q and K each scaled by sqrt(scale), softcap, then an additive
+/// bias: the attention mask (a bool mask as 0 / -inf, padded with -inf up to the key length),
+/// and the causal, sliding-window and `nonpad_kv_seqlen` masks, which depend only on shapes and
+/// on `nonpad_kv_seqlen` (known at import) and so are one constant. A query row whose bias is
+/// -inf everywhere attends to nothing: its probabilities are 0. The optional fourth output is
+/// the QK product (softcapped) for modes 0 and 1, with the bias for mode 2, the probabilities
+/// for mode 3.
+pub fn attention(cx: &mut Ctx) -> Result<NodeId> {
+    use crate::tensor::DType;
+    let (q, k, v) = (cx.input(0)?, cx.input(1)?, cx.input(2)?);
+    let mask = cx.opt_input(3)?;
+    let past_k = cx.opt_input(4)?;
+    let past_v = cx.opt_input(5)?;
+    let nonpad = cx.const_ints(6, "nonpad_kv_seqlen input")?;
+    let is_causal = cx.attr_bool("is_causal", false)?;
+    let q_heads = cx.attr_int("q_num_heads")?;
+    let kv_heads = cx.attr_int("kv_num_heads")?;
+    let scale = cx.attr_float("scale")?;
+    let softcap = cx.attr_float("softcap")?.unwrap_or(0.0);
+    let mode = cx.attr_int("qk_matmul_output_mode")?.unwrap_or(0);
+    // The softmax is computed in f32 (or f64 on the reference) whatever precision is asked.
+    let _ = cx.attr_int("softmax_precision")?;
+    let left = cx.attr_int("left_window_size")?.unwrap_or(-1);
+    let right = cx.attr_int("right_window_size")?.unwrap_or(-1);
+    if past_k.is_some() != past_v.is_some() || (past_k.is_some() && nonpad.is_some()) {
+        return Err(
+            cx.err("past_key and past_value come together, and not with nonpad_kv_seqlen".into())
+        );
+    }
+    if !(0..=3).contains(&mode) {
+        return Err(cx.err(format!("qk_matmul_output_mode {mode}, expected 0 to 3")));
+    }
+    let qs = cx.shape(q);
+    let three_d = qs.len() == 3;
+    // [B, S, H * D] -> [B, H, S, D]
+    let split_heads = |cx: &mut Ctx, x: NodeId, heads: Option<i64>, tag: &str| -> Result<NodeId> {
+        let s = cx.shape(x);
+        let h = heads.filter(|&h| h > 0).ok_or_else(|| {
+            cx.err("3-D inputs need the q_num_heads and kv_num_heads attributes".into())
+        })? as usize;
+        if !s[2].is_multiple_of(h) {
+            return Err(cx.err(format!(
+                "hidden size {} is not a multiple of {h} heads",
+                s[2]
+            )));
+        }
+        let r = tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![s[0], s[1], h, s[2] / h],
+            },
+            &[x],
+            tag,
+        )?;
+        tmp(
+            cx,
+            Op::Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[r],
+            &format!("{tag}_heads"),
+        )
+    };
+    let (q, k, v) = if three_d {
+        (
+            split_heads(cx, q, q_heads, "q")?,
+            split_heads(cx, k, kv_heads, "k")?,
+            split_heads(cx, v, kv_heads, "v")?,
+        )
+    } else if qs.len() == 4 {
+        (q, k, v)
+    } else {
+        return Err(cx.err(format!("Q has rank {}, expected 3 or 4", qs.len())));
+    };
+    let (qs, ks) = (cx.shape(q), cx.shape(k));
+    let (batch, hq, sq, dh) = (qs[0], qs[1], qs[2], qs[3]);
+    let concat = |cx: &mut Ctx, past: Option<NodeId>, x: NodeId, i: usize| -> Result<NodeId> {
+        let Some(p) = past else { return Ok(x) };
+        match cx.node.output.get(i).filter(|o| !o.is_empty()).cloned() {
+            Some(name) => cx.add_named(Op::Concat { axis: 2 }, &[p, x], &name),
+            None => tmp(cx, Op::Concat { axis: 2 }, &[p, x], &format!("present{i}")),
+        }
+    };
+    let k = concat(cx, past_k, k, 1)?;
+    let v = concat(cx, past_v, v, 2)?;
+    cx.set_output(1, k);
+    cx.set_output(2, v);
+    let past_len = past_k.map_or(0, |p| cx.shape(p)[2]);
+    let (hkv, skv) = (ks[1], cx.shape(k)[2]);
+    // Grouped-query attention: each key/value head serves hq / hkv query heads, in order.
+    let repeat = |cx: &mut Ctx, x: NodeId, tag: &str| -> Result<NodeId> {
+        if hq == hkv {
+            return Ok(x);
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(cx.err(format!(
+                "{hq} query heads do not share {hkv} key/value heads"
+            )));
+        }
+        let s = cx.shape(x);
+        let r = tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![s[0], hkv, 1, s[2], s[3]],
+            },
+            &[x],
+            tag,
+        )?;
+        let big = vec![s[0], hkv, hq / hkv, s[2], s[3]];
+        let e = tmp(
+            cx,
+            Op::Expand { shape: big },
+            &[r],
+            &format!("{tag}_repeated"),
+        )?;
+        tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![s[0], hq, s[2], s[3]],
+            },
+            &[e],
+            &format!("{tag}_groups"),
+        )
+    };
+    let kr = repeat(cx, k, "k_group")?;
+    let vr = repeat(cx, v, "v_group")?;
+    let scale = scale.map_or(1.0 / (dh as f64).sqrt(), |s| s as f64);
+    let root = scalar(cx, scale.sqrt() as f32, "sqrt_scale")?;
+    let qsc = bin(cx, Binary::Mul, q, root, "q_scaled")?;
+    let ksc = bin(cx, Binary::Mul, kr, root, "k_scaled")?;
+    let kt = tmp(
+        cx,
+        Op::Transpose {
+            perm: vec![0, 1, 3, 2],
+        },
+        &[ksc],
+        "k_t",
+    )?;
+    let mut qk = tmp(cx, Op::MatMul, &[qsc, kt], "qk")?;
+    if softcap > 0.0 {
+        let c = scalar(cx, softcap, "softcap")?;
+        let d = bin(cx, Binary::Div, qk, c, "qk_over_cap")?;
+        let t = un(cx, unary::TANH, d, "qk_tanh")?;
+        qk = bin(cx, Binary::Mul, t, c, "qk_capped")?;
+    }
+    // The attention mask as an additive bias over the full key length.
+    let neg_inf = scalar(cx, f32::NEG_INFINITY, "minus_inf")?;
+    let mut bias = match mask {
+        None => None,
+        Some(m) => {
+            let m = if cx.dtype(m) == DType::Bool {
+                let zero = scalar(cx, 0.0, "zero")?;
+                tmp(cx, Op::Where, &[m, zero, neg_inf], "mask_bias")?
+            } else {
+                m
+            };
+            let ms = cx.shape(m);
+            let last = *ms
+                .last()
+                .ok_or_else(|| cx.err("attn_mask is a scalar".into()))?;
+            if last > skv {
+                return Err(cx.err(format!("attn_mask covers {last} keys, there are {skv}")));
+            }
+            Some(if last < skv {
+                let mut ps = ms.clone();
+                *ps.last_mut().unwrap() = skv - last;
+                let fill = tmp(cx, Op::Expand { shape: ps }, &[neg_inf], "mask_fill")?;
+                tmp(
+                    cx,
+                    Op::Concat { axis: ms.len() - 1 },
+                    &[m, fill],
+                    "mask_padded",
+                )?
+            } else {
+                m
+            })
+        }
+    };
+    // Causal, window and padding masks: a constant of [q, kv], or [batch, 1, q, kv] when they
+    // depend on each batch's nonpad_kv_seqlen.
+    let windowed = left >= 0 || right >= 0;
+    if is_causal || windowed || nonpad.is_some() {
+        let offsets: Vec<i64> = match &nonpad {
+            Some(n) if n.len() != batch => {
+                return Err(cx.err(format!(
+                    "nonpad_kv_seqlen has {} entries, batch is {batch}",
+                    n.len()
+                )))
+            }
+            Some(n) => n.iter().map(|&l| l - sq as i64).collect(),
+            None => vec![past_len as i64],
+        };
+        let mut data = Vec::with_capacity(offsets.len() * sq * skv);
+        for (b, &off) in offsets.iter().enumerate() {
+            for i in 0..sq as i64 {
+                for j in 0..skv as i64 {
+                    let diff = i + off - j;
+                    let mut ok = !is_causal || diff >= 0;
+                    ok &= left < 0 || diff <= left;
+                    ok &= right < 0 || -diff <= right;
+                    if let Some(n) = &nonpad {
+                        ok &= j < n[b];
+                    }
+                    data.push(if ok { 0.0 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let shape = if nonpad.is_some() {
+            vec![batch, 1, sq, skv]
+        } else {
+            vec![sq, skv]
+        };
+        let name = cx.temp_name("position_bias");
+        let c = cx.add_const(&name, Tensor::f32(shape, data))?;
+        bias = Some(match bias {
+            Some(b) => bin(cx, Binary::Add, b, c, "bias")?,
+            None => c,
+        });
+    }
+    let scores = match bias {
+        Some(b) => bin(cx, Binary::Add, qk, b, "qk_bias")?,
+        None => qk,
+    };
+    let mut p = tmp(cx, Op::Softmax { axis: 3 }, &[scores], "probs")?;
+    if let Some(b) = bias {
+        let rank = cx.shape(b).len();
+        let op = Op::Reduce {
+            kind: Reduce::Max,
+            axes: vec![rank - 1],
+            keepdims: true,
+        };
+        let most = tmp(cx, op, &[b], "bias_max")?;
+        let none = bin(cx, Binary::Equal, most, neg_inf, "row_masked")?;
+        let zero = scalar(cx, 0.0, "zero")?;
+        p = tmp(cx, Op::Where, &[none, zero, p], "probs_guarded")?;
+    }
+    if let Some(name) = cx.node.output.get(3).filter(|o| !o.is_empty()).cloned() {
+        let out = match mode {
+            0 | 1 => qk,
+            2 => scores,
+            _ => p,
+        };
+        let o = cx.add_named(Op::Identity, &[out], &name)?;
+        cx.set_output(3, o);
+    }
+    let y = tmp(cx, Op::MatMul, &[p, vr], "attended")?;
+    if !three_d {
+        return cx.add(Op::Identity, &[y]);
+    }
+    let dv = cx.shape(y)[3];
+    let t = tmp(
+        cx,
+        Op::Transpose {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[y],
+        "merge",
+    )?;
+    cx.add(
+        Op::Reshape {
+            shape: vec![batch, sq, hq * dv],
+        },
+        &[t],
+    )
+}
+
+/// RotaryEmbedding (opset 23): the rotated part of each head (its first `rotary_embedding_dim`
+/// features, halves or even/odd pairs when `interleaved`) is turned by the cos/sin caches (looked
+/// up by `position_ids` when given): `(x1 cos - x2 sin, x1 sin + x2 cos)`; the rest passes.
+pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let cos = cx.input(1)?;
+    let sin = cx.input(2)?;
+    let pos = cx.opt_input(3)?;
+    let interleaved = cx.attr_bool("interleaved", false)?;
+    let heads = cx.attr_int("num_heads")?.unwrap_or(0);
+    let rot = cx.attr_int("rotary_embedding_dim")?.unwrap_or(0);
+    let xs = cx.shape(x);
+    // [B, S, H, D]
+    let h = match xs.len() {
+        4 => tmp(
+            cx,
+            Op::Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[x],
+            "seq_major",
+        )?,
+        3 => {
+            if heads <= 0 || !xs[2].is_multiple_of(heads as usize) {
+                return Err(cx.err(format!(
+                    "a 3-D input needs num_heads dividing its hidden size {} (num_heads {heads})",
+                    xs[2]
+                )));
+            }
+            let n = heads as usize;
+            let shape = vec![xs[0], xs[1], n, xs[2] / n];
+            tmp(cx, Op::Reshape { shape }, &[x], "heads")?
+        }
+        r => return Err(cx.err(format!("the input has rank {r}, expected 3 or 4"))),
+    };
+    let hs = cx.shape(h);
+    let d = hs[3];
+    let rot = if rot <= 0 { d } else { rot as usize };
+    if rot > d || rot % 2 != 0 {
+        return Err(cx.err(format!(
+            "rotary_embedding_dim {rot} must be even and at most {d}"
+        )));
+    }
+    let half = rot / 2;
+    // Strided windows of the last dim (Slice: differentiable, unlike a Gather of the data).
+    let window = |cx: &mut Ctx, start: usize, end: usize, step: i64, tag: &str| {
+        let mut starts = vec![0i64; 4];
+        let mut ends: Vec<i64> = hs.iter().map(|&e| e as i64).collect();
+        let mut steps = vec![1i64; 4];
+        (starts[3], ends[3], steps[3]) = (start as i64, end as i64, step);
+        tmp(
+            cx,
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            },
+            &[h],
+            tag,
+        )
+    };
+    let (x1, x2) = if interleaved {
+        (window(cx, 0, rot, 2, "x1")?, window(cx, 1, rot, 2, "x2")?)
+    } else {
+        (
+            window(cx, 0, half, 1, "x1")?,
+            window(cx, half, rot, 1, "x2")?,
+        )
+    };
+    let lookup = |cx: &mut Ctx, cache: NodeId, tag: &str| -> Result<NodeId> {
+        let c = match pos {
+            Some(p) => tmp(cx, Op::Gather { axis: 0 }, &[cache, p], tag)?,
+            None => cache,
+        };
+        let mut s = cx.shape(c);
+        if s.last() != Some(&half) {
+            return Err(cx.err(format!("the {tag} cache {s:?} must end in {half}")));
+        }
+        s.insert(s.len() - 1, 1);
+        tmp(
+            cx,
+            Op::Reshape { shape: s },
+            &[c],
+            &format!("{tag}_per_head"),
+        )
+    };
+    let c = lookup(cx, cos, "cos")?;
+    let s = lookup(cx, sin, "sin")?;
+    let x1c = bin(cx, Binary::Mul, x1, c, "x1_cos")?;
+    let x2s = bin(cx, Binary::Mul, x2, s, "x2_sin")?;
+    let x1s = bin(cx, Binary::Mul, x1, s, "x1_sin")?;
+    let x2c = bin(cx, Binary::Mul, x2, c, "x2_cos")?;
+    let real = bin(cx, Binary::Sub, x1c, x2s, "real")?;
+    let imag = bin(cx, Binary::Add, x1s, x2c, "imag")?;
+    let mut rotated = if interleaved {
+        let mut s5 = cx.shape(real);
+        s5.push(1);
+        let r = tmp(cx, Op::Reshape { shape: s5.clone() }, &[real], "real_pairs")?;
+        let i = tmp(cx, Op::Reshape { shape: s5 }, &[imag], "imag_pairs")?;
+        let p = tmp(cx, Op::Concat { axis: 4 }, &[r, i], "pairs")?;
+        let mut s4 = hs.clone();
+        s4[3] = rot;
+        tmp(cx, Op::Reshape { shape: s4 }, &[p], "rotated")?
+    } else {
+        tmp(cx, Op::Concat { axis: 3 }, &[real, imag], "rotated")?
+    };
+    if rot < d {
+        let rest = window(cx, rot, d, 1, "passed")?;
+        rotated = tmp(cx, Op::Concat { axis: 3 }, &[rotated, rest], "all")?;
+    }
+    match xs.len() {
+        4 => cx.add(
+            Op::Transpose {
+                perm: vec![0, 2, 1, 3],
+            },
+            &[rotated],
+        ),
+        _ => cx.add(Op::Reshape { shape: xs }, &[rotated]),
+    }
+}
+
+/// LpNormalization: `x / ||x||_p` along `axis` (p = 1 or 2); a zero vector stays zero.
+pub fn lp_normalization(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let rank = cx.shape(x).len();
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), rank, false)?;
+    let p = cx.attr_int("p")?.unwrap_or(2);
+    let norm = match p {
+        1 => {
+            let a = un(cx, unary::ABS, x, "abs")?;
+            let op = Op::Reduce {
+                kind: Reduce::Sum,
+                axes: vec![axis],
+                keepdims: true,
+            };
+            tmp(cx, op, &[a], "norm")?
+        }
+        2 => {
+            let op = Op::Reduce {
+                kind: Reduce::SumSquare,
+                axes: vec![axis],
+                keepdims: true,
+            };
+            let ss = tmp(cx, op, &[x], "sum_squares")?;
+            un(cx, unary::SQRT, ss, "norm")?
+        }
+        _ => return Err(cx.err(format!("p is {p}, expected 1 or 2"))),
+    };
+    // A zero vector stays zero (the reference divides by 1 there).
+    let zero = scalar(cx, 0.0, "zero")?;
+    let one = scalar(cx, 1.0, "one")?;
+    let z = bin(cx, Binary::Equal, norm, zero, "zero_norm")?;
+    let norm = tmp(cx, Op::Where, &[z, one, norm], "safe_norm")?;
+    cx.add(Op::Binary(Binary::Div), &[x, norm])
+}
+
+/// DequantizeLinear: `(x - zero_point) * scale`, with per-tensor, per-axis (1-D along `axis`)
+/// or blocked (`block_size` elements of `axis` per entry) scale and zero point.
+pub fn dequantize_linear(cx: &mut Ctx) -> Result<NodeId> {
+    use crate::tensor::DType;
+    let x = cx.input(0)?;
+    let scale = cx.input(1)?;
+    let zp = cx.opt_input(2)?;
+    let xs = cx.shape(x);
+    // The axis matters (and must be valid) only for a scale that is not one value.
+    let axis_attr = cx.attr_int("axis")?.unwrap_or(1);
+    let block = cx.attr_int("block_size")?.unwrap_or(0);
+    if let Some(t) = cx.attr_int("output_dtype")? {
+        if t != 0 && super::data::ir_dtype(t as i32) != Some(DType::F32) {
+            return Err(cx.unsupported(format!("DequantizeLinear to output type {t}")));
+        }
+    }
+    // The scale (or zero point) laid out to broadcast against x.
+    let spread = |cx: &mut Ctx, t: NodeId, tag: &str| -> Result<NodeId> {
+        let ts = cx.shape(t);
+        if block <= 0 && (numel(&ts) == 1 || ts.is_empty()) {
+            return Ok(t);
+        }
+        let axis = cx.axis(axis_attr, xs.len(), false)?;
+        if block > 0 {
+            let n = xs[axis];
+            let ids: Vec<i64> = (0..n as i64).map(|j| j / block).collect();
+            let name = cx.temp_name(&format!("{tag}_blocks"));
+            let c = cx.add_const(&name, Tensor::i64(vec![n], ids))?;
+            return tmp(cx, Op::Gather { axis }, &[t, c], &format!("{tag}_spread"));
+        }
+        if ts.len() == 1 && ts[0] == xs[axis] {
+            let mut s = vec![1; xs.len()];
+            s[axis] = ts[0];
+            return tmp(cx, Op::Reshape { shape: s }, &[t], &format!("{tag}_axis"));
+        }
+        Err(cx.err(format!(
+            "{tag} {ts:?} does not fit input {xs:?} along axis {axis}"
+        )))
+    };
+    let xf = match cx.dtype(x) {
+        DType::F32 => x,
+        _ => tmp(cx, Op::Cast { to: DType::F32 }, &[x], "x_float")?,
+    };
+    let s = spread(cx, scale, "scale")?;
+    let d = match zp {
+        Some(z) => {
+            let z = spread(cx, z, "zero_point")?;
+            let zf = match cx.dtype(z) {
+                DType::F32 => z,
+                _ => tmp(cx, Op::Cast { to: DType::F32 }, &[z], "zero_point_float")?,
+            };
+            bin(cx, Binary::Sub, xf, zf, "centered")?
+        }
+        None => xf,
+    };
+    cx.add(Op::Binary(Binary::Mul), &[d, s])
+}
+
+/// CenterCropPad: each listed axis cropped or zero-padded to its target size around the centre
+/// (the extra element of an odd difference at the end), as one Gather per axis whose indices
+/// past the end gather 0.
+pub fn center_crop_pad(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let target = cx
+        .const_ints(1, "shape input")?
+        .ok_or_else(|| cx.err("the shape input is missing".into()))?;
+    let xs = cx.shape(x);
+    let axes: Vec<usize> = match cx.attr_ints("axes")? {
+        Some(a) => a
+            .iter()
+            .map(|&a| cx.axis(a, xs.len(), false))
+            .collect::<Result<_>>()?,
+        None => (0..xs.len()).collect(),
+    };
+    if target.len() != axes.len() || target.iter().any(|&t| t < 0) {
+        return Err(cx.err(format!(
+            "shape {target:?} must give a size for each of the {} axes",
+            axes.len()
+        )));
+    }
+    let mut v = x;
+    for (&a, &t) in axes.iter().zip(&target) {
+        let n = xs[a] as i64;
+        if t == n {
+            continue;
+        }
+        // Output position j reads input j + shift (cropping) or j - (t - n) / 2 (padding).
+        let shift = if t < n { (n - t) / 2 } else { -((t - n) / 2) };
+        let ids: Vec<i64> = (0..t)
+            .map(|j| j + shift)
+            .map(|s| if (0..n).contains(&s) { s } else { n })
+            .collect();
+        let name = cx.temp_name(&format!("ids{a}"));
+        let c = cx.add_const(&name, Tensor::i64(vec![ids.len()], ids))?;
+        v = tmp(cx, Op::Gather { axis: a }, &[v, c], &format!("axis{a}"))?;
+    }
+    cx.add(Op::Identity, &[v])
+}
+
+/// Scatter with indices known at import (constants, or an input whose value was given): each
+/// output element's writers are known, so the op is Gathers of the flat updates with constant
+/// ids, one layer per writer rank, combined with the data by Where (no reduction: the last
+/// writer wins) or by the reduction (add, mul, max, min). `pairs` are (output position, update
+/// position) in write order.
+fn scatter_known(
+    cx: &mut Ctx,
+    data: NodeId,
+    updates: NodeId,
+    pairs: Vec<(usize, usize)>,
+) -> Result<NodeId> {
+    let reduction = cx
+        .attr_string("reduction")?
+        .unwrap_or_else(|| "none".into());
+    let combine = match reduction.as_str() {
+        "none" => None,
+        "add" => Some(Binary::Add),
+        "mul" => Some(Binary::Mul),
+        "max" => Some(Binary::Max),
+        "min" => Some(Binary::Min),
+        r => {
+            return Err(cx.err(format!(
+                "reduction '{r}', expected none, add, mul, max or min"
+            )))
+        }
+    };
+    let ds = cx.shape(data);
+    let n = numel(&ds);
+    let m = numel(&cx.shape(updates));
+    let mut writers: Vec<Vec<usize>> = vec![vec![]; n];
+    for (o, u) in pairs {
+        writers[o].push(u);
+    }
+    if combine.is_none() {
+        for w in &mut writers {
+            if w.len() > 1 {
+                w.drain(..w.len() - 1);
+            }
+        }
+    }
+    let layers = writers.iter().map(Vec::len).max().unwrap_or(0);
+    let flat = tmp(cx, Op::Reshape { shape: vec![n] }, &[data], "data_flat")?;
+    let upd = tmp(
+        cx,
+        Op::Reshape { shape: vec![m] },
+        &[updates],
+        "updates_flat",
+    )?;
+    let mut acc = flat;
+    for l in 0..layers {
+        // Id m is past the end: Gather gives 0 there, and the mask keeps acc.
+        let ids: Vec<i64> = writers
+            .iter()
+            .map(|w| w.get(l).map_or(m as i64, |&u| u as i64))
+            .collect();
+        let mask: Vec<bool> = writers.iter().map(|w| w.len() > l).collect();
+        let name = cx.temp_name(&format!("writer{l}_ids"));
+        let idc = cx.add_const(&name, Tensor::i64(vec![n], ids))?;
+        let name = cx.temp_name(&format!("writer{l}_mask"));
+        let mc = cx.add_const(&name, Tensor::bool(vec![n], mask))?;
+        let g = tmp(
+            cx,
+            Op::Gather { axis: 0 },
+            &[upd, idc],
+            &format!("writer{l}"),
+        )?;
+        let v = match combine {
+            Some(b) => bin(cx, b, acc, g, &format!("combined{l}"))?,
+            None => g,
+        };
+        acc = tmp(cx, Op::Where, &[mc, v, acc], &format!("scattered{l}"))?;
+    }
+    cx.add(Op::Reshape { shape: ds }, &[acc])
+}
+
+/// ScatterElements (and the older Scatter): update i goes to position i with coordinate `axis`
+/// replaced by indices[i].
+pub fn scatter_elements(cx: &mut Ctx) -> Result<NodeId> {
+    let data = cx.input(0)?;
+    let updates = cx.input(2)?;
+    let ids = cx
+        .const_ints(1, "indices input")?
+        .ok_or_else(|| cx.err("the indices input is missing".into()))?;
+    let ds = cx.shape(data);
+    let is = cx.shape(updates);
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(0), ds.len(), false)?;
+    let ds_strides = crate::tensor::strides(&ds);
+    let is_strides = crate::tensor::strides(&is);
+    if ids.len() != numel(&is) {
+        return Err(cx.err("indices and updates must have the same shape".into()));
+    }
+    let mut pairs = Vec::with_capacity(ids.len());
+    for (u, &id) in ids.iter().enumerate() {
+        let dim = ds[axis] as i64;
+        if id < -dim || id >= dim {
+            return Err(cx.err(format!(
+                "index {id} is out of range for axis {axis} of size {dim}"
+            )));
+        }
+        let id = if id < 0 { id + dim } else { id } as usize;
+        let mut o = 0;
+        for d in 0..ds.len() {
+            let c = (u / is_strides[d]) % is[d];
+            o += if d == axis { id } else { c } * ds_strides[d];
+        }
+        pairs.push((o, u));
+    }
+    scatter_known(cx, data, updates, pairs)
+}
+
+/// ScatterND: update slice q goes to the data slice at the index tuple indices[q].
+pub fn scatter_nd(cx: &mut Ctx) -> Result<NodeId> {
+    let data = cx.input(0)?;
+    let updates = cx.input(2)?;
+    let ids = cx
+        .const_ints(1, "indices input")?
+        .ok_or_else(|| cx.err("the indices input is missing".into()))?;
+    let idx_shape = cx.shape(cx.input(1)?);
+    let ds = cx.shape(data);
+    let k = *idx_shape.last().unwrap_or(&0);
+    if k == 0 || k > ds.len() {
+        return Err(cx.err(format!(
+            "index tuples of length {k} do not fit data of rank {}",
+            ds.len()
+        )));
+    }
+    let slice: usize = ds[k..].iter().product();
+    let ds_strides = crate::tensor::strides(&ds);
+    let mut pairs = vec![];
+    for (q, tuple) in ids.chunks(k).enumerate() {
+        let mut base = 0;
+        for (d, &i) in tuple.iter().enumerate() {
+            let dim = ds[d] as i64;
+            if i < -dim || i >= dim {
+                return Err(cx.err(format!(
+                    "index {i} is out of range for dim {d} of size {dim}"
+                )));
+            }
+            base += (if i < 0 { i + dim } else { i }) as usize * ds_strides[d];
+        }
+        for e in 0..slice {
+            pairs.push((base + e, q * slice + e));
+        }
+    }
+    scatter_known(cx, data, updates, pairs)
 }

@@ -15,6 +15,7 @@
 
 mod max;
 mod min;
+mod prod;
 mod sum;
 mod sum_square;
 
@@ -32,6 +33,8 @@ pub enum Reduce {
     Max,
     /// Minimum (NaN if any element is NaN; +inf over no elements).
     Min,
+    /// Product (1 over no elements).
+    Prod,
 }
 
 /// How a reduce kernel computes a kind: the template, the per-element term (of `v`), and for
@@ -71,7 +74,13 @@ pub struct ReduceDef {
 
 impl Reduce {
     /// Every reduction dorac knows.
-    pub const ALL: &'static [Reduce] = &[Reduce::Sum, Reduce::SumSquare, Reduce::Max, Reduce::Min];
+    pub const ALL: &'static [Reduce] = &[
+        Reduce::Sum,
+        Reduce::SumSquare,
+        Reduce::Max,
+        Reduce::Min,
+        Reduce::Prod,
+    ];
 
     /// The reduction's definition, in its own file.
     pub fn def(self) -> &'static ReduceDef {
@@ -80,6 +89,7 @@ impl Reduce {
             Reduce::SumSquare => &sum_square::SUM_SQUARE,
             Reduce::Max => &max::MAX,
             Reduce::Min => &min::MIN,
+            Reduce::Prod => &prod::PROD,
         }
     }
 
