@@ -15,6 +15,7 @@ use crate::ir::Graph;
 use crate::tensor::shape_str;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
+use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 
 /// One kernel, ready to dispatch.
@@ -339,8 +340,63 @@ impl Executable {
         let result = self.download(submission, scopes, &reads, "running the step");
         if result.is_ok() {
             status.ran = true;
+            if let Ok(path) = std::env::var(PROFILE_ENV) {
+                self.write_profile(Path::new(&path))?;
+            }
         }
         result
+    }
+
+    /// Times every kernel on its own (one submission each, waited for) and appends the times to
+    /// `path`, slowest first: a developer's view of where a step goes. The kernels run again on
+    /// the buffers as the step left them, so the values they write are meaningless; the next
+    /// step recomputes everything from its inputs and the state, which they do not touch.
+    fn write_profile(&self, path: &Path) -> Result<()> {
+        let mut times = vec![];
+        for d in &self.dispatches {
+            let [x, y, z] = d.workgroups;
+            if x == 0 || y == 0 || z == 0 {
+                continue;
+            }
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("profile"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("profile"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(x, y, z);
+            }
+            let start = std::time::Instant::now();
+            let submission = self.queue.submit([encoder.finish()]);
+            let _ = self.device.poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            });
+            times.push((start.elapsed().as_secs_f64(), d.name.as_str()));
+        }
+        times.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let total: f64 = times.iter().map(|t| t.0).sum();
+        let mut text = format!("{} kernels, {total:.3} s in all\n", times.len());
+        for (t, name) in &times {
+            text += &format!(
+                "{:9.3} ms {:5.1}%  {name}\n",
+                t * 1e3,
+                100.0 * t / total.max(1e-12)
+            );
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
     }
 
     /// Sets graph input `name` (a state or any other input) to `data`, flat row-major, which
@@ -546,6 +602,10 @@ impl Executable {
         Ok(())
     }
 }
+
+/// Set to a file path, every run also times each kernel on its own and appends the times there
+/// ([`Executable::write_profile`]).
+pub const PROFILE_ENV: &str = "DORAC_PROFILE";
 
 /// A MAP_READ buffer for `len` f32 values (at least 4 bytes).
 fn staging_buffer(device: &wgpu::Device, label: &str, len: usize) -> wgpu::Buffer {
