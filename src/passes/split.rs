@@ -14,6 +14,10 @@
 //!
 //! Any other reader of an oversized constant is an error naming the tensor. Splits along rows of
 //! a memory-mapped weight stay mapped (no copy); column splits are copied.
+//!
+//! [`split_large_constants`] serves inference and frozen weights: each reader gets its own
+//! chunks. A trainable tensor must stay one set of parameters, so [`split_parameter`] cuts it
+//! once, into chunks all its readers share, which training then updates one by one.
 
 use crate::error::{Error, Result};
 use crate::ir::op::MAX_CONCAT_INPUTS;
@@ -51,8 +55,8 @@ pub fn split_large_constants(graph: &mut Graph, max_bytes: u64) -> Result<usize>
     rewrite(graph, &[&SplitReader { max_bytes }])
 }
 
-/// Every value is f32 (or f32-sized) on the device.
-fn bytes(shape: &[usize]) -> u64 {
+/// The bytes a tensor of `shape` takes on the device (every value is f32 or f32-sized there).
+pub fn bytes(shape: &[usize]) -> u64 {
     4 * shape.iter().map(|&d| d as u64).product::<u64>()
 }
 

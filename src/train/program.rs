@@ -240,7 +240,7 @@ pub fn build_for_device(
     if let Some(limit) = max_tensor_bytes {
         let mut fitted = vec![];
         for (node, module, role) in chosen {
-            if 4 * crate::tensor::numel(graph.shape(node)) as u64 <= limit {
+            if crate::passes::split::bytes(graph.shape(node)) <= limit {
                 fitted.push((node, module, role));
                 continue;
             }
