@@ -128,6 +128,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ScatterElements", Rule::Build(lowered::scatter_elements)),
     ("Scatter", Rule::Build(lowered::scatter_elements)),
     ("ScatterND", Rule::Build(lowered::scatter_nd)),
+    ("TopK", Rule::Build(lowered::top_k)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),
@@ -163,6 +164,7 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "Dropout",
     "SoftmaxCrossEntropyLoss",
     "Attention",
+    "TopK",
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an

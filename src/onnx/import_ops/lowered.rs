@@ -16,7 +16,8 @@
 //! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks),
 //!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
 //!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked);
-//! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer).
+//! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer),
+//!   TopK with K known at import (ranks from an n x n comparison).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode), CenterCropPad.
 
@@ -1603,4 +1604,96 @@ pub fn scatter_nd(cx: &mut Ctx) -> Result<NodeId> {
         }
     }
     scatter_known(cx, data, updates, pairs)
+}
+
+/// TopK with K known at import, by ranks: element i's rank along the axis counts the elements
+/// that come before it (larger, or smaller with `largest = 0`; equal ones with a lower index
+/// first), from an [n, n] comparison; output slot r sums the one element whose rank is r. The
+/// outputs are always sorted (also when `sorted = 0`, which leaves the order free). Costs n²
+/// per row.
+pub fn top_k(cx: &mut Ctx) -> Result<NodeId> {
+    use crate::tensor::DType;
+    let x = cx.input(0)?;
+    let k = cx
+        .const_ints(1, "K input")?
+        .ok_or_else(|| cx.err("the K input is missing".into()))?;
+    let xs = cx.shape(x);
+    let a = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), xs.len(), false)?;
+    let largest = cx.attr_bool("largest", true)?;
+    let _ = cx.attr_bool("sorted", true)?;
+    let n = xs[a];
+    let k = match k[..] {
+        [k] if (0..=n as i64).contains(&k) => k as usize,
+        _ => return Err(cx.err(format!("K {k:?} must be one value in 0..={n}"))),
+    };
+    let trailing = xs.len() - a - 1;
+    // x with its axis element index at a (i) and a unit dim at a + 1, and the transpose (j).
+    let with_unit = |at: usize| {
+        let mut s = xs.clone();
+        s.insert(at, 1);
+        s
+    };
+    let xi = tmp(
+        cx,
+        Op::Reshape {
+            shape: with_unit(a + 1),
+        },
+        &[x],
+        "x_i",
+    )?;
+    let xj = tmp(
+        cx,
+        Op::Reshape {
+            shape: with_unit(a),
+        },
+        &[x],
+        "x_j",
+    )?;
+    let before = if largest {
+        bin(cx, Binary::Less, xi, xj, "j_larger")?
+    } else {
+        bin(cx, Binary::Less, xj, xi, "j_smaller")?
+    };
+    let same = bin(cx, Binary::Equal, xi, xj, "tie")?;
+    let mut lower = vec![n, n];
+    lower.extend(vec![1; trailing]);
+    let name = cx.temp_name("j_lower");
+    let jl: Vec<bool> = (0..n * n).map(|p| p % n < p / n).collect();
+    let jl = cx.add_const(&name, Tensor::bool(lower, jl))?;
+    let tie_first = bin(cx, Binary::And, same, jl, "tie_first")?;
+    let beats = bin(cx, Binary::Or, before, tie_first, "beats")?;
+    let beats = tmp(cx, Op::Cast { to: DType::I64 }, &[beats], "beats_count")?;
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: vec![a + 1],
+        keepdims: true,
+    };
+    let rank = tmp(cx, op, &[beats], "rank")?;
+    let mut slots = vec![1; a + 1];
+    slots.push(k);
+    slots.extend(vec![1; trailing]);
+    let name = cx.temp_name("slots");
+    let r = cx.add_const(&name, Tensor::i64(slots, (0..k as i64).collect()))?;
+    let pick = bin(cx, Binary::Equal, rank, r, "pick")?;
+    let sum_i = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: vec![a],
+        keepdims: false,
+    };
+    let zero = scalar(cx, 0.0, "zero")?;
+    let chosen = tmp(cx, Op::Where, &[pick, xi, zero], "chosen")?;
+    let values = cx.add(sum_i.clone(), &[chosen])?;
+    if let Some(name) = cx.node.output.get(1).filter(|o| !o.is_empty()).cloned() {
+        let mut is = vec![1; a];
+        is.extend([n, 1]);
+        is.extend(vec![1; trailing]);
+        let iname = cx.temp_name("positions");
+        let ids = cx.add_const(&iname, Tensor::i64(is, (0..n as i64).collect()))?;
+        let izero = cx.temp_name("zero_id");
+        let iz = cx.add_const(&izero, Tensor::i64(vec![], vec![0]))?;
+        let at = tmp(cx, Op::Where, &[pick, ids, iz], "chosen_ids")?;
+        let idx = cx.add_named(sum_i, &[at], &name)?;
+        cx.set_output(1, idx);
+    }
+    Ok(values)
 }
