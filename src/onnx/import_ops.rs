@@ -129,6 +129,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Scatter", Rule::Build(lowered::scatter_elements)),
     ("ScatterND", Rule::Build(lowered::scatter_nd)),
     ("TopK", Rule::Build(lowered::top_k)),
+    ("Einsum", Rule::Build(lowered::einsum)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),

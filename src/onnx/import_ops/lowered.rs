@@ -17,7 +17,8 @@
 //!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
 //!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked);
 //! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer),
-//!   TopK with K known at import (ranks from an n x n comparison).
+//!   TopK with K known at import (ranks from an n x n comparison), Einsum (broadcast products
+//!   and sums; diagonals through identity constants).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode), CenterCropPad.
 
@@ -1696,4 +1697,177 @@ pub fn top_k(cx: &mut Ctx) -> Result<NodeId> {
         cx.set_output(1, idx);
     }
     Ok(values)
+}
+
+/// Einsum as broadcasting: every operand is transposed to one label order (the output's labels,
+/// then the summed ones) with unit dims for its missing labels, the operands are multiplied, and
+/// the summed labels are reduced. A label repeated within an operand (a diagonal, `ii`) becomes
+/// a fresh label tied to the first by an identity-matrix constant. `...` stands for the same
+/// broadcast dims in every operand.
+pub fn einsum(cx: &mut Ctx) -> Result<NodeId> {
+    let eq: String = cx
+        .attr_string("equation")?
+        .ok_or_else(|| cx.err("the equation attribute is missing".into()))?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let inputs = cx.inputs_from(0)?;
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l.to_string(), Some(r.to_string())),
+        None => (eq.clone(), None),
+    };
+    let terms: Vec<&str> = lhs.split(',').collect();
+    if terms.len() != inputs.len() {
+        return Err(cx.err(format!(
+            "equation '{eq}' has {} operands, the node {}",
+            terms.len(),
+            inputs.len()
+        )));
+    }
+    // Labels are chars; ellipsis dims get the labels '0', '1', ... from the left of the widest.
+    let ell_rank = terms
+        .iter()
+        .zip(&inputs)
+        .filter(|(t, _)| t.contains("..."))
+        .map(|(t, &x)| cx.shape(x).len() + 3 - t.len())
+        .max()
+        .unwrap_or(0);
+    let expand = |t: &str, rank: usize| -> Vec<char> {
+        match t.split_once("...") {
+            Some((a, b)) => {
+                let e = rank + 3 - t.len();
+                let mut v: Vec<char> = a.chars().collect();
+                v.extend((ell_rank - e..ell_rank).map(|i| (b'0' + i as u8) as char));
+                v.extend(b.chars());
+                v
+            }
+            None => t.chars().collect(),
+        }
+    };
+    let mut ops: Vec<(NodeId, Vec<char>)> = vec![];
+    let mut fresh = 'A';
+    let mut sizes: std::collections::HashMap<char, usize> = Default::default();
+    for (t, &x) in terms.iter().zip(&inputs) {
+        let s = cx.shape(x);
+        let mut labels = expand(t, s.len());
+        if labels.len() != s.len() {
+            return Err(cx.err(format!(
+                "term '{t}' does not fit an operand of rank {}",
+                s.len()
+            )));
+        }
+        for (k, &l) in labels.clone().iter().enumerate() {
+            let d = sizes.entry(l).or_insert(s[k]);
+            if *d != s[k] && *d != 1 && s[k] != 1 {
+                return Err(cx.err(format!("label '{l}' has sizes {d} and {}", s[k])));
+            }
+            *d = (*d).max(s[k]);
+        }
+        let mut extra = vec![];
+        for k in 0..labels.len() {
+            if labels[..k].contains(&labels[k]) {
+                while sizes.contains_key(&fresh) || lhs.contains(fresh) {
+                    fresh = (fresh as u8 + 1) as char;
+                }
+                let n = s[k];
+                let name = cx.temp_name("diagonal");
+                let eye = Tensor::f32(
+                    vec![n, n],
+                    (0..n * n)
+                        .map(|p| (p % (n + 1) == 0) as u8 as f32)
+                        .collect(),
+                );
+                let eye = cx.add_const(&name, eye)?;
+                extra.push((eye, vec![labels[k], fresh]));
+                sizes.insert(fresh, n);
+                labels[k] = fresh;
+            }
+        }
+        ops.push((x, labels));
+        ops.extend(extra);
+    }
+    let out: Vec<char> = match &rhs {
+        Some(r) => expand(
+            r,
+            ell_rank + r.len() - if r.contains("...") { 3 } else { 0 },
+        ),
+        None => {
+            let all: Vec<char> = ops.iter().flat_map(|(_, l)| l.clone()).collect();
+            let mut once: Vec<char> = all
+                .iter()
+                .copied()
+                .filter(|c| !c.is_ascii_digit() && all.iter().filter(|d| *d == c).count() == 1)
+                .collect();
+            once.sort_unstable();
+            let mut v: Vec<char> = (0..ell_rank).map(|i| (b'0' + i as u8) as char).collect();
+            v.extend(once);
+            v
+        }
+    };
+    let mut order = out.clone();
+    for (_, ls) in &ops {
+        for &l in ls {
+            if !order.contains(&l) {
+                order.push(l);
+            }
+        }
+    }
+    if let Some(l) = out.iter().find(|l| !sizes.contains_key(l)) {
+        return Err(cx.err(format!("output label '{l}' is in no operand")));
+    }
+    let mut acc: Option<NodeId> = None;
+    for (i, (x, ls)) in ops.iter().enumerate() {
+        let mut present: Vec<(usize, usize)> = ls
+            .iter()
+            .enumerate()
+            .map(|(k, l)| (order.iter().position(|o| o == l).unwrap(), k))
+            .collect();
+        present.sort_unstable();
+        let perm: Vec<usize> = present.iter().map(|&(_, k)| k).collect();
+        let mut v = *x;
+        if perm.iter().enumerate().any(|(a, &b)| a != b) {
+            v = tmp(
+                cx,
+                Op::Transpose { perm: perm.clone() },
+                &[v],
+                &format!("operand{i}"),
+            )?;
+        }
+        let s = cx.shape(v);
+        let full: Vec<usize> = order
+            .iter()
+            .map(|l| {
+                ls.iter()
+                    .position(|m| m == l)
+                    .map_or(1, |k| cx.shape(*x)[k])
+            })
+            .collect();
+        if full != s {
+            v = tmp(
+                cx,
+                Op::Reshape { shape: full },
+                &[v],
+                &format!("operand{i}_spread"),
+            )?;
+        }
+        acc = Some(match acc {
+            None => v,
+            Some(a) => bin(cx, Binary::Mul, a, v, &format!("product{i}"))?,
+        });
+    }
+    let acc = acc.ok_or_else(|| cx.err("no operands".into()))?;
+    let summed: Vec<usize> = (out.len()..order.len()).collect();
+    if summed.is_empty() {
+        let shape: Vec<usize> = out.iter().map(|l| sizes[l]).collect();
+        if cx.shape(acc) != shape {
+            return cx.add(Op::Expand { shape }, &[acc]);
+        }
+        return cx.add(Op::Identity, &[acc]);
+    }
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: summed,
+        keepdims: false,
+    };
+    cx.add(op, &[acc])
 }
