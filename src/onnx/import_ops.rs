@@ -130,6 +130,9 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ScatterND", Rule::Build(lowered::scatter_nd)),
     ("TopK", Rule::Build(lowered::top_k)),
     ("Einsum", Rule::Build(lowered::einsum)),
+    ("RNN", Rule::Build(lowered::rnn)),
+    ("GRU", Rule::Build(lowered::gru)),
+    ("LSTM", Rule::Build(lowered::lstm)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),
@@ -166,6 +169,9 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "SoftmaxCrossEntropyLoss",
     "Attention",
     "TopK",
+    "RNN",
+    "GRU",
+    "LSTM",
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
@@ -222,7 +228,8 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
         )));
     }
     let mut outputs = vec![(cx.name.clone(), id)];
-    outputs.append(&mut cx.extra_outputs);
+    let first = cx.name.clone();
+    outputs.extend(cx.extra_outputs.drain(..).filter(|(n, _)| *n != first));
     Ok(outputs)
 }
 
