@@ -282,7 +282,9 @@ fn import_resolved(
         .partition(|&i| gp.node[i].op_type() == "Constant");
     for i in constants.into_iter().chain(ops) {
         let node = &gp.node[i];
-        let name = node.output[0].clone();
+        // The IR name of the node's result: its first output, or (RNN's Y unused, say) the
+        // first output it has.
+        let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
         let label = node_label(node);
         let sg = stop_gradient.contains(node.name());
         let outputs = {
@@ -477,7 +479,7 @@ fn topo_sort(
         .collect();
     let mut producer: HashMap<&str, usize> = HashMap::new();
     for (i, n) in gp.node.iter().enumerate() {
-        if n.output.first().is_none_or(|o| o.is_empty()) {
+        if n.output.iter().all(|o| o.is_empty()) {
             return Err(Error::Onnx(format!(
                 "node '{}' ({}) has no output",
                 node_label(n),

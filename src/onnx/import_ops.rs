@@ -118,6 +118,11 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ScatterElements", Rule::Build(lowered::scatter_elements)),
     ("Scatter", Rule::Build(lowered::scatter_elements)),
     ("ScatterND", Rule::Build(lowered::scatter_nd)),
+    ("TopK", Rule::Build(lowered::top_k)),
+    ("Einsum", Rule::Build(lowered::einsum)),
+    ("RNN", Rule::Build(lowered::rnn)),
+    ("GRU", Rule::Build(lowered::gru)),
+    ("LSTM", Rule::Build(lowered::lstm)),
     ("Sum", Rule::Build(lowered::sum)),
     ("Mean", Rule::Build(lowered::mean)),
     ("CastLike", Rule::Build(lowered::cast_like)),
@@ -153,6 +158,10 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "Dropout",
     "SoftmaxCrossEntropyLoss",
     "Attention",
+    "TopK",
+    "RNN",
+    "GRU",
+    "LSTM",
 ];
 
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
@@ -213,7 +222,8 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
         )));
     }
     let mut outputs = vec![(cx.name.clone(), id)];
-    outputs.append(&mut cx.extra_outputs);
+    let first = cx.name.clone();
+    outputs.extend(cx.extra_outputs.drain(..).filter(|(n, _)| *n != first));
     Ok(outputs)
 }
 

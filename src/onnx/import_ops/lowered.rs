@@ -16,7 +16,10 @@
 //! - Attention (opsets 23-25: heads, past keys and values, grouped queries, softcap, masks),
 //!   RotaryEmbedding (halves or interleaved pairs, partial rotary dims, position ids),
 //!   LpNormalization, DequantizeLinear (per tensor, per axis, blocked);
-//! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer).
+//! - ScatterElements, Scatter and ScatterND with indices known at import (Gathers by writer),
+//!   TopK with K known at import (ranks from an n x n comparison), Einsum (broadcast products
+//!   and sums; diagonals through identity constants);
+//! - RNN, GRU, LSTM unrolled over the static sequence (default activations, no clip).
 //! - layout: Tile, SpaceToDepth, DepthToSpace (reshape, expand or transpose, reshape), Pad (one
 //!   Gather per padded axis, every mode), CenterCropPad.
 
@@ -1603,4 +1606,700 @@ pub fn scatter_nd(cx: &mut Ctx) -> Result<NodeId> {
         }
     }
     scatter_known(cx, data, updates, pairs)
+}
+
+/// TopK with K known at import, by ranks: element i's rank along the axis counts the elements
+/// that come before it (larger, or smaller with `largest = 0`; equal ones with a lower index
+/// first), from an [n, n] comparison; output slot r sums the one element whose rank is r. The
+/// outputs are always sorted (also when `sorted = 0`, which leaves the order free). Costs n²
+/// per row.
+pub fn top_k(cx: &mut Ctx) -> Result<NodeId> {
+    use crate::tensor::DType;
+    let x = cx.input(0)?;
+    let k = cx
+        .const_ints(1, "K input")?
+        .ok_or_else(|| cx.err("the K input is missing".into()))?;
+    let xs = cx.shape(x);
+    let a = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), xs.len(), false)?;
+    let largest = cx.attr_bool("largest", true)?;
+    let _ = cx.attr_bool("sorted", true)?;
+    let n = xs[a];
+    let k = match k[..] {
+        [k] if (0..=n as i64).contains(&k) => k as usize,
+        _ => return Err(cx.err(format!("K {k:?} must be one value in 0..={n}"))),
+    };
+    let trailing = xs.len() - a - 1;
+    // x with its axis element index at a (i) and a unit dim at a + 1, and the transpose (j).
+    let with_unit = |at: usize| {
+        let mut s = xs.clone();
+        s.insert(at, 1);
+        s
+    };
+    let xi = tmp(
+        cx,
+        Op::Reshape {
+            shape: with_unit(a + 1),
+        },
+        &[x],
+        "x_i",
+    )?;
+    let xj = tmp(
+        cx,
+        Op::Reshape {
+            shape: with_unit(a),
+        },
+        &[x],
+        "x_j",
+    )?;
+    let before = if largest {
+        bin(cx, Binary::Less, xi, xj, "j_larger")?
+    } else {
+        bin(cx, Binary::Less, xj, xi, "j_smaller")?
+    };
+    let same = bin(cx, Binary::Equal, xi, xj, "tie")?;
+    let mut lower = vec![n, n];
+    lower.extend(vec![1; trailing]);
+    let name = cx.temp_name("j_lower");
+    let jl: Vec<bool> = (0..n * n).map(|p| p % n < p / n).collect();
+    let jl = cx.add_const(&name, Tensor::bool(lower, jl))?;
+    let tie_first = bin(cx, Binary::And, same, jl, "tie_first")?;
+    let beats = bin(cx, Binary::Or, before, tie_first, "beats")?;
+    let beats = tmp(cx, Op::Cast { to: DType::I64 }, &[beats], "beats_count")?;
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: vec![a + 1],
+        keepdims: true,
+    };
+    let rank = tmp(cx, op, &[beats], "rank")?;
+    let mut slots = vec![1; a + 1];
+    slots.push(k);
+    slots.extend(vec![1; trailing]);
+    let name = cx.temp_name("slots");
+    let r = cx.add_const(&name, Tensor::i64(slots, (0..k as i64).collect()))?;
+    let pick = bin(cx, Binary::Equal, rank, r, "pick")?;
+    let sum_i = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: vec![a],
+        keepdims: false,
+    };
+    let zero = scalar(cx, 0.0, "zero")?;
+    let chosen = tmp(cx, Op::Where, &[pick, xi, zero], "chosen")?;
+    let values = cx.add(sum_i.clone(), &[chosen])?;
+    if let Some(name) = cx.node.output.get(1).filter(|o| !o.is_empty()).cloned() {
+        let mut is = vec![1; a];
+        is.extend([n, 1]);
+        is.extend(vec![1; trailing]);
+        let iname = cx.temp_name("positions");
+        let ids = cx.add_const(&iname, Tensor::i64(is, (0..n as i64).collect()))?;
+        let izero = cx.temp_name("zero_id");
+        let iz = cx.add_const(&izero, Tensor::i64(vec![], vec![0]))?;
+        let at = tmp(cx, Op::Where, &[pick, ids, iz], "chosen_ids")?;
+        let idx = cx.add_named(sum_i, &[at], &name)?;
+        cx.set_output(1, idx);
+    }
+    Ok(values)
+}
+
+/// Einsum as broadcasting: every operand is transposed to one label order (the output's labels,
+/// then the summed ones) with unit dims for its missing labels, the operands are multiplied, and
+/// the summed labels are reduced. A label repeated within an operand (a diagonal, `ii`) becomes
+/// a fresh label tied to the first by an identity-matrix constant. `...` stands for the same
+/// broadcast dims in every operand.
+pub fn einsum(cx: &mut Ctx) -> Result<NodeId> {
+    let eq: String = cx
+        .attr_string("equation")?
+        .ok_or_else(|| cx.err("the equation attribute is missing".into()))?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let inputs = cx.inputs_from(0)?;
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l.to_string(), Some(r.to_string())),
+        None => (eq.clone(), None),
+    };
+    let terms: Vec<&str> = lhs.split(',').collect();
+    if terms.len() != inputs.len() {
+        return Err(cx.err(format!(
+            "equation '{eq}' has {} operands, the node {}",
+            terms.len(),
+            inputs.len()
+        )));
+    }
+    // Labels are chars; ellipsis dims get the labels '0', '1', ... from the left of the widest.
+    let ell_rank = terms
+        .iter()
+        .zip(&inputs)
+        .filter(|(t, _)| t.contains("..."))
+        .map(|(t, &x)| cx.shape(x).len() + 3 - t.len())
+        .max()
+        .unwrap_or(0);
+    let expand = |t: &str, rank: usize| -> Vec<char> {
+        match t.split_once("...") {
+            Some((a, b)) => {
+                let e = rank + 3 - t.len();
+                let mut v: Vec<char> = a.chars().collect();
+                v.extend((ell_rank - e..ell_rank).map(|i| (b'0' + i as u8) as char));
+                v.extend(b.chars());
+                v
+            }
+            None => t.chars().collect(),
+        }
+    };
+    let mut ops: Vec<(NodeId, Vec<char>)> = vec![];
+    let mut fresh = 'A';
+    let mut sizes: std::collections::HashMap<char, usize> = Default::default();
+    for (t, &x) in terms.iter().zip(&inputs) {
+        let s = cx.shape(x);
+        let mut labels = expand(t, s.len());
+        if labels.len() != s.len() {
+            return Err(cx.err(format!(
+                "term '{t}' does not fit an operand of rank {}",
+                s.len()
+            )));
+        }
+        for (k, &l) in labels.clone().iter().enumerate() {
+            let d = sizes.entry(l).or_insert(s[k]);
+            if *d != s[k] && *d != 1 && s[k] != 1 {
+                return Err(cx.err(format!("label '{l}' has sizes {d} and {}", s[k])));
+            }
+            *d = (*d).max(s[k]);
+        }
+        let mut extra = vec![];
+        for k in 0..labels.len() {
+            if labels[..k].contains(&labels[k]) {
+                while sizes.contains_key(&fresh) || lhs.contains(fresh) {
+                    fresh = (fresh as u8 + 1) as char;
+                }
+                let n = s[k];
+                let name = cx.temp_name("diagonal");
+                let eye = Tensor::f32(
+                    vec![n, n],
+                    (0..n * n)
+                        .map(|p| (p % (n + 1) == 0) as u8 as f32)
+                        .collect(),
+                );
+                let eye = cx.add_const(&name, eye)?;
+                extra.push((eye, vec![labels[k], fresh]));
+                sizes.insert(fresh, n);
+                labels[k] = fresh;
+            }
+        }
+        ops.push((x, labels));
+        ops.extend(extra);
+    }
+    let out: Vec<char> = match &rhs {
+        Some(r) => expand(
+            r,
+            ell_rank + r.len() - if r.contains("...") { 3 } else { 0 },
+        ),
+        None => {
+            let all: Vec<char> = ops.iter().flat_map(|(_, l)| l.clone()).collect();
+            let mut once: Vec<char> = all
+                .iter()
+                .copied()
+                .filter(|c| !c.is_ascii_digit() && all.iter().filter(|d| *d == c).count() == 1)
+                .collect();
+            once.sort_unstable();
+            let mut v: Vec<char> = (0..ell_rank).map(|i| (b'0' + i as u8) as char).collect();
+            v.extend(once);
+            v
+        }
+    };
+    let mut order = out.clone();
+    for (_, ls) in &ops {
+        for &l in ls {
+            if !order.contains(&l) {
+                order.push(l);
+            }
+        }
+    }
+    if let Some(l) = out.iter().find(|l| !sizes.contains_key(l)) {
+        return Err(cx.err(format!("output label '{l}' is in no operand")));
+    }
+    let mut acc: Option<NodeId> = None;
+    for (i, (x, ls)) in ops.iter().enumerate() {
+        let mut present: Vec<(usize, usize)> = ls
+            .iter()
+            .enumerate()
+            .map(|(k, l)| (order.iter().position(|o| o == l).unwrap(), k))
+            .collect();
+        present.sort_unstable();
+        let perm: Vec<usize> = present.iter().map(|&(_, k)| k).collect();
+        let mut v = *x;
+        if perm.iter().enumerate().any(|(a, &b)| a != b) {
+            v = tmp(
+                cx,
+                Op::Transpose { perm: perm.clone() },
+                &[v],
+                &format!("operand{i}"),
+            )?;
+        }
+        let s = cx.shape(v);
+        let full: Vec<usize> = order
+            .iter()
+            .map(|l| {
+                ls.iter()
+                    .position(|m| m == l)
+                    .map_or(1, |k| cx.shape(*x)[k])
+            })
+            .collect();
+        if full != s {
+            v = tmp(
+                cx,
+                Op::Reshape { shape: full },
+                &[v],
+                &format!("operand{i}_spread"),
+            )?;
+        }
+        acc = Some(match acc {
+            None => v,
+            Some(a) => bin(cx, Binary::Mul, a, v, &format!("product{i}"))?,
+        });
+    }
+    let acc = acc.ok_or_else(|| cx.err("no operands".into()))?;
+    let summed: Vec<usize> = (out.len()..order.len()).collect();
+    if summed.is_empty() {
+        let shape: Vec<usize> = out.iter().map(|l| sizes[l]).collect();
+        if cx.shape(acc) != shape {
+            return cx.add(Op::Expand { shape }, &[acc]);
+        }
+        return cx.add(Op::Identity, &[acc]);
+    }
+    let op = Op::Reduce {
+        kind: Reduce::Sum,
+        axes: summed,
+        keepdims: false,
+    };
+    cx.add(op, &[acc])
+}
+
+/// `x[.., start..end, ..]` along `axis`.
+fn slice_axis(
+    cx: &mut Ctx,
+    x: NodeId,
+    axis: usize,
+    start: usize,
+    end: usize,
+    tag: &str,
+) -> Result<NodeId> {
+    let s = cx.shape(x);
+    let mut starts = vec![0i64; s.len()];
+    let mut ends: Vec<i64> = s.iter().map(|&e| e as i64).collect();
+    (starts[axis], ends[axis]) = (start as i64, end as i64);
+    let steps = vec![1i64; s.len()];
+    tmp(
+        cx,
+        Op::Slice {
+            starts,
+            ends,
+            steps,
+        },
+        &[x],
+        tag,
+    )
+}
+
+/// Concat of any number of values along `axis`, in chunks the IR's Concat takes.
+fn concat_many(cx: &mut Ctx, mut v: Vec<NodeId>, axis: usize, tag: &str) -> Result<NodeId> {
+    let mut round = 0;
+    while v.len() > 1 {
+        let mut next = vec![];
+        for (i, chunk) in v.chunks(crate::ir::op::MAX_CONCAT_INPUTS).enumerate() {
+            next.push(match chunk {
+                [one] => *one,
+                _ => tmp(
+                    cx,
+                    Op::Concat { axis },
+                    chunk,
+                    &format!("{tag}_{round}_{i}"),
+                )?,
+            });
+        }
+        v = next;
+        round += 1;
+    }
+    v.pop()
+        .ok_or_else(|| cx.err("nothing to concatenate".into()))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Cell {
+    Rnn,
+    Gru,
+    Lstm,
+}
+
+/// RNN, GRU and LSTM unrolled over the (static) sequence: per direction, the input projection
+/// of every step in one MatMul, then per step the recurrent MatMul and the gate arithmetic.
+/// Default activations only, no clip, full sequence lengths; both layouts; forward, reverse and
+/// bidirectional; GRU's linear_before_reset; LSTM's peepholes and initial cell.
+fn recurrent(cx: &mut Ctx, cell: Cell) -> Result<NodeId> {
+    let gates = match cell {
+        Cell::Rnn => 1,
+        Cell::Gru => 3,
+        Cell::Lstm => 4,
+    };
+    let x = cx.input(0)?;
+    let w = cx.input(1)?;
+    let r = cx.input(2)?;
+    let bias = cx.opt_input(3)?;
+    let lens = cx.const_ints(4, "sequence_lens input")?;
+    let h0 = cx.opt_input(5)?;
+    let (c0, peep) = if cell == Cell::Lstm {
+        (cx.opt_input(6)?, cx.opt_input(7)?)
+    } else {
+        (None, None)
+    };
+    let hidden =
+        cx.attr_int("hidden_size")?
+            .ok_or_else(|| cx.err("the hidden_size attribute is missing".into()))? as usize;
+    let layout = cx.attr_int("layout")?.unwrap_or(0);
+    let direction = cx
+        .attr_string("direction")?
+        .unwrap_or_else(|| "forward".into());
+    let lbr = cell == Cell::Gru && cx.attr_bool("linear_before_reset", false)?;
+    let defaults: &[&str] = match cell {
+        Cell::Rnn => &["Tanh"],
+        Cell::Gru => &["Sigmoid", "Tanh"],
+        Cell::Lstm => &["Sigmoid", "Tanh", "Tanh"],
+    };
+    let _ = cx.attr_floats("activation_alpha")?;
+    let _ = cx.attr_floats("activation_beta")?;
+    if let Some(acts) = cx.node.attribute.iter().find(|a| a.name() == "activations") {
+        let acts: Vec<String> = acts
+            .strings
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into())
+            .collect();
+        let n = acts.len().min(defaults.len());
+        if acts
+            .iter()
+            .enumerate()
+            .any(|(i, a)| a != defaults[i % n.max(1)])
+        {
+            return Err(cx.unsupported(format!("{} with activations {acts:?}", cx.op_type())));
+        }
+    }
+    // Reading it through Ctx marks it read; its value was checked above.
+    let _ = cx.attr("activations", super::AttributeType::Strings)?;
+    if cx.attr_float("clip")?.is_some() {
+        return Err(cx.unsupported(format!("{} with clip", cx.op_type())));
+    }
+    if cell == Cell::Lstm && cx.attr_bool("input_forget", false)? {
+        return Err(cx.unsupported("LSTM with input_forget".into()));
+    }
+    let x = if layout == 1 {
+        tmp(
+            cx,
+            Op::Transpose {
+                perm: vec![1, 0, 2],
+            },
+            &[x],
+            "x_seq_major",
+        )?
+    } else {
+        x
+    };
+    let xs = cx.shape(x);
+    let (steps, batch) = (xs[0], xs[1]);
+    if let Some(l) = &lens {
+        if l.iter().any(|&v| v != steps as i64) {
+            return Err(cx.unsupported(format!(
+                "{} with sequence_lens {l:?} shorter than the sequence ({steps})",
+                cx.op_type()
+            )));
+        }
+    }
+    let dirs: Vec<bool> = match direction.as_str() {
+        "forward" => vec![false],
+        "reverse" => vec![true],
+        "bidirectional" => vec![false, true],
+        d => return Err(cx.err(format!("direction '{d}'"))),
+    };
+    let gh = gates * hidden;
+    // A per-direction, batch-first-or-not initial state as [B, H].
+    let state = |cx: &mut Ctx, s: Option<NodeId>, d: usize, tag: &str| -> Result<NodeId> {
+        match s {
+            Some(s) => {
+                let axis = if layout == 1 { 1 } else { 0 };
+                let v = slice_axis(cx, s, axis, d, d + 1, &format!("{tag}{d}"))?;
+                tmp(
+                    cx,
+                    Op::Reshape {
+                        shape: vec![batch, hidden],
+                    },
+                    &[v],
+                    &format!("{tag}{d}_flat"),
+                )
+            }
+            None => {
+                let name = cx.temp_name(&format!("{tag}{d}_zero"));
+                cx.add_const(
+                    &name,
+                    Tensor::f32(vec![batch, hidden], vec![0.0; batch * hidden]),
+                )
+            }
+        }
+    };
+    let (mut ys, mut hs, mut cs) = (vec![], vec![], vec![]);
+    for (d, &rev) in dirs.iter().enumerate() {
+        let p = |t: &str| format!("d{d}_{t}");
+        let wd = slice_axis(cx, w, 0, d, d + 1, &p("w"))?;
+        let wd = tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![gh, xs[2]],
+            },
+            &[wd],
+            &p("w2"),
+        )?;
+        let wt = tmp(cx, Op::Transpose { perm: vec![1, 0] }, &[wd], &p("wt"))?;
+        let rd = slice_axis(cx, r, 0, d, d + 1, &p("r"))?;
+        let rd = tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![gh, hidden],
+            },
+            &[rd],
+            &p("r2"),
+        )?;
+        let rt = tmp(cx, Op::Transpose { perm: vec![1, 0] }, &[rd], &p("rt"))?;
+        let mut xw = tmp(cx, Op::MatMul, &[x, wt], &p("xw"))?;
+        let mut rb = None;
+        if let Some(b) = bias {
+            let bd = slice_axis(cx, b, 0, d, d + 1, &p("b"))?;
+            let bd = tmp(
+                cx,
+                Op::Reshape {
+                    shape: vec![2 * gh],
+                },
+                &[bd],
+                &p("b1"),
+            )?;
+            let wb = slice_axis(cx, bd, 0, 0, gh, &p("wb"))?;
+            let rbd = slice_axis(cx, bd, 0, gh, 2 * gh, &p("rb"))?;
+            xw = bin(cx, Binary::Add, xw, wb, &p("xw_b"))?;
+            rb = Some(rbd);
+        }
+        let pd = match peep {
+            Some(pp) => {
+                let v = slice_axis(cx, pp, 0, d, d + 1, &p("p"))?;
+                Some(tmp(
+                    cx,
+                    Op::Reshape {
+                        shape: vec![3 * hidden],
+                    },
+                    &[v],
+                    &p("p1"),
+                )?)
+            }
+            None => None,
+        };
+        let mut h = state(cx, h0, d, "h")?;
+        let mut c = state(cx, c0, d, "c")?;
+        let mut outs = vec![None; steps];
+        for k in 0..steps {
+            let t = if rev { steps - 1 - k } else { k };
+            let q = |s: &str| format!("d{d}_t{t}_{s}");
+            let xt = slice_axis(cx, xw, 0, t, t + 1, &q("x"))?;
+            let xt = tmp(
+                cx,
+                Op::Reshape {
+                    shape: vec![batch, gh],
+                },
+                &[xt],
+                &q("x2"),
+            )?;
+            let part = |cx: &mut Ctx, v: NodeId, g: usize, s: &str| {
+                slice_axis(cx, v, 1, g * hidden, (g + 1) * hidden, &q(s))
+            };
+            let bpart = |cx: &mut Ctx, g: usize, s: &str| -> Result<Option<NodeId>> {
+                match rb {
+                    Some(b) => Ok(Some(slice_axis(
+                        cx,
+                        b,
+                        0,
+                        g * hidden,
+                        (g + 1) * hidden,
+                        &q(s),
+                    )?)),
+                    None => Ok(None),
+                }
+            };
+            let add_opt = |cx: &mut Ctx, a: NodeId, b: Option<NodeId>, s: &str| match b {
+                Some(b) => bin(cx, Binary::Add, a, b, &q(s)),
+                None => Ok(a),
+            };
+            match cell {
+                Cell::Rnn | Cell::Lstm => {
+                    let hr = tmp(cx, Op::MatMul, &[h, rt], &q("hr"))?;
+                    let mut g = bin(cx, Binary::Add, xt, hr, &q("gates"))?;
+                    g = add_opt(cx, g, rb, "gates_b")?;
+                    if cell == Cell::Rnn {
+                        h = un(cx, unary::TANH, g, &q("h"))?;
+                    } else {
+                        let peep_term =
+                            |cx: &mut Ctx, a: NodeId, k: usize, cc: NodeId, s: &str| match pd {
+                                Some(pp) => {
+                                    let pk = slice_axis(
+                                        cx,
+                                        pp,
+                                        0,
+                                        k * hidden,
+                                        (k + 1) * hidden,
+                                        &q(&format!("{s}_p")),
+                                    )?;
+                                    let m = bin(cx, Binary::Mul, pk, cc, &q(&format!("{s}_pc")))?;
+                                    bin(cx, Binary::Add, a, m, &q(&format!("{s}_peep")))
+                                }
+                                None => Ok(a),
+                            };
+                        let gi = part(cx, g, 0, "gi")?;
+                        let go = part(cx, g, 1, "go")?;
+                        let gf = part(cx, g, 2, "gf")?;
+                        let gc = part(cx, g, 3, "gc")?;
+                        let gi = peep_term(cx, gi, 0, c, "i")?;
+                        let gf = peep_term(cx, gf, 2, c, "f")?;
+                        let i = un(cx, unary::SIGMOID, gi, &q("i"))?;
+                        let f = un(cx, unary::SIGMOID, gf, &q("f"))?;
+                        let cc = un(cx, unary::TANH, gc, &q("c_cand"))?;
+                        let fc = bin(cx, Binary::Mul, f, c, &q("fc"))?;
+                        let ic = bin(cx, Binary::Mul, i, cc, &q("ic"))?;
+                        c = bin(cx, Binary::Add, fc, ic, &q("c"))?;
+                        let go = peep_term(cx, go, 1, c, "o")?;
+                        let o = un(cx, unary::SIGMOID, go, &q("o"))?;
+                        let tc = un(cx, unary::TANH, c, &q("tanh_c"))?;
+                        h = bin(cx, Binary::Mul, o, tc, &q("h"))?;
+                    }
+                }
+                Cell::Gru => {
+                    let hz_r = tmp(cx, Op::MatMul, &[h, rt], &q("hr"))?;
+                    let xz = part(cx, xt, 0, "xz")?;
+                    let xr = part(cx, xt, 1, "xr")?;
+                    let xh = part(cx, xt, 2, "xh")?;
+                    let hz = part(cx, hz_r, 0, "hz")?;
+                    let hr = part(cx, hz_r, 1, "hrr")?;
+                    let bz = bpart(cx, 0, "bz")?;
+                    let br = bpart(cx, 1, "br")?;
+                    let bh = bpart(cx, 2, "bh")?;
+                    let z = bin(cx, Binary::Add, xz, hz, &q("z_in"))?;
+                    let z = add_opt(cx, z, bz, "z_b")?;
+                    let z = un(cx, unary::SIGMOID, z, &q("z"))?;
+                    let rr = bin(cx, Binary::Add, xr, hr, &q("r_in"))?;
+                    let rr = add_opt(cx, rr, br, "r_b")?;
+                    let rr = un(cx, unary::SIGMOID, rr, &q("r"))?;
+                    let rh = slice_axis(cx, rt, 1, 2 * hidden, 3 * hidden, &q("rh"))?;
+                    let hh = if lbr {
+                        let hrh = tmp(cx, Op::MatMul, &[h, rh], &q("h_rh"))?;
+                        let hrh = add_opt(cx, hrh, bh, "h_rh_b")?;
+                        bin(cx, Binary::Mul, rr, hrh, &q("r_h"))?
+                    } else {
+                        let rh_h = bin(cx, Binary::Mul, rr, h, &q("r_times_h"))?;
+                        let v = tmp(cx, Op::MatMul, &[rh_h, rh], &q("rh_proj"))?;
+                        add_opt(cx, v, bh, "rh_b")?
+                    };
+                    let cand = bin(cx, Binary::Add, xh, hh, &q("cand_in"))?;
+                    let cand = un(cx, unary::TANH, cand, &q("cand"))?;
+                    let one = scalar(cx, 1.0, &q("one"))?;
+                    let nz = bin(cx, Binary::Sub, one, z, &q("one_minus_z"))?;
+                    let a = bin(cx, Binary::Mul, nz, cand, &q("new"))?;
+                    let b = bin(cx, Binary::Mul, z, h, &q("kept"))?;
+                    h = bin(cx, Binary::Add, a, b, &q("h"))?;
+                }
+            }
+            outs[t] = Some(tmp(
+                cx,
+                Op::Reshape {
+                    shape: vec![1, 1, batch, hidden],
+                },
+                &[h],
+                &q("y"),
+            )?);
+        }
+        let outs: Vec<NodeId> = outs.into_iter().flatten().collect();
+        let y = concat_many(cx, outs, 0, &p("y"))?;
+        ys.push(y);
+        hs.push(tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![1, batch, hidden],
+            },
+            &[h],
+            &p("h_last"),
+        )?);
+        cs.push(tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![1, batch, hidden],
+            },
+            &[c],
+            &p("c_last"),
+        )?);
+    }
+    let y = concat_many(cx, ys, 1, "y_dirs")?;
+    let yh = concat_many(cx, hs, 0, "h_dirs")?;
+    let yc = concat_many(cx, cs, 0, "c_dirs")?;
+    let (y, yh, yc) = if layout == 1 {
+        (
+            tmp(
+                cx,
+                Op::Transpose {
+                    perm: vec![2, 0, 1, 3],
+                },
+                &[y],
+                "y_batch_major",
+            )?,
+            tmp(
+                cx,
+                Op::Transpose {
+                    perm: vec![1, 0, 2],
+                },
+                &[yh],
+                "h_batch_major",
+            )?,
+            tmp(
+                cx,
+                Op::Transpose {
+                    perm: vec![1, 0, 2],
+                },
+                &[yc],
+                "c_batch_major",
+            )?,
+        )
+    } else {
+        (y, yh, yc)
+    };
+    let y_used = cx.node.output.first().is_some_and(|o| !o.is_empty());
+    let h_first = !y_used && cx.node.output.get(1).is_some_and(|o| !o.is_empty());
+    for (i, v) in [(1, yh), (2, yc)] {
+        // The output the importer names the node after is the builder's result, below.
+        let is_result = !y_used && (i == 1 || !h_first);
+        if (i == 2 && cell != Cell::Lstm) || is_result {
+            continue;
+        }
+        if let Some(name) = cx.node.output.get(i).filter(|o| !o.is_empty()).cloned() {
+            let o = cx.add_named(Op::Identity, &[v], &name)?;
+            cx.set_output(i, o);
+        }
+    }
+    // Without Y, the node's IR result is its first used output (the importer names it so): Y_h,
+    // or else LSTM's Y_c (registered above too; the importer keeps one entry per name).
+    let h_used = cx.node.output.get(1).is_some_and(|o| !o.is_empty());
+    match (y_used, h_used) {
+        (true, _) => cx.add(Op::Identity, &[y]),
+        (false, true) => cx.add(Op::Identity, &[yh]),
+        (false, false) => cx.add(Op::Identity, &[yc]),
+    }
+}
+
+pub fn rnn(cx: &mut Ctx) -> Result<NodeId> {
+    recurrent(cx, Cell::Rnn)
+}
+
+pub fn gru(cx: &mut Ctx) -> Result<NodeId> {
+    recurrent(cx, Cell::Gru)
+}
+
+pub fn lstm(cx: &mut Ctx) -> Result<NodeId> {
+    recurrent(cx, Cell::Lstm)
 }

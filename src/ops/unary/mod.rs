@@ -14,9 +14,18 @@
 //! over [`ALL`], so they cover it without further code.
 
 mod abs;
+mod acos;
+mod acosh;
+mod asin;
+mod asinh;
+mod atan;
+mod atanh;
+mod ceil;
 mod cos;
+mod cosh;
 mod erf;
 mod exp;
+mod floor;
 mod gelu;
 mod is_nan;
 mod log;
@@ -25,15 +34,28 @@ mod not;
 mod positive_or_one;
 mod reciprocal;
 mod relu;
+mod round;
 mod sigmoid;
+mod sign;
 mod sin;
+mod sinh;
 mod sqrt;
+mod tan;
 mod tanh;
 
 pub use abs::ABS;
+pub use acos::ACOS;
+pub use acosh::ACOSH;
+pub use asin::ASIN;
+pub use asinh::ASINH;
+pub use atan::ATAN;
+pub use atanh::ATANH;
+pub use ceil::CEIL;
 pub use cos::COS;
+pub use cosh::COSH;
 pub use erf::ERF;
 pub use exp::EXP;
+pub use floor::FLOOR;
 pub use gelu::{GELU, GELU_TANH};
 pub use is_nan::IS_NAN;
 pub use log::LOG;
@@ -42,9 +64,13 @@ pub use not::NOT;
 pub use positive_or_one::POSITIVE_OR_ONE;
 pub use reciprocal::RECIPROCAL;
 pub use relu::RELU;
+pub use round::ROUND;
 pub use sigmoid::SIGMOID;
+pub use sign::SIGN;
 pub use sin::SIN;
+pub use sinh::SINH;
 pub use sqrt::SQRT;
+pub use tan::TAN;
 pub use tanh::TANH;
 
 /// Every unary function dorac knows.
@@ -65,6 +91,19 @@ pub const ALL: &[Unary] = &[
     SIN,
     COS,
     ABS,
+    TAN,
+    ASIN,
+    ACOS,
+    ATAN,
+    SINH,
+    COSH,
+    ASINH,
+    ACOSH,
+    ATANH,
+    FLOOR,
+    CEIL,
+    ROUND,
+    SIGN,
     POSITIVE_OR_ONE,
 ];
 
