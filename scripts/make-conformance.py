@@ -81,10 +81,11 @@ def as_array(value, vi):
     return value
 
 
-# numpy types safetensors holds (not strings, complex, or ml_dtypes' bfloat16/float8/int4).
+# numpy types safetensors holds (not strings, complex, or ml_dtypes' float8/int4/int2;
+# ml_dtypes' bfloat16 it writes as BF16).
 SAFETENSORS_TYPES = {
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64",
+    "float16", "float32", "float64", "bfloat16",
 }
 
 
