@@ -63,6 +63,21 @@ def perturb(model, seed):
                 m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g, dtype=m.dtype))
 
 
+def export_with_golden(base, x, out_dir):
+    """model.onnx (legacy exporter, opset 17, input "x", output "y"), inputs.safetensors and
+    onnxruntime's ort_outputs.safetensors, checked against torch; returns torch's output."""
+    path = out_dir / "model.onnx"
+    torch.onnx.export(base, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamo=False, do_constant_folding=True)
+    y_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        y_torch = base(x)
+    assert np.abs(y_ort - y_torch.numpy()).max() < 1e-5
+    save_file({"x": x}, str(out_dir / "inputs.safetensors"))
+    save_file({"y": torch.from_numpy(y_ort)}, str(out_dir / "ort_outputs.safetensors"))
+    return y_torch
+
+
 def train_golden(peft_model, x, target, out_dir):
     """train/data.safetensors and train/dora_mse.safetensors: one AdamW step (lr 1e-2) on the MSE."""
     peft_model.train()
@@ -101,15 +116,7 @@ def main():
     x = torch.randn(4, 3, 8, 8)
     target = torch.randn(4, 5)
 
-    path = OUT / "model.onnx"
-    torch.onnx.export(base, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17,
-                      dynamo=False, do_constant_folding=True)
-    y_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        y_torch = base(x)
-    assert np.abs(y_ort - y_torch.numpy()).max() < 1e-5
-    save_file({"x": x}, str(OUT / "inputs.safetensors"))
-    save_file({"y": torch.from_numpy(y_ort)}, str(OUT / "ort_outputs.safetensors"))
+    y_torch = export_with_golden(base, x, OUT)
 
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "fc"], use_dora=True,
                         lora_dropout=0.0)

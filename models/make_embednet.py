@@ -19,13 +19,11 @@ EmbedNet: Embedding(40, 8) -> tanh -> Linear(8, 5). Fixed seeds: two runs give t
 import copy
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
-from make_convnet import DTYPE, perturb, train_golden
+from make_convnet import DTYPE, export_with_golden, perturb, train_golden
 
 OUT = Path(__file__).resolve().parent / "embednet"
 
@@ -47,15 +45,7 @@ def main():
     base = EmbedNet().eval()
     x = torch.randint(0, 40, (4, 6))
     target = torch.randn(4, 6, 5)
-    path = OUT / "model.onnx"
-    torch.onnx.export(base, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17,
-                      dynamo=False, do_constant_folding=True)
-    y_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        y_torch = base(x)
-    assert np.abs(y_ort - y_torch.numpy()).max() < 1e-5
-    save_file({"x": x}, str(OUT / "inputs.safetensors"))
-    save_file({"y": torch.from_numpy(y_ort)}, str(OUT / "ort_outputs.safetensors"))
+    y_torch = export_with_golden(base, x, OUT)
 
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "fc"], use_dora=True, lora_dropout=0.0)
     peft_model = get_peft_model(copy.deepcopy(base).to(DTYPE), config)

@@ -13,7 +13,7 @@ use dorac::ir::Method;
 use dorac::passes::{find_linear_layers, insert_adapters, merge_adapters};
 use dorac::passes::{AdapterInit, AdapterSpec};
 use dorac::tensor::relative_error;
-use dorac::train::{build, AdamW, BuildOptions, LossKind, Session, TrainMethod};
+use dorac::train::{build, BuildOptions, Session, TrainMethod};
 use std::collections::BTreeMap;
 
 const TOL: f64 = 1e-5;
@@ -142,17 +142,8 @@ fn training_step(model: &str, tensors: usize, on_gpu: bool) {
     let adapter = dorac::adapter::load(&dir.join("peft_dora")).unwrap();
     dorac::adapter::apply(&mut g, &adapter).unwrap();
     let opts = BuildOptions {
-        method: TrainMethod::Dora,
-        loss: LossKind::Mse,
-        output: None,
-        labels: "target".into(),
-        optimizer: AdamW {
-            lr: 1e-2,
-            ..AdamW::default()
-        },
-        exact_norm_grad: false,
         expose_grads: true,
-        full_targets: None,
+        ..mse_options(TrainMethod::Dora)
     };
     let prog = build(g, &opts).unwrap();
     let params = prog.params.clone();

@@ -140,9 +140,7 @@ fn unsplittable_readers_are_named() {
 /// Gemm/MatMul weights (mlp2d) and an embedding table read by a Gather (embednet).
 #[test]
 fn oversized_trainable_tensors_train_in_chunks() {
-    use dorac::train::{
-        build, build_for_device, AdamW, BuildOptions, LossKind, Session, TrainMethod,
-    };
+    use dorac::train::{build, build_for_device, BuildOptions, Session, TrainMethod};
     for (model, targets, limit) in [
         ("mlp2d", None, 256),
         (
@@ -164,17 +162,8 @@ fn oversized_trainable_tensors_train_in_chunks() {
         )
         .unwrap();
         let opts = BuildOptions {
-            method: TrainMethod::Full,
-            loss: LossKind::Mse,
-            output: None,
-            labels: "target".into(),
-            optimizer: AdamW {
-                lr: 1e-2,
-                ..AdamW::default()
-            },
-            exact_norm_grad: false,
-            expose_grads: false,
             full_targets: targets,
+            ..mse_options(TrainMethod::Full)
         };
         for on_gpu in [false, true] {
             let whole = build(g.clone(), &opts).unwrap();

@@ -8,7 +8,7 @@ use common::*;
 use dorac::ir::{Graph, Op};
 use dorac::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
 use dorac::tensor::Array;
-use dorac::train::{build, AdamW, BuildOptions, LossKind, ParamRole, Session, TrainMethod};
+use dorac::train::{build, BuildOptions, ParamRole, Session, TrainMethod};
 use std::collections::BTreeMap;
 
 const BATCH: usize = 24;
@@ -37,8 +37,14 @@ fn model(method: TrainMethod) -> Graph {
         &Default::default(),
     )
     .unwrap();
+    adapt(&mut g, method);
+    g
+}
+
+/// The adapters `method` trains, on every linear layer of `g`.
+fn adapt(g: &mut Graph, method: TrainMethod) {
     if let Some(kind) = method.adapter() {
-        let specs = find_linear_layers(&g)
+        let specs = find_linear_layers(g)
             .into_iter()
             .map(|layer| AdapterSpec {
                 layer,
@@ -51,25 +57,12 @@ fn model(method: TrainMethod) -> Graph {
                 init: AdapterInit::Peft { seed: 3 },
             })
             .collect();
-        insert_adapters(&mut g, specs).unwrap();
+        insert_adapters(g, specs).unwrap();
     }
-    g
 }
 
 fn options(method: TrainMethod) -> BuildOptions {
-    BuildOptions {
-        method,
-        loss: LossKind::Mse,
-        output: None,
-        labels: "target".into(),
-        optimizer: AdamW {
-            lr: 1e-2,
-            ..AdamW::default()
-        },
-        exact_norm_grad: false,
-        expose_grads: false,
-        full_targets: None,
-    }
+    mse_options(method)
 }
 
 #[test]
@@ -187,20 +180,7 @@ fn zero_norm_columns_give_the_base_output_and_train_without_nan() {
             g.node_mut(l.weight).op = Op::Const(a.to_tensor_f32());
         }
         let base = g.clone();
-        if let Some(kind) = method.adapter() {
-            let specs = find_linear_layers(&g)
-                .into_iter()
-                .map(|layer| AdapterSpec {
-                    layer,
-                    method: kind,
-                    rank: 3,
-                    alpha: 6.0,
-                    rslora: false,
-                    init: AdapterInit::Peft { seed: 3 },
-                })
-                .collect();
-            insert_adapters(&mut g, specs).unwrap();
-        }
+        adapt(&mut g, method);
         (base, g)
     };
     let (base, dora) = pruned(TrainMethod::Dora);

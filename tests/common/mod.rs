@@ -73,6 +73,24 @@ pub fn rel(a: &BTreeMap<String, Array>, b: &BTreeMap<String, Array>, key: &str) 
     dorac::tensor::relative_error(&a[key].data, &b[key].data)
 }
 
+/// Training options for an MSE step on the `target` tensor with AdamW at lr 1e-2 (PyTorch's
+/// other defaults), nothing exposed, every layer's weights for `full`.
+pub fn mse_options(method: dorac::train::TrainMethod) -> dorac::train::BuildOptions {
+    dorac::train::BuildOptions {
+        method,
+        loss: dorac::train::LossKind::Mse,
+        output: None,
+        labels: "target".into(),
+        optimizer: dorac::train::AdamW {
+            lr: 1e-2,
+            ..dorac::train::AdamW::default()
+        },
+        exact_norm_grad: false,
+        expose_grads: false,
+        full_targets: None,
+    }
+}
+
 /// A fresh, empty folder for one test.
 pub fn temp_dir(test: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("dorac-test-{}-{test}", std::process::id()));
