@@ -24,6 +24,10 @@ const ELEMENTWISE_WG: usize = 256;
 const TILE: usize = 16;
 /// Output tile edge of the register-blocked matmul template (a 4x4 block per invocation).
 const BLOCKED_TILE: usize = 64;
+/// Products with at most this many rows (a batch of tokens against a wide weight: GPT-2's LM
+/// head is 32 x 50257) take the blocked template's 32 x 128 tile, which a 64-row tile would
+/// leave half empty (measured on lavapipe at M = 32: see `blocked_tile`).
+const THIN_M: usize = 32;
 /// A matmul whose output matrices hold at least BLOCKED_MIN² elements, with both sides at least
 /// [`BLOCKED_MIN_SIDE`], uses the register-blocked template. Thin products such as DoRA's
 /// `A W0` (r x out) or `x Aᵀ` (rows x r) with r >= 16 still gain from it despite a partly empty
@@ -756,36 +760,57 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
          fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
     ));
     let blocked = m.min(n) >= BLOCKED_MIN_SIDE && m * n >= BLOCKED_MIN * BLOCKED_MIN;
-    let (template, tile, indent) = if blocked {
-        (MATMUL_BLOCKED, BLOCKED_TILE, "                ")
+    // (template, tile rows, tile columns, workgroup x, workgroup y)
+    let (template, tile_m, tile_n, wg_x, wg_y, indent) = if blocked {
+        let (tm, tn) = blocked_tile(m);
+        (MATMUL_BLOCKED, tm, tn, tn / 4, tm / 4, "                ")
     } else {
-        (template::MATMUL, TILE, "        ")
+        (template::MATMUL, TILE, TILE, TILE, TILE, "        ")
     };
     let mut lines = vec![format!("{indent}{first}")];
     let (more, last) = epilogue(&mut b, group, indent)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
-    let (tiles_m, tiles_n) = (m.div_ceil(tile), n.div_ceil(tile));
+    let (tiles_m, tiles_n) = (m.div_ceil(tile_m), n.div_ceil(tile_n));
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
     let summary = with_epilogue(graph, summary, group);
+    let mut params = vec![
+        ("M", m.to_string()),
+        ("K", k.to_string()),
+        ("N", n.to_string()),
+        ("BATCH", batch.to_string()),
+        ("TILES_M", tiles_m.to_string()),
+        ("TILES_N", tiles_n.to_string()),
+        ("GRID_X", workgroups[0].to_string()),
+        ("GRID_Y", workgroups[1].to_string()),
+        ("EPILOGUE", lines.join("\n")),
+    ];
+    if blocked {
+        params.extend([
+            ("TILE_M", tile_m.to_string()),
+            ("TILE_N", tile_n.to_string()),
+            ("WG_X", wg_x.to_string()),
+            ("WG_Y", wg_y.to_string()),
+        ]);
+    }
     b.finish(
         template,
         name,
         *group.last().unwrap(),
-        vec![
-            ("M", m.to_string()),
-            ("K", k.to_string()),
-            ("N", n.to_string()),
-            ("BATCH", batch.to_string()),
-            ("TILES_M", tiles_m.to_string()),
-            ("TILES_N", tiles_n.to_string()),
-            ("GRID_X", workgroups[0].to_string()),
-            ("GRID_Y", workgroups[1].to_string()),
-            ("EPILOGUE", lines.join("\n")),
-        ],
+        params,
         workgroups,
         summary,
     )
+}
+
+/// The blocked template's output tile (rows, columns) for a product with `m` rows: 64 x 64, or
+/// 32 x 128 for thin products (both 256 invocations of a 4x4 block).
+fn blocked_tile(m: usize) -> (usize, usize) {
+    if m <= THIN_M {
+        (32, 128)
+    } else {
+        (BLOCKED_TILE, BLOCKED_TILE)
+    }
 }
 
 fn reduce(
