@@ -1,0 +1,99 @@
+//! Matmul benchmark: dorac's matmul kernels on the GPU wgpu finds (lavapipe on a machine without
+//! one) next to a maintained CPU sgemm (`matrixmultiply`, threaded, on this machine's cores), for
+//! the shapes a fine-tuning step is made of: square products, a batch of tokens against a wide
+//! weight (the thin-row tile), a transformer MLP projection. Prints GFLOP/s of both, measured in
+//! this one run, and their ratio. A dorac time covers one run of the compiled product: the
+//! upload of x, the kernel and the read-back of y.
+//!
+//! `cargo bench --bench matmul` (env DORAC_BENCH_ITERS).
+
+mod common;
+
+use common::env;
+use dorac::ir::{Graph, Op};
+use dorac::tensor::{Rng, Tensor};
+use std::collections::HashMap;
+use std::time::Instant;
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() {
+    let iters = env("DORAC_BENCH_ITERS", 10);
+    let mut rng = Rng::new(7);
+    let gpu = dorac::runtime::Gpu::new(None).expect("the benchmark needs a GPU adapter");
+    println!("device: {}", gpu.describe());
+    println!(
+        "CPU: matrixmultiply sgemm, threaded ({} threads available), {iters} iterations\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:<24} {:>11} {:>11} {:>12}",
+        "M x K x N", "dorac GF/s", "sgemm GF/s", "dorac/sgemm"
+    );
+    for (m, k, n) in [
+        (256, 256, 256),
+        (512, 512, 512),
+        (1024, 1024, 1024),
+        (32, 768, 2304),
+        (32, 768, 8192),
+        (128, 768, 3072),
+    ] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        let mut g = Graph::new();
+        let xi = g.add_input("x", vec![m, k]);
+        let wc = g.add_const("w", Tensor::f32(vec![k, n], w.clone()));
+        let y = g.add(Op::MatMul, &[xi, wc], "y", "y").unwrap();
+        g.outputs.push(("y".into(), y));
+        let exe = dorac::runtime::Executable::compile(&gpu, &g).unwrap();
+        let inputs: HashMap<String, Vec<f32>> = [("x".to_string(), x.clone())].into();
+        exe.run(&inputs).unwrap(); // warm-up: pipeline creation, first upload
+        let gpu_t = median(
+            (0..iters)
+                .map(|_| {
+                    let t = Instant::now();
+                    exe.run(&inputs).unwrap();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
+        let mut c = vec![0f32; m * n];
+        let cpu_t = median(
+            (0..iters)
+                .map(|_| {
+                    let t = Instant::now();
+                    // Row-major x [m, k] @ w [k, n] -> c [m, n].
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            m,
+                            k,
+                            n,
+                            1.0,
+                            x.as_ptr(),
+                            k as isize,
+                            1,
+                            w.as_ptr(),
+                            n as isize,
+                            1,
+                            0.0,
+                            c.as_mut_ptr(),
+                            n as isize,
+                            1,
+                        );
+                    }
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
+        let flop = 2.0 * (m * k * n) as f64;
+        let (gf, cf) = (flop / gpu_t / 1e9, flop / cpu_t / 1e9);
+        println!(
+            "{:<24} {gf:>11.2} {cf:>11.2} {:>12.2}",
+            format!("{m} x {k} x {n}"),
+            gf / cf
+        );
+    }
+}
