@@ -100,7 +100,20 @@ fn rewrite_run_merge_from_the_command_line() {
     assert!(adapter_out.join("adapter_model.safetensors").exists());
 
     let y = dir.join("y.safetensors");
-    dorac_ok(&["run", s(&rewritten), "--inputs", s(&inputs), "-o", s(&y)]);
+    let out = dorac_ok(&[
+        "run",
+        s(&rewritten),
+        "--inputs",
+        s(&inputs),
+        "-o",
+        s(&y),
+        "--verbose",
+    ]);
+    // --verbose: one line per phase of the time to the result.
+    let err = String::from_utf8_lossy(&out.stderr);
+    for phase in ["import", "open the device", "compile pipelines", "run ("] {
+        assert!(err.contains(phase), "--verbose misses '{phase}': {err}");
+    }
     let got = dorac::tensors_io::read_safetensors(&y).unwrap();
     let ort = read("mlp3d", "ort_outputs.safetensors");
     assert!(rel(&got, &ort, "y") < 1e-5);

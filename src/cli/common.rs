@@ -67,20 +67,64 @@ pub enum Engine {
 
 /// Runs an inference graph: on wgpu when an adapter exists, otherwise on the f64 reference
 /// executor with a one-line notice (or an error when a backend was asked for explicitly).
+/// Wall-clock times of the phases of a command, printed by `--verbose`: where the time to a
+/// first result goes.
+pub struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    pub fn start() -> Phases {
+        Phases {
+            last: std::time::Instant::now(),
+            done: vec![],
+        }
+    }
+
+    /// Ends the phase that started when the previous one ended.
+    pub fn done(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, (now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+
+    /// One line per phase, with its time and share.
+    pub fn report(&self) -> String {
+        let total: f64 = self.done.iter().map(|p| p.1).sum();
+        let mut s = format!("phases ({:.3} s in all):\n", total);
+        for (name, t) in &self.done {
+            s += &format!(
+                "  {:>9.1} ms {:>5.1}%  {name}\n",
+                t * 1e3,
+                100.0 * t / total.max(1e-12)
+            );
+        }
+        s
+    }
+}
+
+/// Runs `graph` on the GPU, or on the reference executor when asked or when no adapter exists.
 pub fn execute(
     graph: &Graph,
     inputs: &BTreeMap<String, Array>,
     backend: Option<&str>,
     force_reference: bool,
+    phases: &mut Phases,
 ) -> Result<(BTreeMap<String, Array>, Engine)> {
     if !force_reference {
-        match crate::runtime::Gpu::new(backend) {
+        let gpu = crate::runtime::Gpu::new(backend);
+        phases.done("open the device");
+        match gpu {
             Ok(gpu) => {
                 let host: HashMap<String, Vec<f32>> = inputs
                     .iter()
                     .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
                     .collect();
-                let out = crate::runtime::run_graph(&gpu, graph, &host)?;
+                let exe = crate::runtime::Executable::compile(&gpu, graph)?;
+                phases.done("plan, compile pipelines, upload weights");
+                let out = exe.run(&host)?;
+                phases.done("run (upload inputs, kernels, read back)");
                 let shapes: HashMap<&str, &[usize]> = graph
                     .outputs
                     .iter()
@@ -107,6 +151,7 @@ pub fn execute(
     }
     let inputs: HashMap<String, Array> = inputs.clone().into_iter().collect();
     let out = crate::reference::run(graph, &inputs)?;
+    phases.done("run on the reference executor");
     Ok((out.into_iter().collect(), Engine::Reference))
 }
 

@@ -1,6 +1,6 @@
 //! `dorac run`: inference on wgpu (or the reference executor).
 
-use super::common::{apply_adapter, check_inputs, execute, load_graph_with_values, Engine};
+use super::common::{apply_adapter, check_inputs, execute, load_graph_with_values, Engine, Phases};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::tensor::{shape_str, Array};
@@ -40,9 +40,14 @@ pub struct Args {
     /// the given input tensors pin the inputs anyway.
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     pub shapes: Vec<String>,
+    /// Print the time of each phase (reading and compiling the model, opening the device,
+    /// building pipelines and uploading weights, running) to stderr.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let mut phases = Phases::start();
     let inputs = read_safetensors(&args.inputs)?;
     let graph = prepare(
         &args.model,
@@ -62,7 +67,17 @@ pub fn run(args: Args) -> Result<()> {
         .filter(|(k, _)| known.contains(k.as_str()))
         .collect();
     let start = Instant::now();
-    let (outputs, engine) = execute(&graph, &feed, args.backend.as_deref(), args.reference)?;
+    phases.done("read inputs, import, passes");
+    let (outputs, engine) = execute(
+        &graph,
+        &feed,
+        args.backend.as_deref(),
+        args.reference,
+        &mut phases,
+    )?;
+    if args.verbose {
+        eprint!("{}", phases.report());
+    }
     let elapsed = start.elapsed();
     match engine {
         Engine::Gpu(d) => println!("ran on {d} in {:.1} ms", elapsed.as_secs_f64() * 1e3),
