@@ -417,14 +417,14 @@ fn gemm_cases(test: &'static str, (m, k, n): (usize, usize, usize), all_c: bool)
     c.check();
 }
 
-/// Shapes around the register-blocked kernel's tiles (64x64, and 32x128 for products of at most
-/// 32 rows; 16-wide K slabs): the smaller kernel just below (63), one exact tile, one tile and a
+/// Shapes around the register-blocked kernel's tiles (64x64, 32x128 for products of at most 32
+/// rows, 128x32 for at most 32 columns; 16-wide K slabs): the smaller kernel just below (63), one exact tile, one tile and a
 /// row/column of the next, several partial tiles with K not a multiple of 16, broadcast batch
 /// dims, and 1-D operands next to large ones.
 #[test]
 fn matmul_blocked_shapes() {
     let mut c = Case::new("matmul_blocked_shapes");
-    let cases: [(&[usize], &[usize], &str); 13] = [
+    let cases: [(&[usize], &[usize], &str); 15] = [
         (&[63, 63], &[63, 63], "below_63"),
         // Thin products (DoRA's A W0 and x Aᵀ at rank 16) take the blocked kernel too.
         (&[16, 70], &[70, 300], "thin_rows_16"),
@@ -432,6 +432,9 @@ fn matmul_blocked_shapes() {
         (&[32, 40], &[40, 128], "thin_tile_32x128"),
         (&[32, 40], &[40, 129], "thin_tile_129"),
         (&[3, 31, 77], &[77, 257], "thin_tiles_batched"),
+        // The 128x32 tile (few columns: DoRA's x Aᵀ): exact and partial.
+        (&[128, 48], &[48, 32], "narrow_tile_128x32"),
+        (&[2, 300, 65], &[65, 20], "narrow_tiles_batched"),
         (&[2, 150, 70], &[70, 17], "thin_cols_17"),
         (&[64, 64], &[64, 64], "tile_64"),
         (&[65, 65], &[65, 65], "tiles_65"),

@@ -26,7 +26,7 @@ const TILE: usize = 16;
 const BLOCKED_TILE: usize = 64;
 /// Products with at most this many rows (a batch of tokens against a wide weight: GPT-2's LM
 /// head is 32 x 50257) take the blocked template's 32 x 128 tile, which a 64-row tile would
-/// leave half empty (measured on lavapipe at M = 32: see `blocked_tile`).
+/// leave half empty; products with at most this many columns, 128 x 32 (see `blocked_tile`).
 const THIN_M: usize = 32;
 /// A matmul whose output matrices hold at least BLOCKED_MIN² elements, with both sides at least
 /// [`BLOCKED_MIN_SIDE`], uses the register-blocked template. Thin products such as DoRA's
@@ -762,7 +762,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
     let blocked = m.min(n) >= BLOCKED_MIN_SIDE && m * n >= BLOCKED_MIN * BLOCKED_MIN;
     // (template, tile rows, tile columns, workgroup x, workgroup y)
     let (template, tile_m, tile_n, wg_x, wg_y, indent) = if blocked {
-        let (tm, tn) = blocked_tile(m);
+        let (tm, tn) = blocked_tile(m, n);
         (MATMUL_BLOCKED, tm, tn, tn / 4, tm / 4, "                ")
     } else {
         (template::MATMUL, TILE, TILE, TILE, TILE, "        ")
@@ -803,11 +803,14 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
     )
 }
 
-/// The blocked template's output tile (rows, columns) for a product with `m` rows: 64 x 64, or
-/// 32 x 128 for thin products (both 256 invocations of a 4x4 block).
-fn blocked_tile(m: usize) -> (usize, usize) {
+/// The blocked template's output tile (rows, columns) for an `m` x `n` product: 64 x 64, or
+/// 32 x 128 for products of few rows and 128 x 32 for products of few columns (DoRA's x Aᵀ at
+/// rank 16 or 32), all 256 invocations of a 4x4 block.
+fn blocked_tile(m: usize, n: usize) -> (usize, usize) {
     if m <= THIN_M {
         (32, 128)
+    } else if n <= THIN_M {
+        (128, 32)
     } else {
         (BLOCKED_TILE, BLOCKED_TILE)
     }
