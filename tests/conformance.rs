@@ -197,15 +197,7 @@ fn check(name: &str, dir: &Path) -> Outcome {
         Ok(g) => g,
         Err(e) => return Outcome::Error(format!("import: {e}")),
     };
-    let names: HashSet<&str> = graph
-        .inputs
-        .iter()
-        .map(|&i| graph.node(i).name.as_str())
-        .collect();
-    let feed: BTreeMap<String, Array> = inputs
-        .into_iter()
-        .filter(|(k, _)| names.contains(k.as_str()))
-        .collect();
+    let feed = graph.graph_inputs_of(inputs);
     let mut silent = vec![];
     for (engine, result) in [
         ("reference", run_reference(&graph, &feed)),

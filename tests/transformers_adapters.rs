@@ -64,12 +64,7 @@ fn round_trip(g: &Graph, inputs: &BTreeMap<String, Array>, tag: &str) -> Graph {
 fn gpu_out(g: &Graph, inputs: &BTreeMap<String, Array>) -> BTreeMap<String, Array> {
     let mut g = g.clone();
     dorac::passes::fold_constants(&mut g, &Default::default()).unwrap();
-    let feed: BTreeMap<String, Array> = inputs
-        .iter()
-        .filter(|(k, _)| g.inputs.iter().any(|&i| &g.node(i).name == *k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    run_gpu(&g, &feed)
+    run_gpu(&g, &g.graph_inputs_of(inputs.clone()))
 }
 
 #[test]

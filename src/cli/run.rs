@@ -57,15 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         args.merged,
     )?;
     check_inputs(&graph, &inputs, &args.inputs)?;
-    let known: HashSet<&str> = graph
-        .inputs
-        .iter()
-        .map(|&i| graph.node(i).name.as_str())
-        .collect();
-    let feed: BTreeMap<String, Array> = inputs
-        .into_iter()
-        .filter(|(k, _)| known.contains(k.as_str()))
-        .collect();
+    let feed = graph.graph_inputs_of(inputs);
     let start = Instant::now();
     phases.done("read inputs, import, passes");
     let (outputs, engine) = execute(

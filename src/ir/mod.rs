@@ -405,6 +405,20 @@ impl Graph {
             .unwrap()
     }
 
+    /// The entries of `values` named after a graph input: what to feed, once values the importer
+    /// pinned as constants (shapes, axes given as inputs) are left out.
+    pub fn graph_inputs_of<T>(&self, values: BTreeMap<String, T>) -> BTreeMap<String, T> {
+        let names: HashSet<&str> = self
+            .inputs
+            .iter()
+            .map(|&i| self.node(i).name.as_str())
+            .collect();
+        values
+            .into_iter()
+            .filter(|(k, _)| names.contains(k.as_str()))
+            .collect()
+    }
+
     pub fn find_by_name(&self, name: &str) -> Option<NodeId> {
         self.graph
             .node_indices()

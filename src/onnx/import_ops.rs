@@ -807,19 +807,25 @@ fn layer_norm_stats(
 
 fn softmax(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
+    let axis = softmax_axis(cx, x)?;
+    cx.add(Op::Softmax { axis }, &[x])
+}
+
+/// The axis of Softmax or LogSoftmax on `x`. Before opset 13 they flatten the input to 2-D at
+/// `axis` and normalise each row: the same as over one axis only when that axis is the last.
+pub(super) fn softmax_axis(cx: &Ctx, x: NodeId) -> Result<usize> {
     let rank = cx.shape(x).len();
     let default = if cx.opset >= 13 { -1 } else { 1 };
     let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(default), rank, false)?;
-    // Before opset 13, Softmax flattens the input to 2-D at `axis` and normalises each row:
-    // the same as softmax over one axis only when that axis is the last.
     if cx.opset < 13 && axis + 1 != rank {
         return Err(cx.unsupported(format!(
-            "Softmax (opset {} semantics) over axis {axis} of a rank-{rank} input (only the \
-             last axis is supported before opset 13)",
+            "{} (opset {} semantics) over axis {axis} of a rank-{rank} input (only the last \
+             axis is supported before opset 13)",
+            cx.op_type(),
             cx.opset
         )));
     }
-    cx.add(Op::Softmax { axis }, &[x])
+    Ok(axis)
 }
 
 fn reduce(cx: &mut Ctx, kind: Reduce) -> Result<NodeId> {

@@ -194,23 +194,14 @@ pub fn split_parameter(graph: &mut Graph, c: NodeId, max_bytes: u64) -> Result<V
             "parameter '{name}' is not a constant"
         )));
     };
-    let dim = t.shape[axis];
-    let per = rows_per_chunk(&t.shape, axis, max_bytes);
-    let mut out = vec![];
-    let mut start = 0;
-    while start < dim {
-        let len = per.min(dim - start);
-        let id = graph.add_const(
-            &format!("{name}/rows_{start}"),
-            t.slice_axis(axis, start, len),
-        );
-        out.push(Chunk {
-            node: id,
+    let out: Vec<Chunk> = cut(&t, axis, max_bytes)
+        .into_iter()
+        .map(|(start, part)| Chunk {
+            node: graph.add_const(&format!("{name}/rows_{start}"), part),
             axis,
             start,
-        });
-        start += len;
-    }
+        })
+        .collect();
     for r in readers {
         let mut p = Patch::new(graph);
         let parts: Vec<(PatchRef, usize, usize)> = out
@@ -265,25 +256,31 @@ fn add(p: &mut Patch, of: NodeId, op: Op, ins: &[PatchRef], tag: &str) -> Result
 /// Constant `c` cut along `axis` into chunks of at most `max_bytes`: (chunk, first index, length).
 fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRef, usize, usize)> {
     let g = p.graph();
-    let shape = g.shape(c).to_vec();
     let Op::Const(t) = &g.node(c).op else {
         unreachable!("only constants are split")
     };
-    let per = rows_per_chunk(&shape, axis, max_bytes);
     let name = g.node(c).name.clone();
-    let mut out = vec![];
-    let mut start = 0;
-    while start < shape[axis] {
-        let len = per.min(shape[axis] - start);
-        let part = t.slice_axis(axis, start, len);
-        out.push((
-            p.constant(&format!("{name}/rows_{start}"), part),
-            start,
-            len,
-        ));
-        start += len;
-    }
-    out
+    cut(t, axis, max_bytes)
+        .into_iter()
+        .map(|(start, part)| {
+            let len = part.shape[axis];
+            (
+                p.constant(&format!("{name}/rows_{start}"), part),
+                start,
+                len,
+            )
+        })
+        .collect()
+}
+
+/// `t` cut along `axis` into pieces of at most `max_bytes`: (first index, piece).
+fn cut(t: &Tensor, axis: usize, max_bytes: u64) -> Vec<(usize, Tensor)> {
+    let dim = t.shape[axis];
+    let per = rows_per_chunk(&t.shape, axis, max_bytes);
+    (0..dim)
+        .step_by(per)
+        .map(|start| (start, t.slice_axis(axis, start, per.min(dim - start))))
+        .collect()
 }
 
 /// Gather over row chunks of the data along `axis` (`dim` rows in all): per chunk, the ids

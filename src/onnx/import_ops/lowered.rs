@@ -325,16 +325,7 @@ pub fn rms_normalization(cx: &mut Ctx) -> Result<NodeId> {
 /// `log(softmax(x))` over one axis (the last only before opset 13, as for Softmax).
 pub fn log_softmax(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
-    let rank = cx.shape(x).len();
-    let default = if cx.opset >= 13 { -1 } else { 1 };
-    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(default), rank, false)?;
-    if cx.opset < 13 && axis + 1 != rank {
-        return Err(cx.unsupported(format!(
-            "LogSoftmax (opset {} semantics) over axis {axis} of a rank-{rank} input (only the \
-             last axis is supported before opset 13)",
-            cx.opset
-        )));
-    }
+    let axis = super::softmax_axis(cx, x)?;
     let s = tmp(cx, Op::Softmax { axis }, &[x], "softmax")?;
     cx.add(Op::Unary(unary::LOG), &[s])
 }
