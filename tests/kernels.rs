@@ -462,6 +462,107 @@ fn gemm_blocked_transposes_alpha_beta_and_c() {
     );
 }
 
+/// Transposes read in place by the kernels that consume them (no kernel of their own): matmul
+/// operands A and B, 2-D and batched with broadcast batch dims, through permutations that move
+/// batch axes too (attention's [0, 2, 1, 3]), small and register-blocked shapes; Gemm operands
+/// under every transA/transB; element-wise operands, broadcast, in an anchor and an epilogue.
+#[test]
+fn transposes_read_in_place() {
+    let mut c = Case::new("transposes_read_in_place");
+    let t = |perm: &[usize]| Op::Transpose {
+        perm: perm.to_vec(),
+    };
+    // (source of A, perm of A, source of B, perm of B, name); an empty perm: no transpose.
+    let cases: [(&[usize], &[usize], &[usize], &[usize], &str); 8] = [
+        (&[9, 13], &[1, 0], &[9, 11], &[], "a_t_small"),
+        (&[13, 9], &[], &[11, 9], &[1, 0], "b_t_small"),
+        (&[70, 100], &[1, 0], &[90, 70], &[1, 0], "both_t_blocked"),
+        (&[300, 48], &[], &[20, 48], &[1, 0], "narrow_b_t_blocked"),
+        (
+            &[2, 5, 37, 66],
+            &[0, 1, 3, 2],
+            &[5, 37, 40],
+            &[],
+            "batched_a_t",
+        ),
+        (
+            &[3, 40, 33],
+            &[],
+            &[2, 1, 70, 33],
+            &[0, 1, 3, 2],
+            "broadcast_b_t",
+        ),
+        // q [b, s, h, d] -> [b, h, s, d] against k [b, s, h, d] -> [b, h, d, s].
+        (
+            &[2, 20, 3, 8],
+            &[0, 2, 1, 3],
+            &[2, 20, 3, 8],
+            &[0, 2, 3, 1],
+            "attention",
+        ),
+        (
+            &[2, 70, 3, 16],
+            &[0, 2, 1, 3],
+            &[2, 80, 3, 16],
+            &[0, 2, 3, 1],
+            "attention_blocked",
+        ),
+    ];
+    for (sa, pa, sb, pb, name) in cases {
+        let mut a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
+        if !pa.is_empty() {
+            a = c.op(t(pa), &[a], &format!("a_t_{name}"));
+        }
+        let mut b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
+        if !pb.is_empty() {
+            b = c.op(t(pb), &[b], &format!("b_t_{name}"));
+        }
+        c.out(Op::MatMul, &[a, b], name);
+    }
+    for trans_a in [false, true] {
+        for trans_b in [false, true] {
+            let (m, k, n) = (19, 23, 67);
+            // The Gemm's operands as they reach it, each a transpose of a stored source.
+            let sa = if trans_a { [m, k] } else { [k, m] };
+            let sb = if trans_b { [k, n] } else { [n, k] };
+            let tag = format!("{}{}", trans_a as u8, trans_b as u8);
+            let a = c.input(&format!("ga{tag}"), &sa, -1.0, 1.0);
+            let a = c.op(t(&[1, 0]), &[a], &format!("ga_t{tag}"));
+            let b = c.constant(&format!("gb{tag}"), &sb, -1.0, 1.0);
+            let b = c.op(t(&[1, 0]), &[b], &format!("gb_t{tag}"));
+            let bias = c.constant(&format!("gc{tag}"), &[n], -1.0, 1.0);
+            let op = Op::Gemm {
+                alpha: 0.5,
+                beta: 2.0,
+                trans_a,
+                trans_b,
+            };
+            c.out(op, &[a, b, bias], &format!("gemm{tag}"));
+        }
+    }
+    // Element-wise: y = x + w^T (anchor), z = relu(x @ v) * w^T (epilogue), and a broadcast
+    // one: u [3, 4, 5] + r^T with r [5, 4] -> [4, 5].
+    let x = c.input("x", &[6, 7], -1.0, 1.0);
+    let w = c.input("w", &[7, 6], -1.0, 1.0);
+    let w_t = c.op(t(&[1, 0]), &[w], "w_t");
+    c.out(bin(Binary::Add), &[x, w_t], "x_plus_w_t");
+    let v = c.constant("v", &[7, 7], -1.0, 1.0);
+    let xv = c.op(Op::MatMul, &[x, v], "xv");
+    let relu = c.op(un(unary::RELU), &[xv], "relu");
+    c.out(bin(Binary::Mul), &[relu, w_t], "relu_times_w_t");
+    let u = c.input("u", &[3, 4, 5], -1.0, 1.0);
+    let r = c.input("r", &[5, 4], -1.0, 1.0);
+    let r_t = c.op(t(&[1, 0]), &[r], "r_t");
+    c.out(bin(Binary::Sub), &[u, r_t], "u_minus_r_t");
+    let plan = codegen::plan(&c.graph).unwrap();
+    assert!(
+        plan.kernels.iter().all(|k| !k.name.contains("transpose")),
+        "a transpose got a kernel:\n{plan}"
+    );
+    assert!(plan.kernels.iter().any(|k| k.nodes.len() > 1), "{plan}");
+    c.check_plan(&plan);
+}
+
 // ---------------------------------------------------------------- layout ops and reductions
 
 #[test]

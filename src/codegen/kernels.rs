@@ -42,6 +42,9 @@ const MATMUL_BLOCKED: template::Template = template::Template {
     text: include_str!("../../shaders/matmul_blocked.wgsl"),
 };
 
+/// For the emitters whose inputs are never transposes read in place (see `fusion`).
+static NO_TRANSPOSES: BTreeSet<NodeId> = BTreeSet::new();
+
 /// A rendered kernel, before the plan assigns buffers to its bindings.
 pub(crate) struct Emitted {
     /// One line on what the kernel computes (shapes included), for the plan and the shader header.
@@ -55,15 +58,18 @@ pub(crate) struct Emitted {
 /// What an emitter accumulates besides its template's own text.
 struct Builder<'g> {
     graph: &'g Graph,
+    /// Transposes read in place (see `fusion`): a load of one reads its source.
+    transposed: &'g BTreeSet<NodeId>,
     inputs: Vec<(String, NodeId)>,
     libs: BTreeSet<Lib>,
     helpers: Vec<String>,
 }
 
 impl<'g> Builder<'g> {
-    fn new(graph: &'g Graph) -> Self {
+    fn new(graph: &'g Graph, transposed: &'g BTreeSet<NodeId>) -> Self {
         Builder {
             graph,
+            transposed,
             inputs: vec![],
             libs: BTreeSet::new(),
             helpers: vec![],
@@ -74,6 +80,63 @@ impl<'g> Builder<'g> {
     fn bind(&mut self, name: &str, node: NodeId) -> String {
         self.inputs.push((name.to_string(), node));
         name.to_string()
+    }
+
+    /// The node whose buffer a read of `node` binds, and the permutation to read it through:
+    /// the source of a transpose read in place, or `node` itself.
+    fn source(&self, node: NodeId) -> (NodeId, Option<&'g [usize]>) {
+        if self.transposed.contains(&node) {
+            if let Op::Transpose { perm } = &self.graph.node(node).op {
+                return (self.graph.inputs_of(node)[0], Some(perm));
+            }
+        }
+        (node, None)
+    }
+
+    /// A statement loading the element of `node` that output element `i` (of `out_shape`)
+    /// reads, broadcasting as element-wise ops do, into `{name}_i`; returns (statement, the
+    /// loaded value's name). Loads of one value share a binding (named after the first).
+    fn load(
+        &mut self,
+        name: &str,
+        node: NodeId,
+        out_shape: &[usize],
+        indent: &str,
+    ) -> (String, String) {
+        let (src, perm) = self.source(node);
+        let bound = match self.inputs.iter().find(|(_, n)| *n == src) {
+            Some((existing, _)) => existing.clone(),
+            None => self.bind(name, src),
+        };
+        let from = self.graph.shape(node);
+        let (index, note) = match perm {
+            None => (
+                broadcast_index("i", from, out_shape),
+                wgsl::broadcast_note(from, out_shape),
+            ),
+            Some(perm) => {
+                let src_strides = strides(self.graph.shape(src));
+                let offset = out_shape.len() - from.len();
+                let muls: Vec<usize> = (0..out_shape.len())
+                    .map(|d| {
+                        if d < offset || from[d - offset] == 1 {
+                            0
+                        } else {
+                            src_strides[perm[d - offset]]
+                        }
+                    })
+                    .collect();
+                (
+                    strided_index("i", out_shape, &muls),
+                    format!(" // transpose by {perm:?} read in place"),
+                )
+            }
+        };
+        let value = format!("{name}_i");
+        (
+            format!("{indent}let {value} = {bound}[{index}];{note}"),
+            value,
+        )
     }
 
     fn bindings(&self, out: NodeId) -> String {
@@ -135,9 +198,13 @@ fn tidy(source: &str) -> String {
 
 /// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
 /// `max_workgroups` is the per-dimension dispatch limit the grid must respect.
+///
+/// `transposed` are the transposes the kernels read in place (see `fusion`): a matmul or
+/// element-wise kernel that reads one binds its source.
 pub(crate) fn emit(
     graph: &Graph,
     group: &[NodeId],
+    transposed: &BTreeSet<NodeId>,
     name: &str,
     max_workgroups: u32,
 ) -> Result<Emitted> {
@@ -151,9 +218,9 @@ pub(crate) fn emit(
     }
     match &node.op {
         op if is_elementwise(op) || is_index_map(op) => {
-            elementwise(graph, group, name, max_workgroups)
+            elementwise(graph, group, transposed, name, max_workgroups)
         }
-        Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, max_workgroups),
+        Op::MatMul | Op::Gemm { .. } => matmul(graph, group, transposed, name, max_workgroups),
         Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, max_workgroups),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
@@ -263,7 +330,8 @@ fn node_comment(graph: &Graph, n: NodeId) -> String {
 }
 
 /// Emits the epilogue of `group` (nodes 1..) as statements over flat output index `i`, starting
-/// from the anchor's value in `v0`; returns the statements and the final value's name.
+/// from the anchor's value in `v0`; returns the statements and the final value's name. Each node
+/// reads the values of earlier group nodes from registers (`v{k}`) and loads the rest.
 fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<String>, String)> {
     let graph = b.graph;
     let out_shape = graph.shape(group[0]).to_vec();
@@ -281,27 +349,21 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
                 shape_str(&out_shape)
             )));
         }
-        let ins = graph.inputs_of(n);
-        if !ins.contains(&group[k - 1]) {
-            return Err(Error::Gpu(format!(
-                "node '{}' does not consume the value of the node before it in its group",
-                node.label
-            )));
-        }
         let mut args = vec![];
-        for (slot, &i) in ins.iter().enumerate() {
-            if i == group[k - 1] {
-                args.push(format!("v{}", k - 1));
+        for (slot, &i) in graph.inputs_of(n).iter().enumerate() {
+            if let Some(j) = group[..k].iter().position(|&g| g == i) {
+                args.push(format!("v{j}"));
                 continue;
             }
-            let name = b.bind(&format!("e{k}_{slot}"), i);
-            let from = graph.shape(i);
-            lines.push(format!(
-                "{indent}let {name}_i = {name}[{}];{}",
-                broadcast_index("i", from, &out_shape),
-                wgsl::broadcast_note(from, &out_shape)
-            ));
-            args.push(format!("{name}_i"));
+            if group[k..].contains(&i) {
+                return Err(Error::Gpu(format!(
+                    "node '{}' reads a value its group computes after it",
+                    node.label
+                )));
+            }
+            let (line, value) = b.load(&format!("e{k}_{slot}"), i, &out_shape, indent);
+            lines.push(line);
+            args.push(value);
         }
         let expr = elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?;
         lines.push(format!(
@@ -312,13 +374,19 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
     Ok((lines, format!("v{}", group.len() - 1)))
 }
 
-fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Emitted> {
+fn elementwise(
+    graph: &Graph,
+    group: &[NodeId],
+    transposed: &BTreeSet<NodeId>,
+    name: &str,
+    max_wg: u32,
+) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
     let out_shape = node.shape.clone();
     let n = numel(&out_shape);
     let ins = graph.inputs_of(anchor);
-    let mut b = Builder::new(graph);
+    let mut b = Builder::new(graph, transposed);
     let mut lines = vec![];
     let indent = "    ";
     let summary;
@@ -351,14 +419,9 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Resu
             };
             let mut args = vec![];
             for (&input, &bname) in ins.iter().zip(names) {
-                let bname = b.bind(bname, input);
-                let from = graph.shape(input);
-                lines.push(format!(
-                    "{indent}let {bname}_i = {bname}[{}];{}",
-                    broadcast_index("i", from, &out_shape),
-                    wgsl::broadcast_note(from, &out_shape)
-                ));
-                args.push(format!("{bname}_i"));
+                let (line, value) = b.load(bname, input, &out_shape, indent);
+                lines.push(line);
+                args.push(value);
             }
             let expr = elementwise_expr(op, node.dtype, &args, &mut b.libs)?;
             lines.push(format!(
@@ -674,14 +737,26 @@ fn with_epilogue(graph: &Graph, summary: String, group: &[NodeId]) -> String {
 /// MatMul and Gemm: the 16x16 template (one output per invocation), or the register-blocked
 /// one (a 4x4 block per invocation, 64x64 per workgroup) for outputs of at least
 /// [`BLOCKED_MIN`] rows and columns. Both run the same epilogue on each output element.
-fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Emitted> {
+fn matmul(
+    graph: &Graph,
+    group: &[NodeId],
+    transposed: &BTreeSet<NodeId>,
+    name: &str,
+    max_wg: u32,
+) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
     let ins = graph.inputs_of(anchor);
     let (a_shape, b_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
-    let mut b = Builder::new(graph);
-    b.bind("a", ins[0]);
-    b.bind("b", ins[1]);
+    let mut b = Builder::new(graph, transposed);
+    // A transpose read in place binds its source; `*_strides` are then the element strides of
+    // each axis of the logical operand in the source's memory.
+    let (a_src, a_perm) = b.source(ins[0]);
+    let (b_src, b_perm) = b.source(ins[1]);
+    b.bind("a", a_src);
+    b.bind("b", b_src);
+    let a_strides = a_perm.map(|perm| permuted_strides(graph.shape(a_src), perm));
+    let b_strides = b_perm.map(|perm| permuted_strides(graph.shape(b_src), perm));
     // `first`: the statement that turns the dot product `acc` into `v0` (indented below).
     let (m, k, n, batch, a_at, b_at, first, summary);
     match &node.op {
@@ -698,8 +773,19 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
             };
             n = if *trans_b { b_shape[0] } else { b_shape[1] };
             batch = 1;
-            a_at = if *trans_a { "p * M + i" } else { "i * K + p" }.to_string();
-            b_at = if *trans_b { "j * K + p" } else { "p * N + j" }.to_string();
+            // Gemm's A[i, p] is its operand's [i, p], or [p, i] with transA.
+            let (ai, ap) = if *trans_a { (1, 0) } else { (0, 1) };
+            a_at = match &a_strides {
+                None if *trans_a => "p * M + i".to_string(),
+                None => "i * K + p".to_string(),
+                Some(st) => index_sum(&[("i", st[ai]), ("p", st[ap])]),
+            };
+            let (bp, bj) = if *trans_b { (1, 0) } else { (0, 1) };
+            b_at = match &b_strides {
+                None if *trans_b => "j * K + p".to_string(),
+                None => "p * N + j".to_string(),
+                Some(st) => index_sum(&[("p", st[bp]), ("j", st[bj])]),
+            };
             let mut value = match *alpha {
                 1.0 => "acc".to_string(),
                 al => format!("{} * acc", wgsl::f32_lit(al)?),
@@ -730,18 +816,53 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
             let d = matmul_dims(a_shape, b_shape).map_err(Error::Shape)?;
             (m, k, n) = (d.m, d.k, d.n);
             batch = numel(&d.batch);
-            let offset = |own: &[usize], size: usize| {
-                let muls: Vec<usize> = broadcast_muls(own, &d.batch)
-                    .into_iter()
-                    .map(|s| s * size)
-                    .collect();
+            let offset = |own: &[usize], size: usize, st: &Option<Vec<usize>>| {
+                let muls: Vec<usize> = match st {
+                    // A contiguous operand: its batch matrices are `size` elements apart.
+                    None => broadcast_muls(own, &d.batch)
+                        .into_iter()
+                        .map(|s| s * size)
+                        .collect(),
+                    // A transpose read in place: each batch axis walks the source by its own
+                    // stride (0 where the operand broadcasts).
+                    Some(st) => {
+                        let skip = d.batch.len() - own.len();
+                        (0..d.batch.len())
+                            .map(|x| {
+                                if x < skip || own[x - skip] == 1 {
+                                    0
+                                } else {
+                                    st[x - skip]
+                                }
+                            })
+                            .collect()
+                    }
+                };
                 match strided_index("batch", &d.batch, &muls).as_str() {
                     "0u" => String::new(),
                     e => format!("{e} + "),
                 }
             };
-            a_at = format!("{}i * K + p", offset(&d.a_batch, m * k));
-            b_at = format!("{}p * N + j", offset(&d.b_batch, k * n));
+            a_at = match &a_strides {
+                None => format!("{}i * K + p", offset(&d.a_batch, m * k, &None)),
+                Some(st) => {
+                    let r = st.len();
+                    let own = &a_shape[..r - 2];
+                    let batch_st = Some(st[..r - 2].to_vec());
+                    let rest = index_sum(&[("i", st[r - 2]), ("p", st[r - 1])]);
+                    format!("{}{rest}", offset(own, 0, &batch_st))
+                }
+            };
+            b_at = match &b_strides {
+                None => format!("{}p * N + j", offset(&d.b_batch, k * n, &None)),
+                Some(st) => {
+                    let r = st.len();
+                    let own = &b_shape[..r - 2];
+                    let batch_st = Some(st[..r - 2].to_vec());
+                    let rest = index_sum(&[("p", st[r - 2]), ("j", st[r - 1])]);
+                    format!("{}{rest}", offset(own, 0, &batch_st))
+                }
+            };
             first = format!("let v0 = acc; {}", node_comment(graph, anchor));
             summary = format!(
                 "matmul {} @ {} -> {}",
@@ -751,6 +872,12 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
             );
         }
     }
+    let summary = match (a_perm, b_perm) {
+        (None, None) => summary,
+        (Some(_), None) => format!("{summary} (A: a transpose read in place)"),
+        (None, Some(_)) => format!("{summary} (B: a transpose read in place)"),
+        (Some(_), Some(_)) => format!("{summary} (A and B: transposes read in place)"),
+    };
     b.helpers.push(format!(
         "// Offset in `a` of A[i, p] of output matrix `batch`.\n\
          fn a_at(batch: u32, i: u32, p: u32) -> u32 {{\n    return {a_at};\n}}"
@@ -803,6 +930,25 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, max_wg: u32) -> Result<Em
     )
 }
 
+/// The element strides, in the memory of a transpose's source of shape `src`, of each axis of
+/// the transposed value (`perm` as in `Op::Transpose`).
+fn permuted_strides(src: &[usize], perm: &[usize]) -> Vec<usize> {
+    let st = strides(src);
+    perm.iter().map(|&p| st[p]).collect()
+}
+
+/// `i * 16u + p`: the WGSL sum of index variables times constant strides.
+fn index_sum(terms: &[(&str, usize)]) -> String {
+    let parts: Vec<String> = terms
+        .iter()
+        .map(|&(v, st)| match st {
+            1 => v.to_string(),
+            st => format!("{v} * {st}u"),
+        })
+        .collect();
+    parts.join(" + ")
+}
+
 /// The blocked template's output tile (rows, columns) for an `m` x `n` product: 64 x 64, or
 /// 32 x 128 for products of few rows and 128 x 32 for products of few columns (DoRA's x Aᵀ at
 /// rank 16 or 32), all 256 invocations of a 4x4 block.
@@ -840,7 +986,7 @@ fn reduce(
     }
     let rows = numel(&node.shape);
     let r = numel(&red);
-    let mut b = Builder::new(graph);
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
     b.bind("x", x_node);
     b.libs.insert(Lib::WorkgroupReduce);
     b.helpers.push(format!(
@@ -892,7 +1038,7 @@ fn layer_norm(
     let x_shape = graph.shape(ins[0]).to_vec();
     let norm_shape = &x_shape[axis..];
     let (rows, d) = (numel(&x_shape[..axis]), numel(norm_shape));
-    let mut b = Builder::new(graph);
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
     b.bind("x", ins[0]);
     b.bind("scale", ins[1]);
     b.libs.insert(Lib::WorkgroupReduce);
@@ -940,7 +1086,7 @@ fn softmax(graph: &Graph, n: NodeId, axis: usize, name: &str, max_wg: u32) -> Re
     let len = shape[axis];
     let inner = numel(&shape[axis + 1..]);
     let rows = numel(&shape[..axis]) * inner;
-    let mut b = Builder::new(graph);
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
     b.bind("x", x_node);
     b.libs.insert(Lib::WorkgroupReduce);
     let summary = format!("softmax of {} along axis {axis}", shape_str(&shape));
@@ -986,7 +1132,7 @@ fn cross_entropy(
     } else {
         1
     };
-    let mut b = Builder::new(graph);
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
     b.bind("logits", ins[0]);
     b.bind("labels", ins[1]);
     if grad {

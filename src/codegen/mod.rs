@@ -27,7 +27,8 @@ mod wgsl;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, NodeId, Op};
 use crate::tensor::shape_str;
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use fusion::Fusion;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 /// Index of a buffer in [`Plan::buffers`].
@@ -200,8 +201,8 @@ pub fn plan(graph: &Graph) -> Result<Plan> {
 
 /// [`plan`] with explicit options (`fuse: false` gives one kernel per computing node).
 pub fn plan_with(graph: &Graph, options: &PlanOptions) -> Result<Plan> {
-    let groups = fusion::groups(graph, options.fuse)?;
-    plan_grouped(graph, groups, options)
+    let fusion = fusion::decide(graph, options.fuse)?;
+    plan_grouped(graph, fusion, options)
 }
 
 /// Nodes that need a kernel of their own: everything but inputs, constants and views.
@@ -209,19 +210,25 @@ fn has_kernel(op: &Op) -> bool {
     !matches!(op, Op::Input | Op::Const(_)) && !op.is_view()
 }
 
-/// Plans `graph` with the given kernel groups: each an anchor node followed by an element-wise
-/// chain that consumes it (e.g. `[matmul, add, relu]`). Every live node that needs a kernel must
-/// be in exactly one group, and only a group's last value may be read outside it (the others
-/// stay in registers). [`plan`] gets its groups from the fusion pass.
+/// Plans `graph` with the given kernel groups: each an anchor node followed by element-wise
+/// nodes of its shape, each reading only values computed before it (e.g. `[matmul, add,
+/// relu]`), and the transposes that kernels read in place (a `Vec` of groups has none). Every
+/// other live node that needs a kernel must be in exactly one group, and only a group's last
+/// value may be read outside it (the others stay in registers). [`plan`] gets its groups from
+/// the fusion pass.
 pub fn plan_grouped(
     graph: &Graph,
-    groups: Vec<Vec<NodeId>>,
+    fusion: impl Into<Fusion>,
     options: &PlanOptions,
 ) -> Result<Plan> {
+    let Fusion {
+        groups,
+        operand_transposes: transposed,
+    } = fusion.into();
     let order = schedule::order(graph)?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
-    let groups = check_groups(graph, groups, &live, &position)?;
+    let groups = check_groups(graph, groups, &transposed, &live, &position)?;
 
     let mut plan = Plan::default();
     // Buffers in schedule order; a group's value is its last node's.
@@ -230,7 +237,7 @@ pub fn plan_grouped(
         .flat_map(|g| g[..g.len() - 1].iter().copied())
         .collect();
     for &n in &order {
-        if !live.contains(&n) || in_group.contains(&n) {
+        if !live.contains(&n) || in_group.contains(&n) || transposed.contains(&n) {
             continue;
         }
         let node = graph.node(n);
@@ -275,7 +282,13 @@ pub fn plan_grouped(
 
     for (index, group) in groups.into_iter().enumerate() {
         let name = kernel_name(graph, index, &group);
-        let emitted = kernels::emit(graph, &group, &name, options.max_workgroups_per_dim)?;
+        let emitted = kernels::emit(
+            graph,
+            &group,
+            &transposed,
+            &name,
+            options.max_workgroups_per_dim,
+        )?;
         validate(&name, &emitted.source)?;
         let last = *group.last().expect("groups are not empty");
         plan.kernels.push(Kernel {
@@ -434,7 +447,8 @@ fn reuse_buffers(plan: &mut Plan) {
 fn check_groups(
     graph: &Graph,
     mut groups: Vec<Vec<NodeId>>,
-    live: &std::collections::BTreeSet<NodeId>,
+    transposed: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
 ) -> Result<Vec<Vec<NodeId>>> {
     let bad = |m: String| Err(Error::Graph(format!("kernel groups: {m}")));
@@ -445,7 +459,7 @@ fn check_groups(
             return bad("an empty group".into());
         }
         for (k, &n) in g.iter().enumerate() {
-            if !graph.contains(n) || !has_kernel(&graph.node(n).op) {
+            if !graph.contains(n) || !has_kernel(&graph.node(n).op) || transposed.contains(&n) {
                 return bad(format!("node {} needs no kernel", n.index()));
             }
             if !seen.insert(n) {
@@ -461,9 +475,30 @@ fn check_groups(
             }
         }
     }
+    for &t in transposed {
+        let ok = matches!(graph.node(t).op, Op::Transpose { .. })
+            && !outputs.contains(&t)
+            && !graph.updates.iter().any(|&(_, next)| next == t)
+            && graph
+                .consumers(t)
+                .iter()
+                .filter(|c| live.contains(c))
+                .all(|&c| {
+                    let op = &graph.node(c).op;
+                    kernels::is_elementwise(op)
+                        || matches!(op, Op::MatMul)
+                        || (matches!(op, Op::Gemm { .. }) && graph.inputs_of(c).get(2) != Some(&t))
+                });
+        if !ok {
+            return bad(format!(
+                "node '{}' cannot be read in place by its readers",
+                graph.node(t).label
+            ));
+        }
+    }
     if let Some(&n) = live
         .iter()
-        .find(|&&n| has_kernel(&graph.node(n).op) && !seen.contains(&n))
+        .find(|&&n| has_kernel(&graph.node(n).op) && !seen.contains(&n) && !transposed.contains(&n))
     {
         return bad(format!("node '{}' is in no group", graph.node(n).label));
     }

@@ -7,6 +7,7 @@
 //! - [`fold`]: constant folding through the reference executor (frozen-only work is done once).
 //! - [`merge`]: folds adapters back into the base weights.
 //! - [`split`]: cuts constants larger than one device binding into chunks at their readers.
+//! - [`transpose`]: moves transposes onto matmul operands and cancels pairs (after autodiff).
 
 pub mod adapter_insert;
 pub mod autodiff;
@@ -14,9 +15,11 @@ pub mod fold;
 pub mod linear;
 pub mod merge;
 pub mod split;
+pub mod transpose;
 
 pub use adapter_insert::{insert_adapters, AdapterInit, AdapterSpec};
 pub use fold::fold_constants;
 pub use linear::{find_linear_layers, matches_target, resolve_module, LinearLayer, ModuleMatch};
 pub use merge::merge_adapters;
 pub use split::split_large_constants;
+pub use transpose::simplify_transposes;

@@ -302,7 +302,9 @@ pub fn build_for_device(
     if let Some(n) = grad_norm {
         graph.outputs.push((optimizer::GRAD_NORM_OUTPUT.into(), n));
     }
-    // Frozen-only work (W0 column norms, transposed frozen weights...) happens once, here.
+    // Autodiff's transposes of products become products of transposes, which kernels read in
+    // place; then frozen-only work (W0 column norms, transposed frozen weights...) happens once.
+    crate::passes::simplify_transposes(&mut graph)?;
     crate::passes::fold_constants(&mut graph, &HashSet::new())?;
     Ok(Program {
         graph,
