@@ -5,7 +5,8 @@
 //! this one run, and their ratio. A dorac time covers one run of the compiled product: the
 //! upload of x, the kernel and the read-back of y.
 //!
-//! `cargo bench --bench matmul` (env DORAC_BENCH_ITERS).
+//! `cargo bench --bench matmul` (env DORAC_BENCH_ITERS; DORAC_BENCH_LARGE=1 adds 2048³, 4096³ and a
+//! Llama-7B MLP projection).
 
 mod common;
 
@@ -33,14 +34,20 @@ fn main() {
         "{:<24} {:>11} {:>11} {:>12}",
         "M x K x N", "dorac GF/s", "sgemm GF/s", "dorac/sgemm"
     );
-    for (m, k, n) in [
+    let mut shapes = vec![
         (256, 256, 256),
         (512, 512, 512),
         (1024, 1024, 1024),
         (32, 768, 2304),
         (32, 768, 8192),
         (128, 768, 3072),
-    ] {
+    ];
+    // On a real GPU (benches/gpu.sh) the small shapes measure dispatch and transfer overhead;
+    // large ones measure the kernel.
+    if env("DORAC_BENCH_LARGE", 0) != 0 {
+        shapes.extend([(2048, 2048, 2048), (4096, 4096, 4096), (1024, 4096, 11008)]);
+    }
+    for (m, k, n) in shapes {
         let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
         let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
         let mut g = Graph::new();

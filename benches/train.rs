@@ -91,7 +91,7 @@ fn main() {
             peak as f64 / 1e6,
             total as f64 / 1e6
         );
-        step_results.push((name, ms, peak));
+        step_results.push((name, ms, peak, kernels));
     }
     let get = |n: &str| step_results.iter().find(|r| r.0 == n).unwrap();
     println!("\nratios (this run):");
@@ -102,6 +102,12 @@ fn main() {
     println!(
         "  peak memory  DoRA / LoRA  {:.3}",
         get("dora").2 as f64 / get("lora").2 as f64
+    );
+    println!(
+        "  kernels      DoRA / LoRA  {:.3} ({} / {})",
+        get("dora").3 as f64 / get("lora").3 as f64,
+        get("dora").3,
+        get("lora").3
     );
     println!(
         "  step time    exact / detached norm  {:.3}",

@@ -316,6 +316,30 @@ fn normalisation_rules() {
     }
 }
 
+/// DoRA's fused norm: gradients for A and B (W is a frozen constant), in both weight
+/// orientations, with a Gemm alpha and with rsLoRA-like scales.
+#[test]
+fn dora_norm_rule() {
+    for (out_in, alpha, scale) in [(false, 1.0f32, 2.0f32), (true, 0.5, 0.7)] {
+        let mut c = Case::new(&format!("dora_norm_sq out_in {out_in}"));
+        let (fin, fout, r) = (5, 4, 3);
+        let shape = if out_in { [fout, fin] } else { [fin, fout] };
+        let w: Vec<f32> = (0..fin * fout)
+            .map(|_| c.rng.range(-1.0, 1.0) as f32)
+            .collect();
+        let w = c.g.add_const("w", Tensor::f32(shape.to_vec(), w));
+        let a = c.input("a", &[r, fin], -1.0, 1.0);
+        let b = c.input("b", &[fout, r], -1.0, 1.0);
+        let op = Op::DoraNormSq(dorac::ops::DoraNorm {
+            alpha,
+            scale,
+            weight_out_in: out_in,
+        });
+        let y = c.op(op, &[w, a, b]);
+        c.check(y);
+    }
+}
+
 #[test]
 fn cross_entropy_rules() {
     for shift in [false, true] {

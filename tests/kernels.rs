@@ -563,6 +563,45 @@ fn transposes_read_in_place() {
     c.check_plan(&plan);
 }
 
+/// DoRA's fused column norm against the reference, in both weight orientations, with a column
+/// count over one dispatch row and `in` not a multiple of the workgroup, and with its epilogue
+/// (clamp, square root, then m / norm through a StopGradient view) in the same kernel.
+#[test]
+fn dora_norm_kernel() {
+    let mut c = Case::new("dora_norm_kernel");
+    for (out_in, (fin, fout, r), alpha, scale) in [
+        (false, (37, 9, 4), 1.0f32, 2.0f32),
+        (true, (130, 70, 16), 0.5, 0.25),
+        (false, (64, 3, 1), 1.0, 1.0),
+    ] {
+        let tag = format!("{}_{fin}x{fout}x{r}", out_in as u8);
+        let shape = if out_in { [fout, fin] } else { [fin, fout] };
+        let w = c.constant(&format!("w{tag}"), &shape, -1.0, 1.0);
+        let a = c.input(&format!("a{tag}"), &[r, fin], -1.0, 1.0);
+        let b = c.input(&format!("b{tag}"), &[fout, r], -1.0, 1.0);
+        let m = c.input(&format!("m{tag}"), &[fout], 0.5, 2.0);
+        let op = Op::DoraNormSq(dorac::ops::DoraNorm {
+            alpha,
+            scale,
+            weight_out_in: out_in,
+        });
+        c.out(op.clone(), &[w, a, b], &format!("norm_sq{tag}"));
+        let n2 = c.op(op, &[w, a, b], &format!("n2{tag}"));
+        let safe = c.op(un(unary::POSITIVE_OR_ONE), &[n2], &format!("safe{tag}"));
+        let norm = c.op(un(unary::SQRT), &[safe], &format!("norm{tag}"));
+        let detached = c.op(Op::StopGradient, &[norm], &format!("detached{tag}"));
+        c.out(bin(Binary::Div), &[m, detached], &format!("g{tag}"));
+    }
+    let plan = codegen::plan(&c.graph).unwrap();
+    assert!(
+        plan.kernels.iter().any(|k| k
+            .name
+            .contains("dora_norm_sq_positive_or_one_sqrt_stop_gradient_div")),
+        "the scale is not in the norm's kernel:\n{plan}"
+    );
+    c.check_plan(&plan);
+}
+
 // ---------------------------------------------------------------- layout ops and reductions
 
 #[test]

@@ -397,6 +397,7 @@ fn adapters_and_stop_gradient_round_trip() {
         lora_b: b,
         magnitude: Some(m),
         output: out,
+        norm_sq: None,
     });
 
     let model = export(&g).unwrap();

@@ -175,14 +175,22 @@ impl Context<'_> {
             if self.kept.contains(&last) {
                 return;
             }
-            let &[next] = self.live_consumers(last).as_slice() else {
+            let &[mut next] = self.live_consumers(last).as_slice() else {
                 return;
             };
+            let mut joining = vec![];
+            let mut inside: HashSet<NodeId> = group.iter().copied().collect();
+            // A same-shape view (DoRA's StopGradient) passes the value on in registers when
+            // an element-wise node that can join reads it, alone.
+            if let Some(reader) = self.through_view(next, &shape) {
+                joining.push(next);
+                inside.insert(next);
+                next = reader;
+            }
             if !self.free_elementwise(next, &shape) {
                 return;
             }
-            let mut joining = vec![];
-            let mut inside: HashSet<NodeId> = group.iter().copied().collect();
+            let views = joining.len();
             self.side_operands(next, &shape, &mut inside, &mut joining);
             joining.push(next);
             let mut trial = group.clone();
@@ -190,6 +198,7 @@ impl Context<'_> {
             if bindings(self.graph, &trial) > MAX_BINDINGS {
                 // Without the side operands, the consumer alone may still fit.
                 let mut alone = group.clone();
+                alone.extend(&joining[..views]);
                 alone.push(next);
                 if bindings(self.graph, &alone) > MAX_BINDINGS {
                     return;
@@ -200,6 +209,19 @@ impl Context<'_> {
                 self.taken.insert(n);
             }
             *group = trial;
+        }
+    }
+
+    /// The one reader of view `v` when `v` has the group's shape, is not kept, and that reader
+    /// is the only live one.
+    fn through_view(&self, v: NodeId, shape: &[usize]) -> Option<NodeId> {
+        let node = self.graph.node(v);
+        if !node.op.is_view() || node.shape != shape || self.kept.contains(&v) {
+            return None;
+        }
+        match self.live_consumers(v).as_slice() {
+            &[reader] => Some(reader),
+            _ => None,
         }
     }
 

@@ -226,6 +226,7 @@ pub(crate) fn emit(
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
         Op::Softmax { axis } => softmax(graph, anchor, *axis, name, max_workgroups),
+        Op::DoraNormSq(p) => dora_norm(graph, group, p, name, max_workgroups),
         &Op::SoftmaxCrossEntropy {
             ignore_index,
             shift,
@@ -244,7 +245,9 @@ pub(crate) fn emit(
 /// Ops whose kernel can apply an element-wise epilogue to its value (the anchors of fused
 /// groups): the element-wise and index-mapping ops, MatMul and Gemm.
 pub(super) fn takes_epilogue(op: &Op) -> bool {
-    is_elementwise(op) || is_index_map(op) || matches!(op, Op::MatMul | Op::Gemm { .. })
+    is_elementwise(op)
+        || is_index_map(op)
+        || matches!(op, Op::MatMul | Op::Gemm { .. } | Op::DoraNormSq(_))
 }
 
 /// Ops that compute each output element from the same-index (broadcast) elements of their
@@ -339,7 +342,7 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
     for k in 1..group.len() {
         let n = group[k];
         let node = graph.node(n);
-        if !is_elementwise(&node.op) || node.shape != out_shape {
+        if !(is_elementwise(&node.op) || node.op.is_view()) || node.shape != out_shape {
             return Err(Error::Gpu(format!(
                 "node '{}' ({} {}) cannot be an epilogue of a {} kernel: epilogue ops must be \
                  element-wise and keep the shape",
@@ -365,7 +368,12 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
             lines.push(line);
             args.push(value);
         }
-        let expr = elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?;
+        // A view (StopGradient, say) passes its value through.
+        let expr = if node.op.is_view() {
+            args[0].clone()
+        } else {
+            elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?
+        };
         lines.push(format!(
             "{indent}let v{k} = {expr}; {}",
             node_comment(graph, n)
@@ -1024,6 +1032,70 @@ fn reduce(
     ];
     values.extend(sign.map(|s| ("SIGN", s.to_string())));
     b.finish(template, name, n, values, workgroups, summary)
+}
+
+/// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per output column, with
+/// the element-wise epilogue (clamp, square root, `m / norm`) run by its first invocation.
+fn dora_norm(
+    graph: &Graph,
+    group: &[NodeId],
+    p: &crate::ops::DoraNorm,
+    name: &str,
+    max_wg: u32,
+) -> Result<Emitted> {
+    let n = group[0];
+    let ins = graph.inputs_of(n);
+    let (w_shape, a_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
+    let (fin, fout) = p.in_out(w_shape);
+    let r = a_shape[0];
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
+    b.bind("w", ins[0]);
+    b.bind("lora_a", ins[1]);
+    b.bind("lora_b", ins[2]);
+    b.libs.insert(Lib::WorkgroupReduce);
+    let w_at = if p.weight_out_in {
+        "j * IN + i"
+    } else {
+        "i * OUT + j"
+    };
+    b.helpers.push(format!(
+        "// Offset in `w` of W[i, j] (row i of the `in` axis, column j).\n\
+         fn w_at(i: u32, j: u32) -> u32 {{\n    return {w_at};\n}}"
+    ));
+    let indent = "        ";
+    let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
+    let (more, last) = epilogue(&mut b, group, indent)?;
+    lines.extend(more);
+    lines.push(format!("{indent}y[i] = {last};"));
+    let summary = format!(
+        "dora_norm_sq alpha={} s={}: W {}{}, A {}, B {} -> {}",
+        p.alpha,
+        p.scale,
+        shape_str(w_shape),
+        if p.weight_out_in { " (out x in)" } else { "" },
+        shape_str(a_shape),
+        shape_str(graph.shape(ins[2])),
+        shape_str(&graph.node(n).shape)
+    );
+    let summary = with_epilogue(graph, summary, group);
+    let workgroups = wgsl::grid(fout, max_wg, name)?;
+    b.finish(
+        template::DORA_NORM,
+        name,
+        *group.last().unwrap(),
+        vec![
+            ("IN", fin.to_string()),
+            ("OUT", fout.to_string()),
+            ("R", r.to_string()),
+            ("ALPHA", wgsl::f32_lit(p.alpha)?),
+            ("S", wgsl::f32_lit(p.scale)?),
+            ("GRID_X", workgroups[0].to_string()),
+            ("GRID_Y", workgroups[1].to_string()),
+            ("EPILOGUE", lines.join("\n")),
+        ],
+        workgroups,
+        summary,
+    )
 }
 
 fn layer_norm(

@@ -459,13 +459,18 @@ fn check_groups(
             return bad("an empty group".into());
         }
         for (k, &n) in g.iter().enumerate() {
-            if !graph.contains(n) || !has_kernel(&graph.node(n).op) || transposed.contains(&n) {
+            let interior = k + 1 < g.len();
+            // A view may pass a value on between two nodes of a group, in registers.
+            let passed_view = graph.contains(n) && k > 0 && interior && graph.node(n).op.is_view();
+            if !graph.contains(n)
+                || !(has_kernel(&graph.node(n).op) || passed_view)
+                || transposed.contains(&n)
+            {
                 return bad(format!("node {} needs no kernel", n.index()));
             }
             if !seen.insert(n) {
                 return bad(format!("node '{}' is in two groups", graph.node(n).label));
             }
-            let interior = k + 1 < g.len();
             let escapes = graph.consumers(n).iter().any(|c| !g.contains(c));
             if interior && (escapes || outputs.contains(&n)) {
                 return bad(format!(

@@ -27,6 +27,7 @@ pub const REDUCE_MAX: Template = template!("reduce_max.wgsl");
 pub const REDUCE_PROD: Template = template!("reduce_prod.wgsl");
 pub const LAYER_NORM: Template = template!("layer_norm.wgsl");
 pub const SOFTMAX: Template = template!("softmax.wgsl");
+pub const DORA_NORM: Template = template!("dora_norm.wgsl");
 pub const CROSS_ENTROPY: Template = template!("cross_entropy.wgsl");
 pub const CROSS_ENTROPY_GRAD: Template = template!("cross_entropy_grad.wgsl");
 

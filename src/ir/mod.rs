@@ -151,6 +151,9 @@ pub struct AdaptedLayer<Id = NodeId> {
     pub magnitude: Option<Id>,
     /// The node whose value replaced the original op's output.
     pub output: Id,
+    /// DoRA: the squared column norms of the adapted weight, before clamping (the value that
+    /// training's fused norm replaces). None for LoRA, or when not known.
+    pub norm_sq: Option<Id>,
 }
 
 impl<Id: Copy> AdaptedLayer<Id> {
@@ -173,6 +176,7 @@ impl<Id: Copy> AdaptedLayer<Id> {
             lora_b: f(self.lora_b),
             magnitude: self.magnitude.map(&f),
             output: f(self.output),
+            norm_sq: self.norm_sq.map(&f),
         }
     }
 

@@ -32,6 +32,9 @@ pub enum Op {
     Binary(Binary),
     /// Identity that also tells autodiff not to differentiate through (DoRA's detached norm).
     StopGradient,
+    /// DoRA's squared column norms of `alpha W + s (B A)ᵀ`: inputs W, A, B; output [out]
+    /// (`crate::ops::dora_norm`).
+    DoraNormSq(crate::ops::DoraNorm),
     Identity,
     /// Target shape fully resolved at import (no -1 or 0 left).
     Reshape {
@@ -131,6 +134,7 @@ impl Op {
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
             Op::StopGradient => "stop_gradient",
+            Op::DoraNormSq(_) => "dora_norm_sq",
             Op::Identity => "identity",
             Op::Reshape { .. } => "reshape",
             Op::Transpose { .. } => "transpose",
@@ -183,7 +187,7 @@ impl Op {
             Op::MatMul | Op::Binary(_) | Op::UnaryGrad(_) | Op::SoftmaxCrossEntropy { .. } => {
                 (2, 2)
             }
-            Op::SoftmaxCrossEntropyGrad { .. } | Op::Where => (3, 3),
+            Op::SoftmaxCrossEntropyGrad { .. } | Op::Where | Op::DoraNormSq(_) => (3, 3),
             Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherND { .. } => (2, 2),
             Op::Concat { .. } => (1, MAX_CONCAT_INPUTS),
             Op::Gemm { .. } => (2, 3),
@@ -286,6 +290,7 @@ impl Op {
                     })
                     .collect())
             }
+            Op::DoraNormSq(p) => p.shape(inputs),
             Op::LayerNorm { axis, .. } => {
                 let x = inputs[0];
                 if *axis >= x.len() {

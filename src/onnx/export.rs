@@ -524,7 +524,8 @@ impl Exporter<'_> {
             // are compiled, never exported.
             op @ (Op::UnaryGrad(_)
             | Op::SoftmaxCrossEntropy { .. }
-            | Op::SoftmaxCrossEntropyGrad { .. }) => {
+            | Op::SoftmaxCrossEntropyGrad { .. }
+            | Op::DoraNormSq(_)) => {
                 return Err(Error::Graph(format!(
                     "node '{label}': the training-only op {} cannot be exported to ONNX",
                     op.name()

@@ -152,6 +152,12 @@ impl AdapterMeta {
                 .map(|m| get("magnitude", m))
                 .transpose()?,
             output: get("output", &self.output)?,
+            // Not in the metadata: found by the name the rewrite gives it, when present (the
+            // fused training norm needs it; without it training keeps the factored form).
+            norm_sq: match method {
+                Method::Dora => values.get(&format!("{}.norm_sq", self.module)).copied(),
+                Method::Lora => None,
+            },
         })
     }
 }

@@ -7,11 +7,14 @@
 //! - [`unary`]: element-wise functions of one input (Relu, Sin, Abs, ...).
 //! - [`binary`]: element-wise functions of two inputs with broadcasting (Add, Pow, Less, Mod...).
 //! - [`reduce`]: reductions over axes (ReduceSum, ReduceSumSquare, ReduceMax, ReduceMin, ReduceProd).
+//! - [`dora_norm`]: DoRA's column norms of `W0 + s (BA)ᵀ` in one op (training's fused norm).
 
 pub mod binary;
+pub mod dora_norm;
 pub mod reduce;
 pub mod unary;
 
 pub use binary::Binary;
+pub use dora_norm::DoraNorm;
 pub use reduce::Reduce;
 pub use unary::Unary;

@@ -178,6 +178,7 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
     )?;
 
     let mut y = u;
+    let mut norm_sq_ref = None;
     if let (Method::Dora, Some(m_ref)) = (spec.method, m_ref) {
         let mul = Op::Binary(Binary::Mul);
         let add = Op::Binary(Binary::Add);
@@ -263,6 +264,7 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
             &label("norm_sq_partial"),
         )?;
         let n_sq = p.add(add, &[n_sq, quad_s], &name("norm_sq"), &label("norm_sq"))?;
+        norm_sq_ref = Some(n_sq);
         // Rounding can push n² slightly below zero (dora-math.md clamps it at 0), and a column
         // of norm zero (a pruned neuron; PEFT divides 0 by 0 there, its issue #2049) has no
         // direction: such a norm reads as 1, so the scale is m itself (1 at init, see
@@ -337,6 +339,7 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
         lora_b: b_ref,
         magnitude: m_ref,
         output: y,
+        norm_sq: norm_sq_ref,
     });
     Ok(p.finish())
 }

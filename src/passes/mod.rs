@@ -4,6 +4,7 @@
 //! - [`linear`]: finds the linear layers (MatMul/Gemm with a 2-D weight initializer) and the
 //!   PyTorch module names they came from; PEFT-style target matching.
 //! - [`adapter_insert`]: rewrites chosen layers into DoRA or LoRA subgraphs.
+//! - [`dora_norm`]: training's one-op DoRA norm in place of the factored one.
 //! - [`fold`]: constant folding through the reference executor (frozen-only work is done once).
 //! - [`merge`]: folds adapters back into the base weights.
 //! - [`split`]: cuts constants larger than one device binding into chunks at their readers.
@@ -11,6 +12,7 @@
 
 pub mod adapter_insert;
 pub mod autodiff;
+pub mod dora_norm;
 pub mod fold;
 pub mod linear;
 pub mod merge;
@@ -18,6 +20,7 @@ pub mod split;
 pub mod transpose;
 
 pub use adapter_insert::{insert_adapters, AdapterInit, AdapterSpec};
+pub use dora_norm::fuse_dora_norms;
 pub use fold::fold_constants;
 pub use linear::{find_linear_layers, matches_target, resolve_module, LinearLayer, ModuleMatch};
 pub use merge::merge_adapters;

@@ -43,6 +43,7 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
         Op::Transpose { perm } => transpose(args[0], perm),
         Op::Reduce { kind, axes, .. } => reduce(args[0], *kind, axes, out_shape),
         Op::LayerNorm { axis, epsilon } => layer_norm(args, *axis, *epsilon as f64),
+        Op::DoraNormSq(p) => p.eval(args[0], args[1], args[2]),
         Op::Softmax { axis } => softmax(args[0], *axis),
         Op::Expand { .. } => {
             let at = broadcast_index(&args[0].shape, &out_shape);

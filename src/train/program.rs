@@ -287,6 +287,8 @@ pub fn build_for_device(
         });
     }
 
+    // Each DoRA norm becomes one op (one kernel, with its own gradient in exact-norm mode).
+    crate::passes::fuse_dora_norms(&mut graph)?;
     let (_labels, loss_node) = loss::append(&mut graph, opts.loss, output, &opts.labels)?;
     // The model's own outputs are not needed by a training step: only the loss comes back.
     graph.outputs = vec![("loss".into(), loss_node)];

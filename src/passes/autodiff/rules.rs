@@ -82,6 +82,7 @@ pub(super) fn input_grads(
             vec![Some(b.binary(Binary::Mul, n, centered, n, "softmax")?)]
         }
         Op::LayerNorm { axis, epsilon } => layer_norm(b, n, &ins, dy, wanted, axis, epsilon)?,
+        Op::DoraNormSq(p) => p.grad(b, n, &ins, dy, wanted)?,
         Op::SoftmaxCrossEntropy {
             ignore_index,
             shift,
