@@ -473,7 +473,8 @@ fn transposes_read_in_place() {
         perm: perm.to_vec(),
     };
     // (source of A, perm of A, source of B, perm of B, name); an empty perm: no transpose.
-    let cases: [(&[usize], &[usize], &[usize], &[usize], &str); 8] = [
+    type Operands<'a> = (&'a [usize], &'a [usize], &'a [usize], &'a [usize], &'a str);
+    let cases: [Operands; 8] = [
         (&[9, 13], &[1, 0], &[9, 11], &[], "a_t_small"),
         (&[13, 9], &[], &[11, 9], &[1, 0], "b_t_small"),
         (&[70, 100], &[1, 0], &[90, 70], &[1, 0], "both_t_blocked"),
