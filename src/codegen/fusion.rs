@@ -105,8 +105,8 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
     })
 }
 
-/// The transposes whose readers can all index their source in place: every live reader is a
-/// MatMul/Gemm reading it as A or B, or an element-wise op, and the value is not kept.
+/// The transposes whose readers can all index their source in place (see
+/// [`readable_in_place`]) and whose value is not kept.
 pub fn operand_transposes(
     graph: &Graph,
     live: &BTreeSet<NodeId>,
@@ -114,29 +114,27 @@ pub fn operand_transposes(
 ) -> BTreeSet<NodeId> {
     live.iter()
         .copied()
-        .filter(|&t| {
-            matches!(graph.node(t).op, Op::Transpose { .. })
-                && graph.shape(t).len() >= 2
-                && !kept.contains(&t)
-        })
-        .filter(|&t| {
-            let readers: Vec<NodeId> = graph
-                .consumers(t)
-                .into_iter()
-                .filter(|c| live.contains(c))
-                .collect();
-            !readers.is_empty()
-                && readers.iter().all(|&c| {
-                    let op = &graph.node(c).op;
-                    let slots = graph.inputs_of(c);
-                    match op {
-                        Op::MatMul => true,
-                        Op::Gemm { .. } => slots.get(2) != Some(&t),
-                        op => is_elementwise(op) && has_kernel(op),
-                    }
-                })
-        })
+        .filter(|&t| !kept.contains(&t) && readable_in_place(graph, t, live))
         .collect()
+}
+
+/// True when `t` is a transpose of rank >= 2 with live readers, each a MatMul/Gemm reading it
+/// as A or B or an element-wise op: kernels that can read it through permuted strides.
+pub fn readable_in_place(graph: &Graph, t: NodeId, live: &BTreeSet<NodeId>) -> bool {
+    if !matches!(graph.node(t).op, Op::Transpose { .. }) || graph.shape(t).len() < 2 {
+        return false;
+    }
+    let readers: Vec<NodeId> = graph
+        .consumers(t)
+        .into_iter()
+        .filter(|c| live.contains(c))
+        .collect();
+    !readers.is_empty()
+        && readers.iter().all(|&c| match &graph.node(c).op {
+            Op::MatMul => true,
+            Op::Gemm { .. } => graph.inputs_of(c).get(2) != Some(&t),
+            op => is_elementwise(op) && has_kernel(op),
+        })
 }
 
 struct Context<'a> {

@@ -10,7 +10,7 @@
 //! template under `shaders/` when no existing one fits.
 
 use super::template::{self, Lib};
-use super::wgsl::{self, broadcast_index, broadcast_muls, strided_index, Binding};
+use super::wgsl::{self, broadcast_index, broadcast_strides, strided_index, Binding};
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
 use crate::ir::{Graph, NodeId, Op, Reduce};
@@ -115,17 +115,8 @@ impl<'g> Builder<'g> {
                 wgsl::broadcast_note(from, out_shape),
             ),
             Some(perm) => {
-                let src_strides = strides(self.graph.shape(src));
-                let offset = out_shape.len() - from.len();
-                let muls: Vec<usize> = (0..out_shape.len())
-                    .map(|d| {
-                        if d < offset || from[d - offset] == 1 {
-                            0
-                        } else {
-                            src_strides[perm[d - offset]]
-                        }
-                    })
-                    .collect();
+                let own = permuted_strides(self.graph.shape(src), perm);
+                let muls = broadcast_strides(from, &own, out_shape);
                 (
                     strided_index("i", out_shape, &muls),
                     format!(" // transpose by {perm:?} read in place"),
@@ -824,51 +815,39 @@ fn matmul(
             let d = matmul_dims(a_shape, b_shape).map_err(Error::Shape)?;
             (m, k, n) = (d.m, d.k, d.n);
             batch = numel(&d.batch);
-            let offset = |own: &[usize], size: usize, st: &Option<Vec<usize>>| {
-                let muls: Vec<usize> = match st {
-                    // A contiguous operand: its batch matrices are `size` elements apart.
-                    None => broadcast_muls(own, &d.batch)
-                        .into_iter()
-                        .map(|s| s * size)
-                        .collect(),
-                    // A transpose read in place: each batch axis walks the source by its own
-                    // stride (0 where the operand broadcasts).
-                    Some(st) => {
-                        let skip = d.batch.len() - own.len();
-                        (0..d.batch.len())
-                            .map(|x| {
-                                if x < skip || own[x - skip] == 1 {
-                                    0
-                                } else {
-                                    st[x - skip]
-                                }
-                            })
-                            .collect()
-                    }
-                };
+            // The offset of output matrix `batch` in an operand whose batch dims `own` have
+            // element strides `own_strides` (broadcast dims contribute nothing).
+            let offset = |own: &[usize], own_strides: &[usize]| {
+                let muls = broadcast_strides(own, own_strides, &d.batch);
                 match strided_index("batch", &d.batch, &muls).as_str() {
                     "0u" => String::new(),
                     e => format!("{e} + "),
                 }
             };
+            // A contiguous operand's batch matrices are `size` elements apart.
+            let contiguous = |own: &[usize], size: usize| -> Vec<usize> {
+                strides(own).into_iter().map(|s| s * size).collect()
+            };
             a_at = match &a_strides {
-                None => format!("{}i * K + p", offset(&d.a_batch, m * k, &None)),
+                None => format!(
+                    "{}i * K + p",
+                    offset(&d.a_batch, &contiguous(&d.a_batch, m * k))
+                ),
                 Some(st) => {
                     let r = st.len();
-                    let own = &a_shape[..r - 2];
-                    let batch_st = Some(st[..r - 2].to_vec());
                     let rest = index_sum(&[("i", st[r - 2]), ("p", st[r - 1])]);
-                    format!("{}{rest}", offset(own, 0, &batch_st))
+                    format!("{}{rest}", offset(&a_shape[..r - 2], &st[..r - 2]))
                 }
             };
             b_at = match &b_strides {
-                None => format!("{}p * N + j", offset(&d.b_batch, k * n, &None)),
+                None => format!(
+                    "{}p * N + j",
+                    offset(&d.b_batch, &contiguous(&d.b_batch, k * n))
+                ),
                 Some(st) => {
                     let r = st.len();
-                    let own = &b_shape[..r - 2];
-                    let batch_st = Some(st[..r - 2].to_vec());
                     let rest = index_sum(&[("p", st[r - 2]), ("j", st[r - 1])]);
-                    format!("{}{rest}", offset(own, 0, &batch_st))
+                    format!("{}{rest}", offset(&b_shape[..r - 2], &st[..r - 2]))
                 }
             };
             first = format!("let v0 = acc; {}", node_comment(graph, anchor));

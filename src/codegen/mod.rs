@@ -481,19 +481,9 @@ fn check_groups(
         }
     }
     for &t in transposed {
-        let ok = matches!(graph.node(t).op, Op::Transpose { .. })
-            && !outputs.contains(&t)
+        let ok = !outputs.contains(&t)
             && !graph.updates.iter().any(|&(_, next)| next == t)
-            && graph
-                .consumers(t)
-                .iter()
-                .filter(|c| live.contains(c))
-                .all(|&c| {
-                    let op = &graph.node(c).op;
-                    kernels::is_elementwise(op)
-                        || matches!(op, Op::MatMul)
-                        || (matches!(op, Op::Gemm { .. }) && graph.inputs_of(c).get(2) != Some(&t))
-                });
+            && fusion::readable_in_place(graph, t, live);
         if !ok {
             return bad(format!(
                 "node '{}' cannot be read in place by its readers",

@@ -80,8 +80,13 @@ pub fn strided_index(var: &str, shape: &[usize], muls: &[usize]) -> String {
 /// The multipliers that make [`strided_index`] read an operand of shape `from` that numpy-
 /// broadcasts to `to`: the operand's strides, 0 on dims it lacks or has as 1.
 pub fn broadcast_muls(from: &[usize], to: &[usize]) -> Vec<usize> {
+    broadcast_strides(from, &strides(from), to)
+}
+
+/// [`broadcast_muls`] for an operand laid out with element strides `from_strides` per dim
+/// (a transpose read in place walks its source with permuted strides).
+pub fn broadcast_strides(from: &[usize], from_strides: &[usize], to: &[usize]) -> Vec<usize> {
     let offset = to.len() - from.len();
-    let from_strides = strides(from);
     (0..to.len())
         .map(|d| {
             if d < offset || from[d - offset] == 1 {
