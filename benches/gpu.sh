@@ -6,6 +6,9 @@
 #
 #   benches/gpu.sh                      # on the GPU wgpu picks
 #   DORAC_PEAK_GFLOPS=67000 benches/gpu.sh   # peak of a device the table below does not know
+#   DORAC_BENCH_BIN=dir benches/gpu.sh  # prebuilt bench executables dir/{train,inference,matmul}
+#                                       # (a GPU machine without a Rust toolchain; build them
+#                                       # with `cargo bench --no-run`)
 #
 # The fp32 (non-tensor-core) peaks below are the vendors' published figures.
 set -euo pipefail
@@ -27,19 +30,28 @@ if [ -z "$peak" ] && command -v nvidia-smi >/dev/null 2>&1; then
     echo "gpu: $gpu (fp32 peak ${peak:-unknown} GFLOP/s)"
 fi
 
+# One bench, by cargo or from the prebuilt executables.
+bench() {
+    if [ -n "${DORAC_BENCH_BIN:-}" ]; then
+        "$DORAC_BENCH_BIN/$1" --bench
+    else
+        cargo bench --bench "$1" 2>/dev/null
+    fi
+}
+
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 export DORAC_BENCH_ITERS=${DORAC_BENCH_ITERS:-20}
 DORAC_BENCH_WIDTH=${DORAC_BENCH_WIDTH:-2048} DORAC_BENCH_BATCH=${DORAC_BENCH_BATCH:-1024} \
-    cargo bench --bench train 2>/dev/null | tee "$out/train.txt"
+    bench train | tee "$out/train.txt"
 DORAC_BENCH_WIDTH=${DORAC_BENCH_WIDTH:-2048} DORAC_BENCH_BATCH=${DORAC_BENCH_BATCH:-2048} \
-    cargo bench --bench inference 2>/dev/null | tee "$out/inference.txt"
-DORAC_BENCH_LARGE=1 cargo bench --bench matmul 2>/dev/null | tee "$out/matmul.txt"
+    bench inference | tee "$out/inference.txt"
+DORAC_BENCH_LARGE=1 bench matmul | tee "$out/matmul.txt"
 
-# Matmul rows are "M x K x N  dorac_gflops  sgemm_gflops  ratio".
-best=$(awk '$2 == "x" && $4 == "x" { if ($6 > best) best = $6 } END { print best + 0 }' "$out/matmul.txt")
+# Matmul rows are "M x K x N  run_gflops  kernel_gflops  sgemm_gflops  ratio".
+best=$(awk '$1 ~ /^[0-9]+$/ && $2 == "x" && $4 == "x" { if ($7 > best) best = $7 } END { print best + 0 }' "$out/matmul.txt")
 echo
-echo "best dorac matmul: $best GFLOP/s"
+echo "best dorac matmul kernel: $best GFLOP/s"
 if [ -n "$peak" ]; then
     awk -v b="$best" -v p="$peak" 'BEGIN { printf "fraction of fp32 peak: %.1f%%\n", 100 * b / p }'
 fi

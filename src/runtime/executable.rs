@@ -347,6 +347,42 @@ impl Executable {
         result
     }
 
+    /// Seconds one pass of the kernels takes on the device, without uploads or read-backs: the
+    /// whole dispatch list recorded `repeats` times into one submission, waited for, divided by
+    /// `repeats`. The benches' view of kernel throughput on a real GPU, where the transfers of a
+    /// `run` would hide it. Like the profile, the kernels recompute from the buffers as the last
+    /// step left them (state is not updated), so call it after a step.
+    pub fn time_kernels(&self, repeats: usize) -> Result<f64> {
+        let repeats = repeats.max(1);
+        let scopes = Scopes::push(&self.device);
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("time kernels"),
+            });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("time kernels"),
+                timestamp_writes: None,
+            });
+            for _ in 0..repeats {
+                for d in &self.dispatches {
+                    let [x, y, z] = d.workgroups;
+                    if x == 0 || y == 0 || z == 0 {
+                        continue;
+                    }
+                    pass.set_pipeline(&d.pipeline);
+                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    pass.dispatch_workgroups(x, y, z);
+                }
+            }
+        }
+        let start = std::time::Instant::now();
+        let submission = self.queue.submit([encoder.finish()]);
+        self.download(submission, scopes, &[], "timing the kernels")?;
+        Ok(start.elapsed().as_secs_f64() / repeats as f64)
+    }
+
     /// Times every kernel on its own (one submission each, waited for) and appends the times to
     /// `path`, slowest first: a developer's view of where a step goes. The kernels run again on
     /// the buffers as the step left them, so the values they write are meaningless; the next
