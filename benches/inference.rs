@@ -7,6 +7,7 @@
 mod common;
 
 use common::{adapted, env, flops, mlp};
+use dorac::codegen::PlanOptions;
 use dorac::ir::Method;
 use dorac::passes::{fold_constants, merge_adapters};
 use dorac::tensor::Rng;
@@ -31,7 +32,13 @@ fn main() {
     let x: Vec<f32> = (0..batch * width).map(|_| rng.normal() as f32).collect();
     let inputs: HashMap<String, Vec<f32>> = [("x".to_string(), x)].into();
 
-    let mut results = vec![];
+    // Compile all four, then run them in turns so that a machine whose speed drifts (a shared
+    // one) slows them alike; each one's time is the median of its runs.
+    let options = PlanOptions {
+        target: gpu.target(),
+        ..PlanOptions::default()
+    };
+    let mut compiled = vec![];
     for (name, g) in [
         ("base", &base),
         ("dora (unmerged)", &dora),
@@ -40,15 +47,21 @@ fn main() {
     ] {
         let mut g = g.clone();
         fold_constants(&mut g, &HashSet::new()).unwrap();
-        let plan = dorac::codegen::plan(&g).unwrap();
+        let plan = dorac::codegen::plan_with(&g, &options).unwrap();
         let exe = dorac::runtime::Executable::new(&gpu, &plan, &g).unwrap();
         exe.run(&inputs).unwrap(); // warm-up: pipeline creation, first upload
-        let mut times = vec![];
-        for _ in 0..iters {
-            let t = Instant::now();
+        compiled.push((name, g, plan, exe));
+    }
+    let mut times = vec![vec![]; compiled.len()];
+    for _ in 0..iters {
+        for (t, (_, _, _, exe)) in times.iter_mut().zip(&compiled) {
+            let c = Instant::now();
             exe.run(&inputs).unwrap();
-            times.push(t.elapsed().as_secs_f64());
+            t.push(c.elapsed().as_secs_f64());
         }
+    }
+    let mut results = vec![];
+    for ((name, g, plan, _), mut times) in compiled.into_iter().zip(times) {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let bytes = plan.peak_bytes();

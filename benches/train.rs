@@ -8,8 +8,10 @@
 mod common;
 
 use common::{adapted, env, mlp};
+use dorac::codegen::PlanOptions;
 use dorac::ir::{Graph, Method};
 use dorac::passes::fold_constants;
+use dorac::runtime::Executable;
 use dorac::tensor::{Array, Rng};
 use dorac::train::{build, AdamW, BuildOptions, LossKind, Session, TrainMethod};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -41,7 +43,11 @@ fn main() {
     let data: BTreeMap<String, Array> =
         [("x".to_string(), x.clone()), ("target".to_string(), t)].into();
 
-    let mut step_results = vec![];
+    let options = PlanOptions {
+        target: gpu.target(),
+        ..PlanOptions::default()
+    };
+    let mut sessions = vec![];
     for (name, method, graph, exact) in [
         (
             "dora",
@@ -73,19 +79,26 @@ fn main() {
             full_targets: None,
         };
         let program = build(graph, &opts).unwrap();
-        let plan = dorac::codegen::plan(&program.graph).unwrap();
+        let plan = dorac::codegen::plan_with(&program.graph, &options).unwrap();
         let (peak, total, kernels) = (plan.peak_bytes(), plan.total_bytes(), plan.kernels.len());
         let params: usize = program.params.iter().map(|p| p.initial.numel()).sum();
         let mut session = Session::new(program, Some(&gpu)).unwrap();
         session.step(&data, 1e-3, &[]).unwrap(); // warm-up
-        let times: Vec<f64> = (0..iters)
-            .map(|_| {
-                let c = Instant::now();
-                session.step(&data, 1e-3, &[]).unwrap();
-                c.elapsed().as_secs_f64()
-            })
-            .collect();
-        let ms = median(times) * 1e3;
+        sessions.push((name, session, peak, total, kernels, params));
+    }
+    // The methods take turns, one step each, so that a machine whose speed drifts (a shared
+    // one) slows them alike; the median of each method's steps is its time.
+    let mut times = vec![vec![]; sessions.len()];
+    for _ in 0..iters {
+        for (t, (_, session, ..)) in times.iter_mut().zip(&mut sessions) {
+            let c = Instant::now();
+            session.step(&data, 1e-3, &[]).unwrap();
+            t.push(c.elapsed().as_secs_f64());
+        }
+    }
+    let mut step_results = vec![];
+    for ((name, _, peak, total, kernels, params), t) in sessions.into_iter().zip(times) {
+        let ms = median(t) * 1e3;
         println!(
             "{name:<16} {ms:>9.2} ms/step  {:>7.2} MB device peak ({:>7.2} MB before reuse)  {kernels:>4} kernels  {params} trainable",
             peak as f64 / 1e6,
@@ -118,27 +131,29 @@ fn main() {
         get("dora exact-norm").2 as f64 / get("dora").2 as f64
     );
 
-    // Inference: unmerged DoRA (norm folded once) against the base model.
+    // Inference: unmerged DoRA (norm folded once) against the base model, in turns.
     let inputs: HashMap<String, Vec<f32>> =
         [("x".to_string(), x.data.iter().map(|&v| v as f32).collect())].into();
-    let infer = |g: &Graph| -> f64 {
+    let compile = |g: &Graph| {
         let mut g = g.clone();
         fold_constants(&mut g, &HashSet::new()).unwrap();
-        let plan = dorac::codegen::plan(&g).unwrap();
-        let exe = dorac::runtime::Executable::new(&gpu, &plan, &g).unwrap();
+        let exe = Executable::compile(&gpu, &g).unwrap();
         exe.run(&inputs).unwrap();
-        median(
-            (0..iters)
-                .map(|_| {
-                    let c = Instant::now();
-                    exe.run(&inputs).unwrap();
-                    c.elapsed().as_secs_f64()
-                })
-                .collect(),
-        ) * 1e3
+        exe
     };
-    let base_ms = infer(&base);
-    let dora_ms = infer(&adapted(&base, Method::Dora, rank, &mut rng));
+    let exes = [
+        compile(&base),
+        compile(&adapted(&base, Method::Dora, rank, &mut rng)),
+    ];
+    let mut times = [vec![], vec![]];
+    for _ in 0..iters {
+        for (t, exe) in times.iter_mut().zip(&exes) {
+            let c = Instant::now();
+            exe.run(&inputs).unwrap();
+            t.push(c.elapsed().as_secs_f64());
+        }
+    }
+    let [base_ms, dora_ms] = times.map(|t| median(t) * 1e3);
     println!(
         "\ninference: base {base_ms:.2} ms, unmerged DoRA {dora_ms:.2} ms, ratio {:.3}",
         dora_ms / base_ms

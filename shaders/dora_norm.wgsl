@@ -1,10 +1,15 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
-// DoRA's squared column norms n²[j] = || ALPHA W[:, j] + S (B A)[j, :] ||², one workgroup per
-// column j ({{OUT}} in all). Invocation t walks rows i = t, t + 64, ... of the column: it forms
-// v = (B A)[j, i] = sum_k B[j, k] A[k, i] (R terms; B's row is the same for the whole workgroup)
-// and adds (ALPHA W[i, j] + S v)². The workgroup adds the 64 partial sums in a tree, and
-// invocation 0 runs the epilogue (the rest of the magnitude scale) on the sum `acc`.
+// DoRA's squared column norms n²[j] = || ALPHA W[:, j] + S (B A)[j, :] ||², for ROWS output
+// features j per workgroup ({{OUT}} in all). The product B A is formed a tile at a time, as in
+// the row-broadcast matmul (matmul_columns.wgsl): the ROWS rows of B are the same for the whole
+// workgroup (one load each per k, not one per invocation), and invocation t owns the input
+// features 4 t + 4 WG c + 0..3, c < VECS, of each tile of 4 WG VECS, for which it loads A's
+// values and W's. So each k costs ROWS + 4 VECS loads for 4 ROWS VECS multiply-adds, where one
+// feature per invocation would cost a load per multiply-add. Each invocation adds the squares of
+// its elements into one partial sum per row; the workgroup adds the 64 partial sums of each row
+// in a tree, and invocation 0 runs the epilogue (the rest of the magnitude scale) on each row's
+// sum `acc`. Features past the edges are clamped for loading and contribute nothing.
 
 {{BINDINGS}}
 
@@ -15,27 +20,67 @@ const ALPHA: f32 = {{ALPHA}};
 const S: f32 = {{S}};
 const GRID_X: u32 = {{GRID_X}}u;
 const GRID_Y: u32 = {{GRID_Y}}u;
+// Output features per workgroup, vec4s of input features per invocation, features per tile.
+const ROWS: u32 = {{ROWS}}u;
+const VECS: u32 = {{VECS}}u;
+const TILE: u32 = 4u * VECS * WG;
 
 {{HELPERS}}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let j = (wg.z * GRID_Y + wg.y) * GRID_X + wg.x;
-    if j >= OUT {
+    let j0 = ((wg.z * GRID_Y + wg.y) * GRID_X + wg.x) * ROWS; // first output feature
+    if j0 >= OUT {
         return;
     }
-    var part = 0.0;
-    for (var row = lid; row < IN; row = row + WG) {
-        var v = 0.0;
-        for (var k = 0u; k < R; k = k + 1u) {
-            v = v + lora_b[j * R + k] * lora_a[k * IN + row];
-        }
-        let d = ALPHA * w[w_at(row, j)] + S * v;
-        part = part + d * d;
+    // The output features this workgroup loads, clamped to the last one.
+    var js: array<u32, ROWS>;
+    for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+        js[jr] = min(j0 + jr, OUT - 1u);
     }
-    let acc = workgroup_sum(lid, part);
-    if lid == 0u {
-        let i = j;
+    // part[jr]: this invocation's share of || ALPHA W[:, j0 + jr] + S (B A)[j0 + jr, :] ||².
+    var part: array<f32, ROWS>;
+    for (var t0 = 0u; t0 < IN; t0 = t0 + TILE) {
+        let i0 = t0 + 4u * lid;
+        // The input features of this tile that this invocation owns (clamped), and which of
+        // them are real.
+        var feats: array<vec4<u32>, VECS>;
+        var real: array<vec4<f32>, VECS>;
+        for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+            let f = vec4<u32>(i0) + 4u * WG * ci + vec4<u32>(0u, 1u, 2u, 3u);
+            feats[ci] = min(f, vec4<u32>(IN - 1u));
+            real[ci] = select(vec4<f32>(0.0), vec4<f32>(1.0), f < vec4<u32>(IN));
+        }
+        // ba[jr][ci][e] = (B A)[j0 + jr, feats[ci][e]].
+        var ba: array<array<vec4<f32>, VECS>, ROWS>;
+        for (var k = 0u; k < R; k = k + 1u) {
+            var av: array<vec4<f32>, VECS>;
+            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                let f = k * IN + feats[ci];
+                av[ci] = vec4<f32>(lora_a[f.x], lora_a[f.y], lora_a[f.z], lora_a[f.w]);
+            }
+            for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+                let bv = vec4<f32>(lora_b[js[jr] * R + k]);
+                for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                    ba[jr][ci] = fma(bv, av[ci], ba[jr][ci]);
+                }
+            }
+        }
+        for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                let f = feats[ci];
+                let j = js[jr];
+                let wv = vec4<f32>(w[w_at(f.x, j)], w[w_at(f.y, j)], w[w_at(f.z, j)], w[w_at(f.w, j)]);
+                let d = (ALPHA * wv + S * ba[jr][ci]) * real[ci];
+                part[jr] = part[jr] + dot(d, d);
+            }
+        }
+    }
+    for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+        let acc = workgroup_sum(lid, part[jr]);
+        let i = j0 + jr;
+        if lid == 0u && i < OUT {
 {{EPILOGUE}}
+        }
     }
 }

@@ -12,7 +12,7 @@
 //! changed shader shows up as a diff to review. Accept a reviewed change with
 //! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
 
-use dorac::codegen::{self, PlanOptions};
+use dorac::codegen::{self, PlanOptions, Target};
 use dorac::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
@@ -110,18 +110,29 @@ impl Case {
         n
     }
 
+    /// Checks the plan for a GPU and, where any kernel differs, the plan for a CPU driver
+    /// (its own matmul template) too: both kinds of kernel run here, on lavapipe.
     fn check(self) {
-        self.check_with(&PlanOptions::default());
+        let plan = |target| {
+            let options = PlanOptions {
+                target,
+                ..PlanOptions::default()
+            };
+            codegen::plan_with(&self.graph, &options)
+                .unwrap_or_else(|e| panic!("{}: plan for {target:?}: {e}", self.test))
+        };
+        let (gpu_plan, cpu_plan) = (plan(Target::Gpu), plan(Target::Cpu));
+        self.check_plan(&gpu_plan);
+        let differs = (gpu_plan.kernels.iter())
+            .zip(&cpu_plan.kernels)
+            .any(|(g, c)| g.source != c.source);
+        if differs {
+            println!("{}: the CPU target's kernels", self.test);
+            self.check_plan(&cpu_plan);
+        }
     }
 
-    /// Plans with `options`, runs on the GPU and on the reference, and asserts every output.
-    fn check_with(self, options: &PlanOptions) {
-        let plan = codegen::plan_with(&self.graph, options)
-            .unwrap_or_else(|e| panic!("{}: plan: {e}", self.test));
-        self.check_plan(&plan);
-    }
-
-    fn check_plan(self, plan: &codegen::Plan) {
+    fn check_plan(&self, plan: &codegen::Plan) {
         let test = self.test;
         let seed = base_seed();
         let exe = Executable::new(gpu(), plan, &self.graph)
@@ -452,6 +463,61 @@ fn matmul_blocked_shapes() {
     c.check();
 }
 
+/// Shapes around the CPU target's row-broadcast kernel (`matmul_columns.wgsl`: 8 rows broadcast
+/// to up to 32 invocations of 4, 8 or 16 columns each; outputs narrower than 4 keep the blocked or
+/// tiled kernels): LoRA's thin products (rank 16, 5 columns), one, two and four vec4s per
+/// invocation and a column over,
+/// fewer rows than a tile and rows not a multiple of 8, K of 1, batches with broadcast batch
+/// dims, a transposed B read in place (PyTorch's Linear), and an epilogue. `check` runs these
+/// on both targets; the assertion makes sure the CPU plan really uses the template.
+#[test]
+fn matmul_columns_shapes() {
+    let mut c = Case::new("matmul_columns_shapes");
+    let cases: [(&[usize], &[usize], &str); 12] = [
+        (&[40, 70], &[70, 16], "rank_16"),
+        (&[9, 20], &[20, 5], "n_5"),
+        (&[9, 20], &[20, 32], "n_32"),
+        (&[17, 33], &[33, 33], "n_33"),
+        (&[8, 40], &[40, 255], "one_vec_255"),
+        (&[3, 40], &[40, 256], "rows_3_n_256"),
+        (&[21, 19], &[19, 257], "two_vecs_257"),
+        (&[1, 64], &[64, 300], "row_vector"),
+        (&[70, 1], &[1, 100], "k_1"),
+        (&[2, 1, 11, 35], &[3, 35, 130], "broadcast_batch"),
+        (&[129], &[2, 129, 64], "vector_a"),
+        (&[300, 300], &[300, 600], "many_tiles"),
+    ];
+    for (sa, sb, name) in cases {
+        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
+        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
+        c.out(Op::MatMul, &[a, b], name);
+    }
+    // A Linear layer as PyTorch exports it (W [out, in], transB) with bias and ReLU fused.
+    let x = c.input("x", &[13, 48], -1.0, 1.0);
+    let w = c.constant("w", &[96, 48], -1.0, 1.0);
+    let bias = c.constant("bias", &[96], -1.0, 1.0);
+    let gemm = Op::Gemm {
+        alpha: 1.0,
+        beta: 1.0,
+        trans_a: false,
+        trans_b: true,
+    };
+    let h = c.op(gemm, &[x, w, bias], "linear");
+    c.out(un(unary::RELU), &[h], "relu");
+    let options = PlanOptions {
+        target: Target::Cpu,
+        ..PlanOptions::default()
+    };
+    let plan = codegen::plan_with(&c.graph, &options).unwrap();
+    let columns = plan
+        .kernels
+        .iter()
+        .filter(|k| k.source.contains("Row-broadcast matrix product"))
+        .count();
+    assert_eq!(columns, 13, "every product here takes the columns template");
+    c.check();
+}
+
 /// Gemm's transposes, alpha, beta and broadcast C on register-blocked shapes.
 #[test]
 fn gemm_blocked_transposes_alpha_beta_and_c() {
@@ -565,7 +631,8 @@ fn transposes_read_in_place() {
 }
 
 /// DoRA's fused column norm against the reference, in both weight orientations, with a column
-/// count over one dispatch row and `in` not a multiple of the workgroup, and with its epilogue
+/// count not a multiple of the 8 per workgroup, `in` not a multiple of the workgroup's tile and
+/// over one tile, and with its epilogue
 /// (clamp, square root, then m / norm through a StopGradient view) in the same kernel.
 #[test]
 fn dora_norm_kernel() {
@@ -574,6 +641,9 @@ fn dora_norm_kernel() {
         (false, (37, 9, 4), 1.0f32, 2.0f32),
         (true, (130, 70, 16), 0.5, 0.25),
         (false, (64, 3, 1), 1.0, 1.0),
+        // Two vec4s per invocation: one full 512-feature tile and part of the next.
+        (true, (600, 21, 8), 1.0, 0.5),
+        (false, (1030, 10, 3), 1.0, 2.0),
     ] {
         let tag = format!("{}_{fin}x{fout}x{r}", out_in as u8);
         let shape = if out_in { [fout, fin] } else { [fin, fout] };

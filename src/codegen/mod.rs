@@ -132,6 +132,8 @@ pub struct PlanOptions {
     /// Fuse element-wise chains into the kernel of the value they consume (see `fusion`); off,
     /// every computing node gets a kernel of its own. On by default; tests turn it off to compare.
     pub fuse: bool,
+    /// The kind of adapter the kernels are shaped for (matmul templates differ).
+    pub target: Target,
 }
 
 impl Default for PlanOptions {
@@ -139,6 +141,36 @@ impl Default for PlanOptions {
         PlanOptions {
             max_workgroups_per_dim: 65_535,
             fuse: true,
+            target: Target::Gpu,
+        }
+    }
+}
+
+/// What runs the kernels, as far as their shape is concerned. Every target computes the same
+/// values (the kernel tests check both against the reference); only speed differs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    /// A GPU: matmuls stage tiles in workgroup memory.
+    #[default]
+    Gpu,
+    /// A CPU driver such as lavapipe, which runs a workgroup as SIMD lanes: matmuls broadcast
+    /// rows of A to the whole workgroup and give each invocation its own columns, without
+    /// workgroup memory or barriers (`shaders/matmul_columns.wgsl`).
+    Cpu,
+}
+
+impl Target {
+    /// Environment variable that overrides the adapter's own kind (`cpu` or `gpu`), for
+    /// benchmarks that compare the two kinds of kernel on one device.
+    pub const ENV: &'static str = "DORAC_TARGET";
+
+    /// The target for an adapter of `device_type`, unless [`Target::ENV`] says otherwise.
+    pub fn for_adapter(device_type: wgpu::DeviceType) -> Target {
+        match std::env::var(Self::ENV).as_deref() {
+            Ok("cpu") => Target::Cpu,
+            Ok("gpu") => Target::Gpu,
+            _ if device_type == wgpu::DeviceType::Cpu => Target::Cpu,
+            _ => Target::Gpu,
         }
     }
 }
@@ -288,6 +320,7 @@ pub fn plan_grouped(
             &transposed,
             &name,
             options.max_workgroups_per_dim,
+            options.target,
         )?;
         validate(&name, &emitted.source)?;
         let last = *group.last().expect("groups are not empty");

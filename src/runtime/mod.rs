@@ -107,6 +107,11 @@ impl Gpu {
         s
     }
 
+    /// The kind of kernels this adapter runs best (a CPU driver gets its own matmul shape).
+    pub fn target(&self) -> crate::codegen::Target {
+        crate::codegen::Target::for_adapter(self.info.device_type)
+    }
+
     /// The device's limits (the adapter's own).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits

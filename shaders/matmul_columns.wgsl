@@ -1,0 +1,92 @@
+// {{KERNEL}}: {{SUMMARY}}
+//
+// Row-broadcast matrix product for CPU adapters (lavapipe): {{BATCH}} x ({{M}}x{{K}} @ {{K}}x{{N}}).
+// A CPU driver runs a workgroup's invocations as the lanes of SIMD registers, and an address that
+// differs between lanes costs one scalar load per lane, while one that is the same for the whole
+// workgroup costs one load. So every invocation of a workgroup works on the same ROWS rows of A
+// (their loads are uniform) and owns its own 4 * VECS columns of B and of the output: per step of
+// K it loads ROWS values of A, 4 * VECS of B and does 4 * ROWS * VECS multiply-adds into
+// registers. No workgroup memory and no barriers (on a CPU driver a barrier switches every
+// invocation's context). Lane l's columns are 4 * l + 4 * LANES * c + 0..3 of the tile, c < VECS:
+// neighbouring lanes read neighbouring memory of a row-major B. Rows and columns past the edge
+// of the matrices are clamped for loading (the loop has no branches) and not stored. The epilogue
+// turns each dot product `acc` into the stored value. (The loop counters are not named r and c:
+// `c` is Gemm's C binding.)
+
+{{BINDINGS}}
+
+const M: u32 = {{M}}u;
+const K: u32 = {{K}}u;
+const N: u32 = {{N}}u;
+const BATCH: u32 = {{BATCH}}u;
+const TILES_M: u32 = {{TILES_M}}u;
+const TILES_N: u32 = {{TILES_N}}u;
+const GRID_X: u32 = {{GRID_X}}u;
+const GRID_Y: u32 = {{GRID_Y}}u;
+// Rows of a tile, vec4s of columns per invocation, invocations per workgroup, tile columns.
+const ROWS: u32 = {{ROWS}}u;
+const VECS: u32 = {{VECS}}u;
+const LANES: u32 = {{LANES}}u;
+const TILE_N: u32 = 4u * VECS * LANES;
+
+{{HELPERS}}
+
+@compute @workgroup_size({{LANES}})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    // Tiles are numbered batch-major, then by row, then by column.
+    let tile = (wg.z * GRID_Y + wg.y) * GRID_X + wg.x;
+    if tile >= BATCH * TILES_M * TILES_N {
+        return;
+    }
+    let batch = tile / (TILES_M * TILES_N);
+    let row0 = tile / TILES_N % TILES_M * ROWS; // first row of the tile
+    let col0 = tile % TILES_N * TILE_N + 4u * lid.x; // this invocation's first column
+
+    // The rows and columns this invocation loads, clamped into the matrices.
+    var rows: array<u32, ROWS>;
+    for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
+        rows[ri] = min(row0 + ri, M - 1u);
+    }
+    var cols: array<vec4<u32>, VECS>;
+    for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+        let j = col0 + 4u * LANES * ci;
+        cols[ci] = min(vec4<u32>(j, j + 1u, j + 2u, j + 3u), vec4<u32>(N - 1u));
+    }
+
+    // sums[ri][ci][ei]: the dot product of output (row0 + ri, col0 + 4 * LANES * ci + ei).
+    var sums: array<array<vec4<f32>, VECS>, ROWS>;
+    for (var p = 0u; p < K; p = p + 1u) {
+        var bv: array<vec4<f32>, VECS>;
+        for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+            let j = cols[ci];
+            bv[ci] = vec4<f32>(
+                b[b_at(batch, p, j.x)],
+                b[b_at(batch, p, j.y)],
+                b[b_at(batch, p, j.z)],
+                b[b_at(batch, p, j.w)],
+            );
+        }
+        for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
+            let av = vec4<f32>(a[a_at(batch, rows[ri], p)]);
+            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                sums[ri][ci] = fma(av, bv[ci], sums[ri][ci]);
+            }
+        }
+    }
+
+    // Each output element goes through the epilogue on its own.
+    for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
+        let row = row0 + ri;
+        for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+            for (var ei = 0u; ei < 4u; ei = ei + 1u) {
+                let col = col0 + 4u * LANES * ci + ei;
+                if row < M && col < N {
+                    // Flat index of the output element, and its dot product.
+                    let i = (batch * M + row) * N + col;
+                    let acc = sums[ri][ci][ei];
+{{EPILOGUE}}
+                }
+            }
+        }
+    }
+}
