@@ -7,9 +7,9 @@
 // features 4 t + 4 WG c + 0..3, c < VECS, of each tile of 4 WG VECS, for which it loads A's
 // values and W's. So each k costs ROWS + 4 VECS loads for 4 ROWS VECS multiply-adds, where one
 // feature per invocation would cost a load per multiply-add. Each invocation adds the squares of
-// its elements into one partial sum per row; the workgroup adds the 64 partial sums of each row
-// in a tree, and invocation 0 runs the epilogue (the rest of the magnitude scale) on each row's
-// sum `acc`. Features past the edges are clamped for loading and contribute nothing.
+// its elements into one partial sum per row; invocation 0 adds the 64 partial sums of each row
+// (one barrier, where a tree per row would take 7 each: a barrier is dear on a CPU driver) and
+// runs the epilogue (the rest of the magnitude scale) on each row's sum `acc`. Features past the edges are clamped for loading and contribute nothing.
 
 {{BINDINGS}}
 
@@ -23,7 +23,11 @@ const GRID_Y: u32 = {{GRID_Y}}u;
 // Output features per workgroup, vec4s of input features per invocation, features per tile.
 const ROWS: u32 = {{ROWS}}u;
 const VECS: u32 = {{VECS}}u;
+const WG: u32 = 64u;
 const TILE: u32 = 4u * VECS * WG;
+
+// Every invocation's partial sums, for invocation 0 to add up.
+var<workgroup> partials: array<array<f32, ROWS>, WG>;
 
 {{HELPERS}}
 
@@ -76,11 +80,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
     }
-    for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-        let acc = workgroup_sum(lid, part[jr]);
-        let i = j0 + jr;
-        if lid == 0u && i < OUT {
+    partials[lid] = part;
+    workgroupBarrier();
+    if lid == 0u {
+        var sums: array<f32, ROWS>;
+        for (var t = 0u; t < WG; t = t + 1u) {
+            for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+                sums[jr] = sums[jr] + partials[t][jr];
+            }
+        }
+        for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+            let i = j0 + jr;
+            if i < OUT {
+                let acc = sums[jr];
 {{EPILOGUE}}
+            }
         }
     }
 }

@@ -1081,7 +1081,7 @@ fn reduce(
     b.finish(template, name, n, values, workgroups, summary)
 }
 
-/// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per output column, with
+/// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with
 /// the element-wise epilogue (clamp, square root, `m / norm`) run by its first invocation.
 fn dora_norm(
     graph: &Graph,
@@ -1099,7 +1099,6 @@ fn dora_norm(
     b.bind("w", ins[0]);
     b.bind("lora_a", ins[1]);
     b.bind("lora_b", ins[2]);
-    b.libs.insert(Lib::WorkgroupReduce);
     let w_at = if p.weight_out_in {
         "j * IN + i"
     } else {
@@ -1109,7 +1108,7 @@ fn dora_norm(
         "// Offset in `w` of W[i, j] (row i of the `in` axis, column j).\n\
          fn w_at(i: u32, j: u32) -> u32 {{\n    return {w_at};\n}}"
     ));
-    let indent = "            ";
+    let indent = "                ";
     let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
     let (more, last) = epilogue(&mut b, group, indent)?;
     lines.extend(more);
