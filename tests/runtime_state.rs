@@ -524,3 +524,33 @@ fn mlp3d_peak_versus_total_bytes() {
         assert!(err <= 1e-5, "{name}: {err:e}");
     }
 }
+
+/// Kernels that differ only in names (the same layer shape repeated, as through a transformer)
+/// share one compiled pipeline, and each still reads its own buffers: three Linear+Tanh layers of
+/// one shape build 3 kernels from 1 pipeline and match the reference.
+#[test]
+fn repeated_layers_share_pipelines() {
+    let mut g = Graph::new();
+    let mut h = g.add_input("x", vec![5, 12]);
+    for l in 0..3 {
+        let w: Vec<f32> = (0..144)
+            .map(|i| ((i * 7 + l * 5) % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        let w = g.add_const(&format!("w{l}"), Tensor::f32(vec![12, 12], w));
+        let y = add(&mut g, Op::MatMul, &[h, w], &format!("mm{l}"));
+        h = add(&mut g, Op::Unary(unary::TANH), &[y], &format!("act{l}"));
+    }
+    g.outputs.push(("y".into(), h));
+    let (plan, exe) = build(&g);
+    let times = exe.build_times();
+    assert_eq!(plan.kernels.len(), 3);
+    assert_eq!((times.kernels, times.distinct_pipelines), (3, 1));
+    let x: Vec<f32> = (0..60).map(|i| (i % 7) as f32 / 7.0 - 0.4).collect();
+    let got = exe.run(&feeds(&[("x", &x)])).unwrap();
+    let want = reference::run(
+        &g,
+        &[("x".to_string(), Array::from_f32(vec![5, 12], &x))].into(),
+    )
+    .unwrap();
+    close(&got["y"], &want["y"].data, "y");
+}

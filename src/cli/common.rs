@@ -72,6 +72,8 @@ pub enum Engine {
 pub struct Phases {
     last: std::time::Instant,
     done: Vec<(&'static str, f64)>,
+    /// Lines printed under the phases (a breakdown of one of them).
+    details: Vec<String>,
 }
 
 impl Phases {
@@ -79,7 +81,21 @@ impl Phases {
         Phases {
             last: std::time::Instant::now(),
             done: vec![],
+            details: vec![],
         }
+    }
+
+    /// How building a GPU executable split up (part of the phase it ends).
+    pub fn building(&mut self, b: &crate::runtime::BuildTimes) {
+        self.details.push(format!(
+            "building the executable: plan {:.1} ms, buffers and weights {:.1} ms, {} kernels \
+             in {} distinct pipelines {:.1} ms",
+            b.plan * 1e3,
+            b.upload * 1e3,
+            b.kernels,
+            b.distinct_pipelines,
+            b.pipelines * 1e3
+        ));
     }
 
     /// Ends the phase that started when the previous one ended.
@@ -99,6 +115,9 @@ impl Phases {
                 t * 1e3,
                 100.0 * t / total.max(1e-12)
             );
+        }
+        for d in &self.details {
+            s += &format!("  {d}\n");
         }
         s
     }
@@ -123,6 +142,7 @@ pub fn execute(
                     .collect();
                 let exe = crate::runtime::Executable::compile(&gpu, graph)?;
                 phases.done("plan, compile pipelines, upload weights");
+                phases.building(exe.build_times());
                 let out = exe.run(&host)?;
                 phases.done("run (upload inputs, kernels, read back)");
                 let shapes: HashMap<&str, &[usize]> = graph

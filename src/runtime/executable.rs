@@ -11,12 +11,13 @@
 use super::{Gpu, Scopes};
 use crate::codegen::{self, BufferId, BufferRole, Plan, StateCopy};
 use crate::error::{Error, Result};
-use crate::ir::Graph;
+use crate::ir::{Graph, NodeId};
 use crate::tensor::shape_str;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
 /// One kernel, ready to dispatch.
 struct Dispatch {
@@ -74,6 +75,22 @@ pub struct Executable {
     outputs: Vec<Readback>,
     copies: Vec<StateCopy>,
     status: Mutex<Status>,
+    build: BuildTimes,
+}
+
+/// Where building an [`Executable`] went, for `--verbose`: seconds per phase, and how many
+/// kernels shared how many compiled pipelines.
+#[derive(Clone, Debug, Default)]
+pub struct BuildTimes {
+    /// Planning and code generation (zero when the plan was given).
+    pub plan: f64,
+    /// Creating the buffers and uploading the constants (the weights).
+    pub upload: f64,
+    /// Validating the kernels and creating their pipelines and bind groups.
+    pub pipelines: f64,
+    pub kernels: usize,
+    /// Distinct pipelines: kernels whose code differs only in comments share one.
+    pub distinct_pipelines: usize,
 }
 
 impl Executable {
@@ -95,8 +112,12 @@ impl Executable {
             target: gpu.target(),
             ..Default::default()
         };
+        let start = Instant::now();
         let plan = crate::codegen::plan_with(graph, &options)?;
-        Executable::new(gpu, &plan, graph)
+        let planned = start.elapsed().as_secs_f64();
+        let mut exe = Executable::new(gpu, &plan, graph)?;
+        exe.build.plan = planned;
+        Ok(exe)
     }
 
     /// Creates the allocations (checked against the device's limits first, so an oversized
@@ -106,8 +127,19 @@ impl Executable {
         let device = gpu.device();
         let uncaptured = gpu.uncaptured();
         check_limits(gpu, plan)?;
+        let start = Instant::now();
 
         let scopes = Scopes::push(device);
+        // Constants (the weights) are written straight into their buffers, mapped at creation:
+        // one copy from the model's memory (often a memory-mapped file) into the device's.
+        let consts: HashMap<BufferId, NodeId> = plan
+            .buffers
+            .iter()
+            .filter_map(|spec| match spec.role {
+                BufferRole::Const(n) => Some((spec.storage, n)),
+                _ => None,
+            })
+            .collect();
         let mut owned: HashMap<BufferId, wgpu::Buffer> = HashMap::new();
         for (owner, size) in plan.allocations() {
             let Some(spec) = plan.buffers.get(owner) else {
@@ -115,23 +147,16 @@ impl Executable {
                     "a plan buffer is stored in b{owner}, which does not exist (planner bug)"
                 )));
             };
+            let constant = consts.get(&owner).copied();
             let buffer = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&spec.name),
                 size,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_DST
                     | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
+                mapped_at_creation: constant.is_some(),
             });
-            owned.insert(owner, buffer);
-        }
-        let buffers: Vec<wgpu::Buffer> = plan
-            .buffers
-            .iter()
-            .map(|spec| owned[&spec.storage].clone())
-            .collect();
-        for (spec, buffer) in plan.buffers.iter().zip(&buffers) {
-            if let BufferRole::Const(n) = spec.role {
+            if let Some(n) = constant {
                 let tensor = graph.const_tensor(n).ok_or_else(|| {
                     Error::Graph(format!(
                         "plan buffer '{}' is a constant, but node {} is not",
@@ -139,13 +164,17 @@ impl Executable {
                         n.index()
                     ))
                 })?;
-                let data = tensor.to_f32();
-                if !data.is_empty() {
-                    gpu.queue()
-                        .write_buffer(buffer, 0, bytemuck::cast_slice(&data));
-                }
+                let result = write_mapped(&buffer, tensor);
+                buffer.unmap();
+                result.map_err(|e| Error::Gpu(format!("uploading '{}': {e}", spec.name)))?;
             }
+            owned.insert(owner, buffer);
         }
+        let buffers: Vec<wgpu::Buffer> = plan
+            .buffers
+            .iter()
+            .map(|spec| owned[&spec.storage].clone())
+            .collect();
         let outputs: Vec<Readback> = plan
             .outputs
             .iter()
@@ -157,13 +186,30 @@ impl Executable {
             })
             .collect();
         scopes.check("creating buffers", &uncaptured)?;
+        let upload = start.elapsed().as_secs_f64();
+        let start = Instant::now();
 
+        // Kernels whose code differs only in comments (the same layer shape repeated through a
+        // model: the kernel and node names are comments) share one pipeline, compiled once.
+        let mut pipelines: HashMap<String, (wgpu::ComputePipeline, wgpu::BindGroupLayout)> =
+            HashMap::new();
         let mut dispatches = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
-            codegen::validate(&k.name, &k.source)?;
+            let code = without_comments(&k.source);
+            let (pipeline, layout) = match pipelines.get(&code) {
+                Some(built) => built.clone(),
+                None => {
+                    codegen::validate(&k.name, &k.source)?;
+                    let scopes = Scopes::push(device);
+                    let built = build_pipeline(device, k, gpu.pipeline_cache());
+                    scopes.check(&format!("building kernel {}", k.name), &uncaptured)?;
+                    pipelines.insert(code, built.clone());
+                    built
+                }
+            };
             let scopes = Scopes::push(device);
-            let (pipeline, bind_group) = build_kernel(device, k, plan, &buffers);
-            scopes.check(&format!("building kernel {}", k.name), &uncaptured)?;
+            let bind_group = bind_kernel(device, k, &layout, plan, &buffers);
+            scopes.check(&format!("binding kernel {}", k.name), &uncaptured)?;
             dispatches.push(Dispatch {
                 name: k.name.clone(),
                 pipeline,
@@ -171,6 +217,16 @@ impl Executable {
                 workgroups: k.workgroups,
             });
         }
+        if !pipelines.is_empty() {
+            gpu.save_pipeline_cache();
+        }
+        let build = BuildTimes {
+            plan: 0.0,
+            upload,
+            pipelines: start.elapsed().as_secs_f64(),
+            kernels: plan.kernels.len(),
+            distinct_pipelines: pipelines.len(),
+        };
         let inputs: Vec<InputSlot> = plan
             .inputs
             .iter()
@@ -194,6 +250,7 @@ impl Executable {
             inputs,
             outputs,
             copies: plan.copies.clone(),
+            build,
         })
     }
 
@@ -349,6 +406,11 @@ impl Executable {
             }
         }
         result
+    }
+
+    /// Where building this executable went.
+    pub fn build_times(&self) -> &BuildTimes {
+        &self.build
     }
 
     /// Seconds one pass of the kernels takes on the device, without uploads or read-backs: the
@@ -705,14 +767,48 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// The pipeline (explicit layout: read-only inputs, one read-write output) and bind group of
-/// one kernel.
-fn build_kernel(
+/// Writes `tensor` as f32 into the start of `buffer`, which is mapped (at creation).
+fn write_mapped(
+    buffer: &wgpu::Buffer,
+    tensor: &crate::tensor::Tensor,
+) -> std::result::Result<(), String> {
+    let bytes = 4 * tensor.numel() as u64;
+    if bytes == 0 {
+        return Ok(());
+    }
+    let mut view = buffer
+        .slice(..bytes)
+        .get_mapped_range_mut()
+        .map_err(|e| format!("{e:?}"))?;
+    // Write-only memory (it may be write-combining): a copy in, never a read.
+    match tensor.as_f32() {
+        Some(values) => view.copy_from_slice(bytemuck::cast_slice(values)),
+        None => view.copy_from_slice(bytemuck::cast_slice(&tensor.to_f32())),
+    }
+    Ok(())
+}
+
+/// WGSL `source` without its comments and blank lines: what the driver compiles. (WGSL has no
+/// string literals, so `//` always starts a comment.)
+fn without_comments(source: &str) -> String {
+    let mut code = String::with_capacity(source.len());
+    for line in source.lines() {
+        let line = line.split("//").next().unwrap_or("").trim_end();
+        if !line.is_empty() {
+            code.push_str(line);
+            code.push('\n');
+        }
+    }
+    code
+}
+
+/// The pipeline of one kernel (explicit layout: read-only inputs, one read-write output) and
+/// the layout its bind groups follow.
+fn build_pipeline(
     device: &wgpu::Device,
     k: &codegen::Kernel,
-    plan: &Plan,
-    buffers: &[wgpu::Buffer],
-) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
+    cache: Option<&wgpu::PipelineCache>,
+) -> (wgpu::ComputePipeline, wgpu::BindGroupLayout) {
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&k.name),
         source: wgpu::ShaderSource::Wgsl(k.source.as_str().into()),
@@ -746,8 +842,19 @@ fn build_kernel(
         module: &module,
         entry_point: Some("main"),
         compilation_options: Default::default(),
-        cache: None,
+        cache,
     });
+    (pipeline, bind_layout)
+}
+
+/// The bind group of one kernel: its buffers in binding order.
+fn bind_kernel(
+    device: &wgpu::Device,
+    k: &codegen::Kernel,
+    layout: &wgpu::BindGroupLayout,
+    plan: &Plan,
+    buffers: &[wgpu::Buffer],
+) -> wgpu::BindGroup {
     let bind_entries: Vec<wgpu::BindGroupEntry> = k
         .bindings()
         .enumerate()
@@ -761,10 +868,9 @@ fn build_kernel(
             }),
         })
         .collect();
-    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(&k.name),
-        layout: &bind_layout,
+        layout,
         entries: &bind_entries,
-    });
-    (pipeline, bind_group)
+    })
 }

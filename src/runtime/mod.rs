@@ -10,8 +10,10 @@
 //! reference executor on exactly that error and report every other one.
 
 mod executable;
+mod pipeline_cache;
 
-pub use executable::Executable;
+pub use executable::{BuildTimes, Executable};
+pub use pipeline_cache::CACHE_DIR_ENV;
 
 use crate::error::{Error, Result};
 use crate::ir::Graph;
@@ -37,6 +39,7 @@ pub struct Gpu {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     uncaptured: Arc<Mutex<Vec<String>>>,
+    pipeline_cache: Option<pipeline_cache::DiskCache>,
 }
 
 impl Gpu {
@@ -66,7 +69,8 @@ impl Gpu {
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("dorac"),
-            required_features: wgpu::Features::empty(),
+            // The one optional feature: an on-disk pipeline cache where the adapter has it.
+            required_features: adapter.features() & wgpu::Features::PIPELINE_CACHE,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -84,12 +88,14 @@ impl Gpu {
                 v.push(format!("device lost ({reason:?}): {message}"));
             }
         });
+        let pipeline_cache = pipeline_cache::DiskCache::open(&device, &info);
         Ok(Gpu {
             device,
             queue,
             info,
             limits,
             uncaptured,
+            pipeline_cache,
         })
     }
 
@@ -123,6 +129,18 @@ impl Gpu {
 
     pub(crate) fn queue(&self) -> &wgpu::Queue {
         &self.queue
+    }
+
+    /// The pipeline cache new pipelines go into, if this device has one.
+    pub(crate) fn pipeline_cache(&self) -> Option<&wgpu::PipelineCache> {
+        self.pipeline_cache.as_ref().map(|c| &c.cache)
+    }
+
+    /// Saves the pipeline cache for the next run (after new pipelines were built).
+    pub(crate) fn save_pipeline_cache(&self) {
+        if let Some(c) = &self.pipeline_cache {
+            c.save();
+        }
     }
 
     pub(crate) fn uncaptured(&self) -> Arc<Mutex<Vec<String>>> {
