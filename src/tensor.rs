@@ -27,6 +27,15 @@ impl DType {
     pub fn is_float(self) -> bool {
         self == DType::F32
     }
+
+    /// Bytes per element as ONNX stores it (float, int64, one byte per bool).
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::I64 => 8,
+            DType::Bool => 1,
+        }
+    }
 }
 
 /// f32 values, owned or borrowed straight from a memory-mapped file (large models' external

@@ -1889,3 +1889,97 @@ fn new_ops_round_trip() {
         assert_eq!(format!("{g}"), format!("{back}"), "opset {opset}");
     }
 }
+
+/// A model read with external data is written with external data: the large initializers go to
+/// `<out>.data` at page-aligned offsets (small ones stay inline), the data streams from the
+/// input's mapped file, the result reads back bit for bit, and no temporary file is left.
+#[test]
+fn external_data_round_trips() {
+    let dir = TempDir::new("external_out");
+    // w: 16 x 32 floats (2 KiB, over the 1 KiB threshold), after 8 bytes of padding; b: 4 floats.
+    let w: Vec<f32> = (0..512).map(|i| i as f32 * 0.25 - 7.0).collect();
+    let mut bytes = vec![0u8; 8];
+    bytes.extend(w.iter().flat_map(|x| x.to_le_bytes()));
+    std::fs::write(dir.path().join("in.onnx.data"), &bytes).unwrap();
+    let mut m = model(
+        vec![
+            node("MatMul", "mm", &["x", "w"], &["h"]),
+            node("Add", "add", &["h", "b"], &["y"]),
+        ],
+        vec![external("w", "in.onnx.data", 8, &[16, 32])],
+        vec![vi("x", &[Ok(2), Ok(16)])],
+        vec![vi("y", &[Ok(2), Ok(32)])],
+        17,
+    );
+    let b = Tensor::f32(vec![32], (0..32).map(|i| i as f32).collect());
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.push(dorac::onnx::proto::TensorProto {
+        name: Some("b".into()),
+        dims: vec![32],
+        data_type: Some(1),
+        float_data: b.as_f32().unwrap().to_vec(),
+        ..Default::default()
+    });
+    let input = dir.path().join("in.onnx");
+    save_model(&m, &input).unwrap();
+    let graph = import(
+        &load_model(&input).unwrap(),
+        dir.path(),
+        &no_pins(),
+        &no_shapes(),
+    )
+    .unwrap();
+    assert!(graph.info.external_data);
+
+    let out = dir.path().join("out.onnx");
+    dorac::onnx::save_graph(&graph, &out).unwrap();
+    let written = load_model(&out).unwrap();
+    let inits = &written.graph.as_ref().unwrap().initializer;
+    let entry = |t: &dorac::onnx::proto::TensorProto, key: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key() == key)
+            .map(|e| e.value().to_string())
+    };
+    let wp = inits.iter().find(|t| t.name() == "w").unwrap();
+    assert_eq!(entry(wp, "location").as_deref(), Some("out.onnx.data"));
+    assert_eq!(entry(wp, "offset").as_deref(), Some("0"));
+    assert_eq!(entry(wp, "length").as_deref(), Some("2048"));
+    let bp = inits.iter().find(|t| t.name() == "b").unwrap();
+    assert!(
+        bp.external_data.is_empty() && bp.raw_data.is_some(),
+        "small tensors stay inline"
+    );
+
+    let again = import(&written, dir.path(), &no_pins(), &no_shapes()).unwrap();
+    let value = |g: &Graph, name: &str| {
+        let n = g.find_by_name(name).unwrap();
+        g.const_tensor(n).unwrap().as_f32().unwrap().to_vec()
+    };
+    assert_eq!(value(&again, "w"), w);
+    assert_eq!(value(&again, "b"), b.as_f32().unwrap());
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["in.onnx", "in.onnx.data", "out.onnx", "out.onnx.data"]
+    );
+
+    // A model without external data is still written as one file.
+    let mut inline = again.clone();
+    inline.info.external_data = false;
+    let single = dir.path().join("single.onnx");
+    dorac::onnx::save_graph(&inline, &single).unwrap();
+    assert!(!dir.path().join("single.onnx.data").exists());
+    let reread = import(
+        &load_model(&single).unwrap(),
+        dir.path(),
+        &no_pins(),
+        &no_shapes(),
+    )
+    .unwrap();
+    assert_eq!(value(&reread, "w"), w);
+}

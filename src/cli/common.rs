@@ -44,10 +44,10 @@ pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the rendered ONNX of `graph` to `out`, atomically.
+/// Writes the rendered ONNX of `graph` to `out`, atomically (with external data when the
+/// input had it or the model is too large to be one file: [`crate::onnx::save_graph`]).
 pub fn save_graph(graph: &Graph, out: &Path) -> Result<()> {
-    let model = crate::onnx::export(graph)?;
-    crate::onnx::save_model(&model, out)
+    crate::onnx::save_graph(graph, out)
 }
 
 /// `model.onnx` -> `model.<suffix>.onnx` beside it.

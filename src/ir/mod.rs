@@ -203,6 +203,8 @@ pub struct ModelInfo {
     pub graph_name: String,
     /// Symbolic dims of the inputs as the model declared them (name per dim, None when fixed).
     pub input_dims: HashMap<String, Vec<Option<String>>>,
+    /// The model kept (some of) its weights in external data files: outputs do too.
+    pub external_data: bool,
 }
 
 /// A whole model.

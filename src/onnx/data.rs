@@ -409,11 +409,16 @@ fn safe_external_path(model_dir: &Path, location: &str) -> std::result::Result<P
 
 /// Encodes a tensor as an initializer with `raw_data` (little-endian).
 pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
+    // On a little-endian host the values' memory is their raw_data: one copy, not one push per
+    // byte.
+    let le = cfg!(target_endian = "little");
     let (data_type, raw): (DataType, Vec<u8>) = match &t.data {
+        Data::F32(v) if le => (DataType::Float, bytemuck::cast_slice(v).to_vec()),
         Data::F32(v) => (
             DataType::Float,
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
+        Data::I64(v) if le => (DataType::Int64, bytemuck::cast_slice(v).to_vec()),
         Data::I64(v) => (
             DataType::Int64,
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),

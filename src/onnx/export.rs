@@ -13,6 +13,7 @@
 //! 20 (the source model already needed a runtime that has it), else as its Erf (or Tanh) formula.
 
 use super::data::tensor_to_proto;
+use super::external::{ExternalData, EXTERNAL_MIN_BYTES};
 use super::meta::{self, AdapterMeta};
 use super::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
@@ -35,8 +36,18 @@ pub const GELU_OPSET: i64 = 20;
 /// The lowest opset export writes when the graph has a Trilu (which exists from 14).
 pub const TRILU_OPSET: i64 = 14;
 
-/// Turns the IR into an ONNX model (see the module docs for naming and opset rules).
+/// Turns the IR into an ONNX model (see the module docs for naming and opset rules), every
+/// tensor inline.
 pub fn export(graph: &Graph) -> Result<ModelProto> {
+    export_with(graph, None)
+}
+
+/// [`export`], with the initializers of at least [`EXTERNAL_MIN_BYTES`] written to `external`
+/// instead of inline.
+pub(crate) fn export_with(
+    graph: &Graph,
+    external: Option<&mut ExternalData>,
+) -> Result<ModelProto> {
     let order = stable_topo(graph)?;
     let mut opset = graph.info.opset.max(EXPORT_MIN_OPSET);
     if order
@@ -52,6 +63,7 @@ pub fn export(graph: &Graph) -> Result<ModelProto> {
         opset = opset.max(TRILU_OPSET);
     }
     let mut ex = Exporter {
+        external,
         graph,
         names: HashMap::new(),
         used_values: HashSet::new(),
@@ -204,9 +216,11 @@ fn stable_topo(graph: &Graph) -> Result<Vec<NodeId>> {
     Ok(order)
 }
 
-struct Exporter<'g> {
+struct Exporter<'g, 'w> {
     /// The opset being written (ReduceSumSquare's axes move from attribute to input at 18).
     opset: i64,
+    /// Where initializers of at least [`EXTERNAL_MIN_BYTES`] go, when writing external data.
+    external: Option<&'w mut ExternalData>,
     graph: &'g Graph,
     /// Final ONNX value name of each IR node.
     names: HashMap<NodeId, String>,
@@ -235,7 +249,7 @@ fn unique(used: &mut HashSet<String>, base: &str) -> String {
     name
 }
 
-impl Exporter<'_> {
+impl Exporter<'_, '_> {
     /// Gives every node its value name. Returns the graph outputs that need an Identity.
     fn assign_names(&mut self, order: &[NodeId]) -> Result<Vec<(String, NodeId)>> {
         let g = self.graph;
@@ -348,7 +362,12 @@ impl Exporter<'_> {
         let (op_type, attrs): (&str, Vec<AttributeProto>) = match &node.op {
             Op::Input => return Ok(()),
             Op::Const(t) => {
-                self.consts.push((n, tensor_to_proto(&out, t)));
+                let bytes = t.numel() * t.dtype().size();
+                let proto = match self.external.as_deref_mut() {
+                    Some(ext) if bytes >= EXTERNAL_MIN_BYTES => ext.write(&out, t)?,
+                    _ => tensor_to_proto(&out, t),
+                };
+                self.consts.push((n, proto));
                 return Ok(());
             }
             Op::MatMul => ("MatMul", vec![]),

@@ -255,6 +255,10 @@ fn import_resolved(
         producer: model.producer_name().to_string(),
         graph_name: gp.name().to_string(),
         input_dims: HashMap::new(),
+        external_data: gp
+            .initializer
+            .iter()
+            .any(|t| t.data_location() == super::proto::tensor_proto::DataLocation::External),
     };
     let mut values: HashMap<String, NodeId> = HashMap::new();
 

@@ -15,6 +15,7 @@
 
 mod data;
 mod export;
+mod external;
 mod import;
 pub mod import_ops;
 pub mod meta;
@@ -22,6 +23,7 @@ pub mod meta;
 pub mod proto;
 
 pub use export::{export, EXPORT_MIN_IR_VERSION, EXPORT_MIN_OPSET};
+pub use external::EXTERNAL_MIN_BYTES;
 pub use import::{import, import_with_values};
 
 use crate::error::{Error, Result};
@@ -90,23 +92,88 @@ pub fn save_model(model: &proto::ModelProto, path: &Path) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Exports `graph` and writes it to `path` atomically, with its large tensors in an external
+/// data file `<path>.data` beside it when the model it came from had external data or when
+/// inline it would come near protobuf's 2 GiB limit; otherwise as one file. Both are written to
+/// temporary files first; the data file is renamed into place just before the model, so a run
+/// killed earlier leaves the old files as they were.
+pub fn save_graph(graph: &crate::ir::Graph, path: &Path) -> Result<()> {
+    let const_bytes: usize = graph
+        .graph
+        .node_weights()
+        .filter_map(|n| match &n.op {
+            crate::ir::Op::Const(t) => Some(t.numel() * t.dtype().size()),
+            _ => None,
+        })
+        .sum();
+    // Room for the graph itself under the limit.
+    let near_limit = const_bytes > MAX_PROTO_BYTES - (64 << 20);
+    if !(graph.info.external_data || near_limit) {
+        return save_model(&export::export(graph)?, path);
+    }
+    let mut data = external::ExternalData::create(path)?;
+    let model = match export::export_with(graph, Some(&mut data)) {
+        Ok(m) => m,
+        Err(e) => {
+            data.abandon();
+            return Err(e);
+        }
+    };
+    let len = model.encoded_len();
+    if len > MAX_PROTO_BYTES {
+        data.abandon();
+        return Err(Error::Onnx(format!(
+            "{}: the graph encodes to {len} bytes without its large tensors, over protobuf's              2 GiB limit",
+            path.display()
+        )));
+    }
+    let bytes = model.encode_to_vec();
+    write_atomic_with(path, &bytes, Some(data))
+}
+
 /// Writes `<path>.tmp-<pid>` in the target's folder, fsyncs it and renames it over `path`; the
 /// temporary file is removed if any step fails.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, bytes, None)
+}
+
+/// [`write_atomic`] for a model whose external `data` file is complete but still temporary: it
+/// is put in place once the model's temporary file is synced, just before the model is renamed
+/// (and removed if anything fails first).
+fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    data: Option<external::ExternalData>,
+) -> Result<()> {
     use std::io::Write;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;
+    let Some(file_name) = path.file_name() else {
+        if let Some(d) = data {
+            d.abandon();
+        }
+        return Err(Error::Input(format!("{}: not a file path", path.display())));
+    };
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
-    let result = (|| {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    result.map_err(|e| {
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        if let Some(d) = data {
+            d.abandon();
+        }
+        return Err(Error::io(path, e));
+    }
+    if let Some(d) = data {
+        if let Err(e) = d.finish() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })

@@ -374,19 +374,32 @@ fn peft_init(
         .collect();
     let b = vec![0.0f32; fout * r];
     let m = (spec.method == Method::Dora).then(|| {
-        let w = w0.to_f64();
-        let norms: Vec<f32> = (0..fout)
-            .map(|j| {
-                let sq: f64 = (0..fin)
-                    .map(|i| {
-                        let v = if trans_b {
-                            w[j * fin + i]
-                        } else {
-                            w[i * fout + j]
-                        };
-                        v * v
-                    })
-                    .sum();
+        // Squared column norms in f64, read straight from W0's f32 values (a large model's
+        // weights are a map of its file: no f64 copy of them), row by row.
+        let owned;
+        let w: &[f32] = match w0.as_f32() {
+            Some(w) => w,
+            None => {
+                owned = w0.to_f32();
+                &owned
+            }
+        };
+        let mut sq = vec![0f64; fout];
+        if trans_b {
+            // W0 [out, in]: column j of the layer is row j.
+            for (j, row) in w.chunks_exact(fin).enumerate() {
+                sq[j] = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            }
+        } else {
+            for row in w.chunks_exact(fout) {
+                for (s, &v) in sq.iter_mut().zip(row) {
+                    *s += (v as f64) * (v as f64);
+                }
+            }
+        }
+        let norms: Vec<f32> = sq
+            .into_iter()
+            .map(|sq| {
                 // A zero column gets magnitude 1, not its norm 0: with the norm read as 1 (see
                 // the rewrite above) its scale is 1, the layer computes the base output, and B
                 // still receives LoRA's gradient there.
