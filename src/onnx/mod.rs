@@ -83,8 +83,8 @@ pub fn save_model(model: &proto::ModelProto, path: &Path) -> Result<()> {
     let len = model.encoded_len();
     if len > MAX_PROTO_BYTES {
         return Err(Error::Onnx(format!(
-            "{}: the model encodes to {len} bytes, over protobuf's 2 GiB limit; dorac does not \
-             write ONNX external data yet",
+            "{}: the model encodes to {len} bytes, over protobuf's 2 GiB limit; write it with \
+             its tensors as external data (save_graph does so for large graphs)",
             path.display()
         )));
     }
