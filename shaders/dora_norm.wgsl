@@ -74,7 +74,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
                 let f = feats[ci];
                 let j = js[jr];
-                let wv = vec4<f32>(w[w_at(f.x, j)], w[w_at(f.y, j)], w[w_at(f.z, j)], w[w_at(f.w, j)]);
+                let wv = vec4<f32>(w_get(f.x, j), w_get(f.y, j), w_get(f.z, j), w_get(f.w, j));
                 let d = (ALPHA * wv + S * ba[jr][ci]) * real[ci];
                 part[jr] = part[jr] + dot(d, d);
             }

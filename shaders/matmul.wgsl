@@ -41,13 +41,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         let ka = k0 + lid.x;
         var va = 0.0;
         if row < M && ka < K {
-            va = a[a_at(batch, row, ka)];
+            va = a_get(batch, row, ka);
         }
         tile_a[lid.y][lid.x] = va;
         let kb = k0 + lid.y;
         var vb = 0.0;
         if kb < K && col < N {
-            vb = b[b_at(batch, kb, col)];
+            vb = b_get(batch, kb, col);
         }
         tile_b[lid.y][lid.x] = vb;
         workgroupBarrier();

@@ -40,7 +40,7 @@ var<workgroup> tile_b: array<array<vec4<f32>, QN>, 16>;
 // A[i, p] of output matrix `batch`, or 0 outside A.
 fn load_a(batch: u32, i: u32, p: u32) -> f32 {
     if i < M && p < K {
-        return a[a_at(batch, i, p)];
+        return a_get(batch, i, p);
     }
     return 0.0;
 }
@@ -48,7 +48,7 @@ fn load_a(batch: u32, i: u32, p: u32) -> f32 {
 // B[p, j] of output matrix `batch`, or 0 outside B.
 fn load_b(batch: u32, p: u32, j: u32) -> f32 {
     if p < K && j < N {
-        return b[b_at(batch, p, j)];
+        return b_get(batch, p, j);
     }
     return 0.0;
 }

@@ -60,14 +60,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         for (var ci = 0u; ci < VECS; ci = ci + 1u) {
             let j = cols[ci];
             bv[ci] = vec4<f32>(
-                b[b_at(batch, p, j.x)],
-                b[b_at(batch, p, j.y)],
-                b[b_at(batch, p, j.z)],
-                b[b_at(batch, p, j.w)],
+                b_get(batch, p, j.x),
+                b_get(batch, p, j.y),
+                b_get(batch, p, j.z),
+                b_get(batch, p, j.w),
             );
         }
         for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
-            let av = vec4<f32>(a[a_at(batch, rows[ri], p)]);
+            let av = vec4<f32>(a_get(batch, rows[ri], p));
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
                 sums[ri][ci] = fma(av, bv[ci], sums[ri][ci]);
             }

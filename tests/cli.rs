@@ -438,3 +438,48 @@ fn run_pins_shape_inputs_and_writes_typed_outputs() {
         }
     }
 }
+
+/// `--storage f16|bf16` on an f32 model: `compile` shows the weights stored as half (half the
+/// bytes), and `run` says what was rounded and how far the outputs moved from the f32 weights'.
+#[test]
+fn storage_flag_stores_weights_half_and_reports_the_error() {
+    let dir = temp_dir("cli-storage");
+    let model = models_dir().join("mlp3d/model.onnx");
+    let inputs = models_dir().join("mlp3d/inputs.safetensors");
+    let plan_dir = dir.join("plan");
+    dorac_ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--storage",
+        "f16",
+        "-o",
+        plan_dir.to_str().unwrap(),
+    ]);
+    let plan = std::fs::read_to_string(plan_dir.join("plan.txt")).unwrap();
+    assert!(plan.contains("stored as f16"), "{plan}");
+    for format in ["f16", "bf16"] {
+        let out = dorac_ok(&[
+            "run",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--storage",
+            format,
+        ]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            stderr.contains(&format!("stored as {format}, max rounding error")),
+            "{stderr}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("relative difference from f32 weights"))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        let err: f64 = line.split_whitespace().last().unwrap().parse().unwrap();
+        let bound = if format == "f16" { 1e-2 } else { 5e-2 };
+        assert!(err > 0.0 && err < bound, "{format}: {line}");
+    }
+}

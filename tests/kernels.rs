@@ -13,7 +13,7 @@
 //! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
 
 use dorac::codegen::{self, PlanOptions, Target};
-use dorac::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
+use dorac::ir::{unary, Binary, Graph, Half, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
 use dorac::tensor::{numel, relative_error, Array, DType, Rng, Tensor};
@@ -1689,4 +1689,119 @@ fn mlp_runs() {
     let v = c.values(32, -2.0, 2.0);
     c.feeds.insert("x".into(), Array::from_f32(vec![4, 8], &v));
     c.check();
+}
+
+/// Weights stored in half precision (`Graph::half_consts`): f16 and bf16 B operands (plain,
+/// Gemm transB, a transpose read in place), an f16 A operand, DoRA's norm's W, against the
+/// reference on both targets (values already rounded, so both executors see the same numbers).
+/// A half constant that an element-wise op also reads stays f32, and an odd element count packs
+/// into whole words.
+#[test]
+fn half_stored_weights() {
+    let mut c = Case::new("half_stored_weights");
+    let half = |c: &mut Case, name: &str, shape: &[usize], h: Half| {
+        let v: Vec<f32> = c
+            .values(numel(shape), -1.0, 1.0)
+            .into_iter()
+            .map(|x| h.round(x))
+            .collect();
+        let n = c.graph.add_const(name, Tensor::f32(shape.to_vec(), v));
+        c.graph.half_consts.insert(n, h);
+        n
+    };
+    let x = c.input("x", &[37, 48], -1.0, 1.0);
+    let w16 = half(&mut c, "w16", &[48, 65], Half::F16);
+    c.out(Op::MatMul, &[x, w16], "matmul_f16");
+    let wt = half(&mut c, "wt_bf16", &[96, 48], Half::Bf16);
+    let gemm = Op::Gemm {
+        alpha: 1.0,
+        beta: 0.0,
+        trans_a: false,
+        trans_b: true,
+    };
+    c.out(gemm, &[x, wt], "gemm_transb_bf16");
+    let w_src = half(&mut c, "w_src", &[33, 48], Half::F16);
+    let t = c.op(Op::Transpose { perm: vec![1, 0] }, &[w_src], "w_t");
+    c.out(Op::MatMul, &[x, t], "matmul_transposed_f16");
+    let a16 = half(&mut c, "a16", &[5, 37], Half::F16);
+    c.out(Op::MatMul, &[a16, x], "a_operand_f16");
+    // Read by a matmul and by an add: stays f32.
+    let shared = half(&mut c, "shared", &[48, 48], Half::F16);
+    let y = c.op(Op::MatMul, &[x, shared], "uses_shared");
+    let s2 = c.op(bin(Binary::Add), &[shared, shared], "shared_twice");
+    c.out(Op::MatMul, &[y, s2], "shared_out");
+    // DoRA's norm with W (out x in) stored as f16.
+    let wn = half(&mut c, "wn", &[21, 600], Half::F16);
+    let a = c.input("lora_a", &[8, 600], -1.0, 1.0);
+    let b = c.input("lora_b", &[21, 8], -1.0, 1.0);
+    let op = Op::DoraNormSq(dorac::ops::DoraNorm {
+        alpha: 1.0,
+        scale: 0.5,
+        weight_out_in: true,
+    });
+    c.out(op, &[wn, a, b], "dora_norm_f16");
+
+    let plan = codegen::plan(&c.graph).unwrap();
+    let stored = |name: &str| {
+        let b = plan.buffers.iter().find(|b| b.name == name).unwrap();
+        (b.half, b.bytes())
+    };
+    assert_eq!(stored("w16"), (Some(Half::F16), 48 * 65 * 2));
+    assert_eq!(stored("wt_bf16"), (Some(Half::Bf16), 96 * 48 * 2));
+    assert_eq!(stored("w_src"), (Some(Half::F16), 33 * 48 * 2));
+    assert_eq!(
+        stored("a16"),
+        (Some(Half::F16), 5 * 37 * 2 + 2),
+        "185 values in 93 words"
+    );
+    assert_eq!(stored("shared"), (None, 48 * 48 * 4));
+    assert_eq!(stored("wn"), (Some(Half::F16), 21 * 600 * 2));
+    c.check();
+}
+
+/// The device's f16 and bf16 decoding is exact for every finite value, subnormals included:
+/// each value times 1 (a 1 x 1 by 1 x N product with B stored half) comes back bit for bit as
+/// the host's conversion gives it. (Not -0: a product's sum starts from +0, and +0 + -0 is +0.)
+#[test]
+fn half_decoding_is_exact() {
+    for h in [Half::F16, Half::Bf16] {
+        let values: Vec<f32> = (0..=u16::MAX)
+            .map(|bits| match h {
+                Half::F16 => half::f16::from_bits(bits).to_f32(),
+                Half::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            })
+            .filter(|v| v.is_finite() && v.to_bits() != (-0.0f32).to_bits())
+            .collect();
+        let n = values.len();
+        let mut g = Graph::new();
+        let one = g.add_input("one", vec![1, 1]);
+        let w = g.add_const("w", Tensor::f32(vec![1, n], values.clone()));
+        g.half_consts.insert(w, h);
+        let y = g.add(Op::MatMul, &[one, w], "y", "y").unwrap();
+        g.outputs.push(("y".into(), y));
+        for target in [Target::Gpu, Target::Cpu] {
+            let options = PlanOptions {
+                target,
+                ..PlanOptions::default()
+            };
+            let plan = codegen::plan_with(&g, &options).unwrap();
+            assert_eq!(
+                plan.buffers.iter().find(|b| b.name == "w").unwrap().half,
+                Some(h)
+            );
+            let exe = Executable::new(gpu(), &plan, &g).unwrap();
+            let got = exe
+                .run(&[("one".to_string(), vec![1.0f32])].into())
+                .unwrap();
+            let wrong: Vec<(f32, f32)> = (values.iter().zip(&got["y"]))
+                .filter(|(w, g)| w.to_bits() != g.to_bits())
+                .map(|(w, g)| (*w, *g))
+                .take(5)
+                .collect();
+            assert!(
+                wrong.is_empty(),
+                "{h:?} on {target:?}: (want, got) {wrong:?}"
+            );
+        }
+    }
 }

@@ -221,3 +221,43 @@ fn a_rewritten_model_merges_and_takes_an_adapter() {
     let e = rel(&run_reference(&g2, &inputs), &peft, "y");
     assert!(e < 1e-6, "merged rewritten model vs PEFT {e:e}");
 }
+
+/// Half-precision models (models/half, made by models/make_half.py): their f16 / bf16 weights
+/// stay 16-bit on the device (half the bytes of f32 in the plan), compute is f32, and the result
+/// matches float64 numpy on the same weights to f32 accuracy. Against onnxruntime, which
+/// computes the f16 model in f16 (each op rounds to 2^-11 relative; it is 3.7e-4 from the exact
+/// result itself), the tolerance is 2^-9.
+#[test]
+fn half_models_store_half_weights_and_match() {
+    let inputs = read("half", "inputs.safetensors");
+    for tag in ["f16", "bf16"] {
+        let g = load_path(&models_dir().join(format!("half/mlp_{tag}.onnx")), &inputs);
+        let plan = dorac::codegen::plan(&g).unwrap();
+        for (name, len) in [("fc1.weight", 96 * 64), ("fc2.weight", 32 * 96)] {
+            let b = plan.buffers.iter().find(|b| b.name == name).unwrap();
+            assert_eq!(b.half.map(|h| h.name()), Some(tag), "{tag}: {name}");
+            assert_eq!(
+                b.bytes(),
+                2 * len as u64,
+                "{tag}: {name} takes half of f32's bytes"
+            );
+        }
+        let exact = read("half", &format!("exact_{tag}.safetensors"));
+        let gpu = rel(&run_gpu(&g, &inputs), &exact, "y");
+        let cpu = rel(&run_reference(&g, &inputs), &exact, "y");
+        println!("{tag}: gpu {gpu:.2e} reference {cpu:.2e} vs exact");
+        assert!(
+            gpu < 1e-5 && cpu < 1e-5,
+            "{tag}: gpu {gpu:e}, reference {cpu:e}"
+        );
+        if tag == "f16" {
+            let ort = rel(
+                &run_gpu(&g, &inputs),
+                &read("half", "ort_f16.safetensors"),
+                "y",
+            );
+            println!("f16: gpu vs onnxruntime {ort:.2e}");
+            assert!(ort < 2f64.powi(-9), "f16: GPU vs onnxruntime {ort:e}");
+        }
+    }
+}

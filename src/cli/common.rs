@@ -59,6 +59,48 @@ pub fn sibling_path(model: &Path, suffix: &str) -> PathBuf {
     model.with_file_name(format!("{stem}.{suffix}.onnx"))
 }
 
+/// `--storage`: the device format of an f32 model's frozen weights.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageArg {
+    /// IEEE half: 2^-11 relative rounding, range up to 65504.
+    F16,
+    /// bfloat16: 2^-8 relative rounding, f32's range.
+    Bf16,
+}
+
+impl From<StorageArg> for crate::ir::Half {
+    fn from(s: StorageArg) -> Self {
+        match s {
+            StorageArg::F16 => crate::ir::Half::F16,
+            StorageArg::Bf16 => crate::ir::Half::Bf16,
+        }
+    }
+}
+
+/// Rounds `graph`'s frozen weights to `storage` ([`crate::passes::store_half`]) and says what
+/// that did; refuses weights the format cannot hold.
+pub fn apply_storage(graph: &mut Graph, storage: StorageArg) -> Result<()> {
+    let half = crate::ir::Half::from(storage);
+    let r = crate::passes::store_half(graph, half);
+    if r.overflowed > 0 {
+        return Err(Error::Input(format!(
+            "--storage {}: {} weight values are beyond the format's range (|w| > 65504); use \
+             --storage bf16, which has f32's range",
+            half.name(),
+            r.overflowed
+        )));
+    }
+    eprintln!(
+        "storage: {} weight tensors ({} values) stored as {}, max rounding error {:.2e} of \
+         each tensor's largest value",
+        r.tensors,
+        r.elements,
+        half.name(),
+        r.max_relative_error
+    );
+    Ok(())
+}
+
 /// Where a graph ran.
 pub enum Engine {
     Gpu(String),

@@ -31,6 +31,10 @@ pub struct Args {
     /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable.
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     pub shapes: Vec<String>,
+    /// Store the frozen weights in half precision (f16 or bf16), as `run --storage` does: the
+    /// plan shows each such buffer's size and format.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub storage: Option<super::common::StorageArg>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -95,6 +99,9 @@ pub fn run(args: Args) -> Result<()> {
         if args.emit.contains(&Emit::Ir) {
             write("ir.folded.txt", &graph.to_string())?;
         }
+    }
+    if let Some(storage) = args.storage {
+        super::common::apply_storage(&mut graph, storage)?;
     }
     if args.emit.contains(&Emit::Dot) {
         write("graph.dot", &crate::ir::to_dot(&graph))?;

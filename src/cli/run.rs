@@ -1,6 +1,9 @@
 //! `dorac run`: inference on wgpu (or the reference executor).
 
-use super::common::{apply_adapter, check_inputs, execute, load_graph_with_values, Engine, Phases};
+use super::common::{
+    apply_adapter, apply_storage, check_inputs, execute, load_graph_with_values, Engine, Phases,
+    StorageArg,
+};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::tensor::{shape_str, Array};
@@ -40,6 +43,11 @@ pub struct Args {
     /// the given input tensors pin the inputs anyway.
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     pub shapes: Vec<String>,
+    /// Store the frozen weights on the device in half precision (f16 or bf16), computing in f32;
+    /// also runs the f32 weights and prints the outputs' difference. A half model's own weights
+    /// (f16 / bf16 initializers) are stored half without this flag.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub storage: Option<StorageArg>,
     /// Print the time of each phase (reading and compiling the model, opening the device,
     /// building pipelines and uploading weights, running) to stderr.
     #[arg(long)]
@@ -58,6 +66,24 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     check_inputs(&graph, &inputs, &args.inputs)?;
     let feed = graph.graph_inputs_of(inputs);
+    // With --storage, the f32 weights' outputs, for the error report below.
+    let full_precision = match args.storage {
+        Some(_) => Some(
+            execute(
+                &graph,
+                &feed,
+                args.backend.as_deref(),
+                args.reference,
+                &mut Phases::start(),
+            )?
+            .0,
+        ),
+        None => None,
+    };
+    let mut graph = graph;
+    if let Some(storage) = args.storage {
+        apply_storage(&mut graph, storage)?;
+    }
     let start = Instant::now();
     phases.done("read inputs, import, passes");
     let (outputs, engine) = execute(
@@ -77,6 +103,12 @@ pub fn run(args: Args) -> Result<()> {
             "ran on the CPU reference executor in {:.1} ms",
             elapsed.as_secs_f64() * 1e3
         ),
+    }
+    if let Some(reference) = &full_precision {
+        for (name, a) in &outputs {
+            let err = crate::tensor::relative_error(&a.data, &reference[name].data);
+            println!("  {name}: relative difference from f32 weights {err:.2e}");
+        }
     }
     for (name, a) in &outputs {
         let finite = a.data.iter().all(|v| v.is_finite());

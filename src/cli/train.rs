@@ -103,6 +103,10 @@ pub struct Args {
     /// Pin a symbolic dim (`seq=64`). The batch dim follows --batch-size.
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     pub shapes: Vec<String>,
+    /// Store the frozen weights on the device in half precision (f16 or bf16); the adapters,
+    /// their gradients and optimizer state stay f32, and so does all compute.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub storage: Option<super::common::StorageArg>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -300,7 +304,10 @@ pub fn run(args: Args) -> Result<()> {
     let limit = gpu
         .as_ref()
         .map(|g| g.limits().max_storage_buffer_binding_size);
-    let program = build_for_device(graph.clone(), &opts, limit)?;
+    let mut program = build_for_device(graph.clone(), &opts, limit)?;
+    if let Some(storage) = args.storage {
+        super::common::apply_storage(&mut program.graph, storage)?;
+    }
     let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();
     let engine = gpu
         .as_ref()

@@ -9,15 +9,16 @@
 //! Adding an op: an arm in [`emit`] (or in [`elementwise_expr`] for an element-wise op), and a
 //! template under `shaders/` when no existing one fits.
 
+use super::storage;
 use super::template::{self, Lib};
 use super::wgsl::{self, broadcast_index, broadcast_strides, strided_index, Binding};
 use super::Target;
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Graph, NodeId, Op, Reduce};
+use crate::ir::{Graph, Half, NodeId, Op, Reduce};
 use crate::tensor::DType;
 use crate::tensor::{numel, shape_str, strides};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Invocations per workgroup of the element-wise template.
 const ELEMENTWISE_WG: usize = 256;
@@ -72,6 +73,8 @@ struct Builder<'g> {
     /// Transposes read in place (see `fusion`): a load of one reads its source.
     transposed: &'g BTreeSet<NodeId>,
     inputs: Vec<(String, NodeId)>,
+    /// Bound values stored in half precision (`storage`): declared `array<u32>`.
+    half: BTreeMap<NodeId, Half>,
     libs: BTreeSet<Lib>,
     helpers: Vec<String>,
 }
@@ -82,9 +85,26 @@ impl<'g> Builder<'g> {
             graph,
             transposed,
             inputs: vec![],
+            half: BTreeMap::new(),
             libs: BTreeSet::new(),
             helpers: vec![],
         }
+    }
+
+    /// [`bind`](Builder::bind) for a value that may be stored in half precision; returns the
+    /// binding's name and its storage (for [`storage::half_load`]).
+    fn bind_stored(
+        &mut self,
+        name: &str,
+        node: NodeId,
+        stored: &BTreeMap<NodeId, Half>,
+    ) -> (String, Option<Half>) {
+        let half = stored.get(&node).copied();
+        if let Some(h) = half {
+            self.half.insert(node, h);
+            self.libs.insert(Lib::Half);
+        }
+        (self.bind(name, node), half)
     }
 
     /// Declares an input binding named `name` holding `node`'s value; returns the name.
@@ -148,6 +168,7 @@ impl<'g> Builder<'g> {
                 name: name.to_string(),
                 value: node.name.clone(),
                 shape: node.shape.clone(),
+                packed: self.half.get(&n).map(|h| h.name()),
             }
         };
         let inputs: Vec<Binding> = self.inputs.iter().map(|(s, n)| binding(s, *n)).collect();
@@ -210,6 +231,7 @@ pub(crate) fn emit(
     name: &str,
     max_workgroups: u32,
     target: Target,
+    half: &BTreeMap<NodeId, Half>,
 ) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
@@ -224,14 +246,14 @@ pub(crate) fn emit(
             elementwise(graph, group, transposed, name, max_workgroups)
         }
         Op::MatMul | Op::Gemm { .. } => {
-            matmul(graph, group, transposed, name, max_workgroups, target)
+            matmul(graph, group, transposed, name, max_workgroups, target, half)
         }
         Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, max_workgroups),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
         Op::Softmax { axis } => softmax(graph, anchor, *axis, name, max_workgroups),
-        Op::DoraNormSq(p) => dora_norm(graph, group, p, name, max_workgroups),
+        Op::DoraNormSq(p) => dora_norm(graph, group, p, name, max_workgroups, half),
         &Op::SoftmaxCrossEntropy {
             ignore_index,
             shift,
@@ -757,6 +779,7 @@ fn matmul(
     name: &str,
     max_wg: u32,
     target: Target,
+    half: &BTreeMap<NodeId, Half>,
 ) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
@@ -767,8 +790,8 @@ fn matmul(
     // each axis of the logical operand in the source's memory.
     let (a_src, a_perm) = b.source(ins[0]);
     let (b_src, b_perm) = b.source(ins[1]);
-    b.bind("a", a_src);
-    b.bind("b", b_src);
+    let (_, a_half) = b.bind_stored("a", a_src, half);
+    let (_, b_half) = b.bind_stored("b", b_src, half);
     let a_strides = a_perm.map(|perm| permuted_strides(graph.shape(a_src), perm));
     let b_strides = b_perm.map(|perm| permuted_strides(graph.shape(b_src), perm));
     // `first`: the statement that turns the dot product `acc` into `v0` (indented below).
@@ -888,6 +911,19 @@ fn matmul(
         "// Offset in `b` of B[p, j] of output matrix `batch`.\n\
          fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
     ));
+    // The loads, decoding a weight stored in half precision.
+    for (op, half, (x, y)) in [("a", a_half, ("i", "p")), ("b", b_half, ("p", "j"))] {
+        let note = match half {
+            Some(h) => format!(", stored as {}", h.name()),
+            None => String::new(),
+        };
+        b.helpers.push(format!(
+            "// {}[{x}, {y}] of output matrix `batch`{note}.\n\
+             fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n    return {};\n}}",
+            op.to_uppercase(),
+            storage::half_load(op, &format!("{op}_at(batch, {x}, {y})"), half)
+        ));
+    }
     let shape = MatmulShape::choose(target, m, n);
     let (template, indent) = match shape {
         MatmulShape::Tiled => (template::MATMUL, "        "),
@@ -1089,6 +1125,7 @@ fn dora_norm(
     p: &crate::ops::DoraNorm,
     name: &str,
     max_wg: u32,
+    half: &BTreeMap<NodeId, Half>,
 ) -> Result<Emitted> {
     let n = group[0];
     let ins = graph.inputs_of(n);
@@ -1096,7 +1133,7 @@ fn dora_norm(
     let (fin, fout) = p.in_out(w_shape);
     let r = a_shape[0];
     let mut b = Builder::new(graph, &NO_TRANSPOSES);
-    b.bind("w", ins[0]);
+    let (_, w_half) = b.bind_stored("w", ins[0], half);
     b.bind("lora_a", ins[1]);
     b.bind("lora_b", ins[2]);
     let w_at = if p.weight_out_in {
@@ -1105,8 +1142,13 @@ fn dora_norm(
         "i * OUT + j"
     };
     b.helpers.push(format!(
-        "// Offset in `w` of W[i, j] (row i of the `in` axis, column j).\n\
-         fn w_at(i: u32, j: u32) -> u32 {{\n    return {w_at};\n}}"
+        "// W[i, j] (row i of the `in` axis, column j){}.\n\
+         fn w_get(i: u32, j: u32) -> f32 {{\n    return {};\n}}",
+        match w_half {
+            Some(h) => format!(", stored as {}", h.name()),
+            None => String::new(),
+        },
+        storage::half_load("w", w_at, w_half)
     ));
     let indent = "                ";
     let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];

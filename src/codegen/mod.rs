@@ -21,11 +21,12 @@
 mod fusion;
 mod kernels;
 mod schedule;
+mod storage;
 pub(crate) mod template;
 mod wgsl;
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, NodeId, Op};
+use crate::ir::{Graph, Half, NodeId, Op};
 use crate::tensor::shape_str;
 pub use fusion::Fusion;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -55,9 +56,11 @@ pub struct BufferSpec {
     /// The IR value it holds (the node's value name), for messages and the plan listing.
     pub name: String,
     pub shape: Vec<usize>,
-    /// Element count (f32 each).
+    /// Element count (f32 each, or 16 bits each when `half`).
     pub len: usize,
     pub role: BufferRole,
+    /// A constant stored in half precision (see `storage`): packed pairs in `u32` words.
+    pub half: Option<Half>,
     /// The buffer whose device allocation holds this one: itself when it has its own, or an
     /// earlier intermediate whose last reader has run before this buffer is written (the
     /// planner's liveness-based reuse). Allocations are as large as their owner, which is at
@@ -69,7 +72,10 @@ impl BufferSpec {
     /// Size in bytes. Zero-element values still get a 4-byte buffer, since wgpu cannot bind an
     /// empty one.
     pub fn bytes(&self) -> u64 {
-        4 * self.len.max(1) as u64
+        match self.half {
+            None => 4 * self.len.max(1) as u64,
+            Some(_) => 4 * self.len.div_ceil(2).max(1) as u64,
+        }
     }
 }
 
@@ -261,6 +267,7 @@ pub fn plan_grouped(
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
     let groups = check_groups(graph, groups, &transposed, &live, &position)?;
+    let half = storage::half_stored(graph, &transposed, &live);
 
     let mut plan = Plan::default();
     // Buffers in schedule order; a group's value is its last node's.
@@ -296,6 +303,7 @@ pub fn plan_grouped(
             shape: node.shape.clone(),
             len: node.numel(),
             role,
+            half: half.get(&n).copied(),
             storage: plan.buffers.len(),
         });
     }
@@ -321,6 +329,7 @@ pub fn plan_grouped(
             &name,
             options.max_workgroups_per_dim,
             options.target,
+            &half,
         )?;
         validate(&name, &emitted.source)?;
         let last = *group.last().expect("groups are not empty");
@@ -408,6 +417,7 @@ fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
             shape: src.shape.clone(),
             len: src.len,
             role: BufferRole::Intermediate,
+            half: None,
             storage: snapshot,
         });
         plan.copies.push(StateCopy {
@@ -638,6 +648,9 @@ impl fmt::Display for Plan {
                 BufferRole::Intermediate => "intermediate".into(),
                 BufferRole::Output(name) => format!("output '{name}'"),
             };
+            if let Some(h) = b.half {
+                role += &format!(", stored as {}", h.name());
+            }
             if b.storage != i {
                 role += &format!(", in b{}'s memory", b.storage);
             }

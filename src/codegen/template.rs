@@ -50,12 +50,15 @@ pub enum Lib {
     RowSoftmaxStats,
     IsNan,
     GatherPosition,
+    /// Decoding of f16 / bf16 pairs (weights stored in half precision).
+    Half,
 }
 
 impl Lib {
     pub fn source(self) -> &'static str {
         match self {
             Lib::Erf => include_str!("../../shaders/lib/erf.wgsl"),
+            Lib::Half => include_str!("../../shaders/lib/half.wgsl"),
             Lib::Tanh => include_str!("../../shaders/lib/tanh.wgsl"),
             Lib::Pow => include_str!("../../shaders/lib/pow.wgsl"),
             Lib::PowInt => include_str!("../../shaders/lib/pow_int.wgsl"),

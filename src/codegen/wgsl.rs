@@ -118,14 +118,20 @@ pub struct Binding {
     pub name: String,
     pub value: String,
     pub shape: Vec<usize>,
+    /// Stored in this half-precision format, two values per `u32` (see `storage`).
+    pub packed: Option<&'static str>,
 }
 
 /// Binding declarations: inputs read-only at 0..n, the output read-write at n.
 pub fn bindings(inputs: &[Binding], output: &Binding) -> String {
     let mut s = String::new();
     for (i, b) in inputs.iter().enumerate() {
+        let (elem, note) = match b.packed {
+            Some(h) => ("u32", format!(", {h} pairs")),
+            None => ("f32", String::new()),
+        };
         s += &format!(
-            "@group(0) @binding({i}) var<storage, read> {}: array<f32>; // '{}' {}\n",
+            "@group(0) @binding({i}) var<storage, read> {}: array<{elem}>; // '{}' {}{note}\n",
             b.name,
             comment_safe(&b.value),
             shape_str(&b.shape)

@@ -225,6 +225,46 @@ pub struct Graph {
     /// `[C*K, M]` -> the ONNX filter bank's shape `[M, C, kernel...]`, which PEFT's Conv adapter
     /// tensors follow (lora_A `[r, C, kernel...]`, lora_B `[M, r, 1...]`).
     pub conv_filters: BTreeMap<NodeId, Vec<usize>>,
+    /// Constants whose values are exactly representable in a half-precision format (a half
+    /// model's initializers, or weights rounded by `passes::store_half`): the planner stores
+    /// them on the device in that format where every reader can decode it (see
+    /// `codegen::storage`), computing in f32 as always. The reference executor reads the same
+    /// (already rounded) f32 values.
+    pub half_consts: BTreeMap<NodeId, Half>,
+}
+
+/// A 16-bit float format for stored weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Half {
+    /// IEEE binary16 (ONNX FLOAT16).
+    F16,
+    /// bfloat16: f32's exponent, 7 mantissa bits (ONNX BFLOAT16).
+    Bf16,
+}
+
+impl Half {
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::F16 => "f16",
+            Half::Bf16 => "bf16",
+        }
+    }
+
+    /// `x` rounded to this format (round to nearest even), back in f32.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Half::F16 => half::f16::from_f32(x).to_f32(),
+            Half::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+
+    /// The 16 bits of `x` (exactly representable, or rounded) in this format.
+    pub fn bits(self, x: f32) -> u16 {
+        match self {
+            Half::F16 => half::f16::from_f32(x).to_bits(),
+            Half::Bf16 => half::bf16::from_f32(x).to_bits(),
+        }
+    }
 }
 
 impl Graph {

@@ -8,10 +8,12 @@
 use super::data::{dtype_name, ir_dtype, tensor_from_proto};
 use super::import_ops::{self, Ctx};
 use super::meta::{self, AdapterMeta};
-use super::proto::{self, tensor_shape_proto::dimension, type_proto, ModelProto, NodeProto};
+use super::proto::{
+    self, tensor_proto::DataType, tensor_shape_proto::dimension, type_proto, ModelProto, NodeProto,
+};
 use super::Pins;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, ModelInfo, NodeId};
+use crate::ir::{Graph, Half, ModelInfo, NodeId};
 use crate::tensor::{shape_str, Array, DType};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -275,6 +277,12 @@ fn import_resolved(
         let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
         let id = g.add_const(t.name(), tensor);
         values.insert(t.name().to_string(), id);
+        // Half-precision weights stay half on the device where their readers allow.
+        match DataType::try_from(t.data_type()) {
+            Ok(DataType::Float16) => _ = g.half_consts.insert(id, Half::F16),
+            Ok(DataType::Bfloat16) => _ = g.half_consts.insert(id, Half::Bf16),
+            _ => {}
+        }
     }
 
     // 3. Nodes: Constant nodes first (they read nothing), then the rest, each in topological

@@ -164,7 +164,7 @@ impl Executable {
                         n.index()
                     ))
                 })?;
-                let result = write_mapped(&buffer, tensor);
+                let result = write_mapped(&buffer, tensor, spec.half);
                 buffer.unmap();
                 result.map_err(|e| Error::Gpu(format!("uploading '{}': {e}", spec.name)))?;
             }
@@ -767,15 +767,32 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Writes `tensor` as f32 into the start of `buffer`, which is mapped (at creation).
+/// Writes `tensor` into the start of `buffer`, which is mapped (at creation): as f32, or packed
+/// in pairs of 16-bit values (element 2k in the low half of word k) when the plan stores it in
+/// half precision.
 fn write_mapped(
     buffer: &wgpu::Buffer,
     tensor: &crate::tensor::Tensor,
+    half: Option<crate::ir::Half>,
 ) -> std::result::Result<(), String> {
-    let bytes = 4 * tensor.numel() as u64;
-    if bytes == 0 {
+    if tensor.numel() == 0 {
         return Ok(());
     }
+    if let Some(h) = half {
+        let values = tensor.to_f32();
+        let words: Vec<u32> = values
+            .chunks(2)
+            .map(|p| h.bits(p[0]) as u32 | (p.get(1).map_or(0, |&x| h.bits(x)) as u32) << 16)
+            .collect();
+        let bytes = 4 * words.len() as u64;
+        let mut view = buffer
+            .slice(..bytes)
+            .get_mapped_range_mut()
+            .map_err(|e| format!("{e:?}"))?;
+        view.copy_from_slice(bytemuck::cast_slice(&words));
+        return Ok(());
+    }
+    let bytes = 4 * tensor.numel() as u64;
     let mut view = buffer
         .slice(..bytes)
         .get_mapped_range_mut()

@@ -1,0 +1,74 @@
+//! Which constants live on the device in half precision (`Graph::half_consts`): those whose
+//! every reader decodes 16-bit values as it loads them. The readers that do are the ones that
+//! read weights: a MatMul's or Gemm's A or B (also through a transpose read in place) and
+//! `dora_norm_sq`'s W. A constant read by anything else (an element-wise op, a Gather, Gemm's C)
+//! or fetched as a graph output stays f32, so every other kernel keeps reading `array<f32>`.
+//!
+//! A half buffer is an `array<u32>` of packed pairs, element `k` in the low (even `k`) or high
+//! half of word `k / 2`; [`half_load`] renders the decoding load (`shaders/lib/half.wgsl`).
+
+use crate::ir::{Graph, Half, NodeId, Op};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The constants stored in half precision, with their format.
+pub(crate) fn half_stored(
+    graph: &Graph,
+    transposed: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
+) -> BTreeMap<NodeId, Half> {
+    graph
+        .half_consts
+        .iter()
+        .filter(|&(&n, _)| graph.contains(n) && live.contains(&n))
+        .filter(|&(&n, _)| matches!(graph.node(n).op, Op::Const(_)))
+        .filter(|&(&n, _)| !graph.outputs.iter().any(|o| o.1 == n))
+        .filter(|&(&n, _)| {
+            let readers: Vec<NodeId> = graph
+                .consumers(n)
+                .into_iter()
+                .filter(|c| live.contains(c))
+                .collect();
+            readers
+                .iter()
+                .all(|&r| decodes(graph, r, n, transposed, live))
+        })
+        .map(|(&n, &h)| (n, h))
+        .collect()
+}
+
+/// Whether `reader` reads `value` only through slots that decode half precision.
+fn decodes(
+    graph: &Graph,
+    reader: NodeId,
+    value: NodeId,
+    transposed: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
+) -> bool {
+    let slots: Vec<usize> = (graph.inputs_of(reader).iter().enumerate())
+        .filter(|&(_, &i)| i == value)
+        .map(|(s, _)| s)
+        .collect();
+    match &graph.node(reader).op {
+        Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
+        Op::DoraNormSq(_) => slots == [0],
+        Op::Transpose { .. } if transposed.contains(&reader) => graph
+            .consumers(reader)
+            .into_iter()
+            .filter(|c| live.contains(c))
+            .all(|c| {
+                matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
+                    && decodes(graph, c, reader, transposed, live)
+            }),
+        _ => false,
+    }
+}
+
+/// The WGSL expression loading element `index` (a u32 expression) of `binding` stored as
+/// `storage` (`None`: f32). Half formats use `Lib::Half`.
+pub(crate) fn half_load(binding: &str, index: &str, storage: Option<Half>) -> String {
+    match storage {
+        None => format!("{binding}[{index}]"),
+        Some(Half::F16) => format!("f16_at({binding}[({index}) >> 1u], {index})"),
+        Some(Half::Bf16) => format!("bf16_at({binding}[({index}) >> 1u], {index})"),
+    }
+}

@@ -1,0 +1,141 @@
+//! `--storage f16|bf16`: an f32 model's frozen weights rounded to a half-precision format and
+//! marked (`Graph::half_consts`) so the planner stores them in half the device memory. Compute
+//! stays f32; what changes is the weights' values, by at most half a unit in their last place
+//! (2^-11 relative for f16, 2^-8 for bf16), and [`HalfReport`] says by how much they did.
+
+use crate::ir::{Graph, Half, NodeId, Op};
+use crate::tensor::Tensor;
+
+/// Weights smaller than this stay f32 (biases, norms: little memory, and often sensitive).
+pub const HALF_MIN_ELEMENTS: usize = 1024;
+
+/// What [`store_half`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HalfReport {
+    pub tensors: usize,
+    pub elements: usize,
+    /// Largest |w - round(w)| / max |w| over the rounded tensors.
+    pub max_relative_error: f64,
+    /// Values outside the format's range (f16: |w| > 65504) that became infinite: then the
+    /// format cannot hold the model, and the caller refuses it.
+    pub overflowed: usize,
+}
+
+/// Rounds every f32 constant of at least [`HALF_MIN_ELEMENTS`] elements that is read only as a
+/// weight (a MatMul's or Gemm's A or B, directly or through a transpose, or DoRA's norm's W) to
+/// `format` and marks it half-stored. The values are changed in place (node ids, and with them
+/// adapter records and state, stay valid): the reference executor then reads exactly what the
+/// device decodes.
+pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
+    let mut report = HalfReport::default();
+    let ids: Vec<NodeId> = graph.graph.node_indices().collect();
+    for n in ids {
+        let Op::Const(t) = &graph.node(n).op else {
+            continue;
+        };
+        let Some(values) = t.as_f32() else {
+            continue;
+        };
+        if values.len() < HALF_MIN_ELEMENTS || !read_as_weight(graph, n) {
+            continue;
+        }
+        let scale = values.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let mut worst = 0f64;
+        let rounded: Vec<f32> = values
+            .iter()
+            .map(|&v| {
+                let r = format.round(v);
+                if r.is_infinite() && v.is_finite() {
+                    report.overflowed += 1;
+                } else {
+                    worst = worst.max((r as f64 - v as f64).abs());
+                }
+                r
+            })
+            .collect();
+        if scale > 0.0 {
+            report.max_relative_error = report.max_relative_error.max(worst / scale);
+        }
+        report.tensors += 1;
+        report.elements += rounded.len();
+        let shape = t.shape.clone();
+        graph.node_mut(n).op = Op::Const(Tensor::f32(shape, rounded));
+        graph.half_consts.insert(n, format);
+    }
+    report
+}
+
+/// Whether every reader of `n` reads it as a weight (the slots `codegen::storage` decodes).
+fn read_as_weight(graph: &Graph, n: NodeId) -> bool {
+    let readers = graph.consumers(n);
+    !readers.is_empty()
+        && !graph.outputs.iter().any(|o| o.1 == n)
+        && readers.iter().all(|&r| {
+            let slots: Vec<usize> = (graph.inputs_of(r).iter().enumerate())
+                .filter(|&(_, &i)| i == n)
+                .map(|(s, _)| s)
+                .collect();
+            match &graph.node(r).op {
+                Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
+                Op::DoraNormSq(_) => slots == [0],
+                Op::Transpose { .. } => graph.consumers(r).iter().all(|&c| {
+                    matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
+                        && graph.inputs_of(c).iter().position(|&i| i == r) < Some(2)
+                }),
+                _ => false,
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// x [2, 32] @ w [32, 64] (a weight), plus w2 [32, 64] read by an add (not a weight) and a
+    /// small weight under the size floor.
+    fn graph(w: Vec<f32>) -> (Graph, NodeId, NodeId, NodeId) {
+        let mut g = Graph::new();
+        let x = g.add_input("x", vec![2, 32]);
+        let wn = g.add_const("w", Tensor::f32(vec![32, 64], w.clone()));
+        let y = g.add(Op::MatMul, &[x, wn], "y", "y").unwrap();
+        let w2 = g.add_const("w2", Tensor::f32(vec![2, 64], vec![0.3; 128]));
+        let small = g.add_const("small", Tensor::f32(vec![64, 4], vec![0.1; 256]));
+        let s = g
+            .add(Op::Binary(crate::ir::Binary::Add), &[y, w2], "s", "s")
+            .unwrap();
+        let z = g.add(Op::MatMul, &[s, small], "z", "z").unwrap();
+        g.outputs.push(("z".into(), z));
+        (g, wn, w2, small)
+    }
+
+    #[test]
+    fn rounds_and_marks_only_weights() {
+        let w: Vec<f32> = (0..2048).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let (mut g, wn, w2, small) = graph(w.clone());
+        let r = store_half(&mut g, Half::F16);
+        assert_eq!((r.tensors, r.elements, r.overflowed), (1, 2048, 0));
+        assert_eq!(g.half_consts.keys().copied().collect::<Vec<_>>(), [wn]);
+        assert!(!g.half_consts.contains_key(&w2) && !g.half_consts.contains_key(&small));
+        let stored = g.const_tensor(wn).unwrap().as_f32().unwrap().to_vec();
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let worst = (w.iter().zip(&stored))
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(stored
+            .iter()
+            .zip(&w)
+            .all(|(&s, &v)| s == Half::F16.round(v)));
+        assert_eq!(r.max_relative_error, worst / scale);
+        assert!(r.max_relative_error > 0.0 && r.max_relative_error <= 2f64.powi(-11));
+    }
+
+    #[test]
+    fn counts_values_beyond_f16() {
+        let mut w = vec![1.0f32; 2048];
+        w[7] = 70000.0;
+        let (mut g, ..) = graph(w.clone());
+        assert_eq!(store_half(&mut g, Half::F16).overflowed, 1);
+        let (mut g, ..) = graph(w);
+        assert_eq!(store_half(&mut g, Half::Bf16).overflowed, 0);
+    }
+}
