@@ -22,6 +22,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Invocations per workgroup of the element-wise template.
 const ELEMENTWISE_WG: usize = 256;
+/// The most terms a CPU target's sum adds serially in one invocation (see `reduce`); longer
+/// sums keep the workgroup tree, whose pairwise sums lose less to rounding.
+const REDUCE_LANES_MAX: usize = 4096;
+/// The CPU target's sum template (one invocation per output).
+const REDUCE_SUM_LANES: template::Template = template::Template {
+    name: "reduce_sum_lanes.wgsl",
+    text: include_str!("../../shaders/reduce_sum_lanes.wgsl"),
+};
+/// Elements per invocation of the element-wise template on a CPU target.
+const ELEMENTWISE_PER_CPU: usize = 16;
 /// Output tile edge of the matmul template (one output per invocation).
 const TILE: usize = 16;
 /// Output tile edge of the register-blocked matmul template (a 4x4 block per invocation).
@@ -243,12 +253,14 @@ pub(crate) fn emit(
     }
     match &node.op {
         op if is_elementwise(op) || is_index_map(op) => {
-            elementwise(graph, group, transposed, name, max_workgroups)
+            elementwise(graph, group, transposed, name, max_workgroups, target)
         }
         Op::MatMul | Op::Gemm { .. } => {
             matmul(graph, group, transposed, name, max_workgroups, target, half)
         }
-        Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, max_workgroups),
+        Op::Reduce { kind, axes, .. } => {
+            reduce(graph, anchor, *kind, axes, name, max_workgroups, target)
+        }
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
@@ -415,6 +427,7 @@ fn elementwise(
     transposed: &BTreeSet<NodeId>,
     name: &str,
     max_wg: u32,
+    target: Target,
 ) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
@@ -423,7 +436,7 @@ fn elementwise(
     let ins = graph.inputs_of(anchor);
     let mut b = Builder::new(graph, transposed);
     let mut lines = vec![];
-    let indent = "    ";
+    let indent = "            ";
     let summary;
     match &node.op {
         Op::Transpose { perm } => {
@@ -476,7 +489,13 @@ fn elementwise(
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
     let summary = with_epilogue(graph, summary, group);
-    let workgroups = wgsl::grid(n.div_ceil(ELEMENTWISE_WG), max_wg, name)?;
+    // Elements per invocation: on a CPU driver a workgroup's setup costs about as much as a
+    // few thousand simple elements (lavapipe: a 128 x 512 ReLU took 0.5 ms in 256 workgroups).
+    let per = match target {
+        Target::Gpu => 1,
+        Target::Cpu => ELEMENTWISE_PER_CPU,
+    };
+    let workgroups = wgsl::grid(n.div_ceil(ELEMENTWISE_WG * per), max_wg, name)?;
     b.finish(
         template::ELEMENTWISE,
         name,
@@ -485,6 +504,7 @@ fn elementwise(
             ("N", n.to_string()),
             ("GRID_X", workgroups[0].to_string()),
             ("GRID_Y", workgroups[1].to_string()),
+            ("PER", per.to_string()),
             ("BODY", lines.join("\n")),
         ],
         workgroups,
@@ -1060,6 +1080,7 @@ fn reduce(
     axes: &[usize],
     name: &str,
     max_wg: u32,
+    target: Target,
 ) -> Result<Emitted> {
     let node = graph.node(n);
     let x_node = graph.inputs_of(n)[0];
@@ -1077,9 +1098,16 @@ fn reduce(
     }
     let rows = numel(&node.shape);
     let r = numel(&red);
+    // On a CPU target, sums over at most REDUCE_LANES_MAX terms take one invocation per
+    // output and no barriers (reduce_sum_lanes.wgsl).
+    let lanes = target == Target::Cpu
+        && kind.def().wgsl.template.name == template::REDUCE_SUM.name
+        && r <= REDUCE_LANES_MAX;
     let mut b = Builder::new(graph, &NO_TRANSPOSES);
     b.bind("x", x_node);
-    b.libs.insert(Lib::WorkgroupReduce);
+    if !lanes {
+        b.libs.insert(Lib::WorkgroupReduce);
+    }
     b.helpers.push(format!(
         "// Offset in `x` of the first element summed into output `row`.\n\
          fn row_base(row: u32) -> u32 {{\n    return {};\n}}",
@@ -1095,6 +1123,11 @@ fn reduce(
     // maximum of the negated terms, negated).
     let wgsl = &kind.def().wgsl;
     let (template, term, sign) = (wgsl.template, wgsl.term, wgsl.sign);
+    let (template, per_workgroup) = if lanes {
+        (REDUCE_SUM_LANES, 64)
+    } else {
+        (template, 1)
+    };
     if sign.is_some() {
         b.libs.insert(Lib::IsNan);
     }
@@ -1105,7 +1138,7 @@ fn reduce(
         if keepdims { " (keepdims)" } else { "" },
         shape_str(&node.shape)
     );
-    let workgroups = wgsl::grid(rows, max_wg, name)?;
+    let workgroups = wgsl::grid(rows.div_ceil(per_workgroup), max_wg, name)?;
     let mut values = vec![
         ("ROWS", rows.to_string()),
         ("R", r.to_string()),
