@@ -1,12 +1,12 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
 // Register-blocked matrix product: {{BATCH}} x ({{M}}x{{K}} @ {{K}}x{{N}}).
-// Each workgroup of WG_X x WG_Y invocations computes one TILE_M x TILE_N tile of one output matrix
-// (TILE_M = 4 WG_Y, TILE_N = 4 WG_X: 64x64 in general, 32x128 when M is thin), and each invocation
-// a 4x4 block of that tile (rows 4 * lid.y + 0..3, columns 4 * lid.x + 0..3), held in registers as
-// four vec4 rows. K is walked in 16-wide slabs that the workgroup stages in workgroup memory; for
-// each k of a slab an invocation reads one vec4 of A (its 4 rows) and one vec4 of B (its 4
-// columns) and adds their outer product to its block: 2 workgroup-memory reads per 16
+// Each workgroup of WG_X x WG_Y (256) invocations computes one TILE_M x TILE_N tile of one output
+// matrix, and each invocation a BLOCK x BLOCK block of it (BLOCK = 4 VB: 4x4 in 64x64 tiles, or
+// 32x128 / 128x32 ones for thin products; 8x8 in 128x128 tiles for huge products on a GPU), held
+// in registers as vec4 rows. K is walked in 16-wide slabs that the workgroup stages in workgroup
+// memory; for each k of a slab an invocation reads VB vec4s of A (its rows) and VB of B (its
+// columns) and adds their outer product to its block: 2 VB workgroup-memory reads per 16 VB²
 // multiply-adds, where the one-output-per-invocation kernel (matmul.wgsl) needs 2 per
 // multiply-add. M, K and N need not be multiples of the tile: loads outside the matrices read 0,
 // and outputs outside them are not stored. The epilogue turns each dot product `acc` into the
@@ -26,6 +26,12 @@ const GRID_Y: u32 = {{GRID_Y}}u;
 // K-extent of one staged slab.
 const TILE_M: u32 = {{TILE_M}}u;
 const TILE_N: u32 = {{TILE_N}}u;
+// Invocations per workgroup along columns and rows, vec4s of each per invocation, and the
+// block edge an invocation computes (4 VB).
+const WG_X: u32 = {{WG_X}}u;
+const WG_Y: u32 = {{WG_Y}}u;
+const VB: u32 = {{VB}}u;
+const BLOCK: u32 = 4u * VB;
 const QM: u32 = TILE_M / 4u;
 const QN: u32 = TILE_N / 4u;
 const SLAB: u32 = 16u;
@@ -68,8 +74,11 @@ fn main(
     let row0 = tile / TILES_N % TILES_M * TILE_M; // first row of the tile
     let col0 = tile % TILES_N * TILE_N; // first column of the tile
 
-    // sums[bi][bj]: the dot product of output (row0 + 4 * lid.y + bi, col0 + 4 * lid.x + bj).
-    var sums: array<vec4<f32>, 4>;
+    // sums[4 q + e][cb]: the dot products of output row row0 + 4 * (lid.y + WG_Y * q) + e,
+    // q < VB, with columns col0 + 4 * (lid.x + WG_X * cb) + 0..3, cb < VB: this invocation's
+    // 4 VB x 4 VB block, in VB x VB vec4 chunks a whole workgroup apart (so neighbouring
+    // invocations read neighbouring workgroup memory).
+    var sums: array<array<vec4<f32>, VB>, BLOCK>;
     for (var k0 = 0u; k0 < K; k0 = k0 + SLAB) {
         // Staging: the 256 invocations fill the slabs a vec4 at a time. Vec4 s of A's slab
         // (TILE_M rows x 16) is column s % 16, rows 4 * (s / 16) + 0..3; of B's (16 x TILE_N
@@ -96,27 +105,34 @@ fn main(
         }
         workgroupBarrier();
         for (var p = 0u; p < SLAB; p = p + 1u) {
-            // Outer product of this invocation's 4 rows of A and 4 columns of B at k0 + p.
-            let av = tile_a[p][lid.y];
-            let bv = tile_b[p][lid.x];
-            sums[0] = sums[0] + av.x * bv;
-            sums[1] = sums[1] + av.y * bv;
-            sums[2] = sums[2] + av.z * bv;
-            sums[3] = sums[3] + av.w * bv;
+            // Outer product of this invocation's 4 VB rows of A and 4 VB columns of B at k0 + p.
+            var bv: array<vec4<f32>, VB>;
+            for (var cb = 0u; cb < VB; cb = cb + 1u) {
+                bv[cb] = tile_b[p][lid.x + WG_X * cb];
+            }
+            for (var q = 0u; q < VB; q = q + 1u) {
+                let av = tile_a[p][lid.y + WG_Y * q];
+                for (var cb = 0u; cb < VB; cb = cb + 1u) {
+                    sums[4u * q][cb] = sums[4u * q][cb] + av.x * bv[cb];
+                    sums[4u * q + 1u][cb] = sums[4u * q + 1u][cb] + av.y * bv[cb];
+                    sums[4u * q + 2u][cb] = sums[4u * q + 2u][cb] + av.z * bv[cb];
+                    sums[4u * q + 3u][cb] = sums[4u * q + 3u][cb] + av.w * bv[cb];
+                }
+            }
         }
         workgroupBarrier();
     }
 
     // Each output element of the block goes through the epilogue on its own. (The loop counters
     // are not named r and c: `c` is Gemm's C binding.)
-    for (var bi = 0u; bi < 4u; bi = bi + 1u) {
-        let row = row0 + 4u * lid.y + bi;
-        for (var bj = 0u; bj < 4u; bj = bj + 1u) {
-            let col = col0 + 4u * lid.x + bj;
+    for (var bi = 0u; bi < BLOCK; bi = bi + 1u) {
+        let row = row0 + 4u * (lid.y + WG_Y * (bi / 4u)) + bi % 4u;
+        for (var bj = 0u; bj < BLOCK; bj = bj + 1u) {
+            let col = col0 + 4u * (lid.x + WG_X * (bj / 4u)) + bj % 4u;
             if row < M && col < N {
                 // Flat index of the output element, and its dot product.
                 let i = (batch * M + row) * N + col;
-                let acc = sums[bi][bj];
+                let acc = sums[bi][bj / 4u][bj % 4u];
 {{EPILOGUE}}
             }
         }

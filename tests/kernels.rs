@@ -528,6 +528,31 @@ fn gemm_blocked_transposes_alpha_beta_and_c() {
     );
 }
 
+/// The GPU target's 128 x 128 tiles of 8x8 blocks (outputs of at least 2048², one tile and a
+/// row and column over), plain and under Gemm's transposes with C, against the reference.
+#[test]
+fn matmul_wide_tiles() {
+    let mut c = Case::new("matmul_wide_tiles");
+    let a = c.input("a", &[2049, 24], -1.0, 1.0);
+    let b = c.constant("b", &[24, 2049], -1.0, 1.0);
+    c.out(Op::MatMul, &[a, b], "plain");
+    let bt = c.constant("bt", &[2049, 24], -1.0, 1.0);
+    let cc = c.constant("c", &[2049], -1.0, 1.0);
+    let gemm = Op::Gemm {
+        alpha: 0.5,
+        beta: -1.0,
+        trans_a: false,
+        trans_b: true,
+    };
+    c.out(gemm, &[a, bt, cc], "gemm_transb");
+    let plan = codegen::plan(&c.graph).unwrap();
+    assert!(plan
+        .kernels
+        .iter()
+        .all(|k| k.source.contains("const VB: u32 = 2u;")));
+    c.check();
+}
+
 /// Transposes read in place by the kernels that consume them (no kernel of their own): matmul
 /// operands A and B, 2-D and batched with broadcast batch dims, through permutations that move
 /// batch axes too (attention's [0, 2, 1, 3]), small and register-blocked shapes; Gemm operands
