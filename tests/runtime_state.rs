@@ -554,3 +554,31 @@ fn repeated_layers_share_pipelines() {
     .unwrap();
     close(&got["y"], &want["y"].data, "y");
 }
+
+/// The plan's buffer lifetimes (what `compile --emit plan` lists): an intermediate lives from its
+/// kernel to its last reader, a state's next value until the copy after the kernels, and inputs
+/// and constants are written by no kernel.
+#[test]
+fn plan_lists_buffer_lifetimes() {
+    let g = sgd_step();
+    let plan = codegen::plan_with(&g, &unfused()).unwrap();
+    let lifetimes = plan.lifetimes();
+    let index = |name: &str| plan.buffers.iter().position(|b| b.name == name).unwrap();
+    let kernel = |name: &str| {
+        (plan.kernels.iter())
+            .position(|k| k.name.contains(name))
+            .unwrap()
+    };
+    assert_eq!(lifetimes[index("p")], None);
+    assert_eq!(lifetimes[index("lr")], None);
+    assert_eq!(
+        lifetimes[index("lr_g")],
+        Some((kernel("lr_g"), kernel("p_next")))
+    );
+    assert_eq!(
+        lifetimes[index("p_next")],
+        Some((kernel("p_next"), usize::MAX))
+    );
+    let listing = plan.to_string();
+    assert!(listing.contains("-end"), "{listing}");
+}

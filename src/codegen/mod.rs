@@ -203,6 +203,28 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Per buffer, the index of the kernel that writes it and of the last kernel that reads it
+    /// (`usize::MAX` when a state copy reads it after the kernels); `None` for buffers no kernel
+    /// writes (inputs, constants). The span its memory must survive: the planner reuses an
+    /// intermediate's allocation only after it.
+    pub fn lifetimes(&self) -> Vec<Option<(usize, usize)>> {
+        let mut spans: Vec<Option<(usize, usize)>> = vec![None; self.buffers.len()];
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            spans[kernel.output].get_or_insert((k, k));
+            for &b in &kernel.inputs {
+                if let Some((_, end)) = &mut spans[b] {
+                    *end = (*end).max(k);
+                }
+            }
+        }
+        for c in &self.copies {
+            if let Some((_, end)) = &mut spans[c.from] {
+                *end = usize::MAX;
+            }
+        }
+        spans
+    }
+
     /// Bytes the values would take with a buffer each (no reuse).
     pub fn total_bytes(&self) -> u64 {
         self.buffers.iter().map(|b| b.bytes()).sum()
@@ -639,8 +661,20 @@ impl fmt::Display for Plan {
                 buf(k.output)
             )?;
         }
-        writeln!(f, "buffers:")?;
+        writeln!(
+            f,
+            "buffers (lifetime: from the kernel that writes it to the last that reads it):"
+        )?;
+        let lifetimes = self.lifetimes();
+        let last = self.kernels.len().saturating_sub(1);
         for (i, b) in self.buffers.iter().enumerate() {
+            let life = match (&b.role, lifetimes[i]) {
+                (BufferRole::Input(_) | BufferRole::Const(_), _) => "whole run".to_string(),
+                (BufferRole::Output(_), Some((first, _))) => format!("k{first:02}-end"),
+                (_, Some((first, end))) if end == usize::MAX => format!("k{first:02}-end"),
+                (_, Some((first, end))) => format!("k{first:02}-k{:02}", end.min(last)),
+                (_, None) => "never written".to_string(),
+            };
             let mut role = match &b.role {
                 BufferRole::Input(name) if self.is_state(name) => "state".to_string(),
                 BufferRole::Input(_) => "input".to_string(),
@@ -656,7 +690,7 @@ impl fmt::Display for Plan {
             }
             writeln!(
                 f,
-                "  b{i:<3} {:<24} {:<12} {:>10} bytes  {role}",
+                "  b{i:<3} {:<24} {:<12} {:>10} bytes  {life:<9}  {role}",
                 format!("'{}'", b.name),
                 shape_str(&b.shape),
                 b.bytes(),
