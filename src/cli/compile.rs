@@ -11,8 +11,8 @@ pub struct Args {
     /// The ONNX model.
     pub model: PathBuf,
     /// What to write: ir (the IR after each pass), dot (Graphviz of the compiled graph), wgsl
-    /// (one file per kernel), plan (kernels in order, buffers and their sizes, peak memory).
-    /// Repeatable.
+    /// (one file per kernel), plan (kernels in order, buffers with their sizes and lifetimes,
+    /// peak memory). Repeatable.
     #[arg(long, value_enum, default_values_t = vec![Emit::Plan])]
     pub emit: Vec<Emit>,
     /// Output folder.

@@ -875,7 +875,7 @@ mod tests {
         for needle in [
             "in 5 allocations, 208 bytes of values, 136 bytes allocated",
             "intermediate, in b3's memory",
-            "b0   'p'                      8                    32 bytes  state",
+            "b0   'p'                      8                    32 bytes  whole run  state",
             "state updates, after the kernels:\n  copy b1 'next' -> b0 'p' (32 bytes)",
             "total: 208 bytes\nallocated: 136 bytes",
         ] {
