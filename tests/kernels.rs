@@ -1830,3 +1830,25 @@ fn half_decoding_is_exact() {
         }
     }
 }
+
+/// Empty products plan and run on both targets (no workgroups, empty outputs): no tile size is
+/// derived from a zero dimension.
+#[test]
+fn empty_matmuls_plan_and_run() {
+    let mut g = Graph::new();
+    let x = g.add_input("x", vec![0, 5]);
+    let w = g.add_const("w", Tensor::f32(vec![5, 40], vec![0.5; 200]));
+    let y = g.add(Op::MatMul, &[x, w], "y", "y").unwrap();
+    g.outputs.push(("y".into(), y));
+    for target in [Target::Gpu, Target::Cpu] {
+        let options = PlanOptions {
+            target,
+            ..PlanOptions::default()
+        };
+        let plan = codegen::plan_with(&g, &options).unwrap();
+        assert_eq!(plan.kernels[0].workgroups, [0, 0, 0], "{target:?}");
+        let exe = Executable::new(gpu(), &plan, &g).unwrap();
+        let out = exe.run(&[("x".to_string(), vec![])].into()).unwrap();
+        assert!(out["y"].is_empty(), "{target:?}");
+    }
+}

@@ -970,8 +970,10 @@ fn matmul(
         ("K", k.to_string()),
         ("N", n.to_string()),
         ("BATCH", batch.to_string()),
-        ("TILES_M", tiles_m.to_string()),
-        ("TILES_N", tiles_n.to_string()),
+        // At least 1: the kernel divides by them, even when an empty output gives it no
+        // workgroups to run.
+        ("TILES_M", tiles_m.max(1).to_string()),
+        ("TILES_N", tiles_n.max(1).to_string()),
         ("GRID_X", workgroups[0].to_string()),
         ("GRID_Y", workgroups[1].to_string()),
         ("EPILOGUE", lines.join("\n")),
@@ -1055,7 +1057,7 @@ impl MatmulShape {
             };
             let lanes = n.div_ceil(4 * vecs).next_multiple_of(8).min(32);
             return MatmulShape::Columns {
-                rows: m.min(COLUMNS_ROWS),
+                rows: m.clamp(1, COLUMNS_ROWS),
                 vecs,
                 lanes,
             };
@@ -1228,7 +1230,7 @@ fn dora_norm(
     // Output features per workgroup and vec4s of input features per invocation: the shape of
     // the row-broadcast matmul (see MatmulShape::Columns), which keeps the accumulators in
     // registers on a CPU driver; one vec4 when a row is too short to fill two.
-    let rows = fout.min(COLUMNS_ROWS);
+    let rows = fout.clamp(1, COLUMNS_ROWS);
     let vecs = if fin > 4 * 64 { 2 } else { 1 };
     let workgroups = wgsl::grid(fout.div_ceil(rows), max_wg, name)?;
     b.finish(
