@@ -26,7 +26,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if live {
         let base = row_base(row);
         for (var t = lid; t < R; t = t + WG) {
-            let v = x[base + reduced_offset(t)];
+            let v = x_get(base + reduced_offset(t));
             let term = SIGN * ({{TERM}});
             if is_nan_f32(term) {
                 nan = 1.0;

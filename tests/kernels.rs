@@ -1852,3 +1852,70 @@ fn empty_matmuls_plan_and_run() {
         assert!(out["y"].is_empty(), "{target:?}");
     }
 }
+
+/// Element-wise nodes read only by a reduction are computed by it (no kernel, no buffer of
+/// their own): every reduction kind over a product, a difference with a broadcast operand, a
+/// ReLU, and a transpose read in place, on both targets. A node with a second reader keeps its
+/// kernel.
+#[test]
+fn reduce_prologues() {
+    let mut c = Case::new("reduce_prologues");
+    let a = c.input("a", &[6, 40], -1.0, 1.0);
+    let b = c.input("b", &[6, 40], -1.0, 1.0);
+    let row = c.input("row", &[40], -1.0, 1.0);
+    let reduce = |kind, axes: &[usize]| Op::Reduce {
+        kind,
+        axes: axes.to_vec(),
+        keepdims: false,
+    };
+    let mut prologues = vec![];
+    for (kind, axes, tag) in [
+        (Reduce::Sum, &[0][..], "sum"),
+        (Reduce::SumSquare, &[1][..], "sum_square"),
+        (Reduce::Max, &[0, 1][..], "max"),
+        (Reduce::Min, &[1][..], "min"),
+        (Reduce::Prod, &[0][..], "prod"),
+    ] {
+        let prod = c.op(bin(Binary::Mul), &[a, b], &format!("prod_{tag}"));
+        c.out(reduce(kind, axes), &[prod], &format!("{tag}_of_product"));
+        prologues.push(format!("prod_{tag}"));
+    }
+    let diff = c.op(bin(Binary::Sub), &[a, row], "diff");
+    c.out(
+        reduce(Reduce::SumSquare, &[1]),
+        &[diff],
+        "sum_square_of_difference",
+    );
+    let relu = c.op(un(unary::RELU), &[b], "relu");
+    c.out(reduce(Reduce::Sum, &[0]), &[relu], "sum_of_relu");
+    let bt = c.op(Op::Transpose { perm: vec![1, 0] }, &[b], "b_t");
+    let at = c.op(Op::Transpose { perm: vec![1, 0] }, &[a], "a_t");
+    let tprod = c.op(bin(Binary::Mul), &[at, bt], "transposed_product");
+    c.out(
+        reduce(Reduce::Sum, &[1]),
+        &[tprod],
+        "sum_of_transposed_product",
+    );
+    prologues.extend(["diff", "relu", "transposed_product"].map(String::from));
+    // Read twice: computed once by a kernel of its own.
+    let shared = c.op(bin(Binary::Add), &[a, b], "shared");
+    c.out(reduce(Reduce::Sum, &[0]), &[shared], "sum_of_shared");
+    c.out(un(unary::EXP), &[shared], "exp_of_shared");
+
+    for target in [Target::Gpu, Target::Cpu] {
+        let options = PlanOptions {
+            target,
+            ..PlanOptions::default()
+        };
+        let plan = codegen::plan_with(&c.graph, &options).unwrap();
+        let has_buffer = |name: &str| plan.buffers.iter().any(|b| b.name == name);
+        for p in &prologues {
+            assert!(
+                !has_buffer(p),
+                "{target:?}: '{p}' should be computed by its reduction"
+            );
+        }
+        assert!(has_buffer("shared"), "{target:?}");
+    }
+    c.check();
+}

@@ -24,6 +24,11 @@
 //!   alone joins too (with its own side operands, recursively). Its value is computed in the
 //!   same invocation, so AdamW's `beta1 * m + (1 - beta1) * g` is one kernel, not three.
 //!
+//! **Reduction prologues** ([`is_reduce_prologue`]): an element-wise node that would start a
+//! kernel of its own (no kernel claimed it as an epilogue) and whose one live reader is a
+//! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.
+//! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
+//!
 //! Nothing a group reads can depend on a value inside it (each inner value has one reader, in
 //! the group), so running the whole group where its last node is scheduled keeps the order
 //! topological, whenever its other inputs were computed. The groups satisfy the contract of
@@ -47,6 +52,8 @@ pub struct Fusion {
     pub groups: Vec<Vec<NodeId>>,
     /// Transposes that no kernel computes: their readers index the source (see the module docs).
     pub operand_transposes: BTreeSet<NodeId>,
+    /// Element-wise nodes that their one reader, a reduction, computes as it loads them.
+    pub reduce_prologues: BTreeSet<NodeId>,
 }
 
 impl From<Vec<Vec<NodeId>>> for Fusion {
@@ -55,6 +62,7 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
         Fusion {
             groups,
             operand_transposes: BTreeSet::new(),
+            reduce_prologues: BTreeSet::new(),
         }
     }
 }
@@ -83,6 +91,7 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
     ctx.taken.extend(operand_transposes.iter().copied());
     let needs_kernel = |n: NodeId| live.contains(&n) && has_kernel(&graph.node(n).op);
     let mut groups = vec![];
+    let mut reduce_prologues = BTreeSet::new();
     for elementwise_pass in [false, true] {
         for &anchor in &order {
             if !needs_kernel(anchor)
@@ -92,6 +101,10 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
                 continue;
             }
             ctx.taken.insert(anchor);
+            if fuse && elementwise_pass && is_reduce_prologue(graph, anchor, &live, &ctx.kept) {
+                reduce_prologues.insert(anchor);
+                continue;
+            }
             let mut group = vec![anchor];
             if fuse && takes_epilogue(&graph.node(anchor).op) {
                 ctx.grow(&mut group);
@@ -102,7 +115,30 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
     Ok(Fusion {
         groups,
         operand_transposes,
+        reduce_prologues,
     })
+}
+
+/// True when `n` can be computed by the reduction that reads it (module docs): an element-wise
+/// node of at most [`MAX_BINDINGS`] - 2 inputs (the reduction binds them and its output),
+/// neither kept nor an index map, whose only live reader is a reduction (its one input).
+pub fn is_reduce_prologue(
+    graph: &Graph,
+    n: NodeId,
+    live: &BTreeSet<NodeId>,
+    kept: &HashSet<NodeId>,
+) -> bool {
+    let op = &graph.node(n).op;
+    let readers: Vec<NodeId> = graph
+        .consumers(n)
+        .into_iter()
+        .filter(|c| live.contains(c))
+        .collect();
+    is_elementwise(op)
+        && has_kernel(op)
+        && !kept.contains(&n)
+        && graph.inputs_of(n).len() <= MAX_BINDINGS - 2
+        && matches!(readers.as_slice(), [r] if matches!(graph.node(*r).op, Op::Reduce { .. }))
 }
 
 /// The transposes whose readers can all index their source in place (see

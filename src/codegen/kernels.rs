@@ -249,6 +249,7 @@ pub(crate) fn emit(
     max_workgroups: u32,
     target: Target,
     half: &BTreeMap<NodeId, Half>,
+    prologues: &BTreeSet<NodeId>,
 ) -> Result<Emitted> {
     let anchor = group[0];
     let node = graph.node(anchor);
@@ -266,7 +267,19 @@ pub(crate) fn emit(
             matmul(graph, group, transposed, name, max_workgroups, target, half)
         }
         Op::Reduce { kind, axes, .. } => {
-            reduce(graph, anchor, *kind, axes, name, max_workgroups, target)
+            let prologue = prologues.contains(&graph.inputs_of(anchor)[0]);
+            let transposes = transposed;
+            reduce(
+                graph,
+                anchor,
+                *kind,
+                axes,
+                name,
+                max_workgroups,
+                target,
+                prologue,
+                transposes,
+            )
         }
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
@@ -1109,6 +1122,8 @@ fn reduce(
     name: &str,
     max_wg: u32,
     target: Target,
+    prologue: bool,
+    transposed: &BTreeSet<NodeId>,
 ) -> Result<Emitted> {
     let node = graph.node(n);
     let x_node = graph.inputs_of(n)[0];
@@ -1131,8 +1146,33 @@ fn reduce(
     let lanes = target == Target::Cpu
         && kind.def().wgsl.template.name == template::REDUCE_SUM.name
         && r <= REDUCE_LANES_MAX;
-    let mut b = Builder::new(graph, &NO_TRANSPOSES);
-    b.bind("x", x_node);
+    let mut b = Builder::new(graph, transposed);
+    // The terms' values: x's elements, or (a prologue) the element-wise op that computes them,
+    // from its own inputs at the same index.
+    let x_get = if prologue {
+        let x = graph.node(x_node);
+        let mut lines = vec![];
+        let mut args = vec![];
+        for (slot, &input) in graph.inputs_of(x_node).iter().enumerate() {
+            let (line, value) = b.load(&format!("p{slot}"), input, &x_shape, "    ");
+            lines.push(line);
+            args.push(value);
+        }
+        let expr = elementwise_expr(&x.op, x.dtype, &args, &mut b.libs)?;
+        format!(
+            "// Element i of '{}' ({} {}), computed here from its inputs.\n\
+             fn x_get(i: u32) -> f32 {{\n{}\n    return {expr};\n}}",
+            wgsl::comment_safe(&x.label),
+            x.op.name(),
+            shape_str(&x_shape),
+            lines.join("\n")
+        )
+    } else {
+        b.bind("x", x_node);
+        "// Element i of the reduced tensor.\nfn x_get(i: u32) -> f32 {\n    return x[i];\n}"
+            .to_string()
+    };
+    b.helpers.push(x_get);
     if !lanes {
         b.libs.insert(Lib::WorkgroupReduce);
     }

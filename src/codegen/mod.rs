@@ -284,11 +284,12 @@ pub fn plan_grouped(
     let Fusion {
         groups,
         operand_transposes: transposed,
+        reduce_prologues: prologues,
     } = fusion.into();
     let order = schedule::order(graph)?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
-    let groups = check_groups(graph, groups, &transposed, &live, &position)?;
+    let groups = check_groups(graph, groups, &transposed, &prologues, &live, &position)?;
     let half = storage::half_stored(graph, &transposed, &live);
 
     let mut plan = Plan::default();
@@ -298,7 +299,11 @@ pub fn plan_grouped(
         .flat_map(|g| g[..g.len() - 1].iter().copied())
         .collect();
     for &n in &order {
-        if !live.contains(&n) || in_group.contains(&n) || transposed.contains(&n) {
+        if !live.contains(&n)
+            || in_group.contains(&n)
+            || transposed.contains(&n)
+            || prologues.contains(&n)
+        {
             continue;
         }
         let node = graph.node(n);
@@ -352,6 +357,7 @@ pub fn plan_grouped(
             options.max_workgroups_per_dim,
             options.target,
             &half,
+            &prologues,
         )?;
         validate(&name, &emitted.source)?;
         let last = *group.last().expect("groups are not empty");
@@ -513,6 +519,7 @@ fn check_groups(
     graph: &Graph,
     mut groups: Vec<Vec<NodeId>>,
     transposed: &BTreeSet<NodeId>,
+    prologues: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
 ) -> Result<Vec<Vec<NodeId>>> {
@@ -530,6 +537,7 @@ fn check_groups(
             if !graph.contains(n)
                 || !(has_kernel(&graph.node(n).op) || passed_view)
                 || transposed.contains(&n)
+                || prologues.contains(&n)
             {
                 return bad(format!("node {} needs no kernel", n.index()));
             }
@@ -556,10 +564,23 @@ fn check_groups(
             ));
         }
     }
-    if let Some(&n) = live
-        .iter()
-        .find(|&&n| has_kernel(&graph.node(n).op) && !seen.contains(&n) && !transposed.contains(&n))
-    {
+    let kept: HashSet<NodeId> = (outputs.iter().copied())
+        .chain(graph.updates.iter().map(|&(_, next)| next))
+        .collect();
+    for &p in prologues {
+        if !graph.contains(p) || !fusion::is_reduce_prologue(graph, p, live, &kept) {
+            return bad(format!(
+                "node {} cannot be computed by the reduction that reads it",
+                p.index()
+            ));
+        }
+    }
+    if let Some(&n) = live.iter().find(|&&n| {
+        has_kernel(&graph.node(n).op)
+            && !seen.contains(&n)
+            && !transposed.contains(&n)
+            && !prologues.contains(&n)
+    }) {
         return bad(format!("node '{}' is in no group", graph.node(n).label));
     }
     groups.sort_by_key(|g| position[g.last().unwrap()]);
