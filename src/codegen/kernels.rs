@@ -236,21 +236,24 @@ fn tidy(source: &str) -> String {
     out
 }
 
+/// What the planner decided for the whole graph that an emitter may need.
+pub(crate) struct Decisions<'p> {
+    /// Transposes the kernels read in place (see `fusion`): a matmul or element-wise kernel
+    /// that reads one binds its source.
+    pub transposed: &'p BTreeSet<NodeId>,
+    /// Element-wise nodes computed by the reduction that reads them (see `fusion`).
+    pub prologues: &'p BTreeSet<NodeId>,
+    /// Constants stored in half precision (see `storage`).
+    pub half: &'p BTreeMap<NodeId, Half>,
+    /// The per-dimension dispatch limit the grid must respect.
+    pub max_workgroups: u32,
+    pub target: Target,
+}
+
 /// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
-/// `max_workgroups` is the per-dimension dispatch limit the grid must respect.
-///
-/// `transposed` are the transposes the kernels read in place (see `fusion`): a matmul or
-/// element-wise kernel that reads one binds its source.
-pub(crate) fn emit(
-    graph: &Graph,
-    group: &[NodeId],
-    transposed: &BTreeSet<NodeId>,
-    name: &str,
-    max_workgroups: u32,
-    target: Target,
-    half: &BTreeMap<NodeId, Half>,
-    prologues: &BTreeSet<NodeId>,
-) -> Result<Emitted> {
+pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<Emitted> {
+    let (transposed, max_workgroups, target, half) =
+        (d.transposed, d.max_workgroups, d.target, d.half);
     let anchor = group[0];
     let node = graph.node(anchor);
     if group.len() > 1 && !takes_epilogue(&node.op) {
@@ -266,21 +269,7 @@ pub(crate) fn emit(
         Op::MatMul | Op::Gemm { .. } => {
             matmul(graph, group, transposed, name, max_workgroups, target, half)
         }
-        Op::Reduce { kind, axes, .. } => {
-            let prologue = prologues.contains(&graph.inputs_of(anchor)[0]);
-            let transposes = transposed;
-            reduce(
-                graph,
-                anchor,
-                *kind,
-                axes,
-                name,
-                max_workgroups,
-                target,
-                prologue,
-                transposes,
-            )
-        }
+        Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, d),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
@@ -1120,13 +1109,12 @@ fn reduce(
     kind: Reduce,
     axes: &[usize],
     name: &str,
-    max_wg: u32,
-    target: Target,
-    prologue: bool,
-    transposed: &BTreeSet<NodeId>,
+    d: &Decisions,
 ) -> Result<Emitted> {
+    let (max_wg, target, transposed) = (d.max_workgroups, d.target, d.transposed);
     let node = graph.node(n);
     let x_node = graph.inputs_of(n)[0];
+    let prologue = d.prologues.contains(&x_node);
     let x_shape = graph.shape(x_node).to_vec();
     let x_strides = strides(&x_shape);
     let (mut kept, mut kept_muls, mut red, mut red_muls) = (vec![], vec![], vec![], vec![]);

@@ -347,18 +347,16 @@ pub fn plan_grouped(
             .push((graph.node(n).name.clone(), plan.node_buffers[&n]));
     }
 
+    let decisions = kernels::Decisions {
+        transposed: &transposed,
+        prologues: &prologues,
+        half: &half,
+        max_workgroups: options.max_workgroups_per_dim,
+        target: options.target,
+    };
     for (index, group) in groups.into_iter().enumerate() {
         let name = kernel_name(graph, index, &group);
-        let emitted = kernels::emit(
-            graph,
-            &group,
-            &transposed,
-            &name,
-            options.max_workgroups_per_dim,
-            options.target,
-            &half,
-            &prologues,
-        )?;
+        let emitted = kernels::emit(graph, &group, &name, &decisions)?;
         validate(&name, &emitted.source)?;
         let last = *group.last().expect("groups are not empty");
         plan.kernels.push(Kernel {
