@@ -416,8 +416,8 @@ impl Executable {
     /// Seconds one pass of the kernels takes on the device, without uploads or read-backs: the
     /// whole dispatch list recorded `repeats` times into one submission, waited for, divided by
     /// `repeats`. The benches' view of kernel throughput on a real GPU, where the transfers of a
-    /// `run` would hide it. A GPU may overlap the repeats of a kernel too small to fill it, so
-    /// small kernels can read faster than they run in a step. Like the profile, the kernels recompute from the buffers as the last
+    /// `run` would hide it. (On Vulkan, wgpu separates the repeats with barriers: each writes
+    /// the same buffers.) Like the profile, the kernels recompute from the buffers as the last
     /// step left them (state is not updated), so call it after a step.
     pub fn time_kernels(&self, repeats: usize) -> Result<f64> {
         let repeats = repeats.max(1);
