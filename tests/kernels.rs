@@ -1717,7 +1717,8 @@ fn mlp_runs() {
 }
 
 /// Weights stored in half precision (`Graph::half_consts`): f16 and bf16 B operands (plain,
-/// Gemm transB, a transpose read in place), an f16 A operand, DoRA's norm's W, against the
+/// Gemm transB, a transpose read in place), an f16 A operand, DoRA's norm's W, a bf16 embedding
+/// table read by a Gather, against the
 /// reference on both targets (values already rounded, so both executors see the same numbers).
 /// A half constant that an element-wise op also reads stays f32, and an odd element count packs
 /// into whole words.
@@ -1765,6 +1766,11 @@ fn half_stored_weights() {
         weight_out_in: true,
     });
     c.out(op, &[wn, a, b], "dora_norm_f16");
+    // An embedding table (odd width: rows straddle words), bf16, ids in range and out of it.
+    let table = half(&mut c, "table_bf16", &[37, 13], Half::Bf16);
+    let v = ints(&mut c, 12, -40, 39);
+    let ids = typed_input(&mut c, "ids", &[3, 4], v, DType::I64);
+    c.out(Op::Gather { axis: 0 }, &[table, ids], "embedding_bf16");
 
     let plan = codegen::plan(&c.graph).unwrap();
     let stored = |name: &str| {
@@ -1781,6 +1787,7 @@ fn half_stored_weights() {
     );
     assert_eq!(stored("shared"), (None, 48 * 48 * 4));
     assert_eq!(stored("wn"), (Some(Half::F16), 21 * 600 * 2));
+    assert_eq!(stored("table_bf16"), (Some(Half::Bf16), 37 * 13 * 2 + 2));
     c.check();
 }
 

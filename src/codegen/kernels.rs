@@ -263,9 +263,7 @@ pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -
         )));
     }
     match &node.op {
-        op if is_elementwise(op) || is_index_map(op) => {
-            elementwise(graph, group, transposed, name, max_workgroups, target)
-        }
+        op if is_elementwise(op) || is_index_map(op) => elementwise(graph, group, name, d),
         Op::MatMul | Op::Gemm { .. } => {
             matmul(graph, group, transposed, name, max_workgroups, target, half)
         }
@@ -430,14 +428,8 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
     Ok((lines, format!("v{}", group.len() - 1)))
 }
 
-fn elementwise(
-    graph: &Graph,
-    group: &[NodeId],
-    transposed: &BTreeSet<NodeId>,
-    name: &str,
-    max_wg: u32,
-    target: Target,
-) -> Result<Emitted> {
+fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<Emitted> {
+    let (transposed, max_wg, target) = (d.transposed, d.max_workgroups, d.target);
     let anchor = group[0];
     let node = graph.node(anchor);
     let out_shape = node.shape.clone();
@@ -465,7 +457,7 @@ fn elementwise(
             ));
         }
         op if is_index_map(op) => {
-            summary = index_map(&mut b, anchor, &mut lines, indent)?;
+            summary = index_map(&mut b, anchor, &mut lines, indent, d.half)?;
         }
         op => {
             let names: &[&str] = match (op, ins.len()) {
@@ -523,7 +515,13 @@ fn elementwise(
 
 /// The loads of an index-mapping anchor (Slice, Concat, the gathers, Trilu): statements over
 /// flat output index `i` that end with its value in `v0`. Returns the kernel summary.
-fn index_map(b: &mut Builder, n: NodeId, lines: &mut Vec<String>, indent: &str) -> Result<String> {
+fn index_map(
+    b: &mut Builder,
+    n: NodeId,
+    lines: &mut Vec<String>,
+    indent: &str,
+    half: &BTreeMap<NodeId, Half>,
+) -> Result<String> {
     let graph = b.graph;
     let node = graph.node(n);
     let out = node.shape.clone();
@@ -658,7 +656,8 @@ fn index_map(b: &mut Builder, n: NodeId, lines: &mut Vec<String>, indent: &str) 
                 push(format!("let v0 = 0.0; {comment} (nothing to gather from)"));
                 return Ok(summary);
             }
-            let x = b.bind("data", ins[0]);
+            // An embedding table may be stored in half precision (`storage`).
+            let (x, x_half) = b.bind_stored("data", ins[0], half);
             let ids = b.bind("ids", ins[1]);
             b.libs.insert(Lib::GatherPosition);
             // Output dims: outer (data's before axis), the ids', inner (data's after axis).
@@ -671,7 +670,8 @@ fn index_map(b: &mut Builder, n: NodeId, lines: &mut Vec<String>, indent: &str) 
             ));
             let at = offset_expr(&base, "u32(max(p, 0))", inner);
             push(format!(
-                "let v0 = select(0.0, {x}[{at}], p >= 0); {comment}"
+                "let v0 = select(0.0, {}, p >= 0); {comment}",
+                storage::half_load(&x, &at, x_half)
             ));
             summary
         }

@@ -1,8 +1,9 @@
 //! Which constants live on the device in half precision (`Graph::half_consts`): those whose
 //! every reader decodes 16-bit values as it loads them. The readers that do are the ones that
-//! read weights: a MatMul's or Gemm's A or B (also through a transpose read in place) and
-//! `dora_norm_sq`'s W. A constant read by anything else (an element-wise op, a Gather, Gemm's C)
-//! or fetched as a graph output stays f32, so every other kernel keeps reading `array<f32>`.
+//! read weights: a MatMul's or Gemm's A or B (also through a transpose read in place),
+//! `dora_norm_sq`'s W and a Gather's table (embeddings). A constant read by anything else (an
+//! element-wise op, Gemm's C) or fetched as a graph output stays f32, so every other kernel
+//! keeps reading `array<f32>`.
 //!
 //! A half buffer is an `array<u32>` of packed pairs, element `k` in the low (even `k`) or high
 //! half of word `k / 2`; [`half_load`] renders the decoding load (`shaders/lib/half.wgsl`).
@@ -50,7 +51,7 @@ fn decodes(
         .collect();
     match &graph.node(reader).op {
         Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
-        Op::DoraNormSq(_) => slots == [0],
+        Op::DoraNormSq(_) | Op::Gather { .. } => slots == [0],
         Op::Transpose { .. } if transposed.contains(&reader) => graph
             .consumers(reader)
             .into_iter()

@@ -22,7 +22,8 @@ pub struct HalfReport {
 }
 
 /// Rounds every f32 constant of at least [`HALF_MIN_ELEMENTS`] elements that is read only as a
-/// weight (a MatMul's or Gemm's A or B, directly or through a transpose, or DoRA's norm's W) to
+/// weight (a MatMul's or Gemm's A or B, directly or through a transpose, DoRA's norm's W, or a
+/// Gather's table) to
 /// `format` and marks it half-stored. The values are changed in place (node ids, and with them
 /// adapter records and state, stay valid): the reference executor then reads exactly what the
 /// device decodes.
@@ -77,7 +78,7 @@ fn read_as_weight(graph: &Graph, n: NodeId) -> bool {
                 .collect();
             match &graph.node(r).op {
                 Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
-                Op::DoraNormSq(_) => slots == [0],
+                Op::DoraNormSq(_) | Op::Gather { .. } => slots == [0],
                 Op::Transpose { .. } => graph.consumers(r).iter().all(|&c| {
                     matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
                         && graph.inputs_of(c).iter().position(|&i| i == r) < Some(2)
