@@ -357,6 +357,15 @@ fn integer_pow_is_exact() {
 
 // ---------------------------------------------------------------- matmul and gemm
 
+/// One MatMul output per `(A shape, B shape, name)`: A an input, B a constant (a weight).
+fn matmuls(c: &mut Case, cases: &[(&[usize], &[usize], &str)]) {
+    for &(sa, sb, name) in cases {
+        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
+        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
+        c.out(Op::MatMul, &[a, b], name);
+    }
+}
+
 #[test]
 fn matmul_shapes() {
     let mut c = Case::new("matmul_shapes");
@@ -373,11 +382,7 @@ fn matmul_shapes() {
         (&[3, 5, 7], &[7], "vector_b"),
         (&[40], &[40], "dot"),
     ];
-    for (sa, sb, name) in cases {
-        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
-        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
-        c.out(Op::MatMul, &[a, b], name);
-    }
+    matmuls(&mut c, &cases);
     c.check();
 }
 
@@ -455,11 +460,7 @@ fn matmul_blocked_shapes() {
         (&[129], &[3, 129, 64], "vector_a"),
         (&[2, 100, 72], &[72], "vector_b"),
     ];
-    for (sa, sb, name) in cases {
-        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
-        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
-        c.out(Op::MatMul, &[a, b], name);
-    }
+    matmuls(&mut c, &cases);
     c.check();
 }
 
@@ -487,11 +488,7 @@ fn matmul_columns_shapes() {
         (&[129], &[2, 129, 64], "vector_a"),
         (&[300, 300], &[300, 600], "many_tiles"),
     ];
-    for (sa, sb, name) in cases {
-        let a = c.input(&format!("a_{name}"), sa, -1.0, 1.0);
-        let b = c.constant(&format!("b_{name}"), sb, -1.0, 1.0);
-        c.out(Op::MatMul, &[a, b], name);
-    }
+    matmuls(&mut c, &cases);
     // A Linear layer as PyTorch exports it (W [out, in], transB) with bias and ReLU fused.
     let x = c.input("x", &[13, 48], -1.0, 1.0);
     let w = c.constant("w", &[96, 48], -1.0, 1.0);

@@ -1,6 +1,6 @@
 //! Which constants live on the device in half precision (`Graph::half_consts`): those whose
-//! every reader decodes 16-bit values as it loads them. The readers that do are the ones that
-//! read weights: a MatMul's or Gemm's A or B (also through a transpose read in place),
+//! every reader decodes 16-bit values as it loads them (`passes::half::read_only_as_weight`,
+//! the rule `--storage` rounds by too). The readers that do are the ones that read weights: a MatMul's or Gemm's A or B (also through a transpose read in place),
 //! `dora_norm_sq`'s W and a Gather's table (embeddings). A constant read by anything else (an
 //! element-wise op, Gemm's C) or fetched as a graph output stays f32, so every other kernel
 //! keeps reading `array<f32>`.
@@ -9,6 +9,7 @@
 //! half of word `k / 2`; [`half_load`] renders the decoding load (`shaders/lib/half.wgsl`).
 
 use crate::ir::{Graph, Half, NodeId, Op};
+use crate::passes::half::read_only_as_weight;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The constants stored in half precision, with their format.
@@ -17,51 +18,16 @@ pub(crate) fn half_stored(
     transposed: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
 ) -> BTreeMap<NodeId, Half> {
+    let is_reader = |c: NodeId| live.contains(&c);
+    let in_place = |t: NodeId| transposed.contains(&t);
     graph
         .half_consts
         .iter()
         .filter(|&(&n, _)| graph.contains(n) && live.contains(&n))
         .filter(|&(&n, _)| matches!(graph.node(n).op, Op::Const(_)))
-        .filter(|&(&n, _)| !graph.outputs.iter().any(|o| o.1 == n))
-        .filter(|&(&n, _)| {
-            let readers: Vec<NodeId> = graph
-                .consumers(n)
-                .into_iter()
-                .filter(|c| live.contains(c))
-                .collect();
-            readers
-                .iter()
-                .all(|&r| decodes(graph, r, n, transposed, live))
-        })
+        .filter(|&(&n, _)| read_only_as_weight(graph, n, &is_reader, &in_place))
         .map(|(&n, &h)| (n, h))
         .collect()
-}
-
-/// Whether `reader` reads `value` only through slots that decode half precision.
-fn decodes(
-    graph: &Graph,
-    reader: NodeId,
-    value: NodeId,
-    transposed: &BTreeSet<NodeId>,
-    live: &BTreeSet<NodeId>,
-) -> bool {
-    let slots: Vec<usize> = (graph.inputs_of(reader).iter().enumerate())
-        .filter(|&(_, &i)| i == value)
-        .map(|(s, _)| s)
-        .collect();
-    match &graph.node(reader).op {
-        Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
-        Op::DoraNormSq(_) | Op::Gather { .. } => slots == [0],
-        Op::Transpose { .. } if transposed.contains(&reader) => graph
-            .consumers(reader)
-            .into_iter()
-            .filter(|c| live.contains(c))
-            .all(|c| {
-                matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
-                    && decodes(graph, c, reader, transposed, live)
-            }),
-        _ => false,
-    }
 }
 
 /// The WGSL expression loading element `index` (a u32 expression) of `binding` stored as

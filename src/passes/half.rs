@@ -37,7 +37,10 @@ pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
         let Some(values) = t.as_f32() else {
             continue;
         };
-        if values.len() < HALF_MIN_ELEMENTS || !read_as_weight(graph, n) {
+        // Before fusion, any transpose may turn out to be read in place: `decodes` still
+        // requires its readers to be matmul operands.
+        if values.len() < HALF_MIN_ELEMENTS || !read_only_as_weight(graph, n, &|_| true, &|_| true)
+        {
             continue;
         }
         let scale = values.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
@@ -66,26 +69,55 @@ pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
     report
 }
 
-/// Whether every reader of `n` reads it as a weight (the slots `codegen::storage` decodes).
-fn read_as_weight(graph: &Graph, n: NodeId) -> bool {
-    let readers = graph.consumers(n);
+/// Whether every reader of `n` reads it as a weight, in a slot that decodes half precision: a
+/// MatMul's or Gemm's A or B, DoRA's norm's W, a Gather's table, or a transpose that
+/// `in_place` says its readers index in place and that only such matmul slots read. Readers are
+/// the consumers `is_reader` accepts (the planner: the live ones). A graph output or a constant
+/// nothing reads is not a weight. The one rule for `store_half` and for the planner
+/// (`codegen::storage`), which passes its own `is_reader` and `in_place`.
+pub fn read_only_as_weight(
+    graph: &Graph,
+    n: NodeId,
+    is_reader: &dyn Fn(NodeId) -> bool,
+    in_place: &dyn Fn(NodeId) -> bool,
+) -> bool {
+    let readers: Vec<NodeId> = graph
+        .consumers(n)
+        .into_iter()
+        .filter(|&c| is_reader(c))
+        .collect();
     !readers.is_empty()
         && !graph.outputs.iter().any(|o| o.1 == n)
-        && readers.iter().all(|&r| {
-            let slots: Vec<usize> = (graph.inputs_of(r).iter().enumerate())
-                .filter(|&(_, &i)| i == n)
-                .map(|(s, _)| s)
-                .collect();
-            match &graph.node(r).op {
-                Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
-                Op::DoraNormSq(_) | Op::Gather { .. } => slots == [0],
-                Op::Transpose { .. } => graph.consumers(r).iter().all(|&c| {
-                    matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
-                        && graph.inputs_of(c).iter().position(|&i| i == r) < Some(2)
-                }),
-                _ => false,
-            }
-        })
+        && readers
+            .iter()
+            .all(|&r| decodes(graph, r, n, is_reader, in_place))
+}
+
+/// Whether `reader` reads `value` only through slots that decode half precision.
+fn decodes(
+    graph: &Graph,
+    reader: NodeId,
+    value: NodeId,
+    is_reader: &dyn Fn(NodeId) -> bool,
+    in_place: &dyn Fn(NodeId) -> bool,
+) -> bool {
+    let slots: Vec<usize> = (graph.inputs_of(reader).iter().enumerate())
+        .filter(|&(_, &i)| i == value)
+        .map(|(s, _)| s)
+        .collect();
+    match &graph.node(reader).op {
+        Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
+        Op::DoraNormSq(_) | Op::Gather { .. } => slots == [0],
+        Op::Transpose { .. } if in_place(reader) => graph
+            .consumers(reader)
+            .into_iter()
+            .filter(|&c| is_reader(c))
+            .all(|c| {
+                matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
+                    && decodes(graph, c, reader, is_reader, in_place)
+            }),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -780,7 +780,14 @@ fn write_mapped(
         return Ok(());
     }
     if let Some(h) = half {
-        let values = tensor.to_f32();
+        let owned;
+        let values: &[f32] = match tensor.as_f32() {
+            Some(v) => v,
+            None => {
+                owned = tensor.to_f32();
+                &owned
+            }
+        };
         let words: Vec<u32> = values
             .chunks(2)
             .map(|p| h.bits(p[0]) as u32 | (p.get(1).map_or(0, |&x| h.bits(x)) as u32) << 16)
