@@ -9,6 +9,7 @@
 //! `dorac` command.
 
 pub mod adapter;
+pub mod analysis;
 pub mod cli;
 pub mod codegen;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod ir;
 pub mod onnx;
 pub mod ops;
 pub mod passes;
+pub mod plot;
 pub mod reference;
 pub mod runtime;
 pub mod tensor;

@@ -97,11 +97,11 @@ pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, St
                 .collect(),
             Dtype::F16 => data
                 .chunks_exact(2)
-                .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
             Dtype::BF16 => data
                 .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
             Dtype::I64 => data
                 .chunks_exact(8)
@@ -206,26 +206,4 @@ pub fn expect_shape(what: &str, name: &str, got: &[usize], want: &[usize]) -> Re
         )));
     }
     Ok(())
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match exp {
-        0 if frac == 0 => sign,
-        0 => {
-            // Subnormal: renormalise.
-            let mut e = 127 - 15 + 1;
-            let mut f = frac;
-            while f & 0x400 == 0 {
-                f <<= 1;
-                e -= 1;
-            }
-            sign | (e << 23) | ((f & 0x3ff) << 13)
-        }
-        0x1f => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
 }

@@ -18,9 +18,12 @@ use crate::passes::{
 };
 use crate::tensor::{shape_str, Array, Tensor};
 use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+mod config;
+
+pub use config::{ConfigFile, TargetModules};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -84,58 +87,34 @@ fn pattern_lookup<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T>
 pub fn load(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Input(format!("{}: invalid JSON ({e})", cfg_path.display())))?;
-    let bad = |what: &str| Error::Input(format!("{}: {what}", cfg_path.display()));
-    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-        if t != "LORA" {
-            return Err(bad(&format!(
-                "peft_type is {t}; dorac reads LORA adapters (with or without use_dora)"
-            )));
-        }
+    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| {
+        Error::Input(format!(
+            "{}: not a PEFT adapter config ({e})",
+            cfg_path.display()
+        ))
+    })?;
+    if file.peft_type != "LORA" {
+        return Err(Error::Input(format!(
+            "{}: peft_type is {}; dorac reads LORA adapters (with or without use_dora)",
+            cfg_path.display(),
+            file.peft_type
+        )));
     }
-    let r = v
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("missing integer 'r'"))? as usize;
-    let lora_alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-    let target_modules = match v.get("target_modules") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(String::from))
-            .collect(),
-        Some(Value::String(s)) => vec![s.clone()],
-        _ => vec![],
-    };
-    let obj_map = |key: &str| -> BTreeMap<String, f64> {
-        v.get(key)
-            .and_then(Value::as_object)
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-        // PEFT's A and B keep [r, in] / [out, r] either way; only the base weight is transposed,
-        // and dorac reads the base weight's orientation from the ONNX graph.
-    }
+    // fan_in_fan_out: PEFT's A and B keep [r, in] / [out, r] either way; only the base weight is
+    // transposed, and dorac reads the base weight's orientation from the ONNX graph.
     let config = PeftConfig {
-        r,
-        lora_alpha,
-        use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
-        use_rslora: v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        target_modules,
-        lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        rank_pattern: obj_map("rank_pattern")
-            .into_iter()
-            .map(|(k, f)| (k, f as usize))
-            .collect(),
-        alpha_pattern: obj_map("alpha_pattern"),
+        r: file.r,
+        lora_alpha: file.lora_alpha,
+        use_dora: file.use_dora,
+        use_rslora: file.use_rslora,
+        target_modules: file
+            .target_modules
+            .as_ref()
+            .map(TargetModules::patterns)
+            .unwrap_or_default(),
+        lora_dropout: file.lora_dropout,
+        rank_pattern: file.rank_pattern.clone(),
+        alpha_pattern: file.alpha_pattern.clone(),
     };
 
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -414,8 +393,12 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
         .ok_or_else(|| Error::Input("the model has no adapters to save".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = BTreeMap::new();
-    let mut rank_pattern = serde_json::Map::new();
-    let mut alpha_pattern = serde_json::Map::new();
+    let mut config = ConfigFile::new(
+        first.rank,
+        first.alpha,
+        first.method == Method::Dora,
+        first.rslora,
+    );
     for a in &graph.adapters {
         // A Conv's tensors go out in PEFT's Conv shapes (see the module docs).
         let conv = graph.conv_filters.get(&a.weight);
@@ -452,34 +435,17 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
             );
         }
         if a.rank != first.rank {
-            rank_pattern.insert(a.module.clone(), json!(a.rank));
+            config.rank_pattern.insert(a.module.clone(), a.rank);
         }
         if a.alpha != first.alpha {
-            alpha_pattern.insert(a.module.clone(), json!(a.alpha));
+            config.alpha_pattern.insert(a.module.clone(), a.alpha);
         }
     }
     let mut targets: Vec<&str> = graph.adapters.iter().map(|a| a.module.as_str()).collect();
     targets.sort();
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": null,
-        "base_model_name_or_path": null,
-        "r": first.rank,
-        "lora_alpha": first.alpha,
-        "lora_dropout": 0.0,
-        "use_dora": first.method == Method::Dora,
-        "use_rslora": first.rslora,
-        "target_modules": targets,
-        "fan_in_fan_out": false,
-        "bias": "none",
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "modules_to_save": null,
-        "layers_to_transform": null,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "revision": null,
-    });
+    config.target_modules = Some(TargetModules::List(
+        targets.into_iter().map(String::from).collect(),
+    ));
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())

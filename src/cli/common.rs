@@ -37,11 +37,47 @@ pub fn load_graph_with_values(
     })
 }
 
-/// Applies a PEFT adapter folder to a graph (inserting or replacing adapters).
+/// Applies what a training run saved in `dir` to a graph: a PEFT adapter folder (inserting or
+/// replacing adapters), or a full fine-tuning run's `trained_weights.safetensors` (replacing
+/// the weights it names).
 pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
+    let weights = dir.join(crate::train::checkpoint::FULL_WEIGHTS_FILE);
+    if !dir.join(crate::adapter::CONFIG_FILE).exists() && weights.exists() {
+        return crate::train::checkpoint::load_trained_weights(graph, &weights);
+    }
     let adapter = crate::adapter::load(dir)?;
     crate::adapter::apply(graph, &adapter)?;
     Ok(())
+}
+
+/// Imports the model with dim 0 of every input set to the batch size.
+pub fn load_rebatched(path: &Path, shapes: &[String], batch: usize) -> Result<Graph> {
+    let mut model = crate::onnx::load_model(path)?;
+    crate::onnx::set_batch_dim(&mut model, batch);
+    let pins = crate::onnx::ShapePins::parse(shapes)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    crate::onnx::import(&model, dir, &pins, &HashMap::new())
+}
+
+/// The GPU, or `None` for the reference executor: when asked (`--reference`), or when no
+/// adapter exists and no backend was asked for (with a note saying so). `doing` completes
+/// "no GPU adapter found; ... on the CPU reference executor".
+pub fn open_gpu(
+    backend: Option<&str>,
+    reference: bool,
+    doing: &str,
+) -> Result<Option<crate::runtime::Gpu>> {
+    if reference {
+        return Ok(None);
+    }
+    match crate::runtime::Gpu::new(backend) {
+        Ok(g) => Ok(Some(g)),
+        Err(e) if backend.is_none() && crate::runtime::is_no_adapter(&e) => {
+            eprintln!("note: no GPU adapter found; {doing} on the CPU reference executor (slow). Install a Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers).");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes the rendered ONNX of `graph` to `out`, atomically (with external data when the

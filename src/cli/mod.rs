@@ -1,9 +1,11 @@
 //! The `dorac` command line. Each subcommand lives in its own file and only strings together
 //! library calls: load, rewrite, compile, run, write.
 
+mod analyze;
 mod common;
 mod compile;
 mod demo;
+mod eval;
 mod generate;
 mod merge;
 mod rewrite;
@@ -44,6 +46,10 @@ pub enum Command {
     Merge(merge::Args),
     /// Train adapters: forward, loss, backward and AdamW compiled into one GPU step.
     Train(Box<train::Args>),
+    /// Evaluate a model (with an adapter, or merged) on a data set: loss and accuracy.
+    Eval(eval::Args),
+    /// The DoRA paper's weight analysis: magnitude and direction change per layer per checkpoint.
+    Analyze(analyze::Args),
     /// Show what dorac makes of a model: the IR, the generated WGSL, the execution plan.
     Compile(compile::Args),
     /// Rewrite, run, merge and compare on a bundled model, end to end.
@@ -59,6 +65,8 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Run(a) => run::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Eval(a) => eval::run(a),
+        Command::Analyze(a) => analyze::run(a),
         Command::Compile(a) => compile::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Generate(a) => generate::run(a),

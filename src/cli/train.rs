@@ -1,18 +1,17 @@
 //! `dorac train`: compile a training step for the GPU and run it over a data set.
 
-use super::common::{apply_adapter, AdapterArgs};
+use super::common::{apply_adapter, load_rebatched, open_gpu, AdapterArgs};
 use crate::error::{Error, Result};
 use crate::passes::insert_adapters;
-use crate::runtime::{is_no_adapter, Gpu};
 use crate::train::checkpoint;
 use crate::train::data::{self, Expected};
+use crate::train::eval::Evaluator;
 use crate::train::report::{write_loss_png, MetricsLog, Progress, StepRecord};
 use crate::train::{
     build_for_device, AdamW, BuildOptions, LossKind, Schedule, Session, TrainMethod,
 };
 use serde_json::json;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -86,6 +85,17 @@ pub struct Args {
     /// Save a checkpoint every K steps (always at the end).
     #[arg(long, value_name = "K")]
     pub save_every: Option<usize>,
+    /// How many of the newest checkpoints to keep (0: all of them, as `dorac analyze` wants).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    /// Evaluate on this data set (same tensor names as --data) every --eval-every steps and
+    /// after the last: loss, and accuracy for classification and lm losses (as `dorac eval`
+    /// defines them), in the progress line, metrics.jsonl and loss.png.
+    #[arg(long, value_name = "DATA.safetensors")]
+    pub eval_data: Option<PathBuf>,
+    /// Steps between evaluations [default: one epoch].
+    #[arg(long, value_name = "N", requires = "eval_data")]
+    pub eval_every: Option<usize>,
     /// Output folder: the adapter (PEFT format), checkpoints, metrics.jsonl, loss.png
     /// [default: <model stem>-<method>].
     #[arg(short, long, value_name = "ADAPTER_DIR")]
@@ -186,14 +196,10 @@ pub fn run(args: Args) -> Result<()> {
             ignore_index: args.ignore_index,
         },
     };
-    let labels = args.labels.clone().unwrap_or_else(|| {
-        if loss == LossKind::Mse {
-            "target"
-        } else {
-            "labels"
-        }
-        .into()
-    });
+    let labels = args
+        .labels
+        .clone()
+        .unwrap_or_else(|| super::eval::default_labels(loss).into());
     let (beta1, beta2) = parse_betas(&args.betas)?;
     let optimizer = AdamW {
         lr: args.lr,
@@ -224,38 +230,8 @@ pub fn run(args: Args) -> Result<()> {
         .batch_size
         .unwrap_or(data::count_examples(&raw).clamp(1, 8));
     let mut graph = load_rebatched(&args.model, &args.shapes, batch_size)?;
-    let output_node = match &args.output {
-        Some(name) => graph.outputs.iter().find(|o| &o.0 == name).map(|o| o.1),
-        None => graph.outputs.first().map(|o| o.1),
-    }
-    .ok_or_else(|| {
-        Error::Input(format!(
-            "--output {}: the model's outputs are {}",
-            args.output.as_deref().unwrap_or(""),
-            graph
-                .outputs
-                .iter()
-                .map(|o| o.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
-    let out_shape = graph.shape(output_node).to_vec();
-    let expected = Expected {
-        inputs: graph
-            .inputs
-            .iter()
-            .map(|&i| {
-                let node = graph.node(i);
-                let integer = node.dtype != crate::tensor::DType::F32;
-                (node.name.clone(), graph.shape(i)[1..].to_vec(), integer)
-            })
-            .collect(),
-        labels: &labels,
-        label_shape: loss.label_shape(&out_shape)[1..].to_vec(),
-        loss,
-        classes: loss.classes(&out_shape),
-    };
+    let output_node = find_output(&graph, args.output.as_deref(), "--output")?;
+    let expected = Expected::for_model(&graph, output_node, &labels, loss);
     let dataset = data::from_tensors(&args.data, raw, &expected)?;
     let per_epoch = dataset.batches_per_epoch(batch_size)?;
     let total = match (args.steps, args.epochs) {
@@ -288,18 +264,7 @@ pub fn run(args: Args) -> Result<()> {
         expose_grads: false,
         full_targets: (!args.adapter_args.targets.is_empty()).then(|| args.adapter_args.patterns()),
     };
-    let gpu = if args.reference {
-        None
-    } else {
-        match Gpu::new(args.backend.as_deref()) {
-            Ok(g) => Some(g),
-            Err(e) if args.backend.is_none() && is_no_adapter(&e) => {
-                eprintln!("note: no GPU adapter found; training on the CPU reference executor (slow). Install a Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers).");
-                None
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let gpu = open_gpu(args.backend.as_deref(), args.reference, "training")?;
     // Trainable tensors over the device's binding limit are trained in chunks.
     let limit = gpu
         .as_ref()
@@ -313,7 +278,31 @@ pub fn run(args: Args) -> Result<()> {
         .as_ref()
         .map(|g| g.describe())
         .unwrap_or_else(|| "CPU reference executor".into());
+    let param_names: Vec<String> = program
+        .params
+        .iter()
+        .map(|p| p.part_of.as_ref().map_or(&p.name, |w| &w.0).clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut session = Session::new(program, gpu.as_ref())?;
+    // Evaluation: the same model with the trained tensors as inputs, set before each run.
+    let mut eval = match &args.eval_data {
+        None => None,
+        Some(path) => {
+            let dataset = data::load(path, &expected)?;
+            let evaluator = Evaluator::new(
+                graph.clone(),
+                args.output.as_deref(),
+                loss,
+                &labels,
+                &param_names,
+                gpu.as_ref(),
+            )?;
+            Some((evaluator, dataset))
+        }
+    };
+    let eval_every = args.eval_every.unwrap_or(per_epoch).max(1);
 
     let config = json!({
         "model": args.model.display().to_string(), "data": args.data.display().to_string(),
@@ -359,7 +348,7 @@ pub fn run(args: Args) -> Result<()> {
     let save = |graph: &mut crate::ir::Graph, session: &Session| -> Result<PathBuf> {
         checkpoint::sync_params(graph, session)?;
         let rec = checkpoint::trainer_record(session.steps_taken()?, total, args.seed, &config);
-        checkpoint::save(&out, graph, session, &rec)
+        checkpoint::save(&out, graph, session, &rec, args.keep_checkpoints)
     };
     for step in start..total {
         let (epoch, b) = (step / per_epoch, step % per_epoch);
@@ -382,6 +371,16 @@ pub fn run(args: Args) -> Result<()> {
                 step + 1
             )));
         }
+        let done = step + 1;
+        let mut evaluated = None;
+        if let Some((evaluator, eval_data)) = &mut eval {
+            if done % eval_every == 0 || done == total {
+                evaluator.set_params(&session.params()?)?;
+                let m = evaluator.evaluate(eval_data)?;
+                progress.println(&format!("step {done}: {}", super::eval::describe(&m, loss)));
+                evaluated = Some(m);
+            }
+        }
         let rec = StepRecord {
             step,
             epoch,
@@ -389,10 +388,11 @@ pub fn run(args: Args) -> Result<()> {
             lr,
             grad_norm: metrics.grad_norm,
             elapsed_s: clock.elapsed().as_secs_f64(),
+            eval_loss: evaluated.as_ref().map(|m| m.loss),
+            eval_accuracy: evaluated.as_ref().and_then(|m| m.accuracy),
         };
         progress.update(&rec);
         log.push(rec)?;
-        let done = step + 1;
         if args.save_every.is_some_and(|k| k > 0 && done % k == 0) && done < total {
             log.flush()?;
             save(&mut graph, &session)?;
@@ -423,11 +423,26 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Imports the model with dim 0 of every input set to the batch size.
-fn load_rebatched(path: &Path, shapes: &[String], batch: usize) -> Result<crate::ir::Graph> {
-    let mut model = crate::onnx::load_model(path)?;
-    crate::onnx::set_batch_dim(&mut model, batch);
-    let pins = crate::onnx::ShapePins::parse(shapes)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    crate::onnx::import(&model, dir, &pins, &HashMap::new())
+/// The model output named `name` (by `flag`), or the first output.
+pub fn find_output(
+    graph: &crate::ir::Graph,
+    name: Option<&str>,
+    flag: &str,
+) -> Result<crate::ir::NodeId> {
+    match name {
+        Some(name) => graph.outputs.iter().find(|o| o.0 == name).map(|o| o.1),
+        None => graph.outputs.first().map(|o| o.1),
+    }
+    .ok_or_else(|| {
+        Error::Input(format!(
+            "{flag} {}: the model's outputs are {}",
+            name.unwrap_or(""),
+            graph
+                .outputs
+                .iter()
+                .map(|o| o.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
 }

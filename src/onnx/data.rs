@@ -257,31 +257,12 @@ fn from_typed_fields(elem: Elem, t: &TensorProto, n: usize) -> std::result::Resu
     })
 }
 
-/// IEEE half to single precision (exact).
 fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let mant = (h & 0x3ff) as u32;
-    let bits = match (exp, mant) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: shift the mantissa up until its leading one is the implicit bit.
-            let mut e: u32 = 127 - 15 + 1;
-            let mut m = mant;
-            while m & 0x400 == 0 {
-                m <<= 1;
-                e -= 1;
-            }
-            sign | (e << 23) | ((m & 0x3ff) << 13)
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (mant << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (mant << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_bits(h).to_f32()
 }
 
 fn bf16_to_f32(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
+    half::bf16::from_bits(h).to_f32()
 }
 
 /// Memory-maps an external-data tensor's file; returns the mapping and the tensor's offset.

@@ -25,6 +25,6 @@ pub use dora_norm::fuse_dora_norms;
 pub use fold::fold_constants;
 pub use half::{store_half, HalfReport};
 pub use linear::{find_linear_layers, matches_target, resolve_module, LinearLayer, ModuleMatch};
-pub use merge::merge_adapters;
+pub use merge::{effective_weight, in_out_weight, merge_adapters};
 pub use split::split_large_constants;
 pub use transpose::simplify_transposes;

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 pub const STATE_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer_state.json";
 pub const FULL_WEIGHTS_FILE: &str = "trained_weights.safetensors";
-const KEEP: usize = 2;
 
 /// Writes the current parameters into `graph`'s constants (so adapter export sees them).
 pub fn sync_params(graph: &mut Graph, session: &Session) -> Result<()> {
@@ -49,8 +48,43 @@ pub fn write_weights(graph: &Graph, session: &Session, dir: &Path) -> Result<()>
     crate::adapter::save(graph, dir)
 }
 
-/// Saves `checkpoint-<step>` under `out` and prunes all but the newest few.
-pub fn save(out: &Path, graph: &Graph, session: &Session, trainer: &Value) -> Result<PathBuf> {
+/// Replaces the weights a full fine-tuning run saved (`trained_weights.safetensors`, tensors
+/// named after the model's initializers) in `graph`, checking each name and shape.
+pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<()> {
+    for (name, a) in read_safetensors(path)? {
+        let id = graph.find_by_name(&name).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: '{name}' is not a weight of this model",
+                path.display()
+            ))
+        })?;
+        let old = graph.const_tensor(id).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: '{name}' is not a constant of this model",
+                path.display()
+            ))
+        })?;
+        if old.shape != a.shape {
+            return Err(Error::Input(format!(
+                "{}: '{name}' has shape {}, the model's has {}",
+                path.display(),
+                crate::tensor::shape_str(&a.shape),
+                crate::tensor::shape_str(&old.shape)
+            )));
+        }
+        graph.node_mut(id).op = Op::Const(a.to_tensor_f32());
+    }
+    Ok(())
+}
+
+/// Saves `checkpoint-<step>` under `out` and prunes all but the newest `keep` (0 keeps all).
+pub fn save(
+    out: &Path,
+    graph: &Graph,
+    session: &Session,
+    trainer: &Value,
+    keep: usize,
+) -> Result<PathBuf> {
     let step = session.steps_taken()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let final_dir = out.join(format!("checkpoint-{step}"));
@@ -84,7 +118,7 @@ pub fn save(out: &Path, graph: &Graph, session: &Session, trainer: &Value) -> Re
     }
     let mut all = list(out)?;
     all.sort();
-    while all.len() > KEEP {
+    while keep > 0 && all.len() > keep {
         let (_, old) = all.remove(0);
         let _ = std::fs::remove_dir_all(old);
     }

@@ -28,6 +28,34 @@ pub struct Expected<'a> {
     pub classes: Option<usize>,
 }
 
+impl<'a> Expected<'a> {
+    /// What a model batched along dim 0 needs: each graph input's per-example shape, and labels
+    /// for `loss` on the output `output`.
+    pub fn for_model(
+        graph: &crate::ir::Graph,
+        output: crate::ir::NodeId,
+        labels: &'a str,
+        loss: LossKind,
+    ) -> Expected<'a> {
+        let out_shape = graph.shape(output).to_vec();
+        Expected {
+            inputs: graph
+                .inputs
+                .iter()
+                .map(|&i| {
+                    let node = graph.node(i);
+                    let integer = node.dtype != crate::tensor::DType::F32;
+                    (node.name.clone(), graph.shape(i)[1..].to_vec(), integer)
+                })
+                .collect(),
+            labels,
+            label_shape: loss.label_shape(&out_shape)[1..].to_vec(),
+            loss,
+            classes: loss.classes(&out_shape),
+        }
+    }
+}
+
 /// Loads `path` and checks names, shapes, dtypes and label ranges, naming the tensor at fault.
 pub fn load(path: &Path, want: &Expected) -> Result<Dataset> {
     from_tensors(path, read_safetensors_typed(path)?, want)

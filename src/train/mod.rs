@@ -5,11 +5,13 @@
 //!   [`optimizer`], gradients by [`crate::passes::autodiff`]).
 //! - [`session`]: runs steps on the GPU (or the reference executor), reads parameters back.
 //! - [`data`]: the data set, batches and their order.
+//! - [`eval`]: loss and accuracy over a data set, with the current parameters.
 //! - [`checkpoint`]: PEFT adapter plus optimizer state, written atomically; resume.
 //! - [`report`]: progress bar, metrics log, loss-curve PNG.
 
 pub mod checkpoint;
 pub mod data;
+pub mod eval;
 pub mod loss;
 pub mod optimizer;
 pub mod program;
