@@ -154,6 +154,78 @@ pub fn analyze_run(base: &Graph, run: &Path) -> Result<Vec<LayerChange>> {
     Ok(out)
 }
 
+/// What a training run reached, for the comparison table: its method, size and final
+/// evaluation (from `metrics.jsonl`), and its typical step time.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub run: String,
+    pub method: String,
+    /// Elements of the trained tensors (adapter tensors, or the fully trained weights).
+    pub trainable: usize,
+    pub steps: usize,
+    /// The last evaluation of the run (`--eval-data`), if any.
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    /// The median time between consecutive logged steps, in milliseconds (steps that also
+    /// evaluated or saved a checkpoint are outliers the median ignores).
+    pub step_ms: Option<f64>,
+}
+
+/// Summarises a run folder (see [`RunSummary`]); `method` as its checkpoints say.
+pub fn summarize_run(run: &Path, method: &str) -> Result<RunSummary> {
+    let records = crate::train::report::read_log(run)?;
+    let mut checkpoints = checkpoint::list(run)?;
+    checkpoints.sort();
+    let last = checkpoints
+        .last()
+        .map(|c| c.1.clone())
+        .unwrap_or_else(|| run.to_path_buf());
+    let tensors = if last.join(FULL_WEIGHTS_FILE).exists() {
+        last.join(FULL_WEIGHTS_FILE)
+    } else {
+        last.join(crate::adapter::WEIGHTS_FILE)
+    };
+    let trainable = crate::tensors_io::read_safetensors(&tensors)?
+        .values()
+        .map(|a| a.data.len())
+        .sum();
+    let evaluated = records.iter().rev().find(|r| r.eval_loss.is_some());
+    let mut gaps: Vec<f64> = records
+        .windows(2)
+        .filter(|w| w[1].step == w[0].step + 1)
+        .map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3)
+        .filter(|g| g.is_finite())
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    Ok(RunSummary {
+        run: run
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        method: method.to_string(),
+        trainable,
+        steps: records.len(),
+        eval_loss: evaluated.and_then(|r| r.eval_loss),
+        eval_accuracy: evaluated.and_then(|r| r.eval_accuracy),
+        step_ms: gaps.get(gaps.len() / 2).copied(),
+    })
+}
+
+/// Mean and sample standard deviation (0 for one value); `None` for none.
+pub fn mean_sd(values: &[f64]) -> Option<(f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    Some((mean, var.sqrt()))
+}
+
 /// A least-squares line `y = intercept + slope x` and Pearson's correlation of the points.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Fit {

@@ -2,7 +2,7 @@
 //! [`crate::analysis`]): a CSV and JSON of ΔM and ΔD per layer per checkpoint, and the scatter.
 
 use super::common::load_rebatched;
-use crate::analysis::{analyze_run, fit, Fit, LayerChange};
+use crate::analysis::{analyze_run, fit, mean_sd, summarize_run, Fit, LayerChange, RunSummary};
 use crate::error::{Error, Result};
 use crate::plot::{scatter, Scatter, ScatterPoint};
 use crate::tensors_io::write_atomic;
@@ -47,8 +47,13 @@ pub fn run(args: Args) -> Result<()> {
     // Only the weights matter: any batch size will do.
     let base = load_rebatched(&args.model, &args.shapes, 1)?;
     let mut changes: Vec<LayerChange> = vec![];
+    let mut summaries: Vec<RunSummary> = vec![];
     for run in &args.runs {
-        changes.extend(analyze_run(&base, run)?);
+        let found = analyze_run(&base, run)?;
+        if let Some(first) = found.first() {
+            summaries.push(summarize_run(run, &first.method)?);
+        }
+        changes.extend(found);
     }
     if changes.is_empty() {
         return Err(Error::Input("no adapted layers in the given runs".into()));
@@ -95,6 +100,7 @@ pub fn run(args: Args) -> Result<()> {
             "delta_d": "mean over output columns j of 1 - cos(Wt[:, j], W0[:, j])",
             "fit": "least squares delta_m = intercept + slope * delta_d over every point of the method; correlation is Pearson's r",
         },
+        "runs": summaries,
         "changes": changes,
         "fits": fit_json,
     });
@@ -136,6 +142,8 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
 
+    print_runs(&methods, &summaries);
+    println!();
     println!(
         "{} points ({} runs, {} layers)",
         changes.len(),
@@ -152,9 +160,54 @@ pub fn run(args: Args) -> Result<()> {
             None => println!("{m:<6}  (too few points to fit)"),
         }
     }
+    println!("per layer (slope, correlation):");
+    for m in &methods {
+        let mut line = format!("  {m:<6}");
+        for l in &layers {
+            let pts: Vec<(f64, f64)> = changes
+                .iter()
+                .filter(|c| &c.method == m && &c.layer == l)
+                .map(|c| (c.delta_d, c.delta_m))
+                .collect();
+            match fit(&pts) {
+                Some(f) => line += &format!("  {l} {:.3} ({:.2})", f.slope, f.correlation),
+                None => line += &format!("  {l} -"),
+            }
+        }
+        println!("{line}");
+    }
     println!(
         "wrote {}/analysis.csv, analysis.json, analysis.png",
         args.output.display()
     );
     Ok(())
+}
+
+/// The comparison table: per method, its runs' mean and spread of the final evaluation.
+fn print_runs(methods: &[String], runs: &[RunSummary]) {
+    let pm = |v: Option<(f64, f64)>, scale: f64, digits: usize| match v {
+        Some((m, sd)) => format!("{:.*} ± {:.*}", digits, m * scale, digits, sd * scale),
+        None => "-".into(),
+    };
+    println!(
+        "{:<7}{:>5}{:>11}  {:<19}{:<19}{:>9}",
+        "method", "runs", "trainable", "eval accuracy (%)", "eval loss", "step ms"
+    );
+    for m in methods {
+        let of: Vec<&RunSummary> = runs.iter().filter(|r| &r.method == m).collect();
+        let values = |f: &dyn Fn(&RunSummary) -> Option<f64>| -> Vec<f64> {
+            of.iter().filter_map(|r| f(r)).collect()
+        };
+        let trainable = of.first().map_or(0, |r| r.trainable);
+        let step = mean_sd(&values(&|r| r.step_ms)).map_or("-".into(), |(m, _)| format!("{m:.1}"));
+        println!(
+            "{:<7}{:>5}{:>11}  {:<19}{:<19}{:>9}",
+            m,
+            of.len(),
+            trainable,
+            pm(mean_sd(&values(&|r| r.eval_accuracy)), 100.0, 2),
+            pm(mean_sd(&values(&|r| r.eval_loss)), 1.0, 4),
+            step
+        );
+    }
 }

@@ -50,9 +50,33 @@ pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Imports the model with dim 0 of every input set to the batch size: `batch`, or when that is
+/// `None` the batch the model was exported with if it is fixed, else `default`. Returns the
+/// graph and the batch size.
+pub fn load_batched(
+    path: &Path,
+    shapes: &[String],
+    batch: Option<usize>,
+    default: usize,
+) -> Result<(Graph, usize)> {
+    let model = crate::onnx::load_model(path)?;
+    let batch = batch
+        .or_else(|| crate::onnx::fixed_batch_dim(&model))
+        .unwrap_or(default);
+    Ok((rebatch(model, path, shapes, batch)?, batch))
+}
+
 /// Imports the model with dim 0 of every input set to the batch size.
 pub fn load_rebatched(path: &Path, shapes: &[String], batch: usize) -> Result<Graph> {
-    let mut model = crate::onnx::load_model(path)?;
+    rebatch(crate::onnx::load_model(path)?, path, shapes, batch)
+}
+
+fn rebatch(
+    mut model: crate::onnx::proto::ModelProto,
+    path: &Path,
+    shapes: &[String],
+    batch: usize,
+) -> Result<Graph> {
     crate::onnx::set_batch_dim(&mut model, batch);
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -1,7 +1,7 @@
 //! `dorac eval`: a model's loss and accuracy on a data set, with a saved adapter (or a full
 //! fine-tuning run's weights) applied, or a merged model as it is.
 
-use super::common::{apply_adapter, load_rebatched, open_gpu};
+use super::common::{apply_adapter, load_batched, open_gpu};
 use super::train::LossArg;
 use crate::error::{Error, Result};
 use crate::train::data::{self, Expected};
@@ -35,7 +35,8 @@ pub struct Args {
     /// Class index that does not count (cross-entropy and lm).
     #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
     pub ignore_index: i64,
-    /// Examples per forward pass [default: min(32, examples)]; the result does not depend on it.
+    /// Examples per forward pass [default: the batch the model was exported with if fixed, else
+    /// min(32, examples)]; the result does not depend on it.
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Pin a symbolic dim (`seq=64`). The batch dim follows --batch-size.
@@ -75,12 +76,15 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_labels(loss).into());
     let raw = crate::tensors_io::read_safetensors_typed(&args.data)?;
-    let batch = match args.batch_size {
-        Some(0) => return Err(Error::Input("--batch-size must be at least 1".into())),
-        Some(b) => b,
-        None => data::count_examples(&raw).clamp(1, 32),
-    };
-    let mut graph = load_rebatched(&args.model, &args.shapes, batch)?;
+    if args.batch_size == Some(0) {
+        return Err(Error::Input("--batch-size must be at least 1".into()));
+    }
+    let (mut graph, _) = load_batched(
+        &args.model,
+        &args.shapes,
+        args.batch_size,
+        data::count_examples(&raw).clamp(1, 32),
+    )?;
     if let Some(dir) = &args.adapter {
         apply_adapter(&mut graph, dir)?;
     }

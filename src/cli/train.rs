@@ -1,6 +1,6 @@
 //! `dorac train`: compile a training step for the GPU and run it over a data set.
 
-use super::common::{apply_adapter, load_rebatched, open_gpu, AdapterArgs};
+use super::common::{apply_adapter, load_batched, open_gpu, AdapterArgs};
 use crate::error::{Error, Result};
 use crate::passes::insert_adapters;
 use crate::train::checkpoint;
@@ -41,7 +41,8 @@ pub struct Args {
     /// Passes over the data set (the last partial batch of each is dropped).
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Examples per step [default: min(8, examples)].
+    /// Examples per step [default: the batch the model was exported with if fixed, else
+    /// min(8, examples)].
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate.
@@ -226,10 +227,12 @@ pub fn run(args: Args) -> Result<()> {
 
     // The data decides the batch size; the model is re-batched to it.
     let raw = crate::tensors_io::read_safetensors_typed(&args.data)?;
-    let batch_size = args
-        .batch_size
-        .unwrap_or(data::count_examples(&raw).clamp(1, 8));
-    let mut graph = load_rebatched(&args.model, &args.shapes, batch_size)?;
+    let (mut graph, batch_size) = load_batched(
+        &args.model,
+        &args.shapes,
+        args.batch_size,
+        data::count_examples(&raw).clamp(1, 8),
+    )?;
     let output_node = find_output(&graph, args.output.as_deref(), "--output")?;
     let expected = Expected::for_model(&graph, output_node, &labels, loss);
     let dataset = data::from_tensors(&args.data, raw, &expected)?;

@@ -336,6 +336,44 @@ pub fn parse_shape_arg(arg: &str) -> Result<(String, Vec<usize>)> {
 
 /// Sets dim 0 of every graph input (initializers excluded) to `batch`. Training re-batches a
 /// model exported with a fixed batch size: dim 0 is the batch, whatever the export baked in.
+/// The batch size a model was exported with: dim 0 of its data inputs when every one of them
+/// has the same fixed value there (exports that bake the batch into Reshape shapes need it).
+pub fn fixed_batch_dim(model: &proto::ModelProto) -> Option<usize> {
+    use proto::tensor_shape_proto::dimension::Value as Dim;
+    use proto::type_proto::Value as Type;
+    let graph = model.graph.as_ref()?;
+    let inits: std::collections::HashSet<&str> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    let mut found = None;
+    for vi in &graph.input {
+        if vi.name.as_deref().is_some_and(|n| inits.contains(n)) {
+            continue;
+        }
+        let dim0 = vi
+            .r#type
+            .as_ref()
+            .and_then(|t| t.value.as_ref())
+            .and_then(|v| match v {
+                Type::TensorType(t) => t.shape.as_ref(),
+                _ => None,
+            })
+            .and_then(|s| s.dim.first())
+            .and_then(|d| d.value.as_ref());
+        let n = match dim0 {
+            Some(Dim::DimValue(n)) if *n > 0 => *n as usize,
+            _ => return None,
+        };
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
 pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
     use proto::tensor_shape_proto::dimension::Value as Dim;
     use proto::type_proto::Value as Type;

@@ -125,6 +125,17 @@ fn serialize_log(records: &[StepRecord]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Reads the metrics log of a run folder (`dir/metrics.jsonl`) without changing it; an empty
+/// list when there is none.
+pub fn read_log(dir: &Path) -> Result<Vec<StepRecord>> {
+    let path = dir.join(METRICS_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_log(&path, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
 /// Parses a metrics log. A last line without its newline was being written when the run died:
 /// it is kept if it parses (only the newline was lost) and dropped otherwise.
 fn parse_log(path: &Path, bytes: &[u8]) -> Result<Vec<StepRecord>> {

@@ -10,7 +10,7 @@ mod metrics;
 mod progress;
 mod record;
 
-pub use metrics::{MetricsLog, METRICS_FILE};
+pub use metrics::{read_log, MetricsLog, METRICS_FILE};
 pub use progress::{format_eval, format_loss, Progress};
 pub use record::StepRecord;
 
