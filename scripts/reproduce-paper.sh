@@ -10,12 +10,12 @@
 # draws the magnitude / direction scatter of the paper's Figure 2.
 #
 # Usage: scripts/reproduce-paper.sh [OUT_DIR]     (default: reproduce-paper/)
-# Environment: SEEDS (default "0 1 2"), STEPS (640), LR (5e-3), RANK (4), DORAC (a dorac binary;
+# Environment: SEEDS (default "0 1 2 3 4"), STEPS (640), LR (5e-3), RANK (4), DORAC (a dorac binary;
 # default: build this checkout with cargo --release).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-reproduce-paper}"
-seeds="${SEEDS:-0 1 2}"
+seeds="${SEEDS:-0 1 2 3 4}"
 steps="${STEPS:-640}"
 lr="${LR:-5e-3}"
 rank="${RANK:-4}"

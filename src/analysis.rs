@@ -58,12 +58,17 @@ pub fn column_changes(w0: &[f64], wt: &[f64], fin: usize, fout: usize) -> (f64, 
     (dm / k, dd / k)
 }
 
-/// What a checkpoint folder holds: the method and the changed layers `(module, [in, out]
-/// weight after, before, in, out)`.
-fn checkpoint_weights(
-    base: &Graph,
-    dir: &Path,
-) -> Result<(String, Vec<(String, Vec<f64>, Vec<f64>, usize, usize)>)> {
+/// One trained layer of a checkpoint: its weight before and after, as `[fin, fout]` matrices.
+struct TrainedLayer {
+    module: String,
+    after: Vec<f64>,
+    before: Vec<f64>,
+    fin: usize,
+    fout: usize,
+}
+
+/// What a checkpoint folder holds: the method and its trained layers.
+fn checkpoint_weights(base: &Graph, dir: &Path) -> Result<(String, Vec<TrainedLayer>)> {
     let before = |g: &Graph, weight, kind: &crate::ir::LinearKind, fin, fout| {
         let w = g
             .const_tensor(weight)
@@ -86,7 +91,13 @@ fn checkpoint_weights(
             let (fin, fout) = (l.in_features, l.out_features);
             let w0 = before(base, l.weight, &l.kind, fin, fout);
             let wt = before(&trained, l.weight, &l.kind, fin, fout);
-            layers.push((l.module.clone(), wt, w0, fin, fout));
+            layers.push(TrainedLayer {
+                module: l.module.clone(),
+                after: wt,
+                before: w0,
+                fin,
+                fout,
+            });
         }
         return Ok(("full".into(), layers));
     }
@@ -107,7 +118,13 @@ fn checkpoint_weights(
         .map(|a| {
             let (fin, fout) = (a.in_features, a.out_features);
             let w0 = before(&graph, a.weight, &a.kind, fin, fout);
-            (a.module.clone(), effective_weight(&graph, a), w0, fin, fout)
+            TrainedLayer {
+                module: a.module.clone(),
+                after: effective_weight(&graph, a),
+                before: w0,
+                fin,
+                fout,
+            }
         })
         .collect();
     Ok((method, layers))
@@ -139,13 +156,13 @@ pub fn analyze_run(base: &Graph, run: &Path) -> Result<Vec<LayerChange>> {
     let mut out = vec![];
     for (step, dir) in checkpoints {
         let (method, layers) = checkpoint_weights(base, &dir)?;
-        for (layer, wt, w0, fin, fout) in layers {
-            let (delta_m, delta_d) = column_changes(&w0, &wt, fin, fout);
+        for l in layers {
+            let (delta_m, delta_d) = column_changes(&l.before, &l.after, l.fin, l.fout);
             out.push(LayerChange {
                 run: name.clone(),
                 method: method.clone(),
                 step,
-                layer,
+                layer: l.module,
                 delta_m,
                 delta_d,
             });

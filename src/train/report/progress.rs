@@ -69,9 +69,9 @@ impl Progress {
         self.bar.suspend(|| println!("{line}"));
     }
 
-    /// Removes the bar, so what follows starts on its own line.
+    /// Leaves the bar's last state on screen and ends its line.
     pub fn finish(&mut self) {
-        self.bar.finish_and_clear();
+        self.bar.finish();
     }
 }
 
