@@ -15,6 +15,15 @@ fn dorac(args: &[&str]) -> Output {
         .expect("the dorac binary runs")
 }
 
+/// Runs dorac with `cwd` as its working directory.
+fn dorac_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dorac"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("the dorac binary runs")
+}
+
 /// Runs dorac and asserts it succeeded, showing its stderr otherwise.
 fn dorac_ok(args: &[&str]) -> Output {
     let out = dorac(args);
@@ -62,23 +71,29 @@ fn write_model(dir: &Path, file: &str, m: &dorac::onnx::proto::ModelProto) -> Pa
 #[test]
 fn rewrite_run_merge_from_the_command_line() {
     let dir = temp_dir("cli-happy");
-    let model = dir.join("model.onnx");
+    let input_dir = dir.join("input");
+    std::fs::create_dir_all(&input_dir).unwrap();
+    let model = input_dir.join("model.onnx");
     std::fs::copy(models_dir().join("mlp3d/model.onnx"), &model).unwrap();
     let inputs = models_dir().join("mlp3d/inputs.safetensors");
     let adapter_out = dir.join("adapter");
 
-    let out = dorac(&[
-        "rewrite",
-        s(&model),
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--target",
-        "fc",
-        "--adapter-out",
-        s(&adapter_out),
-    ]);
+    // Run from `dir`: the default output lands there, not beside the input.
+    let out = dorac_in(
+        &dir,
+        &[
+            "rewrite",
+            s(&model),
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--target",
+            "fc",
+            "--adapter-out",
+            s(&adapter_out),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -96,6 +111,10 @@ fn rewrite_run_merge_from_the_command_line() {
     assert!(stdout.contains("trainable params"), "{stdout}");
     let rewritten = dir.join("model.dora.onnx");
     assert!(rewritten.exists());
+    assert!(
+        !input_dir.join("model.dora.onnx").exists(),
+        "nothing is written into the input's folder by default"
+    );
     assert!(adapter_out.join("adapter_config.json").exists());
     assert!(adapter_out.join("adapter_model.safetensors").exists());
 

@@ -103,9 +103,41 @@ impl ConfigFile {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             revision: None,
-            extra: BTreeMap::new(),
+            extra: peft_defaults(),
         }
     }
+}
+
+/// The other fields PEFT (0.21) writes in every LoRA config, at its defaults, so that PEFT's
+/// tooling reads a dorac adapter like one of its own.
+fn peft_defaults() -> BTreeMap<String, serde_json::Value> {
+    use serde_json::{json, Value};
+    let null = [
+        "alora_invocation_tokens",
+        "arrow_config",
+        "corda_config",
+        "eva_config",
+        "exclude_modules",
+        "kasa_config",
+        "layer_replication",
+        "layers_pattern",
+        "lora_ga_config",
+        "megatron_config",
+        "monteclora_config",
+        "target_parameters",
+        "trainable_token_indices",
+        "use_bdlora",
+        "velora_config",
+    ];
+    let mut m: BTreeMap<String, Value> =
+        null.iter().map(|k| (k.to_string(), Value::Null)).collect();
+    m.insert("ensure_weight_tying".into(), json!(false));
+    m.insert("loftq_config".into(), json!({}));
+    m.insert("lora_bias".into(), json!(false));
+    m.insert("megatron_core".into(), json!("megatron.core"));
+    m.insert("qalora_group_size".into(), json!(16));
+    m.insert("use_qalora".into(), json!(false));
+    m
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub struct PeftConfig {
     /// Per-module overrides, keyed by PEFT pattern (a module-name suffix).
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// `base_model_name_or_path`.
+    pub base_model: Option<String>,
 }
 
 /// One layer's tensors, in the 2-D (1-D for m) shapes of a linear layer.
@@ -115,6 +117,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         lora_dropout: file.lora_dropout,
         rank_pattern: file.rank_pattern.clone(),
         alpha_pattern: file.alpha_pattern.clone(),
+        base_model: file.base_model_name_or_path.clone(),
     };
 
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -251,6 +254,10 @@ fn flatten_conv(
 /// that already has adapters (a rewritten model), their tensors are replaced.
 pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     let cfg = &adapter.config;
+    graph.adapter_origin = crate::ir::AdapterOrigin {
+        base_model: cfg.base_model.clone(),
+        target_modules: cfg.target_modules.clone(),
+    };
     if !graph.adapters.is_empty() {
         return replace_tensors(graph, adapter);
     }
@@ -313,6 +320,18 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         });
     }
     if !problems.is_empty() {
+        let modules: Vec<&str> = adapter.layers.keys().map(String::as_str).collect();
+        if let Some(prefix) = common_extra_prefix(&modules, &names) {
+            return Err(Error::Input(format!(
+                "the adapter's module names all start with '{prefix}', which the model's do not \
+                 ('{}' is the model's '{}'): the adapter was saved from a model that wraps this \
+                 one (PEFT names modules from the model object it was given). Export the same \
+                 model class the adapter was trained on, or strip the prefix from the keys of \
+                 adapter_model.safetensors",
+                modules[0],
+                &modules[0][prefix.len()..]
+            )));
+        }
         return Err(Error::Input(format!(
             "the adapter's modules do not all match the model's linear layers: {} (the model's: {})",
             problems.join("; "),
@@ -320,6 +339,24 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         )));
     }
     insert_adapters(graph, specs)
+}
+
+/// When `module` is one of `names` with a prefix in front (`model.encoder.q` for `encoder.q`):
+/// the prefix (with its dot) and the model's name.
+fn wrapped_name<'a>(module: &'a str, names: &[&'a str]) -> Option<(&'a str, &'a str)> {
+    names
+        .iter()
+        .filter(|n| module.len() > n.len() && module.ends_with(&format!(".{n}")))
+        .max_by_key(|n| n.len())
+        .map(|n| (&module[..module.len() - n.len()], *n))
+}
+
+/// The prefix every one of the adapter's modules has in front of a model module's name, if
+/// there is one prefix for all of them.
+fn common_extra_prefix<'a>(modules: &'a [&'a str], names: &[&'a str]) -> Option<&'a str> {
+    let mut prefixes = modules.iter().map(|m| wrapped_name(m, names).map(|p| p.0));
+    let first = prefixes.next()??;
+    prefixes.all(|p| p == Some(first)).then_some(first)
 }
 
 /// The model module an adapter's module name stands for (see [`resolve_module`]), or why none.
@@ -330,6 +367,12 @@ fn find_module(module: &str, names: &[&str]) -> std::result::Result<String, Stri
             "module '{module}' matches several of the model's ({}); name one in full",
             all.join(", ")
         )),
+        ModuleMatch::Missing(_) if wrapped_name(module, names).is_some() => {
+            let (prefix, name) = wrapped_name(module, names).unwrap();
+            Err(format!(
+                "module '{module}' is not in the model, but '{name}' is: the adapter's name has the extra prefix '{prefix}'"
+            ))
+        }
         ModuleMatch::Missing(close) if close.is_empty() => {
             Err(format!("module '{module}' is not in the model"))
         }
@@ -383,6 +426,43 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         count += 1;
     }
     Ok(count)
+}
+
+/// The `target_modules` a saved adapter declares: the patterns the adapters were chosen by when
+/// they select exactly the adapted layers, else the layers' last name components when those
+/// do, else every adapted module's full name. PEFT then targets the same layers.
+fn target_patterns(graph: &Graph) -> Vec<String> {
+    let adapted: std::collections::BTreeSet<&str> =
+        graph.adapters.iter().map(|a| a.module.as_str()).collect();
+    let mut modules: Vec<String> = find_linear_layers(graph)
+        .into_iter()
+        .map(|l| l.module)
+        .collect();
+    modules.extend(adapted.iter().map(|m| m.to_string()));
+    let selects_exactly = |patterns: &[String]| {
+        let chosen: std::collections::BTreeSet<&str> = modules
+            .iter()
+            .map(String::as_str)
+            .filter(|m| patterns.iter().any(|p| crate::passes::matches_target(m, p)))
+            .collect();
+        chosen == adapted
+    };
+    let mut given = graph.adapter_origin.target_modules.clone();
+    given.sort();
+    given.dedup();
+    if !given.is_empty() && selects_exactly(&given) {
+        return given;
+    }
+    let mut short: Vec<String> = adapted
+        .iter()
+        .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
+        .collect();
+    short.sort();
+    short.dedup();
+    if selects_exactly(&short) {
+        return short;
+    }
+    adapted.iter().map(|m| m.to_string()).collect()
 }
 
 /// Writes the graph's adapters as a PEFT adapter folder (each file written atomically).
@@ -441,11 +521,8 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
             config.alpha_pattern.insert(a.module.clone(), a.alpha);
         }
     }
-    let mut targets: Vec<&str> = graph.adapters.iter().map(|a| a.module.as_str()).collect();
-    targets.sort();
-    config.target_modules = Some(TargetModules::List(
-        targets.into_iter().map(String::from).collect(),
-    ));
+    config.target_modules = Some(TargetModules::List(target_patterns(graph)));
+    config.base_model_name_or_path = graph.adapter_origin.base_model.clone();
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())

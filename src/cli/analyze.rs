@@ -20,7 +20,8 @@ pub struct Args {
     /// Output folder for analysis.csv, analysis.json and analysis.png.
     #[arg(short, long, value_name = "DIR", default_value = "analysis")]
     pub output: PathBuf,
-    /// Pin a symbolic dim of the model (`seq=64`), if its import needs one.
+    /// Pin a symbolic dim of the model (`seq=64`), if its import needs one [default: none;
+    /// the batch is 1].
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     pub shapes: Vec<String>,
 }
@@ -35,9 +36,9 @@ const ANALYZE_HELP: &str = concat!(
     "with a least-squares line per method (its slope and correlation are printed).\n",
     "\n",
     "Examples:\n",
-    "  dorac train models/shift/base.onnx --data models/shift/train_b.safetensors --loss cross-entropy \\\n",
-    "      --method dora --save-every 100 --keep-checkpoints 0 -o runs/dora\n",
-    "  dorac analyze models/shift/base.onnx runs/full runs/lora runs/dora -o analysis"
+    "  dorac train models/shift/base.onnx --data models/shift/train_b.safetensors --loss cross-entropy --method lora --rank 4 --lr 5e-3 --batch-size 32 --steps 160 --save-every 40 --keep-checkpoints 0 -o runs/lora\n",
+    "  dorac train models/shift/base.onnx --data models/shift/train_b.safetensors --loss cross-entropy --method dora --rank 4 --lr 5e-3 --batch-size 32 --steps 160 --save-every 40 --keep-checkpoints 0 -o runs/dora\n",
+    "  dorac analyze models/shift/base.onnx runs/lora runs/dora -o analysis"
 );
 
 /// The methods in the order they are drawn and listed.

@@ -77,10 +77,71 @@ fn rebatch(
     shapes: &[String],
     batch: usize,
 ) -> Result<Graph> {
+    let fixed = crate::onnx::fixed_batch_dim(&model).filter(|&n| n != batch);
+    let first_input = first_data_input(&model);
     crate::onnx::set_batch_dim(&mut model, batch);
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     crate::onnx::import(&model, dir, &pins, &HashMap::new())
+        .map_err(|e| with_batch_hint(e, path, fixed, &first_input, batch, "--batch-size"))
+}
+
+/// The name of a model's first input that is not an initializer.
+fn first_data_input(model: &crate::onnx::proto::ModelProto) -> String {
+    let Some(g) = model.graph.as_ref() else {
+        return String::new();
+    };
+    let inits: std::collections::HashSet<&str> = g
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    g.input
+        .iter()
+        .filter_map(|v| v.name.as_deref())
+        .find(|n| !inits.contains(n))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A shape error met at a batch size other than the one the model was exported with (`fixed`)
+/// most likely comes from that size baked into the graph's constants: say so, and how to fix it.
+fn with_batch_hint(
+    e: Error,
+    path: &Path,
+    fixed: Option<usize>,
+    input: &str,
+    batch: usize,
+    flag: &str,
+) -> Error {
+    match (e, fixed) {
+        (Error::Shape(m), Some(n)) => Error::Shape(format!(
+            "{m}\n  hint: {} was exported with a fixed batch of {n} (dim 0 of input '{input}'), and its graph \
+             may bake that size into constants (reshape targets, masks), so it fails at batch {batch}: \
+             use {flag} {n}, or export the model with a dynamic batch axis",
+            path.display()
+        )),
+        (e, _) => e,
+    }
+}
+
+/// Where a command computes: flags shared by run, train, eval and generate.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Engine")]
+pub struct EngineArgs {
+    /// GPU backend: vulkan, metal, dx12 or gl [default: the first wgpu finds].
+    #[arg(long, value_name = "B")]
+    pub backend: Option<String>,
+    /// Compute on the CPU reference executor (f64) instead of the GPU.
+    #[arg(long)]
+    pub reference: bool,
+}
+
+impl EngineArgs {
+    /// See [`open_gpu`].
+    pub fn open_gpu(&self, doing: &str) -> Result<Option<crate::runtime::Gpu>> {
+        open_gpu(self.backend.as_deref(), self.reference, doing)
+    }
 }
 
 /// The GPU, or `None` for the reference executor: when asked (`--reference`), or when no
@@ -110,13 +171,14 @@ pub fn save_graph(graph: &Graph, out: &Path) -> Result<()> {
     crate::onnx::save_graph(graph, out)
 }
 
-/// `model.onnx` -> `model.<suffix>.onnx` beside it.
-pub fn sibling_path(model: &Path, suffix: &str) -> PathBuf {
+/// `dir/model.onnx` -> `model.<suffix>.onnx` in the current directory: a command writes where
+/// its user is, never into the input's folder.
+pub fn default_output(model: &Path, suffix: &str) -> PathBuf {
     let stem = model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    model.with_file_name(format!("{stem}.{suffix}.onnx"))
+    PathBuf::from(format!("{stem}.{suffix}.onnx"))
 }
 
 /// `--storage`: the device format of an f32 model's frozen weights.
@@ -367,6 +429,7 @@ pub fn adapter_table(graph: &Graph) -> String {
 
 /// The adapter flags `rewrite` and `train` share.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Adapter")]
 pub struct AdapterArgs {
     /// Adapter rank r (PEFT's default).
     #[arg(long, default_value_t = 8)]
@@ -378,8 +441,8 @@ pub struct AdapterArgs {
     #[arg(long)]
     pub rslora: bool,
     /// Module to adapt, matched as PEFT's target_modules: the name or a dotted suffix
-    /// (`--target fc` adapts `blocks.0.fc`). Repeatable, or comma-separated. Default: every
-    /// linear layer.
+    /// (`--target fc` adapts `blocks.0.fc`). Repeatable, or comma-separated [default: every
+    /// linear layer but embeddings].
     #[arg(long = "target", value_name = "PATTERN")]
     pub targets: Vec<String>,
 }

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = COMPILE_EXAMPLES)]
 pub struct Args {
     /// The ONNX model.
     pub model: PathBuf,
@@ -18,24 +19,48 @@ pub struct Args {
     /// Output folder.
     #[arg(short, long, value_name = "DIR")]
     pub output: PathBuf,
-    /// A PEFT-format adapter folder to apply first.
+    /// A PEFT-format adapter folder to apply first [default: none].
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
-    /// Compile a training step (forward, loss, backward, AdamW) instead of inference. Layers
-    /// without an adapter get a DoRA adapter at PEFT's initialisation.
-    #[arg(long)]
+    /// Compile a training step (forward, loss, backward, AdamW) instead of inference. Without
+    /// --adapter, the layers --target picks get a fresh adapter of --method at PEFT's
+    /// initialisation.
+    #[arg(long, help_heading = "Training step")]
     pub train: bool,
-    /// The loss of the training step (with --train).
-    #[arg(long, value_enum, default_value = "mse")]
+    /// The loss of the training step.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "mse",
+        help_heading = "Training step"
+    )]
     pub loss: super::train::LossArg,
-    /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable.
-    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    /// What the training step trains (as `dorac train --method`).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "dora",
+        help_heading = "Training step"
+    )]
+    pub method: super::train::MethodArg,
+    #[command(flatten)]
+    pub adapter_args: super::common::AdapterArgs,
+    /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable [default:
+    /// none; a symbolic dim left unpinned is an error].
+    #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
-    /// Store the frozen weights in half precision (f16 or bf16), as `run --storage` does: the
+    /// Store the frozen weights in half precision (f16 or bf16) [default: the model's own
+    /// precision], as `run --storage` does: the
     /// plan shows each such buffer's size and format.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
     pub storage: Option<super::common::StorageArg>,
 }
+
+const COMPILE_EXAMPLES: &str = "\
+Examples:
+  dorac compile models/mlp3d/model.onnx --emit plan --emit wgsl -o mlp3d-compiled
+  dorac compile models/mlp2d/model.onnx --train --method lora --rank 4 --target layers.0 --shape batch=32 --emit plan -o mlp2d-train-step
+  dorac compile models/mlp2d/model.onnx --adapter models/mlp2d/peft_dora --shape batch=8 --emit ir --emit dot -o mlp2d-dora-ir";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
 pub enum Emit {
@@ -64,19 +89,14 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if args.train {
-        if graph.adapters.is_empty() {
-            let specs = super::common::AdapterArgs {
-                rank: 8,
-                alpha: 8.0,
-                rslora: false,
-                targets: vec![],
-            }
-            .specs(&graph, crate::ir::Method::Dora, 0, &args.model)?;
+        let method = crate::train::TrainMethod::from(args.method);
+        if let (true, Some(kind)) = (graph.adapters.is_empty(), method.adapter()) {
+            let specs = args.adapter_args.specs(&graph, kind, 0, &args.model)?;
             crate::passes::insert_adapters(&mut graph, specs)?;
         }
         let loss = args.loss.kind(-100);
         let opts = crate::train::BuildOptions {
-            method: crate::train::TrainMethod::Dora,
+            method,
             loss,
             output: None,
             labels: if loss == crate::train::LossKind::Mse {
@@ -88,7 +108,8 @@ pub fn run(args: Args) -> Result<()> {
             optimizer: crate::train::AdamW::default(),
             exact_norm_grad: false,
             expose_grads: false,
-            full_targets: None,
+            full_targets: (!args.adapter_args.targets.is_empty())
+                .then(|| args.adapter_args.patterns()),
         };
         graph = crate::train::build(graph, &opts)?.graph;
         if args.emit.contains(&Emit::Ir) {

@@ -12,13 +12,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  dorac demo\n  dorac demo -o /tmp/dorac-demo --backend vulkan")]
 pub struct Args {
     /// Folder of bundled models (each with model.onnx, inputs, goldens and a PEFT adapter).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/models"))]
     pub models: PathBuf,
-    /// Where the rewritten and merged models are written.
-    #[arg(long, default_value = "dorac-demo")]
-    pub out_dir: PathBuf,
+    /// Folder for the rewritten and merged models it writes.
+    #[arg(
+        short,
+        long,
+        value_name = "DIR",
+        default_value = "dorac-demo",
+        alias = "out-dir"
+    )]
+    pub output: PathBuf,
     /// GPU backend: vulkan, metal, dx12 or gl [default: the first wgpu finds].
     #[arg(long)]
     pub backend: Option<String>,
@@ -27,7 +34,7 @@ pub struct Args {
 const TOLERANCE: f64 = 1e-5;
 
 pub fn run(args: Args) -> Result<()> {
-    std::fs::create_dir_all(&args.out_dir).map_err(|e| Error::io(&args.out_dir, e))?;
+    std::fs::create_dir_all(&args.output).map_err(|e| Error::io(&args.output, e))?;
     let mut failures = 0;
     for name in ["mlp2d", "mlp3d"] {
         failures += demo_model(&args, name)?;
@@ -79,7 +86,7 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
     };
     let specs = every_layer.specs(&graph, Method::Dora, 0, &model)?;
     insert_adapters(&mut graph, specs)?;
-    let rewritten = args.out_dir.join(format!("{name}.dora.onnx"));
+    let rewritten = args.output.join(format!("{name}.dora.onnx"));
     save_graph(&graph, &rewritten)?;
     let (at_init, _) = run(&rewritten, None)?;
     rows.push(("rewritten at init vs onnxruntime", err(&at_init, &ort, "y")));
@@ -95,7 +102,7 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
     let mut graph = super::common::load_graph(&model, &[], &shapes)?;
     super::common::apply_adapter(&mut graph, &adapter)?;
     crate::passes::merge_adapters(&mut graph)?;
-    let merged = args.out_dir.join(format!("{name}.merged.onnx"));
+    let merged = args.output.join(format!("{name}.merged.onnx"));
     save_graph(&graph, &merged)?;
     let (merged_out, _) = run(&merged, None)?;
     rows.push(("merged vs unmerged", err(&merged_out, &unmerged, "y")));

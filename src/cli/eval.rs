@@ -1,7 +1,7 @@
 //! `dorac eval`: a model's loss and accuracy on a data set, with a saved adapter (or a full
 //! fine-tuning run's weights) applied, or a merged model as it is.
 
-use super::common::{apply_adapter, load_batched, open_gpu};
+use super::common::{apply_adapter, load_batched};
 use super::train::LossArg;
 use crate::error::{Error, Result};
 use crate::train::data::{self, Expected};
@@ -16,7 +16,7 @@ pub struct Args {
     /// The model: a base ONNX model (with --adapter), a merged or rewritten one.
     pub model: PathBuf,
     /// A PEFT adapter folder, or a training run's folder or checkpoint (an adapter, or the
-    /// trained weights of --method full).
+    /// trained weights of --method full) [default: none: the model as it is].
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// The data (safetensors): tensors named after the graph inputs, plus the labels; dim 0
@@ -35,22 +35,19 @@ pub struct Args {
     /// Class index that does not count (cross-entropy and lm).
     #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
     pub ignore_index: i64,
+    #[arg(help_heading = "Shapes")]
     /// Examples per forward pass [default: the batch the model was exported with if fixed, else
     /// min(32, examples)]; the result does not depend on it.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Pin a symbolic dim (`seq=64`). The batch dim follows --batch-size.
-    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    /// Pin a symbolic dim (`seq=64`); the batch dim follows --batch-size [default: none].
+    #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
-    /// Write the metrics as JSON to this file.
+    /// Write the metrics as JSON to this file [default: print them only].
     #[arg(short, long, value_name = "METRICS.json")]
     pub output: Option<PathBuf>,
-    /// GPU backend: vulkan, metal, dx12 or gl.
-    #[arg(long)]
-    pub backend: Option<String>,
-    /// Evaluate on the CPU reference executor (f64).
-    #[arg(long)]
-    pub reference: bool,
+    #[command(flatten)]
+    pub engine: super::common::EngineArgs,
 }
 
 const EVAL_HELP: &str = concat!(
@@ -65,8 +62,8 @@ const EVAL_HELP: &str = concat!(
     "\n",
     "Examples:\n",
     "  dorac eval models/shift/base.onnx --data models/shift/eval_b.safetensors --loss cross-entropy\n",
-    "  dorac eval models/shift/base.onnx --adapter shift-dora --data models/shift/eval_b.safetensors --loss cross-entropy -o metrics.json\n",
-    "  dorac eval merged.onnx --data models/demo/teacher.safetensors --loss mse"
+    "  dorac eval models/shift/base.onnx --adapter shift-dora --data models/shift/eval_b.safetensors --loss cross-entropy -o shift-dora-eval.json\n",
+    "  dorac eval models/mlp2d/model.onnx --adapter mlp2d-dora --data models/demo/teacher.safetensors --loss mse"
 );
 
 pub fn run(args: Args) -> Result<()> {
@@ -91,7 +88,7 @@ pub fn run(args: Args) -> Result<()> {
     let output = super::train::find_output(&graph, args.loss_output.as_deref(), "--loss-output")?;
     let expected = Expected::for_model(&graph, output, &labels, loss);
     let dataset = data::from_tensors(&args.data, raw, &expected)?;
-    let gpu = open_gpu(args.backend.as_deref(), args.reference, "evaluating")?;
+    let gpu = args.engine.open_gpu("evaluating")?;
     let name = graph
         .outputs
         .iter()

@@ -5,17 +5,20 @@
 
 use super::common::apply_adapter;
 use crate::error::{Error, Result};
-use crate::runtime::{is_no_adapter, Executable, Gpu};
+use crate::runtime::Executable;
 use crate::tensor::{shape_str, Array};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  dorac generate models/gpt2_tiny/legacy_op17_dynamic.onnx --prompt 'The ' --tokens 16 --shape seq=16
+  dorac generate models/gpt2_tiny/legacy_op17_dynamic.onnx --adapter models/gpt2_tiny/peft_dora --prompt 'The ' --tokens 16 --shape seq=16")]
 pub struct Args {
     /// A byte-level causal language model (input ids [batch, positions] -> logits
     /// [batch, positions, 256]).
     pub model: PathBuf,
-    /// A PEFT-format adapter to apply.
+    /// A PEFT-format adapter to apply [default: none].
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// The text to continue.
@@ -24,15 +27,11 @@ pub struct Args {
     /// How many bytes to generate.
     #[arg(long, default_value_t = 32)]
     pub tokens: usize,
-    /// GPU backend: vulkan, metal, dx12 or gl.
-    #[arg(long)]
-    pub backend: Option<String>,
-    /// Decode on the CPU reference executor.
-    #[arg(long)]
-    pub reference: bool,
+    #[command(flatten)]
+    pub engine: super::common::EngineArgs,
     /// Pin symbolic dims, e.g. `--shape seq=16` for a model exported with dynamic axes (the
-    /// batch is 1).
-    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    /// batch is 1) [default: none].
+    #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
 }
 
@@ -73,15 +72,7 @@ pub fn run(args: Args) -> Result<()> {
             shape_str(graph.shape(out_node))
         )));
     }
-    let gpu = if args.reference {
-        None
-    } else {
-        match Gpu::new(args.backend.as_deref()) {
-            Ok(g) => Some(g),
-            Err(e) if args.backend.is_none() && is_no_adapter(&e) => None,
-            Err(e) => return Err(e),
-        }
-    };
+    let gpu = args.engine.open_gpu("generating")?;
     let exe = match &gpu {
         Some(g) => Some(Executable::compile(g, &graph)?),
         None => None,

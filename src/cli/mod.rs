@@ -29,12 +29,13 @@ pub struct Cli {
 
 const EXAMPLES: &str = "\
 Examples:
-  dorac rewrite models/mlp3d/model.onnx --rank 8 --alpha 16 --target fc
-  dorac run model.dora.onnx --inputs models/mlp3d/inputs.safetensors -o y.safetensors
-  dorac run models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora --inputs models/mlp3d/inputs.safetensors
-  dorac merge models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora -o merged.onnx
-  dorac train models/mlp2d/model.onnx --data models/mlp2d/train/data.safetensors --loss mse --lr 1e-2
-  dorac demo";
+  dorac demo
+  dorac rewrite models/mlp3d/model.onnx --rank 8 --alpha 16 --target fc -o mlp3d.dora.onnx
+  dorac run models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora --inputs models/mlp3d/inputs.safetensors -o y.safetensors
+  dorac train models/mlp2d/model.onnx --data models/demo/teacher.safetensors --loss mse --lr 1e-2 --epochs 5 --batch-size 32 --rank 4 -o mlp2d-dora
+  dorac merge models/mlp2d/model.onnx --adapter mlp2d-dora --shape batch=32 -o mlp2d-merged.onnx
+
+`dorac <command> --help` lists each command's flags, their defaults, and examples.";
 
 #[derive(Subcommand, Debug)]
 pub enum Command {

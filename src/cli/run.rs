@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  dorac run models/mlp3d/model.onnx --adapter models/mlp3d/peft_dora --inputs models/mlp3d/inputs.safetensors -o y.safetensors
+  dorac run mlp3d.dora.onnx --inputs models/mlp3d/inputs.safetensors --verbose
+  dorac run models/mlp3d/model.onnx --inputs models/mlp3d/inputs.safetensors --storage bf16")]
 pub struct Args {
     /// A base model (use --adapter to apply a PEFT adapter) or a model made by `dorac rewrite`.
     pub model: PathBuf,
@@ -27,30 +31,28 @@ pub struct Args {
     /// bool) [default: print a summary only].
     #[arg(short, long, value_name = "OUT.safetensors")]
     pub output: Option<PathBuf>,
-    /// A PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors).
+    /// A PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors) [default:
+    /// none].
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Fold the adapters into the weights first (runs at the base model's cost).
     #[arg(long)]
     pub merged: bool,
-    /// GPU backend: vulkan, metal, dx12 or gl [default: the first wgpu finds].
-    #[arg(long, value_name = "B")]
-    pub backend: Option<String>,
-    /// Run on the CPU reference executor (f64) instead of the GPU.
-    #[arg(long)]
-    pub reference: bool,
+    #[command(flatten)]
+    pub engine: super::common::EngineArgs,
     /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable; shapes of
-    /// the given input tensors pin the inputs anyway.
-    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    /// the given input tensors pin the inputs anyway [default: none].
+    #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
     /// Store the frozen weights on the device in half precision (f16 or bf16), computing in f32;
     /// also runs the f32 weights and prints the outputs' difference. A half model's own weights
-    /// (f16 / bf16 initializers) are stored half without this flag.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    /// (f16 / bf16 initializers) are stored half without this flag [default: the model's own
+    /// precision].
+    #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
     pub storage: Option<StorageArg>,
     /// Print the time of each phase (reading and compiling the model, opening the device,
     /// building pipelines and uploading weights, running) to stderr.
-    #[arg(long)]
+    #[arg(long, help_heading = "Engine")]
     pub verbose: bool,
 }
 
@@ -72,8 +74,8 @@ pub fn run(args: Args) -> Result<()> {
             execute(
                 &graph,
                 &feed,
-                args.backend.as_deref(),
-                args.reference,
+                args.engine.backend.as_deref(),
+                args.engine.reference,
                 &mut Phases::start(),
             )?
             .0,
@@ -89,8 +91,8 @@ pub fn run(args: Args) -> Result<()> {
     let (outputs, engine) = execute(
         &graph,
         &feed,
-        args.backend.as_deref(),
-        args.reference,
+        args.engine.backend.as_deref(),
+        args.engine.reference,
         &mut phases,
     )?;
     if args.verbose {

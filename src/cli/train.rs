@@ -1,6 +1,6 @@
 //! `dorac train`: compile a training step for the GPU and run it over a data set.
 
-use super::common::{apply_adapter, load_batched, open_gpu, AdapterArgs};
+use super::common::{apply_adapter, load_batched, AdapterArgs};
 use crate::error::{Error, Result};
 use crate::passes::insert_adapters;
 use crate::train::checkpoint;
@@ -15,113 +15,144 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = TRAIN_EXAMPLES)]
 pub struct Args {
     /// The base ONNX model (or one made by `dorac rewrite`).
     pub model: PathBuf,
+
     /// Training data (safetensors): tensors named after the graph inputs, plus the labels;
     /// dim 0 indexes examples.
-    #[arg(long, value_name = "DATA.safetensors")]
+    #[arg(long, value_name = "DATA.safetensors", help_heading = "Data and loss")]
     pub data: PathBuf,
     /// mse (targets shaped like the output), cross-entropy (class indices), lm (next-token
     /// cross-entropy on shifted logits).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Data and loss")]
     pub loss: LossArg,
-    /// The model output the loss applies to [default: the first output].
-    #[arg(long, value_name = "NAME")]
-    pub output: Option<String>,
+    /// The model output the loss reads [default: the first output].
+    #[arg(long, value_name = "NAME", help_heading = "Data and loss")]
+    pub loss_output: Option<String>,
     /// The labels tensor in DATA [default: `target` for mse, `labels` otherwise].
-    #[arg(long, value_name = "TENSOR")]
+    #[arg(long, value_name = "TENSOR", help_heading = "Data and loss")]
     pub labels: Option<String>,
     /// Class index that does not count in cross-entropy losses.
-    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true, help_heading = "Data and loss")]
     pub ignore_index: i64,
-    /// Optimizer steps [default: one epoch].
-    #[arg(long, conflicts_with = "epochs")]
+    /// Evaluate on this data set (same tensor names as --data) every --eval-every steps and
+    /// after the last: loss, and accuracy for classification and lm losses (as `dorac eval`
+    /// defines them), in the progress line, metrics.jsonl and loss.png [default: no evaluation].
+    #[arg(long, value_name = "DATA.safetensors", help_heading = "Data and loss")]
+    pub eval_data: Option<PathBuf>,
+    /// Steps between evaluations [default: one epoch].
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "eval_data",
+        help_heading = "Data and loss"
+    )]
+    pub eval_every: Option<usize>,
+
+    /// Optimizer steps [default: one epoch, or --epochs].
+    #[arg(long, conflicts_with = "epochs", help_heading = "Steps")]
     pub steps: Option<usize>,
-    /// Passes over the data set (the last partial batch of each is dropped).
-    #[arg(long)]
+    /// Passes over the data set; the last partial batch of each is dropped [default: 1].
+    #[arg(long, help_heading = "Steps")]
     pub epochs: Option<usize>,
     /// Examples per step [default: the batch the model was exported with if fixed, else
     /// min(8, examples)].
-    #[arg(long)]
+    #[arg(long, help_heading = "Steps")]
     pub batch_size: Option<usize>,
+    /// Seed for adapter initialisation and data order.
+    #[arg(long, default_value_t = 0, help_heading = "Steps")]
+    pub seed: u64,
+    /// Keep the data set's order.
+    #[arg(long, help_heading = "Steps")]
+    pub no_shuffle: bool,
+
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, help_heading = "Optimizer")]
     pub lr: f64,
     /// AdamW's decoupled weight decay (applied to every trained tensor, as PyTorch does).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// Adam betas.
-    #[arg(long, default_value = "0.9,0.999", value_name = "B1,B2")]
+    #[arg(
+        long,
+        default_value = "0.9,0.999",
+        value_name = "B1,B2",
+        help_heading = "Optimizer"
+    )]
     pub betas: String,
     /// Adam epsilon (added outside the square root).
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, help_heading = "Optimizer")]
     pub eps: f64,
-    /// Clip the global gradient L2 norm to this value.
-    #[arg(long, value_name = "MAX_NORM")]
+    /// Clip the global gradient L2 norm to this value [default: no clipping].
+    #[arg(long, value_name = "MAX_NORM", help_heading = "Optimizer")]
     pub grad_clip: Option<f64>,
     /// Learning-rate schedule after warmup.
-    #[arg(long, value_enum, default_value = "linear")]
+    #[arg(long, value_enum, default_value = "linear", help_heading = "Optimizer")]
     pub schedule: ScheduleArg,
     /// Linear warmup steps from 0 to --lr.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Optimizer")]
     pub warmup: usize,
+
     /// dora, lora, magnitude (m only), direction (A and B only), full (the weights themselves).
-    #[arg(long, value_enum, default_value = "dora")]
+    #[arg(long, value_enum, default_value = "dora", help_heading = "Adapter")]
     pub method: MethodArg,
     #[command(flatten)]
     pub adapter_args: AdapterArgs,
-    /// Start from this PEFT adapter instead of a fresh one.
-    #[arg(long, value_name = "DIR")]
+    /// Start from this PEFT adapter instead of a fresh one [default: fresh adapters, PEFT's
+    /// initialisation].
+    #[arg(long, value_name = "DIR", help_heading = "Adapter")]
     pub adapter: Option<PathBuf>,
     /// Differentiate through the DoRA norm (the default detaches it, as PEFT does).
-    #[arg(long)]
+    #[arg(long, help_heading = "Adapter")]
     pub exact_norm_grad: bool,
-    /// Seed for adapter initialisation and data order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Keep the data set's order.
-    #[arg(long)]
-    pub no_shuffle: bool,
-    /// Save a checkpoint every K steps (always at the end).
-    #[arg(long, value_name = "K")]
+    /// The Hugging Face name or path of the base model, written as the adapter's
+    /// `base_model_name_or_path` [default: --adapter's, else unset].
+    #[arg(long, value_name = "NAME", help_heading = "Adapter")]
+    pub base_model: Option<String>,
+
+    /// Output folder: the adapter (PEFT format), checkpoints, metrics.jsonl, loss.png
+    /// [default: ./<model stem>-<method>].
+    #[arg(
+        short,
+        long,
+        value_name = "DIR",
+        alias = "out",
+        help_heading = "Output"
+    )]
+    pub output: Option<PathBuf>,
+    /// Save a checkpoint every K steps [default: only after the last step].
+    #[arg(long, value_name = "K", help_heading = "Output")]
     pub save_every: Option<usize>,
     /// How many of the newest checkpoints to keep (0: all of them, as `dorac analyze` wants).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = 2, help_heading = "Output")]
     pub keep_checkpoints: usize,
-    /// Evaluate on this data set (same tensor names as --data) every --eval-every steps and
-    /// after the last: loss, and accuracy for classification and lm losses (as `dorac eval`
-    /// defines them), in the progress line, metrics.jsonl and loss.png.
-    #[arg(long, value_name = "DATA.safetensors")]
-    pub eval_data: Option<PathBuf>,
-    /// Steps between evaluations [default: one epoch].
-    #[arg(long, value_name = "N", requires = "eval_data")]
-    pub eval_every: Option<usize>,
-    /// Output folder: the adapter (PEFT format), checkpoints, metrics.jsonl, loss.png
-    /// [default: <model stem>-<method>].
-    #[arg(short, long, value_name = "ADAPTER_DIR")]
-    pub out: Option<PathBuf>,
     /// Continue from the newest checkpoint in the output folder (optimizer state and data
     /// order included).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub resume: bool,
-    /// GPU backend: vulkan, metal, dx12 or gl.
-    #[arg(long)]
-    pub backend: Option<String>,
-    /// Train on the CPU reference executor (f64 math, f32 state).
-    #[arg(long)]
-    pub reference: bool,
-    /// Pin a symbolic dim (`seq=64`). The batch dim follows --batch-size.
-    #[arg(long = "shape", value_name = "NAME=DIMS")]
-    pub shapes: Vec<String>,
-    /// Store the frozen weights on the device in half precision (f16 or bf16); the adapters,
-    /// their gradients and optimizer state stay f32, and so does all compute.
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub storage: Option<super::common::StorageArg>,
-    /// No progress bar.
-    #[arg(long)]
+    /// No progress bar (evaluations and the summary are still printed).
+    #[arg(long, help_heading = "Output")]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub engine: super::common::EngineArgs,
+    /// Store the frozen weights on the device in half precision (f16 or bf16); the adapters,
+    /// their gradients and optimizer state stay f32, and so does all compute [default: the
+    /// model's own precision].
+    #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
+    pub storage: Option<super::common::StorageArg>,
+    /// Pin a symbolic dim (`seq=64`); the batch dim follows --batch-size [default: none].
+    #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
+    pub shapes: Vec<String>,
 }
+
+const TRAIN_EXAMPLES: &str = "\
+Examples:
+  dorac train models/mlp2d/model.onnx --data models/demo/teacher.safetensors --loss mse --lr 1e-2 --epochs 5 --batch-size 32 --rank 4 -o mlp2d-dora
+  dorac train models/shift/base.onnx --data models/shift/train_b.safetensors --eval-data models/shift/eval_b.safetensors --loss cross-entropy --rank 4 --lr 5e-3 --batch-size 32 --steps 256 --eval-every 64 -o shift-dora
+  dorac train models/shift/base.onnx --data models/shift/train_b.safetensors --loss cross-entropy --method lora --target fc1,fc2 --rank 4 --lr 5e-3 --batch-size 32 --steps 128 --save-every 64 -o shift-lora";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum LossArg {
@@ -215,14 +246,14 @@ pub fn run(args: Args) -> Result<()> {
         ScheduleArg::Linear => Schedule::Linear,
         ScheduleArg::Cosine => Schedule::Cosine,
     };
-    let out = args.out.clone().unwrap_or_else(|| {
+    // Outputs go to the current directory unless -o says otherwise, never beside the input.
+    let out = args.output.clone().unwrap_or_else(|| {
         let stem = args
             .model
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        args.model
-            .with_file_name(format!("{stem}-{}", method.name()))
+            .unwrap_or_else(|| "model".into());
+        PathBuf::from(format!("{stem}-{}", method.name()))
     });
 
     // The data decides the batch size; the model is re-batched to it.
@@ -233,7 +264,7 @@ pub fn run(args: Args) -> Result<()> {
         args.batch_size,
         data::count_examples(&raw).clamp(1, 8),
     )?;
-    let output_node = find_output(&graph, args.output.as_deref(), "--output")?;
+    let output_node = find_output(&graph, args.loss_output.as_deref(), "--loss-output")?;
     let expected = Expected::for_model(&graph, output_node, &labels, loss);
     let dataset = data::from_tensors(&args.data, raw, &expected)?;
     let per_epoch = dataset.batches_per_epoch(batch_size)?;
@@ -255,19 +286,23 @@ pub fn run(args: Args) -> Result<()> {
                 .adapter_args
                 .specs(&graph, kind, args.seed, &args.model)?;
             insert_adapters(&mut graph, specs)?;
+            graph.adapter_origin.target_modules = args.adapter_args.patterns();
         }
+    }
+    if args.base_model.is_some() {
+        graph.adapter_origin.base_model = args.base_model.clone();
     }
     let opts = BuildOptions {
         method,
         loss,
-        output: args.output.clone(),
+        output: args.loss_output.clone(),
         labels: labels.clone(),
         optimizer: optimizer.clone(),
         exact_norm_grad: args.exact_norm_grad,
         expose_grads: false,
         full_targets: (!args.adapter_args.targets.is_empty()).then(|| args.adapter_args.patterns()),
     };
-    let gpu = open_gpu(args.backend.as_deref(), args.reference, "training")?;
+    let gpu = args.engine.open_gpu("training")?;
     // Trainable tensors over the device's binding limit are trained in chunks.
     let limit = gpu
         .as_ref()
@@ -296,7 +331,7 @@ pub fn run(args: Args) -> Result<()> {
             let dataset = data::load(path, &expected)?;
             let evaluator = Evaluator::new(
                 graph.clone(),
-                args.output.as_deref(),
+                args.loss_output.as_deref(),
                 loss,
                 &labels,
                 &param_names,

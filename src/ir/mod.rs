@@ -231,6 +231,17 @@ pub struct Graph {
     /// `codegen::storage`), computing in f32 as always. The reference executor reads the same
     /// (already rounded) f32 values.
     pub half_consts: BTreeMap<NodeId, Half>,
+    /// Where the adapters came from, for the PEFT config they are saved with.
+    pub adapter_origin: AdapterOrigin,
+}
+
+/// What a saved adapter's `adapter_config.json` says beyond the per-layer records: the base
+/// model's Hugging Face name and the `target_modules` patterns the adapters were chosen by (the
+/// user's `--target`s, or a loaded PEFT config's).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AdapterOrigin {
+    pub base_model: Option<String>,
+    pub target_modules: Vec<String>,
 }
 
 /// A 16-bit float format for stored weights.

@@ -741,7 +741,9 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
             continue;
         };
         return Err(Error::Gpu(format!(
-            "tensor '{}' ({}, {bytes} bytes) exceeds this adapter's {what} of {limit} bytes ({})",
+            "tensor '{}' ({}, {bytes} bytes) exceeds this adapter's {what} of {limit} bytes ({}); \
+             until dorac splits such tensors for inference, run with --reference (the CPU reference \
+             executor, slow) or on a device with a larger limit",
             spec.name,
             shape_str(&spec.shape),
             gpu.describe()
