@@ -69,9 +69,16 @@ impl Progress {
         self.bar.suspend(|| println!("{line}"));
     }
 
-    /// Leaves the bar's last state on screen and ends its line.
+    /// Leaves the bar's last state on screen and ends its line (indicatif leaves the cursor at
+    /// the end of the bar, where the next output would otherwise continue).
     pub fn finish(&mut self) {
+        if self.bar.is_finished() {
+            return;
+        }
         self.bar.finish();
+        if !self.bar.is_hidden() {
+            eprintln!();
+        }
     }
 }
 
