@@ -31,6 +31,15 @@ pub enum Error {
     /// GPU setup, shader validation or execution failure.
     #[error("gpu: {0}")]
     Gpu(String),
+    /// A tensor larger than the memory budget (`tensor::memory_budget`), refused before it
+    /// was allocated.
+    #[error("{what}: shape {shape} needs {} bytes, over the memory budget of {budget} bytes (set DORAC_MEMORY_BUDGET to change it)", bytes.map_or("more than 2^128".to_string(), |b| b.to_string()))]
+    TooLarge {
+        what: String,
+        shape: String,
+        bytes: Option<u128>,
+        budget: u64,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -304,8 +304,70 @@ impl Array {
     }
 }
 
+/// The element count of a shape, saturating at `usize::MAX` instead of wrapping, so an
+/// overflowing shape is never mistaken for a small one (and fails [`check_size`]).
 pub fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .unwrap_or(usize::MAX)
+}
+
+/// The most bytes one tensor may take: `DORAC_MEMORY_BUDGET` (bytes, or with a K, M, G or T
+/// suffix), else half the machine's memory, else 8 GiB. Every tensor a model can ask dorac to
+/// allocate (constants, folded values, node outputs, inputs pinned by `--shape`, adapters of a
+/// given `--rank`) is checked against it before anything is allocated.
+pub fn memory_budget() -> u64 {
+    static BUDGET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        if let Some(b) = std::env::var("DORAC_MEMORY_BUDGET")
+            .ok()
+            .and_then(|v| parse_bytes(&v))
+        {
+            return b;
+        }
+        let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+        total.map_or(8 << 30, |t| t / 2)
+    })
+}
+
+/// `123`, `64K`, `512M`, `8G`, `1T` (binary units) as bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, shift) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 10),
+        'm' | 'M' => (&s[..s.len() - 1], 20),
+        'g' | 'G' => (&s[..s.len() - 1], 30),
+        't' | 'T' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
+/// Checks that a tensor of `shape` with `elem_bytes`-byte elements fits the
+/// [`memory_budget`]; `what` names it for the error (a node, an initializer, an input).
+pub fn check_size(
+    shape: &[usize],
+    elem_bytes: usize,
+    what: impl FnOnce() -> String,
+) -> crate::error::Result<()> {
+    let budget = memory_budget();
+    let bytes = shape
+        .iter()
+        .try_fold(elem_bytes as u128, |acc, &d| acc.checked_mul(d as u128));
+    match bytes {
+        Some(b) if b <= budget as u128 => Ok(()),
+        _ => Err(crate::error::Error::TooLarge {
+            what: what(),
+            shape: shape_str(shape),
+            bytes,
+            budget,
+        }),
+    }
 }
 
 /// Row-major strides of a shape.

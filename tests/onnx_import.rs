@@ -1098,6 +1098,23 @@ fn external_data_is_read_from_the_model_folder() {
             e.contains("initializer 'w'") && e.contains("outside the model's folder"),
             "{e}"
         );
+        // A FIFO would block the reader for ever; a hard link may be a file outside the folder.
+        let fifo = inner.join("fifo.bin");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        std::fs::hard_link(&outside, inner.join("hard.bin")).unwrap();
+        for (loc, expect) in [
+            ("fifo.bin", "not a regular file"),
+            ("hard.bin", "hard links"),
+        ] {
+            let e = import(&external_model(loc), &inner, &no_pins(), &no_shapes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("initializer 'w'") && e.contains(expect),
+                "{loc}: {e}"
+            );
+        }
     }
 }
 
@@ -1982,4 +1999,67 @@ fn external_data_round_trips() {
     )
     .unwrap();
     assert_eq!(value(&reread, "w"), w);
+}
+
+// ---- sizes a model can ask for: refused with a clear error, before anything is allocated ----
+
+/// Every one of these used to panic, abort on allocation or wrap around.
+#[test]
+fn oversized_shapes_are_refused_by_name() {
+    let huge_reshape = model(
+        vec![node("Reshape", "r", &["x", "shape"], &["y"])],
+        vec![i64_init("shape", &[3, 16, (1i64 << 62) + 1])],
+        vec![vi("x", &[Ok(48)])],
+        vec![vi("y", &[Ok(3), Ok(16), Err("n")])],
+        17,
+    );
+    let constant_of_shape = |dims: &[i64]| {
+        model(
+            vec![node("ConstantOfShape", "c", &["shape"], &["y"])],
+            vec![i64_init("shape", dims)],
+            vec![],
+            vec![vi("y", &[Err("a"), Err("b")])],
+            17,
+        )
+    };
+    let range = model(
+        vec![node("Range", "rng", &["s", "l", "d"], &["y"])],
+        vec![
+            f32_init("s", &[], &[0.0]),
+            f32_init("l", &[], &[1e11]),
+            f32_init("d", &[], &[1.0]),
+        ],
+        vec![],
+        vec![vi("y", &[Err("n")])],
+        17,
+    );
+    let expand = model(
+        vec![node("Expand", "e", &["x", "shape"], &["y"])],
+        vec![i64_init("shape", &[200_000, 100_000])],
+        vec![vi("x", &[Ok(1)])],
+        vec![vi("y", &[Err("a"), Err("b")])],
+        17,
+    );
+    for (what, m, needle) in [
+        ("reshape", huge_reshape, "node"),
+        (
+            "constant_of_shape",
+            constant_of_shape(&[100_000, 100_000]),
+            "ConstantOfShape node",
+        ),
+        (
+            "constant_of_shape 2^62",
+            constant_of_shape(&[1 << 62, 4]),
+            "ConstantOfShape node",
+        ),
+        ("range", range, "Range node"),
+        ("expand", expand, "node 'e'"),
+    ] {
+        let err = import_err(&m).to_string();
+        assert!(
+            err.contains(needle)
+                && (err.contains("memory budget") || err.contains("cannot reshape")),
+            "{what}: {err}"
+        );
+    }
 }

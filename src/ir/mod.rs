@@ -365,6 +365,7 @@ impl Graph {
         let shape = op
             .shape(&shapes)
             .map_err(|e| Error::Shape(format!("node '{label}': {}", strip_kind(e))))?;
+        crate::tensor::check_size(&shape, 4, || format!("node '{label}'"))?;
         let dtypes: Vec<DType> = inputs.iter().map(|&i| self.graph[i].dtype).collect();
         let dtype = op.dtype(&dtypes);
         let id = self.graph.add_node(Node {

@@ -83,6 +83,7 @@ impl<'g> Patch<'g> {
             Error::Shape(m) => Error::Shape(format!("node '{label}': {m}")),
             other => other,
         })?;
+        crate::tensor::check_size(&shape, 4, || format!("node '{label}'"))?;
         let dtypes: Vec<DType> = inputs.iter().map(|&r| self.dtype(r)).collect();
         let node = Node {
             name: name.into(),

@@ -105,6 +105,8 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dim {d} in {:?}", t.dims))))
         .collect::<Result<Vec<usize>>>()?;
+    // Before anything is mapped or allocated: `n * elem.size()` below cannot overflow after this.
+    crate::tensor::check_size(&shape, 8, || what.to_string())?;
     let n = numel(&shape);
     let external = t.data_location() == DataLocation::External;
     let mapped;
@@ -298,6 +300,32 @@ fn map_external(
         if len != expected as u64 {
             return Err(err(format!(
                 "external data length {len} does not match the tensor's {expected} bytes"
+            )));
+        }
+    }
+    // Only a plain file is read: opening a FIFO would block for ever, a device could be read
+    // without end, and a file with other hard links may be a file outside the model's folder.
+    let meta = std::fs::metadata(&path).map_err(|e| {
+        err(format!(
+            "cannot open external data file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if !meta.is_file() {
+        return Err(err(format!(
+            "external data {} is not a regular file",
+            path.display()
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if meta.nlink() > 1 {
+            return Err(err(format!(
+                "external data file {} has {} hard links; dorac reads only files that have one, \
+                 since another link may lie outside the model's folder",
+                path.display(),
+                meta.nlink()
             )));
         }
     }

@@ -267,6 +267,7 @@ fn import_resolved(
     // 1. Graph inputs, with static shapes.
     let shapes = resolve_input_shapes(&inputs, pins, input_shapes)?;
     for (vi, (shape, dims)) in inputs.iter().zip(shapes) {
+        crate::tensor::check_size(&shape, 4, || format!("input '{}'", vi.name()))?;
         let id = g.add_typed_input(vi.name(), shape, input_dtype(vi).unwrap_or(DType::F32));
         values.insert(vi.name().to_string(), id);
         g.info.input_dims.insert(vi.name().to_string(), dims);

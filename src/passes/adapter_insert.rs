@@ -49,6 +49,17 @@ pub struct AdapterSpec {
 
 /// Rewrites every layer in `specs` into its adapted form, recording each in `graph.adapters`.
 pub fn insert_adapters(graph: &mut Graph, specs: Vec<AdapterSpec>) -> Result<usize> {
+    // Training keeps each adapter parameter about six times (value, gradient, two Adam moments,
+    // the reference executor's f64 copies): refuse a rank whose adapters could never fit.
+    let params = specs.iter().try_fold(0usize, |acc, s| {
+        s.rank
+            .checked_mul(s.layer.in_features + s.layer.out_features)
+            .and_then(|n| acc.checked_add(n))
+    });
+    let rank = specs.iter().map(|s| s.rank).max().unwrap_or(0);
+    crate::tensor::check_size(&[params.unwrap_or(usize::MAX), 6], 8, || {
+        format!("the adapters at rank {rank} (their parameters, gradients and optimizer state)")
+    })?;
     let rule = InsertAdapter {
         specs: specs.into_iter().map(|s| (s.layer.node, s)).collect(),
     };
@@ -81,6 +92,10 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
             l.module
         )));
     }
+    // Before A [r, in] and B [out, r] are allocated: a huge --rank is refused, not attempted.
+    crate::tensor::check_size(&[r, fin.max(fout)], 8, || {
+        format!("the rank-{r} adapter of layer '{}'", l.module)
+    })?;
     let base_label = graph.node(l.node).label.clone();
     let scope = match base_label.rfind('/') {
         Some(i) if i > 0 => base_label[..i].to_string(),

@@ -53,6 +53,7 @@ pub fn constant_of_shape(cx: &mut Ctx) -> Result<NodeId> {
             value.numel()
         )));
     }
+    crate::tensor::check_size(&shape, 8, || format!("ConstantOfShape node '{}'", cx.label))?;
     let n = numel(&shape);
     let filled = Array::new(shape, vec![value.to_f64()[0]; n]).to_tensor(value.dtype());
     let name = cx.name.clone();
@@ -76,7 +77,15 @@ pub fn range(cx: &mut Ctx) -> Result<NodeId> {
     if delta == 0.0 {
         return Err(cx.err("delta is 0".into()));
     }
-    let n = ((limit - start) / delta).ceil().max(0.0) as usize;
+    let steps = ((limit - start) / delta).ceil().max(0.0);
+    if !steps.is_finite() {
+        return Err(cx.err(format!(
+            "start {start}, limit {limit}, delta {delta} give no finite length"
+        )));
+    }
+    // `as` saturates: a length past usize::MAX fails the budget below.
+    let n = steps as usize;
+    crate::tensor::check_size(&[n], 8, || format!("Range node '{}'", cx.label))?;
     let values: Vec<f64> = (0..n).map(|i| start + i as f64 * delta).collect();
     let value = Array::new(vec![n], values).to_tensor(match dtype {
         DType::Bool => DType::I64,
