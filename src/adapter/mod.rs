@@ -120,6 +120,8 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         base_model: file.base_model_name_or_path.clone(),
     };
 
+    refuse_unsupported(&file, &cfg_path)?;
+
     let weights_path = dir.join(WEIGHTS_FILE);
     let tensors = read_safetensors(&weights_path)?;
     let mut parts: BTreeMap<String, [Option<Array>; 3]> = BTreeMap::new();
@@ -187,12 +189,62 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         if config.use_dora && m.is_none() {
             return Err(missing("lora_magnitude_vector (the config says use_dora)"));
         }
+        if !config.use_dora && m.is_some() {
+            return Err(Error::Input(format!(
+                "{}: module '{module}' has a lora_magnitude_vector, but {} says use_dora: false; \
+                 set use_dora to true to apply it as DoRA, or remove the magnitudes for LoRA",
+                weights_path.display(),
+                cfg_path.display()
+            )));
+        }
+        for (what, t) in [
+            ("lora_A", Some(&a)),
+            ("lora_B", Some(&b)),
+            ("lora_magnitude_vector", m.as_ref()),
+        ] {
+            if let Some(t) = t {
+                if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "{}: module '{module}': {what} holds {v}; an adapter's values must be finite",
+                        weights_path.display()
+                    )));
+                }
+            }
+        }
         if a.shape.len() != 2 || b.shape.len() != 2 || a.shape[0] != b.shape[1] {
             return Err(Error::Input(format!(
                 "{}: module '{module}': lora_A {} and lora_B {} do not form a rank-r pair",
                 weights_path.display(),
                 shape_str(&a.shape),
                 shape_str(&b.shape)
+            )));
+        }
+        // The rank the config gives this module (rank_pattern, else r) must be the tensors'.
+        let rank = pattern_lookup(&config.rank_pattern, &module).unwrap_or(config.r);
+        if a.shape[0] != rank {
+            return Err(Error::Input(format!(
+                "{}: module '{module}' has rank {} tensors, but {} gives it rank {rank} ({})",
+                weights_path.display(),
+                a.shape[0],
+                cfg_path.display(),
+                if config.rank_pattern.is_empty() {
+                    "r"
+                } else {
+                    "r / rank_pattern"
+                }
+            )));
+        }
+        if !config.target_modules.is_empty()
+            && !config
+                .target_modules
+                .iter()
+                .any(|p| crate::passes::matches_target(&module, p))
+        {
+            return Err(Error::Input(format!(
+                "{}: module '{module}' has tensors but matches none of target_modules {:?} in {}",
+                weights_path.display(),
+                config.target_modules,
+                cfg_path.display()
             )));
         }
         layers.insert(
@@ -213,6 +265,57 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
         )));
     }
     Ok(PeftAdapter { config, layers })
+}
+
+/// Refuses, by name, the `LoraConfig` fields that would change what the adapter computes and
+/// that dorac does not implement, so an adapter never runs differently from PEFT in silence.
+fn refuse_unsupported(file: &ConfigFile, path: &Path) -> Result<()> {
+    use serde_json::Value;
+    let set = |key: &str| match file.extra.get(key) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    };
+    let mut unsupported: Vec<&str> = [
+        "exclude_modules",
+        "layers_pattern",
+        "layer_replication",
+        "lora_bias",
+        "use_qalora",
+        "trainable_token_indices",
+        "target_parameters",
+        "alora_invocation_tokens",
+        "use_bdlora",
+    ]
+    .into_iter()
+    .filter(|k| set(k))
+    .collect();
+    if file
+        .layers_to_transform
+        .as_ref()
+        .is_some_and(|v| !v.is_null())
+    {
+        unsupported.push("layers_to_transform");
+    }
+    if file.modules_to_save.as_ref().is_some_and(|v| !v.is_empty()) {
+        unsupported.push("modules_to_save");
+    }
+    if file.bias != "none" {
+        unsupported.push("bias");
+    }
+    if unsupported.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Input(format!(
+        "{}: dorac does not implement {} (set to a non-default value); the adapter would not compute what PEFT computes",
+        path.display(),
+        unsupported
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
 }
 
 /// A Conv adapter's tensors as a linear layer's: lora_A `[r, C, kernel...]` -> `[r, C*K]`,

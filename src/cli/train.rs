@@ -233,6 +233,7 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| super::eval::default_labels(loss).into());
     let (beta1, beta2) = parse_betas(&args.betas)?;
+    check_hyperparameters(&args)?;
     let optimizer = AdamW {
         lr: args.lr,
         beta1,
@@ -483,4 +484,34 @@ pub fn find_output(
                 .join(", ")
         ))
     })
+}
+
+/// Refuses hyperparameters outside their meaningful range, naming the flag.
+fn check_hyperparameters(args: &Args) -> Result<()> {
+    let bad =
+        |flag: &str, v: f64, want: &str| Err(Error::Input(format!("{flag} {v}: expected {want}")));
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        return bad("--lr", args.lr, "a positive number");
+    }
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        return bad("--weight-decay", args.weight_decay, "a number >= 0");
+    }
+    if !(args.eps.is_finite() && args.eps > 0.0) {
+        return bad("--eps", args.eps, "a positive number");
+    }
+    if let Some(c) = args.grad_clip {
+        if !(c.is_finite() && c > 0.0) {
+            return bad("--grad-clip", c, "a positive number");
+        }
+    }
+    if args.steps == Some(0) || args.epochs == Some(0) {
+        return Err(Error::Input("nothing to do: 0 steps".into()));
+    }
+    if args.eval_every == Some(0) {
+        return Err(Error::Input("--eval-every 0: expected at least 1".into()));
+    }
+    if args.batch_size == Some(0) {
+        return Err(Error::Input("--batch-size 0: expected at least 1".into()));
+    }
+    Ok(())
 }
