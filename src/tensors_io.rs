@@ -9,12 +9,49 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Whether a process with this id is running. Where that cannot be told (no `/proc`), every
+/// process counts as running, so nothing of a live run is ever taken for stale.
+pub fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
+}
+
+/// The process id in a temporary name dorac wrote (`...tmp-<pid>`, a file or a folder).
+fn temp_owner(name: &str) -> Option<u32> {
+    let (_, pid) = name.rsplit_once(".tmp-")?;
+    pid.parse().ok()
+}
+
+/// Removes the temporary files and folders that killed dorac runs left in `dir` (every
+/// writer names them `...tmp-<pid>`): those whose process is gone. Called before writing into
+/// `dir`, so a killed run's leftovers last only until the next run writes there.
+pub fn clean_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_owner(&name) else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        let _ = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temporary file + rename in the same folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    clean_stale_temps(&dir);
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;

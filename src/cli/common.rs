@@ -29,12 +29,20 @@ pub fn load_graph_with_values(
     let model = crate::onnx::load_model(path)?;
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    crate::onnx::import_with_values(&model, dir, &pins, input_shapes, input_values).map_err(|e| {
-        match e {
+    let graph = crate::onnx::import_with_values(&model, dir, &pins, input_shapes, input_values)
+        .map_err(|e| match e {
             Error::Onnx(m) => Error::Onnx(format!("{}: {m}", path.display())),
             other => other,
-        }
-    })
+        })?;
+    print_warnings(&graph, path);
+    Ok(graph)
+}
+
+/// Prints what the import noticed but did not refuse, once per model load.
+fn print_warnings(graph: &Graph, path: &Path) {
+    for w in &graph.info.warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
 }
 
 /// Applies what a training run saved in `dir` to a graph: a PEFT adapter folder (inserting or
@@ -82,8 +90,10 @@ fn rebatch(
     crate::onnx::set_batch_dim(&mut model, batch);
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    crate::onnx::import(&model, dir, &pins, &HashMap::new())
-        .map_err(|e| with_batch_hint(e, path, fixed, &first_input, batch, "--batch-size"))
+    let graph = crate::onnx::import(&model, dir, &pins, &HashMap::new())
+        .map_err(|e| with_batch_hint(e, path, fixed, &first_input, batch, "--batch-size"))?;
+    print_warnings(&graph, path);
+    Ok(graph)
 }
 
 /// The name of a model's first input that is not an initializer.

@@ -130,8 +130,12 @@ pub struct Args {
     pub keep_checkpoints: usize,
     /// Continue from the newest checkpoint in the output folder (optimizer state and data
     /// order included).
-    #[arg(long, help_heading = "Output")]
+    #[arg(long, help_heading = "Output", conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Replace an earlier run's checkpoints, metrics and adapter in the output folder (without
+    /// it a fresh run there is refused).
+    #[arg(long, help_heading = "Output")]
+    pub overwrite: bool,
     /// No progress bar (evaluations and the summary are still printed).
     #[arg(long, help_heading = "Output")]
     pub quiet: bool,
@@ -352,6 +356,11 @@ pub fn run(args: Args) -> Result<()> {
         "batch_size": batch_size, "total_steps": total, "seed": args.seed,
         "shuffle": !args.no_shuffle, "exact_norm_grad": args.exact_norm_grad,
     });
+    // One run per folder at a time; a fresh run does not mix with an earlier run's files.
+    let _lock = checkpoint::RunLock::acquire(&out)?;
+    if !args.resume {
+        checkpoint::prepare_fresh(&out, args.overwrite)?;
+    }
     let mut start = 0;
     if args.resume {
         let (step, dir) = checkpoint::latest(&out)?

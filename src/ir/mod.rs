@@ -205,6 +205,9 @@ pub struct ModelInfo {
     pub input_dims: HashMap<String, Vec<Option<String>>>,
     /// The model kept (some of) its weights in external data files: outputs do too.
     pub external_data: bool,
+    /// What the import noticed but did not refuse (an opset outside the tested range); the
+    /// commands print these as `warning:` lines.
+    pub warnings: Vec<String>,
 }
 
 /// A whole model.

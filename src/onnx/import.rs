@@ -125,6 +125,21 @@ fn plain_label(n: &NodeProto) -> String {
     }
 }
 
+/// The opsets dorac is tested on (the ONNX node conformance cases and PyTorch's exporters).
+pub const TESTED_OPSETS: std::ops::RangeInclusive<i64> = 13..=21;
+
+/// A warning for a default-domain opset outside [`TESTED_OPSETS`]: ops whose meaning changed
+/// between opsets are read with the rules of the versions dorac knows.
+fn opset_warning(opset: i64) -> Option<String> {
+    (!TESTED_OPSETS.contains(&opset)).then(|| {
+        format!(
+            "the model uses opset {opset}, outside the opsets dorac is tested on ({} to {}); ops whose definition changed may be read wrongly",
+            TESTED_OPSETS.start(),
+            TESTED_OPSETS.end()
+        )
+    })
+}
+
 /// The opset of the default ONNX domain.
 pub(crate) fn default_opset(model: &ModelProto) -> Result<i64> {
     model
@@ -261,6 +276,7 @@ fn import_resolved(
             .initializer
             .iter()
             .any(|t| t.data_location() == super::proto::tensor_proto::DataLocation::External),
+        warnings: opset_warning(opset).into_iter().collect(),
     };
     let mut values: HashMap<String, NodeId> = HashMap::new();
 
@@ -328,7 +344,9 @@ fn import_resolved(
             )));
         }
         // topo_sort checked that every output resolves.
-        g.outputs.push((o.name().to_string(), values[o.name()]));
+        let id = values[o.name()];
+        check_declared_shape(o, g.shape(id))?;
+        g.outputs.push((o.name().to_string(), id));
     }
 
     // 5. dorac's adapter records.
@@ -709,4 +727,43 @@ fn resolve_input_shapes(
         return Err(Error::Input(unpinned.join("; ")));
     }
     Ok(out)
+}
+
+/// A graph output's computed shape against the one the model declares: the rank, and every
+/// dim the declaration fixes (symbolic dims are whatever the pins made them).
+fn check_declared_shape(o: &proto::ValueInfoProto, computed: &[usize]) -> Result<()> {
+    use proto::tensor_shape_proto::dimension::Value as Dim;
+    use proto::type_proto::Value as Type;
+    let Some(Type::TensorType(t)) = o.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return Ok(());
+    };
+    let Some(shape) = t.shape.as_ref() else {
+        return Ok(());
+    };
+    let declared: Vec<Option<i64>> = shape
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(Dim::DimValue(v)) if v > 0 => Some(v),
+            _ => None,
+        })
+        .collect();
+    let fits = declared.len() == computed.len()
+        && declared
+            .iter()
+            .zip(computed)
+            .all(|(d, &c)| d.is_none_or(|d| d as usize == c));
+    if fits {
+        return Ok(());
+    }
+    let shown: Vec<String> = declared
+        .iter()
+        .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+        .collect();
+    Err(Error::Shape(format!(
+        "graph output '{}': the model declares shape [{}], but its nodes compute {}",
+        o.name(),
+        shown.join(", "),
+        crate::tensor::shape_str(computed)
+    )))
 }

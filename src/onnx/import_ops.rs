@@ -191,6 +191,10 @@ pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
         Rule::Binary(b) => {
             let a = cx.input(0)?;
             let b_in = cx.input(1)?;
+            // Pow alone lets its exponent have another type.
+            if cx.op_type() != "Pow" {
+                cx.same_type(&[a, b_in])?;
+            }
             cx.add(Op::Binary(b), &[a, b_in])?
         }
         Rule::Reduce(kind) => reduce(cx, kind)?,
@@ -295,6 +299,23 @@ impl<'a> Ctx<'a> {
     }
 
     /// An error about this node (malformed attributes or inputs).
+    /// Refuses inputs of different element types where ONNX requires one (a MatMul of a
+    /// float input and an int64 weight would otherwise compute on the converted values).
+    pub fn same_type(&self, inputs: &[NodeId]) -> Result<()> {
+        let types: Vec<DType> = inputs.iter().map(|&i| self.dtype(i)).collect();
+        if types.windows(2).all(|w| w[0] == w[1]) {
+            return Ok(());
+        }
+        Err(self.err(format!(
+            "inputs of types {}; ONNX requires one element type here (Cast one of them)",
+            types
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )))
+    }
+
     pub fn err(&self, msg: String) -> Error {
         Error::Onnx(format!("node '{}' ({}): {msg}", self.label, self.op_type()))
     }
@@ -595,6 +616,7 @@ impl<'a> Ctx<'a> {
 fn matmul(cx: &mut Ctx) -> Result<NodeId> {
     let a = cx.input(0)?;
     let b = cx.input(1)?;
+    cx.same_type(&[a, b])?;
     cx.add(Op::MatMul, &[a, b])
 }
 
@@ -608,10 +630,9 @@ fn gemm(cx: &mut Ctx) -> Result<NodeId> {
         trans_a: cx.attr_bool("transA", false)?,
         trans_b: cx.attr_bool("transB", false)?,
     };
-    match c {
-        Some(c) => cx.add(op, &[a, b, c]),
-        None => cx.add(op, &[a, b]),
-    }
+    let inputs: Vec<NodeId> = [a, b].into_iter().chain(c).collect();
+    cx.same_type(&inputs)?;
+    cx.add(op, &inputs)
 }
 
 fn gelu(cx: &mut Ctx) -> Result<NodeId> {

@@ -89,6 +89,7 @@ pub fn save(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let final_dir = out.join(format!("checkpoint-{step}"));
     let tmp = out.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+    crate::tensors_io::clean_stale_temps(out);
     let _ = std::fs::remove_dir_all(&tmp);
     let state = session.read_state()?;
     if let Some((name, _)) = state
@@ -167,4 +168,96 @@ pub fn restore(dir: &Path, session: &mut Session) -> Result<()> {
 /// The trainer record stored with each checkpoint.
 pub fn trainer_record(step: usize, total_steps: usize, seed: u64, config: &Value) -> Value {
     json!({ "step": step, "total_steps": total_steps, "seed": seed, "config": config })
+}
+
+/// The lock a training run holds on its output folder: `.dorac-train.lock`, holding the
+/// process id, created exclusively. A second run on the same folder is refused while the first
+/// lives; a lock whose process is gone (a killed run) is taken over. Removed when dropped.
+pub struct RunLock {
+    path: PathBuf,
+}
+
+pub const LOCK_FILE: &str = ".dorac-train.lock";
+
+impl RunLock {
+    pub fn acquire(out: &Path) -> Result<RunLock> {
+        use std::io::Write;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let path = out.join(LOCK_FILE);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(std::process::id().to_string().as_bytes())
+                        .map_err(|e| Error::io(&path, e))?;
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    match owner {
+                        Some(pid) if crate::tensors_io::process_alive(pid) => {
+                            return Err(Error::Input(format!(
+                                "{}: another dorac run (process {pid}) is writing to this folder; wait for it, or choose another -o",
+                                out.display()
+                            )))
+                        }
+                        // Its run was killed: the lock is stale.
+                        _ => {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Err(Error::Input(format!(
+            "{}: cannot take the lock {LOCK_FILE}",
+            out.display()
+        )))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Before a fresh (not resumed) run writes to `out`: checkpoints of an earlier run there would
+/// mix with the new ones (and a later `--resume` would pick the wrong one), so they are refused
+/// unless `overwrite`, which removes that run's files.
+pub fn prepare_fresh(out: &Path, overwrite: bool) -> Result<()> {
+    let old = list(out)?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        let newest = old.iter().map(|c| c.0).max().unwrap_or(0);
+        return Err(Error::Input(format!(
+            "{} holds {} checkpoint(s) of an earlier run (the newest at step {newest}); use --resume to continue it, --overwrite to replace it, or another -o",
+            out.display(),
+            old.len()
+        )));
+    }
+    for (_, dir) in old {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    for name in [
+        crate::train::report::METRICS_FILE,
+        "loss.png",
+        FULL_WEIGHTS_FILE,
+        crate::adapter::CONFIG_FILE,
+        crate::adapter::WEIGHTS_FILE,
+    ] {
+        let p = out.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
 }
