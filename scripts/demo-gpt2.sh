@@ -12,6 +12,6 @@ dorac generate "$model" --prompt "The garden " --tokens 32 --shape seq=16
 echo "== DoRA on the attention and MLP projections (c_attn, c_proj, c_fc), next-token loss"
 dorac train "$model" --data models/text/corpus.safetensors --loss lm --shape seq=16 \
     --batch-size 16 --epochs 8 --lr 3e-2 --rank 16 --alpha 32 --target c_attn,c_proj,c_fc \
-    -o "$out" --quiet
+    -o "$out" --overwrite --quiet
 echo "== after"
 dorac generate "$model" --adapter "$out" --prompt "The garden " --tokens 32 --shape seq=16

@@ -200,3 +200,78 @@ fn huge_ranks_and_shapes_are_refused() {
         &["memory budget", "DORAC_MEMORY_BUDGET"],
     );
 }
+
+fn train_into(out: &Path, extra: &[&str]) -> Output {
+    let steps = if extra.contains(&"--steps") {
+        None
+    } else {
+        Some("2")
+    };
+    let mut args = vec![
+        "train",
+        "models/mlp2d/model.onnx",
+        "--data",
+        "models/demo/teacher.safetensors",
+        "--loss",
+        "mse",
+        "--quiet",
+        "-o",
+        s(out),
+    ];
+    if let Some(n) = steps {
+        args.extend(["--steps", n]);
+    }
+    args.extend(extra);
+    dorac(&args)
+}
+
+/// A process id that no running process has.
+fn dead_pid() -> u32 {
+    (400_000..)
+        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        .unwrap()
+}
+
+/// A training folder: one run at a time (a dead run's lock is taken over), an earlier run's
+/// checkpoints refused unless --overwrite, and killed runs' temporary files cleaned away.
+#[test]
+fn training_folders_are_locked_fresh_and_clean() {
+    let dir = temp_dir("training-folders");
+    let out = dir.join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = out.join(".dorac-train.lock");
+    // A live holder (this test process) keeps others out.
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    fails_with(&train_into(&out, &[]), &["another dorac run", "process"]);
+    // A dead one does not; its leftovers go too.
+    let dead = dead_pid();
+    std::fs::write(&lock, dead.to_string()).unwrap();
+    std::fs::create_dir_all(out.join(format!(".checkpoint-7.tmp-{dead}"))).unwrap();
+    std::fs::write(out.join(format!(".metrics.jsonl.tmp-{dead}")), b"torn").unwrap();
+    let first = train_into(&out, &[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // A second fresh run would mix with the first one's checkpoints.
+    fails_with(
+        &train_into(&out, &[]),
+        &["checkpoint(s) of an earlier run", "--overwrite"],
+    );
+    let again = train_into(&out, &["--overwrite", "--steps", "3"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let (step, _) = dorac::train::checkpoint::latest(&out).unwrap().unwrap();
+    assert_eq!(step, 3);
+    assert_eq!(dorac::train::checkpoint::list(&out).unwrap().len(), 1);
+}

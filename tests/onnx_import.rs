@@ -2063,3 +2063,49 @@ fn oversized_shapes_are_refused_by_name() {
         );
     }
 }
+
+/// ONNX requires one element type for a product's or an arithmetic op's inputs; declared output
+/// shapes are checked; opsets outside the tested range are warned about.
+#[test]
+fn types_declared_shapes_and_opsets_are_checked() {
+    let mm = |w: TensorProto, out: &[Result<i64, &str>], opset: i64| {
+        model(
+            vec![node("MatMul", "mm", &["x", "w"], &["y"])],
+            vec![w],
+            vec![vi("x", &[Ok(2), Ok(3)])],
+            vec![vi("y", out)],
+            opset,
+        )
+    };
+    let w = || f32_init("w", &[3, 4], &[0.5; 12]);
+    let int_w = TensorProto {
+        name: Some("w".into()),
+        dims: vec![3, 4],
+        data_type: Some(DataType::Int64 as i32),
+        int64_data: vec![1; 12],
+        ..Default::default()
+    };
+    let e = import_err(&mm(int_w, &[Ok(2), Ok(4)], 17)).to_string();
+    assert!(e.contains("node 'mm'") && e.contains("int64"), "{e}");
+    let e = import_err(&mm(w(), &[Ok(2), Ok(9)], 17)).to_string();
+    assert!(
+        e.contains("graph output 'y'") && e.contains("declares shape [2, 9]") && e.contains("2x4"),
+        "{e}"
+    );
+    let ok = |m: &ModelProto| import(m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    assert!(ok(&mm(w(), &[Ok(2), Err("n")], 17))
+        .info
+        .warnings
+        .is_empty());
+    for opset in [1, 99] {
+        let g = ok(&mm(w(), &[Ok(2), Ok(4)], opset));
+        assert!(
+            g.info
+                .warnings
+                .iter()
+                .any(|w| w.contains(&format!("opset {opset}"))),
+            "opset {opset}: {:?}",
+            g.info.warnings
+        );
+    }
+}

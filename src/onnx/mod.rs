@@ -392,6 +392,7 @@ pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
         .iter()
         .filter_map(|t| t.name.clone())
         .collect();
+    let mut old_batches = std::collections::HashSet::new();
     for vi in graph.input.iter_mut() {
         if vi.name.as_ref().is_some_and(|n| inits.contains(n)) {
             continue;
@@ -406,7 +407,28 @@ pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
             })
             .and_then(|s| s.dim.first_mut());
         if let Some(d) = dim0 {
+            if let Some(Dim::DimValue(v)) = d.value {
+                old_batches.insert(v);
+            }
             d.value = Some(Dim::DimValue(batch as i64));
+        }
+    }
+    // An output whose dim 0 was the exported batch now has the new one: leave it open, so the
+    // check of declared output shapes does not hold the old size against the model.
+    for vi in graph.output.iter_mut() {
+        let dim0 = vi
+            .r#type
+            .as_mut()
+            .and_then(|t| t.value.as_mut())
+            .and_then(|v| match v {
+                Type::TensorType(t) => t.shape.as_mut(),
+                _ => None,
+            })
+            .and_then(|s| s.dim.first_mut());
+        if let Some(d) = dim0 {
+            if matches!(d.value, Some(Dim::DimValue(v)) if old_batches.contains(&v)) {
+                d.value = Some(Dim::DimParam("batch".into()));
+            }
         }
     }
 }
