@@ -31,6 +31,13 @@ pub enum Error {
     /// GPU setup, shader validation or execution failure.
     #[error("gpu: {0}")]
     Gpu(String),
+    /// No GPU adapter on this machine (for the backends asked for): the one GPU failure the
+    /// commands answer by falling back to the reference executor.
+    #[error(
+        "gpu: no GPU adapter found ({backends}: {reason}); {}",
+        crate::runtime::INSTALL_HINT
+    )]
+    NoAdapter { backends: String, reason: String },
     /// A tensor larger than the memory budget (`tensor::memory_budget`), refused before it
     /// was allocated.
     #[error("{what}: shape {shape} needs {} bytes, over the memory budget of {budget} bytes (set DORAC_MEMORY_BUDGET to change it)", bytes.map_or("more than 2^128".to_string(), |b| b.to_string()))]

@@ -101,8 +101,16 @@ impl Stored {
 /// Like [`read_safetensors`], with each tensor's stored kind.
 pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, Stored)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Input(format!("{}: not a safetensors file ({e})", path.display())))?;
+    parse_safetensors_typed(&bytes, &path.display().to_string())
+}
+
+/// [`read_safetensors_typed`] of a file's bytes; `what` names the file in errors.
+pub fn parse_safetensors_typed(
+    bytes: &[u8],
+    what: &str,
+) -> Result<BTreeMap<String, (Array, Stored)>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Input(format!("{what}: not a safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
@@ -169,8 +177,7 @@ pub fn read_safetensors_typed(path: &Path) -> Result<BTreeMap<String, (Array, St
             Dtype::BOOL => data.iter().map(|&b| (b != 0) as u8 as f64).collect(),
             other => {
                 return Err(Error::Input(format!(
-                    "{}: tensor '{name}' has dtype {other:?}; dorac reads float, integer and bool tensors",
-                    path.display()
+                    "{what}: tensor '{name}' has dtype {other:?}; dorac reads float, integer and bool tensors"
                 )))
             }
         };

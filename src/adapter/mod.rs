@@ -17,7 +17,7 @@ use crate::passes::{
     find_linear_layers, insert_adapters, resolve_module, AdapterInit, AdapterSpec, ModuleMatch,
 };
 use crate::tensor::{shape_str, Array, Tensor};
-use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
+use crate::tensors_io::{write_atomic, write_safetensors};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -89,6 +89,15 @@ fn pattern_lookup<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T>
 pub fn load(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let weights = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+    from_parts(&text, &weights, dir)
+}
+
+/// A PEFT adapter from its config's text and its weights file's bytes; `dir` names them in
+/// errors (the fuzz target `peft_adapter` calls this directly).
+pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter> {
+    let cfg_path = dir.join(CONFIG_FILE);
     let file: ConfigFile = serde_json::from_str(&text).map_err(|e| {
         Error::Input(format!(
             "{}: not a PEFT adapter config ({e})",
@@ -123,7 +132,11 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
     refuse_unsupported(&file, &cfg_path)?;
 
     let weights_path = dir.join(WEIGHTS_FILE);
-    let tensors = read_safetensors(&weights_path)?;
+    let tensors: BTreeMap<String, Array> =
+        crate::tensors_io::parse_safetensors_typed(weights, &weights_path.display().to_string())?
+            .into_iter()
+            .map(|(k, (a, _))| (k, a))
+            .collect();
     let mut parts: BTreeMap<String, [Option<Array>; 3]> = BTreeMap::new();
     let mut embeddings = std::collections::BTreeSet::new();
     for (key, t) in tensors {

@@ -305,43 +305,32 @@ pub fn execute(
     force_reference: bool,
     phases: &mut Phases,
 ) -> Result<(BTreeMap<String, Array>, Engine)> {
-    if !force_reference {
-        let gpu = crate::runtime::Gpu::new(backend);
+    let gpu = open_gpu(backend, force_reference, "running")?;
+    if let Some(gpu) = gpu {
         phases.done("open the device");
-        match gpu {
-            Ok(gpu) => {
-                let host: HashMap<String, Vec<f32>> = inputs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
-                    .collect();
-                let exe = crate::runtime::Executable::compile(&gpu, graph)?;
-                phases.done("plan, compile pipelines, upload weights");
-                phases.building(exe.build_times());
-                let out = exe.run(&host)?;
-                phases.done("run (upload inputs, kernels, read back)");
-                let shapes: HashMap<&str, &[usize]> = graph
-                    .outputs
-                    .iter()
-                    .map(|(n, id)| (n.as_str(), graph.shape(*id)))
-                    .collect();
-                let arrays = out
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let shape = shapes[k.as_str()].to_vec();
-                        let a = Array::from_f32(shape, &v);
-                        (k, a)
-                    })
-                    .collect();
-                return Ok((arrays, Engine::Gpu(gpu.describe())));
-            }
-            Err(e) if backend.is_none() && crate::runtime::is_no_adapter(&e) => {
-                eprintln!(
-                    "note: no GPU adapter found; running on the CPU reference executor (slow). \
-                     Install a Vulkan driver for the GPU path (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)."
-                );
-            }
-            Err(e) => return Err(e),
-        }
+        let host: HashMap<String, Vec<f32>> = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
+            .collect();
+        let exe = crate::runtime::Executable::compile(&gpu, graph)?;
+        phases.done("plan, compile pipelines, upload weights");
+        phases.building(exe.build_times());
+        let out = exe.run(&host)?;
+        phases.done("run (upload inputs, kernels, read back)");
+        let shapes: HashMap<&str, &[usize]> = graph
+            .outputs
+            .iter()
+            .map(|(n, id)| (n.as_str(), graph.shape(*id)))
+            .collect();
+        let arrays = out
+            .into_iter()
+            .map(|(k, v)| {
+                let shape = shapes[k.as_str()].to_vec();
+                let a = Array::from_f32(shape, &v);
+                (k, a)
+            })
+            .collect();
+        return Ok((arrays, Engine::Gpu(gpu.describe())));
     }
     let inputs: HashMap<String, Array> = inputs.clone().into_iter().collect();
     let out = crate::reference::run(graph, &inputs)?;

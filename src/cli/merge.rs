@@ -12,10 +12,12 @@ use std::path::PathBuf;
 pub struct Args {
     /// A base model with --adapter, or a model made by `dorac rewrite`.
     pub model: PathBuf,
-    /// A PEFT-format adapter folder to merge (replaces a rewritten model's own adapters)
-    /// [default: the rewritten model's own].
+    /// A PEFT-format adapter folder to merge (replaces a rewritten model's own adapters).
+    /// Repeatable: adapters are merged one after the other, each applied to the weights the
+    /// previous one produced (its magnitude and direction relative to them) [default: the
+    /// rewritten model's own].
     #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<PathBuf>,
     /// The merged model to write.
     #[arg(short, long, value_name = "MERGED.onnx")]
     pub output: PathBuf,
@@ -27,19 +29,40 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let mut graph = load_graph(&args.model, &args.shapes, &HashMap::new())?;
-    if let Some(dir) = &args.adapter {
-        apply_adapter(&mut graph, dir)?;
-    }
-    if graph.adapters.is_empty() {
-        return Err(Error::Input(format!(
+    let no_adapters = || {
+        Error::Input(format!(
             "{}: no adapters to merge (give --adapter DIR, or a model made by `dorac rewrite`)",
             args.model.display()
-        )));
+        ))
+    };
+    if args.adapter.is_empty() {
+        if graph.adapters.is_empty() {
+            return Err(no_adapters());
+        }
+        merge_one(&mut graph, "the model's own adapters")?;
     }
-    let modules: Vec<String> = graph.adapters.iter().map(|a| a.module.clone()).collect();
-    crate::passes::merge_adapters(&mut graph)?;
+    for (i, dir) in args.adapter.iter().enumerate() {
+        // A rewritten model's own adapters are merged first; each --adapter then starts from
+        // the weights merged so far.
+        if i == 0 && !graph.adapters.is_empty() {
+            merge_one(&mut graph, "the model's own adapters")?;
+        }
+        apply_adapter(&mut graph, dir)?;
+        merge_one(&mut graph, &dir.display().to_string())?;
+    }
     save_graph(&graph, &args.output)?;
-    println!("merged {} layers: {}", modules.len(), modules.join(", "));
     println!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// Merges the graph's adapters into its weights and says which layers.
+fn merge_one(graph: &mut crate::ir::Graph, what: &str) -> Result<()> {
+    let modules: Vec<String> = graph.adapters.iter().map(|a| a.module.clone()).collect();
+    crate::passes::merge_adapters(graph)?;
+    println!(
+        "merged {what}: {} layers ({})",
+        modules.len(),
+        modules.join(", ")
+    );
     Ok(())
 }

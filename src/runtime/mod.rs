@@ -5,9 +5,9 @@
 //! inside device error scopes, and anything that escapes them lands in an uncaptured-error
 //! handler whose messages are reported by the next check.
 //!
-//! No adapter is a case of its own: [`Gpu::new`] then fails with a message starting with
-//! [`NO_ADAPTER`], and [`is_no_adapter`] recognises it, so the CLI can fall back to the
-//! reference executor on exactly that error and report every other one.
+//! No adapter is a case of its own: [`Gpu::new`] then fails with [`Error::NoAdapter`], so the
+//! CLI can fall back to the reference executor on exactly that error and report every other
+//! one.
 
 mod executable;
 mod pipeline_cache;
@@ -20,16 +20,13 @@ use crate::ir::Graph;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// How the message of the error for "this machine has no usable adapter" begins.
-pub const NO_ADAPTER: &str = "no GPU adapter found";
-
 /// What to tell a user who has no adapter.
 pub const INSTALL_HINT: &str = "install a Vulkan driver: `scripts/install-vulkan.sh`, or on \
      Debian/Ubuntu `apt-get install mesa-vulkan-drivers` (lavapipe, a software Vulkan driver)";
 
 /// True when `e` is [`Gpu::new`]'s "no adapter" error (and not, say, a device or shader error).
 pub fn is_no_adapter(e: &Error) -> bool {
-    matches!(e, Error::Gpu(m) if m.starts_with(NO_ADAPTER))
+    matches!(e, Error::NoAdapter { .. })
 }
 
 /// An open GPU: the adapter's device and queue, with the adapter's own limits.
@@ -64,7 +61,10 @@ impl Gpu {
             power_preference: wgpu::PowerPreference::HighPerformance,
             ..Default::default()
         }))
-        .map_err(|e| Error::Gpu(format!("{NO_ADAPTER} ({which}: {e}); {INSTALL_HINT}")))?;
+        .map_err(|e| Error::NoAdapter {
+            backends: which.to_string(),
+            reason: e.to_string(),
+        })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -221,9 +221,17 @@ mod tests {
     }
 
     #[test]
-    fn no_adapter_is_recognised() {
-        assert!(is_no_adapter(&Error::Gpu(format!("{NO_ADAPTER} (x)"))));
-        assert!(!is_no_adapter(&Error::Gpu("device lost".into())));
-        assert!(!is_no_adapter(&Error::Input(NO_ADAPTER.into())));
+    fn no_adapter_is_recognised_by_its_variant() {
+        let e = Error::NoAdapter {
+            backends: "vulkan".into(),
+            reason: "none".into(),
+        };
+        assert!(is_no_adapter(&e));
+        assert!(e
+            .to_string()
+            .starts_with("gpu: no GPU adapter found (vulkan: none)"));
+        // Not by the text of another error.
+        assert!(!is_no_adapter(&Error::Gpu("no GPU adapter found".into())));
+        assert!(!is_no_adapter(&Error::Input("no GPU adapter found".into())));
     }
 }
