@@ -98,7 +98,7 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
 /// errors (the fuzz target `peft_adapter` calls this directly).
 pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| {
+    let file: ConfigFile = serde_json::from_str(text).map_err(|e| {
         Error::Input(format!(
             "{}: not a PEFT adapter config ({e})",
             cfg_path.display()
