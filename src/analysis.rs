@@ -79,10 +79,7 @@ fn checkpoint_weights(base: &Graph, dir: &Path) -> Result<(String, Vec<TrainedLa
     let full = dir.join(FULL_WEIGHTS_FILE);
     if full.exists() {
         let mut trained = base.clone();
-        checkpoint::load_trained_weights(&mut trained, &full)?;
-        let names: Vec<String> = crate::tensors_io::read_safetensors(&full)?
-            .into_keys()
-            .collect();
+        let names = checkpoint::load_trained_weights(&mut trained, &full)?;
         let mut layers = vec![];
         for l in find_linear_layers(base) {
             if !names.contains(&base.node(l.weight).name) {

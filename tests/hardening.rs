@@ -150,21 +150,11 @@ fn hyperparameters_out_of_range_are_refused() {
         ("--eps=0", "--eps 0"),
         ("--eval-every=0", "--eval-every 0"),
     ] {
-        let mut args = vec![
-            "train",
-            "models/mlp2d/model.onnx",
-            "--data",
-            "models/demo/teacher.safetensors",
-            "--loss",
-            "mse",
-            "-o",
-            s(&out),
-            flag,
-        ];
+        let mut extra = vec![flag];
         if flag.starts_with("--eval-every") {
-            args.extend(["--eval-data", "models/demo/teacher.safetensors"]);
+            extra.extend(["--eval-data", "models/demo/teacher.safetensors"]);
         }
-        fails_with(&dorac(&args), &[needle]);
+        fails_with(&train_into(&out, &extra), &[needle]);
     }
     assert!(!out.exists(), "nothing is written for a refused run");
 }

@@ -51,7 +51,8 @@ fn print_warnings(graph: &Graph, path: &Path) {
 pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
     let weights = dir.join(crate::train::checkpoint::FULL_WEIGHTS_FILE);
     if !dir.join(crate::adapter::CONFIG_FILE).exists() && weights.exists() {
-        return crate::train::checkpoint::load_trained_weights(graph, &weights);
+        crate::train::checkpoint::load_trained_weights(graph, &weights)?;
+        return Ok(());
     }
     let adapter = crate::adapter::load(dir)?;
     crate::adapter::apply(graph, &adapter)?;
@@ -86,7 +87,7 @@ fn rebatch(
     batch: usize,
 ) -> Result<Graph> {
     let fixed = crate::onnx::fixed_batch_dim(&model).filter(|&n| n != batch);
-    let first_input = first_data_input(&model);
+    let first_input = crate::onnx::first_data_input(&model);
     crate::onnx::set_batch_dim(&mut model, batch);
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -94,24 +95,6 @@ fn rebatch(
         .map_err(|e| with_batch_hint(e, path, fixed, &first_input, batch, "--batch-size"))?;
     print_warnings(&graph, path);
     Ok(graph)
-}
-
-/// The name of a model's first input that is not an initializer.
-fn first_data_input(model: &crate::onnx::proto::ModelProto) -> String {
-    let Some(g) = model.graph.as_ref() else {
-        return String::new();
-    };
-    let inits: std::collections::HashSet<&str> = g
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.as_deref())
-        .collect();
-    g.input
-        .iter()
-        .filter_map(|v| v.name.as_deref())
-        .find(|n| !inits.contains(n))
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// A shape error met at a batch size other than the one the model was exported with (`fixed`)

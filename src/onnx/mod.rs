@@ -341,35 +341,58 @@ pub fn parse_shape_arg(arg: &str) -> Result<(String, Vec<usize>)> {
     Ok((name.to_string(), sizes))
 }
 
-/// Sets dim 0 of every graph input (initializers excluded) to `batch`. Training re-batches a
-/// model exported with a fixed batch size: dim 0 is the batch, whatever the export baked in.
-/// The batch size a model was exported with: dim 0 of its data inputs when every one of them
-/// has the same fixed value there (exports that bake the batch into Reshape shapes need it).
-pub fn fixed_batch_dim(model: &proto::ModelProto) -> Option<usize> {
-    use proto::tensor_shape_proto::dimension::Value as Dim;
-    use proto::type_proto::Value as Type;
-    let graph = model.graph.as_ref()?;
+/// The graph inputs a user feeds (initializers listed as inputs excluded), by name.
+fn data_input_names(graph: &proto::GraphProto) -> Vec<String> {
     let inits: std::collections::HashSet<&str> = graph
         .initializer
         .iter()
         .filter_map(|t| t.name.as_deref())
         .collect();
+    graph
+        .input
+        .iter()
+        .filter_map(|vi| vi.name.clone())
+        .filter(|n| !inits.contains(n.as_str()))
+        .collect()
+}
+
+/// Dim 0 of a value's declared tensor shape.
+fn dim0(vi: &proto::ValueInfoProto) -> Option<&proto::tensor_shape_proto::Dimension> {
+    match vi.r#type.as_ref()?.value.as_ref()? {
+        proto::type_proto::Value::TensorType(t) => t.shape.as_ref()?.dim.first(),
+        _ => None,
+    }
+}
+
+/// [`dim0`], to change.
+fn dim0_mut(vi: &mut proto::ValueInfoProto) -> Option<&mut proto::tensor_shape_proto::Dimension> {
+    match vi.r#type.as_mut()?.value.as_mut()? {
+        proto::type_proto::Value::TensorType(t) => t.shape.as_mut()?.dim.first_mut(),
+        _ => None,
+    }
+}
+
+/// The name of the model's first data input (empty when it has none).
+pub fn first_data_input(model: &proto::ModelProto) -> String {
+    model
+        .graph
+        .as_ref()
+        .and_then(|g| data_input_names(g).into_iter().next())
+        .unwrap_or_default()
+}
+
+/// The batch size a model was exported with: dim 0 of its data inputs when every one of them
+/// has the same fixed value there (exports that bake the batch into Reshape shapes need it).
+pub fn fixed_batch_dim(model: &proto::ModelProto) -> Option<usize> {
+    use proto::tensor_shape_proto::dimension::Value as Dim;
+    let graph = model.graph.as_ref()?;
+    let names = data_input_names(graph);
     let mut found = None;
     for vi in &graph.input {
-        if vi.name.as_deref().is_some_and(|n| inits.contains(n)) {
+        if !vi.name.as_ref().is_some_and(|n| names.contains(n)) {
             continue;
         }
-        let dim0 = vi
-            .r#type
-            .as_ref()
-            .and_then(|t| t.value.as_ref())
-            .and_then(|v| match v {
-                Type::TensorType(t) => t.shape.as_ref(),
-                _ => None,
-            })
-            .and_then(|s| s.dim.first())
-            .and_then(|d| d.value.as_ref());
-        let n = match dim0 {
+        let n = match dim0(vi).and_then(|d| d.value.as_ref()) {
             Some(Dim::DimValue(n)) if *n > 0 => *n as usize,
             _ => return None,
         };
@@ -381,32 +404,20 @@ pub fn fixed_batch_dim(model: &proto::ModelProto) -> Option<usize> {
     found
 }
 
+/// Sets dim 0 of every data input to `batch`. Training re-batches a model exported with a
+/// fixed batch size: dim 0 is the batch, whatever the export baked in.
 pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
     use proto::tensor_shape_proto::dimension::Value as Dim;
-    use proto::type_proto::Value as Type;
     let Some(graph) = model.graph.as_mut() else {
         return;
     };
-    let inits: std::collections::HashSet<String> = graph
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.clone())
-        .collect();
+    let names = data_input_names(graph);
     let mut old_batches = std::collections::HashSet::new();
     for vi in graph.input.iter_mut() {
-        if vi.name.as_ref().is_some_and(|n| inits.contains(n)) {
+        if !vi.name.as_ref().is_some_and(|n| names.contains(n)) {
             continue;
         }
-        let dim0 = vi
-            .r#type
-            .as_mut()
-            .and_then(|t| t.value.as_mut())
-            .and_then(|v| match v {
-                Type::TensorType(t) => t.shape.as_mut(),
-                _ => None,
-            })
-            .and_then(|s| s.dim.first_mut());
-        if let Some(d) = dim0 {
+        if let Some(d) = dim0_mut(vi) {
             if let Some(Dim::DimValue(v)) = d.value {
                 old_batches.insert(v);
             }
@@ -416,16 +427,7 @@ pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
     // An output whose dim 0 was the exported batch now has the new one: leave it open, so the
     // check of declared output shapes does not hold the old size against the model.
     for vi in graph.output.iter_mut() {
-        let dim0 = vi
-            .r#type
-            .as_mut()
-            .and_then(|t| t.value.as_mut())
-            .and_then(|v| match v {
-                Type::TensorType(t) => t.shape.as_mut(),
-                _ => None,
-            })
-            .and_then(|s| s.dim.first_mut());
-        if let Some(d) = dim0 {
+        if let Some(d) = dim0_mut(vi) {
             if matches!(d.value, Some(Dim::DimValue(v)) if old_batches.contains(&v)) {
                 d.value = Some(Dim::DimParam("batch".into()));
             }

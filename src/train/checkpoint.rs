@@ -49,8 +49,10 @@ pub fn write_weights(graph: &Graph, session: &Session, dir: &Path) -> Result<()>
 }
 
 /// Replaces the weights a full fine-tuning run saved (`trained_weights.safetensors`, tensors
-/// named after the model's initializers) in `graph`, checking each name and shape.
-pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<()> {
+/// named after the model's initializers) in `graph`, checking each name and shape; returns the
+/// names replaced.
+pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<Vec<String>> {
+    let mut names = vec![];
     for (name, a) in read_safetensors(path)? {
         let id = graph.find_by_name(&name).ok_or_else(|| {
             Error::Input(format!(
@@ -73,8 +75,9 @@ pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<()> {
             )));
         }
         graph.node_mut(id).op = Op::Const(a.to_tensor_f32());
+        names.push(name);
     }
-    Ok(())
+    Ok(names)
 }
 
 /// Saves `checkpoint-<step>` under `out` and prunes all but the newest `keep` (0 keeps all).
