@@ -9,9 +9,10 @@ mod common;
 use common::{adapted, env, flops, mlp};
 use dorac::codegen::PlanOptions;
 use dorac::ir::Method;
-use dorac::passes::{fold_constants, merge_adapters};
+use dorac::passes::merge_adapters;
+use dorac::pipeline::Inference;
 use dorac::tensor::Rng;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Instant;
 
 fn main() {
@@ -45,8 +46,7 @@ fn main() {
         ("lora (unmerged)", &lora),
         ("dora merged", &merged),
     ] {
-        let mut g = g.clone();
-        fold_constants(&mut g, &HashSet::new()).unwrap();
+        let g = Inference::default().run(g.clone()).unwrap().value;
         let plan = dorac::codegen::plan_with(&g, &options).unwrap();
         let exe = dorac::runtime::Executable::new(&gpu, &plan, &g).unwrap();
         exe.run(&inputs).unwrap(); // warm-up: pipeline creation, first upload

@@ -14,7 +14,7 @@ mod common;
 
 use common::env;
 use dorac::codegen::{Plan, PlanOptions, Target};
-use dorac::ir::{Graph, Op};
+use dorac::ir::{Graph, GraphBuilder, Op};
 use dorac::runtime::Executable;
 use dorac::tensor::{Rng, Tensor};
 use std::collections::HashMap;
@@ -87,7 +87,7 @@ fn main() {
     for (m, k, n, trans_b) in shapes {
         let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
         let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let xi = g.add_input("x", vec![m, k]);
         let y = if trans_b {
             // The same product with W stored transposed: w_t[j, p] = w[p, j].
@@ -104,7 +104,7 @@ fn main() {
             let wc = g.add_const("w", Tensor::f32(vec![k, n], w.clone()));
             g.add(Op::MatMul, &[xi, wc], "y", "y").unwrap()
         };
-        g.outputs.push(("y".into(), y));
+        g.add_output("y", y);
         let exe = Executable::new(&gpu, &plan_for(&g, target), &g).unwrap();
         let inputs: HashMap<String, Vec<f32>> = [("x".to_string(), x.clone())].into();
         exe.run(&inputs).unwrap(); // warm-up: pipeline creation, first upload

@@ -10,11 +10,11 @@ mod common;
 use common::{adapted, env, mlp};
 use dorac::codegen::PlanOptions;
 use dorac::ir::{Graph, Method};
-use dorac::passes::fold_constants;
+use dorac::pipeline::Inference;
 use dorac::runtime::Executable;
 use dorac::tensor::{Array, Rng};
 use dorac::train::{build, AdamW, BuildOptions, LossKind, Session, TrainMethod};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 fn median(mut t: Vec<f64>) -> f64 {
@@ -135,8 +135,7 @@ fn main() {
     let inputs: HashMap<String, Vec<f32>> =
         [("x".to_string(), x.data.iter().map(|&v| v as f32).collect())].into();
     let compile = |g: &Graph| {
-        let mut g = g.clone();
-        fold_constants(&mut g, &HashSet::new()).unwrap();
+        let g = Inference::default().run(g.clone()).unwrap().value;
         let exe = Executable::compile(&gpu, &g).unwrap();
         exe.run(&inputs).unwrap();
         exe

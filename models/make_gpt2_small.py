@@ -2,7 +2,11 @@
 """GPT-2 small (124M parameters, `GPT2Config()` defaults, random weights: no download) exported
 for dorac's large-tensor checks. Not committed (650 MB): run it where you want the files,
 
-    /work/pyenv/bin/python models/make_gpt2_small.py OUT_DIR
+    /work/pyenv/bin/python models/make_gpt2_small.py OUT_DIR [--layers N]
+
+--layers N keeps GPT-2 small's width (768, 12 heads, vocab 50257) but stacks only N blocks
+(default 12); benches/autodiff.rs uses 1, 2, 4 and 8 layers to time building the training
+step's gradients as the depth grows.
 
 It writes OUT_DIR/legacy_op17.onnx (+ weights in legacy_op17.onnx.data, external data),
 OUT_DIR/inputs.safetensors ("input_ids" int64 [2, 16], bytes of models/text/tiny_corpus.txt),
@@ -13,7 +17,7 @@ The token embedding wte is 50257 x 768 float32 = 154 MB, over lavapipe's 128 MiB
 max_storage_buffer_binding_size; the tied LM head reads the same matrix transposed.
 """
 
-import sys
+import argparse
 import time
 import warnings
 from pathlib import Path
@@ -41,10 +45,16 @@ class Logits(torch.nn.Module):
 
 
 def main():
-    out = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description="Export GPT-2 small (random weights) to ONNX.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--layers", type=int, default=GPT2Config().n_layer, metavar="N",
+                        help="number of transformer blocks (default: GPT2Config's 12)")
+    args = parser.parse_args()
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(124)
-    config = GPT2Config(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, attn_implementation="eager")
+    config = GPT2Config(n_layer=args.layers, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
+                        attn_implementation="eager")
     model = GPT2LMHeadModel(config).eval()
     text = (MODELS_DIR / "text" / "tiny_corpus.txt").read_bytes()
     ids = np.frombuffer(text[: 2 * 16], dtype=np.uint8).astype(np.int64).reshape(2, 16)

@@ -110,7 +110,7 @@ fn checkpoint_weights(base: &Graph, dir: &Path) -> Result<(String, Vec<TrainedLa
     crate::adapter::apply(&mut graph, &adapter)?;
     let method = adapter.config.method().name().to_string();
     let layers = graph
-        .adapters
+        .adapters()
         .iter()
         .map(|a| {
             let (fin, fout) = (a.in_features, a.out_features);

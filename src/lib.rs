@@ -4,6 +4,7 @@
 //! [`onnx`] (front end: ONNX protobuf to IR, and back) -> [`ir`] (a petgraph graph of tensor ops) ->
 //! [`passes`] (shape-checked rewrites: DoRA/LoRA insertion, constant folding, cleanup) ->
 //! [`codegen`] (kernels as groups of IR nodes, rendered to WGSL) -> [`runtime`] (wgpu execution).
+//! [`pipeline`] composes the passes, once for inference and once for a training step.
 //! [`reference`] is an f64 interpreter of the same IR: the oracle for every kernel and the fallback
 //! when no GPU adapter exists. [`adapter`] reads and writes PEFT-format adapters; [`cli`] is the
 //! `dorac` command.
@@ -17,6 +18,7 @@ pub mod ir;
 pub mod onnx;
 pub mod ops;
 pub mod passes;
+pub mod pipeline;
 pub mod plot;
 pub mod reference;
 pub mod runtime;

@@ -116,7 +116,7 @@ fn run_gpu(
     Ok(out
         .into_iter()
         .map(|(k, v)| {
-            let id = graph.outputs.iter().find(|(n, _)| *n == k).unwrap().1;
+            let id = graph.outputs().iter().find(|(n, _)| *n == k).unwrap().1;
             (k, Array::from_f32(graph.shape(id).to_vec(), &v))
         })
         .collect())
@@ -212,7 +212,7 @@ fn check(name: &str, dir: &Path) -> Outcome {
                 silent.push(format!("{engine}: no output '{oname}'"));
                 continue;
             };
-            let id = graph.outputs.iter().find(|(n, _)| n == oname).unwrap().1;
+            let id = graph.outputs().iter().find(|(n, _)| n == oname).unwrap().1;
             let dtype = graph.node(id).dtype;
             if let Some(d) = compare(got, dtype, want, *stored, tolerance(name, *stored)) {
                 silent.push(format!("{engine}: output '{oname}': {d}"));

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use dorac::ir::{unary, Graph, Op};
+use dorac::ir::{unary, GraphBuilder, Op};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -284,10 +284,10 @@ fn fixed_batch_exports_say_what_to_do() {
 fn binding_limit_error_suggests_reference() {
     let gpu = gpu();
     let limit = gpu.limits().max_storage_buffer_binding_size as usize;
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![limit / 4 + 1024]);
     let y = g.add(Op::Unary(unary::RELU), &[x], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let err = match dorac::runtime::Executable::compile(gpu, &g) {
         Ok(_) => panic!("a buffer over the binding limit was accepted"),
         Err(e) => e.to_string(),

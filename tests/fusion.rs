@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use dorac::codegen::{self, Plan, PlanOptions};
-use dorac::ir::{unary, Binary, Graph, NodeId, Op};
+use dorac::ir::{unary, Binary, Graph, GraphBuilder, NodeId, Op};
 use dorac::runtime::Executable;
 use dorac::tensor::{relative_error, Array, Rng, Tensor};
 use dorac::train::optimizer::step_scalars;
@@ -59,7 +59,7 @@ fn compare(
             exe.write(&name, &v).unwrap();
         }
     }
-    let outputs: Vec<&str> = graph.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    let outputs: Vec<&str> = graph.outputs().iter().map(|(n, _)| n.as_str()).collect();
     let mut worst = 0.0f64;
     let mut check = |what: String, a: &[f32], b: &[f32]| {
         let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
@@ -254,7 +254,7 @@ fn gpt2_tiny_training_step_fused_matches_unfused() {
 
 /// x @ w + bias -> relu -> * 2 -> output "y", with `mid` (the add) exposed in the ways that
 /// must stop the chain at it.
-fn chain() -> (Graph, [NodeId; 4]) {
+fn chain() -> (GraphBuilder, [NodeId; 4]) {
     let mut rng = Rng::new(3);
     let mut t = |shape: Vec<usize>| {
         let v = (0..shape.iter().product())
@@ -262,7 +262,7 @@ fn chain() -> (Graph, [NodeId; 4]) {
             .collect();
         Tensor::f32(shape, v)
     };
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![6, 10]);
     let w = g.add_const("w", t(vec![10, 12]));
     let bias = g.add_const("bias", t(vec![12]));
@@ -276,7 +276,7 @@ fn chain() -> (Graph, [NodeId; 4]) {
     let y = g
         .add(Op::Binary(Binary::Mul), &[relu, two], "y", "mul")
         .unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     (g, [mm, add, relu, y])
 }
 
@@ -302,7 +302,7 @@ fn a_whole_chain_fuses_into_one_kernel() {
 fn a_value_with_two_consumers_ends_its_chain() {
     let (mut g, [mm, add, relu, y]) = chain();
     let neg = g.add(Op::Unary(unary::NEG), &[add], "neg", "neg").unwrap();
-    g.outputs.push(("neg".into(), neg));
+    g.add_output("neg", neg);
     let plan = codegen::plan(&g).unwrap();
     let gr = groups(&plan);
     assert!(gr.contains(&vec![mm, add]), "{plan}");
@@ -314,7 +314,7 @@ fn a_value_with_two_consumers_ends_its_chain() {
 #[test]
 fn a_graph_output_ends_its_chain() {
     let (mut g, [mm, add, relu, y]) = chain();
-    g.outputs.push(("mid".into(), add));
+    g.add_output("mid", add);
     let plan = codegen::plan(&g).unwrap();
     assert_eq!(groups(&plan), vec![vec![mm, add], vec![relu, y]], "{plan}");
     // The output in the middle has its own buffer and is read back.
@@ -335,8 +335,8 @@ fn a_state_update_value_ends_its_chain() {
     let plus = g
         .add(Op::Binary(Binary::Add), &[y, s], "out", "plus")
         .unwrap();
-    g.outputs[0] = ("out".into(), plus);
-    g.updates.push((s, add));
+    g.set_outputs(vec![("out".into(), plus)]);
+    g.add_update(s, add);
     let plan = codegen::plan(&g).unwrap();
     let gr = groups(&plan);
     assert!(gr.contains(&vec![mm, add]), "{plan}");
@@ -358,7 +358,7 @@ fn an_input_computed_after_the_anchor_joins_as_a_side_operand() {
     let prod = g
         .add(Op::Binary(Binary::Mul), &[y, late], "prod", "prod")
         .unwrap();
-    g.outputs[0] = ("prod".into(), prod);
+    g.set_outputs(vec![("prod".into(), prod)]);
     let plan = codegen::plan(&g).unwrap();
     assert_eq!(
         groups(&plan),
@@ -378,7 +378,7 @@ fn an_input_computed_after_the_anchor_joins_as_a_side_operand() {
 /// Reshape (a different shape) still ends the chain, and its reader reads through the view.
 #[test]
 fn a_view_passes_a_chain_on_unless_it_reshapes() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![6, 10]);
     let zero = g.add_const("zero", Tensor::scalar(0.0));
     let pos = g
@@ -402,7 +402,7 @@ fn a_view_passes_a_chain_on_unless_it_reshapes() {
         .add(Op::Reshape { shape: vec![60] }, &[y], "flat", "flat")
         .unwrap();
     let z = g.add(Op::Unary(unary::EXP), &[flat], "z", "z").unwrap();
-    g.outputs.push(("z".into(), z));
+    g.add_output("z", z);
     let plan = codegen::plan(&g).unwrap();
     assert_eq!(
         groups(&plan),

@@ -2,7 +2,7 @@
 //! on random inputs (fresh seed each run, printed; DORAC_TEST_SEED replays one). Relative error
 //! (max-abs error over max-abs gradient) must stay under 1e-6.
 
-use dorac::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
+use dorac::ir::{unary, Binary, GraphBuilder, NodeId, Op, Reduce};
 use dorac::passes::autodiff::differentiate;
 use dorac::reference;
 use dorac::tensor::{numel, relative_error, Array, Rng, Tensor};
@@ -24,7 +24,7 @@ fn seed() -> u64 {
 /// which returns the node to test; the loss is sum(out * R) with a random constant R.
 struct Case {
     name: String,
-    g: Graph,
+    g: GraphBuilder,
     values: HashMap<String, Array>,
     rng: Rng,
     seed: u64,
@@ -38,7 +38,7 @@ impl Case {
         println!("{name}: seed {seed}");
         Case {
             name: name.into(),
-            g: Graph::new(),
+            g: GraphBuilder::new(),
             values: HashMap::new(),
             rng: Rng::new(seed),
             seed,
@@ -57,14 +57,14 @@ impl Case {
             &HashMap::new(),
         )
         .unwrap();
-        for &i in &g.inputs {
+        for &i in g.inputs() {
             let shape = g.shape(i).to_vec();
             let data = (0..numel(&shape)).map(|_| c.rng.range(-1.0, 1.0)).collect();
             c.values
                 .insert(g.node(i).name.clone(), Array::new(shape, data));
         }
-        let out = g.outputs[0].1;
-        c.g = g;
+        let out = g.outputs()[0].1;
+        c.g = GraphBuilder::extending(g);
         (c, out)
     }
 
@@ -79,27 +79,28 @@ impl Case {
     fn fixed_input(&mut self, name: &str, shape: &[usize], values: Vec<f64>) -> NodeId {
         self.values
             .insert(name.into(), Array::new(shape.to_vec(), values));
-        let id = self.g.add_input(name, shape.to_vec());
-        self.g.node_mut(id).dtype = dorac::tensor::DType::I64;
+        let id = self
+            .g
+            .add_typed_input(name, shape.to_vec(), dorac::tensor::DType::I64);
         self.fixed.push(id);
         id
     }
 
-    /// Class ids as an input that is not differentiated.
-    fn labels(&mut self, name: &str, shape: &[usize], classes: usize) -> NodeId {
-        let data = (0..numel(shape))
+    /// Class ids as an input that is not differentiated; the positions in `ignored` hold the
+    /// ignore index -100.
+    fn labels(&mut self, name: &str, shape: &[usize], classes: usize, ignored: &[usize]) -> NodeId {
+        let mut data: Vec<f64> = (0..numel(shape))
             .map(|_| (self.rng.uniform() * classes as f64).floor())
             .collect();
-        let id = self
-            .g
-            .add_const(name, Tensor::f32(shape.to_vec(), vec![0.0; numel(shape)]));
+        for &i in ignored {
+            data[i] = -100.0;
+        }
         let arr = Array::new(shape.to_vec(), data);
-        self.g.node_mut(id).op = Op::Const(arr.to_tensor_f32());
-        id
+        self.g.add_const(name, arr.to_tensor_f32())
     }
 
     fn op(&mut self, op: Op, ins: &[NodeId]) -> NodeId {
-        let n = self.g.graph.node_count();
+        let n = self.g.petgraph().node_count();
         self.g
             .add(op, ins, &format!("v{n}"), &format!("v{n}"))
             .unwrap()
@@ -121,20 +122,21 @@ impl Case {
             },
             &[weighted],
         );
-        self.g.outputs.push(("loss".into(), loss));
+        self.g.add_output("loss", loss);
         let params: Vec<NodeId> = self
             .g
-            .inputs
+            .inputs()
             .iter()
             .copied()
             .filter(|i| !self.fixed.contains(i))
             .collect();
-        let grads = differentiate(&mut self.g, loss, &params).unwrap();
-        let values = reference::run_all(&self.g, &self.values).unwrap();
+        let mut graph = std::mem::take(&mut self.g).finish();
+        let grads = differentiate(&mut graph, loss, &params).unwrap();
+        let values = reference::run_all(&graph, &self.values).unwrap();
         let loss_at =
-            |vals: &HashMap<String, Array>| reference::run(&self.g, vals).unwrap()["loss"].data[0];
+            |vals: &HashMap<String, Array>| reference::run(&graph, vals).unwrap()["loss"].data[0];
         for (&p, &gnode) in params.iter().zip(&grads) {
-            let name = self.g.node(p).name.clone();
+            let name = graph.node(p).name.clone();
             let analytic = &values[&gnode].data;
             let h = 1e-6;
             let mut numeric = vec![];
@@ -345,13 +347,8 @@ fn cross_entropy_rules() {
     for shift in [false, true] {
         let mut c = Case::new(&format!("cross_entropy shift {shift}"));
         let logits = c.input("logits", &[2, 4, 5], -2.0, 2.0);
-        let labels = c.labels("labels", &[2, 4], 5);
         // One ignored position.
-        if let Op::Const(t) = &c.g.node(labels).op {
-            let mut v = t.as_f32().unwrap().to_vec();
-            v[2] = -100.0;
-            c.g.node_mut(labels).op = Op::Const(Tensor::f32(vec![2, 4], v));
-        }
+        let labels = c.labels("labels", &[2, 4], 5, &[2]);
         let y = c.op(
             Op::SoftmaxCrossEntropy {
                 ignore_index: -100,
@@ -365,7 +362,7 @@ fn cross_entropy_rules() {
 
 #[test]
 fn stop_gradient_blocks_the_path() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![3]);
     let s = g.add(Op::StopGradient, &[x], "s", "s").unwrap();
     let y = g.add(Op::Binary(Binary::Mul), &[x, s], "y", "y").unwrap();
@@ -381,7 +378,8 @@ fn stop_gradient_blocks_the_path() {
             "loss",
         )
         .unwrap();
-    g.outputs.push(("loss".into(), loss));
+    g.add_output("loss", loss);
+    let mut g = g.finish();
     let grads = differentiate(&mut g, loss, &[x]).unwrap();
     let xs = Array::new(vec![3], vec![1.0, -2.0, 3.0]);
     let vals = reference::run_all(&g, &[("x".to_string(), xs.clone())].into()).unwrap();

@@ -13,7 +13,7 @@
 //! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
 
 use dorac::codegen::{self, PlanOptions, Target};
-use dorac::ir::{unary, Binary, Graph, Half, NodeId, Op, Reduce, Unary};
+use dorac::ir::{unary, Binary, Graph, GraphBuilder, Half, NodeId, Op, Reduce, Unary};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
 use dorac::tensor::{numel, relative_error, Array, DType, Rng, Tensor};
@@ -53,7 +53,7 @@ fn base_seed() -> u64 {
 struct Case {
     test: &'static str,
     rng: Rng,
-    graph: Graph,
+    graph: GraphBuilder,
     feeds: HashMap<String, Array>,
 }
 
@@ -67,7 +67,7 @@ impl Case {
         Case {
             test,
             rng: Rng::new(base ^ name_hash),
-            graph: Graph::new(),
+            graph: GraphBuilder::new(),
             feeds: HashMap::new(),
         }
     }
@@ -100,7 +100,7 @@ impl Case {
     }
 
     fn output(&mut self, name: &str, n: NodeId) {
-        self.graph.outputs.push((name.into(), n));
+        self.graph.add_output(name, n);
     }
 
     /// `op` on `inputs`, as a graph output of the same name.
@@ -148,7 +148,7 @@ impl Case {
         let want = reference::run(&self.graph, &self.feeds)
             .unwrap_or_else(|e| panic!("{test}: reference: {e}"));
         let mut failures = vec![];
-        for (name, _) in &self.graph.outputs {
+        for (name, _) in self.graph.outputs() {
             let g: Vec<f64> = got[name].iter().map(|&x| x as f64).collect();
             let err = relative_error(&g, &want[name].data);
             // relative_error is infinite, never NaN, when anything is NaN.
@@ -305,11 +305,11 @@ fn pow_negative_bases_and_fractional_exponents() {
 
 #[test]
 fn pow_of_negative_base_and_fractional_exponent_is_nan() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let a = g.add_const("a", Tensor::f32(vec![3], vec![-2.0, -8.0, 0.0]));
     let e = g.add_const("e", Tensor::f32(vec![3], vec![0.5, 1.0 / 3.0, 2.0]));
     let y = g.add(bin(Binary::Pow), &[a, e], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
     assert!(
         out["y"][0].is_nan() && out["y"][1].is_nan(),
@@ -339,7 +339,7 @@ fn integer_pow_is_exact() {
     c.out(bin(Binary::Pow), &[base, float_exp], "int_float");
     c.out(bin(Binary::Pow), &[positive, mixed_exp], "int_mixed");
     for name in ["int_int", "int_float", "int_mixed"] {
-        let id = c.graph.outputs.iter().find(|(n, _)| n == name).unwrap().1;
+        let id = c.graph.outputs().iter().find(|(n, _)| n == name).unwrap().1;
         assert_eq!(c.graph.node(id).dtype, DType::I64);
     }
     let host: HashMap<String, Vec<f32>> = c
@@ -349,7 +349,7 @@ fn integer_pow_is_exact() {
         .collect();
     let got = runtime::run_graph(gpu(), &c.graph, &host).unwrap();
     let want = reference::run(&c.graph, &c.feeds).unwrap();
-    for (name, _) in &c.graph.outputs {
+    for (name, _) in c.graph.outputs() {
         let g: Vec<f64> = got[name].iter().map(|&x| x as f64).collect();
         assert_eq!(g, want[name].data, "{name} (seed {})", base_seed());
     }
@@ -1037,9 +1037,9 @@ fn ints(c: &mut Case, len: usize, lo: i64, hi: i64) -> Vec<f32> {
 
 /// A graph input of integer (or bool) values with the given element type.
 fn typed_input(c: &mut Case, name: &str, shape: &[usize], v: Vec<f32>, dtype: DType) -> NodeId {
-    let id = c.input_values(name, shape, v);
-    c.graph.node_mut(id).dtype = dtype;
-    id
+    c.feeds
+        .insert(name.into(), Array::from_f32(shape.to_vec(), &v));
+    c.graph.add_typed_input(name, shape.to_vec(), dtype)
 }
 
 /// Comparisons on small integers (so that ties occur), logical ops on bools, Max and Min, all
@@ -1110,7 +1110,7 @@ fn integer_division_truncates() {
 /// ReduceMax and ReduceMin: a NaN in a row makes its result NaN; a row of infinities keeps them.
 #[test]
 fn reduce_max_min_nan_and_infinities() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let inf = f32::INFINITY;
     let v = vec![1.0, f32::NAN, 3.0, -inf, -inf, -inf, 2.0, 5.0, -7.0];
     let a = g.add_const("a", Tensor::f32(vec![3, 3], v));
@@ -1121,7 +1121,7 @@ fn reduce_max_min_nan_and_infinities() {
             keepdims: false,
         };
         let y = g.add(op, &[a], name, name).unwrap();
-        g.outputs.push((name.into(), y));
+        g.add_output(name, y);
     }
     let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
     assert!(out["max"][0].is_nan() && out["min"][0].is_nan(), "{out:?}");
@@ -1164,12 +1164,12 @@ fn mod_and_fmod() {
 /// Max and Min keep a NaN operand (WGSL's max and min may drop it), as torch does.
 #[test]
 fn max_and_min_propagate_nan() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let a = g.add_const("a", Tensor::f32(vec![3], vec![f32::NAN, 1.0, 2.0]));
     let b = g.add_const("b", Tensor::f32(vec![3], vec![0.0, f32::NAN, 3.0]));
     for (op, name) in [(Binary::Max, "max"), (Binary::Min, "min")] {
         let y = g.add(bin(op), &[a, b], name, name).unwrap();
-        g.outputs.push((name.into(), y));
+        g.add_output(name, y);
     }
     let out = runtime::run_graph(gpu(), &g, &HashMap::new()).unwrap();
     assert!(
@@ -1488,11 +1488,11 @@ fn dispatch_over_65535_workgroups() {
     let mut c = Case::new("dispatch_over_65535_workgroups");
     let x: Vec<f32> = (0..rows * cols).map(|i| (i % 4099) as f32).collect();
     let b: Vec<f32> = c.values(cols, -1000.0, 1000.0);
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let xi = g.add_input("x", vec![rows, cols]);
     let bi = g.add_const("b", Tensor::f32(vec![cols], b.clone()));
     let y = g.add(bin(Binary::Add), &[xi, bi], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let plan = codegen::plan(&g).unwrap();
     assert_eq!(plan.kernels[0].workgroups, [65_535, 2, 1]);
     let exe = Executable::new(gpu(), &plan, &g).unwrap();
@@ -1615,10 +1615,10 @@ fn fused_epilogue_on_a_blocked_matmul() {
 
 #[test]
 fn oversized_tensors_are_refused_by_name() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("huge_activation", vec![1 << 15, 1 << 15]); // 4 GiB of f32
     let y = g.add(un(unary::NEG), &[x], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let plan = codegen::plan(&g).unwrap();
     let err = match Executable::new(gpu(), &plan, &g) {
         Ok(_) => panic!("a 4 GiB buffer was accepted"),
@@ -1634,11 +1634,11 @@ fn oversized_tensors_are_refused_by_name() {
 /// error naming the kernel, not a panic.
 #[test]
 fn wgpu_errors_become_gpu_errors() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let a = g.add_input("a", vec![8]);
     let b = g.add_input("b", vec![8]);
     let y = g.add(bin(Binary::Add), &[a, b], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let mut plan = codegen::plan(&g).unwrap();
     plan.kernels[0].inputs.pop();
     let err = match Executable::new(gpu(), &plan, &g) {
@@ -1668,7 +1668,7 @@ fn mlp() -> Graph {
             .collect();
         Tensor::f32(shape, v)
     };
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![4, 8]);
     let w1 = g.add_const("fc1.weight", t(vec![16, 8]));
     let b1 = g.add_const("fc1.bias", t(vec![16]));
@@ -1688,8 +1688,8 @@ fn mlp() -> Graph {
     let p = g
         .add(Op::Softmax { axis: 1 }, &[o], "probs", "/Softmax")
         .unwrap();
-    g.outputs.push(("probs".into(), p));
-    g
+    g.add_output("probs", p);
+    g.finish()
 }
 
 #[test]
@@ -1707,7 +1707,7 @@ fn mlp_wgsl_snapshots() {
 #[test]
 fn mlp_runs() {
     let mut c = Case::new("mlp_runs");
-    c.graph = mlp();
+    c.graph = GraphBuilder::extending(mlp());
     let v = c.values(32, -2.0, 2.0);
     c.feeds.insert("x".into(), Array::from_f32(vec![4, 8], &v));
     c.check();
@@ -1729,7 +1729,7 @@ fn half_stored_weights() {
             .map(|x| h.round(x))
             .collect();
         let n = c.graph.add_const(name, Tensor::f32(shape.to_vec(), v));
-        c.graph.half_consts.insert(n, h);
+        c.graph.mark_half(n, h);
         n
     };
     let x = c.input("x", &[37, 48], -1.0, 1.0);
@@ -1802,12 +1802,12 @@ fn half_decoding_is_exact() {
             .filter(|v| v.is_finite() && v.to_bits() != (-0.0f32).to_bits())
             .collect();
         let n = values.len();
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let one = g.add_input("one", vec![1, 1]);
         let w = g.add_const("w", Tensor::f32(vec![1, n], values.clone()));
-        g.half_consts.insert(w, h);
+        g.mark_half(w, h);
         let y = g.add(Op::MatMul, &[one, w], "y", "y").unwrap();
-        g.outputs.push(("y".into(), y));
+        g.add_output("y", y);
         for target in [Target::Gpu, Target::Cpu] {
             let options = PlanOptions {
                 target,
@@ -1839,11 +1839,11 @@ fn half_decoding_is_exact() {
 /// derived from a zero dimension.
 #[test]
 fn empty_matmuls_plan_and_run() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![0, 5]);
     let w = g.add_const("w", Tensor::f32(vec![5, 40], vec![0.5; 200]));
     let y = g.add(Op::MatMul, &[x, w], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     for target in [Target::Gpu, Target::Cpu] {
         let options = PlanOptions {
             target,

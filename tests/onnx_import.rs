@@ -1,7 +1,9 @@
 //! ONNX front end and back end: importing the test models, round trips through export, and the
 //! error paths (malformed files, dangling names, cycles, unsupported ops, external data, shapes).
 
-use dorac::ir::{unary, AdaptedLayer, Binary, Graph, LinearKind, Method, Op, Reduce};
+use dorac::ir::{
+    unary, AdaptedLayer, Binary, Graph, GraphBuilder, LinearKind, Method, Op, Patch, Reduce,
+};
 use dorac::onnx::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
@@ -61,7 +63,7 @@ fn import_file(name: &str, p: &[(&str, usize)]) -> Graph {
 
 fn count_ops(g: &Graph) -> HashMap<&'static str, usize> {
     let mut m = HashMap::new();
-    for n in g.graph.node_weights() {
+    for n in g.petgraph().node_weights() {
         *m.entry(n.op.name()).or_insert(0) += 1;
     }
     m
@@ -195,11 +197,11 @@ fn import_err(m: &ModelProto) -> Error {
 #[test]
 fn imports_mlp2d_with_a_batch_pin() {
     let g = import_file("mlp2d", &[("batch", 3)]);
-    assert_eq!(g.inputs.len(), 1);
-    let x = g.node(g.inputs[0]);
+    assert_eq!(g.inputs().len(), 1);
+    let x = g.node(g.inputs()[0]);
     assert_eq!((x.name.as_str(), x.shape.as_slice()), ("x", &[3, 16][..]));
-    assert_eq!(g.outputs.len(), 1);
-    let (name, y) = &g.outputs[0];
+    assert_eq!(g.outputs().len(), 1);
+    let (name, y) = &g.outputs()[0];
     assert_eq!(name, "y");
     assert_eq!(g.shape(*y), &[3, 4]);
     assert_eq!(
@@ -241,9 +243,9 @@ fn imports_mlp2d_with_a_batch_pin() {
 #[test]
 fn imports_mlp3d() {
     let g = import_file("mlp3d", &[]);
-    let x = g.node(g.inputs[0]);
+    let x = g.node(g.inputs()[0]);
     assert_eq!(x.shape, vec![2, 5, 16]);
-    let (name, y) = &g.outputs[0];
+    let (name, y) = &g.outputs()[0];
     assert_eq!(name, "y");
     assert_eq!(g.node(*y).op, Op::Softmax { axis: 2 });
     assert_eq!(g.shape(*y), &[2, 5, 8]);
@@ -256,7 +258,7 @@ fn imports_mlp3d() {
     assert_eq!(ops["mul"], 2);
     assert_eq!(ops["softmax"], 1);
     let ln = g
-        .graph
+        .petgraph()
         .node_indices()
         .find(|&n| matches!(g.node(n).op, Op::LayerNorm { .. }))
         .unwrap();
@@ -328,19 +330,25 @@ fn export_writes_static_shapes_opset_and_initializers() {
 #[test]
 fn adapters_and_stop_gradient_round_trip() {
     let mut g = import_file("mlp3d", &[]);
+    let mut p = Patch::new(&g);
     let mm = g.find_by_name("/proj_in/MatMul_output_0").unwrap();
-    let x = g.inputs_of(mm)[0];
-    let w = g.inputs_of(mm)[1];
-    let a = g.add_const("lora_A", Tensor::f32(vec![4, 16], vec![0.01; 64]));
-    let b = g.add_const("lora_B", Tensor::f32(vec![32, 4], vec![0.02; 128]));
-    let m = g.add_const("magnitude", Tensor::f32(vec![32], vec![1.0; 32]));
-    let sg = g
-        .add(Op::StopGradient, &[mm], "sg_out", "dora/stop_gradient")
+    let x = g.inputs_of(mm)[0].into();
+    let w = g.inputs_of(mm)[1].into();
+    let a = p.constant("lora_A", Tensor::f32(vec![4, 16], vec![0.01; 64]));
+    let b = p.constant("lora_B", Tensor::f32(vec![32, 4], vec![0.02; 128]));
+    let m = p.constant("magnitude", Tensor::f32(vec![32], vec![1.0; 32]));
+    let sg = p
+        .add(
+            Op::StopGradient,
+            &[mm.into()],
+            "sg_out",
+            "dora/stop_gradient",
+        )
         .unwrap();
-    let gelu = g
+    let gelu = p
         .add(Op::Unary(unary::GELU_TANH), &[sg], "gelu_out", "dora/gelu")
         .unwrap();
-    let r = g
+    let r = p
         .add(
             Op::Reshape {
                 shape: vec![10, 32],
@@ -350,7 +358,7 @@ fn adapters_and_stop_gradient_round_trip() {
             "dora/reshape",
         )
         .unwrap();
-    let s = g
+    let s = p
         .add(
             Op::Reduce {
                 kind: Reduce::Sum,
@@ -362,7 +370,7 @@ fn adapters_and_stop_gradient_round_trip() {
             "dora/sum",
         )
         .unwrap();
-    let back = g
+    let back = p
         .add(
             Op::Reshape { shape: vec![32] },
             &[s],
@@ -370,17 +378,18 @@ fn adapters_and_stop_gradient_round_trip() {
             "dora/reshape",
         )
         .unwrap();
-    let out = g
+    let out = p
         .add(
             Op::Binary(dorac::ir::Binary::Mul),
-            &[mm, back],
+            &[mm.into(), back],
             "scaled",
             "dora/mul",
         )
         .unwrap();
-    g.replace_uses(mm, out, &[sg, out].into_iter().collect());
-    g.outputs.push(("extra".into(), out));
-    g.adapters.push(AdaptedLayer {
+    // The users of mm outside the patch read the scaled value.
+    p.replace(mm, out);
+    p.add_output("extra", out);
+    p.record_adapter(AdaptedLayer {
         module: "proj_in".into(),
         method: Method::Dora,
         rank: 4,
@@ -399,6 +408,7 @@ fn adapters_and_stop_gradient_round_trip() {
         output: out,
         norm_sq: None,
     });
+    g.apply(p.finish());
 
     let model = export(&g).unwrap();
     let gp = model.graph.as_ref().unwrap();
@@ -434,16 +444,16 @@ fn adapters_and_stop_gradient_round_trip() {
     assert_eq!(ops["stop_gradient"], 1);
     assert_eq!(ops["reshape"], 2);
     assert_eq!(ops["reduce_sum"], 1);
-    assert_eq!(g1.adapters.len(), 1);
-    let ad = &g1.adapters[0];
+    assert_eq!(g1.adapters().len(), 1);
+    let ad = &g1.adapters()[0];
     assert_eq!(ad.module, "proj_in");
     assert_eq!(ad.method, Method::Dora);
     assert_eq!(g1.node(ad.lora_a).name, "lora_A");
     assert_eq!(g1.node(ad.magnitude.unwrap()).name, "magnitude");
     assert_eq!(g1.node(ad.weight).name, "onnx::MatMul_34");
     assert_eq!(g1.node(ad.x).name, "x");
-    assert_eq!(g1.outputs[1].0, "extra");
-    assert_eq!(ad.output, g1.outputs[1].1);
+    assert_eq!(g1.outputs()[1].0, "extra");
+    assert_eq!(ad.output, g1.outputs()[1].1);
 }
 
 // ---- loading and saving ----
@@ -627,10 +637,10 @@ fn shape_inputs_are_pinned_from_given_values() {
     )]);
     let g = dorac::onnx::import_with_values(&m, Path::new("."), &no_pins(), &no_shapes(), &values)
         .unwrap();
-    let y = g.outputs.iter().find(|(n, _)| n == "y").unwrap().1;
+    let y = g.outputs().iter().find(|(n, _)| n == "y").unwrap().1;
     assert_eq!(g.shape(y), &[3, 2, 2]);
     // The input is still an input, and its other uses still read it at run time.
-    assert_eq!(g.inputs.len(), 2);
+    assert_eq!(g.inputs().len(), 2);
     let inputs = HashMap::from([
         (
             "x".to_string(),
@@ -736,7 +746,7 @@ fn input_shapes_take_precedence_and_must_fit() {
     let dir = path.parent().unwrap();
     let shapes: HashMap<String, Vec<usize>> = [("x".to_string(), vec![5, 16])].into();
     let g = import(&m, dir, &no_pins(), &shapes).unwrap();
-    assert_eq!(g.shape(g.outputs[0].1), &[5, 4]);
+    assert_eq!(g.shape(g.outputs()[0].1), &[5, 4]);
 
     let bad: HashMap<String, Vec<usize>> = [("x".to_string(), vec![5, 17])].into();
     let e = import(&m, dir, &no_pins(), &bad).unwrap_err().to_string();
@@ -795,10 +805,10 @@ fn shape_args_parse_and_sort_into_dims_and_inputs() {
         &no_shapes(),
     )
     .unwrap();
-    assert_eq!(g.shape(g.inputs[0]), &[2, 16]);
+    assert_eq!(g.shape(g.inputs()[0]), &[2, 16]);
     let by_input = ShapePins::parse(&["x=6x16"]).unwrap();
     let g = import(&m, dir, &by_input, &no_shapes()).unwrap();
-    assert_eq!(g.shape(g.outputs[0].1), &[6, 4]);
+    assert_eq!(g.shape(g.outputs()[0].1), &[6, 4]);
     let tensors: HashMap<String, Vec<usize>> = [("x".to_string(), vec![6, 16])].into();
     assert!(import(&m, dir, &by_input, &tensors).is_ok());
     let tensors: HashMap<String, Vec<usize>> = [("x".to_string(), vec![7, 16])].into();
@@ -859,8 +869,8 @@ fn shape_ops_resolve_at_import() {
         ]
     );
     // int64 constants were consumed and dropped.
-    assert_eq!(g.graph.node_count(), 5);
-    assert_eq!(g.shape(g.outputs[0].1), &[1]);
+    assert_eq!(g.petgraph().node_count(), 5);
+    assert_eq!(g.shape(g.outputs()[0].1), &[1]);
     let back = round_trip(&g);
     assert_eq!(format!("{g}"), format!("{back}"));
 
@@ -877,7 +887,7 @@ fn shape_ops_resolve_at_import() {
     );
     let g = import(&m11, Path::new("."), &no_pins(), &no_shapes()).unwrap();
     assert_eq!(
-        g.node(g.outputs[0].1).op,
+        g.node(g.outputs()[0].1).op,
         Op::Reduce {
             kind: Reduce::Sum,
             axes: vec![0, 2],
@@ -917,7 +927,7 @@ fn old_softmax_only_on_the_last_axis() {
         )
     };
     let g = import(&mk(-1), Path::new("."), &no_pins(), &no_shapes()).unwrap();
-    assert_eq!(g.node(g.outputs[0].1).op, Op::Softmax { axis: 2 });
+    assert_eq!(g.node(g.outputs()[0].1).op, Op::Softmax { axis: 2 });
     let e = import_err(&mk(1));
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
 }
@@ -998,7 +1008,7 @@ fn initializer_listed_as_input_is_a_constant() {
         17,
     );
     let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
-    assert_eq!(g.inputs.len(), 1);
+    assert_eq!(g.inputs().len(), 1);
     let b = g.find_by_name("b").unwrap();
     assert_eq!(g.const_tensor(b).unwrap().as_f32().unwrap(), &[1.0, 2.0]);
 }
@@ -1231,13 +1241,13 @@ fn shape_gather_concat_reshape_folds_at_import() {
     );
     let g = import_ok(&m);
     // Only the input and two reshapes are left: every shape computation was a constant.
-    assert_eq!(g.graph.node_count(), 3, "{g}");
+    assert_eq!(g.petgraph().node_count(), 3, "{g}");
     assert_eq!(
-        g.node(g.outputs[0].1).op,
+        g.node(g.outputs()[0].1).op,
         Op::Reshape { shape: vec![2, 12] }
     );
     assert_eq!(
-        g.node(g.outputs[1].1).op,
+        g.node(g.outputs()[1].1).op,
         Op::Reshape { shape: vec![2, 12] }
     );
     let x: Vec<f64> = (0..24).map(f64::from).collect();
@@ -1441,8 +1451,8 @@ fn split_by_sizes_and_by_num_outputs() {
         18,
     );
     let g = import_ok(&m18);
-    assert_eq!(g.shape(g.outputs[0].1), &[3, 2]);
-    let r = g.outputs[1].1;
+    assert_eq!(g.shape(g.outputs()[0].1), &[3, 2]);
+    let r = g.outputs()[1].1;
     assert_eq!(
         g.node(r).op,
         Op::Slice {
@@ -1497,7 +1507,7 @@ fn slice_with_negative_bounds_clamping_and_steps() {
         13,
     );
     let g = import_ok(&m);
-    let y = g.outputs[0].1;
+    let y = g.outputs()[0].1;
     // Rows 4, 2, 0; columns 1, 4, 7; the end is exact (start + len * step).
     assert_eq!(
         g.node(y).op,
@@ -1514,7 +1524,7 @@ fn slice_with_negative_bounds_clamping_and_steps() {
         vec![33., 36., 39., 17., 20., 23., 1., 4., 7.]
     );
     assert_eq!(out["z"].data[0], 8.0);
-    assert_eq!(g.shape(g.outputs[1].1), &[3, 8]);
+    assert_eq!(g.shape(g.outputs()[1].1), &[3, 8]);
     assert_round_trip(&g, &[("x", x)]);
     // A window that runs down past element 0 exports as ONNX's -dim - 1 and comes back.
     let m = model(
@@ -1569,7 +1579,7 @@ fn reduce_mean_axes_by_opset() {
         let mut ops = ops_in_order(&g);
         ops.sort();
         assert_eq!(ops, ["const", "div", "input", "reduce_sum"], "{g}");
-        let sum = g.inputs_of(g.outputs[0].1)[0];
+        let sum = g.inputs_of(g.outputs()[0].1)[0];
         assert_eq!(
             g.node(sum).op,
             Op::Reduce {
@@ -1596,7 +1606,7 @@ fn reduce_mean_axes_by_opset() {
         vec![vi("y", &[Ok(2), Ok(1), Ok(4)])],
         18,
     ));
-    assert_eq!(g.shape(g.outputs[0].1), &[2, 1, 4]);
+    assert_eq!(g.shape(g.outputs()[0].1), &[2, 1, 4]);
 }
 
 #[test]
@@ -1784,7 +1794,7 @@ fn computed_and_runtime_shape_inputs() {
         17,
     );
     let g = import_ok(&m);
-    assert_eq!(g.shape(g.outputs[0].1), &[2]);
+    assert_eq!(g.shape(g.outputs()[0].1), &[2]);
     let m = model(
         vec![
             with_attr(node("Cast", "cast", &["n"], &["ni"]), attr_i("to", 7)),
@@ -1854,7 +1864,7 @@ fn long_concat_becomes_a_tree_of_bindable_concats() {
     );
     let g = import_ok(&m);
     let concats: Vec<usize> = g
-        .graph
+        .petgraph()
         .node_indices()
         .filter(|&n| matches!(g.node(n).op, Op::Concat { .. }))
         .map(|n| g.inputs_of(n).len())
@@ -1881,13 +1891,13 @@ fn long_concat_becomes_a_tree_of_bindable_concats() {
 #[test]
 fn new_ops_round_trip() {
     for opset in [17, 18] {
-        let mut g = Graph::new();
-        g.info.opset = opset;
+        let mut g = GraphBuilder::new();
+        g.info_mut().opset = opset;
         let a = g.add_input("a", vec![3, 4]);
         let b = g.add_input("b", vec![4]);
         for (op, name) in [(Binary::Mod, "mod"), (Binary::Fmod, "fmod")] {
             let y = g.add(Op::Binary(op), &[a, b], name, name).unwrap();
-            g.outputs.push((name.into(), y));
+            g.add_output(name, y);
         }
         for (kind, name) in [
             (Reduce::Max, "max"),
@@ -1900,8 +1910,9 @@ fn new_ops_round_trip() {
                 keepdims: false,
             };
             let y = g.add(op, &[a], name, name).unwrap();
-            g.outputs.push((name.into(), y));
+            g.add_output(name, y);
         }
+        let g = g.finish();
         let back = round_trip(&g);
         assert_eq!(format!("{g}"), format!("{back}"), "opset {opset}");
     }

@@ -55,14 +55,14 @@ fn rewritten_at_init_computes_the_base_function() {
             let mut g = load(name);
             let layers = find_linear_layers(&g).len();
             rewrite_all(&mut g, method, 7);
-            assert_eq!(g.adapters.len(), layers);
+            assert_eq!(g.adapters().len(), layers);
             // Through ONNX and back, as a user would run it.
             let dir = temp_dir(&format!("init-{name}-{}", method.name()));
             let path = dir.join("model.dora.onnx");
             dorac::onnx::save_model(&dorac::onnx::export(&g).unwrap(), &path).unwrap();
             let g2 = load_path(&path, &inputs);
             assert_eq!(
-                g2.adapters.len(),
+                g2.adapters().len(),
                 layers,
                 "adapters survive the ONNX round trip"
             );
@@ -111,13 +111,13 @@ fn merged_models_match_unmerged() {
             let mut merged = unmerged.clone();
             assert_eq!(
                 merge_adapters(&mut merged).unwrap(),
-                unmerged.adapters.len()
+                unmerged.adapters().len()
             );
-            assert!(merged.adapters.is_empty());
+            assert!(merged.adapters().is_empty());
             // The merged graph is the base graph: same ops, same count.
             let base = load(name);
             let ops = |g: &dorac::ir::Graph| {
-                let mut v: Vec<&str> = g.graph.node_weights().map(|n| n.op.name()).collect();
+                let mut v: Vec<&str> = g.petgraph().node_weights().map(|n| n.op.name()).collect();
                 v.sort();
                 v
             };
@@ -146,7 +146,7 @@ fn inference_never_recomputes_the_norm() {
     let mut g = with_adapter("mlp3d", "peft_dora");
     fold_constants(&mut g, &HashSet::new()).unwrap();
     let norm_ops = g
-        .graph
+        .petgraph()
         .node_weights()
         .filter(|n| matches!(n.op, Op::Reduce { .. }) || n.op == Op::Unary(dorac::ir::unary::SQRT))
         .count();
@@ -160,9 +160,9 @@ fn inference_never_recomputes_the_norm() {
 fn the_dora_subgraph_has_no_in_by_out_temporary() {
     let mut g = load("mlp3d");
     rewrite_all(&mut g, Method::Dora, 1);
-    for a in g.adapters.clone() {
+    for a in g.adapters().to_vec() {
         let big = a.in_features * a.out_features;
-        for n in g.graph.node_indices() {
+        for n in g.petgraph().node_indices() {
             let node = g.node(n);
             let is_weight = n == a.weight;
             if node.name.starts_with(&format!("{}.", a.module)) && !is_weight {

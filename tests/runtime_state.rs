@@ -6,20 +6,20 @@ mod common;
 
 use common::gpu;
 use dorac::codegen::{self, BufferRole, Plan, PlanOptions};
-use dorac::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
+use dorac::ir::{unary, Binary, Graph, GraphBuilder, NodeId, Op, Reduce};
 use dorac::reference;
 use dorac::runtime::Executable;
 use dorac::tensor::{relative_error, Array, Tensor};
 use std::collections::HashMap;
 
-fn add(g: &mut Graph, op: Op, inputs: &[NodeId], name: &str) -> NodeId {
+fn add(g: &mut GraphBuilder, op: Op, inputs: &[NodeId], name: &str) -> NodeId {
     g.add(op, inputs, name, name).unwrap()
 }
 
 /// A hand-built training step: state p [4], input g [4];
 /// `p <- p - 0.1 * g`, and the output `loss = sum(p * p)` (of p before the update).
-fn sgd_step() -> Graph {
-    let mut g = Graph::new();
+fn sgd_step() -> GraphBuilder {
+    let mut g = GraphBuilder::new();
     let p = g.add_input("p", vec![4]);
     let grad = g.add_input("g", vec![4]);
     let lr = g.add_const("lr", Tensor::scalar(0.1));
@@ -36,8 +36,8 @@ fn sgd_step() -> Graph {
         &[sq],
         "loss",
     );
-    g.outputs.push(("loss".into(), loss));
-    g.updates.push((p, next));
+    g.add_output("loss", loss);
+    g.add_update(p, next);
     g
 }
 
@@ -139,8 +139,8 @@ fn step_updates_the_state_on_the_device() {
 #[test]
 fn run_on_a_graph_with_state_is_a_step_fetching_everything() {
     let mut g = sgd_step();
-    let p = g.inputs[0];
-    g.outputs.push(("p_out".into(), p)); // an output that is the state itself
+    let p = g.inputs()[0];
+    g.add_output("p_out", p); // an output that is the state itself
     let (_, exe) = build(&g);
     exe.write("p", &[1.0, 2.0, 3.0, 4.0]).unwrap();
     let out = exe.run(&feeds(&[("g", &[10.0; 4])])).unwrap();
@@ -230,7 +230,7 @@ fn step_errors_name_what_is_wrong() {
 /// next value is itself (no copy), and two states that swap values (the copy reads a snapshot).
 #[test]
 fn state_next_values_through_views_and_swaps() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let q = g.add_input("q", vec![2, 2]);
     let flat = add(&mut g, Op::Reshape { shape: vec![4] }, &[q], "q_flat");
     let half = g.add_const("half", Tensor::scalar(0.5));
@@ -244,8 +244,8 @@ fn state_next_values_through_views_and_swaps() {
     let a = g.add_input("a", vec![2]);
     let b = g.add_input("b", vec![2]);
     let total = add(&mut g, Op::Binary(Binary::Add), &[a, b], "total");
-    g.outputs.push(("total".into(), total));
-    g.updates = vec![(q, next_q), (fixed, fixed_next), (a, b), (b, a)];
+    g.add_output("total", total);
+    g.set_updates(vec![(q, next_q), (fixed, fixed_next), (a, b), (b, a)]);
     let (plan, exe) = build(&g);
     let text = plan.to_string();
     println!("{text}");
@@ -303,13 +303,13 @@ fn state_next_values_through_views_and_swaps() {
 /// the copies are ordered so that each state is read before it is overwritten.
 #[test]
 fn chained_states_are_copied_in_dependency_order() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let c = g.add_input("c", vec![1]);
     let b = g.add_input("b", vec![1]);
     let a = g.add_input("a", vec![1]);
     let one = g.add_const("one", Tensor::f32(vec![1], vec![1.0]));
     let next_a = add(&mut g, Op::Binary(Binary::Add), &[a, one], "a_next");
-    g.updates = vec![(a, next_a), (b, a), (c, b)];
+    g.set_updates(vec![(a, next_a), (b, a), (c, b)]);
     let (plan, exe) = build(&g);
     let text = plan.to_string();
     assert!(!text.contains("before the update"), "{text}");
@@ -332,21 +332,21 @@ fn chained_states_are_copied_in_dependency_order() {
 
 #[test]
 fn bad_updates_are_refused_by_the_planner() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let p = g.add_input("p", vec![4]);
     let c = g.add_const("c", Tensor::f32(vec![3], vec![0.0; 3]));
     let n = add(&mut g, Op::Unary(unary::NEG), &[p], "n");
-    g.outputs.push(("n".into(), n));
-    g.updates = vec![(p, c)];
+    g.add_output("n", n);
+    g.set_updates(vec![(p, c)]);
     let e = codegen::plan(&g).unwrap_err().to_string();
     assert!(
         e.contains("'p' (4) cannot take the value of 'c' (3)"),
         "{e}"
     );
-    g.updates = vec![(n, p)];
+    g.set_updates(vec![(n, p)]);
     let e = codegen::plan(&g).unwrap_err().to_string();
     assert!(e.contains("'n' is a neg node, not a graph input"), "{e}");
-    g.updates = vec![(p, n), (p, n)];
+    g.set_updates(vec![(p, n), (p, n)]);
     let e = codegen::plan(&g).unwrap_err().to_string();
     assert!(e.contains("'p' is updated twice"), "{e}");
 }
@@ -354,7 +354,7 @@ fn bad_updates_are_refused_by_the_planner() {
 /// A next value that no output depends on still gets computed.
 #[test]
 fn next_values_are_computed_even_when_no_output_needs_them() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let counter = g.add_input("step", vec![]);
     let one = g.add_const("one", Tensor::scalar(1.0));
     let next = add(
@@ -363,7 +363,7 @@ fn next_values_are_computed_even_when_no_output_needs_them() {
         &[counter, one],
         "step_next",
     );
-    g.updates.push((counter, next));
+    g.add_update(counter, next);
     let (plan, exe) = build(&g);
     assert_eq!(plan.kernels.len(), 1, "{plan}");
     exe.write("step", &[0.0]).unwrap();
@@ -381,7 +381,7 @@ fn next_values_are_computed_even_when_no_output_needs_them() {
 /// fused, the chain would be one kernel with no intermediates at all.
 #[test]
 fn buffer_reuse_on_a_chain_keeps_results_exact() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![64]);
     let half = g.add_const("half", Tensor::scalar(0.5));
     let mut v = x;
@@ -409,7 +409,7 @@ fn buffer_reuse_on_a_chain_keeps_results_exact() {
         "sum",
     );
     let y = add(&mut g, Op::Binary(Binary::Add), &[v, sum], "y");
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let plan = codegen::plan_with(&g, &unfused()).unwrap();
     println!("{plan}");
     let intermediates: Vec<usize> = (0..plan.buffers.len())
@@ -467,7 +467,7 @@ fn buffer_reuse_on_a_chain_keeps_results_exact() {
 /// in the graph, is not overwritten by later kernels before the copy.
 #[test]
 fn buffers_read_by_state_copies_are_not_reused() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let p = g.add_input("p", vec![16]);
     let next = add(&mut g, Op::Unary(unary::NEG), &[p], "p_next");
     // A long chain after it, whose intermediates could otherwise take next's memory.
@@ -475,8 +475,8 @@ fn buffers_read_by_state_copies_are_not_reused() {
     for i in 1..6 {
         v = add(&mut g, Op::Unary(unary::TANH), &[v], &format!("e{i}"));
     }
-    g.outputs.push(("out".into(), v));
-    g.updates.push((p, next));
+    g.add_output("out", v);
+    g.add_update(p, next);
     // Unfused (the chain's intermediates exist and reuse memory), then fused (the chain is one
     // kernel after next's, which stays a buffer of its own).
     for (fused, options) in [(false, unfused()), (true, PlanOptions::default())] {
@@ -530,7 +530,7 @@ fn mlp3d_peak_versus_total_bytes() {
 /// one shape build 3 kernels from 1 pipeline and match the reference.
 #[test]
 fn repeated_layers_share_pipelines() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let mut h = g.add_input("x", vec![5, 12]);
     for l in 0..3 {
         let w: Vec<f32> = (0..144)
@@ -540,7 +540,7 @@ fn repeated_layers_share_pipelines() {
         let y = add(&mut g, Op::MatMul, &[h, w], &format!("mm{l}"));
         h = add(&mut g, Op::Unary(unary::TANH), &[y], &format!("act{l}"));
     }
-    g.outputs.push(("y".into(), h));
+    g.add_output("y", h);
     let (plan, exe) = build(&g);
     let times = exe.build_times();
     assert_eq!(plan.kernels.len(), 3);

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use dorac::ir::{Graph, Op};
+use dorac::ir::{Graph, GraphBuilder, Op, Patch};
 use dorac::passes::split_large_constants;
 use dorac::tensor::{numel, Array, Rng, Tensor};
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ fn check(tag: &str, g: &Graph, inputs: &BTreeMap<String, Array>, limit: u64, rew
         "{tag}"
     );
     let biggest = s
-        .graph
+        .petgraph()
         .node_weights()
         .filter(|n| matches!(n.op, Op::Const(_)))
         .map(|n| 4 * numel(&n.shape) as u64)
@@ -56,7 +56,7 @@ fn check(tag: &str, g: &Graph, inputs: &BTreeMap<String, Array>, limit: u64, rew
 fn split_readers_compute_what_the_whole_constant_does() {
     let mut rng = Rng::new(17);
     // Embedding [50, 8] (1600 bytes) in chunks of 12 rows (limit 400 bytes): 5 chunks.
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let table = g.add_const("wte", random(&mut rng, &[50, 8]));
     let ids = g.add_const(
         "ids",
@@ -65,12 +65,12 @@ fn split_readers_compute_what_the_whole_constant_does() {
     let y = g
         .add(Op::Gather { axis: 0 }, &[table, ids], "y", "y")
         .unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     check("gather", &g, &BTreeMap::new(), 400, 1);
 
     // x @ W with W [8, 30] split by columns; W [30, 8] @ x split by rows.
     for (left, tag) in [(false, "matmul right"), (true, "matmul left")] {
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![3, 8]);
         let (w, ins) = if left {
             let w = g.add_const("w", random(&mut rng, &[30, 3]));
@@ -81,7 +81,7 @@ fn split_readers_compute_what_the_whole_constant_does() {
         };
         let _ = w;
         let y = g.add(Op::MatMul, &ins, "y", "y").unwrap();
-        g.outputs.push(("y".into(), y));
+        g.add_output("y", y);
         let xv = Array::new(
             vec![3, 8],
             (0..24).map(|i| (i as f64 * 0.37).sin()).collect(),
@@ -90,7 +90,7 @@ fn split_readers_compute_what_the_whole_constant_does() {
     }
 
     // Gemm with W [30, 8] transposed and a bias of 30.
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![3, 8]);
     let w = g.add_const("w", random(&mut rng, &[30, 8]));
     let b = g.add_const("b", random(&mut rng, &[30]));
@@ -101,7 +101,7 @@ fn split_readers_compute_what_the_whole_constant_does() {
         trans_b: true,
     };
     let y = g.add(op, &[x, w, b], "y", "y").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let xv = Array::new(
         vec![3, 8],
         (0..24).map(|i| (i as f64 * 0.11).cos()).collect(),
@@ -125,12 +125,13 @@ fn tiny_gpt2_split_matches_onnxruntime() {
 /// A reader with no split form is refused with the tensor's name.
 #[test]
 fn unsplittable_readers_are_named() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let w = g.add_const("big", Tensor::f32(vec![100], vec![1.0; 100]));
     let y = g
         .add(Op::Unary(dorac::ir::unary::EXP), &[w], "y", "/exp")
         .unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
+    let mut g = g.finish();
     let err = split_large_constants(&mut g, 64).unwrap_err().to_string();
     assert!(err.contains("'big'") && err.contains("'/exp'"), "{err}");
 }
@@ -171,9 +172,11 @@ fn oversized_trainable_tensors_train_in_chunks() {
         };
         // The loss of the unsplit model, on the reference executor, for finite differences.
         let mut lossg = g.clone();
-        let out = lossg.outputs[0].1;
-        let (_, l) = loss::append(&mut lossg, LossKind::Mse, out, "target").unwrap();
-        lossg.outputs = vec![("loss".into(), l)];
+        let out = lossg.outputs()[0].1;
+        let mut p = Patch::new(&lossg);
+        let (_, l) = loss::append(&mut p, LossKind::Mse, out, "target").unwrap();
+        p.set_outputs(vec![("loss".into(), l)]);
+        lossg.apply(p.finish());
         let feed: std::collections::HashMap<String, Array> = data.clone().into_iter().collect();
         // The weight becomes an f64 input, so the perturbations are not rounded to f32.
         let loss_with = |name: &str, i: usize, delta: f64| {
@@ -181,8 +184,9 @@ fn oversized_trainable_tensors_train_in_chunks() {
             let id = g.find_by_name(name).unwrap();
             let mut t = g.const_tensor(id).unwrap().to_array();
             t.data[i] += delta;
-            g.node_mut(id).op = Op::Input;
-            g.inputs.push(id);
+            let mut p = Patch::new(&g);
+            p.promote_to_input(id).unwrap();
+            g.apply(p.finish());
             let mut feed = feed.clone();
             feed.insert(name.to_string(), t);
             dorac::reference::run(&g, &feed).unwrap()["loss"].data[0]

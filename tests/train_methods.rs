@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use dorac::ir::{Graph, Op};
+use dorac::ir::{Graph, Op, Patch};
 use dorac::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
 use dorac::tensor::Array;
 use dorac::train::{build, BuildOptions, ParamRole, Session, TrainMethod};
@@ -116,13 +116,13 @@ fn a_compiled_step_holds_no_frozen_weight_gradient_and_no_frozen_only_work() {
     for method in [TrainMethod::Dora, TrainMethod::Magnitude] {
         let g = model(method);
         let weights: Vec<(String, Vec<usize>)> = g
-            .adapters
+            .adapters()
             .iter()
             .map(|a| (g.node(a.weight).name.clone(), g.shape(a.weight).to_vec()))
             .collect();
         let program = build(g, &options(method)).unwrap();
         let pg = &program.graph;
-        for n in pg.graph.node_indices() {
+        for n in pg.petgraph().node_indices() {
             let node = pg.node(n);
             // Every weight-sized value is a frozen constant: no gradient, no temporary.
             for (w, shape) in &weights {
@@ -177,7 +177,9 @@ fn zero_norm_columns_give_the_base_output_and_train_without_nan() {
                     *v = 0.0;
                 }
             }
-            g.node_mut(l.weight).op = Op::Const(a.to_tensor_f32());
+            let mut p = Patch::new(&g);
+            p.set_const(l.weight, a.to_tensor_f32()).unwrap();
+            g.apply(p.finish());
         }
         let base = g.clone();
         adapt(&mut g, method);

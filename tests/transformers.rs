@@ -111,7 +111,7 @@ fn constant_kernels(g: &Graph, plan: &Plan) -> Vec<String> {
 
 fn op_counts(g: &Graph) -> BTreeMap<&'static str, usize> {
     let mut m = BTreeMap::new();
-    for n in g.graph.node_weights() {
+    for n in g.petgraph().node_weights() {
         *m.entry(n.op.name()).or_insert(0) += 1;
     }
     m

@@ -107,7 +107,7 @@ fn transformers_rewrite_adapt_and_merge() {
             let tag = format!("{model}/{variant}");
             let ort = read(model, &format!("{variant}.ort.safetensors"));
             let base = import(&dir.join(format!("{variant}.onnx")), &inputs);
-            let out_name = base.outputs[0].0.clone();
+            let out_name = base.outputs()[0].0.clone();
 
             // Rewritten at PEFT's init: the base function, through ONNX and back.
             let mut g = base.clone();
@@ -146,9 +146,9 @@ fn transformers_rewrite_adapt_and_merge() {
             merge_adapters(&mut g).unwrap();
             let merged = round_trip(&g, &inputs, &format!("{model}-{variant}-merged"));
             assert_eq!(
-                merged.graph.node_count(),
+                merged.petgraph().node_count(),
                 round_trip(&base, &inputs, &format!("{model}-{variant}-base"))
-                    .graph
+                    .petgraph()
                     .node_count(),
                 "{tag}: merged graph differs from base"
             );
@@ -164,7 +164,7 @@ fn external_weights_are_memory_mapped_and_run() {
     let inputs = read("bert_tiny", "inputs.safetensors");
     let g = import(&models_dir().join("bert_tiny/external/model.onnx"), &inputs);
     let mapped = g
-        .graph
+        .petgraph()
         .node_weights()
         .filter(|n| matches!(&n.op, dorac::ir::Op::Const(t) if matches!(&t.data, dorac::tensor::Data::F32(b) if b.is_mapped())))
         .count();
@@ -234,7 +234,7 @@ fn vit_conv_adapter_matches_peft() {
     for variant in variants("vit_tiny") {
         let tag = format!("vit_tiny/{variant}");
         let mut g = import(&dir.join(format!("{variant}.onnx")), &inputs);
-        let out_name = g.outputs[0].0.clone();
+        let out_name = g.outputs()[0].0.clone();
         assert_eq!(
             dorac::adapter::apply(&mut g, &adapter).unwrap(),
             13,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use dorac::ir::{Graph, Method, Op};
+use dorac::ir::{Graph, GraphBuilder, Method, Op};
 use dorac::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
 use dorac::tensor::{Rng, Tensor};
 
@@ -25,13 +25,13 @@ fn mlp_model_wgsl() {
 
 #[test]
 fn dora_layer_wgsl() {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let x = g.add_input("x", vec![4, 16]);
     let mut rng = Rng::new(5);
     let w: Vec<f32> = (0..16 * 8).map(|_| rng.normal() as f32).collect();
     let w = g.add_const("fc.weight", Tensor::f32(vec![16, 8], w));
     let y = g.add(Op::MatMul, &[x, w], "y_raw", "/fc/MatMul").unwrap();
-    g.outputs.push(("y".into(), y));
+    g.add_output("y", y);
     let specs = find_linear_layers(&g)
         .into_iter()
         .map(|layer| AdapterSpec {
@@ -43,6 +43,7 @@ fn dora_layer_wgsl() {
             init: AdapterInit::Peft { seed: 0 },
         })
         .collect();
+    let mut g = g.finish();
     insert_adapters(&mut g, specs).unwrap();
     insta::assert_snapshot!("dora_layer_wgsl", all_kernels(&g));
 }

@@ -2,7 +2,7 @@
 //! adapters with non-trivial values.
 #![allow(dead_code)]
 
-use dorac::ir::{Graph, Method, Op};
+use dorac::ir::{Graph, GraphBuilder, Method, Op};
 use dorac::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
 use dorac::tensor::{Rng, Tensor};
 
@@ -15,7 +15,7 @@ pub fn env(name: &str, default: usize) -> usize {
 
 /// An MLP of `layers` Gemm layers (PyTorch's Linear export: W [out, in], transB=1) with ReLU.
 pub fn mlp(batch: usize, width: usize, layers: usize, rng: &mut Rng) -> Graph {
-    let mut g = Graph::new();
+    let mut g = GraphBuilder::new();
     let mut h = g.add_input("x", vec![batch, width]);
     let bound = 1.0 / (width as f64).sqrt();
     for l in 0..layers {
@@ -52,8 +52,8 @@ pub fn mlp(batch: usize, width: usize, layers: usize, rng: &mut Rng) -> Graph {
                 .unwrap();
         }
     }
-    g.outputs.push(("y".into(), h));
-    g
+    g.add_output("y", h);
+    g.finish()
 }
 
 pub fn adapted(base: &Graph, method: Method, rank: usize, rng: &mut Rng) -> Graph {
@@ -90,7 +90,7 @@ pub fn adapted(base: &Graph, method: Method, rank: usize, rng: &mut Rng) -> Grap
 
 /// FLOPs of the compiled (folded) graph: 2mkn per product, one per element elsewhere.
 pub fn flops(g: &Graph) -> f64 {
-    g.graph
+    g.petgraph()
         .node_indices()
         .map(|n| {
             let node = g.node(n);

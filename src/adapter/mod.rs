@@ -12,7 +12,7 @@
 //! layer's A and B with in = num_embeddings and out = dim.
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Method, Op};
+use crate::ir::{Graph, Method, Patch};
 use crate::passes::{
     find_linear_layers, insert_adapters, resolve_module, AdapterInit, AdapterSpec, ModuleMatch,
 };
@@ -374,7 +374,7 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         base_model: cfg.base_model.clone(),
         target_modules: cfg.target_modules.clone(),
     };
-    if !graph.adapters.is_empty() {
+    if !graph.adapters().is_empty() {
         return replace_tensors(graph, adapter);
     }
     let layers = find_linear_layers(graph);
@@ -390,7 +390,7 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             }
         };
         let layer = layers.iter().find(|l| l.module == found).unwrap();
-        let filter = graph.conv_filters.get(&layer.weight);
+        let filter = graph.conv_filters().get(&layer.weight);
         match (&t.conv_a_shape, filter) {
             (Some(a), Some(f)) if a[1..] != f[1..] => problems.push(format!(
                 "module '{module}': lora_A {} does not fit the Conv's filters {}",
@@ -499,10 +499,12 @@ fn find_module(module: &str, names: &[&str]) -> std::result::Result<String, Stri
     }
 }
 
+/// Writes the adapter's tensors into the model's adapter constants, in one patch.
 fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     let mut count = 0;
+    let mut p = Patch::new(graph);
     for (module, t) in &adapter.layers {
-        let names: Vec<&str> = graph.adapters.iter().map(|a| a.module.as_str()).collect();
+        let names: Vec<&str> = graph.adapters().iter().map(|a| a.module.as_str()).collect();
         let found = find_module(module, &names).map_err(|why| {
             Error::Input(format!(
                 "{why}, among the modules that have an adapter in this model ({})",
@@ -510,7 +512,7 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             ))
         })?;
         let layer = graph
-            .adapters
+            .adapters()
             .iter()
             .find(|a| a.module == found)
             .cloned()
@@ -523,16 +525,15 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             )));
         }
         let mut set = |node, value: &Array, what: &str| -> Result<()> {
-            let n = graph.node_mut(node);
-            if n.shape != value.shape {
+            let model_shape = graph.shape(node);
+            if model_shape != value.shape {
                 return Err(Error::Input(format!(
                     "module '{module}': {what} has shape {}, the model's is {}",
                     shape_str(&value.shape),
-                    shape_str(&n.shape)
+                    shape_str(model_shape)
                 )));
             }
-            n.op = Op::Const(value.to_tensor_f32());
-            Ok(())
+            p.set_const(node, value.to_tensor_f32())
         };
         set(layer.lora_a, &t.a, "lora_A")?;
         set(layer.lora_b, &t.b, "lora_B")?;
@@ -541,6 +542,7 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         }
         count += 1;
     }
+    graph.apply(p.finish());
     Ok(count)
 }
 
@@ -549,7 +551,7 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
 /// do, else every adapted module's full name. PEFT then targets the same layers.
 fn target_patterns(graph: &Graph) -> Vec<String> {
     let adapted: std::collections::BTreeSet<&str> =
-        graph.adapters.iter().map(|a| a.module.as_str()).collect();
+        graph.adapters().iter().map(|a| a.module.as_str()).collect();
     let mut modules: Vec<String> = find_linear_layers(graph)
         .into_iter()
         .map(|l| l.module)
@@ -584,7 +586,7 @@ fn target_patterns(graph: &Graph) -> Vec<String> {
 /// Writes the graph's adapters as a PEFT adapter folder (each file written atomically).
 pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
     let first = graph
-        .adapters
+        .adapters()
         .first()
         .ok_or_else(|| Error::Input("the model has no adapters to save".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -595,9 +597,9 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
         first.method == Method::Dora,
         first.rslora,
     );
-    for a in &graph.adapters {
+    for a in graph.adapters() {
         // A Conv's tensors go out in PEFT's Conv shapes (see the module docs).
-        let conv = graph.conv_filters.get(&a.weight);
+        let conv = graph.conv_filters().get(&a.weight);
         let get = |n, what: &str| {
             let t = graph
                 .const_tensor(n)

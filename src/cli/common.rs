@@ -192,19 +192,8 @@ impl From<StorageArg> for crate::ir::Half {
     }
 }
 
-/// Rounds `graph`'s frozen weights to `storage` ([`crate::passes::store_half`]) and says what
-/// that did; refuses weights the format cannot hold.
-pub fn apply_storage(graph: &mut Graph, storage: StorageArg) -> Result<()> {
-    let half = crate::ir::Half::from(storage);
-    let r = crate::passes::store_half(graph, half);
-    if r.overflowed > 0 {
-        return Err(Error::Input(format!(
-            "--storage {}: {} weight values are beyond the format's range (|w| > 65504); use \
-             --storage bf16, which has f32's range",
-            half.name(),
-            r.overflowed
-        )));
-    }
+/// Says what `--storage` did to the weights.
+pub fn report_storage(r: &crate::passes::HalfReport, half: crate::ir::Half) {
     eprintln!(
         "storage: {} weight tensors ({} values) stored as {}, max rounding error {:.2e} of \
          each tensor's largest value",
@@ -213,7 +202,41 @@ pub fn apply_storage(graph: &mut Graph, storage: StorageArg) -> Result<()> {
         half.name(),
         r.max_relative_error
     );
+}
+
+/// Rounds `graph`'s frozen weights to `storage` (the pipelines' last stage,
+/// [`crate::pipeline::store`]) and says what that did.
+pub fn apply_storage(graph: &mut Graph, storage: StorageArg) -> Result<()> {
+    let half = crate::ir::Half::from(storage);
+    report_storage(&crate::pipeline::store(graph, half)?, half);
     Ok(())
+}
+
+/// An evaluator of `output` (None: the model's first) through the inference pipeline, with
+/// the trained tensors `params` written before each evaluation.
+pub fn evaluator(
+    graph: Graph,
+    output: Option<&str>,
+    kind: crate::train::LossKind,
+    labels: &str,
+    params: &[String],
+    gpu: Option<&crate::runtime::Gpu>,
+) -> Result<crate::train::eval::Evaluator> {
+    let output = match output {
+        Some(name) => name.to_string(),
+        None => graph
+            .outputs()
+            .first()
+            .map(|o| o.0.clone())
+            .ok_or_else(|| Error::Input("the model has no outputs".into()))?,
+    };
+    let pipeline = crate::pipeline::Inference {
+        output: Some(output),
+        live: params.to_vec(),
+        ..Default::default()
+    };
+    let graph = pipeline.run(graph)?.value;
+    crate::train::eval::Evaluator::new(graph, kind, labels, params, gpu)
 }
 
 /// Where a graph ran.
@@ -301,7 +324,7 @@ pub fn execute(
         let out = exe.run(&host)?;
         phases.done("run (upload inputs, kernels, read back)");
         let shapes: HashMap<&str, &[usize]> = graph
-            .outputs
+            .outputs()
             .iter()
             .map(|(n, id)| (n.as_str(), graph.shape(*id)))
             .collect();
@@ -323,7 +346,7 @@ pub fn execute(
 
 /// Checks the user's tensors against the graph inputs: every input present with its shape.
 pub fn check_inputs(graph: &Graph, inputs: &BTreeMap<String, Array>, file: &Path) -> Result<()> {
-    for &id in &graph.inputs {
+    for &id in graph.inputs() {
         let node = graph.node(id);
         match inputs.get(&node.name) {
             None => {
@@ -332,7 +355,7 @@ pub fn check_inputs(graph: &Graph, inputs: &BTreeMap<String, Array>, file: &Path
                     file.display(),
                     node.name,
                     graph
-                        .inputs
+                        .inputs()
                         .iter()
                         .map(|&i| format!("{} {}", graph.node(i).name, shape_str(graph.shape(i))))
                         .collect::<Vec<_>>()
@@ -363,7 +386,7 @@ pub fn adapter_table(graph: &Graph) -> String {
         "rank".into(),
         "params".into(),
     ]];
-    for a in &graph.adapters {
+    for a in graph.adapters() {
         let params = a.rank * (a.in_features + a.out_features)
             + if a.magnitude.is_some() {
                 a.out_features

@@ -3,7 +3,7 @@
 use super::common::{apply_adapter, load_graph};
 use crate::error::{Error, Result};
 use crate::tensors_io::write_atomic;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -88,9 +88,10 @@ pub fn run(args: Args) -> Result<()> {
             write("ir.adapted.txt", &graph.to_string())?;
         }
     }
-    if args.train {
+    let half = args.storage.map(crate::ir::Half::from);
+    let storage = if args.train {
         let method = crate::train::TrainMethod::from(args.method);
-        if let (true, Some(kind)) = (graph.adapters.is_empty(), method.adapter()) {
+        if let (true, Some(kind)) = (graph.adapters().is_empty(), method.adapter()) {
             let specs = args.adapter_args.specs(&graph, kind, 0, &args.model)?;
             crate::passes::insert_adapters(&mut graph, specs)?;
         }
@@ -111,18 +112,26 @@ pub fn run(args: Args) -> Result<()> {
             full_targets: (!args.adapter_args.targets.is_empty())
                 .then(|| args.adapter_args.patterns()),
         };
-        graph = crate::train::build(graph, &opts)?.graph;
+        let prepared = crate::pipeline::training(graph, &opts, None, half)?;
+        graph = prepared.value.graph;
         if args.emit.contains(&Emit::Ir) {
             write("ir.train_step.txt", &graph.to_string())?;
         }
+        prepared.storage
     } else {
-        crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+        let pipeline = crate::pipeline::Inference {
+            storage: half,
+            ..Default::default()
+        };
+        let prepared = pipeline.run(graph)?;
+        graph = prepared.value;
         if args.emit.contains(&Emit::Ir) {
             write("ir.folded.txt", &graph.to_string())?;
         }
-    }
-    if let Some(storage) = args.storage {
-        super::common::apply_storage(&mut graph, storage)?;
+        prepared.storage
+    };
+    if let (Some(r), Some(half)) = (&storage, half) {
+        super::common::report_storage(r, half);
     }
     if args.emit.contains(&Emit::Dot) {
         write("graph.dot", &crate::ir::to_dot(&graph))?;

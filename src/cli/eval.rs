@@ -5,7 +5,7 @@ use super::common::{apply_adapter, load_batched};
 use super::train::LossArg;
 use crate::error::{Error, Result};
 use crate::train::data::{self, Expected};
-use crate::train::eval::{EvalMetrics, Evaluator};
+use crate::train::eval::EvalMetrics;
 use crate::train::report::format_loss;
 use crate::train::LossKind;
 use std::path::PathBuf;
@@ -90,11 +90,12 @@ pub fn run(args: Args) -> Result<()> {
     let dataset = data::from_tensors(&args.data, raw, &expected)?;
     let gpu = args.engine.open_gpu("evaluating")?;
     let name = graph
-        .outputs
+        .outputs()
         .iter()
         .find(|o| o.1 == output)
         .map(|o| o.0.clone());
-    let mut evaluator = Evaluator::new(graph, name.as_deref(), loss, &labels, &[], gpu.as_ref())?;
+    let mut evaluator =
+        super::common::evaluator(graph, name.as_deref(), loss, &labels, &[], gpu.as_ref())?;
     let m = evaluator.evaluate(&dataset)?;
     println!("{}", describe(&m, loss));
     if let Some(out) = &args.output {

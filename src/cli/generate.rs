@@ -7,7 +7,7 @@ use super::common::apply_adapter;
 use crate::error::{Error, Result};
 use crate::runtime::Executable;
 use crate::tensor::{shape_str, Array};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -44,9 +44,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(a) = &args.adapter {
         apply_adapter(&mut graph, a)?;
     }
-    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
+    let graph = crate::pipeline::Inference::default().run(graph)?.value;
     let ids_node = *graph
-        .inputs
+        .inputs()
         .first()
         .ok_or_else(|| Error::Input("the model has no inputs".into()))?;
     let ids_name = graph.node(ids_node).name.clone();
@@ -60,11 +60,11 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let mask_name = graph
-        .inputs
+        .inputs()
         .iter()
         .map(|&i| graph.node(i).name.clone())
         .find(|n| n == "attention_mask");
-    let (out_name, out_node) = graph.outputs[0].clone();
+    let (out_name, out_node) = graph.outputs()[0].clone();
     let vocab = *graph.shape(out_node).last().unwrap_or(&0);
     if graph.shape(out_node) != [1, window, vocab] || vocab < 256 {
         return Err(Error::Input(format!(

@@ -36,7 +36,7 @@ pub fn run(args: Args) -> Result<()> {
         ))
     };
     if args.adapter.is_empty() {
-        if graph.adapters.is_empty() {
+        if graph.adapters().is_empty() {
             return Err(no_adapters());
         }
         merge_one(&mut graph, "the model's own adapters")?;
@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     for (i, dir) in args.adapter.iter().enumerate() {
         // A rewritten model's own adapters are merged first; each --adapter then starts from
         // the weights merged so far.
-        if i == 0 && !graph.adapters.is_empty() {
+        if i == 0 && !graph.adapters().is_empty() {
             merge_one(&mut graph, "the model's own adapters")?;
         }
         apply_adapter(&mut graph, dir)?;
@@ -57,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Merges the graph's adapters into its weights and says which layers.
 fn merge_one(graph: &mut crate::ir::Graph, what: &str) -> Result<()> {
-    let modules: Vec<String> = graph.adapters.iter().map(|a| a.module.clone()).collect();
+    let modules: Vec<String> = graph.adapters().iter().map(|a| a.module.clone()).collect();
     crate::passes::merge_adapters(graph)?;
     println!(
         "merged {what}: {} layers ({})",

@@ -4,11 +4,11 @@ use super::common::{
     apply_adapter, apply_storage, check_inputs, execute, load_graph_with_values, Engine, Phases,
     StorageArg,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ir::Graph;
 use crate::tensor::{shape_str, Array};
 use crate::tensors_io::{read_safetensors, write_safetensors_typed};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -125,7 +125,7 @@ pub fn run(args: Args) -> Result<()> {
         let typed: BTreeMap<String, (Array, crate::tensor::DType)> = outputs
             .into_iter()
             .map(|(k, a)| {
-                let id = graph.outputs.iter().find(|(n, _)| *n == k).map(|o| o.1);
+                let id = graph.outputs().iter().find(|(n, _)| *n == k).map(|o| o.1);
                 let dtype = id.map_or(crate::tensor::DType::F32, |id| graph.node(id).dtype);
                 (k, (a, dtype))
             })
@@ -156,15 +156,9 @@ pub fn prepare(
     if let Some(dir) = adapter {
         apply_adapter(&mut graph, dir)?;
     }
-    if merged {
-        if graph.adapters.is_empty() {
-            return Err(Error::Input(
-                "--merged: the model has no adapters (give --adapter DIR or a rewritten model)"
-                    .into(),
-            ));
-        }
-        crate::passes::merge_adapters(&mut graph)?;
-    }
-    crate::passes::fold_constants(&mut graph, &HashSet::new())?;
-    Ok(graph)
+    let pipeline = crate::pipeline::Inference {
+        merge: merged,
+        ..Default::default()
+    };
+    Ok(pipeline.run(graph)?.value)
 }

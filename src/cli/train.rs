@@ -5,11 +5,8 @@ use crate::error::{Error, Result};
 use crate::passes::insert_adapters;
 use crate::train::checkpoint;
 use crate::train::data::{self, Expected};
-use crate::train::eval::Evaluator;
 use crate::train::report::{write_loss_png, MetricsLog, Progress, StepRecord};
-use crate::train::{
-    build_for_device, AdamW, BuildOptions, LossKind, Schedule, Session, TrainMethod,
-};
+use crate::train::{AdamW, BuildOptions, LossKind, Schedule, Session, TrainMethod};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -285,7 +282,7 @@ pub fn run(args: Args) -> Result<()> {
     // Adapters: a given PEFT adapter, a rewritten model's own, or fresh ones (PEFT's init).
     if let Some(dir) = &args.adapter {
         apply_adapter(&mut graph, dir)?;
-    } else if graph.adapters.is_empty() {
+    } else if graph.adapters().is_empty() {
         if let Some(kind) = method.adapter() {
             let specs = args
                 .adapter_args
@@ -312,10 +309,12 @@ pub fn run(args: Args) -> Result<()> {
     let limit = gpu
         .as_ref()
         .map(|g| g.limits().max_storage_buffer_binding_size);
-    let mut program = build_for_device(graph.clone(), &opts, limit)?;
-    if let Some(storage) = args.storage {
-        super::common::apply_storage(&mut program.graph, storage)?;
+    let half = args.storage.map(crate::ir::Half::from);
+    let prepared = crate::pipeline::training(graph.clone(), &opts, limit, half)?;
+    if let (Some(r), Some(half)) = (&prepared.storage, half) {
+        super::common::report_storage(r, half);
     }
+    let program = prepared.value;
     let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();
     let engine = gpu
         .as_ref()
@@ -334,7 +333,7 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
         Some(path) => {
             let dataset = data::load(path, &expected)?;
-            let evaluator = Evaluator::new(
+            let evaluator = super::common::evaluator(
                 graph.clone(),
                 args.loss_output.as_deref(),
                 loss,
@@ -478,15 +477,15 @@ pub fn find_output(
     flag: &str,
 ) -> Result<crate::ir::NodeId> {
     match name {
-        Some(name) => graph.outputs.iter().find(|o| o.0 == name).map(|o| o.1),
-        None => graph.outputs.first().map(|o| o.1),
+        Some(name) => graph.outputs().iter().find(|o| o.0 == name).map(|o| o.1),
+        None => graph.outputs().first().map(|o| o.1),
     }
     .ok_or_else(|| {
         Error::Input(format!(
             "{flag} {}: the model's outputs are {}",
             name.unwrap_or(""),
             graph
-                .outputs
+                .outputs()
                 .iter()
                 .map(|o| o.0.as_str())
                 .collect::<Vec<_>>()

@@ -76,10 +76,10 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
         graph,
         live: &live,
         kept: graph
-            .outputs
+            .outputs()
             .iter()
             .map(|&(_, n)| n)
-            .chain(graph.updates.iter().map(|&(_, next)| next))
+            .chain(graph.updates().iter().map(|&(_, next)| next))
             .collect(),
         taken: HashSet::new(),
     };
@@ -300,12 +300,12 @@ fn bindings(graph: &Graph, group: &[NodeId]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{unary, Binary};
+    use crate::ir::{unary, Binary, GraphBuilder};
     use crate::tensor::Tensor;
 
     /// x @ w + bias -> relu -> * scale, where `scale` is computed before or after the matmul.
-    fn chain(scale_first: bool) -> (Graph, Vec<NodeId>) {
-        let mut g = Graph::new();
+    fn chain(scale_first: bool) -> (GraphBuilder, Vec<NodeId>) {
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![3, 4]);
         let w = g.add_const("w", Tensor::f32(vec![4, 5], vec![0.5; 20]));
         let bias = g.add_const("bias", Tensor::f32(vec![5], vec![1.0; 5]));
@@ -323,9 +323,9 @@ mod tests {
         let scale = if scale_first { early } else { late };
         let y = g.add(Op::Binary(Binary::Mul), &[relu, scale], "y", "y");
         let y = y.unwrap();
-        g.outputs.push(("y".into(), y));
+        g.add_output("y", y);
         let other = if scale_first { late } else { early };
-        g.outputs.push(("other".into(), other));
+        g.add_output("other", other);
         (g, vec![mm, add, relu, y, early, late])
     }
 
@@ -351,11 +351,11 @@ mod tests {
     #[test]
     fn side_operands_read_by_the_epilogue_alone_join_it() {
         // m' = 0.9 m + 0.1 g: `0.9 m` starts early, `0.1 g` after g's matmul; one kernel.
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![3, 4]);
         let w = g.add_input("w", vec![4, 5]);
         let m = g.add_input("m", vec![3, 5]);
-        let c = |g: &mut Graph, v: f32, name: &str| g.add_const(name, Tensor::scalar(v));
+        let c = |g: &mut GraphBuilder, v: f32, name: &str| g.add_const(name, Tensor::scalar(v));
         let b1 = c(&mut g, 0.9, "b1");
         let decay = g
             .add(Op::Binary(Binary::Mul), &[m, b1], "decay", "decay")
@@ -367,11 +367,11 @@ mod tests {
             .unwrap();
         let next = g.add(Op::Binary(Binary::Add), &[decay, scaled], "next", "next");
         let next = next.unwrap();
-        g.outputs.push(("next".into(), next));
+        g.add_output("next", next);
         let gr = groups(&g, true);
         assert_eq!(gr, vec![vec![grad, scaled, decay, next]]);
         // Read twice, the side operand keeps a kernel of its own.
-        g.outputs.push(("decay".into(), decay));
+        g.add_output("decay", decay);
         let gr = groups(&g, true);
         assert!(gr.contains(&vec![grad, scaled, next]), "{gr:?}");
         assert!(gr.contains(&vec![decay]), "{gr:?}");
@@ -379,15 +379,15 @@ mod tests {
 
     #[test]
     fn transposes_read_by_matmuls_and_elementwise_ops_need_no_kernel() {
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![3, 4]);
         let a = g.add_input("a", vec![5, 4]);
         let t = g.add(Op::Transpose { perm: vec![1, 0] }, &[a], "a_t", "a_t");
         let t = t.unwrap();
         let y = g.add(Op::MatMul, &[x, t], "y", "y").unwrap();
         let z = g.add(Op::Unary(unary::EXP), &[t], "z", "z").unwrap();
-        g.outputs.push(("y".into(), y));
-        g.outputs.push(("z".into(), z));
+        g.add_output("y", y);
+        g.add_output("z", z);
         let f = decide(&g, true).unwrap();
         assert_eq!(f.operand_transposes, [t].into());
         assert_eq!(f.groups, vec![vec![y], vec![z]]);
@@ -402,7 +402,7 @@ mod tests {
             "s",
             "s",
         );
-        g.outputs.push(("s".into(), s.unwrap()));
+        g.add_output("s", s.unwrap());
         assert!(decide(&g, true).unwrap().operand_transposes.is_empty());
         assert!(decide(&g, false).unwrap().operand_transposes.is_empty());
     }
@@ -411,7 +411,7 @@ mod tests {
     fn outputs_state_values_and_shared_values_end_a_group() {
         // A graph output in the middle.
         let (mut g, n) = chain(true);
-        g.outputs.push(("mid".into(), n[1]));
+        g.add_output("mid", n[1]);
         let gr = groups(&g, true);
         assert!(gr.contains(&vec![n[0], n[1]]), "{gr:?}");
         // The exp of `s` starts a kernel that takes the Mul and, as a side operand, the Relu.
@@ -419,14 +419,14 @@ mod tests {
         // A state's next value in the middle.
         let (mut g, n) = chain(true);
         let state = g.add_input("state", vec![3, 5]);
-        g.updates.push((state, n[2]));
+        g.add_update(state, n[2]);
         let gr = groups(&g, true);
         assert!(gr.contains(&vec![n[0], n[1], n[2]]), "{gr:?}");
         assert!(gr.contains(&vec![n[4], n[3]]), "{gr:?}");
         // Two consumers.
         let (mut g, n) = chain(true);
         let neg = g.add(Op::Unary(unary::NEG), &[n[1]], "neg", "neg").unwrap();
-        g.outputs.push(("neg".into(), neg));
+        g.add_output("neg", neg);
         let gr = groups(&g, true);
         assert!(gr.contains(&vec![n[0], n[1]]), "{gr:?}");
     }

@@ -335,14 +335,14 @@ pub fn plan_grouped(
         });
     }
     // Outputs last: a view may make an intermediate buffer an output.
-    for (name, n) in &graph.outputs {
+    for (name, n) in graph.outputs() {
         let b = plan.node_buffers[n];
         if plan.buffers[b].role == BufferRole::Intermediate {
             plan.buffers[b].role = BufferRole::Output(name.clone());
         }
         plan.outputs.push((name.clone(), b));
     }
-    for &n in &graph.inputs {
+    for &n in graph.inputs() {
         plan.inputs
             .push((graph.node(n).name.clone(), plan.node_buffers[&n]));
     }
@@ -383,12 +383,12 @@ pub fn plan_grouped(
 /// state is a distinct graph input, and its `next` has as many elements.
 fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
     let bad = |m: String| Err(Error::Graph(format!("state update: {m}")));
-    for &(state, next) in &graph.updates {
+    for &(state, next) in graph.updates() {
         if !graph.contains(state) || !graph.contains(next) {
             return bad("a (state, next) pair names a node that is not in the graph".into());
         }
         let node = graph.node(state);
-        if !matches!(node.op, Op::Input) || !graph.inputs.contains(&state) {
+        if !matches!(node.op, Op::Input) || !graph.inputs().contains(&state) {
             return bad(format!(
                 "'{}' is a {} node, not a graph input",
                 node.name,
@@ -523,7 +523,7 @@ fn check_groups(
 ) -> Result<Vec<Vec<NodeId>>> {
     let bad = |m: String| Err(Error::Graph(format!("kernel groups: {m}")));
     let mut seen = HashSet::new();
-    let outputs: HashSet<NodeId> = graph.outputs.iter().map(|(_, n)| *n).collect();
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, n)| *n).collect();
     for g in &groups {
         if g.is_empty() {
             return bad("an empty group".into());
@@ -553,7 +553,7 @@ fn check_groups(
     }
     for &t in transposed {
         let ok = !outputs.contains(&t)
-            && !graph.updates.iter().any(|&(_, next)| next == t)
+            && !graph.updates().iter().any(|&(_, next)| next == t)
             && fusion::readable_in_place(graph, t, live);
         if !ok {
             return bad(format!(
@@ -563,7 +563,7 @@ fn check_groups(
         }
     }
     let kept: HashSet<NodeId> = (outputs.iter().copied())
-        .chain(graph.updates.iter().map(|&(_, next)| next))
+        .chain(graph.updates().iter().map(|&(_, next)| next))
         .collect();
     for &p in prologues {
         if !graph.contains(p) || !fusion::is_reduce_prologue(graph, p, live, &kept) {
@@ -757,11 +757,11 @@ fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{unary, Binary};
+    use crate::ir::{unary, Binary, GraphBuilder};
     use crate::tensor::Tensor;
 
-    fn sample() -> (Graph, Vec<NodeId>) {
-        let mut g = Graph::new();
+    fn sample() -> (GraphBuilder, Vec<NodeId>) {
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![3, 4]);
         let w = g.add_const("w", Tensor::f32(vec![4, 5], vec![0.5; 20]));
         let bias = g.add_const("bias", Tensor::f32(vec![5], vec![1.0; 5]));
@@ -775,7 +775,7 @@ mod tests {
         let r = g
             .add(Op::Reshape { shape: vec![15] }, &[relu], "y", "flatten")
             .unwrap();
-        g.outputs.push(("y".into(), r));
+        g.add_output("y", r);
         (g, vec![mm, add, relu, r])
     }
 
@@ -824,7 +824,7 @@ mod tests {
         assert!(missing.to_string().contains("in no group"), "{missing}");
         // A group whose interior value is read outside it is refused.
         let (mut g2, n2) = sample();
-        g2.outputs.push(("mm".into(), n2[0]));
+        g2.add_output("mm", n2[0]);
         let escape = plan_grouped(&g2, vec![vec![n2[0], n2[1], n2[2]]], &opts).unwrap_err();
         assert!(
             escape.to_string().contains("used outside its group"),
@@ -836,7 +836,7 @@ mod tests {
     /// inputs, outputs and the buffer the state copy reads keep theirs.
     #[test]
     fn chains_reuse_memory_and_state_copies_are_planned() {
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let p = g.add_input("p", vec![8]);
         let next = g.add(Op::Unary(unary::NEG), &[p], "next", "next").unwrap();
         let mut v = next;
@@ -861,8 +861,8 @@ mod tests {
             )
             .unwrap();
         let y = g.add(Op::Unary(unary::RELU), &[s], "y", "y").unwrap();
-        g.outputs.push(("y".into(), y));
-        g.updates.push((p, next));
+        g.add_output("y", y);
+        g.add_update(p, next);
         // Unfused, so that the chain's intermediates get buffers to reuse.
         let unfused = PlanOptions {
             fuse: false,

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 /// goes first. The same graph therefore always gives the same order, so kernel names and
 /// snapshots do not change from run to run.
 pub fn order(graph: &Graph) -> Result<Vec<NodeId>> {
-    let g = &graph.graph;
+    let g = &graph.petgraph();
     let mut pending: HashMap<NodeId, usize> = g
         .node_indices()
         .map(|n| (n, graph.inputs_of(n).len()))
@@ -44,11 +44,11 @@ pub fn order(graph: &Graph) -> Result<Vec<NodeId>> {
 /// always fed). Nodes outside this set get no buffer and no kernel.
 pub fn live(graph: &Graph) -> BTreeSet<NodeId> {
     let mut live = BTreeSet::new();
-    let mut stack: Vec<NodeId> = graph.outputs.iter().map(|(_, n)| *n).collect();
-    stack.extend(graph.inputs.iter().copied());
+    let mut stack: Vec<NodeId> = graph.outputs().iter().map(|(_, n)| *n).collect();
+    stack.extend(graph.inputs().iter().copied());
     stack.extend(
         graph
-            .updates
+            .updates()
             .iter()
             .flat_map(|&(state, next)| [state, next])
             .filter(|&n| graph.contains(n)),

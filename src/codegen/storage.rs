@@ -21,7 +21,7 @@ pub(crate) fn half_stored(
     let is_reader = |c: NodeId| live.contains(&c);
     let in_place = |t: NodeId| transposed.contains(&t);
     graph
-        .half_consts
+        .half_consts()
         .iter()
         .filter(|&(&n, _)| graph.contains(n) && live.contains(&n))
         .filter(|&(&n, _)| matches!(graph.node(n).op, Op::Const(_)))

@@ -5,14 +5,17 @@
 //! slot it feeds. Shapes are static and checked when a node is added: a graph that exists is a
 //! graph whose shapes fit.
 
+mod build;
 mod dump;
 pub use dump::to_dot;
 pub mod op;
 pub mod patch;
 
+pub use build::GraphBuilder;
+
 pub use crate::ops::unary;
 pub use op::{Binary, Op, Reduce, Unary};
-pub use patch::{rewrite, Patch, PatchOps, PatchRef, Rule};
+pub use patch::{rewrite, Applied, Patch, PatchOps, PatchRef, Rule};
 
 use crate::error::{Error, Result};
 use crate::tensor::{numel, DType, Tensor};
@@ -211,29 +214,38 @@ pub struct ModelInfo {
 }
 
 /// A whole model.
+///
+/// The structure (nodes, edges, inputs, outputs, adapter records, training updates) is private
+/// to this module: a graph is made by a [`GraphBuilder`] and changed only by applying a
+/// [`Patch`], so no code outside `ir` can leave it half-edited. Node names are indexed, so
+/// lookups by name and fresh names cost O(1).
 #[derive(Clone, Debug, Default)]
 pub struct Graph {
-    pub graph: StableGraph<Node, usize>,
+    graph: StableGraph<Node, usize>,
     /// Graph inputs in declaration order (each an `Op::Input` node).
-    pub inputs: Vec<NodeId>,
+    inputs: Vec<NodeId>,
     /// Graph outputs: ONNX name and producing node.
-    pub outputs: Vec<(String, NodeId)>,
-    pub adapters: Vec<AdaptedLayer>,
+    outputs: Vec<(String, NodeId)>,
+    adapters: Vec<AdaptedLayer>,
     /// Persistent state of a compiled training step: `(state, next)` means that after each run
     /// the value of `next` becomes the value of the graph input `state` (parameters, Adam
     /// moments, the step counter). State inputs live on the device across runs.
-    pub updates: Vec<(NodeId, NodeId)>,
-    pub info: ModelInfo,
+    updates: Vec<(NodeId, NodeId)>,
     /// The filter matrices of Convs lowered at import (`onnx::import_ops::conv`): weight node
     /// `[C*K, M]` -> the ONNX filter bank's shape `[M, C, kernel...]`, which PEFT's Conv adapter
     /// tensors follow (lora_A `[r, C, kernel...]`, lora_B `[M, r, 1...]`).
-    pub conv_filters: BTreeMap<NodeId, Vec<usize>>,
+    conv_filters: BTreeMap<NodeId, Vec<usize>>,
     /// Constants whose values are exactly representable in a half-precision format (a half
     /// model's initializers, or weights rounded by `passes::store_half`): the planner stores
     /// them on the device in that format where every reader can decode it (see
     /// `codegen::storage`), computing in f32 as always. The reference executor reads the same
     /// (already rounded) f32 values.
-    pub half_consts: BTreeMap<NodeId, Half>,
+    half_consts: BTreeMap<NodeId, Half>,
+    /// Every node's name -> the node (names are unique).
+    names: HashMap<String, NodeId>,
+    /// For a name that was taken: the next numeric suffix to try, so fresh names do not rescan.
+    suffixes: HashMap<String, usize>,
+    pub info: ModelInfo,
     /// Where the adapters came from, for the PEFT config they are saved with.
     pub adapter_origin: AdapterOrigin,
 }
@@ -290,16 +302,66 @@ impl Graph {
         &self.graph[id]
     }
 
-    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
-        &mut self.graph[id]
-    }
-
     pub fn contains(&self, id: NodeId) -> bool {
         self.graph.contains_node(id)
     }
 
     pub fn shape(&self, id: NodeId) -> &[usize] {
         &self.graph[id].shape
+    }
+
+    /// Every node id, in index order.
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.graph.node_indices()
+    }
+
+    /// Every node with its id, in index order.
+    pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> + '_ {
+        self.graph.node_indices().map(|n| (n, &self.graph[n]))
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    /// The underlying petgraph, read-only (for graph algorithms).
+    pub fn petgraph(&self) -> &StableGraph<Node, usize> {
+        &self.graph
+    }
+
+    /// Graph inputs in declaration order.
+    pub fn inputs(&self) -> &[NodeId] {
+        &self.inputs
+    }
+
+    /// Graph outputs: name and producing node, in declaration order.
+    pub fn outputs(&self) -> &[(String, NodeId)] {
+        &self.outputs
+    }
+
+    /// The node producing the graph output `name`.
+    pub fn output(&self, name: &str) -> Option<NodeId> {
+        self.outputs.iter().find(|o| o.0 == name).map(|o| o.1)
+    }
+
+    /// The adapted layers, in the order they were recorded.
+    pub fn adapters(&self) -> &[AdaptedLayer] {
+        &self.adapters
+    }
+
+    /// A training step's `(state input, next value)` pairs.
+    pub fn updates(&self) -> &[(NodeId, NodeId)] {
+        &self.updates
+    }
+
+    /// Lowered Conv filter matrices -> the ONNX filter bank's shape.
+    pub fn conv_filters(&self) -> &BTreeMap<NodeId, Vec<usize>> {
+        &self.conv_filters
+    }
+
+    /// Constants stored in half precision on the device.
+    pub fn half_consts(&self) -> &BTreeMap<NodeId, Half> {
+        &self.half_consts
     }
 
     /// The node's inputs, ordered by slot.
@@ -331,15 +393,41 @@ impl Graph {
         }
     }
 
-    /// Adds a float32 graph input of the given shape.
-    pub fn add_input(&mut self, name: &str, shape: Vec<usize>) -> NodeId {
-        self.add_typed_input(name, shape, DType::F32)
+    /// Inserts a node under its own name, or under a fresh variant of it when that is taken.
+    fn insert_node(&mut self, mut node: Node) -> NodeId {
+        if self.names.contains_key(&node.name) {
+            node.name = self.take_fresh_name(&node.name);
+        }
+        let name = node.name.clone();
+        let id = self.graph.add_node(node);
+        self.names.insert(name, id);
+        id
+    }
+
+    /// Removes a node, its edges and every record keyed by it.
+    fn remove_node(&mut self, id: NodeId) {
+        if let Some(node) = self.graph.remove_node(id) {
+            if self.names.get(&node.name) == Some(&id) {
+                self.names.remove(&node.name);
+            }
+            self.conv_filters.remove(&id);
+            self.half_consts.remove(&id);
+        }
+    }
+
+    /// Gives node `id` the name `name` (which must be free).
+    fn rename(&mut self, id: NodeId, name: String) {
+        let old = std::mem::replace(&mut self.graph[id].name, name.clone());
+        if self.names.get(&old) == Some(&id) {
+            self.names.remove(&old);
+        }
+        self.names.insert(name, id);
     }
 
     /// Adds a graph input of the given shape and element type. Whatever the type, its values
     /// reach the device as f32 (token ids, masks) and the reference as f64.
-    pub fn add_typed_input(&mut self, name: &str, shape: Vec<usize>, dtype: DType) -> NodeId {
-        let id = self.graph.add_node(Node {
+    fn add_input(&mut self, name: &str, shape: Vec<usize>, dtype: DType) -> NodeId {
+        let id = self.insert_node(Node {
             name: name.into(),
             label: name.into(),
             op: Op::Input,
@@ -350,34 +438,12 @@ impl Graph {
         id
     }
 
-    pub fn add_const(&mut self, name: &str, tensor: Tensor) -> NodeId {
-        let dtype = tensor.dtype();
-        self.graph.add_node(Node {
-            name: name.into(),
-            label: name.into(),
-            shape: tensor.shape.clone(),
-            op: Op::Const(tensor),
-            dtype,
-        })
-    }
-
-    /// Adds an op node after checking its input count and shapes; its element type follows
-    /// from its inputs' ([`Op::dtype`]).
-    pub fn add(&mut self, op: Op, inputs: &[NodeId], name: &str, label: &str) -> Result<NodeId> {
+    /// Adds an op node after checking its input count and shapes ([`Node::checked`]).
+    fn add(&mut self, op: Op, inputs: &[NodeId], name: &str, label: &str) -> Result<NodeId> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.shape(i)).collect();
-        let shape = op
-            .shape(&shapes)
-            .map_err(|e| Error::Shape(format!("node '{label}': {}", strip_kind(e))))?;
-        crate::tensor::check_size(&shape, 4, || format!("node '{label}'"))?;
         let dtypes: Vec<DType> = inputs.iter().map(|&i| self.graph[i].dtype).collect();
-        let dtype = op.dtype(&dtypes);
-        let id = self.graph.add_node(Node {
-            name: name.into(),
-            label: label.into(),
-            op,
-            shape,
-            dtype,
-        });
+        let node = Node::checked(op, &shapes, &dtypes, name, label)?;
+        let id = self.insert_node(node);
         for (slot, &i) in inputs.iter().enumerate() {
             self.graph.add_edge(i, id, slot);
         }
@@ -386,7 +452,7 @@ impl Graph {
 
     /// Every consumer of `old` (and every graph output and adapter record pointing at it) now
     /// reads `new` instead, except consumers listed in `keep`.
-    pub fn replace_uses(&mut self, old: NodeId, new: NodeId, keep: &HashSet<NodeId>) {
+    fn replace_uses(&mut self, old: NodeId, new: NodeId, keep: &HashSet<NodeId>) {
         let edges: Vec<_> = self
             .graph
             .edges_directed(old, Direction::Outgoing)
@@ -426,7 +492,8 @@ impl Graph {
         })
     }
 
-    /// Removes every node that no graph output (or adapter tensor) depends on.
+    /// Removes every node that no graph output (or adapter tensor) depends on. Nothing that can
+    /// be observed changes: this is the one edit outside a [`Patch`].
     pub fn remove_dead(&mut self) {
         let mut live = HashSet::new();
         let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
@@ -449,21 +516,30 @@ impl Graph {
             .filter(|n| !live.contains(n))
             .collect();
         for n in dead {
-            self.graph.remove_node(n);
-            self.conv_filters.remove(&n);
+            self.remove_node(n);
         }
     }
 
-    /// A value name not used by any node, starting from `base`.
+    /// A value name not used by any node, starting from `base` (`base`, else `base_1`, ...).
     pub fn fresh_name(&self, base: &str) -> String {
-        let taken: HashSet<&str> = self.graph.node_weights().map(|n| n.name.as_str()).collect();
-        if !taken.contains(base) {
+        if !self.names.contains_key(base) {
             return base.to_string();
         }
-        (1..)
+        let first = self.suffixes.get(base).copied().unwrap_or(1);
+        (first..)
             .map(|i| format!("{base}_{i}"))
-            .find(|n| !taken.contains(n.as_str()))
+            .find(|n| !self.names.contains_key(n))
             .unwrap()
+    }
+
+    /// [`Graph::fresh_name`], remembering the suffix it used.
+    fn take_fresh_name(&mut self, base: &str) -> String {
+        let name = self.fresh_name(base);
+        if name != base {
+            let k: usize = name[base.len() + 1..].parse().unwrap_or(0);
+            self.suffixes.insert(base.to_string(), k + 1);
+        }
+        name
     }
 
     /// The entries of `values` named after a graph input: what to feed, once values the importer
@@ -481,9 +557,7 @@ impl Graph {
     }
 
     pub fn find_by_name(&self, name: &str) -> Option<NodeId> {
-        self.graph
-            .node_indices()
-            .find(|&n| self.graph[n].name == name)
+        self.names.get(name).copied()
     }
 
     /// Total parameters in constants (f32 only) and in adapter tensors.
@@ -509,10 +583,29 @@ impl Graph {
     }
 }
 
-/// Drops the "shape error: " prefix when re-wrapping an error with more context.
-fn strip_kind(e: Error) -> String {
-    match e {
-        Error::Shape(m) => m,
-        other => other.to_string(),
+impl Node {
+    /// A node for `op` on inputs of these shapes and types: the shape is checked against the
+    /// inputs' (an error names the node by `label`) and against the memory budget; the element
+    /// type follows from the inputs' ([`Op::dtype`]). The one constructor for
+    /// [`GraphBuilder::add`] and [`Patch::add`].
+    fn checked(
+        op: Op,
+        shapes: &[&[usize]],
+        dtypes: &[DType],
+        name: &str,
+        label: &str,
+    ) -> Result<Node> {
+        let shape = op.shape(shapes).map_err(|e| match e {
+            Error::Shape(m) => Error::Shape(format!("node '{label}': {m}")),
+            other => other,
+        })?;
+        crate::tensor::check_size(&shape, 4, || format!("node '{label}'"))?;
+        Ok(Node {
+            name: name.into(),
+            label: label.into(),
+            dtype: op.dtype(dtypes),
+            op,
+            shape,
+        })
     }
 }

@@ -3,9 +3,9 @@
 //! value to a new one. A patch is built against an immutable graph and applied in one step, so a
 //! rule that fails half-way (a shape error, say) leaves the graph untouched.
 
-use super::{AdaptedLayer, Graph, Node, NodeId, Op};
+use super::{AdaptedLayer, Binary, Graph, Half, Node, NodeId, Op};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{shape_str, DType, Tensor};
 use std::collections::HashSet;
 
 /// A value a patch refers to: one already in the graph, or one the patch adds.
@@ -21,20 +21,38 @@ impl From<NodeId> for PatchRef {
     }
 }
 
-/// Pending edits to a graph. Build with [`Patch::new`], apply with [`Graph::apply`].
+/// A change to a node that stays where it is (same id, name, inputs and shape), so the records
+/// that point at it (adapter layers, parameters) stay valid.
+enum InPlace {
+    /// A different op on the same inputs (a detached norm made differentiable).
+    Op(NodeId, Op),
+    /// A constant becomes a graph input (a trained tensor, fed or kept as state).
+    Promote(NodeId),
+    /// The constant is stored on the device in half precision.
+    Half(NodeId, Half),
+}
+
+/// Pending edits to a graph. Build with [`Patch::new`], apply with [`Graph::apply`]. Every
+/// check happens while building, so applying cannot fail.
 pub struct Patch<'g> {
     graph: &'g Graph,
-    nodes: Vec<(Node, Vec<PatchRef>)>,
-    shunts: Vec<(NodeId, PatchRef)>,
-    adapters: Vec<AdaptedLayer<PatchRef>>,
-    claims: Vec<usize>,
-    dropped_adapters: Vec<String>,
+    edits: Edits,
 }
 
 /// A finished patch that no longer borrows the graph.
-pub struct PatchOps {
+pub struct PatchOps(Edits);
+
+#[derive(Default)]
+struct Edits {
     nodes: Vec<(Node, Vec<PatchRef>)>,
+    /// Indices of new nodes that are graph inputs.
+    new_inputs: Vec<usize>,
     shunts: Vec<(NodeId, PatchRef)>,
+    in_place: Vec<InPlace>,
+    /// Replaces the graph outputs (before `more_outputs` are appended).
+    outputs: Option<Vec<(String, PatchRef)>>,
+    more_outputs: Vec<(String, PatchRef)>,
+    updates: Vec<(PatchRef, PatchRef)>,
     adapters: Vec<AdaptedLayer<PatchRef>>,
     claims: Vec<usize>,
     dropped_adapters: Vec<String>,
@@ -44,11 +62,7 @@ impl<'g> Patch<'g> {
     pub fn new(graph: &'g Graph) -> Self {
         Patch {
             graph,
-            nodes: vec![],
-            shunts: vec![],
-            adapters: vec![],
-            claims: vec![],
-            dropped_adapters: vec![],
+            edits: Edits::default(),
         }
     }
 
@@ -56,17 +70,43 @@ impl<'g> Patch<'g> {
         self.graph
     }
 
+    fn new_node(&self, i: usize) -> &Node {
+        &self.edits.nodes[i].0
+    }
+
     pub fn shape(&self, r: PatchRef) -> &[usize] {
         match r {
             PatchRef::Old(n) => self.graph.shape(n),
-            PatchRef::New(i) => &self.nodes[i].0.shape,
+            PatchRef::New(i) => &self.new_node(i).shape,
         }
     }
 
     pub fn dtype(&self, r: PatchRef) -> DType {
         match r {
             PatchRef::Old(n) => self.graph.node(n).dtype,
-            PatchRef::New(i) => self.nodes[i].0.dtype,
+            PatchRef::New(i) => self.new_node(i).dtype,
+        }
+    }
+
+    /// The value's name (a new node's may still get a suffix when the patch is applied).
+    pub fn name(&self, r: PatchRef) -> &str {
+        match r {
+            PatchRef::Old(n) => &self.graph.node(n).name,
+            PatchRef::New(i) => &self.new_node(i).name,
+        }
+    }
+
+    pub fn label(&self, r: PatchRef) -> &str {
+        match r {
+            PatchRef::Old(n) => &self.graph.node(n).label,
+            PatchRef::New(i) => &self.new_node(i).label,
+        }
+    }
+
+    pub fn op(&self, r: PatchRef) -> &Op {
+        match r {
+            PatchRef::Old(n) => &self.graph.node(n).op,
+            PatchRef::New(i) => &self.new_node(i).op,
         }
     }
 
@@ -79,21 +119,31 @@ impl<'g> Patch<'g> {
         label: &str,
     ) -> Result<PatchRef> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|&r| self.shape(r)).collect();
-        let shape = op.shape(&shapes).map_err(|e| match e {
-            Error::Shape(m) => Error::Shape(format!("node '{label}': {m}")),
-            other => other,
-        })?;
-        crate::tensor::check_size(&shape, 4, || format!("node '{label}'"))?;
         let dtypes: Vec<DType> = inputs.iter().map(|&r| self.dtype(r)).collect();
-        let node = Node {
-            name: name.into(),
-            label: label.into(),
-            dtype: op.dtype(&dtypes),
-            op,
-            shape,
-        };
-        self.nodes.push((node, inputs.to_vec()));
-        Ok(PatchRef::New(self.nodes.len() - 1))
+        let node = Node::checked(op, &shapes, &dtypes, name, label)?;
+        Ok(self.push(node, inputs.to_vec()))
+    }
+
+    fn push(&mut self, node: Node, inputs: Vec<PatchRef>) -> PatchRef {
+        self.edits.nodes.push((node, inputs));
+        PatchRef::New(self.edits.nodes.len() - 1)
+    }
+
+    /// `x <op> y`, labelled with its name.
+    pub fn binary(&mut self, op: Binary, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
+        self.add(Op::Binary(op), &[x, y], name, name)
+    }
+
+    pub fn mul(&mut self, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
+        self.binary(Binary::Mul, x, y, name)
+    }
+
+    pub fn sub(&mut self, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
+        self.binary(Binary::Sub, x, y, name)
+    }
+
+    pub fn div(&mut self, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
+        self.binary(Binary::Div, x, y, name)
     }
 
     pub fn constant(&mut self, name: &str, tensor: Tensor) -> PatchRef {
@@ -104,91 +154,217 @@ impl<'g> Patch<'g> {
             dtype: tensor.dtype(),
             op: Op::Const(tensor),
         };
-        self.nodes.push((node, vec![]));
-        PatchRef::New(self.nodes.len() - 1)
+        self.push(node, vec![])
+    }
+
+    /// An f32 scalar constant.
+    pub fn scalar(&mut self, name: &str, v: f32) -> PatchRef {
+        self.constant(name, Tensor::scalar(v))
+    }
+
+    /// A new graph input, appended after the existing ones.
+    pub fn input(&mut self, name: &str, shape: Vec<usize>, dtype: DType) -> Result<PatchRef> {
+        crate::tensor::check_size(&shape, 4, || format!("input '{name}'"))?;
+        let node = Node {
+            name: name.into(),
+            label: name.into(),
+            op: Op::Input,
+            shape,
+            dtype,
+        };
+        let r = self.push(node, vec![]);
+        if let PatchRef::New(i) = r {
+            self.edits.new_inputs.push(i);
+        }
+        Ok(r)
     }
 
     /// Users of `old` that exist before the patch read `new` from now on.
     pub fn replace(&mut self, old: NodeId, new: PatchRef) {
-        self.shunts.push((old, new));
+        self.edits.shunts.push((old, new));
+    }
+
+    /// Node `n` computes `op` on its current inputs instead. The new op must give the same
+    /// shape and element type.
+    pub fn replace_op(&mut self, n: NodeId, op: Op) -> Result<()> {
+        let node = self.graph.node(n);
+        let ins = self.graph.inputs_of(n);
+        let shapes: Vec<&[usize]> = ins.iter().map(|&i| self.graph.shape(i)).collect();
+        let dtypes: Vec<DType> = ins.iter().map(|&i| self.graph.node(i).dtype).collect();
+        let new = Node::checked(op, &shapes, &dtypes, &node.name, &node.label)?;
+        if new.shape != node.shape || new.dtype != node.dtype {
+            return Err(Error::Graph(format!(
+                "node '{}': {} in place of {} would change its value from {} {} to {} {}",
+                node.label,
+                new.op.name(),
+                node.op.name(),
+                node.dtype.name(),
+                shape_str(&node.shape),
+                new.dtype.name(),
+                shape_str(&new.shape)
+            )));
+        }
+        self.edits.in_place.push(InPlace::Op(n, new.op));
+        Ok(())
+    }
+
+    /// The constant `n` takes the value `tensor` (same shape and element type), keeping its
+    /// node: checkpoints and trained weights restored into a model.
+    pub fn set_const(&mut self, n: NodeId, tensor: Tensor) -> Result<()> {
+        let node = self.graph.node(n);
+        if !matches!(node.op, Op::Const(_)) {
+            return Err(Error::Graph(format!(
+                "'{}' is a {}, not a constant",
+                node.name,
+                node.op.name()
+            )));
+        }
+        if tensor.shape != node.shape || tensor.dtype() != node.dtype {
+            return Err(Error::Input(format!(
+                "'{}': the new value is {} {}, the model's is {} {}",
+                node.name,
+                tensor.dtype().name(),
+                shape_str(&tensor.shape),
+                node.dtype.name(),
+                shape_str(&node.shape)
+            )));
+        }
+        self.edits.in_place.push(InPlace::Op(n, Op::Const(tensor)));
+        Ok(())
+    }
+
+    /// The constant `n` becomes a graph input (appended after the existing ones), keeping its
+    /// node, so the records that point at it stay valid. Returns its value until now.
+    pub fn promote_to_input(&mut self, n: NodeId) -> Result<Tensor> {
+        let node = self.graph.node(n);
+        let Op::Const(t) = &node.op else {
+            return Err(Error::Graph(format!(
+                "'{}' is a {}, not a constant",
+                node.name,
+                node.op.name()
+            )));
+        };
+        self.edits.in_place.push(InPlace::Promote(n));
+        Ok(t.clone())
+    }
+
+    /// The constant `n` (whose values are exact in `format`) is stored in half precision.
+    pub fn store_half(&mut self, n: NodeId, format: Half) {
+        self.edits.in_place.push(InPlace::Half(n, format));
+    }
+
+    /// The graph's outputs become exactly these.
+    pub fn set_outputs(&mut self, outputs: Vec<(String, PatchRef)>) {
+        self.edits.outputs = Some(outputs);
+    }
+
+    /// Appends a graph output.
+    pub fn add_output(&mut self, name: &str, value: PatchRef) {
+        self.edits.more_outputs.push((name.to_string(), value));
+    }
+
+    /// After each run, `next`'s value becomes the state input `state`'s.
+    pub fn add_update(&mut self, state: PatchRef, next: PatchRef) {
+        self.edits.updates.push((state, next));
     }
 
     pub fn record_adapter(&mut self, layer: AdaptedLayer<PatchRef>) {
-        self.adapters.push(layer);
+        self.edits.adapters.push(layer);
     }
 
     /// The new node keeps its exact name; an old node holding it is renamed instead. Merge uses
     /// this so a merged weight keeps its initializer's name.
     pub fn claim_name(&mut self, r: PatchRef) {
         if let PatchRef::New(i) = r {
-            self.claims.push(i);
+            self.edits.claims.push(i);
         }
     }
 
     /// Forgets the adapter record of `module` (its nodes go when they become dead).
     pub fn drop_adapter(&mut self, module: &str) {
-        self.dropped_adapters.push(module.to_string());
+        self.edits.dropped_adapters.push(module.to_string());
     }
 
     pub fn finish(self) -> PatchOps {
-        PatchOps {
-            nodes: self.nodes,
-            shunts: self.shunts,
-            adapters: self.adapters,
-            claims: self.claims,
-            dropped_adapters: self.dropped_adapters,
+        PatchOps(self.edits)
+    }
+}
+
+/// Where an applied patch's new nodes landed.
+pub struct Applied {
+    ids: Vec<NodeId>,
+}
+
+impl Applied {
+    /// The graph node of a value the patch referred to.
+    pub fn id(&self, r: PatchRef) -> NodeId {
+        match r {
+            PatchRef::Old(n) => n,
+            PatchRef::New(i) => self.ids[i],
         }
     }
 }
 
 impl Graph {
     /// Applies a finished patch. New value names are made unique.
-    pub fn apply(&mut self, patch: PatchOps) {
-        let mut taken: HashSet<String> =
-            self.graph.node_weights().map(|n| n.name.clone()).collect();
-        for &i in &patch.claims {
-            let name = &patch.nodes[i].0.name;
+    pub fn apply(&mut self, patch: PatchOps) -> Applied {
+        let e = patch.0;
+        for &i in &e.claims {
+            let name = &e.nodes[i].0.name;
             if let Some(holder) = self.find_by_name(name) {
-                let renamed = (1..)
-                    .map(|k| format!("{name}_{k}"))
-                    .find(|n| !taken.contains(n))
-                    .unwrap();
-                taken.insert(renamed.clone());
-                self.graph[holder].name = renamed;
-                taken.remove(name);
+                let renamed = self.take_fresh_name(name);
+                self.rename(holder, renamed);
             }
         }
-        let mut ids = Vec::with_capacity(patch.nodes.len());
+        let mut ids = Vec::with_capacity(e.nodes.len());
         let resolve = |ids: &Vec<NodeId>, r: PatchRef| match r {
             PatchRef::Old(n) => n,
             PatchRef::New(i) => ids[i],
         };
-        for (mut node, inputs) in patch.nodes {
-            if taken.contains(&node.name) {
-                let base = node.name.clone();
-                node.name = (1..)
-                    .map(|i| format!("{base}_{i}"))
-                    .find(|n| !taken.contains(n))
-                    .unwrap();
-            }
-            taken.insert(node.name.clone());
-            let id = self.graph.add_node(node);
+        for (node, inputs) in e.nodes {
+            let id = self.insert_node(node);
             for (slot, r) in inputs.into_iter().enumerate() {
                 let src = resolve(&ids, r);
                 self.graph.add_edge(src, id, slot);
             }
             ids.push(id);
         }
+        self.inputs.extend(e.new_inputs.iter().map(|&i| ids[i]));
         let added: HashSet<NodeId> = ids.iter().copied().collect();
-        for (old, new) in patch.shunts {
+        for (old, new) in e.shunts {
             let new = resolve(&ids, new);
             self.replace_uses(old, new, &added);
         }
+        for edit in e.in_place {
+            match edit {
+                InPlace::Op(n, op) => self.graph[n].op = op,
+                InPlace::Promote(n) => {
+                    self.graph[n].op = Op::Input;
+                    self.half_consts.remove(&n);
+                    self.inputs.push(n);
+                }
+                InPlace::Half(n, format) => _ = self.half_consts.insert(n, format),
+            }
+        }
+        if let Some(outputs) = e.outputs {
+            self.outputs = outputs
+                .into_iter()
+                .map(|(name, r)| (name, resolve(&ids, r)))
+                .collect();
+        }
+        for (name, r) in e.more_outputs {
+            self.outputs.push((name, resolve(&ids, r)));
+        }
+        for (state, next) in e.updates {
+            self.updates
+                .push((resolve(&ids, state), resolve(&ids, next)));
+        }
         self.adapters
-            .retain(|a| !patch.dropped_adapters.contains(&a.module));
-        for a in patch.adapters {
+            .retain(|a| !e.dropped_adapters.contains(&a.module));
+        for a in e.adapters {
             self.adapters.push(a.map(|r| resolve(&ids, r)));
         }
+        Applied { ids }
     }
 }
 

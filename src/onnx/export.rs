@@ -90,20 +90,20 @@ pub(crate) fn export_with(
         tensor_value_info(name, &node.shape, data_type(node.dtype))
     };
     let inputs = graph
-        .inputs
+        .inputs()
         .iter()
         .map(|&n| value_info(&ex.names[&n], n))
         .collect();
     let outputs = graph
-        .outputs
+        .outputs()
         .iter()
         .map(|(name, n)| value_info(name, *n))
         .collect();
 
     let mut metadata_props = vec![];
-    if !graph.adapters.is_empty() {
+    if !graph.adapters().is_empty() {
         let mut records = vec![];
-        for a in &graph.adapters {
+        for a in graph.adapters() {
             let refs = [
                 Some(a.x),
                 Some(a.weight),
@@ -124,7 +124,7 @@ pub(crate) fn export_with(
         metadata_props.push(string_entry(meta::ADAPTERS_KEY, meta::to_json(&records)));
     }
     let filters: std::collections::BTreeMap<&str, &Vec<usize>> = graph
-        .conv_filters
+        .conv_filters()
         .iter()
         .filter_map(|(n, s)| ex.names.get(n).map(|name| (name.as_str(), s)))
         .collect();
@@ -175,7 +175,7 @@ pub(crate) fn export_with(
 /// Nodes in topological order, ready nodes taken by smallest id (Kahn's algorithm), so the
 /// same graph always exports the same file.
 fn stable_topo(graph: &Graph) -> Result<Vec<NodeId>> {
-    let g = &graph.graph;
+    let g = &graph.petgraph();
     let mut indegree: HashMap<NodeId, usize> = g
         .node_indices()
         .map(|n| {
@@ -254,7 +254,7 @@ impl Exporter<'_, '_> {
     fn assign_names(&mut self, order: &[NodeId]) -> Result<Vec<(String, NodeId)>> {
         let g = self.graph;
         let mut input_names: HashMap<&str, NodeId> = HashMap::new();
-        for &n in &g.inputs {
+        for &n in g.inputs() {
             if !g.contains(n) || g.node(n).op != Op::Input {
                 return Err(Error::Graph(format!(
                     "graph input #{} is not an input node of the graph",
@@ -271,7 +271,7 @@ impl Exporter<'_, '_> {
         let mut out_of: HashMap<NodeId, String> = HashMap::new();
         let mut extra = vec![];
         let mut out_names = HashSet::new();
-        for (name, n) in &g.outputs {
+        for (name, n) in g.outputs() {
             if !g.contains(*n) {
                 return Err(Error::Graph(format!(
                     "graph output '{name}' refers to a node no longer in the graph"

@@ -13,7 +13,7 @@ use super::proto::{
 };
 use super::Pins;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Half, ModelInfo, NodeId};
+use crate::ir::{Graph, GraphBuilder, Half, ModelInfo, NodeId};
 use crate::tensor::{shape_str, Array, DType};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -265,8 +265,8 @@ fn import_resolved(
     check_supported(gp, &inputs, &consumed)?;
     let order = topo_sort(gp, &inits, &inputs)?;
 
-    let mut g = Graph::new();
-    g.info = ModelInfo {
+    let mut g = GraphBuilder::new();
+    *g.info_mut() = ModelInfo {
         ir_version: model.ir_version(),
         opset,
         producer: model.producer_name().to_string(),
@@ -286,7 +286,7 @@ fn import_resolved(
         crate::tensor::check_size(&shape, 4, || format!("input '{}'", vi.name()))?;
         let id = g.add_typed_input(vi.name(), shape, input_dtype(vi).unwrap_or(DType::F32));
         values.insert(vi.name().to_string(), id);
-        g.info.input_dims.insert(vi.name().to_string(), dims);
+        g.info_mut().input_dims.insert(vi.name().to_string(), dims);
     }
 
     // 2. Initializers, in file order (unused ones are dropped at the end).
@@ -296,8 +296,8 @@ fn import_resolved(
         values.insert(t.name().to_string(), id);
         // Half-precision weights stay half on the device where their readers allow.
         match DataType::try_from(t.data_type()) {
-            Ok(DataType::Float16) => _ = g.half_consts.insert(id, Half::F16),
-            Ok(DataType::Bfloat16) => _ = g.half_consts.insert(id, Half::Bf16),
+            Ok(DataType::Float16) => g.mark_half(id, Half::F16),
+            Ok(DataType::Bfloat16) => g.mark_half(id, Half::Bf16),
             _ => {}
         }
     }
@@ -346,7 +346,7 @@ fn import_resolved(
         // topo_sort checked that every output resolves.
         let id = values[o.name()];
         check_declared_shape(o, g.shape(id))?;
-        g.outputs.push((o.name().to_string(), id));
+        g.add_output(o.name(), id);
     }
 
     // 5. dorac's adapter records.
@@ -354,7 +354,7 @@ fn import_resolved(
         let records: Vec<AdapterMeta> = meta::parse(meta::ADAPTERS_KEY, json)?;
         for r in &records {
             let layer = r.to_layer(&values)?;
-            g.adapters.push(layer);
+            g.add_adapter(layer);
         }
     }
 
@@ -368,10 +368,11 @@ fn import_resolved(
                     meta::CONV_FILTERS_KEY
                 ))
             })?;
-            g.conv_filters.insert(id, shape);
+            g.set_conv_filter(id, shape);
         }
     }
 
+    let mut g = g.finish();
     g.remove_dead();
     Ok(g)
 }

@@ -33,7 +33,7 @@ mod shape;
 use super::data;
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 use crate::error::{Error, Result};
-use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce, Unary};
+use crate::ir::{unary, Binary, GraphBuilder, NodeId, Op, Reduce, Unary};
 use crate::reference::eval_typed;
 use crate::tensor::{numel, shape_str, Array, DType, Tensor};
 use std::cell::{Cell, RefCell};
@@ -239,7 +239,7 @@ const IGNORED_ATTRIBUTES: &[&str] = &["stash_type", "saturate", "round_mode", "s
 
 /// What a builder sees of the node it imports.
 pub struct Ctx<'a> {
-    pub graph: &'a mut Graph,
+    pub graph: &'a mut GraphBuilder,
     pub values: &'a HashMap<String, NodeId>,
     /// Opset version of the default domain.
     pub opset: i64,
@@ -266,7 +266,7 @@ pub struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        graph: &'a mut Graph,
+        graph: &'a mut GraphBuilder,
         values: &'a HashMap<String, NodeId>,
         opset: i64,
         node: &'a NodeProto,
@@ -427,7 +427,7 @@ impl<'a> Ctx<'a> {
             return Ok(id);
         }
         let value = self.evaluate(id)?;
-        self.graph.graph.remove_node(id);
+        self.graph.remove_unread(id);
         // The index may be reused by the constant: forget what was known about it.
         self.constness.borrow_mut().remove(&id);
         self.add_const(name, value)
@@ -440,9 +440,7 @@ impl<'a> Ctx<'a> {
 
     /// Adds a constant, labelled with the node name.
     pub fn add_const(&mut self, name: &str, value: Tensor) -> Result<NodeId> {
-        let id = self.graph.add_const(name, value);
-        self.graph.node_mut(id).label = self.label.clone();
-        Ok(id)
+        Ok(self.graph.add_labelled_const(name, &self.label, value))
     }
 
     /// Registers `id` as the value of output `i` (> 0) of a node with several outputs; an
@@ -698,9 +696,7 @@ fn constant(cx: &mut Ctx) -> Result<NodeId> {
             )))
         }
     };
-    let id = cx.graph.add_const(&cx.name, tensor);
-    cx.graph.node_mut(id).label = cx.label.clone();
-    Ok(id)
+    Ok(cx.graph.add_labelled_const(&cx.name, &cx.label, tensor))
 }
 
 fn reshape(cx: &mut Ctx) -> Result<NodeId> {

@@ -99,7 +99,7 @@ pub fn save_model(model: &proto::ModelProto, path: &Path) -> Result<()> {
 /// killed earlier leaves the old files as they were.
 pub fn save_graph(graph: &crate::ir::Graph, path: &Path) -> Result<()> {
     let const_bytes: usize = graph
-        .graph
+        .petgraph()
         .node_weights()
         .filter_map(|n| match &n.op {
             crate::ir::Op::Const(t) => Some(t.numel() * t.dtype().size()),

@@ -25,7 +25,7 @@
 //! (`g ⊙ B` scales row j of B by g[j]); W is frozen and gets none.
 
 use crate::error::{Error, Result};
-use crate::ir::{Binary, NodeId, Op};
+use crate::ir::{Binary, Op, PatchRef};
 use crate::passes::autodiff::Builder;
 use crate::tensor::{shape_str, Array};
 
@@ -104,23 +104,23 @@ impl DoraNorm {
     pub(crate) fn grad(
         &self,
         bld: &mut Builder,
-        n: NodeId,
-        ins: &[NodeId],
-        g: NodeId,
+        n: PatchRef,
+        ins: &[PatchRef],
+        g: PatchRef,
         wanted: &[bool],
-    ) -> Result<Vec<Option<NodeId>>> {
+    ) -> Result<Vec<Option<PatchRef>>> {
         if wanted[0] {
             return Err(Error::Graph(format!(
                 "node '{}': dora_norm_sq gives no gradient for the frozen weight",
-                bld.g.node(n).label
+                bld.label(n)
             )));
         }
         let (w, a, b) = (ins[0], ins[1], ins[2]);
-        let fout = bld.g.shape(b)[0];
-        let t = |bld: &mut Builder, x: NodeId, tag: &str| {
+        let fout = bld.shape(b)[0];
+        let t = |bld: &mut Builder, x: PatchRef, tag: &str| {
             bld.add(Op::Transpose { perm: vec![1, 0] }, &[x], n, tag)
         };
-        let mm = |bld: &mut Builder, x: NodeId, y: NodeId, tag: &str| {
+        let mm = |bld: &mut Builder, x: PatchRef, y: PatchRef, tag: &str| {
             bld.add(Op::MatMul, &[x, y], n, tag)
         };
         // Wᵀ: [out, in].
@@ -157,13 +157,13 @@ impl DoraNorm {
 /// `2s (alpha w_term + s lr_term)`, as `(2s alpha) w_term + (2s²) lr_term`.
 fn combine(
     bld: &mut Builder,
-    n: NodeId,
-    w_term: NodeId,
-    lr_term: NodeId,
+    n: PatchRef,
+    w_term: PatchRef,
+    lr_term: PatchRef,
     p: &DoraNorm,
     two_s: f64,
     tag: &str,
-) -> Result<NodeId> {
+) -> Result<PatchRef> {
     let c_w = bld.scalar(two_s * p.alpha as f64, n, &format!("{tag}_c_w"));
     let c_lr = bld.scalar(two_s * p.scale as f64, n, &format!("{tag}_c_lr"));
     let x = bld.binary(Binary::Mul, w_term, c_w, n, &format!("{tag}_w"))?;

@@ -12,7 +12,7 @@ use crate::ops::DoraNorm;
 /// Replaces the recorded factored norm of every DoRA layer; returns how many were replaced.
 pub fn fuse_dora_norms(graph: &mut Graph) -> Result<usize> {
     let layers: Vec<_> = graph
-        .adapters
+        .adapters()
         .iter()
         .filter(|a| a.method == Method::Dora)
         .cloned()

@@ -3,7 +3,7 @@
 //! stays f32; what changes is the weights' values, by at most half a unit in their last place
 //! (2^-11 relative for f16, 2^-8 for bf16), and [`HalfReport`] says by how much they did.
 
-use crate::ir::{Graph, Half, NodeId, Op};
+use crate::ir::{Graph, Half, NodeId, Op, Patch};
 use crate::tensor::Tensor;
 
 /// Weights smaller than this stay f32 (biases, norms: little memory, and often sensitive).
@@ -29,8 +29,8 @@ pub struct HalfReport {
 /// device decodes.
 pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
     let mut report = HalfReport::default();
-    let ids: Vec<NodeId> = graph.graph.node_indices().collect();
-    for n in ids {
+    let mut p = Patch::new(graph);
+    for n in graph.node_ids() {
         let Op::Const(t) = &graph.node(n).op else {
             continue;
         };
@@ -63,9 +63,11 @@ pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
         report.tensors += 1;
         report.elements += rounded.len();
         let shape = t.shape.clone();
-        graph.node_mut(n).op = Op::Const(Tensor::f32(shape, rounded));
-        graph.half_consts.insert(n, format);
+        p.set_const(n, Tensor::f32(shape, rounded))
+            .expect("same shape and type");
+        p.store_half(n, format);
     }
+    graph.apply(p.finish());
     report
 }
 
@@ -87,7 +89,7 @@ pub fn read_only_as_weight(
         .filter(|&c| is_reader(c))
         .collect();
     !readers.is_empty()
-        && !graph.outputs.iter().any(|o| o.1 == n)
+        && !graph.outputs().iter().any(|o| o.1 == n)
         && readers
             .iter()
             .all(|&r| decodes(graph, r, n, is_reader, in_place))
@@ -123,11 +125,12 @@ fn decodes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::GraphBuilder;
 
     /// x [2, 32] @ w [32, 64] (a weight), plus w2 [32, 64] read by an add (not a weight) and a
     /// small weight under the size floor.
     fn graph(w: Vec<f32>) -> (Graph, NodeId, NodeId, NodeId) {
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![2, 32]);
         let wn = g.add_const("w", Tensor::f32(vec![32, 64], w.clone()));
         let y = g.add(Op::MatMul, &[x, wn], "y", "y").unwrap();
@@ -137,8 +140,8 @@ mod tests {
             .add(Op::Binary(crate::ir::Binary::Add), &[y, w2], "s", "s")
             .unwrap();
         let z = g.add(Op::MatMul, &[s, small], "z", "z").unwrap();
-        g.outputs.push(("z".into(), z));
-        (g, wn, w2, small)
+        g.add_output("z", z);
+        (g.finish(), wn, w2, small)
     }
 
     #[test]
@@ -147,8 +150,8 @@ mod tests {
         let (mut g, wn, w2, small) = graph(w.clone());
         let r = store_half(&mut g, Half::F16);
         assert_eq!((r.tensors, r.elements, r.overflowed), (1, 2048, 0));
-        assert_eq!(g.half_consts.keys().copied().collect::<Vec<_>>(), [wn]);
-        assert!(!g.half_consts.contains_key(&w2) && !g.half_consts.contains_key(&small));
+        assert_eq!(g.half_consts().keys().copied().collect::<Vec<_>>(), [wn]);
+        assert!(!g.half_consts().contains_key(&w2) && !g.half_consts().contains_key(&small));
         let stored = g.const_tensor(wn).unwrap().as_f32().unwrap().to_vec();
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
         let worst = (w.iter().zip(&stored))

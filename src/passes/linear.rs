@@ -34,7 +34,7 @@ impl LinearLayer {
 /// Every linear layer of the graph in topological order, with unique module names. Layers that
 /// already carry an adapter are not listed again.
 pub fn find_linear_layers(graph: &Graph) -> Vec<LinearLayer> {
-    let adapted_weights: Vec<NodeId> = graph.adapters.iter().map(|a| a.weight).collect();
+    let adapted_weights: Vec<NodeId> = graph.adapters().iter().map(|a| a.weight).collect();
     let order = graph.topo_order().unwrap_or_default();
     let mut layers = vec![];
     for n in order {

@@ -21,7 +21,7 @@ impl Rule for MergeAdapter {
     }
 
     fn apply(&self, graph: &Graph, node: NodeId) -> Result<Option<PatchOps>> {
-        let Some(layer) = graph.adapters.iter().find(|a| a.output == node) else {
+        let Some(layer) = graph.adapters().iter().find(|a| a.output == node) else {
             return Ok(None);
         };
         let merged = merged_weight(graph, layer);

@@ -27,7 +27,7 @@ use crate::tensor::{shape_str, DType, Tensor};
 /// The constants of `graph` over `max_bytes`.
 fn oversized(graph: &Graph, max_bytes: u64) -> Vec<NodeId> {
     graph
-        .graph
+        .petgraph()
         .node_indices()
         .filter(|&n| matches!(graph.node(n).op, Op::Const(_)) && bytes(graph.shape(n)) > max_bytes)
         .collect()
@@ -194,10 +194,16 @@ pub fn split_parameter(graph: &mut Graph, c: NodeId, max_bytes: u64) -> Result<V
             "parameter '{name}' is not a constant"
         )));
     };
-    let out: Vec<Chunk> = cut(&t, axis, max_bytes)
+    let mut p = Patch::new(graph);
+    let chunks: Vec<(usize, PatchRef)> = cut(&t, axis, max_bytes)
         .into_iter()
-        .map(|(start, part)| Chunk {
-            node: graph.add_const(&format!("{name}/rows_{start}"), part),
+        .map(|(start, part)| (start, p.constant(&format!("{name}/rows_{start}"), part)))
+        .collect();
+    let applied = graph.apply(p.finish());
+    let out: Vec<Chunk> = chunks
+        .into_iter()
+        .map(|(start, r)| Chunk {
+            node: applied.id(r),
             axis,
             start,
         })

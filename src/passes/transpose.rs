@@ -100,8 +100,8 @@ impl Rule for SimplifyTranspose {
         let product = matches!(graph.node(src).op, Op::MatMul)
             && swaps_last_two(perm)
             && graph.consumers(src) == [t]
-            && !graph.outputs.iter().any(|&(_, o)| o == src)
-            && !graph.updates.iter().any(|&(_, next)| next == src);
+            && !graph.outputs().iter().any(|&(_, o)| o == src)
+            && !graph.updates().iter().any(|&(_, next)| next == src);
         if !product {
             return Ok(None);
         }
@@ -128,11 +128,12 @@ impl Rule for SimplifyTranspose {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::GraphBuilder;
     use crate::reference;
     use crate::tensor::{relative_error, Array, Rng};
     use std::collections::HashMap;
 
-    fn transpose(g: &mut Graph, x: NodeId, perm: &[usize], name: &str) -> NodeId {
+    fn transpose(g: &mut GraphBuilder, x: NodeId, perm: &[usize], name: &str) -> NodeId {
         let op = Op::Transpose {
             perm: perm.to_vec(),
         };
@@ -141,7 +142,7 @@ mod tests {
 
     #[test]
     fn products_and_pairs_of_transposes_leave_no_transpose_to_compute() {
-        let mut g = Graph::new();
+        let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![2, 5, 3]);
         let dy = g.add_input("dy", vec![2, 5, 4]);
         let w = g.add_input("w", vec![3, 4]);
@@ -155,7 +156,7 @@ mod tests {
         let r = transpose(&mut g, x, &[1, 2, 0], "r");
         let rr = transpose(&mut g, r, &[1, 2, 0], "rr");
         for (name, n) in [("grad_t", grad_t), ("w_tt", w_tt), ("rr", rr)] {
-            g.outputs.push((name.into(), n));
+            g.add_output(name, n);
         }
         let mut rng = Rng::new(3);
         let feeds: HashMap<String, Array> = [
@@ -172,6 +173,7 @@ mod tests {
             )
         })
         .collect();
+        let mut g = g.finish();
         let before = reference::run(&g, &feeds).unwrap();
         assert!(simplify_transposes(&mut g).unwrap() >= 3);
         let after = reference::run(&g, &feeds).unwrap();
@@ -182,16 +184,16 @@ mod tests {
                 "{name}"
             );
         }
-        let node = |name: &str| g.node(g.outputs.iter().find(|o| o.0 == name).unwrap().1);
+        let node = |name: &str| g.node(g.outputs().iter().find(|o| o.0 == name).unwrap().1);
         assert!(matches!(node("grad_t").op, Op::MatMul));
         let transposes: Vec<&Op> = g
-            .graph
+            .petgraph()
             .node_indices()
             .map(|n| &g.node(n).op)
             .filter(|op| matches!(op, Op::Transpose { .. }))
             .collect();
         // dyᵀ (read in place by the product) and the composed 3-cycle remain.
         assert_eq!(transposes.len(), 2, "{transposes:?}");
-        assert_eq!(g.outputs[1].1, w, "w_tt is w itself");
+        assert_eq!(g.outputs()[1].1, w, "w_tt is w itself");
     }
 }

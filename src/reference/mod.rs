@@ -15,7 +15,7 @@ use std::collections::HashMap;
 pub fn run(graph: &Graph, inputs: &HashMap<String, Array>) -> Result<HashMap<String, Array>> {
     let values = run_all(graph, inputs)?;
     Ok(graph
-        .outputs
+        .outputs()
         .iter()
         .map(|(name, n)| (name.clone(), values[n].clone()))
         .collect())

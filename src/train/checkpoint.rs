@@ -6,7 +6,7 @@
 use super::program::ParamRole;
 use super::session::Session;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Op};
+use crate::ir::{Graph, Patch};
 use crate::tensor::Array;
 use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
 use serde_json::{json, Value};
@@ -19,12 +19,14 @@ pub const FULL_WEIGHTS_FILE: &str = "trained_weights.safetensors";
 
 /// Writes the current parameters into `graph`'s constants (so adapter export sees them).
 pub fn sync_params(graph: &mut Graph, session: &Session) -> Result<()> {
+    let mut p = Patch::new(graph);
     for (name, t) in session.params()? {
         let id = graph
             .find_by_name(&name)
             .ok_or_else(|| Error::Graph(format!("parameter '{name}' is not in the model graph")))?;
-        graph.node_mut(id).op = Op::Const(t);
+        p.set_const(id, t)?;
     }
+    graph.apply(p.finish());
     Ok(())
 }
 
@@ -53,6 +55,7 @@ pub fn write_weights(graph: &Graph, session: &Session, dir: &Path) -> Result<()>
 /// names replaced.
 pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<Vec<String>> {
     let mut names = vec![];
+    let mut p = Patch::new(graph);
     for (name, a) in read_safetensors(path)? {
         let id = graph.find_by_name(&name).ok_or_else(|| {
             Error::Input(format!(
@@ -74,9 +77,10 @@ pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<Vec<String
                 crate::tensor::shape_str(&old.shape)
             )));
         }
-        graph.node_mut(id).op = Op::Const(a.to_tensor_f32());
+        p.set_const(id, a.to_tensor_f32())?;
         names.push(name);
     }
+    graph.apply(p.finish());
     Ok(names)
 }
 

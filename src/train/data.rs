@@ -40,7 +40,7 @@ impl<'a> Expected<'a> {
         let out_shape = graph.shape(output).to_vec();
         Expected {
             inputs: graph
-                .inputs
+                .inputs()
                 .iter()
                 .map(|&i| {
                     let node = graph.node(i);

@@ -18,11 +18,11 @@
 use super::data::Dataset;
 use super::loss::LossKind;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Op};
+use crate::ir::Graph;
 use crate::runtime::{Executable, Gpu};
 use crate::tensor::{Array, Tensor};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 /// The metrics of one evaluation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -153,43 +153,18 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Compiles `graph` (batched to `batch`, adapters applied) for output `output`. The
-    /// constants named in `params` become inputs, set by [`Evaluator::set_params`] before each
-    /// evaluation; every other constant expression is folded once.
+    /// Compiles `graph` as the inference pipeline prepared it for evaluation
+    /// (`cli::common::evaluator`): one output, the trained tensors `params` as inputs, set by
+    /// [`Evaluator::set_params`] before each evaluation, everything else folded.
     pub fn new(
-        mut graph: Graph,
-        output: Option<&str>,
+        graph: Graph,
         kind: LossKind,
         labels: &str,
         params: &[String],
         gpu: Option<&Gpu>,
     ) -> Result<Evaluator> {
-        let (name, id) = match output {
-            None => graph.outputs.first().cloned(),
-            Some(n) => graph.outputs.iter().find(|o| o.0 == n).cloned(),
-        }
-        .ok_or_else(|| {
-            Error::Input(format!(
-                "the model has no output '{}'",
-                output.unwrap_or("")
-            ))
-        })?;
-        graph.outputs = vec![(name.clone(), id)];
-        for p in params {
-            let node = graph.find_by_name(p).ok_or_else(|| {
-                Error::Graph(format!("trained tensor '{p}' is not in the model graph"))
-            })?;
-            if graph.const_tensor(node).is_none() {
-                return Err(Error::Graph(format!(
-                    "trained tensor '{p}' is not a constant"
-                )));
-            }
-            graph.node_mut(node).op = Op::Input;
-            graph.inputs.push(node);
-        }
-        graph.remove_dead();
-        crate::passes::fold_constants(&mut graph, &HashSet::new())?;
-        let out_shape = graph.shape(graph.outputs[0].1).to_vec();
+        let name = graph.outputs()[0].0.clone();
+        let out_shape = graph.shape(graph.outputs()[0].1).to_vec();
         let batch = out_shape.first().copied().unwrap_or(1);
         let engine = match gpu {
             Some(gpu) => Engine::Gpu(Box::new(Executable::compile(gpu, &graph)?)),
@@ -246,7 +221,7 @@ impl Evaluator {
     fn forward(&mut self, batch: &BTreeMap<String, Array>) -> Result<Vec<f32>> {
         let inputs = self
             .graph
-            .inputs
+            .inputs()
             .iter()
             .map(|&i| self.graph.node(i).name.clone())
             .filter(|n| !self.params.contains(n));

@@ -1,8 +1,8 @@
 //! Losses appended to a model's output: the last nodes of the forward pass.
 
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Graph, NodeId, Op, Reduce};
-use crate::tensor::{numel, shape_str, Tensor};
+use crate::ir::{Binary, NodeId, Op, Patch, PatchRef, Reduce};
+use crate::tensor::{numel, shape_str, DType};
 
 /// Which loss to train with.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,14 +42,15 @@ impl LossKind {
     }
 }
 
-/// Adds a labels input named `labels` and the scalar loss on `output`; returns (labels, loss).
+/// Adds a labels input named `labels` and the scalar loss on `output` to the patch; returns
+/// (labels, loss).
 pub fn append(
-    graph: &mut Graph,
+    p: &mut Patch,
     kind: LossKind,
     output: NodeId,
     labels: &str,
-) -> Result<(NodeId, NodeId)> {
-    let out_shape = graph.shape(output).to_vec();
+) -> Result<(PatchRef, PatchRef)> {
+    let out_shape = p.graph().shape(output).to_vec();
     if kind != LossKind::Mse && out_shape.is_empty() {
         return Err(Error::Input(format!(
             "--loss {}: the model output is a scalar; a classification loss needs logits [..., classes]",
@@ -64,10 +65,11 @@ pub fn append(
             )));
         }
     }
-    let label_node = graph.add_input(labels, kind.label_shape(&out_shape));
+    let label_node = p.input(labels, kind.label_shape(&out_shape), DType::F32)?;
+    let output = PatchRef::from(output);
     let loss = match kind {
         LossKind::Mse => {
-            let diff = graph.add(
+            let diff = p.add(
                 Op::Binary(Binary::Sub),
                 &[output, label_node],
                 "loss/diff",
@@ -78,12 +80,9 @@ pub fn append(
                 axes: (0..out_shape.len()).collect(),
                 keepdims: false,
             };
-            let total = graph.add(sq, &[diff], "loss/sum_sq", "/loss/mse/sum_sq")?;
-            let inv = graph.add_const(
-                "loss/inv_count",
-                Tensor::scalar(1.0 / numel(&out_shape).max(1) as f32),
-            );
-            graph.add(Op::Binary(Binary::Mul), &[total, inv], "loss", "/loss/mse")?
+            let total = p.add(sq, &[diff], "loss/sum_sq", "/loss/mse/sum_sq")?;
+            let inv = p.scalar("loss/inv_count", 1.0 / numel(&out_shape).max(1) as f32);
+            p.add(Op::Binary(Binary::Mul), &[total, inv], "loss", "/loss/mse")?
         }
         LossKind::CrossEntropy { ignore_index } | LossKind::Lm { ignore_index } => {
             let shift = matches!(kind, LossKind::Lm { .. });
@@ -91,7 +90,7 @@ pub fn append(
                 ignore_index,
                 shift,
             };
-            graph.add(op, &[output, label_node], "loss", "/loss/cross_entropy")?
+            p.add(op, &[output, label_node], "loss", "/loss/cross_entropy")?
         }
     };
     Ok((label_node, loss))

@@ -6,8 +6,8 @@
 //! relative to `1 - 0.999`).
 
 use crate::error::Result;
-use crate::ir::{unary, Binary, Graph, NodeId, Op, Reduce};
-use crate::tensor::Tensor;
+use crate::ir::{unary, Binary, NodeId, Op, Patch, PatchRef, Reduce};
+use crate::tensor::DType;
 
 /// Hyperparameters (PyTorch's defaults except the learning rate).
 #[derive(Clone, Debug, PartialEq)]
@@ -80,61 +80,60 @@ pub const GRAD_NORM_OUTPUT: &str = "grad_norm";
 
 /// One parameter's optimizer wiring: its moment state inputs.
 pub struct Moments {
-    pub m: NodeId,
-    pub v: NodeId,
+    pub m: PatchRef,
+    pub v: PatchRef,
 }
 
 /// Adds the AdamW update for every (param, grad) pair and registers the state updates. Returns
-/// the moment inputs of each parameter and the grad-norm node when clipping is on.
+/// the moment inputs of each parameter and the grad-norm node when clipping is on. Everything
+/// goes into the patch `p`, which already holds the gradients.
 pub fn append(
-    graph: &mut Graph,
+    p: &mut Patch,
     cfg: &AdamW,
-    params: &[(NodeId, NodeId)],
-) -> Result<(Vec<Moments>, Option<NodeId>)> {
-    let c = |g: &mut Graph, name: &str, v: f64| {
-        g.add_const(&format!("optim/{name}"), Tensor::scalar(v as f32))
-    };
-    let lr = graph.add_input(LR_INPUT, vec![]);
-    let step_size = graph.add_input(STEP_SIZE_INPUT, vec![]);
-    let sqrt_bc2 = graph.add_input(BC2_SQRT_INPUT, vec![]);
-    let one = c(graph, "one", 1.0);
-    let b1 = c(graph, "beta1", cfg.beta1);
-    let b2 = c(graph, "beta2", cfg.beta2);
-    let decay = c(graph, "weight_decay", cfg.weight_decay);
-    let lr_wd = graph.add(
+    params: &[(NodeId, PatchRef)],
+) -> Result<(Vec<Moments>, Option<PatchRef>)> {
+    let c = |p: &mut Patch, name: &str, v: f64| p.scalar(&format!("optim/{name}"), v as f32);
+    let lr = p.input(LR_INPUT, vec![], DType::F32)?;
+    let step_size = p.input(STEP_SIZE_INPUT, vec![], DType::F32)?;
+    let sqrt_bc2 = p.input(BC2_SQRT_INPUT, vec![], DType::F32)?;
+    let one = c(p, "one", 1.0);
+    let b1 = c(p, "beta1", cfg.beta1);
+    let b2 = c(p, "beta2", cfg.beta2);
+    let decay = c(p, "weight_decay", cfg.weight_decay);
+    let lr_wd = p.add(
         Op::Binary(Binary::Mul),
         &[lr, decay],
         "optim/lr_wd",
         "/optim/lr_wd",
     )?;
-    let keep = graph.add(
+    let keep = p.add(
         Op::Binary(Binary::Sub),
         &[one, lr_wd],
         "optim/keep",
         "/optim/keep",
     )?;
     let (one_m_b1, one_m_b2) = (
-        c(graph, "one_minus_beta1", 1.0 - cfg.beta1),
-        c(graph, "one_minus_beta2", 1.0 - cfg.beta2),
+        c(p, "one_minus_beta1", 1.0 - cfg.beta1),
+        c(p, "one_minus_beta2", 1.0 - cfg.beta2),
     );
-    let eps = c(graph, "eps", cfg.eps);
+    let eps = c(p, "eps", cfg.eps);
 
     // Global-norm clipping: coef = min(1, max_norm / (norm + 1e-6)) = 1 - relu(1 - ratio).
     let mut grad_norm = None;
-    let mut grads: Vec<NodeId> = params.iter().map(|p| p.1).collect();
+    let mut grads: Vec<PatchRef> = params.iter().map(|p| p.1).collect();
     if let Some(max_norm) = cfg.grad_clip {
-        let mut total: Option<NodeId> = None;
+        let mut total: Option<PatchRef> = None;
         for (i, &g) in grads.iter().enumerate() {
-            let rank = graph.shape(g).len();
+            let rank = p.shape(g).len();
             let sq = Op::Reduce {
                 kind: Reduce::SumSquare,
                 axes: (0..rank).collect(),
                 keepdims: false,
             };
-            let s = graph.add(sq, &[g], &format!("optim/grad_sq_{i}"), "/optim/grad_sq")?;
+            let s = p.add(sq, &[g], &format!("optim/grad_sq_{i}"), "/optim/grad_sq")?;
             total = Some(match total {
                 None => s,
-                Some(acc) => graph.add(
+                Some(acc) => p.add(
                     Op::Binary(Binary::Add),
                     &[acc, s],
                     &format!("optim/grad_sq_acc_{i}"),
@@ -143,46 +142,46 @@ pub fn append(
             });
         }
         if let Some(total) = total {
-            let norm = graph.add(
+            let norm = p.add(
                 Op::Unary(unary::SQRT),
                 &[total],
                 "optim/grad_norm",
                 "/optim/grad_norm",
             )?;
-            let tiny = c(graph, "clip_eps", 1e-6);
-            let denom = graph.add(
+            let tiny = c(p, "clip_eps", 1e-6);
+            let denom = p.add(
                 Op::Binary(Binary::Add),
                 &[norm, tiny],
                 "optim/clip_denom",
                 "/optim/clip_denom",
             )?;
-            let max = c(graph, "max_norm", max_norm);
-            let ratio = graph.add(
+            let max = c(p, "max_norm", max_norm);
+            let ratio = p.add(
                 Op::Binary(Binary::Div),
                 &[max, denom],
                 "optim/clip_ratio",
                 "/optim/clip_ratio",
             )?;
-            let short = graph.add(
+            let short = p.add(
                 Op::Binary(Binary::Sub),
                 &[one, ratio],
                 "optim/clip_short",
                 "/optim/clip_short",
             )?;
-            let excess = graph.add(
+            let excess = p.add(
                 Op::Unary(unary::RELU),
                 &[short],
                 "optim/clip_excess",
                 "/optim/clip_excess",
             )?;
-            let coef = graph.add(
+            let coef = p.add(
                 Op::Binary(Binary::Sub),
                 &[one, excess],
                 "optim/clip_coef",
                 "/optim/clip_coef",
             )?;
             for (i, g) in grads.iter_mut().enumerate() {
-                *g = graph.add(
+                *g = p.add(
                     Op::Binary(Binary::Mul),
                     &[*g, coef],
                     &format!("optim/clipped_{i}"),
@@ -194,41 +193,41 @@ pub fn append(
     }
 
     let mut moments = vec![];
-    for (&(p, _), &g) in params.iter().zip(&grads) {
-        let name = graph.node(p).name.clone();
-        let shape = graph.shape(p).to_vec();
-        let m = graph.add_input(&format!("optim.exp_avg.{name}"), shape.clone());
-        let v = graph.add_input(&format!("optim.exp_avg_sq.{name}"), shape);
+    for (&(param, _), &g) in params.iter().zip(&grads) {
+        let name = p.graph().node(param).name.clone();
+        let shape = p.graph().shape(param).to_vec();
+        let m = p.input(&format!("optim.exp_avg.{name}"), shape.clone(), DType::F32)?;
+        let v = p.input(&format!("optim.exp_avg_sq.{name}"), shape, DType::F32)?;
         let op = |b| Op::Binary(b);
         let tag = |s: &str| format!("optim/{name}/{s}");
         let label = |s: &str| format!("/optim/{name}/{s}");
-        let bin = |graph: &mut Graph, b: Binary, x: NodeId, y: NodeId, s: &str| {
-            graph.add(op(b), &[x, y], &tag(s), &label(s))
+        let bin = |p: &mut Patch, b: Binary, x: PatchRef, y: PatchRef, s: &str| {
+            p.add(op(b), &[x, y], &tag(s), &label(s))
         };
         // m' = b1 m + (1 - b1) g ; v' = b2 v + (1 - b2) g²
-        let m_old = bin(graph, Binary::Mul, m, b1, "m_decay")?;
-        let m_new_part = bin(graph, Binary::Mul, g, one_m_b1, "m_grad")?;
-        let m_next = bin(graph, Binary::Add, m_old, m_new_part, "exp_avg")?;
-        let g2 = bin(graph, Binary::Mul, g, g, "grad_sq")?;
-        let v_old = bin(graph, Binary::Mul, v, b2, "v_decay")?;
-        let v_new_part = bin(graph, Binary::Mul, g2, one_m_b2, "v_grad")?;
-        let v_next = bin(graph, Binary::Add, v_old, v_new_part, "exp_avg_sq")?;
+        let m_old = bin(p, Binary::Mul, m, b1, "m_decay")?;
+        let m_new_part = bin(p, Binary::Mul, g, one_m_b1, "m_grad")?;
+        let m_next = bin(p, Binary::Add, m_old, m_new_part, "exp_avg")?;
+        let g2 = bin(p, Binary::Mul, g, g, "grad_sq")?;
+        let v_old = bin(p, Binary::Mul, v, b2, "v_decay")?;
+        let v_new_part = bin(p, Binary::Mul, g2, one_m_b2, "v_grad")?;
+        let v_next = bin(p, Binary::Add, v_old, v_new_part, "exp_avg_sq")?;
         // p' = p (1 - lr wd) - step_size * m' / (sqrt(v') / sqrt(bc2) + eps)
-        let decayed = bin(graph, Binary::Mul, p, keep, "decayed")?;
-        let root = graph.add(
+        let decayed = bin(p, Binary::Mul, param.into(), keep, "decayed")?;
+        let root = p.add(
             Op::Unary(unary::SQRT),
             &[v_next],
             &tag("sqrt_v"),
             &label("sqrt_v"),
         )?;
-        let scaled = bin(graph, Binary::Div, root, sqrt_bc2, "sqrt_v_hat")?;
-        let denom = bin(graph, Binary::Add, scaled, eps, "denom")?;
-        let ratio = bin(graph, Binary::Div, m_next, denom, "ratio")?;
-        let delta = bin(graph, Binary::Mul, ratio, step_size, "delta")?;
-        let p_next = bin(graph, Binary::Sub, decayed, delta, "next")?;
-        graph.updates.push((p, p_next));
-        graph.updates.push((m, m_next));
-        graph.updates.push((v, v_next));
+        let scaled = bin(p, Binary::Div, root, sqrt_bc2, "sqrt_v_hat")?;
+        let denom = bin(p, Binary::Add, scaled, eps, "denom")?;
+        let ratio = bin(p, Binary::Div, m_next, denom, "ratio")?;
+        let delta = bin(p, Binary::Mul, ratio, step_size, "delta")?;
+        let p_next = bin(p, Binary::Sub, decayed, delta, "next")?;
+        p.add_update(param.into(), p_next);
+        p.add_update(m, m_next);
+        p.add_update(v, v_next);
         moments.push(Moments { m, v });
     }
     Ok((moments, grad_norm))

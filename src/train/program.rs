@@ -6,8 +6,8 @@
 use super::loss::{self, LossKind};
 use super::optimizer::{self, AdamW};
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Method, NodeId, Op};
-use crate::passes::autodiff::differentiate;
+use crate::ir::{Graph, Method, NodeId, Op, Patch, PatchRef};
+use crate::passes::autodiff::gradients;
 use crate::tensor::Tensor;
 use std::collections::HashSet;
 
@@ -133,12 +133,12 @@ pub fn build_for_device(
 ) -> Result<Program> {
     let output = match &opts.output {
         None => graph
-            .outputs
+            .outputs()
             .first()
             .map(|o| o.1)
             .ok_or_else(|| Error::Input("the model has no outputs".into()))?,
         Some(name) => graph
-            .outputs
+            .outputs()
             .iter()
             .find(|o| &o.0 == name)
             .map(|o| o.1)
@@ -146,7 +146,7 @@ pub fn build_for_device(
                 Error::Input(format!(
                     "--output {name}: the model's outputs are {}",
                     graph
-                        .outputs
+                        .outputs()
                         .iter()
                         .map(|o| o.0.as_str())
                         .collect::<Vec<_>>()
@@ -155,13 +155,13 @@ pub fn build_for_device(
             })?,
     };
     let output_name = graph
-        .outputs
+        .outputs()
         .iter()
         .find(|o| o.1 == output)
         .map(|o| o.0.clone())
         .expect("the output is a graph output");
     let data_inputs: Vec<String> = graph
-        .inputs
+        .inputs()
         .iter()
         .map(|&i| graph.node(i).name.clone())
         .collect();
@@ -173,11 +173,13 @@ pub fn build_for_device(
     }
 
     if opts.exact_norm_grad {
-        for n in graph.graph.node_indices().collect::<Vec<_>>() {
+        let mut p = Patch::new(&graph);
+        for n in graph.node_ids() {
             if matches!(graph.node(n).op, Op::StopGradient) {
-                graph.node_mut(n).op = Op::Identity;
+                p.replace_op(n, Op::Identity)?;
             }
         }
+        graph.apply(p.finish());
     }
 
     // The trainable tensors, in a stable order: by layer, then A, B, m.
@@ -198,13 +200,13 @@ pub fn build_for_device(
             }
         }
         method => {
-            if graph.adapters.is_empty() {
+            if graph.adapters().is_empty() {
                 return Err(Error::Input(format!(
                     "--method {}: the model has no adapters",
                     method.name()
                 )));
             }
-            for a in &graph.adapters {
+            for a in graph.adapters() {
                 let need = method.adapter();
                 if need != Some(a.method) {
                     return Err(Error::Input(format!(
@@ -255,7 +257,7 @@ pub fn build_for_device(
     }
     // The split may have replaced the node that computes the output: find it again by name.
     let output = graph
-        .outputs
+        .outputs()
         .iter()
         .find(|o| o.0 == output_name)
         .map(|o| o.1)
@@ -264,15 +266,9 @@ pub fn build_for_device(
     // Trainable constants become persistent inputs, keeping their node ids (and so the
     // adapter records) intact.
     let mut params = vec![];
+    let mut promote = Patch::new(&graph);
     for (node, module, role) in &chosen {
-        let initial = graph.const_tensor(*node).cloned().ok_or_else(|| {
-            Error::Graph(format!(
-                "parameter '{}' is not a constant",
-                graph.node(*node).name
-            ))
-        })?;
-        graph.node_mut(*node).op = Op::Input;
-        graph.inputs.push(*node);
+        let initial = promote.promote_to_input(*node)?;
         let name = graph.node(*node).name.clone();
         params.push(Param {
             exp_avg: format!("optim.exp_avg.{name}"),
@@ -286,24 +282,30 @@ pub fn build_for_device(
             part_of: parts.get(node).cloned(),
         });
     }
+    graph.apply(promote.finish());
 
     // Each DoRA norm becomes one op (one kernel, with its own gradient in exact-norm mode).
     crate::passes::fuse_dora_norms(&mut graph)?;
-    let (_labels, loss_node) = loss::append(&mut graph, opts.loss, output, &opts.labels)?;
     // The model's own outputs are not needed by a training step: only the loss comes back.
-    graph.outputs = vec![("loss".into(), loss_node)];
+    let mut forward = Patch::new(&graph);
+    let (_labels, loss) = loss::append(&mut forward, opts.loss, output, &opts.labels)?;
+    forward.set_outputs(vec![("loss".into(), loss)]);
+    let loss_node = graph.apply(forward.finish()).id(loss);
+    // The backward pass and the update: one patch.
+    let mut backward = Patch::new(&graph);
     let nodes: Vec<NodeId> = params.iter().map(|p| p.node).collect();
-    let grads = differentiate(&mut graph, loss_node, &nodes)?;
+    let grads = gradients(&mut backward, loss_node, &nodes)?;
     if opts.expose_grads {
         for (p, &g) in params.iter().zip(&grads) {
-            graph.outputs.push((p.grad_output.clone(), g));
+            backward.add_output(&p.grad_output, g);
         }
     }
-    let pairs: Vec<(NodeId, NodeId)> = nodes.iter().copied().zip(grads).collect();
-    let (_moments, grad_norm) = optimizer::append(&mut graph, &opts.optimizer, &pairs)?;
+    let pairs: Vec<(NodeId, PatchRef)> = nodes.iter().copied().zip(grads).collect();
+    let (_moments, grad_norm) = optimizer::append(&mut backward, &opts.optimizer, &pairs)?;
     if let Some(n) = grad_norm {
-        graph.outputs.push((optimizer::GRAD_NORM_OUTPUT.into(), n));
+        backward.add_output(optimizer::GRAD_NORM_OUTPUT, n);
     }
+    graph.apply(backward.finish());
     // Autodiff's transposes of products become products of transposes, which kernels read in
     // place; then frozen-only work (W0 column norms, transposed frozen weights...) happens once.
     crate::passes::simplify_transposes(&mut graph)?;

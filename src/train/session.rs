@@ -42,7 +42,7 @@ impl Session {
     pub fn new(program: Program, gpu: Option<&Gpu>) -> Result<Session> {
         let g = &program.graph;
         let state_names: Vec<String> = g
-            .updates
+            .updates()
             .iter()
             .map(|(s, _)| g.node(*s).name.clone())
             .collect();
@@ -169,7 +169,7 @@ impl Session {
         wanted.extend_from_slice(fetch);
         let g = &self.program.graph;
         let out_shape = |name: &str| -> Result<Vec<usize>> {
-            g.outputs
+            g.outputs()
                 .iter()
                 .find(|o| o.0 == name)
                 .map(|o| g.shape(o.1).to_vec())
@@ -202,7 +202,7 @@ impl Session {
                 let values = crate::reference::run_all(g, &inputs)?;
                 for name in &wanted {
                     let id = g
-                        .outputs
+                        .outputs()
                         .iter()
                         .find(|o| o.0 == *name)
                         .map(|o| o.1)
@@ -211,7 +211,7 @@ impl Session {
                         })?;
                     results.insert(name.to_string(), values[&id].clone());
                 }
-                for (s, next) in &g.updates {
+                for (s, next) in g.updates() {
                     let v = values[next].to_tensor_f32().to_array();
                     state.insert(g.node(*s).name.clone(), v);
                 }

@@ -55,7 +55,7 @@ pub fn run_gpu(graph: &Graph, inputs: &BTreeMap<String, Array>) -> BTreeMap<Stri
     let out = dorac::runtime::run_graph(gpu(), graph, &host).unwrap();
     out.into_iter()
         .map(|(k, v)| {
-            let id = graph.outputs.iter().find(|(n, _)| *n == k).unwrap().1;
+            let id = graph.outputs().iter().find(|(n, _)| *n == k).unwrap().1;
             (k, Array::from_f32(graph.shape(id).to_vec(), &v))
         })
         .collect()

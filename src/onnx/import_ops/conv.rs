@@ -304,7 +304,7 @@ fn filter_matrix(cx: &mut Ctx, w: NodeId, group: usize, mg: usize, rows: usize) 
             }
             let id = cx.add_const(&name, Tensor::f32(vec![rows, mg], out))?;
             let filters = cx.shape(w);
-            cx.graph.conv_filters.insert(id, filters);
+            cx.graph.set_conv_filter(id, filters);
             return Ok(id);
         }
     }

@@ -32,7 +32,7 @@ mod pow;
 mod sub;
 
 use crate::error::Result;
-use crate::ir::{NodeId, Op};
+use crate::ir::{Op, PatchRef};
 use crate::passes::autodiff::Builder;
 
 pub use super::unary::Libs;
@@ -66,15 +66,15 @@ pub enum Binary {
 
 /// The cotangents of both operands, at the output's shape (None where none flows or none is
 /// wanted).
-pub type Grads = [Option<NodeId>; 2];
+pub type Grads = [Option<PatchRef>; 2];
 
 /// What a gradient rule sees: the node `n` = f(x, y), the cotangent `dy` of its output, and
 /// which operands need a cotangent.
 pub struct GradArgs {
-    pub n: NodeId,
-    pub x: NodeId,
-    pub y: NodeId,
-    pub dy: NodeId,
+    pub n: PatchRef,
+    pub x: PatchRef,
+    pub y: PatchRef,
+    pub dy: PatchRef,
     pub wanted: [bool; 2],
 }
 
@@ -175,7 +175,7 @@ fn no_grad(_: &mut Builder, _: &GradArgs) -> Result<Grads> {
 
 /// Max and Min: the cotangent goes to the operand that was chosen (x on ties), where `chosen`
 /// is the bool "x was chosen".
-fn chosen_grad(b: &mut Builder, g: &GradArgs, chosen: NodeId) -> Result<Grads> {
+fn chosen_grad(b: &mut Builder, g: &GradArgs, chosen: PatchRef) -> Result<Grads> {
     let zero = b.scalar(0.0, g.n, "zero");
     let dx = match g.wanted[0] {
         true => Some(b.add(Op::Where, &[chosen, g.dy, zero], g.n, "dx")?),

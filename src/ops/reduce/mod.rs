@@ -20,7 +20,7 @@ mod sum;
 mod sum_square;
 
 use crate::error::Result;
-use crate::ir::NodeId;
+use crate::ir::PatchRef;
 use crate::passes::autodiff::Builder;
 
 /// What a reduction computes over its axes.
@@ -49,9 +49,9 @@ pub struct ReduceWgsl {
 /// of the output broadcast back to x's shape. `keepdims_shape` is the output's shape with the
 /// reduced axes kept as 1.
 pub struct GradArgs<'a> {
-    pub n: NodeId,
-    pub x: NodeId,
-    pub spread: NodeId,
+    pub n: PatchRef,
+    pub x: PatchRef,
+    pub spread: PatchRef,
     pub axes: &'a [usize],
     pub keepdims_shape: &'a [usize],
 }
@@ -69,7 +69,7 @@ pub struct ReduceDef {
     pub combine: fn(acc: f64, v: f64) -> f64,
     pub wgsl: ReduceWgsl,
     /// The input's cotangent.
-    pub(crate) grad: fn(b: &mut Builder, args: &GradArgs) -> Result<NodeId>,
+    pub(crate) grad: fn(b: &mut Builder, args: &GradArgs) -> Result<PatchRef>,
 }
 
 impl Reduce {
@@ -108,10 +108,10 @@ impl Reduce {
 
 /// Max and Min: the cotangent goes to the elements equal to the result, shared evenly among
 /// ties (as torch's amax and amin).
-fn extreme_grad(b: &mut Builder, g: &GradArgs) -> Result<NodeId> {
+fn extreme_grad(b: &mut Builder, g: &GradArgs) -> Result<PatchRef> {
     use crate::ir::{Binary, Op};
     use crate::tensor::DType;
-    let xs = b.g.shape(g.x).to_vec();
+    let xs = b.shape(g.x).to_vec();
     let y = b.reshape(g.n, g.keepdims_shape, g.n, "y_keepdims")?;
     let y = b.add(Op::Expand { shape: xs }, &[y], g.n, "y_spread")?;
     let hit = b.binary(Binary::Equal, g.x, y, g.n, "hit")?;

@@ -19,7 +19,7 @@ pub const PROD: ReduceDef = ReduceDef {
     grad: |b, g| {
         Err(Error::Graph(format!(
             "node '{}': the gradient of a product reduction is not supported",
-            b.g.node(g.n).label
+            b.label(g.n)
         )))
     },
 };

@@ -8,15 +8,26 @@
 mod rules;
 
 use crate::error::{Error, Result};
-use crate::ir::{Binary, Graph, NodeId, Op};
+use crate::ir::{Binary, Graph, NodeId, Op, Patch, PatchRef};
+use crate::tensor::DType;
 use crate::tensor::{shape_str, Tensor};
-use petgraph::Direction;
 use std::collections::{HashMap, HashSet};
 
 /// Adds the gradient of `loss` (a scalar) with respect to each of `params` to the graph and
 /// returns the gradient node of each parameter (a parameter the loss does not depend on gets
-/// an explicit zero). The graph is edited only if the whole construction succeeds.
+/// an explicit zero). The graph is edited in one patch, only if the whole construction
+/// succeeds.
 pub fn differentiate(graph: &mut Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
+    let mut p = Patch::new(graph);
+    let grads = gradients(&mut p, loss, params)?;
+    let applied = graph.apply(p.finish());
+    Ok(grads.into_iter().map(|g| applied.id(g)).collect())
+}
+
+/// [`differentiate`] into a patch the caller goes on building (training adds the optimizer's
+/// update to the same patch). `loss` and `params` are nodes of the patch's graph.
+pub fn gradients(p: &mut Patch, loss: NodeId, params: &[NodeId]) -> Result<Vec<PatchRef>> {
+    let graph = p.graph();
     if !graph.shape(loss).iter().all(|&d| d == 1) {
         return Err(Error::Graph(format!(
             "the loss '{}' must be a scalar, it has shape {}",
@@ -24,53 +35,80 @@ pub fn differentiate(graph: &mut Graph, loss: NodeId, params: &[NodeId]) -> Resu
             shape_str(graph.shape(loss))
         )));
     }
-    let mut g = graph.clone();
-    let grads = Builder::new(&mut g).run(loss, params)?;
-    *graph = g;
-    Ok(grads)
+    Builder { p }.run(loss, params)
 }
 
-/// Graph-building helpers the gradient rules share.
-pub(crate) struct Builder<'g> {
-    pub g: &'g mut Graph,
-    counter: usize,
+/// Graph-building helpers the gradient rules share: every node goes into one patch, named
+/// after the node it differentiates (`grad/<name>/<tag>`, made unique when the patch is applied).
+pub(crate) struct Builder<'p, 'g> {
+    p: &'p mut Patch<'g>,
 }
 
-impl<'g> Builder<'g> {
-    fn new(g: &'g mut Graph) -> Self {
-        Builder { g, counter: 0 }
+impl Builder<'_, '_> {
+    /// The graph being differentiated.
+    pub fn graph(&self) -> &Graph {
+        self.p.graph()
+    }
+
+    pub fn shape(&self, x: PatchRef) -> &[usize] {
+        self.p.shape(x)
+    }
+
+    pub fn dtype(&self, x: PatchRef) -> DType {
+        self.p.dtype(x)
+    }
+
+    pub fn op(&self, x: PatchRef) -> &Op {
+        self.p.op(x)
+    }
+
+    pub fn label(&self, x: PatchRef) -> &str {
+        self.p.label(x)
     }
 
     /// Adds a gradient node named after the node it differentiates.
-    pub fn add(&mut self, op: Op, inputs: &[NodeId], of: NodeId, tag: &str) -> Result<NodeId> {
-        self.counter += 1;
-        let base = &self.g.node(of).name;
-        let name = self.g.fresh_name(&format!("grad/{base}/{tag}"));
-        let label = format!("{}/grad/{tag}", self.g.node(of).label);
-        self.g.add(op, inputs, &name, &label)
+    pub fn add(
+        &mut self,
+        op: Op,
+        inputs: &[PatchRef],
+        of: PatchRef,
+        tag: &str,
+    ) -> Result<PatchRef> {
+        let name = format!("grad/{}/{tag}", self.p.name(of));
+        let label = format!("{}/grad/{tag}", self.p.label(of));
+        self.p.add(op, inputs, &name, &label)
     }
 
-    pub fn scalar(&mut self, v: f64, of: NodeId, tag: &str) -> NodeId {
-        let name = self
-            .g
-            .fresh_name(&format!("grad/{}/{tag}", self.g.node(of).name));
-        self.g.add_const(&name, Tensor::scalar(v as f32))
+    /// Adds a constant named after the node it differentiates.
+    pub fn constant(&mut self, of: PatchRef, tag: &str, t: Tensor) -> PatchRef {
+        let name = format!("grad/{}/{tag}", self.p.name(of));
+        self.p.constant(&name, t)
+    }
+
+    pub fn scalar(&mut self, v: f64, of: PatchRef, tag: &str) -> PatchRef {
+        self.constant(of, tag, Tensor::scalar(v as f32))
     }
 
     pub fn binary(
         &mut self,
         b: Binary,
-        x: NodeId,
-        y: NodeId,
-        of: NodeId,
+        x: PatchRef,
+        y: PatchRef,
+        of: PatchRef,
         tag: &str,
-    ) -> Result<NodeId> {
+    ) -> Result<PatchRef> {
         self.add(Op::Binary(b), &[x, y], of, tag)
     }
 
     /// Sums `x` down to `shape` over the dims that broadcasting expanded.
-    pub fn sum_to(&mut self, x: NodeId, shape: &[usize], of: NodeId, tag: &str) -> Result<NodeId> {
-        let xs = self.g.shape(x).to_vec();
+    pub fn sum_to(
+        &mut self,
+        x: PatchRef,
+        shape: &[usize],
+        of: PatchRef,
+        tag: &str,
+    ) -> Result<PatchRef> {
+        let xs = self.shape(x).to_vec();
         if xs == shape {
             return Ok(x);
         }
@@ -87,7 +125,7 @@ impl<'g> Builder<'g> {
             };
             y = self.add(op, &[y], of, &format!("{tag}_sum"))?;
         }
-        if self.g.shape(y) != shape {
+        if self.shape(y) != shape {
             y = self.add(
                 Op::Reshape {
                     shape: shape.to_vec(),
@@ -100,8 +138,14 @@ impl<'g> Builder<'g> {
         Ok(y)
     }
 
-    pub fn reshape(&mut self, x: NodeId, shape: &[usize], of: NodeId, tag: &str) -> Result<NodeId> {
-        if self.g.shape(x) == shape {
+    pub fn reshape(
+        &mut self,
+        x: PatchRef,
+        shape: &[usize],
+        of: PatchRef,
+        tag: &str,
+    ) -> Result<PatchRef> {
+        if self.shape(x) == shape {
             return Ok(x);
         }
         self.add(
@@ -114,38 +158,35 @@ impl<'g> Builder<'g> {
         )
     }
 
-    fn run(mut self, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
+    fn run(mut self, loss: NodeId, params: &[NodeId]) -> Result<Vec<PatchRef>> {
+        let graph = self.p.graph();
         // Nodes whose value depends on a parameter: the only ones that need a cotangent.
         let mut depends: HashSet<NodeId> = HashSet::new();
-        let order = self.g.topo_order()?;
+        let order = graph.topo_order()?;
         let param_set: HashSet<NodeId> = params.iter().copied().collect();
         for &n in &order {
             let dep = param_set.contains(&n)
-                || (!matches!(self.g.node(n).op, Op::StopGradient)
-                    && self
-                        .g
-                        .graph
-                        .neighbors_directed(n, Direction::Incoming)
-                        .any(|i| depends.contains(&i)));
+                || (!matches!(graph.node(n).op, Op::StopGradient)
+                    && graph.inputs_of(n).iter().any(|i| depends.contains(i)));
             if dep {
                 depends.insert(n);
             }
         }
-        let mut cotangents: HashMap<NodeId, NodeId> = HashMap::new();
+        let mut cotangents: HashMap<NodeId, PatchRef> = HashMap::new();
         if depends.contains(&loss) {
-            let one = self.scalar(1.0, loss, "seed");
-            let shape = self.g.shape(loss).to_vec();
-            let seed = self.reshape(one, &shape, loss, "seed_shape")?;
+            let one = self.scalar(1.0, loss.into(), "seed");
+            let shape = graph.shape(loss).to_vec();
+            let seed = self.reshape(one, &shape, loss.into(), "seed_shape")?;
             cotangents.insert(loss, seed);
         }
         for &n in order.iter().rev() {
             let Some(&dy) = cotangents.get(&n) else {
                 continue;
             };
-            if param_set.contains(&n) && self.g.inputs_of(n).is_empty() {
+            let inputs = graph.inputs_of(n);
+            if param_set.contains(&n) && inputs.is_empty() {
                 continue;
             }
-            let inputs = self.g.inputs_of(n);
             let wanted: Vec<bool> = inputs.iter().map(|i| depends.contains(i)).collect();
             if !wanted.iter().any(|&w| w) {
                 continue;
@@ -156,7 +197,7 @@ impl<'g> Builder<'g> {
                     continue;
                 };
                 let total = match cotangents.get(input) {
-                    Some(&prev) => self.binary(Binary::Add, prev, grad, *input, "acc")?,
+                    Some(&prev) => self.binary(Binary::Add, prev, grad, (*input).into(), "acc")?,
                     None => grad,
                 };
                 cotangents.insert(*input, total);
@@ -168,9 +209,9 @@ impl<'g> Builder<'g> {
                 Some(&g) => Ok(g),
                 None => {
                     // The loss does not depend on p: an explicit zero keeps the optimizer uniform.
-                    let shape = self.g.shape(p).to_vec();
-                    let z = self.scalar(0.0, p, "zero");
-                    self.add(Op::Expand { shape }, &[z], p, "zero_grad")
+                    let shape = graph.shape(p).to_vec();
+                    let z = self.scalar(0.0, p.into(), "zero");
+                    self.add(Op::Expand { shape }, &[z], p.into(), "zero_grad")
                 }
             })
             .collect()

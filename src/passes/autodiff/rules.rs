@@ -5,21 +5,27 @@
 use super::Builder;
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{unary, Binary, NodeId, Op, Reduce};
+use crate::ir::{unary, Binary, NodeId, Op, PatchRef, Reduce};
 use crate::tensor::{numel, DType};
 
-type Grads = Vec<Option<NodeId>>;
+type Grads = Vec<Option<PatchRef>>;
 
 /// The cotangents of `n`'s inputs; `wanted[i]` says whether input i needs one.
 pub(super) fn input_grads(
     b: &mut Builder,
     n: NodeId,
-    dy: NodeId,
+    dy: PatchRef,
     wanted: &[bool],
 ) -> Result<Grads> {
-    let op = b.g.node(n).op.clone();
-    let ins = b.g.inputs_of(n);
-    let shape = |b: &Builder, i: usize| b.g.shape(ins[i]).to_vec();
+    let op = b.graph().node(n).op.clone();
+    let ins: Vec<PatchRef> = b
+        .graph()
+        .inputs_of(n)
+        .into_iter()
+        .map(PatchRef::from)
+        .collect();
+    let n = PatchRef::from(n);
+    let shape = |b: &Builder, i: usize| b.shape(ins[i]).to_vec();
     Ok(match op {
         Op::Input | Op::Const(_) | Op::StopGradient => vec![],
         Op::Identity => vec![Some(dy)],
@@ -99,7 +105,7 @@ pub(super) fn input_grads(
         op @ (Op::UnaryGrad(_) | Op::SoftmaxCrossEntropyGrad { .. }) => {
             return Err(Error::Graph(format!(
                 "node '{}': no second derivative for {}",
-                b.g.node(n).label,
+                b.label(n),
                 op.name()
             )))
         }
@@ -145,10 +151,10 @@ pub(super) fn input_grads(
             let mut offset = 0i64;
             let mut out = vec![];
             for (i, &input) in ins.iter().enumerate() {
-                let s = b.g.shape(input).to_vec();
+                let s = b.shape(input).to_vec();
                 let len = s[axis] as i64;
                 if wanted[i] {
-                    let dims = b.g.shape(dy).to_vec();
+                    let dims = b.shape(dy).to_vec();
                     let mut starts = vec![0i64; dims.len()];
                     let mut ends: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
                     starts[axis] = offset;
@@ -169,7 +175,7 @@ pub(super) fn input_grads(
         Op::Trilu { upper, k } => vec![Some(b.add(Op::Trilu { upper, k }, &[dy], n, "trilu")?)],
         // With constant indices (Conv's input windows, a fixed selection) the data's cotangent
         // is a gather of dy through the inverted index table. Index inputs take no gradient.
-        Op::Gather { axis } if wanted[0] && matches!(b.g.node(ins[1]).op, Op::Const(_)) => {
+        Op::Gather { axis } if wanted[0] && matches!(b.op(ins[1]), Op::Const(_)) => {
             vec![Some(gather_grad(b, n, &ins, dy, axis)?), None]
         }
         // Runtime ids into rows (an embedding, or DoRA's A^T on one): a one-hot product.
@@ -181,7 +187,7 @@ pub(super) fn input_grads(
             if wanted[0] {
                 return Err(Error::Graph(format!(
                     "node '{}': the gradient of {}'s data (a trainable embedding) is not supported",
-                    b.g.node(n).label,
+                    b.label(n),
                     op.name()
                 )));
             }
@@ -197,13 +203,13 @@ pub(super) fn input_grads(
 /// pass is a Gather of dy followed by a sum over the m slots: no scatter, no atomics.
 fn gather_grad(
     b: &mut Builder,
-    n: NodeId,
-    ins: &[NodeId],
-    dy: NodeId,
+    n: PatchRef,
+    ins: &[PatchRef],
+    dy: PatchRef,
     axis: usize,
-) -> Result<NodeId> {
-    let data_shape = b.g.shape(ins[0]).to_vec();
-    let Op::Const(t) = &b.g.node(ins[1]).op else {
+) -> Result<PatchRef> {
+    let data_shape = b.shape(ins[0]).to_vec();
+    let Op::Const(t) = b.op(ins[1]) else {
         unreachable!("the caller checked that the indices are constant")
     };
     let ids = t.to_f64();
@@ -222,10 +228,11 @@ fn gather_grad(
         .iter()
         .flat_map(|r| r.iter().copied().chain(std::iter::repeat(unused)).take(m))
         .collect();
-    let name =
-        b.g.fresh_name(&format!("grad/{}/windows", b.g.node(n).name));
-    let table =
-        b.g.add_const(&name, crate::tensor::Tensor::i64(vec![dim, m], table));
+    let table = b.constant(
+        n,
+        "windows",
+        crate::tensor::Tensor::i64(vec![dim, m], table),
+    );
     let mut flat = data_shape.clone();
     flat[axis] = ids.len();
     let dy = b.reshape(dy, &flat, n, "positions")?;
@@ -249,16 +256,18 @@ fn gather_grad(
 /// `onehot(ids)ᵀ @ dy`, with the ids flattened to P positions and the data's trailing dims to F,
 /// so the scatter-add is one `[V, P] x [P, F]` product (no atomics). The one-hot matrix is
 /// `[P, V]`: fine for a batch of tokens against a vocabulary, not for millions of positions.
-fn gather_rows_grad(b: &mut Builder, n: NodeId, ins: &[NodeId], dy: NodeId) -> Result<NodeId> {
-    let data_shape = b.g.shape(ins[0]).to_vec();
+fn gather_rows_grad(
+    b: &mut Builder,
+    n: PatchRef,
+    ins: &[PatchRef],
+    dy: PatchRef,
+) -> Result<PatchRef> {
+    let data_shape = b.shape(ins[0]).to_vec();
     let v = data_shape[0];
     let f: usize = data_shape[1..].iter().product();
-    let p = numel(b.g.shape(ins[1]));
-    let ids_type = b.g.node(ins[1]).dtype;
-    let konst = |b: &mut Builder, tag: &str, t: crate::tensor::Tensor| {
-        let name = b.g.fresh_name(&format!("grad/{}/{tag}", b.g.node(n).name));
-        b.g.add_const(&name, t)
-    };
+    let p = numel(b.shape(ins[1]));
+    let ids_type = b.dtype(ins[1]);
+    let konst = |b: &mut Builder, tag: &str, t: crate::tensor::Tensor| b.constant(n, tag, t);
     let int = |x: i64| match ids_type {
         DType::F32 => crate::tensor::Tensor::scalar(x as f32),
         _ => crate::tensor::Tensor::i64(vec![], vec![x]),
@@ -290,23 +299,23 @@ fn gather_rows_grad(b: &mut Builder, n: NodeId, ins: &[NodeId], dy: NodeId) -> R
 /// concatenation of zero blocks around dy along each sliced axis.
 fn slice_grad(
     b: &mut Builder,
-    n: NodeId,
-    dy: NodeId,
+    n: PatchRef,
+    dy: PatchRef,
     in_shape: &[usize],
     starts: &[i64],
     ends: &[i64],
     steps: &[i64],
-) -> Result<NodeId> {
+) -> Result<PatchRef> {
     let mut g = dy;
     for d in 0..in_shape.len() {
-        let cur = b.g.shape(g).to_vec();
+        let cur = b.shape(g).to_vec();
         if cur[d] == in_shape[d] {
             continue;
         }
         if steps[d] != 1 {
             return Err(Error::Graph(format!(
                 "node '{}': the gradient of a slice with step {} is not supported",
-                b.g.node(n).label,
+                b.label(n),
                 steps[d]
             )));
         }
@@ -340,10 +349,10 @@ fn slice_grad(
 
 fn binary(
     b: &mut Builder,
-    n: NodeId,
+    n: PatchRef,
     op: Binary,
-    ins: &[NodeId],
-    dy: NodeId,
+    ins: &[PatchRef],
+    dy: PatchRef,
     wanted: &[bool],
 ) -> Result<Grads> {
     let (x, y) = (ins[0], ins[1]);
@@ -359,7 +368,7 @@ fn binary(
     let mut out = vec![None, None];
     for (i, operand) in [x, y].into_iter().enumerate() {
         if let (Some(g), true) = (at_output[i], wanted[i]) {
-            let shape = b.g.shape(operand).to_vec();
+            let shape = b.shape(operand).to_vec();
             out[i] = Some(b.sum_to(g, &shape, n, if i == 0 { "dx" } else { "dy" })?);
         }
     }
@@ -376,13 +385,13 @@ fn swap_last_two(rank: usize) -> Vec<usize> {
 /// then summed back to each operand's shape.
 fn matmul(
     b: &mut Builder,
-    n: NodeId,
-    ins: &[NodeId],
-    dy: NodeId,
+    n: PatchRef,
+    ins: &[PatchRef],
+    dy: PatchRef,
     wanted: &[bool],
 ) -> Result<Grads> {
     let (a, w) = (ins[0], ins[1]);
-    let (as_, ws) = (b.g.shape(a).to_vec(), b.g.shape(w).to_vec());
+    let (as_, ws) = (b.shape(a).to_vec(), b.shape(w).to_vec());
     let d = matmul_dims(&as_, &ws).map_err(Error::Shape)?;
     let a2: Vec<usize> = if as_.len() == 1 {
         vec![1, d.k]
@@ -432,9 +441,9 @@ fn matmul(
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     b: &mut Builder,
-    n: NodeId,
-    ins: &[NodeId],
-    dy: NodeId,
+    n: PatchRef,
+    ins: &[PatchRef],
+    dy: PatchRef,
     wanted: &[bool],
     alpha: f32,
     beta: f32,
@@ -465,7 +474,7 @@ fn gemm(
         });
     }
     if let (Some(&c), Some(true)) = (ins.get(2), wanted.get(2)) {
-        let cs = b.g.shape(c).to_vec();
+        let cs = b.shape(c).to_vec();
         let mut g = dy;
         if beta != 1.0 {
             let s = b.scalar(beta as f64, n, "beta");
@@ -480,18 +489,18 @@ fn gemm(
 /// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * scale.
 fn layer_norm(
     b: &mut Builder,
-    n: NodeId,
-    ins: &[NodeId],
-    dy: NodeId,
+    n: PatchRef,
+    ins: &[PatchRef],
+    dy: PatchRef,
     wanted: &[bool],
     axis: usize,
     eps: f32,
 ) -> Result<Grads> {
     let x = ins[0];
-    let xs = b.g.shape(x).to_vec();
+    let xs = b.shape(x).to_vec();
     let axes: Vec<usize> = (axis..xs.len()).collect();
     let count = numel(&xs[axis..]) as f64;
-    let mean_of = |b: &mut Builder, v: NodeId, tag: &str| -> Result<NodeId> {
+    let mean_of = |b: &mut Builder, v: PatchRef, tag: &str| -> Result<PatchRef> {
         let s = b.add(
             Op::Reduce {
                 kind: Reduce::Sum,
@@ -526,12 +535,12 @@ fn layer_norm(
         out[0] = Some(b.binary(Binary::Mul, v, rstd, n, "dx")?);
     }
     if wanted[1] {
-        let ss = b.g.shape(ins[1]).to_vec();
+        let ss = b.shape(ins[1]).to_vec();
         let g = b.binary(Binary::Mul, dy, xhat, n, "dscale_terms")?;
         out[1] = Some(b.sum_to(g, &ss, n, "dscale")?);
     }
     if let (Some(&bias), Some(true)) = (ins.get(2), wanted.get(2)) {
-        let bs = b.g.shape(bias).to_vec();
+        let bs = b.shape(bias).to_vec();
         out[2] = Some(b.sum_to(dy, &bs, n, "dbias")?);
     }
     Ok(out)
