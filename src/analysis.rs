@@ -12,7 +12,7 @@
 //! paper's Figure 2; its finding is a positive slope for LoRA and a negative one for full
 //! fine-tuning and DoRA.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::Graph;
 use crate::passes::{effective_weight, find_linear_layers, in_out_weight};
 use crate::train::checkpoint::{self, FULL_WEIGHTS_FILE};
@@ -99,11 +99,13 @@ fn checkpoint_weights(base: &Graph, dir: &Path) -> Result<(String, Vec<TrainedLa
         return Ok(("full".into(), layers));
     }
     if !dir.join(crate::adapter::CONFIG_FILE).exists() {
-        return Err(Error::Input(format!(
-            "{}: neither an adapter ({}) nor a full fine-tuning checkpoint ({FULL_WEIGHTS_FILE})",
-            dir.display(),
-            crate::adapter::CONFIG_FILE
-        )));
+        return Err(Error::input_at(
+            Subject::file(dir),
+            format!(
+                "neither an adapter ({}) nor a full fine-tuning checkpoint ({FULL_WEIGHTS_FILE})",
+                crate::adapter::CONFIG_FILE
+            ),
+        ));
     }
     let adapter = crate::adapter::load(dir)?;
     let mut graph = base.clone();
@@ -143,10 +145,7 @@ pub fn analyze_run(base: &Graph, run: &Path) -> Result<Vec<LayerChange>> {
         match step {
             Some(step) => checkpoints.push((step, run.to_path_buf())),
             None => {
-                return Err(Error::Input(format!(
-                    "{}: no checkpoint-<step> folders (train with --save-every N --keep-checkpoints 0 to keep them)",
-                    run.display()
-                )))
+                return Err(Error::input_at(Subject::file(run), "no checkpoint-<step> folders (train with --save-every N --keep-checkpoints 0 to keep them)"))
             }
         }
     }

@@ -10,7 +10,7 @@
 //! loss, backward pass, AdamW, transpose simplification, folding) -> half-precision storage of
 //! what stays frozen (when asked).
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, Half, Patch};
 use crate::passes::HalfReport;
 use crate::train::{BuildOptions, Program};
@@ -40,9 +40,8 @@ impl Inference {
     pub fn run(&self, mut graph: Graph) -> Result<Prepared<Graph>> {
         if self.merge {
             if graph.adapters().is_empty() {
-                return Err(Error::Input(
-                    "--merged: the model has no adapters (give --adapter DIR or a rewritten model)"
-                        .into(),
+                return Err(Error::input(
+                    "--merged: the model has no adapters (give --adapter DIR or a rewritten model)",
                 ));
             }
             crate::passes::merge_adapters(&mut graph)?;
@@ -80,12 +79,14 @@ pub fn training(
 pub fn store(graph: &mut Graph, half: Half) -> Result<HalfReport> {
     let r = crate::passes::store_half(graph, half);
     if r.overflowed > 0 {
-        return Err(Error::Input(format!(
-            "--storage {}: {} weight values are beyond the format's range (|w| > 65504); use \
+        return Err(Error::input_at(
+            Subject::flag_value("--storage", half.name()),
+            format!(
+                "{} weight values are beyond the format's range (|w| > 65504); use \
              --storage bf16, which has f32's range",
-            half.name(),
-            r.overflowed
-        )));
+                r.overflowed
+            ),
+        ));
     }
     Ok(r)
 }
@@ -96,7 +97,7 @@ fn select(graph: &mut Graph, output: Option<&str>, live: &[String]) -> Result<()
     if let Some(name) = output {
         let id = graph.output(name).ok_or_else(|| {
             let names: Vec<&str> = graph.outputs().iter().map(|o| o.0.as_str()).collect();
-            Error::Input(format!(
+            Error::input(format!(
                 "the model has no output '{name}' (its outputs: {})",
                 names.join(", ")
             ))
@@ -105,7 +106,7 @@ fn select(graph: &mut Graph, output: Option<&str>, live: &[String]) -> Result<()
     }
     for name in live {
         let node = graph.find_by_name(name).ok_or_else(|| {
-            Error::Graph(format!("trained tensor '{name}' is not in the model graph"))
+            Error::graph(format!("trained tensor '{name}' is not in the model graph"))
         })?;
         p.promote_to_input(node)?;
     }

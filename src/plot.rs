@@ -5,7 +5,7 @@
 //! Text is set in DejaVu Sans, compiled in (the `dejavu` crate), so a figure looks the same on a
 //! machine without any fonts installed.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensors_io::write_atomic;
 use image::ImageEncoder;
 use plotters::coord::types::RangedCoordf64;
@@ -44,16 +44,14 @@ fn render(
     draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> std::result::Result<(), String>,
 ) -> Result<()> {
     if !(MIN_WIDTH..=MAX_SIDE).contains(&width) || !(MIN_HEIGHT..=MAX_SIDE).contains(&height) {
-        return Err(Error::Input(format!(
-            "{}: plot size {width}x{height} out of range (width {MIN_WIDTH}..={MAX_SIDE}, height {MIN_HEIGHT}..={MAX_SIDE})",
-            path.display()
-        )));
+        return Err(Error::input_at(Subject::file(path), format!("plot size {width}x{height} out of range (width {MIN_WIDTH}..={MAX_SIDE}, height {MIN_HEIGHT}..={MAX_SIDE})")));
     }
     register_font();
     let mut rgb = vec![255u8; width as usize * height as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
-        let failed = |e: String| Error::Input(format!("{}: drawing failed: {e}", path.display()));
+        let failed =
+            |e: String| Error::input_at(Subject::file(path), format!("drawing failed: {e}"));
         root.fill(&WHITE).map_err(|e| failed(e.to_string()))?;
         draw(&root).map_err(failed)?;
         root.present().map_err(|e| failed(e.to_string()))?;
@@ -61,7 +59,7 @@ fn render(
     let mut png = Vec::new();
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(&rgb, width, height, image::ColorType::Rgb8)
-        .map_err(|e| Error::Input(format!("{}: PNG encoding failed: {e}", path.display())))?;
+        .map_err(|e| Error::input_at(Subject::file(path), format!("PNG encoding failed: {e}")))?;
     write_atomic(path, &png)
 }
 

@@ -2,8 +2,8 @@
 //! through [`write_atomic`]: a temporary file in the target's folder, fsync, rename, so a killed
 //! run never leaves a half-written output behind.
 
-use crate::error::{Error, Result};
-use crate::tensor::{shape_str, Array, DType};
+use crate::error::{Error, Result, Subject};
+use crate::tensor::{Array, DType};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -54,7 +54,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     clean_stale_temps(&dir);
     let file_name = path
         .file_name()
-        .ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;
+        .ok_or_else(|| Error::input_at(Subject::file(path), "not a file path"))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         file_name.to_string_lossy(),
@@ -109,8 +109,12 @@ pub fn parse_safetensors_typed(
     bytes: &[u8],
     what: &str,
 ) -> Result<BTreeMap<String, (Array, Stored)>> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Input(format!("{what}: not a safetensors file ({e})")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::input_at(
+            Subject::context(what),
+            format!("not a safetensors file ({e})"),
+        )
+    })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
@@ -176,9 +180,7 @@ pub fn parse_safetensors_typed(
             Dtype::U8 => data.iter().map(|&b| b as f64).collect(),
             Dtype::BOOL => data.iter().map(|&b| (b != 0) as u8 as f64).collect(),
             other => {
-                return Err(Error::Input(format!(
-                    "{what}: tensor '{name}' has dtype {other:?}; dorac reads float, integer and bool tensors"
-                )))
+                return Err(Error::input_at(Subject::context(what), format!("tensor '{name}' has dtype {other:?}; dorac reads float, integer and bool tensors")))
             }
         };
         out.insert(name, (Array::new(shape, values), stored));
@@ -232,22 +234,22 @@ pub fn write_safetensors_typed(
         .map(|(name, shape, b, st)| {
             safetensors::tensor::TensorView::new(*st, shape.clone(), b)
                 .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Input(format!("tensor '{name}': {e}")))
+                .map_err(|e| Error::input_at(Subject::named("tensor", name), format!("{e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let encoded = safetensors::serialize(views, None)
-        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::input_at(Subject::file(path), format!("{e}")))?;
     write_atomic(path, &encoded)
 }
 
 /// Checks a tensor's shape against what a model expects, naming both.
 pub fn expect_shape(what: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
-        return Err(Error::Input(format!(
-            "{what} '{name}' has shape {}, expected {}",
-            shape_str(got),
-            shape_str(want)
-        )));
+        return Err(Error::shape_mismatch(
+            Subject::context(format!("{what} '{name}'")),
+            got,
+            want,
+        ));
     }
     Ok(())
 }

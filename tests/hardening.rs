@@ -265,3 +265,41 @@ fn training_folders_are_locked_fresh_and_clean() {
     assert_eq!(step, 3);
     assert_eq!(dorac::train::checkpoint::list(&out).unwrap().len(), 1);
 }
+
+/// Errors say what they concern as data (`Error::subject`, `Error::Mismatch`), so a caller
+/// handles them without reading their text.
+#[test]
+fn errors_carry_their_subject_as_data() {
+    use dorac::error::{Error, Subject};
+    use dorac::ir::{GraphBuilder, Op};
+    let dir = temp_dir("errors_carry_their_subject_as_data");
+    // A file that is not a model: the file.
+    let empty = dir.join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let e = dorac::onnx::load_model(&empty).unwrap_err();
+    assert!(matches!(e, Error::Onnx { .. }), "{e}");
+    assert_eq!(e.subject(), Some(&Subject::File(empty.clone())), "{e}");
+    // Shapes that do not fit: the node, by its label.
+    let mut g = GraphBuilder::new();
+    let x = g.add_input("x", vec![2, 3]);
+    let w = g.add_input("w", vec![4, 5]);
+    let e = g.add(Op::MatMul, &[x, w], "y", "/fc/MatMul").unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    assert_eq!(e.subject(), Some(&Subject::node("/fc/MatMul")), "{e}");
+    // A flag's value: the flag and the value.
+    let e = dorac::onnx::ShapePins::parse(&["seq=abc"]).unwrap_err();
+    assert_eq!(
+        e.subject(),
+        Some(&Subject::flag_value("--shape", "seq=abc")),
+        "{e}"
+    );
+    // A tensor of the wrong shape: expected against found.
+    let e = dorac::tensors_io::expect_shape("input", "x", &[2, 3], &[2, 4]).unwrap_err();
+    match &e {
+        Error::Mismatch {
+            found, expected, ..
+        } => assert_eq!((found.as_str(), expected.as_str()), ("2x3", "2x4")),
+        other => panic!("{other}"),
+    }
+    assert_eq!(e.to_string(), "input 'x' has shape 2x3, expected 2x4");
+}

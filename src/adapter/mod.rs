@@ -11,7 +11,7 @@
 //! `[r, num_embeddings]` and `.lora_embedding_B` `[dim, r]`: the same orientation as a linear
 //! layer's A and B with in = num_embeddings and out = dim.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, Method, Patch};
 use crate::passes::{
     find_linear_layers, insert_adapters, resolve_module, AdapterInit, AdapterSpec, ModuleMatch,
@@ -99,17 +99,19 @@ pub fn load(dir: &Path) -> Result<PeftAdapter> {
 pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let file: ConfigFile = serde_json::from_str(text).map_err(|e| {
-        Error::Input(format!(
-            "{}: not a PEFT adapter config ({e})",
-            cfg_path.display()
-        ))
+        Error::input_at(
+            Subject::file(&cfg_path),
+            format!("not a PEFT adapter config ({e})"),
+        )
     })?;
     if file.peft_type != "LORA" {
-        return Err(Error::Input(format!(
-            "{}: peft_type is {}; dorac reads LORA adapters (with or without use_dora)",
-            cfg_path.display(),
-            file.peft_type
-        )));
+        return Err(Error::input_at(
+            Subject::file(&cfg_path),
+            format!(
+                "peft_type is {}; dorac reads LORA adapters (with or without use_dora)",
+                file.peft_type
+            ),
+        ));
     }
     // fan_in_fan_out: PEFT's A and B keep [r, in] / [out, r] either way; only the base weight is
     // transposed, and dorac reads the base weight's orientation from the ONNX graph.
@@ -156,10 +158,7 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
         } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector.weight") {
             (m, 2) // older PEFT releases
         } else {
-            return Err(Error::Input(format!(
-                "{}: unexpected tensor '{key}' (expected <module>.lora_A.weight, .lora_B.weight, .lora_embedding_A, .lora_embedding_B or .lora_magnitude_vector)",
-                weights_path.display()
-            )));
+            return Err(Error::input_at(Subject::file(&weights_path), format!("unexpected tensor '{key}' (expected <module>.lora_A.weight, .lora_B.weight, .lora_embedding_A, .lora_embedding_B or .lora_magnitude_vector)")));
         };
         // PEFT may insert the adapter name for non-default adapters: `<module>.lora_A.<name>.weight`
         // is not supported; plain keys only.
@@ -169,10 +168,10 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
     let mut layers = BTreeMap::new();
     for (module, [a, b, m]) in parts {
         let missing = |what: &str| {
-            Error::Input(format!(
-                "{}: module '{module}' has no {what}",
-                weights_path.display()
-            ))
+            Error::input_at(
+                Subject::file(&weights_path),
+                format!("module '{module}' has no {what}"),
+            )
         };
         let embedding = embeddings.contains(&module);
         let a = a.ok_or_else(|| {
@@ -192,10 +191,10 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
         let conv_a_shape = (a.shape.len() > 2).then(|| a.shape.clone());
         let (a, b, m) = match &conv_a_shape {
             Some(_) => flatten_conv(a, b, m).map_err(|why| {
-                Error::Input(format!(
-                    "{}: module '{module}': {why}",
-                    weights_path.display()
-                ))
+                Error::input_at(
+                    Subject::file(&weights_path),
+                    format!("module '{module}': {why}"),
+                )
             })?,
             None => (a, b, m),
         };
@@ -203,12 +202,14 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
             return Err(missing("lora_magnitude_vector (the config says use_dora)"));
         }
         if !config.use_dora && m.is_some() {
-            return Err(Error::Input(format!(
-                "{}: module '{module}' has a lora_magnitude_vector, but {} says use_dora: false; \
+            return Err(Error::input_at(
+                Subject::file(&weights_path),
+                format!(
+                    "module '{module}' has a lora_magnitude_vector, but {} says use_dora: false; \
                  set use_dora to true to apply it as DoRA, or remove the magnitudes for LoRA",
-                weights_path.display(),
-                cfg_path.display()
-            )));
+                    cfg_path.display()
+                ),
+            ));
         }
         for (what, t) in [
             ("lora_A", Some(&a)),
@@ -217,35 +218,36 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
         ] {
             if let Some(t) = t {
                 if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
-                    return Err(Error::Input(format!(
-                        "{}: module '{module}': {what} holds {v}; an adapter's values must be finite",
-                        weights_path.display()
-                    )));
+                    return Err(Error::input_at(Subject::file(&weights_path), format!("module '{module}': {what} holds {v}; an adapter's values must be finite")));
                 }
             }
         }
         if a.shape.len() != 2 || b.shape.len() != 2 || a.shape[0] != b.shape[1] {
-            return Err(Error::Input(format!(
-                "{}: module '{module}': lora_A {} and lora_B {} do not form a rank-r pair",
-                weights_path.display(),
-                shape_str(&a.shape),
-                shape_str(&b.shape)
-            )));
+            return Err(Error::input_at(
+                Subject::file(&weights_path),
+                format!(
+                    "module '{module}': lora_A {} and lora_B {} do not form a rank-r pair",
+                    shape_str(&a.shape),
+                    shape_str(&b.shape)
+                ),
+            ));
         }
         // The rank the config gives this module (rank_pattern, else r) must be the tensors'.
         let rank = pattern_lookup(&config.rank_pattern, &module).unwrap_or(config.r);
         if a.shape[0] != rank {
-            return Err(Error::Input(format!(
-                "{}: module '{module}' has rank {} tensors, but {} gives it rank {rank} ({})",
-                weights_path.display(),
-                a.shape[0],
-                cfg_path.display(),
-                if config.rank_pattern.is_empty() {
-                    "r"
-                } else {
-                    "r / rank_pattern"
-                }
-            )));
+            return Err(Error::input_at(
+                Subject::file(&weights_path),
+                format!(
+                    "module '{module}' has rank {} tensors, but {} gives it rank {rank} ({})",
+                    a.shape[0],
+                    cfg_path.display(),
+                    if config.rank_pattern.is_empty() {
+                        "r"
+                    } else {
+                        "r / rank_pattern"
+                    }
+                ),
+            ));
         }
         if !config.target_modules.is_empty()
             && !config
@@ -253,12 +255,14 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
                 .iter()
                 .any(|p| crate::passes::matches_target(&module, p))
         {
-            return Err(Error::Input(format!(
-                "{}: module '{module}' has tensors but matches none of target_modules {:?} in {}",
-                weights_path.display(),
-                config.target_modules,
-                cfg_path.display()
-            )));
+            return Err(Error::input_at(
+                Subject::file(&weights_path),
+                format!(
+                    "module '{module}' has tensors but matches none of target_modules {:?} in {}",
+                    config.target_modules,
+                    cfg_path.display()
+                ),
+            ));
         }
         layers.insert(
             module,
@@ -272,10 +276,10 @@ pub fn from_parts(text: &str, weights: &[u8], dir: &Path) -> Result<PeftAdapter>
         );
     }
     if layers.is_empty() {
-        return Err(Error::Input(format!(
-            "{}: no adapter tensors",
-            weights_path.display()
-        )));
+        return Err(Error::input_at(
+            Subject::file(&weights_path),
+            "no adapter tensors",
+        ));
     }
     Ok(PeftAdapter { config, layers })
 }
@@ -320,15 +324,11 @@ fn refuse_unsupported(file: &ConfigFile, path: &Path) -> Result<()> {
     if unsupported.is_empty() {
         return Ok(());
     }
-    Err(Error::Input(format!(
-        "{}: dorac does not implement {} (set to a non-default value); the adapter would not compute what PEFT computes",
-        path.display(),
-        unsupported
+    Err(Error::input_at(Subject::file(path), format!("dorac does not implement {} (set to a non-default value); the adapter would not compute what PEFT computes", unsupported
             .iter()
             .map(|k| format!("'{k}'"))
             .collect::<Vec<_>>()
-            .join(", ")
-    )))
+            .join(", "))))
 }
 
 /// A Conv adapter's tensors as a linear layer's: lora_A `[r, C, kernel...]` -> `[r, C*K]`,
@@ -438,7 +438,7 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     if !problems.is_empty() {
         let modules: Vec<&str> = adapter.layers.keys().map(String::as_str).collect();
         if let Some(prefix) = common_extra_prefix(&modules, &names) {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "the adapter's module names all start with '{prefix}', which the model's do not \
                  ('{}' is the model's '{}'): the adapter was saved from a model that wraps this \
                  one (PEFT names modules from the model object it was given). Export the same \
@@ -448,7 +448,7 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
                 &modules[0][prefix.len()..]
             )));
         }
-        return Err(Error::Input(format!(
+        return Err(Error::input(format!(
             "the adapter's modules do not all match the model's linear layers: {} (the model's: {})",
             problems.join("; "),
             names.join(", ")
@@ -506,7 +506,7 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     for (module, t) in &adapter.layers {
         let names: Vec<&str> = graph.adapters().iter().map(|a| a.module.as_str()).collect();
         let found = find_module(module, &names).map_err(|why| {
-            Error::Input(format!(
+            Error::input(format!(
                 "{why}, among the modules that have an adapter in this model ({})",
                 names.join(", ")
             ))
@@ -518,20 +518,20 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             .cloned()
             .unwrap();
         if (layer.method == Method::Dora) != adapter.config.use_dora {
-            return Err(Error::Input(format!(
-                "module '{module}': the model's adapter is {}, the given one is {}",
-                layer.method.name(),
-                adapter.config.method().name()
-            )));
+            return Err(Error::input_at(
+                Subject::named("module", module),
+                format!(
+                    "the model's adapter is {}, the given one is {}",
+                    layer.method.name(),
+                    adapter.config.method().name()
+                ),
+            ));
         }
         let mut set = |node, value: &Array, what: &str| -> Result<()> {
             let model_shape = graph.shape(node);
             if model_shape != value.shape {
-                return Err(Error::Input(format!(
-                    "module '{module}': {what} has shape {}, the model's is {}",
-                    shape_str(&value.shape),
-                    shape_str(model_shape)
-                )));
+                let tensor = Subject::named("tensor", format!("{module}.{what}"));
+                return Err(Error::shape_mismatch(tensor, &value.shape, model_shape));
             }
             p.set_const(node, value.to_tensor_f32())
         };
@@ -588,7 +588,7 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
     let first = graph
         .adapters()
         .first()
-        .ok_or_else(|| Error::Input("the model has no adapters to save".into()))?;
+        .ok_or_else(|| Error::input("the model has no adapters to save"))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = BTreeMap::new();
     let mut config = ConfigFile::new(

@@ -57,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         changes.extend(found);
     }
     if changes.is_empty() {
-        return Err(Error::Input("no adapted layers in the given runs".into()));
+        return Err(Error::input("no adapted layers in the given runs"));
     }
     let mut methods: Vec<String> = changes.iter().map(|c| c.method.clone()).collect();
     methods.sort_by_key(|m| METHOD_ORDER.iter().position(|o| o == m).unwrap_or(9));

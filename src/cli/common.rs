@@ -1,7 +1,7 @@
 //! Pieces the subcommands share: loading a model with its pins, applying an adapter, running a
 //! graph on the GPU or the reference executor, and the adapted-layer table.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, Method};
 use crate::passes::{find_linear_layers, matches_target, AdapterInit, AdapterSpec};
 use crate::tensor::{shape_str, Array};
@@ -31,7 +31,7 @@ pub fn load_graph_with_values(
     let dir = path.parent().unwrap_or(Path::new("."));
     let graph = crate::onnx::import_with_values(&model, dir, &pins, input_shapes, input_values)
         .map_err(|e| match e {
-            Error::Onnx(m) => Error::Onnx(format!("{}: {m}", path.display())),
+            e @ Error::Onnx { .. } => e.within(Subject::file(path)),
             other => other,
         })?;
     print_warnings(&graph, path);
@@ -108,12 +108,15 @@ fn with_batch_hint(
     flag: &str,
 ) -> Error {
     match (e, fixed) {
-        (Error::Shape(m), Some(n)) => Error::Shape(format!(
-            "{m}\n  hint: {} was exported with a fixed batch of {n} (dim 0 of input '{input}'), and its graph \
+        (Error::Shape { at, message }, Some(n)) => Error::Shape {
+            at,
+            message: format!(
+            "{message}\n  hint: {} was exported with a fixed batch of {n} (dim 0 of input '{input}'), and its graph \
              may bake that size into constants (reshape targets, masks), so it fails at batch {batch}: \
              use {flag} {n}, or export the model with a dynamic batch axis",
             path.display()
-        )),
+        ),
+        },
         (e, _) => e,
     }
 }
@@ -228,7 +231,7 @@ pub fn evaluator(
             .outputs()
             .first()
             .map(|o| o.0.clone())
-            .ok_or_else(|| Error::Input("the model has no outputs".into()))?,
+            .ok_or_else(|| Error::input("the model has no outputs"))?,
     };
     let pipeline = crate::pipeline::Inference {
         output: Some(output),
@@ -350,26 +353,34 @@ pub fn check_inputs(graph: &Graph, inputs: &BTreeMap<String, Array>, file: &Path
         let node = graph.node(id);
         match inputs.get(&node.name) {
             None => {
-                return Err(Error::Input(format!(
-                    "{}: no tensor named '{}' (the model's inputs: {})",
-                    file.display(),
-                    node.name,
-                    graph
-                        .inputs()
-                        .iter()
-                        .map(|&i| format!("{} {}", graph.node(i).name, shape_str(graph.shape(i))))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )))
+                return Err(Error::input_at(
+                    Subject::file(file),
+                    format!(
+                        "no tensor named '{}' (the model's inputs: {})",
+                        node.name,
+                        graph
+                            .inputs()
+                            .iter()
+                            .map(|&i| format!(
+                                "{} {}",
+                                graph.node(i).name,
+                                shape_str(graph.shape(i))
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ))
             }
             Some(a) if a.shape != node.shape => {
-                return Err(Error::Input(format!(
-                    "{}: tensor '{}' has shape {}, the model expects {}",
-                    file.display(),
-                    node.name,
-                    shape_str(&a.shape),
-                    shape_str(&node.shape)
-                )))
+                return Err(Error::input_at(
+                    Subject::file(file),
+                    format!(
+                        "tensor '{}' has shape {}, the model expects {}",
+                        node.name,
+                        shape_str(&a.shape),
+                        shape_str(&node.shape)
+                    ),
+                ))
             }
             Some(_) => {}
         }
@@ -475,10 +486,10 @@ impl AdapterArgs {
         let patterns = self.patterns();
         let layers = find_linear_layers(graph);
         if layers.is_empty() {
-            return Err(Error::Input(format!(
-                "{}: no linear layers (MatMul/Gemm with a 2-D float weight initializer) to adapt",
-                model.display()
-            )));
+            return Err(Error::input_at(
+                Subject::file(model),
+                "no linear layers (MatMul/Gemm with a 2-D float weight initializer) to adapt",
+            ));
         }
         let specs: Vec<AdapterSpec> = layers
             .iter()
@@ -496,7 +507,7 @@ impl AdapterArgs {
             })
             .collect();
         if specs.is_empty() {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "no layer matches --target {} (the model's linear layers: {})",
                 patterns.join(","),
                 layers

@@ -40,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
         failures += demo_model(&args, name)?;
     }
     if failures > 0 {
-        return Err(Error::Input(format!(
+        return Err(Error::input(format!(
             "demo: {failures} checks above the {TOLERANCE:e} tolerance"
         )));
     }

@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| default_labels(loss).into());
     let raw = crate::tensors_io::read_safetensors_typed(&args.data)?;
     if args.batch_size == Some(0) {
-        return Err(Error::Input("--batch-size must be at least 1".into()));
+        return Err(Error::input("--batch-size must be at least 1"));
     }
     let (mut graph, _) = load_batched(
         &args.model,

@@ -48,12 +48,12 @@ pub fn run(args: Args) -> Result<()> {
     let ids_node = *graph
         .inputs()
         .first()
-        .ok_or_else(|| Error::Input("the model has no inputs".into()))?;
+        .ok_or_else(|| Error::input("the model has no inputs"))?;
     let ids_name = graph.node(ids_node).name.clone();
     let window = match graph.shape(ids_node) {
         [1, s] => *s,
         other => {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "input '{ids_name}' has shape {}; generate needs token ids [batch, positions]",
                 shape_str(other)
             )))
@@ -67,7 +67,7 @@ pub fn run(args: Args) -> Result<()> {
     let (out_name, out_node) = graph.outputs()[0].clone();
     let vocab = *graph.shape(out_node).last().unwrap_or(&0);
     if graph.shape(out_node) != [1, window, vocab] || vocab < 256 {
-        return Err(Error::Input(format!(
+        return Err(Error::input(format!(
             "output '{out_name}' has shape {}; generate needs byte logits [1, {window}, >=256]",
             shape_str(graph.shape(out_node))
         )));
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut tokens: Vec<u8> = args.prompt.bytes().collect();
     if tokens.is_empty() {
-        return Err(Error::Input("--prompt is empty".into()));
+        return Err(Error::input("--prompt is empty"));
     }
     let prompt_len = tokens.len();
     for _ in 0..args.tokens {

@@ -1,7 +1,7 @@
 //! `dorac merge`: fold adapters into the base weights and write the merged ONNX.
 
 use super::common::{apply_adapter, load_graph, save_graph};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -30,10 +30,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let mut graph = load_graph(&args.model, &args.shapes, &HashMap::new())?;
     let no_adapters = || {
-        Error::Input(format!(
-            "{}: no adapters to merge (give --adapter DIR, or a model made by `dorac rewrite`)",
-            args.model.display()
-        ))
+        Error::input_at(
+            Subject::file(&args.model),
+            "no adapters to merge (give --adapter DIR, or a model made by `dorac rewrite`)",
+        )
     };
     if args.adapter.is_empty() {
         if graph.adapters().is_empty() {

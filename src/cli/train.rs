@@ -1,7 +1,7 @@
 //! `dorac train`: compile a training step for the GPU and run it over a data set.
 
 use super::common::{apply_adapter, load_batched, AdapterArgs};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::passes::insert_adapters;
 use crate::train::checkpoint;
 use crate::train::data::{self, Expected};
@@ -203,9 +203,10 @@ impl From<MethodArg> for TrainMethod {
 fn parse_betas(s: &str) -> Result<(f64, f64)> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let bad = || {
-        Error::Input(format!(
-            "--betas {s}: expected two numbers in [0, 1), e.g. 0.9,0.999"
-        ))
+        Error::input_at(
+            Subject::flag_value("--betas", s),
+            "expected two numbers in [0, 1), e.g. 0.9,0.999",
+        )
     };
     if parts.len() != 2 {
         return Err(bad());
@@ -276,7 +277,7 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => per_epoch,
     };
     if total == 0 {
-        return Err(Error::Input("nothing to do: 0 steps".into()));
+        return Err(Error::input("nothing to do: 0 steps"));
     }
 
     // Adapters: a given PEFT adapter, a rewritten model's own, or fresh ones (PEFT's init).
@@ -362,15 +363,22 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut start = 0;
     if args.resume {
-        let (step, dir) = checkpoint::latest(&out)?
-            .ok_or_else(|| Error::Input(format!("--resume: no checkpoint in {}", out.display())))?;
+        let (step, dir) = checkpoint::latest(&out)?.ok_or_else(|| {
+            Error::input_at(
+                Subject::flag("--resume"),
+                format!("no checkpoint in {}", out.display()),
+            )
+        })?;
         let record = checkpoint::read_record(&dir)?;
         if record["config"] != config {
-            return Err(Error::Input(format!(
-                "--resume: {} was made with different settings; resume with the same flags (saved: {})",
-                dir.display(),
-                record["config"]
-            )));
+            return Err(Error::input_at(
+                Subject::flag("--resume"),
+                format!(
+                    "{} was made with different settings; resume with the same flags (saved: {})",
+                    dir.display(),
+                    record["config"]
+                ),
+            ));
         }
         checkpoint::restore(&dir, &mut session)?;
         start = step;
@@ -412,7 +420,7 @@ pub fn run(args: Args) -> Result<()> {
             let last = checkpoint::latest(&out)?
                 .map(|(s, d)| format!("the last checkpoint ({}, step {s}) is intact", d.display()))
                 .unwrap_or_else(|| "no checkpoint was written".into());
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "the loss became {} at step {} (lr {lr:.3e}); stopping: {last}. Try a lower --lr or --grad-clip",
                 metrics.loss,
                 step + 1
@@ -481,7 +489,7 @@ pub fn find_output(
         None => graph.outputs().first().map(|o| o.1),
     }
     .ok_or_else(|| {
-        Error::Input(format!(
+        Error::input(format!(
             "{flag} {}: the model's outputs are {}",
             name.unwrap_or(""),
             graph
@@ -496,8 +504,12 @@ pub fn find_output(
 
 /// Refuses hyperparameters outside their meaningful range, naming the flag.
 fn check_hyperparameters(args: &Args) -> Result<()> {
-    let bad =
-        |flag: &str, v: f64, want: &str| Err(Error::Input(format!("{flag} {v}: expected {want}")));
+    let bad = |flag: &str, v: f64, want: &str| {
+        Err(Error::input_at(
+            Subject::flag_value(flag, v),
+            format!("expected {want}"),
+        ))
+    };
     if !(args.lr.is_finite() && args.lr > 0.0) {
         return bad("--lr", args.lr, "a positive number");
     }
@@ -513,13 +525,19 @@ fn check_hyperparameters(args: &Args) -> Result<()> {
         }
     }
     if args.steps == Some(0) || args.epochs == Some(0) {
-        return Err(Error::Input("nothing to do: 0 steps".into()));
+        return Err(Error::input("nothing to do: 0 steps"));
     }
     if args.eval_every == Some(0) {
-        return Err(Error::Input("--eval-every 0: expected at least 1".into()));
+        return Err(Error::input_at(
+            Subject::flag_value("--eval-every", 0),
+            "expected at least 1",
+        ));
     }
     if args.batch_size == Some(0) {
-        return Err(Error::Input("--batch-size 0: expected at least 1".into()));
+        return Err(Error::input_at(
+            Subject::flag_value("--batch-size", 0),
+            "expected at least 1",
+        ));
     }
     Ok(())
 }

@@ -257,7 +257,7 @@ pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -
     let anchor = group[0];
     let node = graph.node(anchor);
     if group.len() > 1 && !takes_epilogue(&node.op) {
-        return Err(Error::Gpu(format!(
+        return Err(Error::gpu(format!(
             "kernel {name}: a {} cannot take an element-wise epilogue",
             node.op.name()
         )));
@@ -281,7 +281,7 @@ pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -
             ignore_index,
             shift,
         } => cross_entropy(graph, anchor, ignore_index, shift, name, max_workgroups),
-        op => Err(Error::Gpu(format!(
+        op => Err(Error::gpu(format!(
             "kernel {name}: a {} node has no kernel (emitter bug)",
             op.name()
         ))),
@@ -355,7 +355,7 @@ fn elementwise_expr(
         // The broadcast is in the operand's load; the value passes through.
         Op::Expand { .. } => args[0].clone(),
         other => {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "{} is not element-wise (emitter bug)",
                 other.name()
             )))
@@ -389,7 +389,7 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
         let n = group[k];
         let node = graph.node(n);
         if !(is_elementwise(&node.op) || node.op.is_view()) || node.shape != out_shape {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "node '{}' ({} {}) cannot be an epilogue of a {} kernel: epilogue ops must be \
                  element-wise and keep the shape",
                 node.label,
@@ -405,7 +405,7 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
                 continue;
             }
             if group[k..].contains(&i) {
-                return Err(Error::Gpu(format!(
+                return Err(Error::gpu(format!(
                     "node '{}' reads a value its group computes after it",
                     node.label
                 )));
@@ -759,7 +759,7 @@ fn index_map(
             )
         }
         other => {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "{} is not an index-mapping op (emitter bug)",
                 other.name()
             )))
@@ -879,7 +879,7 @@ fn matmul(
             );
         }
         _ => {
-            let d = matmul_dims(a_shape, b_shape).map_err(Error::Shape)?;
+            let d = matmul_dims(a_shape, b_shape).map_err(Error::shape)?;
             (m, k, n) = (d.m, d.k, d.n);
             batch = numel(&d.batch);
             // The offset of output matrix `batch` in an operand whose batch dims `own` have

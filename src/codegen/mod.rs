@@ -313,7 +313,7 @@ pub fn plan_grouped(
             continue;
         }
         if u32::try_from(node.numel()).is_err() {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "value '{}' has {} elements, more than the 2^32 that kernels index with u32",
                 node.name,
                 node.numel()
@@ -382,7 +382,7 @@ pub fn plan_grouped(
 /// Fills [`Plan::states`] and [`Plan::copies`] from `Graph::updates`, after checking them: each
 /// state is a distinct graph input, and its `next` has as many elements.
 fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
-    let bad = |m: String| Err(Error::Graph(format!("state update: {m}")));
+    let bad = |m: String| Err(Error::graph(format!("state update: {m}")));
     for &(state, next) in graph.updates() {
         if !graph.contains(state) || !graph.contains(next) {
             return bad("a (state, next) pair names a node that is not in the graph".into());
@@ -521,7 +521,7 @@ fn check_groups(
     live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
 ) -> Result<Vec<Vec<NodeId>>> {
-    let bad = |m: String| Err(Error::Graph(format!("kernel groups: {m}")));
+    let bad = |m: String| Err(Error::graph(format!("kernel groups: {m}")));
     let mut seen = HashSet::new();
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, n)| *n).collect();
     for g in &groups {
@@ -627,7 +627,7 @@ fn sanitize(s: &str) -> String {
 pub fn validate(name: &str, source: &str) -> Result<()> {
     let path = format!("{name}.wgsl");
     let module = naga::front::wgsl::parse_str(source).map_err(|e| {
-        Error::Gpu(format!(
+        Error::gpu(format!(
             "kernel {name}: generated WGSL does not parse:\n{}",
             e.emit_to_string_with_path(source, &path)
         ))
@@ -638,7 +638,7 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
     )
     .validate(&module)
     .map_err(|e| {
-        Error::Gpu(format!(
+        Error::gpu(format!(
             "kernel {name}: generated WGSL is invalid:\n{}",
             e.emit_to_string_with_path(source, &path)
         ))

@@ -35,7 +35,7 @@ pub fn order(graph: &Graph) -> Result<Vec<NodeId>> {
     if out.len() != pending.len() {
         // Report the cycle the same way the rest of the crate does.
         graph.topo_order()?;
-        return Err(Error::Graph("the graph has a cycle".into()));
+        return Err(Error::graph("the graph has a cycle"));
     }
     Ok(out)
 }

@@ -79,7 +79,7 @@ impl Lib {
 /// placeholder, is a bug in the emitter and is reported as such: naga would otherwise report it
 /// later, further from the cause.
 pub fn render(template_name: &str, template: &str, values: &[(&str, String)]) -> Result<String> {
-    let bug = |what: String| Error::Gpu(format!("template {template_name}: {what} (emitter bug)"));
+    let bug = |what: String| Error::gpu(format!("template {template_name}: {what} (emitter bug)"));
     let mut out = String::with_capacity(template.len() * 2);
     let mut used = vec![false; values.len()];
     let mut rest = template;

@@ -1,13 +1,13 @@
 //! Small pieces of WGSL text that every kernel needs: literals, index arithmetic with baked-in
 //! strides, binding declarations, and the workgroup grid.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{shape_str, strides};
 
 /// A WGSL `f32` literal that reads back as exactly `v` (Rust's shortest round-trip form).
 pub fn f32_lit(v: f32) -> Result<String> {
     if !v.is_finite() {
-        return Err(Error::Gpu(format!(
+        return Err(Error::gpu(format!(
             "cannot bake the non-finite constant {v} into a shader"
         )));
     }
@@ -166,9 +166,10 @@ pub fn grid(total: usize, max: u32, what: &str) -> Result<[u32; 3]> {
     let y = total.div_ceil(x).min(max);
     let z = total.div_ceil(x * y);
     if z > max {
-        return Err(Error::Gpu(format!(
-            "{what}: {total} workgroups do not fit a {max}x{max}x{max} dispatch"
-        )));
+        return Err(Error::gpu_at(
+            Subject::context(what),
+            format!("{total} workgroups do not fit a {max}x{max}x{max} dispatch"),
+        ));
     }
     Ok([x as u32, y as u32, z as u32])
 }

@@ -17,7 +17,7 @@ pub use crate::ops::unary;
 pub use op::{Binary, Op, Reduce, Unary};
 pub use patch::{rewrite, Applied, Patch, PatchOps, PatchRef, Rule};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{numel, DType, Tensor};
 use petgraph::stable_graph::{NodeIndex, StableGraph};
 use petgraph::visit::EdgeRef;
@@ -485,7 +485,7 @@ impl Graph {
     pub fn topo_order(&self) -> Result<Vec<NodeId>> {
         petgraph::algo::toposort(&self.graph, None).map_err(|c| {
             let n = &self.graph[c.node_id()];
-            Error::Graph(format!(
+            Error::graph(format!(
                 "the graph has a cycle through node '{}' (value '{}')",
                 n.label, n.name
             ))
@@ -596,7 +596,7 @@ impl Node {
         label: &str,
     ) -> Result<Node> {
         let shape = op.shape(shapes).map_err(|e| match e {
-            Error::Shape(m) => Error::Shape(format!("node '{label}': {m}")),
+            e @ Error::Shape { .. } => e.within(Subject::node(label)),
             other => other,
         })?;
         crate::tensor::check_size(&shape, 4, || format!("node '{label}'"))?;

@@ -3,7 +3,7 @@
 //! (`reference::eval`), the WGSL emitter (`codegen::kernels`) and the ONNX import/export tables
 //! (`onnx::import_ops`, `onnx::export`). CONTRIBUTING.md lists the steps.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{shape_str, DType, Tensor};
 
 /// The most inputs one Concat node takes: with its output, one kernel binds at most 8 storage
@@ -200,17 +200,22 @@ impl Op {
     pub fn shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
         let (lo, hi) = self.arity();
         if inputs.len() < lo || inputs.len() > hi {
-            return Err(Error::Shape(format!(
+            return Err(Error::shape(format!(
                 "{} takes {lo}..={hi} inputs, got {}",
                 self.name(),
                 inputs.len()
             )));
         }
-        let err = |msg: String| Err(Error::Shape(format!("{}: {msg}", self.name())));
+        let err = |msg: String| {
+            Err(Error::shape_at(
+                Subject::context(self.name()),
+                msg.to_string(),
+            ))
+        };
         match self {
             Op::Input => err("graph inputs have no shape rule".into()),
             Op::Const(t) => Ok(t.shape.clone()),
-            Op::MatMul => matmul_shape(inputs[0], inputs[1]).map_err(Error::Shape),
+            Op::MatMul => matmul_shape(inputs[0], inputs[1]).map_err(Error::shape),
             Op::Gemm {
                 trans_a, trans_b, ..
             } => {
@@ -395,13 +400,13 @@ impl Op {
                 Ok(idx.to_vec())
             }
             Op::GatherND { batch_dims } => gather_nd_shape(inputs[0], inputs[1], *batch_dims)
-                .map_err(|m| Error::Shape(format!("{}: {m}", self.name()))),
+                .map_err(|m| Error::shape_at(Subject::context(self.name()), m.to_string())),
             Op::Slice {
                 starts,
                 ends,
                 steps,
             } => slice_shape(inputs[0], starts, ends, steps)
-                .map_err(|m| Error::Shape(format!("{}: {m}", self.name()))),
+                .map_err(|m| Error::shape_at(Subject::context(self.name()), m.to_string())),
             Op::Concat { axis } => {
                 let first = inputs[0];
                 if *axis >= first.len() {

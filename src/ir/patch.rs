@@ -4,7 +4,7 @@
 //! rule that fails half-way (a shape error, say) leaves the graph untouched.
 
 use super::{AdaptedLayer, Binary, Graph, Half, Node, NodeId, Op};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{shape_str, DType, Tensor};
 use std::collections::HashSet;
 
@@ -193,16 +193,18 @@ impl<'g> Patch<'g> {
         let dtypes: Vec<DType> = ins.iter().map(|&i| self.graph.node(i).dtype).collect();
         let new = Node::checked(op, &shapes, &dtypes, &node.name, &node.label)?;
         if new.shape != node.shape || new.dtype != node.dtype {
-            return Err(Error::Graph(format!(
-                "node '{}': {} in place of {} would change its value from {} {} to {} {}",
-                node.label,
-                new.op.name(),
-                node.op.name(),
-                node.dtype.name(),
-                shape_str(&node.shape),
-                new.dtype.name(),
-                shape_str(&new.shape)
-            )));
+            return Err(Error::graph_at(
+                Subject::named("node", &node.label),
+                format!(
+                    "{} in place of {} would change its value from {} {} to {} {}",
+                    new.op.name(),
+                    node.op.name(),
+                    node.dtype.name(),
+                    shape_str(&node.shape),
+                    new.dtype.name(),
+                    shape_str(&new.shape)
+                ),
+            ));
         }
         self.edits.in_place.push(InPlace::Op(n, new.op));
         Ok(())
@@ -213,21 +215,19 @@ impl<'g> Patch<'g> {
     pub fn set_const(&mut self, n: NodeId, tensor: Tensor) -> Result<()> {
         let node = self.graph.node(n);
         if !matches!(node.op, Op::Const(_)) {
-            return Err(Error::Graph(format!(
+            return Err(Error::graph(format!(
                 "'{}' is a {}, not a constant",
                 node.name,
                 node.op.name()
             )));
         }
         if tensor.shape != node.shape || tensor.dtype() != node.dtype {
-            return Err(Error::Input(format!(
-                "'{}': the new value is {} {}, the model's is {} {}",
-                node.name,
-                tensor.dtype().name(),
-                shape_str(&tensor.shape),
-                node.dtype.name(),
-                shape_str(&node.shape)
-            )));
+            return Err(Error::Mismatch {
+                at: Box::new(Subject::named("tensor", &node.name)),
+                quantity: "type and shape",
+                found: format!("{} {}", tensor.dtype().name(), shape_str(&tensor.shape)),
+                expected: format!("{} {}", node.dtype.name(), shape_str(&node.shape)),
+            });
         }
         self.edits.in_place.push(InPlace::Op(n, Op::Const(tensor)));
         Ok(())
@@ -238,7 +238,7 @@ impl<'g> Patch<'g> {
     pub fn promote_to_input(&mut self, n: NodeId) -> Result<Tensor> {
         let node = self.graph.node(n);
         let Op::Const(t) = &node.op else {
-            return Err(Error::Graph(format!(
+            return Err(Error::graph(format!(
                 "'{}' is a {}, not a constant",
                 node.name,
                 node.op.name()

@@ -6,7 +6,7 @@
 
 use super::proto::tensor_proto::{DataLocation, DataType};
 use super::proto::TensorProto;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{numel, DType, Data, Tensor};
 use std::path::{Component, Path, PathBuf};
 
@@ -89,7 +89,7 @@ pub(crate) fn dtype_name(data_type: i32) -> String {
 /// Decodes a tensor. `model_dir` is where external data files are looked up; `what` names the
 /// tensor in errors ("initializer 'w'", "the value of Constant node 'c'").
 pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -> Result<Tensor> {
-    let err = |msg: String| Error::Onnx(format!("{what}: {msg}"));
+    let err = |msg: String| Error::onnx_at(Subject::context(what), msg.to_string());
     let elem = Elem::of(t.data_type()).ok_or_else(|| {
         err(format!(
             "{} tensors are not supported (dorac reads float32, float64, float16, bfloat16, \

@@ -19,7 +19,7 @@ use super::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, ModelProto, NodeProto, TensorProto,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{unary, Graph, NodeId, Op};
 use crate::tensor::{DType, Tensor};
 use std::cmp::Reverse;
@@ -113,7 +113,7 @@ pub(crate) fn export_with(
             ];
             let refs = refs.into_iter().chain([a.magnitude, Some(a.output)]);
             if let Some(missing) = refs.flatten().find(|n| !ex.names.contains_key(n)) {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "adapter for module '{}' refers to node {} that is no longer in the graph",
                     a.module,
                     missing.index()
@@ -208,7 +208,7 @@ fn stable_topo(graph: &Graph) -> Result<Vec<NodeId>> {
         let mut left: Vec<NodeId> = g.node_indices().filter(|n| !done.contains(n)).collect();
         left.sort();
         let names: Vec<&str> = left.iter().map(|&n| graph.node(n).label.as_str()).collect();
-        return Err(Error::Graph(format!(
+        return Err(Error::graph(format!(
             "the graph has a cycle through (or after) nodes: {}",
             names.join(", ")
         )));
@@ -256,13 +256,13 @@ impl Exporter<'_, '_> {
         let mut input_names: HashMap<&str, NodeId> = HashMap::new();
         for &n in g.inputs() {
             if !g.contains(n) || g.node(n).op != Op::Input {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "graph input #{} is not an input node of the graph",
                     n.index()
                 )));
             }
             if input_names.insert(&g.node(n).name, n).is_some() {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "two graph inputs are named '{}'",
                     g.node(n).name
                 )));
@@ -273,19 +273,19 @@ impl Exporter<'_, '_> {
         let mut out_names = HashSet::new();
         for (name, n) in g.outputs() {
             if !g.contains(*n) {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "graph output '{name}' refers to a node no longer in the graph"
                 )));
             }
             if !out_names.insert(name.as_str()) {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "graph output '{name}' is listed twice"
                 )));
             }
             match input_names.get(name.as_str()) {
                 Some(i) if i == n => continue, // the input itself is the output
                 Some(_) => {
-                    return Err(Error::Graph(format!(
+                    return Err(Error::graph(format!(
                         "graph output '{name}' has the name of a graph input but another value"
                     )))
                 }
@@ -304,7 +304,7 @@ impl Exporter<'_, '_> {
             let node = g.node(n);
             let name = if node.op == Op::Input {
                 if !input_names.contains_key(node.name.as_str()) {
-                    return Err(Error::Graph(format!(
+                    return Err(Error::graph(format!(
                         "input node '{}' is not listed as a graph input",
                         node.name
                     )));
@@ -418,7 +418,7 @@ impl Exporter<'_, '_> {
             Op::Unary(u) => match u.def().onnx {
                 Some(op_type) => (op_type, vec![]),
                 None => {
-                    return Err(Error::Graph(format!(
+                    return Err(Error::graph(format!(
                         "{} has no ONNX form (exporter bug)",
                         u.name()
                     )))
@@ -545,10 +545,13 @@ impl Exporter<'_, '_> {
             | Op::SoftmaxCrossEntropy { .. }
             | Op::SoftmaxCrossEntropyGrad { .. }
             | Op::DoraNormSq(_)) => {
-                return Err(Error::Graph(format!(
-                    "node '{label}': the training-only op {} cannot be exported to ONNX",
-                    op.name()
-                )))
+                return Err(Error::graph_at(
+                    Subject::named("node", label),
+                    format!(
+                        "the training-only op {} cannot be exported to ONNX",
+                        op.name()
+                    ),
+                ))
             }
         };
         self.node(op_type, ins, out, label, attrs);

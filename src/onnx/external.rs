@@ -8,7 +8,7 @@
 
 use super::proto::tensor_proto::{DataLocation, DataType};
 use super::proto::{StringStringEntryProto, TensorProto};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{Data, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ impl ExternalData {
     pub(crate) fn create(model: &Path) -> Result<ExternalData> {
         let name = model
             .file_name()
-            .ok_or_else(|| Error::Input(format!("{}: not a file path", model.display())))?;
+            .ok_or_else(|| Error::input_at(Subject::file(model), "not a file path"))?;
         let mut data_name = name.to_os_string();
         data_name.push(".data");
         let final_path = model.with_file_name(&data_name);

@@ -12,7 +12,7 @@ use super::proto::{
     self, tensor_proto::DataType, tensor_shape_proto::dimension, type_proto, ModelProto, NodeProto,
 };
 use super::Pins;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, GraphBuilder, Half, ModelInfo, NodeId};
 use crate::tensor::{shape_str, Array, DType};
 use std::cmp::Reverse;
@@ -147,7 +147,7 @@ pub(crate) fn default_opset(model: &ModelProto) -> Result<i64> {
         .iter()
         .find(|o| matches!(o.domain(), "" | "ai.onnx"))
         .map(|o| o.version())
-        .ok_or_else(|| Error::Onnx("the model imports no opset of the default ONNX domain".into()))
+        .ok_or_else(|| Error::onnx("the model imports no opset of the default ONNX domain"))
 }
 
 /// Turns a decoded model into the IR.
@@ -195,11 +195,14 @@ pub fn import_with_values<P: Pins + ?Sized>(
     for (name, given) in input_shapes {
         match shapes.get(name) {
             Some(s) if s != given => {
-                return Err(Error::Input(format!(
-                    "input '{name}': --shape {name}={} but the supplied tensor has shape {}",
-                    shape_str(s),
-                    shape_str(given)
-                )))
+                return Err(Error::input_at(
+                    Subject::named("input", name),
+                    format!(
+                        "--shape {name}={} but the supplied tensor has shape {}",
+                        shape_str(s),
+                        shape_str(given)
+                    ),
+                ))
             }
             _ => {
                 shapes.insert(name.clone(), given.clone());
@@ -219,11 +222,9 @@ fn import_resolved(
     let gp = model
         .graph
         .as_ref()
-        .ok_or_else(|| Error::Onnx("the model has no graph".into()))?;
+        .ok_or_else(|| Error::onnx("the model has no graph"))?;
     if gp.output.is_empty() {
-        return Err(Error::Onnx(
-            "the ONNX graph is empty (it has no outputs)".into(),
-        ));
+        return Err(Error::onnx("the ONNX graph is empty (it has no outputs)"));
     }
     let opset = default_opset(model)?;
 
@@ -231,10 +232,10 @@ fn import_resolved(
     let mut inits: HashMap<&str, &proto::TensorProto> = HashMap::new();
     for t in &gp.initializer {
         if t.name().is_empty() {
-            return Err(Error::Onnx("an initializer has no name".into()));
+            return Err(Error::onnx("an initializer has no name"));
         }
         if inits.insert(t.name(), t).is_some() {
-            return Err(Error::Onnx(format!(
+            return Err(Error::onnx(format!(
                 "initializer '{}' is defined twice",
                 t.name()
             )));
@@ -248,7 +249,7 @@ fn import_resolved(
         .collect();
     let mut input_names = HashSet::new();
     if let Some(dup) = inputs.iter().find(|i| !input_names.insert(i.name())) {
-        return Err(Error::Onnx(format!(
+        return Err(Error::onnx(format!(
             "graph input '{}' is listed twice",
             dup.name()
         )));
@@ -338,7 +339,7 @@ fn import_resolved(
     let mut seen = HashSet::new();
     for o in &gp.output {
         if !seen.insert(o.name()) {
-            return Err(Error::Onnx(format!(
+            return Err(Error::onnx(format!(
                 "graph output '{}' is listed twice",
                 o.name()
             )));
@@ -363,7 +364,7 @@ fn import_resolved(
             meta::parse(meta::CONV_FILTERS_KEY, json)?;
         for (name, shape) in filters {
             let id = values.get(&name).copied().ok_or_else(|| {
-                Error::Onnx(format!(
+                Error::onnx(format!(
                     "metadata '{}' names '{name}', which is not a value in the graph",
                     meta::CONV_FILTERS_KEY
                 ))
@@ -397,7 +398,7 @@ fn stop_gradient_nodes(model: &ModelProto, gp: &proto::GraphProto) -> Result<Has
             .iter()
             .any(|node| node.name() == n && node.op_type() == "Identity")
         {
-            return Err(Error::Onnx(format!(
+            return Err(Error::onnx(format!(
                 "metadata '{}' names node '{n}', which is not an Identity node of the graph",
                 meta::STOP_GRADIENT_KEY
             )));
@@ -512,7 +513,7 @@ fn topo_sort(
     let mut producer: HashMap<&str, usize> = HashMap::new();
     for (i, n) in gp.node.iter().enumerate() {
         if n.output.iter().all(|o| o.is_empty()) {
-            return Err(Error::Onnx(format!(
+            return Err(Error::onnx(format!(
                 "node '{}' ({}) has no output",
                 node_label(n),
                 n.op_type()
@@ -520,13 +521,13 @@ fn topo_sort(
         }
         for o in n.output.iter().filter(|o| !o.is_empty()) {
             if sources.contains(o.as_str()) {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "node '{}' writes '{o}', which is also an initializer or graph input",
                     node_label(n)
                 )));
             }
             if let Some(&j) = producer.get(o.as_str()) {
-                return Err(Error::Graph(format!(
+                return Err(Error::graph(format!(
                     "value '{o}' is written by two nodes: '{}' and '{}'",
                     node_label(&gp.node[j]),
                     node_label(n)
@@ -555,7 +556,7 @@ fn topo_sort(
         }
     }
     if !missing.is_empty() {
-        return Err(Error::Graph(missing.join("; ")));
+        return Err(Error::graph(missing.join("; ")));
     }
 
     // Kahn's algorithm with a min-heap: deterministic, file order among ready nodes.
@@ -604,7 +605,7 @@ fn topo_sort(
         .collect();
     on_cycle.sort_unstable();
     let names: Vec<String> = on_cycle.iter().map(|&i| node_label(&gp.node[i])).collect();
-    Err(Error::Graph(format!(
+    Err(Error::graph(format!(
         "the graph has a cycle through nodes: {}",
         names.join(", ")
     )))
@@ -633,12 +634,14 @@ fn resolve_input_shapes(
                 _ => true,
             });
         if !fits {
-            return Err(Error::Input(format!(
-                "input '{}': the given shape {} does not match the model's {}",
-                vi.name(),
-                list_str(given),
-                declared_str(decl)
-            )));
+            return Err(Error::input_at(
+                Subject::named("input", vi.name()),
+                format!(
+                    "the given shape {} does not match the model's {}",
+                    list_str(given),
+                    declared_str(decl)
+                ),
+            ));
         }
         for (&g, d) in given.iter().zip(decl) {
             if let DeclaredDim::Param(p) = d {
@@ -658,7 +661,7 @@ fn resolve_input_shapes(
         }
     }
     if !errors.is_empty() {
-        return Err(Error::Input(errors.join("; ")));
+        return Err(Error::input(errors.join("; ")));
     }
 
     let mut out = vec![];
@@ -725,7 +728,7 @@ fn resolve_input_shapes(
         out.push((sizes.into_iter().flatten().collect(), dims));
     }
     if !unpinned.is_empty() {
-        return Err(Error::Input(unpinned.join("; ")));
+        return Err(Error::input(unpinned.join("; ")));
     }
     Ok(out)
 }
@@ -761,7 +764,7 @@ fn check_declared_shape(o: &proto::ValueInfoProto, computed: &[usize]) -> Result
         .iter()
         .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
         .collect();
-    Err(Error::Shape(format!(
+    Err(Error::shape(format!(
         "graph output '{}': the model declares shape [{}], but its nodes compute {}",
         o.name(),
         shown.join(", "),

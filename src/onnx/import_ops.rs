@@ -32,7 +32,7 @@ mod shape;
 
 use super::data;
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{unary, Binary, GraphBuilder, NodeId, Op, Reduce, Unary};
 use crate::reference::eval_typed;
 use crate::tensor::{numel, shape_str, Array, DType, Tensor};
@@ -317,7 +317,11 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn err(&self, msg: String) -> Error {
-        Error::Onnx(format!("node '{}' ({}): {msg}", self.label, self.op_type()))
+        let at = Subject::OnnxNode {
+            name: self.label.clone(),
+            op_type: self.op_type().to_string(),
+        };
+        Error::onnx_at(at, msg)
     }
 
     /// A dorac limitation hit by this node, as a one-entry [`Error::Unsupported`].

@@ -99,7 +99,7 @@ impl AdapterMeta {
     pub fn to_layer(&self, values: &HashMap<String, NodeId>) -> Result<AdaptedLayer> {
         let get = |field: &str, v: &str| {
             values.get(v).copied().ok_or_else(|| {
-                Error::Onnx(format!(
+                Error::onnx(format!(
                     "metadata '{ADAPTERS_KEY}': adapter for module '{}' names {field} '{v}', \
                      which is not a value in the graph",
                     self.module
@@ -110,7 +110,7 @@ impl AdapterMeta {
             "dora" => Method::Dora,
             "lora" => Method::Lora,
             m => {
-                return Err(Error::Onnx(format!(
+                return Err(Error::onnx(format!(
                     "metadata '{ADAPTERS_KEY}': adapter for module '{}' has method '{m}' \
                      (expected \"dora\" or \"lora\")",
                     self.module
@@ -165,7 +165,7 @@ impl AdapterMeta {
 /// Parses the JSON of one of dorac's metadata keys, naming the key on failure.
 pub(crate) fn parse<T: for<'de> Deserialize<'de>>(key: &str, json: &str) -> Result<T> {
     serde_json::from_str(json)
-        .map_err(|e| Error::Onnx(format!("metadata '{key}' is not valid dorac metadata: {e}")))
+        .map_err(|e| Error::onnx(format!("metadata '{key}' is not valid dorac metadata: {e}")))
 }
 
 /// Serialises a metadata value (cannot fail for these plain types).

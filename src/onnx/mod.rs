@@ -26,7 +26,7 @@ pub use export::{export, EXPORT_MIN_IR_VERSION, EXPORT_MIN_OPSET};
 pub use external::EXTERNAL_MIN_BYTES;
 pub use import::{import, import_with_values};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -41,35 +41,32 @@ pub const MAX_PROTO_BYTES: usize = (1 << 31) - 1;
 /// error later.
 pub fn load_model(path: &Path) -> Result<proto::ModelProto> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_model(&bytes, &path.display().to_string())
+    decode(&bytes).map_err(|e| e.within(Subject::file(path)))
 }
 
 /// Decodes an in-memory ONNX model; `what` names it in errors (a file name, say). The same
 /// checks as [`load_model`].
 pub fn decode_model(bytes: &[u8], what: &str) -> Result<proto::ModelProto> {
+    decode(bytes).map_err(|e| e.within(Subject::context(what)))
+}
+
+fn decode(bytes: &[u8]) -> Result<proto::ModelProto> {
     if bytes.is_empty() {
-        return Err(Error::Onnx(format!(
-            "{what}: not an ONNX model (the file is empty)"
-        )));
+        return Err(Error::onnx("not an ONNX model (the file is empty)"));
     }
-    let model = proto::ModelProto::decode(bytes).map_err(|e| {
-        Error::Onnx(format!(
-            "{what}: not an ONNX model (protobuf decode failed: {e})"
-        ))
-    })?;
+    let model = proto::ModelProto::decode(bytes)
+        .map_err(|e| Error::onnx(format!("not an ONNX model (protobuf decode failed: {e})")))?;
     if model.ir_version.is_none() {
-        return Err(Error::Onnx(format!(
-            "{what}: not an ONNX model (no ir_version; the protobuf decoded but is not a ModelProto)"
-        )));
+        return Err(Error::onnx(
+            "not an ONNX model (no ir_version; the protobuf decoded but is not a ModelProto)",
+        ));
     }
     let Some(graph) = &model.graph else {
-        return Err(Error::Onnx(format!(
-            "{what}: not an ONNX model (it has no graph)"
-        )));
+        return Err(Error::onnx("not an ONNX model (it has no graph)"));
     };
     if graph.output.is_empty() {
-        return Err(Error::Onnx(format!(
-            "{what}: the ONNX graph is empty ({} nodes and no outputs)",
+        return Err(Error::onnx(format!(
+            "the ONNX graph is empty ({} nodes and no outputs)",
             graph.node.len()
         )));
     }
@@ -82,11 +79,13 @@ pub fn decode_model(bytes: &[u8], what: &str) -> Result<proto::ModelProto> {
 pub fn save_model(model: &proto::ModelProto, path: &Path) -> Result<()> {
     let len = model.encoded_len();
     if len > MAX_PROTO_BYTES {
-        return Err(Error::Onnx(format!(
-            "{}: the model encodes to {len} bytes, over protobuf's 2 GiB limit; write it with \
-             its tensors as external data (save_graph does so for large graphs)",
-            path.display()
-        )));
+        return Err(Error::onnx_at(
+            Subject::file(path),
+            format!(
+                "the model encodes to {len} bytes, over protobuf's 2 GiB limit; write it with \
+             its tensors as external data (save_graph does so for large graphs)"
+            ),
+        ));
     }
     let bytes = model.encode_to_vec();
     write_atomic(path, &bytes)
@@ -122,10 +121,7 @@ pub fn save_graph(graph: &crate::ir::Graph, path: &Path) -> Result<()> {
     let len = model.encoded_len();
     if len > MAX_PROTO_BYTES {
         data.abandon();
-        return Err(Error::Onnx(format!(
-            "{}: the graph encodes to {len} bytes without its large tensors, over protobuf's              2 GiB limit",
-            path.display()
-        )));
+        return Err(Error::onnx_at(Subject::file(path), format!("the graph encodes to {len} bytes without its large tensors, over protobuf's              2 GiB limit")));
     }
     let bytes = model.encode_to_vec();
     write_atomic_with(path, &bytes, Some(data))
@@ -150,7 +146,7 @@ fn write_atomic_with(
         if let Some(d) = data {
             d.abandon();
         }
-        return Err(Error::Input(format!("{}: not a file path", path.display())));
+        return Err(Error::input_at(Subject::file(path), "not a file path"));
     };
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(format!(".tmp-{}", std::process::id()));
@@ -204,10 +200,10 @@ impl ShapePins {
         for arg in args {
             let (name, sizes) = parse_shape_arg(arg.as_ref())?;
             if pins.entries.iter().any(|(n, _)| *n == name) {
-                return Err(Error::Input(format!(
-                    "--shape {}: '{name}' is given twice",
-                    arg.as_ref()
-                )));
+                return Err(Error::input_at(
+                    Subject::flag_value("--shape", arg.as_ref()),
+                    format!("'{name}' is given twice"),
+                ));
             }
             pins.entries.push((name, sizes));
         }
@@ -257,19 +253,25 @@ impl ShapePins {
                 shapes.insert(name.clone(), sizes.clone());
             } else if dim_names.contains(name) {
                 if sizes.len() != 1 {
-                    return Err(Error::Input(format!(
-                        "--shape {arg}: '{name}' is a symbolic dim and takes one size (e.g. \
+                    return Err(Error::input_at(
+                        Subject::flag_value("--shape", &arg),
+                        format!(
+                            "'{name}' is a symbolic dim and takes one size (e.g. \
                          --shape {name}=3), not a shape"
-                    )));
+                        ),
+                    ));
                 }
                 dims.insert(name.clone(), sizes[0]);
             } else {
-                return Err(Error::Input(format!(
-                    "--shape {arg}: the model has no graph input or symbolic dim named '{name}' \
+                return Err(Error::input_at(
+                    Subject::flag_value("--shape", &arg),
+                    format!(
+                        "the model has no graph input or symbolic dim named '{name}' \
                      (inputs: {}; symbolic dims: {})",
-                    or_none(&inputs.join(", ")),
-                    or_none(&dim_names.join(", "))
-                )));
+                        or_none(&inputs.join(", ")),
+                        or_none(&dim_names.join(", "))
+                    ),
+                ));
             }
         }
         Ok((dims, shapes))
@@ -320,9 +322,10 @@ fn or_none(s: &str) -> &str {
 /// [`ShapePins::resolve`].
 pub fn parse_shape_arg(arg: &str) -> Result<(String, Vec<usize>)> {
     let bad = |why: &str| {
-        Error::Input(format!(
-            "--shape {arg}: {why} (expected NAME=DIMS, e.g. --shape batch=3 or --shape x=3x16)"
-        ))
+        Error::input_at(
+            Subject::flag_value("--shape", arg),
+            format!("{why} (expected NAME=DIMS, e.g. --shape batch=3 or --shape x=3x16)"),
+        )
     };
     let (name, dims) = arg.split_once('=').ok_or_else(|| bad("no '='"))?;
     let name = name.trim();

@@ -24,7 +24,7 @@
 //!
 //! (`g ⊙ B` scales row j of B by g[j]); W is frozen and gets none.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Binary, Op, PatchRef};
 use crate::passes::autodiff::Builder;
 use crate::tensor::{shape_str, Array};
@@ -52,7 +52,7 @@ impl DoraNorm {
     pub fn shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
         let (w, a, b) = (inputs[0], inputs[1], inputs[2]);
         let bad = || {
-            Err(Error::Shape(format!(
+            Err(Error::shape(format!(
                 "dora_norm_sq: weight {}{}, A {} and B {} do not form a rank-r adapter",
                 shape_str(w),
                 if self.weight_out_in {
@@ -110,10 +110,10 @@ impl DoraNorm {
         wanted: &[bool],
     ) -> Result<Vec<Option<PatchRef>>> {
         if wanted[0] {
-            return Err(Error::Graph(format!(
-                "node '{}': dora_norm_sq gives no gradient for the frozen weight",
-                bld.label(n)
-            )));
+            return Err(Error::graph_at(
+                Subject::named("node", bld.label(n)),
+                "dora_norm_sq gives no gradient for the frozen weight",
+            ));
         }
         let (w, a, b) = (ins[0], ins[1], ins[2]);
         let fout = bld.shape(b)[0];

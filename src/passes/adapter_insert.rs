@@ -13,7 +13,7 @@
 //! weights only and constant folding computes it once. Gemm layers keep their own orientation
 //! and alpha: the product `A W0` is a Gemm with the layer's `transB`.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{
     rewrite, unary, AdaptedLayer, Binary, Graph, LinearKind, Method, NodeId, Op, Patch, PatchOps,
     PatchRef, Reduce, Rule,
@@ -87,10 +87,10 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
     let l = &spec.layer;
     let (r, fin, fout) = (spec.rank, l.in_features, l.out_features);
     if r == 0 {
-        return Err(Error::Input(format!(
-            "layer '{}': rank must be at least 1",
-            l.module
-        )));
+        return Err(Error::input_at(
+            Subject::named("layer", &l.module),
+            "rank must be at least 1",
+        ));
     }
     // Before A [r, in] and B [out, r] are allocated: a huge --rank is refused, not attempted.
     crate::tensor::check_size(&[r, fin.max(fout)], 8, || {
@@ -128,9 +128,10 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
         }
     };
     if spec.method == Method::Dora && m.is_none() {
-        return Err(Error::Input(format!(
-            "layer '{module}': a DoRA adapter needs a magnitude vector"
-        )));
+        return Err(Error::input_at(
+            Subject::named("layer", module),
+            "a DoRA adapter needs a magnitude vector",
+        ));
     }
 
     let mut p = Patch::new(graph);
@@ -330,11 +331,14 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
         )?;
     }
     if p.shape(y) != graph.shape(l.node) {
-        return Err(Error::Shape(format!(
-            "layer '{module}': adapted output {} differs from the original {}",
-            shape_str(p.shape(y)),
-            shape_str(graph.shape(l.node))
-        )));
+        return Err(Error::shape_at(
+            Subject::named("layer", module),
+            format!(
+                "adapted output {} differs from the original {}",
+                shape_str(p.shape(y)),
+                shape_str(graph.shape(l.node))
+            ),
+        ));
     }
     p.replace(l.node, y);
     p.record_adapter(AdaptedLayer {
@@ -361,11 +365,8 @@ fn build(graph: &Graph, spec: &AdapterSpec) -> Result<PatchOps> {
 
 fn check(module: &str, what: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
-        return Err(Error::Input(format!(
-            "layer '{module}': {what} has shape {}, the layer needs {}",
-            shape_str(got),
-            shape_str(want)
-        )));
+        let tensor = Subject::named("tensor", format!("{module}.{what}"));
+        return Err(Error::shape_mismatch(tensor, got, want));
     }
     Ok(())
 }

@@ -190,7 +190,7 @@ pub fn split_parameter(graph: &mut Graph, c: NodeId, max_bytes: u64) -> Result<V
     }
     let axis = axis.unwrap_or(0);
     let Op::Const(t) = graph.node(c).op.clone() else {
-        return Err(Error::Graph(format!(
+        return Err(Error::graph(format!(
             "parameter '{name}' is not a constant"
         )));
     };

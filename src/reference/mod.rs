@@ -29,10 +29,10 @@ pub fn run_all(graph: &Graph, inputs: &HashMap<String, Array>) -> Result<HashMap
         let value = match &node.op {
             Op::Input => {
                 let v = inputs.get(&node.name).ok_or_else(|| {
-                    Error::Input(format!("no value given for graph input '{}'", node.name))
+                    Error::input(format!("no value given for graph input '{}'", node.name))
                 })?;
                 if v.shape != node.shape {
-                    return Err(Error::Input(format!(
+                    return Err(Error::input(format!(
                         "input '{}' has shape {}, the model expects {}",
                         node.name,
                         shape_str(&v.shape),
@@ -44,7 +44,7 @@ pub fn run_all(graph: &Graph, inputs: &HashMap<String, Array>) -> Result<HashMap
             op => {
                 let args: Vec<&Array> = graph.inputs_of(n).iter().map(|i| &values[i]).collect();
                 eval_typed(op, &args, node.dtype)
-                    .map_err(|e| Error::Graph(format!("evaluating node '{}': {e}", node.label)))?
+                    .map_err(|e| Error::graph(format!("evaluating node '{}': {e}", node.label)))?
             }
         };
         values.insert(n, value);

@@ -10,11 +10,7 @@ pub fn eval_op(op: &Op, args: &[&Array]) -> Result<Array> {
     let shapes: Vec<&[usize]> = args.iter().map(|a| a.shape.as_slice()).collect();
     let out_shape = op.shape(&shapes)?;
     Ok(match op {
-        Op::Input => {
-            return Err(Error::Graph(
-                "graph inputs have no value of their own".into(),
-            ))
-        }
+        Op::Input => return Err(Error::graph("graph inputs have no value of their own")),
         Op::Const(t) => t.to_array(),
         Op::MatMul => matmul(args[0], args[1]),
         Op::Gemm {

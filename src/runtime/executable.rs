@@ -10,7 +10,7 @@
 
 use super::{Gpu, Scopes};
 use crate::codegen::{self, BufferId, BufferRole, Plan, StateCopy};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, NodeId};
 use crate::tensor::shape_str;
 use std::collections::{HashMap, HashSet};
@@ -143,7 +143,7 @@ impl Executable {
         let mut owned: HashMap<BufferId, wgpu::Buffer> = HashMap::new();
         for (owner, size) in plan.allocations() {
             let Some(spec) = plan.buffers.get(owner) else {
-                return Err(Error::Gpu(format!(
+                return Err(Error::gpu(format!(
                     "a plan buffer is stored in b{owner}, which does not exist (planner bug)"
                 )));
             };
@@ -158,7 +158,7 @@ impl Executable {
             });
             if let Some(n) = constant {
                 let tensor = graph.const_tensor(n).ok_or_else(|| {
-                    Error::Graph(format!(
+                    Error::graph(format!(
                         "plan buffer '{}' is a constant, but node {} is not",
                         spec.name,
                         n.index()
@@ -166,7 +166,7 @@ impl Executable {
                 })?;
                 let result = write_mapped(&buffer, tensor, spec.half);
                 buffer.unmap();
-                result.map_err(|e| Error::Gpu(format!("uploading '{}': {e}", spec.name)))?;
+                result.map_err(|e| Error::gpu(format!("uploading '{}': {e}", spec.name)))?;
             }
             owned.insert(owner, buffer);
         }
@@ -297,7 +297,7 @@ impl Executable {
         }
         if !unknown.is_empty() {
             unknown.sort();
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "unknown input(s) {unknown:?}; the graph's inputs are {:?}",
                 self.input_names()
             )));
@@ -310,7 +310,7 @@ impl Executable {
                 .find(|o| o.name == name)
                 .ok_or_else(|| {
                     let outputs: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
-                    Error::Input(format!(
+                    Error::input(format!(
                         "cannot fetch '{name}': the graph's outputs are {outputs:?}"
                     ))
                 })?;
@@ -330,14 +330,14 @@ impl Executable {
         };
         let (missing_inputs, missing_state) = (missing(false), missing(true));
         if !missing_state.is_empty() {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "state input(s) {} not initialised: write() their initial values before the \
                  first step",
                 missing_state.join(", ")
             )));
         }
         if !missing_inputs.is_empty() {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "missing input(s) {}: pass them to this step or write() them first",
                 missing_inputs.join(", ")
             )));
@@ -513,7 +513,7 @@ impl Executable {
     pub fn write(&self, name: &str, data: &[f32]) -> Result<()> {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let i = self.input_index(name).ok_or_else(|| {
-            Error::Input(format!(
+            Error::input(format!(
                 "cannot write '{name}': the graph's inputs are {:?}",
                 self.input_names()
             ))
@@ -539,21 +539,21 @@ impl Executable {
         let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let (buffer, len) = if let Some(i) = self.input_index(name) {
             if !status.written[i] {
-                return Err(Error::Input(format!(
+                return Err(Error::input(format!(
                     "input '{name}' has no value yet: write() it or pass it to a step first"
                 )));
             }
             (self.inputs[i].buffer, self.inputs[i].len())
         } else if let Some(o) = self.outputs.iter().find(|o| o.name == name) {
             if !status.ran {
-                return Err(Error::Input(format!(
+                return Err(Error::input(format!(
                     "output '{name}' has no value yet: run a step first"
                 )));
             }
             (o.buffer, o.len)
         } else {
             let outputs: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "cannot read '{name}': the graph's inputs are {:?} and its outputs {outputs:?}",
                 self.input_names()
             )));
@@ -635,10 +635,15 @@ impl Executable {
             map_errors.push("a read-back buffer was not mapped after the wait".into());
         }
         let result = (|| {
-            polled.map_err(|e| Error::Gpu(format!("{context}: waiting for the device: {e}")))?;
+            polled.map_err(|e| {
+                Error::gpu_at(
+                    Subject::context(context),
+                    format!("waiting for the device: {e}"),
+                )
+            })?;
             scope_result?;
             if !map_errors.is_empty() {
-                return Err(Error::Gpu(map_errors.join("; ")));
+                return Err(Error::gpu(map_errors.join("; ")));
             }
             let mut out = HashMap::new();
             for &(name, staging, len) in reads {
@@ -648,7 +653,7 @@ impl Executable {
                     let view = staging
                         .slice(..4 * len as u64)
                         .get_mapped_range()
-                        .map_err(|e| Error::Gpu(format!("reading back '{name}': {e:?}")))?;
+                        .map_err(|e| Error::gpu(format!("reading back '{name}': {e:?}")))?;
                     bytemuck::cast_slice::<u8, f32>(&view).to_vec()
                 };
                 out.insert(name.to_string(), values);
@@ -674,7 +679,7 @@ impl Executable {
     fn check_len(&self, i: usize, data: &[f32]) -> Result<()> {
         let slot = &self.inputs[i];
         if data.len() != slot.len() {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "input '{}' has {} values, its shape {} needs {}",
                 slot.name,
                 data.len(),
@@ -689,7 +694,7 @@ impl Executable {
     fn check_inputs(&self, inputs: &HashMap<String, Vec<f32>>) -> Result<()> {
         for slot in &self.inputs {
             if !inputs.contains_key(&slot.name) {
-                return Err(Error::Input(format!(
+                return Err(Error::input(format!(
                     "missing input '{}' (shape {})",
                     slot.name,
                     shape_str(&slot.shape)
@@ -703,7 +708,7 @@ impl Executable {
             .collect();
         if !unknown.is_empty() {
             unknown.sort();
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "unknown input(s) {unknown:?}; the graph's inputs are {:?}",
                 self.input_names()
             )));
@@ -740,7 +745,7 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
         } else {
             continue;
         };
-        return Err(Error::Gpu(format!(
+        return Err(Error::gpu(format!(
             "tensor '{}' ({}, {bytes} bytes) exceeds this adapter's {what} of {limit} bytes ({}); \
              until dorac splits such tensors for inference, run with --reference (the CPU reference \
              executor, slow) or on a device with a larger limit",
@@ -754,13 +759,13 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
     for k in &plan.kernels {
         let n = k.inputs.len() + 1;
         if n > max_storage {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "kernel {} binds {n} storage buffers, this adapter allows {max_storage}",
                 k.name
             )));
         }
         if k.workgroups.iter().any(|&w| w > max_groups) {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "kernel {} dispatches {:?} workgroups, this adapter allows {max_groups} per \
                  dimension (plan with a lower PlanOptions::max_workgroups_per_dim)",
                 k.name, k.workgroups

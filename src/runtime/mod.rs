@@ -15,7 +15,7 @@ mod pipeline_cache;
 pub use executable::{BuildTimes, Executable};
 pub use pipeline_cache::CACHE_DIR_ENV;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::Graph;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -74,7 +74,7 @@ impl Gpu {
             required_limits: limits.clone(),
             ..Default::default()
         }))
-        .map_err(|e| Error::Gpu(format!("opening a device on {}: {e}", info.name)))?;
+        .map_err(|e| Error::gpu(format!("opening a device on {}: {e}", info.name)))?;
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -155,7 +155,7 @@ fn parse_backend(name: &str) -> Result<wgpu::Backends> {
         "dx12" | "d3d12" => wgpu::Backends::DX12,
         "gl" | "gles" | "opengl" => wgpu::Backends::GL,
         other => {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "unknown GPU backend '{other}' (expected vulkan, metal, dx12 or gl)"
             )))
         }
@@ -204,7 +204,10 @@ impl Scopes {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(Error::Gpu(format!("{context}: {}", errors.join("; "))))
+            Err(Error::gpu_at(
+                Subject::context(context),
+                errors.join("; ").to_string(),
+            ))
         }
     }
 }
@@ -231,7 +234,7 @@ mod tests {
             .to_string()
             .starts_with("gpu: no GPU adapter found (vulkan: none)"));
         // Not by the text of another error.
-        assert!(!is_no_adapter(&Error::Gpu("no GPU adapter found".into())));
-        assert!(!is_no_adapter(&Error::Input("no GPU adapter found".into())));
+        assert!(!is_no_adapter(&Error::gpu("no GPU adapter found")));
+        assert!(!is_no_adapter(&Error::input("no GPU adapter found")));
     }
 }

@@ -5,7 +5,7 @@
 
 use super::program::ParamRole;
 use super::session::Session;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, Patch};
 use crate::tensor::Array;
 use crate::tensors_io::{read_safetensors, write_atomic, write_safetensors};
@@ -23,7 +23,7 @@ pub fn sync_params(graph: &mut Graph, session: &Session) -> Result<()> {
     for (name, t) in session.params()? {
         let id = graph
             .find_by_name(&name)
-            .ok_or_else(|| Error::Graph(format!("parameter '{name}' is not in the model graph")))?;
+            .ok_or_else(|| Error::graph(format!("parameter '{name}' is not in the model graph")))?;
         p.set_const(id, t)?;
     }
     graph.apply(p.finish());
@@ -58,24 +58,20 @@ pub fn load_trained_weights(graph: &mut Graph, path: &Path) -> Result<Vec<String
     let mut p = Patch::new(graph);
     for (name, a) in read_safetensors(path)? {
         let id = graph.find_by_name(&name).ok_or_else(|| {
-            Error::Input(format!(
-                "{}: '{name}' is not a weight of this model",
-                path.display()
-            ))
+            Error::input_at(
+                Subject::file(path),
+                format!("'{name}' is not a weight of this model"),
+            )
         })?;
         let old = graph.const_tensor(id).ok_or_else(|| {
-            Error::Input(format!(
-                "{}: '{name}' is not a constant of this model",
-                path.display()
-            ))
+            Error::input_at(
+                Subject::file(path),
+                format!("'{name}' is not a constant of this model"),
+            )
         })?;
         if old.shape != a.shape {
-            return Err(Error::Input(format!(
-                "{}: '{name}' has shape {}, the model's has {}",
-                path.display(),
-                crate::tensor::shape_str(&a.shape),
-                crate::tensor::shape_str(&old.shape)
-            )));
+            let at = Subject::context(format!("{}: '{name}'", path.display()));
+            return Err(Error::shape_mismatch(at, &a.shape, &old.shape));
         }
         p.set_const(id, a.to_tensor_f32())?;
         names.push(name);
@@ -106,7 +102,7 @@ pub fn save(
         let last = latest(out)?
             .map(|(s, d)| format!("the last checkpoint ({}, step {s}) is intact", d.display()))
             .unwrap_or_else(|| "no checkpoint was written".into());
-        return Err(Error::Input(format!(
+        return Err(Error::input(format!(
             "'{name}' became non-finite at step {step}; stopping: {last}. Try a lower --lr or --grad-clip"
         )));
     }
@@ -163,7 +159,7 @@ pub fn read_record(dir: &Path) -> Result<Value> {
     let path = dir.join(TRAINER_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text)
-        .map_err(|e| Error::Input(format!("{}: invalid JSON ({e})", path.display())))
+        .map_err(|e| Error::input_at(Subject::file(&path), format!("invalid JSON ({e})")))
 }
 
 /// Loads a checkpoint's optimizer state (parameters, moments, step) into the session.
@@ -208,10 +204,7 @@ impl RunLock {
                         .and_then(|t| t.trim().parse::<u32>().ok());
                     match owner {
                         Some(pid) if crate::tensors_io::process_alive(pid) => {
-                            return Err(Error::Input(format!(
-                                "{}: another dorac run (process {pid}) is writing to this folder; wait for it, or choose another -o",
-                                out.display()
-                            )))
+                            return Err(Error::input_at(Subject::file(out), format!("another dorac run (process {pid}) is writing to this folder; wait for it, or choose another -o")))
                         }
                         // Its run was killed: the lock is stale.
                         _ => {
@@ -222,10 +215,10 @@ impl RunLock {
                 Err(e) => return Err(Error::io(&path, e)),
             }
         }
-        Err(Error::Input(format!(
-            "{}: cannot take the lock {LOCK_FILE}",
-            out.display()
-        )))
+        Err(Error::input_at(
+            Subject::file(out),
+            format!("cannot take the lock {LOCK_FILE}"),
+        ))
     }
 }
 
@@ -245,7 +238,7 @@ pub fn prepare_fresh(out: &Path, overwrite: bool) -> Result<()> {
     }
     if !overwrite {
         let newest = old.iter().map(|c| c.0).max().unwrap_or(0);
-        return Err(Error::Input(format!(
+        return Err(Error::input(format!(
             "{} holds {} checkpoint(s) of an earlier run (the newest at step {newest}); use --resume to continue it, --overwrite to replace it, or another -o",
             out.display(),
             old.len()

@@ -3,7 +3,7 @@
 //! a resumed run sees exactly the batches an uninterrupted run would.
 
 use super::loss::LossKind;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::tensor::{shape_str, Array, Rng};
 use crate::tensors_io::{read_safetensors_typed, Stored};
 use std::collections::BTreeMap;
@@ -84,41 +84,43 @@ pub fn from_tensors(
                     raw: &mut BTreeMap<String, (Array, Stored)>|
      -> Result<()> {
         let Some((a, stored)) = raw.remove(name) else {
-            return Err(Error::Input(format!(
-                "{file}: no tensor named '{name}' (it has: {})",
-                available_names(raw)
-            )));
+            return Err(Error::input_at(
+                Subject::context(&file),
+                format!(
+                    "no tensor named '{name}' (it has: {})",
+                    available_names(raw)
+                ),
+            ));
         };
         match (integer, stored) {
             (true, Stored::Float(t)) => {
-                return Err(Error::Input(format!(
-                    "{file}: '{name}' holds {t}; expected integers (int64 or int32): class labels and token ids are integers"
-                )))
+                return Err(Error::input_at(Subject::context(&file), format!("'{name}' holds {t}; expected integers (int64 or int32): class labels and token ids are integers")))
             }
             (false, Stored::Int(t)) => {
-                return Err(Error::Input(format!(
-                    "{file}: '{name}' holds {t}; expected floating-point values"
-                )))
+                return Err(Error::input_at(Subject::context(&file), format!("'{name}' holds {t}; expected floating-point values")))
             }
             _ => {}
         }
         if a.shape.is_empty() || a.shape[1..] != *per_example {
-            return Err(Error::Input(format!(
-                "{file}: '{name}' has shape {}, expected [examples, {}]",
-                shape_str(&a.shape),
-                per_example
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            return Err(Error::input_at(
+                Subject::context(&file),
+                format!(
+                    "'{name}' has shape {}, expected [examples, {}]",
+                    shape_str(&a.shape),
+                    per_example
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
         }
         match &examples {
             Some((n, other)) if *n != a.shape[0] => {
-                return Err(Error::Input(format!(
-                    "{file}: '{name}' has {} examples but '{other}' has {n}",
-                    a.shape[0]
-                )))
+                return Err(Error::input_at(
+                    Subject::context(&file),
+                    format!("'{name}' has {} examples but '{other}' has {n}", a.shape[0]),
+                ))
             }
             None => examples = Some((a.shape[0], name.to_string())),
             _ => {}
@@ -144,20 +146,15 @@ pub fn from_tensors(
             .find(|(_, &v)| v as i64 != ignore && (v < 0.0 || v as usize >= classes))
         {
             let per = labels.data.len() / labels.shape[0].max(1);
-            return Err(Error::Input(format!(
-                "{file}: label {} of example {} in '{}' is out of range: classes are 0..{} (ignore index {ignore})",
-                v as i64,
-                i / per.max(1),
-                want.labels,
-                classes - 1
-            )));
+            return Err(Error::input_at(Subject::context(&file), format!("label {} of example {} in '{}' is out of range: classes are 0..{} (ignore index {ignore})", v as i64, i / per.max(1), want.labels, classes - 1)));
         }
     }
     let examples = examples.map(|e| e.0).unwrap_or(0);
     if examples == 0 {
-        return Err(Error::Input(format!(
-            "{file}: the data set has no examples"
-        )));
+        return Err(Error::input_at(
+            Subject::context(&file),
+            "the data set has no examples",
+        ));
     }
     Ok(Dataset { tensors, examples })
 }
@@ -173,10 +170,10 @@ impl Dataset {
     /// Full batches per epoch (the last partial batch is dropped: shapes are static).
     pub fn batches_per_epoch(&self, batch_size: usize) -> Result<usize> {
         if batch_size == 0 || batch_size > self.examples {
-            return Err(Error::Input(format!(
-                "--batch-size {batch_size}: the data set has {} examples",
-                self.examples
-            )));
+            return Err(Error::input_at(
+                Subject::flag_value("--batch-size", batch_size),
+                format!("the data set has {} examples", self.examples),
+            ));
         }
         Ok(self.examples / batch_size)
     }

@@ -188,7 +188,7 @@ impl Evaluator {
         for name in &self.params {
             let t = values
                 .get(name)
-                .ok_or_else(|| Error::Graph(format!("no value for trained tensor '{name}'")))?;
+                .ok_or_else(|| Error::graph(format!("no value for trained tensor '{name}'")))?;
             match &self.engine {
                 Engine::Gpu(exe) => exe.write(name, &t.to_f32())?,
                 Engine::Reference => {

@@ -1,6 +1,6 @@
 //! Losses appended to a model's output: the last nodes of the forward pass.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Binary, NodeId, Op, Patch, PatchRef, Reduce};
 use crate::tensor::{numel, shape_str, DType};
 
@@ -52,14 +52,14 @@ pub fn append(
 ) -> Result<(PatchRef, PatchRef)> {
     let out_shape = p.graph().shape(output).to_vec();
     if kind != LossKind::Mse && out_shape.is_empty() {
-        return Err(Error::Input(format!(
-            "--loss {}: the model output is a scalar; a classification loss needs logits [..., classes]",
-            kind.name()
-        )));
+        return Err(Error::input_at(
+            Subject::flag_value("--loss", kind.name()),
+            "the model output is a scalar; a classification loss needs logits [..., classes]",
+        ));
     }
     if let LossKind::Lm { .. } = kind {
         if out_shape.len() < 2 {
-            return Err(Error::Input(format!(
+            return Err(Error::input(format!(
                 "--loss lm needs logits [batch, positions, vocab]; the output has shape {}",
                 shape_str(&out_shape)
             )));

@@ -5,7 +5,7 @@
 
 use super::loss::{self, LossKind};
 use super::optimizer::{self, AdamW};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, Method, NodeId, Op, Patch, PatchRef};
 use crate::passes::autodiff::gradients;
 use crate::tensor::Tensor;
@@ -136,22 +136,25 @@ pub fn build_for_device(
             .outputs()
             .first()
             .map(|o| o.1)
-            .ok_or_else(|| Error::Input("the model has no outputs".into()))?,
+            .ok_or_else(|| Error::input("the model has no outputs"))?,
         Some(name) => graph
             .outputs()
             .iter()
             .find(|o| &o.0 == name)
             .map(|o| o.1)
             .ok_or_else(|| {
-                Error::Input(format!(
-                    "--output {name}: the model's outputs are {}",
-                    graph
-                        .outputs()
-                        .iter()
-                        .map(|o| o.0.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
+                Error::input_at(
+                    Subject::flag_value("--output", name),
+                    format!(
+                        "the model's outputs are {}",
+                        graph
+                            .outputs()
+                            .iter()
+                            .map(|o| o.0.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
             })?,
     };
     let output_name = graph
@@ -166,10 +169,10 @@ pub fn build_for_device(
         .map(|&i| graph.node(i).name.clone())
         .collect();
     if data_inputs.contains(&opts.labels) {
-        return Err(Error::Input(format!(
-            "--labels {}: that name is a model input; the labels need a tensor of their own",
-            opts.labels
-        )));
+        return Err(Error::input_at(
+            Subject::flag_value("--labels", &opts.labels),
+            "that name is a model input; the labels need a tensor of their own",
+        ));
     }
 
     if opts.exact_norm_grad {
@@ -201,20 +204,18 @@ pub fn build_for_device(
         }
         method => {
             if graph.adapters().is_empty() {
-                return Err(Error::Input(format!(
-                    "--method {}: the model has no adapters",
-                    method.name()
-                )));
+                return Err(Error::input_at(
+                    Subject::flag_value("--method", method.name()),
+                    "the model has no adapters",
+                ));
             }
             for a in graph.adapters() {
                 let need = method.adapter();
                 if need != Some(a.method) {
-                    return Err(Error::Input(format!(
-                        "--method {}: layer '{}' has a {} adapter",
-                        method.name(),
-                        a.module,
-                        a.method.name()
-                    )));
+                    return Err(Error::input_at(
+                        Subject::flag_value("--method", method.name()),
+                        format!("layer '{}' has a {} adapter", a.module, a.method.name()),
+                    ));
                 }
                 if matches!(
                     method,
@@ -232,7 +233,7 @@ pub fn build_for_device(
         }
     }
     if chosen.is_empty() {
-        return Err(Error::Input("nothing to train: no layer matched".into()));
+        return Err(Error::input("nothing to train: no layer matched"));
     }
     // Shared weights (tied embeddings, say) are trained once.
     let mut seen = HashSet::new();

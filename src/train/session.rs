@@ -75,7 +75,7 @@ impl Session {
                 continue;
             }
             if !self.state_names.contains(name) {
-                return Err(Error::Input(format!(
+                return Err(Error::input(format!(
                     "'{name}' is not part of the training state"
                 )));
             }
@@ -86,7 +86,7 @@ impl Session {
                 .expect("state names are graph inputs");
             let want = self.program.graph.shape(id);
             if want != v.shape.as_slice() {
-                return Err(Error::Input(format!(
+                return Err(Error::input(format!(
                     "state '{name}' has shape {:?}, the program expects {:?}",
                     v.shape, want
                 )));
@@ -173,7 +173,7 @@ impl Session {
                 .iter()
                 .find(|o| o.0 == name)
                 .map(|o| g.shape(o.1).to_vec())
-                .ok_or_else(|| Error::Input(format!("the training step has no output '{name}'")))
+                .ok_or_else(|| Error::input(format!("the training step has no output '{name}'")))
         };
         let mut results: BTreeMap<String, Array> = BTreeMap::new();
         match &mut self.engine {
@@ -207,7 +207,7 @@ impl Session {
                         .find(|o| o.0 == *name)
                         .map(|o| o.1)
                         .ok_or_else(|| {
-                            Error::Input(format!("the training step has no output '{name}'"))
+                            Error::input(format!("the training step has no output '{name}'"))
                         })?;
                     results.insert(name.to_string(), values[&id].clone());
                 }

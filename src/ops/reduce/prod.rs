@@ -3,7 +3,7 @@
 
 use super::{ReduceDef, ReduceWgsl};
 use crate::codegen::template;
-use crate::error::Error;
+use crate::error::{Error, Subject};
 
 pub const PROD: ReduceDef = ReduceDef {
     name: "reduce_prod",
@@ -17,9 +17,9 @@ pub const PROD: ReduceDef = ReduceDef {
         sign: None,
     },
     grad: |b, g| {
-        Err(Error::Graph(format!(
-            "node '{}': the gradient of a product reduction is not supported",
-            b.label(g.n)
-        )))
+        Err(Error::graph_at(
+            Subject::named("node", b.label(g.n)),
+            "the gradient of a product reduction is not supported",
+        ))
     },
 };

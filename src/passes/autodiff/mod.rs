@@ -29,7 +29,7 @@ pub fn differentiate(graph: &mut Graph, loss: NodeId, params: &[NodeId]) -> Resu
 pub fn gradients(p: &mut Patch, loss: NodeId, params: &[NodeId]) -> Result<Vec<PatchRef>> {
     let graph = p.graph();
     if !graph.shape(loss).iter().all(|&d| d == 1) {
-        return Err(Error::Graph(format!(
+        return Err(Error::graph(format!(
             "the loss '{}' must be a scalar, it has shape {}",
             graph.node(loss).name,
             shape_str(graph.shape(loss))

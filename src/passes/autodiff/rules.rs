@@ -3,7 +3,7 @@
 //! backward pass compiles to the same kernels as the forward pass.
 
 use super::Builder;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Subject};
 use crate::ir::op::matmul_dims;
 use crate::ir::{unary, Binary, NodeId, Op, PatchRef, Reduce};
 use crate::tensor::{numel, DType};
@@ -103,11 +103,10 @@ pub(super) fn input_grads(
             ]
         }
         op @ (Op::UnaryGrad(_) | Op::SoftmaxCrossEntropyGrad { .. }) => {
-            return Err(Error::Graph(format!(
-                "node '{}': no second derivative for {}",
-                b.label(n),
-                op.name()
-            )))
+            return Err(Error::graph_at(
+                Subject::named("node", b.label(n)),
+                format!("no second derivative for {}", op.name()),
+            ))
         }
         // Casts between floats pass the cotangent through; to integers or bools nothing flows.
         Op::Cast { to } => {
@@ -185,11 +184,13 @@ pub(super) fn input_grads(
         // Runtime ids along another axis, and the other gathers, would need a scatter-add.
         op @ (Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherND { .. }) => {
             if wanted[0] {
-                return Err(Error::Graph(format!(
-                    "node '{}': the gradient of {}'s data (a trainable embedding) is not supported",
-                    b.label(n),
-                    op.name()
-                )));
+                return Err(Error::graph_at(
+                    Subject::named("node", b.label(n)),
+                    format!(
+                        "the gradient of {}'s data (a trainable embedding) is not supported",
+                        op.name()
+                    ),
+                ));
             }
             vec![None, None]
         }
@@ -313,11 +314,13 @@ fn slice_grad(
             continue;
         }
         if steps[d] != 1 {
-            return Err(Error::Graph(format!(
-                "node '{}': the gradient of a slice with step {} is not supported",
-                b.label(n),
-                steps[d]
-            )));
+            return Err(Error::graph_at(
+                Subject::named("node", b.label(n)),
+                format!(
+                    "the gradient of a slice with step {} is not supported",
+                    steps[d]
+                ),
+            ));
         }
         let before = starts[d].max(0) as usize;
         let after = in_shape[d] - before - cur[d];
@@ -392,7 +395,7 @@ fn matmul(
 ) -> Result<Grads> {
     let (a, w) = (ins[0], ins[1]);
     let (as_, ws) = (b.shape(a).to_vec(), b.shape(w).to_vec());
-    let d = matmul_dims(&as_, &ws).map_err(Error::Shape)?;
+    let d = matmul_dims(&as_, &ws).map_err(Error::shape)?;
     let a2: Vec<usize> = if as_.len() == 1 {
         vec![1, d.k]
     } else {

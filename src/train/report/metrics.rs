@@ -113,7 +113,7 @@ fn open_append(path: &Path) -> Result<File> {
 
 fn record_line(rec: &StepRecord) -> Result<Vec<u8>> {
     serde_json::to_vec(rec)
-        .map_err(|e| Error::Input(format!("cannot serialize metrics record: {e}")))
+        .map_err(|e| Error::input(format!("cannot serialize metrics record: {e}")))
 }
 
 fn serialize_log(records: &[StepRecord]) -> Result<Vec<u8>> {
@@ -148,7 +148,7 @@ fn parse_log(path: &Path, bytes: &[u8]) -> Result<Vec<StepRecord>> {
             continue;
         }
         let rec = serde_json::from_slice(line).map_err(|e| {
-            Error::Input(format!(
+            Error::input(format!(
                 "{}:{}: not a metrics record ({e}); fix or delete the file",
                 path.display(),
                 i + 1
