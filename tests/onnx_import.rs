@@ -2098,6 +2098,20 @@ fn types_declared_shapes_and_opsets_are_checked() {
     };
     let e = import_err(&mm(int_w, &[Ok(2), Ok(4)], 17)).to_string();
     assert!(e.contains("node 'mm'") && e.contains("int64"), "{e}");
+    // A float16 weight against a float32 input: both compute in f32 inside dorac, but the
+    // model is invalid ONNX and is refused as such.
+    let half_w = TensorProto {
+        name: Some("w".into()),
+        dims: vec![3, 4],
+        data_type: Some(DataType::Float16 as i32),
+        int32_data: vec![half::f16::from_f32(0.5).to_bits() as i32; 12],
+        ..Default::default()
+    };
+    let e = import_err(&mm(half_w, &[Ok(2), Ok(4)], 17)).to_string();
+    assert!(
+        e.contains("node 'mm'") && e.contains("float32 and float16"),
+        "{e}"
+    );
     let e = import_err(&mm(w(), &[Ok(2), Ok(9)], 17)).to_string();
     assert!(
         e.contains("graph output 'y'") && e.contains("declares shape [2, 9]") && e.contains("2x4"),

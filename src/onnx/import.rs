@@ -283,9 +283,15 @@ fn import_resolved(
 
     // 1. Graph inputs, with static shapes.
     let shapes = resolve_input_shapes(&inputs, pins, input_shapes)?;
+    // The declared type of each float graph input and initializer: dorac computes them all in
+    // f32, but where an op requires one element type their ONNX types must still agree.
+    let mut float_formats: HashMap<NodeId, DataType> = HashMap::new();
     for (vi, (shape, dims)) in inputs.iter().zip(shapes) {
         crate::tensor::check_size(&shape, 4, || format!("input '{}'", vi.name()))?;
         let id = g.add_typed_input(vi.name(), shape, input_dtype(vi).unwrap_or(DType::F32));
+        if let Some(t) = input_elem_type(vi).filter(|t| is_float(*t)) {
+            float_formats.insert(id, t);
+        }
         values.insert(vi.name().to_string(), id);
         g.info_mut().input_dims.insert(vi.name().to_string(), dims);
     }
@@ -295,6 +301,12 @@ fn import_resolved(
         let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
         let id = g.add_const(t.name(), tensor);
         values.insert(t.name().to_string(), id);
+        if let Some(dt) = DataType::try_from(t.data_type())
+            .ok()
+            .filter(|d| is_float(*d))
+        {
+            float_formats.insert(id, dt);
+        }
         // Half-precision weights stay half on the device where their readers allow.
         match DataType::try_from(t.data_type()) {
             Ok(DataType::Float16) => g.mark_half(id, Half::F16),
@@ -329,6 +341,7 @@ fn import_resolved(
                 sg,
                 &constness,
                 input_values,
+                &float_formats,
             );
             import_ops::build(&mut cx)?
         };
@@ -410,13 +423,25 @@ fn stop_gradient_nodes(model: &ModelProto, gp: &proto::GraphProto) -> Result<Has
 /// The IR type of a tensor graph input (float types compute as float32, integer types as
 /// int64; the device holds them all as f32), or None when dorac cannot take it.
 fn input_dtype(vi: &proto::ValueInfoProto) -> Option<DType> {
+    ir_dtype(input_elem_type(vi)? as i32)
+}
+
+/// A tensor input's declared ONNX element type.
+fn input_elem_type(vi: &proto::ValueInfoProto) -> Option<DataType> {
     match &vi.r#type {
         Some(proto::TypeProto {
             value: Some(type_proto::Value::TensorType(t)),
             ..
-        }) => ir_dtype(t.elem_type()),
+        }) => DataType::try_from(t.elem_type()).ok(),
         _ => None,
     }
+}
+
+fn is_float(t: DataType) -> bool {
+    matches!(
+        t,
+        DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
+    )
 }
 
 /// Refuses, in one error, everything dorac cannot import: unknown op types, other domains,

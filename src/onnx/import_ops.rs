@@ -31,6 +31,7 @@ mod lowered;
 mod shape;
 
 use super::data;
+use super::proto::tensor_proto::DataType;
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto, TensorProto};
 use crate::error::{Error, Result, Subject};
 use crate::ir::{unary, Binary, GraphBuilder, NodeId, Op, Reduce, Unary};
@@ -261,6 +262,8 @@ pub struct Ctx<'a> {
     constness: &'a RefCell<HashMap<NodeId, bool>>,
     /// Values of graph inputs known at import, by name (see `onnx::import_with_values`).
     input_values: &'a HashMap<String, Array>,
+    /// The declared ONNX float type of each float graph input and initializer.
+    float_formats: &'a HashMap<NodeId, DataType>,
 }
 
 impl<'a> Ctx<'a> {
@@ -276,6 +279,7 @@ impl<'a> Ctx<'a> {
         stop_gradient: bool,
         constness: &'a RefCell<HashMap<NodeId, bool>>,
         input_values: &'a HashMap<String, Array>,
+        float_formats: &'a HashMap<NodeId, DataType>,
     ) -> Self {
         Ctx {
             graph,
@@ -291,6 +295,7 @@ impl<'a> Ctx<'a> {
             extra_outputs: vec![],
             constness,
             input_values,
+            float_formats,
         }
     }
 
@@ -302,18 +307,35 @@ impl<'a> Ctx<'a> {
     /// Refuses inputs of different element types where ONNX requires one (a MatMul of a
     /// float input and an int64 weight would otherwise compute on the converted values).
     pub fn same_type(&self, inputs: &[NodeId]) -> Result<()> {
-        let types: Vec<DType> = inputs.iter().map(|&i| self.dtype(i)).collect();
-        if types.windows(2).all(|w| w[0] == w[1]) {
-            return Ok(());
-        }
+        let types: Vec<&str> = inputs.iter().map(|&i| self.dtype(i).name()).collect();
+        // Floats all compute in f32; their declared formats are known for graph inputs and
+        // initializers (a float16 weight against a float32 input is an invalid model).
+        let formats: Vec<&str> = inputs
+            .iter()
+            .filter_map(|&i| self.float_format(i))
+            .collect();
+        let differ = |t: &[&str]| t.windows(2).any(|w| w[0] != w[1]);
+        let shown = match (differ(&types), differ(&formats)) {
+            (true, _) => types,
+            (false, true) => formats,
+            (false, false) => return Ok(()),
+        };
         Err(self.err(format!(
             "inputs of types {}; ONNX requires one element type here (Cast one of them)",
-            types
-                .iter()
-                .map(|t| t.name())
-                .collect::<Vec<_>>()
-                .join(" and ")
+            shown.join(" and ")
         )))
+    }
+
+    /// The declared ONNX float type of a graph input or initializer (None for computed
+    /// values, whose declared types dorac does not track).
+    fn float_format(&self, id: NodeId) -> Option<&'static str> {
+        let name = |t: DataType| match t {
+            DataType::Float16 => "float16",
+            DataType::Bfloat16 => "bfloat16",
+            DataType::Double => "float64",
+            _ => "float32",
+        };
+        self.float_formats.get(&id).map(|&t| name(t))
     }
 
     pub fn err(&self, msg: String) -> Error {
