@@ -205,6 +205,18 @@ impl Error {
         }
     }
 
+    /// The subject and message of the kinds that carry both.
+    fn parts_mut(&mut self) -> Option<(&mut Option<Box<Subject>>, &mut String)> {
+        match self {
+            Error::Onnx { at, message }
+            | Error::Shape { at, message }
+            | Error::Graph { at, message }
+            | Error::Input { at, message }
+            | Error::Gpu { at, message } => Some((at, message)),
+            _ => None,
+        }
+    }
+
     /// What the error is about, when it says.
     pub fn subject(&self) -> Option<&Subject> {
         match self {
@@ -221,34 +233,12 @@ impl Error {
     /// The same error placed within `outer` (a node around an op's shape error, a file around
     /// a parse error): `outer` becomes the subject, and a subject the error had already moves
     /// into the message. Kinds without a subject are returned as they are.
-    pub fn within(self, outer: Subject) -> Self {
-        let wrap = |at: Option<Box<Subject>>, message: String| {
-            let message = located(&at, &message);
-            (Some(Box::new(outer.clone())), message)
-        };
-        match self {
-            Error::Onnx { at, message } => {
-                let (at, message) = wrap(at, message);
-                Error::Onnx { at, message }
-            }
-            Error::Shape { at, message } => {
-                let (at, message) = wrap(at, message);
-                Error::Shape { at, message }
-            }
-            Error::Graph { at, message } => {
-                let (at, message) = wrap(at, message);
-                Error::Graph { at, message }
-            }
-            Error::Input { at, message } => {
-                let (at, message) = wrap(at, message);
-                Error::Input { at, message }
-            }
-            Error::Gpu { at, message } => {
-                let (at, message) = wrap(at, message);
-                Error::Gpu { at, message }
-            }
-            other => other,
+    pub fn within(mut self, outer: Subject) -> Self {
+        if let Some((at, message)) = self.parts_mut() {
+            *message = located(at, message);
+            *at = Some(Box::new(outer));
         }
+        self
     }
 }
 

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{gpu, rel};
-use dorac::ir::{unary, Binary, GraphBuilder, Op, Reduce};
 use dorac::codegen::{self, PlanOptions, Target};
+use dorac::ir::{unary, Binary, GraphBuilder, Op, Reduce};
 use dorac::runtime::Executable;
 use dorac::tensor::{Array, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +28,9 @@ fn check(name: &str, g: &dorac::ir::Graph, feeds: &BTreeMap<String, Array>) {
             .unwrap_or_else(|e| panic!("{name}: plan for {target:?}: {e}"));
         let exe = Executable::new(gpu(), &plan, g)
             .unwrap_or_else(|e| panic!("{name}: {target:?} kernels: {e}"));
-        let got = exe.run(&host).unwrap_or_else(|e| panic!("{name}: run: {e}"));
+        let got = exe
+            .run(&host)
+            .unwrap_or_else(|e| panic!("{name}: run: {e}"));
         compare(name, g, &got, &want);
     }
 }
@@ -40,21 +42,42 @@ fn compare(
     want: &HashMap<String, Array>,
 ) {
     for (out, _) in g.outputs() {
-        let a: BTreeMap<String, Array> =
-            [(out.clone(), Array::from_f32(want[out].shape.clone(), &got[out]))].into();
+        let a: BTreeMap<String, Array> = [(
+            out.clone(),
+            Array::from_f32(want[out].shape.clone(), &got[out]),
+        )]
+        .into();
         let b: BTreeMap<String, Array> = [(out.clone(), want[out].clone())].into();
         // Infinities (a max over nothing) must agree exactly; the rest within 1e-5.
-        let finite = |v: &[f64]| v.iter().map(|x| if x.is_infinite() { 0.0 } else { *x }).collect();
+        let finite = |v: &[f64]| {
+            v.iter()
+                .map(|x| if x.is_infinite() { 0.0 } else { *x })
+                .collect()
+        };
         let same_inf = got[out]
             .iter()
             .zip(&want[out].data)
             .all(|(g, w)| w.is_finite() || *g as f64 == *w);
-        assert!(same_inf, "{name}/{out}: {:?} against {:?}", got[out], want[out].data);
-        let a: BTreeMap<String, Array> =
-            [(out.clone(), Array::new(want[out].shape.clone(), finite(&a[out].data)))].into();
-        let b: BTreeMap<String, Array> =
-            [(out.clone(), Array::new(want[out].shape.clone(), finite(&b[out].data)))].into();
-        let e = if want[out].data.is_empty() { 0.0 } else { rel(&a, &b, out) };
+        assert!(
+            same_inf,
+            "{name}/{out}: {:?} against {:?}",
+            got[out], want[out].data
+        );
+        let a: BTreeMap<String, Array> = [(
+            out.clone(),
+            Array::new(want[out].shape.clone(), finite(&a[out].data)),
+        )]
+        .into();
+        let b: BTreeMap<String, Array> = [(
+            out.clone(),
+            Array::new(want[out].shape.clone(), finite(&b[out].data)),
+        )]
+        .into();
+        let e = if want[out].data.is_empty() {
+            0.0
+        } else {
+            rel(&a, &b, out)
+        };
         assert!(
             e < 1e-5,
             "{name}/{out}: {e}: {:?} against {:?}",
@@ -109,7 +132,10 @@ fn empty_batches_compile_and_run() {
             let g = g.finish();
             let feeds: BTreeMap<String, Array> = [(
                 "x".to_string(),
-                Array::new(vec![rows, inner], (0..rows * inner).map(|i| i as f64 * 0.1).collect()),
+                Array::new(
+                    vec![rows, inner],
+                    (0..rows * inner).map(|i| i as f64 * 0.1).collect(),
+                ),
             )]
             .into();
             check(&format!("{rows}x{inner}"), &g, &feeds);
@@ -156,7 +182,14 @@ fn empty_dims_inside_the_graph_compile_and_run() {
         .add(Op::Gather { axis: 0 }, &[y, ids], "rows", "rows")
         .unwrap();
     let wide = g
-        .add(Op::Expand { shape: vec![2, 0, 5] }, &[mm], "wide", "wide")
+        .add(
+            Op::Expand {
+                shape: vec![2, 0, 5],
+            },
+            &[mm],
+            "wide",
+            "wide",
+        )
         .unwrap();
     for (n, id) in [("mm", wide), ("ln", ln), ("cat", cat), ("rows", rows)] {
         g.add_output(n, id);

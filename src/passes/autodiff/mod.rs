@@ -125,17 +125,7 @@ impl Builder<'_, '_> {
             };
             y = self.add(op, &[y], of, &format!("{tag}_sum"))?;
         }
-        if self.shape(y) != shape {
-            y = self.add(
-                Op::Reshape {
-                    shape: shape.to_vec(),
-                },
-                &[y],
-                of,
-                &format!("{tag}_reshape"),
-            )?;
-        }
-        Ok(y)
+        self.reshape(y, shape, of, &format!("{tag}_reshape"))
     }
 
     pub fn reshape(
