@@ -299,27 +299,36 @@ fn a_whole_chain_fuses_into_one_kernel() {
 }
 
 #[test]
-fn a_value_with_two_consumers_ends_its_chain() {
+fn a_value_with_a_later_second_reader_is_written_and_the_chain_goes_on() {
     let (mut g, [mm, add, relu, y]) = chain();
     let neg = g.add(Op::Unary(unary::NEG), &[add], "neg", "neg").unwrap();
     g.add_output("neg", neg);
     let plan = codegen::plan(&g).unwrap();
-    let gr = groups(&plan);
-    assert!(gr.contains(&vec![mm, add]), "{plan}");
-    assert!(gr.contains(&vec![relu, y]), "{plan}");
-    assert!(gr.contains(&vec![neg]), "{plan}");
+    assert_eq!(
+        groups(&plan),
+        vec![vec![mm, add, relu, y], vec![neg]],
+        "{plan}"
+    );
+    // The first kernel writes the add's value beside its output; the second reads it.
+    assert_eq!(
+        plan.kernels[0].also_writes,
+        [plan.node_buffers[&add]],
+        "{plan}"
+    );
+    assert_eq!(plan.kernels[1].inputs, [plan.node_buffers[&add]], "{plan}");
     compare("two consumers", &g, &BTreeMap::new(), 1, |_| x_feed());
 }
 
 #[test]
-fn a_graph_output_ends_its_chain() {
+fn a_graph_output_in_the_middle_is_written_beside_the_chain() {
     let (mut g, [mm, add, relu, y]) = chain();
     g.add_output("mid", add);
     let plan = codegen::plan(&g).unwrap();
-    assert_eq!(groups(&plan), vec![vec![mm, add], vec![relu, y]], "{plan}");
-    // The output in the middle has its own buffer and is read back.
+    assert_eq!(groups(&plan), vec![vec![mm, add, relu, y]], "{plan}");
+    // The output in the middle has its own buffer, written by the kernel, and is read back.
     let out = plan.outputs.iter().find(|(n, _)| n == "mid").unwrap().1;
     assert_eq!(plan.node_buffers[&add], out);
+    assert_eq!(plan.kernels[0].also_writes, [out], "{plan}");
     compare("output in the middle", &g, &BTreeMap::new(), 1, |_| {
         x_feed()
     });
@@ -328,7 +337,7 @@ fn a_graph_output_ends_its_chain() {
 }
 
 #[test]
-fn a_state_update_value_ends_its_chain() {
+fn a_state_update_value_is_written_beside_the_chain() {
     // A state s [6, 12] takes the add's value after every step; the add also feeds the chain.
     let (mut g, [mm, add, relu, y]) = chain();
     let s = g.add_input("s", vec![6, 12]);
@@ -338,11 +347,15 @@ fn a_state_update_value_ends_its_chain() {
     g.set_outputs(vec![("out".into(), plus)]);
     g.add_update(s, add);
     let plan = codegen::plan(&g).unwrap();
-    let gr = groups(&plan);
-    assert!(gr.contains(&vec![mm, add]), "{plan}");
-    // s is a graph input: ready before relu runs, so the final add joins relu's chain.
-    assert!(gr.contains(&vec![relu, y, plus]), "{plan}");
+    // s is a graph input, ready before the kernel: the final add joins the chain too, and the
+    // state's next value is written beside the output.
+    assert_eq!(groups(&plan), vec![vec![mm, add, relu, y, plus]], "{plan}");
     assert_eq!(plan.states[0].next, plan.node_buffers[&add], "{plan}");
+    assert_eq!(
+        plan.kernels[0].also_writes,
+        [plan.node_buffers[&add]],
+        "{plan}"
+    );
     let state: BTreeMap<String, Array> = [("s".to_string(), Array::zeros(vec![6, 12]))].into();
     compare("state update in the middle", &g, &state, 3, |_| x_feed());
 }

@@ -9,16 +9,22 @@
 //!
 //! **Groups** ([`decide`]): a group is one kernel: an anchor (any op with a kernel) followed by
 //! element-wise nodes of the anchor's shape, in an order where each reads only values computed
-//! before it. Its last node is its value; every other node's value stays in registers. Anchors
+//! before it. Its last node is its value; an interior value that something outside the group
+//! needs (a graph output, a state's next value, a reader in another kernel) is written beside
+//! it ([`escaping`]: a DoRA layer's `u`, kept for the magnitude gradient, or an Adam moment),
+//! and every other one stays in registers. Anchors
 //! are taken in two passes over the schedule: first the ops that are not element-wise (matmuls,
 //! reductions, index maps), so a matmul claims the element-wise work around its output before an
 //! element-wise node could start a kernel of its own; then the element-wise nodes left over.
 //! A group grows by two moves, while the kernel stays within [`MAX_BINDINGS`] storage buffers:
 //!
-//! - *Epilogue*: the one live consumer `c` of the group's value `v` joins when `v` is neither a
-//!   graph output nor the `next` value of a state update, and `c` is element-wise, needs a kernel
-//!   (a view does not) and has the anchor's shape (an epilogue runs at the anchor's flat output
-//!   index).
+//! - *Epilogue*: a live consumer `c` of the group's value `v` joins when `c` is element-wise,
+//!   needs a kernel (a view does not) and has the anchor's shape (an epilogue runs at the
+//!   anchor's flat output index). When `v` has several consumers, `c` is the earliest scheduled
+//!   that can join, and it joins only if it is scheduled before every other reader of a value
+//!   the group writes beside its output: the kernel runs where its last node is scheduled, and
+//!   those readers read memory after it. A same-shape view read alone (DoRA's StopGradient)
+//!   passes the value on in registers.
 //! - *Side operand*: before `c` joins, each of its other operands that is itself element-wise,
 //!   of the anchor's shape, not yet in a kernel, not kept (output or state), and read by `c`
 //!   alone joins too (with its own side operands, recursively). Its value is computed in the
@@ -72,16 +78,13 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
 pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
     let order = schedule::order(graph)?;
     let live = schedule::live(graph);
+    let position = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut ctx = Context {
         graph,
         live: &live,
-        kept: graph
-            .outputs()
-            .iter()
-            .map(|&(_, n)| n)
-            .chain(graph.updates().iter().map(|&(_, next)| next))
-            .collect(),
+        kept: kept(graph),
         taken: HashSet::new(),
+        position,
     };
     let operand_transposes = if fuse {
         operand_transposes(graph, &live, &ctx.kept)
@@ -117,6 +120,43 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
         operand_transposes,
         reduce_prologues,
     })
+}
+
+/// Values that must reach memory whatever their consumers: graph outputs and the `next` values
+/// of state updates.
+pub fn kept(graph: &Graph) -> HashSet<NodeId> {
+    (graph.outputs().iter().map(|&(_, n)| n))
+        .chain(graph.updates().iter().map(|&(_, next)| next))
+        .collect()
+}
+
+/// The interior nodes of `group` whose values are needed outside it (kept, or read by a live
+/// node of another group, directly or through a view in the group): its kernel writes them
+/// beside its output. A view in the group has no value of its own to write: its source does.
+pub fn escaping(
+    graph: &Graph,
+    group: &[NodeId],
+    live: &BTreeSet<NodeId>,
+    kept: &HashSet<NodeId>,
+) -> Vec<NodeId> {
+    let read_outside = |n: NodeId| {
+        kept.contains(&n)
+            || graph
+                .consumers(n)
+                .iter()
+                .any(|c| live.contains(c) && !group.contains(c))
+    };
+    group[..group.len() - 1]
+        .iter()
+        .copied()
+        .filter(|&n| {
+            !graph.node(n).op.is_view()
+                && (read_outside(n)
+                    || graph.consumers(n).iter().any(|&v| {
+                        group.contains(&v) && graph.node(v).op.is_view() && read_outside(v)
+                    }))
+        })
+        .collect()
 }
 
 /// True when `n` can be computed by the reduction that reads it (module docs): an element-wise
@@ -180,6 +220,8 @@ struct Context<'a> {
     kept: HashSet<NodeId>,
     /// Nodes already in a group, or read in place.
     taken: HashSet<NodeId>,
+    /// Schedule positions: a group runs where its last node is scheduled.
+    position: std::collections::HashMap<NodeId, usize>,
 }
 
 impl Context<'_> {
@@ -204,24 +246,29 @@ impl Context<'_> {
     /// Extends `group` by epilogue consumers and their side operands (module docs).
     fn grow(&mut self, group: &mut Vec<NodeId>) {
         let shape = self.graph.shape(group[0]).to_vec();
+        // The group's last node must come before every outside reader of a value it writes
+        // beside its output (the kernel runs where its last node is scheduled).
+        let mut deadline = usize::MAX;
         loop {
             let last = *group.last().expect("groups are not empty");
-            if self.kept.contains(&last) {
-                return;
-            }
-            let &[mut next] = self.live_consumers(last).as_slice() else {
+            let Some((view, next, others)) = self.epilogue_candidate(last, &shape) else {
                 return;
             };
             let mut joining = vec![];
             let mut inside: HashSet<NodeId> = group.iter().copied().collect();
-            // A same-shape view (DoRA's StopGradient) passes the value on in registers when
-            // an element-wise node that can join reads it, alone.
-            if let Some(reader) = self.through_view(next, &shape) {
-                joining.push(next);
-                inside.insert(next);
-                next = reader;
+            // A same-shape view (DoRA's StopGradient) passes the value on in registers.
+            if let Some(view) = view {
+                joining.push(view);
+                inside.insert(view);
             }
             if !self.free_elementwise(next, &shape) {
+                return;
+            }
+            let before = others
+                .iter()
+                .map(|c| self.position[c])
+                .fold(deadline, usize::min);
+            if self.position[&next] >= before {
                 return;
             }
             let views = joining.len();
@@ -229,12 +276,12 @@ impl Context<'_> {
             joining.push(next);
             let mut trial = group.clone();
             trial.extend(&joining);
-            if bindings(self.graph, &trial) > MAX_BINDINGS {
+            if bindings(self.graph, &trial, self.live, &self.kept) > MAX_BINDINGS {
                 // Without the side operands, the consumer alone may still fit.
                 let mut alone = group.clone();
                 alone.extend(&joining[..views]);
                 alone.push(next);
-                if bindings(self.graph, &alone) > MAX_BINDINGS {
+                if bindings(self.graph, &alone, self.live, &self.kept) > MAX_BINDINGS {
                     return;
                 }
                 trial = alone;
@@ -243,20 +290,47 @@ impl Context<'_> {
                 self.taken.insert(n);
             }
             *group = trial;
+            deadline = before;
         }
     }
 
-    /// The one reader of view `v` when `v` has the group's shape, is not kept, and that reader
-    /// is the only live one.
-    fn through_view(&self, v: NodeId, shape: &[usize]) -> Option<NodeId> {
-        let node = self.graph.node(v);
-        if !node.op.is_view() || node.shape != shape || self.kept.contains(&v) {
-            return None;
+    /// The consumer of `v` that may continue its group as an epilogue (the earliest scheduled
+    /// live consumer of the group's shape that is free), the other live consumers, which will
+    /// read `v` from memory, and the view the value passes through on its way when `v`'s one
+    /// consumer is a same-shape view (DoRA's StopGradient). None when nothing can continue.
+    fn epilogue_candidate(
+        &self,
+        v: NodeId,
+        shape: &[usize],
+    ) -> Option<(Option<NodeId>, NodeId, Vec<NodeId>)> {
+        let sorted = |n: NodeId| {
+            let mut c = self.live_consumers(n);
+            c.sort_by_key(|c| self.position[c]);
+            c
+        };
+        let split = |consumers: Vec<NodeId>| {
+            let next = match consumers.as_slice() {
+                [] => return None,
+                [only] => *only,
+                many => *many.iter().find(|&&c| self.free_elementwise(c, shape))?,
+            };
+            let others = consumers.into_iter().filter(|&c| c != next).collect();
+            Some((next, others))
+        };
+        let consumers = sorted(v);
+        if let &[view] = consumers.as_slice() {
+            let node = self.graph.node(view);
+            if node.op.is_view()
+                && node.shape == shape
+                && !self.kept.contains(&view)
+                && !self.taken.contains(&view)
+            {
+                let (next, others) = split(sorted(view))?;
+                return Some((Some(view), next, others));
+            }
         }
-        match self.live_consumers(v).as_slice() {
-            &[reader] => Some(reader),
-            _ => None,
-        }
+        let (next, others) = split(consumers)?;
+        Some((None, next, others))
     }
 
     /// Appends to `out`, operands before their readers, the side operands of `n` that may join
@@ -285,8 +359,14 @@ impl Context<'_> {
 
 /// Storage buffers a kernel computing `group` binds: one per operand slot of the anchor (the
 /// anchors' emitters bind each slot), one per other distinct value read from outside the group
-/// (the epilogue shares a binding between loads of the same value), and the output.
-fn bindings(graph: &Graph, group: &[NodeId]) -> usize {
+/// (the epilogue shares a binding between loads of the same value), the output, and one per
+/// interior value it writes for readers outside it.
+fn bindings(
+    graph: &Graph,
+    group: &[NodeId],
+    live: &BTreeSet<NodeId>,
+    kept: &HashSet<NodeId>,
+) -> usize {
     let anchor_slots = graph.inputs_of(group[0]);
     let inside: HashSet<NodeId> = group.iter().copied().collect();
     let others: HashSet<NodeId> = group[1..]
@@ -294,7 +374,7 @@ fn bindings(graph: &Graph, group: &[NodeId]) -> usize {
         .flat_map(|&n| graph.inputs_of(n))
         .filter(|i| !inside.contains(i) && !anchor_slots.contains(i))
         .collect();
-    anchor_slots.len() + others.len() + 1
+    anchor_slots.len() + others.len() + 1 + escaping(graph, group, live, kept).len()
 }
 
 #[cfg(test)]
@@ -407,27 +487,34 @@ mod tests {
         assert!(decide(&g, false).unwrap().operand_transposes.is_empty());
     }
 
+    /// The group's interior values that its kernel writes for readers outside it.
+    fn written(g: &Graph, group: &[NodeId]) -> Vec<NodeId> {
+        escaping(g, group, &schedule::live(g), &kept(g))
+    }
+
     #[test]
-    fn outputs_state_values_and_shared_values_end_a_group() {
-        // A graph output in the middle.
+    fn kept_and_shared_values_are_written_beside_the_output() {
+        // A graph output in the middle: the chain goes on, its kernel writes the output too.
         let (mut g, n) = chain(true);
         g.add_output("mid", n[1]);
         let gr = groups(&g, true);
-        assert!(gr.contains(&vec![n[0], n[1]]), "{gr:?}");
-        // The exp of `s` starts a kernel that takes the Mul and, as a side operand, the Relu.
-        assert!(gr.contains(&vec![n[4], n[2], n[3]]), "{gr:?}");
+        assert_eq!(gr[0], vec![n[0], n[1], n[2], n[4], n[3]], "{gr:?}");
+        assert_eq!(written(&g, &gr[0]), [n[1]]);
         // A state's next value in the middle.
         let (mut g, n) = chain(true);
         let state = g.add_input("state", vec![3, 5]);
         g.add_update(state, n[2]);
         let gr = groups(&g, true);
-        assert!(gr.contains(&vec![n[0], n[1], n[2]]), "{gr:?}");
-        assert!(gr.contains(&vec![n[4], n[3]]), "{gr:?}");
-        // Two consumers.
+        assert_eq!(gr[0], vec![n[0], n[1], n[2], n[4], n[3]], "{gr:?}");
+        assert_eq!(written(&g, &gr[0]), [n[2]]);
+        // A value with a second reader that runs after the group: written, and read back.
         let (mut g, n) = chain(true);
         let neg = g.add(Op::Unary(unary::NEG), &[n[1]], "neg", "neg").unwrap();
         g.add_output("neg", neg);
         let gr = groups(&g, true);
-        assert!(gr.contains(&vec![n[0], n[1]]), "{gr:?}");
+        let first = gr.iter().find(|k| k[0] == n[0]).unwrap();
+        assert!(first.starts_with(&[n[0], n[1]]), "{gr:?}");
+        assert_eq!(written(&g, first), [n[1]], "{gr:?}");
+        assert!(gr.contains(&vec![neg]), "{gr:?}");
     }
 }

@@ -82,6 +82,9 @@ pub(crate) struct Emitted {
     pub workgroups: [u32; 3],
     /// The values the kernel reads, in binding order (the output binding comes after them).
     pub inputs: Vec<NodeId>,
+    /// Interior values of the group that readers outside it need, written beside the output
+    /// (their bindings follow the output's).
+    pub writes: Vec<NodeId>,
 }
 
 /// What an emitter accumulates besides its template's own text.
@@ -90,6 +93,8 @@ struct Builder<'g> {
     /// Transposes read in place (see `fusion`): a load of one reads its source.
     transposed: &'g BTreeSet<NodeId>,
     inputs: Vec<(String, NodeId)>,
+    /// Interior values the kernel also writes (see [`Emitted::writes`]).
+    writes: Vec<(String, NodeId)>,
     /// Bound values stored in half precision (`storage`): declared `array<u32>`.
     half: BTreeMap<NodeId, Half>,
     libs: BTreeSet<Lib>,
@@ -102,6 +107,7 @@ impl<'g> Builder<'g> {
             graph,
             transposed,
             inputs: vec![],
+            writes: vec![],
             half: BTreeMap::new(),
             libs: BTreeSet::new(),
             helpers: vec![],
@@ -189,7 +195,10 @@ impl<'g> Builder<'g> {
             }
         };
         let inputs: Vec<Binding> = self.inputs.iter().map(|(s, n)| binding(s, *n)).collect();
-        wgsl::bindings(&inputs, &binding("y", out))
+        let outputs: Vec<Binding> = std::iter::once(binding("y", out))
+            .chain(self.writes.iter().map(|(s, n)| binding(s, *n)))
+            .collect();
+        wgsl::bindings(&inputs, &outputs)
     }
 
     fn helpers(&self) -> String {
@@ -217,6 +226,7 @@ impl<'g> Builder<'g> {
             source,
             workgroups,
             inputs: self.inputs.into_iter().map(|(_, n)| n).collect(),
+            writes: self.writes.into_iter().map(|(_, n)| n).collect(),
         })
     }
 }
@@ -245,6 +255,9 @@ pub(crate) struct Decisions<'p> {
     pub prologues: &'p BTreeSet<NodeId>,
     /// Constants stored in half precision (see `storage`).
     pub half: &'p BTreeMap<NodeId, Half>,
+    /// Interior values of groups that are read outside their group (see `fusion::escaping`):
+    /// the kernel writes them beside its output.
+    pub escapes: &'p BTreeSet<NodeId>,
     /// The per-dimension dispatch limit the grid must respect.
     pub max_workgroups: u32,
     pub target: Target,
@@ -252,8 +265,7 @@ pub(crate) struct Decisions<'p> {
 
 /// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
 pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<Emitted> {
-    let (transposed, max_workgroups, target, half) =
-        (d.transposed, d.max_workgroups, d.target, d.half);
+    let max_workgroups = d.max_workgroups;
     let anchor = group[0];
     let node = graph.node(anchor);
     if group.len() > 1 && !takes_epilogue(&node.op) {
@@ -264,15 +276,13 @@ pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -
     }
     match &node.op {
         op if is_elementwise(op) || is_index_map(op) => elementwise(graph, group, name, d),
-        Op::MatMul | Op::Gemm { .. } => {
-            matmul(graph, group, transposed, name, max_workgroups, target, half)
-        }
+        Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, d),
         Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, d),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
         Op::Softmax { axis } => softmax(graph, anchor, *axis, name, max_workgroups),
-        Op::DoraNormSq(p) => dora_norm(graph, group, p, name, max_workgroups, half),
+        Op::DoraNormSq(p) => dora_norm(graph, group, p, name, d),
         &Op::SoftmaxCrossEntropy {
             ignore_index,
             shift,
@@ -380,11 +390,28 @@ fn node_comment(graph: &Graph, n: NodeId) -> String {
 
 /// Emits the epilogue of `group` (nodes 1..) as statements over flat output index `i`, starting
 /// from the anchor's value in `v0`; returns the statements and the final value's name. Each node
-/// reads the values of earlier group nodes from registers (`v{k}`) and loads the rest.
-fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<String>, String)> {
+/// reads the values of earlier group nodes from registers (`v{k}`) and loads the rest. A value
+/// in `escapes` (read outside the group) is also stored, into a binding `y{k}` of its own.
+fn epilogue(
+    b: &mut Builder,
+    group: &[NodeId],
+    indent: &str,
+    escapes: &BTreeSet<NodeId>,
+) -> Result<(Vec<String>, String)> {
     let graph = b.graph;
     let out_shape = graph.shape(group[0]).to_vec();
     let mut lines = vec![];
+    let last = group.len() - 1;
+    let store = |b: &mut Builder, lines: &mut Vec<String>, k: usize| {
+        if k < last && escapes.contains(&group[k]) {
+            let name = format!("y{k}");
+            lines.push(format!(
+                "{indent}{name}[i] = v{k}; // also read outside the kernel"
+            ));
+            b.writes.push((name, group[k]));
+        }
+    };
+    store(b, &mut lines, 0);
     for k in 1..group.len() {
         let n = group[k];
         let node = graph.node(n);
@@ -424,8 +451,9 @@ fn epilogue(b: &mut Builder, group: &[NodeId], indent: &str) -> Result<(Vec<Stri
             "{indent}let v{k} = {expr}; {}",
             node_comment(graph, n)
         ));
+        store(b, &mut lines, k);
     }
-    Ok((lines, format!("v{}", group.len() - 1)))
+    Ok((lines, format!("v{last}")))
 }
 
 fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<Emitted> {
@@ -486,7 +514,7 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Re
             );
         }
     }
-    let (more, last) = epilogue(&mut b, group, indent)?;
+    let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
     let summary = with_epilogue(graph, summary, group);
@@ -801,15 +829,8 @@ fn with_epilogue(graph: &Graph, summary: String, group: &[NodeId]) -> String {
 /// MatMul and Gemm: the 16x16 template (one output per invocation), or the register-blocked
 /// one (a 4x4 block per invocation, 64x64 per workgroup) for outputs of at least
 /// [`BLOCKED_MIN`] rows and columns. Both run the same epilogue on each output element.
-fn matmul(
-    graph: &Graph,
-    group: &[NodeId],
-    transposed: &BTreeSet<NodeId>,
-    name: &str,
-    max_wg: u32,
-    target: Target,
-    half: &BTreeMap<NodeId, Half>,
-) -> Result<Emitted> {
+fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<Emitted> {
+    let (transposed, max_wg, target, half) = (d.transposed, d.max_workgroups, d.target, d.half);
     let anchor = group[0];
     let node = graph.node(anchor);
     let ins = graph.inputs_of(anchor);
@@ -960,7 +981,7 @@ fn matmul(
         MatmulShape::Columns { .. } => (MATMUL_COLUMNS, "                    "),
     };
     let mut lines = vec![format!("{indent}{first}")];
-    let (more, last) = epilogue(&mut b, group, indent)?;
+    let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
     let (tile_m, tile_n) = shape.tile();
@@ -1213,9 +1234,9 @@ fn dora_norm(
     group: &[NodeId],
     p: &crate::ops::DoraNorm,
     name: &str,
-    max_wg: u32,
-    half: &BTreeMap<NodeId, Half>,
+    d: &Decisions,
 ) -> Result<Emitted> {
+    let (max_wg, half) = (d.max_workgroups, d.half);
     let n = group[0];
     let ins = graph.inputs_of(n);
     let (w_shape, a_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
@@ -1241,7 +1262,7 @@ fn dora_norm(
     ));
     let indent = "                ";
     let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
-    let (more, last) = epilogue(&mut b, group, indent)?;
+    let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
     let summary = format!(

@@ -115,16 +115,24 @@ pub struct Kernel {
     pub source: String,
     /// Read-only bindings 0..n, in order.
     pub inputs: Vec<BufferId>,
-    /// The read-write binding n.
+    /// The read-write binding n: the value of the group's last node.
     pub output: BufferId,
+    /// Read-write bindings n+1...: values of interior nodes that readers outside the kernel
+    /// need (a DoRA layer's `u`, kept for the magnitude gradient), written as they are computed.
+    pub also_writes: Vec<BufferId>,
     /// Workgroup counts for `dispatch_workgroups`; all zero when the output is empty.
     pub workgroups: [u32; 3],
 }
 
 impl Kernel {
-    /// The buffers in binding order: inputs, then the output.
+    /// The buffers in binding order: inputs, then the output, then the other values written.
     pub fn bindings(&self) -> impl Iterator<Item = BufferId> + '_ {
-        self.inputs.iter().copied().chain([self.output])
+        self.inputs.iter().copied().chain(self.written())
+    }
+
+    /// The buffers the kernel writes: its output, then the interior values it also writes.
+    pub fn written(&self) -> impl Iterator<Item = BufferId> + '_ {
+        std::iter::once(self.output).chain(self.also_writes.iter().copied())
     }
 }
 
@@ -210,7 +218,9 @@ impl Plan {
     pub fn lifetimes(&self) -> Vec<Option<(usize, usize)>> {
         let mut spans: Vec<Option<(usize, usize)>> = vec![None; self.buffers.len()];
         for (k, kernel) in self.kernels.iter().enumerate() {
-            spans[kernel.output].get_or_insert((k, k));
+            for b in kernel.written() {
+                spans[b].get_or_insert((k, k));
+            }
             for &b in &kernel.inputs {
                 if let Some((_, end)) = &mut spans[b] {
                     *end = (*end).max(k);
@@ -291,12 +301,23 @@ pub fn plan_grouped(
     let live = schedule::live(graph);
     let groups = check_groups(graph, groups, &transposed, &prologues, &live, &position)?;
     let half = storage::half_stored(graph, &transposed, &live);
+    let kept = fusion::kept(graph);
+    let escapes: BTreeSet<NodeId> = groups
+        .iter()
+        .flat_map(|g| fusion::escaping(graph, g, &live, &kept))
+        .collect();
 
     let mut plan = Plan::default();
-    // Buffers in schedule order; a group's value is its last node's.
+    // Buffers in schedule order; a group's value is its last node's, and interior values read
+    // outside the group have buffers too.
+    let written = |n: &NodeId| {
+        escapes.contains(n)
+            || (graph.node(*n).op.is_view() && escapes.contains(&graph.inputs_of(*n)[0]))
+    };
     let in_group: HashSet<NodeId> = groups
         .iter()
         .flat_map(|g| g[..g.len() - 1].iter().copied())
+        .filter(|n| !written(n))
         .collect();
     for &n in &order {
         if !live.contains(&n)
@@ -351,6 +372,7 @@ pub fn plan_grouped(
         transposed: &transposed,
         prologues: &prologues,
         half: &half,
+        escapes: &escapes,
         max_workgroups: options.max_workgroups_per_dim,
         target: options.target,
     };
@@ -369,6 +391,11 @@ pub fn plan_grouped(
                 .map(|n| plan.node_buffers[n])
                 .collect(),
             output: plan.node_buffers[&last],
+            also_writes: emitted
+                .writes
+                .iter()
+                .map(|n| plan.node_buffers[n])
+                .collect(),
             workgroups: emitted.workgroups,
             labels: group.iter().map(|&n| graph.node(n).label.clone()).collect(),
             nodes: group,
@@ -483,8 +510,10 @@ fn reuse_buffers(plan: &mut Plan) {
     let mut free: Vec<(u64, BufferId)> = vec![];
     let mut assigned: HashSet<BufferId> = HashSet::new();
     for (k, kernel) in plan.kernels.iter().enumerate() {
-        let out = kernel.output;
-        if reusable(out, &plan.buffers[out]) && assigned.insert(out) {
+        for out in kernel.written().collect::<Vec<_>>() {
+            if !reusable(out, &plan.buffers[out]) || !assigned.insert(out) {
+                continue;
+            }
             let bytes = plan.buffers[out].bytes();
             let best = free
                 .iter()
@@ -542,11 +571,29 @@ fn check_groups(
             if !seen.insert(n) {
                 return bad(format!("node '{}' is in two groups", graph.node(n).label));
             }
-            let escapes = graph.consumers(n).iter().any(|c| !g.contains(c));
-            if interior && (escapes || outputs.contains(&n)) {
+            // An interior value read outside its group is written by the kernel too; its
+            // readers must run after the kernel, which runs where its last node is scheduled.
+            let last = position[g.last().unwrap()];
+            let outside: Vec<NodeId> = graph
+                .consumers(n)
+                .into_iter()
+                .filter(|c| live.contains(c) && !g.contains(c))
+                .collect();
+            if !interior || (outside.is_empty() && !outputs.contains(&n)) {
+                continue;
+            }
+            // A view's readers read its source's buffer: the source must be the group's to write.
+            if passed_view && !g[..k].contains(&graph.inputs_of(n)[0]) {
                 return bad(format!(
-                    "the value of '{}' is used outside its group, so it cannot stay in registers",
+                    "the view '{}' is read outside its group, but its source is not in it",
                     graph.node(n).label
+                ));
+            }
+            if let Some(&early) = outside.iter().find(|c| position[*c] < last) {
+                return bad(format!(
+                    "the value of '{}' is read by '{}' before its group's kernel runs",
+                    graph.node(n).label,
+                    graph.node(early).label
                 ));
             }
         }
@@ -672,12 +719,13 @@ impl fmt::Display for Plan {
                 .map(|(n, l)| format!("#{} '{l}'", n.index()))
                 .collect();
             let reads: Vec<String> = k.inputs.iter().map(|&b| buf(b)).collect();
+            let writes: Vec<String> = k.written().map(buf).collect();
             writeln!(f, "      nodes {}", nodes.join(", "))?;
             writeln!(
                 f,
                 "      reads {}; writes {}",
                 reads.join(", "),
-                buf(k.output)
+                writes.join(", ")
             )?;
         }
         writeln!(
@@ -811,7 +859,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_groups_validate_and_interior_values_get_no_buffer() {
+    fn fused_groups_validate_and_interior_values_get_no_buffer_unless_read_outside() {
         let (g, n) = sample();
         let p = plan_grouped(&g, vec![vec![n[0], n[1], n[2]]], &PlanOptions::default()).unwrap();
         assert_eq!(p.kernels.len(), 1);
@@ -822,13 +870,31 @@ mod tests {
         assert!(plan_grouped(&g, vec![vec![n[0], n[1]], vec![n[2]]], &opts).is_ok());
         let missing = plan_grouped(&g, vec![vec![n[0]], vec![n[1]]], &opts).unwrap_err();
         assert!(missing.to_string().contains("in no group"), "{missing}");
-        // A group whose interior value is read outside it is refused.
+        // An interior value that is an output is written beside the kernel's output.
         let (mut g2, n2) = sample();
         g2.add_output("mm", n2[0]);
-        let escape = plan_grouped(&g2, vec![vec![n2[0], n2[1], n2[2]]], &opts).unwrap_err();
+        let p = plan_grouped(&g2, vec![vec![n2[0], n2[1], n2[2]]], &opts).unwrap();
+        assert_eq!(p.kernels[0].also_writes, [p.node_buffers[&n2[0]]]);
         assert!(
-            escape.to_string().contains("used outside its group"),
-            "{escape}"
+            p.kernels[0].source.contains("y0[i] = v0;"),
+            "{}",
+            p.kernels[0].source
+        );
+        // One read by a kernel that must run before the group's (the group needs its value)
+        // is refused.
+        let (mut g3, n3) = sample();
+        let neg = g3
+            .add(Op::Unary(unary::NEG), &[n3[0]], "neg", "neg")
+            .unwrap();
+        let both = g3
+            .add(Op::Binary(Binary::Add), &[n3[1], neg], "both", "both")
+            .unwrap();
+        g3.add_output("both", both);
+        let groups = vec![vec![n3[0], n3[1], both], vec![neg], vec![n3[2]]];
+        let early = plan_grouped(&g3, groups, &opts).unwrap_err();
+        assert!(
+            early.to_string().contains("before its group's kernel runs"),
+            "{early}"
         );
     }
 

@@ -122,8 +122,9 @@ pub struct Binding {
     pub packed: Option<&'static str>,
 }
 
-/// Binding declarations: inputs read-only at 0..n, the output read-write at n.
-pub fn bindings(inputs: &[Binding], output: &Binding) -> String {
+/// The kernel's bindings: read-only inputs, then the read-write outputs (the group's value
+/// first, then interior values it also writes).
+pub fn bindings(inputs: &[Binding], outputs: &[Binding]) -> String {
     let mut s = String::new();
     for (i, b) in inputs.iter().enumerate() {
         let (elem, note) = match b.packed {
@@ -137,13 +138,20 @@ pub fn bindings(inputs: &[Binding], output: &Binding) -> String {
             shape_str(&b.shape)
         );
     }
-    s += &format!(
-        "@group(0) @binding({}) var<storage, read_write> {}: array<f32>; // '{}' {}",
-        inputs.len(),
-        output.name,
-        comment_safe(&output.value),
-        shape_str(&output.shape)
-    );
+    let outputs: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            format!(
+                "@group(0) @binding({}) var<storage, read_write> {}: array<f32>; // '{}' {}",
+                inputs.len() + i,
+                o.name,
+                comment_safe(&o.value),
+                shape_str(&o.shape)
+            )
+        })
+        .collect();
+    s += &outputs.join("\n");
     s
 }
 

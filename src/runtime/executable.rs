@@ -845,7 +845,7 @@ fn build_pipeline(
         label: Some(&k.name),
         source: wgpu::ShaderSource::Wgsl(k.source.as_str().into()),
     });
-    let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..=k.inputs.len())
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..k.inputs.len() + 1 + k.also_writes.len())
         .map(|i| wgpu::BindGroupLayoutEntry {
             binding: i as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
