@@ -264,6 +264,13 @@ impl Context<'_> {
             if !self.free_elementwise(next, &shape) {
                 return;
             }
+            // Where the group's value must reach memory anyway (it is shared or kept), a reader
+            // that its one reader, a reduction, can compute as it loads (a reduction prologue)
+            // is better left to it: joining would give it a buffer and save no kernel.
+            let escapes = !others.is_empty() || self.kept.contains(&last);
+            if escapes && is_reduce_prologue(self.graph, next, self.live, &self.kept) {
+                return;
+            }
             let before = others
                 .iter()
                 .map(|c| self.position[c])
