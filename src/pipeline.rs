@@ -95,13 +95,7 @@ pub fn store(graph: &mut Graph, half: Half) -> Result<HalfReport> {
 fn select(graph: &mut Graph, output: Option<&str>, live: &[String]) -> Result<()> {
     let mut p = Patch::new(graph);
     if let Some(name) = output {
-        let id = graph.output(name).ok_or_else(|| {
-            let names: Vec<&str> = graph.outputs().iter().map(|o| o.0.as_str()).collect();
-            Error::input(format!(
-                "the model has no output '{name}' (its outputs: {})",
-                names.join(", ")
-            ))
-        })?;
+        let (_, id) = graph.find_output(Some(name))?;
         p.set_outputs(vec![(name.to_string(), id.into())]);
     }
     for name in live {

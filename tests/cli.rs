@@ -15,15 +15,6 @@ fn dorac(args: &[&str]) -> Output {
         .expect("the dorac binary runs")
 }
 
-/// Runs dorac with `cwd` as its working directory.
-fn dorac_in(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dorac"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("the dorac binary runs")
-}
-
 /// Runs dorac and asserts it succeeded, showing its stderr otherwise.
 fn dorac_ok(args: &[&str]) -> Output {
     let out = dorac(args);

@@ -9,14 +9,6 @@ use dorac::ir::{unary, GraphBuilder, Op};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn dorac_in(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dorac"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("the dorac binary runs")
-}
-
 fn ok(out: &Output, what: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{what} failed: {stderr}");
@@ -307,20 +299,17 @@ fn binding_limit_error_suggests_reference() {
 #[test]
 fn adapter_with_a_prefix_says_so() {
     let dir = workdir("prefix");
-    let src = models_dir().join("shift/peft_dora");
-    let dst = dir.join("wrapped");
-    std::fs::create_dir_all(&dst).unwrap();
-    std::fs::copy(
-        src.join("adapter_config.json"),
-        dst.join("adapter_config.json"),
-    )
-    .unwrap();
-    let tensors = dorac::tensors_io::read_safetensors(&src.join("adapter_model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| (k.replace("base_model.model.", "base_model.model.net."), v))
-        .collect();
-    dorac::tensors_io::write_safetensors(&dst.join("adapter_model.safetensors"), &tensors).unwrap();
+    edited_adapter(
+        &models_dir().join("shift/peft_dora"),
+        &dir.join("wrapped"),
+        |_| {},
+        |t| {
+            *t = std::mem::take(t)
+                .into_iter()
+                .map(|(k, v)| (k.replace("base_model.model.", "base_model.model.net."), v))
+                .collect();
+        },
+    );
     let err = error_line(&dorac_in(
         &dir,
         &[

@@ -317,6 +317,10 @@ fn a_value_with_a_later_second_reader_is_written_and_the_chain_goes_on() {
     );
     assert_eq!(plan.kernels[1].inputs, [plan.node_buffers[&add]], "{plan}");
     compare("two consumers", &g, &BTreeMap::new(), 1, |_| x_feed());
+    // Both the chain's value and the one read back from memory, against the f64 reference.
+    let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
+    assert!(rel(&got, &want, "y") < 1e-5);
+    assert!(rel(&got, &want, "neg") < 1e-5);
 }
 
 #[test]

@@ -45,19 +45,12 @@ fn edited_adapter(
     config: impl Fn(&mut serde_json::Value),
     tensors: impl Fn(&mut std::collections::BTreeMap<String, dorac::tensor::Array>),
 ) -> std::path::PathBuf {
-    let src = models_dir().join("shift/peft_dora");
-    let dst = dir.join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
-            .unwrap();
-    config(&mut c);
-    std::fs::write(dst.join("adapter_config.json"), c.to_string()).unwrap();
-    let mut t =
-        dorac::tensors_io::read_safetensors(&src.join("adapter_model.safetensors")).unwrap();
-    tensors(&mut t);
-    dorac::tensors_io::write_safetensors(&dst.join("adapter_model.safetensors"), &t).unwrap();
-    dst
+    common::edited_adapter(
+        &models_dir().join("shift/peft_dora"),
+        &dir.join(name),
+        config,
+        tensors,
+    )
 }
 
 fn eval_with(adapter: &Path) -> Output {

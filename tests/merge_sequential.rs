@@ -17,27 +17,22 @@ fn s(p: &Path) -> &str {
 
 /// A second DoRA adapter for mlp2d: PEFT's, with B and the magnitudes changed.
 fn second_adapter(dir: &Path) -> std::path::PathBuf {
-    let src = models_dir().join("mlp2d/peft_dora");
-    let dst = dir.join("second");
-    std::fs::create_dir_all(&dst).unwrap();
-    std::fs::copy(
-        src.join("adapter_config.json"),
-        dst.join("adapter_config.json"),
-    )
-    .unwrap();
-    let mut t =
-        dorac::tensors_io::read_safetensors(&src.join("adapter_model.safetensors")).unwrap();
-    for (k, a) in t.iter_mut() {
-        for (i, v) in a.data.iter_mut().enumerate() {
-            if k.contains("lora_B") {
-                *v = -0.7 * *v + 0.01 * ((i % 7) as f64 - 3.0);
-            } else if k.contains("magnitude") {
-                *v *= 1.0 + 0.05 * ((i % 5) as f64 - 2.0);
+    edited_adapter(
+        &models_dir().join("mlp2d/peft_dora"),
+        &dir.join("second"),
+        |_| {},
+        |t| {
+            for (k, a) in t.iter_mut() {
+                for (i, v) in a.data.iter_mut().enumerate() {
+                    if k.contains("lora_B") {
+                        *v = -0.7 * *v + 0.01 * ((i % 7) as f64 - 3.0);
+                    } else if k.contains("magnitude") {
+                        *v *= 1.0 + 0.05 * ((i % 5) as f64 - 2.0);
+                    }
+                }
             }
-        }
-    }
-    dorac::tensors_io::write_safetensors(&dst.join("adapter_model.safetensors"), &t).unwrap();
-    dst
+        },
+    )
 }
 
 #[test]

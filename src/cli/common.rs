@@ -225,14 +225,7 @@ pub fn evaluator(
     params: &[String],
     gpu: Option<&crate::runtime::Gpu>,
 ) -> Result<crate::train::eval::Evaluator> {
-    let output = match output {
-        Some(name) => name.to_string(),
-        None => graph
-            .outputs()
-            .first()
-            .map(|o| o.0.clone())
-            .ok_or_else(|| Error::input("the model has no outputs"))?,
-    };
+    let (output, _) = graph.find_output(output)?;
     let pipeline = crate::pipeline::Inference {
         output: Some(output),
         live: params.to_vec(),

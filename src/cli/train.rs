@@ -484,22 +484,13 @@ pub fn find_output(
     name: Option<&str>,
     flag: &str,
 ) -> Result<crate::ir::NodeId> {
-    match name {
-        Some(name) => graph.outputs().iter().find(|o| o.0 == name).map(|o| o.1),
-        None => graph.outputs().first().map(|o| o.1),
-    }
-    .ok_or_else(|| {
-        Error::input(format!(
-            "{flag} {}: the model's outputs are {}",
-            name.unwrap_or(""),
-            graph
-                .outputs()
-                .iter()
-                .map(|o| o.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })
+    graph
+        .find_output(name)
+        .map(|(_, id)| id)
+        .map_err(|e| match name {
+            Some(name) => e.within(Subject::flag_value(flag, name)),
+            None => e.within(Subject::flag(flag)),
+        })
 }
 
 /// Refuses hyperparameters outside their meaningful range, naming the flag.

@@ -609,9 +609,7 @@ fn check_groups(
             ));
         }
     }
-    let kept: HashSet<NodeId> = (outputs.iter().copied())
-        .chain(graph.updates().iter().map(|&(_, next)| next))
-        .collect();
+    let kept = fusion::kept(graph);
     for &p in prologues {
         if !graph.contains(p) || !fusion::is_reduce_prologue(graph, p, live, &kept) {
             return bad(format!(

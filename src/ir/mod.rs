@@ -315,11 +315,6 @@ impl Graph {
         self.graph.node_indices()
     }
 
-    /// Every node with its id, in index order.
-    pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> + '_ {
-        self.graph.node_indices().map(|n| (n, &self.graph[n]))
-    }
-
     pub fn node_count(&self) -> usize {
         self.graph.node_count()
     }
@@ -342,6 +337,22 @@ impl Graph {
     /// The node producing the graph output `name`.
     pub fn output(&self, name: &str) -> Option<NodeId> {
         self.outputs.iter().find(|o| o.0 == name).map(|o| o.1)
+    }
+
+    /// The graph output `name` (None: the first) and its node; the error lists the outputs
+    /// (callers place it within the flag that named it).
+    pub fn find_output(&self, name: Option<&str>) -> Result<(String, NodeId)> {
+        let found = match name {
+            Some(name) => self.outputs.iter().find(|o| o.0 == name),
+            None => self.outputs.first(),
+        };
+        found.cloned().ok_or_else(|| {
+            if self.outputs.is_empty() {
+                return Error::input("the model has no outputs");
+            }
+            let names: Vec<&str> = self.outputs.iter().map(|o| o.0.as_str()).collect();
+            Error::input(format!("the model's outputs are {}", names.join(", ")))
+        })
     }
 
     /// The adapted layers, in the order they were recorded.

@@ -3,7 +3,7 @@
 //! value to a new one. A patch is built against an immutable graph and applied in one step, so a
 //! rule that fails half-way (a shape error, say) leaves the graph untouched.
 
-use super::{AdaptedLayer, Binary, Graph, Half, Node, NodeId, Op};
+use super::{AdaptedLayer, Graph, Half, Node, NodeId, Op};
 use crate::error::{Error, Result, Subject};
 use crate::tensor::{shape_str, DType, Tensor};
 use std::collections::HashSet;
@@ -127,23 +127,6 @@ impl<'g> Patch<'g> {
     fn push(&mut self, node: Node, inputs: Vec<PatchRef>) -> PatchRef {
         self.edits.nodes.push((node, inputs));
         PatchRef::New(self.edits.nodes.len() - 1)
-    }
-
-    /// `x <op> y`, labelled with its name.
-    pub fn binary(&mut self, op: Binary, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
-        self.add(Op::Binary(op), &[x, y], name, name)
-    }
-
-    pub fn mul(&mut self, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
-        self.binary(Binary::Mul, x, y, name)
-    }
-
-    pub fn sub(&mut self, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
-        self.binary(Binary::Sub, x, y, name)
-    }
-
-    pub fn div(&mut self, x: PatchRef, y: PatchRef, name: &str) -> Result<PatchRef> {
-        self.binary(Binary::Div, x, y, name)
     }
 
     pub fn constant(&mut self, name: &str, tensor: Tensor) -> PatchRef {

@@ -131,38 +131,13 @@ pub fn build_for_device(
     opts: &BuildOptions,
     max_tensor_bytes: Option<u64>,
 ) -> Result<Program> {
-    let output = match &opts.output {
-        None => graph
-            .outputs()
-            .first()
-            .map(|o| o.1)
-            .ok_or_else(|| Error::input("the model has no outputs"))?,
-        Some(name) => graph
-            .outputs()
-            .iter()
-            .find(|o| &o.0 == name)
-            .map(|o| o.1)
-            .ok_or_else(|| {
-                Error::input_at(
-                    Subject::flag_value("--output", name),
-                    format!(
-                        "the model's outputs are {}",
-                        graph
-                            .outputs()
-                            .iter()
-                            .map(|o| o.0.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })?,
-    };
-    let output_name = graph
-        .outputs()
-        .iter()
-        .find(|o| o.1 == output)
-        .map(|o| o.0.clone())
-        .expect("the output is a graph output");
+    let (output_name, _) =
+        graph
+            .find_output(opts.output.as_deref())
+            .map_err(|e| match &opts.output {
+                Some(name) => e.within(Subject::flag_value("--output", name)),
+                None => e,
+            })?;
     let data_inputs: Vec<String> = graph
         .inputs()
         .iter()

@@ -100,3 +100,32 @@ pub fn temp_dir(test: &str) -> PathBuf {
 }
 
 pub const MODELS: [&str; 2] = ["mlp2d", "mlp3d"];
+
+/// Runs the dorac binary with `cwd` as its working directory.
+pub fn dorac_in(cwd: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dorac"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("the dorac binary runs")
+}
+
+/// A copy of the PEFT adapter folder `src` at `dst`, its config edited by `config` and its
+/// tensors by `tensors`.
+pub fn edited_adapter(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    config: impl Fn(&mut serde_json::Value),
+    tensors: impl Fn(&mut BTreeMap<String, Array>),
+) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    let text = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config(&mut c);
+    std::fs::write(dst.join("adapter_config.json"), c.to_string()).unwrap();
+    let mut t =
+        dorac::tensors_io::read_safetensors(&src.join("adapter_model.safetensors")).unwrap();
+    tensors(&mut t);
+    dorac::tensors_io::write_safetensors(&dst.join("adapter_model.safetensors"), &t).unwrap();
+    dst.to_path_buf()
+}
