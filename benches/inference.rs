@@ -7,7 +7,6 @@
 mod common;
 
 use common::{adapted, env, flops, mlp};
-use dorac::codegen::PlanOptions;
 use dorac::ir::Method;
 use dorac::passes::merge_adapters;
 use dorac::pipeline::Inference;
@@ -35,10 +34,7 @@ fn main() {
 
     // Compile all four, then run them in turns so that a machine whose speed drifts (a shared
     // one) slows them alike; each one's time is the median of its runs.
-    let options = PlanOptions {
-        target: gpu.target(),
-        ..PlanOptions::default()
-    };
+    let options = gpu.plan_options();
     let mut compiled = vec![];
     for (name, g) in [
         ("base", &base),

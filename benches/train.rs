@@ -8,7 +8,6 @@
 mod common;
 
 use common::{adapted, env, mlp};
-use dorac::codegen::PlanOptions;
 use dorac::ir::{Graph, Method};
 use dorac::pipeline::Inference;
 use dorac::runtime::Executable;
@@ -43,10 +42,7 @@ fn main() {
     let data: BTreeMap<String, Array> =
         [("x".to_string(), x.clone()), ("target".to_string(), t)].into();
 
-    let options = PlanOptions {
-        target: gpu.target(),
-        ..PlanOptions::default()
-    };
+    let options = gpu.plan_options();
     let mut sessions = vec![];
     for (name, method, graph, exact) in [
         (

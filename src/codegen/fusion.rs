@@ -16,7 +16,8 @@
 //! are taken in two passes over the schedule: first the ops that are not element-wise (matmuls,
 //! reductions, index maps), so a matmul claims the element-wise work around its output before an
 //! element-wise node could start a kernel of its own; then the element-wise nodes left over.
-//! A group grows by two moves, while the kernel stays within [`MAX_BINDINGS`] storage buffers:
+//! A group grows by two moves, while the kernel stays within `max_bindings` storage buffers ([`PORTABLE_BINDINGS`] unless
+//! the plan is made for a device):
 //!
 //! - *Epilogue*: a live consumer `c` of the group's value `v` joins when `c` is element-wise,
 //!   needs a kernel (a view does not) and has the anchor's shape (an epilogue runs at the
@@ -46,9 +47,12 @@ use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op};
 use std::collections::{BTreeSet, HashSet};
 
-/// Storage buffers one fused kernel may bind (inputs and output): WebGPU's guaranteed minimum of
-/// `max_storage_buffers_per_shader_stage`, so a fused plan runs on every adapter.
-pub const MAX_BINDINGS: usize = 8;
+/// Storage buffers one kernel may bind (inputs and outputs) in a portable plan: WebGPU's
+/// guaranteed minimum of `max_storage_buffers_per_shader_stage`, so the plan runs on every
+/// adapter. A plan made for one device takes that device's limit instead
+/// ([`crate::codegen::PlanOptions::max_bindings`]): lavapipe allows 48, and wider kernels let
+/// a matmul keep its whole epilogue and AdamW update a parameter in one kernel.
+pub const PORTABLE_BINDINGS: usize = 8;
 
 /// What the fusion pass decided: the kernel groups and the transposes read in place.
 #[derive(Clone, Debug, Default)]
@@ -73,9 +77,9 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
     }
 }
 
-/// The fusion decisions for `graph`. With `fuse` off, one group per computing node and no
-/// transposes read in place.
-pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
+/// The fusion decisions for `graph`, for kernels of at most `max_bindings` storage buffers.
+/// With `fuse` off, one group per computing node and no transposes read in place.
+pub fn decide(graph: &Graph, fuse: bool, max_bindings: usize) -> Result<Fusion> {
     let order = schedule::order(graph)?;
     let live = schedule::live(graph);
     let position = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
@@ -85,6 +89,7 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
         kept: kept(graph),
         taken: HashSet::new(),
         position,
+        max_bindings,
     };
     let operand_transposes = if fuse {
         operand_transposes(graph, &live, &ctx.kept)
@@ -104,7 +109,10 @@ pub fn decide(graph: &Graph, fuse: bool) -> Result<Fusion> {
                 continue;
             }
             ctx.taken.insert(anchor);
-            if fuse && elementwise_pass && is_reduce_prologue(graph, anchor, &live, &ctx.kept) {
+            if fuse
+                && elementwise_pass
+                && is_reduce_prologue(graph, anchor, &live, &ctx.kept, max_bindings)
+            {
                 reduce_prologues.insert(anchor);
                 continue;
             }
@@ -160,13 +168,14 @@ pub fn escaping(
 }
 
 /// True when `n` can be computed by the reduction that reads it (module docs): an element-wise
-/// node of at most [`MAX_BINDINGS`] - 2 inputs (the reduction binds them and its output),
+/// node of at most `max_bindings` - 2 inputs (the reduction binds them and its output),
 /// neither kept nor an index map, whose only live reader is a reduction (its one input).
 pub fn is_reduce_prologue(
     graph: &Graph,
     n: NodeId,
     live: &BTreeSet<NodeId>,
     kept: &HashSet<NodeId>,
+    max_bindings: usize,
 ) -> bool {
     let op = &graph.node(n).op;
     let readers: Vec<NodeId> = graph
@@ -177,7 +186,7 @@ pub fn is_reduce_prologue(
     is_elementwise(op)
         && has_kernel(op)
         && !kept.contains(&n)
-        && graph.inputs_of(n).len() <= MAX_BINDINGS - 2
+        && graph.inputs_of(n).len() <= max_bindings - 2
         && matches!(readers.as_slice(), [r] if matches!(graph.node(*r).op, Op::Reduce { .. }))
 }
 
@@ -222,6 +231,8 @@ struct Context<'a> {
     taken: HashSet<NodeId>,
     /// Schedule positions: a group runs where its last node is scheduled.
     position: std::collections::HashMap<NodeId, usize>,
+    /// Storage buffers a kernel may bind.
+    max_bindings: usize,
 }
 
 impl Context<'_> {
@@ -268,7 +279,9 @@ impl Context<'_> {
             // that its one reader, a reduction, can compute as it loads (a reduction prologue)
             // is better left to it: joining would give it a buffer and save no kernel.
             let escapes = !others.is_empty() || self.kept.contains(&last);
-            if escapes && is_reduce_prologue(self.graph, next, self.live, &self.kept) {
+            if escapes
+                && is_reduce_prologue(self.graph, next, self.live, &self.kept, self.max_bindings)
+            {
                 return;
             }
             let before = others
@@ -283,12 +296,12 @@ impl Context<'_> {
             joining.push(next);
             let mut trial = group.clone();
             trial.extend(&joining);
-            if bindings(self.graph, &trial, self.live, &self.kept) > MAX_BINDINGS {
+            if bindings(self.graph, &trial, self.live, &self.kept) > self.max_bindings {
                 // Without the side operands, the consumer alone may still fit.
                 let mut alone = group.clone();
                 alone.extend(&joining[..views]);
                 alone.push(next);
-                if bindings(self.graph, &alone, self.live, &self.kept) > MAX_BINDINGS {
+                if bindings(self.graph, &alone, self.live, &self.kept) > self.max_bindings {
                     return;
                 }
                 trial = alone;
@@ -417,7 +430,7 @@ mod tests {
     }
 
     fn groups(g: &Graph, fuse: bool) -> Vec<Vec<NodeId>> {
-        decide(g, fuse).unwrap().groups
+        decide(g, fuse, PORTABLE_BINDINGS).unwrap().groups
     }
 
     #[test]
@@ -475,7 +488,7 @@ mod tests {
         let z = g.add(Op::Unary(unary::EXP), &[t], "z", "z").unwrap();
         g.add_output("y", y);
         g.add_output("z", z);
-        let f = decide(&g, true).unwrap();
+        let f = decide(&g, true, PORTABLE_BINDINGS).unwrap();
         assert_eq!(f.operand_transposes, [t].into());
         assert_eq!(f.groups, vec![vec![y], vec![z]]);
         // A reduction cannot read it in place; nor can anyone when it is an output.
@@ -490,8 +503,14 @@ mod tests {
             "s",
         );
         g.add_output("s", s.unwrap());
-        assert!(decide(&g, true).unwrap().operand_transposes.is_empty());
-        assert!(decide(&g, false).unwrap().operand_transposes.is_empty());
+        assert!(decide(&g, true, PORTABLE_BINDINGS)
+            .unwrap()
+            .operand_transposes
+            .is_empty());
+        assert!(decide(&g, false, PORTABLE_BINDINGS)
+            .unwrap()
+            .operand_transposes
+            .is_empty());
     }
 
     /// The group's interior values that its kernel writes for readers outside it.

@@ -148,6 +148,10 @@ pub struct PlanOptions {
     pub fuse: bool,
     /// The kind of adapter the kernels are shaped for (matmul templates differ).
     pub target: Target,
+    /// Storage buffers one kernel may bind: [`fusion::PORTABLE_BINDINGS`] for a plan that runs
+    /// anywhere, the device's `max_storage_buffers_per_shader_stage` for one made for it (more
+    /// room lets fusion go further).
+    pub max_bindings: usize,
 }
 
 impl Default for PlanOptions {
@@ -156,6 +160,7 @@ impl Default for PlanOptions {
             max_workgroups_per_dim: 65_535,
             fuse: true,
             target: Target::Gpu,
+            max_bindings: fusion::PORTABLE_BINDINGS,
         }
     }
 }
@@ -271,7 +276,7 @@ pub fn plan(graph: &Graph) -> Result<Plan> {
 
 /// [`plan`] with explicit options (`fuse: false` gives one kernel per computing node).
 pub fn plan_with(graph: &Graph, options: &PlanOptions) -> Result<Plan> {
-    let fusion = fusion::decide(graph, options.fuse)?;
+    let fusion = fusion::decide(graph, options.fuse, options.max_bindings)?;
     plan_grouped(graph, fusion, options)
 }
 
@@ -299,7 +304,15 @@ pub fn plan_grouped(
     let order = schedule::order(graph)?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
-    let groups = check_groups(graph, groups, &transposed, &prologues, &live, &position)?;
+    let groups = check_groups(
+        graph,
+        groups,
+        &transposed,
+        &prologues,
+        &live,
+        &position,
+        options.max_bindings,
+    )?;
     let half = storage::half_stored(graph, &transposed, &live);
     let kept = fusion::kept(graph);
     let escapes: BTreeSet<NodeId> = groups
@@ -485,9 +498,13 @@ fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
     Ok(())
 }
 
+/// Kernels after its writer within which a value counts as short-lived for [`reuse_buffers`].
+const SHORT_LIFETIME: usize = 2;
+
 /// Liveness-based buffer reuse: walking the kernels in order, an intermediate's storage becomes
 /// free once the last kernel reading it has run, and a later kernel's output takes the smallest
-/// free allocation that is large enough (or a new one). Inputs, constants, outputs, snapshots and
+/// free allocation that is large enough (or a new one), unless it is under half that size and
+/// long-lived. Inputs, constants, outputs, snapshots and
 /// every buffer a state copy reads keep their own allocation. A kernel's output never shares its
 /// own inputs' storage: a storage is freed only after the kernel, so wgpu never sees one buffer
 /// bound read-only and read-write in the same dispatch.
@@ -515,10 +532,16 @@ fn reuse_buffers(plan: &mut Plan) {
                 continue;
             }
             let bytes = plan.buffers[out].bytes();
+            // A value under half an allocation's size takes it only when it dies soon: a small
+            // long-lived value (DoRA's x A^T, kept for backward) would otherwise pin a large
+            // allocation that later activations need, and they would each take a new one.
+            let short_lived = last_use[&out] <= k + SHORT_LIFETIME;
             let best = free
                 .iter()
                 .enumerate()
-                .filter(|(_, (size, _))| *size >= bytes)
+                .filter(|(_, (size, _))| {
+                    *size >= bytes && (short_lived || *size <= 2 * bytes.max(1))
+                })
                 .min_by_key(|(_, &(size, owner))| (size, owner))
                 .map(|(i, _)| i);
             if let Some(i) = best {
@@ -549,6 +572,7 @@ fn check_groups(
     prologues: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
+    max_bindings: usize,
 ) -> Result<Vec<Vec<NodeId>>> {
     let bad = |m: String| Err(Error::graph(format!("kernel groups: {m}")));
     let mut seen = HashSet::new();
@@ -611,7 +635,7 @@ fn check_groups(
     }
     let kept = fusion::kept(graph);
     for &p in prologues {
-        if !graph.contains(p) || !fusion::is_reduce_prologue(graph, p, live, &kept) {
+        if !graph.contains(p) || !fusion::is_reduce_prologue(graph, p, live, &kept, max_bindings) {
             return bad(format!(
                 "node {} cannot be computed by the reduction that reads it",
                 p.index()
@@ -966,6 +990,48 @@ mod tests {
         }
     }
 
+    /// A small value that lives long (DoRA's x A^T, kept for backward) takes memory of its own
+    /// instead of a freed allocation many times its size, which the next activation then
+    /// reuses; a small value that dies at once still reuses. The allocations: x's, a's (256
+    /// bytes, later c's and e's), b's, d's, and the 4 bytes of s.
+    #[test]
+    fn a_small_long_lived_value_does_not_pin_a_large_allocation() {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![64]);
+        let tanh = |g: &mut GraphBuilder, v: NodeId, name: &str| {
+            g.add(Op::Unary(unary::TANH), &[v], name, name).unwrap()
+        };
+        let a = tanh(&mut g, x, "a");
+        let b = tanh(&mut g, a, "b");
+        let sum = Op::Reduce {
+            kind: crate::ir::Reduce::Sum,
+            axes: vec![0],
+            keepdims: true,
+        };
+        // s: written once a is dead, read by the last kernel.
+        let s = g.add(sum.clone(), &[b], "s", "s").unwrap();
+        let c = tanh(&mut g, b, "c");
+        let d = tanh(&mut g, c, "d");
+        let e = tanh(&mut g, d, "e");
+        // t: as small, read by the very next kernel.
+        let t = g.add(sum, &[e], "t", "t").unwrap();
+        let f = g.add(Op::Binary(Binary::Add), &[e, t], "f", "f").unwrap();
+        let y = g.add(Op::Binary(Binary::Add), &[f, s], "y", "y").unwrap();
+        g.add_output("y", y);
+        let g = g.finish();
+        let unfused = PlanOptions {
+            fuse: false,
+            ..PlanOptions::default()
+        };
+        let plan = plan_with(&g, &unfused).unwrap();
+        let text = plan.to_string();
+        let buffer = |n: NodeId| plan.node_buffers[&n];
+        let storage = |n: NodeId| plan.buffers[buffer(n)].storage;
+        assert_eq!(storage(s), buffer(s), "{text}");
+        assert_eq!(storage(c), buffer(a), "{text}");
+        assert_eq!(storage(t), buffer(b), "{text}");
+        assert_eq!(plan.peak_bytes(), 256 * 5 + 4, "{text}");
+    }
     #[test]
     fn validate_names_the_kernel_and_quotes_naga() {
         let e = validate("k07_bad", "fn main() { let x: f32 = 1u; }").unwrap_err();

@@ -108,10 +108,7 @@ impl Executable {
         } else {
             graph
         };
-        let options = crate::codegen::PlanOptions {
-            target: gpu.target(),
-            ..Default::default()
-        };
+        let options = gpu.plan_options();
         let start = Instant::now();
         let plan = crate::codegen::plan_with(graph, &options)?;
         let planned = start.elapsed().as_secs_f64();
@@ -757,7 +754,7 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
     let max_storage = limits.max_storage_buffers_per_shader_stage as usize;
     let max_groups = limits.max_compute_workgroups_per_dimension;
     for k in &plan.kernels {
-        let n = k.inputs.len() + 1;
+        let n = k.bindings().count();
         if n > max_storage {
             return Err(Error::gpu(format!(
                 "kernel {} binds {n} storage buffers, this adapter allows {max_storage}",

@@ -118,6 +118,16 @@ impl Gpu {
         crate::codegen::Target::for_adapter(self.info.device_type)
     }
 
+    /// Plan options for kernels made for this device: its target, and as many storage
+    /// bindings per kernel as it allows.
+    pub fn plan_options(&self) -> crate::codegen::PlanOptions {
+        crate::codegen::PlanOptions {
+            target: self.target(),
+            max_bindings: self.limits.max_storage_buffers_per_shader_stage as usize,
+            ..Default::default()
+        }
+    }
+
     /// The device's limits (the adapter's own).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits

@@ -7,6 +7,7 @@ pub const ABS: Unary = Unary::new(&UnaryDef {
     name: "abs",
     onnx: Some("Abs"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-2.0, 2.0),
     eval: f64::abs,
     derivative: |x| {

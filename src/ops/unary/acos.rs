@@ -7,6 +7,7 @@ pub const ACOS: Unary = Unary::new(&UnaryDef {
     name: "acos",
     onnx: Some("Acos"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-0.9, 0.9),
     eval: f64::acos,
     derivative: |x| -1.0 / (1.0 - x * x).sqrt(),

@@ -6,6 +6,7 @@ pub const ACOSH: Unary = Unary::new(&UnaryDef {
     name: "acosh",
     onnx: Some("Acosh"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (1.1, 4.0),
     eval: f64::acosh,
     derivative: |x| 1.0 / (x * x - 1.0).sqrt(),

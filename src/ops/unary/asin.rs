@@ -7,6 +7,7 @@ pub const ASIN: Unary = Unary::new(&UnaryDef {
     name: "asin",
     onnx: Some("Asin"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-0.9, 0.9),
     eval: f64::asin,
     derivative: |x| 1.0 / (1.0 - x * x).sqrt(),

@@ -6,6 +6,7 @@ pub const ASINH: Unary = Unary::new(&UnaryDef {
     name: "asinh",
     onnx: Some("Asinh"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-4.0, 4.0),
     eval: f64::asinh,
     derivative: |x| 1.0 / (x * x + 1.0).sqrt(),

@@ -6,6 +6,7 @@ pub const ATAN: Unary = Unary::new(&UnaryDef {
     name: "atan",
     onnx: Some("Atan"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-4.0, 4.0),
     eval: f64::atan,
     derivative: |x| 1.0 / (1.0 + x * x),

@@ -6,6 +6,7 @@ pub const ATANH: Unary = Unary::new(&UnaryDef {
     name: "atanh",
     onnx: Some("Atanh"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-0.9, 0.9),
     eval: f64::atanh,
     derivative: |x| 1.0 / (1.0 - x * x),

@@ -6,6 +6,7 @@ pub const CEIL: Unary = Unary::new(&UnaryDef {
     name: "ceil",
     onnx: Some("Ceil"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (2.05, 2.95),
     eval: f64::ceil,
     derivative: |_| 0.0,

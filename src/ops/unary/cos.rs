@@ -6,6 +6,7 @@ pub const COS: Unary = Unary::new(&UnaryDef {
     name: "cos",
     onnx: Some("Cos"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-4.0, 4.0),
     eval: f64::cos,
     derivative: |x| -x.sin(),

@@ -6,6 +6,7 @@ pub const COSH: Unary = Unary::new(&UnaryDef {
     name: "cosh",
     onnx: Some("Cosh"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-3.0, 3.0),
     eval: f64::cosh,
     derivative: f64::sinh,

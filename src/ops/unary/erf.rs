@@ -7,6 +7,7 @@ pub const ERF: Unary = Unary::new(&UnaryDef {
     name: "erf",
     onnx: Some("Erf"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-2.0, 2.0),
     eval: libm::erf,
     derivative: |x| 2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp(),

@@ -6,6 +6,7 @@ pub const EXP: Unary = Unary::new(&UnaryDef {
     name: "exp",
     onnx: Some("Exp"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-2.0, 2.0),
     eval: f64::exp,
     derivative: f64::exp,

@@ -6,6 +6,7 @@ pub const FLOOR: Unary = Unary::new(&UnaryDef {
     name: "floor",
     onnx: Some("Floor"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (2.05, 2.95),
     eval: f64::floor,
     derivative: |_| 0.0,

@@ -16,6 +16,7 @@ pub const GELU: Unary = Unary::new(&UnaryDef {
     name: "gelu",
     onnx: None,
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-3.0, 3.0),
     eval: |x| 0.5 * x * (1.0 + libm::erf(x / SQRT_2)),
     derivative: |x| {
@@ -38,6 +39,7 @@ pub const GELU_TANH: Unary = Unary::new(&UnaryDef {
     name: "gelu_tanh",
     onnx: None,
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-3.0, 3.0),
     eval: |x| 0.5 * x * (1.0 + (tanh_scale() * (x + 0.044715 * x * x * x)).tanh()),
     derivative: |x| {

@@ -7,6 +7,7 @@ pub const IS_NAN: Unary = Unary::new(&UnaryDef {
     name: "is_nan",
     onnx: Some("IsNaN"),
     predicate: true,
+    grad_reads_output: false,
     sample_range: (-1.0, 1.0),
     eval: |x| if x.is_nan() { 1.0 } else { 0.0 },
     derivative: zero,

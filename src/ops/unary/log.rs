@@ -6,6 +6,7 @@ pub const LOG: Unary = Unary::new(&UnaryDef {
     name: "log",
     onnx: Some("Log"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (0.5, 3.0),
     eval: f64::ln,
     derivative: |x| 1.0 / x,

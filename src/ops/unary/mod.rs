@@ -7,7 +7,8 @@
 //!   executor when the node's type is an integer;
 //! - WGSL: `wgsl` gives the expression of one element (every value is f32 on the device);
 //! - autodiff: `Op::UnaryGrad` computes `f'(x) * dy` with `derivative` (reference) and
-//!   `wgsl_grad` (device); predicates take no gradient.
+//!   `wgsl_grad` (device), given x, or f(x) where `grad_reads_output` says so; predicates take
+//!   no gradient.
 //!
 //! Adding a function: a file beside this one (copy `sin.rs`), and its line in the list below.
 //! Its kernel test (tests/kernels.rs) and finite-difference check (tests/gradients.rs) iterate
@@ -123,6 +124,11 @@ pub struct UnaryDef {
     pub onnx: Option<&'static str>,
     /// The result is a bool (0/1) whatever the input's type, and takes no gradient.
     pub predicate: bool,
+    /// The backward pass gives `derivative` and `wgsl_grad` the function's output f(x) instead
+    /// of x. Only for functions whose derivative, written as a function of x, gives the same
+    /// value at f(x) (Relu: f(x) > 0 exactly when x > 0). In a network the output is kept
+    /// anyway (the next layer reads it), so the input need not stay in memory for backward.
+    pub grad_reads_output: bool,
     /// Inputs on which the function is defined and smooth: what kernel tests and
     /// finite-difference checks draw from.
     pub sample_range: (f64, f64),

@@ -6,6 +6,7 @@ pub const NOT: Unary = Unary::new(&UnaryDef {
     name: "not",
     onnx: Some("Not"),
     predicate: true,
+    grad_reads_output: false,
     sample_range: (-1.0, 1.0),
     eval: |x| if x == 0.0 { 1.0 } else { 0.0 },
     derivative: zero,

@@ -9,6 +9,7 @@ pub const POSITIVE_OR_ONE: Unary = Unary::new(&UnaryDef {
     name: "positive_or_one",
     onnx: None,
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-2.0, 2.0),
     eval: |x| if x > 0.0 { x } else { 1.0 },
     derivative: |x| if x > 0.0 { 1.0 } else { 0.0 },

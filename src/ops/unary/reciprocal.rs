@@ -6,6 +6,7 @@ pub const RECIPROCAL: Unary = Unary::new(&UnaryDef {
     name: "reciprocal",
     onnx: Some("Reciprocal"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (0.5, 3.0),
     eval: |x| 1.0 / x,
     derivative: |x| -1.0 / (x * x),

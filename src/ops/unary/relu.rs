@@ -6,6 +6,7 @@ pub const RELU: Unary = Unary::new(&UnaryDef {
     name: "relu",
     onnx: Some("Relu"),
     predicate: false,
+    grad_reads_output: true,
     sample_range: (-2.0, 2.0),
     eval: |x| x.max(0.0),
     derivative: |x| if x > 0.0 { 1.0 } else { 0.0 },

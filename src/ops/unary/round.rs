@@ -6,6 +6,7 @@ pub const ROUND: Unary = Unary::new(&UnaryDef {
     name: "round",
     onnx: Some("Round"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (2.05, 2.45),
     eval: f64::round_ties_even,
     derivative: |_| 0.0,

@@ -11,6 +11,7 @@ pub const SIGMOID: Unary = Unary::new(&UnaryDef {
     name: "sigmoid",
     onnx: Some("Sigmoid"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-4.0, 4.0),
     eval: sigmoid,
     derivative: |x| sigmoid(x) * (1.0 - sigmoid(x)),

@@ -6,6 +6,7 @@ pub const SIGN: Unary = Unary::new(&UnaryDef {
     name: "sign",
     onnx: Some("Sign"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (0.5, 3.0),
     eval: |x| {
         if x > 0.0 {

@@ -7,6 +7,7 @@ pub const SIN: Unary = Unary::new(&UnaryDef {
     name: "sin",
     onnx: Some("Sin"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-4.0, 4.0),
     eval: f64::sin,
     derivative: f64::cos,

@@ -6,6 +6,7 @@ pub const SINH: Unary = Unary::new(&UnaryDef {
     name: "sinh",
     onnx: Some("Sinh"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-3.0, 3.0),
     eval: f64::sinh,
     derivative: f64::cosh,

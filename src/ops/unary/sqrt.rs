@@ -6,6 +6,7 @@ pub const SQRT: Unary = Unary::new(&UnaryDef {
     name: "sqrt",
     onnx: Some("Sqrt"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (0.5, 3.0),
     eval: f64::sqrt,
     derivative: |x| 0.5 / x.sqrt(),

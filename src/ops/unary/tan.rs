@@ -6,6 +6,7 @@ pub const TAN: Unary = Unary::new(&UnaryDef {
     name: "tan",
     onnx: Some("Tan"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-1.2, 1.2),
     eval: f64::tan,
     derivative: |x| 1.0 / (x.cos() * x.cos()),

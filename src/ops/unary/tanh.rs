@@ -7,6 +7,7 @@ pub const TANH: Unary = Unary::new(&UnaryDef {
     name: "tanh",
     onnx: Some("Tanh"),
     predicate: false,
+    grad_reads_output: false,
     sample_range: (-3.0, 3.0),
     eval: f64::tanh,
     derivative: |x| 1.0 - x.tanh().powi(2),

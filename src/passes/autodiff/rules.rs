@@ -44,7 +44,11 @@ pub(super) fn input_grads(
         }
         Op::Expand { .. } => vec![Some(b.sum_to(dy, &shape(b, 0), n, "expand")?)],
         Op::Unary(u) if u.is_predicate() => vec![None],
-        Op::Unary(u) => vec![Some(b.add(Op::UnaryGrad(u), &[ins[0], dy], n, "unary")?)],
+        Op::Unary(u) => {
+            // Relu's gradient reads its output, which the next layer keeps anyway.
+            let operand = if u.def().grad_reads_output { n } else { ins[0] };
+            vec![Some(b.add(Op::UnaryGrad(u), &[operand, dy], n, "unary")?)]
+        }
         Op::Binary(op) => binary(b, n, op, &ins, dy, wanted)?,
         Op::MatMul => matmul(b, n, &ins, dy, wanted)?,
         Op::Gemm {
