@@ -22,23 +22,27 @@
 //! - *Epilogue*: a live consumer `c` of the group's value `v` joins when `c` is element-wise,
 //!   needs a kernel (a view does not) and has the anchor's shape (an epilogue runs at the
 //!   anchor's flat output index). When `v` has several consumers, `c` is the earliest scheduled
-//!   that can join, and it joins only if it is scheduled before every other reader of a value
-//!   the group writes beside its output: the kernel runs where its last node is scheduled, and
-//!   those readers read memory after it. A same-shape view read alone (DoRA's StopGradient)
-//!   passes the value on in registers.
+//!   that can join; the others may join later as side operands (AdamW's second moment reads
+//!   the gradient its first moment read, and the gradient then stays in registers) or read `v`
+//!   from memory. A join stands only while the kernel, which runs where its last node is
+//!   scheduled, still comes before every reader outside the group of a value computed in it
+//!   (`fits`): those read memory the kernel writes. A same-shape view read alone (DoRA's
+//!   StopGradient) passes the value on in registers.
 //! - *Side operand*: before `c` joins, each of its other operands that is itself element-wise,
-//!   of the anchor's shape, not yet in a kernel, not kept (output or state), and read by `c`
-//!   alone joins too (with its own side operands, recursively). Its value is computed in the
-//!   same invocation, so AdamW's `beta1 * m + (1 - beta1) * g` is one kernel, not three.
+//!   of the anchor's shape, not yet in a kernel, and read by `c` alone joins too (with its own
+//!   side operands, recursively); a kept one (a state's next value, a graph output) is written
+//!   beside the output. Its value is computed in the same invocation, so a parameter's whole
+//!   AdamW update runs in the epilogue of the product that computes its gradient.
 //!
 //! **Reduction prologues** ([`is_reduce_prologue`]): an element-wise node that would start a
 //! kernel of its own (no kernel claimed it as an epilogue) and whose one live reader is a
 //! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.
 //! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
 //!
-//! Nothing a group reads can depend on a value inside it (each inner value has one reader, in
-//! the group), so running the whole group where its last node is scheduled keeps the order
-//! topological, whenever its other inputs were computed. The groups satisfy the contract of
+//! Nothing a group reads from outside can depend on a value inside it: the path would leave the
+//! group through an outside reader of that value, which `fits` places after the kernel, and so
+//! after the group node that reads the path's end. Running the whole group where its last node
+//! is scheduled therefore keeps the order topological. The groups satisfy the contract of
 //! [`super::plan_grouped`], which checks it again.
 
 use super::kernels::{is_elementwise, takes_epilogue};
@@ -257,9 +261,6 @@ impl Context<'_> {
     /// Extends `group` by epilogue consumers and their side operands (module docs).
     fn grow(&mut self, group: &mut Vec<NodeId>) {
         let shape = self.graph.shape(group[0]).to_vec();
-        // The group's last node must come before every outside reader of a value it writes
-        // beside its output (the kernel runs where its last node is scheduled).
-        let mut deadline = usize::MAX;
         loop {
             let last = *group.last().expect("groups are not empty");
             let Some((view, next, others)) = self.epilogue_candidate(last, &shape) else {
@@ -284,24 +285,17 @@ impl Context<'_> {
             {
                 return;
             }
-            let before = others
-                .iter()
-                .map(|c| self.position[c])
-                .fold(deadline, usize::min);
-            if self.position[&next] >= before {
-                return;
-            }
             let views = joining.len();
             self.side_operands(next, &shape, &mut inside, &mut joining);
             joining.push(next);
             let mut trial = group.clone();
             trial.extend(&joining);
-            if bindings(self.graph, &trial, self.live, &self.kept) > self.max_bindings {
+            if !self.fits(&trial) {
                 // Without the side operands, the consumer alone may still fit.
                 let mut alone = group.clone();
                 alone.extend(&joining[..views]);
                 alone.push(next);
-                if bindings(self.graph, &alone, self.live, &self.kept) > self.max_bindings {
+                if !self.fits(&alone) {
                     return;
                 }
                 trial = alone;
@@ -310,8 +304,24 @@ impl Context<'_> {
                 self.taken.insert(n);
             }
             *group = trial;
-            deadline = before;
         }
+    }
+
+    /// True when `group` binds at most `max_bindings` buffers and its kernel, which runs where
+    /// its last node is scheduled, runs before every reader outside it of a value it computes
+    /// (those read the value from memory, so it must be written by then). A value read by
+    /// several nodes of the group (AdamW's gradient, read by both moments) stays in registers.
+    fn fits(&self, group: &[NodeId]) -> bool {
+        if bindings(self.graph, group, self.live, &self.kept) > self.max_bindings {
+            return false;
+        }
+        let inside: HashSet<NodeId> = group.iter().copied().collect();
+        let runs_at = group.iter().map(|n| self.position[n]).max().unwrap_or(0);
+        group
+            .iter()
+            .flat_map(|&n| self.live_consumers(n))
+            .filter(|c| !inside.contains(c))
+            .all(|c| self.position[&c] > runs_at)
     }
 
     /// The consumer of `v` that may continue its group as an epilogue (the earliest scheduled
@@ -365,7 +375,6 @@ impl Context<'_> {
         for o in self.graph.inputs_of(n) {
             if inside.contains(&o)
                 || !self.free_elementwise(o, shape)
-                || self.kept.contains(&o)
                 || self.live_consumers(o) != [n]
             {
                 continue;
@@ -470,11 +479,50 @@ mod tests {
         g.add_output("next", next);
         let gr = groups(&g, true);
         assert_eq!(gr, vec![vec![grad, scaled, decay, next]]);
-        // Read twice, the side operand keeps a kernel of its own.
+        // Kept (a graph output), it still joins, and the kernel writes it beside its output.
         g.add_output("decay", decay);
         let gr = groups(&g, true);
+        assert_eq!(gr, vec![vec![grad, scaled, decay, next]]);
+        // Read by another node too, it keeps a kernel of its own.
+        let other = g.add(Op::Unary(unary::EXP), &[decay], "other", "other");
+        g.add_output("other", other.unwrap());
+        let gr = groups(&g, true);
         assert!(gr.contains(&vec![grad, scaled, next]), "{gr:?}");
-        assert!(gr.contains(&vec![decay]), "{gr:?}");
+        assert!(gr.iter().any(|g| g[0] == decay), "{gr:?}");
+    }
+
+    #[test]
+    fn a_value_read_twice_inside_the_group_stays_in_registers() {
+        // AdamW's shape: g = x @ w; m' = 0.9 m + 0.1 g; v' = 0.9 v + 0.1 g * g; y = m' / v'.
+        // Both moments read g, and the chain through m' takes v' as a side operand: one kernel,
+        // and g, read only inside it, gets no buffer.
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![3, 4]);
+        let w = g.add_input("w", vec![4, 5]);
+        let m = g.add_input("m", vec![3, 5]);
+        let v = g.add_input("v", vec![3, 5]);
+        let c = g.add_const("c", Tensor::scalar(0.9));
+        let op = |g: &mut GraphBuilder, b: Binary, ins: &[NodeId], name: &str| {
+            g.add(Op::Binary(b), ins, name, name).unwrap()
+        };
+        let grad = g.add(Op::MatMul, &[x, w], "grad", "grad").unwrap();
+        let gm = op(&mut g, Binary::Mul, &[grad, c], "gm");
+        let md = op(&mut g, Binary::Mul, &[m, c], "md");
+        let m2 = op(&mut g, Binary::Add, &[md, gm], "m2");
+        let sq = op(&mut g, Binary::Mul, &[grad, grad], "sq");
+        let vd = op(&mut g, Binary::Mul, &[v, c], "vd");
+        let v2 = op(&mut g, Binary::Add, &[vd, sq], "v2");
+        let y = op(&mut g, Binary::Div, &[m2, v2], "y");
+        g.add_output("y", y);
+        g.add_output("v2", v2);
+        let graph = g.finish();
+        let fusion = decide(&graph, true, PORTABLE_BINDINGS).unwrap();
+        assert_eq!(fusion.groups.len(), 1, "{:?}", fusion.groups);
+        let group = &fusion.groups[0];
+        assert_eq!(group.len(), 8, "{group:?}");
+        let live = schedule::live(&graph);
+        let written = escaping(&graph, group, &live, &kept(&graph));
+        assert_eq!(written, vec![v2], "{group:?}");
     }
 
     #[test]
