@@ -1,7 +1,8 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
 // One workgroup per output element ({{ROWS}} in all), each summing R = {{R}} terms {{TERM}}:
-// every invocation adds a strided share, then the workgroup adds the 64 partial sums in a tree.
+// every invocation adds a strided share, then the workgroup adds the 64 partial sums in a tree,
+// and invocation 0 runs the epilogue on the sum `acc` (element-wise work fused into this kernel).
 
 {{BINDINGS}}
 
@@ -26,6 +27,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let total = workgroup_sum(lid, s);
     if lid == 0u {
-        y[row] = total;
+        let i = row;
+        let acc = total;
+{{EPILOGUE}}
     }
 }

@@ -4,7 +4,8 @@
 // {{R}} terms {{TERM}} in four interleaved partial sums: the CPU target's reduction, with no
 // workgroup memory and no barriers (on a CPU driver a barrier switches every invocation's
 // context, and the tree of reduce_sum.wgsl takes seven per output). Used for sums of at most a
-// few thousand terms, where a serial f32 sum stays accurate.
+// few thousand terms, where a serial f32 sum stays accurate. The epilogue turns each sum `acc`
+// into the stored value (element-wise work that reads it, fused into this kernel).
 
 {{BINDINGS}}
 
@@ -27,5 +28,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let v = x_get(base + reduced_offset(t));
         parts[t & 3u] = parts[t & 3u] + {{TERM}};
     }
-    y[row] = (parts.x + parts.y) + (parts.z + parts.w);
+    let i = row;
+    let acc = (parts.x + parts.y) + (parts.z + parts.w);
+{{EPILOGUE}}
 }

@@ -1857,6 +1857,50 @@ fn empty_matmuls_plan_and_run() {
     }
 }
 
+/// Sums run the element-wise work on their result as an epilogue, through a reshape to another
+/// shape of as many elements: the magnitude gradient's shape (`sum(dY * u)` over the batch,
+/// kept as 1 x n, reshaped to n, divided by the norm, then AdamW-like arithmetic with a value
+/// written beside the output). Short sums (one invocation per output on a CPU driver) and long
+/// ones (a workgroup tree), with a prologue too, on both targets.
+#[test]
+fn sums_take_epilogues() {
+    let mut c = Case::new("sums_take_epilogues");
+    for (rows, cols) in [(6, 40), (5000, 3)] {
+        let tag = format!("{rows}x{cols}");
+        let dy = c.input(&format!("dy{tag}"), &[rows, cols], -1.0, 1.0);
+        let u = c.input(&format!("u{tag}"), &[rows, cols], -1.0, 1.0);
+        let norm = c.input(&format!("norm{tag}"), &[cols], 0.5, 2.0);
+        let m = c.input(&format!("m{tag}"), &[cols], -1.0, 1.0);
+        let terms = c.op(bin(Binary::Mul), &[dy, u], &format!("terms{tag}"));
+        let sum = Op::Reduce {
+            kind: Reduce::Sum,
+            axes: vec![0],
+            keepdims: true,
+        };
+        let s = c.op(sum, &[terms], &format!("sum{tag}"));
+        let flat = c.op(
+            Op::Reshape { shape: vec![cols] },
+            &[s],
+            &format!("flat{tag}"),
+        );
+        let grad = c.op(bin(Binary::Div), &[flat, norm], &format!("grad{tag}"));
+        let moment = c.op(bin(Binary::Add), &[m, grad], &format!("moment{tag}"));
+        c.output(&format!("moment{tag}"), moment);
+        let sq = c.op(bin(Binary::Mul), &[grad, grad], &format!("sq{tag}"));
+        let step = c.op(bin(Binary::Div), &[moment, sq], &format!("step{tag}"));
+        c.output(&format!("step{tag}"), step);
+    }
+    let plan = codegen::plan(&c.graph).unwrap();
+    assert_eq!(plan.kernels.len(), 2, "one kernel per sum:\n{plan}");
+    assert!(
+        plan.kernels
+            .iter()
+            .all(|k| k.name.contains("reduce_sum_reshape_div")),
+        "{plan}"
+    );
+    c.check();
+}
+
 /// Element-wise nodes read only by a reduction are computed by it (no kernel, no buffer of
 /// their own): every reduction kind over a product, a difference with a broadcast operand, a
 /// ReLU, and a transpose read in place, on both targets. A node with a second reader keeps its

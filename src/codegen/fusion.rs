@@ -8,7 +8,7 @@
 //! strides. So DoRA's `Aᵀ`, `Bᵀ` and the transposes autodiff makes for `dA = dY Bᵀ` cost nothing.
 //!
 //! **Groups** ([`decide`]): a group is one kernel: an anchor (any op with a kernel) followed by
-//! element-wise nodes of the anchor's shape, in an order where each reads only values computed
+//! element-wise nodes (and views) of the anchor's element count, in an order where each reads only values computed
 //! before it. Its last node is its value; an interior value that something outside the group
 //! needs (a graph output, a state's next value, a reader in another kernel) is written beside
 //! it ([`escaping`]: a DoRA layer's `u`, kept for the magnitude gradient, or an Adam moment),
@@ -20,8 +20,9 @@
 //! the plan is made for a device):
 //!
 //! - *Epilogue*: a live consumer `c` of the group's value `v` joins when `c` is element-wise,
-//!   needs a kernel (a view does not) and has the anchor's shape (an epilogue runs at the
-//!   anchor's flat output index). When `v` has several consumers, `c` is the earliest scheduled
+//!   needs a kernel (a view does not) and has the anchor's element count (an epilogue runs at
+//!   the anchor's flat output index, which a view or a same-count element-wise op keeps: a
+//!   sum's `1 x n` result goes on through a reshape to `n`). When `v` has several consumers, `c` is the earliest scheduled
 //!   that can join; the others may join later as side operands (AdamW's second moment reads
 //!   the gradient its first moment read, and the gradient then stays in registers) or read `v`
 //!   from memory. A join stands only while the kernel, which runs where its last node is
@@ -29,7 +30,7 @@
 //!   (`fits`): those read memory the kernel writes. A same-shape view read alone (DoRA's
 //!   StopGradient) passes the value on in registers.
 //! - *Side operand*: before `c` joins, each of its other operands that is itself element-wise,
-//!   of the anchor's shape, not yet in a kernel, and read by `c` alone joins too (with its own
+//!   of the anchor's element count, not yet in a kernel, and read by `c` alone joins too (with its own
 //!   side operands, recursively); a kept one (a state's next value, a graph output) is written
 //!   beside the output. Its value is computed in the same invocation, so a parameter's whole
 //!   AdamW update runs in the epilogue of the product that computes its gradient.
@@ -49,6 +50,7 @@ use super::kernels::{is_elementwise, takes_epilogue};
 use super::{has_kernel, schedule};
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op};
+use crate::tensor::numel;
 use std::collections::{BTreeSet, HashSet};
 
 /// Storage buffers one kernel may bind (inputs and outputs) in a portable plan: WebGPU's
@@ -255,7 +257,7 @@ impl Context<'_> {
             && self.live.contains(&n)
             && is_elementwise(&node.op)
             && has_kernel(&node.op)
-            && node.shape == shape
+            && numel(&node.shape) == numel(shape)
     }
 
     /// Extends `group` by epilogue consumers and their side operands (module docs).
@@ -351,7 +353,7 @@ impl Context<'_> {
         if let &[view] = consumers.as_slice() {
             let node = self.graph.node(view);
             if node.op.is_view()
-                && node.shape == shape
+                && numel(&node.shape) == numel(shape)
                 && !self.kept.contains(&view)
                 && !self.taken.contains(&view)
             {
@@ -397,13 +399,25 @@ fn bindings(
     kept: &HashSet<NodeId>,
 ) -> usize {
     let anchor_slots = graph.inputs_of(group[0]);
+    // A reduction may compute its input as a prologue (decided after its group grows), binding
+    // that input's operands instead of it: count them.
+    let prologue_slots = match (&graph.node(group[0]).op, anchor_slots.as_slice()) {
+        (Op::Reduce { .. }, &[x]) if is_elementwise(&graph.node(x).op) => {
+            graph.inputs_of(x).len().saturating_sub(1)
+        }
+        _ => 0,
+    };
     let inside: HashSet<NodeId> = group.iter().copied().collect();
     let others: HashSet<NodeId> = group[1..]
         .iter()
         .flat_map(|&n| graph.inputs_of(n))
         .filter(|i| !inside.contains(i) && !anchor_slots.contains(i))
         .collect();
-    anchor_slots.len() + others.len() + 1 + escaping(graph, group, live, kept).len()
+    anchor_slots.len()
+        + prologue_slots
+        + others.len()
+        + 1
+        + escaping(graph, group, live, kept).len()
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ pub(crate) fn emit(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -
     match &node.op {
         op if is_elementwise(op) || is_index_map(op) => elementwise(graph, group, name, d),
         Op::MatMul | Op::Gemm { .. } => matmul(graph, group, name, d),
-        Op::Reduce { kind, axes, .. } => reduce(graph, anchor, *kind, axes, name, d),
+        Op::Reduce { kind, axes, .. } => reduce(graph, group, *kind, axes, name, d),
         Op::LayerNorm { axis, epsilon } => {
             layer_norm(graph, anchor, *axis, *epsilon, name, max_workgroups)
         }
@@ -304,6 +304,13 @@ pub(super) fn takes_epilogue(op: &Op) -> bool {
     is_elementwise(op)
         || is_index_map(op)
         || matches!(op, Op::MatMul | Op::Gemm { .. } | Op::DoraNormSq(_))
+        || is_sum(op)
+}
+
+/// Reductions rendered by the sum templates, which run an epilogue on each output element
+/// (DoRA's magnitude gradient `sum(dY * u)` then scales itself and updates m in one kernel).
+fn is_sum(op: &Op) -> bool {
+    matches!(op, Op::Reduce { kind, .. } if kind.def().wgsl.template.name == template::REDUCE_SUM.name)
 }
 
 /// Ops that compute each output element from the same-index (broadcast) elements of their
@@ -415,10 +422,15 @@ fn epilogue(
     for k in 1..group.len() {
         let n = group[k];
         let node = graph.node(n);
-        if !(is_elementwise(&node.op) || node.op.is_view()) || node.shape != out_shape {
+        // Views keep the flat order, and an element-wise op of the same element count reads its
+        // in-group operand at the same flat index (broadcasting to as many elements is the
+        // identity), so `i` indexes every member; other operands broadcast to its own shape.
+        if !(is_elementwise(&node.op) || node.op.is_view())
+            || numel(&node.shape) != numel(&out_shape)
+        {
             return Err(Error::gpu(format!(
                 "node '{}' ({} {}) cannot be an epilogue of a {} kernel: epilogue ops must be \
-                 element-wise and keep the shape",
+                 element-wise and keep the element count",
                 node.label,
                 node.op.name(),
                 shape_str(&node.shape),
@@ -437,7 +449,7 @@ fn epilogue(
                     node.label
                 )));
             }
-            let (line, value) = b.load(&format!("e{k}_{slot}"), i, &out_shape, indent);
+            let (line, value) = b.load(&format!("e{k}_{slot}"), i, &node.shape, indent);
             lines.push(line);
             args.push(value);
         }
@@ -1126,13 +1138,14 @@ impl MatmulShape {
 
 fn reduce(
     graph: &Graph,
-    n: NodeId,
+    group: &[NodeId],
     kind: Reduce,
     axes: &[usize],
     name: &str,
     d: &Decisions,
 ) -> Result<Emitted> {
     let (max_wg, target, transposed) = (d.max_workgroups, d.target, d.transposed);
+    let n = group[0];
     let node = graph.node(n);
     let x_node = graph.inputs_of(n)[0];
     let prologue = d.prologues.contains(&x_node);
@@ -1224,7 +1237,18 @@ fn reduce(
         ("GRID_Y", workgroups[1].to_string()),
     ];
     values.extend(sign.map(|s| ("SIGN", s.to_string())));
-    b.finish(template, name, n, values, workgroups, summary)
+    if is_sum(&node.op) {
+        // Output element i's sum `acc` through the epilogue (often none).
+        let indent = if lanes { "    " } else { "        " };
+        let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
+        let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
+        lines.extend(more);
+        lines.push(format!("{indent}y[i] = {last};"));
+        values.push(("EPILOGUE", lines.join("\n")));
+    }
+    let summary = with_epilogue(graph, summary, group);
+    let out = *group.last().expect("groups are not empty");
+    b.finish(template, name, out, values, workgroups, summary)
 }
 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with

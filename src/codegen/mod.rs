@@ -286,7 +286,7 @@ fn has_kernel(op: &Op) -> bool {
 }
 
 /// Plans `graph` with the given kernel groups: each an anchor node followed by element-wise
-/// nodes of its shape, each reading only values computed before it (e.g. `[matmul, add,
+/// nodes (and views) of its element count, each reading only values computed before it (e.g. `[matmul, add,
 /// relu]`), and the transposes that kernels read in place (a `Vec` of groups has none). Every
 /// other live node that needs a kernel must be in exactly one group, and only a group's last
 /// value may be read outside it (the others stay in registers). [`plan`] gets its groups from
@@ -563,11 +563,11 @@ fn reuse_buffers(plan: &mut Plan) {
     }
 }
 
-/// Checks the group contract of [`plan_grouped`] and sorts the groups into execution order (by
-/// their last node's position in the schedule, which comes after everything the group reads).
+/// Checks the group contract of [`plan_grouped`] and puts the groups into execution order
+/// ([`execution_order`]).
 fn check_groups(
     graph: &Graph,
-    mut groups: Vec<Vec<NodeId>>,
+    groups: Vec<Vec<NodeId>>,
     transposed: &BTreeSet<NodeId>,
     prologues: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
@@ -650,8 +650,102 @@ fn check_groups(
     }) {
         return bad(format!("node '{}' is in no group", graph.node(n).label));
     }
-    groups.sort_by_key(|g| position[g.last().unwrap()]);
-    Ok(groups)
+    execution_order(graph, groups, position)
+}
+
+/// The groups in the order their kernels run: each after the kernels that compute what it
+/// reads, and among those ready, the one whose anchor comes first in the schedule. A kernel
+/// thus runs as soon as its inputs allow, not where its last node is scheduled: a sum whose
+/// epilogue is a late optimizer update (DoRA's magnitude gradient and m's AdamW step) still
+/// runs right after its terms are computed, and they die there. Groups from the fusion pass
+/// never read each other's values (`fusion::fits` keeps a group's outside readers after its
+/// last node); hand-made groups that do are refused.
+fn execution_order(
+    graph: &Graph,
+    groups: Vec<Vec<NodeId>>,
+    position: &HashMap<NodeId, usize>,
+) -> Result<Vec<Vec<NodeId>>> {
+    let owner: HashMap<NodeId, usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, nodes)| nodes.iter().map(move |&n| (n, g)))
+        .collect();
+    // The groups whose values group g reads: through views, transposes read in place and
+    // reduction prologues, which have no kernel, to the kernels that computed their sources.
+    let mut needs: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); groups.len()];
+    for (g, nodes) in groups.iter().enumerate() {
+        let mut stack: Vec<NodeId> = nodes.iter().flat_map(|&n| graph.inputs_of(n)).collect();
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            match owner.get(&v) {
+                Some(&h) if h != g => {
+                    needs[g].insert(h);
+                }
+                Some(_) => {}
+                None => stack.extend(graph.inputs_of(v)),
+            }
+        }
+    }
+    let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
+    let mut readers: Vec<Vec<usize>> = vec![vec![]; groups.len()];
+    for (g, hs) in needs.iter().enumerate() {
+        for &h in hs {
+            readers[h].push(g);
+        }
+    }
+    // A group's urgency: its anchor's position; for a group that reads no other group's value
+    // (AdamW's `lr * wd` from the step's scalars, say), its earliest reader's when that is
+    // earlier, so that a kernel scheduled late for no reason of its own does not hold back its
+    // readers (DoRA's magnitude gradient, whose epilogue updates m). Sources only: urgency that
+    // flowed back through a chain would let the whole backward pass overtake kernels that free
+    // its activations. Readers are settled first: a pass over a topological order, backwards.
+    let mut topological = Vec::with_capacity(groups.len());
+    let mut left = waiting.clone();
+    let mut free: Vec<usize> = (0..groups.len()).filter(|&g| left[g] == 0).collect();
+    while let Some(g) = free.pop() {
+        topological.push(g);
+        for &r in &readers[g] {
+            left[r] -= 1;
+            if left[r] == 0 {
+                free.push(r);
+            }
+        }
+    }
+    let mut urgency: Vec<usize> = groups.iter().map(|g| position[&g[0]]).collect();
+    for &g in topological.iter().rev() {
+        if needs[g].is_empty() {
+            for &r in &readers[g] {
+                urgency[g] = urgency[g].min(urgency[r]);
+            }
+        }
+    }
+    let key = |g: usize| std::cmp::Reverse((urgency[g], position[&groups[g][0]], g));
+    let mut ready: std::collections::BinaryHeap<_> = (0..groups.len())
+        .filter(|&g| waiting[g] == 0)
+        .map(key)
+        .collect();
+    let mut order = Vec::with_capacity(groups.len());
+    while let Some(std::cmp::Reverse((_, _, g))) = ready.pop() {
+        order.push(g);
+        for &r in &readers[g] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.push(key(r));
+            }
+        }
+    }
+    if order.len() != groups.len() {
+        let stuck = (0..groups.len()).find(|g| !order.contains(g)).unwrap_or(0);
+        return Err(Error::graph(format!(
+            "kernel groups: the group of '{}' and the groups it reads read each other's values",
+            graph.node(groups[stuck][0]).label
+        )));
+    }
+    let mut groups: Vec<Option<Vec<NodeId>>> = groups.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|g| groups[g].take()).collect())
 }
 
 /// `k{index}_{ops}_{label}`, lowercase ASCII, at most ~60 characters.
@@ -988,6 +1082,45 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} not in\n{text}");
         }
+    }
+
+    /// A kernel runs as soon as what it reads is computed, not where its last node is
+    /// scheduled: a sum whose epilogue reads a scalar computed late in the schedule (built last,
+    /// like AdamW's `lr * wd`) runs before the matmul chain, so the activation it sums dies
+    /// there instead of living to the end; the scalar's kernel is pulled forward for it.
+    #[test]
+    fn a_kernel_runs_when_its_inputs_are_ready() {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![8, 8]);
+        let w = g.add_const("w", Tensor::f32(vec![8, 8], vec![0.125; 64]));
+        let a = g.add(Op::Unary(unary::TANH), &[x], "a", "a").unwrap();
+        let sum = |axes: Vec<usize>| Op::Reduce {
+            kind: crate::ir::Reduce::Sum,
+            axes,
+            keepdims: false,
+        };
+        let s = g.add(sum(vec![0]), &[a], "s", "s").unwrap();
+        let mut m = a;
+        for i in 0..3 {
+            let name = format!("m{i}");
+            m = g.add(Op::MatMul, &[m, w], &name, &name).unwrap();
+        }
+        g.add_output("m", m);
+        let q = g.add_input("q", vec![8]);
+        let k = g.add(sum(vec![0]), &[q], "k", "k").unwrap();
+        let t = g.add(Op::Binary(Binary::Mul), &[s, k], "t", "t").unwrap();
+        g.add_output("t", t);
+        let g = g.finish();
+        let plan = plan(&g).unwrap();
+        let kernel_of = |n: NodeId| plan.kernels.iter().position(|k| k.nodes.contains(&n));
+        let text = plan.to_string();
+        let (s_at, k_at, m0_at) = (
+            kernel_of(s).unwrap(),
+            kernel_of(k).unwrap(),
+            kernel_of(g.find_by_name("m0").unwrap()).unwrap(),
+        );
+        assert_eq!(kernel_of(t), Some(s_at), "t is the sum's epilogue:\n{text}");
+        assert!(k_at < s_at && s_at < m0_at, "{text}");
     }
 
     /// A small value that lives long (DoRA's x A^T, kept for backward) takes memory of its own
