@@ -34,7 +34,6 @@ fn main() {
 
     // Compile all four, then run them in turns so that a machine whose speed drifts (a shared
     // one) slows them alike; each one's time is the median of its runs.
-    let options = gpu.plan_options();
     let mut compiled = vec![];
     for (name, g) in [
         ("base", &base),
@@ -43,7 +42,9 @@ fn main() {
         ("dora merged", &merged),
     ] {
         let g = Inference::default().run(g.clone()).unwrap().value;
-        let plan = dorac::codegen::plan_with(&g, &options).unwrap();
+        // What `Executable::compile` runs on this device.
+        let (g, plan) = dorac::runtime::Executable::plan_for(&gpu, &g).unwrap();
+        let g = g.into_owned();
         let exe = dorac::runtime::Executable::new(&gpu, &plan, &g).unwrap();
         exe.run(&inputs).unwrap(); // warm-up: pipeline creation, first upload
         compiled.push((name, g, plan, exe));

@@ -42,7 +42,6 @@ fn main() {
     let data: BTreeMap<String, Array> =
         [("x".to_string(), x.clone()), ("target".to_string(), t)].into();
 
-    let options = gpu.plan_options();
     let mut sessions = vec![];
     for (name, method, graph, exact) in [
         (
@@ -75,7 +74,8 @@ fn main() {
             full_targets: None,
         };
         let program = build(graph, &opts).unwrap();
-        let plan = dorac::codegen::plan_with(&program.graph, &options).unwrap();
+        // The plan the session runs on this device.
+        let (_, plan) = Executable::plan_for(&gpu, &program.graph).unwrap();
         let (peak, total, kernels) = (plan.peak_bytes(), plan.total_bytes(), plan.kernels.len());
         let params: usize = program.params.iter().map(|p| p.initial.numel()).sum();
         let mut session = Session::new(program, Some(&gpu)).unwrap();

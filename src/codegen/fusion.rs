@@ -220,12 +220,17 @@ pub fn readable_in_place(graph: &Graph, t: NodeId, live: &BTreeSet<NodeId>) -> b
         .into_iter()
         .filter(|c| live.contains(c))
         .collect();
-    !readers.is_empty()
-        && readers.iter().all(|&c| match &graph.node(c).op {
-            Op::MatMul => true,
-            Op::Gemm { .. } => graph.inputs_of(c).get(2) != Some(&t),
-            op => is_elementwise(op) && has_kernel(op),
-        })
+    !readers.is_empty() && readers.iter().all(|&c| reads_in_place(graph, c, t))
+}
+
+/// True when `reader` can read the value `t` through a transpose of it by indexing `t`'s
+/// memory: a matrix product (a Gemm's A or B, not its C) or an element-wise kernel.
+pub fn reads_in_place(graph: &Graph, reader: NodeId, t: NodeId) -> bool {
+    match &graph.node(reader).op {
+        Op::MatMul => true,
+        Op::Gemm { .. } => graph.inputs_of(reader).get(2) != Some(&t),
+        op => is_elementwise(op) && has_kernel(op),
+    }
 }
 
 struct Context<'a> {

@@ -23,6 +23,7 @@ mod kernels;
 mod schedule;
 mod storage;
 pub(crate) mod template;
+mod thin_products;
 mod wgsl;
 
 use crate::error::{Error, Result};
@@ -31,6 +32,7 @@ use crate::tensor::shape_str;
 pub use fusion::Fusion;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+pub use thin_products::{has_thin_products, turn_thin_products};
 
 /// Index of a buffer in [`Plan::buffers`].
 pub type BufferId = usize;

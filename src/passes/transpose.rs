@@ -48,7 +48,7 @@ fn swaps_last_two(perm: &[usize]) -> bool {
 
 /// `x` transposed by `perm` inside patch `p`: composed with `x`'s own transpose when it has
 /// one, and `x`'s source itself when they cancel.
-fn transposed(
+pub(crate) fn transposed(
     p: &mut Patch,
     graph: &Graph,
     x: NodeId,

@@ -13,6 +13,7 @@ use crate::codegen::{self, BufferId, BufferRole, Plan, StateCopy};
 use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, NodeId};
 use crate::tensor::shape_str;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
 use std::path::Path;
@@ -99,22 +100,32 @@ impl Executable {
     /// ([`crate::passes::split_large_constants`]), so a model whose embedding exceeds the
     /// binding limit (GPT-2 small's 154 MB on lavapipe's 128 MiB) still runs.
     pub fn compile(gpu: &Gpu, graph: &Graph) -> Result<Executable> {
-        let limit = gpu.limits().max_storage_buffer_binding_size;
-        let mut split;
-        let graph = if crate::passes::split::needs_split(graph, limit) {
-            split = graph.clone();
-            crate::passes::split_large_constants(&mut split, limit)?;
-            &split
-        } else {
-            graph
-        };
-        let options = gpu.plan_options();
         let start = Instant::now();
-        let plan = crate::codegen::plan_with(graph, &options)?;
+        let (graph, plan) = Executable::plan_for(gpu, graph)?;
         let planned = start.elapsed().as_secs_f64();
-        let mut exe = Executable::new(gpu, &plan, graph)?;
+        let mut exe = Executable::new(gpu, &plan, &graph)?;
         exe.build.plan = planned;
         Ok(exe)
+    }
+
+    /// The graph and plan [`Executable::compile`] runs on `gpu`: constants larger than one
+    /// binding split, thin products turned on a CPU driver (`codegen::turn_thin_products`),
+    /// planned with the device's options (its target and binding limit). What a benchmark
+    /// reports about a compiled graph's kernels and memory comes from here.
+    pub fn plan_for<'g>(gpu: &Gpu, graph: &'g Graph) -> Result<(Cow<'g, Graph>, Plan)> {
+        let limit = gpu.limits().max_storage_buffer_binding_size;
+        let options = gpu.plan_options();
+        let mut graph = Cow::Borrowed(graph);
+        if crate::passes::split::needs_split(&graph, limit) {
+            crate::passes::split_large_constants(graph.to_mut(), limit)?;
+        }
+        if options.target == crate::codegen::Target::Cpu
+            && crate::codegen::has_thin_products(&graph)
+        {
+            crate::codegen::turn_thin_products(graph.to_mut())?;
+        }
+        let plan = crate::codegen::plan_with(&graph, &options)?;
+        Ok((graph, plan))
     }
 
     /// Creates the allocations (checked against the device's limits first, so an oversized
