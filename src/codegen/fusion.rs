@@ -8,32 +8,32 @@
 //! strides. So DoRA's `Aᵀ`, `Bᵀ` and the transposes autodiff makes for `dA = dY Bᵀ` cost nothing.
 //!
 //! **Groups** ([`decide`]): a group is one kernel: an anchor (any op with a kernel) followed by
-//! element-wise nodes (and views) of the anchor's element count, in an order where each reads only values computed
-//! before it. Its last node is its value; an interior value that something outside the group
-//! needs (a graph output, a state's next value, a reader in another kernel) is written beside
-//! it ([`escaping`]: a DoRA layer's `u`, kept for the magnitude gradient, or an Adam moment),
-//! and every other one stays in registers. Anchors
-//! are taken in two passes over the schedule: first the ops that are not element-wise (matmuls,
-//! reductions, index maps), so a matmul claims the element-wise work around its output before an
-//! element-wise node could start a kernel of its own; then the element-wise nodes left over.
-//! A group grows by two moves, while the kernel stays within `max_bindings` storage buffers ([`PORTABLE_BINDINGS`] unless
-//! the plan is made for a device):
+//! element-wise nodes (and views) of the anchor's element count, in an order where each reads
+//! only values computed before it. Its last node is its value; an interior value that something
+//! outside the group needs (a graph output, a state's next value, a reader in another kernel) is
+//! written beside it ([`escaping`]: a DoRA layer's `u`, kept for the magnitude gradient, or an
+//! Adam moment), and every other one stays in registers. Anchors are taken in two passes over
+//! the schedule: first the ops that are not element-wise (matmuls, reductions, index maps), so a
+//! matmul claims the element-wise work around its output before an element-wise node could start
+//! a kernel of its own; then the element-wise nodes left over. A group grows by two moves, while
+//! the kernel stays within `max_bindings` storage buffers ([`PORTABLE_BINDINGS`] unless the plan
+//! is made for a device):
 //!
 //! - *Epilogue*: a live consumer `c` of the group's value `v` joins when `c` is element-wise,
 //!   needs a kernel (a view does not) and has the anchor's element count (an epilogue runs at
 //!   the anchor's flat output index, which a view or a same-count element-wise op keeps: a
-//!   sum's `1 x n` result goes on through a reshape to `n`). When `v` has several consumers, `c` is the earliest scheduled
-//!   that can join; the others may join later as side operands (AdamW's second moment reads
-//!   the gradient its first moment read, and the gradient then stays in registers) or read `v`
-//!   from memory. A join stands only while the kernel, which runs where its last node is
-//!   scheduled, still comes before every reader outside the group of a value computed in it
-//!   (`fits`): those read memory the kernel writes. A same-shape view read alone (DoRA's
-//!   StopGradient) passes the value on in registers.
+//!   sum's `1 x n` result goes on through a reshape to `n`). When `v` has several consumers,
+//!   `c` is the earliest scheduled that can join; the others may join later as side operands
+//!   (AdamW's second moment reads the gradient its first moment read, and the gradient then
+//!   stays in registers) or read `v` from memory. A join stands only while every reader outside
+//!   the group of a value computed in it is scheduled after the group's last node (`fits`):
+//!   those read memory the kernel writes, and the kernel may run as late as that node. A view
+//!   read alone (DoRA's StopGradient, a reshape) passes the value on in registers.
 //! - *Side operand*: before `c` joins, each of its other operands that is itself element-wise,
-//!   of the anchor's element count, not yet in a kernel, and read by `c` alone joins too (with its own
-//!   side operands, recursively); a kept one (a state's next value, a graph output) is written
-//!   beside the output. Its value is computed in the same invocation, so a parameter's whole
-//!   AdamW update runs in the epilogue of the product that computes its gradient.
+//!   of the anchor's element count, not yet in a kernel, and read by `c` alone joins too (with
+//!   its own side operands, recursively); a kept one (a state's next value, a graph output) is
+//!   written beside the output. Its value is computed in the same invocation, so a parameter's
+//!   whole AdamW update runs in the epilogue of the product that computes its gradient.
 //!
 //! **Reduction prologues** ([`is_reduce_prologue`]): an element-wise node that would start a
 //! kernel of its own (no kernel claimed it as an epilogue) and whose one live reader is a
@@ -41,9 +41,10 @@
 //! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
 //!
 //! Nothing a group reads from outside can depend on a value inside it: the path would leave the
-//! group through an outside reader of that value, which `fits` places after the kernel, and so
-//! after the group node that reads the path's end. Running the whole group where its last node
-//! is scheduled therefore keeps the order topological. The groups satisfy the contract of
+//! group through an outside reader of that value, which `fits` places after the group's last
+//! node, and so after the group node that reads the path's end. Nor can two groups read each
+//! other's values. So the groups can be put in an order (`plan_grouped` runs each kernel as
+//! soon as what it reads is computed). The groups satisfy the contract of
 //! [`super::plan_grouped`], which checks it again.
 
 use super::kernels::{is_elementwise, takes_epilogue};

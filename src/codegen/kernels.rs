@@ -310,7 +310,8 @@ pub(super) fn takes_epilogue(op: &Op) -> bool {
 /// Reductions rendered by the sum templates, which run an epilogue on each output element
 /// (DoRA's magnitude gradient `sum(dY * u)` then scales itself and updates m in one kernel).
 fn is_sum(op: &Op) -> bool {
-    matches!(op, Op::Reduce { kind, .. } if kind.def().wgsl.template.name == template::REDUCE_SUM.name)
+    let sum_template = |kind: &Reduce| kind.def().wgsl.template.name == template::REDUCE_SUM.name;
+    matches!(op, Op::Reduce { kind, .. } if sum_template(kind))
 }
 
 /// Ops that compute each output element from the same-index (broadcast) elements of their

@@ -288,11 +288,11 @@ fn has_kernel(op: &Op) -> bool {
 }
 
 /// Plans `graph` with the given kernel groups: each an anchor node followed by element-wise
-/// nodes (and views) of its element count, each reading only values computed before it (e.g. `[matmul, add,
-/// relu]`), and the transposes that kernels read in place (a `Vec` of groups has none). Every
-/// other live node that needs a kernel must be in exactly one group, and only a group's last
-/// value may be read outside it (the others stay in registers). [`plan`] gets its groups from
-/// the fusion pass.
+/// nodes (and views) of its element count, each reading only values computed before it (e.g.
+/// `[matmul, add, relu]`), and the transposes that kernels read in place (a `Vec` of groups has
+/// none). Every other live node that needs a kernel must be in exactly one group, and an
+/// interior value read outside its group is written beside the group's value (the others stay
+/// in registers). [`plan`] gets its groups from the fusion pass.
 pub fn plan_grouped(
     graph: &Graph,
     fusion: impl Into<Fusion>,
