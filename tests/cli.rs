@@ -309,6 +309,64 @@ fn without_a_gpu_adapter_run_falls_back_to_the_reference_executor() {
     assert!(rel(&got, &read("mlp3d", "ort_outputs.safetensors"), "y") < 1e-5);
 }
 
+/// `compile --device` plans for the adapter wgpu finds (lavapipe here: the CPU target's row-
+/// broadcast matmuls and 48 bindings a kernel), where the default plan is the portable one. On
+/// a DoRA training step the device plan fuses more: fewer kernels.
+#[test]
+fn compile_plans_for_the_device_when_asked() {
+    let dir = temp_dir("cli-compile-device");
+    let model = models_dir().join("mlp2d").join("model.onnx");
+    let kernels = |device: bool| {
+        let out_dir = dir.join(if device { "device" } else { "portable" });
+        let mut args = vec![
+            "compile",
+            s(&model),
+            "--train",
+            "--shape",
+            "batch=8",
+            "--emit",
+            "wgsl",
+            "-o",
+            s(&out_dir),
+        ];
+        if device {
+            args.push("--device");
+        }
+        let out = dorac(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n: usize = stdout
+            .lines()
+            .find_map(|l| {
+                l.strip_suffix(" kernels; constant-only (shape) work left in the program: none")
+            })
+            .unwrap_or_else(|| panic!("no kernel count in {stdout}"))
+            .parse()
+            .unwrap();
+        let cpu_matmuls = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .filter(|src| src.contains("Row-broadcast matrix product for CPU adapters"))
+            .count();
+        (stdout, n, cpu_matmuls)
+    };
+    let (_, portable, portable_cpu) = kernels(false);
+    let (stdout, device, device_cpu) = kernels(true);
+    assert!(stdout.contains("planned for "), "{stdout}");
+    assert_eq!(portable_cpu, 0);
+    if stdout.contains("llvmpipe") {
+        assert!(device_cpu > 0, "{stdout}");
+        assert!(
+            device < portable,
+            "device {device} kernels, portable {portable}"
+        );
+    }
+}
+
 #[test]
 fn compile_reports_no_shape_work_left_in_a_transformer() {
     let dir = temp_dir("cli-compile-gpt2");

@@ -54,11 +54,22 @@ pub struct Args {
     /// plan shows each such buffer's size and format.
     #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
     pub storage: Option<super::common::StorageArg>,
+    /// Plan for the GPU wgpu finds, as `run` and `train` do, instead of the portable plan (GPU
+    /// kernel shapes, 8 storage buffers per kernel, which runs on every adapter): that
+    /// adapter's kernel shapes (a CPU driver such as lavapipe has its own), as many buffers per
+    /// kernel as it allows, and on a CPU driver thin products turned.
+    #[arg(long, help_heading = "Engine")]
+    pub device: bool,
+    /// With --device: the GPU backend, vulkan, metal, dx12 or gl [default: the first wgpu
+    /// finds].
+    #[arg(long, value_name = "B", requires = "device", help_heading = "Engine")]
+    pub backend: Option<String>,
 }
 
 const COMPILE_EXAMPLES: &str = "\
 Examples:
   dorac compile models/mlp3d/model.onnx --emit plan --emit wgsl -o mlp3d-compiled
+  dorac compile models/mlp3d/model.onnx --device --emit plan -o mlp3d-on-this-gpu
   dorac compile models/mlp2d/model.onnx --train --method lora --rank 4 --target layers.0 --shape batch=32 --emit plan -o mlp2d-train-step
   dorac compile models/mlp2d/model.onnx --adapter models/mlp2d/peft_dora --shape batch=8 --emit ir --emit dot -o mlp2d-dora-ir";
 
@@ -136,7 +147,13 @@ pub fn run(args: Args) -> Result<()> {
     if args.emit.contains(&Emit::Dot) {
         write("graph.dot", &crate::ir::to_dot(&graph))?;
     }
-    let plan = crate::codegen::plan(&graph)?;
+    let plan = if args.device {
+        let gpu = crate::runtime::Gpu::new(args.backend.as_deref())?;
+        println!("planned for {}", gpu.describe());
+        crate::runtime::Executable::plan_for(&gpu, &graph)?.1
+    } else {
+        crate::codegen::plan(&graph)?
+    };
     // Work that depends only on constants (shape arithmetic, masks built from constants) must
     // have been folded away: a kernel reading nothing but constants would redo it every run.
     let constant_only: Vec<&str> = plan

@@ -193,7 +193,7 @@ pub fn is_reduce_prologue(
     is_elementwise(op)
         && has_kernel(op)
         && !kept.contains(&n)
-        && graph.inputs_of(n).len() <= max_bindings - 2
+        && graph.inputs_of(n).len() + 2 <= max_bindings
         && matches!(readers.as_slice(), [r] if matches!(graph.node(*r).op, Op::Reduce { .. }))
 }
 
