@@ -147,7 +147,12 @@ fn f32_init(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
         name: Some(name.into()),
         dims: dims.to_vec(),
         data_type: Some(DataType::Float as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        raw_data: Some(
+            v.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
         ..Default::default()
     }
 }
@@ -1145,7 +1150,7 @@ fn typed_tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> 
         name: Some(name.into()),
         dims: dims.to_vec(),
         data_type: Some(data_type as i32),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }

@@ -40,8 +40,22 @@ pub const MAX_PROTO_BYTES: usize = (1 << 31) - 1;
 /// wrong path or a half-downloaded file is reported as such instead of as a confusing import
 /// error later.
 pub fn load_model(path: &Path) -> Result<proto::ModelProto> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(&bytes).map_err(|e| e.within(Subject::file(path)))
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let decoded = if !meta.is_file() || meta.len() == 0 {
+        // Nothing to map (an empty file), or not a file (a pipe, a folder): read it, which
+        // also gives a folder its usual error.
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        decode(&bytes[..])
+    } else {
+        // The file is mapped, not read: the weights' `raw_data` are slices of the mapping
+        // (`Bytes`), so decoding copies none of them, and the importer copies each once.
+        // SAFETY: the mapping is read-only; like every reader of a model file, dorac assumes the
+        // file is not truncated or rewritten while it runs.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        decode(prost::bytes::Bytes::from_owner(map))
+    };
+    decoded.map_err(|e| e.within(Subject::file(path)))
 }
 
 /// Decodes an in-memory ONNX model; `what` names it in errors (a file name, say). The same
@@ -50,8 +64,8 @@ pub fn decode_model(bytes: &[u8], what: &str) -> Result<proto::ModelProto> {
     decode(bytes).map_err(|e| e.within(Subject::context(what)))
 }
 
-fn decode(bytes: &[u8]) -> Result<proto::ModelProto> {
-    if bytes.is_empty() {
+fn decode(bytes: impl prost::bytes::Buf) -> Result<proto::ModelProto> {
+    if !bytes.has_remaining() {
         return Err(Error::onnx("not an ONNX model (the file is empty)"));
     }
     let model = proto::ModelProto::decode(bytes)
