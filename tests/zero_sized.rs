@@ -4,16 +4,15 @@
 
 mod common;
 
-use common::{gpu, rel};
+use common::{gpu, run_reference};
 use dorac::codegen::{self, PlanOptions, Target};
 use dorac::ir::{unary, Binary, GraphBuilder, Op, Reduce};
 use dorac::runtime::Executable;
-use dorac::tensor::{Array, Tensor};
+use dorac::tensor::{relative_error, Array, Tensor};
 use std::collections::{BTreeMap, HashMap};
 
 fn check(name: &str, g: &dorac::ir::Graph, feeds: &BTreeMap<String, Array>) {
-    let want = dorac::reference::run(g, &feeds.clone().into_iter().collect::<HashMap<_, _>>())
-        .unwrap_or_else(|e| panic!("{name}: reference: {e}"));
+    let want = run_reference(g, feeds);
     let host: HashMap<String, Vec<f32>> = feeds
         .iter()
         .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
@@ -39,51 +38,27 @@ fn compare(
     name: &str,
     g: &dorac::ir::Graph,
     got: &HashMap<String, Vec<f32>>,
-    want: &HashMap<String, Array>,
+    want: &BTreeMap<String, Array>,
 ) {
     for (out, _) in g.outputs() {
-        let a: BTreeMap<String, Array> = [(
-            out.clone(),
-            Array::from_f32(want[out].shape.clone(), &got[out]),
-        )]
-        .into();
-        let b: BTreeMap<String, Array> = [(out.clone(), want[out].clone())].into();
+        let (got, want) = (&got[out], &want[out].data);
         // Infinities (a max over nothing) must agree exactly; the rest within 1e-5.
-        let finite = |v: &[f64]| {
-            v.iter()
-                .map(|x| if x.is_infinite() { 0.0 } else { *x })
-                .collect()
-        };
-        let same_inf = got[out]
+        let same_inf = got
             .iter()
-            .zip(&want[out].data)
+            .zip(want)
             .all(|(g, w)| w.is_finite() || *g as f64 == *w);
-        assert!(
-            same_inf,
-            "{name}/{out}: {:?} against {:?}",
-            got[out], want[out].data
-        );
-        let a: BTreeMap<String, Array> = [(
-            out.clone(),
-            Array::new(want[out].shape.clone(), finite(&a[out].data)),
-        )]
-        .into();
-        let b: BTreeMap<String, Array> = [(
-            out.clone(),
-            Array::new(want[out].shape.clone(), finite(&b[out].data)),
-        )]
-        .into();
-        let e = if want[out].data.is_empty() {
+        assert!(same_inf, "{name}/{out}: {got:?} against {want:?}");
+        let finite = |v: &mut dyn Iterator<Item = f64>| -> Vec<f64> {
+            v.map(|x| if x.is_infinite() { 0.0 } else { x }).collect()
+        };
+        let a = finite(&mut got.iter().map(|&x| x as f64));
+        let b = finite(&mut want.iter().copied());
+        let e = if b.is_empty() {
             0.0
         } else {
-            rel(&a, &b, out)
+            relative_error(&a, &b)
         };
-        assert!(
-            e < 1e-5,
-            "{name}/{out}: {e}: {:?} against {:?}",
-            got[out],
-            want[out].data
-        );
+        assert!(e < 1e-5, "{name}/{out}: {e}: {got:?} against {want:?}");
     }
 }
 
