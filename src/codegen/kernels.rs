@@ -253,6 +253,8 @@ pub(crate) struct Decisions<'p> {
     pub transposed: &'p BTreeSet<NodeId>,
     /// Element-wise nodes computed by the reduction that reads them (see `fusion`).
     pub prologues: &'p BTreeSet<NodeId>,
+    /// Element-wise chains that a sum computes beside its terms, by the sum's anchor.
+    pub term_chains: &'p BTreeMap<NodeId, Vec<NodeId>>,
     /// Constants stored in half precision (see `storage`).
     pub half: &'p BTreeMap<NodeId, Half>,
     /// Interior values of groups that are read outside their group (see `fusion::escaping`):
@@ -309,7 +311,7 @@ pub(super) fn takes_epilogue(op: &Op) -> bool {
 
 /// Reductions rendered by the sum templates, which run an epilogue on each output element
 /// (DoRA's magnitude gradient `sum(dY * u)` then scales itself and updates m in one kernel).
-fn is_sum(op: &Op) -> bool {
+pub(super) fn is_sum(op: &Op) -> bool {
     let sum_template = |kind: &Reduce| kind.def().wgsl.template.name == template::REDUCE_SUM.name;
     matches!(op, Op::Reduce { kind, .. } if sum_template(kind))
 }
@@ -1196,6 +1198,16 @@ fn reduce(
             .to_string()
     };
     b.helpers.push(x_get);
+    // The chain computed beside the terms (see `fusion`), at each term's index in x.
+    let beside = match d.term_chains.get(&n).filter(|_| is_sum(&node.op)) {
+        Some(chain) => {
+            let helper = term_chain(&mut b, chain, d.escapes)?;
+            b.helpers.push(helper);
+            let indent = if lanes { "        " } else { "            " };
+            format!("\n{indent}term_chain(base + reduced_offset(t));")
+        }
+        None => String::new(),
+    };
     if !lanes {
         b.libs.insert(Lib::WorkgroupReduce);
     }
@@ -1246,10 +1258,58 @@ fn reduce(
         lines.extend(more);
         lines.push(format!("{indent}y[i] = {last};"));
         values.push(("EPILOGUE", lines.join("\n")));
+        values.push(("BESIDE", beside));
     }
-    let summary = with_epilogue(graph, summary, group);
+    let mut summary = with_epilogue(graph, summary, group);
+    if let Some(chain) = d.term_chains.get(&n) {
+        let ops: Vec<String> = chain.iter().map(|&c| op_title(&graph.node(c).op)).collect();
+        summary = format!("{summary}; beside its terms, {}", ops.join(", "));
+    }
     let out = *group.last().expect("groups are not empty");
     b.finish(template, name, out, values, workgroups, summary)
+}
+
+/// The helper `term_chain(i)` that computes element `i` of each node of `chain` (element-wise
+/// nodes of the reduced tensor's element count, each reading earlier ones in registers) and
+/// stores the chain's last value and the values read outside it, into bindings `z{k}`.
+fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> Result<String> {
+    let graph = b.graph;
+    let indent = "    ";
+    let mut lines = vec![];
+    let last = chain.len() - 1;
+    for (k, &n) in chain.iter().enumerate() {
+        let node = graph.node(n);
+        let mut args = vec![];
+        for (slot, &input) in graph.inputs_of(n).iter().enumerate() {
+            if let Some(j) = chain[..k].iter().position(|&c| c == input) {
+                args.push(format!("w{j}"));
+                continue;
+            }
+            let (line, value) = b.load(&format!("c{k}_{slot}"), input, &node.shape, indent);
+            lines.push(line);
+            args.push(value);
+        }
+        let expr = if node.op.is_view() {
+            args[0].clone()
+        } else {
+            elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?
+        };
+        lines.push(format!(
+            "{indent}let w{k} = {expr}; {}",
+            node_comment(graph, n)
+        ));
+        if k == last || (escapes.contains(&n) && !node.op.is_view()) {
+            let name = format!("z{k}");
+            lines.push(format!("{indent}{name}[i] = w{k};"));
+            b.writes.push((name, n));
+        }
+    }
+    Ok(format!(
+        "// The element-wise chain computed beside the terms: element i of each value, from the\n\
+         // term's own index, stored where a reader outside the kernel needs it.\n\
+         fn term_chain(i: u32) {{\n{}\n}}",
+        lines.join("\n")
+    ))
 }
 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with

@@ -107,7 +107,8 @@ pub struct Kernel {
     /// `k03_gemm_layers_0_gemm`: position, op(s), sanitised node label. Stable across runs for
     /// the same graph, so it can name snapshots, profiles and error messages.
     pub name: String,
-    /// The IR nodes it computes: the anchor first, then its element-wise epilogue.
+    /// The IR nodes it computes: the anchor first, then its element-wise epilogue, then the
+    /// element-wise chain a sum computes beside its terms (`Fusion::term_chains`), if any.
     pub nodes: Vec<NodeId>,
     /// The nodes' labels (ONNX node names), parallel to `nodes`, for the listing and messages.
     pub labels: Vec<String>,
@@ -298,27 +299,30 @@ pub fn plan_grouped(
     fusion: impl Into<Fusion>,
     options: &PlanOptions,
 ) -> Result<Plan> {
-    let Fusion {
-        groups,
-        operand_transposes: transposed,
-        reduce_prologues: prologues,
-    } = fusion.into();
+    let mut fusion: Fusion = fusion.into();
     let order = schedule::order(graph)?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
+    let groups = std::mem::take(&mut fusion.groups);
     let groups = check_groups(
         graph,
         groups,
-        &transposed,
-        &prologues,
+        &fusion,
         &live,
         &position,
         options.max_bindings,
     )?;
+    let Fusion {
+        operand_transposes: transposed,
+        reduce_prologues: prologues,
+        term_chains,
+        ..
+    } = fusion;
     let half = storage::half_stored(graph, &transposed, &live);
     let kept = fusion::kept(graph);
     let escapes: BTreeSet<NodeId> = groups
         .iter()
+        .chain(term_chains.values())
         .flat_map(|g| fusion::escaping(graph, g, &live, &kept))
         .collect();
 
@@ -331,6 +335,7 @@ pub fn plan_grouped(
     };
     let in_group: HashSet<NodeId> = groups
         .iter()
+        .chain(term_chains.values())
         .flat_map(|g| g[..g.len() - 1].iter().copied())
         .filter(|n| !written(n))
         .collect();
@@ -386,6 +391,7 @@ pub fn plan_grouped(
     let decisions = kernels::Decisions {
         transposed: &transposed,
         prologues: &prologues,
+        term_chains: &term_chains,
         half: &half,
         escapes: &escapes,
         max_workgroups: options.max_workgroups_per_dim,
@@ -396,6 +402,8 @@ pub fn plan_grouped(
         let emitted = kernels::emit(graph, &group, &name, &decisions)?;
         validate(&name, &emitted.source)?;
         let last = *group.last().expect("groups are not empty");
+        let mut nodes = group;
+        nodes.extend(term_chains.get(&nodes[0]).into_iter().flatten());
         plan.kernels.push(Kernel {
             name,
             summary: emitted.summary,
@@ -412,8 +420,8 @@ pub fn plan_grouped(
                 .map(|n| plan.node_buffers[n])
                 .collect(),
             workgroups: emitted.workgroups,
-            labels: group.iter().map(|&n| graph.node(n).label.clone()).collect(),
-            nodes: group,
+            labels: nodes.iter().map(|&n| graph.node(n).label.clone()).collect(),
+            nodes,
         });
     }
     plan_state(graph, &mut plan)?;
@@ -570,12 +578,13 @@ fn reuse_buffers(plan: &mut Plan) {
 fn check_groups(
     graph: &Graph,
     groups: Vec<Vec<NodeId>>,
-    transposed: &BTreeSet<NodeId>,
-    prologues: &BTreeSet<NodeId>,
+    fusion: &Fusion,
     live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
     max_bindings: usize,
 ) -> Result<Vec<Vec<NodeId>>> {
+    let (transposed, prologues) = (&fusion.operand_transposes, &fusion.reduce_prologues);
+    let term_chains = &fusion.term_chains;
     let bad = |m: String| Err(Error::graph(format!("kernel groups: {m}")));
     let mut seen = HashSet::new();
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, n)| *n).collect();
@@ -644,6 +653,52 @@ fn check_groups(
             ));
         }
     }
+    for (host, chain) in term_chains {
+        let x = graph.inputs_of(*host).first().copied();
+        let group = groups.iter().find(|g| g[0] == *host);
+        // The chain runs as the terms load and the sum's epilogue after them: neither may read
+        // the other's values in registers of the same kernel.
+        let host_reads: HashSet<NodeId> = group
+            .into_iter()
+            .flatten()
+            .chain(x.iter().filter(|x| prologues.contains(x)))
+            .flat_map(|&n| graph.inputs_of(n))
+            .collect();
+        let independent = chain.iter().all(|&n| {
+            !host_reads.contains(&n)
+                && graph
+                    .inputs_of(n)
+                    .iter()
+                    .all(|i| !group.is_some_and(|g| g.contains(i)))
+        });
+        let fits = group.is_some()
+            && independent
+            && kernels::is_sum(&graph.node(*host).op)
+            && x.is_some_and(|x| chain.first().map(|&c| graph.shape(c)) == Some(graph.shape(x)))
+            && chain.iter().all(|&n| {
+                let op = &graph.node(n).op;
+                (kernels::is_elementwise(op) || op.is_view())
+                    && graph.node(n).numel() == graph.node(chain[0]).numel()
+            });
+        if !fits {
+            return bad(format!(
+                "the sum '{}' cannot compute an element-wise chain beside its terms",
+                graph.node(*host).label
+            ));
+        }
+        for &n in chain {
+            if !has_kernel(&graph.node(n).op) && !graph.node(n).op.is_view()
+                || transposed.contains(&n)
+                || prologues.contains(&n)
+                || !seen.insert(n)
+            {
+                return bad(format!(
+                    "node '{}' in a term chain is in another group or needs no kernel",
+                    graph.node(n).label
+                ));
+            }
+        }
+    }
     if let Some(&n) = live.iter().find(|&&n| {
         has_kernel(&graph.node(n).op)
             && !seen.contains(&n)
@@ -652,7 +707,7 @@ fn check_groups(
     }) {
         return bad(format!("node '{}' is in no group", graph.node(n).label));
     }
-    execution_order(graph, groups, position)
+    execution_order(graph, groups, term_chains, position)
 }
 
 /// The groups in the order their kernels run: each after the kernels that compute what it
@@ -665,9 +720,18 @@ fn check_groups(
 fn execution_order(
     graph: &Graph,
     groups: Vec<Vec<NodeId>>,
+    term_chains: &BTreeMap<NodeId, Vec<NodeId>>,
     position: &HashMap<NodeId, usize>,
 ) -> Result<Vec<Vec<NodeId>>> {
-    let owner: HashMap<NodeId, usize> = groups
+    // Each kernel's nodes: its group, and the chain it computes beside a sum's terms.
+    let members: Vec<Vec<NodeId>> = groups
+        .iter()
+        .map(|g| {
+            let chain = term_chains.get(&g[0]).into_iter().flatten();
+            g.iter().chain(chain).copied().collect()
+        })
+        .collect();
+    let owner: HashMap<NodeId, usize> = members
         .iter()
         .enumerate()
         .flat_map(|(g, nodes)| nodes.iter().map(move |&n| (n, g)))
@@ -675,7 +739,7 @@ fn execution_order(
     // The groups whose values group g reads: through views, transposes read in place and
     // reduction prologues, which have no kernel, to the kernels that computed their sources.
     let mut needs: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); groups.len()];
-    for (g, nodes) in groups.iter().enumerate() {
+    for (g, nodes) in members.iter().enumerate() {
         let mut stack: Vec<NodeId> = nodes.iter().flat_map(|&n| graph.inputs_of(n)).collect();
         let mut seen = HashSet::new();
         while let Some(v) = stack.pop() {
