@@ -10,6 +10,9 @@
 // its elements into one partial sum per row; invocation 0 adds the 64 partial sums of each row
 // (one barrier, where a tree per row would take 7 each: a barrier is dear on a CPU driver) and
 // runs the epilogue (the rest of the magnitude scale) on each row's sum `acc`. Features past the edges are clamped for loading and contribute nothing.
+//
+// One dispatch computes LAYERS layers of the same shapes (their norms read only their own
+// parameters): workgroup g runs layer g / GROUPS's function, on its own bindings.
 
 {{BINDINGS}}
 
@@ -25,76 +28,23 @@ const ROWS: u32 = {{ROWS}}u;
 const VECS: u32 = {{VECS}}u;
 const WG: u32 = 64u;
 const TILE: u32 = 4u * VECS * WG;
+// Workgroups per layer, and layers.
+const GROUPS: u32 = {{GROUPS}}u;
+const LAYERS: u32 = {{LAYERS}}u;
 
 // Every invocation's partial sums, for invocation 0 to add up.
 var<workgroup> partials: array<array<f32, ROWS>, WG>;
 
 {{HELPERS}}
 
+{{LAYER_FNS}}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let j0 = ((wg.z * GRID_Y + wg.y) * GRID_X + wg.x) * ROWS; // first output feature
-    if j0 >= OUT {
-        return;
-    }
-    // The output features this workgroup loads, clamped to the last one.
-    var js: array<u32, ROWS>;
-    for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-        js[jr] = min(j0 + jr, OUT - 1u);
-    }
-    // part[jr]: this invocation's share of || ALPHA W[:, j0 + jr] + S (B A)[j0 + jr, :] ||².
-    var part: array<f32, ROWS>;
-    for (var t0 = 0u; t0 < IN; t0 = t0 + TILE) {
-        let i0 = t0 + 4u * lid;
-        // The input features of this tile that this invocation owns (clamped), and which of
-        // them are real.
-        var feats: array<vec4<u32>, VECS>;
-        var real: array<vec4<f32>, VECS>;
-        for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-            let f = vec4<u32>(i0) + 4u * WG * ci + vec4<u32>(0u, 1u, 2u, 3u);
-            feats[ci] = min(f, vec4<u32>(IN - 1u));
-            real[ci] = select(vec4<f32>(0.0), vec4<f32>(1.0), f < vec4<u32>(IN));
-        }
-        // ba[jr][ci][e] = (B A)[j0 + jr, feats[ci][e]].
-        var ba: array<array<vec4<f32>, VECS>, ROWS>;
-        for (var k = 0u; k < R; k = k + 1u) {
-            var av: array<vec4<f32>, VECS>;
-            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-                let f = k * IN + feats[ci];
-                av[ci] = vec4<f32>(lora_a[f.x], lora_a[f.y], lora_a[f.z], lora_a[f.w]);
-            }
-            for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-                let bv = vec4<f32>(lora_b[js[jr] * R + k]);
-                for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-                    ba[jr][ci] = fma(bv, av[ci], ba[jr][ci]);
-                }
-            }
-        }
-        for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-                let f = feats[ci];
-                let j = js[jr];
-                let wv = vec4<f32>(w_get(f.x, j), w_get(f.y, j), w_get(f.z, j), w_get(f.w, j));
-                let d = (ALPHA * wv + S * ba[jr][ci]) * real[ci];
-                part[jr] = part[jr] + dot(d, d);
-            }
-        }
-    }
-    partials[lid] = part;
-    workgroupBarrier();
-    if lid == 0u {
-        var sums: array<f32, ROWS>;
-        for (var t = 0u; t < WG; t = t + 1u) {
-            for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-                sums[jr] = sums[jr] + partials[t][jr];
-            }
-        }
-        for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-            let i = j0 + jr;
-            if i < OUT {
-                let acc = sums[jr];
-{{EPILOGUE}}
-            }
-        }
+    let g = (wg.z * GRID_Y + wg.y) * GRID_X + wg.x;
+    let j0 = (g % GROUPS) * ROWS; // first output feature
+    switch g / GROUPS {
+{{CALLS}}
+        default: {}
     }
 }

@@ -695,6 +695,69 @@ fn dora_norm_kernel() {
     c.check_plan(&plan);
 }
 
+/// The norms of DoRA layers of the same shapes share one dispatch when the kernel may bind
+/// enough buffers (a device plan): three layers, one with W stored as f16 and one whose squared
+/// norm is also read outside (written beside), each with its own epilogue; a layer of other
+/// shapes keeps its own kernel. Checked against the reference on both targets.
+#[test]
+fn dora_norms_of_layers_share_a_dispatch() {
+    let mut c = Case::new("dora_norms_of_layers_share_a_dispatch");
+    let p = dorac::ops::DoraNorm {
+        alpha: 1.0,
+        scale: 0.5,
+        weight_out_in: true,
+    };
+    for (l, (fin, fout, r)) in [(600, 21, 8), (600, 21, 8), (600, 21, 8), (40, 21, 8)]
+        .into_iter()
+        .enumerate()
+    {
+        let w = if l == 1 {
+            let v: Vec<f32> = (c.values(fout * fin, -1.0, 1.0).into_iter())
+                .map(|x| Half::F16.round(x))
+                .collect();
+            let n = c.graph.add_const("w1", Tensor::f32(vec![fout, fin], v));
+            c.graph.mark_half(n, Half::F16);
+            n
+        } else {
+            c.constant(&format!("w{l}"), &[fout, fin], -1.0, 1.0)
+        };
+        let a = c.input(&format!("a{l}"), &[r, fin], -1.0, 1.0);
+        let b = c.input(&format!("b{l}"), &[fout, r], -1.0, 1.0);
+        let m = c.input(&format!("m{l}"), &[fout], 0.5, 2.0);
+        let n2 = c.op(Op::DoraNormSq(p), &[w, a, b], &format!("n2_{l}"));
+        if l == 2 {
+            c.output("n2_2", n2);
+        }
+        let safe = c.op(un(unary::POSITIVE_OR_ONE), &[n2], &format!("safe{l}"));
+        let norm = c.op(un(unary::SQRT), &[safe], &format!("norm{l}"));
+        c.out(bin(Binary::Div), &[m, norm], &format!("g{l}"));
+    }
+    for target in [Target::Gpu, Target::Cpu] {
+        let options = PlanOptions {
+            target,
+            max_bindings: 48,
+            ..PlanOptions::default()
+        };
+        let plan = codegen::plan_with(&c.graph, &options).unwrap();
+        let norms: Vec<&codegen::Kernel> = (plan.kernels.iter())
+            .filter(|k| k.name.contains("dora_norm_sq"))
+            .collect();
+        assert_eq!(norms.len(), 2, "{plan}");
+        assert!(norms[0].name.contains("_x3_"), "{}", norms[0].name);
+        assert_eq!(norms[0].also_writes.len(), 3, "g0, g1 and n2_2 beside g2");
+        c.check_plan(&plan);
+    }
+    // A portable plan (8 bindings) has no room for two layers.
+    let plan = codegen::plan(&c.graph).unwrap();
+    assert_eq!(
+        (plan.kernels.iter())
+            .filter(|k| k.name.contains("dora_norm_sq"))
+            .count(),
+        4,
+        "{plan}"
+    );
+}
+
 // ---------------------------------------------------------------- layout ops and reductions
 
 #[test]

@@ -40,6 +40,11 @@
 //! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.
 //! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
 //!
+//! **Layer batches** ([`batch_norms`]): DoRA's norm kernels read only their layer's parameters,
+//! so every layer's could run at the start of the step. Norm groups of the same shapes and
+//! attributes are put back to back in one group (as many as `max_bindings` allows), which one
+//! dispatch computes, each layer on its own bindings (`kernels::dora_norm`).
+//!
 //! **Term chains** ([`host_term_chains`]): an element-wise group left with a kernel of its own
 //! that reads, element for element, a tensor a sum also reads (the sum's input, or an input of
 //! its prologue) is computed by the sum as it loads each term, and written from there: each
@@ -148,6 +153,9 @@ pub fn decide(graph: &Graph, fuse: bool, max_bindings: usize) -> Result<Fusion> 
             groups.push(group);
         }
     }
+    if fuse {
+        batch_norms(&ctx, &mut groups);
+    }
     let term_chains = if fuse {
         host_term_chains(&ctx, &mut groups, &reduce_prologues)
     } else {
@@ -159,6 +167,60 @@ pub fn decide(graph: &Graph, fuse: bool, max_bindings: usize) -> Result<Fusion> 
         reduce_prologues,
         term_chains,
     })
+}
+
+/// Appends each DoRA norm group to the first earlier one of the same attributes and input
+/// shapes (module docs) while the kernel stays within `max_bindings` and no kernel would then
+/// need, directly or through others, a value it computes itself.
+fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>) {
+    let graph = ctx.graph;
+    let key = |g: &[NodeId]| match &graph.node(g[0]).op {
+        Op::DoraNormSq(p) => {
+            let shapes: Vec<Vec<usize>> = (graph.inputs_of(g[0]).iter())
+                .map(|&i| graph.shape(i).to_vec())
+                .collect();
+            Some((*p, shapes))
+        }
+        _ => None,
+    };
+    let mut g = 0;
+    while g < groups.len() {
+        let Some(k) = key(&groups[g]) else {
+            g += 1;
+            continue;
+        };
+        let batch = (0..g).find(|&b| {
+            // Each layer binds its own weights: two norms of the same weights stay apart.
+            let weights = |g: &[NodeId]| -> Vec<NodeId> {
+                (g.iter())
+                    .filter(|&&n| matches!(graph.node(n).op, Op::DoraNormSq(_)))
+                    .flat_map(|&n| graph.inputs_of(n))
+                    .collect()
+            };
+            let taken = weights(&groups[b]);
+            if key(&groups[b]).as_ref() != Some(&k)
+                || weights(&groups[g]).iter().any(|w| taken.contains(w))
+            {
+                return false;
+            }
+            let mut merged = groups[b].clone();
+            merged.extend(&groups[g]);
+            if bindings(graph, &merged, ctx.live, &ctx.kept) > ctx.max_bindings {
+                return false;
+            }
+            let mut kernels = groups.clone();
+            kernels[b] = merged;
+            kernels.remove(g);
+            acyclic(&kernel_needs(graph, &kernels))
+        });
+        match batch {
+            Some(b) => {
+                let layer = groups.remove(g);
+                groups[b].extend(layer);
+            }
+            None => g += 1,
+        }
+    }
 }
 
 /// Moves each element-wise group that a sum's kernel can compute beside its terms (module docs)

@@ -99,6 +99,9 @@ struct Builder<'g> {
     half: BTreeMap<NodeId, Half>,
     libs: BTreeSet<Lib>,
     helpers: Vec<String>,
+    /// Prefix of the bindings declared now: a kernel computing several layers at once (see
+    /// `dora_norm`) names each layer's bindings apart.
+    scope: String,
 }
 
 impl<'g> Builder<'g> {
@@ -111,6 +114,7 @@ impl<'g> Builder<'g> {
             half: BTreeMap::new(),
             libs: BTreeSet::new(),
             helpers: vec![],
+            scope: String::new(),
         }
     }
 
@@ -130,10 +134,12 @@ impl<'g> Builder<'g> {
         (self.bind(name, node), half)
     }
 
-    /// Declares an input binding named `name` holding `node`'s value; returns the name.
+    /// Declares an input binding named `name` (after the scope) holding `node`'s value;
+    /// returns the name.
     fn bind(&mut self, name: &str, node: NodeId) -> String {
-        self.inputs.push((name.to_string(), node));
-        name.to_string()
+        let name = format!("{}{name}", self.scope);
+        self.inputs.push((name.clone(), node));
+        name
     }
 
     /// The node whose buffer a read of `node` binds, and the permutation to read it through:
@@ -414,7 +420,7 @@ fn epilogue(
     let last = group.len() - 1;
     let store = |b: &mut Builder, lines: &mut Vec<String>, k: usize| {
         if k < last && escapes.contains(&group[k]) {
-            let name = format!("y{k}");
+            let name = format!("{}y{k}", b.scope);
             lines.push(format!(
                 "{indent}{name}[i] = v{k}; // also read outside the kernel"
             ));
@@ -1313,7 +1319,11 @@ fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> 
 }
 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with
-/// the element-wise epilogue (clamp, square root, `m / norm`) run by its first invocation.
+/// the element-wise epilogue (clamp, square root, `m / norm`) run by its first invocation. A
+/// group may hold several layers of the same shapes back to back, each a DoraNormSq node and its
+/// epilogue (`fusion` batches them): one dispatch then computes them all, each layer in a
+/// function of its own on its own bindings, and every layer but the last writes its value
+/// beside the kernel's output.
 fn dora_norm(
     graph: &Graph,
     group: &[NodeId],
@@ -1321,52 +1331,52 @@ fn dora_norm(
     name: &str,
     d: &Decisions,
 ) -> Result<Emitted> {
-    let (max_wg, half) = (d.max_workgroups, d.half);
     let n = group[0];
     let ins = graph.inputs_of(n);
-    let (w_shape, a_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
-    let (fin, fout) = p.in_out(w_shape);
+    let (w_shape, a_shape) = (graph.shape(ins[0]).to_vec(), graph.shape(ins[1]).to_vec());
+    let (fin, fout) = p.in_out(&w_shape);
     let r = a_shape[0];
+    let starts: Vec<usize> = (0..group.len())
+        .filter(|&k| matches!(graph.node(group[k]).op, Op::DoraNormSq(_)))
+        .collect();
+    let layers: Vec<&[NodeId]> = (0..starts.len())
+        .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
+        .collect();
     let mut b = Builder::new(graph, &NO_TRANSPOSES);
-    let (_, w_half) = b.bind_stored("w", ins[0], half);
-    b.bind("lora_a", ins[1]);
-    b.bind("lora_b", ins[2]);
-    let w_at = if p.weight_out_in {
-        "j * IN + i"
-    } else {
-        "i * OUT + j"
+    let (mut fns, mut calls, mut summaries) = (vec![], vec![], vec![]);
+    for (l, layer) in layers.iter().enumerate() {
+        let node = graph.node(layer[0]);
+        let same = graph
+            .inputs_of(layer[0])
+            .iter()
+            .map(|&i| graph.shape(i))
+            .eq(ins.iter().map(|&i| graph.shape(i)));
+        if node.op != Op::DoraNormSq(*p) || !same {
+            return Err(Error::gpu(format!(
+                "kernel {name}: '{}' is not a DoRA norm of the first layer's shapes (emitter bug)",
+                node.label
+            )));
+        }
+        let (fn_text, summary) = dora_norm_layer(&mut b, layer, p, l, layers.len(), d)?;
+        fns.push(fn_text);
+        summaries.push(summary);
+        calls.push(format!(
+            "        case {l}u: {{\n            {}column_norms(j0, lid);\n        }}",
+            b.scope
+        ));
+    }
+    b.scope.clear();
+    let summary = match summaries.len() {
+        1 => summaries.remove(0),
+        k => format!("{k} layers: {}", summaries.join("; ")),
     };
-    b.helpers.push(format!(
-        "// W[i, j] (row i of the `in` axis, column j){}.\n\
-         fn w_get(i: u32, j: u32) -> f32 {{\n    return {};\n}}",
-        match w_half {
-            Some(h) => format!(", stored as {}", h.name()),
-            None => String::new(),
-        },
-        storage::half_load("w", w_at, w_half)
-    ));
-    let indent = "                ";
-    let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
-    let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
-    lines.extend(more);
-    lines.push(format!("{indent}y[i] = {last};"));
-    let summary = format!(
-        "dora_norm_sq alpha={} s={}: W {}{}, A {}, B {} -> {}",
-        p.alpha,
-        p.scale,
-        shape_str(w_shape),
-        if p.weight_out_in { " (out x in)" } else { "" },
-        shape_str(a_shape),
-        shape_str(graph.shape(ins[2])),
-        shape_str(&graph.node(n).shape)
-    );
-    let summary = with_epilogue(graph, summary, group);
     // Output features per workgroup and vec4s of input features per invocation: the shape of
     // the row-broadcast matmul (see MatmulShape::Columns), which keeps the accumulators in
     // registers on a CPU driver; one vec4 when a row is too short to fill two.
     let rows = fout.clamp(1, COLUMNS_ROWS);
     let vecs = if fin > 4 * 64 { 2 } else { 1 };
-    let workgroups = wgsl::grid(fout.div_ceil(rows), max_wg, name)?;
+    let groups = fout.div_ceil(rows);
+    let workgroups = wgsl::grid(groups * layers.len(), d.max_workgroups, name)?;
     b.finish(
         template::DORA_NORM,
         name,
@@ -1379,13 +1389,90 @@ fn dora_norm(
             ("S", wgsl::f32_lit(p.scale)?),
             ("ROWS", rows.to_string()),
             ("VECS", vecs.to_string()),
+            ("GROUPS", groups.to_string()),
+            ("LAYERS", layers.len().to_string()),
             ("GRID_X", workgroups[0].to_string()),
             ("GRID_Y", workgroups[1].to_string()),
-            ("EPILOGUE", lines.join("\n")),
+            ("LAYER_FNS", fns.join("\n\n")),
+            ("CALLS", calls.join("\n")),
         ],
         workgroups,
         summary,
     )
+}
+
+/// Layer `l` of `count` in a DoRA norm kernel: binds its weights (prefixed `l{l}_` when there
+/// are several layers), and renders its function from `dora_norm_layer.wgsl` and its summary.
+/// The last layer's value is the kernel's output `y`; the others write theirs beside it.
+fn dora_norm_layer(
+    b: &mut Builder,
+    layer: &[NodeId],
+    p: &crate::ops::DoraNorm,
+    l: usize,
+    count: usize,
+    d: &Decisions,
+) -> Result<(String, String)> {
+    let graph = b.graph;
+    let n = layer[0];
+    let ins = graph.inputs_of(n);
+    b.scope = if count > 1 {
+        format!("l{l}_")
+    } else {
+        String::new()
+    };
+    let (w, w_half) = b.bind_stored("w", ins[0], d.half);
+    b.bind("lora_a", ins[1]);
+    b.bind("lora_b", ins[2]);
+    let w_at = if p.weight_out_in {
+        "j * IN + i"
+    } else {
+        "i * OUT + j"
+    };
+    b.helpers.push(format!(
+        "// W[i, j] (row i of the `in` axis, column j){}.\n\
+         fn {}w_get(i: u32, j: u32) -> f32 {{\n    return {};\n}}",
+        match w_half {
+            Some(h) => format!(", stored as {}", h.name()),
+            None => String::new(),
+        },
+        b.scope,
+        storage::half_load(&w, w_at, w_half)
+    ));
+    let indent = "                ";
+    let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
+    let (more, last) = epilogue(b, layer, indent, d.escapes)?;
+    lines.extend(more);
+    let out = if l + 1 == count {
+        "y".to_string()
+    } else {
+        let out = format!("{}y", b.scope);
+        b.writes.push((out.clone(), *layer.last().unwrap()));
+        out
+    };
+    lines.push(format!("{indent}{out}[i] = {last};"));
+    let (w_shape, a_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
+    let summary = format!(
+        "dora_norm_sq alpha={} s={}: W {}{}, A {}, B {} -> {}",
+        p.alpha,
+        p.scale,
+        shape_str(w_shape),
+        if p.weight_out_in { " (out x in)" } else { "" },
+        shape_str(a_shape),
+        shape_str(graph.shape(ins[2])),
+        shape_str(&graph.node(n).shape)
+    );
+    let label = wgsl::comment_safe(&format!("'{}'", graph.node(n).label));
+    let layer_template = template::DORA_NORM_LAYER;
+    let text = template::render(
+        layer_template.name,
+        layer_template.text,
+        &[
+            ("L", b.scope.clone()),
+            ("LAYER", label),
+            ("EPILOGUE", lines.join("\n")),
+        ],
+    )?;
+    Ok((text, with_epilogue(graph, summary, layer)))
 }
 
 fn layer_norm(
