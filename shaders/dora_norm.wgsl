@@ -7,12 +7,15 @@
 // features 4 t + 4 WG c + 0..3, c < VECS, of each tile of 4 WG VECS, for which it loads A's
 // values and W's. So each k costs ROWS + 4 VECS loads for 4 ROWS VECS multiply-adds, where one
 // feature per invocation would cost a load per multiply-add. Each invocation adds the squares of
-// its elements into one partial sum per row; invocation 0 adds the 64 partial sums of each row
-// (one barrier, where a tree per row would take 7 each: a barrier is dear on a CPU driver) and
-// runs the epilogue (the rest of the magnitude scale) on each row's sum `acc`. Features past the edges are clamped for loading and contribute nothing.
+// its elements into one partial sum per row; after one barrier (a tree per row would take 7
+// each: a barrier is dear on a CPU driver) invocation jr adds the 64 partial sums of row jr and
+// runs the epilogue (the rest of the magnitude scale) on the row's sum `acc`. Features past the
+// edges are clamped for loading and contribute nothing.
 //
 // One dispatch computes LAYERS layers of the same shapes (their norms read only their own
-// parameters): workgroup g runs layer g / GROUPS's function, on its own bindings.
+// parameters): workgroup g runs layer g / GROUPS's functions, on its own bindings. Only the
+// loop and the epilogue are per layer: one barrier site keeps what a CPU driver saves across
+// it small.
 
 {{BINDINGS}}
 
@@ -42,9 +45,31 @@ var<workgroup> partials: array<array<f32, ROWS>, WG>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = (wg.z * GRID_Y + wg.y) * GRID_X + wg.x;
+    let layer = g / GROUPS;
     let j0 = (g % GROUPS) * ROWS; // first output feature
-    switch g / GROUPS {
-{{CALLS}}
+    if layer >= LAYERS {
+        return;
+    }
+    var part: array<f32, ROWS>;
+    switch layer {
+{{PARTIALS}}
         default: {}
+    }
+    partials[lid] = part;
+    workgroupBarrier();
+    // Invocation jr adds up row jr's partial sums, so the rows' sums run side by side in SIMD
+    // lanes (one invocation adding all of them would take ROWS times as long), and runs the
+    // epilogue on it.
+    let jr = lid;
+    let i = j0 + jr;
+    if jr < ROWS && i < OUT {
+        var acc = 0.0;
+        for (var t = 0u; t < WG; t = t + 1u) {
+            acc = acc + partials[t][jr];
+        }
+        switch layer {
+{{FINISH}}
+            default: {}
+        }
     }
 }

@@ -1,5 +1,5 @@
-// {{LAYER}}: the squared norms of output features j0 .. j0 + ROWS, then the epilogue.
-fn {{L}}column_norms(j0: u32, lid: u32) {
+// {{LAYER}}: this invocation's share of the squared norms of output features j0 .. j0 + ROWS.
+fn {{L}}partial_norms(j0: u32, lid: u32) -> array<f32, ROWS> {
     // The output features this workgroup loads, clamped to the last one.
     var js: array<u32, ROWS>;
     for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
@@ -43,21 +43,10 @@ fn {{L}}column_norms(j0: u32, lid: u32) {
             }
         }
     }
-    partials[lid] = part;
-    workgroupBarrier();
-    if lid == 0u {
-        var sums: array<f32, ROWS>;
-        for (var t = 0u; t < WG; t = t + 1u) {
-            for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-                sums[jr] = sums[jr] + partials[t][jr];
-            }
-        }
-        for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
-            let i = j0 + jr;
-            if i < OUT {
-                let acc = sums[jr];
+    return part;
+}
+
+// {{LAYER}}: the epilogue of output feature i, from its squared norm `acc`.
+fn {{L}}finish(i: u32, acc: f32) {
 {{EPILOGUE}}
-            }
-        }
-    }
 }

@@ -1343,7 +1343,7 @@ fn dora_norm(
         .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
         .collect();
     let mut b = Builder::new(graph, &NO_TRANSPOSES);
-    let (mut fns, mut calls, mut summaries) = (vec![], vec![], vec![]);
+    let (mut fns, mut partials, mut finishes, mut summaries) = (vec![], vec![], vec![], vec![]);
     for (l, layer) in layers.iter().enumerate() {
         let node = graph.node(layer[0]);
         let same = graph
@@ -1360,8 +1360,12 @@ fn dora_norm(
         let (fn_text, summary) = dora_norm_layer(&mut b, layer, p, l, layers.len(), d)?;
         fns.push(fn_text);
         summaries.push(summary);
-        calls.push(format!(
-            "        case {l}u: {{\n            {}column_norms(j0, lid);\n        }}",
+        partials.push(format!(
+            "        case {l}u: {{\n            part = {}partial_norms(j0, lid);\n        }}",
+            b.scope
+        ));
+        finishes.push(format!(
+            "            case {l}u: {{\n                {}finish(i, acc);\n            }}",
             b.scope
         ));
     }
@@ -1394,7 +1398,8 @@ fn dora_norm(
             ("GRID_X", workgroups[0].to_string()),
             ("GRID_Y", workgroups[1].to_string()),
             ("LAYER_FNS", fns.join("\n\n")),
-            ("CALLS", calls.join("\n")),
+            ("PARTIALS", partials.join("\n")),
+            ("FINISH", finishes.join("\n")),
         ],
         workgroups,
         summary,
@@ -1438,7 +1443,7 @@ fn dora_norm_layer(
         b.scope,
         storage::half_load(&w, w_at, w_half)
     ));
-    let indent = "                ";
+    let indent = "    ";
     let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
     let (more, last) = epilogue(b, layer, indent, d.escapes)?;
     lines.extend(more);
