@@ -151,13 +151,55 @@ pub fn open_gpu(
     if reference {
         return Ok(None);
     }
-    match crate::runtime::Gpu::new(backend) {
+    no_adapter_falls_back(crate::runtime::Gpu::new(backend), backend, doing)
+}
+
+/// `opened`, or `None` with a note when no adapter exists and no backend was asked for.
+fn no_adapter_falls_back(
+    opened: Result<crate::runtime::Gpu>,
+    backend: Option<&str>,
+    doing: &str,
+) -> Result<Option<crate::runtime::Gpu>> {
+    match opened {
         Ok(g) => Ok(Some(g)),
         Err(e) if backend.is_none() && crate::runtime::is_no_adapter(&e) => {
             eprintln!("note: no GPU adapter found; {doing} on the CPU reference executor (slow). Install a Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers).");
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// A device being opened on a thread of its own while the model is read and compiled: opening
+/// one takes tens of milliseconds on a CPU driver, as long as importing a small model.
+pub struct OpeningGpu {
+    backend: Option<String>,
+    thread: Option<std::thread::JoinHandle<Result<crate::runtime::Gpu>>>,
+}
+
+impl OpeningGpu {
+    /// Starts opening the device [`open_gpu`] would open (none when `reference`).
+    pub fn start(backend: Option<&str>, reference: bool) -> OpeningGpu {
+        let owned = backend.map(str::to_string);
+        let thread = (!reference).then(|| {
+            let backend = owned.clone();
+            std::thread::spawn(move || crate::runtime::Gpu::new(backend.as_deref()))
+        });
+        OpeningGpu {
+            backend: owned,
+            thread,
+        }
+    }
+
+    /// The device, as [`open_gpu`] gives it (with its note when no adapter exists).
+    pub fn wait(self, doing: &str) -> Result<Option<crate::runtime::Gpu>> {
+        let Some(thread) = self.thread else {
+            return Ok(None);
+        };
+        let opened = thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        no_adapter_falls_back(opened, self.backend.as_deref(), doing)
     }
 }
 
@@ -264,12 +306,13 @@ impl Phases {
     /// How building a GPU executable split up (part of the phase it ends).
     pub fn building(&mut self, b: &crate::runtime::BuildTimes) {
         self.details.push(format!(
-            "building the executable: plan {:.1} ms, buffers and weights {:.1} ms, {} kernels \
-             in {} distinct pipelines {:.1} ms",
+            "building the executable: plan {:.1} ms; buffers and weights {:.1} ms, and alongside \
+             them {} kernels in {} distinct pipelines on {} threads, {:.1} ms in all",
             b.plan * 1e3,
             b.upload * 1e3,
             b.kernels,
             b.distinct_pipelines,
+            b.threads,
             b.pipelines * 1e3
         ));
     }
@@ -299,22 +342,19 @@ impl Phases {
     }
 }
 
-/// Runs `graph` on the GPU, or on the reference executor when asked or when no adapter exists.
+/// Runs `graph` on `gpu`, or on the reference executor without one.
 pub fn execute(
     graph: &Graph,
     inputs: &BTreeMap<String, Array>,
-    backend: Option<&str>,
-    force_reference: bool,
+    gpu: Option<&crate::runtime::Gpu>,
     phases: &mut Phases,
 ) -> Result<(BTreeMap<String, Array>, Engine)> {
-    let gpu = open_gpu(backend, force_reference, "running")?;
     if let Some(gpu) = gpu {
-        phases.done("open the device");
         let host: HashMap<String, Vec<f32>> = inputs
             .iter()
             .map(|(k, v)| (k.clone(), v.data.iter().map(|&x| x as f32).collect()))
             .collect();
-        let exe = crate::runtime::Executable::compile(&gpu, graph)?;
+        let exe = crate::runtime::Executable::compile(gpu, graph)?;
         phases.done("plan, compile pipelines, upload weights");
         phases.building(exe.build_times());
         let out = exe.run(&host)?;

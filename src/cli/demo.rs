@@ -1,7 +1,7 @@
 //! `dorac demo`: the whole pipeline on the bundled models, checked against the goldens that
 //! onnxruntime and PEFT produced (models/make_models.py).
 
-use super::common::{execute, save_graph, Engine, Phases};
+use super::common::{execute, open_gpu, save_graph, Engine, Phases};
 use super::run::prepare;
 use crate::error::{Error, Result};
 use crate::ir::Method;
@@ -55,10 +55,10 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
     let ort = read_safetensors(&dir.join("ort_outputs.safetensors"))?;
     let peft = read_safetensors(&dir.join("peft_dora_outputs.safetensors"))?;
     let adapter = dir.join("peft_dora");
-    let backend = args.backend.as_deref();
+    let gpu = open_gpu(args.backend.as_deref(), false, "running")?;
     let run = |path: &Path, adapter: Option<&Path>| -> Result<(BTreeMap<String, Array>, String)> {
         let graph = prepare(path, &[], &inputs, adapter, false)?;
-        let (out, engine) = execute(&graph, &inputs, backend, false, &mut Phases::start())?;
+        let (out, engine) = execute(&graph, &inputs, gpu.as_ref(), &mut Phases::start())?;
         let engine = match engine {
             Engine::Gpu(d) => d,
             Engine::Reference => "CPU reference".into(),

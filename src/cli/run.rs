@@ -1,8 +1,8 @@
 //! `dorac run`: inference on wgpu (or the reference executor).
 
 use super::common::{
-    apply_adapter, apply_storage, check_inputs, execute, load_graph_with_values, Engine, Phases,
-    StorageArg,
+    apply_adapter, apply_storage, check_inputs, execute, load_graph_with_values, Engine,
+    OpeningGpu, Phases, StorageArg,
 };
 use crate::error::Result;
 use crate::ir::Graph;
@@ -58,6 +58,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let mut phases = Phases::start();
+    let engine = &args.engine;
+    let opening = OpeningGpu::start(engine.backend.as_deref(), engine.reference);
     let inputs = read_safetensors(&args.inputs)?;
     let graph = prepare(
         &args.model,
@@ -69,17 +71,13 @@ pub fn run(args: Args) -> Result<()> {
     check_inputs(&graph, &inputs, &args.inputs)?;
     let feed = graph.graph_inputs_of(inputs);
     // With --storage, the f32 weights' outputs, for the error report below.
+    phases.done("read inputs, import, passes");
+    let gpu = opening.wait("running")?;
+    if gpu.is_some() {
+        phases.done("open the device (the rest of it: it began with the import)");
+    }
     let full_precision = match args.storage {
-        Some(_) => Some(
-            execute(
-                &graph,
-                &feed,
-                args.engine.backend.as_deref(),
-                args.engine.reference,
-                &mut Phases::start(),
-            )?
-            .0,
-        ),
+        Some(_) => Some(execute(&graph, &feed, gpu.as_ref(), &mut Phases::start())?.0),
         None => None,
     };
     let mut graph = graph;
@@ -87,14 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         apply_storage(&mut graph, storage)?;
     }
     let start = Instant::now();
-    phases.done("read inputs, import, passes");
-    let (outputs, engine) = execute(
-        &graph,
-        &feed,
-        args.engine.backend.as_deref(),
-        args.engine.reference,
-        &mut phases,
-    )?;
+    let (outputs, engine) = execute(&graph, &feed, gpu.as_ref(), &mut phases)?;
     if args.verbose {
         eprint!("{}", phases.report());
     }

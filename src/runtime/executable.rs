@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -87,11 +88,14 @@ pub struct BuildTimes {
     pub plan: f64,
     /// Creating the buffers and uploading the constants (the weights).
     pub upload: f64,
-    /// Validating the kernels and creating their pipelines and bind groups.
+    /// From the start of the upload until every kernel's pipeline and bind group is ready: the
+    /// pipelines are validated and compiled alongside the upload.
     pub pipelines: f64,
     pub kernels: usize,
     /// Distinct pipelines: kernels whose code differs only in comments share one.
     pub distinct_pipelines: usize,
+    /// Threads that compiled them (the uploading one helps once its upload is done).
+    pub threads: usize,
 }
 
 impl Executable {
@@ -137,83 +141,71 @@ impl Executable {
         check_limits(gpu, plan)?;
         let start = Instant::now();
 
-        let scopes = Scopes::push(device);
-        // Constants (the weights) are written straight into their buffers, mapped at creation:
-        // one copy from the model's memory (often a memory-mapped file) into the device's.
-        let consts: HashMap<BufferId, NodeId> = plan
-            .buffers
-            .iter()
-            .filter_map(|spec| match spec.role {
-                BufferRole::Const(n) => Some((spec.storage, n)),
-                _ => None,
-            })
-            .collect();
-        let mut owned: HashMap<BufferId, wgpu::Buffer> = HashMap::new();
-        for (owner, size) in plan.allocations() {
-            let Some(spec) = plan.buffers.get(owner) else {
-                return Err(Error::gpu(format!(
-                    "a plan buffer is stored in b{owner}, which does not exist (planner bug)"
-                )));
-            };
-            let constant = consts.get(&owner).copied();
-            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&spec.name),
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: constant.is_some(),
-            });
-            if let Some(n) = constant {
-                let tensor = graph.const_tensor(n).ok_or_else(|| {
-                    Error::graph(format!(
-                        "plan buffer '{}' is a constant, but node {} is not",
-                        spec.name,
-                        n.index()
-                    ))
-                })?;
-                let result = write_mapped(&buffer, tensor, spec.half);
-                buffer.unmap();
-                result.map_err(|e| Error::gpu(format!("uploading '{}': {e}", spec.name)))?;
-            }
-            owned.insert(owner, buffer);
-        }
-        let buffers: Vec<wgpu::Buffer> = plan
-            .buffers
-            .iter()
-            .map(|spec| owned[&spec.storage].clone())
-            .collect();
-        let outputs: Vec<Readback> = plan
-            .outputs
-            .iter()
-            .map(|(name, b)| Readback {
-                name: name.clone(),
-                buffer: *b,
-                len: plan.buffers[*b].len,
-                staging: staging_buffer(device, &format!("readback {name}"), plan.buffers[*b].len),
-            })
-            .collect();
-        scopes.check("creating buffers", &uncaptured)?;
-        let upload = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-
         // Kernels whose code differs only in comments (the same layer shape repeated through a
         // model: the kernel and node names are comments) share one pipeline, compiled once.
-        let mut pipelines: HashMap<String, (wgpu::ComputePipeline, wgpu::BindGroupLayout)> =
-            HashMap::new();
-        let mut dispatches = Vec::with_capacity(plan.kernels.len());
-        for k in &plan.kernels {
-            let code = without_comments(&k.source);
-            let (pipeline, layout) = match pipelines.get(&code) {
-                Some(built) => built.clone(),
-                None => {
-                    codegen::validate(&k.name, &k.source)?;
-                    let scopes = Scopes::push(device);
-                    let built = build_pipeline(device, k, gpu.pipeline_cache());
-                    scopes.check(&format!("building kernel {}", k.name), &uncaptured)?;
-                    pipelines.insert(code, built.clone());
-                    built
+        let mut distinct: Vec<&codegen::Kernel> = vec![];
+        let mut first_of: HashMap<String, usize> = HashMap::new();
+        let pipeline_of: Vec<usize> = (plan.kernels.iter())
+            .map(|k| {
+                *first_of
+                    .entry(without_comments(&k.source))
+                    .or_insert_with(|| {
+                        distinct.push(k);
+                        distinct.len() - 1
+                    })
+            })
+            .collect();
+        // The pipelines compile on helper threads while this one creates the buffers and writes
+        // the weights, then helps: on a CPU driver both are CPU work, and neither waits for the
+        // other.
+        let next = AtomicUsize::new(0);
+        let compile = || -> Result<Vec<(usize, Built)>> {
+            let mut built = vec![];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(k) = distinct.get(i) else {
+                    return Ok(built);
+                };
+                codegen::validate(&k.name, &k.source)?;
+                let scopes = Scopes::push(device);
+                let pipeline = build_pipeline(device, k, gpu.pipeline_cache());
+                scopes.check(&format!("building kernel {}", k.name), &uncaptured)?;
+                built.push((i, pipeline));
+            }
+        };
+        let helpers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .clamp(1, MAX_COMPILE_THREADS)
+            .min(distinct.len());
+        let (created, compiled) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..helpers).map(|_| scope.spawn(compile)).collect();
+            let created = create_buffers(gpu, plan, graph);
+            let upload = start.elapsed().as_secs_f64();
+            let mut compiled = compile();
+            for handle in handles {
+                let more = handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                match (&mut compiled, more) {
+                    (Ok(all), Ok(more)) => all.extend(more),
+                    (Ok(_), Err(e)) => compiled = Err(e),
+                    (Err(_), _) => {}
                 }
+            }
+            (created.map(|c| (c, upload)), compiled)
+        });
+        let ((buffers, outputs), upload) = created?;
+        let mut pipelines: Vec<Option<Built>> = vec![None; distinct.len()];
+        for (i, built) in compiled? {
+            pipelines[i] = Some(built);
+        }
+        let mut dispatches = Vec::with_capacity(plan.kernels.len());
+        for (k, &p) in plan.kernels.iter().zip(&pipeline_of) {
+            let Some((pipeline, layout)) = pipelines[p].clone() else {
+                return Err(Error::gpu(format!(
+                    "kernel {}: its pipeline was not built (runtime bug)",
+                    k.name
+                )));
             };
             let scopes = Scopes::push(device);
             let bind_group = bind_kernel(device, k, &layout, plan, &buffers);
@@ -234,6 +226,7 @@ impl Executable {
             pipelines: start.elapsed().as_secs_f64(),
             kernels: plan.kernels.len(),
             distinct_pipelines: pipelines.len(),
+            threads: helpers + 1,
         };
         let inputs: Vec<InputSlot> = plan
             .inputs
@@ -840,6 +833,86 @@ fn without_comments(source: &str) -> String {
         }
     }
     code
+}
+
+/// A kernel's pipeline and the layout of its one bind group.
+type Built = (wgpu::ComputePipeline, wgpu::BindGroupLayout);
+
+/// Threads that compile pipelines at most (besides the one creating the buffers).
+const MAX_COMPILE_THREADS: usize = 7;
+
+/// Creates the plan's allocations, writing the constants (the weights) into theirs, and the
+/// staging buffers the outputs are read back through: one buffer per plan buffer (sharing
+/// storage as the plan says) and one read-back per output.
+fn create_buffers(
+    gpu: &Gpu,
+    plan: &Plan,
+    graph: &Graph,
+) -> Result<(Vec<wgpu::Buffer>, Vec<Readback>)> {
+    let device = gpu.device();
+    let uncaptured = gpu.uncaptured();
+    let scopes = Scopes::push(device);
+    // Constants (the weights) are written into their buffers, mapped at creation: on a CPU
+    // driver straight into the device's memory, elsewhere through wgpu's staging buffer.
+    let consts: HashMap<BufferId, NodeId> = plan
+        .buffers
+        .iter()
+        .filter_map(|spec| match spec.role {
+            BufferRole::Const(n) => Some((spec.storage, n)),
+            _ => None,
+        })
+        .collect();
+    let mut owned: HashMap<BufferId, wgpu::Buffer> = HashMap::new();
+    for (owner, size) in plan.allocations() {
+        let Some(spec) = plan.buffers.get(owner) else {
+            return Err(Error::gpu(format!(
+                "a plan buffer is stored in b{owner}, which does not exist (planner bug)"
+            )));
+        };
+        let constant = consts.get(&owner).copied();
+        let mut usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        if constant.is_some() && gpu.maps_storage() {
+            usage |= wgpu::BufferUsages::MAP_WRITE;
+        }
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(&spec.name),
+            size,
+            usage,
+            mapped_at_creation: constant.is_some(),
+        });
+        if let Some(n) = constant {
+            let tensor = graph.const_tensor(n).ok_or_else(|| {
+                Error::graph(format!(
+                    "plan buffer '{}' is a constant, but node {} is not",
+                    spec.name,
+                    n.index()
+                ))
+            })?;
+            let result = write_mapped(&buffer, tensor, spec.half);
+            buffer.unmap();
+            result.map_err(|e| Error::gpu(format!("uploading '{}': {e}", spec.name)))?;
+        }
+        owned.insert(owner, buffer);
+    }
+    let buffers: Vec<wgpu::Buffer> = plan
+        .buffers
+        .iter()
+        .map(|spec| owned[&spec.storage].clone())
+        .collect();
+    let outputs: Vec<Readback> = plan
+        .outputs
+        .iter()
+        .map(|(name, b)| Readback {
+            name: name.clone(),
+            buffer: *b,
+            len: plan.buffers[*b].len,
+            staging: staging_buffer(device, &format!("readback {name}"), plan.buffers[*b].len),
+        })
+        .collect();
+    scopes.check("creating buffers", &uncaptured)?;
+    Ok((buffers, outputs))
 }
 
 /// The pipeline of one kernel (explicit layout: read-only inputs, one read-write output) and

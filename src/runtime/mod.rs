@@ -67,10 +67,16 @@ impl Gpu {
         })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let mappable = if info.device_type == wgpu::DeviceType::Cpu {
+            wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("dorac"),
-            // The one optional feature: an on-disk pipeline cache where the adapter has it.
-            required_features: adapter.features() & wgpu::Features::PIPELINE_CACHE,
+            // Optional features: an on-disk pipeline cache where the adapter has it, and, on a
+            // CPU driver, storage buffers the host may map (see `Gpu::maps_storage`).
+            required_features: adapter.features() & (wgpu::Features::PIPELINE_CACHE | mappable),
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -135,6 +141,13 @@ impl Gpu {
 
     pub(crate) fn device(&self) -> &wgpu::Device {
         &self.device
+    }
+
+    /// True when storage buffers may also be mapped for writing (a CPU driver, whose device
+    /// memory is the host's): the weights are then written straight into their buffers, with
+    /// no staging copy. On a discrete GPU a mappable buffer would live in slower host memory.
+    pub(crate) fn maps_storage(&self) -> bool {
+        (self.device.features()).contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
     }
 
     pub(crate) fn queue(&self) -> &wgpu::Queue {
