@@ -1088,6 +1088,44 @@ mod tests {
         );
     }
 
+    /// Hand-made term chains are checked: a chain beside a sum of its own shape plans (the sum's
+    /// kernel writes the chain's value), one that reads the sum it would run in, or beside a
+    /// node that is not a sum, is refused.
+    #[test]
+    fn term_chains_are_checked() {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![6, 70]);
+        let sum = Op::Reduce {
+            kind: crate::ir::Reduce::Sum,
+            axes: vec![0],
+            keepdims: true,
+        };
+        let s = g.add(sum, &[x], "s", "s").unwrap();
+        let neg = g.add(Op::Unary(unary::NEG), &[x], "neg", "neg").unwrap();
+        let centered = g.add(Op::Binary(Binary::Sub), &[x, s], "c", "c").unwrap();
+        g.add_output("s", s);
+        g.add_output("neg", neg);
+        g.add_output("c", centered);
+        let fusion = |host: NodeId, chain: Vec<NodeId>, groups: Vec<Vec<NodeId>>| Fusion {
+            groups,
+            term_chains: [(host, chain)].into(),
+            ..Fusion::default()
+        };
+        let opts = PlanOptions::default();
+        let ok = fusion(s, vec![neg], vec![vec![s], vec![centered]]);
+        let plan = plan_grouped(&g, ok, &opts).unwrap();
+        assert_eq!(plan.kernels.len(), 2, "{plan}");
+        assert_eq!(plan.kernels[0].nodes, [s, neg]);
+        assert_eq!(plan.kernels[0].also_writes, [plan.node_buffers[&neg]]);
+        for bad in [
+            fusion(s, vec![centered], vec![vec![s], vec![neg]]),
+            fusion(neg, vec![centered], vec![vec![s], vec![neg]]),
+        ] {
+            let e = plan_grouped(&g, bad, &opts).unwrap_err().to_string();
+            assert!(e.contains("cannot compute an element-wise chain"), "{e}");
+        }
+    }
+
     /// A chain of element-wise ops with a state update: intermediates reuse freed memory, while
     /// inputs, outputs and the buffer the state copy reads keep theirs.
     #[test]
