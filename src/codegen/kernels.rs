@@ -1376,9 +1376,9 @@ fn dora_norm(
     };
     // Output features per workgroup and vec4s of input features per invocation: the shape of
     // the row-broadcast matmul (see MatmulShape::Columns), which keeps the accumulators in
-    // registers on a CPU driver; one vec4 when a row is too short to fill two.
+    // registers on a CPU driver.
     let rows = fout.clamp(1, COLUMNS_ROWS);
-    let vecs = if fin > 4 * 64 { 2 } else { 1 };
+    let vecs = norm_vecs(fin);
     let groups = fout.div_ceil(rows);
     let workgroups = wgsl::grid(groups * layers.len(), d.max_workgroups, name)?;
     b.finish(
@@ -1404,6 +1404,18 @@ fn dora_norm(
         workgroups,
         summary,
     )
+}
+
+/// Vec4s of input features per invocation of the norm kernel (a tile is 256 of them): 1 to 3,
+/// whichever pads `fin` least, the most of those. Measured on lavapipe: 512 inputs run best as
+/// one tile of 2 vec4s (1.05 ms against 1.4 with 3), 768 as one of 3 (6.8 ms for 768 x 2304
+/// against 9.0 to 9.5 with two tiles of 2, the second half empty); 4 spill (1.8 to 2.2 ms at
+/// 512).
+fn norm_vecs(fin: usize) -> usize {
+    let padded = |v: usize| fin.div_ceil(256 * v) * 256 * v;
+    (1..=3usize)
+        .min_by_key(|&v| (padded(v), std::cmp::Reverse(v)))
+        .unwrap_or(1)
 }
 
 /// Layer `l` of `count` in a DoRA norm kernel: binds its weights (prefixed `l{l}_` when there
