@@ -148,7 +148,7 @@ impl Executable {
         let pipeline_of: Vec<usize> = (plan.kernels.iter())
             .map(|k| {
                 *first_of
-                    .entry(without_comments(&k.source))
+                    .entry(codegen::without_comments(&k.source))
                     .or_insert_with(|| {
                         distinct.push(k);
                         distinct.len() - 1
@@ -819,20 +819,6 @@ fn write_mapped(
         None => view.copy_from_slice(bytemuck::cast_slice(&tensor.to_f32())),
     }
     Ok(())
-}
-
-/// WGSL `source` without its comments and blank lines: what the driver compiles. (WGSL has no
-/// string literals, so `//` always starts a comment.)
-fn without_comments(source: &str) -> String {
-    let mut code = String::with_capacity(source.len());
-    for line in source.lines() {
-        let line = line.split("//").next().unwrap_or("").trim_end();
-        if !line.is_empty() {
-            code.push_str(line);
-            code.push('\n');
-        }
-    }
-    code
 }
 
 /// A kernel's pipeline and the layout of its one bind group.
