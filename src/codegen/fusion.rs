@@ -183,6 +183,23 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>) {
         }
         _ => None,
     };
+    // A group that reads no kernel's value (a norm reads parameters) cannot close a cycle, so
+    // two such groups merge without the whole-graph check.
+    let owned: HashSet<NodeId> = groups.iter().flatten().copied().collect();
+    let reads_no_kernel = |group: &[NodeId]| {
+        let mut stack: Vec<NodeId> = group.iter().flat_map(|&n| graph.inputs_of(n)).collect();
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if group.contains(&v) || !seen.insert(v) {
+                continue;
+            }
+            if owned.contains(&v) {
+                return false;
+            }
+            stack.extend(graph.inputs_of(v));
+        }
+        true
+    };
     let mut g = 0;
     while g < groups.len() {
         let Some(k) = key(&groups[g]) else {
@@ -207,6 +224,9 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>) {
             merged.extend(&groups[g]);
             if bindings(graph, &merged, ctx.live, &ctx.kept) > ctx.max_bindings {
                 return false;
+            }
+            if reads_no_kernel(&groups[b]) && reads_no_kernel(&groups[g]) {
+                return true;
             }
             let mut kernels = groups.clone();
             kernels[b] = merged;
