@@ -13,9 +13,8 @@
 // edges are clamped for loading and contribute nothing.
 //
 // One dispatch computes LAYERS layers of the same shapes (their norms read only their own
-// parameters): workgroup g runs layer g / GROUPS's functions, on its own bindings. Only the
-// loop and the epilogue are per layer: one barrier site keeps what a CPU driver saves across
-// it small.
+// parameters): workgroup g computes layer g / GROUPS, reading its weights through binding
+// arrays, and runs that layer's epilogue.
 
 {{BINDINGS}}
 
@@ -40,7 +39,7 @@ var<workgroup> partials: array<array<f32, ROWS>, WG>;
 
 {{HELPERS}}
 
-{{LAYER_FNS}}
+{{FINISH_FNS}}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -50,10 +49,53 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if layer >= LAYERS {
         return;
     }
+    // The loop is written in the entry point, not in a function, so that `layer` stays
+    // uniform to the compiler (it indexes the binding arrays) and the loop exists once.
+{{LAYER_BUFFERS}}    // The output features this workgroup loads, clamped to the last one.
+    var js: array<u32, ROWS>;
+    for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+        js[jr] = min(j0 + jr, OUT - 1u);
+    }
+    // part[jr]: this invocation's share of || ALPHA W[:, j0 + jr] + S (B A)[j0 + jr, :] ||².
     var part: array<f32, ROWS>;
-    switch layer {
-{{PARTIALS}}
-        default: {}
+    for (var t0 = 0u; t0 < IN; t0 = t0 + TILE) {
+        let i0 = t0 + 4u * lid;
+        // The input features of this tile that this invocation owns (clamped), and which of
+        // them are real.
+        var feats: array<vec4<u32>, VECS>;
+        var real: array<vec4<f32>, VECS>;
+        for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+            let f = vec4<u32>(i0) + 4u * WG * ci + vec4<u32>(0u, 1u, 2u, 3u);
+            feats[ci] = min(f, vec4<u32>(IN - 1u));
+            real[ci] = select(vec4<f32>(0.0), vec4<f32>(1.0), f < vec4<u32>(IN));
+        }
+        // ba[jr][ci][e] = (B A)[j0 + jr, feats[ci][e]].
+        var ba: array<array<vec4<f32>, VECS>, ROWS>;
+        for (var k = 0u; k < R; k = k + 1u) {
+            var av: array<vec4<f32>, VECS>;
+            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                let f = k * IN + feats[ci];
+                av[ci] = vec4<f32>({{A}}[f.x], {{A}}[f.y], {{A}}[f.z], {{A}}[f.w]);
+            }
+            for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+                let bv = vec4<f32>({{B}}[js[jr] * R + k]);
+                for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                    ba[jr][ci] = fma(bv, av[ci], ba[jr][ci]);
+                }
+            }
+        }
+        for (var jr = 0u; jr < ROWS; jr = jr + 1u) {
+            for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                let f = feats[ci];
+                let j = js[jr];
+                // W[f, j] (row f of the `in` axis, column j){{W_NOTE}}.
+                let wv = vec4<f32>(
+{{WV}}
+                );
+                let d = (ALPHA * wv + S * ba[jr][ci]) * real[ci];
+                part[jr] = part[jr] + dot(d, d);
+            }
+        }
     }
     partials[lid] = part;
     workgroupBarrier();

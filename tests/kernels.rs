@@ -695,10 +695,11 @@ fn dora_norm_kernel() {
     c.check_plan(&plan);
 }
 
-/// The norms of DoRA layers of the same shapes share one dispatch when the kernel may bind
-/// enough buffers (a device plan): three layers, one with W stored as f16 and one whose squared
-/// norm is also read outside (written beside), each with its own epilogue; a layer of other
-/// shapes keeps its own kernel. Checked against the reference on both targets.
+/// The norms of DoRA layers of the same shapes and storage share one dispatch when the device
+/// binds arrays of buffers (a device plan): two f32 layers batched, one of them with its
+/// squared norm also read outside (written beside), each with its own epilogue; two layers
+/// with W stored as f16 batched apart; a layer of other shapes keeps its own kernel. Checked against the reference on both
+/// targets; without binding arrays, or in a portable plan, every layer has its own kernel.
 #[test]
 fn dora_norms_of_layers_share_a_dispatch() {
     let mut c = Case::new("dora_norms_of_layers_share_a_dispatch");
@@ -707,15 +708,21 @@ fn dora_norms_of_layers_share_a_dispatch() {
         scale: 0.5,
         weight_out_in: true,
     };
-    for (l, (fin, fout, r)) in [(600, 21, 8), (600, 21, 8), (600, 21, 8), (40, 21, 8)]
-        .into_iter()
-        .enumerate()
-    {
-        let w = if l == 1 {
+    let shapes = [
+        (600, 21, 8),
+        (600, 21, 8),
+        (600, 21, 8),
+        (40, 21, 8),
+        (600, 21, 8),
+    ];
+    for (l, (fin, fout, r)) in shapes.into_iter().enumerate() {
+        let w = if l == 1 || l == 4 {
             let v: Vec<f32> = (c.values(fout * fin, -1.0, 1.0).into_iter())
                 .map(|x| Half::F16.round(x))
                 .collect();
-            let n = c.graph.add_const("w1", Tensor::f32(vec![fout, fin], v));
+            let n = c
+                .graph
+                .add_const(&format!("w{l}"), Tensor::f32(vec![fout, fin], v));
             c.graph.mark_half(n, Half::F16);
             n
         } else {
@@ -732,30 +739,50 @@ fn dora_norms_of_layers_share_a_dispatch() {
         let norm = c.op(un(unary::SQRT), &[safe], &format!("norm{l}"));
         c.out(bin(Binary::Div), &[m, norm], &format!("g{l}"));
     }
+    let norms = |plan: &codegen::Plan| -> Vec<codegen::Kernel> {
+        (plan.kernels.iter())
+            .filter(|k| k.name.contains("dora_norm_sq"))
+            .cloned()
+            .collect()
+    };
     for target in [Target::Gpu, Target::Cpu] {
         let options = PlanOptions {
             target,
             max_bindings: 48,
+            binding_arrays: true,
             ..PlanOptions::default()
         };
         let plan = codegen::plan_with(&c.graph, &options).unwrap();
-        let norms: Vec<&codegen::Kernel> = (plan.kernels.iter())
-            .filter(|k| k.name.contains("dora_norm_sq"))
-            .collect();
-        assert_eq!(norms.len(), 2, "{plan}");
-        assert!(norms[0].name.contains("_x3_"), "{}", norms[0].name);
-        assert_eq!(norms[0].also_writes.len(), 3, "g0, g1 and n2_2 beside g2");
+        let norms = norms(&plan);
+        assert_eq!(norms.len(), 3, "{plan}");
+        let pairs = norms.iter().filter(|k| k.name.contains("_x2_")).count();
+        assert_eq!(pairs, 2, "the f32 pair and the f16 pair:\n{plan}");
+        assert!(
+            norms[1].source.contains("binding_array<Words, 2>"),
+            "{}",
+            norms[1].source
+        );
+        assert_eq!(
+            norms[0].input_arrays[..3],
+            [2, 2, 2],
+            "W, A and B of both layers"
+        );
+        assert_eq!(norms[0].also_writes.len(), 2, "g0 and n2_2 beside g2");
+        assert!(norms[0].source.contains("binding_array<Floats, 2>"));
         c.check_plan(&plan);
     }
-    // A portable plan (8 bindings) has no room for two layers.
-    let plan = codegen::plan(&c.graph).unwrap();
-    assert_eq!(
-        (plan.kernels.iter())
-            .filter(|k| k.name.contains("dora_norm_sq"))
-            .count(),
-        4,
-        "{plan}"
-    );
+    // Without binding arrays, or in a portable plan (8 bindings), one kernel per layer.
+    let options = PlanOptions {
+        max_bindings: 48,
+        ..PlanOptions::default()
+    };
+    for plan in [
+        codegen::plan_with(&c.graph, &options),
+        codegen::plan(&c.graph),
+    ] {
+        let plan = plan.unwrap();
+        assert_eq!(norms(&plan).len(), 5, "{plan}");
+    }
 }
 
 // ---------------------------------------------------------------- layout ops and reductions

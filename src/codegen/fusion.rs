@@ -40,10 +40,13 @@
 //! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.
 //! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
 //!
-//! **Layer batches** ([`batch_norms`]): DoRA's norm kernels read only their layer's parameters,
-//! so every layer's could run at the start of the step. Norm groups of the same shapes and
-//! attributes are put back to back in one group (as many as `max_bindings` allows), which one
-//! dispatch computes, each layer on its own bindings (`kernels::dora_norm`).
+//! **Layer batches** ([`batch_norms`], on devices that bind arrays of buffers): DoRA's norm
+//! kernels read only their layer's parameters, so every layer's could run at the start of the
+//! step. Norm groups of the same shapes, attributes and weight storage are put back to back in
+//! one group (as many as `max_bindings` allows), which one dispatch computes: the loop reads
+//! each layer's W, A and B through binding arrays, so its code exists once and the driver
+//! compiles it once (one copy per layer made a four-layer kernel compile 8x as long), and each
+//! layer's epilogue runs on its own bindings (`kernels::dora_norm`).
 //!
 //! **Term chains** ([`host_term_chains`]): an element-wise group left with a kernel of its own
 //! that reads, element for element, a tensor a sum also reads (the sum's input, or an input of
@@ -107,9 +110,11 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
     }
 }
 
-/// The fusion decisions for `graph`, for kernels of at most `max_bindings` storage buffers.
-/// With `fuse` off, one group per computing node and no transposes read in place.
-pub fn decide(graph: &Graph, fuse: bool, max_bindings: usize) -> Result<Fusion> {
+/// The fusion decisions for `graph`, for kernels of at most `options.max_bindings` storage
+/// buffers. With `options.fuse` off, one group per computing node and no transposes read in
+/// place.
+pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
+    let (fuse, max_bindings) = (options.fuse, options.max_bindings);
     let order = schedule::order(graph)?;
     let live = schedule::live(graph);
     let position = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
@@ -153,7 +158,7 @@ pub fn decide(graph: &Graph, fuse: bool, max_bindings: usize) -> Result<Fusion> 
             groups.push(group);
         }
     }
-    if fuse {
+    if fuse && options.binding_arrays {
         batch_norms(&ctx, &mut groups);
     }
     let term_chains = if fuse {
@@ -179,7 +184,8 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>) {
             let shapes: Vec<Vec<usize>> = (graph.inputs_of(g[0]).iter())
                 .map(|&i| graph.shape(i).to_vec())
                 .collect();
-            Some((*p, shapes))
+            let half = graph.half_consts().get(&graph.inputs_of(g[0])[0]).copied();
+            Some((*p, shapes, half))
         }
         _ => None,
     };
@@ -738,8 +744,16 @@ mod tests {
         (g, vec![mm, add, relu, y, early, late])
     }
 
+    /// A portable plan's options, fused or not.
+    fn options(fuse: bool) -> crate::codegen::PlanOptions {
+        crate::codegen::PlanOptions {
+            fuse,
+            ..Default::default()
+        }
+    }
+
     fn groups(g: &Graph, fuse: bool) -> Vec<Vec<NodeId>> {
-        decide(g, fuse, PORTABLE_BINDINGS).unwrap().groups
+        decide(g, &options(fuse)).unwrap().groups
     }
 
     #[test]
@@ -816,7 +830,7 @@ mod tests {
         g.add_output("y", y);
         g.add_output("v2", v2);
         let graph = g.finish();
-        let fusion = decide(&graph, true, PORTABLE_BINDINGS).unwrap();
+        let fusion = decide(&graph, &options(true)).unwrap();
         assert_eq!(fusion.groups.len(), 1, "{:?}", fusion.groups);
         let group = &fusion.groups[0];
         assert_eq!(group.len(), 8, "{group:?}");
@@ -836,7 +850,7 @@ mod tests {
         let z = g.add(Op::Unary(unary::EXP), &[t], "z", "z").unwrap();
         g.add_output("y", y);
         g.add_output("z", z);
-        let f = decide(&g, true, PORTABLE_BINDINGS).unwrap();
+        let f = decide(&g, &options(true)).unwrap();
         assert_eq!(f.operand_transposes, [t].into());
         assert_eq!(f.groups, vec![vec![y], vec![z]]);
         // A reduction cannot read it in place; nor can anyone when it is an output.
@@ -851,11 +865,11 @@ mod tests {
             "s",
         );
         g.add_output("s", s.unwrap());
-        assert!(decide(&g, true, PORTABLE_BINDINGS)
+        assert!(decide(&g, &options(true))
             .unwrap()
             .operand_transposes
             .is_empty());
-        assert!(decide(&g, false, PORTABLE_BINDINGS)
+        assert!(decide(&g, &options(false))
             .unwrap()
             .operand_transposes
             .is_empty());

@@ -82,6 +82,9 @@ pub(crate) struct Emitted {
     pub workgroups: [u32; 3],
     /// The values the kernel reads, in binding order (the output binding comes after them).
     pub inputs: Vec<NodeId>,
+    /// Buffers of each input binding, in order (see `Kernel::input_arrays`); empty when every
+    /// input is a binding of its own.
+    pub input_arrays: Vec<u32>,
     /// Interior values of the group that readers outside it need, written beside the output
     /// (their bindings follow the output's).
     pub writes: Vec<NodeId>,
@@ -102,6 +105,8 @@ struct Builder<'g> {
     /// Prefix of the bindings declared now: a kernel computing several layers at once (see
     /// `dora_norm`) names each layer's bindings apart.
     scope: String,
+    /// Binding arrays: (index in `inputs` of the first buffer, buffers).
+    arrays: Vec<(usize, usize)>,
 }
 
 impl<'g> Builder<'g> {
@@ -115,6 +120,7 @@ impl<'g> Builder<'g> {
             libs: BTreeSet::new(),
             helpers: vec![],
             scope: String::new(),
+            arrays: vec![],
         }
     }
 
@@ -142,6 +148,22 @@ impl<'g> Builder<'g> {
         name
     }
 
+    /// Declares one binding array named `name` holding `nodes`' values (each of the same shape
+    /// and storage), read as `name[k].v[i]`; returns the name.
+    fn bind_array(&mut self, name: &str, nodes: &[NodeId]) -> String {
+        let name = format!("{}{name}", self.scope);
+        self.arrays.push((self.inputs.len(), nodes.len()));
+        self.inputs.extend(nodes.iter().map(|&n| (name.clone(), n)));
+        name
+    }
+
+    /// True when input `i` is a buffer of a binding array.
+    fn in_array(&self, i: usize) -> bool {
+        self.arrays
+            .iter()
+            .any(|&(start, n)| (start..start + n).contains(&i))
+    }
+
     /// The node whose buffer a read of `node` binds, and the permutation to read it through:
     /// the source of a transpose read in place, or `node` itself.
     fn source(&self, node: NodeId) -> (NodeId, Option<&'g [usize]>) {
@@ -164,8 +186,10 @@ impl<'g> Builder<'g> {
         indent: &str,
     ) -> (String, String) {
         let (src, perm) = self.source(node);
-        let bound = match self.inputs.iter().find(|(_, n)| *n == src) {
-            Some((existing, _)) => existing.clone(),
+        let existing =
+            (self.inputs.iter().enumerate()).find(|&(i, (_, n))| *n == src && !self.in_array(i));
+        let bound = match existing {
+            Some((_, (existing, _))) => existing.clone(),
             None => self.bind(name, src),
         };
         let from = self.graph.shape(node);
@@ -198,9 +222,20 @@ impl<'g> Builder<'g> {
                 value: node.name.clone(),
                 shape: node.shape.clone(),
                 packed: self.half.get(&n).map(|h| h.name()),
+                count: 1,
             }
         };
-        let inputs: Vec<Binding> = self.inputs.iter().map(|(s, n)| binding(s, *n)).collect();
+        let mut inputs: Vec<Binding> = vec![];
+        for (i, (s, n)) in self.inputs.iter().enumerate() {
+            match self.arrays.iter().find(|&&(start, _)| start == i) {
+                Some(&(_, count)) => inputs.push(Binding {
+                    count,
+                    ..binding(s, *n)
+                }),
+                None if self.in_array(i) => {}
+                None => inputs.push(binding(s, *n)),
+            }
+        }
         let outputs: Vec<Binding> = std::iter::once(binding("y", out))
             .chain(self.writes.iter().map(|(s, n)| binding(s, *n)))
             .collect();
@@ -227,10 +262,25 @@ impl<'g> Builder<'g> {
         values.push(("BINDINGS", self.bindings(out)));
         values.push(("HELPERS", self.helpers()));
         let source = tidy(&template::render(template.name, template.text, &values)?);
+        let input_arrays = if self.arrays.is_empty() {
+            vec![]
+        } else {
+            let mut counts = vec![];
+            let mut i = 0;
+            while i < self.inputs.len() {
+                let n = (self.arrays.iter())
+                    .find(|&&(start, _)| start == i)
+                    .map_or(1, |&(_, n)| n);
+                counts.push(n as u32);
+                i += n;
+            }
+            counts
+        };
         Ok(Emitted {
             summary,
             source,
             workgroups,
+            input_arrays,
             inputs: self.inputs.into_iter().map(|(_, n)| n).collect(),
             writes: self.writes.into_iter().map(|(_, n)| n).collect(),
         })
@@ -1319,11 +1369,12 @@ fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> 
 }
 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with
-/// the element-wise epilogue (clamp, square root, `m / norm`) run by its first invocation. A
-/// group may hold several layers of the same shapes back to back, each a DoraNormSq node and its
-/// epilogue (`fusion` batches them): one dispatch then computes them all, each layer in a
-/// function of its own on its own bindings, and every layer but the last writes its value
-/// beside the kernel's output.
+/// the element-wise epilogue (clamp, square root, `m / norm`) run by the invocation of each
+/// column. A group may hold several layers of the same shapes back to back, each a DoraNormSq
+/// node and its epilogue (`fusion::batch_norms`, on devices with binding arrays): one dispatch
+/// then computes them all, the loop reading each layer's W, A and B through binding arrays
+/// (one copy of the code, whatever the layer count), each epilogue in a function of its own
+/// on its own bindings, and every layer's value but the last written beside the output.
 fn dora_norm(
     graph: &Graph,
     group: &[NodeId],
@@ -1342,31 +1393,103 @@ fn dora_norm(
     let layers: Vec<&[NodeId]> = (0..starts.len())
         .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
         .collect();
-    let mut b = Builder::new(graph, &NO_TRANSPOSES);
-    let (mut fns, mut partials, mut finishes, mut summaries) = (vec![], vec![], vec![], vec![]);
-    for (l, layer) in layers.iter().enumerate() {
+    let weights: Vec<Vec<NodeId>> = layers.iter().map(|l| graph.inputs_of(l[0])).collect();
+    let w_half = d.half.get(&ins[0]).copied();
+    for (layer, ws) in layers.iter().zip(&weights) {
         let node = graph.node(layer[0]);
-        let same = graph
-            .inputs_of(layer[0])
+        let same = ws
             .iter()
             .map(|&i| graph.shape(i))
             .eq(ins.iter().map(|&i| graph.shape(i)));
-        if node.op != Op::DoraNormSq(*p) || !same {
+        if node.op != Op::DoraNormSq(*p) || !same || d.half.get(&ws[0]).copied() != w_half {
             return Err(Error::gpu(format!(
-                "kernel {name}: '{}' is not a DoRA norm of the first layer's shapes (emitter bug)",
+                "kernel {name}: '{}' is not a DoRA norm of the first layer's shapes and storage \
+                 (emitter bug)",
                 node.label
             )));
         }
-        let (fn_text, summary) = dora_norm_layer(&mut b, layer, p, l, layers.len(), d)?;
-        fns.push(fn_text);
-        summaries.push(summary);
-        partials.push(format!(
-            "        case {l}u: {{\n            part = {}partial_norms(j0, lid);\n        }}",
-            b.scope
+    }
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
+    let column = |k: usize| weights.iter().map(|ws| ws[k]).collect::<Vec<NodeId>>();
+    // The buffers the loop reads: the one layer's bindings, or pointers to this workgroup's
+    // layer in the binding arrays (taken once, before the loop).
+    let mut layer_buffers = String::new();
+    let (w, a_at, b_at) = if layers.len() == 1 {
+        let (w, _) = b.bind_stored("w", ins[0], d.half);
+        (w, b.bind("lora_a", ins[1]), b.bind("lora_b", ins[2]))
+    } else {
+        if let Some(h) = w_half {
+            for &wn in &column(0) {
+                b.half.insert(wn, h);
+            }
+            b.libs.insert(Lib::Half);
+        }
+        let mut at = |name: &str, nodes: &[NodeId]| {
+            let array = b.bind_array(name, nodes);
+            layer_buffers += &format!("    let {array}_l = &{array}[layer];\n");
+            format!("(*{array}_l).v")
+        };
+        (
+            at("w", &column(0)),
+            at("lora_a", &column(1)),
+            at("lora_b", &column(2)),
+        )
+    };
+    // W's four loads, written out in the entry point (a helper function would hide from the
+    // compiler that `layer`, which indexes the binding arrays, is uniform).
+    let w_load = |i: &str| {
+        let at = if p.weight_out_in {
+            format!("j * IN + {i}")
+        } else {
+            format!("{i} * OUT + j")
+        };
+        format!(
+            "                    {}",
+            storage::half_load(&w, &at, w_half)
+        )
+    };
+    let wv = ["f.x", "f.y", "f.z", "f.w"].map(w_load).join(",\n");
+    let w_note = match w_half {
+        Some(h) => format!(", stored as {}", h.name()),
+        None => String::new(),
+    };
+    let (mut finish_fns, mut finishes, mut summaries) = (vec![], vec![], vec![]);
+    for (l, layer) in layers.iter().enumerate() {
+        b.scope = if layers.len() > 1 {
+            format!("l{l}_")
+        } else {
+            String::new()
+        };
+        let indent = "    ";
+        let mut lines = vec![format!(
+            "{indent}let v0 = acc; {}",
+            node_comment(graph, layer[0])
+        )];
+        let (more, last) = epilogue(&mut b, layer, indent, d.escapes)?;
+        lines.extend(more);
+        let out = if l + 1 == layers.len() {
+            "y".to_string()
+        } else {
+            let out = format!("{}y", b.scope);
+            b.writes.push((out.clone(), *layer.last().unwrap()));
+            out
+        };
+        lines.push(format!("{indent}{out}[i] = {last};"));
+        let label = wgsl::comment_safe(&graph.node(layer[0]).label);
+        finish_fns.push(format!(
+            "// The epilogue of '{label}' for output feature i, from its squared norm `acc`.\n\
+             fn {}finish(i: u32, acc: f32) {{\n{}\n}}",
+            b.scope,
+            lines.join("\n")
         ));
         finishes.push(format!(
             "            case {l}u: {{\n                {}finish(i, acc);\n            }}",
             b.scope
+        ));
+        summaries.push(with_epilogue(
+            graph,
+            norm_summary(graph, layer[0], p),
+            layer,
         ));
     }
     b.scope.clear();
@@ -1397,12 +1520,31 @@ fn dora_norm(
             ("LAYERS", layers.len().to_string()),
             ("GRID_X", workgroups[0].to_string()),
             ("GRID_Y", workgroups[1].to_string()),
-            ("LAYER_FNS", fns.join("\n\n")),
-            ("PARTIALS", partials.join("\n")),
+            ("A", a_at),
+            ("B", b_at),
+            ("WV", wv),
+            ("LAYER_BUFFERS", layer_buffers),
+            ("W_NOTE", w_note),
+            ("FINISH_FNS", finish_fns.join("\n\n")),
             ("FINISH", finishes.join("\n")),
         ],
         workgroups,
         summary,
+    )
+}
+
+/// One line on the DoRA norm node `n`: attributes and shapes.
+fn norm_summary(graph: &Graph, n: NodeId, p: &crate::ops::DoraNorm) -> String {
+    let ins = graph.inputs_of(n);
+    format!(
+        "dora_norm_sq alpha={} s={}: W {}{}, A {}, B {} -> {}",
+        p.alpha,
+        p.scale,
+        shape_str(graph.shape(ins[0])),
+        if p.weight_out_in { " (out x in)" } else { "" },
+        shape_str(graph.shape(ins[1])),
+        shape_str(graph.shape(ins[2])),
+        shape_str(&graph.node(n).shape)
     )
 }
 
@@ -1416,80 +1558,6 @@ fn norm_vecs(fin: usize) -> usize {
     (1..=3usize)
         .min_by_key(|&v| (padded(v), std::cmp::Reverse(v)))
         .unwrap_or(1)
-}
-
-/// Layer `l` of `count` in a DoRA norm kernel: binds its weights (prefixed `l{l}_` when there
-/// are several layers), and renders its function from `dora_norm_layer.wgsl` and its summary.
-/// The last layer's value is the kernel's output `y`; the others write theirs beside it.
-fn dora_norm_layer(
-    b: &mut Builder,
-    layer: &[NodeId],
-    p: &crate::ops::DoraNorm,
-    l: usize,
-    count: usize,
-    d: &Decisions,
-) -> Result<(String, String)> {
-    let graph = b.graph;
-    let n = layer[0];
-    let ins = graph.inputs_of(n);
-    b.scope = if count > 1 {
-        format!("l{l}_")
-    } else {
-        String::new()
-    };
-    let (w, w_half) = b.bind_stored("w", ins[0], d.half);
-    b.bind("lora_a", ins[1]);
-    b.bind("lora_b", ins[2]);
-    let w_at = if p.weight_out_in {
-        "j * IN + i"
-    } else {
-        "i * OUT + j"
-    };
-    b.helpers.push(format!(
-        "// W[i, j] (row i of the `in` axis, column j){}.\n\
-         fn {}w_get(i: u32, j: u32) -> f32 {{\n    return {};\n}}",
-        match w_half {
-            Some(h) => format!(", stored as {}", h.name()),
-            None => String::new(),
-        },
-        b.scope,
-        storage::half_load(&w, w_at, w_half)
-    ));
-    let indent = "    ";
-    let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
-    let (more, last) = epilogue(b, layer, indent, d.escapes)?;
-    lines.extend(more);
-    let out = if l + 1 == count {
-        "y".to_string()
-    } else {
-        let out = format!("{}y", b.scope);
-        b.writes.push((out.clone(), *layer.last().unwrap()));
-        out
-    };
-    lines.push(format!("{indent}{out}[i] = {last};"));
-    let (w_shape, a_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
-    let summary = format!(
-        "dora_norm_sq alpha={} s={}: W {}{}, A {}, B {} -> {}",
-        p.alpha,
-        p.scale,
-        shape_str(w_shape),
-        if p.weight_out_in { " (out x in)" } else { "" },
-        shape_str(a_shape),
-        shape_str(graph.shape(ins[2])),
-        shape_str(&graph.node(n).shape)
-    );
-    let label = wgsl::comment_safe(&format!("'{}'", graph.node(n).label));
-    let layer_template = template::DORA_NORM_LAYER;
-    let text = template::render(
-        layer_template.name,
-        layer_template.text,
-        &[
-            ("L", b.scope.clone()),
-            ("LAYER", label),
-            ("EPILOGUE", lines.join("\n")),
-        ],
-    )?;
-    Ok((text, with_epilogue(graph, summary, layer)))
 }
 
 fn layer_norm(

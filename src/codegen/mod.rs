@@ -116,8 +116,12 @@ pub struct Kernel {
     pub summary: String,
     /// The WGSL source, validated by naga.
     pub source: String,
-    /// Read-only bindings 0..n, in order.
+    /// The buffers of the read-only bindings, in order.
     pub inputs: Vec<BufferId>,
+    /// Buffers in each read-only binding, in order, when some binding is an array (a count
+    /// above 1 binds that many consecutive `inputs` as one binding array); empty when each
+    /// input is a binding of its own.
+    pub input_arrays: Vec<u32>,
     /// The read-write binding n: the value of the group's last node.
     pub output: BufferId,
     /// Read-write bindings n+1...: values of interior nodes that readers outside the kernel
@@ -128,6 +132,21 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The read-only bindings, in order: each the buffers it binds (one, or a binding array's).
+    pub fn input_bindings(&self) -> Vec<&[BufferId]> {
+        if self.input_arrays.is_empty() {
+            return self.inputs.chunks(1).collect();
+        }
+        let mut out = vec![];
+        let mut rest = self.inputs.as_slice();
+        for &n in &self.input_arrays {
+            let (head, tail) = rest.split_at((n as usize).min(rest.len()));
+            out.push(head);
+            rest = tail;
+        }
+        out
+    }
+
     /// The buffers in binding order: inputs, then the output, then the other values written.
     pub fn bindings(&self) -> impl Iterator<Item = BufferId> + '_ {
         self.inputs.iter().copied().chain(self.written())
@@ -155,6 +174,11 @@ pub struct PlanOptions {
     /// anywhere, the device's `max_storage_buffers_per_shader_stage` for one made for it (more
     /// room lets fusion go further).
     pub max_bindings: usize,
+    /// The device binds arrays of storage buffers (wgpu's `BUFFER_BINDING_ARRAY` and
+    /// `STORAGE_RESOURCE_BINDING_ARRAY`): DoRA norms of the same shapes then share one kernel
+    /// that reads each layer's weights through arrays (`fusion::batch_norms`). Off in a
+    /// portable plan.
+    pub binding_arrays: bool,
 }
 
 impl Default for PlanOptions {
@@ -164,6 +188,7 @@ impl Default for PlanOptions {
             fuse: true,
             target: Target::Gpu,
             max_bindings: fusion::PORTABLE_BINDINGS,
+            binding_arrays: false,
         }
     }
 }
@@ -279,7 +304,7 @@ pub fn plan(graph: &Graph) -> Result<Plan> {
 
 /// [`plan`] with explicit options (`fuse: false` gives one kernel per computing node).
 pub fn plan_with(graph: &Graph, options: &PlanOptions) -> Result<Plan> {
-    let fusion = fusion::decide(graph, options.fuse, options.max_bindings)?;
+    let fusion = fusion::decide(graph, options)?;
     plan_grouped(graph, fusion, options)
 }
 
@@ -418,6 +443,7 @@ pub fn plan_grouped(
                 .map(|n| plan.node_buffers[n])
                 .collect(),
             output: plan.node_buffers[&last],
+            input_arrays: emitted.input_arrays,
             also_writes: emitted
                 .writes
                 .iter()
@@ -887,17 +913,19 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
             e.emit_to_string_with_path(source, &path)
         ))
     })?;
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::default(),
-    )
-    .validate(&module)
-    .map_err(|e| {
-        Error::gpu(format!(
-            "kernel {name}: generated WGSL is invalid:\n{}",
-            e.emit_to_string_with_path(source, &path)
-        ))
-    })?;
+    // Binding arrays of storage buffers are allowed: plans use them only for devices that have
+    // them (`PlanOptions::binding_arrays`), indexed uniformly.
+    let capabilities = naga::valid::Capabilities::default()
+        | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
+        | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+        .validate(&module)
+        .map_err(|e| {
+            Error::gpu(format!(
+                "kernel {name}: generated WGSL is invalid:\n{}",
+                e.emit_to_string_with_path(source, &path)
+            ))
+        })?;
     Ok(())
 }
 

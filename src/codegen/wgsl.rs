@@ -120,19 +120,46 @@ pub struct Binding {
     pub shape: Vec<usize>,
     /// Stored in this half-precision format, two values per `u32` (see `storage`).
     pub packed: Option<&'static str>,
+    /// Buffers in the binding: above 1, a binding array of that many buffers of this one's
+    /// shape and storage (`value` names the first), read as `name[k].v[i]`.
+    pub count: usize,
 }
 
 /// The kernel's bindings: read-only inputs, then the read-write outputs (the group's value
-/// first, then interior values it also writes).
+/// first, then interior values it also writes). A binding array's buffers are `struct`s of one
+/// runtime-sized array (naga takes binding arrays of structs only). The bindings must be the
+/// template's first declarations.
 pub fn bindings(inputs: &[Binding], outputs: &[Binding]) -> String {
     let mut s = String::new();
+    let arrays: std::collections::BTreeSet<&str> = (inputs.iter())
+        .filter(|b| b.count > 1)
+        .map(|b| if b.packed.is_some() { "u32" } else { "f32" })
+        .collect();
+    if !arrays.is_empty() {
+        // Binding arrays are a wgpu extension of WGSL, enabled before any declaration.
+        s += "enable wgpu_binding_array;\n";
+    }
+    for elem in arrays {
+        let name = if elem == "u32" { "Words" } else { "Floats" };
+        s += &format!("struct {name} {{ v: array<{elem}> }}\n");
+    }
     for (i, b) in inputs.iter().enumerate() {
         let (elem, note) = match b.packed {
             Some(h) => ("u32", format!(", {h} pairs")),
             None => ("f32", String::new()),
         };
+        let ty = match (b.count, elem) {
+            (1, _) => format!("array<{elem}>"),
+            (n, "u32") => format!("binding_array<Words, {n}>"),
+            (n, _) => format!("binding_array<Floats, {n}>"),
+        };
+        let first = if b.count > 1 {
+            " (the first of them)"
+        } else {
+            ""
+        };
         s += &format!(
-            "@group(0) @binding({i}) var<storage, read> {}: array<{elem}>; // '{}' {}{note}\n",
+            "@group(0) @binding({i}) var<storage, read> {}: {ty}; // '{}'{first} {}{note}\n",
             b.name,
             comment_safe(&b.value),
             shape_str(&b.shape)

@@ -912,18 +912,26 @@ fn build_pipeline(
         label: Some(&k.name),
         source: wgpu::ShaderSource::Wgsl(k.source.as_str().into()),
     });
-    let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..k.inputs.len() + 1 + k.also_writes.len())
-        .map(|i| wgpu::BindGroupLayoutEntry {
+    // One entry per binding: the inputs (a binding array counts its buffers), then the output
+    // and the other values written.
+    let inputs = k.input_bindings();
+    let counts =
+        (inputs.iter().map(|b| b.len())).chain(std::iter::repeat_n(1, 1 + k.also_writes.len()));
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = counts
+        .enumerate()
+        .map(|(i, n)| wgpu::BindGroupLayoutEntry {
             binding: i as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: wgpu::BindingType::Buffer {
                 ty: wgpu::BufferBindingType::Storage {
-                    read_only: i < k.inputs.len(),
+                    read_only: i < inputs.len(),
                 },
                 has_dynamic_offset: false,
                 min_binding_size: None,
             },
-            count: None,
+            count: (n > 1)
+                .then(|| std::num::NonZeroU32::new(n as u32))
+                .flatten(),
         })
         .collect();
     let bind_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -954,17 +962,30 @@ fn bind_kernel(
     plan: &Plan,
     buffers: &[wgpu::Buffer],
 ) -> wgpu::BindGroup {
-    let bind_entries: Vec<wgpu::BindGroupEntry> = k
-        .bindings()
+    // The value's own bytes at the start of its allocation, which may be larger.
+    let binding = |b: BufferId| wgpu::BufferBinding {
+        buffer: &buffers[b],
+        offset: 0,
+        size: NonZeroU64::new(plan.buffers[b].bytes()),
+    };
+    let arrays: Vec<Vec<wgpu::BufferBinding>> = (k.input_bindings().iter())
+        .map(|b| b.iter().map(|&b| binding(b)).collect())
+        .collect();
+    let written: Vec<wgpu::BufferBinding> = k.written().map(binding).collect();
+    let bind_entries: Vec<wgpu::BindGroupEntry> = (arrays.iter())
+        .map(|a| match a.as_slice() {
+            [one] => wgpu::BindingResource::Buffer(one.clone()),
+            many => wgpu::BindingResource::BufferArray(many),
+        })
+        .chain(
+            written
+                .iter()
+                .map(|w| wgpu::BindingResource::Buffer(w.clone())),
+        )
         .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
+        .map(|(i, resource)| wgpu::BindGroupEntry {
             binding: i as u32,
-            // The value's own bytes at the start of its allocation, which may be larger.
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &buffers[b],
-                offset: 0,
-                size: NonZeroU64::new(plan.buffers[b].bytes()),
-            }),
+            resource,
         })
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -29,6 +29,10 @@ pub fn is_no_adapter(e: &Error) -> bool {
     matches!(e, Error::NoAdapter { .. })
 }
 
+/// The wgpu features a kernel needs to bind arrays of storage buffers.
+const BINDING_ARRAYS: wgpu::Features =
+    wgpu::Features::BUFFER_BINDING_ARRAY.union(wgpu::Features::STORAGE_RESOURCE_BINDING_ARRAY);
+
 /// An open GPU: the adapter's device and queue, with the adapter's own limits.
 pub struct Gpu {
     device: wgpu::Device,
@@ -72,11 +76,13 @@ impl Gpu {
         } else {
             wgpu::Features::empty()
         };
+        let optional = wgpu::Features::PIPELINE_CACHE | mappable | BINDING_ARRAYS;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("dorac"),
-            // Optional features: an on-disk pipeline cache where the adapter has it, and, on a
-            // CPU driver, storage buffers the host may map (see `Gpu::maps_storage`).
-            required_features: adapter.features() & (wgpu::Features::PIPELINE_CACHE | mappable),
+            // Optional features, where the adapter has them: an on-disk pipeline cache, arrays of
+            // storage buffers (`PlanOptions::binding_arrays`) and, on a CPU driver, storage
+            // buffers the host may map (see `Gpu::maps_storage`).
+            required_features: adapter.features() & optional,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -130,6 +136,7 @@ impl Gpu {
         crate::codegen::PlanOptions {
             target: self.target(),
             max_bindings: self.limits.max_storage_buffers_per_shader_stage as usize,
+            binding_arrays: self.binds_arrays(),
             ..Default::default()
         }
     }
@@ -141,6 +148,11 @@ impl Gpu {
 
     pub(crate) fn device(&self) -> &wgpu::Device {
         &self.device
+    }
+
+    /// True when kernels may bind arrays of storage buffers (`PlanOptions::binding_arrays`).
+    pub fn binds_arrays(&self) -> bool {
+        self.device.features().contains(BINDING_ARRAYS)
     }
 
     /// True when storage buffers may also be mapped for writing (a CPU driver, whose device
