@@ -12,9 +12,9 @@
 // runs the epilogue (the rest of the magnitude scale) on the row's sum `acc`. Features past the
 // edges are clamped for loading and contribute nothing.
 //
-// One dispatch computes LAYERS layers of the same shapes (their norms read only their own
+// One dispatch may compute LAYERS layers of the same shapes (their norms read only their own
 // parameters): workgroup g computes layer g / GROUPS, reading its weights through binding
-// arrays, and runs that layer's epilogue.
+// arrays (one copy of the loop, compiled once), and runs that layer's epilogue.
 
 {{BINDINGS}}
 
@@ -34,7 +34,7 @@ const TILE: u32 = 4u * VECS * WG;
 const GROUPS: u32 = {{GROUPS}}u;
 const LAYERS: u32 = {{LAYERS}}u;
 
-// Every invocation's partial sums, for invocation 0 to add up.
+// Every invocation's partial sums, for the invocation of each row to add up.
 var<workgroup> partials: array<array<f32, ROWS>, WG>;
 
 {{HELPERS}}
