@@ -369,7 +369,7 @@ fn can_host(
 /// For each kernel (the nodes it computes), the kernels computing the values it reads. Values
 /// no kernel computes (inputs, views, transposes read in place, prologues) are followed to the
 /// kernels computing their sources.
-fn kernel_needs(graph: &Graph, kernels: &[Vec<NodeId>]) -> Vec<BTreeSet<usize>> {
+pub(super) fn kernel_needs(graph: &Graph, kernels: &[Vec<NodeId>]) -> Vec<BTreeSet<usize>> {
     let owner: HashMap<NodeId, usize> = kernels
         .iter()
         .enumerate()

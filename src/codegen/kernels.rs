@@ -454,6 +454,70 @@ fn node_comment(graph: &Graph, n: NodeId) -> String {
     wgsl::comment_safe(&format!("// {} '{}'", op_title(&node.op), node.label))
 }
 
+/// Statements computing `nodes[from..]` at flat index `i`: node k's value in `{var}{k}`, from
+/// earlier nodes' values in registers and its other operands loaded (`{load}{k}_{slot}`,
+/// broadcast to its own shape); `store` runs after each node (to write the values something
+/// outside needs). Every node must be element-wise (or a view passing its value on) and keep
+/// the element count of `nodes[0]`: views keep the flat order, and an element-wise op of the
+/// same element count reads an operand computed here at the same flat index (broadcasting to
+/// as many elements is the identity), so `i` indexes every node.
+fn elementwise_steps(
+    b: &mut Builder,
+    nodes: &[NodeId],
+    from: usize,
+    (var, load): (&str, &str),
+    indent: &str,
+    mut store: impl FnMut(&mut Builder, &mut Vec<String>, usize),
+) -> Result<Vec<String>> {
+    let graph = b.graph;
+    let first_shape = graph.shape(nodes[0]).to_vec();
+    let mut lines = vec![];
+    for k in from..nodes.len() {
+        let n = nodes[k];
+        let node = graph.node(n);
+        if !(is_elementwise(&node.op) || node.op.is_view())
+            || numel(&node.shape) != numel(&first_shape)
+        {
+            return Err(Error::gpu(format!(
+                "node '{}' ({} {}) cannot follow a {} value in its kernel: it must be \
+                 element-wise and keep the element count",
+                node.label,
+                node.op.name(),
+                shape_str(&node.shape),
+                shape_str(&first_shape)
+            )));
+        }
+        let mut args = vec![];
+        for (slot, &i) in graph.inputs_of(n).iter().enumerate() {
+            if let Some(j) = nodes[..k].iter().position(|&g| g == i) {
+                args.push(format!("{var}{j}"));
+                continue;
+            }
+            if nodes[k..].contains(&i) {
+                return Err(Error::gpu(format!(
+                    "node '{}' reads a value its kernel computes after it",
+                    node.label
+                )));
+            }
+            let (line, value) = b.load(&format!("{load}{k}_{slot}"), i, &node.shape, indent);
+            lines.push(line);
+            args.push(value);
+        }
+        // A view (StopGradient, say) passes its value through.
+        let expr = if node.op.is_view() {
+            args[0].clone()
+        } else {
+            elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?
+        };
+        lines.push(format!(
+            "{indent}let {var}{k} = {expr}; {}",
+            node_comment(graph, n)
+        ));
+        store(b, &mut lines, k);
+    }
+    Ok(lines)
+}
+
 /// Emits the epilogue of `group` (nodes 1..) as statements over flat output index `i`, starting
 /// from the anchor's value in `v0`; returns the statements and the final value's name. Each node
 /// reads the values of earlier group nodes from registers (`v{k}`) and loads the rest. A value
@@ -464,8 +528,6 @@ fn epilogue(
     indent: &str,
     escapes: &BTreeSet<NodeId>,
 ) -> Result<(Vec<String>, String)> {
-    let graph = b.graph;
-    let out_shape = graph.shape(group[0]).to_vec();
     let mut lines = vec![];
     let last = group.len() - 1;
     let store = |b: &mut Builder, lines: &mut Vec<String>, k: usize| {
@@ -478,52 +540,8 @@ fn epilogue(
         }
     };
     store(b, &mut lines, 0);
-    for k in 1..group.len() {
-        let n = group[k];
-        let node = graph.node(n);
-        // Views keep the flat order, and an element-wise op of the same element count reads its
-        // in-group operand at the same flat index (broadcasting to as many elements is the
-        // identity), so `i` indexes every member; other operands broadcast to its own shape.
-        if !(is_elementwise(&node.op) || node.op.is_view())
-            || numel(&node.shape) != numel(&out_shape)
-        {
-            return Err(Error::gpu(format!(
-                "node '{}' ({} {}) cannot be an epilogue of a {} kernel: epilogue ops must be \
-                 element-wise and keep the element count",
-                node.label,
-                node.op.name(),
-                shape_str(&node.shape),
-                shape_str(&out_shape)
-            )));
-        }
-        let mut args = vec![];
-        for (slot, &i) in graph.inputs_of(n).iter().enumerate() {
-            if let Some(j) = group[..k].iter().position(|&g| g == i) {
-                args.push(format!("v{j}"));
-                continue;
-            }
-            if group[k..].contains(&i) {
-                return Err(Error::gpu(format!(
-                    "node '{}' reads a value its group computes after it",
-                    node.label
-                )));
-            }
-            let (line, value) = b.load(&format!("e{k}_{slot}"), i, &node.shape, indent);
-            lines.push(line);
-            args.push(value);
-        }
-        // A view (StopGradient, say) passes its value through.
-        let expr = if node.op.is_view() {
-            args[0].clone()
-        } else {
-            elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?
-        };
-        lines.push(format!(
-            "{indent}let v{k} = {expr}; {}",
-            node_comment(graph, n)
-        ));
-        store(b, &mut lines, k);
-    }
+    let steps = elementwise_steps(b, group, 1, ("v", "e"), indent, store)?;
+    lines.extend(steps);
     Ok((lines, format!("v{last}")))
 }
 
@@ -1330,36 +1348,16 @@ fn reduce(
 /// stores the chain's last value and the values read outside it, into bindings `z{k}`.
 fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> Result<String> {
     let graph = b.graph;
-    let indent = "    ";
-    let mut lines = vec![];
     let last = chain.len() - 1;
-    for (k, &n) in chain.iter().enumerate() {
-        let node = graph.node(n);
-        let mut args = vec![];
-        for (slot, &input) in graph.inputs_of(n).iter().enumerate() {
-            if let Some(j) = chain[..k].iter().position(|&c| c == input) {
-                args.push(format!("w{j}"));
-                continue;
-            }
-            let (line, value) = b.load(&format!("c{k}_{slot}"), input, &node.shape, indent);
-            lines.push(line);
-            args.push(value);
-        }
-        let expr = if node.op.is_view() {
-            args[0].clone()
-        } else {
-            elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?
-        };
-        lines.push(format!(
-            "{indent}let w{k} = {expr}; {}",
-            node_comment(graph, n)
-        ));
-        if k == last || (escapes.contains(&n) && !node.op.is_view()) {
+    let store = |b: &mut Builder, lines: &mut Vec<String>, k: usize| {
+        let n = chain[k];
+        if k == last || (escapes.contains(&n) && !graph.node(n).op.is_view()) {
             let name = format!("z{k}");
-            lines.push(format!("{indent}{name}[i] = w{k};"));
+            lines.push(format!("    {name}[i] = w{k};"));
             b.writes.push((name, n));
         }
-    }
+    };
+    let lines = elementwise_steps(b, chain, 0, ("w", "c"), "    ", store)?;
     Ok(format!(
         "// The element-wise chain computed beside the terms: element i of each value, from the\n\
          // term's own index, stored where a reader outside the kernel needs it.\n\

@@ -753,30 +753,9 @@ fn execution_order(
             g.iter().chain(chain).copied().collect()
         })
         .collect();
-    let owner: HashMap<NodeId, usize> = members
-        .iter()
-        .enumerate()
-        .flat_map(|(g, nodes)| nodes.iter().map(move |&n| (n, g)))
-        .collect();
     // The groups whose values group g reads: through views, transposes read in place and
     // reduction prologues, which have no kernel, to the kernels that computed their sources.
-    let mut needs: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); groups.len()];
-    for (g, nodes) in members.iter().enumerate() {
-        let mut stack: Vec<NodeId> = nodes.iter().flat_map(|&n| graph.inputs_of(n)).collect();
-        let mut seen = HashSet::new();
-        while let Some(v) = stack.pop() {
-            if !seen.insert(v) {
-                continue;
-            }
-            match owner.get(&v) {
-                Some(&h) if h != g => {
-                    needs[g].insert(h);
-                }
-                Some(_) => {}
-                None => stack.extend(graph.inputs_of(v)),
-            }
-        }
-    }
+    let needs = fusion::kernel_needs(graph, &members);
     let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
     let mut readers: Vec<Vec<usize>> = vec![vec![]; groups.len()];
     for (g, hs) in needs.iter().enumerate() {
