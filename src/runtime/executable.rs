@@ -166,7 +166,8 @@ impl Executable {
                 let Some(k) = distinct.get(i) else {
                     return Ok(built);
                 };
-                codegen::validate(&k.name, &k.source)?;
+                // The planner validated every source with naga (`codegen::plan_grouped`); wgpu
+                // validates it again here, and its error names the kernel.
                 let scopes = Scopes::push(device);
                 let pipeline = build_pipeline(device, k, gpu.pipeline_cache());
                 scopes.check(&format!("building kernel {}", k.name), &uncaptured)?;
