@@ -38,17 +38,30 @@ impl DType {
     }
 }
 
-/// f32 values, owned or borrowed straight from a memory-mapped file (large models' external
-/// weights are mapped, not copied: the OS pages them in as the GPU upload reads them).
+/// f32 values, owned or borrowed straight from a memory-mapped file (weights are mapped, not
+/// copied: the OS pages them in as the GPU upload reads them).
 #[derive(Clone)]
 pub enum F32Buf {
     Owned(Arc<[f32]>),
-    /// `len` values at byte `offset` of `map` (4-byte aligned, little-endian host).
+    /// `len` values at byte `offset` of `map` (4-byte aligned, little-endian host): external
+    /// data.
     Mapped {
         map: Arc<memmap2::Mmap>,
         offset: usize,
         len: usize,
     },
+    /// Little-endian f32 bytes at any alignment: an initializer's `raw_data` inside a mapped
+    /// model file. The device upload copies the bytes as they are; a reader of the values gets
+    /// them in place when they are aligned, else from one conversion, made on the first read
+    /// and shared by the clones. Most weights are never read on the host, so most are never
+    /// converted (protobuf aligns nothing: 83 MB of MiniLM's 90 MB are not 4-byte aligned).
+    Raw(Arc<RawF32>),
+}
+
+/// The bytes of an [`F32Buf::Raw`] and their conversion, made at most once.
+pub struct RawF32 {
+    pub bytes: prost::bytes::Bytes,
+    values: std::sync::OnceLock<Box<[f32]>>,
 }
 
 impl F32Buf {
@@ -66,8 +79,34 @@ impl F32Buf {
         })
     }
 
+    /// Borrows little-endian f32 bytes (a whole number of values) on a little-endian host; None
+    /// otherwise, and the caller converts.
+    pub fn raw(bytes: prost::bytes::Bytes) -> Option<F32Buf> {
+        (cfg!(target_endian = "little") && bytes.len().is_multiple_of(4)).then(|| {
+            F32Buf::Raw(Arc::new(RawF32 {
+                bytes,
+                values: std::sync::OnceLock::new(),
+            }))
+        })
+    }
+
     pub fn is_mapped(&self) -> bool {
-        matches!(self, F32Buf::Mapped { .. })
+        matches!(self, F32Buf::Mapped { .. } | F32Buf::Raw(_))
+    }
+
+    /// The values' little-endian bytes, as a device upload copies them: borrowed, converting
+    /// nothing, except owned values on a big-endian host.
+    pub fn le_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        use std::borrow::Cow;
+        match self {
+            // Only little-endian hosts build these two.
+            F32Buf::Raw(raw) => Cow::Borrowed(&raw.bytes),
+            F32Buf::Mapped { map, offset, len } => Cow::Borrowed(&map[*offset..*offset + *len * 4]),
+            F32Buf::Owned(v) if cfg!(target_endian = "little") => {
+                Cow::Borrowed(bytemuck::cast_slice(v))
+            }
+            F32Buf::Owned(v) => Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        }
     }
 }
 
@@ -79,6 +118,15 @@ impl std::ops::Deref for F32Buf {
             F32Buf::Mapped { map, offset, len } => {
                 bytemuck::cast_slice(&map[*offset..*offset + *len * 4])
             }
+            F32Buf::Raw(raw) => match bytemuck::try_cast_slice(&raw.bytes) {
+                Ok(aligned) => aligned,
+                Err(_) => raw.values.get_or_init(|| {
+                    raw.bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().expect("chunks of 4")))
+                        .collect()
+                }),
+            },
         }
     }
 }
@@ -446,5 +494,35 @@ impl Rng {
         let u1 = self.uniform().max(1e-300);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Raw little-endian bytes read back as their values at every alignment, hand the upload
+    /// the very bytes they were given, and convert (when unaligned) once for all clones.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn raw_bytes_read_as_values_at_any_alignment() {
+        let values = [1.5f32, -2.25, 3.0e-8, f32::MAX, -0.0];
+        let le: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for shift in 0..4 {
+            let mut padded = vec![0xAAu8; shift];
+            padded.extend(&le);
+            let bytes = prost::bytes::Bytes::from(padded).slice(shift..);
+            let buf = F32Buf::raw(bytes.clone()).expect("a whole number of f32s");
+            assert!(buf.is_mapped());
+            assert_eq!(&*buf.le_bytes(), &le[..]);
+            let twin = buf.clone();
+            assert_eq!(&*buf, &values[..], "shift {shift}");
+            assert_eq!(&*twin, &values[..], "shift {shift}");
+            if let (F32Buf::Raw(a), F32Buf::Raw(b)) = (&buf, &twin) {
+                assert!(Arc::ptr_eq(a, b), "clones share the conversion");
+            }
+        }
+        let odd = prost::bytes::Bytes::from(vec![0u8; 7]);
+        assert!(F32Buf::raw(odd).is_none(), "7 bytes are no f32 values");
     }
 }

@@ -124,6 +124,18 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
         mapped = (map, offset);
         Some(&mapped.0[mapped.1..mapped.1 + n * elem.size()])
     } else {
+        // float32 `raw_data` (a slice of the mapped model file) is kept as its bytes: the
+        // device upload copies them, and only a host reader converts (`F32Buf::Raw`).
+        if let (Elem::F32, Some(bytes)) = (&elem, &t.raw_data) {
+            if bytes.len() == n * elem.size() {
+                if let Some(buf) = crate::tensor::F32Buf::raw(bytes.clone()) {
+                    return Ok(Tensor {
+                        shape,
+                        data: Data::F32(buf),
+                    });
+                }
+            }
+        }
         t.raw_data.as_deref()
     };
     let data = match raw {
@@ -422,11 +434,11 @@ pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
     // byte.
     let le = cfg!(target_endian = "little");
     let (data_type, raw): (DataType, Vec<u8>) = match &t.data {
-        Data::F32(v) if le => (DataType::Float, bytemuck::cast_slice(v).to_vec()),
-        Data::F32(v) => (
-            DataType::Float,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
+        // Bytes still in the input model's mapping go out as they are: shared, not copied.
+        Data::F32(crate::tensor::F32Buf::Raw(raw)) => {
+            return proto_with_raw(name, t, DataType::Float, raw.bytes.clone());
+        }
+        Data::F32(v) => (DataType::Float, v.le_bytes().into_owned()),
         Data::I64(v) if le => (DataType::Int64, bytemuck::cast_slice(v).to_vec()),
         Data::I64(v) => (
             DataType::Int64,
@@ -434,11 +446,20 @@ pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
         ),
         Data::Bool(v) => (DataType::Bool, v.iter().map(|&x| x as u8).collect()),
     };
+    proto_with_raw(name, t, data_type, raw.into())
+}
+
+fn proto_with_raw(
+    name: &str,
+    t: &Tensor,
+    data_type: DataType,
+    raw: prost::bytes::Bytes,
+) -> TensorProto {
     TensorProto {
         name: Some(name.to_string()),
         dims: t.shape.iter().map(|&d| d as i64).collect(),
         data_type: Some(data_type as i32),
-        raw_data: Some(raw.into()),
+        raw_data: Some(raw),
         ..Default::default()
     }
 }

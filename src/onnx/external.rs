@@ -61,7 +61,12 @@ impl ExternalData {
         self.file.write_all(&vec![0u8; pad as usize]).map_err(io)?;
         self.offset += pad;
         let (data_type, length) = match &t.data {
-            Data::F32(v) => (DataType::Float, write_le(&mut self.file, v).map_err(io)?),
+            Data::F32(v) => {
+                // The bytes as they are (a weight still in the input's mapping is not converted).
+                let bytes = v.le_bytes();
+                self.file.write_all(&bytes).map_err(io)?;
+                (DataType::Float, bytes.len() as u64)
+            }
             Data::I64(v) => (DataType::Int64, write_le(&mut self.file, v).map_err(io)?),
             Data::Bool(v) => {
                 let bytes: Vec<u8> = v.iter().map(|&b| b as u8).collect();

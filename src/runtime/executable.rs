@@ -815,9 +815,11 @@ fn write_mapped(
         .get_mapped_range_mut()
         .map_err(|e| format!("{e:?}"))?;
     // Write-only memory (it may be write-combining): a copy in, never a read.
-    match tensor.as_f32() {
-        Some(values) => view.copy_from_slice(bytemuck::cast_slice(values)),
-        None => view.copy_from_slice(bytemuck::cast_slice(&tensor.to_f32())),
+    // f32 weights go in as their bytes: a weight still in the model file's mapping is copied
+    // from there, never converted on the host (`F32Buf::le_bytes`).
+    match &tensor.data {
+        crate::tensor::Data::F32(values) => view.copy_from_slice(&values.le_bytes()),
+        _ => view.copy_from_slice(bytemuck::cast_slice(&tensor.to_f32())),
     }
     Ok(())
 }

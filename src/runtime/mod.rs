@@ -46,28 +46,55 @@ pub struct Gpu {
 impl Gpu {
     /// Opens the first adapter wgpu finds (high-performance preferred). `backend` restricts the
     /// search to one of `vulkan`, `metal`, `dx12`, `gl`; `None` uses wgpu's default backends
-    /// (which the `WGPU_BACKEND` environment variable can override).
+    /// (which the `WGPU_BACKEND` environment variable can override), looking at GL only when
+    /// Vulkan, Metal and DX12 have no adapter.
     ///
     /// The device is created with the adapter's real limits, not WebGPU's defaults, so buffers
     /// up to what the hardware allows work. Fails with a [`NO_ADAPTER`] error when no adapter
     /// exists.
     pub fn new(backend: Option<&str>) -> Result<Gpu> {
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        if let Some(name) = backend {
-            desc.backends = parse_backend(name)?;
-        }
+        let chosen = match backend {
+            Some(name) => parse_backend(name)?,
+            None => wgpu::InstanceDescriptor::new_without_display_handle_from_env().backends,
+        };
         let which = match backend {
             Some(name) => format!("backend {name}"),
-            None => format!("backends {:?}", desc.backends),
+            None => format!("backends {chosen:?}"),
         };
-        let instance = wgpu::Instance::new(desc);
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::NoAdapter {
+        // Unless told which, the native APIs first and GL only where none of them has an
+        // adapter: starting GL (EGL and its driver) takes as long as opening lavapipe itself,
+        // 15 ms of a 0.3 s run, and a GPU with a native API is what `HighPerformance` would
+        // pick anyway.
+        let told = backend.is_some() || wgpu::Backends::from_env().is_some();
+        let tries = if told {
+            vec![chosen]
+        } else {
+            vec![
+                chosen & wgpu::Backends::PRIMARY,
+                chosen & wgpu::Backends::SECONDARY,
+            ]
+        };
+        let mut failure = String::new();
+        let mut found = None;
+        for backends in tries.into_iter().filter(|b| !b.is_empty()) {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends = backends;
+            let instance = wgpu::Instance::new(desc);
+            let request = instance.request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            });
+            match pollster::block_on(request) {
+                Ok(adapter) => {
+                    found = Some(adapter);
+                    break;
+                }
+                Err(e) => failure = e.to_string(),
+            }
+        }
+        let adapter = found.ok_or_else(|| Error::NoAdapter {
             backends: which.to_string(),
-            reason: e.to_string(),
+            reason: failure,
         })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
