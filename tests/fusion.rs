@@ -33,11 +33,12 @@ fn host(values: &BTreeMap<String, Array>) -> HashMap<String, Vec<f32>> {
         .collect()
 }
 
-/// Runs `graph` under three plans: fused for any adapter (8 bindings per kernel), fused for this
-/// device (as many bindings as it allows: wider kernels) and unfused. Writes `state` once, then
-/// runs `steps` steps on `feeds(t)` (t = 1, 2, ...) fetching every output; compares every output
-/// of every step and, at the end, every state, of both fused plans with the unfused one. Returns
-/// (fused kernels, unfused kernels) of the portable plan.
+/// Runs `graph` under four plans: fused for any adapter (8 bindings per kernel), fused for this
+/// device (as many bindings as it allows: wider kernels, and the device's own kinds of kernel),
+/// and each of them unfused. Writes `state` once, then runs `steps` steps on `feeds(t)` (t = 1,
+/// 2, ...) fetching every output; compares every output of every step and, at the end, every
+/// state, of each fused plan with its unfused twin. Returns (fused kernels, unfused kernels) of
+/// the portable plan.
 fn compare(
     tag: &str,
     graph: &Graph,
@@ -49,6 +50,16 @@ fn compare(
     let device = gpu().plan_options();
     let wide = codegen::plan_with(graph, &device).unwrap();
     let plain = codegen::plan_with(graph, &unfused()).unwrap();
+    // The device plan's unfused twin: the same kernels for each op (the device's target and
+    // subgroup size choose them, and with them the order a sum adds its terms in).
+    let plain_device = codegen::plan_with(
+        graph,
+        &PlanOptions {
+            fuse: false,
+            ..device.clone()
+        },
+    )
+    .unwrap();
     assert!(
         plain.kernels.iter().all(|k| k.nodes.len() == 1),
         "{tag}: fuse: false still fused"
@@ -59,7 +70,7 @@ fn compare(
         wide.kernels.len() <= fused.kernels.len(),
         "{tag}: more bindings, more kernels"
     );
-    let exes: Vec<Executable> = [&fused, &wide, &plain]
+    let exes: Vec<Executable> = [&fused, &wide, &plain, &plain_device]
         .iter()
         .map(|p| Executable::new(gpu(), p, graph).unwrap())
         .collect();
@@ -86,21 +97,25 @@ fn compare(
             .iter()
             .map(|e| e.step(&inputs, &outputs).unwrap())
             .collect();
-        for (plan, got_fused) in [("portable", &got[0]), ("device", &got[1])] {
+        for (plan, got_fused, got_plain) in
+            [("portable", &got[0], &got[2]), ("device", &got[1], &got[3])]
+        {
             for name in &outputs {
                 check(
                     format!("{plan} plan, step {t} output '{name}'"),
                     &got_fused[*name],
-                    &got[2][*name],
+                    &got_plain[*name],
                 );
             }
         }
     }
     for name in state.keys() {
-        let plain = exes[2].read(name).unwrap();
-        for (plan, exe) in [("portable", &exes[0]), ("device", &exes[1])] {
+        for (plan, exe, plain) in [
+            ("portable", &exes[0], &exes[2]),
+            ("device", &exes[1], &exes[3]),
+        ] {
             let what = format!("{plan} plan, state '{name}' after {steps} steps");
-            check(what, &exe.read(name).unwrap(), &plain);
+            check(what, &exe.read(name).unwrap(), &plain.read(name).unwrap());
         }
     }
     let counts = (fused.kernels.len(), plain.kernels.len());

@@ -111,11 +111,13 @@ impl Case {
     }
 
     /// Checks the plan for a GPU and, where any kernel differs, the plan for a CPU driver
-    /// (its own matmul template) too: both kinds of kernel run here, on lavapipe.
+    /// (its own matmul template, and the kernels that use this device's subgroups) too: both
+    /// kinds of kernel run here, on lavapipe.
     fn check(self) {
         let plan = |target| {
             let options = PlanOptions {
                 target,
+                subgroup_size: gpu().subgroup_size(),
                 ..PlanOptions::default()
             };
             codegen::plan_with(&self.graph, &options)
@@ -692,7 +694,28 @@ fn dora_norm_kernel() {
             .contains("dora_norm_sq_positive_or_one_sqrt_stop_gradient_div")),
         "the scale is not in the norm's kernel:\n{plan}"
     );
-    c.check_plan(&plan);
+    // The CPU target's kernel without subgroups; `check` runs the GPU's and, on a device with
+    // subgroups (lavapipe), the CPU target's that broadcasts A's values.
+    let options = PlanOptions {
+        target: Target::Cpu,
+        ..PlanOptions::default()
+    };
+    c.check_plan(&codegen::plan_with(&c.graph, &options).unwrap());
+    if let Some(sg) = gpu().subgroup_size() {
+        let options = PlanOptions {
+            target: Target::Cpu,
+            subgroup_size: Some(sg),
+            ..PlanOptions::default()
+        };
+        let plan = codegen::plan_with(&c.graph, &options).unwrap();
+        assert!(
+            plan.kernels
+                .iter()
+                .any(|k| k.source.contains("subgroupBroadcast(a, ")),
+            "{plan}"
+        );
+    }
+    c.check();
 }
 
 /// The norms of DoRA layers of the same shapes and storage share one dispatch when the device
@@ -745,11 +768,17 @@ fn dora_norms_of_layers_share_a_dispatch() {
             .cloned()
             .collect()
     };
-    for target in [Target::Gpu, Target::Cpu] {
+    // Both targets, and the CPU target's subgroup kernel where this device has subgroups.
+    let with_subgroups = gpu().subgroup_size().map(|s| (Target::Cpu, Some(s)));
+    for (target, subgroup_size) in [(Target::Gpu, None), (Target::Cpu, None)]
+        .into_iter()
+        .chain(with_subgroups)
+    {
         let options = PlanOptions {
             target,
             max_bindings: 48,
             binding_arrays: true,
+            subgroup_size,
             ..PlanOptions::default()
         };
         let plan = codegen::plan_with(&c.graph, &options).unwrap();
@@ -769,6 +798,8 @@ fn dora_norms_of_layers_share_a_dispatch() {
         );
         assert_eq!(norms[0].also_writes.len(), 2, "g0 and n2_2 beside g2");
         assert!(norms[0].source.contains("binding_array<Floats, 2>"));
+        let broadcasts = norms[0].source.contains("subgroupBroadcast");
+        assert_eq!(broadcasts, subgroup_size.is_some(), "{}", norms[0].source);
         c.check_plan(&plan);
     }
     // Without binding arrays, or in a portable plan (8 bindings), one kernel per layer.

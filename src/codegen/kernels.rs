@@ -319,6 +319,9 @@ pub(crate) struct Decisions<'p> {
     /// The per-dimension dispatch limit the grid must respect.
     pub max_workgroups: u32,
     pub target: Target,
+    /// The device's one subgroup size, where kernels may use subgroup operations
+    /// (`PlanOptions::subgroup_size`).
+    pub subgroup_size: Option<u32>,
 }
 
 /// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
@@ -933,8 +936,10 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     let (_, b_half) = b.bind_stored("b", b_src, half);
     let a_strides = a_perm.map(|perm| permuted_strides(graph.shape(a_src), perm));
     let b_strides = b_perm.map(|perm| permuted_strides(graph.shape(b_src), perm));
-    // `first`: the statement that turns the dot product `acc` into `v0` (indented below).
+    // `first`: the statement that turns the dot product `acc` into `v0` (indented below);
+    // `plain` when that is `acc` itself.
     let (m, k, n, batch, a_at, b_at, first, summary);
+    let mut plain = true;
     match &node.op {
         Op::Gemm {
             alpha,
@@ -977,6 +982,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 };
                 c_note = format!(", C {}", shape_str(c_shape));
             }
+            plain = value == "acc";
             first = format!("let v0 = {value}; {}", node_comment(graph, anchor));
             let t = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
             summary = format!(
@@ -1103,6 +1109,11 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             ("ROWS", rows.to_string()),
             ("VECS", vecs.to_string()),
             ("LANES", lanes.to_string()),
+            // The bare product, stored a vec4 at a time where that is whole or nothing.
+            (
+                "STORE_VEC4",
+                (plain && group.len() == 1 && n % 4 == 0).to_string(),
+            ),
         ]),
     }
     b.finish(
@@ -1368,7 +1379,8 @@ fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> 
 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with
 /// the element-wise epilogue (clamp, square root, `m / norm`) run by the invocation of each
-/// column. A group may hold several layers of the same shapes back to back, each a DoraNormSq
+/// column; on a CPU driver with subgroups, one invocation per column instead, A's values shared
+/// by subgroup broadcasts (`dora_norm_subgroup.wgsl`). A group may hold several layers of the same shapes back to back, each a DoraNormSq
 /// node and its epilogue (`fusion::batch_norms`, on devices with binding arrays): one dispatch
 /// then computes them all, the loop reading each layer's W, A and B through binding arrays
 /// (one copy of the code, whatever the layer count), each epilogue in a function of its own
@@ -1433,6 +1445,16 @@ fn dora_norm(
             at("lora_b", &column(2)),
         )
     };
+    // On a CPU driver with subgroups, one invocation per output feature sharing A's values by
+    // broadcasts (`dora_norm_subgroup.wgsl`); else a shared tile of B A per 8 features.
+    let subgroup = match (d.target, d.subgroup_size) {
+        (Target::Cpu, Some(sg)) if (4..=64).contains(&sg) && sg.is_power_of_two() => Some(sg),
+        _ => None,
+    };
+    let (features, w_indent) = match subgroup {
+        Some(_) => (["fc.x", "fc.y", "fc.z", "fc.w"], "                "),
+        None => (["f.x", "f.y", "f.z", "f.w"], "                    "),
+    };
     // W's four loads, written out in the entry point (a helper function would hide from the
     // compiler that `layer`, which indexes the binding arrays, is uniform).
     let w_load = |i: &str| {
@@ -1441,12 +1463,9 @@ fn dora_norm(
         } else {
             format!("{i} * OUT + j")
         };
-        format!(
-            "                    {}",
-            storage::half_load(&w, &at, w_half)
-        )
+        format!("{w_indent}{}", storage::half_load(&w, &at, w_half))
     };
-    let wv = ["f.x", "f.y", "f.z", "f.w"].map(w_load).join(",\n");
+    let wv = features.map(w_load).join(",\n");
     let w_note = match w_half {
         Some(h) => format!(", stored as {}", h.name()),
         None => String::new(),
@@ -1495,37 +1514,65 @@ fn dora_norm(
         1 => summaries.remove(0),
         k => format!("{k} layers: {}", summaries.join("; ")),
     };
-    // Output features per workgroup and vec4s of input features per invocation: the shape of
-    // the row-broadcast matmul (see MatmulShape::Columns), which keeps the accumulators in
-    // registers on a CPU driver.
-    let rows = fout.clamp(1, COLUMNS_ROWS);
-    let vecs = norm_vecs(fin);
-    let groups = fout.div_ceil(rows);
+    // The kernel's shape: workgroups per layer and its own constants.
+    let (template, groups, shape) = match subgroup {
+        Some(sg) => {
+            // ba[c] += B[j, k] A[k, i0 + 4 c .. i0 + 4 c + 3], A's values broadcast from the
+            // lanes that loaded them.
+            let broadcasts: Vec<String> = (0..sg / 4)
+                .map(|c| {
+                    let lanes: Vec<String> = (4 * c..4 * c + 4)
+                        .map(|l| format!("subgroupBroadcast(a, {l}u)"))
+                        .collect();
+                    format!(
+                        "            ba[{c}] = fma(bk, vec4<f32>({}), ba[{c}]);",
+                        lanes.join(", ")
+                    )
+                })
+                .collect();
+            let shape = vec![
+                ("SG", sg.to_string()),
+                ("BROADCASTS", broadcasts.join("\n")),
+            ];
+            (template::DORA_NORM_SUBGROUP, fout.div_ceil(64), shape)
+        }
+        None => {
+            // Output features per workgroup and vec4s of input features per invocation: the
+            // shape of the row-broadcast matmul (see MatmulShape::Columns), which keeps the
+            // accumulators in registers on a CPU driver.
+            let rows = fout.clamp(1, COLUMNS_ROWS);
+            let shape = vec![
+                ("ROWS", rows.to_string()),
+                ("VECS", norm_vecs(fin).to_string()),
+            ];
+            (template::DORA_NORM, fout.div_ceil(rows), shape)
+        }
+    };
     let workgroups = wgsl::grid(groups * layers.len(), d.max_workgroups, name)?;
+    let mut values = vec![
+        ("IN", fin.to_string()),
+        ("OUT", fout.to_string()),
+        ("R", r.to_string()),
+        ("ALPHA", wgsl::f32_lit(p.alpha)?),
+        ("S", wgsl::f32_lit(p.scale)?),
+        ("GROUPS", groups.to_string()),
+        ("LAYERS", layers.len().to_string()),
+        ("GRID_X", workgroups[0].to_string()),
+        ("GRID_Y", workgroups[1].to_string()),
+        ("A", a_at),
+        ("B", b_at),
+        ("WV", wv),
+        ("LAYER_BUFFERS", layer_buffers),
+        ("W_NOTE", w_note),
+        ("FINISH_FNS", finish_fns.join("\n\n")),
+        ("FINISH", finishes.join("\n")),
+    ];
+    values.extend(shape);
     b.finish(
-        template::DORA_NORM,
+        template,
         name,
         *group.last().unwrap(),
-        vec![
-            ("IN", fin.to_string()),
-            ("OUT", fout.to_string()),
-            ("R", r.to_string()),
-            ("ALPHA", wgsl::f32_lit(p.alpha)?),
-            ("S", wgsl::f32_lit(p.scale)?),
-            ("ROWS", rows.to_string()),
-            ("VECS", vecs.to_string()),
-            ("GROUPS", groups.to_string()),
-            ("LAYERS", layers.len().to_string()),
-            ("GRID_X", workgroups[0].to_string()),
-            ("GRID_Y", workgroups[1].to_string()),
-            ("A", a_at),
-            ("B", b_at),
-            ("WV", wv),
-            ("LAYER_BUFFERS", layer_buffers),
-            ("W_NOTE", w_note),
-            ("FINISH_FNS", finish_fns.join("\n\n")),
-            ("FINISH", finishes.join("\n")),
-        ],
+        values,
         workgroups,
         summary,
     )

@@ -179,6 +179,11 @@ pub struct PlanOptions {
     /// that reads each layer's weights through arrays (`fusion::batch_norms`). Off in a
     /// portable plan.
     pub binding_arrays: bool,
+    /// The device runs kernels in subgroups of exactly this many invocations and has wgpu's
+    /// `SUBGROUP` (the adapter's minimum and maximum subgroup sizes agree): the CPU target's
+    /// DoRA norm then shares A's values between invocations by subgroup broadcasts. None in a
+    /// portable plan.
+    pub subgroup_size: Option<u32>,
 }
 
 impl Default for PlanOptions {
@@ -189,6 +194,7 @@ impl Default for PlanOptions {
             target: Target::Gpu,
             max_bindings: fusion::PORTABLE_BINDINGS,
             binding_arrays: false,
+            subgroup_size: None,
         }
     }
 }
@@ -421,6 +427,7 @@ pub fn plan_grouped(
         escapes: &escapes,
         max_workgroups: options.max_workgroups_per_dim,
         target: options.target,
+        subgroup_size: options.subgroup_size,
     };
     // Kernels that differ only in comments (names) are validated once.
     let mut validated = HashSet::new();
@@ -892,12 +899,15 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
             e.emit_to_string_with_path(source, &path)
         ))
     })?;
-    // Binding arrays of storage buffers are allowed: plans use them only for devices that have
-    // them (`PlanOptions::binding_arrays`), indexed uniformly.
+    // Binding arrays of storage buffers and subgroup broadcasts are allowed: plans use them only
+    // for devices that have them (`PlanOptions::binding_arrays`, `PlanOptions::subgroup_size`).
     let capabilities = naga::valid::Capabilities::default()
         | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
-        | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY;
+        | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY
+        | naga::valid::Capabilities::SUBGROUP;
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::BALLOT)
         .validate(&module)
         .map_err(|e| {
             Error::gpu(format!(

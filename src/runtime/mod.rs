@@ -103,12 +103,14 @@ impl Gpu {
         } else {
             wgpu::Features::empty()
         };
-        let optional = wgpu::Features::PIPELINE_CACHE | mappable | BINDING_ARRAYS;
+        let optional =
+            wgpu::Features::PIPELINE_CACHE | mappable | BINDING_ARRAYS | wgpu::Features::SUBGROUP;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("dorac"),
             // Optional features, where the adapter has them: an on-disk pipeline cache, arrays of
-            // storage buffers (`PlanOptions::binding_arrays`) and, on a CPU driver, storage
-            // buffers the host may map (see `Gpu::maps_storage`).
+            // storage buffers (`PlanOptions::binding_arrays`), subgroup operations
+            // (`PlanOptions::subgroup_size`) and, on a CPU driver, storage buffers the host may
+            // map (see `Gpu::maps_storage`).
             required_features: adapter.features() & optional,
             required_limits: limits.clone(),
             ..Default::default()
@@ -164,8 +166,16 @@ impl Gpu {
             target: self.target(),
             max_bindings: self.limits.max_storage_buffers_per_shader_stage as usize,
             binding_arrays: self.binds_arrays(),
+            subgroup_size: self.subgroup_size(),
             ..Default::default()
         }
+    }
+
+    /// The subgroup size every kernel runs with, where the device has subgroup operations and
+    /// one size (lavapipe: 8, the lanes of a 256-bit register); None otherwise.
+    pub fn subgroup_size(&self) -> Option<u32> {
+        let (min, max) = (self.info.subgroup_min_size, self.info.subgroup_max_size);
+        (self.device.features().contains(wgpu::Features::SUBGROUP) && min == max).then_some(min)
     }
 
     /// The device's limits (the adapter's own).
