@@ -29,12 +29,14 @@ const VECS: u32 = {{VECS}}u;
 const LANES: u32 = {{LANES}}u;
 // The outputs are stored a vec4 at a time (see the end).
 const STORE_VEC4: bool = {{STORE_VEC4}};
+// Steps of K per block of the loop.
+const STEP: u32 = {{STEP}}u;
 const TILE_N: u32 = 4u * VECS * LANES;
 
 {{HELPERS}}
 
 @compute @workgroup_size({{LANES}})
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>{{LANE}}) {
     // Tiles are numbered batch-major, then by row, then by column.
     let tile = (wg.z * GRID_Y + wg.y) * GRID_X + wg.x;
     if tile >= BATCH * TILES_M * TILES_N {
@@ -57,21 +59,26 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 
     // sums[ri][ci][ei]: the dot product of output (row0 + ri, col0 + 4 * LANES * ci + ei).
     var sums: array<array<vec4<f32>, VECS>, ROWS>;
-    for (var p = 0u; p < K; p = p + 1u) {
-        var bv: array<vec4<f32>, VECS>;
-        for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-            let j = cols[ci];
-            bv[ci] = vec4<f32>(
-                b_get(batch, p, j.x),
-                b_get(batch, p, j.y),
-                b_get(batch, p, j.z),
-                b_get(batch, p, j.w),
-            );
-        }
-        for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
-            let av = vec4<f32>(a_get(batch, rows[ri], p));
+    // K in blocks of STEP: 1, or the subgroup size where the lanes share A's values (below).
+    for (var p0 = 0u; p0 < K; p0 = p0 + STEP) {
+{{A_BLOCK}}
+        for (var pe = 0u; pe < min(STEP, K - p0); pe = pe + 1u) {
+            let p = p0 + pe;
+            var bv: array<vec4<f32>, VECS>;
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-                sums[ri][ci] = fma(av, bv[ci], sums[ri][ci]);
+                let j = cols[ci];
+                bv[ci] = vec4<f32>(
+                    b_get(batch, p, j.x),
+                    b_get(batch, p, j.y),
+                    b_get(batch, p, j.z),
+                    b_get(batch, p, j.w),
+                );
+            }
+            for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
+                let av = vec4<f32>({{A_VALUE}});
+                for (var ci = 0u; ci < VECS; ci = ci + 1u) {
+                    sums[ri][ci] = fma(av, bv[ci], sums[ri][ci]);
+                }
             }
         }
     }

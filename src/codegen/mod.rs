@@ -181,8 +181,8 @@ pub struct PlanOptions {
     pub binding_arrays: bool,
     /// The device runs kernels in subgroups of exactly this many invocations and has wgpu's
     /// `SUBGROUP` (the adapter's minimum and maximum subgroup sizes agree): the CPU target's
-    /// DoRA norm then shares A's values between invocations by subgroup broadcasts. None in a
-    /// portable plan.
+    /// matmuls and DoRA norm then share A's values between invocations by subgroup shuffles and
+    /// broadcasts. None in a portable plan.
     pub subgroup_size: Option<u32>,
 }
 
@@ -899,7 +899,7 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
             e.emit_to_string_with_path(source, &path)
         ))
     })?;
-    // Binding arrays of storage buffers and subgroup broadcasts are allowed: plans use them only
+    // Binding arrays of storage buffers and subgroup broadcasts and shuffles are allowed: plans use them only
     // for devices that have them (`PlanOptions::binding_arrays`, `PlanOptions::subgroup_size`).
     let capabilities = naga::valid::Capabilities::default()
         | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
@@ -907,7 +907,9 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
         | naga::valid::Capabilities::SUBGROUP;
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
         .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-        .subgroup_operations(naga::valid::SubgroupOperationSet::BALLOT)
+        .subgroup_operations(
+            naga::valid::SubgroupOperationSet::BALLOT | naga::valid::SubgroupOperationSet::SHUFFLE,
+        )
         .validate(&module)
         .map_err(|e| {
             Error::gpu(format!(
