@@ -20,9 +20,12 @@ use dorac::tensor::{Rng, Tensor};
 use std::collections::HashMap;
 use std::time::Instant;
 
-fn plan_for(g: &Graph, target: Target) -> Plan {
+/// The kernels of `target`, using the device's subgroups where that is the device's own target
+/// (as `run` and `train` plan).
+fn plan_for(g: &Graph, target: Target, gpu: &dorac::runtime::Gpu) -> Plan {
     let options = PlanOptions {
         target,
+        subgroup_size: gpu.subgroup_size().filter(|_| target == gpu.target()),
         ..PlanOptions::default()
     };
     dorac::codegen::plan_with(g, &options).unwrap()
@@ -105,7 +108,7 @@ fn main() {
             g.add(Op::MatMul, &[xi, wc], "y", "y").unwrap()
         };
         g.add_output("y", y);
-        let exe = Executable::new(&gpu, &plan_for(&g, target), &g).unwrap();
+        let exe = Executable::new(&gpu, &plan_for(&g, target, &gpu), &g).unwrap();
         let inputs: HashMap<String, Vec<f32>> = [("x".to_string(), x.clone())].into();
         exe.run(&inputs).unwrap(); // warm-up: pipeline creation, first upload
         let gpu_t = median(
@@ -148,7 +151,7 @@ fn main() {
         // The kernel alone, repeated in one submission: what a step's product costs once its
         // operands are on the device. Then the other target's kernel for the same product, on
         // this device, the two timed in turns (best of 3 each: a shared machine is noisy).
-        let other_exe = Executable::new(&gpu, &plan_for(&g, other), &g).unwrap();
+        let other_exe = Executable::new(&gpu, &plan_for(&g, other, &gpu), &g).unwrap();
         other_exe.run(&inputs).unwrap();
         let (mut kernel_t, mut other_t) = (f64::MAX, f64::MAX);
         for _ in 0..3 {
