@@ -2139,3 +2139,53 @@ fn types_declared_shapes_and_opsets_are_checked() {
         );
     }
 }
+
+/// Inline float32 initializers stay slices of the mapped file after import (`F32Buf::Raw`, read
+/// as values only on demand), read back as the values the file holds, and export writes the
+/// very bytes it read.
+#[test]
+fn inline_weights_stay_raw_bytes_of_the_file() {
+    let path = model_path("mlp3d");
+    let model = load_model(&path).unwrap();
+    let g = import(&model, path.parent().unwrap(), &no_pins(), &no_shapes()).unwrap();
+    // The bytes of the initializers and of Constant nodes' tensors (the importer may rename
+    // weights after their modules).
+    let graph = model.graph.as_ref().unwrap();
+    let constants = (graph.node.iter())
+        .flat_map(|n| &n.attribute)
+        .filter_map(|a| a.t.as_ref());
+    let file: Vec<&[u8]> = (graph.initializer.iter().chain(constants))
+        .filter_map(|t| t.raw_data.as_deref())
+        .collect();
+    let mut raw = HashMap::new();
+    for node in g.petgraph().node_weights() {
+        let Op::Const(t) = &node.op else { continue };
+        let dorac::tensor::Data::F32(buf @ dorac::tensor::F32Buf::Raw(r)) = &t.data else {
+            continue;
+        };
+        assert!(
+            file.contains(&&r.bytes[..]),
+            "{}: not the file's bytes",
+            node.name
+        );
+        let values: Vec<f32> = (r.bytes.chunks_exact(4))
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(&buf[..], &values[..], "{}", node.name);
+        raw.insert(node.name.clone(), r.bytes.clone());
+    }
+    assert!(
+        raw.len() >= 8,
+        "only {} weights kept as raw bytes",
+        raw.len()
+    );
+    let out = export(&g).unwrap();
+    let mut written = 0;
+    for t in &out.graph.as_ref().unwrap().initializer {
+        if let Some(bytes) = raw.get(t.name.as_deref().unwrap()) {
+            assert_eq!(t.raw_data.as_deref(), Some(&bytes[..]), "{:?}", t.name);
+            written += 1;
+        }
+    }
+    assert_eq!(written, raw.len(), "every raw weight is exported");
+}
