@@ -6,8 +6,11 @@
 // workgroup costs one load. So every invocation of a workgroup works on the same ROWS rows of A
 // (their loads are uniform) and owns its own 4 * VECS columns of B and of the output: per step of
 // K it loads ROWS values of A, 4 * VECS of B and does 4 * ROWS * VECS multiply-adds into
-// registers. No workgroup memory and no barriers (on a CPU driver a barrier switches every
-// invocation's context). Lane l's columns are 4 * l + 4 * LANES * c + 0..3 of the tile, c < VECS:
+// registers. A load of one address by every lane is still dear (lavapipe bounds-checks and
+// broadcasts it each time), so where the device has subgroups of one size (STEP lanes), each
+// lane loads one of every STEP values a row of A needs and the lanes shuffle them round. No
+// workgroup memory and no barriers (on a CPU driver a barrier switches every invocation's
+// context). Lane l's columns are 4 * l + 4 * LANES * c + 0..3 of the tile, c < VECS:
 // neighbouring lanes read neighbouring memory of a row-major B. Rows and columns past the edge
 // of the matrices are clamped for loading (the loop has no branches) and not stored. The epilogue
 // turns each dot product `acc` into the stored value. (The loop counters are not named r and c:
