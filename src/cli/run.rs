@@ -70,12 +70,12 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     check_inputs(&graph, &inputs, &args.inputs)?;
     let feed = graph.graph_inputs_of(inputs);
-    // With --storage, the f32 weights' outputs, for the error report below.
     phases.done("read inputs, import, passes");
     let gpu = opening.wait("running")?;
     if gpu.is_some() {
         phases.done("open the device (the rest of it: it began with the import)");
     }
+    // With --storage, the f32 weights' outputs, for the error report below.
     let full_precision = match args.storage {
         Some(_) => Some(execute(&graph, &feed, gpu.as_ref(), &mut Phases::start())?.0),
         None => None,

@@ -399,20 +399,25 @@ pub(super) fn kernel_needs(graph: &Graph, kernels: &[Vec<NodeId>]) -> Vec<BTreeS
         .collect()
 }
 
-/// True when kernels with these needs ([`kernel_needs`]) can run in an order where each runs
-/// after those it needs.
-fn acyclic(needs: &[BTreeSet<usize>]) -> bool {
-    let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
+/// For each kernel, the kernels that read its values: [`kernel_needs`] turned round.
+pub(super) fn readers(needs: &[BTreeSet<usize>]) -> Vec<Vec<usize>> {
     let mut readers: Vec<Vec<usize>> = vec![vec![]; needs.len()];
     for (k, ns) in needs.iter().enumerate() {
         for &n in ns {
             readers[n].push(k);
         }
     }
+    readers
+}
+
+/// The kernels in an order where each comes after those it needs, as far as there is one: a
+/// kernel on a cycle, or needing one on a cycle, is left out.
+pub(super) fn topological(needs: &[BTreeSet<usize>], readers: &[Vec<usize>]) -> Vec<usize> {
+    let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
     let mut ready: Vec<usize> = (0..needs.len()).filter(|&k| waiting[k] == 0).collect();
-    let mut done = 0;
+    let mut order = Vec::with_capacity(needs.len());
     while let Some(k) = ready.pop() {
-        done += 1;
+        order.push(k);
         for &r in &readers[k] {
             waiting[r] -= 1;
             if waiting[r] == 0 {
@@ -420,7 +425,13 @@ fn acyclic(needs: &[BTreeSet<usize>]) -> bool {
             }
         }
     }
-    done == needs.len()
+    order
+}
+
+/// True when kernels with these needs ([`kernel_needs`]) can run in an order where each runs
+/// after those it needs.
+fn acyclic(needs: &[BTreeSet<usize>]) -> bool {
+    topological(needs, &readers(needs)).len() == needs.len()
 }
 
 /// Values that must reach memory whatever their consumers: graph outputs and the `next` values

@@ -763,31 +763,14 @@ fn execution_order(
     // The groups whose values group g reads: through views, transposes read in place and
     // reduction prologues, which have no kernel, to the kernels that computed their sources.
     let needs = fusion::kernel_needs(graph, &members);
-    let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
-    let mut readers: Vec<Vec<usize>> = vec![vec![]; groups.len()];
-    for (g, hs) in needs.iter().enumerate() {
-        for &h in hs {
-            readers[h].push(g);
-        }
-    }
+    let readers = fusion::readers(&needs);
     // A group's urgency: its anchor's position; for a group that reads no other group's value
     // (AdamW's `lr * wd` from the step's scalars, say), its earliest reader's when that is
     // earlier, so that a kernel scheduled late for no reason of its own does not hold back its
     // readers (DoRA's magnitude gradient, whose epilogue updates m). Sources only: urgency that
     // flowed back through a chain would let the whole backward pass overtake kernels that free
     // its activations. Readers are settled first: a pass over a topological order, backwards.
-    let mut topological = Vec::with_capacity(groups.len());
-    let mut left = waiting.clone();
-    let mut free: Vec<usize> = (0..groups.len()).filter(|&g| left[g] == 0).collect();
-    while let Some(g) = free.pop() {
-        topological.push(g);
-        for &r in &readers[g] {
-            left[r] -= 1;
-            if left[r] == 0 {
-                free.push(r);
-            }
-        }
-    }
+    let topological = fusion::topological(&needs, &readers);
     let mut urgency: Vec<usize> = groups.iter().map(|g| position[&g[0]]).collect();
     for &g in topological.iter().rev() {
         if needs[g].is_empty() {
@@ -796,6 +779,7 @@ fn execution_order(
             }
         }
     }
+    let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
     let key = |g: usize| std::cmp::Reverse((urgency[g], position[&groups[g][0]], g));
     let mut ready: std::collections::BinaryHeap<_> = (0..groups.len())
         .filter(|&g| waiting[g] == 0)
