@@ -55,8 +55,14 @@ const WIDE_TILE: usize = 128;
 const WIDE_MIN_OUTPUT: usize = 2048 * 2048;
 /// The smallest output side the blocked template takes (see [`BLOCKED_MIN`]).
 const BLOCKED_MIN_SIDE: usize = 16;
-/// Rows of the columns template's tile (see [`MatmulShape::Columns`]).
-const COLUMNS_ROWS: usize = 8;
+/// Rows of the columns template's tile (see [`MatmulShape::Columns`]). Lavapipe, 4 vec4s x 8
+/// lanes, `cargo bench --bench matmul` (512³ / 128 x 768 x 3072): 4 rows 19 / 18 GFLOP/s, 8 rows
+/// 29 / 29, 12 rows 25 / 34, 16 rows 34 / 38, 24 or 32 rows 6 / 6 (LLVM no longer keeps the
+/// unrolled loop's values in registers and spills every step).
+const COLUMNS_ROWS: usize = 16;
+/// Output features per workgroup of the DoRA norm's CPU template without subgroups, in the
+/// row-broadcast shape the matmul had when it was written.
+const NORM_ROWS: usize = 8;
 /// The narrowest output the columns template takes: narrower ones (DoRA's `x Aᵀ` at rank 16)
 /// would leave most of a SIMD register's lanes idle.
 const COLUMNS_MIN_N: usize = 4;
@@ -1069,7 +1075,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             storage::half_load(op, &format!("{op}_at(batch, {x}, {y})"), half)
         ));
     }
-    let shape = MatmulShape::choose(target, m, n);
+    let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
     let (template, indent) = match shape {
         MatmulShape::Tiled => (template::MATMUL, "        "),
         MatmulShape::Blocked { .. } => (MATMUL_BLOCKED, "                "),
@@ -1200,19 +1206,9 @@ enum MatmulShape {
 }
 
 impl MatmulShape {
-    fn choose(target: Target, m: usize, n: usize) -> MatmulShape {
+    fn choose(target: Target, m: usize, n: usize, subgroup: Option<u32>) -> MatmulShape {
         if target == Target::Cpu && n >= COLUMNS_MIN_N {
-            // Four vec4s per invocation once a row of the output fills 32 invocations' worth,
-            // else two or one; invocations in multiples of a SIMD register's 8 lanes (AVX2), at
-            // most 32. Measured on lavapipe at 1024³ (best of 3): 8 rows x 4 vec4s x 32 lanes
-            // 16 GFLOP/s, 8 x 2 x 32 14, 8 x 1 x 32 9, against 6 for the blocked template; 12
-            // or 16 rows, or 8 vec4s, fall to 4 to 7 (the accumulators no longer fit).
-            let vecs = match n {
-                512.. => 4,
-                256.. => 2,
-                _ => 1,
-            };
-            let lanes = n.div_ceil(4 * vecs).next_multiple_of(8).min(32);
+            let (vecs, lanes) = columns_layout(n, subgroup);
             return MatmulShape::Columns {
                 rows: m.clamp(1, COLUMNS_ROWS),
                 vecs,
@@ -1256,6 +1252,34 @@ impl MatmulShape {
             MatmulShape::Columns { rows, vecs, lanes } => (rows, 4 * vecs * lanes),
         }
     }
+}
+
+/// The columns template's vec4s per invocation and invocations per workgroup for an output `n`
+/// wide, on a device whose subgroups have `subgroup` lanes where it has them.
+///
+/// Invocations: one SIMD register's worth, the subgroup size rounded up to a multiple of 8 (AVX2's
+/// lanes) and at most 32, so the lanes fill whole subgroups and can shuffle A's values among
+/// them; a wider workgroup ran 512³ no faster on lavapipe (19.5 GFLOP/s with 8 lanes, 19.2 with
+/// 32, both with naga's loop bounding) and leaves fewer workgroups to spread over the cores.
+/// Vec4s: the fewest padded columns for the rate each count of vec4s reaches (more of them feed
+/// each value of A to more multiply-adds; with 5, lavapipe spills and falls to 5 GFLOP/s).
+/// Padding costs in proportion: MiniLM's 32 x 1536 x 384 product took 3.0 ms as two tiles of
+/// 256 columns, the second half empty, and 2.1 ms as three of 128.
+fn columns_layout(n: usize, subgroup: Option<u32>) -> (usize, usize) {
+    let lanes = (subgroup.unwrap_or(8) as usize)
+        .next_multiple_of(8)
+        .clamp(8, 32);
+    // Lavapipe's GFLOP/s at 1 to 4 vec4s per invocation, 16 rows, 8 lanes (`cargo bench --bench
+    // matmul`, the mean of 32 x 768 x 2304 and 128 x 768 x 3072, which every width divides).
+    const RATE: [f64; 4] = [30.5, 33.5, 35.0, 36.5];
+    let cost = |vecs: usize| {
+        let width = 4 * vecs * lanes;
+        (n.div_ceil(width) * width) as f64 / RATE[vecs - 1]
+    };
+    let vecs = (1..=4)
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(4);
+    (vecs, lanes)
 }
 
 fn reduce(
@@ -1575,7 +1599,7 @@ fn dora_norm(
             // Output features per workgroup and vec4s of input features per invocation: the
             // shape of the row-broadcast matmul (see MatmulShape::Columns), which keeps the
             // accumulators in registers on a CPU driver.
-            let rows = fout.clamp(1, COLUMNS_ROWS);
+            let rows = fout.clamp(1, NORM_ROWS);
             let shape = vec![
                 ("ROWS", rows.to_string()),
                 ("VECS", norm_vecs(fin).to_string()),

@@ -911,10 +911,24 @@ fn build_pipeline(
     k: &codegen::Kernel,
     cache: Option<&wgpu::PipelineCache>,
 ) -> (wgpu::ComputePipeline, wgpu::BindGroupLayout) {
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+    let desc = wgpu::ShaderModuleDescriptor {
         label: Some(&k.name),
         source: wgpu::ShaderSource::Wgsl(k.source.as_str().into()),
-    });
+    };
+    // Without naga's loop bounding: it guards against a shader's infinite loop by threading a
+    // counter through every loop, and that counter keeps LLVM-based drivers from unrolling the
+    // kernels' fixed-count loops (the matmul's accumulators then stay in memory). Lavapipe
+    // compiled MiniLM's 32 x 1536 x 384 product in 31 ms with it and 6-8 ms without, and ran it
+    // in 2.06 against 1.37 ms. Bounds checks stay on.
+    let checks = wgpu::ShaderRuntimeChecks {
+        force_loop_bounding: false,
+        ..wgpu::ShaderRuntimeChecks::checked()
+    };
+    // SAFETY: the one check turned off is the loop bound, and every loop of dorac's kernels ends
+    // by itself: each counts up by a positive step to a bound fixed when the kernel is
+    // generated (a shape, at most a buffer's length), or halves a count down to zero
+    // (CONTRIBUTING, "Loops").
+    let module = unsafe { device.create_shader_module_trusted(desc, checks) };
     // One entry per binding: the inputs (a binding array counts its buffers), then the output
     // and the other values written.
     let inputs = k.input_bindings();
