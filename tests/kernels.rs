@@ -980,6 +980,12 @@ fn softmaxes() {
     }
     let long = c.input("long", &[3, 500], -30.0, 30.0);
     c.out(Op::Softmax { axis: 1 }, &[long], "softmax_long_rows");
+    // The longest rows that take an invocation each, and the shortest that take a workgroup,
+    // in more rows than one workgroup of invocations holds.
+    for len in [64, 65] {
+        let x = c.input(&format!("rows_{len}"), &[2, 70, len], -30.0, 30.0);
+        c.out(Op::Softmax { axis: 2 }, &[x], &format!("softmax_{len}"));
+    }
     c.check();
 }
 

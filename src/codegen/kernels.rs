@@ -63,6 +63,10 @@ const COLUMNS_ROWS: usize = 16;
 /// Output features per workgroup of the DoRA norm's CPU template without subgroups, in the
 /// row-broadcast shape the matmul had when it was written.
 const NORM_ROWS: usize = 8;
+/// The longest softmax row that takes one invocation (`softmax_rows.wgsl`) rather than a
+/// workgroup (`softmax.wgsl`). Lavapipe, MiniLM's attention (384 rows of 16): 0.93 ms as
+/// workgroups, 0.12 ms as invocations.
+const SHORT_SOFTMAX: usize = 64;
 /// The narrowest output the columns template takes: narrower ones (DoRA's `x Aᵀ` at rank 16)
 /// would leave most of a SIMD register's lanes idle.
 const COLUMNS_MIN_N: usize = 4;
@@ -1726,11 +1730,20 @@ fn softmax(graph: &Graph, n: NodeId, axis: usize, name: &str, max_wg: u32) -> Re
     let rows = numel(&shape[..axis]) * inner;
     let mut b = Builder::new(graph, &NO_TRANSPOSES);
     b.bind("x", x_node);
-    b.libs.insert(Lib::WorkgroupReduce);
     let summary = format!("softmax of {} along axis {axis}", shape_str(&shape));
-    let workgroups = wgsl::grid(rows, max_wg, name)?;
+    // Short rows (attention over a short sequence) take an invocation each; longer ones a
+    // workgroup each, which reduces by a tree.
+    let (template, workgroups) = if len <= SHORT_SOFTMAX {
+        (
+            template::SOFTMAX_ROWS,
+            wgsl::grid(rows.div_ceil(64), max_wg, name)?,
+        )
+    } else {
+        b.libs.insert(Lib::WorkgroupReduce);
+        (template::SOFTMAX, wgsl::grid(rows, max_wg, name)?)
+    };
     b.finish(
-        template::SOFTMAX,
+        template,
         name,
         n,
         vec![

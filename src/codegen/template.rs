@@ -27,6 +27,7 @@ pub const REDUCE_MAX: Template = template!("reduce_max.wgsl");
 pub const REDUCE_PROD: Template = template!("reduce_prod.wgsl");
 pub const LAYER_NORM: Template = template!("layer_norm.wgsl");
 pub const SOFTMAX: Template = template!("softmax.wgsl");
+pub const SOFTMAX_ROWS: Template = template!("softmax_rows.wgsl");
 pub const DORA_NORM: Template = template!("dora_norm.wgsl");
 pub const DORA_NORM_SUBGROUP: Template = template!("dora_norm_subgroup.wgsl");
 pub const CROSS_ENTROPY: Template = template!("cross_entropy.wgsl");
