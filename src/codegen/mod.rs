@@ -883,8 +883,9 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
             e.emit_to_string_with_path(source, &path)
         ))
     })?;
-    // Binding arrays of storage buffers and subgroup broadcasts and shuffles are allowed: plans use them only
-    // for devices that have them (`PlanOptions::binding_arrays`, `PlanOptions::subgroup_size`).
+    // Binding arrays of storage buffers and subgroup broadcasts and shuffles are allowed: plans
+    // use them only for devices that have them (`PlanOptions::binding_arrays`,
+    // `PlanOptions::subgroup_size`).
     let capabilities = naga::valid::Capabilities::default()
         | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
         | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY

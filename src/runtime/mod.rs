@@ -92,8 +92,8 @@ impl Gpu {
                 Err(e) => failure = e.to_string(),
             }
         }
-        let adapter = found.ok_or_else(|| Error::NoAdapter {
-            backends: which.to_string(),
+        let adapter = found.ok_or(Error::NoAdapter {
+            backends: which,
             reason: failure,
         })?;
         let info = adapter.get_info();
