@@ -333,13 +333,16 @@ fn a_whole_chain_fuses_into_one_kernel() {
 
 #[test]
 fn a_value_with_a_later_second_reader_is_written_and_the_chain_goes_on() {
+    // The second reader adds a tensor of twice the elements: it cannot join the kernel.
     let (mut g, [mm, add, relu, y]) = chain();
-    let neg = g.add(Op::Unary(unary::NEG), &[add], "neg", "neg").unwrap();
-    g.add_output("neg", neg);
+    let wide = g.add_input("wide", vec![2, 6, 12]);
+    let plus = g.add(Op::Binary(Binary::Add), &[add, wide], "plus", "plus");
+    let plus = plus.unwrap();
+    g.add_output("plus", plus);
     let plan = codegen::plan(&g).unwrap();
     assert_eq!(
         groups(&plan),
-        vec![vec![mm, add, relu, y], vec![neg]],
+        vec![vec![mm, add, relu, y], vec![plus]],
         "{plan}"
     );
     // The first kernel writes the add's value beside its output; the second reads it.
@@ -348,9 +351,37 @@ fn a_value_with_a_later_second_reader_is_written_and_the_chain_goes_on() {
         [plan.node_buffers[&add]],
         "{plan}"
     );
-    assert_eq!(plan.kernels[1].inputs, [plan.node_buffers[&add]], "{plan}");
-    compare("two consumers", &g, &BTreeMap::new(), 1, |_| x_feed());
+    assert!(
+        plan.kernels[1].inputs.contains(&plan.node_buffers[&add]),
+        "{plan}"
+    );
+    let feeds = || {
+        let mut f = x_feed();
+        f.insert("wide".into(), random(&[2, 6, 12], &mut Rng::new(4)));
+        f
+    };
+    compare("two consumers", &g, &BTreeMap::new(), 1, |_| feeds());
     // Both the chain's value and the one read back from memory, against the f64 reference.
+    let (got, want) = (run_gpu(&g, &feeds()), run_reference(&g, &feeds()));
+    assert!(rel(&got, &want, "y") < 1e-5);
+    assert!(rel(&got, &want, "plus") < 1e-5);
+}
+
+#[test]
+fn a_later_second_reader_of_the_same_count_joins_as_a_late_epilogue() {
+    // `neg` reads the add's value, but the chain goes on through `relu`, scheduled first:
+    // `neg` joins the kernel's end, which writes `y` beside it.
+    let (mut g, [mm, add, relu, y]) = chain();
+    let neg = g.add(Op::Unary(unary::NEG), &[add], "neg", "neg").unwrap();
+    g.add_output("neg", neg);
+    let plan = codegen::plan(&g).unwrap();
+    assert_eq!(groups(&plan), vec![vec![mm, add, relu, y, neg]], "{plan}");
+    assert_eq!(
+        plan.kernels[0].also_writes,
+        [plan.node_buffers[&y]],
+        "{plan}"
+    );
+    compare("late epilogue", &g, &BTreeMap::new(), 1, |_| x_feed());
     let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
     assert!(rel(&got, &want, "y") < 1e-5);
     assert!(rel(&got, &want, "neg") < 1e-5);

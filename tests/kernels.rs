@@ -668,6 +668,10 @@ fn dora_norm_kernel() {
         // Two vec4s per invocation: one full 512-feature tile and part of the next.
         (true, (600, 21, 8), 1.0, 0.5),
         (false, (1030, 10, 3), 1.0, 2.0),
+        // The product-shaped kernel (ranks 4 to 16 in fours): features past a tile of 32.
+        (false, (70, 150, 12), 1.0, 0.75),
+        // Fewer input features than a subgroup has lanes.
+        (true, (5, 40, 4), 2.0, 1.0),
     ] {
         let tag = format!("{}_{fin}x{fout}x{r}", out_in as u8);
         let shape = if out_in { [fout, fin] } else { [fin, fout] };
@@ -708,12 +712,17 @@ fn dora_norm_kernel() {
             ..PlanOptions::default()
         };
         let plan = codegen::plan_with(&c.graph, &options).unwrap();
+        // Ranks 1 and 3 broadcast A's values; the others take the product-shaped kernel.
         assert!(
             plan.kernels
                 .iter()
                 .any(|k| k.source.contains("subgroupBroadcast(a, ")),
             "{plan}"
         );
+        let columns = (plan.kernels.iter())
+            .filter(|k| k.source.contains("gram[k][q] = subgroupAdd"))
+            .count();
+        assert_eq!(columns, 10, "{plan}");
         // The kernel for subgroups of 4 (lavapipe on a 128-bit CPU) computes the same on
         // larger ones: the lanes past the fourth load values nobody reads.
         if sg > 4 {
@@ -820,8 +829,9 @@ fn dora_norms_of_layers_share_a_dispatch() {
         );
         assert_eq!(norms[0].also_writes.len(), 2, "g0 and n2_2 beside g2");
         assert!(norms[0].source.contains("binding_array<Floats, 2>"));
-        let broadcasts = norms[0].source.contains("subgroupBroadcast");
-        assert_eq!(broadcasts, subgroup_size.is_some(), "{}", norms[0].source);
+        // Rank 8: the product-shaped kernel where the device has subgroups.
+        let shuffles = norms[0].source.contains("subgroupShuffle(amine[k], pe)");
+        assert_eq!(shuffles, subgroup_size.is_some(), "{}", norms[0].source);
         c.check_plan(&plan);
     }
     // Without binding arrays, or in a portable plan (8 bindings), one kernel per layer.

@@ -29,6 +29,10 @@
 //!   the group of a value computed in it is scheduled after the group's last node (`fits`):
 //!   those read memory the kernel writes, and the kernel may run as late as that node. A view
 //!   read alone (DoRA's StopGradient, a reshape) passes the value on in registers.
+//!   When `c` also reads the value of a product that does more multiply-adds than the anchor
+//!   and has no group yet, `c` is left to that product (`larger_product_reads`): a layer's
+//!   backward adds the low-rank path's `dx` to the base product's, and the add belongs in the
+//!   larger kernel, which would otherwise write its whole output for the smaller one to read.
 //! - *Side operand*: before `c` joins, each of its other operands that is itself element-wise,
 //!   of the anchor's element count, not yet in a kernel, and read by `c` alone joins too (with
 //!   its own side operands, recursively); a kept one (a state's next value, a graph output) is
@@ -56,10 +60,20 @@
 //! one pass over `dY`. Only sums of at least [`TERM_CHAIN_MIN_SUMS`] outputs take one: a sum
 //! to a few values runs on a few workgroups, and the element-wise kernel would have had many.
 //!
+//! **Late epilogues** ([`absorb_late_epilogues`]): an element-wise group left with a kernel of
+//! its own whose first node reads the value of another kernel of its element count joins that
+//! kernel's end, where no kernel would then need, directly or through others, a value it
+//! computes itself. `grow` refuses such a join when a value of the group is read by a node
+//! scheduled before the joining one (the kernel could run that late), but the kernels are
+//! ordered by what they read, not by the schedule: DoRA's `s * (dY * g)` for the first layer
+//! joins the product computing `dY`, whose `dY` the magnitude gradient reads earlier, and the
+//! loss gradient joins the last layer's forward product.
+//!
 //! Nothing a group reads from outside can depend on a value inside it: the path would leave the
 //! group through an outside reader of that value, which `fits` places after the group's last
 //! node, and so after the group node that reads the path's end. Nor can two groups read each
-//! other's values. So the groups can be put in an order (`plan_grouped` runs each kernel as
+//! other's values (layer batches, term chains and late epilogues, which join kernels across the
+//! schedule, check this over all kernels). So the groups can be put in an order (`plan_grouped` runs each kernel as
 //! soon as what it reads is computed). The groups satisfy the contract of
 //! [`super::plan_grouped`], which checks it again.
 
@@ -166,6 +180,9 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
     } else {
         BTreeMap::new()
     };
+    if fuse {
+        absorb_late_epilogues(&ctx, &mut groups, &term_chains);
+    }
     Ok(Fusion {
         groups,
         operand_transposes,
@@ -308,6 +325,102 @@ fn host_term_chains(
         !hosted[index - 1]
     });
     chains
+}
+
+/// Appends each element-wise group whose first node reads the value of another kernel of its
+/// element count to that kernel's end (module docs: *late epilogues*), while the kernel stays
+/// within `max_bindings` and no kernel would then need, directly or through others, a value it
+/// computes itself.
+fn absorb_late_epilogues(
+    ctx: &Context,
+    groups: &mut Vec<Vec<NodeId>>,
+    chains: &BTreeMap<NodeId, Vec<NodeId>>,
+) {
+    let graph = ctx.graph;
+    let kernels = |groups: &[Vec<NodeId>]| -> Vec<Vec<NodeId>> {
+        (groups.iter())
+            .map(|g| {
+                let mut k = g.clone();
+                k.extend(chains.get(&g[0]).into_iter().flatten());
+                k
+            })
+            .collect()
+    };
+    let mut owner: HashMap<NodeId, usize> = (kernels(groups).iter().enumerate())
+        .flat_map(|(k, nodes)| nodes.iter().map(move |&n| (n, k)))
+        .collect();
+    // The kernels whose values `n` reads, through nodes no kernel computes.
+    let needs_of = |n: NodeId, owner: &HashMap<NodeId, usize>| {
+        let mut needs = BTreeSet::new();
+        let mut stack = graph.inputs_of(n);
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            match owner.get(&v) {
+                Some(&k) => {
+                    needs.insert(k);
+                }
+                None => stack.extend(graph.inputs_of(v)),
+            }
+        }
+        needs
+    };
+    let mut absorbed = vec![false; groups.len()];
+    for c in 0..groups.len() {
+        let chain = groups[c].clone();
+        let numel_of = |n: NodeId| graph.node(n).numel();
+        if chains.contains_key(&chain[0])
+            || !chain.iter().all(|&n| is_elementwise(&graph.node(n).op))
+            || !chain.iter().all(|&n| numel_of(n) == numel_of(chain[0]))
+        {
+            continue;
+        }
+        let mut needs: BTreeSet<usize> = BTreeSet::new();
+        for &n in &chain {
+            needs.extend(needs_of(n, &owner).into_iter().filter(|&k| k != c));
+        }
+        let n = chain[0];
+        let host = graph.inputs_of(n).into_iter().find_map(|i| {
+            let &p = owner.get(&i)?;
+            let anchor = graph.node(groups[p][0]);
+            let hosts = !absorbed[p]
+                && p != c
+                && takes_epilogue(&anchor.op)
+                && !matches!(anchor.op, Op::DoraNormSq(_))
+                && !chains.contains_key(&groups[p][0])
+                && anchor.numel() == numel_of(n);
+            hosts.then_some(p)
+        });
+        let Some(p) = host else {
+            continue;
+        };
+        let mut trial = groups[p].clone();
+        trial.extend(&chain);
+        if bindings(graph, &trial, ctx.live, &ctx.kept) > ctx.max_bindings {
+            continue;
+        }
+        // Reading nothing computed but the host's values, it cannot close a cycle.
+        if needs.iter().any(|&k| k != p) {
+            let mut all = groups.clone();
+            all[p] = trial.clone();
+            let live: Vec<Vec<NodeId>> = (0..all.len())
+                .filter(|&k| k != c && !absorbed[k])
+                .map(|k| all[k].clone())
+                .collect();
+            if !acyclic(&kernel_needs(graph, &kernels(&live))) {
+                continue;
+            }
+        }
+        groups[p] = trial;
+        groups[c].clear();
+        absorbed[c] = true;
+        for n in chain {
+            owner.insert(n, p);
+        }
+    }
+    groups.retain(|g| !g.is_empty());
 }
 
 /// True when the sum anchoring `host` can compute `chain` beside its terms: a sum of at least
@@ -578,7 +691,7 @@ impl Context<'_> {
                 joining.push(view);
                 inside.insert(view);
             }
-            if !self.free_elementwise(next, &shape) {
+            if !self.free_elementwise(next, &shape) || self.larger_product_reads(next, group) {
                 return;
             }
             // Where the group's value must reach memory anyway (it is shared or kept), a reader
@@ -610,6 +723,21 @@ impl Context<'_> {
             }
             *group = trial;
         }
+    }
+
+    /// True when `n` also reads the value of a product that no group has taken yet and that
+    /// does more multiply-adds than `group`'s anchor: `n` is left to that product's epilogue.
+    /// A layer's backward adds the low-rank path's `dx` to the base product's; in the larger
+    /// kernel the add costs a load per output, in the smaller one it costs that and the larger
+    /// product's whole output written and read back.
+    fn larger_product_reads(&self, n: NodeId, group: &[NodeId]) -> bool {
+        let own = product_work(self.graph, group[0]).unwrap_or(0);
+        self.graph.inputs_of(n).into_iter().any(|o| {
+            !group.contains(&o)
+                && !self.taken.contains(&o)
+                && self.live.contains(&o)
+                && product_work(self.graph, o).is_some_and(|w| w > own)
+        })
     }
 
     /// True when `group` binds at most `max_bindings` buffers and its kernel, which runs where
@@ -689,6 +817,20 @@ impl Context<'_> {
             out.push(o);
         }
     }
+}
+
+/// Multiply-adds of a MatMul or Gemm node (output elements times the reduced length); None for
+/// other ops.
+fn product_work(graph: &Graph, n: NodeId) -> Option<usize> {
+    let k = match &graph.node(n).op {
+        Op::MatMul => *graph.shape(graph.inputs_of(n)[0]).last()?,
+        Op::Gemm { trans_a, .. } => {
+            let a = graph.shape(graph.inputs_of(n)[0]);
+            a[usize::from(!*trans_a)]
+        }
+        _ => return None,
+    };
+    Some(numel(graph.shape(n)) * k)
 }
 
 /// Storage buffers a kernel computing `group` binds: one per operand slot of the anchor (the
@@ -906,14 +1048,24 @@ mod tests {
         let gr = groups(&g, true);
         assert_eq!(gr[0], vec![n[0], n[1], n[2], n[4], n[3]], "{gr:?}");
         assert_eq!(written(&g, &gr[0]), [n[2]]);
-        // A value with a second reader that runs after the group: written, and read back.
+        // A value with a second, element-wise reader that the schedule puts after the group's
+        // last node: `grow` leaves it, and it joins the kernel's end as a late epilogue (the
+        // kernel then writes `y` beside it, and `add` stays in registers).
         let (mut g, n) = chain(true);
         let neg = g.add(Op::Unary(unary::NEG), &[n[1]], "neg", "neg").unwrap();
         g.add_output("neg", neg);
         let gr = groups(&g, true);
         let first = gr.iter().find(|k| k[0] == n[0]).unwrap();
         assert!(first.starts_with(&[n[0], n[1]]), "{gr:?}");
+        assert_eq!(first.last(), Some(&neg), "{gr:?}");
+        assert_eq!(written(&g, first), [n[3]], "{gr:?}");
+        // A reader of another element count cannot join: the value is written and read back.
+        let (mut g, n) = chain(true);
+        let wide = g.add_input("wide", vec![2, 3, 5]);
+        let sum = g.add(Op::Binary(Binary::Add), &[n[1], wide], "sum", "sum");
+        g.add_output("sum", sum.unwrap());
+        let gr = groups(&g, true);
+        let first = gr.iter().find(|k| k[0] == n[0]).unwrap();
         assert_eq!(written(&g, first), [n[1]], "{gr:?}");
-        assert!(gr.contains(&vec![neg]), "{gr:?}");
     }
 }

@@ -1508,27 +1508,42 @@ fn dora_norm(
             at("lora_b", &column(2)),
         )
     };
-    // On a CPU driver with subgroups, one invocation per output feature sharing A's values by
-    // broadcasts (`dora_norm_subgroup.wgsl`); else a shared tile of B A per 8 features.
-    let subgroup = match (d.target, d.subgroup_size) {
-        (Target::Cpu, Some(sg)) if (4..=64).contains(&sg) && sg.is_power_of_two() => Some(sg),
-        _ => None,
-    };
-    let (features, w_indent) = match subgroup {
-        Some(_) => (["fc.x", "fc.y", "fc.z", "fc.w"], "                "),
-        None => (["f.x", "f.y", "f.z", "f.w"], "                    "),
+    // On a CPU driver with subgroups: for ranks of up to 16 in vec4s, a matrix product with an
+    // epilogue (`dora_norm_columns.wgsl`); for others one invocation per output feature sharing
+    // A's values by broadcasts (`dora_norm_subgroup.wgsl`). Else a shared tile of B A per 8
+    // features.
+    let kind = match (d.target, d.subgroup_size) {
+        (Target::Cpu, Some(sg)) if (4..=64).contains(&sg) && sg.is_power_of_two() => {
+            if r % 4 == 0 && r <= NORM_COLUMNS_MAX_RANK {
+                NormKernel::Columns(sg)
+            } else {
+                NormKernel::Subgroup(sg)
+            }
+        }
+        _ => NormKernel::Tiles,
     };
     // W's four loads, written out in the entry point (a helper function would hide from the
-    // compiler that `layer`, which indexes the binding arrays, is uniform).
-    let w_load = |i: &str| {
-        let at = if p.weight_out_in {
-            format!("j * IN + {i}")
-        } else {
-            format!("{i} * OUT + j")
-        };
-        format!("{w_indent}{}", storage::half_load(&w, &at, w_half))
+    // compiler that `layer`, which indexes the binding arrays, is uniform): the input
+    // features f of output feature j, or the output features j of input feature i.
+    let (pairs, w_indent) = match kind {
+        NormKernel::Columns(_) => (["j.x", "j.y", "j.z", "j.w"].map(|j| (j, "i")), 20),
+        NormKernel::Subgroup(_) => (["fc.x", "fc.y", "fc.z", "fc.w"].map(|f| ("j", f)), 16),
+        NormKernel::Tiles => (["f.x", "f.y", "f.z", "f.w"].map(|f| ("j", f)), 20),
     };
-    let wv = features.map(w_load).join(",\n");
+    let w_load = |(j, i): (&str, &str)| {
+        let at = if p.weight_out_in {
+            format!("{j} * IN + {i}")
+        } else {
+            format!("{i} * OUT + {j}")
+        };
+        let load = storage::half_load(&w, &at, w_half);
+        format!("{:w_indent$}{load}", "")
+    };
+    let wv = pairs.map(w_load).join(",\n");
+    let finish_indent = match kind {
+        NormKernel::Columns(_) => 20,
+        _ => 12,
+    };
     let w_note = match w_half {
         Some(h) => format!(", stored as {}", h.name()),
         None => String::new(),
@@ -1563,8 +1578,8 @@ fn dora_norm(
             lines.join("\n")
         ));
         finishes.push(format!(
-            "            case {l}u: {{\n                {}finish(i, acc);\n            }}",
-            b.scope
+            "{0:finish_indent$}case {l}u: {{\n{0:finish_indent$}    {1}finish(i, acc);\n{0:finish_indent$}}}",
+            "", b.scope
         ));
         summaries.push(with_epilogue(
             graph,
@@ -1578,8 +1593,18 @@ fn dora_norm(
         k => format!("{k} layers: {}", summaries.join("; ")),
     };
     // The kernel's shape: workgroups per layer and its own constants.
-    let (template, groups, shape) = match subgroup {
-        Some(sg) => {
+    let (template, groups, shape) = match kind {
+        NormKernel::Columns(sg) => {
+            let (vecs, _) = columns_layout(fout, Some(sg));
+            let tile = 4 * vecs * sg as usize;
+            let shape = vec![
+                ("SG", sg.to_string()),
+                ("VECS", vecs.to_string()),
+                ("RV", (r / 4).to_string()),
+            ];
+            (template::DORA_NORM_COLUMNS, fout.div_ceil(tile), shape)
+        }
+        NormKernel::Subgroup(sg) => {
             // ba[c] += B[j, k] A[k, i0 + 4 c .. i0 + 4 c + 3], A's values broadcast from the
             // lanes that loaded them.
             let broadcasts: Vec<String> = (0..sg / 4)
@@ -1599,7 +1624,7 @@ fn dora_norm(
             ];
             (template::DORA_NORM_SUBGROUP, fout.div_ceil(64), shape)
         }
-        None => {
+        NormKernel::Tiles => {
             // Output features per workgroup and vec4s of input features per invocation: the
             // shape of the row-broadcast matmul (see MatmulShape::Columns), which keeps the
             // accumulators in registers on a CPU driver.
@@ -1640,6 +1665,22 @@ fn dora_norm(
         summary,
     )
 }
+
+/// The DoRA norm templates, by the adapter they suit (see `dora_norm`).
+#[derive(Clone, Copy)]
+enum NormKernel {
+    /// `dora_norm_columns.wgsl`, subgroups of this size.
+    Columns(u32),
+    /// `dora_norm_subgroup.wgsl`, subgroups of this size.
+    Subgroup(u32),
+    /// `dora_norm.wgsl`: portable, workgroup memory and barriers.
+    Tiles,
+}
+
+/// The highest rank `dora_norm_columns.wgsl` takes: each lane keeps R x VECS vec4s of the
+/// product and R x R / 4 of the Gram matrix in registers, which at rank 16 and 4 vec4s of
+/// features is as many as the row-broadcast matmul keeps (16 rows x 4); more spill.
+const NORM_COLUMNS_MAX_RANK: usize = 16;
 
 /// One line on the DoRA norm node `n`: attributes and shapes.
 fn norm_summary(graph: &Graph, n: NodeId, p: &crate::ops::DoraNorm) -> String {

@@ -779,19 +779,31 @@ fn execution_order(
             }
         }
     }
+    // Among the kernels ready to run, first one that reads no kernel's values (AdamW's step
+    // scalars: its readers wait for it) or is the last reader of another's (their buffers can
+    // then be reused), then the most urgent. A gradient product whose epilogue updates a
+    // parameter is urgent by nothing: its anchor comes late in the schedule. But it is often
+    // the last reader of an activation and of the gradient it multiplies, which would
+    // otherwise stay allocated through the rest of the backward pass.
     let mut waiting: Vec<usize> = needs.iter().map(BTreeSet::len).collect();
-    let key = |g: usize| std::cmp::Reverse((urgency[g], position[&groups[g][0]], g));
-    let mut ready: std::collections::BinaryHeap<_> = (0..groups.len())
-        .filter(|&g| waiting[g] == 0)
-        .map(key)
-        .collect();
+    let mut unread: Vec<usize> = readers.iter().map(Vec::len).collect();
+    let mut ready: Vec<usize> = (0..groups.len()).filter(|&g| waiting[g] == 0).collect();
     let mut order = Vec::with_capacity(groups.len());
-    while let Some(std::cmp::Reverse((_, _, g))) = ready.pop() {
+    while !ready.is_empty() {
+        let frees = |g: usize| needs[g].is_empty() || needs[g].iter().any(|&h| unread[h] == 1);
+        let key = |g: usize| (!frees(g), urgency[g], position[&groups[g][0]], g);
+        let (at, &g) = (ready.iter().enumerate())
+            .min_by_key(|&(_, &g)| key(g))
+            .expect("ready is not empty");
+        ready.swap_remove(at);
         order.push(g);
+        for &h in &needs[g] {
+            unread[h] -= 1;
+        }
         for &r in &readers[g] {
             waiting[r] -= 1;
             if waiting[r] == 0 {
-                ready.push(key(r));
+                ready.push(r);
             }
         }
     }
@@ -883,9 +895,9 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
             e.emit_to_string_with_path(source, &path)
         ))
     })?;
-    // Binding arrays of storage buffers and subgroup broadcasts and shuffles are allowed: plans
-    // use them only for devices that have them (`PlanOptions::binding_arrays`,
-    // `PlanOptions::subgroup_size`).
+    // Binding arrays of storage buffers and subgroup broadcasts, shuffles and sums are allowed:
+    // plans use them only for devices that have them (`PlanOptions::binding_arrays`,
+    // `PlanOptions::subgroup_size`; wgpu's `SUBGROUP` includes all three).
     let capabilities = naga::valid::Capabilities::default()
         | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
         | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY
@@ -893,7 +905,9 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
         .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
         .subgroup_operations(
-            naga::valid::SubgroupOperationSet::BALLOT | naga::valid::SubgroupOperationSet::SHUFFLE,
+            naga::valid::SubgroupOperationSet::BALLOT
+                | naga::valid::SubgroupOperationSet::SHUFFLE
+                | naga::valid::SubgroupOperationSet::ARITHMETIC,
         )
         .validate(&module)
         .map_err(|e| {

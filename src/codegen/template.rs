@@ -30,6 +30,7 @@ pub const SOFTMAX: Template = template!("softmax.wgsl");
 pub const SOFTMAX_ROWS: Template = template!("softmax_rows.wgsl");
 pub const DORA_NORM: Template = template!("dora_norm.wgsl");
 pub const DORA_NORM_SUBGROUP: Template = template!("dora_norm_subgroup.wgsl");
+pub const DORA_NORM_COLUMNS: Template = template!("dora_norm_columns.wgsl");
 pub const CROSS_ENTROPY: Template = template!("cross_entropy.wgsl");
 pub const CROSS_ENTROPY_GRAD: Template = template!("cross_entropy_grad.wgsl");
 
