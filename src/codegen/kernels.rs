@@ -1439,15 +1439,16 @@ fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> 
     ))
 }
 
-/// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with
-/// the element-wise epilogue (clamp, square root, `m / norm`) run by the invocation of each
-/// column; on a CPU driver with subgroups, one invocation per column instead, A's values shared
-/// by subgroup broadcasts (`dora_norm_subgroup.wgsl`). A group may hold several layers of the
-/// same shapes back to back, each a DoraNormSq node and its epilogue (`fusion::batch_norms`, on
-/// devices with binding arrays): one dispatch then computes them all, the loop reading each
-/// layer's W, A and B through binding arrays (one copy of the code, whatever the layer count),
-/// each epilogue in a function of its own on its own bindings, and every layer's value but the
-/// last written beside the output.
+/// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with the
+/// element-wise epilogue (clamp, square root, `m / norm`) run by the invocation of each column; on
+/// a CPU driver with subgroups, the factored form as a product with an epilogue
+/// (`dora_norm_columns.wgsl`, ranks 4 to 16 in fours) or one invocation per column, A's values
+/// shared by subgroup broadcasts (`dora_norm_subgroup.wgsl`). A group may hold several layers of
+/// the same shapes back to back, each a DoraNormSq node and its epilogue (`fusion::batch_norms`, on
+/// devices with binding arrays): one dispatch then computes them all, the loop reading each layer's
+/// W, A and B through binding arrays (one copy of the code, whatever the layer count), each
+/// epilogue in a function of its own on its own bindings, and every layer's value but the last
+/// written beside the output.
 fn dora_norm(
     graph: &Graph,
     group: &[NodeId],
