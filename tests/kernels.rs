@@ -749,6 +749,79 @@ fn dora_norm_kernel() {
     c.check();
 }
 
+/// Weights whose rows are a multiple of 32 floats long are stored with a cache line of padding
+/// per row on a CPU driver (`storage::padded_rows`): products reading them as B, transposed
+/// (Gemm's transB, a Transpose read in place) or not, as A, and DoRA norms of both weight
+/// layouts, batched, against the reference. A weight also read by an element-wise op, or of
+/// other widths, keeps its rows.
+#[test]
+fn padded_weight_rows() {
+    let mut c = Case::new("padded_weight_rows");
+    let x = c.input("x", &[5, 96], -1.0, 1.0);
+    // [out, in] = [64, 96]: Gemm transB, and a Transpose read in place by a MatMul.
+    let w_oi = c.constant("w_oi", &[64, 96], -1.0, 1.0);
+    let gemm = Op::Gemm {
+        alpha: 1.0,
+        beta: 0.0,
+        trans_a: false,
+        trans_b: true,
+    };
+    c.out(gemm, &[x, w_oi], "gemm_trans_b");
+    let w_t = c.op(Op::Transpose { perm: vec![1, 0] }, &[w_oi], "w_t");
+    c.out(Op::MatMul, &[x, w_t], "matmul_transposed");
+    // Read only through a Transpose read in place: padded too.
+    let w_t_only = c.constant("w_t_only", &[64, 96], -1.0, 1.0);
+    let w_t2 = c.op(Op::Transpose { perm: vec![1, 0] }, &[w_t_only], "w_t2");
+    c.out(Op::MatMul, &[x, w_t2], "matmul_transposed_only");
+    // Not padded: [in, out] = [96, 64] as B, each lane reads along its rows; and a weight as A.
+    let w_io = c.constant("w_io", &[96, 64], -1.0, 1.0);
+    c.out(Op::MatMul, &[x, w_io], "matmul_plain");
+    let u = c.input("u", &[96, 7], -1.0, 1.0);
+    c.out(Op::MatMul, &[w_oi, u], "weight_as_a");
+    // Not padded: also read by an add; rows of 40.
+    let w_add = c.constant("w_add", &[96, 64], -1.0, 1.0);
+    c.out(Op::MatMul, &[x, w_add], "matmul_shared");
+    let bias = c.input("bias", &[96, 64], -1.0, 1.0);
+    c.out(bin(Binary::Add), &[w_add, bias], "weight_plus");
+    let w_40 = c.constant("w_40", &[96, 40], -1.0, 1.0);
+    c.out(Op::MatMul, &[x, w_40], "matmul_40");
+    // DoRA norms, two layers of each layout (batched where the device binds arrays).
+    for (l, out_in) in [(0, true), (1, true), (2, false), (3, false)] {
+        let shape = if out_in { [64, 96] } else { [96, 64] };
+        let w = c.constant(&format!("norm_w{l}"), &shape, -1.0, 1.0);
+        let a = c.input(&format!("norm_a{l}"), &[8, 96], -1.0, 1.0);
+        let b = c.input(&format!("norm_b{l}"), &[64, 8], -1.0, 1.0);
+        let op = Op::DoraNormSq(dorac::ops::DoraNorm {
+            alpha: 1.0,
+            scale: 0.5,
+            weight_out_in: out_in,
+        });
+        let n2 = c.op(op, &[w, a, b], &format!("norm_sq{l}"));
+        c.out(un(unary::SQRT), &[n2], &format!("norm{l}"));
+    }
+    let plan = codegen::plan_with(&c.graph, &gpu().plan_options()).unwrap();
+    let pitch = |name: &str| {
+        let b = plan.buffers.iter().find(|b| b.name == name).unwrap();
+        b.row_pitch
+    };
+    if gpu().plan_options().target == Target::Cpu {
+        for (name, want) in [
+            ("w_oi", Some(112)),
+            ("w_t_only", Some(112)),
+            ("w_io", None),
+            ("norm_w0", Some(112)),
+            ("norm_w2", None),
+            ("w_add", None),
+            ("w_40", None),
+        ] {
+            assert_eq!(pitch(name), want, "{name}:\n{plan}");
+        }
+    }
+    c.check_plan(&plan);
+    // Both targets as `check` plans them (the CPU target pads, the GPU target does not).
+    c.check();
+}
+
 /// The norms of DoRA layers of the same shapes and storage share one dispatch when the device
 /// binds arrays of buffers (a device plan): two f32 layers batched, one of them with its
 /// squared norm also read outside (written beside), each with its own epilogue; two layers

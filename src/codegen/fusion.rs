@@ -173,7 +173,17 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
         }
     }
     if fuse && options.binding_arrays {
-        batch_norms(&ctx, &mut groups);
+        // Layers batch only with layers whose W is stored alike (`plan_grouped` decides the
+        // same storage from the same transposes).
+        let pitch = match options.target {
+            super::Target::Cpu => {
+                let half = super::storage::half_stored(graph, &operand_transposes, &live);
+                let max = options.max_buffer_bytes;
+                super::storage::padded_rows(graph, &operand_transposes, &live, &half, max)
+            }
+            super::Target::Gpu => BTreeMap::new(),
+        };
+        batch_norms(&ctx, &mut groups, &pitch);
     }
     let term_chains = if fuse {
         host_term_chains(&ctx, &mut groups, &reduce_prologues)
@@ -194,15 +204,16 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
 /// Appends each DoRA norm group to the first earlier one of the same attributes and input
 /// shapes (module docs) while the kernel stays within `max_bindings` and no kernel would then
 /// need, directly or through others, a value it computes itself.
-fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>) {
+fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<NodeId, usize>) {
     let graph = ctx.graph;
     let key = |g: &[NodeId]| match &graph.node(g[0]).op {
         Op::DoraNormSq(p) => {
             let shapes: Vec<Vec<usize>> = (graph.inputs_of(g[0]).iter())
                 .map(|&i| graph.shape(i).to_vec())
                 .collect();
-            let half = graph.half_consts().get(&graph.inputs_of(g[0])[0]).copied();
-            Some((*p, shapes, half))
+            let w = graph.inputs_of(g[0])[0];
+            let half = graph.half_consts().get(&w).copied();
+            Some((*p, shapes, half, pitch.get(&w).copied()))
         }
         _ => None,
     };

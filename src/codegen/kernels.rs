@@ -323,6 +323,8 @@ pub(crate) struct Decisions<'p> {
     pub term_chains: &'p BTreeMap<NodeId, Vec<NodeId>>,
     /// Constants stored in half precision (see `storage`).
     pub half: &'p BTreeMap<NodeId, Half>,
+    /// Matrices stored with padded rows, by their row pitch (see `storage::padded_rows`).
+    pub pitch: &'p BTreeMap<NodeId, usize>,
     /// Interior values of groups that are read outside their group (see `fusion::escaping`):
     /// the kernel writes them beside its output.
     pub escapes: &'p BTreeSet<NodeId>,
@@ -944,8 +946,8 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     let (b_src, b_perm) = b.source(ins[1]);
     let (_, a_half) = b.bind_stored("a", a_src, half);
     let (_, b_half) = b.bind_stored("b", b_src, half);
-    let a_strides = a_perm.map(|perm| permuted_strides(graph.shape(a_src), perm));
-    let b_strides = b_perm.map(|perm| permuted_strides(graph.shape(b_src), perm));
+    let a_strides = operand_strides(graph, a_src, a_perm, d.pitch);
+    let b_strides = operand_strides(graph, b_src, b_perm, d.pitch);
     // `first`: the statement that turns the dot product `acc` into `v0` (indented below);
     // `plain` when that is `acc` itself.
     let (m, k, n, batch, a_at, b_at, first, summary);
@@ -1172,6 +1174,28 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
 
 /// The element strides, in the memory of a transpose's source of shape `src`, of each axis of
 /// the transposed value (`perm` as in `Op::Transpose`).
+/// The element strides of each axis of a matmul operand in the memory of `src`, the value it
+/// reads (itself, or the source of a transpose read in place with `perm`): None where that is
+/// `src`'s own contiguous layout, which the emitters write out by its dimensions.
+fn operand_strides(
+    graph: &Graph,
+    src: NodeId,
+    perm: Option<&[usize]>,
+    pitch: &BTreeMap<NodeId, usize>,
+) -> Option<Vec<usize>> {
+    let padded = match (pitch.get(&src), graph.shape(src)) {
+        (Some(&p), &[_, _]) => Some(vec![p, 1]),
+        _ => None,
+    };
+    match (perm, padded) {
+        (None, padded) => padded,
+        (Some(perm), padded) => {
+            let st = padded.unwrap_or_else(|| strides(graph.shape(src)));
+            Some(perm.iter().map(|&p| st[p]).collect())
+        }
+    }
+}
+
 fn permuted_strides(src: &[usize], perm: &[usize]) -> Vec<usize> {
     let st = strides(src);
     perm.iter().map(|&p| st[p]).collect()
@@ -1469,13 +1493,18 @@ fn dora_norm(
         .collect();
     let weights: Vec<Vec<NodeId>> = layers.iter().map(|l| graph.inputs_of(l[0])).collect();
     let w_half = d.half.get(&ins[0]).copied();
+    let w_pitch = d.pitch.get(&ins[0]).copied();
     for (layer, ws) in layers.iter().zip(&weights) {
         let node = graph.node(layer[0]);
         let same = ws
             .iter()
             .map(|&i| graph.shape(i))
             .eq(ins.iter().map(|&i| graph.shape(i)));
-        if node.op != Op::DoraNormSq(*p) || !same || d.half.get(&ws[0]).copied() != w_half {
+        if node.op != Op::DoraNormSq(*p)
+            || !same
+            || d.half.get(&ws[0]).copied() != w_half
+            || d.pitch.get(&ws[0]).copied() != w_pitch
+        {
             return Err(Error::gpu(format!(
                 "kernel {name}: '{}' is not a DoRA norm of the first layer's shapes and storage \
                  (emitter bug)",
@@ -1531,11 +1560,13 @@ fn dora_norm(
         NormKernel::Subgroup(_) => (["fc.x", "fc.y", "fc.z", "fc.w"].map(|f| ("j", f)), 16),
         NormKernel::Tiles => (["f.x", "f.y", "f.z", "f.w"].map(|f| ("j", f)), 20),
     };
+    // W's rows: `in` or `out` long, or padded (`storage::padded_rows`).
+    let w_row = |own: &str| w_pitch.map_or(own.to_string(), wgsl::u32_lit);
     let w_load = |(j, i): (&str, &str)| {
         let at = if p.weight_out_in {
-            format!("{j} * IN + {i}")
+            format!("{j} * {} + {i}", w_row("IN"))
         } else {
-            format!("{i} * OUT + {j}")
+            format!("{i} * {} + {j}", w_row("OUT"))
         };
         let load = storage::half_load(&w, &at, w_half);
         format!("{:w_indent$}{load}", "")

@@ -63,6 +63,9 @@ pub struct BufferSpec {
     pub role: BufferRole,
     /// A constant stored in half precision (see `storage`): packed pairs in `u32` words.
     pub half: Option<Half>,
+    /// A matrix stored with padded rows (`storage::padded_rows`): the elements from one row's
+    /// start to the next's, more than its columns; the padding is zeros.
+    pub row_pitch: Option<usize>,
     /// The buffer whose device allocation holds this one: itself when it has its own, or an
     /// earlier intermediate whose last reader has run before this buffer is written (the
     /// planner's liveness-based reuse). Allocations are as large as their owner, which is at
@@ -74,9 +77,10 @@ impl BufferSpec {
     /// Size in bytes. Zero-element values still get a 4-byte buffer, since wgpu cannot bind an
     /// empty one.
     pub fn bytes(&self) -> u64 {
-        match self.half {
-            None => 4 * self.len.max(1) as u64,
-            Some(_) => 4 * self.len.div_ceil(2).max(1) as u64,
+        match (self.half, self.row_pitch, self.shape.as_slice()) {
+            (_, Some(pitch), &[rows, _]) => 4 * (rows * pitch).max(1) as u64,
+            (None, ..) => 4 * self.len.max(1) as u64,
+            (Some(_), ..) => 4 * self.len.div_ceil(2).max(1) as u64,
         }
     }
 }
@@ -184,6 +188,9 @@ pub struct PlanOptions {
     /// matmuls and DoRA norm then share A's values between invocations by subgroup shuffles and
     /// broadcasts. None in a portable plan.
     pub subgroup_size: Option<u32>,
+    /// The most bytes one buffer binding may hold (`max_storage_buffer_binding_size`; WebGPU's
+    /// default, 128 MiB, in a portable plan): padding a matrix's rows never takes it past this.
+    pub max_buffer_bytes: u64,
 }
 
 impl Default for PlanOptions {
@@ -195,6 +202,7 @@ impl Default for PlanOptions {
             max_bindings: fusion::PORTABLE_BINDINGS,
             binding_arrays: false,
             subgroup_size: None,
+            max_buffer_bytes: 128 << 20,
         }
     }
 }
@@ -350,6 +358,12 @@ pub fn plan_grouped(
         ..
     } = fusion;
     let half = storage::half_stored(graph, &transposed, &live);
+    let pitch = match options.target {
+        Target::Cpu => {
+            storage::padded_rows(graph, &transposed, &live, &half, options.max_buffer_bytes)
+        }
+        Target::Gpu => BTreeMap::new(),
+    };
     let kept = fusion::kept(graph);
     let escapes: BTreeSet<NodeId> = groups
         .iter()
@@ -403,6 +417,7 @@ pub fn plan_grouped(
             len: node.numel(),
             role,
             half: half.get(&n).copied(),
+            row_pitch: pitch.get(&n).copied(),
             storage: plan.buffers.len(),
         });
     }
@@ -424,6 +439,7 @@ pub fn plan_grouped(
         prologues: &prologues,
         term_chains: &term_chains,
         half: &half,
+        pitch: &pitch,
         escapes: &escapes,
         max_workgroups: options.max_workgroups_per_dim,
         target: options.target,
@@ -531,6 +547,7 @@ fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
             len: src.len,
             role: BufferRole::Intermediate,
             half: None,
+            row_pitch: None,
             storage: snapshot,
         });
         plan.copies.push(StateCopy {
@@ -977,6 +994,9 @@ impl fmt::Display for Plan {
             };
             if let Some(h) = b.half {
                 role += &format!(", stored as {}", h.name());
+            }
+            if let Some(p) = b.row_pitch {
+                role += &format!(", rows padded to {p}");
             }
             if b.storage != i {
                 role += &format!(", in b{}'s memory", b.storage);

@@ -83,6 +83,28 @@ pub fn read_only_as_weight(
     is_reader: &dyn Fn(NodeId) -> bool,
     in_place: &dyn Fn(NodeId) -> bool,
 ) -> bool {
+    read_only_through(graph, n, is_reader, in_place, true)
+}
+
+/// As [`read_only_as_weight`], without Gather: the constants read only as a matrix by
+/// products (A or B, also through a transpose read in place) and DoRA norms (W), whose kernels
+/// can take a row pitch (`codegen::storage::padded_rows`).
+pub fn read_only_as_matrix(
+    graph: &Graph,
+    n: NodeId,
+    is_reader: &dyn Fn(NodeId) -> bool,
+    in_place: &dyn Fn(NodeId) -> bool,
+) -> bool {
+    read_only_through(graph, n, is_reader, in_place, false)
+}
+
+fn read_only_through(
+    graph: &Graph,
+    n: NodeId,
+    is_reader: &dyn Fn(NodeId) -> bool,
+    in_place: &dyn Fn(NodeId) -> bool,
+    gather: bool,
+) -> bool {
     let readers: Vec<NodeId> = graph
         .consumers(n)
         .into_iter()
@@ -92,7 +114,7 @@ pub fn read_only_as_weight(
         && !graph.outputs().iter().any(|o| o.1 == n)
         && readers
             .iter()
-            .all(|&r| decodes(graph, r, n, is_reader, in_place))
+            .all(|&r| decodes(graph, r, n, is_reader, in_place, gather))
 }
 
 /// Whether `reader` reads `value` only through slots that decode half precision.
@@ -102,6 +124,7 @@ fn decodes(
     value: NodeId,
     is_reader: &dyn Fn(NodeId) -> bool,
     in_place: &dyn Fn(NodeId) -> bool,
+    gather: bool,
 ) -> bool {
     let slots: Vec<usize> = (graph.inputs_of(reader).iter().enumerate())
         .filter(|&(_, &i)| i == value)
@@ -109,14 +132,15 @@ fn decodes(
         .collect();
     match &graph.node(reader).op {
         Op::MatMul | Op::Gemm { .. } => slots.iter().all(|&s| s < 2),
-        Op::DoraNormSq(_) | Op::Gather { .. } => slots == [0],
+        Op::DoraNormSq(_) => slots == [0],
+        Op::Gather { .. } => gather && slots == [0],
         Op::Transpose { .. } if in_place(reader) => graph
             .consumers(reader)
             .into_iter()
             .filter(|&c| is_reader(c))
             .all(|c| {
                 matches!(graph.node(c).op, Op::MatMul | Op::Gemm { .. })
-                    && decodes(graph, c, reader, is_reader, in_place)
+                    && decodes(graph, c, reader, is_reader, in_place, gather)
             }),
         _ => false,
     }

@@ -824,6 +824,38 @@ fn write_mapped(
     Ok(())
 }
 
+/// Writes the f32 matrix `tensor` (`cols` columns) into `buffer`, which is mapped (at creation)
+/// and zeroed, each row `pitch` elements after the one before (`storage::padded_rows`).
+fn write_rows_mapped(
+    buffer: &wgpu::Buffer,
+    tensor: &crate::tensor::Tensor,
+    cols: usize,
+    pitch: usize,
+) -> std::result::Result<(), String> {
+    if tensor.numel() == 0 || cols == 0 {
+        return Ok(());
+    }
+    let owned;
+    let values: &[f32] = match tensor.as_f32() {
+        Some(v) => v,
+        None => {
+            owned = tensor.to_f32();
+            &owned
+        }
+    };
+    // Write-only memory: each row copied into its own range, the padding left as created
+    // (zeros).
+    for (r, row) in values.chunks(cols).enumerate() {
+        let start = 4 * (r * pitch) as u64;
+        let mut view = buffer
+            .slice(start..start + 4 * cols as u64)
+            .get_mapped_range_mut()
+            .map_err(|e| format!("{e:?}"))?;
+        view.copy_from_slice(bytemuck::cast_slice(row));
+    }
+    Ok(())
+}
+
 /// A kernel's pipeline and the layout of its one bind group.
 type Built = (wgpu::ComputePipeline, wgpu::BindGroupLayout);
 
@@ -879,7 +911,10 @@ fn create_buffers(
                     n.index()
                 ))
             })?;
-            let result = write_mapped(&buffer, tensor, spec.half);
+            let result = match (spec.row_pitch, spec.shape.as_slice()) {
+                (Some(pitch), &[_, cols]) => write_rows_mapped(&buffer, tensor, cols, pitch),
+                _ => write_mapped(&buffer, tensor, spec.half),
+            };
             buffer.unmap();
             result.map_err(|e| Error::gpu(format!("uploading '{}': {e}", spec.name)))?;
         }

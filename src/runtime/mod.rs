@@ -167,6 +167,7 @@ impl Gpu {
             max_bindings: self.limits.max_storage_buffers_per_shader_stage as usize,
             binding_arrays: self.binds_arrays(),
             subgroup_size: self.subgroup_size(),
+            max_buffer_bytes: self.limits.max_storage_buffer_binding_size,
             ..Default::default()
         }
     }
