@@ -261,3 +261,65 @@ fn half_models_store_half_weights_and_match() {
         }
     }
 }
+
+/// Folding an Expand of a constant: where every reader is an element-wise binary or Where that
+/// broadcasts to the Expand's shape anyway, the readers read the small constant and no
+/// constant of the expanded size is made; where some reader would not (a unary, or a binary
+/// whose other operand is smaller too), it folds as before. Values as before either way.
+#[test]
+fn a_broadcast_constant_is_read_small_where_its_readers_broadcast() {
+    use dorac::ir::{Binary, GraphBuilder};
+    use dorac::tensor::{Array, Tensor};
+    let build = |second: &str| {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![4, 6]);
+        let c = g.add_const("c", Tensor::f32(vec![1, 1], vec![0.25]));
+        let wide = Op::Expand { shape: vec![4, 6] };
+        let e = g.add(wide, &[c], "spread", "spread").unwrap();
+        let y = g.add(Op::Binary(Binary::Mul), &[e, x], "y", "y").unwrap();
+        g.add_output("y", y);
+        match second {
+            "unary" => {
+                let z = g.add(Op::Unary(dorac::ir::unary::EXP), &[e], "z", "z");
+                g.add_output("z", z.unwrap());
+            }
+            "row" => {
+                let row = g.add_const("row", Tensor::f32(vec![6], vec![1.0; 6]));
+                let z = g.add(Op::Binary(Binary::Add), &[e, row], "z", "z");
+                g.add_output("z", z.unwrap());
+            }
+            _ => {}
+        }
+        g.finish()
+    };
+    let x = Array::new(vec![4, 6], (0..24).map(|i| i as f64 - 11.5).collect());
+    let inputs: std::collections::BTreeMap<String, Array> = [("x".to_string(), x)].into();
+    for (second, folds) in [("none", false), ("unary", true), ("row", true)] {
+        let g = build(second);
+        let mut folded = g.clone();
+        fold_constants(&mut folded, &HashSet::new()).unwrap();
+        let wide_consts = (folded.petgraph().node_weights())
+            .filter(|n| matches!(n.op, Op::Const(_)) && n.numel() == 24)
+            .count();
+        let expands = (folded.petgraph().node_weights())
+            .filter(|n| matches!(n.op, Op::Expand { .. }))
+            .count();
+        assert_eq!(
+            (wide_consts > 0, expands),
+            (folds, 0),
+            "{second}:\n{folded}"
+        );
+        let (before, after) = (run_reference(&g, &inputs), run_reference(&folded, &inputs));
+        // Exact where nothing folded (y); folded values are rounded to f32 once.
+        for name in before.keys() {
+            let err = rel(&after, &before, name);
+            assert!(err < 1e-7, "{second}: {name} {err:e}");
+        }
+        assert_eq!(before["y"].data, after["y"].data, "{second}");
+        assert_eq!(
+            rel(&run_gpu(&folded, &inputs), &before, "y"),
+            0.0,
+            "{second}"
+        );
+    }
+}

@@ -2,8 +2,11 @@
 //! reference executor in f64 and stored as the node's type (floats rounded once to f32; integer
 //! and bool values, shapes and masks, exactly). For inference this evaluates the whole DoRA
 //! norm and magnitude scale `g` at compile time, so running an adapted model never recomputes it.
+//! One exception: a broadcast of a constant whose readers broadcast by themselves is dropped,
+//! not folded into a constant of the broadcast size (`drop_broadcast`).
 
 use crate::error::Result;
+use crate::ir::op::broadcast;
 use crate::ir::{rewrite, Graph, NodeId, Op, Patch, PatchOps, Rule};
 use crate::reference::eval_typed;
 use std::collections::HashSet;
@@ -35,6 +38,9 @@ impl Rule for FoldConstants<'_> {
         if !all_const {
             return Ok(None);
         }
+        if let Some(patch) = drop_broadcast(graph, node) {
+            return Ok(Some(patch));
+        }
         let args: Vec<_> = inputs
             .iter()
             .map(|&i| graph.const_tensor(i).unwrap().to_array())
@@ -47,4 +53,31 @@ impl Rule for FoldConstants<'_> {
         p.replace(node, c);
         Ok(Some(p.finish()))
     }
+}
+
+/// An Expand of a constant whose readers all broadcast their operands to its shape anyway
+/// (element-wise binaries and Where whose output has that shape) is dropped: they read the
+/// small constant instead. Folded, it would become a constant of the expanded size to upload,
+/// keep on the device and read each run (MSE's gradient spreads the mean's `1 / count` over
+/// the whole output: 256 KB in the train bench); kept as a node, a kernel would compute it.
+fn drop_broadcast(graph: &Graph, node: NodeId) -> Option<PatchOps> {
+    let Op::Expand { .. } = graph.node(node).op else {
+        return None;
+    };
+    let source = graph.inputs_of(node)[0];
+    let readers = graph.consumers(node);
+    let broadcasts_itself = |r: NodeId| {
+        matches!(graph.node(r).op, Op::Binary(_) | Op::Where)
+            && (graph.inputs_of(r).iter())
+                .map(|&i| graph.shape(if i == node { source } else { i }))
+                .try_fold(vec![], |acc: Vec<usize>, s| broadcast(&acc, s))
+                .is_some_and(|shape| shape == graph.shape(r))
+    };
+    let is_output = graph.outputs().iter().any(|&(_, o)| o == node);
+    if is_output || readers.is_empty() || !readers.into_iter().all(broadcasts_itself) {
+        return None;
+    }
+    let mut p = Patch::new(graph);
+    p.replace(node, source.into());
+    Some(p.finish())
 }
