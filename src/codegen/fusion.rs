@@ -73,9 +73,9 @@
 //! group through an outside reader of that value, which `fits` places after the group's last
 //! node, and so after the group node that reads the path's end. Nor can two groups read each
 //! other's values (layer batches, term chains and late epilogues, which join kernels across the
-//! schedule, check this over all kernels). So the groups can be put in an order (`plan_grouped` runs each kernel as
-//! soon as what it reads is computed). The groups satisfy the contract of
-//! [`super::plan_grouped`], which checks it again.
+//! schedule, check this over all kernels). So the groups can be put in an order
+//! (`plan_grouped` runs each kernel as soon as what it reads is computed). The groups satisfy
+//! the contract of [`super::plan_grouped`], which checks it again.
 
 use super::kernels::{is_elementwise, takes_epilogue};
 use super::{has_kernel, schedule};
