@@ -110,6 +110,9 @@ pub struct Fusion {
     /// first node, then the nodes reading earlier ones) that its kernel computes beside each
     /// term it loads, writing the chain's last value and those read outside it.
     pub term_chains: BTreeMap<NodeId, Vec<NodeId>>,
+    /// The matrices stored with padded rows, with their row pitch (`storage::padded_rows`; CPU
+    /// targets only): decided here because the layers a batched norm joins must share W's.
+    pub row_pitch: BTreeMap<NodeId, usize>,
 }
 
 impl From<Vec<Vec<NodeId>>> for Fusion {
@@ -120,6 +123,7 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
             operand_transposes: BTreeSet::new(),
             reduce_prologues: BTreeSet::new(),
             term_chains: BTreeMap::new(),
+            row_pitch: BTreeMap::new(),
         }
     }
 }
@@ -172,18 +176,17 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
             groups.push(group);
         }
     }
+    let row_pitch = match options.target {
+        super::Target::Cpu => {
+            let half = super::storage::half_stored(graph, &operand_transposes, &live);
+            let max = options.max_buffer_bytes;
+            super::storage::padded_rows(graph, &operand_transposes, &live, &half, max)
+        }
+        super::Target::Gpu => BTreeMap::new(),
+    };
     if fuse && options.binding_arrays {
-        // Layers batch only with layers whose W is stored alike (`plan_grouped` decides the
-        // same storage from the same transposes).
-        let pitch = match options.target {
-            super::Target::Cpu => {
-                let half = super::storage::half_stored(graph, &operand_transposes, &live);
-                let max = options.max_buffer_bytes;
-                super::storage::padded_rows(graph, &operand_transposes, &live, &half, max)
-            }
-            super::Target::Gpu => BTreeMap::new(),
-        };
-        batch_norms(&ctx, &mut groups, &pitch);
+        // Layers batch only with layers whose W is stored alike.
+        batch_norms(&ctx, &mut groups, &row_pitch);
     }
     let term_chains = if fuse {
         host_term_chains(&ctx, &mut groups, &reduce_prologues)
@@ -198,6 +201,7 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
         operand_transposes,
         reduce_prologues,
         term_chains,
+        row_pitch,
     })
 }
 

@@ -1172,8 +1172,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     )
 }
 
-/// The element strides, in the memory of a transpose's source of shape `src`, of each axis of
-/// the transposed value (`perm` as in `Op::Transpose`).
 /// The element strides of each axis of a matmul operand in the memory of `src`, the value it
 /// reads (itself, or the source of a transpose read in place with `perm`): None where that is
 /// `src`'s own contiguous layout, which the emitters write out by its dimensions.
@@ -1187,15 +1185,13 @@ fn operand_strides(
         (Some(&p), &[_, _]) => Some(vec![p, 1]),
         _ => None,
     };
-    match (perm, padded) {
-        (None, padded) => padded,
-        (Some(perm), padded) => {
-            let st = padded.unwrap_or_else(|| strides(graph.shape(src)));
-            Some(perm.iter().map(|&p| st[p]).collect())
-        }
-    }
+    let Some(perm) = perm else { return padded };
+    let st = padded.unwrap_or_else(|| strides(graph.shape(src)));
+    Some(perm.iter().map(|&p| st[p]).collect())
 }
 
+/// The element strides, in the memory of a transpose's source of shape `src`, of each axis of
+/// the transposed value (`perm` as in `Op::Transpose`).
 fn permuted_strides(src: &[usize], perm: &[usize]) -> Vec<usize> {
     let st = strides(src);
     perm.iter().map(|&p| st[p]).collect()

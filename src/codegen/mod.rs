@@ -355,15 +355,10 @@ pub fn plan_grouped(
         operand_transposes: transposed,
         reduce_prologues: prologues,
         term_chains,
+        row_pitch: pitch,
         ..
     } = fusion;
     let half = storage::half_stored(graph, &transposed, &live);
-    let pitch = match options.target {
-        Target::Cpu => {
-            storage::padded_rows(graph, &transposed, &live, &half, options.max_buffer_bytes)
-        }
-        Target::Gpu => BTreeMap::new(),
-    };
     let kept = fusion::kept(graph);
     let escapes: BTreeSet<NodeId> = groups
         .iter()

@@ -815,13 +815,17 @@ fn write_mapped(
         .get_mapped_range_mut()
         .map_err(|e| format!("{e:?}"))?;
     // Write-only memory (it may be write-combining): a copy in, never a read.
-    // f32 weights go in as their bytes: a weight still in the model file's mapping is copied
-    // from there, never converted on the host (`F32Buf::le_bytes`).
-    match &tensor.data {
-        crate::tensor::Data::F32(values) => view.copy_from_slice(&values.le_bytes()),
-        _ => view.copy_from_slice(bytemuck::cast_slice(&tensor.to_f32())),
-    }
+    view.copy_from_slice(&f32_bytes(tensor));
     Ok(())
+}
+
+/// `tensor`'s values as f32 bytes. f32 weights go in as their bytes: a weight still in the
+/// model file's mapping is copied from there, never converted on the host (`F32Buf::le_bytes`).
+fn f32_bytes(tensor: &crate::tensor::Tensor) -> std::borrow::Cow<'_, [u8]> {
+    match &tensor.data {
+        crate::tensor::Data::F32(values) => values.le_bytes(),
+        _ => std::borrow::Cow::Owned(bytemuck::cast_slice(&tensor.to_f32()).to_vec()),
+    }
 }
 
 /// Writes the f32 matrix `tensor` (`cols` columns) into `buffer`, which is mapped (at creation)
@@ -835,23 +839,16 @@ fn write_rows_mapped(
     if tensor.numel() == 0 || cols == 0 {
         return Ok(());
     }
-    let owned;
-    let values: &[f32] = match tensor.as_f32() {
-        Some(v) => v,
-        None => {
-            owned = tensor.to_f32();
-            &owned
-        }
-    };
-    // Write-only memory: each row copied into its own range, the padding left as created
-    // (zeros).
-    for (r, row) in values.chunks(cols).enumerate() {
-        let start = 4 * (r * pitch) as u64;
-        let mut view = buffer
-            .slice(start..start + 4 * cols as u64)
-            .get_mapped_range_mut()
-            .map_err(|e| format!("{e:?}"))?;
-        view.copy_from_slice(bytemuck::cast_slice(row));
+    // Into write-only memory, a copy per row, the padding left as created (zeros).
+    let bytes = f32_bytes(tensor);
+    let mut view = buffer
+        .slice(..)
+        .get_mapped_range_mut()
+        .map_err(|e| format!("{e:?}"))?;
+    let (row, stride) = (4 * cols, 4 * pitch);
+    for (r, values) in bytes.chunks(row).enumerate() {
+        view.slice(r * stride..r * stride + row)
+            .copy_from_slice(values);
     }
     Ok(())
 }
