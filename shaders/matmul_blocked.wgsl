@@ -10,7 +10,8 @@
 // multiply-adds, where the one-output-per-invocation kernel (matmul.wgsl) needs 2 per
 // multiply-add. M, K and N need not be multiples of the tile: loads outside the matrices read 0,
 // and outputs outside them are not stored. The epilogue turns each dot product `acc` into the
-// stored value.
+// stored value, and may add a term of each element to the invocation's sum of that column over
+// its rows, stored as the invocation's row (WG_Y per tile) of a buffer of such sums.
 
 {{BINDINGS}}
 
@@ -124,7 +125,7 @@ fn main(
     }
 
     // Each output element of the block goes through the epilogue on its own. (The loop counters
-    // are not named r and c: `c` is Gemm's C binding.)
+    // are not named r and c: `c` is Gemm's C binding.){{PARTS}}
     for (var bi = 0u; bi < BLOCK; bi = bi + 1u) {
         let row = row0 + 4u * (lid.y + WG_Y * (bi / 4u)) + bi % 4u;
         for (var bj = 0u; bj < BLOCK; bj = bj + 1u) {
@@ -136,5 +137,5 @@ fn main(
 {{EPILOGUE}}
             }
         }
-    }
+    }{{PARTS_STORE_LOOP}}
 }

@@ -13,8 +13,10 @@
 // context). Lane l's columns are 4 * l + 4 * LANES * c + 0..3 of the tile, c < VECS:
 // neighbouring lanes read neighbouring memory of a row-major B. Rows and columns past the edge
 // of the matrices are clamped for loading (the loop has no branches) and not stored. The epilogue
-// turns each dot product `acc` into the stored value. (The loop counters are not named r and c:
-// `c` is Gemm's C binding.)
+// turns each dot product `acc` into the stored value, and may add a term of each element to its
+// column's sum over the tile's rows, stored as the tile's row of a buffer of such sums: a sum
+// over the rows of this output then adds TILES_M values per column, not M. (The loop counters
+// are not named r and c: `c` is Gemm's C binding.)
 
 {{BINDINGS}}
 
@@ -106,7 +108,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         }
         return;
     }
-    // Each output element goes through the epilogue on its own.
+    // Each output element goes through the epilogue on its own.{{PARTS}}
     for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
         let row = row0 + ri;
         for (var ci = 0u; ci < VECS; ci = ci + 1u) {
@@ -120,5 +122,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
                 }
             }
         }
-    }
+    }{{PARTS_STORE_LOOP}}
 }

@@ -203,15 +203,14 @@ fn step_feeds(
     feeds
 }
 
-#[test]
-fn dora_training_steps_fused_match_unfused() {
-    let mut rng = Rng::new(11);
-    let x = read("mlp3d", "inputs.safetensors")["x"].clone();
-    let batch: BTreeMap<String, Array> = [
-        ("x".to_string(), x),
-        ("target".to_string(), random(&[2, 5, 8], &mut rng)),
-    ]
-    .into();
+/// Three DoRA (detached, and exact norm with clipping) and LoRA steps of `graph` on `batch`,
+/// fused and unfused. Returns the device plans of the DoRA steps.
+fn training_steps_fused_match_unfused(
+    model: &str,
+    graph: impl Fn(&str) -> Graph,
+    batch: &BTreeMap<String, Array>,
+) -> Vec<Plan> {
+    let mut device_plans = vec![];
     for (method, exact, clip) in [
         (TrainMethod::Dora, false, None),
         (TrainMethod::Dora, true, Some(0.5)),
@@ -237,13 +236,61 @@ fn dora_training_steps_fused_match_unfused() {
             expose_grads: true,
             full_targets: None,
         };
-        let program = build(with_adapter("mlp3d", adapter), &opts).unwrap();
-        let tag = format!("mlp3d {} step (exact norm {exact})", method.name());
+        let program = build(graph(adapter), &opts).unwrap();
+        let tag = format!("{model} {} step (exact norm {exact})", method.name());
         let state = initial_state(&program);
         let (fused, plain) = compare(&tag, &program.graph, &state, 3, |t| {
-            step_feeds(&batch, &optimizer, t)
+            step_feeds(batch, &optimizer, t)
         });
         assert!(fused < plain, "{tag}: nothing fused");
+        if method == TrainMethod::Dora {
+            device_plans.push(codegen::plan_with(&program.graph, &gpu().plan_options()).unwrap());
+        }
+    }
+    device_plans
+}
+
+#[test]
+fn dora_training_steps_fused_match_unfused() {
+    let mut rng = Rng::new(11);
+    let x = read("mlp3d", "inputs.safetensors")["x"].clone();
+    let batch: BTreeMap<String, Array> = [
+        ("x".to_string(), x),
+        ("target".to_string(), random(&[2, 5, 8], &mut rng)),
+    ]
+    .into();
+    training_steps_fused_match_unfused("mlp3d", |a| with_adapter("mlp3d", a), &batch);
+}
+
+/// The same on a 2-D MLP at a batch of 37 rows: on a CPU target each layer's magnitude
+/// gradient is summed per tile of 16 rows by the product computing its `dY` (the last tile
+/// partial), and the layers' sums of those take one dispatch where the device binds arrays.
+#[test]
+fn dora_training_steps_with_column_sums_fused_match_unfused() {
+    let mut rng = Rng::new(12);
+    let x = random(&[37, 16], &mut rng);
+    let shapes: BTreeMap<String, Array> = [("x".to_string(), x.clone())].into();
+    let graph = |adapter: &str| {
+        let mut g = load_path(&models_dir().join("mlp2d/model.onnx"), &shapes);
+        let a = dorac::adapter::load(&models_dir().join("mlp2d").join(adapter)).unwrap();
+        dorac::adapter::apply(&mut g, &a).unwrap();
+        g
+    };
+    let outputs = graph("peft_dora").outputs()[0].1;
+    let out_shape = graph("peft_dora").shape(outputs).to_vec();
+    let batch: BTreeMap<String, Array> = [
+        ("x".to_string(), x),
+        ("target".to_string(), random(&out_shape, &mut rng)),
+    ]
+    .into();
+    let plans = training_steps_fused_match_unfused("mlp2d", graph, &batch);
+    if gpu().plan_options().target == codegen::Target::Cpu {
+        for plan in &plans {
+            let sums = (plan.buffers.iter())
+                .filter(|b| b.name.ends_with("/tile_sums"))
+                .count();
+            assert!(sums >= 2, "no magnitude gradient summed per tile:\n{plan}");
+        }
     }
 }
 
@@ -493,4 +540,136 @@ fn a_view_passes_a_chain_on() {
     );
     let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
     assert!(rel(&got, &want, "z") < 1e-5);
+}
+
+/// The graph of the column-sum tests: `mm = x @ w` (m x k @ k x n), `y = relu(mm)`, and sums
+/// over rows of `y * u` (kept dims), `mm - y` (two values of the product's kernel), and of
+/// `mm2 * mm` for a second product `mm2` (an output too, so that its term is left to the sum
+/// as it loads), of the same op as the first: (graph, [mm, mm2, the three terms, s2]).
+fn column_sums_graph(m: usize, k: usize, n: usize) -> (Graph, [NodeId; 6]) {
+    let mut g = GraphBuilder::new();
+    let x = g.add_input("x", vec![m, k]);
+    let w = g.add_input("w", vec![k, n]);
+    let u = g.add_input("u", vec![m, n]);
+    let mm = g.add(Op::MatMul, &[x, w], "mm", "mm").unwrap();
+    let relu = g.add(Op::Unary(unary::RELU), &[mm], "y", "relu").unwrap();
+    let sum = |g: &mut GraphBuilder, t: NodeId, name: &str| {
+        let op = Op::Reduce {
+            kind: dorac::ir::Reduce::Sum,
+            axes: vec![0],
+            keepdims: name.starts_with("s_kept"),
+        };
+        g.add(op, &[t], name, name).unwrap()
+    };
+    let mul = |g: &mut GraphBuilder, a: NodeId, b: NodeId, name: &str| {
+        g.add(Op::Binary(Binary::Mul), &[a, b], name, name).unwrap()
+    };
+    let by_u = mul(&mut g, relu, u, "by_u");
+    let s = sum(&mut g, by_u, "s_kept");
+    let both = g
+        .add(Op::Binary(Binary::Sub), &[mm, relu], "both", "both")
+        .unwrap();
+    let t = sum(&mut g, both, "t");
+    let w2 = g.add_input("w2", vec![k, n]);
+    let mm2 = g.add(Op::MatMul, &[x, w2], "mm2", "mm2").unwrap();
+    let by_mm = mul(&mut g, mm2, mm, "by_mm");
+    let s2 = sum(&mut g, by_mm, "s_kept2");
+    let half = g.add_const("half", Tensor::scalar(0.5));
+    let s2 = mul(&mut g, s2, half, "s2");
+    g.add_output("y", relu);
+    g.add_output("s_kept", s);
+    g.add_output("t", t);
+    g.add_output("s2", s2);
+    g.add_output("z", mm2);
+    (g.finish(), [mm, mm2, by_u, both, by_mm, s2])
+}
+
+/// Checks the column sums of [`column_sums_graph`] in `plan`, which has `rows` rows of sums per
+/// term (0: none): every term is computed by a product's kernel (the first product's its own
+/// two, `by_mm` by either, loading the other's value), each sum reads its rows of sums alone,
+/// and the two sums of the same op are one dispatch where the plan binds arrays. Then runs the
+/// plan against the f64 reference.
+fn check_column_sums(graph: &Graph, nodes: [NodeId; 6], plan: &Plan, rows: usize, arrays: bool) {
+    let [mm, mm2, by_u, both, by_mm, _] = nodes;
+    let n = graph.shape(mm)[1];
+    let sums: Vec<&codegen::BufferSpec> = (plan.buffers.iter())
+        .filter(|b| b.name.ends_with("/tile_sums"))
+        .collect();
+    if rows == 0 {
+        assert!(sums.is_empty(), "{plan}");
+    } else {
+        assert_eq!(sums.len(), 3, "{plan}");
+        assert!(sums.iter().all(|b| b.shape == [rows, n]), "{plan}");
+        for term in [by_u, both, by_mm] {
+            let kernel = (plan.kernels.iter()).find(|k| k.nodes.contains(&term));
+            assert!([mm, mm2].contains(&kernel.unwrap().nodes[0]), "{plan}");
+        }
+        let first = plan.kernels.iter().find(|k| k.nodes[0] == mm).unwrap();
+        assert!(first.nodes.contains(&by_u) && first.nodes.contains(&both));
+        assert_eq!(plan.kernels.len(), if arrays { 4 } else { 5 }, "{plan}");
+    }
+    let (m, k) = (graph.shape(mm)[0], graph.shape(graph.inputs_of(mm)[0])[1]);
+    let mut rng = Rng::new(21);
+    let shapes = [
+        ("x", vec![m, k]),
+        ("w", vec![k, n]),
+        ("u", vec![m, n]),
+        ("w2", vec![k, n]),
+    ];
+    let feeds: BTreeMap<String, Array> = shapes
+        .into_iter()
+        .map(|(name, shape)| (name.to_string(), random(&shape, &mut rng)))
+        .collect();
+    compare("column sums", graph, &BTreeMap::new(), 1, |_| feeds.clone());
+    let exe = Executable::new(gpu(), plan, graph).unwrap();
+    let outputs = ["y", "s_kept", "t", "s2", "z"];
+    let got = exe.step(&host(&feeds), &outputs).unwrap();
+    let want = run_reference(graph, &feeds);
+    for name in outputs {
+        let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
+        let err = relative_error(&got, &want[name].data);
+        assert!(err < 1e-5, "{m} x {n}, {name}: relative error {err:e}");
+    }
+}
+
+/// A sum over the rows of a product's output whose terms read the product's values (DoRA's
+/// magnitude gradient `sum(dY * u)` where a product computes `dY`): the product's kernel adds
+/// each column's terms over its rows and writes a row of sums per tile of rows (the CPU
+/// template) or per row of invocations (the blocked one), and the sum adds those. 37 x 50 (on
+/// the CPU template three tiles of 16, the last partial, and columns not a multiple of 4; on
+/// the portable plan, the 16 x 16 template, which sums nothing) and 70 x 80 (two 64 x 64
+/// blocked tiles of 16 rows of invocations). The values match the f64 reference and the
+/// unfused plans.
+#[test]
+fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
+    let device = gpu().plan_options();
+    let cpu = device.target == codegen::Target::Cpu;
+    for (m, n, portable_rows) in [(37, 50, 0), (70, 80, 32)] {
+        let (g, nodes) = column_sums_graph(m, 24, n);
+        let plan = codegen::plan_with(&g, &device).unwrap();
+        let rows = if cpu { m.div_ceil(16) } else { portable_rows };
+        check_column_sums(&g, nodes, &plan, rows, device.binding_arrays);
+        let portable = codegen::plan(&g).unwrap();
+        check_column_sums(&g, nodes, &portable, portable_rows, false);
+    }
+    // The first product's kernel and the batched sums for a CPU driver with subgroups of 8
+    // lanes, and the first product's blocked kernel, pinned for review.
+    let cpu = PlanOptions {
+        target: codegen::Target::Cpu,
+        subgroup_size: Some(8),
+        max_bindings: 48,
+        binding_arrays: true,
+        ..PlanOptions::default()
+    };
+    let (g, [mm, _, _, _, _, s2]) = column_sums_graph(37, 24, 50);
+    let pinned = codegen::plan_with(&g, &cpu).unwrap();
+    let kernel = |plan: &Plan, n: NodeId| {
+        let k = plan.kernels.iter().find(|k| k.nodes.contains(&n));
+        k.unwrap().source.clone()
+    };
+    insta::assert_snapshot!("column_sums_product", kernel(&pinned, mm));
+    insta::assert_snapshot!("column_sums_batched", kernel(&pinned, s2));
+    let (g, [mm, ..]) = column_sums_graph(70, 24, 80);
+    let portable = codegen::plan(&g).unwrap();
+    insta::assert_snapshot!("column_sums_blocked", kernel(&portable, mm));
 }

@@ -44,13 +44,26 @@
 //! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.
 //! DoRA's magnitude gradient `sum(dY * u)` is then one kernel, not two and a temporary.
 //!
-//! **Layer batches** ([`batch_norms`], on devices that bind arrays of buffers): DoRA's norm
-//! kernels read only their layer's parameters, so every layer's could run at the start of the
-//! step. Norm groups of the same shapes, attributes and weight storage are put back to back in
-//! one group (as many as `max_bindings` allows), which one dispatch computes: the loop reads
-//! each layer's W, A and B through binding arrays, so its code exists once and the driver
-//! compiles it once (one copy per layer made a four-layer kernel compile 8x as long), and each
-//! layer's epilogue runs on its own bindings (`kernels::dora_norm`).
+//! **Layer batches** ([`batch_norms`], [`batch_sums`], on devices that bind arrays of buffers):
+//! DoRA's norm kernels read only their layer's parameters, so every layer's could run at the
+//! start of the step. Norm groups of the same shapes, attributes and weight storage are put back
+//! to back in one group (as many as `max_bindings` allows), which one dispatch computes: the
+//! loop reads each layer's W, A and B through binding arrays, so its code exists once and the
+//! driver compiles it once (one copy per layer made a four-layer kernel compile 8x as long), and
+//! each layer's epilogue runs on its own bindings (`kernels::dora_norm`). Likewise the sums of
+//! column sums (below) of the same shapes, whose epilogues update each layer's magnitude: one
+//! dispatch at the end of the backward pass instead of one per layer (`kernels::reduce_layers`).
+//!
+//! **Column sums** ([`host_column_sums`]): a sum over the rows of a matrix whose terms (a
+//! reduction prologue) read a value that a 2-D product's kernel computes, at its own index, is
+//! summed in part by that kernel: each invocation adds each of its elements' term to its sum of
+//! that column over its rows and stores one row of such sums (`kernels::row_tiles`: a row per
+//! tile of 16 rows on the CPU template, whose invocations own whole columns of a tile; a row per
+//! row of invocations, 4 or 8 rows, on the blocked one); the sum's kernel then adds those. DoRA's
+//! magnitude gradient `sum(dY * u)` is computed where `dY` is: neither `dY` nor `u` is read
+//! again, the last layer's `u`, computed in the same kernel, is never stored, and `dY * g`,
+//! which the sum used to compute beside its terms, joins the product as a late epilogue (late
+//! epilogues are decided first, so that the loss gradient is in the last layer's product).
 //!
 //! **Term chains** ([`host_term_chains`]): an element-wise group left with a kernel of its own
 //! that reads, element for element, a tensor a sum also reads (the sum's input, or an input of
@@ -77,7 +90,7 @@
 //! (`plan_grouped` runs each kernel as soon as what it reads is computed). The groups satisfy
 //! the contract of [`super::plan_grouped`], which checks it again.
 
-use super::kernels::{is_elementwise, takes_epilogue};
+use super::kernels::{is_elementwise, is_sum, row_tiles, takes_epilogue};
 use super::{has_kernel, schedule};
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op};
@@ -113,6 +126,47 @@ pub struct Fusion {
     /// The matrices stored with padded rows, with their row pitch (`storage::padded_rows`; CPU
     /// targets only): decided here because the layers a batched norm joins must share W's.
     pub row_pitch: BTreeMap<NodeId, usize>,
+    /// Terms of sums over rows that a product's kernel sums over each tile of its rows (module
+    /// docs: *column sums*), by term: their buffers hold those sums, one row per tile.
+    pub column_sums: BTreeMap<NodeId, ColumnSum>,
+}
+
+/// Where a term of a sum over rows is summed per tile of rows (module docs: *column sums*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnSum {
+    /// The anchor of the product whose kernel computes the term.
+    pub product: NodeId,
+    /// The tiles of rows that kernel computes the product's output in: the rows of the term's
+    /// buffer.
+    pub tiles: usize,
+}
+
+/// Each kernel's nodes: its group, the chain it computes beside a sum's terms and the terms it
+/// sums over its tiles of rows.
+pub(super) fn kernel_members(
+    groups: &[Vec<NodeId>],
+    chains: &BTreeMap<NodeId, Vec<NodeId>>,
+    column_sums: &BTreeMap<NodeId, ColumnSum>,
+) -> Vec<Vec<NodeId>> {
+    groups
+        .iter()
+        .map(|g| {
+            let mut k = g.clone();
+            k.extend(chains.get(&g[0]).into_iter().flatten());
+            k.extend(terms_of(column_sums, g[0]));
+            k
+        })
+        .collect()
+}
+
+/// The terms that the kernel of the product anchored at `anchor` sums over its tiles of rows.
+pub(super) fn terms_of(
+    column_sums: &BTreeMap<NodeId, ColumnSum>,
+    anchor: NodeId,
+) -> impl Iterator<Item = NodeId> + '_ {
+    (column_sums.iter())
+        .filter(move |(_, c)| c.product == anchor)
+        .map(|(&t, _)| t)
 }
 
 impl From<Vec<Vec<NodeId>>> for Fusion {
@@ -124,6 +178,7 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
             reduce_prologues: BTreeSet::new(),
             term_chains: BTreeMap::new(),
             row_pitch: BTreeMap::new(),
+            column_sums: BTreeMap::new(),
         }
     }
 }
@@ -188,13 +243,29 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
         // Layers batch only with layers whose W is stored alike.
         batch_norms(&ctx, &mut groups, &row_pitch);
     }
-    let term_chains = if fuse {
-        host_term_chains(&ctx, &mut groups, &reduce_prologues)
+    let no_chains = BTreeMap::new();
+    let no_sums = BTreeMap::new();
+    if fuse {
+        absorb_late_epilogues(&ctx, &mut groups, &no_chains, &no_sums);
+    }
+    let column_sums = if fuse {
+        host_column_sums(
+            &ctx,
+            &groups,
+            &operand_transposes,
+            &mut reduce_prologues,
+            options,
+        )
     } else {
         BTreeMap::new()
     };
-    if fuse {
-        absorb_late_epilogues(&ctx, &mut groups, &term_chains);
+    let term_chains = if fuse {
+        host_term_chains(&ctx, &mut groups, &reduce_prologues, &column_sums)
+    } else {
+        BTreeMap::new()
+    };
+    if fuse && options.binding_arrays {
+        batch_sums(&ctx, &mut groups, &term_chains, &column_sums);
     }
     Ok(Fusion {
         groups,
@@ -202,12 +273,12 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
         reduce_prologues,
         term_chains,
         row_pitch,
+        column_sums,
     })
 }
 
 /// Appends each DoRA norm group to the first earlier one of the same attributes and input
-/// shapes (module docs) while the kernel stays within `max_bindings` and no kernel would then
-/// need, directly or through others, a value it computes itself.
+/// shapes and weight storage (module docs: *layer batches*).
 fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<NodeId, usize>) {
     let graph = ctx.graph;
     let key = |g: &[NodeId]| match &graph.node(g[0]).op {
@@ -221,9 +292,45 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<No
         }
         _ => None,
     };
+    batch_layers(ctx, groups, key, |groups| groups.to_vec());
+}
+
+/// Appends each sum of column sums per tile (module docs: *column sums*) to the first earlier
+/// one of the same op, tiles and shapes (module docs: *layer batches*): DoRA's magnitude
+/// gradients, one per layer, then take one dispatch at the end of the backward pass.
+fn batch_sums(
+    ctx: &Context,
+    groups: &mut Vec<Vec<NodeId>>,
+    chains: &BTreeMap<NodeId, Vec<NodeId>>,
+    column_sums: &BTreeMap<NodeId, ColumnSum>,
+) {
+    let graph = ctx.graph;
+    let key = |g: &[NodeId]| {
+        let node = graph.node(g[0]);
+        let x = *graph.inputs_of(g[0]).first()?;
+        let sum = column_sums.get(&x)?;
+        let op = matches!(node.op, Op::Reduce { .. }).then(|| node.op.clone())?;
+        Some((op, sum.tiles, graph.shape(x).to_vec(), node.shape.clone()))
+    };
+    batch_layers(ctx, groups, key, |groups| {
+        kernel_members(groups, chains, column_sums)
+    });
+}
+
+/// Appends each group that `key` gives a key to the first earlier one of the same key while
+/// the kernel stays within `max_bindings`, each layer's anchor reads values of its own (two
+/// norms of the same weights stay apart) and no kernel would then need, directly or through
+/// others, a value it computes itself (`members`: each kernel's nodes, given the groups).
+fn batch_layers<K: PartialEq>(
+    ctx: &Context,
+    groups: &mut Vec<Vec<NodeId>>,
+    key: impl Fn(&[NodeId]) -> Option<K>,
+    members: impl Fn(&[Vec<NodeId>]) -> Vec<Vec<NodeId>>,
+) {
+    let graph = ctx.graph;
     // A group that reads no kernel's value (a norm reads parameters) cannot close a cycle, so
     // two such groups merge without the whole-graph check.
-    let owned: HashSet<NodeId> = groups.iter().flatten().copied().collect();
+    let owned: HashSet<NodeId> = members(groups).into_iter().flatten().collect();
     let reads_no_kernel = |group: &[NodeId]| {
         let mut stack: Vec<NodeId> = group.iter().flat_map(|&n| graph.inputs_of(n)).collect();
         let mut seen = HashSet::new();
@@ -245,16 +352,17 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<No
             continue;
         };
         let batch = (0..g).find(|&b| {
-            // Each layer binds its own weights: two norms of the same weights stay apart.
-            let weights = |g: &[NodeId]| -> Vec<NodeId> {
+            // Each layer binds its own operands: the anchors' (nodes of the first's op).
+            let operands = |g: &[NodeId]| -> Vec<NodeId> {
+                let op = std::mem::discriminant(&graph.node(g[0]).op);
                 (g.iter())
-                    .filter(|&&n| matches!(graph.node(n).op, Op::DoraNormSq(_)))
+                    .filter(|&&n| std::mem::discriminant(&graph.node(n).op) == op)
                     .flat_map(|&n| graph.inputs_of(n))
                     .collect()
             };
-            let taken = weights(&groups[b]);
+            let taken = operands(&groups[b]);
             if key(&groups[b]).as_ref() != Some(&k)
-                || weights(&groups[g]).iter().any(|w| taken.contains(w))
+                || operands(&groups[g]).iter().any(|w| taken.contains(w))
             {
                 return false;
             }
@@ -269,7 +377,7 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<No
             let mut kernels = groups.clone();
             kernels[b] = merged;
             kernels.remove(g);
-            acyclic(&kernel_needs(graph, &kernels))
+            acyclic(&kernel_needs(graph, &members(&kernels)))
         });
         match batch {
             Some(b) => {
@@ -281,6 +389,104 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<No
     }
 }
 
+/// Hands each sum over the rows of a matrix to the product whose kernel can sum its terms per
+/// tile of rows (module docs: *column sums*), taking the terms out of `prologues`. A term (a
+/// reduction prologue of the matrix's shape) qualifies when it reads a value of the product's
+/// group of the same shape, the product is 2-D on a template that sums tiles ([`row_tiles`]),
+/// its other operands are loaded (none is a value of the group reached through nodes without a
+/// kernel, which the kernel would read as it writes it), the kernel stays within
+/// `max_bindings`, and no kernel would then need, directly or through others, a value it
+/// computes itself.
+fn host_column_sums(
+    ctx: &Context,
+    groups: &[Vec<NodeId>],
+    transposed: &BTreeSet<NodeId>,
+    prologues: &mut BTreeSet<NodeId>,
+    options: &super::PlanOptions,
+) -> BTreeMap<NodeId, ColumnSum> {
+    let graph = ctx.graph;
+    let no_chains = BTreeMap::new();
+    let no_kernel =
+        |n: NodeId| graph.node(n).op.is_view() || prologues.contains(&n) || transposed.contains(&n);
+    let mut sums: BTreeMap<NodeId, ColumnSum> = BTreeMap::new();
+    for sum in groups.iter().map(|g| g[0]) {
+        let op = &graph.node(sum).op;
+        let Op::Reduce { axes, .. } = op else {
+            continue;
+        };
+        let x = graph.inputs_of(sum)[0];
+        let shape = graph.shape(x);
+        if !is_sum(op) || axes.as_slice() != [0] || shape.len() != 2 || !prologues.contains(&x) {
+            continue;
+        }
+        let operands = graph.inputs_of(x);
+        for product in groups {
+            let anchor = product[0];
+            let Some(tiles) = row_tiles(graph, anchor, options.target, options.subgroup_size)
+            else {
+                continue;
+            };
+            let inside = |o: &NodeId| product.contains(o);
+            let read_in_registers = operands.iter().filter(|o| inside(o));
+            if graph.shape(anchor) != shape
+                || operands.iter().all(|o| !inside(o))
+                || read_in_registers.clone().any(|&o| graph.shape(o) != shape)
+                || (operands.iter())
+                    .any(|&o| !inside(&o) && reaches_without_kernel(graph, o, product, no_kernel))
+            {
+                continue;
+            }
+            let mut terms: Vec<NodeId> = terms_of(&sums, anchor).collect();
+            terms.push(x);
+            if bindings_with(graph, product, &terms, ctx.live, &ctx.kept) > ctx.max_bindings {
+                continue;
+            }
+            let mut trial = sums.clone();
+            trial.insert(
+                x,
+                ColumnSum {
+                    product: anchor,
+                    tiles,
+                },
+            );
+            if !acyclic(&kernel_needs(
+                graph,
+                &kernel_members(groups, &no_chains, &trial),
+            )) {
+                continue;
+            }
+            sums = trial;
+            break;
+        }
+    }
+    for x in sums.keys() {
+        prologues.remove(x);
+    }
+    sums
+}
+
+/// True when `v` is a node of `group`, or is reached from one through nodes that no kernel
+/// computes (`no_kernel`: views, transposes read in place, reduction prologues): a kernel
+/// computing `group` could read it only from memory it writes itself.
+fn reaches_without_kernel(
+    graph: &Graph,
+    v: NodeId,
+    group: &[NodeId],
+    no_kernel: impl Fn(NodeId) -> bool,
+) -> bool {
+    let mut stack = vec![v];
+    let mut seen = HashSet::new();
+    while let Some(n) = stack.pop() {
+        if group.contains(&n) {
+            return true;
+        }
+        if seen.insert(n) && no_kernel(n) {
+            stack.extend(graph.inputs_of(n));
+        }
+    }
+    false
+}
+
 /// Moves each element-wise group that a sum's kernel can compute beside its terms (module docs)
 /// out of `groups`, into the returned map from the sum's anchor to the chain. A sum takes at
 /// most one chain, and only while the kernel stays within `max_bindings` and no kernel would
@@ -289,6 +495,7 @@ fn host_term_chains(
     ctx: &Context,
     groups: &mut Vec<Vec<NodeId>>,
     prologues: &BTreeSet<NodeId>,
+    column_sums: &BTreeMap<NodeId, ColumnSum>,
 ) -> BTreeMap<NodeId, Vec<NodeId>> {
     let graph = ctx.graph;
     let mut chains: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
@@ -300,7 +507,12 @@ fn host_term_chains(
         }
         for h in 0..groups.len() {
             let host = &groups[h];
-            if hosted[h] || chains.contains_key(&host[0]) || !can_host(ctx, host, chain, prologues)
+            // A sum of column sums loads them, not the terms a chain would share.
+            let sums_tiles = column_sums.contains_key(&graph.inputs_of(host[0])[0]);
+            if hosted[h]
+                || chains.contains_key(&host[0])
+                || sums_tiles
+                || !can_host(ctx, host, chain, prologues)
             {
                 continue;
             }
@@ -313,6 +525,7 @@ fn host_term_chains(
                 .map(|(_, nodes)| {
                     let mut k = nodes.clone();
                     k.extend(chains.get(&nodes[0]).into_iter().flatten());
+                    k.extend(terms_of(column_sums, nodes[0]));
                     k
                 })
                 .collect();
@@ -350,17 +563,10 @@ fn absorb_late_epilogues(
     ctx: &Context,
     groups: &mut Vec<Vec<NodeId>>,
     chains: &BTreeMap<NodeId, Vec<NodeId>>,
+    column_sums: &BTreeMap<NodeId, ColumnSum>,
 ) {
     let graph = ctx.graph;
-    let kernels = |groups: &[Vec<NodeId>]| -> Vec<Vec<NodeId>> {
-        (groups.iter())
-            .map(|g| {
-                let mut k = g.clone();
-                k.extend(chains.get(&g[0]).into_iter().flatten());
-                k
-            })
-            .collect()
-    };
+    let kernels = |groups: &[Vec<NodeId>]| kernel_members(groups, chains, column_sums);
     let mut owner: HashMap<NodeId, usize> = (kernels(groups).iter().enumerate())
         .flat_map(|(k, nodes)| nodes.iter().map(move |&n| (n, k)))
         .collect();
@@ -413,7 +619,8 @@ fn absorb_late_epilogues(
         };
         let mut trial = groups[p].clone();
         trial.extend(&chain);
-        if bindings(graph, &trial, ctx.live, &ctx.kept) > ctx.max_bindings {
+        let terms: Vec<NodeId> = terms_of(column_sums, trial[0]).collect();
+        if bindings_with(graph, &trial, &terms, ctx.live, &ctx.kept) > ctx.max_bindings {
             continue;
         }
         // Reading nothing computed but the host's values, it cannot close a cycle.
@@ -579,12 +786,22 @@ pub fn escaping(
     live: &BTreeSet<NodeId>,
     kept: &HashSet<NodeId>,
 ) -> Vec<NodeId> {
+    escaping_with(graph, group, &[], live, kept)
+}
+
+/// [`escaping`] for a kernel that also computes `terms` (that it sums over its tiles of rows):
+/// a value they alone read stays in registers.
+pub fn escaping_with(
+    graph: &Graph,
+    group: &[NodeId],
+    terms: &[NodeId],
+    live: &BTreeSet<NodeId>,
+    kept: &HashSet<NodeId>,
+) -> Vec<NodeId> {
     let read_outside = |n: NodeId| {
         kept.contains(&n)
-            || graph
-                .consumers(n)
-                .iter()
-                .any(|c| live.contains(c) && !group.contains(c))
+            || (graph.consumers(n).iter())
+                .any(|c| live.contains(c) && !group.contains(c) && !terms.contains(c))
     };
     group[..group.len() - 1]
         .iter()
@@ -858,6 +1075,18 @@ fn bindings(
     live: &BTreeSet<NodeId>,
     kept: &HashSet<NodeId>,
 ) -> usize {
+    bindings_with(graph, group, &[], live, kept)
+}
+
+/// [`bindings`] of a kernel that also sums `terms` over its tiles of rows: each binds the
+/// operands the group does not compute or bind, and a buffer for its sums.
+fn bindings_with(
+    graph: &Graph,
+    group: &[NodeId],
+    terms: &[NodeId],
+    live: &BTreeSet<NodeId>,
+    kept: &HashSet<NodeId>,
+) -> usize {
     let anchor_slots = graph.inputs_of(group[0]);
     // A reduction may compute its input as a prologue (decided after its group grows), binding
     // that input's operands instead of it: count them.
@@ -868,8 +1097,7 @@ fn bindings(
         _ => 0,
     };
     let inside: HashSet<NodeId> = group.iter().copied().collect();
-    let others: HashSet<NodeId> = group[1..]
-        .iter()
+    let others: HashSet<NodeId> = (group[1..].iter().chain(terms))
         .flat_map(|&n| graph.inputs_of(n))
         .filter(|i| !inside.contains(i) && !anchor_slots.contains(i))
         .collect();
@@ -877,7 +1105,8 @@ fn bindings(
         + prologue_slots
         + others.len()
         + 1
-        + escaping(graph, group, live, kept).len()
+        + escaping_with(graph, group, terms, live, kept).len()
+        + terms.len()
 }
 
 #[cfg(test)]

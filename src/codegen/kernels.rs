@@ -9,6 +9,7 @@
 //! Adding an op: an arm in [`emit`] (or in [`elementwise_expr`] for an element-wise op), and a
 //! template under `shaders/` when no existing one fits.
 
+use super::fusion::ColumnSum;
 use super::storage;
 use super::template::{self, Lib};
 use super::wgsl::{self, broadcast_index, broadcast_strides, strided_index, Binding};
@@ -75,6 +76,11 @@ const MATMUL_COLUMNS: template::Template = template::Template {
     name: "matmul_columns.wgsl",
     text: include_str!("../../shaders/matmul_columns.wgsl"),
 };
+/// Several layers' sums of column sums in one dispatch (see `reduce_layers`).
+const REDUCE_SUM_LAYERS: template::Template = template::Template {
+    name: "reduce_sum_layers.wgsl",
+    text: include_str!("../../shaders/reduce_sum_layers.wgsl"),
+};
 /// The register-blocked matmul template (not in `template`'s list: only this emitter uses it).
 const MATMUL_BLOCKED: template::Template = template::Template {
     name: "matmul_blocked.wgsl",
@@ -117,6 +123,9 @@ struct Builder<'g> {
     scope: String,
     /// Binding arrays: (index in `inputs` of the first buffer, buffers).
     arrays: Vec<(usize, usize)>,
+    /// Bound values whose buffer holds something else than the value (a term's column sums
+    /// per tile of rows, `fusion`'s column sums), with the shape it has: for the comments.
+    shapes: BTreeMap<NodeId, Vec<usize>>,
 }
 
 impl<'g> Builder<'g> {
@@ -131,6 +140,7 @@ impl<'g> Builder<'g> {
             helpers: vec![],
             scope: String::new(),
             arrays: vec![],
+            shapes: BTreeMap::new(),
         }
     }
 
@@ -230,9 +240,9 @@ impl<'g> Builder<'g> {
             Binding {
                 name: name.to_string(),
                 value: node.name.clone(),
-                shape: node.shape.clone(),
                 packed: self.half.get(&n).map(|h| h.name()),
                 count: 1,
+                shape: self.shapes.get(&n).unwrap_or(&node.shape).clone(),
             }
         };
         let mut inputs: Vec<Binding> = vec![];
@@ -334,6 +344,8 @@ pub(crate) struct Decisions<'p> {
     /// The device's one subgroup size, where kernels may use subgroup operations
     /// (`PlanOptions::subgroup_size`).
     pub subgroup_size: Option<u32>,
+    /// Terms that a product's kernel sums over each tile of its rows (see `fusion`), by term.
+    pub column_sums: &'p BTreeMap<NodeId, ColumnSum>,
 }
 
 /// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
@@ -1093,6 +1105,8 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     lines.push(format!("{indent}y[i] = {last};"));
     let (tile_m, tile_n) = shape.tile();
     let (tiles_m, tiles_n) = (m.div_ceil(tile_m), n.div_ceil(tile_n));
+    let sum_rows = row_tiles(graph, anchor, target, d.subgroup_size).unwrap_or(0);
+    let sums = column_sums(&mut b, group, d, shape, (sum_rows, n), indent, &mut lines)?;
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
     let summary = with_epilogue(graph, summary, group);
     let mut params = vec![
@@ -1116,6 +1130,8 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             ("WG_X", (tile_n / (4 * vb)).to_string()),
             ("WG_Y", (tile_m / (4 * vb)).to_string()),
             ("VB", vb.to_string()),
+            ("PARTS", sums.declarations()),
+            ("PARTS_STORE_LOOP", sums.store_loop()),
         ]),
         MatmulShape::Columns { rows, vecs, lanes } => {
             // With subgroups that the workgroup fills, each lane loads one of every SG values of
@@ -1157,8 +1173,10 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 // The bare product, stored a vec4 at a time where that is whole or nothing.
                 (
                     "STORE_VEC4",
-                    (plain && group.len() == 1 && n % 4 == 0).to_string(),
+                    (plain && group.len() == 1 && sums.decl.is_empty() && n % 4 == 0).to_string(),
                 ),
+                ("PARTS", sums.declarations()),
+                ("PARTS_STORE_LOOP", sums.store_loop()),
             ]);
         }
     }
@@ -1170,6 +1188,159 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         workgroups,
         summary,
     )
+}
+
+/// The declarations and stores of the terms that a product's kernel sums over each tile of
+/// its rows (`fusion`'s column sums), whose statements it appends to `lines`, the epilogue of
+/// output element `i`: each term from the group's values in registers (`v{k}`) and its other
+/// operands loaded at `i`, added to this invocation's sum of its rows of the element's column
+/// (`part{q}`), stored after the loop as its row of binding `ys{q}`, of `out` = (rows of sums,
+/// columns): one row per tile on the columns template, whose invocations own whole columns of
+/// a tile; one per row of invocations of a tile on the blocked template.
+fn column_sums(
+    b: &mut Builder,
+    group: &[NodeId],
+    d: &Decisions,
+    shape: MatmulShape,
+    (tiles, n): (usize, usize),
+    indent: &str,
+    lines: &mut Vec<String>,
+) -> Result<ColumnSumCode> {
+    let graph = b.graph;
+    let mut code = ColumnSumCode {
+        shape,
+        ..ColumnSumCode::default()
+    };
+    let terms = (d.column_sums.iter()).filter(|(_, c)| c.product == group[0] && c.tiles == tiles);
+    let (part, ty, row) = match shape {
+        MatmulShape::Columns { .. } => ("[ci][ei]", "array<vec4<f32>, VECS>", "row0 / ROWS"),
+        MatmulShape::Blocked { .. } => (
+            "[bj]",
+            "array<f32, BLOCK>",
+            "(row0 / TILE_M) * WG_Y + lid.y",
+        ),
+        MatmulShape::Tiled => ("", "", ""),
+    };
+    for (q, (&t, _)) in terms.enumerate() {
+        if part.is_empty() {
+            return Err(Error::gpu(
+                "the 16 x 16 matmul template sums no terms over its tiles (emitter bug)"
+                    .to_string(),
+            ));
+        }
+        let node = graph.node(t);
+        let mut args = vec![];
+        for (slot, &input) in graph.inputs_of(t).iter().enumerate() {
+            match group.iter().position(|&g| g == input) {
+                Some(k) => args.push(format!("v{k}")),
+                None => {
+                    let (line, value) = b.load(&format!("t{q}_{slot}"), input, &node.shape, indent);
+                    lines.push(line);
+                    args.push(value);
+                }
+            }
+        }
+        let expr = elementwise_expr(&node.op, node.dtype, &args, &mut b.libs)?;
+        lines.push(format!(
+            "{indent}part{q}{part} = part{q}{part} + ({expr}); {}",
+            node_comment(graph, t)
+        ));
+        let out = format!("ys{q}");
+        b.writes.push((out.clone(), t));
+        b.shapes.insert(t, vec![tiles, n]);
+        code.decl.push(format!(
+            "    // part{q}{part}: this invocation's sum over its rows of the column's {}\n    \
+             var part{q}: {ty};",
+            wgsl::comment_safe(&format!("'{}'", node.label))
+        ));
+        code.store
+            .push(format!("{out}[({row}) * N + col] = part{q}{part};"));
+    }
+    Ok(code)
+}
+
+/// What [`column_sums`] adds to a matmul template: declarations before the epilogue loop,
+/// stores of each column's sum after it.
+#[derive(Default)]
+struct ColumnSumCode {
+    shape: MatmulShape,
+    decl: Vec<String>,
+    store: Vec<String>,
+}
+
+impl ColumnSumCode {
+    /// The declarations, on lines of their own after the placeholder's (nothing when there
+    /// are none).
+    fn declarations(&self) -> String {
+        self.decl.iter().map(|d| format!("\n{d}")).collect()
+    }
+
+    /// The loop storing this invocation's column sums, on lines of its own after the
+    /// placeholder's (nothing when it has none).
+    fn store_loop(&self) -> String {
+        if self.store.is_empty() {
+            return String::new();
+        }
+        let (loops, col): (&[&str], &str) = match self.shape {
+            MatmulShape::Blocked { .. } => (
+                &["for (var bj = 0u; bj < BLOCK; bj = bj + 1u) {"],
+                "col0 + 4u * (lid.x + WG_X * (bj / 4u)) + bj % 4u",
+            ),
+            _ => (
+                &[
+                    "for (var ci = 0u; ci < VECS; ci = ci + 1u) {",
+                    "for (var ei = 0u; ei < 4u; ei = ei + 1u) {",
+                ],
+                "col0 + 4u * LANES * ci + ei",
+            ),
+        };
+        let pad = |depth: usize| "    ".repeat(depth);
+        let depth = loops.len() + 1;
+        let mut lines = vec![
+            String::new(),
+            "    // This invocation's sums of its columns over its rows, as its row of sums."
+                .into(),
+        ];
+        lines.extend(
+            loops
+                .iter()
+                .enumerate()
+                .map(|(d, l)| format!("{}{l}", pad(d + 1))),
+        );
+        lines.push(format!("{}let col = {col};", pad(depth)));
+        lines.push(format!("{}if col < N {{", pad(depth)));
+        lines.extend(
+            self.store
+                .iter()
+                .map(|st| format!("{}{st}", pad(depth + 1))),
+        );
+        lines.push(format!("{}}}", pad(depth)));
+        lines.extend((1..depth).rev().map(|d| format!("{}}}", pad(d))));
+        lines.join("\n")
+    }
+}
+
+/// The tiles of rows in which a product's kernel computes its `anchor`'s output, where its
+/// template can sum a term of each output element over a tile's rows (`fusion`'s column sums):
+/// 2-D products on the columns template (CPU targets; a row of sums per tile) or the blocked one
+/// (a row per row of invocations of a tile). None for the 16 x 16 template.
+pub(super) fn row_tiles(
+    graph: &Graph,
+    anchor: NodeId,
+    target: Target,
+    subgroup: Option<u32>,
+) -> Option<usize> {
+    let shape = graph.shape(anchor);
+    if !matches!(graph.node(anchor).op, Op::MatMul | Op::Gemm { .. }) || shape.len() != 2 {
+        return None;
+    }
+    match MatmulShape::choose(target, shape[0], shape[1], subgroup) {
+        MatmulShape::Columns { rows, .. } => Some(shape[0].div_ceil(rows)),
+        MatmulShape::Blocked { tile_m, vb, .. } => {
+            Some(shape[0].div_ceil(tile_m) * tile_m / (4 * vb))
+        }
+        MatmulShape::Tiled => None,
+    }
 }
 
 /// The element strides of each axis of a matmul operand in the memory of `src`, the value it
@@ -1210,9 +1381,10 @@ fn index_sum(terms: &[(&str, usize)]) -> String {
 }
 
 /// Which matmul template computes an `m` x `n` output, with its tile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum MatmulShape {
     /// `matmul.wgsl`: a 16 x 16 tile, one output per invocation (tiny products).
+    #[default]
     Tiled,
     /// `matmul_blocked.wgsl`: a `4 vb` x `4 vb` block per invocation, 256 invocations.
     Blocked {
@@ -1306,21 +1478,10 @@ fn columns_layout(n: usize, subgroup: Option<u32>) -> (usize, usize) {
     (vecs, lanes)
 }
 
-fn reduce(
-    graph: &Graph,
-    group: &[NodeId],
-    kind: Reduce,
-    axes: &[usize],
-    name: &str,
-    d: &Decisions,
-) -> Result<Emitted> {
-    let (max_wg, target, transposed) = (d.max_workgroups, d.target, d.transposed);
-    let n = group[0];
-    let node = graph.node(n);
-    let x_node = graph.inputs_of(n)[0];
-    let prologue = d.prologues.contains(&x_node);
-    let x_shape = graph.shape(x_node).to_vec();
-    let x_strides = strides(&x_shape);
+/// The helpers `row_base(row)` and `reduced_offset(t)` of a reduction of `x_shape` over `axes`:
+/// the offset in x of the first term of output `row`, and of its t-th term from there.
+fn reduce_index_helpers(x_shape: &[usize], axes: &[usize]) -> [String; 2] {
+    let x_strides = strides(x_shape);
     let (mut kept, mut kept_muls, mut red, mut red_muls) = (vec![], vec![], vec![], vec![]);
     for (d, (&e, &s)) in x_shape.iter().zip(&x_strides).enumerate() {
         if axes.contains(&d) {
@@ -1331,8 +1492,125 @@ fn reduce(
             kept_muls.push(s);
         }
     }
+    [
+        format!(
+            "// Offset in `x` of the first element summed into output `row`.\n\
+             fn row_base(row: u32) -> u32 {{\n    return {};\n}}",
+            strided_index("row", &kept, &kept_muls)
+        ),
+        format!(
+            "// Offset, from row_base, of the t-th of the R elements summed into one output.\n\
+             fn reduced_offset(t: u32) -> u32 {{\n    return {};\n}}",
+            strided_index("t", &red, &red_muls)
+        ),
+    ]
+}
+
+/// Several sums of the same shape over column sums per tile (`fusion`'s column sums), batched
+/// into one dispatch by `fusion`'s layer batches (`reduce_sum_layers.wgsl`): `group` holds each
+/// layer's sum and epilogue back to back, `starts` where each begins.
+fn reduce_layers(
+    graph: &Graph,
+    group: &[NodeId],
+    starts: &[usize],
+    name: &str,
+    d: &Decisions,
+) -> Result<Emitted> {
+    let layers: Vec<&[NodeId]> = (0..starts.len())
+        .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
+        .collect();
+    let first = graph.node(group[0]);
+    let xs: Vec<NodeId> = layers.iter().map(|l| graph.inputs_of(l[0])[0]).collect();
+    let sums: Vec<Option<&ColumnSum>> = xs.iter().map(|x| d.column_sums.get(x)).collect();
+    let (Op::Reduce { axes, keepdims, .. }, Some(Some(c))) = (&first.op, sums.first()) else {
+        return Err(Error::gpu(format!(
+            "kernel {name}: several layers but not sums of column sums (emitter bug)"
+        )));
+    };
+    let x_shape = vec![c.tiles, graph.shape(xs[0])[1]];
+    for (layer, (&x, sum)) in layers.iter().zip(xs.iter().zip(&sums)) {
+        let node = graph.node(layer[0]);
+        if node.op != first.op
+            || node.shape != first.shape
+            || sum.map(|s| s.tiles) != Some(c.tiles)
+            || graph.shape(x)[1] != x_shape[1]
+            || d.term_chains.contains_key(&layer[0])
+        {
+            return Err(Error::gpu(format!(
+                "kernel {name}: '{}' is not a sum of the first layer's shapes (emitter bug)",
+                node.label
+            )));
+        }
+    }
+    let mut b = Builder::new(graph, &NO_TRANSPOSES);
+    b.bind_array("x", &xs);
+    for &x in &xs {
+        b.shapes.insert(x, x_shape.clone());
+    }
+    b.helpers.extend(reduce_index_helpers(&x_shape, axes));
+    let what = "output element i, from its sum `acc`";
+    let finishes = layer_epilogues(&mut b, &layers, d, what, 8)?;
+    let summaries: Vec<String> = (layers.iter().zip(&xs))
+        .map(|(layer, &x)| {
+            let summary = format!(
+                "reduce_sum of the sums over tiles of rows of '{}' ({}) over axes {axes:?}{} -> {}",
+                graph.node(x).label,
+                shape_str(&x_shape),
+                if *keepdims { " (keepdims)" } else { "" },
+                shape_str(&graph.node(layer[0]).shape)
+            );
+            with_epilogue(graph, summary, layer)
+        })
+        .collect();
+    let rows = numel(&first.shape);
+    let groups = rows.div_ceil(64);
+    let workgroups = wgsl::grid(groups * layers.len(), d.max_workgroups, name)?;
+    let values = vec![
+        ("ROWS", rows.to_string()),
+        ("R", c.tiles.to_string()),
+        ("GRID_X", workgroups[0].to_string()),
+        ("GRID_Y", workgroups[1].to_string()),
+        ("GROUPS", groups.to_string()),
+        ("LAYERS", layers.len().to_string()),
+        ("FINISH_FNS", finishes.functions),
+        ("FINISH", finishes.cases),
+    ];
+    let out = *group.last().expect("groups are not empty");
+    let summary = layers_summary(summaries);
+    b.finish(REDUCE_SUM_LAYERS, name, out, values, workgroups, summary)
+}
+
+fn reduce(
+    graph: &Graph,
+    group: &[NodeId],
+    kind: Reduce,
+    axes: &[usize],
+    name: &str,
+    d: &Decisions,
+) -> Result<Emitted> {
+    let (max_wg, target, transposed) = (d.max_workgroups, d.target, d.transposed);
+    let starts: Vec<usize> = (0..group.len())
+        .filter(|&k| matches!(graph.node(group[k]).op, Op::Reduce { .. }))
+        .collect();
+    if starts.len() > 1 {
+        return reduce_layers(graph, group, &starts, name, d);
+    }
+    let n = group[0];
+    let node = graph.node(n);
+    let x_node = graph.inputs_of(n)[0];
+    // A term that a product's kernel summed over tiles of its rows (`fusion`'s column sums):
+    // the sum adds the tiles' sums of each column.
+    let tile_sums = d.column_sums.get(&x_node);
+    let prologue = tile_sums.is_none() && d.prologues.contains(&x_node);
+    let x_shape = match tile_sums {
+        Some(c) => vec![c.tiles, graph.shape(x_node)[1]],
+        None => graph.shape(x_node).to_vec(),
+    };
     let rows = numel(&node.shape);
-    let r = numel(&red);
+    let r: usize = (x_shape.iter().enumerate())
+        .filter(|(d, _)| axes.contains(d))
+        .map(|(_, &e)| e)
+        .product();
     // On a CPU target, sums over at most REDUCE_LANES_MAX terms take one invocation per
     // output and no barriers (reduce_sum_lanes.wgsl).
     let lanes = target == Target::Cpu
@@ -1359,12 +1637,27 @@ fn reduce(
             shape_str(&x_shape),
             lines.join("\n")
         )
+    } else if tile_sums.is_some() {
+        b.bind("x", x_node);
+        b.shapes.insert(x_node, x_shape.clone());
+        format!(
+            "// Element i of the sums of '{}' over each tile of rows of the product that computes\n\
+             // its terms (one row of sums per tile).\n\
+             fn x_get(i: u32) -> f32 {{\n    return x[i];\n}}",
+            wgsl::comment_safe(&graph.node(x_node).label)
+        )
     } else {
         b.bind("x", x_node);
         "// Element i of the reduced tensor.\nfn x_get(i: u32) -> f32 {\n    return x[i];\n}"
             .to_string()
     };
     b.helpers.push(x_get);
+    if tile_sums.is_some() && d.term_chains.contains_key(&n) {
+        return Err(Error::gpu(format!(
+            "kernel {name}: a sum of column sums per tile cannot compute a chain beside its \
+             terms (emitter bug)"
+        )));
+    }
     // The chain computed beside the terms (see `fusion`), at each term's index in x.
     let beside = match d.term_chains.get(&n).filter(|_| is_sum(&node.op)) {
         Some(chain) => {
@@ -1378,16 +1671,7 @@ fn reduce(
     if !lanes {
         b.libs.insert(Lib::WorkgroupReduce);
     }
-    b.helpers.push(format!(
-        "// Offset in `x` of the first element summed into output `row`.\n\
-         fn row_base(row: u32) -> u32 {{\n    return {};\n}}",
-        strided_index("row", &kept, &kept_muls)
-    ));
-    b.helpers.push(format!(
-        "// Offset, from row_base, of the t-th of the R elements summed into one output.\n\
-         fn reduced_offset(t: u32) -> u32 {{\n    return {};\n}}",
-        strided_index("t", &red, &red_muls)
-    ));
+    b.helpers.extend(reduce_index_helpers(&x_shape, axes));
     let keepdims = matches!(node.op, Op::Reduce { keepdims: true, .. });
     // The element transform applied before summing (or taking the maximum: a minimum is the
     // maximum of the negated terms, negated).
@@ -1576,50 +1860,17 @@ fn dora_norm(
         Some(h) => format!(", stored as {}", h.name()),
         None => String::new(),
     };
-    let (mut finish_fns, mut finishes, mut summaries) = (vec![], vec![], vec![]);
-    for (l, layer) in layers.iter().enumerate() {
-        b.scope = if layers.len() > 1 {
-            format!("l{l}_")
-        } else {
-            String::new()
-        };
-        let indent = "    ";
-        let mut lines = vec![format!(
-            "{indent}let v0 = acc; {}",
-            node_comment(graph, layer[0])
-        )];
-        let (more, last) = epilogue(&mut b, layer, indent, d.escapes)?;
-        lines.extend(more);
-        let out = if l + 1 == layers.len() {
-            "y".to_string()
-        } else {
-            let out = format!("{}y", b.scope);
-            b.writes.push((out.clone(), *layer.last().unwrap()));
-            out
-        };
-        lines.push(format!("{indent}{out}[i] = {last};"));
-        let label = wgsl::comment_safe(&graph.node(layer[0]).label);
-        finish_fns.push(format!(
-            "// The epilogue of '{label}' for output feature i, from its squared norm `acc`.\n\
-             fn {}finish(i: u32, acc: f32) {{\n{}\n}}",
-            b.scope,
-            lines.join("\n")
-        ));
-        finishes.push(format!(
-            "{0:finish_indent$}case {l}u: {{\n{0:finish_indent$}    {1}finish(i, acc);\n{0:finish_indent$}}}",
-            "", b.scope
-        ));
-        summaries.push(with_epilogue(
-            graph,
-            norm_summary(graph, layer[0], p),
-            layer,
-        ));
-    }
-    b.scope.clear();
-    let summary = match summaries.len() {
-        1 => summaries.remove(0),
-        k => format!("{k} layers: {}", summaries.join("; ")),
-    };
+    let finishes = layer_epilogues(
+        &mut b,
+        &layers,
+        d,
+        "output feature i, from its squared norm `acc`",
+        finish_indent,
+    )?;
+    let summaries: Vec<String> = (layers.iter())
+        .map(|layer| with_epilogue(graph, norm_summary(graph, layer[0], p), layer))
+        .collect();
+    let summary = layers_summary(summaries);
     // The kernel's shape: workgroups per layer and its own constants.
     let (template, groups, shape) = match kind {
         NormKernel::Columns(sg) => {
@@ -1680,8 +1931,8 @@ fn dora_norm(
         ("WV", wv),
         ("LAYER_BUFFERS", layer_buffers),
         ("W_NOTE", w_note),
-        ("FINISH_FNS", finish_fns.join("\n\n")),
-        ("FINISH", finishes.join("\n")),
+        ("FINISH_FNS", finishes.functions),
+        ("FINISH", finishes.cases),
     ];
     values.extend(shape);
     b.finish(
@@ -1692,6 +1943,74 @@ fn dora_norm(
         workgroups,
         summary,
     )
+}
+
+/// The epilogues of a kernel computing several layers at once (`fusion`'s layer batches), each
+/// a function `l{l}_finish(i, acc)` on bindings of its own (`finish(i, acc)` for one layer),
+/// and the `switch layer` cases (indented by `indent`) that call them.
+struct LayerEpilogues {
+    functions: String,
+    cases: String,
+}
+
+/// Renders [`LayerEpilogues`] for `layers` (each an anchor and its epilogue): each turns the
+/// anchor's value `acc` at output element `i` (`what` says which) into its stored value; the
+/// last layer's goes to `y`, the others' are written beside it.
+fn layer_epilogues(
+    b: &mut Builder,
+    layers: &[&[NodeId]],
+    d: &Decisions,
+    what: &str,
+    indent: usize,
+) -> Result<LayerEpilogues> {
+    let graph = b.graph;
+    let (mut functions, mut cases) = (vec![], vec![]);
+    for (l, layer) in layers.iter().enumerate() {
+        b.scope = if layers.len() > 1 {
+            format!("l{l}_")
+        } else {
+            String::new()
+        };
+        let pad = "    ";
+        let mut lines = vec![format!(
+            "{pad}let v0 = acc; {}",
+            node_comment(graph, layer[0])
+        )];
+        let (more, last) = epilogue(b, layer, pad, d.escapes)?;
+        lines.extend(more);
+        let out = if l + 1 == layers.len() {
+            "y".to_string()
+        } else {
+            let out = format!("{}y", b.scope);
+            b.writes.push((out.clone(), *layer.last().unwrap()));
+            out
+        };
+        lines.push(format!("{pad}{out}[i] = {last};"));
+        let label = wgsl::comment_safe(&graph.node(layer[0]).label);
+        functions.push(format!(
+            "// The epilogue of '{label}' for {what}.\n\
+             fn {}finish(i: u32, acc: f32) {{\n{}\n}}",
+            b.scope,
+            lines.join("\n")
+        ));
+        cases.push(format!(
+            "{0:indent$}case {l}u: {{\n{0:indent$}    {1}finish(i, acc);\n{0:indent$}}}",
+            "", b.scope
+        ));
+    }
+    b.scope.clear();
+    Ok(LayerEpilogues {
+        functions: functions.join("\n\n"),
+        cases: cases.join("\n"),
+    })
+}
+
+/// A kernel's summary from its layers' (`k layers: ...` for several).
+fn layers_summary(mut summaries: Vec<String>) -> String {
+    match summaries.len() {
+        1 => summaries.remove(0),
+        k => format!("{k} layers: {}", summaries.join("; ")),
+    }
 }
 
 /// The DoRA norm templates, by the adapter they suit (see `dora_norm`).

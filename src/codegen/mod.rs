@@ -28,7 +28,7 @@ mod wgsl;
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Half, NodeId, Op};
-use crate::tensor::shape_str;
+use crate::tensor::{numel, shape_str};
 pub use fusion::Fusion;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -343,27 +343,27 @@ pub fn plan_grouped(
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let live = schedule::live(graph);
     let groups = std::mem::take(&mut fusion.groups);
-    let groups = check_groups(
-        graph,
-        groups,
-        &fusion,
-        &live,
-        &position,
-        options.max_bindings,
-    )?;
+    let groups = check_groups(graph, groups, &fusion, &live, &position, options)?;
     let Fusion {
         operand_transposes: transposed,
         reduce_prologues: prologues,
         term_chains,
         row_pitch: pitch,
+        column_sums,
         ..
     } = fusion;
     let half = storage::half_stored(graph, &transposed, &live);
     let kept = fusion::kept(graph);
-    let escapes: BTreeSet<NodeId> = groups
-        .iter()
-        .chain(term_chains.values())
-        .flat_map(|g| fusion::escaping(graph, g, &live, &kept))
+    let escapes: BTreeSet<NodeId> = (groups.iter())
+        .flat_map(|g| {
+            let terms: Vec<NodeId> = fusion::terms_of(&column_sums, g[0]).collect();
+            fusion::escaping_with(graph, g, &terms, &live, &kept)
+        })
+        .chain(
+            term_chains
+                .values()
+                .flat_map(|g| fusion::escaping(graph, g, &live, &kept)),
+        )
         .collect();
 
     let mut plan = Plan::default();
@@ -405,11 +405,19 @@ pub fn plan_grouped(
             Op::Const(_) => BufferRole::Const(n),
             _ => BufferRole::Intermediate,
         };
+        // A term summed per tile of rows holds one row of column sums per tile.
+        let (name, shape) = match column_sums.get(&n) {
+            Some(c) => (
+                format!("{}/tile_sums", node.name),
+                vec![c.tiles, node.shape[1]],
+            ),
+            None => (node.name.clone(), node.shape.clone()),
+        };
         plan.node_buffers.insert(n, plan.buffers.len());
         plan.buffers.push(BufferSpec {
-            name: node.name.clone(),
-            shape: node.shape.clone(),
-            len: node.numel(),
+            name,
+            len: numel(&shape),
+            shape,
             role,
             half: half.get(&n).copied(),
             row_pitch: pitch.get(&n).copied(),
@@ -439,6 +447,7 @@ pub fn plan_grouped(
         max_workgroups: options.max_workgroups_per_dim,
         target: options.target,
         subgroup_size: options.subgroup_size,
+        column_sums: &column_sums,
     };
     // Kernels that differ only in comments (names) are validated once.
     let mut validated = HashSet::new();
@@ -451,6 +460,7 @@ pub fn plan_grouped(
         let last = *group.last().expect("groups are not empty");
         let mut nodes = group;
         nodes.extend(term_chains.get(&nodes[0]).into_iter().flatten());
+        nodes.extend(fusion::terms_of(&column_sums, nodes[0]));
         plan.kernels.push(Kernel {
             name,
             summary: emitted.summary,
@@ -630,8 +640,9 @@ fn check_groups(
     fusion: &Fusion,
     live: &BTreeSet<NodeId>,
     position: &HashMap<NodeId, usize>,
-    max_bindings: usize,
+    options: &PlanOptions,
 ) -> Result<Vec<Vec<NodeId>>> {
+    let max_bindings = options.max_bindings;
     let (transposed, prologues) = (&fusion.operand_transposes, &fusion.reduce_prologues);
     let term_chains = &fusion.term_chains;
     let bad = |m: String| Err(Error::graph(format!("kernel groups: {m}")));
@@ -740,15 +751,51 @@ fn check_groups(
             }
         }
     }
+    for (&t, sum) in &fusion.column_sums {
+        if !graph.contains(t) || !graph.contains(sum.product) {
+            return bad(format!(
+                "column sums of node {} out of the graph",
+                t.index()
+            ));
+        }
+        let product = groups.iter().find(|g| g[0] == sum.product);
+        let readers: Vec<NodeId> = (graph.consumers(t).into_iter())
+            .filter(|c| live.contains(c))
+            .collect();
+        let summed = matches!(readers.as_slice(), [r] if kernels::is_sum(&graph.node(*r).op)
+            && matches!(&graph.node(*r).op, Op::Reduce { axes, .. } if axes.as_slice() == [0])
+            && groups.iter().any(|g| g.contains(r)));
+        let shape = graph.shape(t);
+        let tiles = kernels::row_tiles(graph, sum.product, options.target, options.subgroup_size);
+        let fits = product.is_some_and(|g| {
+            graph.inputs_of(t).iter().any(|i| g.contains(i))
+                && !g.contains(&t)
+                && graph.shape(g[0]) == shape
+        }) && summed
+            && kernels::is_elementwise(&graph.node(t).op)
+            && !kept.contains(&t)
+            && tiles == Some(sum.tiles)
+            && !seen.contains(&t)
+            && !prologues.contains(&t)
+            && !transposed.contains(&t);
+        if !fits {
+            return bad(format!(
+                "the product '{}' cannot sum '{}' over its tiles of rows for the sum reading it",
+                graph.node(sum.product).label,
+                graph.node(t).label
+            ));
+        }
+    }
     if let Some(&n) = live.iter().find(|&&n| {
         has_kernel(&graph.node(n).op)
             && !seen.contains(&n)
             && !transposed.contains(&n)
             && !prologues.contains(&n)
+            && !fusion.column_sums.contains_key(&n)
     }) {
         return bad(format!("node '{}' is in no group", graph.node(n).label));
     }
-    execution_order(graph, groups, term_chains, position)
+    execution_order(graph, groups, fusion, position)
 }
 
 /// The groups in the order their kernels run: each after the kernels that compute what it
@@ -761,17 +808,10 @@ fn check_groups(
 fn execution_order(
     graph: &Graph,
     groups: Vec<Vec<NodeId>>,
-    term_chains: &BTreeMap<NodeId, Vec<NodeId>>,
+    fusion: &Fusion,
     position: &HashMap<NodeId, usize>,
 ) -> Result<Vec<Vec<NodeId>>> {
-    // Each kernel's nodes: its group, and the chain it computes beside a sum's terms.
-    let members: Vec<Vec<NodeId>> = groups
-        .iter()
-        .map(|g| {
-            let chain = term_chains.get(&g[0]).into_iter().flatten();
-            g.iter().chain(chain).copied().collect()
-        })
-        .collect();
+    let members = fusion::kernel_members(&groups, &fusion.term_chains, &fusion.column_sums);
     // The groups whose values group g reads: through views, transposes read in place and
     // reduction prologues, which have no kernel, to the kernels that computed their sources.
     let needs = fusion::kernel_needs(graph, &members);
@@ -836,7 +876,10 @@ fn kernel_name(graph: &Graph, index: usize, group: &[NodeId]) -> String {
     let first_op = &graph.node(group[0]).op;
     let layers = group
         .iter()
-        .filter(|&&n| matches!(first_op, Op::DoraNormSq(_)) && graph.node(n).op == *first_op)
+        .filter(|&&n| {
+            matches!(first_op, Op::DoraNormSq(_) | Op::Reduce { .. })
+                && graph.node(n).op == *first_op
+        })
         .count();
     let first_layer = group[1..]
         .iter()
