@@ -259,7 +259,20 @@ fn dora_training_steps_fused_match_unfused() {
         ("target".to_string(), random(&[2, 5, 8], &mut rng)),
     ]
     .into();
-    training_steps_fused_match_unfused("mlp3d", |a| with_adapter("mlp3d", a), &batch);
+    let plans = training_steps_fused_match_unfused("mlp3d", |a| with_adapter("mlp3d", a), &batch);
+    assert_magnitude_sums_per_tile(&plans);
+}
+
+/// On a CPU target, each DoRA plan sums its magnitude gradients per tile of rows.
+fn assert_magnitude_sums_per_tile(plans: &[Plan]) {
+    if gpu().plan_options().target == codegen::Target::Cpu {
+        for plan in plans {
+            let sums = (plan.buffers.iter())
+                .filter(|b| b.name.ends_with("/tile_sums"))
+                .count();
+            assert!(sums >= 2, "no magnitude gradient summed per tile:\n{plan}");
+        }
+    }
 }
 
 /// The same on a 2-D MLP at a batch of 37 rows: on a CPU target each layer's magnitude
@@ -284,14 +297,7 @@ fn dora_training_steps_with_column_sums_fused_match_unfused() {
     ]
     .into();
     let plans = training_steps_fused_match_unfused("mlp2d", graph, &batch);
-    if gpu().plan_options().target == codegen::Target::Cpu {
-        for plan in &plans {
-            let sums = (plan.buffers.iter())
-                .filter(|b| b.name.ends_with("/tile_sums"))
-                .count();
-            assert!(sums >= 2, "no magnitude gradient summed per tile:\n{plan}");
-        }
-    }
+    assert_magnitude_sums_per_tile(&plans);
 }
 
 #[test]
@@ -546,17 +552,18 @@ fn a_view_passes_a_chain_on() {
 /// over rows of `y * u` (kept dims), `mm - y` (two values of the product's kernel), and of
 /// `mm2 * mm` for a second product `mm2` (an output too, so that its term is left to the sum
 /// as it loads), of the same op as the first: (graph, [mm, mm2, the three terms, s2]).
-fn column_sums_graph(m: usize, k: usize, n: usize) -> (Graph, [NodeId; 6]) {
+fn column_sums_graph(rows: &[usize], k: usize, n: usize) -> (Graph, [NodeId; 6]) {
+    let dims = |last: usize| [rows, &[last]].concat();
     let mut g = GraphBuilder::new();
-    let x = g.add_input("x", vec![m, k]);
+    let x = g.add_input("x", dims(k));
     let w = g.add_input("w", vec![k, n]);
-    let u = g.add_input("u", vec![m, n]);
+    let u = g.add_input("u", dims(n));
     let mm = g.add(Op::MatMul, &[x, w], "mm", "mm").unwrap();
     let relu = g.add(Op::Unary(unary::RELU), &[mm], "y", "relu").unwrap();
     let sum = |g: &mut GraphBuilder, t: NodeId, name: &str| {
         let op = Op::Reduce {
             kind: dorac::ir::Reduce::Sum,
-            axes: vec![0],
+            axes: (0..rows.len()).collect(),
             keepdims: name.starts_with("s_kept"),
         };
         g.add(op, &[t], name, name).unwrap()
@@ -591,7 +598,8 @@ fn column_sums_graph(m: usize, k: usize, n: usize) -> (Graph, [NodeId; 6]) {
 /// plan against the f64 reference.
 fn check_column_sums(graph: &Graph, nodes: [NodeId; 6], plan: &Plan, rows: usize, arrays: bool) {
     let [mm, mm2, by_u, both, by_mm, _] = nodes;
-    let n = graph.shape(mm)[1];
+    let shape = graph.shape(mm).to_vec();
+    let n = *shape.last().unwrap();
     let sums: Vec<&codegen::BufferSpec> = (plan.buffers.iter())
         .filter(|b| b.name.ends_with("/tile_sums"))
         .collect();
@@ -608,12 +616,13 @@ fn check_column_sums(graph: &Graph, nodes: [NodeId; 6], plan: &Plan, rows: usize
         assert!(first.nodes.contains(&by_u) && first.nodes.contains(&both));
         assert_eq!(plan.kernels.len(), if arrays { 4 } else { 5 }, "{plan}");
     }
-    let (m, k) = (graph.shape(mm)[0], graph.shape(graph.inputs_of(mm)[0])[1]);
+    let x_shape = graph.shape(graph.inputs_of(mm)[0]).to_vec();
+    let k = *x_shape.last().unwrap();
     let mut rng = Rng::new(21);
     let shapes = [
-        ("x", vec![m, k]),
+        ("x", x_shape),
         ("w", vec![k, n]),
-        ("u", vec![m, n]),
+        ("u", shape.clone()),
         ("w2", vec![k, n]),
     ];
     let feeds: BTreeMap<String, Array> = shapes
@@ -628,7 +637,7 @@ fn check_column_sums(graph: &Graph, nodes: [NodeId; 6], plan: &Plan, rows: usize
     for name in outputs {
         let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
         let err = relative_error(&got, &want[name].data);
-        assert!(err < 1e-5, "{m} x {n}, {name}: relative error {err:e}");
+        assert!(err < 1e-5, "{shape:?}, {name}: relative error {err:e}");
     }
 }
 
@@ -637,17 +646,22 @@ fn check_column_sums(graph: &Graph, nodes: [NodeId; 6], plan: &Plan, rows: usize
 /// each column's terms over its rows and writes a row of sums per tile of rows (the CPU
 /// template) or per row of invocations (the blocked one), and the sum adds those. 37 x 50 (on
 /// the CPU template three tiles of 16, the last partial, and columns not a multiple of 4; on
-/// the portable plan, the 16 x 16 template, which sums nothing) and 70 x 80 (two 64 x 64
-/// blocked tiles of 16 rows of invocations). The values match the f64 reference and the
-/// unfused plans.
+/// the portable plan, the 16 x 16 template, which sums nothing), 70 x 80 (two 64 x 64 blocked
+/// tiles of 16 rows of invocations) and 2 x 21 x 50 (a batch of two matrices, summed over both
+/// leading axes: two tiles each). The values match the f64 reference and the unfused plans.
 #[test]
 fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
     let device = gpu().plan_options();
     let cpu = device.target == codegen::Target::Cpu;
-    for (m, n, portable_rows) in [(37, 50, 0), (70, 80, 32)] {
-        let (g, nodes) = column_sums_graph(m, 24, n);
+    for (lead, n, portable_rows) in [(&[37][..], 50, 0), (&[70], 80, 32), (&[2, 21], 50, 0)] {
+        let (g, nodes) = column_sums_graph(lead, 24, n);
         let plan = codegen::plan_with(&g, &device).unwrap();
-        let rows = if cpu { m.div_ceil(16) } else { portable_rows };
+        let m = lead.last().unwrap();
+        let rows = if cpu {
+            lead[..lead.len() - 1].iter().product::<usize>() * m.div_ceil(16)
+        } else {
+            portable_rows
+        };
         check_column_sums(&g, nodes, &plan, rows, device.binding_arrays);
         let portable = codegen::plan(&g).unwrap();
         check_column_sums(&g, nodes, &portable, portable_rows, false);
@@ -661,7 +675,7 @@ fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
         binding_arrays: true,
         ..PlanOptions::default()
     };
-    let (g, [mm, _, _, _, _, s2]) = column_sums_graph(37, 24, 50);
+    let (g, [mm, _, _, _, _, s2]) = column_sums_graph(&[37], 24, 50);
     let pinned = codegen::plan_with(&g, &cpu).unwrap();
     let kernel = |plan: &Plan, n: NodeId| {
         let k = plan.kernels.iter().find(|k| k.nodes.contains(&n));
@@ -669,7 +683,7 @@ fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
     };
     insta::assert_snapshot!("column_sums_product", kernel(&pinned, mm));
     insta::assert_snapshot!("column_sums_batched", kernel(&pinned, s2));
-    let (g, [mm, ..]) = column_sums_graph(70, 24, 80);
+    let (g, [mm, ..]) = column_sums_graph(&[70], 24, 80);
     let portable = codegen::plan(&g).unwrap();
     insta::assert_snapshot!("column_sums_blocked", kernel(&portable, mm));
 }

@@ -416,7 +416,7 @@ fn host_column_sums(
         };
         let x = graph.inputs_of(sum)[0];
         let shape = graph.shape(x);
-        if !is_sum(op) || axes.as_slice() != [0] || shape.len() != 2 || !prologues.contains(&x) {
+        if !is_sum(op) || !over_rows(axes, shape) || !prologues.contains(&x) {
             continue;
         }
         let operands = graph.inputs_of(x);
@@ -463,6 +463,12 @@ fn host_column_sums(
         prologues.remove(x);
     }
     sums
+}
+
+/// True when a sum over `axes` of a tensor of `shape` adds up its rows: every axis but the last
+/// (a matrix's rows, or a batch of them: the tokens of `[batch, seq, features]`).
+pub(super) fn over_rows(axes: &[usize], shape: &[usize]) -> bool {
+    shape.len() >= 2 && axes.iter().copied().eq(0..shape.len() - 1)
 }
 
 /// True when `v` is a node of `group`, or is reached from one through nodes that no kernel

@@ -1213,11 +1213,15 @@ fn column_sums(
     };
     let terms = (d.column_sums.iter()).filter(|(_, c)| c.product == group[0] && c.tiles == tiles);
     let (part, ty, row) = match shape {
-        MatmulShape::Columns { .. } => ("[ci][ei]", "array<vec4<f32>, VECS>", "row0 / ROWS"),
+        MatmulShape::Columns { .. } => (
+            "[ci][ei]",
+            "array<vec4<f32>, VECS>",
+            "batch * TILES_M + row0 / ROWS",
+        ),
         MatmulShape::Blocked { .. } => (
             "[bj]",
             "array<f32, BLOCK>",
-            "(row0 / TILE_M) * WG_Y + lid.y",
+            "(batch * TILES_M + row0 / TILE_M) * WG_Y + lid.y",
         ),
         MatmulShape::Tiled => ("", "", ""),
     };
@@ -1331,13 +1335,16 @@ pub(super) fn row_tiles(
     subgroup: Option<u32>,
 ) -> Option<usize> {
     let shape = graph.shape(anchor);
-    if !matches!(graph.node(anchor).op, Op::MatMul | Op::Gemm { .. }) || shape.len() != 2 {
+    let r = shape.len();
+    if !matches!(graph.node(anchor).op, Op::MatMul | Op::Gemm { .. }) || r < 2 {
         return None;
     }
-    match MatmulShape::choose(target, shape[0], shape[1], subgroup) {
-        MatmulShape::Columns { rows, .. } => Some(shape[0].div_ceil(rows)),
+    // Output matrices of `m` rows, `batch` of them (a MatMul's batch dims lead its output).
+    let (batch, m) = (numel(&shape[..r - 2]), shape[r - 2]);
+    match MatmulShape::choose(target, m, shape[r - 1], subgroup) {
+        MatmulShape::Columns { rows, .. } => Some(batch * m.div_ceil(rows)),
         MatmulShape::Blocked { tile_m, vb, .. } => {
-            Some(shape[0].div_ceil(tile_m) * tile_m / (4 * vb))
+            Some(batch * m.div_ceil(tile_m) * tile_m / (4 * vb))
         }
         MatmulShape::Tiled => None,
     }
@@ -1522,18 +1529,18 @@ fn reduce_layers(
     let first = graph.node(group[0]);
     let xs: Vec<NodeId> = layers.iter().map(|l| graph.inputs_of(l[0])[0]).collect();
     let sums: Vec<Option<&ColumnSum>> = xs.iter().map(|x| d.column_sums.get(x)).collect();
-    let (Op::Reduce { axes, keepdims, .. }, Some(Some(c))) = (&first.op, sums.first()) else {
+    let (Op::Reduce { keepdims, .. }, Some(Some(c))) = (&first.op, sums.first()) else {
         return Err(Error::gpu(format!(
             "kernel {name}: several layers but not sums of column sums (emitter bug)"
         )));
     };
-    let x_shape = vec![c.tiles, graph.shape(xs[0])[1]];
+    let x_shape = vec![c.tiles, *graph.shape(xs[0]).last().unwrap_or(&1)];
     for (layer, (&x, sum)) in layers.iter().zip(xs.iter().zip(&sums)) {
         let node = graph.node(layer[0]);
         if node.op != first.op
             || node.shape != first.shape
             || sum.map(|s| s.tiles) != Some(c.tiles)
-            || graph.shape(x)[1] != x_shape[1]
+            || graph.shape(x).last() != x_shape.last()
             || d.term_chains.contains_key(&layer[0])
         {
             return Err(Error::gpu(format!(
@@ -1547,13 +1554,14 @@ fn reduce_layers(
     for &x in &xs {
         b.shapes.insert(x, x_shape.clone());
     }
-    b.helpers.extend(reduce_index_helpers(&x_shape, axes));
+    // The rows of sums are added over their one leading axis.
+    b.helpers.extend(reduce_index_helpers(&x_shape, &[0]));
     let what = "output element i, from its sum `acc`";
     let finishes = layer_epilogues(&mut b, &layers, d, what, 8)?;
     let summaries: Vec<String> = (layers.iter().zip(&xs))
         .map(|(layer, &x)| {
             let summary = format!(
-                "reduce_sum of the sums over tiles of rows of '{}' ({}) over axes {axes:?}{} -> {}",
+                "reduce_sum of the sums over tiles of rows of '{}' ({}) over axes [0]{} -> {}",
                 graph.node(x).label,
                 shape_str(&x_shape),
                 if *keepdims { " (keepdims)" } else { "" },
@@ -1602,9 +1610,12 @@ fn reduce(
     // the sum adds the tiles' sums of each column.
     let tile_sums = d.column_sums.get(&x_node);
     let prologue = tile_sums.is_none() && d.prologues.contains(&x_node);
-    let x_shape = match tile_sums {
-        Some(c) => vec![c.tiles, graph.shape(x_node)[1]],
-        None => graph.shape(x_node).to_vec(),
+    let (x_shape, axes) = match tile_sums {
+        Some(c) => (
+            vec![c.tiles, *graph.shape(x_node).last().unwrap_or(&1)],
+            &[0][..],
+        ),
+        None => (graph.shape(x_node).to_vec(), axes),
     };
     let rows = numel(&node.shape);
     let r: usize = (x_shape.iter().enumerate())

@@ -409,7 +409,7 @@ pub fn plan_grouped(
         let (name, shape) = match column_sums.get(&n) {
             Some(c) => (
                 format!("{}/tile_sums", node.name),
-                vec![c.tiles, node.shape[1]],
+                vec![c.tiles, *node.shape.last().unwrap_or(&1)],
             ),
             None => (node.name.clone(), node.shape.clone()),
         };
@@ -763,7 +763,8 @@ fn check_groups(
             .filter(|c| live.contains(c))
             .collect();
         let summed = matches!(readers.as_slice(), [r] if kernels::is_sum(&graph.node(*r).op)
-            && matches!(&graph.node(*r).op, Op::Reduce { axes, .. } if axes.as_slice() == [0])
+            && matches!(&graph.node(*r).op, Op::Reduce { axes, .. }
+                if fusion::over_rows(axes, graph.shape(t)))
             && groups.iter().any(|g| g.contains(r)));
         let shape = graph.shape(t);
         let tiles = kernels::row_tiles(graph, sum.product, options.target, options.subgroup_size);
