@@ -426,11 +426,16 @@ fn host_column_sums(
             else {
                 continue;
             };
-            let inside = |o: &NodeId| product.contains(o);
-            let read_in_registers = operands.iter().filter(|o| inside(o));
-            if graph.shape(anchor) != shape
+            // The term's operands that the kernel has in registers (through views that keep
+            // the flat order: a reshape between `[batch, seq, n]` and `[tokens, n]`), at the
+            // same flat index as the term's element when they hold as many elements.
+            let inside = |o: &NodeId| product.contains(&through_views(graph, *o));
+            let alike = |n: NodeId| {
+                graph.node(n).numel() == numel(shape) && graph.shape(n).last() == shape.last()
+            };
+            if !alike(anchor)
                 || operands.iter().all(|o| !inside(o))
-                || read_in_registers.clone().any(|&o| graph.shape(o) != shape)
+                || operands.iter().any(|&o| inside(&o) && !alike(o))
                 || (operands.iter())
                     .any(|&o| !inside(&o) && reaches_without_kernel(graph, o, product, no_kernel))
             {
@@ -463,6 +468,15 @@ fn host_column_sums(
         prologues.remove(x);
     }
     sums
+}
+
+/// The value `n` passes on through views (reshapes, StopGradient, casts to f32: the same
+/// elements in the same flat order): the first node up its inputs that is not a view.
+pub(super) fn through_views(graph: &Graph, mut n: NodeId) -> NodeId {
+    while graph.node(n).op.is_view() {
+        n = graph.inputs_of(n)[0];
+    }
+    n
 }
 
 /// True when a sum over `axes` of a tensor of `shape` adds up its rows: every axis but the last
@@ -609,21 +623,36 @@ fn absorb_late_epilogues(
             needs.extend(needs_of(n, &owner).into_iter().filter(|&k| k != c));
         }
         let n = chain[0];
+        // The host computes the value `n` reads, or one that views pass on to it (a reshape
+        // between `[batch, seq, n]` and `[tokens, n]`): the views then join the kernel too,
+        // passing the value on in registers.
         let host = graph.inputs_of(n).into_iter().find_map(|i| {
-            let &p = owner.get(&i)?;
+            let source = through_views(graph, i);
+            let &p = owner.get(&source)?;
             let anchor = graph.node(groups[p][0]);
+            let mut views = vec![];
+            let mut v = i;
+            while v != source {
+                views.push(v);
+                v = graph.inputs_of(v)[0];
+            }
+            views.reverse();
             let hosts = !absorbed[p]
                 && p != c
                 && takes_epilogue(&anchor.op)
                 && !matches!(anchor.op, Op::DoraNormSq(_))
                 && !chains.contains_key(&groups[p][0])
-                && anchor.numel() == numel_of(n);
-            hosts.then_some(p)
+                && anchor.numel() == numel_of(n)
+                && views
+                    .iter()
+                    .all(|v| !owner.contains_key(v) || groups[p].contains(v));
+            hosts.then_some((p, views))
         });
-        let Some(p) = host else {
+        let Some((p, views)) = host else {
             continue;
         };
         let mut trial = groups[p].clone();
+        trial.extend(views.iter().filter(|v| !groups[p].contains(v)));
         trial.extend(&chain);
         let terms: Vec<NodeId> = terms_of(column_sums, trial[0]).collect();
         if bindings_with(graph, &trial, &terms, ctx.live, &ctx.kept) > ctx.max_bindings {
@@ -641,12 +670,12 @@ fn absorb_late_epilogues(
                 continue;
             }
         }
+        for &n in trial[groups[p].len()..].iter() {
+            owner.insert(n, p);
+        }
         groups[p] = trial;
         groups[c].clear();
         absorbed[c] = true;
-        for n in chain {
-            owner.insert(n, p);
-        }
     }
     groups.retain(|g| !g.is_empty());
 }

@@ -1235,7 +1235,8 @@ fn column_sums(
         let node = graph.node(t);
         let mut args = vec![];
         for (slot, &input) in graph.inputs_of(t).iter().enumerate() {
-            match group.iter().position(|&g| g == input) {
+            let source = super::fusion::through_views(graph, input);
+            match group.iter().position(|&g| g == source) {
                 Some(k) => args.push(format!("v{k}")),
                 None => {
                     let (line, value) = b.load(&format!("t{q}_{slot}"), input, &node.shape, indent);

@@ -769,9 +769,11 @@ fn check_groups(
         let shape = graph.shape(t);
         let tiles = kernels::row_tiles(graph, sum.product, options.target, options.subgroup_size);
         let fits = product.is_some_and(|g| {
-            graph.inputs_of(t).iter().any(|i| g.contains(i))
+            let anchor = graph.node(g[0]);
+            (graph.inputs_of(t).iter()).any(|&i| g.contains(&fusion::through_views(graph, i)))
                 && !g.contains(&t)
-                && graph.shape(g[0]) == shape
+                && anchor.numel() == numel(shape)
+                && anchor.shape.last() == shape.last()
         }) && summed
             && kernels::is_elementwise(&graph.node(t).op)
             && !kept.contains(&t)
