@@ -389,14 +389,14 @@ fn batch_layers<K: PartialEq>(
     }
 }
 
-/// Hands each sum over the rows of a matrix to the product whose kernel can sum its terms per
-/// tile of rows (module docs: *column sums*), taking the terms out of `prologues`. A term (a
-/// reduction prologue of the matrix's shape) qualifies when it reads a value of the product's
-/// group of the same shape, the product is 2-D on a template that sums tiles ([`row_tiles`]),
-/// its other operands are loaded (none is a value of the group reached through nodes without a
-/// kernel, which the kernel would read as it writes it), the kernel stays within
-/// `max_bindings`, and no kernel would then need, directly or through others, a value it
-/// computes itself.
+/// Hands each sum over the rows of a matrix (or a batch of them) to the product whose kernel
+/// can sum its terms per tile of rows (module docs: *column sums*), taking the terms out of
+/// `prologues`. A term (a reduction prologue) qualifies when it reads a value of the product's
+/// group, directly or through views, with its element count and row length, as the product's
+/// output has; the product's template sums tiles ([`row_tiles`]); its other operands are loaded
+/// (none is a value of the group reached through nodes without a kernel, which the kernel would
+/// read as it writes it); the kernel stays within `max_bindings`; and no kernel would then need,
+/// directly or through others, a value it computes itself.
 fn host_column_sums(
     ctx: &Context,
     groups: &[Vec<NodeId>],
@@ -528,7 +528,8 @@ fn host_term_chains(
         for h in 0..groups.len() {
             let host = &groups[h];
             // A sum of column sums loads them, not the terms a chain would share.
-            let sums_tiles = column_sums.contains_key(&graph.inputs_of(host[0])[0]);
+            let sums_tiles =
+                (graph.inputs_of(host[0]).first()).is_some_and(|x| column_sums.contains_key(x));
             if hosted[h]
                 || chains.contains_key(&host[0])
                 || sums_tiles

@@ -1108,7 +1108,11 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     let sum_rows = row_tiles(graph, anchor, target, d.subgroup_size).unwrap_or(0);
     let sums = column_sums(&mut b, group, d, shape, (sum_rows, n), indent, &mut lines)?;
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
-    let summary = with_epilogue(graph, summary, group);
+    let mut summary = with_epilogue(graph, summary, group);
+    if !sums.names.is_empty() {
+        let names = sums.names.join(", ");
+        summary = format!("{summary}; beside, {names} summed per tile of rows ({sum_rows}x{n})");
+    }
     let mut params = vec![
         ("M", m.to_string()),
         ("K", k.to_string()),
@@ -1211,7 +1215,15 @@ fn column_sums(
         shape,
         ..ColumnSumCode::default()
     };
-    let terms = (d.column_sums.iter()).filter(|(_, c)| c.product == group[0] && c.tiles == tiles);
+    let terms: Vec<(&NodeId, &ColumnSum)> = (d.column_sums.iter())
+        .filter(|(_, c)| c.product == group[0])
+        .collect();
+    if terms.iter().any(|(_, c)| c.tiles != tiles) {
+        return Err(Error::gpu(format!(
+            "'{}': column sums planned for another tiling (emitter bug)",
+            graph.node(group[0]).label
+        )));
+    }
     let (part, ty, row) = match shape {
         MatmulShape::Columns { .. } => (
             "[ci][ei]",
@@ -1225,7 +1237,7 @@ fn column_sums(
         ),
         MatmulShape::Tiled => ("", "", ""),
     };
-    for (q, (&t, _)) in terms.enumerate() {
+    for (q, (&t, _)) in terms.into_iter().enumerate() {
         if part.is_empty() {
             return Err(Error::gpu(
                 "the 16 x 16 matmul template sums no terms over its tiles (emitter bug)"
@@ -1250,6 +1262,7 @@ fn column_sums(
             "{indent}part{q}{part} = part{q}{part} + ({expr}); {}",
             node_comment(graph, t)
         ));
+        code.names.push(op_title(&node.op));
         let out = format!("ys{q}");
         b.writes.push((out.clone(), t));
         b.shapes.insert(t, vec![tiles, n]);
@@ -1271,6 +1284,8 @@ struct ColumnSumCode {
     shape: MatmulShape,
     decl: Vec<String>,
     store: Vec<String>,
+    /// The terms' ops, for the kernel's summary.
+    names: Vec<String>,
 }
 
 impl ColumnSumCode {
