@@ -1772,8 +1772,9 @@ fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> 
 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with the
 /// element-wise epilogue (clamp, square root, `m / norm`) run by the invocation of each column; on
-/// a CPU driver with subgroups, the factored form as a product with an epilogue
-/// (`dora_norm_columns.wgsl`, ranks 4 to 16 in fours) or one invocation per column, A's values
+/// a CPU driver with subgroups, lanes owning features as the row-broadcast matmul's do, summing
+/// the squares of the adapted elements (`dora_norm_columns.wgsl`, ranks 4 to 16 in fours) or one
+/// invocation per column, A's values
 /// shared by subgroup broadcasts (`dora_norm_subgroup.wgsl`). A group may hold several layers of
 /// the same shapes back to back, each a DoraNormSq node and its epilogue (`fusion::batch_norms`, on
 /// devices with binding arrays): one dispatch then computes them all, the loop reading each layer's
@@ -1845,9 +1846,10 @@ fn dora_norm(
             at("lora_b", &column(2)),
         )
     };
-    // On a CPU driver with subgroups: for ranks of up to 16 in vec4s, a matrix product with an
-    // epilogue (`dora_norm_columns.wgsl`); for others one invocation per output feature sharing
-    // A's values by broadcasts (`dora_norm_subgroup.wgsl`). Else a shared tile of B A per 8
+    // On a CPU driver with subgroups: for ranks 4 to 16 in fours, lanes that own features as
+    // the row-broadcast matmul's do (`dora_norm_columns.wgsl`; the fours are left from when it
+    // kept a Gram matrix in vec4s); for others one invocation per output feature sharing A's
+    // values by broadcasts (`dora_norm_subgroup.wgsl`). Else a shared tile of B A per 8
     // features.
     let kind = match (d.target, d.subgroup_size) {
         (Target::Cpu, Some(sg)) if (4..=64).contains(&sg) && sg.is_power_of_two() => {
@@ -1903,11 +1905,7 @@ fn dora_norm(
         NormKernel::Columns(sg) => {
             let (vecs, _) = columns_layout(fout, Some(sg));
             let tile = 4 * vecs * sg as usize;
-            let shape = vec![
-                ("SG", sg.to_string()),
-                ("VECS", vecs.to_string()),
-                ("RV", (r / 4).to_string()),
-            ];
+            let shape = vec![("SG", sg.to_string()), ("VECS", vecs.to_string())];
             (template::DORA_NORM_COLUMNS, fout.div_ceil(tile), shape)
         }
         NormKernel::Subgroup(sg) => {
@@ -2051,9 +2049,9 @@ enum NormKernel {
     Tiles,
 }
 
-/// The highest rank `dora_norm_columns.wgsl` takes: each lane keeps R x VECS vec4s of the
-/// product and R x R / 4 of the Gram matrix in registers, which at rank 16 and 4 vec4s of
-/// features is as many as the row-broadcast matmul keeps (16 rows x 4); more spill.
+/// The highest rank `dora_norm_columns.wgsl` takes: each lane keeps R x VECS vec4s of its
+/// features' rows of B in registers, which at rank 16 and 4 vec4s of features is as many as
+/// the row-broadcast matmul keeps (16 rows x 4); more spill.
 const NORM_COLUMNS_MAX_RANK: usize = 16;
 
 /// One line on the DoRA norm node `n`: attributes and shapes.
