@@ -3,7 +3,8 @@
 //! step's plan allocates, their DoRA/LoRA ratios measured in this run, and unmerged DoRA
 //! inference against base inference.
 //!
-//! `cargo bench --bench train` (env DORAC_BENCH_ITERS, DORAC_BENCH_WIDTH, DORAC_BENCH_BATCH).
+//! `cargo bench --bench train` (env DORAC_BENCH_ITERS, DORAC_BENCH_WIDTH, DORAC_BENCH_BATCH,
+//! DORAC_BENCH_RANK).
 
 mod common;
 
@@ -25,7 +26,7 @@ fn main() {
     let iters = env("DORAC_BENCH_ITERS", 10);
     let width = env("DORAC_BENCH_WIDTH", 512);
     let batch = env("DORAC_BENCH_BATCH", 128);
-    let (layers, rank) = (4, 16);
+    let (layers, rank) = (4, env("DORAC_BENCH_RANK", 16));
     let mut rng = Rng::new(7);
     let gpu = dorac::runtime::Gpu::new(None).expect("the benchmark needs a GPU adapter");
     println!("device: {}", gpu.describe());

@@ -10,10 +10,12 @@
 // workgroup is one subgroup, each lane owns 4 * VECS output features (neighbouring lanes,
 // neighbouring features) and holds their rows of B in registers; per input feature i it takes
 // A's R values from the lanes that loaded them, by shuffles, forms (B A)[j, i] for its features,
-// loads their W values and adds the squares of the adapted elements. Four 512 x 512 layers of
-// rank 16 on lavapipe: 2.62-2.64 ms against 3.0 for the factored form (which had taken them
-// from 2.35 ms with dora_norm_subgroup.wgsl, the same sum with A's values broadcast one lane at
-// a time and W read one feature per lane).
+// loads their W values and adds the squares of the adapted elements. VECS is kept small
+// (NORM_COLUMNS_VEC4S in kernels.rs: one vec4 of features per lane from rank 8) so that the rows
+// of B stay in registers. Four 512 x 512 layers of rank 16 on lavapipe: 1.67-1.73 ms, against
+// 2.62-2.64 with four vec4s per lane and 3.0 for the factored form (which had taken them from
+// 2.35 ms with dora_norm_subgroup.wgsl, the same sum with A's values broadcast one lane at a
+// time and W read one feature per lane, and which now serves ranks above 32).
 //
 // Every term is a square, so nothing cancels and f32 rounding stays near 1e-7 of n² (the tests
 // check every path against the f64 reference). Input features past the edge are not summed;

@@ -668,10 +668,14 @@ fn dora_norm_kernel() {
         // Two vec4s per invocation: one full 512-feature tile and part of the next.
         (true, (600, 21, 8), 1.0, 0.5),
         (false, (1030, 10, 3), 1.0, 2.0),
-        // The product-shaped kernel (ranks 4 to 16 in fours): features past a tile of 32.
+        // Features past a tile of 32 on the CPU kernel that owns features per lane.
         (false, (70, 150, 12), 1.0, 0.75),
         // Fewer input features than a subgroup has lanes.
         (true, (5, 40, 4), 2.0, 1.0),
+        // Rank 32 (one vec4 of features per lane), and 40 (one invocation per feature, A's
+        // values broadcast).
+        (true, (96, 70, 32), 1.0, 0.5),
+        (false, (40, 33, 40), 1.0, 0.25),
     ] {
         let tag = format!("{}_{fin}x{fout}x{r}", out_in as u8);
         let shape = if out_in { [fout, fin] } else { [fin, fout] };
@@ -712,7 +716,8 @@ fn dora_norm_kernel() {
             ..PlanOptions::default()
         };
         let plan = codegen::plan_with(&c.graph, &options).unwrap();
-        // Ranks 1 and 3 broadcast A's values; the others take the product-shaped kernel.
+        // Rank 40 broadcasts A's values; the others take the kernel that owns features per
+        // lane (two norm kernels a case).
         assert!(
             plan.kernels
                 .iter()
@@ -722,7 +727,7 @@ fn dora_norm_kernel() {
         let columns = (plan.kernels.iter())
             .filter(|k| k.source.contains("nsq[c] = fma(v, v, nsq[c])"))
             .count();
-        assert_eq!(columns, 10, "{plan}");
+        assert_eq!(columns, 16, "{plan}");
         // The kernel for subgroups of 4 (lavapipe on a 128-bit CPU) computes the same on
         // larger ones: the lanes past the fourth load values nobody reads.
         if sg > 4 {

@@ -1773,7 +1773,7 @@ fn term_chain(b: &mut Builder, chain: &[NodeId], escapes: &BTreeSet<NodeId>) -> 
 /// DoRA's fused column norm (`crate::ops::dora_norm`): one workgroup per 8 output columns, with the
 /// element-wise epilogue (clamp, square root, `m / norm`) run by the invocation of each column; on
 /// a CPU driver with subgroups, lanes owning features as the row-broadcast matmul's do, summing
-/// the squares of the adapted elements (`dora_norm_columns.wgsl`, ranks 4 to 16 in fours) or one
+/// the squares of the adapted elements (`dora_norm_columns.wgsl`, ranks up to 32) or one
 /// invocation per column, A's values
 /// shared by subgroup broadcasts (`dora_norm_subgroup.wgsl`). A group may hold several layers of
 /// the same shapes back to back, each a DoraNormSq node and its epilogue (`fusion::batch_norms`, on
@@ -1846,14 +1846,13 @@ fn dora_norm(
             at("lora_b", &column(2)),
         )
     };
-    // On a CPU driver with subgroups: for ranks 4 to 16 in fours, lanes that own features as
-    // the row-broadcast matmul's do (`dora_norm_columns.wgsl`; the fours are left from when it
-    // kept a Gram matrix in vec4s); for others one invocation per output feature sharing A's
-    // values by broadcasts (`dora_norm_subgroup.wgsl`). Else a shared tile of B A per 8
-    // features.
+    // On a CPU driver with subgroups: for ranks up to 32, lanes that own features as the
+    // row-broadcast matmul's do (`dora_norm_columns.wgsl`); for higher ones one invocation per
+    // output feature sharing A's values by broadcasts (`dora_norm_subgroup.wgsl`). Else a
+    // shared tile of B A per 8 features.
     let kind = match (d.target, d.subgroup_size) {
         (Target::Cpu, Some(sg)) if (4..=64).contains(&sg) && sg.is_power_of_two() => {
-            if r % 4 == 0 && r <= NORM_COLUMNS_MAX_RANK {
+            if r <= NORM_COLUMNS_MAX_RANK {
                 NormKernel::Columns(sg)
             } else {
                 NormKernel::Subgroup(sg)
@@ -1903,7 +1902,9 @@ fn dora_norm(
     // The kernel's shape: workgroups per layer and its own constants.
     let (template, groups, shape) = match kind {
         NormKernel::Columns(sg) => {
+            // Each lane keeps R x VECS vec4s of B (NORM_COLUMNS_VEC4S).
             let (vecs, _) = columns_layout(fout, Some(sg));
+            let vecs = vecs.min((NORM_COLUMNS_VEC4S / r).max(1));
             let tile = 4 * vecs * sg as usize;
             let shape = vec![("SG", sg.to_string()), ("VECS", vecs.to_string())];
             (template::DORA_NORM_COLUMNS, fout.div_ceil(tile), shape)
@@ -2049,10 +2050,15 @@ enum NormKernel {
     Tiles,
 }
 
-/// The highest rank `dora_norm_columns.wgsl` takes: each lane keeps R x VECS vec4s of its
-/// features' rows of B in registers, which at rank 16 and 4 vec4s of features is as many as
-/// the row-broadcast matmul keeps (16 rows x 4); more spill.
-const NORM_COLUMNS_MAX_RANK: usize = 16;
+/// The vec4s of B each lane of `dora_norm_columns.wgsl` keeps, R x VECS at most: fewer
+/// features per lane than the row-broadcast matmul's layout gives, so that the rows of B stay
+/// in registers and a layer has more workgroups. Lavapipe, four 512 x 512 layers batched (the
+/// train bench's profile, `DORAC_BENCH_RANK`): rank 16 at 4 vec4s per lane 2.5 ms, 2 1.78, 1
+/// 1.69; rank 8 at 4 1.67, 2 1.14, 1 1.19; rank 4 at 4 1.13, 2 0.92, 1 1.31.
+const NORM_COLUMNS_VEC4S: usize = 8;
+/// The highest rank `dora_norm_columns.wgsl` takes. Rank 32 (one vec4 per lane): 2.64-2.70 ms
+/// against 8.4-11.6 for `dora_norm_subgroup.wgsl`; rank 64 spills (21.5 ms against 15.3).
+const NORM_COLUMNS_MAX_RANK: usize = 32;
 
 /// One line on the DoRA norm node `n`: attributes and shapes.
 fn norm_summary(graph: &Graph, n: NodeId, p: &crate::ops::DoraNorm) -> String {
