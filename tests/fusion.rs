@@ -656,13 +656,20 @@ fn check_column_sums(graph: &Graph, nodes: [NodeId; 6], plan: &Plan, rows: usize
 /// template) or per row of invocations (the blocked one), and the sum adds those. 37 x 50 (on
 /// the CPU template three tiles of 16, the last partial, and columns not a multiple of 4; on
 /// the portable plan, the 16 x 16 template, which sums nothing), 70 x 80 (two 64 x 64 blocked
-/// tiles of 16 rows of invocations) and 2 x 21 x 50 (a batch of two matrices, summed over both
-/// leading axes: two tiles each). The values match the f64 reference and the unfused plans.
+/// tiles of 16 rows of invocations), 2 x 21 x 50 (a batch of two matrices, summed over both
+/// leading axes: two tiles each) and 2 x 70 x 80 (the same on the blocked template). The values
+/// match the f64 reference and the unfused plans.
 #[test]
 fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
     let device = gpu().plan_options();
     let cpu = device.target == codegen::Target::Cpu;
-    for (lead, n, portable_rows) in [(&[37][..], 50, 0), (&[70], 80, 32), (&[2, 21], 50, 0)] {
+    let cases = [
+        (&[37][..], 50, 0),
+        (&[70], 80, 32),
+        (&[2, 21], 50, 0),
+        (&[2, 70], 80, 64),
+    ];
+    for (lead, n, portable_rows) in cases {
         let (g, nodes) = column_sums_graph(lead, 24, n);
         let plan = codegen::plan_with(&g, &device).unwrap();
         let m = lead.last().unwrap();
