@@ -243,8 +243,26 @@ fn training_steps_fused_match_unfused(
             step_feeds(batch, &optimizer, t)
         });
         assert!(fused < plain, "{tag}: nothing fused");
+        // The device plan's first step (loss and every gradient) against the f64 reference.
+        let plan = codegen::plan_with(&program.graph, &gpu().plan_options()).unwrap();
+        let exe = Executable::new(gpu(), &plan, &program.graph).unwrap();
+        for (name, v) in host(&state) {
+            exe.write(&name, &v).unwrap();
+        }
+        let mut feeds = step_feeds(batch, &optimizer, 1);
+        let outputs: Vec<&str> = (program.graph.outputs().iter())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let got = exe.step(&host(&feeds), &outputs).unwrap();
+        feeds.extend(state.clone());
+        let want = run_reference(&program.graph, &feeds);
+        for name in &outputs {
+            let got: Vec<f64> = got[*name].iter().map(|&v| v as f64).collect();
+            let err = relative_error(&got, &want[*name].data);
+            assert!(err < 1e-5, "{tag}: '{name}' against the reference: {err:e}");
+        }
         if method == TrainMethod::Dora {
-            device_plans.push(codegen::plan_with(&program.graph, &gpu().plan_options()).unwrap());
+            device_plans.push(plan);
         }
     }
     device_plans

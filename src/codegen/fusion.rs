@@ -141,6 +141,13 @@ pub struct ColumnSum {
     pub tiles: usize,
 }
 
+impl ColumnSum {
+    /// The shape of the buffer of sums of a term of shape `term`: a row of its columns per tile.
+    pub fn shape(&self, term: &[usize]) -> Vec<usize> {
+        vec![self.tiles, *term.last().unwrap_or(&1)]
+    }
+}
+
 /// Each kernel's nodes: its group, the chain it computes beside a sum's terms and the terms it
 /// sums over its tiles of rows.
 pub(super) fn kernel_members(

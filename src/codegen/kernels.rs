@@ -1106,7 +1106,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     let (tile_m, tile_n) = shape.tile();
     let (tiles_m, tiles_n) = (m.div_ceil(tile_m), n.div_ceil(tile_n));
     let sum_rows = row_tiles(graph, anchor, target, d.subgroup_size).unwrap_or(0);
-    let sums = column_sums(&mut b, group, d, shape, (sum_rows, n), indent, &mut lines)?;
+    let sums = column_sums(&mut b, group, d, shape, sum_rows, indent, &mut lines)?;
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
     let mut summary = with_epilogue(graph, summary, group);
     if !sums.names.is_empty() {
@@ -1198,15 +1198,15 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
 /// its rows (`fusion`'s column sums), whose statements it appends to `lines`, the epilogue of
 /// output element `i`: each term from the group's values in registers (`v{k}`) and its other
 /// operands loaded at `i`, added to this invocation's sum of its rows of the element's column
-/// (`part{q}`), stored after the loop as its row of binding `ys{q}`, of `out` = (rows of sums,
-/// columns): one row per tile on the columns template, whose invocations own whole columns of
-/// a tile; one per row of invocations of a tile on the blocked template.
+/// (`part{q}`), stored after the loop as its row of binding `ys{q}`, of `tiles` rows: one row
+/// per tile on the columns template, whose invocations own whole columns of a tile; one per row
+/// of invocations of a tile on the blocked template.
 fn column_sums(
     b: &mut Builder,
     group: &[NodeId],
     d: &Decisions,
     shape: MatmulShape,
-    (tiles, n): (usize, usize),
+    tiles: usize,
     indent: &str,
     lines: &mut Vec<String>,
 ) -> Result<ColumnSumCode> {
@@ -1237,7 +1237,7 @@ fn column_sums(
         ),
         MatmulShape::Tiled => ("", "", ""),
     };
-    for (q, (&t, _)) in terms.into_iter().enumerate() {
+    for (q, (&t, sum)) in terms.into_iter().enumerate() {
         if part.is_empty() {
             return Err(Error::gpu(
                 "the 16 x 16 matmul template sums no terms over its tiles (emitter bug)"
@@ -1265,7 +1265,7 @@ fn column_sums(
         code.names.push(op_title(&node.op));
         let out = format!("ys{q}");
         b.writes.push((out.clone(), t));
-        b.shapes.insert(t, vec![tiles, n]);
+        b.shapes.insert(t, sum.shape(&node.shape));
         code.decl.push(format!(
             "    // part{q}{part}: this invocation's sum over its rows of the column's {}\n    \
              var part{q}: {ty};",
@@ -1529,19 +1529,28 @@ fn reduce_index_helpers(x_shape: &[usize], axes: &[usize]) -> [String; 2] {
     ]
 }
 
+/// The layers of a group that `fusion`'s layer batches put back to back: each from a node of
+/// the anchor's op (an element-wise epilogue never has it) to the next.
+fn split_layers<'a>(graph: &Graph, group: &'a [NodeId]) -> Vec<&'a [NodeId]> {
+    let op = std::mem::discriminant(&graph.node(group[0]).op);
+    let starts: Vec<usize> = (0..group.len())
+        .filter(|&k| std::mem::discriminant(&graph.node(group[k]).op) == op)
+        .collect();
+    (0..starts.len())
+        .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
+        .collect()
+}
+
 /// Several sums of the same shape over column sums per tile (`fusion`'s column sums), batched
-/// into one dispatch by `fusion`'s layer batches (`reduce_sum_layers.wgsl`): `group` holds each
-/// layer's sum and epilogue back to back, `starts` where each begins.
+/// into one dispatch by `fusion`'s layer batches (`reduce_sum_layers.wgsl`): `layers` are the
+/// group's sums, each with its epilogue.
 fn reduce_layers(
     graph: &Graph,
     group: &[NodeId],
-    starts: &[usize],
+    layers: &[&[NodeId]],
     name: &str,
     d: &Decisions,
 ) -> Result<Emitted> {
-    let layers: Vec<&[NodeId]> = (0..starts.len())
-        .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
-        .collect();
     let first = graph.node(group[0]);
     let xs: Vec<NodeId> = layers.iter().map(|l| graph.inputs_of(l[0])[0]).collect();
     let sums: Vec<Option<&ColumnSum>> = xs.iter().map(|x| d.column_sums.get(x)).collect();
@@ -1550,7 +1559,7 @@ fn reduce_layers(
             "kernel {name}: several layers but not sums of column sums (emitter bug)"
         )));
     };
-    let x_shape = vec![c.tiles, *graph.shape(xs[0]).last().unwrap_or(&1)];
+    let x_shape = c.shape(graph.shape(xs[0]));
     for (layer, (&x, sum)) in layers.iter().zip(xs.iter().zip(&sums)) {
         let node = graph.node(layer[0]);
         if node.op != first.op
@@ -1573,7 +1582,7 @@ fn reduce_layers(
     // The rows of sums are added over their one leading axis.
     b.helpers.extend(reduce_index_helpers(&x_shape, &[0]));
     let what = "output element i, from its sum `acc`";
-    let finishes = layer_epilogues(&mut b, &layers, d, what, 8)?;
+    let finishes = layer_epilogues(&mut b, layers, d, what, 8)?;
     let summaries: Vec<String> = (layers.iter().zip(&xs))
         .map(|(layer, &x)| {
             let summary = format!(
@@ -1613,11 +1622,9 @@ fn reduce(
     d: &Decisions,
 ) -> Result<Emitted> {
     let (max_wg, target, transposed) = (d.max_workgroups, d.target, d.transposed);
-    let starts: Vec<usize> = (0..group.len())
-        .filter(|&k| matches!(graph.node(group[k]).op, Op::Reduce { .. }))
-        .collect();
-    if starts.len() > 1 {
-        return reduce_layers(graph, group, &starts, name, d);
+    let layers = split_layers(graph, group);
+    if layers.len() > 1 {
+        return reduce_layers(graph, group, &layers, name, d);
     }
     let n = group[0];
     let node = graph.node(n);
@@ -1627,10 +1634,7 @@ fn reduce(
     let tile_sums = d.column_sums.get(&x_node);
     let prologue = tile_sums.is_none() && d.prologues.contains(&x_node);
     let (x_shape, axes) = match tile_sums {
-        Some(c) => (
-            vec![c.tiles, *graph.shape(x_node).last().unwrap_or(&1)],
-            &[0][..],
-        ),
+        Some(c) => (c.shape(graph.shape(x_node)), &[0][..]),
         None => (graph.shape(x_node).to_vec(), axes),
     };
     let rows = numel(&node.shape);
@@ -1793,12 +1797,7 @@ fn dora_norm(
     let (w_shape, a_shape) = (graph.shape(ins[0]).to_vec(), graph.shape(ins[1]).to_vec());
     let (fin, fout) = p.in_out(&w_shape);
     let r = a_shape[0];
-    let starts: Vec<usize> = (0..group.len())
-        .filter(|&k| matches!(graph.node(group[k]).op, Op::DoraNormSq(_)))
-        .collect();
-    let layers: Vec<&[NodeId]> = (0..starts.len())
-        .map(|l| &group[starts[l]..starts.get(l + 1).copied().unwrap_or(group.len())])
-        .collect();
+    let layers = split_layers(graph, group);
     let weights: Vec<Vec<NodeId>> = layers.iter().map(|l| graph.inputs_of(l[0])).collect();
     let w_half = d.half.get(&ins[0]).copied();
     let w_pitch = d.pitch.get(&ins[0]).copied();

@@ -407,10 +407,7 @@ pub fn plan_grouped(
         };
         // A term summed per tile of rows holds one row of column sums per tile.
         let (name, shape) = match column_sums.get(&n) {
-            Some(c) => (
-                format!("{}/tile_sums", node.name),
-                vec![c.tiles, *node.shape.last().unwrap_or(&1)],
-            ),
+            Some(c) => (format!("{}/tile_sums", node.name), c.shape(&node.shape)),
             None => (node.name.clone(), node.shape.clone()),
         };
         plan.node_buffers.insert(n, plan.buffers.len());
