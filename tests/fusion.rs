@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use dorac::codegen::{self, Plan, PlanOptions};
+use dorac::codegen::{self, Kernel, Plan, PlanOptions};
 use dorac::ir::{unary, Binary, Graph, GraphBuilder, NodeId, Op};
 use dorac::runtime::Executable;
 use dorac::tensor::{relative_error, Array, Rng, Tensor};
@@ -279,6 +279,41 @@ fn dora_training_steps_fused_match_unfused() {
     .into();
     let plans = training_steps_fused_match_unfused("mlp3d", |a| with_adapter("mlp3d", a), &batch);
     assert_magnitude_sums_per_tile(&plans, 2);
+    assert_activations_recomputed(&plans, 3);
+}
+
+/// Each DoRA plan computes at least `nodes` nodes of its activations again in kernels of the
+/// backward pass (kernels that compute gradients too, so no kernel of their own), from the
+/// layers' `u`; where such a kernel writes the copy for a product, the forward pass's copy is
+/// freed before it. (A copy the fusion rules cannot place in the backward pass is computed
+/// beside the original, like a value kept without recomputing.)
+fn assert_activations_recomputed(plans: &[Plan], nodes: usize) {
+    for plan in plans {
+        let spans = plan.lifetimes();
+        let backward = |k: &Kernel| {
+            k.written()
+                .any(|w| plan.buffers[w].name.starts_with("grad/"))
+        };
+        let copies = (plan.kernels.iter().filter(|k| backward(k)))
+            .flat_map(|k| &k.labels)
+            .filter(|l| l.ends_with("/recomputed"))
+            .count();
+        assert!(copies >= nodes, "{copies} nodes recomputed:\n{plan}");
+        for (k, kernel) in plan.kernels.iter().enumerate().filter(|(_, k)| backward(k)) {
+            for b in kernel.written() {
+                let Some(original) = plan.buffers[b].name.strip_suffix("/recomputed") else {
+                    continue;
+                };
+                let o = (0..plan.buffers.len())
+                    .find(|&o| plan.buffers[o].name == original)
+                    .expect("the original activation has a buffer");
+                assert!(
+                    spans[o].expect("computed").1 < k,
+                    "'{original}' is still live where it is recomputed:\n{plan}"
+                );
+            }
+        }
+    }
 }
 
 /// On a CPU target, each DoRA plan sums at least `layers` magnitude gradients per tile of rows.
@@ -319,6 +354,7 @@ fn dora_training_steps_with_column_sums_fused_match_unfused() {
     .into();
     let plans = training_steps_fused_match_unfused("mlp2d", graph, &batch);
     assert_magnitude_sums_per_tile(&plans, 2);
+    assert_activations_recomputed(&plans, 3);
 }
 
 #[test]
@@ -349,10 +385,10 @@ fn gpt2_tiny_training_step_fused_matches_unfused() {
     let program = build(g, &opts).unwrap();
     // On a CPU target, the one layer whose `dY` a product computes (through a reshape) has its
     // magnitude gradient summed per tile there.
-    assert_magnitude_sums_per_tile(
-        &[codegen::plan_with(&program.graph, &gpu().plan_options()).unwrap()],
-        1,
-    );
+    let device_plan = [codegen::plan_with(&program.graph, &gpu().plan_options()).unwrap()];
+    assert_magnitude_sums_per_tile(&device_plan, 1);
+    // GELU's pieces after `c_fc` (its output read by the gradient too) are computed again.
+    assert_activations_recomputed(&device_plan, 3);
     let state = initial_state(&program);
     let (fused, plain) = compare("gpt2_tiny DoRA lm step", &program.graph, &state, 2, |t| {
         step_feeds(&data, &optimizer, t)

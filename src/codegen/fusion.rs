@@ -215,11 +215,16 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
     let needs_kernel = |n: NodeId| live.contains(&n) && has_kernel(&graph.node(n).op);
     let mut groups = vec![];
     let mut reduce_prologues = BTreeSet::new();
-    for elementwise_pass in [false, true] {
+    // A recomputation (`Graph::recomputed`) anchors no group before its readers have had the
+    // chance to compute it as a side operand: only the ones left over get kernels of their own.
+    let recomputed = graph.recomputed();
+    let passes = [(false, false), (true, false), (true, true)];
+    for (elementwise_pass, leftovers) in passes {
         for &anchor in &order {
             if !needs_kernel(anchor)
                 || ctx.taken.contains(&anchor)
                 || is_elementwise(&graph.node(anchor).op) != elementwise_pass
+                || (fuse && recomputed.contains(&anchor) != leftovers)
             {
                 continue;
             }
@@ -232,6 +237,9 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
                 continue;
             }
             let mut group = vec![anchor];
+            if fuse && elementwise_pass {
+                ctx.recomputed_operands(&mut group);
+            }
             if fuse && takes_epilogue(&graph.node(anchor).op) {
                 ctx.grow(&mut group);
             }
@@ -1000,6 +1008,25 @@ impl Context<'_> {
         }
     }
 
+    /// Puts before `group`'s one node, an element-wise anchor, the recomputations it reads
+    /// that no kernel computes yet (and theirs), where the kernel still fits.
+    fn recomputed_operands(&mut self, group: &mut Vec<NodeId>) {
+        let anchor = group[0];
+        let shape = self.graph.shape(anchor).to_vec();
+        let mut inside: HashSet<NodeId> = [anchor].into();
+        let mut joining = vec![];
+        self.side_operands(anchor, &shape, &mut inside, &mut joining);
+        joining.retain(|n| self.graph.recomputed().contains(n));
+        if joining.is_empty() {
+            return;
+        }
+        joining.push(anchor);
+        if self.fits(&joining) {
+            self.taken.extend(joining.iter().copied());
+            *group = joining;
+        }
+    }
+
     /// True when `n` also reads the value of a product that no group has taken yet and that
     /// does more multiply-adds than `group`'s anchor: `n` is left to that product's epilogue.
     /// A layer's backward adds the low-rank path's `dx` to the base product's; in the larger
@@ -1046,11 +1073,16 @@ impl Context<'_> {
             c.sort_by_key(|c| self.position[c]);
             c
         };
+        let recomputed = self.graph.recomputed();
         let split = |consumers: Vec<NodeId>| {
             let next = match consumers.as_slice() {
                 [] => return None,
-                [only] => *only,
-                many => *many.iter().find(|&&c| self.free_elementwise(c, shape))?,
+                // A recomputation belongs to the kernel of its backward reader, not here.
+                [only] if !recomputed.contains(only) => *only,
+                [_] => return None,
+                many => *many
+                    .iter()
+                    .find(|&&c| self.free_elementwise(c, shape) && !recomputed.contains(&c))?,
             };
             let others = consumers.into_iter().filter(|&c| c != next).collect();
             Some((next, others))
@@ -1081,10 +1113,15 @@ impl Context<'_> {
         out: &mut Vec<NodeId>,
     ) {
         for o in self.graph.inputs_of(n) {
-            if inside.contains(&o)
-                || !self.free_elementwise(o, shape)
-                || self.live_consumers(o) != [n]
-            {
+            // A recomputation joins its first reader's kernel, which writes it for the others
+            // (none of them in the kernel already: those would read it before it is computed).
+            let readers = self.live_consumers(o);
+            let shared = if self.graph.recomputed().contains(&o) {
+                readers.iter().any(|c| c != &n && inside.contains(c))
+            } else {
+                readers != [n]
+            };
+            if inside.contains(&o) || !self.free_elementwise(o, shape) || shared {
                 continue;
             }
             inside.insert(o);

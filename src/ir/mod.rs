@@ -22,7 +22,7 @@ use crate::tensor::{numel, DType, Tensor};
 use petgraph::stable_graph::{NodeIndex, StableGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 pub type NodeId = NodeIndex<u32>;
 
@@ -241,6 +241,10 @@ pub struct Graph {
     /// `codegen::storage`), computing in f32 as always. The reference executor reads the same
     /// (already rounded) f32 values.
     half_consts: BTreeMap<NodeId, Half>,
+    /// Copies of forward values that the backward pass computes again from a value it keeps
+    /// anyway (`passes::recompute`): the planner computes each in its readers' kernel, never
+    /// as the epilogue of the kernel that computes the original.
+    recomputed: BTreeSet<NodeId>,
     /// Every node's name -> the node (names are unique).
     names: HashMap<String, NodeId>,
     /// For a name that was taken: the next numeric suffix to try, so fresh names do not rescan.
@@ -375,6 +379,11 @@ impl Graph {
         &self.half_consts
     }
 
+    /// Nodes that recompute a forward value for the backward pass.
+    pub fn recomputed(&self) -> &BTreeSet<NodeId> {
+        &self.recomputed
+    }
+
     /// The node's inputs, ordered by slot.
     pub fn inputs_of(&self, id: NodeId) -> Vec<NodeId> {
         let mut e: Vec<(usize, NodeId)> = self
@@ -423,6 +432,7 @@ impl Graph {
             }
             self.conv_filters.remove(&id);
             self.half_consts.remove(&id);
+            self.recomputed.remove(&id);
         }
     }
 
@@ -459,6 +469,20 @@ impl Graph {
             self.graph.add_edge(i, id, slot);
         }
         Ok(id)
+    }
+
+    /// `users` read `new` wherever they read `old`.
+    fn redirect_reads(&mut self, old: NodeId, new: NodeId, users: &[NodeId]) {
+        let edges: Vec<_> = self
+            .graph
+            .edges_directed(old, Direction::Outgoing)
+            .filter(|e| users.contains(&e.target()))
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
+        for (eid, target, slot) in edges {
+            self.graph.remove_edge(eid);
+            self.graph.add_edge(new, target, slot);
+        }
     }
 
     /// Every consumer of `old` (and every graph output and adapter record pointing at it) now

@@ -48,6 +48,10 @@ struct Edits {
     /// Indices of new nodes that are graph inputs.
     new_inputs: Vec<usize>,
     shunts: Vec<(NodeId, PatchRef)>,
+    /// New nodes that recompute a forward value (`Graph::recomputed`).
+    recomputed: Vec<PatchRef>,
+    /// Shunts for some users only: `(old, new, users)`.
+    partial_shunts: Vec<(NodeId, PatchRef, Vec<NodeId>)>,
     in_place: Vec<InPlace>,
     /// Replaces the graph outputs (before `more_outputs` are appended).
     outputs: Option<Vec<(String, PatchRef)>>,
@@ -165,6 +169,17 @@ impl<'g> Patch<'g> {
     /// Users of `old` that exist before the patch read `new` from now on.
     pub fn replace(&mut self, old: NodeId, new: PatchRef) {
         self.edits.shunts.push((old, new));
+    }
+
+    /// The listed users of `old` read `new` from now on; its other users, the graph outputs and
+    /// the adapter records keep reading `old`.
+    pub fn replace_for(&mut self, old: NodeId, new: PatchRef, users: Vec<NodeId>) {
+        self.edits.partial_shunts.push((old, new, users));
+    }
+
+    /// Marks `r` as a recomputation of a forward value for the backward pass.
+    pub fn mark_recomputed(&mut self, r: PatchRef) {
+        self.edits.recomputed.push(r);
     }
 
     /// Node `n` computes `op` on its current inputs instead. The new op must give the same
@@ -286,6 +301,11 @@ impl Applied {
             PatchRef::New(i) => self.ids[i],
         }
     }
+
+    /// The nodes the patch added.
+    pub fn ids(&self) -> &[NodeId] {
+        &self.ids
+    }
 }
 
 impl Graph {
@@ -317,6 +337,13 @@ impl Graph {
         for (old, new) in e.shunts {
             let new = resolve(&ids, new);
             self.replace_uses(old, new, &added);
+        }
+        for r in e.recomputed {
+            self.recomputed.insert(resolve(&ids, r));
+        }
+        for (old, new, users) in e.partial_shunts {
+            let new = resolve(&ids, new);
+            self.redirect_reads(old, new, &users);
         }
         for edit in e.in_place {
             match edit {

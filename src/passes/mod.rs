@@ -7,6 +7,7 @@
 //! - [`dora_norm`]: training's one-op DoRA norm in place of the factored one.
 //! - [`fold`]: constant folding through the reference executor (frozen-only work is done once).
 //! - [`merge`]: folds adapters back into the base weights.
+//! - [`recompute`]: backward readers of cheap activations compute them again from kept values.
 //! - [`split`]: cuts constants larger than one device binding into chunks at their readers.
 //! - [`transpose`]: moves transposes onto matmul operands and cancels pairs (after autodiff).
 
@@ -17,6 +18,7 @@ pub mod fold;
 pub mod half;
 pub mod linear;
 pub mod merge;
+pub mod recompute;
 pub mod split;
 pub mod transpose;
 
@@ -26,5 +28,6 @@ pub use fold::fold_constants;
 pub use half::{store_half, HalfReport};
 pub use linear::{find_linear_layers, matches_target, resolve_module, LinearLayer, ModuleMatch};
 pub use merge::{effective_weight, in_out_weight, merge_adapters};
+pub use recompute::recompute_activations;
 pub use split::split_large_constants;
 pub use transpose::simplify_transposes;

@@ -281,7 +281,11 @@ pub fn build_for_device(
     if let Some(n) = grad_norm {
         backward.add_output(optimizer::GRAD_NORM_OUTPUT, n);
     }
-    graph.apply(backward.finish());
+    let applied = graph.apply(backward.finish());
+    // An activation the backward pass can compute again from a value it keeps anyway (DoRA's
+    // `u`) is not kept beside it.
+    let backward_nodes: HashSet<NodeId> = applied.ids().iter().copied().collect();
+    crate::passes::recompute_activations(&mut graph, &backward_nodes)?;
     // Autodiff's transposes of products become products of transposes, which kernels read in
     // place; then frozen-only work (W0 column norms, transposed frozen weights...) happens once.
     crate::passes::simplify_transposes(&mut graph)?;

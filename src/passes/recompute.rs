@@ -1,0 +1,219 @@
+//! Recomputing cheap activations in the backward pass instead of keeping them.
+//!
+//! A training step keeps each forward value that a gradient reads until the backward pass gets
+//! there. Where such a value `t` is an element-wise function of another value `s` of its size
+//! that the backward pass reads anyway, and otherwise only of small broadcast operands (a bias,
+//! a per-column scale), keeping both is a waste: `t`'s backward readers can compute it again
+//! from `s`. DoRA's layers are the case this is for: the magnitude's gradient reads the layer's
+//! unscaled output `u`, and the next layer reads the activation `relu(g * u + b)`, which LoRA
+//! keeps alone. Recomputed, the activation's buffer is free after the forward pass's last
+//! reader, and DoRA keeps `u` where LoRA keeps the activation.
+//!
+//! The pass recomputes `t` only where one of its backward readers is element-wise at `t`'s size:
+//! the code generator computes the copy in that reader's kernel (a side operand of its
+//! epilogue) and writes it there for the other readers, so the copy costs loads of the small
+//! operands, not a kernel of its own.
+
+use crate::error::Result;
+use crate::ir::{Graph, NodeId, Op, Patch, PatchRef};
+use crate::tensor::numel;
+use std::collections::{HashMap, HashSet};
+
+/// Most element-wise nodes one recomputation repeats (a scale, a bias and an activation take 3).
+const MAX_RECIPE: usize = 4;
+
+/// An operand at most this fraction of `t`'s elements is small: kept anyway or cheap to keep.
+const SMALL_FRACTION: usize = 8;
+
+/// Gives the readers in `backward` of each forward value that qualifies (module docs) a copy
+/// computed from the value it is recomputed from; returns how many values were recomputed.
+/// Values are decided operands first, so a recomputed value is never the kept source of
+/// another (that one is computed from its source too, sharing the copies).
+pub fn recompute_activations(graph: &mut Graph, backward: &HashSet<NodeId>) -> Result<usize> {
+    let mut recomputed: HashSet<NodeId> = HashSet::new();
+    let read_late = |n: NodeId| graph.consumers(n).iter().any(|c| backward.contains(c));
+    let mut plans = vec![];
+    for t in graph.topo_order()? {
+        if backward.contains(&t) || !is_cheap_elementwise(&graph.node(t).op) {
+            continue;
+        }
+        let mut late: Vec<NodeId> = graph
+            .consumers(t)
+            .into_iter()
+            .filter(|c| backward.contains(c))
+            .collect();
+        late.dedup();
+        let size = numel(graph.shape(t));
+        let hosted = late.iter().any(|&c| {
+            let node = graph.node(c);
+            matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::UnaryGrad(_))
+                && numel(&node.shape) == size
+        });
+        if !hosted {
+            continue;
+        }
+        let kept = |n: NodeId| read_late(n) && !recomputed.contains(&n);
+        if let Some(recipe) = recipe(graph, t, &kept) {
+            recomputed.insert(t);
+            plans.push((t, recipe, late));
+        }
+    }
+    if plans.is_empty() {
+        return Ok(0);
+    }
+    let mut p = Patch::new(graph);
+    let mut copies: HashMap<NodeId, PatchRef> = HashMap::new();
+    for (t, recipe, late) in &plans {
+        for &n in recipe {
+            if copies.contains_key(&n) {
+                continue;
+            }
+            let node = graph.node(n);
+            let inputs: Vec<PatchRef> = graph
+                .inputs_of(n)
+                .into_iter()
+                .map(|i| copies.get(&i).copied().unwrap_or(PatchRef::Old(i)))
+                .collect();
+            let name = format!("{}/recomputed", node.name);
+            let label = format!("{}/recomputed", node.label);
+            let copy = p.add(node.op.clone(), &inputs, &name, &label)?;
+            p.mark_recomputed(copy);
+            copies.insert(n, copy);
+        }
+        p.replace_for(*t, copies[t], late.clone());
+    }
+    graph.apply(p.finish());
+    Ok(plans.len())
+}
+
+/// Element-wise ops that are worth repeating rather than keeping: unary and binary arithmetic.
+fn is_cheap_elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_))
+}
+
+/// The nodes that compute `t` again, operands before readers and `t` last: element-wise nodes
+/// of `t`'s size over exactly one `kept` value of that size and small operands. None when `t`
+/// is no such function or needs more than [`MAX_RECIPE`] nodes.
+fn recipe(graph: &Graph, t: NodeId, kept: &dyn Fn(NodeId) -> bool) -> Option<Vec<NodeId>> {
+    struct Walk<'a> {
+        graph: &'a Graph,
+        t: NodeId,
+        size: usize,
+        kept: &'a dyn Fn(NodeId) -> bool,
+        nodes: Vec<NodeId>,
+        sources: HashSet<NodeId>,
+    }
+    impl Walk<'_> {
+        fn visit(&mut self, n: NodeId) -> Option<()> {
+            if self.nodes.contains(&n) || self.sources.contains(&n) {
+                return Some(());
+            }
+            let node = self.graph.node(n);
+            let elements = numel(&node.shape);
+            if n != self.t && elements == self.size && (self.kept)(n) {
+                self.sources.insert(n);
+                return Some(());
+            }
+            if n != self.t && elements * SMALL_FRACTION <= self.size {
+                return Some(());
+            }
+            if elements != self.size || !is_cheap_elementwise(&node.op) {
+                return None;
+            }
+            for i in self.graph.inputs_of(n) {
+                self.visit(i)?;
+            }
+            self.nodes.push(n);
+            (self.nodes.len() <= MAX_RECIPE).then_some(())
+        }
+    }
+    let mut walk = Walk {
+        graph,
+        t,
+        size: numel(graph.shape(t)),
+        kept,
+        nodes: vec![],
+        sources: HashSet::new(),
+    };
+    walk.visit(t)?;
+    (walk.sources.len() == 1).then_some(walk.nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Binary, GraphBuilder};
+    use crate::ops::unary;
+    use crate::tensor::Tensor;
+
+    fn add(g: &mut GraphBuilder, op: Op, inputs: &[NodeId], name: &str) -> NodeId {
+        g.add(op, inputs, name, name).unwrap()
+    }
+
+    /// `h = relu(u * g + b)`, read by a forward node and, like `u`, by backward nodes.
+    fn layer() -> (Graph, HashSet<NodeId>, [NodeId; 3]) {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![8, 4]);
+        let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
+        let scale = g.add_const("g", Tensor::f32(vec![4], vec![1.5; 4]));
+        let bias = g.add_const("b", Tensor::f32(vec![4], vec![0.5; 4]));
+        let scaled = add(&mut g, Op::Binary(Binary::Mul), &[u, scale], "scaled");
+        let out = add(&mut g, Op::Binary(Binary::Add), &[scaled, bias], "out");
+        let h = add(&mut g, Op::Unary(unary::RELU), &[out], "h");
+        let next = add(&mut g, Op::Unary(unary::EXP), &[h], "next");
+        let dy = g.add_input("dy", vec![8, 4]);
+        let mask = add(&mut g, Op::Binary(Binary::Mul), &[dy, h], "mask");
+        let term = add(&mut g, Op::Binary(Binary::Mul), &[mask, u], "term");
+        let wide = add(&mut g, Op::Binary(Binary::Sub), &[term, h], "wide");
+        g.add_output("next", next);
+        g.add_output("wide", wide);
+        (g.finish(), [mask, term, wide].into(), [h, mask, wide])
+    }
+
+    #[test]
+    fn backward_readers_of_an_activation_recompute_it_from_the_kept_value() {
+        let (mut graph, backward, [h, mask, wide]) = layer();
+        assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 1);
+        let copy = graph.inputs_of(mask)[1];
+        assert_ne!(copy, h);
+        assert_eq!(graph.node(copy).name, "h/recomputed");
+        assert_eq!(graph.recomputed().len(), 3);
+        assert_eq!(graph.inputs_of(wide)[1], copy);
+        // The forward reader keeps the original; the copy repeats scale, bias and relu on `u`.
+        assert_eq!(graph.consumers(h).len(), 1);
+        let out = graph.inputs_of(copy)[0];
+        let scaled = graph.inputs_of(out)[0];
+        assert_eq!(graph.node(scaled).name, "scaled/recomputed");
+        assert_eq!(graph.node(graph.inputs_of(scaled)[0]).name, "u");
+    }
+
+    #[test]
+    fn values_without_a_kept_source_or_an_elementwise_reader_are_kept() {
+        // Nothing in the backward pass reads `u`: `h` has no kept source.
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![8, 4]);
+        let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
+        let h = add(&mut g, Op::Unary(unary::RELU), &[u], "h");
+        let dy = g.add_input("dy", vec![8, 4]);
+        let mask = add(&mut g, Op::Binary(Binary::Mul), &[dy, h], "mask");
+        g.add_output("mask", mask);
+        let mut graph = g.finish();
+        assert_eq!(
+            recompute_activations(&mut graph, &[mask].into()).unwrap(),
+            0
+        );
+        // `u` is read late, but `h`'s only backward reader is a product: no kernel to ride in.
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![8, 4]);
+        let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
+        let h = add(&mut g, Op::Unary(unary::RELU), &[u], "h");
+        let w = g.add_input("w", vec![4, 8]);
+        let prod = add(&mut g, Op::MatMul, &[w, h], "prod");
+        let back = add(&mut g, Op::Unary(unary::EXP), &[u], "back");
+        g.add_output("prod", prod);
+        g.add_output("back", back);
+        let mut graph = g.finish();
+        let backward = [prod, back].into();
+        assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 0);
+    }
+}
