@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use dorac::codegen::{self, Kernel, Plan, PlanOptions};
 use dorac::ir::{unary, Binary, Graph, GraphBuilder, NodeId, Op};
+use dorac::passes::recompute_activations;
 use dorac::runtime::Executable;
 use dorac::tensor::{relative_error, Array, Rng, Tensor};
 use dorac::train::optimizer::step_scalars;
@@ -756,4 +757,104 @@ fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
     let (g, [mm, ..]) = column_sums_graph(&[70], 24, 80);
     let portable = codegen::plan(&g).unwrap();
     insta::assert_snapshot!("column_sums_blocked", kernel(&portable, mm));
+}
+
+/// A layer's activation `h = relu(u * g + b)` read by a forward node, and in the backward pass
+/// by an element-wise node, by a product through a transpose (`dAᵀ h`: B) and by a product as
+/// its A operand (`h w2`), where `u` is read late too: [`recompute_activations`] gives the
+/// element-wise reader one copy and each product one of its own.
+fn operand_prologue_graph(rows: usize, c: usize, n: usize) -> Graph {
+    let mut g = GraphBuilder::new();
+    let u = g.add_input("u", vec![rows, c]);
+    let scale = g.add_input("g", vec![c]);
+    let bias = g.add_input("b", vec![c]);
+    let binary = |g: &mut GraphBuilder, op: Binary, a: NodeId, b: NodeId, name: &str| {
+        g.add(Op::Binary(op), &[a, b], name, name).unwrap()
+    };
+    let scaled = binary(&mut g, Binary::Mul, u, scale, "scaled");
+    let out = binary(&mut g, Binary::Add, scaled, bias, "out");
+    let h = g.add(Op::Unary(unary::RELU), &[out], "h", "h").unwrap();
+    let next = g.add(Op::Unary(unary::EXP), &[h], "next", "next").unwrap();
+    let dy = g.add_input("dy", vec![rows, c]);
+    let back = binary(&mut g, Binary::Mul, dy, h, "back");
+    let term = binary(&mut g, Binary::Mul, back, u, "term");
+    let da = g.add_input("da", vec![rows, 16]);
+    let perm = Op::Transpose { perm: vec![1, 0] };
+    let da_t = g.add(perm, &[da], "da_t", "da_t").unwrap();
+    let db = g.add(Op::MatMul, &[da_t, h], "db", "db").unwrap();
+    let w2 = g.add_input("w2", vec![c, n]);
+    let dx = g.add(Op::MatMul, &[h, w2], "dx", "dx").unwrap();
+    for (name, value) in [("next", next), ("term", term), ("db", db), ("dx", dx)] {
+        g.add_output(name, value);
+    }
+    let mut graph = g.finish();
+    let backward = [back, term, da_t, db, dx].into();
+    assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 1);
+    graph
+}
+
+/// The products compute their copies of a recomputed activation as they load the operand (an
+/// operand prologue): the copies get no buffer and no kernel, on the CPU template (the device
+/// plan here), the 16 x 16 and the blocked templates (the portable plan, 37 and 70 rows), and
+/// the values match the f64 reference.
+#[test]
+fn products_compute_recomputed_operands_as_they_load_them() {
+    for (rows, c, n) in [(37, 50, 24), (70, 80, 72)] {
+        let graph = operand_prologue_graph(rows, c, n);
+        let mut rng = Rng::new(31);
+        let shapes = [
+            ("u", vec![rows, c]),
+            ("g", vec![c]),
+            ("b", vec![c]),
+            ("dy", vec![rows, c]),
+            ("da", vec![rows, 16]),
+            ("w2", vec![c, n]),
+        ];
+        let feeds: BTreeMap<String, Array> = (shapes.into_iter())
+            .map(|(name, shape)| (name.to_string(), random(&shape, &mut rng)))
+            .collect();
+        let want = run_reference(&graph, &feeds);
+        for plan in [
+            codegen::plan_with(&graph, &gpu().plan_options()).unwrap(),
+            codegen::plan(&graph).unwrap(),
+        ] {
+            // One copy is stored at most (the element-wise reader's, where it has no kernel to
+            // share), and both products compute theirs.
+            let stored = (plan.buffers.iter())
+                .filter(|b| b.name.ends_with("/recomputed"))
+                .count();
+            assert!(stored <= 1, "{plan}");
+            for product in ["db", "dx"] {
+                let kernel = plan
+                    .kernels
+                    .iter()
+                    .find(|k| k.labels[0] == product)
+                    .unwrap();
+                let copies = (kernel.labels.iter())
+                    .filter(|l| l.ends_with("/recomputed"))
+                    .count();
+                assert_eq!(copies, 3, "{product}:\n{plan}");
+            }
+            let exe = Executable::new(gpu(), &plan, &graph).unwrap();
+            let outputs = ["next", "term", "db", "dx"];
+            let got = exe.step(&host(&feeds), &outputs).unwrap();
+            for name in outputs {
+                let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
+                let err = relative_error(&got, &want[name].data);
+                assert!(err < 1e-5, "{rows} rows, '{name}': {err:e}\n{plan}");
+            }
+        }
+    }
+    // The device kernel of `db`, whose B operand is the prologue, pinned for review.
+    let graph = operand_prologue_graph(37, 50, 24);
+    let cpu = PlanOptions {
+        target: codegen::Target::Cpu,
+        subgroup_size: Some(8),
+        max_bindings: 48,
+        binding_arrays: true,
+        ..PlanOptions::default()
+    };
+    let plan = codegen::plan_with(&graph, &cpu).unwrap();
+    let kernel = plan.kernels.iter().find(|k| k.labels[0] == "db").unwrap();
+    insta::assert_snapshot!("operand_prologue_product", kernel.source);
 }

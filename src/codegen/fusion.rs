@@ -82,6 +82,11 @@
 //! joins the product computing `dY`, whose `dY` the magnitude gradient reads earlier, and the
 //! loss gradient joins the last layer's forward product.
 //!
+//! **Operand prologues** ([`host_operand_prologues`]): a recomputation (`Graph::recomputed`)
+//! that only products read, directly or through a transpose they read in place, is computed by
+//! each of them as it loads the operand (the `a_get` / `b_get` helper of its kernel), so it is
+//! never stored: DoRA's activation, recomputed from `u` for the next layer's `dA` product.
+//!
 //! Nothing a group reads from outside can depend on a value inside it: the path would leave the
 //! group through an outside reader of that value, which `fits` places after the group's last
 //! node, and so after the group node that reads the path's end. Nor can two groups read each
@@ -129,6 +134,10 @@ pub struct Fusion {
     /// Terms of sums over rows that a product's kernel sums over each tile of its rows (module
     /// docs: *column sums*), by term: their buffers hold those sums, one row per tile.
     pub column_sums: BTreeMap<NodeId, ColumnSum>,
+    /// Recomputations that only products read, by the value the products read (module docs:
+    /// *operand prologues*): the element-wise chain that computes it, operands first, which
+    /// each of those products computes as it loads the operand. No kernel computes them.
+    pub operand_prologues: BTreeMap<NodeId, Vec<NodeId>>,
 }
 
 /// Where a term of a sum over rows is summed per tile of rows (module docs: *column sums*).
@@ -186,6 +195,7 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
             term_chains: BTreeMap::new(),
             row_pitch: BTreeMap::new(),
             column_sums: BTreeMap::new(),
+            operand_prologues: BTreeMap::new(),
         }
     }
 }
@@ -218,8 +228,12 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
     // A recomputation (`Graph::recomputed`) anchors no group before its readers have had the
     // chance to compute it as a side operand: only the ones left over get kernels of their own.
     let recomputed = graph.recomputed();
+    let mut operand_prologues = BTreeMap::new();
     let passes = [(false, false), (true, false), (true, true)];
     for (elementwise_pass, leftovers) in passes {
+        if fuse && leftovers {
+            operand_prologues = host_operand_prologues(&mut ctx, &groups, &operand_transposes);
+        }
         for &anchor in &order {
             if !needs_kernel(anchor)
                 || ctx.taken.contains(&anchor)
@@ -289,7 +303,76 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
         term_chains,
         row_pitch,
         column_sums,
+        operand_prologues,
     })
+}
+
+/// Decides the operand prologues (module docs) among the recomputations no group has taken:
+/// each with the chain of recomputations that only it reads, where every live reader of the
+/// value is a product anchoring a group (or a transpose read in place whose readers all are)
+/// and each of those kernels still binds at most `max_bindings` buffers.
+fn host_operand_prologues(
+    ctx: &mut Context,
+    groups: &[Vec<NodeId>],
+    transposes: &BTreeSet<NodeId>,
+) -> BTreeMap<NodeId, Vec<NodeId>> {
+    let graph = ctx.graph;
+    let anchors: HashMap<NodeId, &Vec<NodeId>> = groups.iter().map(|g| (g[0], g)).collect();
+    let is_product = |n: NodeId| {
+        matches!(graph.node(n).op, Op::MatMul | Op::Gemm { .. }) && anchors.contains_key(&n)
+    };
+    let mut prologues = BTreeMap::new();
+    for &t in graph.recomputed().iter().rev() {
+        if ctx.taken.contains(&t) || !ctx.live.contains(&t) {
+            continue;
+        }
+        // The products that load `t`, directly or through a transpose read in place.
+        let mut products = vec![];
+        let all_products = ctx.live_consumers(t).into_iter().all(|c| {
+            if transposes.contains(&c) {
+                let readers = ctx.live_consumers(c);
+                products.extend(readers.iter().copied());
+                !readers.is_empty() && readers.iter().all(|&r| is_product(r))
+            } else {
+                products.push(c);
+                is_product(c)
+            }
+        });
+        if !all_products || products.is_empty() {
+            continue;
+        }
+        // `t` and the recomputations only the chain reads, operands first.
+        let mut chain = vec![t];
+        let mut k = 0;
+        while k < chain.len() {
+            for i in graph.inputs_of(chain[k]) {
+                let only_chain = ctx.live_consumers(i).iter().all(|c| chain.contains(c));
+                if graph.recomputed().contains(&i)
+                    && !ctx.taken.contains(&i)
+                    && !chain.contains(&i)
+                    && only_chain
+                {
+                    chain.push(i);
+                }
+            }
+            k += 1;
+        }
+        chain.reverse();
+        let shape = graph.shape(t);
+        let elementwise = chain
+            .iter()
+            .all(|&n| is_elementwise(&graph.node(n).op) && numel(graph.shape(n)) == numel(shape));
+        let fits = products.iter().all(|p| {
+            let mut kernel = anchors[p].clone();
+            kernel.extend(&chain);
+            bindings(graph, &kernel, ctx.live, &ctx.kept) <= ctx.max_bindings
+        });
+        if elementwise && fits {
+            ctx.taken.extend(chain.iter().copied());
+            prologues.insert(t, chain);
+        }
+    }
+    prologues
 }
 
 /// Appends each DoRA norm group to the first earlier one of the same attributes and input

@@ -346,6 +346,9 @@ pub(crate) struct Decisions<'p> {
     pub subgroup_size: Option<u32>,
     /// Terms that a product's kernel sums over each tile of its rows (see `fusion`), by term.
     pub column_sums: &'p BTreeMap<NodeId, ColumnSum>,
+    /// Values that the products reading them compute as they load them (see `fusion`), with
+    /// the element-wise chain that computes each.
+    pub operand_prologues: &'p BTreeMap<NodeId, Vec<NodeId>>,
 }
 
 /// Renders the kernel named `name` that computes `group` (anchor first, then its epilogue).
@@ -956,8 +959,17 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     // each axis of the logical operand in the source's memory.
     let (a_src, a_perm) = b.source(ins[0]);
     let (b_src, b_perm) = b.source(ins[1]);
-    let (_, a_half) = b.bind_stored("a", a_src, half);
-    let (_, b_half) = b.bind_stored("b", b_src, half);
+    // An operand prologue binds the chain's operands (in its load helper, below), not `a` or `b`.
+    let a_prologue = d.operand_prologues.get(&a_src);
+    let b_prologue = d.operand_prologues.get(&b_src);
+    let a_half = match a_prologue {
+        None => b.bind_stored("a", a_src, half).1,
+        Some(_) => None,
+    };
+    let b_half = match b_prologue {
+        None => b.bind_stored("b", b_src, half).1,
+        Some(_) => None,
+    };
     let a_strides = operand_strides(graph, a_src, a_perm, d.pitch);
     let b_strides = operand_strides(graph, b_src, b_perm, d.pitch);
     // `first`: the statement that turns the dot product `acc` into `v0` (indented below);
@@ -1080,8 +1092,37 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         "// Offset in `b` of B[p, j] of output matrix `batch`.\n\
          fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
     ));
-    // The loads, decoding a weight stored in half precision.
-    for (op, half, (x, y)) in [("a", a_half, ("i", "p")), ("b", b_half, ("p", "j"))] {
+    // The loads, decoding a weight stored in half precision, or computing an operand prologue.
+    let operands = [
+        ("a", a_half, a_prologue, ("i", "p")),
+        ("b", b_half, b_prologue, ("p", "j")),
+    ];
+    for (op, half, prologue, (x, y)) in operands {
+        if let Some(chain) = prologue {
+            // The chain's loads index its value by a flat `i`: the row is not called that.
+            let (x, y) = if op == "a" { ("row", y) } else { (x, "col") };
+            let indent = "    ";
+            let mut lines = vec![format!("{indent}let i = {op}_at(batch, {x}, {y});")];
+            let (var, load) = (format!("{op}v"), format!("{op}e"));
+            let no_store = |_: &mut Builder, _: &mut Vec<String>, _: usize| {};
+            lines.extend(elementwise_steps(
+                &mut b,
+                chain,
+                0,
+                (&var, &load),
+                indent,
+                no_store,
+            )?);
+            b.helpers.push(format!(
+                "// {}[{x}, {y}] of output matrix `batch`, computed as it is loaded (an operand\n\
+                 // prologue): element i of the value the chain below computes.\n\
+                 fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n{}\n    return {var}{};\n}}",
+                op.to_uppercase(),
+                lines.join("\n"),
+                chain.len() - 1
+            ));
+            continue;
+        }
         let note = match half {
             Some(h) => format!(", stored as {}", h.name()),
             None => String::new(),

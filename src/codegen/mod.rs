@@ -350,8 +350,13 @@ pub fn plan_grouped(
         term_chains,
         row_pitch: pitch,
         column_sums,
+        operand_prologues,
         ..
     } = fusion;
+    // Nodes no kernel computes on its own: their readers compute them as they load them.
+    let computed_by_readers: HashSet<NodeId> = (prologues.iter().copied())
+        .chain(operand_prologues.values().flatten().copied())
+        .collect();
     let half = storage::half_stored(graph, &transposed, &live);
     let kept = fusion::kept(graph);
     let escapes: BTreeSet<NodeId> = (groups.iter())
@@ -383,7 +388,7 @@ pub fn plan_grouped(
         if !live.contains(&n)
             || in_group.contains(&n)
             || transposed.contains(&n)
-            || prologues.contains(&n)
+            || computed_by_readers.contains(&n)
         {
             continue;
         }
@@ -445,6 +450,7 @@ pub fn plan_grouped(
         target: options.target,
         subgroup_size: options.subgroup_size,
         column_sums: &column_sums,
+        operand_prologues: &operand_prologues,
     };
     // Kernels that differ only in comments (names) are validated once.
     let mut validated = HashSet::new();
@@ -458,6 +464,13 @@ pub fn plan_grouped(
         let mut nodes = group;
         nodes.extend(term_chains.get(&nodes[0]).into_iter().flatten());
         nodes.extend(fusion::terms_of(&column_sums, nodes[0]));
+        let loaded = (graph.inputs_of(nodes[0]).into_iter())
+            .map(|i| match transposed.contains(&i) {
+                true => graph.inputs_of(i)[0],
+                false => i,
+            })
+            .filter_map(|i| operand_prologues.get(&i));
+        nodes.extend(loaded.flatten().collect::<Vec<_>>());
         plan.kernels.push(Kernel {
             name,
             summary: emitted.summary,
@@ -702,6 +715,37 @@ fn check_groups(
             ));
         }
     }
+    // An operand prologue: element-wise nodes of one element count, no group's, the last read
+    // by products alone (directly or through transposes read in place), the others by the
+    // chain alone.
+    for (&value, chain) in &fusion.operand_prologues {
+        let product = |n: NodeId| {
+            matches!(graph.node(n).op, Op::MatMul | Op::Gemm { .. })
+                && groups.iter().any(|g| g[0] == n)
+        };
+        let readers_of = |n: NodeId| -> Vec<NodeId> {
+            (graph.consumers(n).into_iter())
+                .filter(|c| live.contains(c))
+                .collect()
+        };
+        let loaded = readers_of(value).into_iter().all(|r| {
+            product(r) || (transposed.contains(&r) && readers_of(r).into_iter().all(product))
+        });
+        let fits = loaded
+            && chain.last() == Some(&value)
+            && chain.iter().all(|&n| {
+                let elementwise = kernels::is_elementwise(&graph.node(n).op)
+                    && graph.node(n).numel() == graph.node(value).numel();
+                let inner = n == value || readers_of(n).iter().all(|r| chain.contains(r));
+                elementwise && inner && !seen.contains(&n) && !prologues.contains(&n)
+            });
+        if !fits {
+            return bad(format!(
+                "the products reading '{}' cannot compute it as they load it",
+                graph.node(value).label
+            ));
+        }
+    }
     for (host, chain) in term_chains {
         let x = graph.inputs_of(*host).first().copied();
         let group = groups.iter().find(|g| g[0] == *host);
@@ -792,6 +836,7 @@ fn check_groups(
             && !transposed.contains(&n)
             && !prologues.contains(&n)
             && !fusion.column_sums.contains_key(&n)
+            && !fusion.operand_prologues.values().flatten().any(|&c| c == n)
     }) {
         return bad(format!("node '{}' is in no group", graph.node(n).label));
     }

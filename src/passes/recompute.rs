@@ -11,8 +11,10 @@
 //!
 //! The pass recomputes `t` only where one of its backward readers is element-wise at `t`'s size:
 //! the code generator computes the copy in that reader's kernel (a side operand of its
-//! epilogue) and writes it there for the other readers, so the copy costs loads of the small
-//! operands, not a kernel of its own.
+//! epilogue), so the copy costs loads of the small operands, not a kernel of its own. Each
+//! product that reads `t` (directly or through a transpose) gets a copy of its own, which the
+//! code generator computes as the product loads that operand (an operand prologue): the copy
+//! is then never stored at all.
 
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op, Patch, PatchRef};
@@ -62,28 +64,57 @@ pub fn recompute_activations(graph: &mut Graph, backward: &HashSet<NodeId>) -> R
         return Ok(0);
     }
     let mut p = Patch::new(graph);
-    let mut copies: HashMap<NodeId, PatchRef> = HashMap::new();
+    // Copies shared by the element-wise readers (a chain's copies feed the next value's).
+    let mut shared: HashMap<NodeId, PatchRef> = HashMap::new();
     for (t, recipe, late) in &plans {
-        for &n in recipe {
-            if copies.contains_key(&n) {
-                continue;
-            }
-            let node = graph.node(n);
-            let inputs: Vec<PatchRef> = graph
-                .inputs_of(n)
-                .into_iter()
-                .map(|i| copies.get(&i).copied().unwrap_or(PatchRef::Old(i)))
-                .collect();
-            let name = format!("{}/recomputed", node.name);
-            let label = format!("{}/recomputed", node.label);
-            let copy = p.add(node.op.clone(), &inputs, &name, &label)?;
-            p.mark_recomputed(copy);
-            copies.insert(n, copy);
+        let (products, others): (Vec<NodeId>, Vec<NodeId>) =
+            late.iter().partition(|&&c| reads_as_product(graph, c));
+        copy(&mut p, graph, recipe, &mut shared)?;
+        p.replace_for(*t, shared[t], others);
+        // Each product gets a copy of its own, which it can compute as it loads the operand.
+        for reader in products {
+            let mut own = HashMap::new();
+            copy(&mut p, graph, recipe, &mut own)?;
+            p.replace_for(*t, own[t], vec![reader]);
         }
-        p.replace_for(*t, copies[t], late.clone());
     }
     graph.apply(p.finish());
     Ok(plans.len())
+}
+
+/// Adds a copy of each node of `recipe` that `copies` has none of yet, reading the copies of
+/// its inputs where there are some, and marks it recomputed.
+fn copy(
+    p: &mut Patch,
+    graph: &Graph,
+    recipe: &[NodeId],
+    copies: &mut HashMap<NodeId, PatchRef>,
+) -> Result<()> {
+    for &n in recipe {
+        if copies.contains_key(&n) {
+            continue;
+        }
+        let node = graph.node(n);
+        let inputs: Vec<PatchRef> = graph
+            .inputs_of(n)
+            .into_iter()
+            .map(|i| copies.get(&i).copied().unwrap_or(PatchRef::Old(i)))
+            .collect();
+        let name = format!("{}/recomputed", node.name);
+        let label = format!("{}/recomputed", node.label);
+        let copy = p.add(node.op.clone(), &inputs, &name, &label)?;
+        p.mark_recomputed(copy);
+        copies.insert(n, copy);
+    }
+    Ok(())
+}
+
+/// A product, or a transpose (which the code generator reads in place in the product after it).
+fn reads_as_product(graph: &Graph, n: NodeId) -> bool {
+    matches!(
+        graph.node(n).op,
+        Op::MatMul | Op::Gemm { .. } | Op::Transpose { .. }
+    )
 }
 
 /// Element-wise ops that are worth repeating rather than keeping: unary and binary arithmetic.
@@ -185,6 +216,33 @@ mod tests {
         let scaled = graph.inputs_of(out)[0];
         assert_eq!(graph.node(scaled).name, "scaled/recomputed");
         assert_eq!(graph.node(graph.inputs_of(scaled)[0]).name, "u");
+    }
+
+    #[test]
+    fn each_product_reading_an_activation_gets_a_copy_of_its_own() {
+        let (mut graph, mut backward, [h, mask, wide]) = layer();
+        let mut p = Patch::new(&graph);
+        let w = p.input("w", vec![8, 4], crate::tensor::DType::F32).unwrap();
+        let prods = ["p1", "p2"].map(|name| {
+            let t = Op::Transpose { perm: vec![1, 0] };
+            let x_t = p.add(t, &[w], &format!("{name}_t"), name).unwrap();
+            p.add(Op::MatMul, &[x_t, h.into()], name, name).unwrap()
+        });
+        for (name, &r) in ["p1", "p2"].iter().zip(&prods) {
+            p.add_output(name, r);
+        }
+        let applied = graph.apply(p.finish());
+        backward.extend(applied.ids().iter().copied());
+        assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 1);
+        let shared = graph.inputs_of(mask)[1];
+        assert_eq!(graph.inputs_of(wide)[1], shared);
+        let copies: Vec<NodeId> = prods
+            .iter()
+            .map(|&r| graph.inputs_of(applied.id(r))[1])
+            .collect();
+        assert!(copies[0] != shared && copies[1] != shared && copies[0] != copies[1]);
+        // Three nodes each: the shared copy and the products' own.
+        assert_eq!(graph.recomputed().len(), 9);
     }
 
     #[test]
