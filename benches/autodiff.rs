@@ -81,6 +81,7 @@ fn options() -> BuildOptions {
         exact_norm_grad: false,
         expose_grads: false,
         full_targets: None,
+        lean_activations: false,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Training benchmark: one compiled AdamW step (forward, MSE loss, backward, update) for DoRA
-//! and LoRA at the same rank, on the GPU wgpu finds. Prints time per step, the device memory the
-//! step's plan allocates, their DoRA/LoRA ratios measured in this run, and unmerged DoRA
-//! inference against base inference.
+//! and LoRA at the same rank, on the GPU wgpu finds, and DoRA with the exact norm gradient and
+//! with lean activations. Prints time per step, the device memory the step's plan allocates,
+//! their ratios measured in this run, and unmerged DoRA inference against base inference.
 //!
 //! `cargo bench --bench train` (env DORAC_BENCH_ITERS, DORAC_BENCH_WIDTH, DORAC_BENCH_BATCH,
 //! DORAC_BENCH_RANK).
@@ -44,11 +44,12 @@ fn main() {
         [("x".to_string(), x.clone()), ("target".to_string(), t)].into();
 
     let mut sessions = vec![];
-    for (name, method, graph, exact) in [
+    for (name, method, graph, exact, lean) in [
         (
             "dora",
             TrainMethod::Dora,
             adapted(&base, Method::Dora, rank, &mut rng),
+            false,
             false,
         ),
         (
@@ -56,12 +57,22 @@ fn main() {
             TrainMethod::Dora,
             adapted(&base, Method::Dora, rank, &mut rng),
             true,
+            false,
         ),
         (
             "lora",
             TrainMethod::Lora,
             adapted(&base, Method::Lora, rank, &mut rng),
             false,
+            false,
+        ),
+        // `dorac train --lean-activations`: no activation kept beside DoRA's `u`.
+        (
+            "dora lean",
+            TrainMethod::Dora,
+            adapted(&base, Method::Dora, rank, &mut rng),
+            false,
+            true,
         ),
     ] {
         let opts = BuildOptions {
@@ -73,6 +84,7 @@ fn main() {
             exact_norm_grad: exact,
             expose_grads: false,
             full_targets: None,
+            lean_activations: lean,
         };
         let program = build(graph, &opts).unwrap();
         // The plan the session runs on this device.
@@ -118,6 +130,14 @@ fn main() {
         get("dora").3 as f64 / get("lora").3 as f64,
         get("dora").3,
         get("lora").3
+    );
+    println!(
+        "  step time    DoRA lean activations / LoRA  {:.3}",
+        get("dora lean").1 / get("lora").1
+    );
+    println!(
+        "  peak memory  DoRA lean activations / LoRA  {:.3}",
+        get("dora lean").2 as f64 / get("lora").2 as f64
     );
     println!(
         "  step time    exact / detached norm  {:.3}",

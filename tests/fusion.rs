@@ -204,18 +204,19 @@ fn step_feeds(
     feeds
 }
 
-/// Three DoRA (detached, and exact norm with clipping) and LoRA steps of `graph` on `batch`,
-/// fused and unfused. Returns the device plans of the DoRA steps.
+/// Three DoRA (detached, exact norm with clipping, and with lean activations) and LoRA steps of
+/// `graph` on `batch`, fused and unfused. Returns the device plans of the DoRA steps.
 fn training_steps_fused_match_unfused(
     model: &str,
     graph: impl Fn(&str) -> Graph,
     batch: &BTreeMap<String, Array>,
 ) -> Vec<Plan> {
     let mut device_plans = vec![];
-    for (method, exact, clip) in [
-        (TrainMethod::Dora, false, None),
-        (TrainMethod::Dora, true, Some(0.5)),
-        (TrainMethod::Lora, false, None),
+    for (method, exact, clip, lean) in [
+        (TrainMethod::Dora, false, None, false),
+        (TrainMethod::Dora, true, Some(0.5), false),
+        (TrainMethod::Lora, false, None, false),
+        (TrainMethod::Dora, false, None, true),
     ] {
         let adapter = if method == TrainMethod::Lora {
             "peft_lora"
@@ -236,9 +237,13 @@ fn training_steps_fused_match_unfused(
             exact_norm_grad: exact,
             expose_grads: true,
             full_targets: None,
+            lean_activations: lean,
         };
         let program = build(graph(adapter), &opts).unwrap();
-        let tag = format!("{model} {} step (exact norm {exact})", method.name());
+        let tag = format!(
+            "{model} {} step (exact norm {exact}, lean activations {lean})",
+            method.name()
+        );
         let state = initial_state(&program);
         let (fused, plain) = compare(&tag, &program.graph, &state, 3, |t| {
             step_feeds(batch, &optimizer, t)
@@ -382,6 +387,7 @@ fn gpt2_tiny_training_step_fused_matches_unfused() {
         exact_norm_grad: false,
         expose_grads: true,
         full_targets: None,
+        lean_activations: false,
     };
     let program = build(g, &opts).unwrap();
     // On a CPU target, the one layer whose `dY` a product computes (through a reshape) has its
@@ -789,7 +795,10 @@ fn operand_prologue_graph(rows: usize, c: usize, n: usize) -> Graph {
     }
     let mut graph = g.finish();
     let backward = [back, term, da_t, db, dx].into();
-    assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 1);
+    assert_eq!(
+        recompute_activations(&mut graph, &backward, false).unwrap(),
+        1
+    );
     graph
 }
 

@@ -167,6 +167,7 @@ fn oversized_trainable_tensors_train_in_chunks() {
         .unwrap();
         let opts = BuildOptions {
             full_targets: targets,
+            lean_activations: false,
             expose_grads: true,
             ..mse_options(TrainMethod::Full)
         };

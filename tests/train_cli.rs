@@ -325,6 +325,7 @@ fn a_diverging_loss_stops_and_keeps_the_last_checkpoint() {
     );
 }
 
+/// GPU runs, also with `--lean-activations`, against the reference executor's losses.
 #[test]
 fn training_on_the_gpu_matches_the_reference() {
     let dir = temp_dir("train-gpu");
@@ -354,13 +355,24 @@ fn training_on_the_gpu_matches_the_reference() {
     args[n - 1] = s(&r);
     args.push("--reference");
     ok(&train(&args, &[]));
-    let (mg, mr) = (metrics(&g), metrics(&r));
-    for (a, b) in mg.iter().zip(&mr) {
-        let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-        assert!(
-            (a - b).abs() <= 1e-4 * b.abs(),
-            "gpu loss {a} vs reference {b}"
-        );
+    // With lean activations: the same losses, from a plan that keeps less.
+    let l = dir.join("lean");
+    args.pop();
+    args[n - 1] = s(&l);
+    args.push("--lean-activations");
+    ok(&train(&args, &[]));
+    let mr = metrics(&r);
+    for run in [&g, &l] {
+        let mg = metrics(run);
+        assert_eq!(mg.len(), mr.len());
+        for (a, b) in mg.iter().zip(&mr) {
+            let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "{}: gpu loss {a} vs reference {b}",
+                run.display()
+            );
+        }
     }
 }
 

@@ -99,6 +99,7 @@ fn program(case: &Case, variant: &str, data: &BTreeMap<String, Array>) -> dorac:
         exact_norm_grad: false,
         expose_grads: true,
         full_targets: None,
+        lean_activations: false,
     };
     build(g, &opts).unwrap()
 }

@@ -43,6 +43,9 @@ pub struct Args {
         help_heading = "Training step"
     )]
     pub method: super::train::MethodArg,
+    /// As `dorac train --lean-activations`.
+    #[arg(long, help_heading = "Training step")]
+    pub lean_activations: bool,
     #[command(flatten)]
     pub adapter_args: super::common::AdapterArgs,
     /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable [default:
@@ -122,6 +125,7 @@ pub fn run(args: Args) -> Result<()> {
             expose_grads: false,
             full_targets: (!args.adapter_args.targets.is_empty())
                 .then(|| args.adapter_args.patterns()),
+            lean_activations: args.lean_activations,
         };
         let prepared = crate::pipeline::training(graph, &opts, None, half)?;
         graph = prepared.value.graph;

@@ -14,7 +14,11 @@
 //! epilogue), so the copy costs loads of the small operands, not a kernel of its own. Each
 //! product that reads `t` (directly or through a transpose) gets a copy of its own, which the
 //! code generator computes as the product loads that operand (an operand prologue): the copy
-//! is then never stored at all.
+//! is then never stored at all. Asked to (`dorac train --lean-activations`), where only
+//! products read `t` in the forward pass too (the next layer of an MLP), they get copies of
+//! their own as well, and `t` is not stored even there: DoRA then keeps `u` where LoRA keeps
+//! the activation, and nothing beside it, for the loads the forward products then repeat
+//! (2% of a step on lavapipe at the train bench's shape).
 
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op, Patch, PatchRef};
@@ -30,8 +34,13 @@ const SMALL_FRACTION: usize = 8;
 /// Gives the readers in `backward` of each forward value that qualifies (module docs) a copy
 /// computed from the value it is recomputed from; returns how many values were recomputed.
 /// Values are decided operands first, so a recomputed value is never the kept source of
-/// another (that one is computed from its source too, sharing the copies).
-pub fn recompute_activations(graph: &mut Graph, backward: &HashSet<NodeId>) -> Result<usize> {
+/// another (that one is computed from its source too, sharing the copies). With
+/// `forward_products`, forward readers that are all products get copies of their own too.
+pub fn recompute_activations(
+    graph: &mut Graph,
+    backward: &HashSet<NodeId>,
+    forward_products: bool,
+) -> Result<usize> {
     let mut recomputed: HashSet<NodeId> = HashSet::new();
     let read_late = |n: NodeId| graph.consumers(n).iter().any(|c| backward.contains(c));
     let mut plans = vec![];
@@ -67,8 +76,16 @@ pub fn recompute_activations(graph: &mut Graph, backward: &HashSet<NodeId>) -> R
     // Copies shared by the element-wise readers (a chain's copies feed the next value's).
     let mut shared: HashMap<NodeId, PatchRef> = HashMap::new();
     for (t, recipe, late) in &plans {
-        let (products, others): (Vec<NodeId>, Vec<NodeId>) =
+        let (mut products, others): (Vec<NodeId>, Vec<NodeId>) =
             late.iter().partition(|&&c| reads_as_product(graph, c));
+        // Where the forward pass only multiplies by `t` (the next layer's products), its
+        // products may compute their own copies too, and `t` is then never stored.
+        let mut early = graph.consumers(*t);
+        early.retain(|c| !late.contains(c));
+        early.dedup();
+        if forward_products && early.iter().all(|&c| reads_as_product(graph, c)) {
+            products.extend(early);
+        }
         copy(&mut p, graph, recipe, &mut shared)?;
         p.replace_for(*t, shared[t], others);
         // Each product gets a copy of its own, which it can compute as it loads the operand.
@@ -204,7 +221,10 @@ mod tests {
     #[test]
     fn backward_readers_of_an_activation_recompute_it_from_the_kept_value() {
         let (mut graph, backward, [h, mask, wide]) = layer();
-        assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 1);
+        assert_eq!(
+            recompute_activations(&mut graph, &backward, false).unwrap(),
+            1
+        );
         let copy = graph.inputs_of(mask)[1];
         assert_ne!(copy, h);
         assert_eq!(graph.node(copy).name, "h/recomputed");
@@ -233,7 +253,10 @@ mod tests {
         }
         let applied = graph.apply(p.finish());
         backward.extend(applied.ids().iter().copied());
-        assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 1);
+        assert_eq!(
+            recompute_activations(&mut graph, &backward, false).unwrap(),
+            1
+        );
         let shared = graph.inputs_of(mask)[1];
         assert_eq!(graph.inputs_of(wide)[1], shared);
         let copies: Vec<NodeId> = prods
@@ -257,7 +280,7 @@ mod tests {
         g.add_output("mask", mask);
         let mut graph = g.finish();
         assert_eq!(
-            recompute_activations(&mut graph, &[mask].into()).unwrap(),
+            recompute_activations(&mut graph, &[mask].into(), false).unwrap(),
             0
         );
         // `u` is read late, but `h`'s only backward reader is a product: no kernel to ride in.
@@ -272,6 +295,9 @@ mod tests {
         g.add_output("back", back);
         let mut graph = g.finish();
         let backward = [prod, back].into();
-        assert_eq!(recompute_activations(&mut graph, &backward).unwrap(), 0);
+        assert_eq!(
+            recompute_activations(&mut graph, &backward, false).unwrap(),
+            0
+        );
     }
 }

@@ -103,6 +103,10 @@ pub struct BuildOptions {
     pub expose_grads: bool,
     /// Modules whose weights `full` trains (None: every adapted-or-linear layer).
     pub full_targets: Option<Vec<String>>,
+    /// Keep no activation that the next layer's products can compute again as they load it
+    /// from a value kept anyway (DoRA's `u`): less memory, a little more work per step
+    /// (`passes::recompute`).
+    pub lean_activations: bool,
 }
 
 /// A compiled training step.
@@ -285,7 +289,7 @@ pub fn build_for_device(
     // An activation the backward pass can compute again from a value it keeps anyway (DoRA's
     // `u`) is not kept beside it.
     let backward_nodes: HashSet<NodeId> = applied.ids().iter().copied().collect();
-    crate::passes::recompute_activations(&mut graph, &backward_nodes)?;
+    crate::passes::recompute_activations(&mut graph, &backward_nodes, opts.lean_activations)?;
     // Autodiff's transposes of products become products of transposes, which kernels read in
     // place; then frozen-only work (W0 column norms, transposed frozen weights...) happens once.
     crate::passes::simplify_transposes(&mut graph)?;
