@@ -285,36 +285,37 @@ fn dora_training_steps_fused_match_unfused() {
     .into();
     let plans = training_steps_fused_match_unfused("mlp3d", |a| with_adapter("mlp3d", a), &batch);
     assert_magnitude_sums_per_tile(&plans, 2);
-    assert_activations_recomputed(&plans, 3);
 }
 
 /// Each DoRA plan computes at least `nodes` nodes of its activations again in kernels of the
-/// backward pass (kernels that compute gradients too, so no kernel of their own), from the
-/// layers' `u`; where such a kernel writes the copy for a product, the forward pass's copy is
-/// freed before it. (A copy the fusion rules cannot place in the backward pass is computed
-/// beside the original, like a value kept without recomputing.)
+/// backward pass (from the first kernel that writes a gradient on), inside kernels that compute
+/// gradients or update parameters too (so no kernel of their own), from the layers' `u`; where
+/// such a kernel writes a copy for a product, the forward pass's copy is freed before it.
 fn assert_activations_recomputed(plans: &[Plan], nodes: usize) {
     for plan in plans {
         let spans = plan.lifetimes();
-        let backward = |k: &Kernel| {
+        let writes = |k: &Kernel, prefix: &str| {
             k.written()
-                .any(|w| plan.buffers[w].name.starts_with("grad/"))
+                .any(|w| plan.buffers[w].name.starts_with(prefix))
         };
-        let copies = (plan.kernels.iter().filter(|k| backward(k)))
+        let first_backward = (plan.kernels.iter())
+            .position(|k| writes(k, "grad/"))
+            .expect("a backward pass");
+        let copies = plan.kernels[first_backward..]
+            .iter()
+            .filter(|k| writes(k, "grad/") || writes(k, "optim/"))
             .flat_map(|k| &k.labels)
             .filter(|l| l.ends_with("/recomputed"))
             .count();
         assert!(copies >= nodes, "{copies} nodes recomputed:\n{plan}");
-        for (k, kernel) in plan.kernels.iter().enumerate().filter(|(_, k)| backward(k)) {
+        for (k, kernel) in plan.kernels.iter().enumerate().skip(first_backward) {
             for b in kernel.written() {
                 let Some(original) = plan.buffers[b].name.strip_suffix("/recomputed") else {
                     continue;
                 };
-                let o = (0..plan.buffers.len())
-                    .find(|&o| plan.buffers[o].name == original)
-                    .expect("the original activation has a buffer");
+                let o = (0..plan.buffers.len()).find(|&o| plan.buffers[o].name == original);
                 assert!(
-                    spans[o].expect("computed").1 < k,
+                    o.is_none_or(|o| spans[o].expect("computed").1 < k),
                     "'{original}' is still live where it is recomputed:\n{plan}"
                 );
             }
@@ -360,7 +361,8 @@ fn dora_training_steps_with_column_sums_fused_match_unfused() {
     .into();
     let plans = training_steps_fused_match_unfused("mlp2d", graph, &batch);
     assert_magnitude_sums_per_tile(&plans, 2);
-    assert_activations_recomputed(&plans, 3);
+    // The head's input `tanh(out)`, from `out`, which Tanh's gradient keeps anyway.
+    assert_activations_recomputed(&plans, 1);
 }
 
 #[test]
@@ -394,8 +396,6 @@ fn gpt2_tiny_training_step_fused_matches_unfused() {
     // magnitude gradient summed per tile there.
     let device_plan = [codegen::plan_with(&program.graph, &gpu().plan_options()).unwrap()];
     assert_magnitude_sums_per_tile(&device_plan, 1);
-    // GELU's pieces after `c_fc` (its output read by the gradient too) are computed again.
-    assert_activations_recomputed(&device_plan, 3);
     let state = initial_state(&program);
     let (fused, plain) = compare("gpt2_tiny DoRA lm step", &program.graph, &state, 2, |t| {
         step_feeds(&data, &optimizer, t)
@@ -866,4 +866,47 @@ fn products_compute_recomputed_operands_as_they_load_them() {
     let plan = codegen::plan_with(&graph, &cpu).unwrap();
     let kernel = plan.kernels.iter().find(|k| k.labels[0] == "db").unwrap();
     insta::assert_snapshot!("operand_prologue_product", kernel.source);
+}
+
+/// Where the fusion rules cannot place a recomputation in a reader's kernel (here: kernels of
+/// at most 5 bindings), the plan for a device takes it back: its readers read the original, as
+/// if nothing had been recomputed, and the values still match the f64 reference.
+#[test]
+fn recomputations_without_a_host_read_the_original_again() {
+    let mut graph = operand_prologue_graph(37, 50, 24);
+    let options = PlanOptions {
+        max_bindings: 5,
+        ..PlanOptions::default()
+    };
+    let unhosted = codegen::unhosted_recomputations(&graph, &options).unwrap();
+    assert!(!unhosted.is_empty());
+    let before = codegen::plan_with(&graph, &options).unwrap().kernels.len();
+    let undone = codegen::undo_unhosted_recomputations(&mut graph, &unhosted);
+    assert!(undone > 0);
+    assert!(codegen::unhosted_recomputations(&graph, &options)
+        .unwrap()
+        .is_empty());
+    let plan = codegen::plan_with(&graph, &options).unwrap();
+    assert!(
+        plan.kernels.len() < before,
+        "{before} kernels before:\n{plan}"
+    );
+    let mut rng = Rng::new(32);
+    let feeds: BTreeMap<String, Array> = graph
+        .inputs()
+        .iter()
+        .map(|&i| {
+            let node = graph.node(i);
+            (node.name.clone(), random(&node.shape, &mut rng))
+        })
+        .collect();
+    let want = run_reference(&graph, &feeds);
+    let exe = Executable::new(gpu(), &plan, &graph).unwrap();
+    let outputs = ["next", "term", "db", "dx"];
+    let got = exe.step(&host(&feeds), &outputs).unwrap();
+    for name in outputs {
+        let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
+        let err = relative_error(&got, &want[name].data);
+        assert!(err < 1e-5, "'{name}': {err:e}\n{plan}");
+    }
 }

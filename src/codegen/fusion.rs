@@ -138,6 +138,10 @@ pub struct Fusion {
     /// *operand prologues*): the element-wise chain that computes it, operands first, which
     /// each of those products computes as it loads the operand. No kernel computes them.
     pub operand_prologues: BTreeMap<NodeId, Vec<NodeId>>,
+    /// Recomputations that no reader's kernel could compute: each anchors a kernel of its own
+    /// or joins one that does (`codegen::undo_unhosted_recomputations` gives their readers the
+    /// original back where it is still computed).
+    pub unhosted: BTreeSet<NodeId>,
 }
 
 /// Where a term of a sum over rows is summed per tile of rows (module docs: *column sums*).
@@ -196,6 +200,7 @@ impl From<Vec<Vec<NodeId>>> for Fusion {
             row_pitch: BTreeMap::new(),
             column_sums: BTreeMap::new(),
             operand_prologues: BTreeMap::new(),
+            unhosted: BTreeSet::new(),
         }
     }
 }
@@ -229,6 +234,7 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
     // chance to compute it as a side operand: only the ones left over get kernels of their own.
     let recomputed = graph.recomputed();
     let mut operand_prologues = BTreeMap::new();
+    let mut unhosted = BTreeSet::new();
     let passes = [(false, false), (true, false), (true, true)];
     for (elementwise_pass, leftovers) in passes {
         if fuse && leftovers {
@@ -238,7 +244,7 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
             if !needs_kernel(anchor)
                 || ctx.taken.contains(&anchor)
                 || is_elementwise(&graph.node(anchor).op) != elementwise_pass
-                || (fuse && recomputed.contains(&anchor) != leftovers)
+                || (fuse && recomputed.contains_key(&anchor) != leftovers)
             {
                 continue;
             }
@@ -256,6 +262,9 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
             }
             if fuse && takes_epilogue(&graph.node(anchor).op) {
                 ctx.grow(&mut group);
+            }
+            if leftovers {
+                unhosted.extend(group.iter().filter(|n| recomputed.contains_key(n)));
             }
             groups.push(group);
         }
@@ -304,6 +313,7 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
         row_pitch,
         column_sums,
         operand_prologues,
+        unhosted,
     })
 }
 
@@ -322,7 +332,7 @@ fn host_operand_prologues(
         matches!(graph.node(n).op, Op::MatMul | Op::Gemm { .. }) && anchors.contains_key(&n)
     };
     let mut prologues = BTreeMap::new();
-    for &t in graph.recomputed().iter().rev() {
+    for &t in graph.recomputed().keys().rev() {
         if ctx.taken.contains(&t) || !ctx.live.contains(&t) {
             continue;
         }
@@ -347,7 +357,7 @@ fn host_operand_prologues(
         while k < chain.len() {
             for i in graph.inputs_of(chain[k]) {
                 let only_chain = ctx.live_consumers(i).iter().all(|c| chain.contains(c));
-                if graph.recomputed().contains(&i)
+                if graph.recomputed().contains_key(&i)
                     && !ctx.taken.contains(&i)
                     && !chain.contains(&i)
                     && only_chain
@@ -1099,7 +1109,7 @@ impl Context<'_> {
         let mut inside: HashSet<NodeId> = [anchor].into();
         let mut joining = vec![];
         self.side_operands(anchor, &shape, &mut inside, &mut joining);
-        joining.retain(|n| self.graph.recomputed().contains(n));
+        joining.retain(|n| self.graph.recomputed().contains_key(n));
         if joining.is_empty() {
             return;
         }
@@ -1161,11 +1171,11 @@ impl Context<'_> {
             let next = match consumers.as_slice() {
                 [] => return None,
                 // A recomputation belongs to the kernel of its backward reader, not here.
-                [only] if !recomputed.contains(only) => *only,
+                [only] if !recomputed.contains_key(only) => *only,
                 [_] => return None,
                 many => *many
                     .iter()
-                    .find(|&&c| self.free_elementwise(c, shape) && !recomputed.contains(&c))?,
+                    .find(|&&c| self.free_elementwise(c, shape) && !recomputed.contains_key(&c))?,
             };
             let others = consumers.into_iter().filter(|&c| c != next).collect();
             Some((next, others))
@@ -1199,7 +1209,7 @@ impl Context<'_> {
             // A recomputation joins its first reader's kernel, which writes it for the others
             // (none of them in the kernel already: those would read it before it is computed).
             let readers = self.live_consumers(o);
-            let shared = if self.graph.recomputed().contains(&o) {
+            let shared = if self.graph.recomputed().contains_key(&o) {
                 readers.iter().any(|c| c != &n && inside.contains(c))
             } else {
                 readers != [n]

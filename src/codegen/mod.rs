@@ -24,6 +24,7 @@ mod schedule;
 mod storage;
 pub(crate) mod template;
 mod thin_products;
+mod unhosted;
 mod wgsl;
 
 use crate::error::{Error, Result};
@@ -33,6 +34,7 @@ pub use fusion::Fusion;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 pub use thin_products::{has_thin_products, turn_thin_products};
+pub use unhosted::{undo_unhosted_recomputations, unhosted_recomputations};
 
 /// Index of a buffer in [`Plan::buffers`].
 pub type BufferId = usize;

@@ -52,7 +52,7 @@ fn ranks(graph: &Graph) -> Result<HashMap<NodeId, NodeId>> {
         return Ok(rank);
     }
     for n in graph.topo_order()?.into_iter().rev() {
-        if graph.recomputed().contains(&n) {
+        if graph.recomputed().contains_key(&n) {
             let of = |c: NodeId| rank.get(&c).copied().unwrap_or(c);
             let lowest = graph.consumers(n).into_iter().map(of).min();
             rank.insert(n, lowest.unwrap_or(n));

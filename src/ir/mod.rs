@@ -22,7 +22,7 @@ use crate::tensor::{numel, DType, Tensor};
 use petgraph::stable_graph::{NodeIndex, StableGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub type NodeId = NodeIndex<u32>;
 
@@ -242,9 +242,9 @@ pub struct Graph {
     /// (already rounded) f32 values.
     half_consts: BTreeMap<NodeId, Half>,
     /// Copies of forward values that the backward pass computes again from a value it keeps
-    /// anyway (`passes::recompute`): the planner computes each in its readers' kernel, never
-    /// as the epilogue of the kernel that computes the original.
-    recomputed: BTreeSet<NodeId>,
+    /// anyway (`passes::recompute`), each with the node it copies: the planner computes each
+    /// in its readers' kernel, never as the epilogue of the kernel that computes the original.
+    recomputed: BTreeMap<NodeId, NodeId>,
     /// Every node's name -> the node (names are unique).
     names: HashMap<String, NodeId>,
     /// For a name that was taken: the next numeric suffix to try, so fresh names do not rescan.
@@ -379,8 +379,8 @@ impl Graph {
         &self.half_consts
     }
 
-    /// Nodes that recompute a forward value for the backward pass.
-    pub fn recomputed(&self) -> &BTreeSet<NodeId> {
+    /// Nodes that recompute a forward value for the backward pass -> the node each copies.
+    pub fn recomputed(&self) -> &BTreeMap<NodeId, NodeId> {
         &self.recomputed
     }
 

@@ -48,8 +48,9 @@ struct Edits {
     /// Indices of new nodes that are graph inputs.
     new_inputs: Vec<usize>,
     shunts: Vec<(NodeId, PatchRef)>,
-    /// New nodes that recompute a forward value (`Graph::recomputed`).
-    recomputed: Vec<PatchRef>,
+    /// New nodes that recompute a forward value, with the node each copies
+    /// (`Graph::recomputed`).
+    recomputed: Vec<(PatchRef, NodeId)>,
     /// Shunts for some users only: `(old, new, users)`.
     partial_shunts: Vec<(NodeId, PatchRef, Vec<NodeId>)>,
     in_place: Vec<InPlace>,
@@ -177,9 +178,9 @@ impl<'g> Patch<'g> {
         self.edits.partial_shunts.push((old, new, users));
     }
 
-    /// Marks `r` as a recomputation of a forward value for the backward pass.
-    pub fn mark_recomputed(&mut self, r: PatchRef) {
-        self.edits.recomputed.push(r);
+    /// Marks `r` as a recomputation of `original`, a forward value, for the backward pass.
+    pub fn mark_recomputed(&mut self, r: PatchRef, original: NodeId) {
+        self.edits.recomputed.push((r, original));
     }
 
     /// Node `n` computes `op` on its current inputs instead. The new op must give the same
@@ -338,8 +339,8 @@ impl Graph {
             let new = resolve(&ids, new);
             self.replace_uses(old, new, &added);
         }
-        for r in e.recomputed {
-            self.recomputed.insert(resolve(&ids, r));
+        for (r, original) in e.recomputed {
+            self.recomputed.insert(resolve(&ids, r), original);
         }
         for (old, new, users) in e.partial_shunts {
             let new = resolve(&ids, new);

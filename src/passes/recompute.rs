@@ -9,9 +9,13 @@
 //! keeps alone. Recomputed, the activation's buffer is free after the forward pass's last
 //! reader, and DoRA keeps `u` where LoRA keeps the activation.
 //!
-//! The pass recomputes `t` only where one of its backward readers is element-wise at `t`'s size:
-//! the code generator computes the copy in that reader's kernel (a side operand of its
-//! epilogue), so the copy costs loads of the small operands, not a kernel of its own. Each
+//! The pass recomputes `t` only where a product reads it in the backward pass (the next layer's
+//! gradient products) and its other backward readers are element-wise at `t`'s size: the code
+//! generator computes their copy in their kernel (a side operand of an epilogue), so the copy
+//! costs loads of the small operands, not a kernel of its own. (Values that only element-wise
+//! gradients read, such as the pieces of GELU or of a gated MLP, are left kept: their
+//! gradients' kernels are laid out around them, and copies cost kernels there; see
+//! `codegen::undo_unhosted_recomputations` for the copies that still find no kernel.) Each
 //! product that reads `t` (directly or through a transpose) gets a copy of its own, which the
 //! code generator computes as the product loads that operand (an operand prologue): the copy
 //! is then never stored at all. Asked to (`dorac train --lean-activations`), where only
@@ -54,13 +58,18 @@ pub fn recompute_activations(
             .filter(|c| backward.contains(c))
             .collect();
         late.dedup();
+        // Products compute their copies as they load them; element-wise readers of `t`'s size
+        // compute theirs in their kernels. At least one product: what GELU's or a gated MLP's
+        // pieces feed is element-wise gradients alone, laid out around the kept values.
         let size = numel(graph.shape(t));
-        let hosted = late.iter().any(|&c| {
+        let hosted = late.iter().all(|&c| {
             let node = graph.node(c);
-            matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::UnaryGrad(_))
-                && numel(&node.shape) == size
+            reads_as_product(graph, c)
+                || (matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::UnaryGrad(_))
+                    && numel(&node.shape) == size)
         });
-        if !hosted {
+        let multiplied = late.iter().any(|&c| reads_as_product(graph, c));
+        if !hosted || !multiplied {
             continue;
         }
         let kept = |n: NodeId| read_late(n) && !recomputed.contains(&n);
@@ -86,8 +95,10 @@ pub fn recompute_activations(
         if forward_products && early.iter().all(|&c| reads_as_product(graph, c)) {
             products.extend(early);
         }
-        copy(&mut p, graph, recipe, &mut shared)?;
-        p.replace_for(*t, shared[t], others);
+        if !others.is_empty() {
+            copy(&mut p, graph, recipe, &mut shared)?;
+            p.replace_for(*t, shared[t], others);
+        }
         // Each product gets a copy of its own, which it can compute as it loads the operand.
         for reader in products {
             let mut own = HashMap::new();
@@ -120,7 +131,7 @@ fn copy(
         let name = format!("{}/recomputed", node.name);
         let label = format!("{}/recomputed", node.label);
         let copy = p.add(node.op.clone(), &inputs, &name, &label)?;
-        p.mark_recomputed(copy);
+        p.mark_recomputed(copy, n);
         copies.insert(n, copy);
     }
     Ok(())
@@ -198,7 +209,8 @@ mod tests {
         g.add(op, inputs, name, name).unwrap()
     }
 
-    /// `h = relu(u * g + b)`, read by a forward node and, like `u`, by backward nodes.
+    /// `h = relu(u * g + b)`, read by a forward node and, like `u`, by backward nodes: two
+    /// element-wise ones and a product.
     fn layer() -> (Graph, HashSet<NodeId>, [NodeId; 3]) {
         let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![8, 4]);
@@ -213,9 +225,12 @@ mod tests {
         let mask = add(&mut g, Op::Binary(Binary::Mul), &[dy, h], "mask");
         let term = add(&mut g, Op::Binary(Binary::Mul), &[mask, u], "term");
         let wide = add(&mut g, Op::Binary(Binary::Sub), &[term, h], "wide");
+        let w = g.add_input("w0", vec![4, 3]);
+        let prod = add(&mut g, Op::MatMul, &[h, w], "prod");
         g.add_output("next", next);
         g.add_output("wide", wide);
-        (g.finish(), [mask, term, wide].into(), [h, mask, wide])
+        g.add_output("prod", prod);
+        (g.finish(), [mask, term, wide, prod].into(), [h, mask, wide])
     }
 
     #[test]
@@ -228,7 +243,8 @@ mod tests {
         let copy = graph.inputs_of(mask)[1];
         assert_ne!(copy, h);
         assert_eq!(graph.node(copy).name, "h/recomputed");
-        assert_eq!(graph.recomputed().len(), 3);
+        // Scale, bias and relu for the element-wise readers, and again for the product.
+        assert_eq!(graph.recomputed().len(), 6);
         assert_eq!(graph.inputs_of(wide)[1], copy);
         // The forward reader keeps the original; the copy repeats scale, bias and relu on `u`.
         assert_eq!(graph.consumers(h).len(), 1);
@@ -264,13 +280,14 @@ mod tests {
             .map(|&r| graph.inputs_of(applied.id(r))[1])
             .collect();
         assert!(copies[0] != shared && copies[1] != shared && copies[0] != copies[1]);
-        // Three nodes each: the shared copy and the products' own.
-        assert_eq!(graph.recomputed().len(), 9);
+        // Three nodes each: the shared copy and the three products' own.
+        assert_eq!(graph.recomputed().len(), 12);
     }
 
     #[test]
-    fn values_without_a_kept_source_or_an_elementwise_reader_are_kept() {
-        // Nothing in the backward pass reads `u`: `h` has no kept source.
+    fn values_without_a_kept_source_or_a_product_reader_are_kept() {
+        // Nothing in the backward pass reads `u`: `h` has no kept source (and no product
+        // reads it late either).
         let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![8, 4]);
         let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
@@ -283,7 +300,24 @@ mod tests {
             recompute_activations(&mut graph, &[mask].into(), false).unwrap(),
             0
         );
-        // `u` is read late, but `h`'s only backward reader is a product: no kernel to ride in.
+        // `u` is read late and an element-wise node reads `h` late, but no product does: the
+        // gradients of GELU's or a gated MLP's pieces, left as they are.
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![8, 4]);
+        let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
+        let h = add(&mut g, Op::Unary(unary::RELU), &[u], "h");
+        let dy = g.add_input("dy", vec![8, 4]);
+        let mask = add(&mut g, Op::Binary(Binary::Mul), &[dy, h], "mask");
+        let term = add(&mut g, Op::Binary(Binary::Mul), &[mask, u], "term");
+        g.add_output("term", term);
+        let mut graph = g.finish();
+        let backward = [mask, term].into();
+        let none = recompute_activations(&mut graph, &backward, false).unwrap();
+        assert_eq!(none, 0);
+    }
+
+    #[test]
+    fn an_activation_only_a_product_reads_late_is_recomputed_for_it() {
         let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![8, 4]);
         let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
@@ -295,9 +329,10 @@ mod tests {
         g.add_output("back", back);
         let mut graph = g.finish();
         let backward = [prod, back].into();
-        assert_eq!(
-            recompute_activations(&mut graph, &backward, false).unwrap(),
-            0
-        );
+        let one = recompute_activations(&mut graph, &backward, false).unwrap();
+        assert_eq!(one, 1);
+        // The product's own copy; no shared one, which nothing would read.
+        assert_eq!(graph.recomputed().len(), 1);
+        assert_eq!(graph.node(graph.inputs_of(prod)[1]).name, "h/recomputed");
     }
 }

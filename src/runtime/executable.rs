@@ -128,6 +128,10 @@ impl Executable {
         {
             crate::codegen::turn_thin_products(graph.to_mut())?;
         }
+        let unhosted = crate::codegen::unhosted_recomputations(&graph, &options)?;
+        if !unhosted.is_empty() {
+            crate::codegen::undo_unhosted_recomputations(graph.to_mut(), &unhosted);
+        }
         let plan = crate::codegen::plan_with(&graph, &options)?;
         Ok((graph, plan))
     }

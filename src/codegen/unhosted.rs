@@ -1,0 +1,67 @@
+//! Recomputations that cost a kernel, taken back. `passes::recompute` gives the backward readers
+//! of an activation copies of it, expecting each to be computed inside a reader's kernel (a side
+//! operand of an element-wise reader's epilogue, or an operand prologue of a product). Where the
+//! fusion rules cannot place one there (the kernel would bind too many buffers, or a reader runs
+//! before the kernel that would compute it: SiLU's gated product in a Llama MLP), the copy gets a
+//! kernel of its own, and the activation it saves is one kernel's worth of work and a buffer
+//! anyway. Then every copy of that activation (and of the values computed with it) reads the
+//! original again, which the forward pass still computes: the plan is the one without the
+//! recomputation. Runs on the graph about to be planned for a device
+//! (`runtime::Executable::plan_for`), since only the fusion rules for that device know.
+
+use super::{fusion, PlanOptions};
+use crate::error::Result;
+use crate::ir::{Graph, NodeId, Patch};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The recomputations in `graph` that the fusion rules for `options` leave unhosted.
+pub fn unhosted_recomputations(graph: &Graph, options: &PlanOptions) -> Result<BTreeSet<NodeId>> {
+    if graph.recomputed().is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    Ok(fusion::decide(graph, options)?.unhosted)
+}
+
+/// Points the readers of every copy in a group of copies that holds one of `unhosted` (module
+/// docs) back at the originals, where the originals are all still in the graph; returns how
+/// many copies were taken back.
+pub fn undo_unhosted_recomputations(graph: &mut Graph, unhosted: &BTreeSet<NodeId>) -> usize {
+    let copies = graph.recomputed().clone();
+    // Copies that read each other are one group: they were made for one activation, or share
+    // the pieces of one chain (GELU's).
+    let mut group_of: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut groups: Vec<BTreeSet<NodeId>> = vec![];
+    for &c in copies.keys() {
+        if group_of.contains_key(&c) {
+            continue;
+        }
+        let mut group = BTreeSet::new();
+        let mut stack = vec![c];
+        while let Some(n) = stack.pop() {
+            if !copies.contains_key(&n) || !group.insert(n) {
+                continue;
+            }
+            stack.extend(graph.inputs_of(n));
+            stack.extend(graph.consumers(n));
+        }
+        for &n in &group {
+            group_of.insert(n, groups.len());
+        }
+        groups.push(group);
+    }
+    let mut p = Patch::new(graph);
+    let mut undone = 0;
+    for group in &groups {
+        let originals_kept = group.iter().all(|c| graph.contains(copies[c]));
+        if !originals_kept || group.is_disjoint(unhosted) {
+            continue;
+        }
+        for &c in group {
+            p.replace(c, copies[&c].into());
+            undone += 1;
+        }
+    }
+    graph.apply(p.finish());
+    graph.remove_dead();
+    undone
+}
