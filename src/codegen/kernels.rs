@@ -1084,6 +1084,13 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         (None, Some(_)) => format!("{summary} (B: a transpose read in place)"),
         (Some(_), Some(_)) => format!("{summary} (A and B: transposes read in place)"),
     };
+    let mut summary = summary;
+    for (name, prologue) in [("A", a_prologue), ("B", b_prologue)] {
+        if let Some(chain) = prologue {
+            let ops: Vec<String> = chain.iter().map(|&n| op_title(&graph.node(n).op)).collect();
+            summary += &format!(" ({name} computed as it is loaded: {})", ops.join(", "));
+        }
+    }
     b.helpers.push(format!(
         "// Offset in `a` of A[i, p] of output matrix `batch`.\n\
          fn a_at(batch: u32, i: u32, p: u32) -> u32 {{\n    return {a_at};\n}}"
