@@ -156,7 +156,11 @@ pub fn run(args: Args) -> Result<()> {
         println!("planned for {}", gpu.describe());
         crate::runtime::Executable::plan_for(&gpu, &graph)?.1
     } else {
-        crate::codegen::plan(&graph)?
+        // As a device's plan would: recomputations no kernel can host are taken back first.
+        let options = crate::codegen::PlanOptions::default();
+        let unhosted = crate::codegen::unhosted_recomputations(&graph, &options)?;
+        crate::codegen::undo_unhosted_recomputations(&mut graph, &unhosted);
+        crate::codegen::plan_with(&graph, &options)?
     };
     // Work that depends only on constants (shape arithmetic, masks built from constants) must
     // have been folded away: a kernel reading nothing but constants would redo it every run.

@@ -26,6 +26,9 @@ pub fn unhosted_recomputations(graph: &Graph, options: &PlanOptions) -> Result<B
 /// docs) back at the originals, where the originals are all still in the graph; returns how
 /// many copies were taken back.
 pub fn undo_unhosted_recomputations(graph: &mut Graph, unhosted: &BTreeSet<NodeId>) -> usize {
+    if unhosted.is_empty() {
+        return 0;
+    }
     let copies = graph.recomputed().clone();
     // Copies that read each other are one group: they were made for one activation, or share
     // the pieces of one chain (GELU's).
