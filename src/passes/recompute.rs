@@ -57,6 +57,7 @@ pub fn recompute_activations(
             .into_iter()
             .filter(|c| backward.contains(c))
             .collect();
+        late.sort();
         late.dedup();
         // Products compute their copies as they load them; element-wise readers of `t`'s size
         // compute theirs in their kernels. At least one product: what GELU's or a gated MLP's
@@ -91,6 +92,7 @@ pub fn recompute_activations(
         // products may compute their own copies too, and `t` is then never stored.
         let mut early = graph.consumers(*t);
         early.retain(|c| !late.contains(c));
+        early.sort();
         early.dedup();
         if forward_products && early.iter().all(|&c| reads_as_product(graph, c)) {
             products.extend(early);
@@ -137,12 +139,16 @@ fn copy(
     Ok(())
 }
 
-/// A product, or a transpose (which the code generator reads in place in the product after it).
+/// A product, or a transpose that only products read (the code generator reads it in place).
 fn reads_as_product(graph: &Graph, n: NodeId) -> bool {
-    matches!(
-        graph.node(n).op,
-        Op::MatMul | Op::Gemm { .. } | Op::Transpose { .. }
-    )
+    let product = |n: NodeId| matches!(graph.node(n).op, Op::MatMul | Op::Gemm { .. });
+    match graph.node(n).op {
+        Op::Transpose { .. } => {
+            let readers = graph.consumers(n);
+            !readers.is_empty() && readers.into_iter().all(product)
+        }
+        _ => product(n),
+    }
 }
 
 /// Element-wise ops that are worth repeating rather than keeping: unary and binary arithmetic.
