@@ -661,6 +661,18 @@ fn column_sums_graph(rows: &[usize], k: usize, n: usize) -> (Graph, [NodeId; 6])
     (g.finish(), [mm, mm2, by_u, both, by_mm, s2])
 }
 
+/// Options of a CPU driver with subgroups of 8 lanes, 48 bindings and binding arrays (lavapipe),
+/// for kernels pinned by snapshots whatever the machine running the tests.
+fn lavapipe_like() -> PlanOptions {
+    PlanOptions {
+        target: codegen::Target::Cpu,
+        subgroup_size: Some(8),
+        max_bindings: 48,
+        binding_arrays: true,
+        ..PlanOptions::default()
+    }
+}
+
 /// Checks the column sums of [`column_sums_graph`] in `plan`, which has `rows` rows of sums per
 /// term (0: none): every term is computed by a product's kernel (the first product's its own
 /// two, `by_mm` by either, loading the other's value), each sum reads its rows of sums alone,
@@ -745,13 +757,7 @@ fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
     }
     // The first product's kernel and the batched sums for a CPU driver with subgroups of 8
     // lanes, and the first product's blocked kernel, pinned for review.
-    let cpu = PlanOptions {
-        target: codegen::Target::Cpu,
-        subgroup_size: Some(8),
-        max_bindings: 48,
-        binding_arrays: true,
-        ..PlanOptions::default()
-    };
+    let cpu = lavapipe_like();
     let (g, [mm, _, _, _, _, s2]) = column_sums_graph(&[37], 24, 50);
     let pinned = codegen::plan_with(&g, &cpu).unwrap();
     let kernel = |plan: &Plan, n: NodeId| {
@@ -844,25 +850,12 @@ fn products_compute_recomputed_operands_as_they_load_them() {
                     .count();
                 assert_eq!(copies, 3, "{product}:\n{plan}");
             }
-            let exe = Executable::new(gpu(), &plan, &graph).unwrap();
-            let outputs = ["next", "term", "db", "dx"];
-            let got = exe.step(&host(&feeds), &outputs).unwrap();
-            for name in outputs {
-                let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
-                let err = relative_error(&got, &want[name].data);
-                assert!(err < 1e-5, "{rows} rows, '{name}': {err:e}\n{plan}");
-            }
+            assert_operand_graph_matches(&graph, &plan, &feeds, &want);
         }
     }
     // The device kernel of `db`, whose B operand is the prologue, pinned for review.
     let graph = operand_prologue_graph(37, 50, 24);
-    let cpu = PlanOptions {
-        target: codegen::Target::Cpu,
-        subgroup_size: Some(8),
-        max_bindings: 48,
-        binding_arrays: true,
-        ..PlanOptions::default()
-    };
+    let cpu = lavapipe_like();
     let plan = codegen::plan_with(&graph, &cpu).unwrap();
     let kernel = plan.kernels.iter().find(|k| k.labels[0] == "db").unwrap();
     insta::assert_snapshot!("operand_prologue_product", kernel.source);
@@ -901,9 +894,20 @@ fn recomputations_without_a_host_read_the_original_again() {
         })
         .collect();
     let want = run_reference(&graph, &feeds);
-    let exe = Executable::new(gpu(), &plan, &graph).unwrap();
+    assert_operand_graph_matches(&graph, &plan, &feeds, &want);
+}
+
+/// Runs `plan` of an [`operand_prologue_graph`] on `feeds` and compares every output with the
+/// reference's `want` (1e-5 relative).
+fn assert_operand_graph_matches(
+    graph: &Graph,
+    plan: &Plan,
+    feeds: &BTreeMap<String, Array>,
+    want: &BTreeMap<String, Array>,
+) {
+    let exe = Executable::new(gpu(), plan, graph).unwrap();
     let outputs = ["next", "term", "db", "dx"];
-    let got = exe.step(&host(&feeds), &outputs).unwrap();
+    let got = exe.step(&host(feeds), &outputs).unwrap();
     for name in outputs {
         let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
         let err = relative_error(&got, &want[name].data);

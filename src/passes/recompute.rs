@@ -290,14 +290,20 @@ mod tests {
         assert_eq!(graph.recomputed().len(), 12);
     }
 
-    #[test]
-    fn values_without_a_kept_source_or_a_product_reader_are_kept() {
-        // Nothing in the backward pass reads `u`: `h` has no kept source (and no product
-        // reads it late either).
+    /// `h = relu(u)`, `u = -x`, on a fresh builder.
+    fn relu_of_neg() -> (GraphBuilder, NodeId, NodeId) {
         let mut g = GraphBuilder::new();
         let x = g.add_input("x", vec![8, 4]);
         let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
         let h = add(&mut g, Op::Unary(unary::RELU), &[u], "h");
+        (g, u, h)
+    }
+
+    #[test]
+    fn values_without_a_kept_source_or_a_product_reader_are_kept() {
+        // Nothing in the backward pass reads `u`: `h` has no kept source (and no product
+        // reads it late either).
+        let (mut g, _, h) = relu_of_neg();
         let dy = g.add_input("dy", vec![8, 4]);
         let mask = add(&mut g, Op::Binary(Binary::Mul), &[dy, h], "mask");
         g.add_output("mask", mask);
@@ -308,10 +314,7 @@ mod tests {
         );
         // `u` is read late and an element-wise node reads `h` late, but no product does: the
         // gradients of GELU's or a gated MLP's pieces, left as they are.
-        let mut g = GraphBuilder::new();
-        let x = g.add_input("x", vec![8, 4]);
-        let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
-        let h = add(&mut g, Op::Unary(unary::RELU), &[u], "h");
+        let (mut g, u, h) = relu_of_neg();
         let dy = g.add_input("dy", vec![8, 4]);
         let mask = add(&mut g, Op::Binary(Binary::Mul), &[dy, h], "mask");
         let term = add(&mut g, Op::Binary(Binary::Mul), &[mask, u], "term");
@@ -324,10 +327,7 @@ mod tests {
 
     #[test]
     fn an_activation_only_a_product_reads_late_is_recomputed_for_it() {
-        let mut g = GraphBuilder::new();
-        let x = g.add_input("x", vec![8, 4]);
-        let u = add(&mut g, Op::Unary(unary::NEG), &[x], "u");
-        let h = add(&mut g, Op::Unary(unary::RELU), &[u], "h");
+        let (mut g, u, h) = relu_of_neg();
         let w = g.add_input("w", vec![4, 8]);
         let prod = add(&mut g, Op::MatMul, &[w, h], "prod");
         let back = add(&mut g, Op::Unary(unary::EXP), &[u], "back");
