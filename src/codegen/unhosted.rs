@@ -1,13 +1,13 @@
 //! Recomputations that cost a kernel, taken back. `passes::recompute` gives the backward readers
 //! of an activation copies of it, expecting each to be computed inside a reader's kernel (a side
 //! operand of an element-wise reader's epilogue, or an operand prologue of a product). Where the
-//! fusion rules cannot place one there (the kernel would bind too many buffers, or a reader runs
-//! before the kernel that would compute it: SiLU's gated product in a Llama MLP), the copy gets a
-//! kernel of its own, and the activation it saves is one kernel's worth of work and a buffer
-//! anyway. Then every copy of that activation (and of the values computed with it) reads the
-//! original again, which the forward pass still computes: the plan is the one without the
-//! recomputation. Runs on the graph about to be planned for a device
-//! (`runtime::Executable::plan_for`), since only the fusion rules for that device know.
+//! fusion rules cannot place one there (the kernel would bind too many buffers, as in a portable
+//! plan's 8, or a reader runs before the kernel that would compute it), the copy gets a kernel
+//! of its own, and the activation it saves costs a kernel's worth of work and a buffer anyway.
+//! Then every copy of that activation (and of the values computed with it) reads the original
+//! again, which the forward pass still computes: the plan is the one without the recomputation.
+//! Runs on the graph about to be planned (`runtime::Executable::plan_for` for a device, `dorac
+//! compile` for the portable plan), since only the fusion rules for those options know.
 
 use super::{fusion, PlanOptions};
 use crate::error::Result;
