@@ -158,9 +158,10 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         // As a device's plan would: recomputations no kernel can host are taken back first.
         let options = crate::codegen::PlanOptions::default();
-        let unhosted = crate::codegen::unhosted_recomputations(&graph, &options)?;
-        crate::codegen::undo_unhosted_recomputations(&mut graph, &unhosted);
-        crate::codegen::plan_with(&graph, &options)?
+        crate::codegen::plan_hosting_recomputations(
+            &mut std::borrow::Cow::Borrowed(&graph),
+            &options,
+        )?
     };
     // Work that depends only on constants (shape arithmetic, masks built from constants) must
     // have been folded away: a kernel reading nothing but constants would redo it every run.

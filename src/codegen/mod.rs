@@ -34,7 +34,9 @@ pub use fusion::Fusion;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 pub use thin_products::{has_thin_products, turn_thin_products};
-pub use unhosted::{undo_unhosted_recomputations, unhosted_recomputations};
+pub use unhosted::{
+    plan_hosting_recomputations, undo_unhosted_recomputations, unhosted_recomputations,
+};
 
 /// Index of a buffer in [`Plan::buffers`].
 pub type BufferId = usize;

@@ -6,13 +6,29 @@
 //! of its own, and the activation it saves costs a kernel's worth of work and a buffer anyway.
 //! Then every copy of that activation (and of the values computed with it) reads the original
 //! again, which the forward pass still computes: the plan is the one without the recomputation.
-//! Runs on the graph about to be planned (`runtime::Executable::plan_for` for a device, `dorac
-//! compile` for the portable plan), since only the fusion rules for those options know.
+//! Runs on the graph about to be planned ([`plan_hosting_recomputations`], which
+//! `runtime::Executable::plan_for` and `dorac compile`'s portable plan call), since only the
+//! fusion rules for those options know.
 
-use super::{fusion, PlanOptions};
+use super::{fusion, plan_grouped, Plan, PlanOptions};
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Patch};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// [`super::plan_with`], after taking back the recomputations the fusion rules leave unhosted
+/// (module docs; `graph` is then changed, and only then). Where there are none, as on every
+/// inference graph, the fusion rules run once.
+pub fn plan_hosting_recomputations(graph: &mut Cow<Graph>, options: &PlanOptions) -> Result<Plan> {
+    let mut fusion = fusion::decide(graph, options)?;
+    if !fusion.unhosted.is_empty() {
+        let unhosted = std::mem::take(&mut fusion.unhosted);
+        if undo_unhosted_recomputations(graph.to_mut(), &unhosted) > 0 {
+            fusion = fusion::decide(graph, options)?;
+        }
+    }
+    plan_grouped(graph, fusion, options)
+}
 
 /// The recomputations in `graph` that the fusion rules for `options` leave unhosted.
 pub fn unhosted_recomputations(graph: &Graph, options: &PlanOptions) -> Result<BTreeSet<NodeId>> {

@@ -471,12 +471,12 @@ impl Graph {
         Ok(id)
     }
 
-    /// `users` read `new` wherever they read `old`.
-    fn redirect_reads(&mut self, old: NodeId, new: NodeId, users: &[NodeId]) {
+    /// The consumers of `old` that `moves` picks read `new` instead, in the same slots.
+    fn move_reads(&mut self, old: NodeId, new: NodeId, moves: impl Fn(NodeId) -> bool) {
         let edges: Vec<_> = self
             .graph
             .edges_directed(old, Direction::Outgoing)
-            .filter(|e| users.contains(&e.target()))
+            .filter(|e| moves(e.target()))
             .map(|e| (e.id(), e.target(), *e.weight()))
             .collect();
         for (eid, target, slot) in edges {
@@ -488,16 +488,7 @@ impl Graph {
     /// Every consumer of `old` (and every graph output and adapter record pointing at it) now
     /// reads `new` instead, except consumers listed in `keep`.
     fn replace_uses(&mut self, old: NodeId, new: NodeId, keep: &HashSet<NodeId>) {
-        let edges: Vec<_> = self
-            .graph
-            .edges_directed(old, Direction::Outgoing)
-            .filter(|e| !keep.contains(&e.target()))
-            .map(|e| (e.id(), e.target(), *e.weight()))
-            .collect();
-        for (eid, target, slot) in edges {
-            self.graph.remove_edge(eid);
-            self.graph.add_edge(new, target, slot);
-        }
+        self.move_reads(old, new, |c| !keep.contains(&c));
         for (_, o) in self.outputs.iter_mut() {
             if *o == old {
                 *o = new;

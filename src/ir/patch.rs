@@ -344,7 +344,7 @@ impl Graph {
         }
         for (old, new, users) in e.partial_shunts {
             let new = resolve(&ids, new);
-            self.redirect_reads(old, new, &users);
+            self.move_reads(old, new, |c| users.contains(&c));
         }
         for edit in e.in_place {
             match edit {

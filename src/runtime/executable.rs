@@ -128,11 +128,7 @@ impl Executable {
         {
             crate::codegen::turn_thin_products(graph.to_mut())?;
         }
-        let unhosted = crate::codegen::unhosted_recomputations(&graph, &options)?;
-        if !unhosted.is_empty() {
-            crate::codegen::undo_unhosted_recomputations(graph.to_mut(), &unhosted);
-        }
-        let plan = crate::codegen::plan_with(&graph, &options)?;
+        let plan = crate::codegen::plan_hosting_recomputations(&mut graph, &options)?;
         Ok((graph, plan))
     }
 
