@@ -36,18 +36,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let col = tile % TILES_N * TILE + lid.x;
 
     var acc = 0.0;
-    for (var k0 = 0u; k0 < K; k0 = k0 + TILE) {
+    {{#SEGMENTS}}
+    for (var k0 = 0u; k0 < K{{S}}; k0 = k0 + TILE) {
         // This invocation stages A[row, k0 + lid.x] and B[k0 + lid.y, col].
         let ka = k0 + lid.x;
         var va = 0.0;
-        if row < M && ka < K {
-            va = a_get(batch, row, ka);
+        if row < M && ka < K{{S}} {
+            va = a{{S}}_get(batch, row, ka);
         }
         tile_a[lid.y][lid.x] = va;
         let kb = k0 + lid.y;
         var vb = 0.0;
-        if kb < K && col < N {
-            vb = b_get(batch, kb, col);
+        if kb < K{{S}} && col < N {
+            vb = b{{S}}_get(batch, kb, col);
         }
         tile_b[lid.y][lid.x] = vb;
         workgroupBarrier();
@@ -56,6 +57,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         }
         workgroupBarrier();
     }
+    {{/SEGMENTS}}
 
     if row < M && col < N {
         // Flat index of the output element.

@@ -44,22 +44,24 @@ var<workgroup> tile_b: array<array<vec4<f32>, QN>, 16>;
 
 {{HELPERS}}
 
+{{#SEGMENTS}}
 // A[i, p] of output matrix `batch`, or 0 outside A.
-fn load_a(batch: u32, i: u32, p: u32) -> f32 {
-    if i < M && p < K {
-        return a_get(batch, i, p);
+fn load_a{{S}}(batch: u32, i: u32, p: u32) -> f32 {
+    if i < M && p < K{{S}} {
+        return a{{S}}_get(batch, i, p);
     }
     return 0.0;
 }
 
 // B[p, j] of output matrix `batch`, or 0 outside B.
-fn load_b(batch: u32, p: u32, j: u32) -> f32 {
-    if p < K && j < N {
-        return b_get(batch, p, j);
+fn load_b{{S}}(batch: u32, p: u32, j: u32) -> f32 {
+    if p < K{{S}} && j < N {
+        return b{{S}}_get(batch, p, j);
     }
     return 0.0;
 }
 
+{{/SEGMENTS}}
 @compute @workgroup_size({{WG_X}}, {{WG_Y}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -80,7 +82,8 @@ fn main(
     // 4 VB x 4 VB block, in VB x VB vec4 chunks a whole workgroup apart (so neighbouring
     // invocations read neighbouring workgroup memory).
     var sums: array<array<vec4<f32>, VB>, BLOCK>;
-    for (var k0 = 0u; k0 < K; k0 = k0 + SLAB) {
+    {{#SEGMENTS}}
+    for (var k0 = 0u; k0 < K{{S}}; k0 = k0 + SLAB) {
         // Staging: the 256 invocations fill the slabs a vec4 at a time. Vec4 s of A's slab
         // (TILE_M rows x 16) is column s % 16, rows 4 * (s / 16) + 0..3; of B's (16 x TILE_N
         // columns), row s / QN, columns 4 * (s % QN) + 0..3.
@@ -88,20 +91,20 @@ fn main(
             let ka = k0 + s % SLAB;
             let ra = row0 + 4u * (s / SLAB);
             tile_a[s % SLAB][s / SLAB] = vec4<f32>(
-                load_a(batch, ra, ka),
-                load_a(batch, ra + 1u, ka),
-                load_a(batch, ra + 2u, ka),
-                load_a(batch, ra + 3u, ka),
+                load_a{{S}}(batch, ra, ka),
+                load_a{{S}}(batch, ra + 1u, ka),
+                load_a{{S}}(batch, ra + 2u, ka),
+                load_a{{S}}(batch, ra + 3u, ka),
             );
         }
         for (var s = t; s < SLAB * QN; s = s + 256u) {
             let kb = k0 + s / QN;
             let cb = col0 + 4u * (s % QN);
             tile_b[s / QN][s % QN] = vec4<f32>(
-                load_b(batch, kb, cb),
-                load_b(batch, kb, cb + 1u),
-                load_b(batch, kb, cb + 2u),
-                load_b(batch, kb, cb + 3u),
+                load_b{{S}}(batch, kb, cb),
+                load_b{{S}}(batch, kb, cb + 1u),
+                load_b{{S}}(batch, kb, cb + 2u),
+                load_b{{S}}(batch, kb, cb + 3u),
             );
         }
         workgroupBarrier();
@@ -123,6 +126,7 @@ fn main(
         }
         workgroupBarrier();
     }
+    {{/SEGMENTS}}
 
     // Each output element of the block goes through the epilogue on its own. (The loop counters
     // are not named r and c: `c` is Gemm's C binding.){{PARTS}}

@@ -65,18 +65,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     // sums[ri][ci][ei]: the dot product of output (row0 + ri, col0 + 4 * LANES * ci + ei).
     var sums: array<array<vec4<f32>, VECS>, ROWS>;
     // K in blocks of STEP: 1, or the subgroup size where the lanes share A's values (below).
-    for (var p0 = 0u; p0 < K; p0 = p0 + STEP) {
+    {{#SEGMENTS}}
+    for (var p0 = 0u; p0 < K{{S}}; p0 = p0 + STEP) {
 {{A_BLOCK}}
-        for (var pe = 0u; pe < min(STEP, K - p0); pe = pe + 1u) {
+        for (var pe = 0u; pe < min(STEP, K{{S}} - p0); pe = pe + 1u) {
             let p = p0 + pe;
             var bv: array<vec4<f32>, VECS>;
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
                 let j = cols[ci];
                 bv[ci] = vec4<f32>(
-                    b_get(batch, p, j.x),
-                    b_get(batch, p, j.y),
-                    b_get(batch, p, j.z),
-                    b_get(batch, p, j.w),
+                    b{{S}}_get(batch, p, j.x),
+                    b{{S}}_get(batch, p, j.y),
+                    b{{S}}_get(batch, p, j.z),
+                    b{{S}}_get(batch, p, j.w),
                 );
             }
             for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
@@ -87,6 +88,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             }
         }
     }
+    {{/SEGMENTS}}
 
     if STORE_VEC4 {
         // No epilogue and N a multiple of 4, so a vec4 of outputs is in range or out of it as

@@ -15,10 +15,14 @@ use dorac::train::optimizer::step_scalars;
 use dorac::train::{build, AdamW, BuildOptions, LossKind, Program, TrainMethod};
 use std::collections::{BTreeMap, HashMap};
 
-/// Fused and unfused results agree this closely (relative, max-abs over max-abs). The two plans
-/// evaluate the same f32 expressions; only where a backend contracts a fused multiply-add across
-/// what used to be a kernel boundary may the last bit differ.
-const TOL: f64 = 1e-6;
+/// Fused and unfused results agree this closely (relative, max-abs over max-abs): the f32
+/// tolerance of every kernel test. The two plans evaluate nearly the same f32 expressions: a
+/// backend may contract a fused multiply-add across what used to be a kernel boundary, and a
+/// sum of two products (a layer's base and low-rank paths) adds the second's terms to the
+/// first's accumulator, scaled as they load, where the unfused plan adds two rounded products:
+/// gradients of the first steps differ by up to 1.6e-6 (AdamW's normalised steps carry such
+/// differences on).
+const TOL: f64 = 1e-5;
 
 fn unfused() -> PlanOptions {
     PlanOptions {

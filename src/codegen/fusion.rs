@@ -96,7 +96,7 @@
 //! the contract of [`super::plan_grouped`], which checks it again.
 
 use super::kernels::{is_elementwise, is_sum, row_tiles, takes_epilogue};
-use super::{has_kernel, schedule};
+use super::{has_kernel, product_sums, schedule};
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op};
 use crate::tensor::numel;
@@ -235,12 +235,24 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
     let recomputed = graph.recomputed();
     let mut operand_prologues = BTreeMap::new();
     let mut unhosted = BTreeSet::new();
+    // Sums of two products start their groups before any group could take a second product
+    // (which may be scheduled before the first).
+    let mut sums = if fuse {
+        ctx.product_sums(&order)
+    } else {
+        HashMap::new()
+    };
     let passes = [(false, false), (true, false), (true, true)];
     for (elementwise_pass, leftovers) in passes {
         if fuse && leftovers {
             operand_prologues = host_operand_prologues(&mut ctx, &groups, &operand_transposes);
         }
         for &anchor in &order {
+            if let Some(mut group) = sums.remove(&anchor) {
+                ctx.grow(&mut group);
+                groups.push(group);
+                continue;
+            }
             if !needs_kernel(anchor)
                 || ctx.taken.contains(&anchor)
                 || is_elementwise(&graph.node(anchor).op) != elementwise_pass
@@ -1101,6 +1113,28 @@ impl Context<'_> {
         }
     }
 
+    /// The starts of the groups that sum two products (`product_sums`), by their anchor, the
+    /// product of more multiply-adds, in schedule order; their nodes are taken.
+    fn product_sums(&mut self, order: &[NodeId]) -> HashMap<NodeId, Vec<NodeId>> {
+        let mut sums = HashMap::new();
+        for &p1 in order {
+            let op = &self.graph.node(p1).op;
+            if !matches!(op, Op::MatMul | Op::Gemm { .. })
+                || !self.live.contains(&p1)
+                || self.taken.contains(&p1)
+            {
+                continue;
+            }
+            let free = |n: NodeId| !self.taken.contains(&n) && self.live.contains(&n);
+            let seed = product_sums::seed(self.graph, p1, self.live, &self.kept, free);
+            if let Some(seed) = seed.filter(|seed| self.fits(seed)) {
+                self.taken.extend(seed.iter().copied());
+                sums.insert(p1, seed);
+            }
+        }
+        sums
+    }
+
     /// Puts before `group`'s one node, an element-wise anchor, the recomputations it reads
     /// that no kernel computes yet (and theirs), where the kernel still fits.
     fn recomputed_operands(&mut self, group: &mut Vec<NodeId>) {
@@ -1126,12 +1160,12 @@ impl Context<'_> {
     /// kernel the add costs a load per output, in the smaller one it costs that and the larger
     /// product's whole output written and read back.
     fn larger_product_reads(&self, n: NodeId, group: &[NodeId]) -> bool {
-        let own = product_work(self.graph, group[0]).unwrap_or(0);
+        let own = product_sums::work(self.graph, group[0]).unwrap_or(0);
         self.graph.inputs_of(n).into_iter().any(|o| {
             !group.contains(&o)
                 && !self.taken.contains(&o)
                 && self.live.contains(&o)
-                && product_work(self.graph, o).is_some_and(|w| w > own)
+                && product_sums::work(self.graph, o).is_some_and(|w| w > own)
         })
     }
 
@@ -1224,20 +1258,6 @@ impl Context<'_> {
     }
 }
 
-/// Multiply-adds of a MatMul or Gemm node (output elements times the reduced length); None for
-/// other ops.
-fn product_work(graph: &Graph, n: NodeId) -> Option<usize> {
-    let k = match &graph.node(n).op {
-        Op::MatMul => *graph.shape(graph.inputs_of(n)[0]).last()?,
-        Op::Gemm { trans_a, .. } => {
-            let a = graph.shape(graph.inputs_of(n)[0]);
-            a[usize::from(!*trans_a)]
-        }
-        _ => return None,
-    };
-    Some(numel(graph.shape(n)) * k)
-}
-
 /// Storage buffers a kernel computing `group` binds: one per operand slot of the anchor (the
 /// anchors' emitters bind each slot), one per other distinct value read from outside the group
 /// (the epilogue shares a binding between loads of the same value), the output, and one per
@@ -1269,12 +1289,20 @@ fn bindings_with(
         }
         _ => 0,
     };
+    // The second product of a sum binds each of its operand slots too.
+    let second_slots = match group.get(1) {
+        Some(&p2) if product_sums::work(graph, group[0]).is_some() => {
+            product_sums::work(graph, p2).map_or(vec![], |_| graph.inputs_of(p2))
+        }
+        _ => vec![],
+    };
     let inside: HashSet<NodeId> = group.iter().copied().collect();
     let others: HashSet<NodeId> = (group[1..].iter().chain(terms))
         .flat_map(|&n| graph.inputs_of(n))
-        .filter(|i| !inside.contains(i) && !anchor_slots.contains(i))
+        .filter(|i| !inside.contains(i) && !anchor_slots.contains(i) && !second_slots.contains(i))
         .collect();
     anchor_slots.len()
+        + second_slots.len()
         + prologue_slots
         + others.len()
         + 1

@@ -10,6 +10,7 @@
 //! template under `shaders/` when no existing one fits.
 
 use super::fusion::ColumnSum;
+use super::product_sums;
 use super::storage;
 use super::template::{self, Lib};
 use super::wgsl::{self, broadcast_index, broadcast_strides, strided_index, Binding};
@@ -126,6 +127,8 @@ struct Builder<'g> {
     /// Bound values whose buffer holds something else than the value (a term's column sums
     /// per tile of rows, `fusion`'s column sums), with the shape it has: for the comments.
     shapes: BTreeMap<NodeId, Vec<usize>>,
+    /// Sections of the template repeated with values of their own (`template::repeat`).
+    sections: Vec<(&'static str, Vec<template::Instance>)>,
 }
 
 impl<'g> Builder<'g> {
@@ -141,6 +144,7 @@ impl<'g> Builder<'g> {
             scope: String::new(),
             arrays: vec![],
             shapes: BTreeMap::new(),
+            sections: vec![],
         }
     }
 
@@ -281,7 +285,11 @@ impl<'g> Builder<'g> {
         values.push(("SUMMARY", wgsl::comment_safe(&summary)));
         values.push(("BINDINGS", self.bindings(out)));
         values.push(("HELPERS", self.helpers()));
-        let source = tidy(&template::render(template.name, template.text, &values)?);
+        let mut text = std::borrow::Cow::Borrowed(template.text);
+        for (section, instances) in &self.sections {
+            text = template::repeat(template.name, &text, section, instances)?.into();
+        }
+        let source = tidy(&template::render(template.name, &text, &values)?);
         let input_arrays = if self.arrays.is_empty() {
             vec![]
         } else {
@@ -548,13 +556,15 @@ fn elementwise_steps(
     Ok(lines)
 }
 
-/// Emits the epilogue of `group` (nodes 1..) as statements over flat output index `i`, starting
-/// from the anchor's value in `v0`; returns the statements and the final value's name. Each node
+/// Emits the epilogue of `group` (nodes `from`..) as statements over flat output index `i`,
+/// starting from the value of node `from - 1` in `v{from - 1}` (the anchor's, `v0`, but for a
+/// sum of products); returns the statements and the final value's name. Each node
 /// reads the values of earlier group nodes from registers (`v{k}`) and loads the rest. A value
 /// in `escapes` (read outside the group) is also stored, into a binding `y{k}` of its own.
 fn epilogue(
     b: &mut Builder,
     group: &[NodeId],
+    from: usize,
     indent: &str,
     escapes: &BTreeSet<NodeId>,
 ) -> Result<(Vec<String>, String)> {
@@ -569,8 +579,8 @@ fn epilogue(
             b.writes.push((name, group[k]));
         }
     };
-    store(b, &mut lines, 0);
-    let steps = elementwise_steps(b, group, 1, ("v", "e"), indent, store)?;
+    store(b, &mut lines, from - 1);
+    let steps = elementwise_steps(b, group, from, ("v", "e"), indent, store)?;
     lines.extend(steps);
     Ok((lines, format!("v{last}")))
 }
@@ -633,7 +643,7 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Re
             );
         }
     }
-    let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
+    let (more, last) = epilogue(&mut b, group, 1, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
     let summary = with_epilogue(graph, summary, group);
@@ -949,32 +959,23 @@ fn with_epilogue(graph: &Graph, summary: String, group: &[NodeId]) -> String {
 /// one (a 4x4 block per invocation, 64x64 per workgroup) for outputs of at least
 /// [`BLOCKED_MIN`] rows and columns. Both run the same epilogue on each output element.
 fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<Emitted> {
-    let (transposed, max_wg, target, half) = (d.transposed, d.max_workgroups, d.target, d.half);
+    let (max_wg, target) = (d.max_workgroups, d.target);
     let anchor = group[0];
     let node = graph.node(anchor);
     let ins = graph.inputs_of(anchor);
-    let (a_shape, b_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
-    let mut b = Builder::new(graph, transposed);
-    // A transpose read in place binds its source; `*_strides` are then the element strides of
-    // each axis of the logical operand in the source's memory.
-    let (a_src, a_perm) = b.source(ins[0]);
-    let (b_src, b_perm) = b.source(ins[1]);
-    // An operand prologue binds the chain's operands (in its load helper, below), not `a` or `b`.
-    let a_prologue = d.operand_prologues.get(&a_src);
-    let b_prologue = d.operand_prologues.get(&b_src);
-    let a_half = match a_prologue {
-        None => b.bind_stored("a", a_src, half).1,
-        Some(_) => None,
+    // A group summing two products (`product_sums`): the second's terms join the same sums.
+    let second = match product_sums::layout(graph, group) {
+        None => None,
+        Some(Ok(second)) => Some(second),
+        Some(Err(why)) => return Err(Error::gpu(format!("kernel {name}: {why} (fusion bug)"))),
     };
-    let b_half = match b_prologue {
-        None => b.bind_stored("b", b_src, half).1,
-        Some(_) => None,
-    };
-    let a_strides = operand_strides(graph, a_src, a_perm, d.pitch);
-    let b_strides = operand_strides(graph, b_src, b_perm, d.pitch);
+    let mut b = Builder::new(graph, d.transposed);
+    let first_operands = bind_operands(&mut b, anchor, "", d);
     // `first`: the statement that turns the dot product `acc` into `v0` (indented below);
     // `plain` when that is `acc` itself.
-    let (m, k, n, batch, a_at, b_at, first, summary);
+    let dims = product_dims(graph, anchor, &first_operands, "", d.pitch)?;
+    let (m, k, n, batch) = (dims.m, dims.k, dims.n, dims.batch);
+    let (first, summary);
     let mut plain = true;
     match &node.op {
         Op::Gemm {
@@ -983,26 +984,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             trans_a,
             trans_b,
         } => {
-            (m, k) = if *trans_a {
-                (a_shape[1], a_shape[0])
-            } else {
-                (a_shape[0], a_shape[1])
-            };
-            n = if *trans_b { b_shape[0] } else { b_shape[1] };
-            batch = 1;
-            // Gemm's A[i, p] is its operand's [i, p], or [p, i] with transA.
-            let (ai, ap) = if *trans_a { (1, 0) } else { (0, 1) };
-            a_at = match &a_strides {
-                None if *trans_a => "p * M + i".to_string(),
-                None => "i * K + p".to_string(),
-                Some(st) => index_sum(&[("i", st[ai]), ("p", st[ap])]),
-            };
-            let (bp, bj) = if *trans_b { (1, 0) } else { (0, 1) };
-            b_at = match &b_strides {
-                None if *trans_b => "j * K + p".to_string(),
-                None => "p * N + j".to_string(),
-                Some(st) => index_sum(&[("p", st[bp]), ("j", st[bj])]),
-            };
             let mut value = match *alpha {
                 1.0 => "acc".to_string(),
                 al => format!("{} * acc", wgsl::f32_lit(al)?),
@@ -1025,121 +1006,47 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 "gemm alpha={alpha} beta={beta}{}{}: A {}, B {}{c_note} -> {}",
                 t(*trans_a, " transA"),
                 t(*trans_b, " transB"),
-                shape_str(a_shape),
-                shape_str(b_shape),
+                shape_str(graph.shape(ins[0])),
+                shape_str(graph.shape(ins[1])),
                 shape_str(&node.shape)
             );
         }
         _ => {
-            let d = matmul_dims(a_shape, b_shape).map_err(Error::shape)?;
-            (m, k, n) = (d.m, d.k, d.n);
-            batch = numel(&d.batch);
-            // The offset of output matrix `batch` in an operand whose batch dims `own` have
-            // element strides `own_strides` (broadcast dims contribute nothing).
-            let offset = |own: &[usize], own_strides: &[usize]| {
-                let muls = broadcast_strides(own, own_strides, &d.batch);
-                match strided_index("batch", &d.batch, &muls).as_str() {
-                    "0u" => String::new(),
-                    e => format!("{e} + "),
-                }
-            };
-            // A contiguous operand's batch matrices are `size` elements apart.
-            let contiguous = |own: &[usize], size: usize| -> Vec<usize> {
-                strides(own).into_iter().map(|s| s * size).collect()
-            };
-            a_at = match &a_strides {
-                None => format!(
-                    "{}i * K + p",
-                    offset(&d.a_batch, &contiguous(&d.a_batch, m * k))
-                ),
-                Some(st) => {
-                    let r = st.len();
-                    let rest = index_sum(&[("i", st[r - 2]), ("p", st[r - 1])]);
-                    format!("{}{rest}", offset(&a_shape[..r - 2], &st[..r - 2]))
-                }
-            };
-            b_at = match &b_strides {
-                None => format!(
-                    "{}p * N + j",
-                    offset(&d.b_batch, &contiguous(&d.b_batch, k * n))
-                ),
-                Some(st) => {
-                    let r = st.len();
-                    let rest = index_sum(&[("p", st[r - 2]), ("j", st[r - 1])]);
-                    format!("{}{rest}", offset(&b_shape[..r - 2], &st[..r - 2]))
-                }
-            };
             first = format!("let v0 = acc; {}", node_comment(graph, anchor));
             summary = format!(
                 "matmul {} @ {} -> {}",
-                shape_str(a_shape),
-                shape_str(b_shape),
+                shape_str(graph.shape(ins[0])),
+                shape_str(graph.shape(ins[1])),
                 shape_str(&node.shape)
             );
         }
     }
-    let summary = match (a_perm, b_perm) {
-        (None, None) => summary,
-        (Some(_), None) => format!("{summary} (A: a transpose read in place)"),
-        (None, Some(_)) => format!("{summary} (B: a transpose read in place)"),
-        (Some(_), Some(_)) => format!("{summary} (A and B: transposes read in place)"),
-    };
-    let mut summary = summary;
-    for (name, prologue) in [("A", a_prologue), ("B", b_prologue)] {
-        if let Some(chain) = prologue {
-            let ops: Vec<String> = chain.iter().map(|&n| op_title(&graph.node(n).op)).collect();
-            summary += &format!(" ({name} computed as it is loaded: {})", ops.join(", "));
-        }
-    }
-    b.helpers.push(format!(
-        "// Offset in `a` of A[i, p] of output matrix `batch`.\n\
-         fn a_at(batch: u32, i: u32, p: u32) -> u32 {{\n    return {a_at};\n}}"
-    ));
-    b.helpers.push(format!(
-        "// Offset in `b` of B[p, j] of output matrix `batch`.\n\
-         fn b_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
-    ));
-    // The loads, decoding a weight stored in half precision, or computing an operand prologue.
-    let operands = [
-        ("a", a_half, a_prologue, ("i", "p")),
-        ("b", b_half, b_prologue, ("p", "j")),
-    ];
-    for (op, half, prologue, (x, y)) in operands {
-        if let Some(chain) = prologue {
-            // The chain's loads index its value by a flat `i`: the row is not called that.
-            let (x, y) = if op == "a" { ("row", y) } else { (x, "col") };
-            let indent = "    ";
-            let mut lines = vec![format!("{indent}let i = {op}_at(batch, {x}, {y});")];
-            let (var, load) = (format!("{op}v"), format!("{op}e"));
-            let no_store = |_: &mut Builder, _: &mut Vec<String>, _: usize| {};
-            lines.extend(elementwise_steps(
-                &mut b,
-                chain,
-                0,
-                (&var, &load),
-                indent,
-                no_store,
-            )?);
-            b.helpers.push(format!(
-                "// {}[{x}, {y}] of output matrix `batch`, computed as it is loaded (an operand\n\
-                 // prologue): element i of the value the chain below computes.\n\
-                 fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n{}\n    return {var}{};\n}}",
-                op.to_uppercase(),
-                lines.join("\n"),
-                chain.len() - 1
-            ));
-            continue;
-        }
-        let note = match half {
-            Some(h) => format!(", stored as {}", h.name()),
-            None => String::new(),
-        };
+    let mut summary = summary + &first_operands.notes(graph);
+    operand_helpers(&mut b, &first_operands, &dims, "", None)?;
+    let mut suffixes = vec![""];
+    if let Some(second) = second {
+        // The second product's operands, index and load helpers (`a2_get`, ...) and K2.
+        let p2 = second.product;
+        let operands = bind_operands(&mut b, p2, "2", d);
+        let dims2 = product_dims(graph, p2, &operands, "2", d.pitch)?;
+        let scale = second
+            .scale
+            .map(|s| (b.bind("s2", s), graph.node(s).label.clone()));
+        let title = product_title(graph, p2) + &operands.notes(graph);
         b.helpers.push(format!(
-            "// {}[{x}, {y}] of output matrix `batch`{note}.\n\
-             fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n    return {};\n}}",
-            op.to_uppercase(),
-            storage::half_load(op, &format!("{op}_at(batch, {x}, {y})"), half)
+            "// The second product, {title}.\n\
+             // Its K2 terms join the same sums after the first product's K: the kernel computes\n\
+             // the sum of the two products.\n\
+             const K2: u32 = {}u;",
+            dims2.k
         ));
+        operand_helpers(&mut b, &operands, &dims2, "2", scale.as_ref())?;
+        suffixes.push("2");
+        summary += &format!(" + {title}");
+        if let Some((_, label)) = &scale {
+            summary += &format!(" times {label}");
+        }
+        plain = false;
     }
     let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
     let (template, indent) = match shape {
@@ -1148,7 +1055,21 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         MatmulShape::Columns { .. } => (MATMUL_COLUMNS, "                    "),
     };
     let mut lines = vec![format!("{indent}{first}")];
-    let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
+    // The nodes up to the add of two summed products have no values of their own: the add's is
+    // `acc`'s.
+    let from = match second {
+        Some(second) => {
+            let add = group[second.add];
+            lines.push(format!(
+                "{indent}let v{} = v0; {}",
+                second.add,
+                node_comment(graph, add)
+            ));
+            second.add + 1
+        }
+        None => 1,
+    };
+    let (more, last) = epilogue(&mut b, group, from, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
     let (tile_m, tile_n) = shape.tile();
@@ -1156,7 +1077,12 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     let sum_rows = row_tiles(graph, anchor, target, d.subgroup_size).unwrap_or(0);
     let sums = column_sums(&mut b, group, d, shape, sum_rows, indent, &mut lines)?;
     let workgroups = wgsl::grid(batch * tiles_m * tiles_n, max_wg, name)?;
-    let mut summary = with_epilogue(graph, summary, group);
+    // A sum's summary names its second product already: the epilogue starts at the add.
+    let shown = match second {
+        Some(second) => &group[second.add - 1..],
+        None => group,
+    };
+    let mut summary = with_epilogue(graph, summary, shown);
     if !sums.names.is_empty() {
         let names = sums.names.join(", ");
         summary = format!("{summary}; beside, {names} summed per tile of rows ({sum_rows}x{n})");
@@ -1174,6 +1100,10 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         ("GRID_Y", workgroups[1].to_string()),
         ("EPILOGUE", lines.join("\n")),
     ];
+    // The K loop's instances, one per product summed.
+    let mut segments: Vec<template::Instance> = (suffixes.iter())
+        .map(|s| vec![("S", s.to_string())])
+        .collect();
     match shape {
         MatmulShape::Tiled => {}
         MatmulShape::Blocked { tile_m, tile_n, vb } => params.extend([
@@ -1194,31 +1124,32 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             let sg = d
                 .subgroup_size
                 .filter(|&sg| sg > 1 && lanes % sg as usize == 0);
-            let (step, lane, a_block, a_value) = match sg {
-                Some(sg) => {
-                    let block = [
-                        "// This lane's values of A for the block, A[rows[ri], p0 + lane]",
-                        "// (clamped), shuffled to the others below.",
-                        "var amine: array<f32, ROWS>;",
-                        "let pl = min(p0 + lane, K - 1u);",
-                        "for (var ri = 0u; ri < ROWS; ri = ri + 1u) {",
-                        "    amine[ri] = a_get(batch, rows[ri], pl);",
-                        "}",
-                    ];
-                    (
-                        sg,
-                        ",\n    @builtin(subgroup_invocation_id) lane: u32",
-                        block.map(|l| format!("        {l}")).join("\n"),
-                        "subgroupShuffle(amine[ri], pe)",
-                    )
-                }
-                None => (1, "", String::new(), "a_get(batch, rows[ri], p)"),
+            let (step, lane) = match sg {
+                Some(sg) => (sg, ",\n    @builtin(subgroup_invocation_id) lane: u32"),
+                None => (1, ""),
             };
+            for (values, suffix) in segments.iter_mut().zip(&suffixes) {
+                let (a_block, a_value) = match sg {
+                    Some(_) => {
+                        let block = [
+                            "// This lane's values of A for the block, A[rows[ri], p0 + lane]",
+                            "// (clamped), shuffled to the others below.",
+                            "var amine: array<f32, ROWS>;",
+                            &format!("let pl = min(p0 + lane, K{suffix} - 1u);"),
+                            "for (var ri = 0u; ri < ROWS; ri = ri + 1u) {",
+                            &format!("    amine[ri] = a{suffix}_get(batch, rows[ri], pl);"),
+                            "}",
+                        ];
+                        let block = block.map(|l| format!("        {l}")).join("\n");
+                        (block, "subgroupShuffle(amine[ri], pe)".to_string())
+                    }
+                    None => (String::new(), format!("a{suffix}_get(batch, rows[ri], p)")),
+                };
+                values.extend([("A_BLOCK", a_block), ("A_VALUE", a_value)]);
+            }
             params.extend([
                 ("STEP", step.to_string()),
                 ("LANE", lane.to_string()),
-                ("A_BLOCK", a_block),
-                ("A_VALUE", a_value.to_string()),
                 ("ROWS", rows.to_string()),
                 ("VECS", vecs.to_string()),
                 ("LANES", lanes.to_string()),
@@ -1232,6 +1163,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             ]);
         }
     }
+    b.sections.push(("SEGMENTS", segments));
     b.finish(
         template,
         name,
@@ -1240,6 +1172,276 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         workgroups,
         summary,
     )
+}
+
+/// A product's operand as its kernel reads it.
+struct Operand {
+    /// The value bound: the operand, or the source of a transpose read in place.
+    src: NodeId,
+    /// The transpose's permutation, where the operand is one read in place.
+    perm: Option<Vec<usize>>,
+    /// The bound value's storage, where it is a constant stored in half precision.
+    half: Option<Half>,
+    /// The element-wise chain that computes the operand as it is loaded (an operand prologue),
+    /// which binds its own operands instead.
+    prologue: Option<Vec<NodeId>>,
+}
+
+/// A product's A and B operands.
+struct Operands {
+    a: Operand,
+    b: Operand,
+}
+
+impl Operands {
+    /// What the kernel summary says of the operands: transposes read in place, prologues.
+    fn notes(&self, graph: &Graph) -> String {
+        let mut notes = match (&self.a.perm, &self.b.perm) {
+            (None, None) => String::new(),
+            (Some(_), None) => " (A: a transpose read in place)".to_string(),
+            (None, Some(_)) => " (B: a transpose read in place)".to_string(),
+            (Some(_), Some(_)) => " (A and B: transposes read in place)".to_string(),
+        };
+        for (name, operand) in [("A", &self.a), ("B", &self.b)] {
+            if let Some(chain) = &operand.prologue {
+                let ops: Vec<String> = chain.iter().map(|&n| op_title(&graph.node(n).op)).collect();
+                notes += &format!(" ({name} computed as it is loaded: {})", ops.join(", "));
+            }
+        }
+        notes
+    }
+}
+
+/// Binds the operands of `product` as `a{suffix}` and `b{suffix}` (a transpose read in place
+/// binds its source; an operand prologue binds nothing here).
+fn bind_operands(b: &mut Builder, product: NodeId, suffix: &str, d: &Decisions) -> Operands {
+    let ins = b.graph.inputs_of(product);
+    let (a_src, a_perm) = b.source(ins[0]);
+    let (b_src, b_perm) = b.source(ins[1]);
+    let mut operand = |name: &str, src: NodeId, perm: Option<&[usize]>| {
+        let prologue = d.operand_prologues.get(&src).cloned();
+        let half = match prologue {
+            None => b.bind_stored(&format!("{name}{suffix}"), src, d.half).1,
+            Some(_) => None,
+        };
+        Operand {
+            src,
+            perm: perm.map(<[usize]>::to_vec),
+            half,
+            prologue,
+        }
+    };
+    Operands {
+        a: operand("a", a_src, a_perm),
+        b: operand("b", b_src, b_perm),
+    }
+}
+
+/// A product's dimensions and the offsets of its operands' elements.
+struct ProductDims {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// Output matrices.
+    batch: usize,
+    /// The offset in A's binding of A[i, p] of output matrix `batch`, and in B's of B[p, j].
+    a_at: String,
+    b_at: String,
+}
+
+/// The dimensions of `product` and its operands' offsets, as WGSL over the kernel's constants
+/// (`K{suffix}`: the second product of a sum has its own K).
+fn product_dims(
+    graph: &Graph,
+    product: NodeId,
+    operands: &Operands,
+    suffix: &str,
+    pitch: &BTreeMap<NodeId, usize>,
+) -> Result<ProductDims> {
+    let ins = graph.inputs_of(product);
+    let (a_shape, b_shape) = (graph.shape(ins[0]), graph.shape(ins[1]));
+    // `*_strides`: the element strides of each axis of the logical operand in the bound value's
+    // memory, where that is not the operand's own contiguous layout.
+    let a_strides = operand_strides(graph, operands.a.src, operands.a.perm.as_deref(), pitch);
+    let b_strides = operand_strides(graph, operands.b.src, operands.b.perm.as_deref(), pitch);
+    let k_name = format!("K{suffix}");
+    if let Op::Gemm {
+        trans_a, trans_b, ..
+    } = &graph.node(product).op
+    {
+        let (m, k) = if *trans_a {
+            (a_shape[1], a_shape[0])
+        } else {
+            (a_shape[0], a_shape[1])
+        };
+        let n = if *trans_b { b_shape[0] } else { b_shape[1] };
+        // Gemm's A[i, p] is its operand's [i, p], or [p, i] with transA.
+        let (ai, ap) = if *trans_a { (1, 0) } else { (0, 1) };
+        let a_at = match &a_strides {
+            None if *trans_a => "p * M + i".to_string(),
+            None => format!("i * {k_name} + p"),
+            Some(st) => index_sum(&[("i", st[ai]), ("p", st[ap])]),
+        };
+        let (bp, bj) = if *trans_b { (1, 0) } else { (0, 1) };
+        let b_at = match &b_strides {
+            None if *trans_b => format!("j * {k_name} + p"),
+            None => "p * N + j".to_string(),
+            Some(st) => index_sum(&[("p", st[bp]), ("j", st[bj])]),
+        };
+        return Ok(ProductDims {
+            m,
+            k,
+            n,
+            batch: 1,
+            a_at,
+            b_at,
+        });
+    }
+    let d = matmul_dims(a_shape, b_shape).map_err(Error::shape)?;
+    let (m, k, n) = (d.m, d.k, d.n);
+    // The offset of output matrix `batch` in an operand whose batch dims `own` have element
+    // strides `own_strides` (broadcast dims contribute nothing).
+    let offset = |own: &[usize], own_strides: &[usize]| {
+        let muls = broadcast_strides(own, own_strides, &d.batch);
+        match strided_index("batch", &d.batch, &muls).as_str() {
+            "0u" => String::new(),
+            e => format!("{e} + "),
+        }
+    };
+    // A contiguous operand's batch matrices are `size` elements apart.
+    let contiguous = |own: &[usize], size: usize| -> Vec<usize> {
+        strides(own).into_iter().map(|s| s * size).collect()
+    };
+    let a_at = match &a_strides {
+        None => format!(
+            "{}i * {k_name} + p",
+            offset(&d.a_batch, &contiguous(&d.a_batch, m * k))
+        ),
+        Some(st) => {
+            let r = st.len();
+            let rest = index_sum(&[("i", st[r - 2]), ("p", st[r - 1])]);
+            format!("{}{rest}", offset(&a_shape[..r - 2], &st[..r - 2]))
+        }
+    };
+    let b_at = match &b_strides {
+        None => format!(
+            "{}p * N + j",
+            offset(&d.b_batch, &contiguous(&d.b_batch, k * n))
+        ),
+        Some(st) => {
+            let r = st.len();
+            let rest = index_sum(&[("p", st[r - 2]), ("j", st[r - 1])]);
+            format!("{}{rest}", offset(&b_shape[..r - 2], &st[..r - 2]))
+        }
+    };
+    Ok(ProductDims {
+        m,
+        k,
+        n,
+        batch: numel(&d.batch),
+        a_at,
+        b_at,
+    })
+}
+
+/// "matmul 256x16 @ 16x512" or "gemm transB 256x16, 512x16": a product named in a summary.
+fn product_title(graph: &Graph, product: NodeId) -> String {
+    let ins = graph.inputs_of(product);
+    let (a, b) = (
+        shape_str(graph.shape(ins[0])),
+        shape_str(graph.shape(ins[1])),
+    );
+    match &graph.node(product).op {
+        Op::Gemm {
+            trans_a, trans_b, ..
+        } => {
+            let t = |on: bool, s: &'static str| if on { s } else { "" };
+            format!(
+                "gemm{}{} {a}, {b}",
+                t(*trans_a, " transA"),
+                t(*trans_b, " transB")
+            )
+        }
+        _ => format!("matmul {a} @ {b}"),
+    }
+}
+
+/// Pushes the helpers that load a product's operands: `a{suffix}_at` and `b{suffix}_at` (the
+/// offsets), `a{suffix}_get` and `b{suffix}_get` (the values: decoding a weight stored in half
+/// precision, or computing an operand prologue), A's values multiplied by the scalar `scale`
+/// (its binding, and its label) where there is one.
+fn operand_helpers(
+    b: &mut Builder,
+    operands: &Operands,
+    dims: &ProductDims,
+    suffix: &str,
+    scale: Option<&(String, String)>,
+) -> Result<()> {
+    let (a_at, b_at) = (&dims.a_at, &dims.b_at);
+    b.helpers.push(format!(
+        "// Offset in `a{suffix}` of A{suffix}[i, p] of output matrix `batch`.\n\
+         fn a{suffix}_at(batch: u32, i: u32, p: u32) -> u32 {{\n    return {a_at};\n}}"
+    ));
+    b.helpers.push(format!(
+        "// Offset in `b{suffix}` of B{suffix}[p, j] of output matrix `batch`.\n\
+         fn b{suffix}_at(batch: u32, p: u32, j: u32) -> u32 {{\n    return {b_at};\n}}"
+    ));
+    let operands = [
+        ("a", &operands.a, ("i", "p"), scale),
+        ("b", &operands.b, ("p", "j"), None),
+    ];
+    for (op, operand, (x, y), scale) in operands {
+        let op = format!("{op}{suffix}");
+        let scaled = |value: String| match scale {
+            Some((binding, _)) => format!("{binding}[0] * {value}"),
+            None => value,
+        };
+        let scale_note = match scale {
+            Some((_, label)) => format!(", times {label}"),
+            None => String::new(),
+        };
+        if let Some(chain) = &operand.prologue {
+            // The chain's loads index its value by a flat `i`: the row is not called that.
+            let (x, y) = if op.starts_with('a') {
+                ("row", y)
+            } else {
+                (x, "col")
+            };
+            let indent = "    ";
+            let mut lines = vec![format!("{indent}let i = {op}_at(batch, {x}, {y});")];
+            let (var, load) = (format!("{op}v"), format!("{op}e"));
+            let no_store = |_: &mut Builder, _: &mut Vec<String>, _: usize| {};
+            lines.extend(elementwise_steps(
+                b,
+                chain,
+                0,
+                (&var, &load),
+                indent,
+                no_store,
+            )?);
+            b.helpers.push(format!(
+                "// {}[{x}, {y}] of output matrix `batch`{scale_note}, computed as it is loaded (an operand\n\
+                 // prologue): element i of the value the chain below computes.\n\
+                 fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n{}\n    return {};\n}}",
+                op.to_uppercase(),
+                lines.join("\n"),
+                scaled(format!("{var}{}", chain.len() - 1))
+            ));
+            continue;
+        }
+        let note = match operand.half {
+            Some(h) => format!(", stored as {}", h.name()),
+            None => String::new(),
+        };
+        let load = storage::half_load(&op, &format!("{op}_at(batch, {x}, {y})"), operand.half);
+        b.helpers.push(format!(
+            "// {}[{x}, {y}] of output matrix `batch`{note}{scale_note}.\n\
+             fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n    return {};\n}}",
+            op.to_uppercase(),
+            scaled(load)
+        ));
+    }
+    Ok(())
 }
 
 /// The declarations and stores of the terms that a product's kernel sums over each tile of
@@ -1784,7 +1986,7 @@ fn reduce(
         // Output element i's sum `acc` through the epilogue (often none).
         let indent = if lanes { "    " } else { "        " };
         let mut lines = vec![format!("{indent}let v0 = acc; {}", node_comment(graph, n))];
-        let (more, last) = epilogue(&mut b, group, indent, d.escapes)?;
+        let (more, last) = epilogue(&mut b, group, 1, indent, d.escapes)?;
         lines.extend(more);
         lines.push(format!("{indent}y[i] = {last};"));
         values.push(("EPILOGUE", lines.join("\n")));
@@ -2049,7 +2251,7 @@ fn layer_epilogues(
             "{pad}let v0 = acc; {}",
             node_comment(graph, layer[0])
         )];
-        let (more, last) = epilogue(b, layer, pad, d.escapes)?;
+        let (more, last) = epilogue(b, layer, 1, pad, d.escapes)?;
         lines.extend(more);
         let out = if l + 1 == layers.len() {
             "y".to_string()

@@ -20,6 +20,7 @@
 
 mod fusion;
 mod kernels;
+mod product_sums;
 mod schedule;
 mod storage;
 pub(crate) mod template;
@@ -662,9 +663,16 @@ fn check_groups(
     let bad = |m: String| Err(Error::graph(format!("kernel groups: {m}")));
     let mut seen = HashSet::new();
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, n)| *n).collect();
+    let kept = fusion::kept(graph);
     for g in &groups {
         if g.is_empty() {
             return bad("an empty group".into());
+        }
+        if let Some(Err(why)) = product_sums::summed(graph, g, live, &kept) {
+            let label = &graph.node(g[0]).label;
+            return bad(format!(
+                "the group of '{label}' sums two products, but {why}"
+            ));
         }
         for (k, &n) in g.iter().enumerate() {
             let interior = k + 1 < g.len();
@@ -710,7 +718,6 @@ fn check_groups(
             ));
         }
     }
-    let kept = fusion::kept(graph);
     for &p in prologues {
         if !graph.contains(p) || !fusion::is_reduce_prologue(graph, p, live, &kept, max_bindings) {
             return bad(format!(

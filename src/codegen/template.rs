@@ -108,6 +108,47 @@ pub fn render(template_name: &str, template: &str, values: &[(&str, String)]) ->
     Ok(out)
 }
 
+/// The placeholder values of one instance of a repeated section ([`repeat`]).
+pub type Instance = Vec<(&'static str, String)>;
+
+/// Repeats each section of `template` marked `{{#NAME}}` ... `{{/NAME}}` (each marker alone on
+/// its line) once per entry of `instances`, filling the section's placeholders from that entry
+/// ([`render`], which checks them); the marker lines go. A matmul kernel runs its K loop once
+/// per product it sums (`kernels::matmul`): one instance renders the text the section holds.
+pub fn repeat(
+    template_name: &str,
+    template: &str,
+    name: &str,
+    instances: &[Instance],
+) -> Result<String> {
+    let bug = |what: String| Error::gpu(format!("template {template_name}: {what} (emitter bug)"));
+    let (open, close) = (format!("{{{{#{name}}}}}"), format!("{{{{/{name}}}}}"));
+    let mut out = String::with_capacity(template.len() * 2);
+    let mut rest = template;
+    let mut found = false;
+    // Byte offset of the start of the line holding `at`, and of the line after it.
+    let line_start = |s: &str, at: usize| s[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = |s: &str, at: usize| s[at..].find('\n').map_or(s.len(), |i| at + i + 1);
+    while let Some(start) = rest.find(&open) {
+        found = true;
+        let body_start = line_end(rest, start);
+        let end = (rest[body_start..].find(&close))
+            .map(|i| body_start + i)
+            .ok_or_else(|| bug(format!("section {open} is not closed")))?;
+        let body_end = line_start(rest, end);
+        out.push_str(&rest[..line_start(rest, start)]);
+        for values in instances {
+            out.push_str(&render(template_name, &rest[body_start..body_end], values)?);
+        }
+        rest = &rest[line_end(rest, end)..];
+    }
+    if !found {
+        return Err(bug(format!("no section {open}")));
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +160,23 @@ mod tests {
         assert_eq!(render("t", t, &v).unwrap(), "a 1 b 2 1");
         assert!(render("t", t, &v[..1]).is_err());
         assert!(render("t", "no placeholders", &v).is_err());
+    }
+
+    #[test]
+    fn repeat_renders_a_section_per_instance_and_drops_the_markers() {
+        // The template's own placeholders outside the section are left for `render`.
+        let t = "head {{N}}\n  {{#LOOP}}\n  k{{S}} < K{{S}}\n  {{/LOOP}}\ntail\n";
+        let one = [vec![("S", String::new())]];
+        let expanded = repeat("t", t, "LOOP", &one).unwrap();
+        assert_eq!(expanded, "head {{N}}\n  k < K\ntail\n");
+        let two = [vec![("S", String::new())], vec![("S", "2".to_string())]];
+        let expanded = repeat("t", t, "LOOP", &two).unwrap();
+        assert_eq!(expanded, "head {{N}}\n  k < K\n  k2 < K2\ntail\n");
+        // Every section is repeated; every placeholder in one needs a value of the instance.
+        let t = "{{#LOOP}}\nk{{S}}\n{{/LOOP}}\n{{#LOOP}}\nj{{S}}\n{{/LOOP}}\n";
+        assert_eq!(repeat("t", t, "LOOP", &two).unwrap(), "k\nk2\nj\nj2\n");
+        assert!(repeat("t", "{{#LOOP}}\nk{{N}}\n{{/LOOP}}\n", "LOOP", &one).is_err());
+        assert!(repeat("t", "{{#LOOP}}\nk\n", "LOOP", &one).is_err());
+        assert!(repeat("t", "k", "LOOP", &one).is_err());
     }
 }
