@@ -918,3 +918,114 @@ fn assert_operand_graph_matches(
         assert!(err < 1e-5, "'{name}': {err:e}\n{plan}");
     }
 }
+
+/// A layer's forward and backward sums of two products: `y = relu(x Wᵀ + s (x Aᵀ) Bᵀ + bias)`
+/// (Gemm with transB, the low-rank path scaled by the scalar `s`) and `dx = dy W + (dy B) A`
+/// (MatMuls), over `lead` rows (a batch of matrices where `lead` has two axes, the weights
+/// broadcast) of width `k`, `n` outputs and rank `r`. Returns the graph and the four products
+/// (base, low-rank up, backward base, backward low-rank).
+fn product_sums_graph(lead: &[usize], k: usize, n: usize, r: usize) -> (Graph, [NodeId; 4]) {
+    let mut g = GraphBuilder::new();
+    let rows = |last: usize| lead.iter().copied().chain([last]).collect::<Vec<_>>();
+    let x = g.add_input("x", rows(k));
+    let w = g.add_input("w", vec![n, k]);
+    let a = g.add_input("a", vec![r, k]);
+    let b = g.add_input("b", vec![n, r]);
+    let s = g.add_input("s", vec![]);
+    let bias = g.add_input("bias", vec![n]);
+    let dy = g.add_input("dy", rows(n));
+    let mut add = |op: Op, ins: &[NodeId], name: &str| g.add(op, ins, name, name).unwrap();
+    let t = || Op::Transpose { perm: vec![1, 0] };
+    let (w_t, a_t, b_t) = (
+        add(t(), &[w], "w_t"),
+        add(t(), &[a], "a_t"),
+        add(t(), &[b], "b_t"),
+    );
+    // The batched case reads Wᵀ through a MatMul, which broadcasts it; the 2-D one through Gemm.
+    let base = match lead.len() {
+        1 => {
+            let gemm = Op::Gemm {
+                alpha: 1.0,
+                beta: 0.0,
+                trans_a: false,
+                trans_b: true,
+            };
+            add(gemm, &[x, w], "base")
+        }
+        _ => add(Op::MatMul, &[x, w_t], "base"),
+    };
+    let xa = add(Op::MatMul, &[x, a_t], "xa");
+    let up = add(Op::MatMul, &[xa, b_t], "up");
+    let scaled = add(Op::Binary(Binary::Mul), &[s, up], "scaled");
+    let sum = add(Op::Binary(Binary::Add), &[base, scaled], "sum");
+    let biased = add(Op::Binary(Binary::Add), &[sum, bias], "biased");
+    let y = add(Op::Unary(unary::RELU), &[biased], "y");
+    let dx_base = add(Op::MatMul, &[dy, w], "dx_base");
+    let dy_b = add(Op::MatMul, &[dy, b], "dy_b");
+    let dx_low = add(Op::MatMul, &[dy_b, a], "dx_low");
+    let dx = add(Op::Binary(Binary::Add), &[dx_low, dx_base], "dx");
+    g.add_output("y", y);
+    g.add_output("dx", dx);
+    (g.finish(), [base, up, dx_base, dx_low])
+}
+
+/// Each layer's base product and low-rank path are one kernel, forward (scaled by `s` as A2
+/// loads) and backward, on the CPU template (the device plan here), the 16 x 16 and the blocked
+/// templates (the portable plan: 37 rows, 70 rows of 80 x 72) and over a batch of matrices with
+/// broadcast weights: the second product's value has no buffer, and the outputs match the f64
+/// reference.
+#[test]
+fn sums_of_products_accumulate_in_one_kernel() {
+    let cases: [(&[usize], usize, usize, usize); 3] = [
+        (&[37], 50, 24, 4),
+        (&[70], 80, 72, 16),
+        (&[2, 21], 50, 24, 4),
+    ];
+    for (lead, k, n, r) in cases {
+        let (graph, [base, up, dx_base, dx_low]) = product_sums_graph(lead, k, n, r);
+        let mut rng = Rng::new(41);
+        let rows = |last: usize| lead.iter().copied().chain([last]).collect::<Vec<_>>();
+        let shapes = [
+            ("x", rows(k)),
+            ("w", vec![n, k]),
+            ("a", vec![r, k]),
+            ("b", vec![n, r]),
+            ("s", vec![]),
+            ("bias", vec![n]),
+            ("dy", rows(n)),
+        ];
+        let feeds: BTreeMap<String, Array> = (shapes.into_iter())
+            .map(|(name, shape)| (name.to_string(), random(&shape, &mut rng)))
+            .collect();
+        let want = run_reference(&graph, &feeds);
+        for plan in [
+            codegen::plan_with(&graph, &gpu().plan_options()).unwrap(),
+            codegen::plan(&graph).unwrap(),
+        ] {
+            for (first, second) in [(base, up), (dx_low, dx_base)] {
+                let kernel = plan.kernels.iter().find(|k| k.nodes.contains(&first));
+                let kernel = kernel.unwrap();
+                // The product of more multiply-adds anchors the kernel.
+                let (anchor, other) = match first == base {
+                    true => (first, second),
+                    false => (second, first),
+                };
+                assert_eq!(kernel.nodes[0], anchor, "{lead:?}:\n{plan}");
+                assert!(kernel.nodes.contains(&other), "{lead:?}:\n{plan}");
+                assert!(!plan.node_buffers.contains_key(&other), "{plan}");
+            }
+            let exe = Executable::new(gpu(), &plan, &graph).unwrap();
+            let got = exe.step(&host(&feeds), &["y", "dx"]).unwrap();
+            for name in ["y", "dx"] {
+                let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
+                let err = relative_error(&got, &want[name].data);
+                assert!(err < 1e-5, "{lead:?} '{name}': {err:e}\n{plan}");
+            }
+        }
+    }
+    // The device kernel of the forward sum on a CPU driver, pinned for review.
+    let (graph, [base, ..]) = product_sums_graph(&[37], 50, 24, 4);
+    let plan = codegen::plan_with(&graph, &lavapipe_like()).unwrap();
+    let kernel = plan.kernels.iter().find(|k| k.nodes[0] == base).unwrap();
+    insta::assert_snapshot!("product_sum_columns", kernel.source);
+}

@@ -607,6 +607,16 @@ fn reuse_buffers(plan: &mut Plan) {
             last_use.insert(b, k);
         }
     }
+    // The kernel that first writes each reusable buffer, and its size: (kernel, bytes).
+    let mut births: Vec<(usize, u64)> = vec![];
+    let mut born: HashSet<BufferId> = HashSet::new();
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        for out in kernel.written() {
+            if reusable(out, &plan.buffers[out]) && born.insert(out) {
+                births.push((k, plan.buffers[out].bytes()));
+            }
+        }
+    }
     // Free allocations: (bytes, owner).
     let mut free: Vec<(u64, BufferId)> = vec![];
     let mut assigned: HashSet<BufferId> = HashSet::new();
@@ -616,15 +626,27 @@ fn reuse_buffers(plan: &mut Plan) {
                 continue;
             }
             let bytes = plan.buffers[out].bytes();
-            // A value under half an allocation's size takes it only when it dies soon: a small
-            // long-lived value (DoRA's x A^T, kept for backward) would otherwise pin a large
-            // allocation that later activations need, and they would each take a new one.
-            let short_lived = last_use[&out] <= k + SHORT_LIFETIME;
+            // A value under half an allocation's size takes it only when it dies soon, and when
+            // the values that would fill such an allocation and are written while it lives find
+            // others free: a small long-lived value (DoRA's x A^T, kept for backward) would
+            // otherwise pin a large allocation that later activations need, and a short-lived
+            // one (the last layer's x A^T) the one that a gradient written while it lives needs;
+            // they would each take a new one.
+            let dies = last_use[&out];
+            let lends = |size: u64, owner: BufferId| {
+                let needed = (births.iter())
+                    .filter(|&&(at, b)| at > k && at <= dies && b <= size && 2 * b > size)
+                    .count();
+                let spare = (free.iter())
+                    .filter(|&&(s, o)| o != owner && s >= size)
+                    .count();
+                dies <= k + SHORT_LIFETIME && needed <= spare
+            };
             let best = free
                 .iter()
                 .enumerate()
-                .filter(|(_, (size, _))| {
-                    *size >= bytes && (short_lived || *size <= 2 * bytes.max(1))
+                .filter(|(_, &(size, owner))| {
+                    size >= bytes && (size <= 2 * bytes.max(1) || lends(size, owner))
                 })
                 .min_by_key(|(_, &(size, owner))| (size, owner))
                 .map(|(i, _)| i);
@@ -1387,8 +1409,9 @@ mod tests {
 
     /// A small value that lives long (DoRA's x A^T, kept for backward) takes memory of its own
     /// instead of a freed allocation many times its size, which the next activation then
-    /// reuses; a small value that dies at once still reuses. The allocations: x's, a's (256
-    /// bytes, later c's and e's), b's, d's, and the 4 bytes of s.
+    /// reuses; so does a small value that dies at once where a value written while it lives
+    /// needs the only allocation free (t, and f). The allocations: x's, a's (256 bytes, later
+    /// c's and e's), b's (later d's and f's), y's, and the 4 bytes of s and of t.
     #[test]
     fn a_small_long_lived_value_does_not_pin_a_large_allocation() {
         let mut g = GraphBuilder::new();
@@ -1424,9 +1447,43 @@ mod tests {
         let storage = |n: NodeId| plan.buffers[buffer(n)].storage;
         assert_eq!(storage(s), buffer(s), "{text}");
         assert_eq!(storage(c), buffer(a), "{text}");
-        assert_eq!(storage(t), buffer(b), "{text}");
-        assert_eq!(plan.peak_bytes(), 256 * 5 + 4, "{text}");
+        assert_eq!(storage(t), buffer(t), "{text}");
+        assert_eq!(storage(f), buffer(b), "{text}");
+        assert_eq!(plan.peak_bytes(), 256 * 4 + 4 + 4, "{text}");
     }
+    /// A small value that dies at once takes a freed allocation many times its size where the
+    /// values written while it lives find others: p's and q's are free when t is written, t
+    /// takes p's and f, written while t lives, q's.
+    #[test]
+    fn a_small_short_lived_value_reuses_an_allocation_no_one_needs() {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![64]);
+        let p = g.add(Op::Unary(unary::TANH), &[x], "p", "p").unwrap();
+        let q = g.add(Op::Unary(unary::EXP), &[x], "q", "q").unwrap();
+        let r = g.add(Op::Binary(Binary::Add), &[p, q], "r", "r").unwrap();
+        let sum = Op::Reduce {
+            kind: crate::ir::Reduce::Sum,
+            axes: vec![0],
+            keepdims: true,
+        };
+        let t = g.add(sum, &[r], "t", "t").unwrap();
+        let f = g.add(Op::Binary(Binary::Add), &[r, t], "f", "f").unwrap();
+        let y = g.add(Op::Unary(unary::TANH), &[f], "y", "y").unwrap();
+        g.add_output("y", y);
+        let g = g.finish();
+        let unfused = PlanOptions {
+            fuse: false,
+            ..PlanOptions::default()
+        };
+        let plan = plan_with(&g, &unfused).unwrap();
+        let text = plan.to_string();
+        let buffer = |n: NodeId| plan.node_buffers[&n];
+        let storage = |n: NodeId| plan.buffers[buffer(n)].storage;
+        assert_eq!(storage(t), buffer(p), "{text}");
+        assert_eq!(storage(f), buffer(q), "{text}");
+        assert_eq!(plan.peak_bytes(), 256 * 5, "{text}");
+    }
+
     #[test]
     fn validate_names_the_kernel_and_quotes_naga() {
         let e = validate("k07_bad", "fn main() { let x: f32 = 1u; }").unwrap_err();

@@ -181,3 +181,88 @@ pub(crate) fn work(graph: &Graph, n: NodeId) -> Option<usize> {
     };
     Some(numel(graph.shape(n)) * k)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codegen::schedule;
+    use crate::ir::{unary, GraphBuilder};
+
+    /// `out = x w + s (x a) b` (scaled where `scale`), `x` 8 x 32, rank 4, 16 outputs, and
+    /// `extra` reads of the base product; returns (graph, [base, up, add]).
+    fn layer(scale: bool, extra: bool) -> (Graph, [NodeId; 3]) {
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![8, 32]);
+        let w = g.add_input("w", vec![32, 16]);
+        let a = g.add_input("a", vec![32, 4]);
+        let b = g.add_input("b", vec![4, 16]);
+        let s = g.add_input("s", vec![1]);
+        let mut add = |op: Op, ins: &[NodeId], name: &str| g.add(op, ins, name, name).unwrap();
+        let base = add(Op::MatMul, &[x, w], "base");
+        let xa = add(Op::MatMul, &[x, a], "xa");
+        let up = add(Op::MatMul, &[xa, b], "up");
+        let low = match scale {
+            true => add(Op::Binary(Binary::Mul), &[up, s], "low"),
+            false => up,
+        };
+        let out = add(Op::Binary(Binary::Add), &[low, base], "out");
+        let y = add(Op::Unary(unary::RELU), &[out], "y");
+        if extra {
+            let e = add(Op::Unary(unary::EXP), &[base], "e");
+            g.add_output("e", e);
+        }
+        g.add_output("y", y);
+        (g.finish(), [base, up, out])
+    }
+
+    fn seed_of(graph: &Graph, p1: NodeId) -> Option<Vec<NodeId>> {
+        let live = schedule::live(graph);
+        seed(graph, p1, &live, &HashSet::new(), |_| true)
+    }
+
+    #[test]
+    fn a_base_product_and_its_low_rank_path_start_one_group() {
+        for scale in [false, true] {
+            let (g, [base, up, out]) = layer(scale, false);
+            let group = seed_of(&g, base).unwrap();
+            assert_eq!(group.len(), if scale { 4 } else { 3 });
+            assert_eq!(
+                (group[0], group[1], *group.last().unwrap()),
+                (base, up, out)
+            );
+            let live = schedule::live(&g);
+            let second = summed(&g, &group, &live, &HashSet::new()).unwrap().unwrap();
+            assert_eq!(second.product, up);
+            assert_eq!(second.scale.is_some(), scale);
+            assert_eq!(second.add, group.len() - 1);
+            // The smaller product anchors nothing: the larger one takes it.
+            assert_eq!(seed_of(&g, up), None);
+        }
+    }
+
+    #[test]
+    fn products_read_elsewhere_or_kept_are_not_summed() {
+        let (g, [base, ..]) = layer(true, true);
+        assert_eq!(seed_of(&g, base), None);
+        // Taken by another group already.
+        let (g, [base, up2, _]) = layer(true, false);
+        let live = schedule::live(&g);
+        assert_eq!(seed(&g, base, &live, &HashSet::new(), |n| n != up2), None);
+        // A kept value (a graph output, a state's next value) is stored whatever reads it.
+        let kept: HashSet<NodeId> = [base].into();
+        assert_eq!(seed(&g, base, &live, &kept, |_| true), None);
+    }
+
+    #[test]
+    fn a_malformed_sum_group_is_refused_with_a_reason() {
+        let (g, [base, up, out]) = layer(true, false);
+        let live = schedule::live(&g);
+        let none = HashSet::new();
+        // The scale's Mul missing between the second product and the add.
+        let skipped = [base, up, out];
+        assert!(matches!(summed(&g, &skipped, &live, &none), Some(Err(_))));
+        // Not a sum at all: the second node is no product.
+        let relu = g.consumers(out)[0];
+        assert_eq!(summed(&g, &[out, relu], &live, &none), None);
+    }
+}
