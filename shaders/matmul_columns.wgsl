@@ -60,7 +60,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     for (var ci = 0u; ci < VECS; ci = ci + 1u) {
         let j = col0 + 4u * LANES * ci;
         cols[ci] = min(vec4<u32>(j, j + 1u, j + 2u, j + 3u), vec4<u32>(N - 1u));
-    }
+    }{{B_COLUMNS}}
 
     // sums[ri][ci][ei]: the dot product of output (row0 + ri, col0 + 4 * LANES * ci + ei).
     var sums: array<array<vec4<f32>, VECS>, ROWS>;
@@ -74,10 +74,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
                 let j = cols[ci];
                 bv[ci] = vec4<f32>(
-                    b{{S}}_get(batch, p, j.x),
-                    b{{S}}_get(batch, p, j.y),
-                    b{{S}}_get(batch, p, j.z),
-                    b{{S}}_get(batch, p, j.w),
+                    b{{S}}_get(batch, p, j.x{{BX}}),
+                    b{{S}}_get(batch, p, j.y{{BY}}),
+                    b{{S}}_get(batch, p, j.z{{BZ}}),
+                    b{{S}}_get(batch, p, j.w{{BW}}),
                 );
             }
             for (var ri = 0u; ri < ROWS; ri = ri + 1u) {

@@ -39,6 +39,14 @@
 //!   written beside the output. Its value is computed in the same invocation, so a parameter's
 //!   whole AdamW update runs in the epilogue of the product that computes its gradient.
 //!
+//! **Sums of products** ([`Context::product_sums`], the rule in `product_sums`): a product whose
+//! one reader adds it to another product of the same shape (or to that product times a scalar),
+//! where nothing else reads either, starts a group `[p1, p2, (mul,) add]` anchored at the one of
+//! more multiply-adds, before any group is formed (the second may be scheduled first). Its kernel
+//! runs its K loop over both products into one accumulator, and the group grows from the add like
+//! any other: a LoRA or DoRA layer's `x W0ᵀ + s (x Aᵀ) Bᵀ` and its backward `dY W0 + (dY B) A`
+//! are one kernel each, and the low-rank product's output is never stored.
+//!
 //! **Reduction prologues** ([`is_reduce_prologue`]): an element-wise node that would start a
 //! kernel of its own (no kernel claimed it as an epilogue) and whose one live reader is a
 //! reduction gets no kernel and no buffer: the reduction computes it as it loads each term.

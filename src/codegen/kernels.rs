@@ -129,6 +129,21 @@ struct Builder<'g> {
     shapes: BTreeMap<NodeId, Vec<usize>>,
     /// Sections of the template repeated with values of their own (`template::repeat`).
     sections: Vec<(&'static str, Vec<template::Instance>)>,
+    /// While an operand prologue of B is rendered for the columns template: the loads that
+    /// depend on the column alone (see [`ColumnLoads`]).
+    column_loads: Option<ColumnLoads>,
+}
+
+/// The loads of an operand prologue that depend on the operand value's column alone (a
+/// per-feature scale or bias broadcast over the rows, DoRA's `g` and `b` in `relu(g * u + b)`),
+/// which the columns template makes once per column instead of once per element: for B once per
+/// column of a lane, before its K loop; for A once per step of K, not once per row. Each is
+/// (field name, the load at the column), of the value whose last axis is `n` long.
+struct ColumnLoads {
+    n: usize,
+    /// The helper's name for the column: `col` for B, `p` for A (whose columns are K's).
+    index: &'static str,
+    loads: Vec<(String, String)>,
 }
 
 impl<'g> Builder<'g> {
@@ -145,6 +160,7 @@ impl<'g> Builder<'g> {
             arrays: vec![],
             shapes: BTreeMap::new(),
             sections: vec![],
+            column_loads: None,
         }
     }
 
@@ -217,6 +233,26 @@ impl<'g> Builder<'g> {
             None => self.bind(name, src),
         };
         let from = self.graph.shape(node);
+        if let Some(columns) = &mut self.column_loads {
+            // A value broadcast over every axis but the last (or a scalar) is the column's.
+            let scalar = numel(from) == 1;
+            let vector =
+                from.last() == Some(&columns.n) && from.iter().rev().skip(1).all(|&d| d == 1);
+            if perm.is_none() && (scalar || vector) {
+                let index = if numel(from) == 1 {
+                    "0u"
+                } else {
+                    columns.index
+                };
+                let field = format!("{name}_c");
+                columns
+                    .loads
+                    .push((field.clone(), format!("{bound}[{index}]")));
+                let value = format!("{name}_i");
+                let note = " // loaded once per column, by the _column helper";
+                return (format!("{indent}let {value} = c.{field};{note}"), value);
+            }
+        }
         let (index, note) = match perm {
             None => (
                 broadcast_index("i", from, out_shape),
@@ -1022,7 +1058,32 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         }
     }
     let mut summary = summary + &first_operands.notes(graph);
-    operand_helpers(&mut b, &first_operands, &dims, "", None)?;
+    let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
+    // With subgroups that the workgroup fills, each lane of the columns template loads one of
+    // every SG values of A a row needs and the lanes hand them round by shuffles: a gather per
+    // row and block instead of SG loads of one address by all lanes, which a CPU driver makes
+    // dear (lavapipe, 128 x 512 @ 512 x 512: 3.4 against 4.0 ms, 4.85 against 5.1 with B
+    // transposed).
+    let shuffles = match shape {
+        MatmulShape::Columns { lanes, .. } => {
+            (d.subgroup_size).filter(|&sg| sg > 1 && lanes % sg as usize == 0)
+        }
+        _ => None,
+    };
+    // The columns template loads the prologue values that depend on an operand's column alone
+    // once per column: B's before its K loop, A's once per block of K (with shuffles).
+    let hoist = [
+        shuffles.is_some(),
+        matches!(shape, MatmulShape::Columns { .. }),
+    ];
+    let mut column_loads = vec![operand_helpers(
+        &mut b,
+        &first_operands,
+        &dims,
+        "",
+        None,
+        hoist,
+    )?];
     let mut suffixes = vec![""];
     if let Some(second) = second {
         // The second product's operands, index and load helpers (`a2_get`, ...) and K2.
@@ -1040,7 +1101,14 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
              const K2: u32 = {}u;",
             dims2.k
         ));
-        operand_helpers(&mut b, &operands, &dims2, "2", scale.as_ref())?;
+        column_loads.push(operand_helpers(
+            &mut b,
+            &operands,
+            &dims2,
+            "2",
+            scale.as_ref(),
+            hoist,
+        )?);
         suffixes.push("2");
         summary += &format!(" + {title}");
         if let Some((_, label)) = &scale {
@@ -1048,7 +1116,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         }
         plain = false;
     }
-    let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
     let (template, indent) = match shape {
         MatmulShape::Tiled => (template::MATMUL, "        "),
         MatmulShape::Blocked { .. } => (MATMUL_BLOCKED, "                "),
@@ -1116,32 +1183,58 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             ("PARTS_STORE_LOOP", sums.store_loop()),
         ]),
         MatmulShape::Columns { rows, vecs, lanes } => {
-            // With subgroups that the workgroup fills, each lane loads one of every SG values of
-            // A a row needs and the lanes hand them round by shuffles: a gather per row and
-            // block instead of SG loads of one address by all lanes, which a CPU driver makes
-            // dear (lavapipe, 128 x 512 @ 512 x 512: 3.4 against 4.0 ms, 4.85 against 5.1
-            // with B transposed).
-            let sg = d
-                .subgroup_size
-                .filter(|&sg| sg > 1 && lanes % sg as usize == 0);
-            let (step, lane) = match sg {
+            let (step, lane) = match shuffles {
                 Some(sg) => (sg, ",\n    @builtin(subgroup_invocation_id) lane: u32"),
                 None => (1, ""),
             };
-            for (values, suffix) in segments.iter_mut().zip(&suffixes) {
-                let (a_block, a_value) = match sg {
+            // B's column-only prologue values, per column of this lane, made before the loops.
+            let mut setup = String::new();
+            for (suffix, &[_, hoisted]) in suffixes.iter().zip(&column_loads) {
+                if hoisted {
+                    setup += &format!(
+                        "\n    // The values B{suffix}'s prologue loads per column, once.\n    \
+                         var bcol{suffix}: array<array<B{suffix}Column, 4>, VECS>;\n    \
+                         for (var ci = 0u; ci < VECS; ci = ci + 1u) {{\n        \
+                         let j = cols[ci];\n        \
+                         bcol{suffix}[ci] = array<B{suffix}Column, 4>(b{suffix}_column(j.x), \
+                         b{suffix}_column(j.y), b{suffix}_column(j.z), b{suffix}_column(j.w));\n    }}"
+                    );
+                }
+            }
+            params.push(("B_COLUMNS", setup));
+            let zipped = segments.iter_mut().zip(&suffixes).zip(&column_loads);
+            for ((values, suffix), &[a_hoisted, b_hoisted]) in zipped {
+                for (e, key) in ["BX", "BY", "BZ", "BW"].into_iter().enumerate() {
+                    let arg = match b_hoisted {
+                        true => format!(", bcol{suffix}[ci][{e}]"),
+                        false => String::new(),
+                    };
+                    values.push((key, arg));
+                }
+                let (a_block, a_value) = match shuffles {
                     Some(_) => {
+                        let (column, arg) = match a_hoisted {
+                            true => (format!("let acol = a{suffix}_column(pl);"), ", acol"),
+                            false => (String::new(), ""),
+                        };
                         let block = [
                             "// This lane's values of A for the block, A[rows[ri], p0 + lane]",
                             "// (clamped), shuffled to the others below.",
                             "var amine: array<f32, ROWS>;",
                             &format!("let pl = min(p0 + lane, K{suffix} - 1u);"),
+                            &column,
                             "for (var ri = 0u; ri < ROWS; ri = ri + 1u) {",
-                            &format!("    amine[ri] = a{suffix}_get(batch, rows[ri], pl);"),
+                            &format!("    amine[ri] = a{suffix}_get(batch, rows[ri], pl{arg});"),
                             "}",
                         ];
-                        let block = block.map(|l| format!("        {l}")).join("\n");
-                        (block, "subgroupShuffle(amine[ri], pe)".to_string())
+                        let block: Vec<String> = (block.iter())
+                            .filter(|l| !l.is_empty())
+                            .map(|l| format!("        {l}"))
+                            .collect();
+                        (
+                            block.join("\n"),
+                            "subgroupShuffle(amine[ri], pe)".to_string(),
+                        )
                     }
                     None => (String::new(), format!("a{suffix}_get(batch, rows[ri], p)")),
                 };
@@ -1370,13 +1463,19 @@ fn product_title(graph: &Graph, product: NodeId) -> String {
 /// offsets), `a{suffix}_get` and `b{suffix}_get` (the values: decoding a weight stored in half
 /// precision, or computing an operand prologue), A's values multiplied by the scalar `scale`
 /// (its binding, and its label) where there is one.
+///
+/// Where `hoist` says so for A and B (the columns template), the loads of a prologue that depend
+/// on the operand value's column alone go into `a{suffix}_column(p)` / `b{suffix}_column(col)`,
+/// whose values the `_get` helper takes as `c` (see [`ColumnLoads`]). Returns where it did.
 fn operand_helpers(
     b: &mut Builder,
     operands: &Operands,
     dims: &ProductDims,
     suffix: &str,
     scale: Option<&(String, String)>,
-) -> Result<()> {
+    hoist: [bool; 2],
+) -> Result<[bool; 2]> {
+    let mut hoisted = [false; 2];
     let (a_at, b_at) = (&dims.a_at, &dims.b_at);
     b.helpers.push(format!(
         "// Offset in `a{suffix}` of A{suffix}[i, p] of output matrix `batch`.\n\
@@ -1390,7 +1489,7 @@ fn operand_helpers(
         ("a", &operands.a, ("i", "p"), scale),
         ("b", &operands.b, ("p", "j"), None),
     ];
-    for (op, operand, (x, y), scale) in operands {
+    for (slot, (op, operand, (x, y), scale)) in operands.into_iter().enumerate() {
         let op = format!("{op}{suffix}");
         let scaled = |value: String| match scale {
             Some((binding, _)) => format!("{binding}[0] * {value}"),
@@ -1411,18 +1510,43 @@ fn operand_helpers(
             let mut lines = vec![format!("{indent}let i = {op}_at(batch, {x}, {y});")];
             let (var, load) = (format!("{op}v"), format!("{op}e"));
             let no_store = |_: &mut Builder, _: &mut Vec<String>, _: usize| {};
-            lines.extend(elementwise_steps(
-                b,
-                chain,
-                0,
-                (&var, &load),
-                indent,
-                no_store,
-            )?);
+            if hoist[slot] && operand.perm.is_none() {
+                let n = *b.graph.shape(operand.src).last().unwrap_or(&1);
+                let index = if op.starts_with('a') { "p" } else { "col" };
+                let loads = vec![];
+                b.column_loads = Some(ColumnLoads { n, index, loads });
+            }
+            let steps = elementwise_steps(b, chain, 0, (&var, &load), indent, no_store);
+            let columns = b.column_loads.take().map_or(vec![], |c| c.loads);
+            lines.extend(steps?);
+            let mut params = String::new();
+            if !columns.is_empty() {
+                let name = format!("{}Column", op.to_uppercase());
+                let fields: Vec<String> = (columns.iter())
+                    .map(|(f, _)| format!("    {f}: f32,"))
+                    .collect();
+                let loads: Vec<&str> = columns.iter().map(|(_, l)| l.as_str()).collect();
+                let index = if op.starts_with('a') { y } else { "col" };
+                let when = match op.starts_with('a') {
+                    true => "per step of K, not once per row",
+                    false => "per column, before the K loop",
+                };
+                b.helpers.push(format!(
+                    "// The values {}'s prologue loads that depend on the column alone: made once\n\
+                     // {when}.\n\
+                     struct {name} {{\n{}\n}}\n\n\
+                     fn {op}_column({index}: u32) -> {name} {{\n    return {name}({});\n}}",
+                    op.to_uppercase(),
+                    fields.join("\n"),
+                    loads.join(", ")
+                ));
+                params = format!(", c: {name}");
+                hoisted[slot] = true;
+            }
             b.helpers.push(format!(
                 "// {}[{x}, {y}] of output matrix `batch`{scale_note}, computed as it is loaded (an operand\n\
                  // prologue): element i of the value the chain below computes.\n\
-                 fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n{}\n    return {};\n}}",
+                 fn {op}_get(batch: u32, {x}: u32, {y}: u32{params}) -> f32 {{\n{}\n    return {};\n}}",
                 op.to_uppercase(),
                 lines.join("\n"),
                 scaled(format!("{var}{}", chain.len() - 1))
@@ -1441,7 +1565,7 @@ fn operand_helpers(
             scaled(load)
         ));
     }
-    Ok(())
+    Ok(hoisted)
 }
 
 /// The declarations and stores of the terms that a product's kernel sums over each tile of
