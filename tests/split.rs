@@ -167,7 +167,7 @@ fn oversized_trainable_tensors_train_in_chunks() {
         .unwrap();
         let opts = BuildOptions {
             full_targets: targets,
-            lean_activations: false,
+            lean_activations: true, // as `dorac train` does
             expose_grads: true,
             ..mse_options(TrainMethod::Full)
         };

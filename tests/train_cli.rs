@@ -325,7 +325,8 @@ fn a_diverging_loss_stops_and_keeps_the_last_checkpoint() {
     );
 }
 
-/// GPU runs, also with `--lean-activations`, against the reference executor's losses.
+/// GPU runs (activations recomputed as the products load them, the default, and with
+/// `--store-activations`) against the reference executor's losses.
 #[test]
 fn training_on_the_gpu_matches_the_reference() {
     let dir = temp_dir("train-gpu");
@@ -355,11 +356,11 @@ fn training_on_the_gpu_matches_the_reference() {
     args[n - 1] = s(&r);
     args.push("--reference");
     ok(&train(&args, &[]));
-    // With lean activations: the same losses, from a plan that keeps less.
-    let l = dir.join("lean");
+    // With the activations stored: the same losses, from a plan that keeps more.
+    let l = dir.join("stored");
     args.pop();
     args[n - 1] = s(&l);
-    args.push("--lean-activations");
+    args.push("--store-activations");
     ok(&train(&args, &[]));
     let mr = metrics(&r);
     for run in [&g, &l] {

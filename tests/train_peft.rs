@@ -83,7 +83,7 @@ fn program(case: &Case, data: &BTreeMap<String, Array>) -> dorac::train::Program
         exact_norm_grad: s["norm_grad"] == "exact",
         expose_grads: true,
         full_targets: None,
-        lean_activations: false,
+        lean_activations: true, // as `dorac train` does
     };
     build(graph, &opts).unwrap()
 }

@@ -99,7 +99,7 @@ fn program(case: &Case, variant: &str, data: &BTreeMap<String, Array>) -> dorac:
         exact_norm_grad: false,
         expose_grads: true,
         full_targets: None,
-        lean_activations: false,
+        lean_activations: true, // as `dorac train` does
     };
     build(g, &opts).unwrap()
 }

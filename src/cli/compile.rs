@@ -43,8 +43,11 @@ pub struct Args {
         help_heading = "Training step"
     )]
     pub method: super::train::MethodArg,
-    /// As `dorac train --lean-activations`.
+    /// As `dorac train --store-activations`.
     #[arg(long, help_heading = "Training step")]
+    pub store_activations: bool,
+    /// The default now (see --store-activations); accepted for scripts that still pass it.
+    #[arg(long, hide = true, conflicts_with = "store_activations")]
     pub lean_activations: bool,
     #[command(flatten)]
     pub adapter_args: super::common::AdapterArgs,
@@ -125,7 +128,7 @@ pub fn run(args: Args) -> Result<()> {
             expose_grads: false,
             full_targets: (!args.adapter_args.targets.is_empty())
                 .then(|| args.adapter_args.patterns()),
-            lean_activations: args.lean_activations,
+            lean_activations: !args.store_activations,
         };
         let prepared = crate::pipeline::training(graph, &opts, None, half)?;
         graph = prepared.value.graph;

@@ -104,11 +104,14 @@ pub struct Args {
     /// Differentiate through the DoRA norm (the default detaches it, as PEFT does).
     #[arg(long, help_heading = "Adapter")]
     pub exact_norm_grad: bool,
-    /// Keep less for the backward pass: a DoRA layer's activation is not stored, the next
-    /// layer's products compute it again from the layer's `u` (kept anyway) as they load it.
-    /// DoRA then keeps what LoRA keeps; a step does a little more work (2% on lavapipe at the
-    /// train bench's shape).
+    /// Store each DoRA layer's activation for the next layer's products. By default it is not
+    /// stored: they compute it again from the layer's `u` (kept anyway for the magnitude's
+    /// gradient) as they load it, so DoRA keeps what LoRA keeps (on lavapipe that is also the
+    /// faster step).
     #[arg(long, help_heading = "Engine")]
+    pub store_activations: bool,
+    /// The default now (see --store-activations); accepted for scripts that still pass it.
+    #[arg(long, hide = true, conflicts_with = "store_activations")]
     pub lean_activations: bool,
     /// The Hugging Face name or path of the base model, written as the adapter's
     /// `base_model_name_or_path` [default: --adapter's, else unset].
@@ -310,7 +313,7 @@ pub fn run(args: Args) -> Result<()> {
         exact_norm_grad: args.exact_norm_grad,
         expose_grads: false,
         full_targets: (!args.adapter_args.targets.is_empty()).then(|| args.adapter_args.patterns()),
-        lean_activations: args.lean_activations,
+        lean_activations: !args.store_activations,
     };
     let gpu = args.engine.open_gpu("training")?;
     // Trainable tensors over the device's binding limit are trained in chunks.

@@ -18,11 +18,13 @@
 //! `codegen::undo_unhosted_recomputations` for the copies that still find no kernel.) Each
 //! product that reads `t` (directly or through a transpose) gets a copy of its own, which the
 //! code generator computes as the product loads that operand (an operand prologue): the copy
-//! is then never stored at all. Asked to (`dorac train --lean-activations`), where only
-//! products read `t` in the forward pass too (the next layer of an MLP), they get copies of
-//! their own as well, and `t` is not stored even there: DoRA then keeps `u` where LoRA keeps
-//! the activation, and nothing beside it, for the loads the forward products then repeat
-//! (2% of a step on lavapipe at the train bench's shape).
+//! is then never stored at all. With `lean` (what `dorac train` does unless
+//! `--store-activations`), where only products read `t` in the forward pass too (the next layer
+//! of an MLP), they get copies of their own as well, and `t` is not stored even there: DoRA then
+//! keeps `u` where LoRA keeps the activation, and nothing beside it. The forward products then
+//! load `u` and the per-column scale and bias instead of `t` (the latter once per column, see
+//! `codegen::kernels::ColumnLoads`), and skip writing `t`: on lavapipe at the train bench's
+//! shape the step is 2 to 3% faster than with `t` stored.
 
 use crate::error::Result;
 use crate::ir::{Graph, NodeId, Op, Patch, PatchRef};

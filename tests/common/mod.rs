@@ -88,7 +88,7 @@ pub fn mse_options(method: dorac::train::TrainMethod) -> dorac::train::BuildOpti
         exact_norm_grad: false,
         expose_grads: false,
         full_targets: None,
-        lean_activations: false,
+        lean_activations: true, // as `dorac train` does
     }
 }
 
