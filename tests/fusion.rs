@@ -150,6 +150,25 @@ fn with_adapter(name: &str, adapter: &str) -> Graph {
     g
 }
 
+/// Random feeds of the given names and shapes.
+fn random_feeds<const N: usize>(
+    shapes: [(&str, Vec<usize>); N],
+    rng: &mut Rng,
+) -> BTreeMap<String, Array> {
+    (shapes.into_iter())
+        .map(|(name, shape)| (name.to_string(), random(&shape, rng)))
+        .collect()
+}
+
+/// The plan for this machine's device (the CPU templates on lavapipe) and the portable one
+/// (the 16 x 16 and blocked templates, 8 bindings a kernel).
+fn device_and_portable_plans(graph: &Graph) -> [Plan; 2] {
+    [
+        codegen::plan_with(graph, &gpu().plan_options()).unwrap(),
+        codegen::plan(graph).unwrap(),
+    ]
+}
+
 fn random(shape: &[usize], rng: &mut Rng) -> Array {
     let n = shape.iter().product();
     Array::new(shape.to_vec(), (0..n).map(|_| rng.normal()).collect())
@@ -829,14 +848,9 @@ fn products_compute_recomputed_operands_as_they_load_them() {
             ("da", vec![rows, 16]),
             ("w2", vec![c, n]),
         ];
-        let feeds: BTreeMap<String, Array> = (shapes.into_iter())
-            .map(|(name, shape)| (name.to_string(), random(&shape, &mut rng)))
-            .collect();
+        let feeds = random_feeds(shapes, &mut rng);
         let want = run_reference(&graph, &feeds);
-        for plan in [
-            codegen::plan_with(&graph, &gpu().plan_options()).unwrap(),
-            codegen::plan(&graph).unwrap(),
-        ] {
+        for plan in device_and_portable_plans(&graph) {
             // One copy is stored at most (the element-wise reader's, where it has no kernel to
             // share), and both products compute theirs.
             let stored = (plan.buffers.iter())
@@ -994,14 +1008,9 @@ fn sums_of_products_accumulate_in_one_kernel() {
             ("bias", vec![n]),
             ("dy", rows(n)),
         ];
-        let feeds: BTreeMap<String, Array> = (shapes.into_iter())
-            .map(|(name, shape)| (name.to_string(), random(&shape, &mut rng)))
-            .collect();
+        let feeds = random_feeds(shapes, &mut rng);
         let want = run_reference(&graph, &feeds);
-        for plan in [
-            codegen::plan_with(&graph, &gpu().plan_options()).unwrap(),
-            codegen::plan(&graph).unwrap(),
-        ] {
+        for plan in device_and_portable_plans(&graph) {
             for (first, second) in [(base, up), (dx_low, dx_base)] {
                 let kernel = plan.kernels.iter().find(|k| k.nodes.contains(&first));
                 let kernel = kernel.unwrap();

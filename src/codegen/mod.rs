@@ -1407,6 +1407,17 @@ mod tests {
         assert!(k_at < s_at && s_at < m0_at, "{text}");
     }
 
+    /// The plan of `g` with one kernel per node, and its text for messages.
+    fn unfused_plan(g: &Graph) -> (Plan, String) {
+        let unfused = PlanOptions {
+            fuse: false,
+            ..PlanOptions::default()
+        };
+        let plan = plan_with(g, &unfused).unwrap();
+        let text = plan.to_string();
+        (plan, text)
+    }
+
     /// A small value that lives long (DoRA's x A^T, kept for backward) takes memory of its own
     /// instead of a freed allocation many times its size, which the next activation then
     /// reuses; so does a small value that dies at once where a value written while it lives
@@ -1437,12 +1448,7 @@ mod tests {
         let y = g.add(Op::Binary(Binary::Add), &[f, s], "y", "y").unwrap();
         g.add_output("y", y);
         let g = g.finish();
-        let unfused = PlanOptions {
-            fuse: false,
-            ..PlanOptions::default()
-        };
-        let plan = plan_with(&g, &unfused).unwrap();
-        let text = plan.to_string();
+        let (plan, text) = unfused_plan(&g);
         let buffer = |n: NodeId| plan.node_buffers[&n];
         let storage = |n: NodeId| plan.buffers[buffer(n)].storage;
         assert_eq!(storage(s), buffer(s), "{text}");
@@ -1471,12 +1477,7 @@ mod tests {
         let y = g.add(Op::Unary(unary::TANH), &[f], "y", "y").unwrap();
         g.add_output("y", y);
         let g = g.finish();
-        let unfused = PlanOptions {
-            fuse: false,
-            ..PlanOptions::default()
-        };
-        let plan = plan_with(&g, &unfused).unwrap();
-        let text = plan.to_string();
+        let (plan, text) = unfused_plan(&g);
         let buffer = |n: NodeId| plan.node_buffers[&n];
         let storage = |n: NodeId| plan.buffers[buffer(n)].storage;
         assert_eq!(storage(t), buffer(p), "{text}");
