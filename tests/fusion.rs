@@ -939,12 +939,25 @@ fn assert_operand_graph_matches(
 /// broadcast) of width `k`, `n` outputs and rank `r`. Returns the graph and the four products
 /// (base, low-rank up, backward base, backward low-rank).
 fn product_sums_graph(lead: &[usize], k: usize, n: usize, r: usize) -> (Graph, [NodeId; 4]) {
+    product_sums_graph_with(lead, k, n, r, None)
+}
+
+/// [`product_sums_graph`] with `w` and `b` constants of the given values, where there are any.
+fn product_sums_graph_with(
+    lead: &[usize],
+    k: usize,
+    n: usize,
+    r: usize,
+    weights: Option<[Tensor; 2]>,
+) -> (Graph, [NodeId; 4]) {
     let mut g = GraphBuilder::new();
     let rows = |last: usize| lead.iter().copied().chain([last]).collect::<Vec<_>>();
     let x = g.add_input("x", rows(k));
-    let w = g.add_input("w", vec![n, k]);
     let a = g.add_input("a", vec![r, k]);
-    let b = g.add_input("b", vec![n, r]);
+    let (w, b) = match weights {
+        Some([w, b]) => (g.add_const("w", w), g.add_const("b", b)),
+        None => (g.add_input("w", vec![n, k]), g.add_input("b", vec![n, r])),
+    };
     let s = g.add_input("s", vec![]);
     let bias = g.add_input("bias", vec![n]);
     let dy = g.add_input("dy", rows(n));
@@ -1030,6 +1043,40 @@ fn sums_of_products_accumulate_in_one_kernel() {
                 let err = relative_error(&got, &want[name].data);
                 assert!(err < 1e-5, "{lead:?} '{name}': {err:e}\n{plan}");
             }
+        }
+    }
+    // Both products' weights stored in half precision (`--storage f16`, constants of at least
+    // 1024 elements): the kernel decodes W and B2 as it loads them.
+    let (k, n, r) = (64, 48, 32);
+    let mut rng = Rng::new(43);
+    let mut weight = |shape: Vec<usize>| {
+        let values = random(&shape, &mut rng);
+        Tensor::f32(shape, values.data.iter().map(|&v| v as f32).collect())
+    };
+    let weights = [weight(vec![n, k]), weight(vec![n, r])];
+    let (mut graph, [base, up, ..]) = product_sums_graph_with(&[70], k, n, r, Some(weights));
+    let report = dorac::passes::half::store_half(&mut graph, dorac::ir::Half::F16);
+    assert_eq!(report.tensors, 2);
+    let shapes = [
+        ("x", vec![70, k]),
+        ("a", vec![r, k]),
+        ("s", vec![]),
+        ("bias", vec![n]),
+        ("dy", vec![70, n]),
+    ];
+    let feeds = random_feeds(shapes, &mut rng);
+    let want = run_reference(&graph, &feeds);
+    for plan in device_and_portable_plans(&graph) {
+        let halves = (plan.buffers.iter()).filter(|b| b.half.is_some()).count();
+        assert_eq!(halves, 2, "{plan}");
+        let kernel = plan.kernels.iter().find(|k| k.nodes[0] == base).unwrap();
+        assert!(kernel.nodes.contains(&up), "{plan}");
+        let exe = Executable::new(gpu(), &plan, &graph).unwrap();
+        let got = exe.step(&host(&feeds), &["y", "dx"]).unwrap();
+        for name in ["y", "dx"] {
+            let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
+            let err = relative_error(&got, &want[name].data);
+            assert!(err < 1e-5, "half weights, '{name}': {err:e}\n{plan}");
         }
     }
     // The device kernel of the forward sum on a CPU driver, pinned for review.
