@@ -1114,7 +1114,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         if let Some((_, label)) = &scale {
             summary += &format!(" times {label}");
         }
-        plain = false;
     }
     let (template, indent) = match shape {
         MatmulShape::Tiled => (template::MATMUL, "        "),
