@@ -799,6 +799,12 @@ fn a_sum_over_rows_of_a_products_terms_is_summed_per_tile_by_the_product() {
 /// its A operand (`h w2`), where `u` is read late too: [`recompute_activations`] gives the
 /// element-wise reader one copy and each product one of its own.
 fn operand_prologue_graph(rows: usize, c: usize, n: usize) -> Graph {
+    operand_prologue_graph_with(rows, c, n, false)
+}
+
+/// [`operand_prologue_graph`], or with `lean` its forward reader a product (`next = h w3`) and
+/// the activation recomputed for it too (as `dorac train` does by default).
+fn operand_prologue_graph_with(rows: usize, c: usize, n: usize, lean: bool) -> Graph {
     let mut g = GraphBuilder::new();
     let u = g.add_input("u", vec![rows, c]);
     let scale = g.add_input("g", vec![c]);
@@ -809,7 +815,13 @@ fn operand_prologue_graph(rows: usize, c: usize, n: usize) -> Graph {
     let scaled = binary(&mut g, Binary::Mul, u, scale, "scaled");
     let out = binary(&mut g, Binary::Add, scaled, bias, "out");
     let h = g.add(Op::Unary(unary::RELU), &[out], "h", "h").unwrap();
-    let next = g.add(Op::Unary(unary::EXP), &[h], "next", "next").unwrap();
+    let next = match lean {
+        true => {
+            let w3 = g.add_input("w3", vec![c, n]);
+            g.add(Op::MatMul, &[h, w3], "next", "next").unwrap()
+        }
+        false => g.add(Op::Unary(unary::EXP), &[h], "next", "next").unwrap(),
+    };
     let dy = g.add_input("dy", vec![rows, c]);
     let back = binary(&mut g, Binary::Mul, dy, h, "back");
     let term = binary(&mut g, Binary::Mul, back, u, "term");
@@ -825,7 +837,7 @@ fn operand_prologue_graph(rows: usize, c: usize, n: usize) -> Graph {
     let mut graph = g.finish();
     let backward = [back, term, da_t, db, dx].into();
     assert_eq!(
-        recompute_activations(&mut graph, &backward, false).unwrap(),
+        recompute_activations(&mut graph, &backward, lean).unwrap(),
         1
     );
     graph
@@ -906,6 +918,43 @@ fn recomputations_without_a_host_read_the_original_again() {
     let feeds: BTreeMap<String, Array> = graph
         .inputs()
         .iter()
+        .map(|&i| {
+            let node = graph.node(i);
+            (node.name.clone(), random(&node.shape, &mut rng))
+        })
+        .collect();
+    let want = run_reference(&graph, &feeds);
+    assert_operand_graph_matches(&graph, &plan, &feeds, &want);
+}
+
+/// Where every reader of the activation took a copy (recomputed for the forward products too)
+/// and the fusion rules cannot place the copies (kernels of at most 5 bindings), the plan takes
+/// them back all the same: one chain of copies becomes the forward value the others of its
+/// group read (copies a kernel computes stay), none is left unhosted, the plan has fewer
+/// kernels, and the values match the f64 reference.
+#[test]
+fn recomputations_whose_originals_are_gone_are_taken_back_onto_one_chain() {
+    let mut graph = operand_prologue_graph_with(37, 50, 24, true);
+    let options = PlanOptions {
+        max_bindings: 5,
+        ..PlanOptions::default()
+    };
+    let unhosted = codegen::unhosted_recomputations(&graph, &options).unwrap();
+    assert!(!unhosted.is_empty());
+    let before = codegen::plan_with(&graph, &options).unwrap().kernels.len();
+    let copies = graph.recomputed().len();
+    let undone = codegen::undo_unhosted_recomputations(&mut graph, &unhosted);
+    assert!(undone > 0 && graph.recomputed().len() < copies);
+    assert!(codegen::unhosted_recomputations(&graph, &options)
+        .unwrap()
+        .is_empty());
+    let plan = codegen::plan_with(&graph, &options).unwrap();
+    assert!(
+        plan.kernels.len() < before,
+        "{before} kernels before:\n{plan}"
+    );
+    let mut rng = Rng::new(33);
+    let feeds: BTreeMap<String, Array> = (graph.inputs().iter())
         .map(|&i| {
             let node = graph.node(i);
             (node.name.clone(), random(&node.shape, &mut rng))

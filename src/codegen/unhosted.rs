@@ -39,8 +39,9 @@ pub fn unhosted_recomputations(graph: &Graph, options: &PlanOptions) -> Result<B
 }
 
 /// Points the readers of every copy in a group of copies that holds one of `unhosted` (module
-/// docs) back at the originals, where the originals are all still in the graph; returns how
-/// many copies were taken back.
+/// docs) back at the originals, where the originals are all still in the graph, or, where none
+/// is (every forward reader took a copy), at one chain of the copies, which becomes a forward
+/// value like any other; returns how many copies were taken back.
 pub fn undo_unhosted_recomputations(graph: &mut Graph, unhosted: &BTreeSet<NodeId>) -> usize {
     if unhosted.is_empty() {
         return 0;
@@ -71,16 +72,63 @@ pub fn undo_unhosted_recomputations(graph: &mut Graph, unhosted: &BTreeSet<NodeI
     let mut p = Patch::new(graph);
     let mut undone = 0;
     for group in &groups {
-        let originals_kept = group.iter().all(|c| graph.contains(copies[c]));
-        if !originals_kept || group.is_disjoint(unhosted) {
+        if group.is_disjoint(unhosted) {
             continue;
         }
+        if group.iter().all(|c| graph.contains(copies[c])) {
+            for &c in group {
+                p.replace(c, copies[&c].into());
+                undone += 1;
+            }
+            continue;
+        }
+        // The originals are gone (every forward reader took a copy too, as recomputed
+        // activations do by default): one chain of copies takes their place, and the others
+        // read it.
+        if group.iter().any(|c| graph.contains(copies[c])) {
+            continue;
+        }
+        let Some(chain) = whole_chain(graph, group, &copies) else {
+            continue;
+        };
+        // (`whole_chain` holds a copy of every original of the group.)
         for &c in group {
-            p.replace(c, copies[&c].into());
+            match chain.get(&copies[&c]) {
+                Some(&kept) if kept == c => p.promote_recomputed(c),
+                Some(&kept) => p.replace(c, kept.into()),
+                None => continue,
+            }
             undone += 1;
         }
     }
     graph.apply(p.finish());
     graph.remove_dead();
     undone
+}
+
+/// A chain of copies in `group` that holds one copy of each of the group's originals, each
+/// reading the chain's copies of the originals it read: the copies one reader was given (the
+/// closure of a copy over its inputs in the group, the one covering the most originals). By
+/// original; None when no closure covers them all once.
+fn whole_chain(
+    graph: &Graph,
+    group: &BTreeSet<NodeId>,
+    copies: &BTreeMap<NodeId, NodeId>,
+) -> Option<BTreeMap<NodeId, NodeId>> {
+    let originals: BTreeSet<NodeId> = group.iter().map(|c| copies[c]).collect();
+    group.iter().find_map(|&head| {
+        let mut chain = BTreeMap::new();
+        let mut stack = vec![head];
+        while let Some(c) = stack.pop() {
+            if !group.contains(&c) {
+                continue;
+            }
+            match chain.insert(copies[&c], c) {
+                Some(other) if other != c => return None,
+                Some(_) => continue,
+                None => stack.extend(graph.inputs_of(c)),
+            }
+        }
+        (chain.len() == originals.len()).then_some(chain)
+    })
 }

@@ -51,6 +51,8 @@ struct Edits {
     /// New nodes that recompute a forward value, with the node each copies
     /// (`Graph::recomputed`).
     recomputed: Vec<(PatchRef, NodeId)>,
+    /// Recomputations that become plain forward values (their originals are gone).
+    promoted: Vec<NodeId>,
     /// Shunts for some users only: `(old, new, users)`.
     partial_shunts: Vec<(NodeId, PatchRef, Vec<NodeId>)>,
     in_place: Vec<InPlace>,
@@ -181,6 +183,12 @@ impl<'g> Patch<'g> {
     /// Marks `r` as a recomputation of `original`, a forward value, for the backward pass.
     pub fn mark_recomputed(&mut self, r: PatchRef, original: NodeId) {
         self.edits.recomputed.push((r, original));
+    }
+
+    /// Node `n`, a recomputation, is a forward value like any other from now on: its original
+    /// is gone, and `n` takes its place (`codegen::undo_unhosted_recomputations`).
+    pub fn promote_recomputed(&mut self, n: NodeId) {
+        self.edits.promoted.push(n);
     }
 
     /// Node `n` computes `op` on its current inputs instead. The new op must give the same
@@ -341,6 +349,9 @@ impl Graph {
         }
         for (r, original) in e.recomputed {
             self.recomputed.insert(resolve(&ids, r), original);
+        }
+        for n in e.promoted {
+            self.recomputed.remove(&n);
         }
         for (old, new, users) in e.partial_shunts {
             let new = resolve(&ids, new);
