@@ -6,6 +6,9 @@
 //! of its own, and the activation it saves costs a kernel's worth of work and a buffer anyway.
 //! Then every copy of that activation (and of the values computed with it) reads the original
 //! again, which the forward pass still computes: the plan is the one without the recomputation.
+//! Where the original is gone (its forward readers, products, took copies as they do by default,
+//! `passes::recompute`'s `lean`), one chain of the copies takes its place instead
+//! (`Patch::promote_recomputed`), and the group's other copies read that.
 //! Runs on the graph about to be planned ([`plan_hosting_recomputations`], which
 //! `runtime::Executable::plan_for` and `dorac compile`'s portable plan call), since only the
 //! fusion rules for those options know.
