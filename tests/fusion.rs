@@ -896,7 +896,27 @@ fn products_compute_recomputed_operands_as_they_load_them() {
 /// if nothing had been recomputed, and the values still match the f64 reference.
 #[test]
 fn recomputations_without_a_host_read_the_original_again() {
-    let mut graph = operand_prologue_graph(37, 50, 24);
+    let graph = operand_prologue_graph(37, 50, 24);
+    check_unhosted_taken_back(graph, 32);
+}
+
+/// Where every reader of the activation took a copy (recomputed for the forward products too)
+/// and the fusion rules cannot place the copies (kernels of at most 5 bindings), the plan takes
+/// them back all the same: one chain of copies becomes the forward value the others of its
+/// group read (copies a kernel computes stay), none is left unhosted, the plan has fewer
+/// kernels, and the values match the f64 reference.
+#[test]
+fn recomputations_whose_originals_are_gone_are_taken_back_onto_one_chain() {
+    let graph = operand_prologue_graph_with(37, 50, 24, true);
+    let copies = graph.recomputed().len();
+    let graph = check_unhosted_taken_back(graph, 33);
+    assert!(graph.recomputed().len() < copies);
+}
+
+/// Plans `graph` with kernels of at most 5 bindings, where some recomputations find no host,
+/// takes them back, and checks that none is left unhosted, that the plan has fewer kernels and
+/// that its values match the f64 reference on feeds drawn with `seed`; returns the graph.
+fn check_unhosted_taken_back(mut graph: Graph, seed: u64) -> Graph {
     let options = PlanOptions {
         max_bindings: 5,
         ..PlanOptions::default()
@@ -914,46 +934,7 @@ fn recomputations_without_a_host_read_the_original_again() {
         plan.kernels.len() < before,
         "{before} kernels before:\n{plan}"
     );
-    let mut rng = Rng::new(32);
-    let feeds: BTreeMap<String, Array> = graph
-        .inputs()
-        .iter()
-        .map(|&i| {
-            let node = graph.node(i);
-            (node.name.clone(), random(&node.shape, &mut rng))
-        })
-        .collect();
-    let want = run_reference(&graph, &feeds);
-    assert_operand_graph_matches(&graph, &plan, &feeds, &want);
-}
-
-/// Where every reader of the activation took a copy (recomputed for the forward products too)
-/// and the fusion rules cannot place the copies (kernels of at most 5 bindings), the plan takes
-/// them back all the same: one chain of copies becomes the forward value the others of its
-/// group read (copies a kernel computes stay), none is left unhosted, the plan has fewer
-/// kernels, and the values match the f64 reference.
-#[test]
-fn recomputations_whose_originals_are_gone_are_taken_back_onto_one_chain() {
-    let mut graph = operand_prologue_graph_with(37, 50, 24, true);
-    let options = PlanOptions {
-        max_bindings: 5,
-        ..PlanOptions::default()
-    };
-    let unhosted = codegen::unhosted_recomputations(&graph, &options).unwrap();
-    assert!(!unhosted.is_empty());
-    let before = codegen::plan_with(&graph, &options).unwrap().kernels.len();
-    let copies = graph.recomputed().len();
-    let undone = codegen::undo_unhosted_recomputations(&mut graph, &unhosted);
-    assert!(undone > 0 && graph.recomputed().len() < copies);
-    assert!(codegen::unhosted_recomputations(&graph, &options)
-        .unwrap()
-        .is_empty());
-    let plan = codegen::plan_with(&graph, &options).unwrap();
-    assert!(
-        plan.kernels.len() < before,
-        "{before} kernels before:\n{plan}"
-    );
-    let mut rng = Rng::new(33);
+    let mut rng = Rng::new(seed);
     let feeds: BTreeMap<String, Array> = (graph.inputs().iter())
         .map(|&i| {
             let node = graph.node(i);
@@ -962,6 +943,7 @@ fn recomputations_whose_originals_are_gone_are_taken_back_onto_one_chain() {
         .collect();
     let want = run_reference(&graph, &feeds);
     assert_operand_graph_matches(&graph, &plan, &feeds, &want);
+    graph
 }
 
 /// Runs `plan` of an [`operand_prologue_graph`] on `feeds` and compares every output with the
