@@ -118,35 +118,22 @@ fn main() {
     }
     let get = |n: &str| step_results.iter().find(|r| r.0 == n).unwrap();
     println!("\nratios (this run):");
-    println!(
-        "  step time    DoRA / LoRA  {:.3}",
-        get("dora").1 / get("lora").1
-    );
-    println!(
-        "  peak memory  DoRA / LoRA  {:.3}",
-        get("dora").2 as f64 / get("lora").2 as f64
-    );
+    for (what, a, b) in [
+        ("DoRA / LoRA", "dora", "lora"),
+        ("DoRA storing activations / LoRA", "dora stored", "lora"),
+        ("exact / detached norm", "dora exact-norm", "dora"),
+    ] {
+        println!("  step time    {what}  {:.3}", get(a).1 / get(b).1);
+        println!(
+            "  peak memory  {what}  {:.3}",
+            get(a).2 as f64 / get(b).2 as f64
+        );
+    }
     println!(
         "  kernels      DoRA / LoRA  {:.3} ({} / {})",
         get("dora").3 as f64 / get("lora").3 as f64,
         get("dora").3,
         get("lora").3
-    );
-    println!(
-        "  step time    DoRA storing activations / LoRA  {:.3}",
-        get("dora stored").1 / get("lora").1
-    );
-    println!(
-        "  peak memory  DoRA storing activations / LoRA  {:.3}",
-        get("dora stored").2 as f64 / get("lora").2 as f64
-    );
-    println!(
-        "  step time    exact / detached norm  {:.3}",
-        get("dora exact-norm").1 / get("dora").1
-    );
-    println!(
-        "  peak memory  exact / detached norm  {:.3}",
-        get("dora exact-norm").2 as f64 / get("dora").2 as f64
     );
 
     // Inference: unmerged DoRA (norm folded once) against the base model, in turns.

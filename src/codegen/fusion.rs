@@ -1126,8 +1126,7 @@ impl Context<'_> {
     fn product_sums(&mut self, order: &[NodeId]) -> HashMap<NodeId, Vec<NodeId>> {
         let mut sums = HashMap::new();
         for &p1 in order {
-            let op = &self.graph.node(p1).op;
-            if !matches!(op, Op::MatMul | Op::Gemm { .. })
+            if !product_sums::is_product(self.graph, p1)
                 || !self.live.contains(&p1)
                 || self.taken.contains(&p1)
             {
@@ -1299,8 +1298,10 @@ fn bindings_with(
     };
     // The second product of a sum binds each of its operand slots too.
     let second_slots = match group.get(1) {
-        Some(&p2) if product_sums::work(graph, group[0]).is_some() => {
-            product_sums::work(graph, p2).map_or(vec![], |_| graph.inputs_of(p2))
+        Some(&p2)
+            if product_sums::is_product(graph, group[0]) && product_sums::is_product(graph, p2) =>
+        {
+            graph.inputs_of(p2)
         }
         _ => vec![],
     };

@@ -28,6 +28,11 @@ pub(crate) struct SecondProduct {
     pub add: usize,
 }
 
+/// A MatMul or Gemm node.
+pub(crate) fn is_product(graph: &Graph, n: NodeId) -> bool {
+    matches!(graph.node(n).op, Op::MatMul | Op::Gemm { .. })
+}
+
 /// A MatMul, or a Gemm that scales nothing (alpha 1): its value is the plain dot product, plus
 /// Gemm's C where `with_c`.
 fn plain_product(graph: &Graph, n: NodeId, with_c: bool) -> bool {
@@ -76,8 +81,7 @@ pub(crate) fn layout(
     group: &[NodeId],
 ) -> Option<Result<SecondProduct, &'static str>> {
     let (&p1, &p2) = (group.first()?, group.get(1)?);
-    let is_product = |n: NodeId| matches!(graph.node(n).op, Op::MatMul | Op::Gemm { .. });
-    if !is_product(p1) || !is_product(p2) {
+    if !is_product(graph, p1) || !is_product(graph, p2) {
         return None;
     }
     Some(structure(graph, group))
@@ -150,9 +154,7 @@ pub(crate) fn seed(
     let (p2, mul) = match &graph.node(other).op {
         Op::Binary(Binary::Mul) => {
             let ins = graph.inputs_of(other);
-            let p2 = *ins
-                .iter()
-                .find(|&&i| matches!(graph.node(i).op, Op::MatMul | Op::Gemm { .. }))?;
+            let p2 = *ins.iter().find(|&&i| is_product(graph, i))?;
             (p2, Some(other))
         }
         _ => (other, None),
