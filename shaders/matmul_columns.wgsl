@@ -11,11 +11,13 @@
 // lane loads one of every STEP values a row of A needs and the lanes shuffle them round. No
 // workgroup memory and no barriers (on a CPU driver a barrier switches every invocation's
 // context). Lane l's columns are 4 * l + 4 * LANES * c + 0..3 of the tile, c < VECS:
-// neighbouring lanes read neighbouring memory of a row-major B. Rows and columns past the edge
-// of the matrices are clamped for loading (the loop has no branches) and not stored. The epilogue
-// turns each dot product `acc` into the stored value, and may add a term of each element to its
-// column's sum over the tile's rows, stored as the tile's row of a buffer of such sums: a sum
-// over the rows of this output then adds TILES_M values per column, not M. (The loop counters
+// neighbouring lanes read neighbouring memory of a row-major B, and where B's rows of four are
+// contiguous and aligned, a lane's four columns are one vec4 load (`b_get4`: on a CPU driver each
+// load costs a bounds check and a lane-mask test, whatever its width). Rows and columns past the
+// edge of the matrices are clamped for loading (the loop has no branches) and not stored. The
+// epilogue turns each dot product `acc` into the stored value, and may add a term of each element
+// to its column's sum over the tile's rows, stored as the tile's row of a buffer of such sums: a
+// sum over the rows of this output then adds TILES_M values per column, not M. (The loop counters
 // are not named r and c: `c` is Gemm's C binding.)
 
 {{BINDINGS}}
@@ -73,12 +75,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             var bv: array<vec4<f32>, VECS>;
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
                 let j = cols[ci];
-                bv[ci] = vec4<f32>(
-                    b{{S}}_get(batch, p, j.x{{BX}}),
-                    b{{S}}_get(batch, p, j.y{{BY}}),
-                    b{{S}}_get(batch, p, j.z{{BZ}}),
-                    b{{S}}_get(batch, p, j.w{{BW}}),
-                );
+                bv[ci] = {{B_VALUE}};
             }
             for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
                 let av = vec4<f32>({{A_VALUE}});

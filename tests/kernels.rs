@@ -472,11 +472,13 @@ fn matmul_blocked_shapes() {
 /// invocation and a column over,
 /// fewer rows than a tile and rows not a multiple of 8, K of 1, batches with broadcast batch
 /// dims, a transposed B read in place (PyTorch's Linear), and an epilogue. `check` runs these
-/// on both targets; the assertion makes sure the CPU plan really uses the template.
+/// on both targets; the assertions make sure the CPU plan really uses the template, and loads
+/// B four columns at a time exactly where its rows of four are contiguous and aligned (N a
+/// multiple of 4, B not transposed; a batch read through a transpose whose strides keep that).
 #[test]
 fn matmul_columns_shapes() {
     let mut c = Case::new("matmul_columns_shapes");
-    let cases: [(&[usize], &[usize], &str); 12] = [
+    let cases: [(&[usize], &[usize], &str); 13] = [
         (&[40, 70], &[70, 16], "rank_16"),
         (&[9, 20], &[20, 5], "n_5"),
         (&[9, 20], &[20, 32], "n_32"),
@@ -487,10 +489,23 @@ fn matmul_columns_shapes() {
         (&[1, 64], &[64, 300], "row_vector"),
         (&[70, 1], &[1, 100], "k_1"),
         (&[2, 1, 11, 35], &[3, 35, 130], "broadcast_batch"),
+        (&[2, 1, 11, 35], &[3, 35, 132], "broadcast_batch_quads"),
         (&[129], &[2, 129, 64], "vector_a"),
         (&[300, 300], &[300, 600], "many_tiles"),
     ];
     matmuls(&mut c, &cases);
+    // B read through a transpose in place: [35, 3, 20] -> [3, 35, 20], rows of four still
+    // contiguous (p's stride 60, the batch's 20).
+    let a = c.input("a_t", &[3, 9, 35], -1.0, 1.0);
+    let src = c.constant("b_src", &[35, 3, 20], -1.0, 1.0);
+    let bt = c.op(
+        Op::Transpose {
+            perm: vec![1, 0, 2],
+        },
+        &[src],
+        "b_t",
+    );
+    c.out(Op::MatMul, &[a, bt], "transposed_quads");
     // A Linear layer as PyTorch exports it (W [out, in], transB) with bias and ReLU fused.
     let x = c.input("x", &[13, 48], -1.0, 1.0);
     let w = c.constant("w", &[96, 48], -1.0, 1.0);
@@ -513,8 +528,43 @@ fn matmul_columns_shapes() {
         .iter()
         .filter(|k| k.source.contains("Row-broadcast matrix product"))
         .count();
-    assert_eq!(columns, 13, "every product here takes the columns template");
+    assert_eq!(columns, 15, "every product here takes the columns template");
+    let mut quads: Vec<&str> = (plan.kernels.iter())
+        .filter(|k| k.source.contains("fn b_get4("))
+        .map(|k| k.labels[0].as_str())
+        .collect();
+    quads.sort();
+    let want = [
+        "broadcast_batch_quads",
+        "k_1",
+        "many_tiles",
+        "n_32",
+        "rank_16",
+        "row_vector",
+        "rows_3_n_256",
+        "transposed_quads",
+        "vector_a",
+    ];
+    assert_eq!(quads, want, "the products whose B is loaded by quads");
     c.check();
+}
+
+/// The columns template's kernel with B loaded four columns at a time (lanes of 8, as on
+/// lavapipe): B bound as vec4s, `b_get4` in the K loop. Reviewed as a snapshot.
+#[test]
+fn matmul_columns_quads_wgsl() {
+    let mut g = GraphBuilder::new();
+    let a = g.add_input("a", vec![16, 32]);
+    let b = g.add_const("b", Tensor::f32(vec![32, 64], vec![0.5; 32 * 64]));
+    let y = g.add(Op::MatMul, &[a, b], "y", "y").unwrap();
+    g.add_output("y", y);
+    let options = PlanOptions {
+        target: Target::Cpu,
+        subgroup_size: Some(8),
+        ..PlanOptions::default()
+    };
+    let plan = codegen::plan_with(&g.finish(), &options).unwrap();
+    insta::assert_snapshot!("matmul_columns_quads", plan.kernels[0].source);
 }
 
 /// Gemm's transposes, alpha, beta and broadcast C on register-blocked shapes.

@@ -123,6 +123,9 @@ pub struct Binding {
     /// Buffers in the binding: above 1, a binding array of that many buffers of this one's
     /// shape and storage (`value` names the first), read as `name[k].v[i]`.
     pub count: usize,
+    /// Declared `array<vec4<f32>>` and read four values at a time (a matmul's B whose rows of
+    /// four are contiguous and aligned: `kernels`' quad loads).
+    pub quads: bool,
 }
 
 /// The kernel's bindings: read-only inputs, then the read-write outputs (the group's value
@@ -144,9 +147,10 @@ pub fn bindings(inputs: &[Binding], outputs: &[Binding]) -> String {
         s += &format!("struct {name} {{ v: array<{elem}> }}\n");
     }
     for (i, b) in inputs.iter().enumerate() {
-        let (elem, note) = match b.packed {
-            Some(h) => ("u32", format!(", {h} pairs")),
-            None => ("f32", String::new()),
+        let (elem, note) = match (b.packed, b.quads) {
+            (Some(h), _) => ("u32", format!(", {h} pairs")),
+            (None, true) => ("vec4<f32>", ", read as vec4s".to_string()),
+            (None, false) => ("f32", String::new()),
         };
         let ty = match (b.count, elem) {
             (1, _) => format!("array<{elem}>"),
