@@ -137,20 +137,15 @@ struct Builder<'g> {
     quads: BTreeSet<String>,
 }
 
-/// The loads of an operand prologue or a product's epilogue that depend on the column alone (a
+/// The loads of an operand prologue that depend on the operand value's column alone (a
 /// per-feature scale or bias broadcast over the rows, DoRA's `g` and `b` in `relu(g * u + b)`),
 /// which the columns template makes once per column instead of once per element: for B once per
-/// column of a lane, before its K loop; for A once per step of K, not once per row; for the
-/// epilogue once per column of a lane, before the loop over its rows. Each is (field name, the
-/// load at the column), of the value whose last axis is `n` long.
+/// column of a lane, before its K loop; for A once per step of K, not once per row. Each is
+/// (field name, the load at the column), of the value whose last axis is `n` long.
 struct ColumnLoads {
     n: usize,
-    /// The helper's name for the column: `col` for B and the epilogue, `p` for A (whose columns
-    /// are K's).
+    /// The helper's name for the column: `col` for B, `p` for A (whose columns are K's).
     index: &'static str,
-    /// The name the loading code gives the helper's struct of values: `c` in a prologue's load
-    /// helper, `ec` in the epilogue (where `c` may be Gemm's C binding).
-    value: &'static str,
     loads: Vec<(String, String)>,
 }
 
@@ -242,10 +237,25 @@ impl<'g> Builder<'g> {
             None => self.bind(name, src),
         };
         let from = self.graph.shape(node);
-        if let Some(read) = self.column_load(name, &bound, from, perm) {
-            let value = format!("{name}_i");
-            let note = " // loaded once per column, by the _column helper";
-            return (format!("{indent}let {value} = {read};{note}"), value);
+        if let Some(columns) = &mut self.column_loads {
+            // A value broadcast over every axis but the last (or a scalar) is the column's.
+            let scalar = numel(from) == 1;
+            let vector =
+                from.last() == Some(&columns.n) && from.iter().rev().skip(1).all(|&d| d == 1);
+            if perm.is_none() && (scalar || vector) {
+                let index = if numel(from) == 1 {
+                    "0u"
+                } else {
+                    columns.index
+                };
+                let field = format!("{name}_c");
+                columns
+                    .loads
+                    .push((field.clone(), format!("{bound}[{index}]")));
+                let value = format!("{name}_i");
+                let note = " // loaded once per column, by the _column helper";
+                return (format!("{indent}let {value} = c.{field};{note}"), value);
+            }
         }
         let (index, note) = match perm {
             None => (
@@ -266,29 +276,6 @@ impl<'g> Builder<'g> {
             format!("{indent}let {value} = {bound}[{index}];{note}"),
             value,
         )
-    }
-
-    /// While column loads are gathered (`column_loads`), and where a value of shape `from`
-    /// bound as `bound` depends on the column alone (a scalar, or a vector along the last axis
-    /// read in its own layout), records its load and returns the expression that reads it from
-    /// the helper's struct; None otherwise.
-    fn column_load(
-        &mut self,
-        name: &str,
-        bound: &str,
-        from: &[usize],
-        perm: Option<&[usize]>,
-    ) -> Option<String> {
-        let columns = self.column_loads.as_mut()?;
-        let scalar = numel(from) == 1;
-        let vector = from.last() == Some(&columns.n) && from.iter().rev().skip(1).all(|&d| d == 1);
-        if perm.is_some() || !(scalar || vector) {
-            return None;
-        }
-        let index = if scalar { "0u" } else { columns.index };
-        let field = format!("{name}_c");
-        (columns.loads).push((field.clone(), format!("{bound}[{index}]")));
-        Some(format!("{}.{field}", columns.value))
     }
 
     fn bindings(&self, out: NodeId) -> String {
@@ -1029,18 +1016,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     // `plain` when that is `acc` itself.
     let dims = product_dims(graph, anchor, &first_operands, "", d.pitch)?;
     let (m, k, n, batch) = (dims.m, dims.k, dims.n, dims.batch);
-    let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
-    // On the columns template, whose lanes own whole columns of a tile, the epilogue's loads that
-    // depend on the column alone (a bias, DoRA's magnitude scale) are made once per column of a
-    // lane, before the loop over its rows (`{{E_COLUMNS}}`), not once per element.
-    if matches!(shape, MatmulShape::Columns { .. }) {
-        b.column_loads = Some(ColumnLoads {
-            n,
-            index: "col",
-            value: "ec",
-            loads: vec![],
-        });
-    }
     let (first, summary);
     let mut plain = true;
     match &node.op {
@@ -1058,10 +1033,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             if let Some(&c_node) = ins.get(2) {
                 let c = b.bind("c", c_node);
                 let c_shape = graph.shape(c_node);
-                let load = match b.column_load("c", &c, c_shape, None) {
-                    Some(read) => read,
-                    None => format!("{c}[{}]", broadcast_index("i", c_shape, &[m, n])),
-                };
+                let load = format!("{c}[{}]", broadcast_index("i", c_shape, &[m, n]));
                 value += &match *beta {
                     1.0 => format!(" + {load}"),
                     be => format!(" + {} * {load}", wgsl::f32_lit(be)?),
@@ -1090,9 +1062,8 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             );
         }
     }
-    // Held while the operands' helpers gather loads of their own, until the epilogue's turn.
-    let first_columns = b.column_loads.take();
     let mut summary = summary + &first_operands.notes(graph);
+    let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
     // With subgroups that the workgroup fills, each lane of the columns template loads one of
     // every SG values of A a row needs and the lanes hand them round by shuffles: a gather per
     // row and block instead of SG loads of one address by all lanes, which a CPU driver makes
@@ -1182,33 +1153,9 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         }
         None => 1,
     };
-    b.column_loads = first_columns;
     let (more, last) = epilogue(&mut b, group, from, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
-    let mut e_columns = String::new();
-    if let Some(columns) = b.column_loads.take().filter(|c| !c.loads.is_empty()) {
-        let fields: Vec<String> = (columns.loads.iter())
-            .map(|(f, _)| format!("    {f}: f32,"))
-            .collect();
-        let loads: Vec<&str> = columns.loads.iter().map(|(_, l)| l.as_str()).collect();
-        b.helpers.push(format!(
-            "// The values the epilogue loads that depend on the column alone: made once per\n\
-             // column of a lane, before the loop over its rows.\n\
-             struct EColumn {{\n{}\n}}\n\n\
-             fn e_column(col: u32) -> EColumn {{\n    return EColumn({});\n}}",
-            fields.join("\n"),
-            loads.join(", ")
-        ));
-        e_columns = "\n    // The epilogue's values per column of this lane (clamped into the output).\n    \
-                     var ecols: array<array<EColumn, 4>, VECS>;\n    \
-                     for (var ci = 0u; ci < VECS; ci = ci + 1u) {\n        \
-                     for (var ei = 0u; ei < 4u; ei = ei + 1u) {\n            \
-                     ecols[ci][ei] = e_column(min(col0 + 4u * LANES * ci + ei, N - 1u));\n        \
-                     }\n    }"
-            .to_string();
-        lines.insert(0, format!("{indent}let ec = ecols[ci][ei];"));
-    }
     let (tile_m, tile_n) = shape.tile();
     let (tiles_m, tiles_n) = (m.div_ceil(tile_m), n.div_ceil(tile_n));
     let sum_rows = row_tiles(graph, anchor, target, d.subgroup_size).unwrap_or(0);
@@ -1336,7 +1283,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 ),
                 ("PARTS", sums.declarations()),
                 ("PARTS_STORE_LOOP", sums.store_loop()),
-                ("E_COLUMNS", e_columns),
             ]);
         }
     }
@@ -1617,12 +1563,7 @@ fn operand_helpers(
                 let n = *b.graph.shape(operand.src).last().unwrap_or(&1);
                 let index = if op.starts_with('a') { "p" } else { "col" };
                 let loads = vec![];
-                b.column_loads = Some(ColumnLoads {
-                    n,
-                    index,
-                    value: "c",
-                    loads,
-                });
+                b.column_loads = Some(ColumnLoads { n, index, loads });
             }
             let steps = elementwise_steps(b, chain, 0, (&var, &load), indent, no_store);
             let columns = b.column_loads.take().map_or(vec![], |c| c.loads);
