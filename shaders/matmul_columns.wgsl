@@ -106,7 +106,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             }
         }
         return;
-    }
+    }{{E_COLUMNS}}
     // Each output element goes through the epilogue on its own.{{PARTS}}
     for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
         let row = row0 + ri;

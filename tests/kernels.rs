@@ -518,6 +518,22 @@ fn matmul_columns_shapes() {
     };
     let h = c.op(gemm, &[x, w, bias], "linear");
     c.out(un(unary::RELU), &[h], "relu");
+    // An epilogue whose column-only operands (a [n] scale, read twice, a [1, n] row, a scalar;
+    // Gemm's C above) are loaded once per column of a lane, beside a full [m, n] one that is
+    // not, on a batched output with n not a multiple of 4 (the last lane's columns clamped).
+    let xb = c.input("x_epilogue", &[2, 3, 21, 35], -1.0, 1.0);
+    let wb = c.constant("w_epilogue", &[35, 30], -1.0, 1.0);
+    let p = c.op(Op::MatMul, &[xb, wb], "product_epilogue");
+    let scale = c.constant("scale", &[30], -1.0, 1.0);
+    let row = c.constant("row", &[1, 30], -1.0, 1.0);
+    let scalar = c.constant("scalar", &[], -1.0, 1.0);
+    let full = c.constant("full", &[21, 30], -1.0, 1.0);
+    let e = c.op(bin(Binary::Mul), &[p, scale], "scaled");
+    let e = c.op(bin(Binary::Add), &[e, row], "plus_row");
+    let e = c.op(bin(Binary::Sub), &[e, scalar], "minus_scalar");
+    let e = c.op(bin(Binary::Add), &[e, full], "plus_full");
+    let e = c.op(bin(Binary::Mul), &[e, scale], "scaled_again");
+    c.out(un(unary::TANH), &[e], "epilogue");
     let options = PlanOptions {
         target: Target::Cpu,
         ..PlanOptions::default()
@@ -528,7 +544,22 @@ fn matmul_columns_shapes() {
         .iter()
         .filter(|k| k.source.contains("Row-broadcast matrix product"))
         .count();
-    assert_eq!(columns, 15, "every product here takes the columns template");
+    assert_eq!(columns, 16, "every product here takes the columns template");
+    let source = |label: &str| {
+        let k = (plan.kernels.iter()).find(|k| k.labels[0] == label);
+        k.unwrap().source.as_str()
+    };
+    // Reads of a value loaded per column, and the loads before the loop over the tile: one
+    // vec4 per four columns of a lane for a vector (`cols`, clamped), one for a scalar.
+    let reads = |label: &str| source(label).matches("; // loaded once per column").count();
+    let vectors = |label: &str| source(label).matches("_c[ci] = vec4<f32>(").count();
+    let linear = source("linear");
+    assert!(linear.contains("let v0 = acc + c_c[ci][ei];"), "{linear}");
+    assert_eq!(vectors("linear"), 1, "Gemm's C, a row");
+    assert_eq!(reads("product_epilogue"), 4, "scale twice, row and scalar");
+    assert_eq!(vectors("product_epilogue"), 2, "scale once, and row");
+    let epilogue = source("product_epilogue");
+    assert_eq!(epilogue.matches("[0u];").count(), 1, "{epilogue}");
     let mut quads: Vec<&str> = (plan.kernels.iter())
         .filter(|k| k.source.contains("fn b_get4("))
         .map(|k| k.labels[0].as_str())
