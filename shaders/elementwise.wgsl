@@ -18,7 +18,7 @@ const PER: u32 = {{PER}}u;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let first = ((wg.z * GRID_Y + wg.y) * GRID_X + wg.x) * 256u * PER + lid;
+    let first = ((wg.z * GRID_Y + wg.y) * GRID_X + wg.x) * 256u * PER + lid;{{SCALARS}}
     for (var e = 0u; e < PER; e = e + 1u) {
         let i = first + 256u * e;
         if i < N {

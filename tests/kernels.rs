@@ -1347,6 +1347,47 @@ fn training_ops_fuse_as_elementwise() {
     c.check_plan(&plan);
 }
 
+/// An element-wise chain reading scalars, one of them twice, with a value kept midway (stored
+/// before the scalars after it are read): the scalars are loaded once before the loop over an
+/// invocation's elements (16 on the CPU target, whose loop then repeats), one load per scalar.
+#[test]
+fn elementwise_scalars_load_once() {
+    let mut c = Case::new("elementwise_scalars_load_once");
+    let x = c.input("x", &[70, 130], -2.0, 2.0);
+    let v = c.input("v", &[70, 130], 0.0, 2.0);
+    let decay = c.constant("decay", &[], 0.8, 0.99);
+    let rate = c.input("rate", &[1, 1], 0.1, 0.5);
+    let eps = c.constant("eps", &[1], 1e-3, 1e-2);
+    let t = c.op(bin(Binary::Mul), &[v, decay], "decayed");
+    let sq = c.op(bin(Binary::Mul), &[x, x], "squared");
+    let sq = c.op(bin(Binary::Mul), &[sq, rate], "rated");
+    let kept = c.out(bin(Binary::Add), &[t, sq], "kept");
+    let r = c.op(un(unary::SQRT), &[kept], "root");
+    let r = c.op(bin(Binary::Add), &[r, eps], "plus_eps");
+    let r = c.op(bin(Binary::Div), &[r, rate], "over_rate");
+    c.out(bin(Binary::Mul), &[r, decay], "out");
+    let options = PlanOptions {
+        target: Target::Cpu,
+        ..PlanOptions::default()
+    };
+    let plan = codegen::plan_with(&c.graph, &options).unwrap();
+    assert_eq!(plan.kernels.len(), 1, "{plan}");
+    let source = &plan.kernels[0].source;
+    let body = &source[source.find("for (var e = 0u").unwrap()..];
+    assert!(
+        !body.contains("[0u]"),
+        "a scalar loaded in the loop:\n{source}"
+    );
+    let before = &source[source.find("fn main(").unwrap()..source.find("for (var e = 0u").unwrap()];
+    assert_eq!(
+        before.matches("[0u];").count(),
+        3,
+        "decay, rate, eps once each:\n{source}"
+    );
+    assert_eq!(body.matches("; // loaded once, before the loop").count(), 5);
+    c.check();
+}
+
 // ---------------------------------------------------------------- transformer ops
 
 /// `len` integers uniform in `lo..=hi`, as f32 (token ids, positions, masks).

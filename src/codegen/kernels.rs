@@ -157,6 +157,9 @@ enum ColumnRead {
     Helper,
     /// In the epilogue, from arrays of a lane's columns, `[ci][ei]` as the lane's sums.
     Lanes,
+    /// In an element-wise kernel, whose elements have no column in common: scalars alone,
+    /// loaded before the loop over an invocation's elements.
+    Scalars,
 }
 
 /// One load of [`ColumnLoads`]: the value bound as `bound`, read as `name`.
@@ -267,6 +270,7 @@ impl<'g> Builder<'g> {
             let value = format!("{name}_i");
             let note = match self.column_loads.as_ref().map(|c| c.read) {
                 Some(ColumnRead::Helper) => " // loaded once per column, by the _column helper",
+                Some(ColumnRead::Scalars) => " // loaded once, before the loop",
                 _ => " // loaded once per column, before the tile's rows",
             };
             return (format!("{indent}let {value} = {read};{note}"), value);
@@ -306,6 +310,7 @@ impl<'g> Builder<'g> {
         let columns = self.column_loads.as_mut()?;
         let scalar = numel(from) == 1;
         let vector = from.last() == Some(&columns.n) && from.iter().rev().skip(1).all(|&d| d == 1);
+        let vector = vector && columns.read != ColumnRead::Scalars;
         if perm.is_some() || !(scalar || vector) {
             return None;
         }
@@ -324,8 +329,8 @@ impl<'g> Builder<'g> {
         };
         Some(match (columns.read, scalar) {
             (ColumnRead::Helper, _) => format!("c.{name}"),
-            (ColumnRead::Lanes, true) => name,
-            (ColumnRead::Lanes, false) => format!("{name}[ci][ei]"),
+            (ColumnRead::Lanes | ColumnRead::Scalars, true) => name,
+            (_, false) => format!("{name}[ci][ei]"),
         })
     }
 
@@ -685,6 +690,13 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Re
     let n = numel(&out_shape);
     let ins = graph.inputs_of(anchor);
     let mut b = Builder::new(graph, transposed);
+    // Scalars are loaded once, before the loop over an invocation's elements: in the loop, each
+    // load would follow the stores of the elements before it and be made again.
+    b.column_loads = Some(ColumnLoads {
+        n: 0,
+        read: ColumnRead::Scalars,
+        loads: vec![],
+    });
     let mut lines = vec![];
     let indent = "            ";
     let summary;
@@ -738,6 +750,10 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Re
     let (more, last) = epilogue(&mut b, group, 1, indent, d.escapes)?;
     lines.extend(more);
     lines.push(format!("{indent}y[i] = {last};"));
+    let scalars: String = (b.column_loads.take().into_iter())
+        .flat_map(|c| c.loads)
+        .map(|l| format!("\n    let {} = {};", l.name, l.at("0u")))
+        .collect();
     let summary = with_epilogue(graph, summary, group);
     // Elements per invocation: on a CPU driver a workgroup's setup costs about as much as a
     // few thousand simple elements (lavapipe: a 128 x 512 ReLU took 0.5 ms in 256 workgroups).
@@ -755,6 +771,7 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Re
             ("GRID_X", workgroups[0].to_string()),
             ("GRID_Y", workgroups[1].to_string()),
             ("PER", per.to_string()),
+            ("SCALARS", scalars),
             ("BODY", lines.join("\n")),
         ],
         workgroups,
