@@ -85,7 +85,7 @@ fn main(
         for (var k = 0u; k < R; k = k + 1u) {
             amine[k] = {{A}}[k * IN + mine];
         }
-        for (var pe = 0u; pe < min(SG, IN - i0); pe = pe + 1u) {
+        for (var pe = 0u; pe < {{STEPS}}; pe = pe + 1u) {
             let i = i0 + pe;
             // (B A)[cols[c], i], then the element of the adapted column.
             var ba: array<vec4<f32>, VECS>;

@@ -70,7 +70,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     {{#SEGMENTS}}
     for (var p0 = 0u; p0 < K{{S}}; p0 = p0 + STEP) {
 {{A_BLOCK}}
-        for (var pe = 0u; pe < min(STEP, K{{S}} - p0); pe = pe + 1u) {
+        for (var pe = 0u; pe < {{STEPS}}; pe = pe + 1u) {
             let p = p0 + pe;
             var bv: array<vec4<f32>, VECS>;
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
