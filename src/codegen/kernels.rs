@@ -129,8 +129,9 @@ struct Builder<'g> {
     shapes: BTreeMap<NodeId, Vec<usize>>,
     /// Sections of the template repeated with values of their own (`template::repeat`).
     sections: Vec<(&'static str, Vec<template::Instance>)>,
-    /// While an operand prologue of B is rendered for the columns template: the loads that
-    /// depend on the column alone (see [`ColumnLoads`]).
+    /// While an operand prologue or an epilogue is rendered for the columns template, or an
+    /// element-wise kernel: the loads made before the loop instead of in it (see
+    /// [`ColumnLoads`]).
     column_loads: Option<ColumnLoads>,
     /// Bindings declared `array<vec4<f32>>` (a product's B read by quads, see
     /// [`ProductDims::b_quads`]), which element-wise loads do not share.
