@@ -1081,8 +1081,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
     };
     let mut b = Builder::new(graph, d.transposed);
     let first_operands = bind_operands(&mut b, anchor, "", d);
-    // `first`: the statement that turns the dot product `acc` into `v0` (indented below);
-    // `plain` when that is `acc` itself.
+    // `first`: the statement that turns the dot product `acc` into `v0` (indented below).
     let dims = product_dims(graph, anchor, &first_operands, "", d.pitch)?;
     let (m, k, n, batch) = (dims.m, dims.k, dims.n, dims.batch);
     let shape = MatmulShape::choose(target, m, n, d.subgroup_size);
@@ -1100,7 +1099,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         });
     }
     let (first, summary);
-    let mut plain = true;
     match &node.op {
         Op::Gemm {
             alpha,
@@ -1126,7 +1124,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 };
                 c_note = format!(", C {}", shape_str(c_shape));
             }
-            plain = value == "acc";
             first = format!("let v0 = {value}; {}", node_comment(graph, anchor));
             let t = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
             summary = format!(
@@ -1380,11 +1377,6 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 ("ROWS", rows.to_string()),
                 ("VECS", vecs.to_string()),
                 ("LANES", lanes.to_string()),
-                // The bare product, stored a vec4 at a time where that is whole or nothing.
-                (
-                    "STORE_VEC4",
-                    (plain && group.len() == 1 && sums.decl.is_empty() && n % 4 == 0).to_string(),
-                ),
                 ("PARTS", sums.declarations()),
                 ("PARTS_STORE_LOOP", sums.store_loop()),
                 ("E_COLUMNS", e_columns),
@@ -2058,17 +2050,23 @@ impl MatmulShape {
 /// lanes) and at most 32, so the lanes fill whole subgroups and can shuffle A's values among
 /// them; a wider workgroup ran 512³ no faster on lavapipe (19.5 GFLOP/s with 8 lanes, 19.2 with
 /// 32, both with naga's loop bounding) and leaves fewer workgroups to spread over the cores.
-/// Vec4s: the fewest padded columns for the rate each count of vec4s reaches (more of them feed
-/// each value of A to more multiply-adds; with 5, lavapipe spills and falls to 5 GFLOP/s).
-/// Padding costs in proportion: MiniLM's 32 x 1536 x 384 product took 3.0 ms as two tiles of
-/// 256 columns, the second half empty, and 2.1 ms as three of 128.
+/// Vec4s: the fewest padded columns for the rate each count of vec4s reaches, as measured. More
+/// of them feed each value of A to more multiply-adds, but on lavapipe 2 runs as fast as 3 and
+/// faster than 4 (the accumulators, 4 x ROWS x VECS values a lane, outnumber a CPU's registers
+/// either way), so 3 is taken only where it pads less (widths of 96) and 4 not at all. Padding
+/// costs in proportion: MiniLM's 32 x 1536 x 384 product took 3.0 ms as two tiles of 256
+/// columns, the second half empty, and 2.1 ms as three of 128.
 fn columns_layout(n: usize, subgroup: Option<u32>) -> (usize, usize) {
     let lanes = (subgroup.unwrap_or(8) as usize)
         .next_multiple_of(8)
         .clamp(8, 32);
-    // Lavapipe's GFLOP/s at 1 to 4 vec4s per invocation, 16 rows, 8 lanes (`cargo bench --bench
-    // matmul`, the mean of 32 x 768 x 2304 and 128 x 768 x 3072, which every width divides).
-    const RATE: [f64; 4] = [30.5, 33.5, 35.0, 36.5];
+    // Lavapipe's kernel GFLOP/s at 1 to 4 vec4s per invocation, 16 rows, 8 lanes (`cargo bench
+    // --bench matmul`, Mesa 25.0, the mean of two runs of 32 x 768 x 2304, 128 x 768 x 3072 and
+    // its transB form, which every width divides). Measured again when the vec4 store path went
+    // (`matmul_columns.wgsl`): the table had said [30.5, 33.5, 35.0, 36.5], and the 4 vec4s it
+    // chose ran the train bench's 128 x 512 x 512 layers (with their epilogues) 28-31% slower
+    // than 2.
+    const RATE: [f64; 4] = [16.6, 28.1, 26.9, 21.4];
     let cost = |vecs: usize| {
         let width = 4 * vecs * lanes;
         (n.div_ceil(width) * width) as f64 / RATE[vecs - 1]
