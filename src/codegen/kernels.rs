@@ -2053,7 +2053,7 @@ impl MatmulShape {
 /// Vec4s: the fewest padded columns for the rate each count of vec4s reaches, as measured. More
 /// of them feed each value of A to more multiply-adds, but on lavapipe 2 runs as fast as 3 and
 /// faster than 4 (the accumulators, 4 x ROWS x VECS values a lane, outnumber a CPU's registers
-/// either way), so 3 is taken only where it pads less (widths of 96) and 4 not at all. Padding
+/// either way), so 3 is taken only where it pads less (n = 96, or 257) and 4 not at all. Padding
 /// costs in proportion: MiniLM's 32 x 1536 x 384 product took 3.0 ms as two tiles of 256
 /// columns, the second half empty, and 2.1 ms as three of 128.
 fn columns_layout(n: usize, subgroup: Option<u32>) -> (usize, usize) {
