@@ -2064,8 +2064,8 @@ fn columns_layout(n: usize, subgroup: Option<u32>) -> (usize, usize) {
     // --bench matmul`, Mesa 25.0, the mean of two runs of 32 x 768 x 2304, 128 x 768 x 3072 and
     // its transB form, which every width divides). Measured again when the vec4 store path went
     // (`matmul_columns.wgsl`): the table had said [30.5, 33.5, 35.0, 36.5], and the 4 vec4s it
-    // chose took 31-45% longer than 2 on the train and inference benches' layers (512 and 768
-    // wide, with their epilogues).
+    // chose took 31-45% longer than 2 on Linear layers with their epilogues (512 and 768 wide,
+    // 128 and 256 rows).
     const RATE: [f64; 4] = [16.6, 28.1, 26.9, 21.4];
     let cost = |vecs: usize| {
         let width = 4 * vecs * lanes;
