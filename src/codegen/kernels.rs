@@ -1314,14 +1314,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             let zipped = (segments.iter_mut().zip(suffixes.iter().zip(&ks)))
                 .zip(column_loads.iter().zip(&b_quads));
             for ((values, (suffix, &k_s)), (&[a_hoisted, b_hoisted], &quads)) in zipped {
-                // Steps of the block: STEP where every block is whole, a bound the compiler
-                // knows, so that it unrolls the block and each shuffle reads a lane it knows (on
-                // lavapipe a 256 x 512 x 512 DoRA layer ran 8.1-8.6 ms with the bound
-                // `min(STEP, K - p0)`, 7.4-8.1 with STEP).
-                let steps = match k_s % step as usize {
-                    0 => "STEP".to_string(),
-                    _ => format!("min(STEP, K{suffix} - p0)"),
-                };
+                let steps = block_steps(k_s, step as usize, "STEP", &format!("K{suffix}"), "p0");
                 values.push(("STEPS", steps));
                 // A lane's four columns of B at step p: one load, or four.
                 let b_value = match quads {
@@ -1807,6 +1800,19 @@ fn column_sums(
             .push(format!("{out}[({row}) * N + col] = part{q}{part};"));
     }
     Ok(code)
+}
+
+/// The bound of a loop over one block of `step` steps of a loop over `len`, whose block starts
+/// at `start`: the constant `step_const` where every block is whole, a bound the compiler knows,
+/// so that it unrolls the block and each shuffle reads a lane it knows; `min(step_const, len_expr
+/// - start)` otherwise. The columns matmul's K loop and the DoRA norm's loop over the input
+/// features take it (on lavapipe a 256 x 512 x 512 DoRA layer ran 8.1-8.6 ms with the `min`
+/// bound, 7.4-8.1 with STEP).
+fn block_steps(len: usize, step: usize, step_const: &str, len_expr: &str, start: &str) -> String {
+    match len % step {
+        0 => step_const.to_string(),
+        _ => format!("min({step_const}, {len_expr} - {start})"),
+    }
 }
 
 /// The columns template's loads of the values its epilogue reads per column ([`ColumnLoads`],
@@ -2481,15 +2487,10 @@ fn dora_norm(
             let (vecs, _) = columns_layout(fout, Some(sg));
             let vecs = vecs.min((NORM_COLUMNS_VEC4S / r).max(1));
             let tile = 4 * vecs * sg as usize;
-            // A bound the compiler knows where every block is whole, as the matmul's STEPS.
-            let steps = match fin % sg as usize {
-                0 => "SG",
-                _ => "min(SG, IN - i0)",
-            };
             let shape = vec![
                 ("SG", sg.to_string()),
                 ("VECS", vecs.to_string()),
-                ("STEPS", steps.to_string()),
+                ("STEPS", block_steps(fin, sg as usize, "SG", "IN", "i0")),
             ];
             (template::DORA_NORM_COLUMNS, fout.div_ceil(tile), shape)
         }
