@@ -70,7 +70,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
 {{A_BLOCK}}
         for (var pe = 0u; pe < {{STEPS}}; pe = pe + 1u) {
             let p = p0 + pe;
-            var bv: array<vec4<f32>, VECS>;
+            var bv: array<vec4<f32>, VECS>;{{B_STEP}}
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
                 let j = cols[ci];
                 bv[ci] = {{B_VALUE}};

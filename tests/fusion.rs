@@ -913,6 +913,83 @@ fn recomputations_whose_originals_are_gone_are_taken_back_onto_one_chain() {
     assert!(graph.recomputed().len() < copies);
 }
 
+/// A layer's `x Aᵀ` turned for a CPU driver (`codegen::turn_thin_products`), where `x` is the
+/// previous layer's activation `h = relu(u * g + b)`, recomputed for its readers (as `dorac
+/// train` does by default): the turned product reads `hᵀ` as its B, computing it as it loads it,
+/// and `g` and `b` then vary along K alone: the columns template loads them once per step of K
+/// (`b_column(p)`), not once per column. On the device plan (the columns template on lavapipe)
+/// and the portable one, the values match the f64 reference.
+#[test]
+fn turned_product_loads_prologue_per_step() {
+    let (rows, c) = (130, 260);
+    let mut g = GraphBuilder::new();
+    let u = g.add_input("u", vec![rows, c]);
+    let scale = g.add_input("g", vec![c]);
+    let bias = g.add_input("b", vec![c]);
+    let binary = |g: &mut GraphBuilder, op: Binary, a: NodeId, b: NodeId, name: &str| {
+        g.add(Op::Binary(op), &[a, b], name, name).unwrap()
+    };
+    let scaled = binary(&mut g, Binary::Mul, u, scale, "scaled");
+    let out = binary(&mut g, Binary::Add, scaled, bias, "out");
+    let h = g.add(Op::Unary(unary::RELU), &[out], "h", "h").unwrap();
+    let a = g.add_input("a", vec![16, c]);
+    let perm = Op::Transpose { perm: vec![1, 0] };
+    let a_t = g.add(perm, &[a], "a_t", "a_t").unwrap();
+    let xa = g.add(Op::MatMul, &[h, a_t], "xa", "xa").unwrap();
+    let up = g.add_input("up", vec![16, 24]);
+    let y = g.add(Op::MatMul, &[xa, up], "y", "y").unwrap();
+    let dy = g.add_input("dy", vec![rows, c]);
+    let term = binary(&mut g, Binary::Mul, dy, u, "term");
+    let w2 = g.add_input("w2", vec![c, 8]);
+    let hw = g.add(Op::MatMul, &[h, w2], "hw", "hw").unwrap();
+    for (name, value) in [("y", y), ("term", term), ("hw", hw)] {
+        g.add_output(name, value);
+    }
+    let mut graph = g.finish();
+    let backward = [term, hw].into();
+    assert_eq!(
+        recompute_activations(&mut graph, &backward, true).unwrap(),
+        1
+    );
+    assert_eq!(codegen::turn_thin_products(&mut graph).unwrap(), 1);
+    let shapes = [
+        ("u", vec![rows, c]),
+        ("g", vec![c]),
+        ("b", vec![c]),
+        ("a", vec![16, c]),
+        ("up", vec![16, 24]),
+        ("dy", vec![rows, c]),
+        ("w2", vec![c, 8]),
+    ];
+    let feeds = random_feeds(shapes, &mut Rng::new(37));
+    let want = run_reference(&graph, &feeds);
+    let product = |plan: &Plan| {
+        let k = plan.kernels.iter().find(|k| k.labels[0] == "xa");
+        k.unwrap_or_else(|| panic!("no kernel for xa:\n{plan}"))
+            .clone()
+    };
+    let cpu = product(&codegen::plan_with(&graph, &lavapipe_like()).unwrap());
+    assert!(
+        cpu.source.contains("let bstep = b_column(p);"),
+        "{}",
+        cpu.source
+    );
+    for plan in device_and_portable_plans(&graph) {
+        let copies = (product(&plan).labels.iter())
+            .filter(|l| l.ends_with("/recomputed"))
+            .count();
+        assert_eq!(copies, 3, "{plan}");
+        let exe = Executable::new(gpu(), &plan, &graph).unwrap();
+        let outputs = ["y", "term", "hw"];
+        let got = exe.step(&host(&feeds), &outputs).unwrap();
+        for name in outputs {
+            let got: Vec<f64> = got[name].iter().map(|&v| v as f64).collect();
+            let err = relative_error(&got, &want[name].data);
+            assert!(err < TOL, "'{name}': {err:e}\n{plan}");
+        }
+    }
+}
+
 /// Plans `graph` with kernels of at most 5 bindings, where some recomputations find no host,
 /// takes them back, and checks that none is left unhosted, that the plan has fewer kernels and
 /// that its values match the f64 reference on feeds drawn with `seed`; returns the graph.

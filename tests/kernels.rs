@@ -2221,8 +2221,8 @@ fn empty_matmuls_plan_and_run() {
 
 /// Thin products (many rows, at most 32 columns) turned for a CPU driver
 /// (`codegen::turn_thin_products`): `X W` with an element-wise epilogue, DoRA's `W0 Aᵀ` (a
-/// transpose read in place, which the turn cancels), and one read as a Gemm's C, which cannot
-/// read a transpose in place and is left alone. Compiled as `dorac` compiles for this device
+/// transpose read in place, which the turn cancels), `x Aᵀ` of a batch of 160 rows; left alone,
+/// one read as a Gemm's C, which cannot read a transpose in place, and one of too few terms. Compiled as `dorac` compiles for this device
 /// (turned on lavapipe) and compared with the reference; the turned graph on its own too.
 #[test]
 fn thin_products_turned() {
@@ -2248,10 +2248,17 @@ fn thin_products_turned() {
         trans_b: false,
     };
     c.out(gemm, &[e, f, yw], "gemm_with_thin_c");
+    let batch = c.input("batch", &[160, 300], -1.0, 1.0);
+    let batch_at = c.op(Op::MatMul, &[batch, a_t], "batch_at");
+    c.out(un(unary::RELU), &[batch_at], "relu_batch_at");
+    let short = c.input("short", &[300, 200], -1.0, 1.0);
+    let w_short = c.constant("w_short", &[200, 16], -1.0, 1.0);
+    let short_terms = c.op(Op::MatMul, &[short, w_short], "short_terms");
+    c.out(un(unary::RELU), &[short_terms], "relu_short_terms");
     let graph: Graph = Graph::clone(&c.graph);
     assert!(codegen::has_thin_products(&graph));
     let mut turned = graph.clone();
-    assert_eq!(codegen::turn_thin_products(&mut turned).unwrap(), 2);
+    assert_eq!(codegen::turn_thin_products(&mut turned).unwrap(), 3);
     assert!(!codegen::has_thin_products(&turned));
     let host: HashMap<String, Vec<f32>> = c
         .feeds

@@ -1299,7 +1299,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
             // B's column-only prologue values, per column of this lane, made before the loops.
             let mut setup = String::new();
             for (suffix, &[_, hoisted]) in suffixes.iter().zip(&column_loads) {
-                if hoisted {
+                if hoisted == Hoisted::PerColumn {
                     setup += &format!(
                         "\n    // The values B{suffix}'s prologue loads per column, once.\n    \
                          var bcol{suffix}: array<array<B{suffix}Column, 4>, VECS>;\n    \
@@ -1323,8 +1323,9 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                         let loads: Vec<String> = (["x", "y", "z", "w"].iter().enumerate())
                             .map(|(e, c)| {
                                 let arg = match b_hoisted {
-                                    true => format!(", bcol{suffix}[ci][{e}]"),
-                                    false => String::new(),
+                                    Hoisted::PerColumn => format!(", bcol{suffix}[ci][{e}]"),
+                                    Hoisted::PerStep => format!(", bstep{suffix}"),
+                                    Hoisted::No => String::new(),
                                 };
                                 format!(
                                     "                    b{suffix}_get(batch, p, j.{c}{arg}),\n"
@@ -1335,9 +1336,17 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                     }
                 };
                 values.push(("B_VALUE", b_value));
+                let b_step = match b_hoisted {
+                    Hoisted::PerStep => format!(
+                        "\n            // The values B{suffix}'s prologue loads per step, once.\n            \
+                         let bstep{suffix} = b{suffix}_column(p);"
+                    ),
+                    _ => String::new(),
+                };
+                values.push(("B_STEP", b_step));
                 let (a_block, a_value) = match shuffles {
                     Some(_) => {
-                        let (column, arg) = match a_hoisted {
+                        let (column, arg) = match a_hoisted != Hoisted::No {
                             true => (format!("let acol = a{suffix}_column(pl);"), ", acol"),
                             false => (String::new(), ""),
                         };
@@ -1597,6 +1606,24 @@ fn product_title(graph: &Graph, product: NodeId) -> String {
     }
 }
 
+/// Whether and where the columns template makes an operand prologue's column-only loads
+/// ([`operand_helpers`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Hoisted {
+    No,
+    /// Once per step of K: A's, and B's read through a transpose whose source's columns are K.
+    PerStep,
+    /// Once per column of a lane, before the K loop: B's.
+    PerColumn,
+}
+
+/// True when B read through transpose `perm` has its K axis (the second-to-last) along the
+/// source's last axis: the source's columns are steps of K.
+fn columns_along_k(perm: &[usize]) -> bool {
+    let rank = perm.len();
+    rank >= 2 && perm[rank - 2] == rank - 1
+}
+
 /// Pushes the helpers that load a product's operands: `a{suffix}_at` and `b{suffix}_at` (the
 /// offsets), `a{suffix}_get` and `b{suffix}_get` (the values: decoding a weight stored in half
 /// precision, or computing an operand prologue), A's values multiplied by the scalar `scale`
@@ -1604,7 +1631,9 @@ fn product_title(graph: &Graph, product: NodeId) -> String {
 ///
 /// Where `hoist` says so for A and B (the columns template), the loads of a prologue that depend
 /// on the operand value's column alone go into `a{suffix}_column(p)` / `b{suffix}_column(col)`,
-/// whose values the `_get` helper takes as `c` (see [`ColumnLoads`]). Returns where it did.
+/// whose values the `_get` helper takes as `c` (see [`ColumnLoads`]). B read through a transpose
+/// whose source's columns run along K (`x Aᵀ` turned, reading `xᵀ`) takes `b{suffix}_column(p)`:
+/// the values are the same for every column of a step. Returns where it did, and how.
 fn operand_helpers(
     b: &mut Builder,
     operands: &Operands,
@@ -1613,8 +1642,8 @@ fn operand_helpers(
     scale: Option<&(String, String)>,
     hoist: [bool; 2],
     quads: bool,
-) -> Result<[bool; 2]> {
-    let mut hoisted = [false; 2];
+) -> Result<[Hoisted; 2]> {
+    let mut hoisted = [Hoisted::No; 2];
     let (a_at, b_at) = (&dims.a_at, &dims.b_at);
     b.helpers.push(format!(
         "// Offset in `a{suffix}` of A{suffix}[i, p] of output matrix `batch`.\n\
@@ -1649,7 +1678,13 @@ fn operand_helpers(
             let mut lines = vec![format!("{indent}let i = {op}_at(batch, {x}, {y});")];
             let (var, load) = (format!("{op}v"), format!("{op}e"));
             let no_store = |_: &mut Builder, _: &mut Vec<String>, _: usize| {};
-            if hoist[slot] && operand.perm.is_none() {
+            let how = match &operand.perm {
+                None if slot == 0 => Hoisted::PerStep,
+                None => Hoisted::PerColumn,
+                Some(perm) if slot == 1 && columns_along_k(perm) => Hoisted::PerStep,
+                Some(_) => Hoisted::No,
+            };
+            if hoist[slot] && how != Hoisted::No {
                 let n = *b.graph.shape(operand.src).last().unwrap_or(&1);
                 b.column_loads = Some(ColumnLoads {
                     n,
@@ -1666,12 +1701,12 @@ fn operand_helpers(
                 let fields: Vec<String> = (columns.iter())
                     .map(|l| format!("    {}: f32,", l.name))
                     .collect();
-                let index = if op.starts_with('a') { y } else { "col" };
-                let loads: Vec<String> = columns.iter().map(|l| l.at(index)).collect();
-                let when = match op.starts_with('a') {
-                    true => "per step of K, not once per row",
-                    false => "per column, before the K loop",
+                let (index, when) = match (slot, how) {
+                    (0, _) => ("p", "per step of K, not once per row"),
+                    (_, Hoisted::PerStep) => ("p", "per step of K, not once per column"),
+                    _ => ("col", "per column, before the K loop"),
                 };
+                let loads: Vec<String> = columns.iter().map(|l| l.at(index)).collect();
                 b.helpers.push(format!(
                     "// The values {}'s prologue loads that depend on the column alone: made once\n\
                      // {when}.\n\
@@ -1682,7 +1717,7 @@ fn operand_helpers(
                     loads.join(", ")
                 ));
                 params = format!(", c: {name}");
-                hoisted[slot] = true;
+                hoisted[slot] = how;
             }
             b.helpers.push(format!(
                 "// {}[{x}, {y}] of output matrix `batch`{scale_note}, computed as it is loaded (an operand\n\
