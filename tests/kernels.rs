@@ -2221,8 +2221,10 @@ fn empty_matmuls_plan_and_run() {
 
 /// Thin products (many rows, at most 32 columns) turned for a CPU driver
 /// (`codegen::turn_thin_products`): `X W` with an element-wise epilogue, DoRA's `W0 Aᵀ` (a
-/// transpose read in place, which the turn cancels), `x Aᵀ` of a batch of 160 rows; left alone,
-/// one read as a Gemm's C, which cannot read a transpose in place, and one of too few terms. Compiled as `dorac` compiles for this device
+/// transpose read in place, which the turn cancels), `x Aᵀ` of a batch of 160 rows, `dY B` read
+/// by a product through its transpose too (as `dA` reads it; the turned product is that
+/// transpose); left alone, one read as a Gemm's C, which cannot read a transpose in place, and
+/// one of too few terms. Compiled as `dorac` compiles for this device
 /// (turned on lavapipe) and compared with the reference; the turned graph on its own too.
 #[test]
 fn thin_products_turned() {
@@ -2255,10 +2257,16 @@ fn thin_products_turned() {
     let w_short = c.constant("w_short", &[200, 16], -1.0, 1.0);
     let short_terms = c.op(Op::MatMul, &[short, w_short], "short_terms");
     c.out(un(unary::RELU), &[short_terms], "relu_short_terms");
+    let dy = c.input("dy", &[140, 300], -1.0, 1.0);
+    let dy_b = c.op(Op::MatMul, &[dy, a_t], "dy_b");
+    c.out(un(unary::RELU), &[dy_b], "relu_dy_b");
+    let dy_b_t = c.op(Op::Transpose { perm: vec![1, 0] }, &[dy_b], "dy_b_t");
+    let x = c.input("x_for_da", &[140, 5], -1.0, 1.0);
+    c.out(Op::MatMul, &[dy_b_t, x], "da");
     let graph: Graph = Graph::clone(&c.graph);
     assert!(codegen::has_thin_products(&graph));
     let mut turned = graph.clone();
-    assert_eq!(codegen::turn_thin_products(&mut turned).unwrap(), 3);
+    assert_eq!(codegen::turn_thin_products(&mut turned).unwrap(), 4);
     assert!(!codegen::has_thin_products(&turned));
     let host: HashMap<String, Vec<f32>> = c
         .feeds

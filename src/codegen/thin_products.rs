@@ -1,12 +1,13 @@
 //! Thin products, turned for a CPU driver. The row-broadcast matmul kernel that lavapipe runs
 //! (`shaders/matmul_columns.wgsl`) gives each SIMD lane columns of its own, so a product with
 //! few columns and many rows leaves most lanes idle: DoRA's `W0 Aᵀ` (out x r) in the exact norm
-//! gradient, or `x Aᵀ` over a long batch of tokens. Computed as `(Aᵀᵀ W0ᵀ)ᵀ = (A W0ᵀ)ᵀ`, the
-//! same product has few rows and many columns, which that kernel runs well (measured on
-//! lavapipe, 2 cores: 512 x 512 x 16 at 3.2 GFLOP/s, turned 7.3 to 15.5 over three runs; in the
-//! DoRA training step, 1.9 ms turned into 0.75). Every transpose
-//! this leaves is read in place by the kernels around it (`codegen::fusion`), so none costs a
-//! kernel. Only for CPU targets: a GPU's tiled kernels take thin products as they are.
+//! gradient, `x Aᵀ` and its gradient `dY B` over a batch of tokens. Computed as
+//! `(Aᵀᵀ W0ᵀ)ᵀ = (A W0ᵀ)ᵀ`, the same product has few rows and many columns, which that kernel
+//! runs well (measured on lavapipe, 2 cores: 512 x 512 x 16 at 3.2 GFLOP/s, turned 7.3 to 15.5
+//! over three runs; in the DoRA training step, 1.9 ms turned into 0.75; `dY B` of a batch of
+//! 128, 0.305 ms a layer, 0.160 turned). Every transpose this leaves is read in place by the
+//! kernels around it (`codegen::fusion`), so none costs a kernel. Only for CPU targets: a GPU's
+//! tiled kernels take thin products as they are.
 //!
 //! The rewrite undoes what `passes::simplify_transposes` prefers (a product, not a transpose of
 //! one), so it runs last, on the graph about to be planned for such a device
@@ -47,7 +48,8 @@ pub fn has_thin_products(graph: &Graph) -> bool {
 }
 
 /// A 2-D MatMul of at least MIN_ROWS rows, MIN_TERMS terms and at most MAX_COLUMNS columns,
-/// not kept, whose readers can all read its transposed value in place.
+/// not kept, whose readers can all read its transposed value in place or are its transpose (the
+/// turned product itself: the adapter's `dY B` read as `(dY B)ᵀ` by `dA`).
 fn is_thin(graph: &Graph, n: NodeId) -> bool {
     if !matches!(graph.node(n).op, Op::MatMul) {
         return false;
@@ -65,7 +67,12 @@ fn is_thin(graph: &Graph, n: NodeId) -> bool {
         && graph
             .consumers(n)
             .iter()
-            .all(|&c| reads_in_place(graph, c, n))
+            .all(|&c| reads_in_place(graph, c, n) || is_transpose(graph, c))
+}
+
+/// True when `n` is a transpose of a matrix.
+fn is_transpose(graph: &Graph, n: NodeId) -> bool {
+    matches!(&graph.node(n).op, Op::Transpose { perm } if perm[..] == [1, 0])
 }
 
 struct TurnThinProduct;
@@ -88,6 +95,11 @@ impl Rule for TurnThinProduct {
         let turned = p.add(Op::MatMul, &[b_t, a_t], &format!("{name}.turned"), &label)?;
         let back = p.add(Op::Transpose { perm: vec![1, 0] }, &[turned], &name, &label)?;
         p.replace(n, back);
+        for c in graph.consumers(n) {
+            if is_transpose(graph, c) {
+                p.replace(c, turned);
+            }
+        }
         Ok(Some(p.finish()))
     }
 }
