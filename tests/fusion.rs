@@ -802,19 +802,33 @@ fn operand_prologue_graph(rows: usize, c: usize, n: usize) -> Graph {
     operand_prologue_graph_with(rows, c, n, false)
 }
 
+/// Inputs `u` (rows x c), `g` and `b` (c), and a layer's activation `h = relu(u * g + b)`, as
+/// DoRA's layers compute it: returns `u` and `h`.
+fn activation(g: &mut GraphBuilder, rows: usize, c: usize) -> (NodeId, NodeId) {
+    let u = g.add_input("u", vec![rows, c]);
+    let scale = g.add_input("g", vec![c]);
+    let bias = g.add_input("b", vec![c]);
+    let scaled = g.add(Op::Binary(Binary::Mul), &[u, scale], "scaled", "scaled");
+    let out = g.add(
+        Op::Binary(Binary::Add),
+        &[scaled.unwrap(), bias],
+        "out",
+        "out",
+    );
+    let h = g
+        .add(Op::Unary(unary::RELU), &[out.unwrap()], "h", "h")
+        .unwrap();
+    (u, h)
+}
+
 /// [`operand_prologue_graph`], or with `lean` its forward reader a product (`next = h w3`) and
 /// the activation recomputed for it too (as `dorac train` does by default).
 fn operand_prologue_graph_with(rows: usize, c: usize, n: usize, lean: bool) -> Graph {
     let mut g = GraphBuilder::new();
-    let u = g.add_input("u", vec![rows, c]);
-    let scale = g.add_input("g", vec![c]);
-    let bias = g.add_input("b", vec![c]);
+    let (u, h) = activation(&mut g, rows, c);
     let binary = |g: &mut GraphBuilder, op: Binary, a: NodeId, b: NodeId, name: &str| {
         g.add(Op::Binary(op), &[a, b], name, name).unwrap()
     };
-    let scaled = binary(&mut g, Binary::Mul, u, scale, "scaled");
-    let out = binary(&mut g, Binary::Add, scaled, bias, "out");
-    let h = g.add(Op::Unary(unary::RELU), &[out], "h", "h").unwrap();
     let next = match lean {
         true => {
             let w3 = g.add_input("w3", vec![c, n]);
@@ -923,15 +937,7 @@ fn recomputations_whose_originals_are_gone_are_taken_back_onto_one_chain() {
 fn turned_product_loads_prologue_per_step() {
     let (rows, c) = (130, 260);
     let mut g = GraphBuilder::new();
-    let u = g.add_input("u", vec![rows, c]);
-    let scale = g.add_input("g", vec![c]);
-    let bias = g.add_input("b", vec![c]);
-    let binary = |g: &mut GraphBuilder, op: Binary, a: NodeId, b: NodeId, name: &str| {
-        g.add(Op::Binary(op), &[a, b], name, name).unwrap()
-    };
-    let scaled = binary(&mut g, Binary::Mul, u, scale, "scaled");
-    let out = binary(&mut g, Binary::Add, scaled, bias, "out");
-    let h = g.add(Op::Unary(unary::RELU), &[out], "h", "h").unwrap();
+    let (u, h) = activation(&mut g, rows, c);
     let a = g.add_input("a", vec![16, c]);
     let perm = Op::Transpose { perm: vec![1, 0] };
     let a_t = g.add(perm, &[a], "a_t", "a_t").unwrap();
@@ -939,7 +945,9 @@ fn turned_product_loads_prologue_per_step() {
     let up = g.add_input("up", vec![16, 24]);
     let y = g.add(Op::MatMul, &[xa, up], "y", "y").unwrap();
     let dy = g.add_input("dy", vec![rows, c]);
-    let term = binary(&mut g, Binary::Mul, dy, u, "term");
+    let term = g
+        .add(Op::Binary(Binary::Mul), &[dy, u], "term", "term")
+        .unwrap();
     let w2 = g.add_input("w2", vec![c, 8]);
     let hw = g.add(Op::MatMul, &[h, w2], "hw", "hw").unwrap();
     for (name, value) in [("y", y), ("term", term), ("hw", hw)] {
