@@ -1,7 +1,8 @@
 // {{KERNEL}}: {{SUMMARY}}
 //
 // Element-wise kernel: {{N}} output elements, PER per invocation (1 on a GPU; on a CPU driver,
-// where each workgroup costs a fixed setup, 16, so there are 16 times fewer workgroups).
+// where each workgroup costs a fixed setup, up to 16, so there are up to 16 times fewer
+// workgroups, and no more than one workgroup needs).
 // Invocation t of a workgroup handles elements first + t + 256 e, e < PER: neighbouring
 // invocations touch neighbouring elements. When one grid dimension would exceed the dispatch
 // limit the workgroups spill into y (and z); the linear index below undoes that, and the

@@ -1388,6 +1388,28 @@ fn elementwise_scalars_load_once() {
     c.check();
 }
 
+/// On the CPU target an invocation takes up to 16 elements, but no more than one workgroup of
+/// 256 invocations needs: lavapipe compiles the loop's body once per element of an invocation.
+/// 300 elements take 2 each; 4096 and 9100 take 16. The values match the reference.
+#[test]
+fn elementwise_elements_per_invocation_fit_the_tensor() {
+    let mut c = Case::new("elementwise_elements_per_invocation_fit_the_tensor");
+    let options = PlanOptions {
+        target: Target::Cpu,
+        ..PlanOptions::default()
+    };
+    for (n, per) in [(1, 1), (300, 2), (4096, 16), (9100, 16)] {
+        let x = c.input(&format!("x{n}"), &[n], -2.0, 2.0);
+        let y = c.out(un(unary::EXP), &[x], &format!("y{n}"));
+        let plan = codegen::plan_with(&c.graph, &options).unwrap();
+        let kernel = plan.kernels.iter().find(|k| k.nodes.contains(&y)).unwrap();
+        let want = format!("const PER: u32 = {per}u;");
+        assert!(kernel.source.contains(&want), "{}", kernel.source);
+    }
+    let plan = codegen::plan_with(&c.graph, &options).unwrap();
+    c.check_plan(&plan);
+}
+
 // ---------------------------------------------------------------- transformer ops
 
 /// `len` integers uniform in `lo..=hi`, as f32 (token ids, positions, masks).
