@@ -808,16 +808,12 @@ fn activation(g: &mut GraphBuilder, rows: usize, c: usize) -> (NodeId, NodeId) {
     let u = g.add_input("u", vec![rows, c]);
     let scale = g.add_input("g", vec![c]);
     let bias = g.add_input("b", vec![c]);
-    let scaled = g.add(Op::Binary(Binary::Mul), &[u, scale], "scaled", "scaled");
-    let out = g.add(
-        Op::Binary(Binary::Add),
-        &[scaled.unwrap(), bias],
-        "out",
-        "out",
-    );
-    let h = g
-        .add(Op::Unary(unary::RELU), &[out.unwrap()], "h", "h")
-        .unwrap();
+    let mul = Op::Binary(Binary::Mul);
+    let scaled = g.add(mul, &[u, scale], "scaled", "scaled").unwrap();
+    let add = Op::Binary(Binary::Add);
+    let out = g.add(add, &[scaled, bias], "out", "out").unwrap();
+    let relu = Op::Unary(unary::RELU);
+    let h = g.add(relu, &[out], "h", "h").unwrap();
     (u, h)
 }
 

@@ -2246,8 +2246,8 @@ fn empty_matmuls_plan_and_run() {
 /// transpose read in place, which the turn cancels), `x Aᵀ` of a batch of 160 rows, `dY B` read
 /// by a product through its transpose too (as `dA` reads it; the turned product is that
 /// transpose); left alone, one read as a Gemm's C, which cannot read a transpose in place, and
-/// one of too few terms. Compiled as `dorac` compiles for this device
-/// (turned on lavapipe) and compared with the reference; the turned graph on its own too.
+/// one of too few terms. Compiled as `dorac` compiles for this device (turned on lavapipe) and
+/// compared with the reference; the turned graph on its own too.
 #[test]
 fn thin_products_turned() {
     let mut c = Case::new("thin_products_turned");

@@ -1349,9 +1349,10 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 values.push(("B_STEP", b_step));
                 let (a_block, a_value) = match shuffles {
                     Some(_) => {
-                        let (column, arg) = match a_hoisted != Hoisted::No {
-                            true => (format!("let acol = a{suffix}_column(pl);"), ", acol"),
-                            false => (String::new(), ""),
+                        let (column, arg) = if a_hoisted == Hoisted::No {
+                            (String::new(), "")
+                        } else {
+                            (format!("let acol = a{suffix}_column(pl);"), ", acol")
                         };
                         let block = [
                             "// This lane's values of A for the block, A[rows[ri], p0 + lane]",
@@ -1843,9 +1844,9 @@ fn column_sums(
 /// The bound of a loop over one block of `step` steps of a loop over `len`, whose block starts
 /// at `start`: the constant `step_const` where every block is whole, a bound the compiler knows,
 /// so that it unrolls the block and each shuffle reads a lane it knows; otherwise
-/// `min(step_const, len_expr - start)`. The columns matmul's K loop and the DoRA norm's loop over the input
-/// features take it (on lavapipe a 256 x 512 x 512 DoRA layer ran 8.1-8.6 ms with the `min`
-/// bound, 7.4-8.1 with STEP).
+/// `min(step_const, len_expr - start)`. The columns matmul's K loop and the DoRA norm's loop
+/// over the input features take it (on lavapipe a 256 x 512 x 512 DoRA layer ran 8.1-8.6 ms
+/// with the `min` bound, 7.4-8.1 with STEP).
 fn block_steps(len: usize, step: usize, step_const: &str, len_expr: &str, start: &str) -> String {
     match len % step {
         0 => step_const.to_string(),
