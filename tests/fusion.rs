@@ -641,6 +641,98 @@ fn a_view_passes_a_chain_on() {
     assert!(rel(&got, &want, "z") < 1e-5);
 }
 
+/// A value that a kernel reads through a chain of two views of another kernel's interior value
+/// (as Swin's attention gradient reads a transpose reshaped twice): that value is written, and
+/// both views name its buffer.
+#[test]
+fn a_value_read_outside_through_two_views_is_written() {
+    let mut g = GraphBuilder::new();
+    let x = g.add_input("x", vec![6, 10]);
+    let neg = g.add(Op::Unary(unary::NEG), &[x], "neg", "neg").unwrap();
+    let flat = g.add(Op::Reshape { shape: vec![60] }, &[neg], "flat", "flat");
+    let flat = flat.unwrap();
+    let rows = g.add(Op::Reshape { shape: vec![3, 20] }, &[flat], "rows", "rows");
+    let rows = rows.unwrap();
+    let z = g.add(Op::Unary(unary::EXP), &[rows], "z", "z").unwrap();
+    let sum = Op::Reduce {
+        kind: dorac::ir::Reduce::Sum,
+        axes: vec![1],
+        keepdims: false,
+    };
+    let s = g.add(sum, &[rows], "s", "s").unwrap();
+    g.add_output("z", z);
+    g.add_output("s", s);
+    let plan = codegen::plan(&g).unwrap();
+    let reader = plan.kernels.iter().find(|k| k.nodes.contains(&s)).unwrap();
+    assert!(!reader.nodes.contains(&neg), "{plan}");
+    assert_eq!(plan.node_buffers[&rows], plan.node_buffers[&neg], "{plan}");
+    let (got, want) = (run_gpu(&g, &x_feed()), run_reference(&g, &x_feed()));
+    assert!(rel(&got, &want, "z") < 1e-5);
+    assert!(rel(&got, &want, "s") < 1e-5);
+}
+
+/// The gradients of strided slices on the device, against the reference: Swin's patch merging
+/// (the four interleaved quarters of an image, `x[:, i::2, j::2]`, joined along features) and
+/// GPT-J's rotary pairs (`x[..., ::2]` and `x[..., 1::2]`), then a product, and `torch.flip`'s
+/// reversal.
+#[test]
+fn strided_slice_gradients_on_the_device_match_the_reference() {
+    let mut g = GraphBuilder::new();
+    let x = g.add_input("x", vec![2, 4, 6, 3]);
+    let slice = |g: &mut GraphBuilder, x: NodeId, starts: [i64; 4], ends: [i64; 4], steps| {
+        let op = Op::Slice {
+            starts: starts.to_vec(),
+            ends: ends.to_vec(),
+            steps: Vec::from(steps),
+        };
+        let name = format!("s{starts:?}{steps:?}");
+        g.add(op, &[x], &name, &name).unwrap()
+    };
+    let quarters: Vec<NodeId> = [(0, 0), (1, 0), (0, 1), (1, 1)]
+        .iter()
+        .map(|&(i, j)| slice(&mut g, x, [0, i, j, 0], [2, 4, 6, 3], [1, 2, 2, 1]))
+        .collect();
+    let merged = g.add(Op::Concat { axis: 3 }, &quarters, "merged", "merged");
+    let merged = merged.unwrap();
+    let even = slice(&mut g, merged, [0, 0, 0, 0], [2, 2, 3, 12], [1, 1, 1, 2]);
+    let odd = slice(&mut g, merged, [0, 0, 0, 1], [2, 2, 3, 12], [1, 1, 1, 2]);
+    let flipped = slice(&mut g, odd, [1, 0, 2, 0], [-1, 2, -1, 6], [-1, 1, -1, 1]);
+    let pairs = g.add(Op::Binary(Binary::Mul), &[even, flipped], "pairs", "pairs");
+    let pairs = pairs.unwrap();
+    let w = g.add_input("w", vec![6, 5]);
+    let y = g.add(Op::MatMul, &[pairs, w], "y", "y").unwrap();
+    let r = random(&[2, 2, 3, 5], &mut Rng::new(5));
+    let r = Tensor::f32(r.shape.clone(), r.data.iter().map(|&v| v as f32).collect());
+    let r = g.add_const("r", r);
+    let weighted = g.add(Op::Binary(Binary::Mul), &[y, r], "weighted", "weighted");
+    let sum = Op::Reduce {
+        kind: dorac::ir::Reduce::Sum,
+        axes: vec![0, 1, 2, 3],
+        keepdims: false,
+    };
+    let loss = g.add(sum, &[weighted.unwrap()], "loss", "loss").unwrap();
+    g.add_output("loss", loss);
+    let mut g = g.finish();
+    let grads = dorac::passes::autodiff::differentiate(&mut g, loss, &[x, w]).unwrap();
+    let mut g = GraphBuilder::extending(g);
+    g.add_output("dx", grads[0]);
+    g.add_output("dw", grads[1]);
+    let g = g.finish();
+    let feeds: BTreeMap<String, Array> = [
+        ("x".to_string(), random(&[2, 4, 6, 3], &mut Rng::new(6))),
+        ("w".to_string(), random(&[6, 5], &mut Rng::new(7))),
+    ]
+    .into();
+    let (got, want) = (run_gpu(&g, &feeds), run_reference(&g, &feeds));
+    for key in ["loss", "dx", "dw"] {
+        assert!(
+            rel(&got, &want, key) < TOL,
+            "{key}: {}",
+            rel(&got, &want, key)
+        );
+    }
+}
+
 /// The graph of the column-sum tests: `mm = x @ w` (m x k @ k x n), `y = relu(mm)`, and sums
 /// over rows of `y * u` (kept dims), `mm - y` (two values of the product's kernel), and of
 /// `mm2 * mm` for a second product `mm2` (an output too, so that its term is left to the sum

@@ -426,6 +426,35 @@ fn transformer_op_rules() {
     let z = c.input("z", &[2, 4], -1.0, 1.0);
     let y = c.op(Op::Concat { axis: 1 }, &[s1, s2, z]);
     c.check(y);
+    // Strided windows, as exporters write them: GPT-J's rotary embedding takes every second
+    // feature (`x[..., ::2]`, `x[..., 1::2]`), Swin's patch merging every second row and column
+    // (`x[:, 0::2, 1::2]`), `torch.flip` a step of -1 over a whole axis.
+    let strided = [
+        ("every second column", [0, 0], [5, 7], [1, 2]),
+        ("every second column from 1", [0, 1], [5, 7], [1, 2]),
+        (
+            "every third row from 1, ending short of the edge",
+            [1, 0],
+            [5, 7],
+            [3, 1],
+        ),
+        ("reversed rows", [4, 0], [-1, 7], [-1, 1]),
+        ("every second column, descending", [0, 5], [5, -1], [1, -2]),
+        ("every second row and column", [0, 1], [5, 7], [2, 2]),
+    ];
+    for (what, starts, ends, steps) in strided {
+        let mut c = Case::new(&format!("slice: {what}"));
+        let x = c.input("x", &[5, 7], -1.0, 1.0);
+        let y = c.op(
+            Op::Slice {
+                starts: starts.to_vec(),
+                ends: ends.to_vec(),
+                steps: steps.to_vec(),
+            },
+            &[x],
+        );
+        c.check(y);
+    }
     let mut c = Case::new("trilu and cast");
     let x = c.input("x", &[2, 4, 4], -1.0, 1.0);
     let t = c.op(Op::Trilu { upper: false, k: 0 }, &[x]);

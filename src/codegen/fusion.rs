@@ -967,16 +967,25 @@ pub fn escaping_with(
             || (graph.consumers(n).iter())
                 .any(|c| live.contains(c) && !group.contains(c) && !terms.contains(c))
     };
+    // A value is read outside also when a chain of views of it in the group is (a transpose's
+    // gradient reshaped twice, say).
+    fn seen_outside(
+        graph: &Graph,
+        group: &[NodeId],
+        n: NodeId,
+        read_outside: &dyn Fn(NodeId) -> bool,
+    ) -> bool {
+        read_outside(n)
+            || graph.consumers(n).iter().any(|&v| {
+                group.contains(&v)
+                    && graph.node(v).op.is_view()
+                    && seen_outside(graph, group, v, read_outside)
+            })
+    }
     group[..group.len() - 1]
         .iter()
         .copied()
-        .filter(|&n| {
-            !graph.node(n).op.is_view()
-                && (read_outside(n)
-                    || graph.consumers(n).iter().any(|&v| {
-                        group.contains(&v) && graph.node(v).op.is_view() && read_outside(v)
-                    }))
-        })
+        .filter(|&n| !graph.node(n).op.is_view() && seen_outside(graph, group, n, &read_outside))
         .collect()
 }
 

@@ -379,10 +379,7 @@ pub fn plan_grouped(
     let mut plan = Plan::default();
     // Buffers in schedule order; a group's value is its last node's, and interior values read
     // outside the group have buffers too.
-    let written = |n: &NodeId| {
-        escapes.contains(n)
-            || (graph.node(*n).op.is_view() && escapes.contains(&graph.inputs_of(*n)[0]))
-    };
+    let written = |n: &NodeId| escapes.contains(&fusion::through_views(graph, *n));
     let in_group: HashSet<NodeId> = groups
         .iter()
         .chain(term_chains.values())

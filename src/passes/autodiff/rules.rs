@@ -136,19 +136,9 @@ pub(super) fn input_grads(
             let _ = (x, y);
             out
         }
-        Op::Slice {
-            starts,
-            ends,
-            steps,
-        } => vec![Some(slice_grad(
-            b,
-            n,
-            dy,
-            &shape(b, 0),
-            &starts,
-            &ends,
-            &steps,
-        )?)],
+        Op::Slice { starts, steps, .. } => {
+            vec![Some(slice_grad(b, n, dy, &shape(b, 0), &starts, &steps)?)]
+        }
         Op::Concat { axis } => {
             // Each input's cotangent is its window of dy along the axis.
             let mut offset = 0i64;
@@ -300,58 +290,139 @@ fn gather_rows_grad(
     b.reshape(d, &data_shape, n, "data")
 }
 
-/// The cotangent of a slice's input: dy placed back at its window, zeros elsewhere, built as a
-/// concatenation of zero blocks around dy along each sliced axis.
+/// The cotangent of a slice's input: dy placed back at its window, zeros elsewhere. Along each
+/// sliced axis, a window of step `s` is first turned ascending (reversed where `s` < 0), then
+/// spread to step 1 by interleaving `|s| - 1` zeros after each element (a reshape, a
+/// concatenation and a reshape), then padded with zero blocks to the input's extent.
 fn slice_grad(
     b: &mut Builder,
     n: PatchRef,
     dy: PatchRef,
     in_shape: &[usize],
     starts: &[i64],
-    ends: &[i64],
     steps: &[i64],
 ) -> Result<PatchRef> {
     let mut g = dy;
     for d in 0..in_shape.len() {
-        let cur = b.shape(g).to_vec();
-        if cur[d] == in_shape[d] {
+        let len = b.shape(g)[d];
+        let (step, full) = (steps[d], in_shape[d]);
+        if step == 1 && len == full {
             continue;
         }
-        if steps[d] != 1 {
-            return Err(Error::graph_at(
-                Subject::named("node", b.label(n)),
-                format!(
-                    "the gradient of a slice with step {} is not supported",
-                    steps[d]
-                ),
-            ));
+        if len == 0 {
+            // An empty window: the cotangent is zeros of the input's extent along `d`.
+            let mut zs = b.shape(g).to_vec();
+            zs[d] = full;
+            let zero = b.scalar(0.0, n, &format!("empty{d}_zero"));
+            g = b.add(Op::Expand { shape: zs }, &[zero], n, &format!("empty{d}"))?;
+            continue;
         }
-        let before = starts[d].max(0) as usize;
-        let after = in_shape[d] - before - cur[d];
-        let _ = ends;
-        let mut parts = vec![];
-        for (len, tag) in [(before, "pad_before"), (after, "pad_after")] {
-            if len > 0 {
-                let mut zs = cur.clone();
-                zs[d] = len;
-                let z = b.scalar(0.0, n, &format!("{tag}{d}_zero"));
-                parts.push((
-                    tag,
-                    b.add(Op::Expand { shape: zs }, &[z], n, &format!("{tag}{d}"))?,
-                ));
-            }
+        // The window's lowest input index, and its elements in ascending order.
+        let mut low = starts[d];
+        if step < 0 {
+            low += (len as i64 - 1) * step;
+            g = reverse(b, g, d, n)?;
         }
-        let mut inputs = vec![];
-        if let Some(p) = parts.iter().find(|p| p.0 == "pad_before") {
-            inputs.push(p.1);
+        let low = low.max(0) as usize;
+        let stride = step.unsigned_abs() as usize;
+        let mut extent = len;
+        if stride > 1 && len > 1 {
+            g = spread(b, g, d, stride, n)?;
+            // The zeros after the last element may run past the input's end.
+            extent = (len * stride).min(full - low);
+            g = keep_first(b, g, d, extent, n)?;
         }
-        inputs.push(g);
-        if let Some(p) = parts.iter().find(|p| p.0 == "pad_after") {
-            inputs.push(p.1);
-        }
-        g = b.add(Op::Concat { axis: d }, &inputs, n, &format!("unslice{d}"))?;
+        g = pad_with_zeros(b, g, d, low, full - low - extent, n)?;
     }
     Ok(g)
+}
+
+/// `x` reversed along axis `d`.
+fn reverse(b: &mut Builder, x: PatchRef, d: usize, n: PatchRef) -> Result<PatchRef> {
+    let shape = b.shape(x).to_vec();
+    let mut starts = vec![0; shape.len()];
+    let mut ends: Vec<i64> = shape.iter().map(|&e| e as i64).collect();
+    let mut steps = vec![1; shape.len()];
+    (starts[d], ends[d], steps[d]) = (shape[d] as i64 - 1, -1, -1);
+    let op = Op::Slice {
+        starts,
+        ends,
+        steps,
+    };
+    b.add(op, &[x], n, &format!("reverse{d}"))
+}
+
+/// `x` with `stride - 1` zeros after each element along axis `d`: element `j` moves to
+/// `j * stride`.
+fn spread(b: &mut Builder, x: PatchRef, d: usize, stride: usize, n: PatchRef) -> Result<PatchRef> {
+    let shape = b.shape(x).to_vec();
+    let mut split = shape.clone();
+    split.insert(d + 1, 1);
+    let column = b.reshape(x, &split, n, &format!("spread{d}_column"))?;
+    split[d + 1] = stride - 1;
+    let zero = b.scalar(0.0, n, &format!("spread{d}_zero"));
+    let zeros = b.add(
+        Op::Expand { shape: split },
+        &[zero],
+        n,
+        &format!("spread{d}_zeros"),
+    )?;
+    let rows = b.add(
+        Op::Concat { axis: d + 1 },
+        &[column, zeros],
+        n,
+        &format!("spread{d}_rows"),
+    )?;
+    let mut spread = shape;
+    spread[d] *= stride;
+    b.reshape(rows, &spread, n, &format!("spread{d}"))
+}
+
+/// The first `keep` elements of `x` along axis `d`.
+fn keep_first(
+    b: &mut Builder,
+    x: PatchRef,
+    d: usize,
+    keep: usize,
+    n: PatchRef,
+) -> Result<PatchRef> {
+    let shape = b.shape(x).to_vec();
+    if shape[d] == keep {
+        return Ok(x);
+    }
+    let mut ends: Vec<i64> = shape.iter().map(|&e| e as i64).collect();
+    ends[d] = keep as i64;
+    let op = Op::Slice {
+        starts: vec![0; shape.len()],
+        ends,
+        steps: vec![1; shape.len()],
+    };
+    b.add(op, &[x], n, &format!("trim{d}"))
+}
+
+/// `x` with `before` zeros ahead of it and `after` behind it along axis `d`.
+fn pad_with_zeros(
+    b: &mut Builder,
+    x: PatchRef,
+    d: usize,
+    before: usize,
+    after: usize,
+    n: PatchRef,
+) -> Result<PatchRef> {
+    let mut inputs = vec![];
+    for (len, tag) in [(before, "pad_before"), (after, "pad_after")] {
+        if len > 0 {
+            let mut zs = b.shape(x).to_vec();
+            zs[d] = len;
+            let z = b.scalar(0.0, n, &format!("{tag}{d}_zero"));
+            inputs.push(b.add(Op::Expand { shape: zs }, &[z], n, &format!("{tag}{d}"))?);
+        }
+    }
+    if inputs.is_empty() {
+        return Ok(x);
+    }
+    inputs.insert(usize::from(before > 0), x);
+    b.add(Op::Concat { axis: d }, &inputs, n, &format!("unslice{d}"))
 }
 
 fn binary(
