@@ -45,6 +45,13 @@ const LAYERS: u32 = {{LAYERS}}u;
 
 {{HELPERS}}
 
+// The bound of the loops over input features, a block's steps and a vec4's features: `n`
+// itself, or, for a small norm, `n` in a form the shader compiler cannot evaluate (no buffer
+// holds 2^32 - 1 values, so the select gives `n`), which keeps it from unrolling those loops.
+fn bound(n: u32) -> u32 {
+    return {{BOUND}};
+}
+
 {{FINISH_FNS}}
 
 @compute @workgroup_size({{SG}})
@@ -78,14 +85,14 @@ fn main(
     // nsq[c]: the squared norms of the lane's features' columns of ALPHA W + S (B A), summed
     // element by element.
     var nsq: array<vec4<f32>, VECS>;
-    for (var i0 = 0u; i0 < IN; i0 = i0 + SG) {
+    for (var i0 = 0u; i0 < bound(IN); i0 = i0 + SG) {
         // This lane's values of A for the block, A[k, i0 + lane] (clamped), shuffled round.
         var amine: array<f32, R>;
         let mine = min(i0 + lane, IN - 1u);
         for (var k = 0u; k < R; k = k + 1u) {
             amine[k] = {{A}}[k * IN + mine];
         }
-        for (var pe = 0u; pe < {{STEPS}}; pe = pe + 1u) {
+        for (var pe = 0u; pe < bound({{STEPS}}); pe = pe + 1u) {
             let i = i0 + pe;
             // (B A)[cols[c], i], then the element of the adapted column.
             var ba: array<vec4<f32>, VECS>;
@@ -108,7 +115,7 @@ fn main(
     }
     for (var c = 0u; c < VECS; c = c + 1u) {
         let sums = nsq[c];
-        for (var e = 0u; e < 4u; e = e + 1u) {
+        for (var e = 0u; e < bound(4u); e = e + 1u) {
             let i = col0 + 4u * SG * c + e; // the output feature
             let acc = sums[e];
             if i < OUT {

@@ -40,6 +40,14 @@ const TILE_N: u32 = 4u * VECS * LANES;
 
 {{HELPERS}}
 
+// The bound of the loops over K and a block's steps, and of the epilogue's over the tile's rows
+// and a vec4's columns: `n` itself, or, for a small product, `n` in a form the shader compiler
+// cannot evaluate (no buffer holds 2^32 - 1 values, so the select gives `n`), which keeps it
+// from unrolling those loops.
+fn bound(n: u32) -> u32 {
+    return {{BOUND}};
+}
+
 @compute @workgroup_size({{LANES}})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>{{LANE}}) {
     // Tiles are numbered batch-major, then by row, then by column.
@@ -66,9 +74,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     var sums: array<array<vec4<f32>, VECS>, ROWS>;
     // K in blocks of STEP: 1, or the subgroup size where the lanes share A's values (below).
     {{#SEGMENTS}}
-    for (var p0 = 0u; p0 < K{{S}}; p0 = p0 + STEP) {
+    for (var p0 = 0u; p0 < bound(K{{S}}); p0 = p0 + STEP) {
 {{A_BLOCK}}
-        for (var pe = 0u; pe < {{STEPS}}; pe = pe + 1u) {
+        for (var pe = 0u; pe < bound({{STEPS}}); pe = pe + 1u) {
             let p = p0 + pe;
             var bv: array<vec4<f32>, VECS>;{{B_STEP}}
             for (var ci = 0u; ci < VECS; ci = ci + 1u) {
@@ -89,10 +97,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     // a lane's vec4 of sums as four stores in a row, which ran 20% faster at 4 vec4s a lane,
     // made lavapipe blend every accumulator twice per multiply-add at 2 (17.7 against 26.8
     // GFLOP/s at 128 x 768 x 768 transB).{{PARTS}}
-    for (var ri = 0u; ri < ROWS; ri = ri + 1u) {
+    for (var ri = 0u; ri < bound(ROWS); ri = ri + 1u) {
         let row = row0 + ri;
         for (var ci = 0u; ci < VECS; ci = ci + 1u) {
-            for (var ei = 0u; ei < 4u; ei = ei + 1u) {
+            for (var ei = 0u; ei < bound(4u); ei = ei + 1u) {
                 let col = col0 + 4u * LANES * ci + ei;
                 if row < M && col < N {
                     // Flat index of the output element, and its dot product.

@@ -565,6 +565,16 @@ fn matmul_columns_shapes() {
         .map(|k| k.labels[0].as_str())
         .collect();
     quads.sort();
+    // Small products keep their loops rolled (`bound` hides its argument from the compiler);
+    // only many_tiles (54M multiply-adds) lets the compiler unroll them.
+    let unrolled: Vec<&str> = (plan.kernels.iter())
+        .filter(|k| {
+            k.source
+                .contains("fn bound(n: u32) -> u32 {\n    return n;\n}")
+        })
+        .map(|k| k.labels[0].as_str())
+        .collect();
+    assert_eq!(unrolled, ["many_tiles"]);
     let want = [
         "broadcast_batch_quads",
         "k_1",
@@ -757,6 +767,8 @@ fn dora_norm_kernel() {
         // values broadcast).
         (true, (96, 70, 32), 1.0, 0.5),
         (false, (40, 33, 40), 1.0, 0.25),
+        // Over 2^22 multiply-adds: the CPU kernel's loops are left to the compiler to unroll.
+        (true, (520, 512, 16), 1.0, 0.5),
     ] {
         let tag = format!("{}_{fin}x{fout}x{r}", out_in as u8);
         let shape = if out_in { [fout, fin] } else { [fin, fout] };
@@ -808,7 +820,21 @@ fn dora_norm_kernel() {
         let columns = (plan.kernels.iter())
             .filter(|k| k.source.contains("nsq[c] = fma(v, v, nsq[c])"))
             .count();
-        assert_eq!(columns, 16, "{plan}");
+        assert_eq!(columns, 18, "{plan}");
+        // The large norm's kernels keep the bound of their loops in sight of the compiler;
+        // the others hide it, and their loops stay rolled.
+        let unrolled: Vec<&str> = (plan.kernels.iter())
+            .filter(|k| {
+                k.source
+                    .contains("fn bound(n: u32) -> u32 {\n    return n;\n}")
+            })
+            .map(|k| k.labels[0].as_str())
+            .collect();
+        assert_eq!(
+            unrolled,
+            ["norm_sq1_520x512x16", "n21_520x512x16"],
+            "{plan}"
+        );
         // The kernel for subgroups of 4 (lavapipe on a 128-bit CPU) computes the same on
         // larger ones: the lanes past the fourth load values nobody reads.
         if sg > 4 {

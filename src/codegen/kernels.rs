@@ -62,6 +62,27 @@ const BLOCKED_MIN_SIDE: usize = 16;
 /// 29 / 29, 12 rows 25 / 34, 16 rows 34 / 38, 24 or 32 rows 6 / 6 (LLVM no longer keeps the
 /// unrolled loop's values in registers and spills every step).
 const COLUMNS_ROWS: usize = 16;
+/// The most multiply-adds of a kernel whose CPU template keeps its main loops rolled (`bound` in
+/// `matmul_columns.wgsl`: over K, a block's steps, the tile's rows and a vec4's columns; in
+/// `dora_norm_columns.wgsl`: over input features, a block's steps and a vec4's features). A CPU
+/// driver compiles a kernel at its first dispatch, and unrolled, each step's loads become a
+/// bounds-checked load per lane and component. On lavapipe, Swin's 2 x 16 x 64 @ 64 x 32
+/// product with DoRA's low-rank term and scale took 1.8 s to compile unrolled and 0.65 s
+/// rolled; a 2 x 32 @ 32 x 8 one, 1.9 s and 0.4 s; the norms of four 16 x 16 layers at rank 8,
+/// 2.3 s and 0.7 s. Rolled, the 128 x 512 x 512 products of the train bench ran about 4%
+/// slower; at 4M multiply-adds (0.3 ms) that is some 13 µs a step, and a second of compilation
+/// is paid back after about 75,000 steps.
+const ROLLED_MAX_MACS: usize = 1 << 22;
+/// The body of a CPU template's `bound(n)`, the bound of its main loops, for a kernel of `macs`
+/// multiply-adds: `n`, or for a small kernel `n` hidden from the shader compiler, which then
+/// keeps the loops rolled ([`ROLLED_MAX_MACS`]).
+fn loop_bound(macs: usize) -> &'static str {
+    match macs <= ROLLED_MAX_MACS {
+        true => "select(n, 0u, arrayLength(&y) == 0xffffffffu)",
+        false => "n",
+    }
+}
+
 /// Output features per workgroup of the DoRA norm's CPU template without subgroups, in the
 /// row-broadcast shape the matmul had when it was written.
 const NORM_ROWS: usize = 8;
@@ -1377,7 +1398,9 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
                 };
                 values.extend([("A_BLOCK", a_block), ("A_VALUE", a_value)]);
             }
+            let macs = batch * m * n * ks.iter().sum::<usize>();
             params.extend([
+                ("BOUND", loop_bound(macs).to_string()),
                 ("STEP", step.to_string()),
                 ("LANE", lane.to_string()),
                 ("ROWS", rows.to_string()),
@@ -2526,10 +2549,12 @@ fn dora_norm(
             let (vecs, _) = columns_layout(fout, Some(sg));
             let vecs = vecs.min((NORM_COLUMNS_VEC4S / r).max(1));
             let tile = 4 * vecs * sg as usize;
+            let macs = layers.len() * fout * fin * r;
             let shape = vec![
                 ("SG", sg.to_string()),
                 ("VECS", vecs.to_string()),
                 ("STEPS", block_steps(fin, sg as usize, "SG", "IN", "i0")),
+                ("BOUND", loop_bound(macs).to_string()),
             ];
             (template::DORA_NORM_COLUMNS, fout.div_ceil(tile), shape)
         }
