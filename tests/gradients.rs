@@ -75,6 +75,43 @@ impl Case {
         self.g.add_input(name, shape.to_vec())
     }
 
+    /// A case on an ONNX backend test case of `tests/conformance/`: its input `x` gets random
+    /// values in [-1, 1] and is differentiated; its other inputs (Resize's roi, scales or sizes)
+    /// take the case's own values, given at import.
+    fn conformance(name: &str, x: &str) -> (Case, NodeId) {
+        let mut c = Case::new(name);
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/conformance")
+            .join(name);
+        let model = dorac::onnx::load_model(&dir.join("model.onnx")).unwrap();
+        let given = dorac::tensors_io::read_safetensors(&dir.join("inputs.safetensors")).unwrap();
+        let shapes: HashMap<String, Vec<usize>> = (given.iter())
+            .map(|(k, v)| (k.clone(), v.shape.clone()))
+            .collect();
+        let known: HashMap<String, Array> = (given.into_iter()).filter(|(k, _)| k != x).collect();
+        let g = dorac::onnx::import_with_values(
+            &model,
+            &dir,
+            &dorac::onnx::ShapePins::default(),
+            &shapes,
+            &known,
+        )
+        .unwrap();
+        for &i in g.inputs() {
+            if let Some(v) = known.get(&g.node(i).name) {
+                c.values.insert(g.node(i).name.clone(), v.clone());
+                c.fixed.push(i);
+            }
+        }
+        let input = g.inputs().iter().copied().find(|&i| g.node(i).name == x);
+        let shape = g.shape(input.unwrap()).to_vec();
+        let data = (0..numel(&shape)).map(|_| c.rng.range(-1.0, 1.0)).collect();
+        c.values.insert(x.to_string(), Array::new(shape, data));
+        let out = g.outputs()[0].1;
+        c.g = GraphBuilder::extending(g);
+        (c, out)
+    }
+
     /// A graph input with given values that is not differentiated (token ids).
     fn fixed_input(&mut self, name: &str, shape: &[usize], values: Vec<f64>) -> NodeId {
         self.values
@@ -493,6 +530,16 @@ fn gather_and_conv_rules() {
     let ids = c.fixed_input("ids", &[2, 3], vec![0.0, 5.0, 5.0, -2.0, 9.0, 2.0]);
     let y = c.op(Op::Gather { axis: 0 }, &[x, ids]);
     c.check(y);
+    // Resize, lowered to products with interpolation weights (or gathers, for nearest).
+    for name in [
+        "test_resize_upsample_scales_linear",
+        "test_resize_downsample_scales_cubic_antialias",
+        "test_resize_upsample_sizes_nearest_axes_2_3",
+        "test_resize_tf_crop_and_resize_extrapolation_value",
+    ] {
+        let (c, y) = Case::conformance(name, "X");
+        c.check(y);
+    }
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/conv");
     for name in [
         "conv2d_strides_dilations",

@@ -28,6 +28,7 @@ mod gather;
 mod layout;
 mod logic;
 mod lowered;
+mod resize;
 mod shape;
 
 use super::data;
@@ -109,6 +110,7 @@ pub const OPS: &[(&str, Rule)] = &[
     ("ArgMin", Rule::Build(lowered::arg_min)),
     ("Hardmax", Rule::Build(lowered::hardmax)),
     ("Pad", Rule::Build(lowered::pad)),
+    ("Resize", Rule::Build(resize::resize)),
     ("CumSum", Rule::Build(lowered::cum_sum)),
     ("OneHot", Rule::Build(lowered::one_hot)),
     ("Attention", Rule::Build(lowered::attention)),

@@ -29,7 +29,7 @@ use crate::ir::{unary, Binary, NodeId, Op, Reduce, Unary};
 use crate::tensor::{numel, Tensor};
 
 /// An intermediate node `<output>/<tag>`.
-fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<NodeId> {
+pub(super) fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<NodeId> {
     let name = cx.temp_name(tag);
     cx.add_named(op, inputs, &name)
 }
