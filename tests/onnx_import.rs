@@ -2189,3 +2189,64 @@ fn inline_weights_stay_raw_bytes_of_the_file() {
     }
     assert_eq!(written, raw.len(), "every raw weight is exported");
 }
+
+/// Resize's inputs and attributes that make no resize are refused with the node named: both
+/// scales and sizes, neither, scales of the wrong count, a mode ONNX does not define, linear
+/// interpolation of integers.
+#[test]
+fn malformed_resizes_are_refused_with_the_node_named() {
+    let resize = |inputs: &[&str], attrs: Vec<AttributeProto>, elem: DataType| {
+        let mut n = node("Resize", "/up/Resize", inputs, &["y"]);
+        n.attribute = attrs;
+        model(
+            vec![n],
+            vec![
+                f32_init("scales", &[4], &[1.0, 1.0, 2.0, 2.0]),
+                f32_init("scales3", &[3], &[1.0, 2.0, 2.0]),
+                i64_init("sizes", &[1, 1, 4, 4]),
+            ],
+            vec![vi_typed("x", &[Ok(1), Ok(1), Ok(2), Ok(2)], elem)],
+            vec![vi("y", &[Ok(1), Ok(1), Ok(4), Ok(4)])],
+            19,
+        )
+    };
+    let mode = |m: &str| AttributeProto {
+        name: Some("mode".into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(m.as_bytes().to_vec()),
+        ..Default::default()
+    };
+    let cases = [
+        (
+            resize(&["x", "", "scales", "sizes"], vec![], DataType::Float),
+            "both scales and sizes",
+        ),
+        (
+            resize(&["x"], vec![], DataType::Float),
+            "neither scales nor sizes",
+        ),
+        (
+            resize(&["x", "", "scales3"], vec![], DataType::Float),
+            "scales has 3 values, expected 4",
+        ),
+        (
+            resize(
+                &["x", "", "scales"],
+                vec![mode("bilinear")],
+                DataType::Float,
+            ),
+            "mode 'bilinear'",
+        ),
+        (
+            resize(&["x", "", "scales"], vec![mode("linear")], DataType::Int64),
+            "only mode 'nearest' resizes a non-float tensor",
+        ),
+    ];
+    for (m, want) in cases {
+        let e = import_err(&m).to_string();
+        assert!(e.contains("/up/Resize") && e.contains(want), "{want}: {e}");
+    }
+    // The same model with one of them imports: a nearest resize of integers.
+    let ok = resize(&["x", "", "scales"], vec![], DataType::Int64);
+    import(&ok, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+}
