@@ -2250,3 +2250,53 @@ fn malformed_resizes_are_refused_with_the_node_named() {
     let ok = resize(&["x", "", "scales"], vec![], DataType::Int64);
     import(&ok, Path::new("."), &no_pins(), &no_shapes()).unwrap();
 }
+
+/// Pad and Conv are lowered to Gathers whose ids for the padding fall outside the data (the IR
+/// gathers 0 there); ONNX requires ids inside it. The export pads the data with a zero slot and
+/// points those ids at it, so the written model is valid, and it computes the same values.
+#[test]
+fn gathers_of_padding_export_with_ids_inside_the_data() {
+    let m = model(
+        vec![node("Pad", "/p/Pad", &["x", "pads"], &["y"])],
+        vec![i64_init("pads", &[1, 0, 0, 2])],
+        vec![vi("x", &[Ok(2), Ok(3)])],
+        vec![vi("y", &[Ok(3), Ok(5)])],
+        17,
+    );
+    let g = import(&m, Path::new("."), &no_pins(), &no_shapes()).unwrap();
+    let exported = export(&g).unwrap();
+    let gp = exported.graph.as_ref().unwrap();
+    let gathers: Vec<&NodeProto> = gp.node.iter().filter(|n| n.op_type() == "Gather").collect();
+    assert_eq!(gathers.len(), 2, "one per padded axis");
+    for gather in gathers {
+        // Its data is a Pad of one zero slot; its ids lie inside the padded axis.
+        let pad = gp.node.iter().find(|n| n.output[0] == gather.input[0]);
+        assert_eq!(pad.map(|p| p.op_type()), Some("Pad"), "{gather:?}");
+        let ids = gp
+            .initializer
+            .iter()
+            .find(|t| t.name() == gather.input[1])
+            .unwrap();
+        let ids: Vec<i64> = (ids.raw_data().chunks(8))
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .chain(ids.int64_data.iter().copied())
+            .collect();
+        let len = [2, 3][usize::try_from(gather.attribute[0].i()).unwrap()];
+        assert!(ids.iter().all(|&i| (0..=len).contains(&i)), "{ids:?}");
+        assert!(
+            ids.contains(&len),
+            "the padding reads the zero slot: {ids:?}"
+        );
+    }
+    let back = round_trip(&g);
+    let x: HashMap<String, Array> = [(
+        "x".to_string(),
+        Array::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+    )]
+    .into();
+    let want = dorac::reference::run(&g, &x).unwrap();
+    let got = dorac::reference::run(&back, &x).unwrap();
+    assert_eq!(got["y"].data, want["y"].data);
+    let padded = [0., 0., 0., 0., 0., 1., 2., 3., 0., 0., 4., 5., 6., 0., 0.];
+    assert_eq!(want["y"].data, padded);
+}

@@ -343,6 +343,16 @@ impl Exporter<'_, '_> {
     }
 
     /// Adds an initializer that export makes up; returns its (unique) value name.
+    /// True when Gather node `n` has constant ids of which some fall outside `-len..len` of
+    /// its data's axis `axis`.
+    fn gathers_outside(&self, n: NodeId, axis: usize) -> bool {
+        let g = self.graph;
+        let (data, ids) = (g.inputs_of(n)[0], g.inputs_of(n)[1]);
+        let len = g.shape(data)[axis] as i64;
+        let ids = g.const_tensor(ids).and_then(|t| t.as_i64());
+        ids.is_some_and(|v| v.iter().any(|i| !(-len..len).contains(i)))
+    }
+
     fn extra_const(&mut self, base: &str, t: &Tensor) -> String {
         let name = unique(&mut self.used_values, base);
         self.extra_inits.push(tensor_to_proto(&name, t));
@@ -491,6 +501,38 @@ impl Exporter<'_, '_> {
             }
             Op::Cast { to } => ("Cast", vec![attr_int("to", data_type(*to) as i64)]),
             Op::Where => ("Where", vec![]),
+            Op::Gather { axis } if self.gathers_outside(n, *axis) => {
+                // A constant id outside the axis gathers 0 in the IR (the Pad and Conv
+                // lowerings use one for their padding), where ONNX leaves the model invalid:
+                // the data gets a zero slot after its end, and such ids point at it.
+                let (data, ids) = (g.inputs_of(n)[0], g.inputs_of(n)[1]);
+                let len = g.shape(data)[*axis] as i64;
+                let t = g.const_tensor(ids).expect("checked by gathers_outside");
+                let v = t.as_i64().expect("checked by gathers_outside");
+                let rank = g.shape(data).len();
+                let mut pads = vec![0i64; 2 * rank];
+                pads[rank + axis] = 1;
+                let pads =
+                    self.extra_const(&format!("{out}_pads"), &Tensor::i64(vec![2 * rank], pads));
+                let padded = unique(&mut self.used_values, &format!("{out}_padded"));
+                self.node(
+                    "Pad",
+                    vec![ins[0].clone(), pads],
+                    padded.clone(),
+                    label,
+                    vec![],
+                );
+                let inside = |i: i64| match i {
+                    i if (0..len).contains(&i) => i,
+                    i if (-len..0).contains(&i) => i + len,
+                    _ => len,
+                };
+                let remapped = Tensor::i64(t.shape.clone(), v.iter().map(|&i| inside(i)).collect());
+                let ids = self.extra_const(&format!("{out}_ids"), &remapped);
+                let attrs = vec![attr_int("axis", *axis as i64)];
+                self.node("Gather", vec![padded, ids], out, label, attrs);
+                return Ok(());
+            }
             Op::Gather { axis } => ("Gather", vec![attr_int("axis", *axis as i64)]),
             Op::GatherElements { axis } => ("GatherElements", vec![attr_int("axis", *axis as i64)]),
             Op::GatherND { batch_dims } => {
