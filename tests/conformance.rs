@@ -30,7 +30,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 /// Float tolerances looser than 1e-5, by case-name prefix, with the reason.
-const TOLERANCES: &[(&str, f64, &str)] = &[];
+const TOLERANCES: &[(&str, f64, &str)] = &[(
+    "test_averagepool_2d_ceil_last_window_starts_on_pad",
+    5e-4,
+    "the case writes its expected values to four decimals (0.1511 for 1.3595 / 9 = 0.151056)",
+)];
 
 /// Tolerance for outputs the case stores as float16: the expected values are rounded to half
 /// precision (unit roundoff 2^-11 ~ 4.9e-4), dorac's are computed in f32; the onnx reference also

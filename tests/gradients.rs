@@ -75,16 +75,19 @@ impl Case {
         self.g.add_input(name, shape.to_vec())
     }
 
-    /// A case on an ONNX backend test case of `tests/conformance/`: its input `x` gets random
+    /// A case on an ONNX backend test case of `tests/conformance/`: its first input gets random
     /// values in [-1, 1] and is differentiated; its other inputs (Resize's roi, scales or sizes)
     /// take the case's own values, given at import.
-    fn conformance(name: &str, x: &str) -> (Case, NodeId) {
+    fn conformance(name: &str) -> (Case, NodeId) {
         let mut c = Case::new(name);
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/conformance")
             .join(name);
         let model = dorac::onnx::load_model(&dir.join("model.onnx")).unwrap();
         let given = dorac::tensors_io::read_safetensors(&dir.join("inputs.safetensors")).unwrap();
+        let first = model.graph.as_ref().and_then(|g| g.input.first());
+        let x = first.map(|i| i.name().to_string()).unwrap();
+        let x = x.as_str();
         let shapes: HashMap<String, Vec<usize>> = (given.iter())
             .map(|(k, v)| (k.clone(), v.shape.clone()))
             .collect();
@@ -530,14 +533,19 @@ fn gather_and_conv_rules() {
     let ids = c.fixed_input("ids", &[2, 3], vec![0.0, 5.0, 5.0, -2.0, 9.0, 2.0]);
     let y = c.op(Op::Gather { axis: 0 }, &[x, ids]);
     c.check(y);
-    // Resize, lowered to products with interpolation weights (or gathers, for nearest).
+    // Resize, lowered to products with interpolation weights (or gathers, for nearest), and
+    // pooling, lowered to gathers of windows and reductions.
     for name in [
         "test_resize_upsample_scales_linear",
         "test_resize_downsample_scales_cubic_antialias",
         "test_resize_upsample_sizes_nearest_axes_2_3",
         "test_resize_tf_crop_and_resize_extrapolation_value",
+        "test_averagepool_2d_precomputed_pads_count_include_pad",
+        "test_averagepool_2d_ceil_last_window_starts_on_pad",
+        "test_maxpool_2d_precomputed_pads",
+        "test_maxpool_2d_dilations",
     ] {
-        let (c, y) = Case::conformance(name, "X");
+        let (c, y) = Case::conformance(name);
         c.check(y);
     }
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/conv");

@@ -28,6 +28,7 @@ mod gather;
 mod layout;
 mod logic;
 mod lowered;
+mod pool;
 mod resize;
 mod shape;
 
@@ -111,6 +112,9 @@ pub const OPS: &[(&str, Rule)] = &[
     ("Hardmax", Rule::Build(lowered::hardmax)),
     ("Pad", Rule::Build(lowered::pad)),
     ("Resize", Rule::Build(resize::resize)),
+    ("MaxPool", Rule::Build(pool::max_pool)),
+    ("AveragePool", Rule::Build(pool::average_pool)),
+    ("GlobalMaxPool", Rule::Build(pool::global_max_pool)),
     ("CumSum", Rule::Build(lowered::cum_sum)),
     ("OneHot", Rule::Build(lowered::one_hot)),
     ("Attention", Rule::Build(lowered::attention)),

@@ -25,7 +25,7 @@ use crate::ir::{Binary, NodeId, Op};
 use crate::tensor::{shape_str, Tensor};
 
 /// Largest flat input index the window table may hold: ids travel as f32 on the device.
-const MAX_FLAT_INDEX: usize = 1 << 24;
+pub(super) const MAX_FLAT_INDEX: usize = 1 << 24;
 
 /// The geometry of one convolution, all per spatial dim.
 struct Geometry {
@@ -139,7 +139,7 @@ pub fn conv(cx: &mut Ctx) -> Result<NodeId> {
 }
 
 /// An attribute that must be at least 1.
-fn positive(cx: &Ctx, what: &str, v: i64) -> Result<usize> {
+pub(super) fn positive(cx: &Ctx, what: &str, v: i64) -> Result<usize> {
     usize::try_from(v)
         .ok()
         .filter(|&v| v >= 1)
@@ -147,7 +147,7 @@ fn positive(cx: &Ctx, what: &str, v: i64) -> Result<usize> {
 }
 
 /// A per-dim attribute with its default, checked to have one entry per spatial dim.
-fn per_dim(cx: &Ctx, name: &str, dims: usize, default: i64) -> Result<Vec<i64>> {
+pub(super) fn per_dim(cx: &Ctx, name: &str, dims: usize, default: i64) -> Result<Vec<i64>> {
     let v = cx.attr_ints(name)?.unwrap_or_else(|| vec![default; dims]);
     if v.len() != dims {
         return Err(cx.err(format!(
@@ -232,27 +232,29 @@ fn geometry(cx: &Ctx, input: &[usize], kernel: &[usize]) -> Result<Geometry> {
     })
 }
 
+/// Every index of a tensor of `shape`, in row-major order (the output positions or kernel taps
+/// of a window table).
+pub(super) fn positions(shape: &[usize]) -> Vec<Vec<usize>> {
+    let mut all = vec![vec![]];
+    for &d in shape {
+        all = (all.into_iter())
+            .flat_map(|p| {
+                (0..d).map(move |i| {
+                    let mut q = p.clone();
+                    q.push(i);
+                    q
+                })
+            })
+            .collect();
+    }
+    all
+}
+
 /// The flat index into X reshaped to `[N, C*S]` that each (group, output position, channel in
 /// group, kernel tap) reads, in that row-major order; `C*S` (read as 0) for padding taps.
 fn window_table(geo: &Geometry, group: usize, cg: usize, s: usize) -> Vec<i64> {
     let dims = geo.input.len();
     let outside = (group * cg * s) as i64;
-    let positions = |shape: &[usize]| -> Vec<Vec<usize>> {
-        let mut all = vec![vec![]];
-        for &d in shape {
-            all = all
-                .into_iter()
-                .flat_map(|p| {
-                    (0..d).map(move |i| {
-                        let mut q = p.clone();
-                        q.push(i);
-                        q
-                    })
-                })
-                .collect();
-        }
-        all
-    };
     let (outs, taps) = (positions(&geo.output), positions(&geo.kernel));
     let mut table = Vec::with_capacity(group * outs.len() * cg * taps.len());
     for g in 0..group {
