@@ -9,7 +9,8 @@ one at opset 20, static shapes), and onnxruntime's output is the golden. Then
   - `dorac rewrite` (DoRA at PEFT's initialisation on every linear layer) in onnxruntime against
     the base model's output;
   - for models with a head, two steps of `dorac train` (the lm loss for decoders, cross-entropy
-    for classifiers) on the GPU and on the `--reference` executor: the same losses, and the
+    for classifiers and, per token, for encoder-decoders) on the GPU and on the `--reference`
+    executor: the same losses, and the
     largest difference between the two adapters, relative to each tensor's largest value.
     (AdamW's first steps divide by the gradients' own size, so elements whose gradient is near
     zero may differ by some 1e-3 of a tensor's largest value between f32 and f64.)
@@ -19,7 +20,8 @@ Usage (from the repository root, after `cargo build --release`; `DORAC=path` run
     DYNAMO=1 /path/to/venv/bin/python models/verify_architectures.py gptj swin dinov2
 
 Architectures that do not get as far as dorac, with why (as of transformers 5.25, torch 2.15):
-Mixtral (torch's exporter has no `aten::histc`), Cohere (its export fails in onnxruntime),
+Mixtral (torch's exporter has no `aten::histc`), Whisper (nor `aten::diff`), Cohere (its export
+fails in onnxruntime),
 ViT-MAE (random masking: RandomUniformLike), DINOv2 with registers (no ONNX form of antialiased
 bicubic upsampling). The tiny MobileViT's output is all zeros: for it the check shows only that
 dorac runs it.
@@ -47,6 +49,8 @@ DECODER = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_
                attn_implementation="eager", bos_token_id=None, eos_token_id=None, pad_token_id=None)
 ENCODER = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                max_position_embeddings=64, attn_implementation="eager")
+SEQ2SEQ = dict(vocab_size=256, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
               patch_size=8, num_channels=3, attn_implementation="eager")
 # Keys that other configs name differently; `None` drops a default.
@@ -55,7 +59,7 @@ NO_LLAMA_NAMES = dict(hidden_size=None, num_hidden_layers=None, num_attention_he
 
 
 def config(kind, cfg, overrides):
-    base = {"dec": DECODER, "enc": ENCODER, "vis": VISION}[kind]
+    base = {"dec": DECODER, "enc": ENCODER, "s2s": SEQ2SEQ, "vis": VISION}[kind]
     merged = {**base, **overrides}
     return cfg(**{k: v for k, v in merged.items() if v is not None})
 
@@ -118,6 +122,14 @@ ARCHS = {
     "squeezebert": arch("enc", T.SqueezeBertForSequenceClassification, T.SqueezeBertConfig, embedding_size=32,
                         q_groups=1, k_groups=1, v_groups=1, post_attention_groups=1, intermediate_groups=1,
                         output_groups=1, num_labels=3),
+    # Encoder-decoders (logits of the decoder, trained with cross-entropy on labels per token).
+    "t5": arch("s2s", T.T5ForConditionalGeneration, T.T5Config, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+               num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, encoder_layers=None,
+               decoder_layers=None, encoder_attention_heads=None, decoder_attention_heads=None,
+               encoder_ffn_dim=None, decoder_ffn_dim=None, max_position_embeddings=None),
+    "bart": arch("s2s", T.BartForConditionalGeneration, T.BartConfig, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                 decoder_start_token_id=2),
+    "marian": arch("s2s", T.MarianMTModel, T.MarianConfig, pad_token_id=1, decoder_start_token_id=1, eos_token_id=2),
     # Vision (image classification, 5 classes, or the encoder's last hidden state).
     "deit": arch("vis", T.DeiTForImageClassification, T.DeiTConfig, num_labels=5),
     "beit": arch("vis", T.BeitForImageClassification, T.BeitConfig, num_labels=5),
@@ -172,6 +184,8 @@ class Wrapped(torch.nn.Module):
             out = self.m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         elif self.kind == "enc":
             out = self.m(input_ids=args[0], attention_mask=args[1])
+        elif self.kind == "s2s":
+            out = self.m(input_ids=args[0], attention_mask=args[1], decoder_input_ids=args[2], use_cache=False)
         else:
             out = self.m(pixel_values=args[0])
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -186,6 +200,10 @@ def example(kind, seed):
         mask = torch.ones_like(ids)
         mask[1, 9:] = 0
         return {"input_ids": ids, "attention_mask": mask}
+    if kind == "s2s":
+        return {"input_ids": torch.randint(3, 256, (2, 10), generator=g),
+                "attention_mask": torch.ones(2, 10, dtype=torch.long),
+                "decoder_input_ids": torch.randint(3, 256, (2, 6), generator=g)}
     return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
 
 
@@ -203,6 +221,8 @@ def check(name, out_dir, dynamo):
                               output_names=["out"], opset_version=20, dynamo=True, external_data=False)
         else:
             dynamic = {k: {0: "batch", 1: "seq"} if kind != "vis" else {0: "batch"} for k in feeds}
+            if kind == "s2s":
+                dynamic["decoder_input_ids"] = {0: "batch", 1: "target"}
             dynamic["out"] = {0: "batch"}
             torch.onnx.export(model, tuple(feeds.values()), str(path), input_names=list(feeds),
                               output_names=["out"], dynamic_axes=dynamic, opset_version=17, dynamo=False)
@@ -227,12 +247,20 @@ def check(name, out_dir, dynamo):
         data = {"input_ids": rng.integers(3, 256, (4, 12)).astype(np.int64),
                 "attention_mask": np.ones((4, 12), np.int64), "labels": np.array([0, 1, 2, 1], np.int64)}
         loss = "cross-entropy"
+    elif kind == "s2s":
+        data = {"input_ids": rng.integers(3, 256, (4, 10)).astype(np.int64),
+                "attention_mask": np.ones((4, 10), np.int64),
+                "decoder_input_ids": rng.integers(3, 256, (4, 6)).astype(np.int64),
+                "labels": rng.integers(3, 256, (4, 6)).astype(np.int64)}
+        loss = "cross-entropy"
     else:
         data = {"pixel_values": rng.standard_normal((4, 3, 32, 32)).astype(np.float32),
                 "labels": np.array([0, 1, 2, 3], np.int64)}
         loss = "cross-entropy"
     save_file(data, str(d / "data.safetensors"))
-    seq = ["--shape", "seq=12"] if kind != "vis" and not dynamo else []
+    seq = {"dec": ["--shape", "seq=12"], "enc": ["--shape", "seq=12"],
+           "s2s": ["--shape", "seq=10", "--shape", "target=6"]}.get(kind, [])
+    seq = [] if dynamo else seq
     common = [path, "--data", d / "data.safetensors", "--loss", loss, "--batch-size", 2, "--steps", 2, *seq,
               "--overwrite"]
     gpu = dorac("train", *common, "-o", d / "gpu")
