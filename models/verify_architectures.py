@@ -23,8 +23,8 @@ Architectures that do not get as far as dorac, with why (as of transformers 5.25
 Mixtral (torch's exporter has no `aten::histc`), Whisper (nor `aten::diff`), Cohere (its export
 fails in onnxruntime),
 ViT-MAE (random masking: RandomUniformLike), DINOv2 with registers (no ONNX form of antialiased
-bicubic upsampling). The tiny MobileViT's output is all zeros: for it the check shows only that
-dorac runs it.
+bicubic upsampling). The tiny MobileViT's output is all zeros and the tiny MobileNetV2's the same
+for every image: for them the check shows only that dorac runs them.
 """
 import json
 import os
@@ -152,6 +152,20 @@ ARCHS = {
     "mobilevit": arch("vis", T.MobileViTForImageClassification, T.MobileViTConfig, hidden_sizes=[16, 24, 32],
                       neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], patch_size=2, hidden_size=None,
                       num_hidden_layers=None, num_attention_heads=None, intermediate_size=None, num_labels=5),
+    "convnext": arch("vis", T.ConvNextForImageClassification, T.ConvNextConfig, num_stages=2, hidden_sizes=[16, 32],
+                     depths=[1, 1], patch_size=4, hidden_size=None, num_hidden_layers=None, num_attention_heads=None,
+                     intermediate_size=None, image_size=None, num_labels=5),
+    "resnet": arch("vis", T.ResNetForImageClassification, T.ResNetConfig, embedding_size=16, hidden_sizes=[16, 32],
+                   depths=[1, 1], layer_type="basic", hidden_size=None, num_hidden_layers=None,
+                   num_attention_heads=None, intermediate_size=None, image_size=None, patch_size=None,
+                   num_labels=5),
+    "mobilenet_v2": arch("vis", T.MobileNetV2ForImageClassification, T.MobileNetV2Config, depth_multiplier=0.25,
+                         hidden_size=None, num_hidden_layers=None, num_attention_heads=None,
+                         intermediate_size=None, patch_size=None, num_labels=5),
+    "regnet": arch("vis", T.RegNetForImageClassification, T.RegNetConfig, embedding_size=16, hidden_sizes=[16, 32],
+                   depths=[1, 1], groups_width=8, hidden_size=None, num_hidden_layers=None,
+                   num_attention_heads=None, intermediate_size=None, image_size=None, patch_size=None,
+                   num_labels=5),
     "clip_vision": arch("vis", T.CLIPVisionModel, T.CLIPVisionConfig),
     "siglip_vision": arch("vis", T.SiglipVisionModel, T.SiglipVisionConfig),
 }
