@@ -342,7 +342,6 @@ impl Exporter<'_, '_> {
         name
     }
 
-    /// Adds an initializer that export makes up; returns its (unique) value name.
     /// True when Gather node `n` has constant ids of which some fall outside `-len..len` of
     /// its data's axis `axis`.
     fn gathers_outside(&self, n: NodeId, axis: usize) -> bool {
@@ -353,6 +352,7 @@ impl Exporter<'_, '_> {
         ids.is_some_and(|v| v.iter().any(|i| !(-len..len).contains(i)))
     }
 
+    /// Adds an initializer that export makes up; returns its (unique) value name.
     fn extra_const(&mut self, base: &str, t: &Tensor) -> String {
         let name = unique(&mut self.used_values, base);
         self.extra_inits.push(tensor_to_proto(&name, t));
