@@ -41,6 +41,8 @@ import transformers as tf
 from safetensors.numpy import load_file, save_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+from verify_transformers import rel  # noqa: E402
 DORAC = os.environ.get("DORAC", ROOT / "target" / "release" / "dorac")
 T = tf
 
@@ -169,13 +171,6 @@ ARCHS = {
     "clip_vision": arch("vis", T.CLIPVisionModel, T.CLIPVisionConfig),
     "siglip_vision": arch("vis", T.SiglipVisionModel, T.SiglipVisionConfig),
 }
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or not np.isfinite(a).all():
-        return float("inf")
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 def dorac(*args):

@@ -567,14 +567,7 @@ fn matmul_columns_shapes() {
     quads.sort();
     // Small products keep their loops rolled (`bound` hides its argument from the compiler);
     // only many_tiles (54M multiply-adds) lets the compiler unroll them.
-    let unrolled: Vec<&str> = (plan.kernels.iter())
-        .filter(|k| {
-            k.source
-                .contains("fn bound(n: u32) -> u32 {\n    return n;\n}")
-        })
-        .map(|k| k.labels[0].as_str())
-        .collect();
-    assert_eq!(unrolled, ["many_tiles"]);
+    assert_eq!(unrolled_kernels(&plan), ["many_tiles"]);
     let want = [
         "broadcast_batch_quads",
         "k_1",
@@ -588,6 +581,15 @@ fn matmul_columns_shapes() {
     ];
     assert_eq!(quads, want, "the products whose B is loaded by quads");
     c.check();
+}
+
+/// The first labels of a CPU plan's kernels whose loop bounds are left in sight of the shader
+/// compiler (`bound(n)` returns `n`), so that it unrolls their loops: the large ones.
+fn unrolled_kernels(plan: &codegen::Plan) -> Vec<&str> {
+    (plan.kernels.iter())
+        .filter(|k| (k.source).contains("fn bound(n: u32) -> u32 {\n    return n;\n}"))
+        .map(|k| k.labels[0].as_str())
+        .collect()
 }
 
 /// The columns template's kernel with B loaded four columns at a time (lanes of 8, as on
@@ -823,15 +825,8 @@ fn dora_norm_kernel() {
         assert_eq!(columns, 18, "{plan}");
         // The large norm's kernels keep the bound of their loops in sight of the compiler;
         // the others hide it, and their loops stay rolled.
-        let unrolled: Vec<&str> = (plan.kernels.iter())
-            .filter(|k| {
-                k.source
-                    .contains("fn bound(n: u32) -> u32 {\n    return n;\n}")
-            })
-            .map(|k| k.labels[0].as_str())
-            .collect();
         assert_eq!(
-            unrolled,
+            unrolled_kernels(&plan),
             ["norm_sq1_520x512x16", "n21_520x512x16"],
             "{plan}"
         );
