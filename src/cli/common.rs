@@ -172,6 +172,11 @@ fn no_adapter_falls_back(
 
 /// A device being opened on a thread of its own while the model is read and compiled: opening
 /// one takes tens of milliseconds on a CPU driver, as long as importing a small model.
+///
+/// Dropped unopened (a bad input refused first), it waits for the thread: `process::exit` while
+/// the thread is still loading the driver runs the C++ static destructors of the half-loaded
+/// libLLVM under it, and lavapipe then aborts the process (`LLVM ERROR: inconsistency in
+/// registered CommandLine options`, exit code 134) after dorac's own error line.
 pub struct OpeningGpu {
     backend: Option<String>,
     thread: Option<std::thread::JoinHandle<Result<crate::runtime::Gpu>>>,
@@ -192,14 +197,23 @@ impl OpeningGpu {
     }
 
     /// The device, as [`open_gpu`] gives it (with its note when no adapter exists).
-    pub fn wait(self, doing: &str) -> Result<Option<crate::runtime::Gpu>> {
-        let Some(thread) = self.thread else {
+    pub fn wait(mut self, doing: &str) -> Result<Option<crate::runtime::Gpu>> {
+        let Some(thread) = self.thread.take() else {
             return Ok(None);
         };
         let opened = thread
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         no_adapter_falls_back(opened, self.backend.as_deref(), doing)
+    }
+}
+
+impl Drop for OpeningGpu {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // The device, or the failure to open one, is of no use now: only the wait matters.
+            let _ = thread.join();
+        }
     }
 }
 
