@@ -352,6 +352,19 @@ impl Exporter<'_, '_> {
         ids.is_some_and(|v| v.iter().any(|i| !(-len..len).contains(i)))
     }
 
+    /// True when constant `n` is read only as the ids of Gathers that export with ids of their
+    /// own ([`Self::gathers_outside`]): it would be an initializer no node reads.
+    fn only_remapped_ids(&self, n: NodeId) -> bool {
+        let g = self.graph;
+        let readers = g.consumers(n);
+        !readers.is_empty()
+            && !g.outputs().iter().any(|(_, o)| *o == n)
+            && readers.iter().all(|&r| match g.node(r).op {
+                Op::Gather { axis } => g.inputs_of(r)[0] != n && self.gathers_outside(r, axis),
+                _ => false,
+            })
+    }
+
     /// Adds an initializer that export makes up; returns its (unique) value name.
     fn extra_const(&mut self, base: &str, t: &Tensor) -> String {
         let name = unique(&mut self.used_values, base);
@@ -371,6 +384,7 @@ impl Exporter<'_, '_> {
         let label = node.label.as_str();
         let (op_type, attrs): (&str, Vec<AttributeProto>) = match &node.op {
             Op::Input => return Ok(()),
+            Op::Const(_) if self.only_remapped_ids(n) => return Ok(()),
             Op::Const(t) => {
                 let bytes = t.numel() * t.dtype().size();
                 let proto = match self.external.as_deref_mut() {
