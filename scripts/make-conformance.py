@@ -11,7 +11,7 @@ the model cases, so this script calls the same generators directly
 data set, exactly what generate-data would write.
 
 A case is kept when every node of its graph (including the nodes of function-expanded cases,
-`*_expanded`) has an op type dorac imports. That list is read from the Rust source, so new ops
+`*_expanded`, and of If's branches) has an op type dorac imports. That list is read from the Rust source, so new ops
 get their cases by re-running this script:
 
   - the `OPS` table of src/onnx/import_ops.rs (lines `("Name", Rule::...)`),
@@ -67,7 +67,20 @@ def supported_ops():
     for path in glob.glob(os.path.join(REPO, "src", "ops", "reduce", "*.rs")):
         with open(path) as f:
             ops.update(re.findall(r'onnx:\s*"([A-Za-z0-9]+)"', f.read()))
+    # If has no rule: the importer inlines the branch its condition takes (src/onnx/import.rs).
+    ops.add("If")
     return ops
+
+
+def nodes_with_branches(nodes):
+    """The nodes and, depth first, those of their subgraphs."""
+    out = []
+    for n in nodes:
+        out.append(n)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out.extend(nodes_with_branches(sub.node))
+    return out
 
 
 def as_array(value, vi):
@@ -102,9 +115,11 @@ def main():
             shutil.rmtree(os.path.join(OUT, entry))
     for case in sorted(cases, key=lambda c: c.name):
         g = case.model.graph
-        if any(n.domain not in ("", "ai.onnx") or n.op_type not in ops for n in g.node):
+        every = nodes_with_branches(g.node)
+        if any(n.domain not in ("", "ai.onnx") or n.op_type not in ops for n in every):
             continue
-        if any(a.HasField("g") or len(a.graphs) for n in g.node for a in n.attribute):
+        # Subgraphs are taken in If only.
+        if any(n.op_type != "If" and (a.HasField("g") or len(a.graphs)) for n in every for a in n.attribute):
             continue
         inputs, outputs = case.data_sets[0]
         present_in = [vi for vi in g.input]

@@ -660,6 +660,130 @@ fn shape_inputs_are_pinned_from_given_values() {
     assert_eq!(out["twice"].data, vec![6.0, -2.0, 4.0]);
 }
 
+fn branch(
+    name: &str,
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    outputs: &[&str],
+) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Graph as i32),
+        g: Some(proto::GraphProto {
+            name: Some(name.into()),
+            node: nodes,
+            initializer: inits,
+            output: outputs.iter().map(|o| vi(o, &[Ok(2)])).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An If whose condition is known at import (Optimum's merged decoders branch on a graph input,
+/// `use_cache_branch`) imports as the branch it takes: the branches read values of the enclosing
+/// scopes and have initializers of their own, and an If nested in a branch, on a Constant, is
+/// inlined too. Without the condition's value, or with a malformed branch, the node is named.
+#[test]
+fn ifs_take_the_branch_their_condition_names() {
+    let make = |then_outputs: &[&str]| {
+        let nested = with_attr(
+            with_attr(
+                node("If", "/inner/If", &["always"], &["e"]),
+                branch(
+                    "then_branch",
+                    vec![node("Sub", "/inner/Sub", &["xw", "x"], &["d"])],
+                    vec![],
+                    &["d"],
+                ),
+            ),
+            branch(
+                "else_branch",
+                vec![node("Neg", "/inner/Neg", &["x"], &["n"])],
+                vec![],
+                &["n"],
+            ),
+        );
+        let mut always = node("Constant", "/inner/Constant", &[], &["always"]);
+        always.attribute.push(AttributeProto {
+            name: Some("value".into()),
+            r#type: Some(AttributeType::Tensor as i32),
+            t: Some(TensorProto {
+                dims: vec![],
+                data_type: Some(DataType::Bool as i32),
+                int32_data: vec![1],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let outer_if = with_attr(
+            with_attr(
+                node("If", "/outer/If", &["use_cache"], &["y"]),
+                branch(
+                    "then_branch",
+                    vec![node("Add", "/then/Add", &["xw", "one"], &["t"])],
+                    vec![f32_init("one", &[2], &[1.0, 1.0])],
+                    then_outputs,
+                ),
+            ),
+            branch("else_branch", vec![always, nested], vec![], &["e"]),
+        );
+        model(
+            vec![node("Mul", "/Mul", &["x", "w"], &["xw"]), outer_if],
+            vec![f32_init("w", &[2], &[10.0, 20.0])],
+            vec![
+                vi("x", &[Ok(2)]),
+                vi_typed("use_cache", &[Ok(1)], DataType::Bool),
+            ],
+            vec![vi("y", &[Ok(2)])],
+            17,
+        )
+    };
+    let m = make(&["t"]);
+    let x = Array::new(vec![2], vec![1.0, 2.0]);
+    for (cond, want) in [(1.0, vec![11.0, 41.0]), (0.0, vec![9.0, 38.0])] {
+        let values = HashMap::from([("use_cache".to_string(), Array::new(vec![1], vec![cond]))]);
+        let g =
+            dorac::onnx::import_with_values(&m, Path::new("."), &no_pins(), &no_shapes(), &values)
+                .unwrap();
+        let inputs = HashMap::from([
+            ("x".to_string(), x.clone()),
+            ("use_cache".to_string(), values["use_cache"].clone()),
+        ]);
+        let out = dorac::reference::run(&g, &inputs).unwrap();
+        assert_eq!(out["y"].data, want, "condition {cond}");
+    }
+    let e = import_err(&m).to_string();
+    assert!(
+        e.contains("If with a condition computed from graph inputs") && e.contains("/outer/If"),
+        "{e}"
+    );
+
+    let values = HashMap::from([("use_cache".to_string(), Array::new(vec![1], vec![1.0]))]);
+    let e = dorac::onnx::import_with_values(
+        &make(&["t", "xw"]),
+        Path::new("."),
+        &no_pins(),
+        &no_shapes(),
+        &values,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("/outer/If") && e.contains("then_branch has 2 outputs, the node 1"),
+        "{e}"
+    );
+
+    // An op dorac lacks inside a branch is listed with the others.
+    let mut m = make(&["t"]);
+    let outer = &mut m.graph.as_mut().unwrap().node[1];
+    outer.attribute[0].g.as_mut().unwrap().node[0].op_type = Some("Loop".into());
+    assert_eq!(
+        import_err(&m).to_string(),
+        "unsupported ONNX ops: Loop (nodes: /then/Add)"
+    );
+}
+
 /// An attribute no builder reads could change the result: it is refused by name, not ignored.
 #[test]
 fn unread_attributes_are_refused() {
@@ -2286,6 +2410,16 @@ fn gathers_of_padding_export_with_ids_inside_the_data() {
         assert!(
             ids.contains(&len),
             "the padding reads the zero slot: {ids:?}"
+        );
+    }
+    // The lowering's own ids, replaced, are not written: every initializer has a reader.
+    for t in &gp.initializer {
+        assert!(
+            gp.node
+                .iter()
+                .any(|n| n.input.contains(&t.name().to_string())),
+            "initializer '{}' is read by no node",
+            t.name()
         );
     }
     let back = round_trip(&g);

@@ -255,16 +255,20 @@ fn import_resolved(
         )));
     }
 
-    let consumed: HashSet<&str> = gp
-        .node
+    let every_node = nodes_with_branches(&gp.node);
+    let consumed: HashSet<&str> = every_node
         .iter()
-        .flat_map(|n| n.input.iter().map(String::as_str))
+        .flat_map(|n| reads(n))
         .chain(gp.output.iter().map(|o| o.name()))
-        .filter(|s| !s.is_empty())
         .collect();
 
-    check_supported(gp, &inputs, &consumed)?;
-    let order = topo_sort(gp, &inits, &inputs)?;
+    check_supported(&every_node, &inputs, &consumed)?;
+    let sources: HashSet<&str> = inits
+        .keys()
+        .copied()
+        .chain(inputs.iter().map(|i| i.name()))
+        .collect();
+    let order = topo_sort(&gp.node, &sources, &gp.output)?;
 
     let mut g = GraphBuilder::new();
     *g.info_mut() = ModelInfo {
@@ -298,55 +302,24 @@ fn import_resolved(
 
     // 2. Initializers, in file order (unused ones are dropped at the end).
     for t in &gp.initializer {
-        let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
-        let id = g.add_const(t.name(), tensor);
-        values.insert(t.name().to_string(), id);
-        if let Some(dt) = DataType::try_from(t.data_type())
-            .ok()
-            .filter(|d| is_float(*d))
-        {
-            float_formats.insert(id, dt);
-        }
-        // Half-precision weights stay half on the device where their readers allow.
-        match DataType::try_from(t.data_type()) {
-            Ok(DataType::Float16) => g.mark_half(id, Half::F16),
-            Ok(DataType::Bfloat16) => g.mark_half(id, Half::Bf16),
-            _ => {}
-        }
+        add_initializer(&mut g, t, model_dir, &mut values, &mut float_formats)?;
     }
 
     // 3. Nodes: Constant nodes first (they read nothing), then the rest, each in topological
     // order, so constants precede ops as they do in an exported model.
-    let stop_gradient = stop_gradient_nodes(model, gp)?;
-    let constness = std::cell::RefCell::new(HashMap::new());
+    let mut scope = Scope {
+        opset,
+        model_dir,
+        stop_gradient: stop_gradient_nodes(model, gp)?,
+        constness: std::cell::RefCell::new(HashMap::new()),
+        input_values,
+        float_formats,
+    };
     let (constants, ops): (Vec<usize>, Vec<usize>) = order
         .into_iter()
         .partition(|&i| gp.node[i].op_type() == "Constant");
-    for i in constants.into_iter().chain(ops) {
-        let node = &gp.node[i];
-        // The IR name of the node's result: its first output, or (RNN's Y unused, say) the
-        // first output it has.
-        let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
-        let label = node_label(node);
-        let sg = stop_gradient.contains(node.name());
-        let outputs = {
-            let mut cx = Ctx::new(
-                &mut g,
-                &values,
-                opset,
-                node,
-                name,
-                label,
-                model_dir,
-                sg,
-                &constness,
-                input_values,
-                &float_formats,
-            );
-            import_ops::build(&mut cx)?
-        };
-        values.extend(outputs);
-    }
+    let order: Vec<usize> = constants.into_iter().chain(ops).collect();
+    scope.import_nodes(&mut g, &mut values, &gp.node, &order)?;
 
     // 4. Graph outputs.
     let mut seen = HashSet::new();
@@ -389,6 +362,226 @@ fn import_resolved(
     let mut g = g.finish();
     g.remove_dead();
     Ok(g)
+}
+
+/// Adds an initializer (of the graph or of an inlined branch) as a constant.
+fn add_initializer(
+    g: &mut GraphBuilder,
+    t: &proto::TensorProto,
+    model_dir: &Path,
+    values: &mut HashMap<String, NodeId>,
+    float_formats: &mut HashMap<NodeId, DataType>,
+) -> Result<()> {
+    let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
+    let id = g.add_const(t.name(), tensor);
+    values.insert(t.name().to_string(), id);
+    if let Some(dt) = DataType::try_from(t.data_type())
+        .ok()
+        .filter(|d| is_float(*d))
+    {
+        float_formats.insert(id, dt);
+    }
+    // Half-precision weights stay half on the device where their readers allow.
+    match DataType::try_from(t.data_type()) {
+        Ok(DataType::Float16) => g.mark_half(id, Half::F16),
+        Ok(DataType::Bfloat16) => g.mark_half(id, Half::Bf16),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What importing a node needs beside the graph being built and the values in scope.
+struct Scope<'a> {
+    opset: i64,
+    model_dir: &'a Path,
+    /// The Identity nodes dorac exported for a StopGradient.
+    stop_gradient: HashSet<String>,
+    /// Which nodes depend on constants only, shared by the whole import.
+    constness: std::cell::RefCell<HashMap<NodeId, bool>>,
+    input_values: &'a HashMap<String, Array>,
+    /// The declared type of each float graph input and initializer.
+    float_formats: HashMap<NodeId, DataType>,
+}
+
+impl Scope<'_> {
+    /// Imports `nodes[i]` for each `i` of `order` (topological), adding each output to `values`.
+    fn import_nodes(
+        &mut self,
+        g: &mut GraphBuilder,
+        values: &mut HashMap<String, NodeId>,
+        nodes: &[NodeProto],
+        order: &[usize],
+    ) -> Result<()> {
+        for &i in order {
+            let node = &nodes[i];
+            if is_if(node) {
+                let outputs = self.inline_if(g, values, node)?;
+                values.extend(outputs);
+                continue;
+            }
+            // The IR name of the node's result: its first output, or (RNN's Y unused, say) the
+            // first output it has.
+            let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
+            let mut cx = Ctx::new(
+                g,
+                values,
+                self.opset,
+                node,
+                name,
+                node_label(node),
+                self.model_dir,
+                self.stop_gradient.contains(node.name()),
+                &self.constness,
+                self.input_values,
+                &self.float_formats,
+            );
+            let outputs = import_ops::build(&mut cx)?;
+            values.extend(outputs);
+        }
+        Ok(())
+    }
+
+    /// An If whose condition is known at import (a constant, or computed from graph inputs given
+    /// at import, as Optimum's merged decoders compute `use_cache_branch`): the nodes of the branch
+    /// it takes, imported in its place. The IR has no control flow, so a condition that depends on
+    /// other inputs is refused.
+    fn inline_if(
+        &mut self,
+        g: &mut GraphBuilder,
+        values: &HashMap<String, NodeId>,
+        node: &NodeProto,
+    ) -> Result<Vec<(String, NodeId)>> {
+        let label = node_label(node);
+        let at = |msg: String| Error::onnx(format!("node '{label}' (If): {msg}"));
+        if node.input.len() != 1 || node.input[0].is_empty() {
+            return Err(at(format!(
+                "expected one input (the condition), found {}",
+                node.input.len()
+            )));
+        }
+        let cond = {
+            let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
+            let cx = Ctx::new(
+                g,
+                values,
+                self.opset,
+                node,
+                name,
+                label.clone(),
+                self.model_dir,
+                false,
+                &self.constness,
+                self.input_values,
+                &self.float_formats,
+            );
+            cx.const_scalar(0, "condition")?
+                .ok_or_else(|| at("the condition is missing".into()))?
+        };
+        let wanted = if cond != 0.0 {
+            "then_branch"
+        } else {
+            "else_branch"
+        };
+        let mut branch = None;
+        for a in &node.attribute {
+            match (a.name(), &a.g) {
+                ("then_branch" | "else_branch", Some(sub)) => {
+                    if a.name() == wanted {
+                        branch = Some(sub);
+                    }
+                }
+                (name, _) => {
+                    return Err(at(format!(
+                        "attribute '{name}' is not one of then_branch and else_branch (graphs)"
+                    )))
+                }
+            }
+        }
+        let branch = branch.ok_or_else(|| at(format!("it has no {wanted}")))?;
+        if branch.output.len() != node.output.len() {
+            return Err(at(format!(
+                "the {wanted} has {} outputs, the node {}",
+                branch.output.len(),
+                node.output.len()
+            )));
+        }
+        // The branch sees every value of the enclosing scopes, then its own initializers.
+        let mut inner = values.clone();
+        for t in &branch.initializer {
+            add_initializer(g, t, self.model_dir, &mut inner, &mut self.float_formats)?;
+        }
+        let sources: HashSet<&str> = inner.keys().map(String::as_str).collect();
+        let order = topo_sort(&branch.node, &sources, &branch.output)
+            .map_err(|e| at(format!("in its {wanted}: {e}")))?;
+        self.import_nodes(g, &mut inner, &branch.node, &order)?;
+        Ok(node
+            .output
+            .iter()
+            .zip(&branch.output)
+            .filter(|(o, _)| !o.is_empty())
+            .map(|(o, b)| (o.clone(), inner[b.name()]))
+            .collect())
+    }
+}
+
+/// If is the one op with subgraphs dorac takes: it is not an op of the IR, but inlined at import
+/// ([`Scope::inline_if`]).
+fn is_if(n: &NodeProto) -> bool {
+    n.op_type() == "If" && matches!(n.domain(), "" | "ai.onnx")
+}
+
+/// The graphs held in a node's attributes.
+fn subgraphs(n: &NodeProto) -> impl Iterator<Item = &proto::GraphProto> {
+    n.attribute.iter().flat_map(|a| a.g.iter().chain(&a.graphs))
+}
+
+/// `nodes` and, depth first, the nodes of the branches of their Ifs.
+fn nodes_with_branches(nodes: &[NodeProto]) -> Vec<&NodeProto> {
+    let mut out = vec![];
+    for n in nodes {
+        out.push(n);
+        if is_if(n) {
+            for sub in subgraphs(n) {
+                out.extend(nodes_with_branches(&sub.node));
+            }
+        }
+    }
+    out
+}
+
+/// The names a node reads: its inputs and, for a node with subgraphs, the values of enclosing
+/// scopes that they read.
+fn reads(n: &NodeProto) -> Vec<&str> {
+    let mut out: Vec<&str> = n
+        .input
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    for sub in subgraphs(n) {
+        let defined: HashSet<&str> = sub
+            .initializer
+            .iter()
+            .map(|t| t.name())
+            .chain(sub.input.iter().map(|i| i.name()))
+            .chain(
+                sub.node
+                    .iter()
+                    .flat_map(|n| n.output.iter().map(String::as_str)),
+            )
+            .collect();
+        let read = sub
+            .node
+            .iter()
+            .flat_map(reads)
+            .chain(sub.output.iter().map(|o| o.name()));
+        for v in read {
+            if !defined.contains(v) && !out.contains(&v) {
+                out.push(v);
+            }
+        }
+    }
+    out
 }
 
 fn metadata<'m>(model: &'m ModelProto, key: &str) -> Option<&'m str> {
@@ -448,7 +641,7 @@ fn is_float(t: DataType) -> bool {
 /// subgraphs, extra outputs that are used (except where an op has several), and graph inputs
 /// of a type dorac cannot take.
 fn check_supported(
-    gp: &proto::GraphProto,
+    nodes: &[&NodeProto],
     inputs: &[&proto::ValueInfoProto],
     consumed: &HashSet<&str>,
 ) -> Result<()> {
@@ -459,16 +652,14 @@ fn check_supported(
         Some((_, names)) => names.push(name),
         None => problems.push((what, vec![name])),
     };
-    for n in &gp.node {
+    for &n in nodes {
         let op = n.op_type();
         let domain = n.domain();
-        let what = if !matches!(domain, "" | "ai.onnx") {
+        let what = if is_if(n) {
+            None
+        } else if !matches!(domain, "" | "ai.onnx") {
             Some(format!("{op} (domain '{domain}')"))
-        } else if n
-            .attribute
-            .iter()
-            .any(|a| a.g.is_some() || !a.graphs.is_empty())
-        {
+        } else if subgraphs(n).next().is_some() {
             Some(format!("{op} (with a subgraph)"))
         } else if import_ops::rule(op).is_none() {
             Some(op.to_string())
@@ -525,18 +716,13 @@ fn check_supported(
 
 /// Node indices in topological order (ties in file order). Also checks that every name a node
 /// or graph output reads is produced exactly once, and reports cycles by their nodes.
-fn topo_sort(
-    gp: &proto::GraphProto,
-    inits: &HashMap<&str, &proto::TensorProto>,
-    inputs: &[&proto::ValueInfoProto],
+fn topo_sort<'g>(
+    nodes: &'g [NodeProto],
+    sources: &HashSet<&str>,
+    outputs: &'g [proto::ValueInfoProto],
 ) -> Result<Vec<usize>> {
-    let sources: HashSet<&str> = inits
-        .keys()
-        .copied()
-        .chain(inputs.iter().map(|i| i.name()))
-        .collect();
     let mut producer: HashMap<&str, usize> = HashMap::new();
-    for (i, n) in gp.node.iter().enumerate() {
+    for (i, n) in nodes.iter().enumerate() {
         if n.output.iter().all(|o| o.is_empty()) {
             return Err(Error::onnx(format!(
                 "node '{}' ({}) has no output",
@@ -554,7 +740,7 @@ fn topo_sort(
             if let Some(&j) = producer.get(o.as_str()) {
                 return Err(Error::graph(format!(
                     "value '{o}' is written by two nodes: '{}' and '{}'",
-                    node_label(&gp.node[j]),
+                    node_label(&nodes[j]),
                     node_label(n)
                 )));
             }
@@ -562,9 +748,9 @@ fn topo_sort(
         }
     }
     let mut missing = vec![];
-    for n in &gp.node {
-        for v in n.input.iter().filter(|v| !v.is_empty()) {
-            if !sources.contains(v.as_str()) && !producer.contains_key(v.as_str()) {
+    for n in nodes {
+        for v in reads(n) {
+            if !sources.contains(v) && !producer.contains_key(v) {
                 missing.push(format!(
                     "node '{}' reads '{v}', which no initializer, graph input or node produces",
                     node_label(n)
@@ -572,7 +758,7 @@ fn topo_sort(
             }
         }
     }
-    for o in &gp.output {
+    for o in outputs {
         if !sources.contains(o.name()) && !producer.contains_key(o.name()) {
             missing.push(format!(
                 "graph output '{}' is not produced by any node, initializer or graph input",
@@ -585,12 +771,12 @@ fn topo_sort(
     }
 
     // Kahn's algorithm with a min-heap: deterministic, file order among ready nodes.
-    let n = gp.node.len();
+    let n = nodes.len();
     let mut indegree = vec![0usize; n];
     let mut users: Vec<Vec<usize>> = vec![vec![]; n];
-    for (i, node) in gp.node.iter().enumerate() {
-        for v in node.input.iter().filter(|v| !v.is_empty()) {
-            if let Some(&p) = producer.get(v.as_str()) {
+    for (i, node) in nodes.iter().enumerate() {
+        for v in reads(node) {
+            if let Some(&p) = producer.get(v) {
                 indegree[i] += 1;
                 users[p].push(i);
             }
@@ -629,7 +815,7 @@ fn topo_sort(
         .map(|id| dg[id])
         .collect();
     on_cycle.sort_unstable();
-    let names: Vec<String> = on_cycle.iter().map(|&i| node_label(&gp.node[i])).collect();
+    let names: Vec<String> = on_cycle.iter().map(|&i| node_label(&nodes[i])).collect();
     Err(Error::graph(format!(
         "the graph has a cycle through nodes: {}",
         names.join(", ")
