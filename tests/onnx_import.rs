@@ -868,6 +868,51 @@ fn unpinned_symbolic_dim_says_how_to_pin_it() {
     );
 }
 
+/// Optimum names the length of a decoder's attention mask `past_sequence_length +
+/// sequence_length`: such a dim is sized from its terms, which `--shape` can pin even where no
+/// input has them as a dim of their own; unsized, the error names the terms to pin.
+#[test]
+fn dims_that_are_sums_of_dims_are_sized_from_their_terms() {
+    let m = model(
+        vec![node("Identity", "i", &["attention_mask"], &["y"])],
+        vec![],
+        vec![vi(
+            "attention_mask",
+            &[
+                Err("batch_size"),
+                Err("past_sequence_length + sequence_length"),
+            ],
+        )],
+        vec![vi(
+            "y",
+            &[
+                Err("batch_size"),
+                Err("past_sequence_length + sequence_length"),
+            ],
+        )],
+        17,
+    );
+    let pins = dorac::onnx::ShapePins::parse(&[
+        "batch_size=2",
+        "past_sequence_length=3",
+        "sequence_length=5",
+    ])
+    .unwrap();
+    let g = import(&m, Path::new("."), &pins, &no_shapes()).unwrap();
+    assert_eq!(g.shape(g.inputs()[0]), &[2, 8]);
+
+    let pins = dorac::onnx::ShapePins::parse(&["batch_size=2", "sequence_length=5"]).unwrap();
+    let e = import(&m, Path::new("."), &pins, &no_shapes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'past_sequence_length + sequence_length'")
+            && e.contains("pin its terms with --shape past_sequence_length=N,")
+            && e.contains("--shape attention_mask=2xN"),
+        "{e}"
+    );
+}
+
 #[test]
 fn input_shapes_take_precedence_and_must_fit() {
     let path = model_path("mlp2d");

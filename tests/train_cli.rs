@@ -417,3 +417,36 @@ fn write_mixed(
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
+
+/// A sequence length the model leaves symbolic comes from the data's tensors (16 tokens an
+/// example here), as `run` takes it from its inputs; a `--shape` that disagrees is named.
+#[test]
+fn the_sequence_length_comes_from_the_data() {
+    let dir = temp_dir("train-seq-from-data");
+    let model = models_dir().join("gpt2_tiny/legacy_op17_dynamic.onnx");
+    let data = models_dir().join("text/corpus.safetensors");
+    let out = dir.join("run");
+    let common = [
+        "--data",
+        s(&data),
+        "--loss",
+        "lm",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--reference",
+        "--quiet",
+        "-o",
+        s(&out),
+    ];
+    let mut args = vec![s(&model)];
+    args.extend(common);
+    ok(&train(&args, &[]));
+    assert!(out.join("adapter_model.safetensors").exists());
+    args.extend(["--overwrite", "--shape", "seq=12"]);
+    fails_with(
+        &train(&args, &[]),
+        "input 'input_ids' has shape [2, 16] (dim 'seq' = 16), but --shape seq=12",
+    );
+}

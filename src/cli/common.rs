@@ -62,22 +62,32 @@ pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
 /// Imports the model with dim 0 of every input set to the batch size: `batch`, or when that is
 /// `None` the batch the model was exported with if it is fixed, else `default`. Returns the
 /// graph and the batch size.
+/// The inputs' other symbolic dims are sized by the data's tensors of the same names
+/// (`examples`: their shapes without dim 0), where `--shape` does not size them.
 pub fn load_batched(
     path: &Path,
     shapes: &[String],
     batch: Option<usize>,
     default: usize,
+    examples: &HashMap<String, Vec<usize>>,
 ) -> Result<(Graph, usize)> {
     let model = crate::onnx::load_model(path)?;
     let batch = batch
         .or_else(|| crate::onnx::fixed_batch_dim(&model))
         .unwrap_or(default);
-    Ok((rebatch(model, path, shapes, batch)?, batch))
+    let given = crate::onnx::shapes_from_examples(&model, examples, batch);
+    Ok((rebatch(model, path, shapes, batch, &given)?, batch))
 }
 
 /// Imports the model with dim 0 of every input set to the batch size.
 pub fn load_rebatched(path: &Path, shapes: &[String], batch: usize) -> Result<Graph> {
-    rebatch(crate::onnx::load_model(path)?, path, shapes, batch)
+    rebatch(
+        crate::onnx::load_model(path)?,
+        path,
+        shapes,
+        batch,
+        &HashMap::new(),
+    )
 }
 
 fn rebatch(
@@ -85,13 +95,14 @@ fn rebatch(
     path: &Path,
     shapes: &[String],
     batch: usize,
+    given: &HashMap<String, Vec<usize>>,
 ) -> Result<Graph> {
     let fixed = crate::onnx::fixed_batch_dim(&model).filter(|&n| n != batch);
     let first_input = crate::onnx::first_data_input(&model);
     crate::onnx::set_batch_dim(&mut model, batch);
     let pins = crate::onnx::ShapePins::parse(shapes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let graph = crate::onnx::import(&model, dir, &pins, &HashMap::new())
+    let graph = crate::onnx::import(&model, dir, &pins, given)
         .map_err(|e| with_batch_hint(e, path, fixed, &first_input, batch, "--batch-size"))?;
     print_warnings(&graph, path);
     Ok(graph)

@@ -81,6 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         &args.shapes,
         args.batch_size,
         data::count_examples(&raw).clamp(1, 32),
+        &data::example_shapes(&raw),
     )?;
     if let Some(dir) = &args.adapter {
         apply_adapter(&mut graph, dir)?;

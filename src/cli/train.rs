@@ -275,6 +275,7 @@ pub fn run(args: Args) -> Result<()> {
         &args.shapes,
         args.batch_size,
         data::count_examples(&raw).clamp(1, 8),
+        &data::example_shapes(&raw),
     )?;
     let output_node = find_output(&graph, args.loss_output.as_deref(), "--loss-output")?;
     let expected = Expected::for_model(&graph, output_node, &labels, loss);

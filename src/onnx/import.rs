@@ -6,6 +6,7 @@
 //! topological order) so that importing an exported model gives the same graph, node for node.
 
 use super::data::{dtype_name, ir_dtype, tensor_from_proto};
+use super::dim_expr::DimExpr;
 use super::import_ops::{self, Ctx};
 use super::meta::{self, AdapterMeta};
 use super::proto::{
@@ -902,11 +903,14 @@ fn resolve_input_shapes(
             out.push((g.clone(), dims));
             continue;
         }
+        let known = |p: &str| pins.get(p).copied().or(learned.get(p).map(|l| l.0));
         let sizes: Vec<Option<usize>> = decl
             .iter()
             .map(|d| match d {
                 DeclaredDim::Fixed(v) => Some(*v),
-                DeclaredDim::Param(p) => pins.get(p).copied().or(learned.get(p).map(|l| l.0)),
+                DeclaredDim::Param(p) => {
+                    known(p).or_else(|| DimExpr::parse(p).and_then(|e| e.eval(known)))
+                }
                 DeclaredDim::Unknown => None,
             })
             .collect();
@@ -920,12 +924,35 @@ fn resolve_input_shapes(
                 if s.is_some() {
                     continue;
                 }
+                let expr = match d {
+                    DeclaredDim::Param(p) => DimExpr::parse(p),
+                    _ => None,
+                };
                 unpinned.push(match d {
+                    DeclaredDim::Param(p) if expr.is_some() => {
+                        let terms: Vec<String> = expr
+                            .iter()
+                            .flat_map(|e| e.names())
+                            .filter(|n| known(n).is_none())
+                            .map(|n| format!("--shape {n}=N"))
+                            .collect();
+                        format!(
+                            "input '{name}' has dim {i} '{p}' (of {}) with no size: pin its terms with {}, or give the whole shape with --shape {name}={example}",
+                            declared_str(decl),
+                            terms.join(" ")
+                        )
+                    }
                     DeclaredDim::Param(p) => format!(
                         "input '{name}' has symbolic dim '{p}' (dim {i} of {}) with no size: pin \
-                         it with --shape {p}=N, or give the whole shape with --shape \
+                         it with --shape {p}=N{}, or give the whole shape with --shape \
                          {name}={example}",
-                        declared_str(decl)
+                        declared_str(decl),
+                        // Optimum's key/value caches: what to give when there is none.
+                        if p.starts_with("past") {
+                            " (0 for no cache, as in training)"
+                        } else {
+                            ""
+                        }
                     ),
                     _ => format!(
                         "input '{name}' has an unnamed dim {i} (of {}) with no size: give the \

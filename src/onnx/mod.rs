@@ -14,6 +14,7 @@
 //! in, so building dorac needs no `protoc`.
 
 mod data;
+mod dim_expr;
 mod export;
 mod external;
 mod import;
@@ -246,8 +247,14 @@ impl ShapePins {
         for i in graph.input.iter().filter(|i| !inits.contains(i.name())) {
             for d in import::declared_dims(i).into_iter().flatten() {
                 if let import::DeclaredDim::Param(p) = d {
-                    if !dim_names.contains(&p) {
-                        dim_names.push(p);
+                    // An expression's terms can be pinned (and sized, the expression with them).
+                    let terms: Vec<String> = dim_expr::DimExpr::parse(&p)
+                        .map(|e| e.names().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    for name in std::iter::once(p).chain(terms) {
+                        if !dim_names.contains(&name) {
+                            dim_names.push(name);
+                        }
                     }
                 }
             }
@@ -419,6 +426,44 @@ pub fn fixed_batch_dim(model: &proto::ModelProto) -> Option<usize> {
         found = Some(n);
     }
     found
+}
+
+/// The shapes of the data inputs that examples of the given per-example shapes (a training set's
+/// tensors without their dim 0) give at `batch`, where they fit the model's declaration: its rank
+/// and fixed dims. Training learns a sequence length from its data this way; a tensor that does
+/// not fit is left to the data's own checks, which name the file.
+pub fn shapes_from_examples(
+    model: &proto::ModelProto,
+    examples: &HashMap<String, Vec<usize>>,
+    batch: usize,
+) -> HashMap<String, Vec<usize>> {
+    let Some(graph) = model.graph.as_ref() else {
+        return HashMap::new();
+    };
+    let names = data_input_names(graph);
+    let mut out = HashMap::new();
+    for vi in graph
+        .input
+        .iter()
+        .filter(|i| names.iter().any(|n| n == i.name()))
+    {
+        let (Some(example), Some(declared)) = (examples.get(vi.name()), import::declared_dims(vi))
+        else {
+            continue;
+        };
+        let shape: Vec<usize> = std::iter::once(batch)
+            .chain(example.iter().copied())
+            .collect();
+        let fits = shape.len() == declared.len()
+            && shape.iter().zip(&declared).skip(1).all(|(s, d)| match d {
+                import::DeclaredDim::Fixed(v) => s == v,
+                _ => true,
+            });
+        if fits {
+            out.insert(vi.name().to_string(), shape);
+        }
+    }
+    out
 }
 
 /// Sets dim 0 of every data input to `batch`. Training re-batches a model exported with a

@@ -69,6 +69,16 @@ pub fn count_examples(raw: &BTreeMap<String, (Array, Stored)>) -> usize {
         .unwrap_or(0)
 }
 
+/// Each tensor's shape without dim 0 (one example's), by name, before checking.
+pub fn example_shapes(
+    raw: &BTreeMap<String, (Array, Stored)>,
+) -> std::collections::HashMap<String, Vec<usize>> {
+    raw.iter()
+        .filter(|(_, (a, _))| !a.shape.is_empty())
+        .map(|(k, (a, _))| (k.clone(), a.shape[1..].to_vec()))
+        .collect()
+}
+
 /// Checks tensors already read from `path` (see [`load`]).
 pub fn from_tensors(
     path: &Path,
@@ -76,6 +86,7 @@ pub fn from_tensors(
     want: &Expected,
 ) -> Result<Dataset> {
     let file = path.display().to_string();
+    let in_file = available_names(&raw);
     let mut tensors = BTreeMap::new();
     let mut examples: Option<(usize, String)> = None;
     let mut take = |name: &str,
@@ -86,10 +97,7 @@ pub fn from_tensors(
         let Some((a, stored)) = raw.remove(name) else {
             return Err(Error::input_at(
                 Subject::context(&file),
-                format!(
-                    "no tensor named '{name}' (it has: {})",
-                    available_names(raw)
-                ),
+                format!("no tensor named '{name}' (it has: {in_file})"),
             ));
         };
         match (integer, stored) {
@@ -128,7 +136,14 @@ pub fn from_tensors(
         tensors.insert(name.to_string(), a);
         Ok(())
     };
+    // An input with no elements (a key/value cache of length 0 in an export with one) has one
+    // value only: the data need not hold it.
+    let mut empty = vec![];
     for (name, shape, integer) in &want.inputs {
+        if shape.contains(&0) && !raw.contains_key(name) {
+            empty.push((name, shape));
+            continue;
+        }
         take(name, shape, *integer, &mut raw)?;
     }
     let integer_labels = want.loss != LossKind::Mse;
@@ -155,6 +170,10 @@ pub fn from_tensors(
             Subject::context(&file),
             "the data set has no examples",
         ));
+    }
+    for (name, shape) in empty {
+        let shape = std::iter::once(examples).chain(shape.iter().copied());
+        tensors.insert(name.clone(), Array::zeros(shape.collect()));
     }
     Ok(Dataset { tensors, examples })
 }
@@ -208,5 +227,47 @@ impl Dataset {
                 (name.clone(), Array::new(shape, data))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key/value cache of length 0 (an Optimum export trained without one) has no elements:
+    /// the data need not hold it, and each batch gets its empty tensor. A missing input that
+    /// has elements is still refused, listing what the file holds.
+    #[test]
+    fn empty_inputs_need_no_data() {
+        let ids = Array::new(vec![3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let raw = BTreeMap::from([
+            ("input_ids".to_string(), (ids.clone(), Stored::Int("int64"))),
+            ("labels".to_string(), (ids, Stored::Int("int64"))),
+        ]);
+        let mut want = Expected {
+            inputs: vec![
+                ("input_ids".into(), vec![2], true),
+                ("past_key_values.0.key".into(), vec![4, 0, 8], false),
+            ],
+            labels: "labels",
+            label_shape: vec![2],
+            loss: LossKind::Lm { ignore_index: -100 },
+            classes: None,
+        };
+        let data = from_tensors(Path::new("d.safetensors"), raw.clone(), &want).unwrap();
+        let batch = data.batch(&data.order(0, 0, false), 1, 1);
+        assert_eq!(batch["past_key_values.0.key"].shape, [1, 4, 0, 8]);
+        assert_eq!(batch["input_ids"].data, [3.0, 4.0]);
+
+        want.inputs[1].1 = vec![4, 1, 8];
+        let e = from_tensors(Path::new("d.safetensors"), raw, &want)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("no tensor named 'past_key_values.0.key'")
+                && e.contains("it has: input_ids int64 3x2, labels int64 3x2"),
+            "{e}"
+        );
     }
 }
