@@ -656,13 +656,14 @@ fn check_supported(
     for &n in nodes {
         let op = n.op_type();
         let domain = n.domain();
+        let default_domain = matches!(domain, "" | "ai.onnx");
         let what = if is_if(n) {
             None
-        } else if !matches!(domain, "" | "ai.onnx") {
+        } else if !default_domain && import_ops::rule_in(domain, op).is_none() {
             Some(format!("{op} (domain '{domain}')"))
         } else if subgraphs(n).next().is_some() {
             Some(format!("{op} (with a subgraph)"))
-        } else if import_ops::rule(op).is_none() {
+        } else if import_ops::rule_in(domain, op).is_none() {
             Some(op.to_string())
         } else if !import_ops::MULTI_OUTPUT.contains(&op)
             && n.output

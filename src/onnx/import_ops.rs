@@ -19,8 +19,9 @@
 //! The builders live by family: `layout` (Unsqueeze, Squeeze, Concat, Slice, Split, Expand,
 //! Trilu), `shape` (Shape, Size, ConstantOfShape, Range), `gather` (Gather, GatherElements,
 //! GatherND), `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip), `conv` (Conv,
-//! lowered to a Gather of input windows and a MatMul) and `lowered` (ops that become small graphs
-//! of existing IR ops: activations, RMSNormalization, LogSoftmax, ReduceL1/L2/LogSum, Tile,
+//! lowered to a Gather of input windows and a MatMul), `pool`, `resize`, `quantized` (ONNX
+//! Runtime's MatMulNBits, dequantized at import) and `lowered` (ops that become small graphs of
+//! existing IR ops: activations, RMSNormalization, LogSoftmax, ReduceL1/L2/LogSum, Tile,
 //! SpaceToDepth...).
 
 mod conv;
@@ -29,6 +30,7 @@ mod layout;
 mod logic;
 mod lowered;
 mod pool;
+mod quantized;
 mod resize;
 mod shape;
 
@@ -171,6 +173,26 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "LSTM",
 ];
 
+/// ONNX Runtime's contrib domain, of which dorac imports the ops in [`CONTRIB_OPS`].
+pub const CONTRIB_DOMAIN: &str = "com.microsoft";
+
+/// The ops of [`CONTRIB_DOMAIN`] dorac imports: those that Hub models' exports carry and that
+/// lower to IR ops (MatMulNBits: the 4-bit weights of `model_q4.onnx` files).
+pub const CONTRIB_OPS: &[(&str, Rule)] = &[("MatMulNBits", Rule::Build(quantized::matmul_nbits))];
+
+/// The rule for an op of `domain` (the default one, or [`CONTRIB_DOMAIN`]), or None when dorac
+/// does not support it.
+pub fn rule_in(domain: &str, op_type: &str) -> Option<Rule> {
+    match domain {
+        "" | "ai.onnx" => rule(op_type),
+        CONTRIB_DOMAIN => CONTRIB_OPS
+            .iter()
+            .find(|(t, _)| *t == op_type)
+            .map(|(_, r)| *r),
+        _ => None,
+    }
+}
+
 /// The rule for an op type of the default domain, or None when dorac does not support it: an
 /// entry of [`OPS`], or a definition of `ops::unary`, `ops::binary` or `ops::reduce` by its ONNX
 /// name (the one place those names are written).
@@ -187,7 +209,7 @@ pub fn rule(op_type: &str) -> Option<Rule> {
 /// every input the node has, so an input dorac would ignore is an error and not a wrong result.
 /// Returns the IR node of each ONNX output that has one, by output name.
 pub(crate) fn build(cx: &mut Ctx) -> Result<Vec<(String, NodeId)>> {
-    let rule = rule(cx.op_type()).ok_or_else(|| {
+    let rule = rule_in(cx.node.domain(), cx.op_type()).ok_or_else(|| {
         Error::Unsupported(vec![format!("{} (nodes: {})", cx.op_type(), cx.label)])
     })?;
     let id = match rule {

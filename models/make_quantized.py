@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Writes models/quantized/: a small MLP whose weights ONNX Runtime's weight quantizer stored as
+MatMulNBits (com.microsoft), the form of the `model_q4.onnx` files on the Hub, and onnxruntime's
+outputs on fixed inputs, for tests/quantized.rs.
+
+    /work/pyenv/bin/python models/make_quantized.py     (torch, onnx, onnxruntime)
+
+The MLP is Linear(48, 40) + GELU + Linear(40, 24, no bias), batch dynamic. K = 48 is not a
+multiple of 32, so a block of 32 ends past the row. Variants (one file each):
+  - q4_sym16:   4 bits, blocks of 16, symmetric (no zero points: the middle code, 8);
+  - q4_asym32:  4 bits, blocks of 32, packed uint8 zero points;
+  - q8_asym16:  8 bits, blocks of 16, uint8 zero points;
+  - q4_float_zp_bias: q4_asym32 with its zero points as floats (the scales' type) and the first
+    layer's bias moved into MatMulNBits' own bias input (input 5).
+inputs.safetensors holds x [3, 2, 48]; <variant>.ort.safetensors holds onnxruntime's y.
+"""
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from safetensors.numpy import save_file
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantized")
+
+
+def base_model(path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.GELU(), torch.nn.Linear(40, 24, bias=False)).eval()
+    # A 3-D input: a Linear on a sequence exports as MatMul + Add, which the quantizer takes (a
+    # 2-D one exports as Gemm, which it leaves alone).
+    torch.onnx.export(net, (torch.randn(3, 2, 48),), path, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    return onnx.load(path)
+
+
+def quantize(model, bits, block, symmetric):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the quantizer rewrites the model it is given
+    q = MatMulNBitsQuantizer(copy, bits=bits, block_size=block, is_symmetric=symmetric)
+    q.process()
+    return q.model.model
+
+
+def float_zero_points_and_bias(model):
+    """Zero points unpacked into the scales' type; the first Add's bias into input 5."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = [n for n in g.node if n.op_type == "MatMulNBits"]
+    for n in nodes:
+        bits = next(a.i for a in n.attribute if a.name == "bits")
+        k = next(a.i for a in n.attribute if a.name == "K")
+        rows = next(a.i for a in n.attribute if a.name == "N")
+        block = next(a.i for a in n.attribute if a.name == "block_size")
+        blocks = -(-k // block)
+        packed = numpy_helper.to_array(inits[n.input[3]]).reshape(rows, -1)
+        codes = np.stack([(packed[:, b * bits // 8] >> (b * bits % 8)) & ((1 << bits) - 1) for b in range(blocks)], 1)
+        scales = numpy_helper.to_array(inits[n.input[2]])
+        inits[n.input[3]].CopyFrom(numpy_helper.from_array(codes.astype(scales.dtype).reshape(-1), n.input[3]))
+    first = nodes[0]
+    add = next(a for a in g.node if a.op_type == "Add" and first.output[0] in a.input)
+    bias = next(i for i in add.input if i != first.output[0])
+    while len(first.input) < 5:
+        first.input.append("")
+    first.input.append(bias)
+    first.output[0] = add.output[0]
+    g.node.remove(add)
+    return model
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    base = base_model(os.path.join(OUT, "base.onnx"))
+    os.remove(os.path.join(OUT, "base.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, 2, 48)).astype(np.float32)
+    save_file({"x": x}, os.path.join(OUT, "inputs.safetensors"))
+    variants = {
+        "q4_sym16": quantize(base, 4, 16, True),
+        "q4_asym32": quantize(base, 4, 32, False),
+        "q8_asym16": quantize(base, 8, 16, False),
+    }
+    variants["q4_float_zp_bias"] = float_zero_points_and_bias(quantize(base, 4, 32, False))
+    for name, m in variants.items():
+        path = os.path.join(OUT, f"{name}.onnx")
+        onnx.save(m, path)
+        (y,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        save_file({"y": y}, os.path.join(OUT, f"{name}.ort.safetensors"))
+        ops = sorted({n.op_type for n in m.graph.node})
+        print(f"{name}: {os.path.getsize(path)} bytes, ops {ops}")
+
+
+if __name__ == "__main__":
+    main()
