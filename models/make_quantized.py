@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes models/quantized/: a small MLP whose weights ONNX Runtime's weight quantizer stored as
-MatMulNBits (com.microsoft), the form of the `model_q4.onnx` files on the Hub, and onnxruntime's
-outputs on fixed inputs, for tests/quantized.rs.
+MatMulNBits (com.microsoft), the form of the `model_q4.onnx` files on the Hub, or quantized
+dynamically, and onnxruntime's outputs on fixed inputs, for tests/quantized.rs.
 
     /work/pyenv/bin/python models/make_quantized.py     (torch, onnx, onnxruntime)
 
@@ -11,7 +11,10 @@ multiple of 32, so a block of 32 ends past the row. Variants (one file each):
   - q4_asym32:  4 bits, blocks of 32, packed uint8 zero points;
   - q8_asym16:  8 bits, blocks of 16, uint8 zero points;
   - q4_float_zp_bias: q4_asym32 with its zero points as floats (the scales' type) and the first
-    layer's bias moved into MatMulNBits' own bias input (input 5).
+    layer's bias moved into MatMulNBits' own bias input (input 5);
+  - dynamic_u8: ONNX Runtime's dynamic quantization (`quantize_dynamic`, uint8 weights): each
+    activation quantized by DynamicQuantizeLinear, MatMulInteger, then the scales (the form of
+    the Hub's `model_quantized.onnx`).
 inputs.safetensors holds x [3, 2, 48]; <variant>.ort.safetensors holds onnxruntime's y.
 """
 import os
@@ -21,6 +24,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from safetensors.numpy import save_file
 
@@ -74,7 +78,6 @@ def float_zero_points_and_bias(model):
 def main():
     os.makedirs(OUT, exist_ok=True)
     base = base_model(os.path.join(OUT, "base.onnx"))
-    os.remove(os.path.join(OUT, "base.onnx"))
     x = np.random.default_rng(0).standard_normal((3, 2, 48)).astype(np.float32)
     save_file({"x": x}, os.path.join(OUT, "inputs.safetensors"))
     variants = {
@@ -83,6 +86,8 @@ def main():
         "q8_asym16": quantize(base, 8, 16, False),
     }
     variants["q4_float_zp_bias"] = float_zero_points_and_bias(quantize(base, 4, 32, False))
+    quantize_dynamic(os.path.join(OUT, "base.onnx"), os.path.join(OUT, "dynamic_u8.onnx"), weight_type=QuantType.QUInt8)
+    variants["dynamic_u8"] = onnx.load(os.path.join(OUT, "dynamic_u8.onnx"))
     for name, m in variants.items():
         path = os.path.join(OUT, f"{name}.onnx")
         onnx.save(m, path)
@@ -90,6 +95,7 @@ def main():
         save_file({"y": y}, os.path.join(OUT, f"{name}.ort.safetensors"))
         ops = sorted({n.op_type for n in m.graph.node})
         print(f"{name}: {os.path.getsize(path)} bytes, ops {ops}")
+    os.remove(os.path.join(OUT, "base.onnx"))
 
 
 if __name__ == "__main__":

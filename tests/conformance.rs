@@ -36,6 +36,23 @@ const TOLERANCES: &[(&str, f64, &str)] = &[(
     "the case writes its expected values to four decimals (0.1511 for 1.3595 / 9 = 0.151056)",
 )];
 
+/// Integer outputs are exact but for these cases: how many codes apart an element may be, and
+/// why.
+const CODE_TOLERANCES: &[(&str, f64, &str)] = &[
+    (
+        "test_dynamicquantizelinear",
+        1.0,
+        "the scale is (2 - -3) / 255 and x -2.5: x / scale is -127.5, a tie that rounds to even \
+     (-128, code 25) in the f64 reference executor, while the case's f32 arithmetic gives \
+     -127.49999 (code 26); the GPU computes in f32 and gives 26",
+    ),
+    (
+        "test_dynamicquantizelinear_expanded",
+        1.0,
+        "the same, through the function's expansion",
+    ),
+];
+
 /// Tolerance for outputs the case stores as float16: the expected values are rounded to half
 /// precision (unit roundoff 2^-11 ~ 4.9e-4), dorac's are computed in f32; the onnx reference also
 /// rounds attention's intermediates to half (up to 7.8e-4 there, the same on both engines).
@@ -148,7 +165,13 @@ fn tolerance(case: &str, stored: Stored) -> f64 {
 }
 
 /// None when `got` matches `want`, else what differs.
-fn compare(got: &Array, dtype: DType, want: &Array, stored: Stored, tol: f64) -> Option<String> {
+fn compare(
+    got: &Array,
+    dtype: DType,
+    want: &Array,
+    stored: Stored,
+    (tol, codes): (f64, f64),
+) -> Option<String> {
     if got.shape != want.shape {
         return Some(format!("shape {:?}, expected {:?}", got.shape, want.shape));
     }
@@ -166,7 +189,11 @@ fn compare(got: &Array, dtype: DType, want: &Array, stored: Stored, tol: f64) ->
         ));
     }
     if want_type != DType::F32 {
-        let bad = got.data.iter().zip(&want.data).position(|(a, b)| a != b)?;
+        let bad = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .position(|(a, b)| (a - b).abs() > codes)?;
         return Some(format!(
             "element {bad} is {}, expected {}",
             got.data[bad], want.data[bad]
@@ -218,7 +245,12 @@ fn check(name: &str, dir: &Path) -> Outcome {
             };
             let id = graph.outputs().iter().find(|(n, _)| n == oname).unwrap().1;
             let dtype = graph.node(id).dtype;
-            if let Some(d) = compare(got, dtype, want, *stored, tolerance(name, *stored)) {
+            let codes = CODE_TOLERANCES
+                .iter()
+                .find(|(c, _, _)| *c == name)
+                .map_or(0.0, |c| c.1);
+            let tolerances = (tolerance(name, *stored), codes);
+            if let Some(d) = compare(got, dtype, want, *stored, tolerances) {
                 silent.push(format!("{engine}: output '{oname}': {d}"));
             }
         }

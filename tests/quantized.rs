@@ -1,7 +1,8 @@
-//! Weight-only quantized models (ONNX Runtime's MatMulNBits, `models/quantized/`, made by
-//! `models/make_quantized.py`): 4- and 8-bit codes, blocks of 16 and 32 (a block running past K),
-//! symmetric, packed and float zero points, a bias input. Each runs on the GPU and the reference
-//! executor against onnxruntime's output, and the DoRA rewrite adapts their layers.
+//! Quantized models (`models/quantized/`, made by `models/make_quantized.py`): weight-only, ONNX
+//! Runtime's MatMulNBits with 4- and 8-bit codes, blocks of 16 and 32 (a block running past K),
+//! symmetric, packed and float zero points, a bias input; and quantized dynamically
+//! (DynamicQuantizeLinear, MatMulInteger). Each runs on the GPU and the reference executor
+//! against onnxruntime's output, and the DoRA rewrite adapts the weight-only ones' layers.
 
 mod common;
 
@@ -9,7 +10,13 @@ use common::*;
 use dorac::onnx::proto::ModelProto;
 use std::path::Path;
 
-const VARIANTS: [&str; 4] = ["q4_sym16", "q4_asym32", "q8_asym16", "q4_float_zp_bias"];
+const VARIANTS: [&str; 5] = [
+    "q4_sym16",
+    "q4_asym32",
+    "q8_asym16",
+    "q4_float_zp_bias",
+    "dynamic_u8",
+];
 
 fn model(variant: &str) -> std::path::PathBuf {
     models_dir()

@@ -288,14 +288,15 @@ fn import_resolved(
 
     // 1. Graph inputs, with static shapes.
     let shapes = resolve_input_shapes(&inputs, pins, input_shapes)?;
-    // The declared type of each float graph input and initializer: dorac computes them all in
-    // f32, but where an op requires one element type their ONNX types must still agree.
-    let mut float_formats: HashMap<NodeId, DataType> = HashMap::new();
+    // The declared type of each graph input and initializer: dorac computes floats in f32 and
+    // integers as int64, but where an op requires one element type their ONNX types must still
+    // agree, and a quantizer's zero point says by its type which integers it makes.
+    let mut formats: HashMap<NodeId, DataType> = HashMap::new();
     for (vi, (shape, dims)) in inputs.iter().zip(shapes) {
         crate::tensor::check_size(&shape, 4, || format!("input '{}'", vi.name()))?;
         let id = g.add_typed_input(vi.name(), shape, input_dtype(vi).unwrap_or(DType::F32));
-        if let Some(t) = input_elem_type(vi).filter(|t| is_float(*t)) {
-            float_formats.insert(id, t);
+        if let Some(t) = input_elem_type(vi) {
+            formats.insert(id, t);
         }
         values.insert(vi.name().to_string(), id);
         g.info_mut().input_dims.insert(vi.name().to_string(), dims);
@@ -303,7 +304,7 @@ fn import_resolved(
 
     // 2. Initializers, in file order (unused ones are dropped at the end).
     for t in &gp.initializer {
-        add_initializer(&mut g, t, model_dir, &mut values, &mut float_formats)?;
+        add_initializer(&mut g, t, model_dir, &mut values, &mut formats)?;
     }
 
     // 3. Nodes: Constant nodes first (they read nothing), then the rest, each in topological
@@ -314,7 +315,7 @@ fn import_resolved(
         stop_gradient: stop_gradient_nodes(model, gp)?,
         constness: std::cell::RefCell::new(HashMap::new()),
         input_values,
-        float_formats,
+        formats,
     };
     let (constants, ops): (Vec<usize>, Vec<usize>) = order
         .into_iter()
@@ -371,16 +372,13 @@ fn add_initializer(
     t: &proto::TensorProto,
     model_dir: &Path,
     values: &mut HashMap<String, NodeId>,
-    float_formats: &mut HashMap<NodeId, DataType>,
+    formats: &mut HashMap<NodeId, DataType>,
 ) -> Result<()> {
     let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
     let id = g.add_const(t.name(), tensor);
     values.insert(t.name().to_string(), id);
-    if let Some(dt) = DataType::try_from(t.data_type())
-        .ok()
-        .filter(|d| is_float(*d))
-    {
-        float_formats.insert(id, dt);
+    if let Ok(dt) = DataType::try_from(t.data_type()) {
+        formats.insert(id, dt);
     }
     // Half-precision weights stay half on the device where their readers allow.
     match DataType::try_from(t.data_type()) {
@@ -400,8 +398,8 @@ struct Scope<'a> {
     /// Which nodes depend on constants only, shared by the whole import.
     constness: std::cell::RefCell<HashMap<NodeId, bool>>,
     input_values: &'a HashMap<String, Array>,
-    /// The declared type of each float graph input and initializer.
-    float_formats: HashMap<NodeId, DataType>,
+    /// The declared ONNX type of each graph input, initializer, Constant and Cast.
+    formats: HashMap<NodeId, DataType>,
 }
 
 impl Scope<'_> {
@@ -434,9 +432,12 @@ impl Scope<'_> {
                 self.stop_gradient.contains(node.name()),
                 &self.constness,
                 self.input_values,
-                &self.float_formats,
+                &self.formats,
             );
             let outputs = import_ops::build(&mut cx)?;
+            if let (Some(t), Some(&(_, id))) = (declared_output_type(node), outputs.first()) {
+                self.formats.insert(id, t);
+            }
             values.extend(outputs);
         }
         Ok(())
@@ -473,7 +474,7 @@ impl Scope<'_> {
                 false,
                 &self.constness,
                 self.input_values,
-                &self.float_formats,
+                &self.formats,
             );
             cx.const_scalar(0, "condition")?
                 .ok_or_else(|| at("the condition is missing".into()))?
@@ -509,7 +510,7 @@ impl Scope<'_> {
         // The branch sees every value of the enclosing scopes, then its own initializers.
         let mut inner = values.clone();
         for t in &branch.initializer {
-            add_initializer(g, t, self.model_dir, &mut inner, &mut self.float_formats)?;
+            add_initializer(g, t, self.model_dir, &mut inner, &mut self.formats)?;
         }
         let sources: HashSet<&str> = inner.keys().map(String::as_str).collect();
         let order = topo_sort(&branch.node, &sources, &branch.output)
@@ -522,6 +523,19 @@ impl Scope<'_> {
             .filter(|(o, _)| !o.is_empty())
             .map(|(o, b)| (o.clone(), inner[b.name()]))
             .collect())
+    }
+}
+
+/// The ONNX type a node's first output declares by its attributes: a Constant's value, a
+/// Cast's target (None for other nodes).
+fn declared_output_type(n: &NodeProto) -> Option<DataType> {
+    let a = n.attribute.first()?;
+    match (n.op_type(), a.name()) {
+        ("Constant", "value") => DataType::try_from(a.t.as_ref()?.data_type()).ok(),
+        ("Constant", "value_int" | "value_ints") => Some(DataType::Int64),
+        ("Constant", "value_float" | "value_floats") => Some(DataType::Float),
+        ("Cast", "to") => DataType::try_from(a.i() as i32).ok(),
+        _ => None,
     }
 }
 
@@ -629,13 +643,6 @@ fn input_elem_type(vi: &proto::ValueInfoProto) -> Option<DataType> {
         }) => DataType::try_from(t.elem_type()).ok(),
         _ => None,
     }
-}
-
-fn is_float(t: DataType) -> bool {
-    matches!(
-        t,
-        DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
-    )
 }
 
 /// Refuses, in one error, everything dorac cannot import: unknown op types, other domains,

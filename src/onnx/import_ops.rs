@@ -123,6 +123,13 @@ pub const OPS: &[(&str, Rule)] = &[
     ("RotaryEmbedding", Rule::Build(lowered::rotary_embedding)),
     ("LpNormalization", Rule::Build(lowered::lp_normalization)),
     ("DequantizeLinear", Rule::Build(lowered::dequantize_linear)),
+    ("QuantizeLinear", Rule::Build(quantized::quantize_linear)),
+    (
+        "DynamicQuantizeLinear",
+        Rule::Build(quantized::dynamic_quantize_linear),
+    ),
+    ("MatMulInteger", Rule::Build(quantized::matmul_integer)),
+    ("ConvInteger", Rule::Build(quantized::conv_integer)),
     ("CenterCropPad", Rule::Build(lowered::center_crop_pad)),
     ("ScatterElements", Rule::Build(lowered::scatter_elements)),
     ("Scatter", Rule::Build(lowered::scatter_elements)),
@@ -162,6 +169,7 @@ pub const OPS: &[(&str, Rule)] = &[
 /// Op types whose nodes may have several outputs that are used (each becomes its own IR node);
 /// of any other op only the first output may be used.
 pub const MULTI_OUTPUT: &[&str] = &[
+    "DynamicQuantizeLinear",
     "Split",
     "LayerNormalization",
     "Dropout",
@@ -291,7 +299,7 @@ pub struct Ctx<'a> {
     /// Values of graph inputs known at import, by name (see `onnx::import_with_values`).
     input_values: &'a HashMap<String, Array>,
     /// The declared ONNX float type of each float graph input and initializer.
-    float_formats: &'a HashMap<NodeId, DataType>,
+    formats: &'a HashMap<NodeId, DataType>,
 }
 
 impl<'a> Ctx<'a> {
@@ -307,7 +315,7 @@ impl<'a> Ctx<'a> {
         stop_gradient: bool,
         constness: &'a RefCell<HashMap<NodeId, bool>>,
         input_values: &'a HashMap<String, Array>,
-        float_formats: &'a HashMap<NodeId, DataType>,
+        formats: &'a HashMap<NodeId, DataType>,
     ) -> Self {
         Ctx {
             graph,
@@ -323,7 +331,7 @@ impl<'a> Ctx<'a> {
             extra_outputs: vec![],
             constness,
             input_values,
-            float_formats,
+            formats,
         }
     }
 
@@ -363,7 +371,21 @@ impl<'a> Ctx<'a> {
             DataType::Double => "float64",
             _ => "float32",
         };
-        self.float_formats.get(&id).map(|&t| name(t))
+        self.formats
+            .get(&id)
+            .filter(|t| {
+                matches!(
+                    t,
+                    DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
+                )
+            })
+            .map(|&t| name(t))
+    }
+
+    /// The ONNX element type a graph input, initializer, Constant or Cast declares (None for
+    /// other computed values, whose declared types dorac does not track).
+    pub fn declared_type(&self, id: NodeId) -> Option<DataType> {
+        self.formats.get(&id).copied()
     }
 
     pub fn err(&self, msg: String) -> Error {

@@ -43,6 +43,18 @@ pub fn conv(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
     let w = cx.input(1)?;
     let bias = cx.opt_input(2)?;
+    conv_of(cx, x, w, bias, None)
+}
+
+/// The Conv of the node's attributes over `x` and `w` (float values, whichever node computes
+/// them), its result named `name` (the node's output when None).
+pub(super) fn conv_of(
+    cx: &mut Ctx,
+    x: NodeId,
+    w: NodeId,
+    bias: Option<NodeId>,
+    name: Option<&str>,
+) -> Result<NodeId> {
     let (xs, ws) = (cx.shape(x), cx.shape(w));
     if xs.len() < 3 || ws.len() != xs.len() {
         return Err(cx.err(format!(
@@ -135,7 +147,10 @@ pub fn conv(cx: &mut Ctx) -> Result<NodeId> {
     )?;
     let mut shape = vec![n, m];
     shape.extend(&geo.output);
-    cx.add(Op::Reshape { shape }, &[y])
+    match name {
+        Some(name) => cx.add_named(Op::Reshape { shape }, &[y], name),
+        None => cx.add(Op::Reshape { shape }, &[y]),
+    }
 }
 
 /// An attribute that must be at least 1.

@@ -1353,6 +1353,38 @@ pub fn lp_normalization(cx: &mut Ctx) -> Result<NodeId> {
     cx.add(Op::Binary(Binary::Div), &[x, norm])
 }
 
+/// A quantizer's scale (or zero point) laid out to broadcast against an input of shape `xs`:
+/// one value, one per index of `axis` (a 1-D tensor), or one per `block_size` indices of it.
+pub(super) fn spread_quantization(
+    cx: &mut Ctx,
+    t: NodeId,
+    xs: &[usize],
+    tag: &str,
+) -> Result<NodeId> {
+    let axis_attr = cx.attr_int("axis")?.unwrap_or(1);
+    let block = cx.attr_int("block_size")?.unwrap_or(0);
+    let ts = cx.shape(t);
+    if block <= 0 && (numel(&ts) == 1 || ts.is_empty()) {
+        return Ok(t);
+    }
+    let axis = cx.axis(axis_attr, xs.len(), false)?;
+    if block > 0 {
+        let n = xs[axis];
+        let ids: Vec<i64> = (0..n as i64).map(|j| j / block).collect();
+        let name = cx.temp_name(&format!("{tag}_blocks"));
+        let c = cx.add_const(&name, Tensor::i64(vec![n], ids))?;
+        return tmp(cx, Op::Gather { axis }, &[t, c], &format!("{tag}_spread"));
+    }
+    if ts.len() == 1 && ts[0] == xs[axis] {
+        let mut s = vec![1; xs.len()];
+        s[axis] = ts[0];
+        return tmp(cx, Op::Reshape { shape: s }, &[t], &format!("{tag}_axis"));
+    }
+    Err(cx.err(format!(
+        "{tag} {ts:?} does not fit input {xs:?} along axis {axis}"
+    )))
+}
+
 /// DequantizeLinear: `(x - zero_point) * scale`, with per-tensor, per-axis (1-D along `axis`)
 /// or blocked (`block_size` elements of `axis` per entry) scale and zero point.
 pub fn dequantize_linear(cx: &mut Ctx) -> Result<NodeId> {
@@ -1361,37 +1393,12 @@ pub fn dequantize_linear(cx: &mut Ctx) -> Result<NodeId> {
     let scale = cx.input(1)?;
     let zp = cx.opt_input(2)?;
     let xs = cx.shape(x);
-    // The axis matters (and must be valid) only for a scale that is not one value.
-    let axis_attr = cx.attr_int("axis")?.unwrap_or(1);
-    let block = cx.attr_int("block_size")?.unwrap_or(0);
     if let Some(t) = cx.attr_int("output_dtype")? {
         if t != 0 && super::data::ir_dtype(t as i32) != Some(DType::F32) {
             return Err(cx.unsupported(format!("DequantizeLinear to output type {t}")));
         }
     }
-    // The scale (or zero point) laid out to broadcast against x.
-    let spread = |cx: &mut Ctx, t: NodeId, tag: &str| -> Result<NodeId> {
-        let ts = cx.shape(t);
-        if block <= 0 && (numel(&ts) == 1 || ts.is_empty()) {
-            return Ok(t);
-        }
-        let axis = cx.axis(axis_attr, xs.len(), false)?;
-        if block > 0 {
-            let n = xs[axis];
-            let ids: Vec<i64> = (0..n as i64).map(|j| j / block).collect();
-            let name = cx.temp_name(&format!("{tag}_blocks"));
-            let c = cx.add_const(&name, Tensor::i64(vec![n], ids))?;
-            return tmp(cx, Op::Gather { axis }, &[t, c], &format!("{tag}_spread"));
-        }
-        if ts.len() == 1 && ts[0] == xs[axis] {
-            let mut s = vec![1; xs.len()];
-            s[axis] = ts[0];
-            return tmp(cx, Op::Reshape { shape: s }, &[t], &format!("{tag}_axis"));
-        }
-        Err(cx.err(format!(
-            "{tag} {ts:?} does not fit input {xs:?} along axis {axis}"
-        )))
-    };
+    let spread = |cx: &mut Ctx, t: NodeId, tag: &str| spread_quantization(cx, t, &xs, tag);
     let xf = match cx.dtype(x) {
         DType::F32 => x,
         _ => tmp(cx, Op::Cast { to: DType::F32 }, &[x], "x_float")?,

@@ -1,15 +1,18 @@
-//! MatMulNBits, of ONNX Runtime's contrib domain: a MatMul whose weight is stored in blocks of
+//! Quantized models: QuantizeLinear, DynamicQuantizeLinear and MatMulInteger (ONNX Runtime's
+//! dynamically quantized `model_quantized.onnx`, and QDQ models), computed on integer-valued
+//! floats; and MatMulNBits, of ONNX Runtime's contrib domain: a MatMul whose weight is stored in blocks of
 //! 2-, 4- or 8-bit codes with a scale (and a zero point) per block, as ONNX Runtime's weight
 //! quantizer writes it (the `model_q4.onnx` files of Hub repositories). The weight is a constant,
 //! so the import dequantizes it once into an f32 `[K, N]` constant and the node becomes a plain
 //! MatMul (plus its bias): it runs, trains and merges like any linear layer, and the DoRA rewrite
 //! adapts it, with the dequantized weight as W0 (QDoRA's arrangement).
 
-use super::lowered::tmp;
+use super::lowered::{spread_quantization, tmp};
 use super::Ctx;
 use crate::error::Result;
-use crate::ir::{Binary, NodeId, Op};
-use crate::tensor::{shape_str, Tensor};
+use crate::ir::{unary, Binary, NodeId, Op, Reduce};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::tensor::{shape_str, DType, Tensor};
 
 /// The layout the attributes give: `n` rows of `k` codes, `blocks` blocks of `block` codes a
 /// row, `bits` bits a code, packed from the low bits of each byte up.
@@ -173,4 +176,203 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
             cx.add(Op::Binary(Binary::Add), &[y, bias])
         }
     }
+}
+
+/// The integer type a quantizer writes: its range, by the ONNX type of its zero point.
+fn integer_range(cx: &Ctx, t: DataType) -> Result<(f32, f32)> {
+    Ok(match t {
+        DataType::Uint8 => (0.0, 255.0),
+        DataType::Int8 => (-128.0, 127.0),
+        DataType::Uint16 => (0.0, 65535.0),
+        DataType::Int16 => (-32768.0, 32767.0),
+        other => {
+            return Err(cx.unsupported(format!(
+                "{} to {}",
+                cx.op_type(),
+                other.as_str_name().to_lowercase()
+            )))
+        }
+    })
+}
+
+/// `clip(round(x) (+ zero point), lo, hi)` as integers: round half to even, as ONNX does.
+fn round_and_saturate(
+    cx: &mut Ctx,
+    x: NodeId,
+    zero_point: Option<NodeId>,
+    (lo, hi): (f32, f32),
+    final_name: Option<&str>,
+) -> Result<NodeId> {
+    let mut q = tmp(cx, Op::Unary(unary::ROUND), &[x], "rounded")?;
+    if let Some(z) = zero_point {
+        let z = match cx.dtype(z) {
+            DType::F32 => z,
+            _ => tmp(cx, Op::Cast { to: DType::F32 }, &[z], "zero_point_float")?,
+        };
+        q = tmp(cx, Op::Binary(Binary::Add), &[q, z], "shifted")?;
+    }
+    let lo = constant(cx, lo, "lowest")?;
+    let hi = constant(cx, hi, "highest")?;
+    let q = tmp(cx, Op::Binary(Binary::Max), &[q, lo], "at_least_lowest")?;
+    let q = tmp(cx, Op::Binary(Binary::Min), &[q, hi], "saturated")?;
+    match final_name {
+        Some(name) => cx.add_named(Op::Cast { to: DType::I64 }, &[q], name),
+        None => cx.add(Op::Cast { to: DType::I64 }, &[q]),
+    }
+}
+
+fn constant(cx: &mut Ctx, v: f32, tag: &str) -> Result<NodeId> {
+    let name = cx.temp_name(tag);
+    cx.add_const(&name, Tensor::scalar(v))
+}
+
+/// QuantizeLinear: `saturate(round(x / scale) + zero_point)`, per tensor, per axis or blocked,
+/// into the zero point's integer type (uint8 without one; `output_dtype` may name it).
+pub fn quantize_linear(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let scale = cx.input(1)?;
+    let zp = cx.opt_input(2)?;
+    let xs = cx.shape(x);
+    let declared = zp.and_then(|z| cx.declared_type(z));
+    let named = match cx.attr_int("output_dtype")? {
+        None | Some(0) => None,
+        Some(t) => Some(
+            DataType::try_from(t as i32)
+                .map_err(|_| cx.err(format!("output_dtype {t} is not an ONNX type")))?,
+        ),
+    };
+    let target = match (named, declared, zp) {
+        (Some(t), _, _) | (None, Some(t), _) => t,
+        (None, None, None) => DataType::Uint8,
+        (None, None, Some(_)) => {
+            return Err(cx.unsupported(
+                "QuantizeLinear with a computed zero point (its type is not known at import)"
+                    .into(),
+            ))
+        }
+    };
+    // Saturation matters only for float8 targets, which are refused below.
+    cx.attr_int("saturate")?;
+    let range = integer_range(cx, target)?;
+    let s = spread_quantization(cx, scale, &xs, "scale")?;
+    let scaled = tmp(cx, Op::Binary(Binary::Div), &[x, s], "scaled")?;
+    let z = match zp {
+        Some(z) => Some(spread_quantization(cx, z, &xs, "zero_point")?),
+        None => None,
+    };
+    round_and_saturate(cx, scaled, z, range, None)
+}
+
+/// DynamicQuantizeLinear: uint8 codes of x with the scale and zero point its own range gives
+/// (the range widened to hold 0): `scale = (max - min) / 255`, `zero point = saturate(round(-min
+/// / scale))`; outputs the codes, the scale and the zero point.
+pub fn dynamic_quantize_linear(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let all: Vec<usize> = (0..cx.shape(x).len()).collect();
+    let reduce = |cx: &mut Ctx, kind: Reduce, tag: &str| {
+        let op = Op::Reduce {
+            kind,
+            axes: all.clone(),
+            keepdims: false,
+        };
+        tmp(cx, op, &[x], tag)
+    };
+    let (lo, hi) = (
+        reduce(cx, Reduce::Min, "min")?,
+        reduce(cx, Reduce::Max, "max")?,
+    );
+    let zero = constant(cx, 0.0, "zero")?;
+    let lo = tmp(cx, Op::Binary(Binary::Min), &[lo, zero], "min_with_zero")?;
+    let hi = tmp(cx, Op::Binary(Binary::Max), &[hi, zero], "max_with_zero")?;
+    let levels = constant(cx, 255.0, "levels")?;
+    let span = tmp(cx, Op::Binary(Binary::Sub), &[hi, lo], "span")?;
+    let out = |i: usize| cx.node.output.get(i).filter(|o| !o.is_empty()).cloned();
+    let scale_name = out(1).unwrap_or_else(|| cx.temp_name("scale"));
+    let scale = cx.add_named(Op::Binary(Binary::Div), &[span, levels], &scale_name)?;
+    let neg = tmp(cx, Op::Unary(unary::NEG), &[lo], "minus_min")?;
+    let zp_float = tmp(
+        cx,
+        Op::Binary(Binary::Div),
+        &[neg, scale],
+        "zero_point_float",
+    )?;
+    let zp_name = out(2).unwrap_or_else(|| cx.temp_name("zero_point"));
+    let zp = round_and_saturate(cx, zp_float, None, (0.0, 255.0), Some(&zp_name))?;
+    cx.set_output(1, scale);
+    cx.set_output(2, zp);
+    let scaled = tmp(cx, Op::Binary(Binary::Div), &[x, scale], "scaled")?;
+    round_and_saturate(cx, scaled, Some(zp), (0.0, 255.0), None)
+}
+
+/// `v - zero point` as floats. A 1-D zero point of more than one value broadcasts along the
+/// last dim (B's columns of MatMulInteger), or with `rows = Some(r)` is one per row: laid out as
+/// `[len, 1, ...]` of rank `r` (A's rows: r = 2, matching A's last two dims; W's output
+/// channels of ConvInteger: W's rank).
+fn centered(
+    cx: &mut Ctx,
+    v: NodeId,
+    zp: Option<NodeId>,
+    rows: Option<usize>,
+    tag: &str,
+) -> Result<NodeId> {
+    let vf = tmp(
+        cx,
+        Op::Cast { to: DType::F32 },
+        &[v],
+        &format!("{tag}_float"),
+    )?;
+    let Some(z) = zp else {
+        return Ok(vf);
+    };
+    let mut z = tmp(
+        cx,
+        Op::Cast { to: DType::F32 },
+        &[z],
+        &format!("{tag}_zero_point"),
+    )?;
+    let zs = cx.shape(z);
+    if let (Some(rank), [len]) = (rows, zs.as_slice()) {
+        let mut shape = vec![1; rank];
+        shape[0] = *len;
+        z = tmp(
+            cx,
+            Op::Reshape { shape },
+            &[z],
+            &format!("{tag}_zero_point_rows"),
+        )?;
+    }
+    tmp(
+        cx,
+        Op::Binary(Binary::Sub),
+        &[vf, z],
+        &format!("{tag}_centered"),
+    )
+}
+
+/// ConvInteger: the Conv of `x - x_zero_point` and `w - w_zero_point` (one value, or one per
+/// output channel) in int32, computed in f32 as [`matmul_integer`] is; the padding reads 0 of
+/// the centered input, as ONNX defines it.
+pub fn conv_integer(cx: &mut Ctx) -> Result<NodeId> {
+    let (x, w) = (cx.input(0)?, cx.input(1)?);
+    let (zx, zw) = (cx.opt_input(2)?, cx.opt_input(3)?);
+    let x = centered(cx, x, zx, None, "x")?;
+    let rank = cx.shape(w).len();
+    let w = centered(cx, w, zw, Some(rank), "w")?;
+    let name = cx.temp_name("conv");
+    let y = super::conv::conv_of(cx, x, w, None, Some(&name))?;
+    cx.add(Op::Cast { to: DType::I64 }, &[y])
+}
+
+/// MatMulInteger: `(A - a_zero_point) @ (B - b_zero_point)` in int32, computed in f32 (exact
+/// while partial sums stay under 2^24, some 250 products of full-range 8-bit codes; beyond, off
+/// by f32's rounding of the sum, which the dequantizing scale that follows makes a relative
+/// 6e-8). A's zero point is one value or one per row, B's one value or one per column.
+pub fn matmul_integer(cx: &mut Ctx) -> Result<NodeId> {
+    let a = cx.input(0)?;
+    let b = cx.input(1)?;
+    let (za, zb) = (cx.opt_input(2)?, cx.opt_input(3)?);
+    let a = centered(cx, a, za, Some(2), "a")?;
+    let b = centered(cx, b, zb, None, "b")?;
+    let product = tmp(cx, Op::MatMul, &[a, b], "product")?;
+    cx.add(Op::Cast { to: DType::I64 }, &[product])
 }
