@@ -1,11 +1,14 @@
-//! Quantized models: QuantizeLinear, DynamicQuantizeLinear and MatMulInteger (ONNX Runtime's
-//! dynamically quantized `model_quantized.onnx`, and QDQ models), computed on integer-valued
-//! floats; and MatMulNBits, of ONNX Runtime's contrib domain: a MatMul whose weight is stored in blocks of
-//! 2-, 4- or 8-bit codes with a scale (and a zero point) per block, as ONNX Runtime's weight
-//! quantizer writes it (the `model_q4.onnx` files of Hub repositories). The weight is a constant,
-//! so the import dequantizes it once into an f32 `[K, N]` constant and the node becomes a plain
-//! MatMul (plus its bias): it runs, trains and merges like any linear layer, and the DoRA rewrite
-//! adapts it, with the dequantized weight as W0 (QDoRA's arrangement).
+//! Quantized models.
+//!
+//! - QuantizeLinear, DynamicQuantizeLinear, MatMulInteger and ConvInteger (ONNX Runtime's
+//!   dynamically quantized `model_quantized.onnx`, and QDQ models) compute on integer-valued
+//!   floats: codes are rounded (half to even) and saturated to their type's range.
+//! - MatMulNBits, of ONNX Runtime's contrib domain: a MatMul whose weight is stored in blocks of
+//!   2-, 4- or 8-bit codes with a scale (and a zero point) per block, as ONNX Runtime's weight
+//!   quantizer writes it (the `model_q4.onnx` files of Hub repositories). The weight is a
+//!   constant, so the import dequantizes it once into an f32 `[K, N]` constant and the node
+//!   becomes a plain MatMul (plus its bias): it runs, trains and merges like any linear layer,
+//!   and the DoRA rewrite adapts it, with the dequantized weight as W0 (QDoRA's arrangement).
 
 use super::lowered::{spread_quantization, tmp};
 use super::Ctx;
