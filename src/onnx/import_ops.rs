@@ -21,9 +21,8 @@
 //! GatherND), `logic` (Cast, Where, Greater (as Less), variadic Max/Min, Clip), `conv` (Conv,
 //! lowered to a Gather of input windows and a MatMul), `pool`, `resize`, `quantized`
 //! (quantizers, integer products, and ONNX Runtime's MatMulNBits, dequantized at import) and
-//! `lowered` (ops that become small graphs of
-//! existing IR ops: activations, RMSNormalization, LogSoftmax, ReduceL1/L2/LogSum, Tile,
-//! SpaceToDepth...).
+//! `lowered` (ops that become small graphs of existing IR ops: activations, RMSNormalization,
+//! LogSoftmax, ReduceL1/L2/LogSum, Tile, SpaceToDepth...).
 
 mod conv;
 mod gather;
