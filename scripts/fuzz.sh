@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The fuzzing campaign: each cargo-fuzz target (fuzz/fuzz_targets/) for RUNS executions (default
-# 1M) or SECONDS, seeded from the bundled models and data, with ONNX field keys as a dictionary
-# for the ONNX target. A crash, a timeout (> 1 s per input) or an allocation over 2 GB stops the
-# target and leaves its input in fuzz/artifacts/<target>/: turn it into a regression test.
+# 1M) or SECONDS, seeded from the bundled models, the conformance cases' models and the data,
+# with ONNX field keys as a dictionary for the ONNX target. A crash, a timeout (> 1 s per input)
+# or an allocation over 2 GB stops the target and leaves its input in fuzz/artifacts/<target>/:
+# turn it into a regression test.
 #
 # Usage: scripts/fuzz.sh [TARGET...]   (default: every target)
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
@@ -19,7 +20,11 @@ seed() {
     mkdir -p "$dir"
     case $target in
         onnx_pipeline)
-            find models -name '*.onnx' -size -512k -exec cp {} "$dir/" \; ;;
+            find models -name '*.onnx' -size -512k -exec cp {} "$dir/" \;
+            # Every op's importer, from the conformance cases (If, quantizers, pools...).
+            for m in tests/conformance/*/model.onnx; do
+                cp "$m" "$dir/$(basename "$(dirname "$m")").onnx"
+            done ;;
         safetensors_file | training_data)
             find models -name '*.safetensors' -size -256k -exec cp {} "$dir/" \; ;;
         peft_adapter)

@@ -2479,3 +2479,45 @@ fn gathers_of_padding_export_with_ids_inside_the_data() {
     let padded = [0., 0., 0., 0., 0., 1., 2., 3., 0., 0., 4., 5., 6., 0., 0.];
     assert_eq!(want["y"].data, padded);
 }
+
+/// Found by fuzzing: an Attention whose K has another rank than Q indexed past K's shape (a
+/// panic); Q, K and V of mixed ranks, and a past key of rank 3, are refused by name.
+#[test]
+fn attention_of_mixed_ranks_is_refused() {
+    let attention = |k: &[Result<i64, &str>], past: bool| {
+        let mut inputs = vec!["q", "k", "v"];
+        if past {
+            inputs.extend(["", "past_k", "past_v"]);
+        }
+        let n = with_attr(
+            with_attr(
+                node("Attention", "/attn/Attention", &inputs, &["y"]),
+                attr_i("q_num_heads", 2),
+            ),
+            attr_i("kv_num_heads", 2),
+        );
+        let mut ins = vec![
+            vi("q", &[Ok(1), Ok(2), Ok(8)]),
+            vi("k", k),
+            vi("v", &[Ok(1), Ok(2), Ok(8)]),
+        ];
+        if past {
+            ins.push(vi("past_k", &[Ok(1), Ok(2), Ok(4)]));
+            ins.push(vi("past_v", &[Ok(1), Ok(2), Ok(4)]));
+        }
+        model(
+            vec![n],
+            vec![],
+            ins,
+            vec![vi("y", &[Ok(1), Ok(2), Ok(8)])],
+            23,
+        )
+    };
+    let e = import_err(&attention(&[Ok(2), Ok(8)], false)).to_string();
+    assert!(
+        e.contains("/attn/Attention") && e.contains("ranks [3, 2, 3]"),
+        "{e}"
+    );
+    let e = import_err(&attention(&[Ok(1), Ok(2), Ok(8)], true)).to_string();
+    assert!(e.contains("a past key or value has shape 1x2x4"), "{e}");
+}

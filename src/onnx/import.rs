@@ -529,14 +529,15 @@ impl Scope<'_> {
 /// The ONNX type a node's first output declares by its attributes: a Constant's value, a
 /// Cast's target (None for other nodes).
 fn declared_output_type(n: &NodeProto) -> Option<DataType> {
-    let a = n.attribute.first()?;
-    match (n.op_type(), a.name()) {
-        ("Constant", "value") => DataType::try_from(a.t.as_ref()?.data_type()).ok(),
-        ("Constant", "value_int" | "value_ints") => Some(DataType::Int64),
-        ("Constant", "value_float" | "value_floats") => Some(DataType::Float),
-        ("Cast", "to") => DataType::try_from(a.i() as i32).ok(),
-        _ => None,
-    }
+    n.attribute
+        .iter()
+        .find_map(|a| match (n.op_type(), a.name()) {
+            ("Constant", "value") => DataType::try_from(a.t.as_ref()?.data_type()).ok(),
+            ("Constant", "value_int" | "value_ints") => Some(DataType::Int64),
+            ("Constant", "value_float" | "value_floats") => Some(DataType::Float),
+            ("Cast", "to") => DataType::try_from(a.i() as i32).ok(),
+            _ => None,
+        })
 }
 
 /// If is the one op with subgraphs dorac takes: it is not an op of the IR, but inlined at import

@@ -26,7 +26,7 @@
 use super::{reduce_args, Ctx};
 use crate::error::Result;
 use crate::ir::{unary, Binary, NodeId, Op, Reduce, Unary};
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{numel, shape_str, Tensor};
 
 /// An intermediate node `<output>/<tag>`.
 pub(super) fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<NodeId> {
@@ -965,6 +965,22 @@ pub fn attention(cx: &mut Ctx) -> Result<NodeId> {
     }
     let qs = cx.shape(q);
     let three_d = qs.len() == 3;
+    let ranks: Vec<usize> = [q, k, v].iter().map(|&x| cx.shape(x).len()).collect();
+    if ranks.iter().any(|&r| r != qs.len()) {
+        return Err(cx.err(format!(
+            "Q, K and V have ranks {ranks:?}: they must all be 3-D or all 4-D"
+        )));
+    }
+    if let Some(p) = [past_k, past_v]
+        .into_iter()
+        .flatten()
+        .find(|&p| cx.shape(p).len() != 4)
+    {
+        return Err(cx.err(format!(
+            "a past key or value has shape {}, expected [batch, heads, length, head size]",
+            shape_str(&cx.shape(p))
+        )));
+    }
     // [B, S, H * D] -> [B, H, S, D]
     let split_heads = |cx: &mut Ctx, x: NodeId, heads: Option<i64>, tag: &str| -> Result<NodeId> {
         let s = cx.shape(x);
