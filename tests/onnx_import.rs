@@ -2521,3 +2521,33 @@ fn attention_of_mixed_ranks_is_refused() {
     let e = import_err(&attention(&[Ok(1), Ok(2), Ok(8)], true)).to_string();
     assert!(e.contains("a past key or value has shape 1x2x4"), "{e}");
 }
+
+/// Found by fuzzing: an Einsum term with an ellipsis and more labels than its operand's rank
+/// overflowed the ellipsis width (a capacity-overflow panic); it is refused by name, as are
+/// labels that are not ASCII beside an ellipsis.
+#[test]
+fn einsum_terms_longer_than_their_operand_are_refused() {
+    for eq in ["abcde...->a", "éé...->", "...ab->ab"] {
+        let n = with_attr(
+            node("Einsum", "/e/Einsum", &["x"], &["y"]),
+            AttributeProto {
+                name: Some("equation".into()),
+                r#type: Some(AttributeType::String as i32),
+                s: Some(eq.as_bytes().to_vec()),
+                ..Default::default()
+            },
+        );
+        let m = model(
+            vec![n],
+            vec![],
+            vec![vi("x", &[Ok(2)])],
+            vec![vi("y", &[Ok(2)])],
+            17,
+        );
+        let e = import_err(&m).to_string();
+        assert!(
+            e.contains("/e/Einsum") && e.contains("does not fit"),
+            "{eq}: {e}"
+        );
+    }
+}

@@ -1740,23 +1740,30 @@ pub fn einsum(cx: &mut Ctx) -> Result<NodeId> {
         )));
     }
     // Labels are chars; ellipsis dims get the labels '0', '1', ... from the left of the widest.
-    let ell_rank = terms
-        .iter()
-        .zip(&inputs)
-        .filter(|(t, _)| t.contains("..."))
-        .map(|(t, &x)| cx.shape(x).len() + 3 - t.len())
-        .max()
-        .unwrap_or(0);
-    let expand = |t: &str, rank: usize| -> Vec<char> {
+    // The labels a term names besides its ellipsis:
+    let named = |t: &str| t.chars().count() - if t.contains("...") { 3 } else { 0 };
+    let mut ell_rank = 0;
+    for (t, &x) in terms.iter().zip(&inputs).filter(|(t, _)| t.contains("...")) {
+        let rank = cx.shape(x).len();
+        let e = rank.checked_sub(named(t)).filter(|&e| e <= 10);
+        let e = e.ok_or_else(|| {
+            cx.err(format!(
+                "term '{t}' does not fit an operand of rank {rank} (or its ellipsis spans over 10 dims)"
+            ))
+        })?;
+        ell_rank = ell_rank.max(e);
+    }
+    // None when the term names more labels than `rank` holds.
+    let expand = |t: &str, rank: usize| -> Option<Vec<char>> {
         match t.split_once("...") {
             Some((a, b)) => {
-                let e = rank + 3 - t.len();
+                let e = rank.checked_sub(named(t))?;
                 let mut v: Vec<char> = a.chars().collect();
-                v.extend((ell_rank - e..ell_rank).map(|i| (b'0' + i as u8) as char));
+                v.extend((ell_rank.checked_sub(e)?..ell_rank).map(|i| (b'0' + i as u8) as char));
                 v.extend(b.chars());
-                v
+                Some(v)
             }
-            None => t.chars().collect(),
+            None => Some(t.chars().collect()),
         }
     };
     let mut ops: Vec<(NodeId, Vec<char>)> = vec![];
@@ -1764,7 +1771,7 @@ pub fn einsum(cx: &mut Ctx) -> Result<NodeId> {
     let mut sizes: std::collections::HashMap<char, usize> = Default::default();
     for (t, &x) in terms.iter().zip(&inputs) {
         let s = cx.shape(x);
-        let mut labels = expand(t, s.len());
+        let mut labels = expand(t, s.len()).unwrap_or_default();
         if labels.len() != s.len() {
             return Err(cx.err(format!(
                 "term '{t}' does not fit an operand of rank {}",
@@ -1782,7 +1789,8 @@ pub fn einsum(cx: &mut Ctx) -> Result<NodeId> {
         for k in 0..labels.len() {
             if labels[..k].contains(&labels[k]) {
                 while sizes.contains_key(&fresh) || lhs.contains(fresh) {
-                    fresh = (fresh as u8 + 1) as char;
+                    fresh = char::from_u32(fresh as u32 + 1)
+                        .ok_or_else(|| cx.err("too many repeated labels".into()))?;
                 }
                 let n = s[k];
                 let name = cx.temp_name("diagonal");
@@ -1802,10 +1810,8 @@ pub fn einsum(cx: &mut Ctx) -> Result<NodeId> {
         ops.extend(extra);
     }
     let out: Vec<char> = match &rhs {
-        Some(r) => expand(
-            r,
-            ell_rank + r.len() - if r.contains("...") { 3 } else { 0 },
-        ),
+        Some(r) => expand(r, ell_rank + named(r))
+            .ok_or_else(|| cx.err(format!("output term '{r}' does not fit")))?,
         None => {
             let all: Vec<char> = ops.iter().flat_map(|(_, l)| l.clone()).collect();
             let mut once: Vec<char> = all
