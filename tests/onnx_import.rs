@@ -133,6 +133,15 @@ fn attr_i(name: &str, v: i64) -> AttributeProto {
     }
 }
 
+fn attr_s(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(v.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -2528,22 +2537,10 @@ fn attention_of_mixed_ranks_is_refused() {
 #[test]
 fn einsum_terms_longer_than_their_operand_are_refused() {
     for eq in ["abcde...->a", "éé...->", "...ab->ab"] {
-        let n = with_attr(
-            node("Einsum", "/e/Einsum", &["x"], &["y"]),
-            AttributeProto {
-                name: Some("equation".into()),
-                r#type: Some(AttributeType::String as i32),
-                s: Some(eq.as_bytes().to_vec()),
-                ..Default::default()
-            },
-        );
-        let m = model(
-            vec![n],
-            vec![],
-            vec![vi("x", &[Ok(2)])],
-            vec![vi("y", &[Ok(2)])],
-            17,
-        );
+        let n = node("Einsum", "/e/Einsum", &["x"], &["y"]);
+        let n = with_attr(n, attr_s("equation", eq));
+        let (x, y) = (vi("x", &[Ok(2)]), vi("y", &[Ok(2)]));
+        let m = model(vec![n], vec![], vec![x], vec![y], 17);
         let e = import_err(&m).to_string();
         assert!(
             e.contains("/e/Einsum") && e.contains("does not fit"),
