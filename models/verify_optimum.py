@@ -26,9 +26,7 @@ Persimmon and Starcoder2 (no ONNX config), and its export of Phi, Funnel, DINOv2
 before dorac sees them (a shape error in Phi's traced attention; Funnel and DINOv2 in Optimum's
 own code; PVT loads a 1000-class head over the saved one).
 """
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +41,6 @@ from safetensors.numpy import load_file, save_file
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
 import verify_architectures as va  # noqa: E402
-DORAC = os.environ.get("DORAC", ROOT / "target" / "release" / "dorac")
 OPTIMUM_CLI = pathlib.Path(sys.executable).parent / "optimum-cli"
 TOLERANCE = 1e-5
 
@@ -108,12 +105,6 @@ def rel(a, b):
     return va.rel(a, b) if np.size(b) else (0.0 if np.shape(a) == np.shape(b) else float("inf"))
 
 
-def dorac(*args):
-    r = subprocess.run([str(DORAC), *map(str, args)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"dorac {args[0]}: {r.stderr.strip().splitlines()[-1]}")
-
-
 def check_file(path, past, seq, tmp):
     """The worst relative error of `run`, and of `rewrite` (None for a merged decoder)."""
     model = onnx.load(path, load_external_data=False)
@@ -121,13 +112,13 @@ def check_file(path, past, seq, tmp):
     want = ort.InferenceSession(path).run(None, inputs)
     names = [o.name for o in model.graph.output]
     save_file(inputs, tmp / "inputs.safetensors")
-    dorac("run", path, "--inputs", tmp / "inputs.safetensors", "-o", tmp / "outputs.safetensors")
+    va.dorac("run", path, "--inputs", tmp / "inputs.safetensors", "-o", tmp / "outputs.safetensors")
     got = load_file(tmp / "outputs.safetensors")
     ran = max(rel(got[n], w) for n, w in zip(names, want))
     if "use_cache_branch" in inputs:
         return ran, None
     shapes = [a for k, v in inputs.items() for a in ("--shape", f"{k}={'x'.join(map(str, v.shape)) or '1'}")]
-    dorac("rewrite", path, "-o", tmp / "rewritten.onnx", *shapes)
+    va.dorac("rewrite", path, "-o", tmp / "rewritten.onnx", *shapes)
     sess = ort.InferenceSession(tmp / "rewritten.onnx")
     taken = {i.name for i in sess.get_inputs()}
     rewritten = sess.run(names, {k: v for k, v in inputs.items() if k in taken})

@@ -377,13 +377,14 @@ fn add_initializer(
     let tensor = tensor_from_proto(t, model_dir, &format!("initializer '{}'", t.name()))?;
     let id = g.add_const(t.name(), tensor);
     values.insert(t.name().to_string(), id);
-    if let Ok(dt) = DataType::try_from(t.data_type()) {
-        formats.insert(id, dt);
-    }
+    let Ok(dt) = DataType::try_from(t.data_type()) else {
+        return Ok(());
+    };
+    formats.insert(id, dt);
     // Half-precision weights stay half on the device where their readers allow.
-    match DataType::try_from(t.data_type()) {
-        Ok(DataType::Float16) => g.mark_half(id, Half::F16),
-        Ok(DataType::Bfloat16) => g.mark_half(id, Half::Bf16),
+    match dt {
+        DataType::Float16 => g.mark_half(id, Half::F16),
+        DataType::Bfloat16 => g.mark_half(id, Half::Bf16),
         _ => {}
     }
     Ok(())
@@ -403,6 +404,31 @@ struct Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// What the builder of `node` sees.
+    fn ctx<'a>(
+        &'a self,
+        g: &'a mut GraphBuilder,
+        values: &'a HashMap<String, NodeId>,
+        node: &'a NodeProto,
+    ) -> Ctx<'a> {
+        // The IR name of the node's result: its first output, or (RNN's Y unused, say) the
+        // first output it has (topo_sort refused nodes without one).
+        let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
+        Ctx::new(
+            g,
+            values,
+            self.opset,
+            node,
+            name,
+            node_label(node),
+            self.model_dir,
+            self.stop_gradient.contains(node.name()),
+            &self.constness,
+            self.input_values,
+            &self.formats,
+        )
+    }
+
     /// Imports `nodes[i]` for each `i` of `order` (topological), adding each output to `values`.
     fn import_nodes(
         &mut self,
@@ -418,23 +444,7 @@ impl Scope<'_> {
                 values.extend(outputs);
                 continue;
             }
-            // The IR name of the node's result: its first output, or (RNN's Y unused, say) the
-            // first output it has.
-            let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
-            let mut cx = Ctx::new(
-                g,
-                values,
-                self.opset,
-                node,
-                name,
-                node_label(node),
-                self.model_dir,
-                self.stop_gradient.contains(node.name()),
-                &self.constness,
-                self.input_values,
-                &self.formats,
-            );
-            let outputs = import_ops::build(&mut cx)?;
+            let outputs = import_ops::build(&mut self.ctx(g, values, node))?;
             if let (Some(t), Some(&(_, id))) = (declared_output_type(node), outputs.first()) {
                 self.formats.insert(id, t);
             }
@@ -461,24 +471,10 @@ impl Scope<'_> {
                 node.input.len()
             )));
         }
-        let cond = {
-            let name = node.output.iter().find(|o| !o.is_empty()).unwrap().clone();
-            let cx = Ctx::new(
-                g,
-                values,
-                self.opset,
-                node,
-                name,
-                label.clone(),
-                self.model_dir,
-                false,
-                &self.constness,
-                self.input_values,
-                &self.formats,
-            );
-            cx.const_scalar(0, "condition")?
-                .ok_or_else(|| at("the condition is missing".into()))?
-        };
+        let cond = self
+            .ctx(g, values, node)
+            .const_scalar(0, "condition")?
+            .ok_or_else(|| at("the condition is missing".into()))?;
         let wanted = if cond != 0.0 {
             "then_branch"
         } else {
@@ -757,9 +753,11 @@ fn topo_sort<'g>(
             producer.insert(o, i);
         }
     }
+    // What each node reads, its subgraphs' outer reads included.
+    let node_reads: Vec<Vec<&str>> = nodes.iter().map(reads).collect();
     let mut missing = vec![];
-    for n in nodes {
-        for v in reads(n) {
+    for (n, read) in nodes.iter().zip(&node_reads) {
+        for &v in read {
             if !sources.contains(v) && !producer.contains_key(v) {
                 missing.push(format!(
                     "node '{}' reads '{v}', which no initializer, graph input or node produces",
@@ -784,8 +782,8 @@ fn topo_sort<'g>(
     let n = nodes.len();
     let mut indegree = vec![0usize; n];
     let mut users: Vec<Vec<usize>> = vec![vec![]; n];
-    for (i, node) in nodes.iter().enumerate() {
-        for v in reads(node) {
+    for (i, read) in node_reads.iter().enumerate() {
+        for &v in read {
             if let Some(&p) = producer.get(v) {
                 indegree[i] += 1;
                 users[p].push(i);
