@@ -24,6 +24,7 @@
 //! `lowered` (ops that become small graphs of existing IR ops: activations, RMSNormalization,
 //! LogSoftmax, ReduceL1/L2/LogSum, Tile, SpaceToDepth...).
 
+mod attention;
 mod conv;
 mod gather;
 mod layout;
@@ -119,8 +120,8 @@ pub const OPS: &[(&str, Rule)] = &[
     ("GlobalMaxPool", Rule::Build(pool::global_max_pool)),
     ("CumSum", Rule::Build(lowered::cum_sum)),
     ("OneHot", Rule::Build(lowered::one_hot)),
-    ("Attention", Rule::Build(lowered::attention)),
-    ("RotaryEmbedding", Rule::Build(lowered::rotary_embedding)),
+    ("Attention", Rule::Build(attention::attention)),
+    ("RotaryEmbedding", Rule::Build(attention::rotary_embedding)),
     ("LpNormalization", Rule::Build(lowered::lp_normalization)),
     ("DequantizeLinear", Rule::Build(lowered::dequantize_linear)),
     ("QuantizeLinear", Rule::Build(quantized::quantize_linear)),
@@ -144,6 +145,11 @@ pub const OPS: &[(&str, Rule)] = &[
     ("CastLike", Rule::Build(lowered::cast_like)),
     ("Dropout", Rule::Build(lowered::dropout)),
     ("RMSNormalization", Rule::Build(lowered::rms_normalization)),
+    // ONNX Runtime's, in the default domain (its model builder writes it there).
+    (
+        "SimplifiedLayerNormalization",
+        Rule::Build(lowered::rms_normalization),
+    ),
     ("LogSoftmax", Rule::Build(lowered::log_softmax)),
     ("ReduceL1", Rule::Build(lowered::reduce_l1)),
     ("ReduceL2", Rule::Build(lowered::reduce_l2)),
@@ -175,6 +181,9 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "Dropout",
     "SoftmaxCrossEntropyLoss",
     "Attention",
+    "GroupQueryAttention",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
     "TopK",
     "RNN",
     "GRU",
@@ -186,7 +195,21 @@ pub const CONTRIB_DOMAIN: &str = "com.microsoft";
 
 /// The ops of [`CONTRIB_DOMAIN`] dorac imports: those that Hub models' exports carry and that
 /// lower to IR ops (MatMulNBits: the 4-bit weights of `model_q4.onnx` files).
-pub const CONTRIB_OPS: &[(&str, Rule)] = &[("MatMulNBits", Rule::Build(quantized::matmul_nbits))];
+pub const CONTRIB_OPS: &[(&str, Rule)] = &[
+    ("MatMulNBits", Rule::Build(quantized::matmul_nbits)),
+    (
+        "GroupQueryAttention",
+        Rule::Build(attention::group_query_attention),
+    ),
+    (
+        "SkipLayerNormalization",
+        Rule::Build(lowered::skip_layer_normalization),
+    ),
+    (
+        "SkipSimplifiedLayerNormalization",
+        Rule::Build(lowered::skip_simplified_layer_normalization),
+    ),
+];
 
 /// The rule for an op of `domain` (the default one, or [`CONTRIB_DOMAIN`]), or None when dorac
 /// does not support it.

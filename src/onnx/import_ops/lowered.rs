@@ -26,7 +26,7 @@
 use super::{reduce_args, Ctx};
 use crate::error::Result;
 use crate::ir::{unary, Binary, NodeId, Op, Reduce, Unary};
-use crate::tensor::{numel, shape_str, Tensor};
+use crate::tensor::{numel, Tensor};
 
 /// An intermediate node `<output>/<tag>`.
 pub(super) fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<NodeId> {
@@ -34,16 +34,16 @@ pub(super) fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<
     cx.add_named(op, inputs, &name)
 }
 
-fn bin(cx: &mut Ctx, b: Binary, x: NodeId, y: NodeId, tag: &str) -> Result<NodeId> {
+pub(super) fn bin(cx: &mut Ctx, b: Binary, x: NodeId, y: NodeId, tag: &str) -> Result<NodeId> {
     tmp(cx, Op::Binary(b), &[x, y], tag)
 }
 
-fn un(cx: &mut Ctx, u: Unary, x: NodeId, tag: &str) -> Result<NodeId> {
+pub(super) fn un(cx: &mut Ctx, u: Unary, x: NodeId, tag: &str) -> Result<NodeId> {
     tmp(cx, Op::Unary(u), &[x], tag)
 }
 
 /// A float32 scalar constant.
-fn scalar(cx: &mut Ctx, v: f32, tag: &str) -> Result<NodeId> {
+pub(super) fn scalar(cx: &mut Ctx, v: f32, tag: &str) -> Result<NodeId> {
     let name = cx.temp_name(tag);
     cx.add_const(&name, Tensor::scalar(v))
 }
@@ -300,12 +300,19 @@ pub fn dropout(cx: &mut Ctx) -> Result<NodeId> {
 }
 
 /// `x / sqrt(mean(x^2 over axis..) + epsilon) * scale`.
+/// ONNX Runtime's SimplifiedLayerNormalization is the same op.
 pub fn rms_normalization(cx: &mut Ctx) -> Result<NodeId> {
     let x = cx.input(0)?;
     let scale = cx.input(1)?;
-    let shape = cx.shape(x);
-    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), shape.len(), false)?;
+    let rank = cx.shape(x).len();
+    let axis = cx.axis(cx.attr_int("axis")?.unwrap_or(-1), rank, false)?;
     let epsilon = cx.attr_float("epsilon")?.unwrap_or(1e-5);
+    rms_norm(cx, x, scale, axis, epsilon)
+}
+
+/// `x / sqrt(mean(x^2 over axis..) + epsilon) * scale`, the last node named after the output.
+fn rms_norm(cx: &mut Ctx, x: NodeId, scale: NodeId, axis: usize, epsilon: f32) -> Result<NodeId> {
+    let shape = cx.shape(x);
     let count: usize = shape[axis..].iter().product();
     let op = Op::Reduce {
         kind: Reduce::SumSquare,
@@ -320,6 +327,58 @@ pub fn rms_normalization(cx: &mut Ctx) -> Result<NodeId> {
     let rms = un(cx, unary::SQRT, me, "rms")?;
     let normed = bin(cx, Binary::Div, x, rms, "normalized")?;
     cx.add(Op::Binary(Binary::Mul), &[normed, scale])
+}
+
+/// ONNX Runtime's SkipLayerNormalization and SkipSimplifiedLayerNormalization (com.microsoft,
+/// the residual adds of its fused transformers): `s = input + skip (+ bias)`, normalized over
+/// the last axis (LayerNormalization with gamma and beta, or RMS with gamma); output 3 is `s`
+/// itself, the residual stream the next layer adds to. The saved statistics (outputs 1 and 2)
+/// are refused.
+fn skip_norm(cx: &mut Ctx, rms: bool) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let skip = cx.input(1)?;
+    let gamma = cx.input(2)?;
+    let (beta, bias) = if rms {
+        (None, cx.opt_input(3)?)
+    } else {
+        (cx.opt_input(3)?, cx.opt_input(4)?)
+    };
+    // ONNX Runtime's default for both ops.
+    let epsilon = cx.attr_float("epsilon")?.unwrap_or(1e-12);
+    if [1, 2]
+        .iter()
+        .any(|&i| cx.node.output.get(i).is_some_and(|o| !o.is_empty()))
+    {
+        return Err(cx.unsupported(format!(
+            "{} with its mean or inv_std_var output",
+            cx.op_type()
+        )));
+    }
+    let mut sum = bin(cx, Binary::Add, x, skip, "input_skip")?;
+    if let Some(b) = bias {
+        sum = bin(cx, Binary::Add, sum, b, "input_skip_bias")?;
+    }
+    if let Some(name) = cx.node.output.get(3).filter(|o| !o.is_empty()).cloned() {
+        let s = cx.add_named(Op::Identity, &[sum], &name)?;
+        cx.set_output(3, s);
+    }
+    let axis = cx.shape(sum).len() - 1;
+    if rms {
+        return rms_norm(cx, sum, gamma, axis, epsilon);
+    }
+    let op = Op::LayerNorm { axis, epsilon };
+    match beta {
+        Some(b) => cx.add(op, &[sum, gamma, b]),
+        None => cx.add(op, &[sum, gamma]),
+    }
+}
+
+pub fn skip_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
+    skip_norm(cx, false)
+}
+
+pub fn skip_simplified_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
+    skip_norm(cx, true)
 }
 
 /// `log(softmax(x))` over one axis (the last only before opset 13, as for Softmax).
@@ -927,411 +986,6 @@ pub fn depth_to_space(cx: &mut Ctx) -> Result<NodeId> {
         Some(m) => return Err(cx.err(format!("mode '{m}', expected \"DCR\" or \"CRD\""))),
     };
     rearrange(cx, x, shape, perm, vec![n, c2, h * b, w * b])
-}
-
-/// Attention (opsets 23-25) from MatMul, Softmax and masks, following the ONNX reference:
-/// 3-D inputs split into heads, past keys and values concatenated (the present outputs),
-/// grouped-query heads repeated, Q and K each scaled by sqrt(scale), softcap, then an additive
-/// bias: the attention mask (a bool mask as 0 / -inf, padded with -inf up to the key length),
-/// and the causal, sliding-window and `nonpad_kv_seqlen` masks, which depend only on shapes and
-/// on `nonpad_kv_seqlen` (known at import) and so are one constant. A query row whose bias is
-/// -inf everywhere attends to nothing: its probabilities are 0. The optional fourth output is
-/// the QK product (softcapped) for modes 0 and 1, with the bias for mode 2, the probabilities
-/// for mode 3.
-pub fn attention(cx: &mut Ctx) -> Result<NodeId> {
-    use crate::tensor::DType;
-    let (q, k, v) = (cx.input(0)?, cx.input(1)?, cx.input(2)?);
-    let mask = cx.opt_input(3)?;
-    let past_k = cx.opt_input(4)?;
-    let past_v = cx.opt_input(5)?;
-    let nonpad = cx.const_ints(6, "nonpad_kv_seqlen input")?;
-    let is_causal = cx.attr_bool("is_causal", false)?;
-    let q_heads = cx.attr_int("q_num_heads")?;
-    let kv_heads = cx.attr_int("kv_num_heads")?;
-    let scale = cx.attr_float("scale")?;
-    let softcap = cx.attr_float("softcap")?.unwrap_or(0.0);
-    let mode = cx.attr_int("qk_matmul_output_mode")?.unwrap_or(0);
-    // The softmax is computed in f32 (or f64 on the reference) whatever precision is asked.
-    let _ = cx.attr_int("softmax_precision")?;
-    let left = cx.attr_int("left_window_size")?.unwrap_or(-1);
-    let right = cx.attr_int("right_window_size")?.unwrap_or(-1);
-    if past_k.is_some() != past_v.is_some() || (past_k.is_some() && nonpad.is_some()) {
-        return Err(
-            cx.err("past_key and past_value come together, and not with nonpad_kv_seqlen".into())
-        );
-    }
-    if !(0..=3).contains(&mode) {
-        return Err(cx.err(format!("qk_matmul_output_mode {mode}, expected 0 to 3")));
-    }
-    let qs = cx.shape(q);
-    let three_d = qs.len() == 3;
-    let ranks: Vec<usize> = [q, k, v].iter().map(|&x| cx.shape(x).len()).collect();
-    if ranks.iter().any(|&r| r != qs.len()) {
-        return Err(cx.err(format!(
-            "Q, K and V have ranks {ranks:?}: they must all be 3-D or all 4-D"
-        )));
-    }
-    if let Some(p) = [past_k, past_v]
-        .into_iter()
-        .flatten()
-        .find(|&p| cx.shape(p).len() != 4)
-    {
-        return Err(cx.err(format!(
-            "a past key or value has shape {}, expected [batch, heads, length, head size]",
-            shape_str(&cx.shape(p))
-        )));
-    }
-    // [B, S, H * D] -> [B, H, S, D]
-    let split_heads = |cx: &mut Ctx, x: NodeId, heads: Option<i64>, tag: &str| -> Result<NodeId> {
-        let s = cx.shape(x);
-        let h = heads.filter(|&h| h > 0).ok_or_else(|| {
-            cx.err("3-D inputs need the q_num_heads and kv_num_heads attributes".into())
-        })? as usize;
-        if !s[2].is_multiple_of(h) {
-            return Err(cx.err(format!(
-                "hidden size {} is not a multiple of {h} heads",
-                s[2]
-            )));
-        }
-        let r = tmp(
-            cx,
-            Op::Reshape {
-                shape: vec![s[0], s[1], h, s[2] / h],
-            },
-            &[x],
-            tag,
-        )?;
-        tmp(
-            cx,
-            Op::Transpose {
-                perm: vec![0, 2, 1, 3],
-            },
-            &[r],
-            &format!("{tag}_heads"),
-        )
-    };
-    let (q, k, v) = if three_d {
-        (
-            split_heads(cx, q, q_heads, "q")?,
-            split_heads(cx, k, kv_heads, "k")?,
-            split_heads(cx, v, kv_heads, "v")?,
-        )
-    } else if qs.len() == 4 {
-        (q, k, v)
-    } else {
-        return Err(cx.err(format!("Q has rank {}, expected 3 or 4", qs.len())));
-    };
-    let (qs, ks) = (cx.shape(q), cx.shape(k));
-    let (batch, hq, sq, dh) = (qs[0], qs[1], qs[2], qs[3]);
-    let concat = |cx: &mut Ctx, past: Option<NodeId>, x: NodeId, i: usize| -> Result<NodeId> {
-        let Some(p) = past else { return Ok(x) };
-        match cx.node.output.get(i).filter(|o| !o.is_empty()).cloned() {
-            Some(name) => cx.add_named(Op::Concat { axis: 2 }, &[p, x], &name),
-            None => tmp(cx, Op::Concat { axis: 2 }, &[p, x], &format!("present{i}")),
-        }
-    };
-    let k = concat(cx, past_k, k, 1)?;
-    let v = concat(cx, past_v, v, 2)?;
-    cx.set_output(1, k);
-    cx.set_output(2, v);
-    let past_len = past_k.map_or(0, |p| cx.shape(p)[2]);
-    let (hkv, skv) = (ks[1], cx.shape(k)[2]);
-    // Grouped-query attention: each key/value head serves hq / hkv query heads, in order.
-    let repeat = |cx: &mut Ctx, x: NodeId, tag: &str| -> Result<NodeId> {
-        if hq == hkv {
-            return Ok(x);
-        }
-        if hkv == 0 || hq % hkv != 0 {
-            return Err(cx.err(format!(
-                "{hq} query heads do not share {hkv} key/value heads"
-            )));
-        }
-        let s = cx.shape(x);
-        let r = tmp(
-            cx,
-            Op::Reshape {
-                shape: vec![s[0], hkv, 1, s[2], s[3]],
-            },
-            &[x],
-            tag,
-        )?;
-        let big = vec![s[0], hkv, hq / hkv, s[2], s[3]];
-        let e = tmp(
-            cx,
-            Op::Expand { shape: big },
-            &[r],
-            &format!("{tag}_repeated"),
-        )?;
-        tmp(
-            cx,
-            Op::Reshape {
-                shape: vec![s[0], hq, s[2], s[3]],
-            },
-            &[e],
-            &format!("{tag}_groups"),
-        )
-    };
-    let kr = repeat(cx, k, "k_group")?;
-    let vr = repeat(cx, v, "v_group")?;
-    let scale = scale.map_or(1.0 / (dh as f64).sqrt(), |s| s as f64);
-    let root = scalar(cx, scale.sqrt() as f32, "sqrt_scale")?;
-    let qsc = bin(cx, Binary::Mul, q, root, "q_scaled")?;
-    let ksc = bin(cx, Binary::Mul, kr, root, "k_scaled")?;
-    let kt = tmp(
-        cx,
-        Op::Transpose {
-            perm: vec![0, 1, 3, 2],
-        },
-        &[ksc],
-        "k_t",
-    )?;
-    let mut qk = tmp(cx, Op::MatMul, &[qsc, kt], "qk")?;
-    if softcap > 0.0 {
-        let c = scalar(cx, softcap, "softcap")?;
-        let d = bin(cx, Binary::Div, qk, c, "qk_over_cap")?;
-        let t = un(cx, unary::TANH, d, "qk_tanh")?;
-        qk = bin(cx, Binary::Mul, t, c, "qk_capped")?;
-    }
-    // The attention mask as an additive bias over the full key length.
-    let neg_inf = scalar(cx, f32::NEG_INFINITY, "minus_inf")?;
-    let mut bias = match mask {
-        None => None,
-        Some(m) => {
-            let m = if cx.dtype(m) == DType::Bool {
-                let zero = scalar(cx, 0.0, "zero")?;
-                tmp(cx, Op::Where, &[m, zero, neg_inf], "mask_bias")?
-            } else {
-                m
-            };
-            let ms = cx.shape(m);
-            let last = *ms
-                .last()
-                .ok_or_else(|| cx.err("attn_mask is a scalar".into()))?;
-            if last > skv {
-                return Err(cx.err(format!("attn_mask covers {last} keys, there are {skv}")));
-            }
-            Some(if last < skv {
-                let mut ps = ms.clone();
-                *ps.last_mut().unwrap() = skv - last;
-                let fill = tmp(cx, Op::Expand { shape: ps }, &[neg_inf], "mask_fill")?;
-                tmp(
-                    cx,
-                    Op::Concat { axis: ms.len() - 1 },
-                    &[m, fill],
-                    "mask_padded",
-                )?
-            } else {
-                m
-            })
-        }
-    };
-    // Causal, window and padding masks: a constant of [q, kv], or [batch, 1, q, kv] when they
-    // depend on each batch's nonpad_kv_seqlen.
-    let windowed = left >= 0 || right >= 0;
-    if is_causal || windowed || nonpad.is_some() {
-        let offsets: Vec<i64> = match &nonpad {
-            Some(n) if n.len() != batch => {
-                return Err(cx.err(format!(
-                    "nonpad_kv_seqlen has {} entries, batch is {batch}",
-                    n.len()
-                )))
-            }
-            Some(n) => n.iter().map(|&l| l - sq as i64).collect(),
-            None => vec![past_len as i64],
-        };
-        let mut data = Vec::with_capacity(offsets.len() * sq * skv);
-        for (b, &off) in offsets.iter().enumerate() {
-            for i in 0..sq as i64 {
-                for j in 0..skv as i64 {
-                    let diff = i + off - j;
-                    let mut ok = !is_causal || diff >= 0;
-                    ok &= left < 0 || diff <= left;
-                    ok &= right < 0 || -diff <= right;
-                    if let Some(n) = &nonpad {
-                        ok &= j < n[b];
-                    }
-                    data.push(if ok { 0.0 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        let shape = if nonpad.is_some() {
-            vec![batch, 1, sq, skv]
-        } else {
-            vec![sq, skv]
-        };
-        let name = cx.temp_name("position_bias");
-        let c = cx.add_const(&name, Tensor::f32(shape, data))?;
-        bias = Some(match bias {
-            Some(b) => bin(cx, Binary::Add, b, c, "bias")?,
-            None => c,
-        });
-    }
-    let scores = match bias {
-        Some(b) => bin(cx, Binary::Add, qk, b, "qk_bias")?,
-        None => qk,
-    };
-    let mut p = tmp(cx, Op::Softmax { axis: 3 }, &[scores], "probs")?;
-    if let Some(b) = bias {
-        let rank = cx.shape(b).len();
-        let op = Op::Reduce {
-            kind: Reduce::Max,
-            axes: vec![rank - 1],
-            keepdims: true,
-        };
-        let most = tmp(cx, op, &[b], "bias_max")?;
-        let none = bin(cx, Binary::Equal, most, neg_inf, "row_masked")?;
-        let zero = scalar(cx, 0.0, "zero")?;
-        p = tmp(cx, Op::Where, &[none, zero, p], "probs_guarded")?;
-    }
-    if let Some(name) = cx.node.output.get(3).filter(|o| !o.is_empty()).cloned() {
-        let out = match mode {
-            0 | 1 => qk,
-            2 => scores,
-            _ => p,
-        };
-        let o = cx.add_named(Op::Identity, &[out], &name)?;
-        cx.set_output(3, o);
-    }
-    let y = tmp(cx, Op::MatMul, &[p, vr], "attended")?;
-    if !three_d {
-        return cx.add(Op::Identity, &[y]);
-    }
-    let dv = cx.shape(y)[3];
-    let t = tmp(
-        cx,
-        Op::Transpose {
-            perm: vec![0, 2, 1, 3],
-        },
-        &[y],
-        "merge",
-    )?;
-    cx.add(
-        Op::Reshape {
-            shape: vec![batch, sq, hq * dv],
-        },
-        &[t],
-    )
-}
-
-/// RotaryEmbedding (opset 23): the rotated part of each head (its first `rotary_embedding_dim`
-/// features, halves or even/odd pairs when `interleaved`) is turned by the cos/sin caches (looked
-/// up by `position_ids` when given): `(x1 cos - x2 sin, x1 sin + x2 cos)`; the rest passes.
-pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
-    let x = cx.input(0)?;
-    let cos = cx.input(1)?;
-    let sin = cx.input(2)?;
-    let pos = cx.opt_input(3)?;
-    let interleaved = cx.attr_bool("interleaved", false)?;
-    let heads = cx.attr_int("num_heads")?.unwrap_or(0);
-    let rot = cx.attr_int("rotary_embedding_dim")?.unwrap_or(0);
-    let xs = cx.shape(x);
-    // [B, S, H, D]
-    let h = match xs.len() {
-        4 => tmp(
-            cx,
-            Op::Transpose {
-                perm: vec![0, 2, 1, 3],
-            },
-            &[x],
-            "seq_major",
-        )?,
-        3 => {
-            if heads <= 0 || !xs[2].is_multiple_of(heads as usize) {
-                return Err(cx.err(format!(
-                    "a 3-D input needs num_heads dividing its hidden size {} (num_heads {heads})",
-                    xs[2]
-                )));
-            }
-            let n = heads as usize;
-            let shape = vec![xs[0], xs[1], n, xs[2] / n];
-            tmp(cx, Op::Reshape { shape }, &[x], "heads")?
-        }
-        r => return Err(cx.err(format!("the input has rank {r}, expected 3 or 4"))),
-    };
-    let hs = cx.shape(h);
-    let d = hs[3];
-    let rot = if rot <= 0 { d } else { rot as usize };
-    if rot > d || rot % 2 != 0 {
-        return Err(cx.err(format!(
-            "rotary_embedding_dim {rot} must be even and at most {d}"
-        )));
-    }
-    let half = rot / 2;
-    // Strided windows of the last dim (Slice: differentiable, unlike a Gather of the data).
-    let window = |cx: &mut Ctx, start: usize, end: usize, step: i64, tag: &str| {
-        let mut starts = vec![0i64; 4];
-        let mut ends: Vec<i64> = hs.iter().map(|&e| e as i64).collect();
-        let mut steps = vec![1i64; 4];
-        (starts[3], ends[3], steps[3]) = (start as i64, end as i64, step);
-        tmp(
-            cx,
-            Op::Slice {
-                starts,
-                ends,
-                steps,
-            },
-            &[h],
-            tag,
-        )
-    };
-    let (x1, x2) = if interleaved {
-        (window(cx, 0, rot, 2, "x1")?, window(cx, 1, rot, 2, "x2")?)
-    } else {
-        (
-            window(cx, 0, half, 1, "x1")?,
-            window(cx, half, rot, 1, "x2")?,
-        )
-    };
-    let lookup = |cx: &mut Ctx, cache: NodeId, tag: &str| -> Result<NodeId> {
-        let c = match pos {
-            Some(p) => tmp(cx, Op::Gather { axis: 0 }, &[cache, p], tag)?,
-            None => cache,
-        };
-        let mut s = cx.shape(c);
-        if s.last() != Some(&half) {
-            return Err(cx.err(format!("the {tag} cache {s:?} must end in {half}")));
-        }
-        s.insert(s.len() - 1, 1);
-        tmp(
-            cx,
-            Op::Reshape { shape: s },
-            &[c],
-            &format!("{tag}_per_head"),
-        )
-    };
-    let c = lookup(cx, cos, "cos")?;
-    let s = lookup(cx, sin, "sin")?;
-    let x1c = bin(cx, Binary::Mul, x1, c, "x1_cos")?;
-    let x2s = bin(cx, Binary::Mul, x2, s, "x2_sin")?;
-    let x1s = bin(cx, Binary::Mul, x1, s, "x1_sin")?;
-    let x2c = bin(cx, Binary::Mul, x2, c, "x2_cos")?;
-    let real = bin(cx, Binary::Sub, x1c, x2s, "real")?;
-    let imag = bin(cx, Binary::Add, x1s, x2c, "imag")?;
-    let mut rotated = if interleaved {
-        let mut s5 = cx.shape(real);
-        s5.push(1);
-        let r = tmp(cx, Op::Reshape { shape: s5.clone() }, &[real], "real_pairs")?;
-        let i = tmp(cx, Op::Reshape { shape: s5 }, &[imag], "imag_pairs")?;
-        let p = tmp(cx, Op::Concat { axis: 4 }, &[r, i], "pairs")?;
-        let mut s4 = hs.clone();
-        s4[3] = rot;
-        tmp(cx, Op::Reshape { shape: s4 }, &[p], "rotated")?
-    } else {
-        tmp(cx, Op::Concat { axis: 3 }, &[real, imag], "rotated")?
-    };
-    if rot < d {
-        let rest = window(cx, rot, d, 1, "passed")?;
-        rotated = tmp(cx, Op::Concat { axis: 3 }, &[rotated, rest], "all")?;
-    }
-    match xs.len() {
-        4 => cx.add(
-            Op::Transpose {
-                perm: vec![0, 2, 1, 3],
-            },
-            &[rotated],
-        ),
-        _ => cx.add(Op::Reshape { shape: xs }, &[rotated]),
-    }
 }
 
 /// LpNormalization: `x / ||x||_p` along `axis` (p = 1 or 2); a zero vector stays zero.
