@@ -92,7 +92,11 @@ pub fn find_linear_layers(graph: &Graph) -> Vec<LinearLayer> {
 /// The PyTorch module path of a linear node.
 fn module_name(graph: &Graph, node: NodeId, weight: NodeId) -> String {
     let wname = &graph.node(weight).name;
-    if let Some(m) = wname.strip_suffix(".weight") {
+    // onnxruntime-genai's model builder names a weight after its node: `<module>.MatMul.weight`.
+    let module = wname
+        .strip_suffix(".MatMul.weight")
+        .or_else(|| wname.strip_suffix(".weight"));
+    if let Some(m) = module {
         if !m.is_empty() && !m.contains("::") && !m.contains('/') {
             return m.to_string();
         }

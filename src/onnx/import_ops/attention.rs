@@ -377,22 +377,28 @@ fn rotate(
             window(cx, half, rot, 1, "x2")?,
         )
     };
+    // The cache as [positions, 1, half], so that what is looked up broadcasts over heads (and
+    // so that a constant cache looked up by runtime positions is not taken for an embedding,
+    // a layer that adapters could target).
     let lookup = |cx: &mut Ctx, cache: NodeId, tag: &str| -> Result<NodeId> {
-        let c = match pos {
-            Some(p) => tmp(cx, Op::Gather { axis: 0 }, &[cache, p], tag)?,
-            None => cache,
-        };
-        let mut s = cx.shape(c);
-        if s.last() != Some(&half) {
-            return Err(cx.err(format!("the {tag} cache {s:?} must end in {half}")));
+        let mut s = cx.shape(cache);
+        if s.len() != 2 || s[1] != half {
+            return Err(cx.err(format!(
+                "the {tag} cache has shape {}, expected [positions, {half}]",
+                shape_str(&s)
+            )));
         }
-        s.insert(s.len() - 1, 1);
-        tmp(
+        s.insert(1, 1);
+        let c = tmp(
             cx,
             Op::Reshape { shape: s },
-            &[c],
+            &[cache],
             &format!("{tag}_per_head"),
-        )
+        )?;
+        match pos {
+            Some(p) => tmp(cx, Op::Gather { axis: 0 }, &[c, p], tag),
+            None => Ok(c),
+        }
     };
     let c = lookup(cx, cos, "cos")?;
     let s = lookup(cx, sin, "sin")?;
