@@ -484,10 +484,11 @@ const GQA_UNSUPPORTED_INPUTS: [&str; 8] = [
 /// number of tokens sequence `b` holds after this step, `total_sequence_length` (`T`, known
 /// at import: exports compute it from the attention mask's shape) their maximum.
 ///
-/// - **First prompt** (`S == T`): every sequence starts at position 0, so the masks are
-///   constants: causal, and `local_window_size` keys back. The present key and value are the
-///   new ones, padded with zeros to `max(T, past length)` rows. Rotary positions are `s`, or 1
-///   on a sequence's padding (`s > seqlens_k[b]`), as ONNX Runtime generates them.
+/// - **First prompt** (`S == T`): every sequence starts at position 0: row `s` rotates at
+///   position `s` and attends to keys `j <= s` (and `local_window_size` keys back), a
+///   constant, and to keys of its sequence only (`j <= seqlens_k[b]`, so a padding row sees
+///   the whole sequence). The present key and value are the new ones, padded with zeros to
+///   `max(T, past length)` rows.
 /// - **Later steps** (one token, or one sequence of several): sequence `b`'s past holds
 ///   `p_b = seqlens_k[b] + 1 - S` tokens, known only at run time. The present cache keeps
 ///   the past's first `p_b` rows and puts the new rows after them (a product with a one-hot
@@ -495,8 +496,7 @@ const GQA_UNSUPPORTED_INPUTS: [&str; 8] = [
 ///   length), zeros elsewhere; row `s` attends to keys up to `p_b + s`, and rotates at
 ///   position `p_b + s`.
 ///
-/// Padding rows of a first prompt (`s > seqlens_k[b]`) are unspecified in ONNX Runtime, and
-/// may differ here. Refused: `causal = 0`, smooth softmax and head sinks, window-sized caches
+/// Refused: `causal = 0`, smooth softmax and head sinks, window-sized caches
 /// (`sliding_window_cache`), quantized caches, the QK output, and the inputs of
 /// [`GQA_UNSUPPORTED_INPUTS`].
 pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
@@ -687,12 +687,9 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
                 shape_str(&cx.shape(sin))
             )));
         }
+        // [1, S] in a first prompt, [B, S] after a past.
         let pos = match past {
-            None => {
-                let len = per_batch(cx, lengths, 2, "lengths_per_batch")?;
-                let inside = bin(cx, Binary::Less, steps, len, "inside")?;
-                tmp(cx, Op::Where, &[inside, steps, one], "positions")?
-            }
+            None => steps,
             Some(p) => {
                 let p = per_batch(cx, p, 2, "past_per_batch")?;
                 bin(cx, Binary::Add, p, steps, "positions")?
@@ -732,7 +729,22 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             let left = if window > 0 { window } else { -1 };
             let data = position_bias(true, left, -1, 0, (sq, sq), |_| true);
             let name = cx.temp_name("position_bias");
-            let bias = cx.add_const(&name, Tensor::f32(vec![sq, sq], data))?;
+            let causal = cx.add_const(&name, Tensor::f32(vec![sq, sq], data))?;
+            // Keys past a sequence's length are padding.
+            let len = per_batch(cx, lengths, 4, "lengths_per_key")?;
+            let key = ints(
+                cx,
+                vec![1, 1, 1, sq],
+                (0..sq as i64).collect(),
+                "key_positions",
+            )?;
+            let padding = bin(cx, Binary::Less, key, len, "real_keys")?;
+            let (zero, neg_inf) = (
+                scalar(cx, 0.0, "zero_f")?,
+                scalar(cx, f32::NEG_INFINITY, "minus_inf")?,
+            );
+            let pad = tmp(cx, Op::Where, &[padding, zero, neg_inf], "padding_bias")?;
+            let bias = bin(cx, Binary::Add, causal, pad, "bias")?;
             (k, v, bias)
         }
         Some(p) => {
