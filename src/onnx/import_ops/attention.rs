@@ -485,9 +485,11 @@ const GQA_UNSUPPORTED_INPUTS: [&str; 8] = [
 /// at import: exports compute it from the attention mask's shape) their maximum.
 ///
 /// - **First prompt** (`S == T`): every sequence starts at position 0: row `s` rotates at
-///   position `s` and attends to keys `j <= s` (and `local_window_size` keys back), a
+///   position `s` and attends to keys `j <= s` (with a window, the last `local_window_size`
+///   of them, itself included: `j > s - local_window_size`, as ONNX Runtime 1.32 counts), a
 ///   constant, and to keys of its sequence only (`j <= seqlens_k[b]`, so a padding row sees
-///   the whole sequence). The present key and value are the new ones, padded with zeros to
+///   the whole sequence; with both a window and a softcap, ONNX Runtime's padding rows
+///   differ). The present key and value are the new ones, padded with zeros to
 ///   `max(T, past length)` rows.
 /// - **Later steps** (one token, or one sequence of several): sequence `b`'s past holds
 ///   `p_b = seqlens_k[b] + 1 - S` tokens, known only at run time. The present cache keeps
@@ -726,7 +728,7 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             let pk = pad(cx, k, "present_key")?;
             let pv = pad(cx, v, "present_value")?;
             present(cx, pk, pv)?;
-            let left = if window > 0 { window } else { -1 };
+            let left = if window > 0 { window - 1 } else { -1 };
             let data = position_bias(true, left, -1, 0, (sq, sq), |_| true);
             let name = cx.temp_name("position_bias");
             let causal = cx.add_const(&name, Tensor::f32(vec![sq, sq], data))?;
@@ -785,7 +787,7 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             let pk = fill(cx, past_k.unwrap(), k, "present_key")?;
             let pv = fill(cx, past_v.unwrap(), v, "present_value")?;
             present(cx, pk, pv)?;
-            // Row s (at position p_b + s) sees keys j <= p_b + s, and with a window j >=
+            // Row s (at position p_b + s) sees keys j <= p_b + s, and with a window j >
             // p_b + s - window.
             let at = per_batch(cx, past.unwrap(), 4, "past_per_query")?;
             let srow = ints(
@@ -805,7 +807,7 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             let neg_inf = scalar(cx, f32::NEG_INFINITY, "minus_inf")?;
             let mut bias = tmp(cx, Op::Where, &[ahead, neg_inf, zero_f], "causal_bias")?;
             if window > 0 {
-                let w = ints(cx, vec![], vec![window], "window")?;
+                let w = ints(cx, vec![], vec![window - 1], "window")?;
                 let from = bin(cx, Binary::Sub, at, w, "window_start")?;
                 let before = bin(cx, Binary::Less, key, from, "behind")?;
                 bias = tmp(cx, Op::Where, &[before, neg_inf, bias], "window_bias")?;

@@ -1,0 +1,149 @@
+//! Decoders as onnxruntime-genai's model builder exports them (`models/genai/`, made by
+//! `models/make_genai.py`): GroupQueryAttention with its cache, rotary and masks inside,
+//! SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization and SkipLayerNormalization.
+//! Every output of every case (an empty cache, padding, one token after a cache, a batch whose
+//! sequences have different lengths, several tokens after a cache) on the GPU and the reference
+//! executor against onnxruntime's; then training and the DoRA rewrite of one.
+
+mod common;
+
+use common::*;
+
+const VARIANTS: [&str; 4] = ["llama", "qwen3", "phi", "llama_window"];
+const CASES: [&str; 5] = ["prompt", "padded", "decode", "ragged_decode", "chunk"];
+
+fn dir(variant: &str) -> String {
+    format!("genai/{variant}")
+}
+
+#[test]
+fn genai_decoders_match_onnxruntime() {
+    for v in VARIANTS {
+        let path = models_dir().join(dir(v)).join("model.onnx");
+        for case in CASES {
+            let inputs = read(&dir(v), &format!("{case}.inputs.safetensors"));
+            let want = read(&dir(v), &format!("{case}.ort.safetensors"));
+            let g = load_path(&path, &inputs);
+            let reference = run_reference(&g, &inputs);
+            let gpu = run_gpu(&g, &inputs);
+            for name in want.keys() {
+                let (r, d) = (rel(&reference, &want, name), rel(&gpu, &want, name));
+                assert!(
+                    r < 1e-5 && d < 1e-5,
+                    "{v} {case} {name}: reference {r:.2e}, gpu {d:.2e}"
+                );
+            }
+        }
+    }
+}
+
+/// The builder's module names (`model.layers.0.attn.qkv_proj`, from weights named
+/// `<module>.MatMul.weight`) are what `--target` matches, the rotary caches are not listed as
+/// layers, and a training run on the GPU follows the reference executor's losses.
+#[test]
+fn genai_decoders_train_with_dora() {
+    let tmp = temp_dir("genai-train");
+    let model = models_dir().join(dir("llama")).join("model.onnx");
+    let data = models_dir().join("genai/train.safetensors");
+    let losses = |reference: bool| -> Vec<f64> {
+        let out = tmp.join(if reference { "ref" } else { "gpu" });
+        let mut args = vec![
+            "train",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--loss",
+            "lm",
+            "--steps",
+            "3",
+            "--batch-size",
+            "3",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-2",
+            "--target",
+            "qkv_proj,o_proj,down_proj",
+            "--shape",
+            "past_sequence_length=0",
+            "--shape",
+            "kv_cache_dim=16",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if reference {
+            args.push("--reference");
+        }
+        let run = dorac_in(&tmp, &args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["loss"].as_f64().unwrap()
+            })
+            .collect()
+    };
+    let (gpu, reference) = (losses(false), losses(true));
+    assert_eq!(gpu.len(), 3);
+    for (g, r) in gpu.iter().zip(&reference) {
+        assert!((g - r).abs() <= 1e-5 * r.abs(), "{gpu:?} vs {reference:?}");
+    }
+    let adapter = std::fs::read_to_string(tmp.join("gpu/adapter_config.json")).unwrap();
+    assert!(adapter.contains("qkv_proj"), "{adapter}");
+
+    let rewrite = dorac_in(
+        &tmp,
+        &[
+            "rewrite",
+            model.to_str().unwrap(),
+            "--shape",
+            "batch_size=2",
+            "--shape",
+            "sequence_length=5",
+            "--shape",
+            "total_sequence_length=5",
+            "--shape",
+            "past_sequence_length=0",
+            "--shape",
+            "kv_cache_dim=16",
+            "-o",
+            tmp.join("rewritten.onnx").to_str().unwrap(),
+        ],
+    );
+    let table = String::from_utf8_lossy(&rewrite.stdout);
+    assert!(
+        rewrite.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rewrite.stderr)
+    );
+    let modules: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|m| m.starts_with("model.") || m.starts_with("lm_head"))
+        .collect();
+    let want: Vec<String> = (0..2)
+        .flat_map(|i| {
+            [
+                "attn.qkv_proj",
+                "attn.o_proj",
+                "mlp.up_proj",
+                "mlp.gate_proj",
+                "mlp.down_proj",
+            ]
+            .map(|m| format!("model.layers.{i}.{m}"))
+        })
+        .chain(["lm_head".to_string()])
+        .collect();
+    assert_eq!(modules, want, "{table}");
+    // DoRA at PEFT's initialisation: the rewritten model gives the base model's outputs.
+    let inputs = read(&dir("llama"), "prompt.inputs.safetensors");
+    let want = read(&dir("llama"), "prompt.ort.safetensors");
+    let got = run_reference(&load_path(&tmp.join("rewritten.onnx"), &inputs), &inputs);
+    assert!(rel(&got, &want, "logits") < 1e-5);
+}
