@@ -21,7 +21,7 @@ Variants (`models/genai/<variant>/model.onnx` and its `model.onnx.data`):
     SkipLayerNormalization with a bias, GELU;
   - llama_window: the llama model with its GroupQueryAttention attributes edited to a local
     window of 2 keys and interleaved rotary pairs (ONNX Runtime computes them; the builder
-    writes windows for Mistral, Phi-3 and Gemma 2). With both a window and a softcap, ONNX
+    writes a window for Gemma 2, with a window-sized cache that dorac refuses). With both a window and a softcap, ONNX
     Runtime's padding rows of a padded prompt differ from dorac's (they are padding).
 Cases (`<variant>/<case>.inputs.safetensors` and `<case>.ort.safetensors`, every output):
   - prompt:        batch 2, 5 tokens, an empty cache;
@@ -96,10 +96,17 @@ def edit_attention(src, dst, **attrs):
             keep = [a for a in n.attribute if a.name not in attrs]
             del n.attribute[:]
             n.attribute.extend(keep + [onnx.helper.make_attribute(k, v) for k, v in attrs.items()])
+    # onnx appends to an existing data file.
+    (dst / "model.onnx.data").unlink(missing_ok=True)
     onnx.save(m, dst / "model.onnx", save_as_external_data=True, location="model.onnx.data")
 
 
-def cases(folder):
+def head_size(arch):
+    config = {**SMALL, **ARCHS[arch][2]}
+    return config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+
+
+def cases(folder, head):
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     sess = ort.InferenceSession(str(folder / "model.onnx"))
     names = [o.name for o in model.graph.output]
@@ -112,7 +119,7 @@ def cases(folder):
         for p in pasts:
             heads = p.type.tensor_type.shape.dim[1].dim_value
             f[p.name] = (cache[p.name.replace("past_key_values", "present")] if cache is not None
-                         else np.zeros((batch, heads, 0, 16 if "phi" not in folder.name else 32), np.float32))
+                         else np.zeros((batch, heads, 0, head), np.float32))
         return f
 
     def run(name, f):
@@ -135,11 +142,11 @@ def main():
         folder = OUT / arch
         folder.mkdir(exist_ok=True)
         build(arch, folder, **({"softcap": 5.0} if arch == "qwen3" else {}))
-        cases(folder)
+        cases(folder, head_size(arch))
     window = OUT / "llama_window"
     window.mkdir(exist_ok=True)
     edit_attention(OUT / "llama", window, local_window_size=2, rotary_interleaved=1)
-    cases(window)
+    cases(window, head_size("llama"))
     ids = np.random.default_rng(1).integers(0, VOCAB, (6, 8)).astype(np.int64)
     save_file({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}, OUT / "train.safetensors")
     for f in sorted(OUT.rglob("*")):
