@@ -377,18 +377,24 @@ fn rotate(
             window(cx, half, rot, 1, "x2")?,
         )
     };
-    // The cache as [positions, 1, half], so that what is looked up broadcasts over heads (and
-    // so that a constant cache looked up by runtime positions is not taken for an embedding,
-    // a layer that adapters could target).
+    // A head axis before the cache's last: [positions, 1, half] looked up by `pos`, or
+    // [(B,) S, 1, half] as given, so that the product broadcasts over heads (and so that a
+    // constant cache looked up by runtime positions is not taken for an embedding, a layer
+    // that adapters could target).
     let lookup = |cx: &mut Ctx, cache: NodeId, tag: &str| -> Result<NodeId> {
         let mut s = cx.shape(cache);
-        if s.len() != 2 || s[1] != half {
+        if s.last() != Some(&half) || (pos.is_some() && s.len() != 2) {
+            let want = if pos.is_some() {
+                "[positions, "
+            } else {
+                "[..., "
+            };
             return Err(cx.err(format!(
-                "the {tag} cache has shape {}, expected [positions, {half}]",
+                "the {tag} cache has shape {}, expected {want}{half}]",
                 shape_str(&s)
             )));
         }
-        s.insert(1, 1);
+        s.insert(s.len() - 1, 1);
         let c = tmp(
             cx,
             Op::Reshape { shape: s },
