@@ -96,6 +96,7 @@ fn genai_decoders_train_with_dora() {
     }
     let adapter = std::fs::read_to_string(tmp.join("gpu/adapter_config.json")).unwrap();
     assert!(adapter.contains("qkv_proj"), "{adapter}");
+    merged_in_place(&tmp, &model, &tmp.join("gpu"));
 
     let rewrite = dorac_in(
         &tmp,
@@ -146,4 +147,100 @@ fn genai_decoders_train_with_dora() {
     let want = read(&dir("llama"), "prompt.ort.safetensors");
     let got = run_reference(&load_path(&tmp.join("rewritten.onnx"), &inputs), &inputs);
     assert!(rel(&got, &want, "logits") < 1e-5);
+}
+
+/// `merge` of the trained adapter writes the builder's own file with the merged weights: its
+/// GroupQueryAttention nodes and symbolic dims stay, so the merged model runs shapes other than
+/// the ones pinned for the merge (a ragged decode after pinning a 4-token prompt), and gives the
+/// unmerged adapter's outputs.
+fn merged_in_place(tmp: &std::path::Path, model: &std::path::Path, adapter: &std::path::Path) {
+    let merged = tmp.join("merged.onnx");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mut args: Vec<String> = [
+        "merge",
+        &s(model),
+        "--adapter",
+        &s(adapter),
+        "-o",
+        &s(&merged),
+    ]
+    .map(String::from)
+    .to_vec();
+    for pin in [
+        "batch_size=1",
+        "sequence_length=4",
+        "total_sequence_length=4",
+        "past_sequence_length=0",
+        "kv_cache_dim=16",
+    ] {
+        args.extend(["--shape".to_string(), pin.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dorac_in(tmp, &args);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("its other nodes and dims as they were"),
+        "{said}"
+    );
+    let file = dorac::onnx::load_model(&merged).unwrap();
+    let graph = file.graph.as_ref().unwrap();
+    let attention = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "GroupQueryAttention")
+        .count();
+    assert_eq!(attention, 2);
+    use dorac::onnx::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
+    let Some(Value::TensorType(t)) = graph.input[0].r#type.as_ref().and_then(|t| t.value.clone())
+    else {
+        panic!("input_ids has no tensor type");
+    };
+    let dims: Vec<String> = t
+        .shape
+        .unwrap()
+        .dim
+        .iter()
+        .map(|d| match &d.value {
+            Some(Dim::DimParam(p)) => p.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(dims, ["batch_size", "sequence_length"]);
+    let inputs = models_dir()
+        .join(dir("llama"))
+        .join("ragged_decode.inputs.safetensors");
+    let run = |m: &std::path::Path, with_adapter: bool, o: &str| {
+        let mut a = vec![
+            "run",
+            m.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+        ];
+        if with_adapter {
+            a.extend(["--adapter", adapter.to_str().unwrap()]);
+        }
+        a.extend(["--reference", "-o", o]);
+        let r = dorac_in(tmp, &a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        dorac::tensors_io::read_safetensors(&tmp.join(o)).unwrap()
+    };
+    let got = run(&merged, false, "merged.safetensors");
+    let want = run(model, true, "unmerged.safetensors");
+    for name in want.keys() {
+        assert!(
+            rel(&got, &want, name) < 1e-5,
+            "{name}: {:.2e}",
+            rel(&got, &want, name)
+        );
+    }
+    let base = read(&dir("llama"), "ragged_decode.ort.safetensors");
+    assert!(
+        rel(&got, &base, "logits") > 1e-3,
+        "the adapter changed nothing"
+    );
 }

@@ -114,3 +114,109 @@ fn malformed_matmul_nbits_is_refused_with_the_node_named() {
         assert!(e.contains(first) && e.contains(want), "{want}: {e}");
     }
 }
+
+/// `merge` writes a trained adapter into the quantized model's own file: each adapted
+/// MatMulNBits becomes a MatMul with the merged f32 weight (and an Add of its bias input), its
+/// quantized tensors go, and the merged file keeps its symbolic batch dim and gives the
+/// unmerged adapter's outputs at another batch size than the one pinned.
+#[test]
+fn merge_writes_merged_layers_into_the_quantized_file() {
+    let dir = temp_dir("quantized-merge");
+    let mut rng = dorac::tensor::Rng::new(7);
+    let mut random = |shape: Vec<usize>| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        dorac::tensor::Array::from_f32(shape, &v)
+    };
+    let data: std::collections::BTreeMap<String, dorac::tensor::Array> = [
+        ("x".to_string(), random(vec![6, 2, 48])),
+        ("target".to_string(), random(vec![6, 2, 24])),
+    ]
+    .into();
+    let data_path = dir.join("data.safetensors");
+    dorac::tensors_io::write_safetensors(&data_path, &data).unwrap();
+    let base = model("q4_float_zp_bias");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let ok = |args: &[&str]| {
+        let out = dorac_in(&dir, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&[
+        "train",
+        &s(&base),
+        "--data",
+        &s(&data_path),
+        "--loss",
+        "mse",
+        "--steps",
+        "3",
+        "--batch-size",
+        "3",
+        "--lr",
+        "1e-2",
+        "-o",
+        "adapter",
+    ]);
+    let said = ok(&[
+        "merge",
+        &s(&base),
+        "--adapter",
+        "adapter",
+        "--shape",
+        "batch=3",
+        "-o",
+        "merged.onnx",
+    ]);
+    assert!(
+        said.contains("its other nodes and dims as they were"),
+        "{said}"
+    );
+    let merged = dorac::onnx::load_model(&dir.join("merged.onnx")).unwrap();
+    let graph = merged.graph.unwrap();
+    let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type()).collect();
+    assert!(!ops.contains(&"MatMulNBits"), "{ops:?}");
+    assert_eq!(ops.iter().filter(|&&o| o == "MatMul").count(), 2, "{ops:?}");
+    let names: Vec<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let quantized =
+        |n: &&str| n.ends_with("_Q4") || n.contains("scales") || n.contains("zero_points");
+    assert!(!names.iter().any(quantized), "{names:?}");
+    assert!(names.contains(&"0.bias"), "{names:?}");
+    // Batch 5, where the merge pinned 3.
+    let x = &data["x"];
+    let x = dorac::tensor::Array::new(vec![5, 2, 48], x.data[..5 * 2 * 48].to_vec());
+    let inputs = dir.join("x5.safetensors");
+    dorac::tensors_io::write_safetensors(&inputs, &[("x".to_string(), x)].into()).unwrap();
+    ok(&[
+        "run",
+        "merged.onnx",
+        "--inputs",
+        &s(&inputs),
+        "--reference",
+        "-o",
+        "got.safetensors",
+    ]);
+    ok(&[
+        "run",
+        &s(&base),
+        "--adapter",
+        "adapter",
+        "--inputs",
+        &s(&inputs),
+        "--reference",
+        "-o",
+        "want.safetensors",
+    ]);
+    let got = dorac::tensors_io::read_safetensors(&dir.join("got.safetensors")).unwrap();
+    let want = dorac::tensors_io::read_safetensors(&dir.join("want.safetensors")).unwrap();
+    assert_eq!(got["y"].shape, [5, 2, 24]);
+    assert!(
+        rel(&got, &want, "y") < 1e-5,
+        "{:.2e}",
+        rel(&got, &want, "y")
+    );
+}

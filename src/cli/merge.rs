@@ -35,29 +35,78 @@ pub fn run(args: Args) -> Result<()> {
             "no adapters to merge (give --adapter DIR, or a model made by `dorac rewrite`)",
         )
     };
+    let rewritten = !graph.adapters().is_empty();
+    // The weights each merge replaces, by their IR names (the initializers they came from).
+    let mut changed: Vec<String> = vec![];
     if args.adapter.is_empty() {
-        if graph.adapters().is_empty() {
+        if !rewritten {
             return Err(no_adapters());
         }
-        merge_one(&mut graph, "the model's own adapters")?;
+        merge_one(&mut graph, "the model's own adapters", &mut changed)?;
     }
+    let mut full_weights = false;
     for (i, dir) in args.adapter.iter().enumerate() {
         // A rewritten model's own adapters are merged first; each --adapter then starts from
         // the weights merged so far.
-        if i == 0 && !graph.adapters().is_empty() {
-            merge_one(&mut graph, "the model's own adapters")?;
+        if i == 0 && rewritten {
+            merge_one(&mut graph, "the model's own adapters", &mut changed)?;
         }
         apply_adapter(&mut graph, dir)?;
-        merge_one(&mut graph, &dir.display().to_string())?;
+        full_weights |= graph.adapters().is_empty();
+        merge_one(&mut graph, &dir.display().to_string(), &mut changed)?;
     }
-    save_graph(&graph, &args.output)?;
-    println!("wrote {}", args.output.display());
+    // A base model's merged weights go back into its own file, which keeps every other node,
+    // its symbolic dims and its fused ops; a rewritten model loses its adapter subgraphs, so it
+    // is exported from the graph, as is a model whose weights are not initializers as such.
+    let in_place = if rewritten {
+        Err("the model was made by `dorac rewrite`".to_string())
+    } else if full_weights {
+        Err("fully fine-tuned weights are written from the graph".to_string())
+    } else {
+        let weights: Vec<(String, crate::tensor::Tensor)> = changed
+            .iter()
+            .map(|name| {
+                let id = graph
+                    .find_by_name(name)
+                    .expect("merge keeps the weight's name");
+                match &graph.node(id).op {
+                    crate::ir::Op::Const(t) => (name.clone(), t.clone()),
+                    _ => unreachable!("a merged weight is a constant"),
+                }
+            })
+            .collect();
+        let model = crate::onnx::load_model(&args.model)?;
+        crate::onnx::reweight::reweighted(&model, &weights)
+    };
+    match in_place {
+        Ok(model) => {
+            let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
+            crate::onnx::reweight::save_reweighted(model, dir, &args.output)?;
+            println!(
+                "wrote {} (the input model with its merged weights; its other nodes and dims as they were)",
+                args.output.display()
+            );
+        }
+        Err(why) => {
+            save_graph(&graph, &args.output)?;
+            println!(
+                "wrote {} (exported from dorac's graph, shapes as pinned: {why})",
+                args.output.display()
+            );
+        }
+    }
     Ok(())
 }
 
 /// Merges the graph's adapters into its weights and says which layers.
-fn merge_one(graph: &mut crate::ir::Graph, what: &str) -> Result<()> {
+fn merge_one(graph: &mut crate::ir::Graph, what: &str, changed: &mut Vec<String>) -> Result<()> {
     let modules: Vec<String> = graph.adapters().iter().map(|a| a.module.clone()).collect();
+    for a in graph.adapters() {
+        let name = &graph.node(a.weight).name;
+        if !changed.contains(name) {
+            changed.push(name.clone());
+        }
+    }
     crate::passes::merge_adapters(graph)?;
     println!(
         "merged {what}: {} layers ({})",

@@ -279,6 +279,31 @@ fn bf16_to_f32(h: u16) -> f32 {
     half::bf16::from_bits(h).to_f32()
 }
 
+/// The bytes of an external-data tensor of any element type dorac reads (`map_external`'s
+/// checks): the mapping of its file and the tensor's range in it.
+pub(crate) fn external_bytes(
+    t: &TensorProto,
+    model_dir: &Path,
+    what: &str,
+) -> Result<(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>)> {
+    let err = |msg: String| Error::onnx_at(Subject::context(what), msg);
+    let elem = Elem::of(t.data_type()).ok_or_else(|| {
+        err(format!(
+            "{} tensors are not supported",
+            dtype_name(t.data_type())
+        ))
+    })?;
+    let shape = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dim {d} in {:?}", t.dims))))
+        .collect::<Result<Vec<usize>>>()?;
+    crate::tensor::check_size(&shape, 8, || what.to_string())?;
+    let len = numel(&shape) * elem.size();
+    let (map, offset) = map_external(t, model_dir, len, &err)?;
+    Ok((map, offset..offset + len))
+}
+
 /// Memory-maps an external-data tensor's file; returns the mapping and the tensor's offset.
 /// The location must stay inside the model's folder: an absolute path, a `..` component, or a
 /// symlink that resolves outside is refused, because a model file is untrusted input and must

@@ -94,6 +94,38 @@ impl ExternalData {
         Ok(proto)
     }
 
+    /// Writes `bytes` (the tensor `template` describes: its name, dims and type) at the next
+    /// aligned offset and returns the initializer that refers to them.
+    pub(crate) fn write_raw(
+        &mut self,
+        template: &TensorProto,
+        bytes: &[u8],
+    ) -> Result<TensorProto> {
+        let pad = self.offset.next_multiple_of(ALIGN) - self.offset;
+        let io = |e| Error::io(&self.tmp, e);
+        self.file.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        self.file.write_all(bytes).map_err(io)?;
+        self.offset += pad;
+        let entry = |key: &str, value: String| StringStringEntryProto {
+            key: Some(key.into()),
+            value: Some(value),
+        };
+        let proto = TensorProto {
+            name: template.name.clone(),
+            dims: template.dims.clone(),
+            data_type: template.data_type,
+            data_location: Some(DataLocation::External as i32),
+            external_data: vec![
+                entry("location", self.location.clone()),
+                entry("offset", self.offset.to_string()),
+                entry("length", bytes.len().to_string()),
+            ],
+            ..Default::default()
+        };
+        self.offset += bytes.len() as u64;
+        Ok(proto)
+    }
+
     /// Flushes and syncs the data file and renames it into place. Call after the model itself
     /// is written (to its own temporary file) and before that is renamed.
     pub(crate) fn finish(self) -> Result<()> {

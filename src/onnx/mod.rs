@@ -22,6 +22,7 @@ pub mod import_ops;
 pub mod meta;
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod proto;
+pub mod reweight;
 
 pub use export::{export, EXPORT_MIN_IR_VERSION, EXPORT_MIN_OPSET};
 pub use external::EXTERNAL_MIN_BYTES;

@@ -1,0 +1,185 @@
+//! Writing a model file again with some of its weights replaced and everything else as the file
+//! had it: its ops (fused ones such as GroupQueryAttention included), symbolic dims, opsets and
+//! metadata. `dorac merge` writes a base model's merged layers this way, so that the merged file
+//! is a drop-in replacement of the input: a runtime that generates with it (onnxruntime-genai,
+//! or any caller feeding other batch and sequence sizes) keeps working, where a graph exported
+//! from dorac's IR would have the shapes pinned at import and the fused ops lowered.
+//!
+//! A weight is replaced when the IR constant that held it carries the name of an initializer of
+//! the model with the same dims and a float type (written back in that type). A MatMulNBits
+//! layer's weight (dequantized at import) becomes a MatMul with an f32 initializer, its bias an
+//! Add; the quantized tensors no other node reads are dropped. Anything else (a weight the
+//! importer transposed or folded into a new constant) is not in the file as such: the caller
+//! hears why and exports the graph instead.
+
+use super::data::external_bytes;
+use super::external::{ExternalData, EXTERNAL_MIN_BYTES};
+use super::proto::tensor_proto::{DataLocation, DataType};
+use super::proto::{ModelProto, NodeProto, TensorProto};
+use crate::error::{Error, Result, Subject};
+use crate::tensor::Tensor;
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// Why a weight cannot be written into the model file in place.
+pub type NotInPlace = String;
+
+/// `model` (read from `model_path`) with the initializers named in `weights` replaced, or why
+/// one of them cannot be.
+pub fn reweighted(
+    model: &ModelProto,
+    weights: &[(String, Tensor)],
+) -> std::result::Result<ModelProto, NotInPlace> {
+    let mut model = model.clone();
+    let graph = model.graph.as_mut().expect("load_model checked the graph");
+    let index: HashMap<String, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name().to_string(), i))
+        .collect();
+    let mut dropped: HashSet<String> = HashSet::new();
+    for (name, value) in weights {
+        if let Some(&i) = index.get(name) {
+            let old = &graph.initializer[i];
+            let dims: Vec<i64> = value.shape.iter().map(|&d| d as i64).collect();
+            if old.dims != dims {
+                return Err(format!(
+                    "weight '{name}' is {:?} in the file and {:?} after import",
+                    old.dims, dims
+                ));
+            }
+            // A weight other nodes read too (tied embeddings) would change for them as well.
+            let readers = graph
+                .node
+                .iter()
+                .flat_map(|n| &n.input)
+                .filter(|i| *i == name)
+                .count();
+            if readers != 1 {
+                return Err(format!(
+                    "weight '{name}' is read by {readers} nodes of the file, not only its layer"
+                ));
+            }
+            let data_type = DataType::try_from(old.data_type()).ok();
+            graph.initializer[i] = data_type
+                .and_then(|d| float_proto(name, value, d))
+                .ok_or_else(|| format!("weight '{name}' is not a float tensor in the file"))?;
+            continue;
+        }
+        // MatMulNBits: its dequantized weight is `<output>/weight` in the IR.
+        let quantized = name.strip_suffix("/weight").and_then(|out| {
+            graph.node.iter().position(|n| {
+                n.op_type() == "MatMulNBits" && n.output.first().map(String::as_str) == Some(out)
+            })
+        });
+        let Some(at) = quantized else {
+            return Err(format!(
+                "weight '{name}' is not an initializer of the model (the importer made it)"
+            ));
+        };
+        let node = graph.node[at].clone();
+        let b = node.input.get(1).cloned().unwrap_or_default();
+        let weight_name = format!("{b}_merged");
+        graph
+            .initializer
+            .push(float_proto(&weight_name, value, DataType::Float).expect("float"));
+        let out = node.output[0].clone();
+        let bias = node.input.get(5).filter(|n| !n.is_empty()).cloned();
+        let product_out = match &bias {
+            Some(_) => format!("{out}_matmul"),
+            None => out.clone(),
+        };
+        let mut nodes = vec![NodeProto {
+            name: node.name.clone(),
+            op_type: Some("MatMul".into()),
+            input: vec![node.input[0].clone(), weight_name],
+            output: vec![product_out.clone()],
+            ..Default::default()
+        }];
+        if let Some(bias) = bias {
+            nodes.push(NodeProto {
+                name: Some(format!("{}_bias", node.name())),
+                op_type: Some("Add".into()),
+                input: vec![product_out, bias],
+                output: vec![out],
+                ..Default::default()
+            });
+        }
+        graph.node.splice(at..at + 1, nodes);
+        dropped.extend(node.input[1..].iter().filter(|n| !n.is_empty()).cloned());
+    }
+    // Quantized tensors that no node reads any more (a bias stays: the Add reads it).
+    let read: HashSet<&String> = graph.node.iter().flat_map(|n| &n.input).collect();
+    let gone: HashSet<String> = dropped.into_iter().filter(|n| !read.contains(n)).collect();
+    graph.initializer.retain(|t| !gone.contains(t.name()));
+    Ok(model)
+}
+
+/// `value` as an initializer of `data_type` (float32, or float16 and bfloat16 rounded to
+/// nearest even), or None for other types.
+fn float_proto(name: &str, value: &Tensor, data_type: DataType) -> Option<TensorProto> {
+    let v = value.to_f32();
+    let raw: Vec<u8> = match data_type {
+        DataType::Float => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DataType::Float16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+        DataType::Bfloat16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+        _ => return None,
+    };
+    Some(TensorProto {
+        name: Some(name.to_string()),
+        dims: value.shape.iter().map(|&d| d as i64).collect(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw.into()),
+        ..Default::default()
+    })
+}
+
+/// Writes `model` to `out` atomically. When the model read from `model_dir` kept tensors as
+/// external data, every large tensor goes to `<out>.data` (copied from the input's data file,
+/// or the new bytes), so the written model never refers to the input's files.
+pub fn save_reweighted(model: ModelProto, model_dir: &Path, out: &Path) -> Result<()> {
+    let graph = model.graph.as_ref().expect("load_model checked the graph");
+    let external = graph
+        .initializer
+        .iter()
+        .any(|t| t.data_location() == DataLocation::External);
+    if !external {
+        return super::save_model(&model, out);
+    }
+    let mut model = model;
+    let mut data = ExternalData::create(out)?;
+    let written = (|| -> Result<()> {
+        let graph = model.graph.as_mut().expect("checked above");
+        for t in graph.initializer.iter_mut() {
+            let what = format!("initializer '{}'", t.name());
+            if t.data_location() == DataLocation::External {
+                let (map, range) = external_bytes(t, model_dir, &what)?;
+                *t = data.write_raw(t, &map[range])?;
+            } else if let Some(raw) = t.raw_data.clone().filter(|r| r.len() >= EXTERNAL_MIN_BYTES) {
+                *t = data.write_raw(t, &raw)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        data.abandon();
+        return Err(e);
+    }
+    let len = model.encoded_len();
+    if len > super::MAX_PROTO_BYTES {
+        data.abandon();
+        return Err(Error::onnx_at(
+            Subject::file(out),
+            format!("the graph encodes to {len} bytes without its large tensors, over protobuf's 2 GiB limit"),
+        ));
+    }
+    super::write_atomic_with(out, &model.encode_to_vec(), Some(data))
+}
