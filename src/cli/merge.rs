@@ -83,7 +83,7 @@ pub fn run(args: Args) -> Result<()> {
             let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
             crate::onnx::reweight::save_reweighted(model, dir, &args.output)?;
             println!(
-                "wrote {} (the input model with its merged weights; its other nodes and dims as they were)",
+                "wrote {} (the input model, its adapted weights replaced; its other nodes and dims as they were)",
                 args.output.display()
             );
         }
