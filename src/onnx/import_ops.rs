@@ -182,6 +182,7 @@ pub const MULTI_OUTPUT: &[&str] = &[
     "SoftmaxCrossEntropyLoss",
     "Attention",
     "GroupQueryAttention",
+    "EmbedLayerNormalization",
     "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization",
     "TopK",
@@ -197,10 +198,19 @@ pub const CONTRIB_DOMAIN: &str = "com.microsoft";
 /// lower to IR ops (MatMulNBits: the 4-bit weights of `model_q4.onnx` files).
 pub const CONTRIB_OPS: &[(&str, Rule)] = &[
     ("MatMulNBits", Rule::Build(quantized::matmul_nbits)),
+    ("Attention", Rule::Build(attention::contrib_attention)),
+    ("BiasGelu", Rule::Build(lowered::contrib_gelu)),
+    (
+        "EmbedLayerNormalization",
+        Rule::Build(lowered::embed_layer_normalization),
+    ),
+    ("FastGelu", Rule::Build(lowered::contrib_gelu)),
+    ("Gelu", Rule::Build(lowered::contrib_gelu)),
     (
         "GroupQueryAttention",
         Rule::Build(attention::group_query_attention),
     ),
+    ("QuickGelu", Rule::Build(lowered::quick_gelu)),
     (
         "SkipLayerNormalization",
         Rule::Build(lowered::skip_layer_normalization),

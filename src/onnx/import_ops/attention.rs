@@ -839,3 +839,192 @@ fn present(cx: &mut Ctx, key: NodeId, value: NodeId) -> Result<()> {
     }
     Ok(())
 }
+
+/// ONNX Runtime's Attention (com.microsoft), as its transformer optimizer fuses BERT and GPT-2:
+/// `input @ weights + bias` split into Q, K and V (`qkv_hidden_sizes`, or thirds), heads,
+/// the past (`[2, B, heads, past, D]`) before the new keys and values (output 1, the present,
+/// stacked the same way), `q kᵀ · scale`, plus `attention_bias`, plus `mask_filter_value`
+/// (-10000 by default, added, not -inf, as ONNX Runtime does) once for each mask that hides a
+/// key: the mask index (a length per sequence `[B]`, padding on the right; end and start
+/// positions `[2B]`; a 0/1 mask `[B, T]` or `[B, S, T]`), and with `unidirectional` the keys
+/// after the query's position. Refused: rotary embedding, a shared past/present buffer, 4-D masks
+/// and the `[3B + 2]` index.
+pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
+    if cx.attr_int("do_rotary")?.unwrap_or(0) != 0 {
+        return Err(cx.unsupported("Attention (com.microsoft) with do_rotary".into()));
+    }
+    if cx.attr_int("past_present_share_buffer")?.unwrap_or(0) != 0 {
+        return Err(cx.unsupported(
+            "Attention (com.microsoft) with past_present_share_buffer".into(),
+        ));
+    }
+    let input = cx.input(0)?;
+    let weights = cx.input(1)?;
+    let bias = cx.opt_input(2)?;
+    let mask = cx.opt_input(3)?;
+    let past = cx.opt_input(4)?;
+    let extra_bias = cx.opt_input(5)?;
+    if cx.node.input.get(6).is_some_and(|n| !n.is_empty()) {
+        return Err(cx.unsupported(
+            "Attention (com.microsoft) with a past_sequence_length input".into(),
+        ));
+    }
+    let heads = match cx.attr_int("num_heads")? {
+        Some(h) if h > 0 => h as usize,
+        other => return Err(cx.err(format!("num_heads is {other:?}, expected a positive count"))),
+    };
+    let causal = cx.attr_int("unidirectional")?.unwrap_or(0) != 0;
+    let filter = cx.attr_float("mask_filter_value")?.unwrap_or(-10000.0);
+    let scale = cx.attr_float("scale")?.filter(|&s| s != 0.0);
+    let is = cx.shape(input);
+    let ws = cx.shape(weights);
+    let ([batch, sq, _], [_, width]) = (&is[..], &ws[..]) else {
+        return Err(cx.err(format!(
+            "input {} and weights {}: expected [batch, sequence, hidden] and [hidden, 3 hidden]",
+            shape_str(&is),
+            shape_str(&ws)
+        )));
+    };
+    let (batch, sq, width) = (*batch, *sq, *width);
+    let sizes: Vec<usize> = match cx.attr_ints("qkv_hidden_sizes")? {
+        Some(v) => v.iter().map(|&x| x.max(0) as usize).collect(),
+        None => vec![width / 3; 3],
+    };
+    if sizes.len() != 3 || sizes.iter().sum::<usize>() != width || sizes[0] != sizes[1] {
+        return Err(cx.err(format!(
+            "Q, K and V widths {sizes:?} do not split the weights' {width} columns (Q and K alike)"
+        )));
+    }
+    let mut qkv = tmp(cx, Op::MatMul, &[input, weights], "qkv")?;
+    if let Some(b) = bias {
+        qkv = bin(cx, Binary::Add, qkv, b, "qkv_biased")?;
+    }
+    let mut from = 0;
+    let mut parts = vec![];
+    for (size, tag) in sizes.iter().zip(["q", "k", "v"]) {
+        let op = Op::Slice {
+            starts: vec![0, 0, from as i64],
+            ends: vec![batch as i64, sq as i64, (from + size) as i64],
+            steps: vec![1; 3],
+        };
+        from += size;
+        let x = tmp(cx, op, &[qkv], tag)?;
+        let x = heads_of(cx, x, heads, tag)?;
+        parts.push(swap_1_2(cx, x, &format!("{tag}_heads"))?);
+    }
+    let (q, mut k, mut v) = (parts[0], parts[1], parts[2]);
+    let d = cx.shape(q)[3];
+    let past_len = match past {
+        None => 0,
+        Some(p) => {
+            let ps = cx.shape(p);
+            if ps.len() != 5 || ps[0] != 2 || ps[1] != batch || ps[2] != heads || ps[4] != d {
+                return Err(cx.err(format!(
+                    "past has shape {}, expected [2, {batch}, {heads}, past, {d}]",
+                    shape_str(&ps)
+                )));
+            }
+            let half = |cx: &mut Ctx, i: i64, tag: &str| -> Result<NodeId> {
+                let op = Op::Slice {
+                    starts: vec![i, 0, 0, 0, 0],
+                    ends: vec![i + 1, batch as i64, heads as i64, ps[3] as i64, d as i64],
+                    steps: vec![1; 5],
+                };
+                let s = tmp(cx, op, &[p], tag)?;
+                let shape = vec![batch, heads, ps[3], d];
+                tmp(cx, Op::Reshape { shape }, &[s], &format!("{tag}_4d"))
+            };
+            let (pk, pv) = (half(cx, 0, "past_key")?, half(cx, 1, "past_value")?);
+            k = tmp(cx, Op::Concat { axis: 2 }, &[pk, k], "keys")?;
+            v = tmp(cx, Op::Concat { axis: 2 }, &[pv, v], "values")?;
+            ps[3]
+        }
+    };
+    let total = past_len + sq;
+    if let Some(name) = cx.node.output.get(1).filter(|o| !o.is_empty()).cloned() {
+        let shape = vec![1, batch, heads, total, d];
+        let k5 = tmp(cx, Op::Reshape { shape: shape.clone() }, &[k], "present_key")?;
+        let v5 = tmp(cx, Op::Reshape { shape }, &[v], "present_value")?;
+        let present = cx.add_named(Op::Concat { axis: 0 }, &[k5, v5], &name)?;
+        cx.set_output(1, present);
+    }
+    // Each mask that hides a key adds mask_filter_value once.
+    let ints = |cx: &mut Ctx, shape: Vec<usize>, data: Vec<i64>, tag: &str| {
+        let name = cx.temp_name(tag);
+        cx.add_const(&name, Tensor::i64(shape, data))
+    };
+    let (zero, fill) = (scalar(cx, 0.0, "zero")?, scalar(cx, filter, "mask_filter")?);
+    let key = ints(cx, vec![1, total], (0..total as i64).collect(), "key_positions")?;
+    let per_batch = |cx: &mut Ctx, x: NodeId, tag: &str| {
+        tmp(cx, Op::Reshape { shape: vec![batch, 1] }, &[x], tag)
+    };
+    let mut biases: Vec<NodeId> = vec![];
+    if let Some(m) = mask {
+        let ms = cx.shape(m);
+        let hidden = match ms[..] {
+            [n] if n == batch => {
+                let len = per_batch(cx, m, "lengths")?;
+                let past_end = bin(cx, Binary::LessOrEqual, len, key, "past_end")?;
+                // [B, 1, 1, T]
+                tmp(cx, Op::Reshape { shape: vec![batch, 1, 1, total] }, &[past_end], "hidden")?
+            }
+            [n] if n == 2 * batch => {
+                let op = |i: i64| Op::Slice {
+                    starts: vec![i * batch as i64],
+                    ends: vec![(i + 1) * batch as i64],
+                    steps: vec![1],
+                };
+                let end = tmp(cx, op(0), &[m], "ends")?;
+                let start = tmp(cx, op(1), &[m], "starts")?;
+                let end = per_batch(cx, end, "ends_per_batch")?;
+                let start = per_batch(cx, start, "starts_per_batch")?;
+                let after = bin(cx, Binary::LessOrEqual, end, key, "after_end")?;
+                let before = bin(cx, Binary::Less, key, start, "before_start")?;
+                let either = bin(cx, Binary::Or, after, before, "outside")?;
+                tmp(cx, Op::Reshape { shape: vec![batch, 1, 1, total] }, &[either], "hidden")?
+            }
+            [b, t] if b == batch && t == total => {
+                let z = ints(cx, vec![], vec![0], "zero_i")?;
+                let off = bin(cx, Binary::Equal, m, z, "off")?;
+                tmp(cx, Op::Reshape { shape: vec![batch, 1, 1, total] }, &[off], "hidden")?
+            }
+            [b, s, t] if b == batch && s == sq && t == total => {
+                let z = ints(cx, vec![], vec![0], "zero_i")?;
+                let off = bin(cx, Binary::Equal, m, z, "off")?;
+                tmp(cx, Op::Reshape { shape: vec![batch, 1, sq, total] }, &[off], "hidden")?
+            }
+            _ => {
+                return Err(cx.unsupported(format!(
+                    "Attention (com.microsoft) with a mask_index of shape {}",
+                    shape_str(&ms)
+                )))
+            }
+        };
+        biases.push(tmp(cx, Op::Where, &[hidden, fill, zero], "mask_bias")?);
+    }
+    if causal {
+        let data = position_bias(true, -1, -1, past_len as i64, (sq, total), |_| true)
+            .into_iter()
+            .map(|b| if b == 0.0 { 0.0 } else { filter })
+            .collect();
+        let name = cx.temp_name("causal_bias");
+        biases.push(cx.add_const(&name, Tensor::f32(vec![sq, total], data))?);
+    }
+    biases.extend(extra_bias);
+    let mut bias = None;
+    for b in biases {
+        bias = Some(match bias {
+            Some(a) => bin(cx, Binary::Add, a, b, "bias")?,
+            None => b,
+        });
+    }
+    let scale = scale.map_or(1.0 / (d as f64).sqrt(), f64::from);
+    let s = attention_probs(cx, q, k, scale, 0.0, bias)?;
+    let y = tmp(cx, Op::MatMul, &[s.probs, v], "attended")?;
+    merge_heads(cx, y)
+}
+
+/// [`heads`] for a node whose head count is an attribute.
+fn heads_of(cx: &mut Ctx, x: NodeId, h: usize, tag: &str) -> Result<NodeId> {
+    heads(cx, x, h, &format!("{tag}_split"))
+}

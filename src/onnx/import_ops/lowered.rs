@@ -26,7 +26,7 @@
 use super::{reduce_args, Ctx};
 use crate::error::Result;
 use crate::ir::{unary, Binary, NodeId, Op, Reduce, Unary};
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{numel, shape_str, Tensor};
 
 /// An intermediate node `<output>/<tag>`.
 pub(super) fn tmp(cx: &mut Ctx, op: Op, inputs: &[NodeId], tag: &str) -> Result<NodeId> {
@@ -379,6 +379,96 @@ pub fn skip_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
 
 pub fn skip_simplified_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
     skip_norm(cx, true)
+}
+
+/// ONNX Runtime's GELU family (com.microsoft), as its transformer optimizer fuses BERT, GPT-2
+/// and ViT: Gelu (erf), BiasGelu (`gelu(a + bias)`), FastGelu (the tanh approximation, with an
+/// optional bias), QuickGelu (`x sigmoid(alpha x)`, alpha 1.702 by default).
+pub fn contrib_gelu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let (f, bias) = match cx.op_type() {
+        "Gelu" => (unary::GELU, None),
+        "BiasGelu" => (unary::GELU, Some(cx.input(1)?)),
+        _ => (unary::GELU_TANH, cx.opt_input(1)?),
+    };
+    let x = match bias {
+        Some(b) => bin(cx, Binary::Add, x, b, "biased")?,
+        None => x,
+    };
+    cx.add(Op::Unary(f), &[x])
+}
+
+pub fn quick_gelu(cx: &mut Ctx) -> Result<NodeId> {
+    let x = cx.input(0)?;
+    let a = cx.attr_float("alpha")?.unwrap_or(1.702);
+    let alpha = scalar(cx, a, "alpha")?;
+    let ax = bin(cx, Binary::Mul, x, alpha, "scaled")?;
+    let s = un(cx, unary::SIGMOID, ax, "sigmoid")?;
+    cx.add(Op::Binary(Binary::Mul), &[x, s])
+}
+
+/// ONNX Runtime's EmbedLayerNormalization (com.microsoft, BERT's fused embeddings):
+/// LayerNorm(word[input_ids] + position[position_ids, or 0..S] + segment[segment_ids]).
+/// Output 1, the mask index, is each sequence's count of ones in `mask` (its length when the
+/// padding is on the right, the form Attention reads), zeros without a mask, as ONNX Runtime
+/// writes; output 2 is the sum before the normalization.
+pub fn embed_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
+    let ids = cx.input(0)?;
+    let segments = cx.opt_input(1)?;
+    let word = cx.input(2)?;
+    let position = cx.input(3)?;
+    let segment_table = cx.opt_input(4)?;
+    let gamma = cx.input(5)?;
+    let beta = cx.input(6)?;
+    let mask = cx.opt_input(7)?;
+    let position_ids = cx.opt_input(8)?;
+    let epsilon = cx.attr_float("epsilon")?.unwrap_or(1e-12);
+    let _ = cx.attr_int("mask_index_type")?;
+    let shape = cx.shape(ids);
+    let [batch, seq] = shape[..] else {
+        return Err(cx.err(format!(
+            "input_ids has shape {}, expected [batch, sequence]",
+            shape_str(&shape)
+        )));
+    };
+    let words = tmp(cx, Op::Gather { axis: 0 }, &[word, ids], "words")?;
+    let positions = match position_ids {
+        Some(p) => p,
+        None => {
+            let name = cx.temp_name("positions");
+            cx.add_const(&name, Tensor::i64(vec![1, seq], (0..seq as i64).collect()))?
+        }
+    };
+    let placed = tmp(cx, Op::Gather { axis: 0 }, &[position, positions], "positions_embedded")?;
+    let mut sum = bin(cx, Binary::Add, words, placed, "word_position")?;
+    match (segments, segment_table) {
+        (Some(sid), Some(table)) => {
+            let seg = tmp(cx, Op::Gather { axis: 0 }, &[table, sid], "segments")?;
+            sum = bin(cx, Binary::Add, sum, seg, "embedding_sum")?;
+        }
+        (None, None) => {}
+        _ => return Err(cx.err("segment_ids and segment_embedding come together".into())),
+    }
+    if let Some(name) = cx.node.output.get(2).filter(|o| !o.is_empty()).cloned() {
+        let s = cx.add_named(Op::Identity, &[sum], &name)?;
+        cx.set_output(2, s);
+    }
+    if let Some(name) = cx.node.output.get(1).filter(|o| !o.is_empty()).cloned() {
+        let index = match mask {
+            Some(m) => {
+                let op = Op::Reduce {
+                    kind: Reduce::Sum,
+                    axes: vec![1],
+                    keepdims: false,
+                };
+                cx.add_named(op, &[m], &name)?
+            }
+            None => cx.add_const(&name, Tensor::i64(vec![batch], vec![0; batch]))?,
+        };
+        cx.set_output(1, index);
+    }
+    let axis = cx.shape(sum).len() - 1;
+    cx.add(Op::LayerNorm { axis, epsilon }, &[sum, gamma, beta])
 }
 
 /// `log(softmax(x))` over one axis (the last only before opset 13, as for Softmax).
