@@ -844,19 +844,19 @@ fn present(cx: &mut Ctx, key: NodeId, value: NodeId) -> Result<()> {
 /// `input @ weights + bias` split into Q, K and V (`qkv_hidden_sizes`, or thirds), heads,
 /// the past (`[2, B, heads, past, D]`) before the new keys and values (output 1, the present,
 /// stacked the same way), `q kᵀ · scale`, plus `attention_bias`, plus `mask_filter_value`
-/// (-10000 by default, added, not -inf, as ONNX Runtime does) once for each mask that hides a
-/// key: the mask index (a length per sequence `[B]`, padding on the right; end and start
-/// positions `[2B]`; a 0/1 mask `[B, T]` or `[B, S, T]`), and with `unidirectional` the keys
-/// after the query's position. Refused: rotary embedding, a shared past/present buffer, 4-D masks
+/// (-10000 by default: added, not -inf, as ONNX Runtime does, so a row whose keys are all
+/// padding still weighs them) for each key the mask index hides (a length per sequence `[B]`,
+/// padding on the right; end and start positions `[2B]`; a 0/1 mask `[B, T]` or `[B, S, T]`);
+/// with `unidirectional`, the keys after the query's position are left out entirely. Refused: rotary embedding, a shared past/present buffer, 4-D masks
 /// and the `[3B + 2]` index.
 pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
     if cx.attr_int("do_rotary")?.unwrap_or(0) != 0 {
         return Err(cx.unsupported("Attention (com.microsoft) with do_rotary".into()));
     }
     if cx.attr_int("past_present_share_buffer")?.unwrap_or(0) != 0 {
-        return Err(cx.unsupported(
-            "Attention (com.microsoft) with past_present_share_buffer".into(),
-        ));
+        return Err(
+            cx.unsupported("Attention (com.microsoft) with past_present_share_buffer".into())
+        );
     }
     let input = cx.input(0)?;
     let weights = cx.input(1)?;
@@ -865,11 +865,11 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
     let past = cx.opt_input(4)?;
     let extra_bias = cx.opt_input(5)?;
     if cx.node.input.get(6).is_some_and(|n| !n.is_empty()) {
-        return Err(cx.unsupported(
-            "Attention (com.microsoft) with a past_sequence_length input".into(),
-        ));
+        return Err(
+            cx.unsupported("Attention (com.microsoft) with a past_sequence_length input".into())
+        );
     }
-    let heads = match cx.attr_int("num_heads")? {
+    let n_heads = match cx.attr_int("num_heads")? {
         Some(h) if h > 0 => h as usize,
         other => return Err(cx.err(format!("num_heads is {other:?}, expected a positive count"))),
     };
@@ -909,7 +909,7 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
         };
         from += size;
         let x = tmp(cx, op, &[qkv], tag)?;
-        let x = heads_of(cx, x, heads, tag)?;
+        let x = heads(cx, x, n_heads, &format!("{tag}_split"))?;
         parts.push(swap_1_2(cx, x, &format!("{tag}_heads"))?);
     }
     let (q, mut k, mut v) = (parts[0], parts[1], parts[2]);
@@ -918,20 +918,20 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
         None => 0,
         Some(p) => {
             let ps = cx.shape(p);
-            if ps.len() != 5 || ps[0] != 2 || ps[1] != batch || ps[2] != heads || ps[4] != d {
+            if ps.len() != 5 || ps[0] != 2 || ps[1] != batch || ps[2] != n_heads || ps[4] != d {
                 return Err(cx.err(format!(
-                    "past has shape {}, expected [2, {batch}, {heads}, past, {d}]",
+                    "past has shape {}, expected [2, {batch}, {n_heads}, past, {d}]",
                     shape_str(&ps)
                 )));
             }
             let half = |cx: &mut Ctx, i: i64, tag: &str| -> Result<NodeId> {
                 let op = Op::Slice {
                     starts: vec![i, 0, 0, 0, 0],
-                    ends: vec![i + 1, batch as i64, heads as i64, ps[3] as i64, d as i64],
+                    ends: vec![i + 1, batch as i64, n_heads as i64, ps[3] as i64, d as i64],
                     steps: vec![1; 5],
                 };
                 let s = tmp(cx, op, &[p], tag)?;
-                let shape = vec![batch, heads, ps[3], d];
+                let shape = vec![batch, n_heads, ps[3], d];
                 tmp(cx, Op::Reshape { shape }, &[s], &format!("{tag}_4d"))
             };
             let (pk, pv) = (half(cx, 0, "past_key")?, half(cx, 1, "past_value")?);
@@ -942,21 +942,39 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
     };
     let total = past_len + sq;
     if let Some(name) = cx.node.output.get(1).filter(|o| !o.is_empty()).cloned() {
-        let shape = vec![1, batch, heads, total, d];
-        let k5 = tmp(cx, Op::Reshape { shape: shape.clone() }, &[k], "present_key")?;
+        let shape = vec![1, batch, n_heads, total, d];
+        let k5 = tmp(
+            cx,
+            Op::Reshape {
+                shape: shape.clone(),
+            },
+            &[k],
+            "present_key",
+        )?;
         let v5 = tmp(cx, Op::Reshape { shape }, &[v], "present_value")?;
         let present = cx.add_named(Op::Concat { axis: 0 }, &[k5, v5], &name)?;
         cx.set_output(1, present);
     }
-    // Each mask that hides a key adds mask_filter_value once.
     let ints = |cx: &mut Ctx, shape: Vec<usize>, data: Vec<i64>, tag: &str| {
         let name = cx.temp_name(tag);
         cx.add_const(&name, Tensor::i64(shape, data))
     };
     let (zero, fill) = (scalar(cx, 0.0, "zero")?, scalar(cx, filter, "mask_filter")?);
-    let key = ints(cx, vec![1, total], (0..total as i64).collect(), "key_positions")?;
+    let key = ints(
+        cx,
+        vec![1, total],
+        (0..total as i64).collect(),
+        "key_positions",
+    )?;
     let per_batch = |cx: &mut Ctx, x: NodeId, tag: &str| {
-        tmp(cx, Op::Reshape { shape: vec![batch, 1] }, &[x], tag)
+        tmp(
+            cx,
+            Op::Reshape {
+                shape: vec![batch, 1],
+            },
+            &[x],
+            tag,
+        )
     };
     let mut biases: Vec<NodeId> = vec![];
     if let Some(m) = mask {
@@ -966,7 +984,14 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
                 let len = per_batch(cx, m, "lengths")?;
                 let past_end = bin(cx, Binary::LessOrEqual, len, key, "past_end")?;
                 // [B, 1, 1, T]
-                tmp(cx, Op::Reshape { shape: vec![batch, 1, 1, total] }, &[past_end], "hidden")?
+                tmp(
+                    cx,
+                    Op::Reshape {
+                        shape: vec![batch, 1, 1, total],
+                    },
+                    &[past_end],
+                    "hidden",
+                )?
             }
             [n] if n == 2 * batch => {
                 let op = |i: i64| Op::Slice {
@@ -981,17 +1006,38 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
                 let after = bin(cx, Binary::LessOrEqual, end, key, "after_end")?;
                 let before = bin(cx, Binary::Less, key, start, "before_start")?;
                 let either = bin(cx, Binary::Or, after, before, "outside")?;
-                tmp(cx, Op::Reshape { shape: vec![batch, 1, 1, total] }, &[either], "hidden")?
+                tmp(
+                    cx,
+                    Op::Reshape {
+                        shape: vec![batch, 1, 1, total],
+                    },
+                    &[either],
+                    "hidden",
+                )?
             }
             [b, t] if b == batch && t == total => {
                 let z = ints(cx, vec![], vec![0], "zero_i")?;
                 let off = bin(cx, Binary::Equal, m, z, "off")?;
-                tmp(cx, Op::Reshape { shape: vec![batch, 1, 1, total] }, &[off], "hidden")?
+                tmp(
+                    cx,
+                    Op::Reshape {
+                        shape: vec![batch, 1, 1, total],
+                    },
+                    &[off],
+                    "hidden",
+                )?
             }
             [b, s, t] if b == batch && s == sq && t == total => {
                 let z = ints(cx, vec![], vec![0], "zero_i")?;
                 let off = bin(cx, Binary::Equal, m, z, "off")?;
-                tmp(cx, Op::Reshape { shape: vec![batch, 1, sq, total] }, &[off], "hidden")?
+                tmp(
+                    cx,
+                    Op::Reshape {
+                        shape: vec![batch, 1, sq, total],
+                    },
+                    &[off],
+                    "hidden",
+                )?
             }
             _ => {
                 return Err(cx.unsupported(format!(
@@ -1003,10 +1049,7 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
         biases.push(tmp(cx, Op::Where, &[hidden, fill, zero], "mask_bias")?);
     }
     if causal {
-        let data = position_bias(true, -1, -1, past_len as i64, (sq, total), |_| true)
-            .into_iter()
-            .map(|b| if b == 0.0 { 0.0 } else { filter })
-            .collect();
+        let data = position_bias(true, -1, -1, past_len as i64, (sq, total), |_| true);
         let name = cx.temp_name("causal_bias");
         biases.push(cx.add_const(&name, Tensor::f32(vec![sq, total], data))?);
     }
@@ -1022,9 +1065,4 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
     let s = attention_probs(cx, q, k, scale, 0.0, bias)?;
     let y = tmp(cx, Op::MatMul, &[s.probs, v], "attended")?;
     merge_heads(cx, y)
-}
-
-/// [`heads`] for a node whose head count is an attribute.
-fn heads_of(cx: &mut Ctx, x: NodeId, h: usize, tag: &str) -> Result<NodeId> {
-    heads(cx, x, h, &format!("{tag}_split"))
 }

@@ -439,7 +439,12 @@ pub fn embed_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
             cx.add_const(&name, Tensor::i64(vec![1, seq], (0..seq as i64).collect()))?
         }
     };
-    let placed = tmp(cx, Op::Gather { axis: 0 }, &[position, positions], "positions_embedded")?;
+    let placed = tmp(
+        cx,
+        Op::Gather { axis: 0 },
+        &[position, positions],
+        "positions_embedded",
+    )?;
     let mut sum = bin(cx, Binary::Add, words, placed, "word_position")?;
     match (segments, segment_table) {
         (Some(sid), Some(table)) => {
