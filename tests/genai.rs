@@ -64,8 +64,7 @@ fn genai_decoders_train_with_dora() {
             "1e-2",
             "--target",
             "qkv_proj,o_proj,down_proj",
-            "--shape",
-            "past_sequence_length=0",
+            // The cache, absent from the data, is empty without a pin.
             "--shape",
             "kv_cache_dim=16",
             "-o",
@@ -242,5 +241,48 @@ fn merged_in_place(tmp: &std::path::Path, model: &std::path::Path, adapter: &std
     assert!(
         rel(&got, &base, "logits") > 1e-3,
         "the adapter changed nothing"
+    );
+}
+
+/// Beside the builder's `genai_config.json`, `train` needs no `--shape` at all: the cache the data
+/// does not hold is empty, and its head size (`kv_cache_dim`) is the config's `head_size`.
+#[test]
+fn genai_folders_train_without_pins() {
+    let tmp = temp_dir("genai-no-pins");
+    let src = models_dir().join(dir("llama"));
+    for f in ["model.onnx", "model.onnx.data"] {
+        std::fs::copy(src.join(f), tmp.join(f)).unwrap();
+    }
+    let config =
+        r#"{"model": {"type": "llama", "decoder": {"head_size": 16, "num_key_value_heads": 1}}}"#;
+    std::fs::write(tmp.join("genai_config.json"), config).unwrap();
+    let data = models_dir().join("genai/train.safetensors");
+    let args = [
+        "train",
+        "model.onnx",
+        "--data",
+        data.to_str().unwrap(),
+        "--loss",
+        "lm",
+        "--steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--reference",
+        "-o",
+        "adapter",
+    ];
+    let run = dorac_in(&tmp, &args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::remove_file(tmp.join("genai_config.json")).unwrap();
+    let run = dorac_in(&tmp, &args);
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && e.contains("kv_cache_dim") && e.contains("head_size"),
+        "{e}"
     );
 }

@@ -76,7 +76,10 @@ pub fn load_batched(
         .or_else(|| crate::onnx::fixed_batch_dim(&model))
         .unwrap_or(default);
     let given = crate::onnx::shapes_from_examples(&model, examples, batch);
-    Ok((rebatch(model, path, shapes, batch, &given)?, batch))
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut shapes = shapes.to_vec();
+    shapes.extend(crate::onnx::training_pins(&model, dir, examples, &shapes));
+    Ok((rebatch(model, path, &shapes, batch, &given)?, batch))
 }
 
 /// Imports the model with dim 0 of every input set to the batch size.

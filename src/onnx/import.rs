@@ -955,9 +955,12 @@ fn resolve_input_shapes(
                          it with --shape {p}=N{}, or give the whole shape with --shape \
                          {name}={example}",
                         declared_str(decl),
-                        // Optimum's key/value caches: what to give when there is none.
+                        // Key/value caches: what to give when there is none, and the head
+                        // size onnxruntime-genai's builder leaves symbolic.
                         if p.starts_with("past") {
                             " (0 for no cache, as in training)"
+                        } else if p == "kv_cache_dim" {
+                            " (the attention's head size: `head_size` in genai_config.json)"
                         } else {
                             ""
                         }

@@ -467,6 +467,56 @@ pub fn shapes_from_examples(
     out
 }
 
+/// Dim pins that training needs and its data cannot give: a key/value cache that the data does
+/// not hold is empty (each `past...` dim of such an input is 0, as a first call's), and the
+/// cache's head size that onnxruntime-genai's builder leaves symbolic (`kv_cache_dim`) is the
+/// `head_size` of the `genai_config.json` beside the model. Dims in `pinned` are left alone.
+pub fn training_pins(
+    model: &proto::ModelProto,
+    model_dir: &Path,
+    examples: &HashMap<String, Vec<usize>>,
+    pinned: &[String],
+) -> Vec<String> {
+    let Some(graph) = model.graph.as_ref() else {
+        return vec![];
+    };
+    let names = data_input_names(graph);
+    let mut dims: Vec<String> = vec![];
+    for vi in graph
+        .input
+        .iter()
+        .filter(|i| names.iter().any(|n| n == i.name()))
+    {
+        if examples.contains_key(vi.name()) {
+            continue;
+        }
+        for d in import::declared_dims(vi).unwrap_or_default() {
+            if let import::DeclaredDim::Param(p) = d {
+                let plain = p.chars().all(|c| c.is_alphanumeric() || c == '_');
+                if plain && !dims.contains(&p) {
+                    dims.push(p);
+                }
+            }
+        }
+    }
+    let unpinned = |d: &str| !pinned.iter().any(|p| p.split('=').next() == Some(d));
+    let mut pins: Vec<String> = dims
+        .iter()
+        .filter(|d| d.contains("past") && unpinned(d))
+        .map(|d| format!("{d}=0"))
+        .collect();
+    if dims.iter().any(|d| d == "kv_cache_dim") && unpinned("kv_cache_dim") {
+        let head = std::fs::read_to_string(model_dir.join("genai_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|c| c["model"]["decoder"]["head_size"].as_u64());
+        if let Some(h) = head {
+            pins.push(format!("kv_cache_dim={h}"));
+        }
+    }
+    pins
+}
+
 /// Sets dim 0 of every data input to `batch`. Training re-batches a model exported with a
 /// fixed batch size: dim 0 is the batch, whatever the export baked in.
 pub fn set_batch_dim(model: &mut proto::ModelProto, batch: usize) {
