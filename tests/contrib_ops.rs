@@ -32,18 +32,7 @@ const CASES: [&str; 17] = [
 fn contrib_ops_match_onnxruntime() {
     for case in CASES {
         let path = models_dir().join("contrib").join(format!("{case}.onnx"));
-        let inputs = read("contrib", &format!("{case}.inputs.safetensors"));
-        let want = read("contrib", &format!("{case}.ort.safetensors"));
-        let g = load_path(&path, &inputs);
-        let reference = run_reference(&g, &inputs);
-        let gpu = run_gpu(&g, &inputs);
-        for name in want.keys() {
-            let (r, d) = (rel(&reference, &want, name), rel(&gpu, &want, name));
-            assert!(
-                r < 1e-5 && d < 1e-5,
-                "{case} {name}: reference {r:.2e}, gpu {d:.2e}"
-            );
-        }
+        assert_matches_onnxruntime(&path, "contrib", case);
     }
 }
 

@@ -21,18 +21,7 @@ fn genai_decoders_match_onnxruntime() {
     for v in VARIANTS {
         let path = models_dir().join(dir(v)).join("model.onnx");
         for case in CASES {
-            let inputs = read(&dir(v), &format!("{case}.inputs.safetensors"));
-            let want = read(&dir(v), &format!("{case}.ort.safetensors"));
-            let g = load_path(&path, &inputs);
-            let reference = run_reference(&g, &inputs);
-            let gpu = run_gpu(&g, &inputs);
-            for name in want.keys() {
-                let (r, d) = (rel(&reference, &want, name), rel(&gpu, &want, name));
-                assert!(
-                    r < 1e-5 && d < 1e-5,
-                    "{v} {case} {name}: reference {r:.2e}, gpu {d:.2e}"
-                );
-            }
+            assert_matches_onnxruntime(&path, &dir(v), case);
         }
     }
 }

@@ -100,13 +100,8 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
     if t.segment.is_some() {
         return Err(err("segmented tensors are not supported".into()));
     }
-    let shape = t
-        .dims
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dim {d} in {:?}", t.dims))))
-        .collect::<Result<Vec<usize>>>()?;
     // Before anything is mapped or allocated: `n * elem.size()` below cannot overflow after this.
-    crate::tensor::check_size(&shape, 8, || what.to_string())?;
+    let shape = checked_dims(t, what, &err)?;
     let n = numel(&shape);
     let external = t.data_location() == DataLocation::External;
     let mapped;
@@ -279,6 +274,17 @@ fn bf16_to_f32(h: u16) -> f32 {
     half::bf16::from_bits(h).to_f32()
 }
 
+/// A tensor's dims, none negative, and few enough elements that their bytes fit in memory.
+fn checked_dims(t: &TensorProto, what: &str, err: &dyn Fn(String) -> Error) -> Result<Vec<usize>> {
+    let shape = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dim {d} in {:?}", t.dims))))
+        .collect::<Result<Vec<usize>>>()?;
+    crate::tensor::check_size(&shape, 8, || what.to_string())?;
+    Ok(shape)
+}
+
 /// The bytes of an external-data tensor of any element type dorac reads (`map_external`'s
 /// checks): the mapping of its file and the tensor's range in it.
 pub(crate) fn external_bytes(
@@ -293,12 +299,7 @@ pub(crate) fn external_bytes(
             dtype_name(t.data_type())
         ))
     })?;
-    let shape = t
-        .dims
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| err(format!("negative dim {d} in {:?}", t.dims))))
-        .collect::<Result<Vec<usize>>>()?;
-    crate::tensor::check_size(&shape, 8, || what.to_string())?;
+    let shape = checked_dims(t, what, &err)?;
     let len = numel(&shape) * elem.size();
     let (map, offset) = map_external(t, model_dir, len, &err)?;
     Ok((map, offset..offset + len))

@@ -130,3 +130,20 @@ pub fn edited_adapter(
     dorac::tensors_io::write_safetensors(&dst.join("adapter_model.safetensors"), &t).unwrap();
     dst.to_path_buf()
 }
+
+/// Runs `model` on `<folder>/<case>.inputs.safetensors` on the GPU and the reference executor,
+/// and checks every output of `<folder>/<case>.ort.safetensors` (onnxruntime's) within 1e-5.
+pub fn assert_matches_onnxruntime(model: &std::path::Path, folder: &str, case: &str) {
+    let inputs = read(folder, &format!("{case}.inputs.safetensors"));
+    let want = read(folder, &format!("{case}.ort.safetensors"));
+    let g = load_path(model, &inputs);
+    let reference = run_reference(&g, &inputs);
+    let gpu = run_gpu(&g, &inputs);
+    for name in want.keys() {
+        let (r, d) = (rel(&reference, &want, name), rel(&gpu, &want, name));
+        assert!(
+            r < 1e-5 && d < 1e-5,
+            "{folder}/{case} {name}: reference {r:.2e}, gpu {d:.2e}"
+        );
+    }
+}

@@ -473,6 +473,31 @@ pub fn rotary_embedding(cx: &mut Ctx) -> Result<NodeId> {
     }
 }
 
+/// An int64 constant of `shape` holding `values`.
+fn int_const(cx: &mut Ctx, shape: Vec<usize>, values: Vec<i64>, tag: &str) -> Result<NodeId> {
+    let name = cx.temp_name(tag);
+    cx.add_const(&name, Tensor::i64(shape, values))
+}
+
+/// The positions 0, 1, ... as an int64 constant of `shape` (one dim other than 1).
+fn positions(cx: &mut Ctx, shape: Vec<usize>, tag: &str) -> Result<NodeId> {
+    let n = shape.iter().product::<usize>() as i64;
+    int_const(cx, shape, (0..n).collect(), tag)
+}
+
+/// `x` (`[B, H, L, D]`) with zero rows after its own up to `rows`.
+fn zero_rows_to(cx: &mut Ctx, x: NodeId, rows: usize, tag: &str) -> Result<NodeId> {
+    let s = cx.shape(x);
+    if s[2] >= rows {
+        return Ok(x);
+    }
+    let shape = vec![s[0], s[1], rows - s[2], s[3]];
+    let name = cx.temp_name(&format!("{tag}_zeros"));
+    let n = shape.iter().product();
+    let z = cx.add_const(&name, Tensor::f32(shape, vec![0.0; n]))?;
+    tmp(cx, Op::Concat { axis: 2 }, &[x, z], tag)
+}
+
 /// Inputs of GroupQueryAttention past the rotary caches, which dorac does not import.
 const GQA_UNSUPPORTED_INPUTS: [&str; 8] = [
     "position_ids",
@@ -664,13 +689,9 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             "{sq} new tokens after a past (total_sequence_length {t}) need batch 1, not {batch}"
         )));
     }
-    let ints = |cx: &mut Ctx, shape: Vec<usize>, data: Vec<i64>, tag: &str| {
-        let name = cx.temp_name(tag);
-        cx.add_const(&name, Tensor::i64(shape, data))
-    };
-    let one = ints(cx, vec![], vec![1], "one")?;
+    let one = int_const(cx, vec![], vec![1], "one")?;
     let lengths = bin(cx, Binary::Add, seqlens, one, "lengths")?;
-    let steps = ints(cx, vec![1, sq], (0..sq as i64).collect(), "steps")?;
+    let steps = positions(cx, vec![1, sq], "steps")?;
     let per_batch = |cx: &mut Ctx, x: NodeId, rank: usize, tag: &str| {
         let mut shape = vec![1; rank];
         shape[0] = batch;
@@ -680,7 +701,7 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
     let past = if first {
         None
     } else {
-        let n = ints(cx, vec![], vec![sq as i64], "new_tokens")?;
+        let n = int_const(cx, vec![], vec![sq as i64], "new_tokens")?;
         Some(bin(cx, Binary::Sub, lengths, n, "past_lengths")?)
     };
     let (q, k) = if do_rotary {
@@ -719,20 +740,8 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
     let (keys, values, bias) = match past {
         None => {
             // The new rows, then zeros up to the present's length.
-            let pad = |cx: &mut Ctx, x: NodeId, tag: &str| -> Result<NodeId> {
-                if rows == sq {
-                    return Ok(x);
-                }
-                let shape = vec![batch, hkv, rows - sq, d];
-                let name = cx.temp_name(&format!("{tag}_zeros"));
-                let z = cx.add_const(
-                    &name,
-                    Tensor::f32(shape.clone(), vec![0.0; batch * hkv * (rows - sq) * d]),
-                )?;
-                tmp(cx, Op::Concat { axis: 2 }, &[x, z], tag)
-            };
-            let pk = pad(cx, k, "present_key")?;
-            let pv = pad(cx, v, "present_value")?;
+            let pk = zero_rows_to(cx, k, rows, "present_key")?;
+            let pv = zero_rows_to(cx, v, rows, "present_value")?;
             present(cx, pk, pv)?;
             let left = if window > 0 { window - 1 } else { -1 };
             let data = position_bias(true, left, -1, 0, (sq, sq), |_| true);
@@ -740,12 +749,7 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             let causal = cx.add_const(&name, Tensor::f32(vec![sq, sq], data))?;
             // Keys past a sequence's length are padding.
             let len = per_batch(cx, lengths, 4, "lengths_per_key")?;
-            let key = ints(
-                cx,
-                vec![1, 1, 1, sq],
-                (0..sq as i64).collect(),
-                "key_positions",
-            )?;
+            let key = positions(cx, vec![1, 1, 1, sq], "key_positions")?;
             let padding = bin(cx, Binary::Less, key, len, "real_keys")?;
             let (zero, neg_inf) = (
                 scalar(cx, 0.0, "zero_f")?,
@@ -759,33 +763,15 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             // Row j of the present: the past's row j when j < p_b, new token j - p_b when
             // that is one, else 0.
             let p = per_batch(cx, p, 4, "past_per_row")?;
-            let row = ints(cx, vec![1, 1, rows, 1], (0..rows as i64).collect(), "rows")?;
+            let row = positions(cx, vec![1, 1, rows, 1], "rows")?;
             let kept = bin(cx, Binary::Less, row, p, "kept_rows")?;
             let offset = bin(cx, Binary::Sub, row, p, "new_row")?;
-            let step = ints(
-                cx,
-                vec![1, 1, 1, sq],
-                (0..sq as i64).collect(),
-                "new_tokens",
-            )?;
+            let step = positions(cx, vec![1, 1, 1, sq], "new_tokens")?;
             let hit = bin(cx, Binary::Equal, offset, step, "placed")?;
             let (one_f, zero_f) = (scalar(cx, 1.0, "one_f")?, scalar(cx, 0.0, "zero_f")?);
             let place = tmp(cx, Op::Where, &[hit, one_f, zero_f], "placement")?;
             let fill = |cx: &mut Ctx, past: NodeId, new: NodeId, tag: &str| -> Result<NodeId> {
-                let past = if past_len < rows {
-                    let shape = vec![batch, hkv, rows - past_len, d];
-                    let name = cx.temp_name(&format!("{tag}_zeros"));
-                    let n = batch * hkv * (rows - past_len) * d;
-                    let z = cx.add_const(&name, Tensor::f32(shape, vec![0.0; n]))?;
-                    tmp(
-                        cx,
-                        Op::Concat { axis: 2 },
-                        &[past, z],
-                        &format!("{tag}_padded"),
-                    )?
-                } else {
-                    past
-                };
+                let past = zero_rows_to(cx, past, rows, &format!("{tag}_padded"))?;
                 let old = tmp(cx, Op::Where, &[kept, past, zero_f], &format!("{tag}_kept"))?;
                 let placed = tmp(cx, Op::MatMul, &[place, new], &format!("{tag}_placed"))?;
                 bin(cx, Binary::Add, old, placed, tag)
@@ -796,24 +782,14 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             // Row s (at position p_b + s) sees keys j <= p_b + s, and with a window j >
             // p_b + s - window.
             let at = per_batch(cx, past.unwrap(), 4, "past_per_query")?;
-            let srow = ints(
-                cx,
-                vec![1, 1, sq, 1],
-                (0..sq as i64).collect(),
-                "query_rows",
-            )?;
+            let srow = positions(cx, vec![1, 1, sq, 1], "query_rows")?;
             let at = bin(cx, Binary::Add, at, srow, "query_positions")?;
-            let key = ints(
-                cx,
-                vec![1, 1, 1, rows],
-                (0..rows as i64).collect(),
-                "key_positions",
-            )?;
+            let key = positions(cx, vec![1, 1, 1, rows], "key_positions")?;
             let ahead = bin(cx, Binary::Less, at, key, "ahead")?;
             let neg_inf = scalar(cx, f32::NEG_INFINITY, "minus_inf")?;
             let mut bias = tmp(cx, Op::Where, &[ahead, neg_inf, zero_f], "causal_bias")?;
             if window > 0 {
-                let w = ints(cx, vec![], vec![window - 1], "window")?;
+                let w = int_const(cx, vec![], vec![window - 1], "window")?;
                 let from = bin(cx, Binary::Sub, at, w, "window_start")?;
                 let before = bin(cx, Binary::Less, key, from, "behind")?;
                 bias = tmp(cx, Op::Where, &[before, neg_inf, bias], "window_bias")?;
@@ -955,17 +931,8 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
         let present = cx.add_named(Op::Concat { axis: 0 }, &[k5, v5], &name)?;
         cx.set_output(1, present);
     }
-    let ints = |cx: &mut Ctx, shape: Vec<usize>, data: Vec<i64>, tag: &str| {
-        let name = cx.temp_name(tag);
-        cx.add_const(&name, Tensor::i64(shape, data))
-    };
     let (zero, fill) = (scalar(cx, 0.0, "zero")?, scalar(cx, filter, "mask_filter")?);
-    let key = ints(
-        cx,
-        vec![1, total],
-        (0..total as i64).collect(),
-        "key_positions",
-    )?;
+    let key = positions(cx, vec![1, total], "key_positions")?;
     let per_batch = |cx: &mut Ctx, x: NodeId, tag: &str| {
         tmp(
             cx,
@@ -1016,7 +983,7 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
                 )?
             }
             [b, t] if b == batch && t == total => {
-                let z = ints(cx, vec![], vec![0], "zero_i")?;
+                let z = int_const(cx, vec![], vec![0], "zero_i")?;
                 let off = bin(cx, Binary::Equal, m, z, "off")?;
                 tmp(
                     cx,
@@ -1028,7 +995,7 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
                 )?
             }
             [b, s, t] if b == batch && s == sq && t == total => {
-                let z = ints(cx, vec![], vec![0], "zero_i")?;
+                let z = int_const(cx, vec![], vec![0], "zero_i")?;
                 let off = bin(cx, Binary::Equal, m, z, "off")?;
                 tmp(
                     cx,
