@@ -275,3 +275,78 @@ fn genai_folders_train_without_pins() {
         "{e}"
     );
 }
+
+/// Token ids outside the embedding table are refused before anything runs, by `run` and by
+/// `train` (the GPU would read zeros for them), with the tensor and the table's size named.
+#[test]
+fn ids_outside_the_vocabulary_are_refused() {
+    let tmp = temp_dir("genai-bad-ids");
+    let model = models_dir().join(dir("llama")).join("model.onnx");
+    let mut inputs = read(&dir("llama"), "prompt.inputs.safetensors");
+    inputs.get_mut("input_ids").unwrap().data[3] = 96.0;
+    let bad = tmp.join("bad.safetensors");
+    write_ints(&bad, inputs);
+    let run = dorac_in(
+        &tmp,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--inputs",
+            bad.to_str().unwrap(),
+            "-o",
+            "y.safetensors",
+        ],
+    );
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success()
+            && e.contains("'input_ids' holds 96 (element 3)")
+            && e.contains("96 rows"),
+        "{e}"
+    );
+    assert!(!tmp.join("y.safetensors").exists());
+    let mut data = read("genai", "train.safetensors");
+    data.get_mut("input_ids").unwrap().data[10] = 200.0;
+    let bad = tmp.join("data.safetensors");
+    write_ints(&bad, data);
+    let train = dorac_in(
+        &tmp,
+        &[
+            "train",
+            model.to_str().unwrap(),
+            "--data",
+            bad.to_str().unwrap(),
+            "--loss",
+            "lm",
+            "--shape",
+            "kv_cache_dim=16",
+            "-o",
+            "adapter",
+        ],
+    );
+    let e = String::from_utf8_lossy(&train.stderr);
+    assert!(
+        !train.status.success() && e.contains("'input_ids' holds 200"),
+        "{e}"
+    );
+}
+
+/// Writes the tensors with the ids and masks as int64, the rest as float32.
+fn write_ints(
+    path: &std::path::Path,
+    tensors: std::collections::BTreeMap<String, dorac::tensor::Array>,
+) {
+    use dorac::tensor::DType;
+    let typed = tensors
+        .into_iter()
+        .map(|(k, a)| {
+            let t = if k.starts_with("past") {
+                DType::F32
+            } else {
+                DType::I64
+            };
+            (k, (a, t))
+        })
+        .collect();
+    dorac::tensors_io::write_safetensors_typed(path, &typed).unwrap();
+}

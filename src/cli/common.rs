@@ -408,7 +408,8 @@ pub fn execute(
     Ok((out.into_iter().collect(), Engine::Reference))
 }
 
-/// Checks the user's tensors against the graph inputs: every input present with its shape.
+/// Checks the user's tensors against the graph inputs: every input present with its shape, and
+/// the ids an embedding looks up inside its table.
 pub fn check_inputs(graph: &Graph, inputs: &BTreeMap<String, Array>, file: &Path) -> Result<()> {
     for &id in graph.inputs() {
         let node = graph.node(id);
@@ -446,7 +447,9 @@ pub fn check_inputs(graph: &Graph, inputs: &BTreeMap<String, Array>, file: &Path
             Some(_) => {}
         }
     }
-    Ok(())
+    graph
+        .check_lookups(inputs)
+        .map_err(|m| Error::input_at(Subject::file(file), m))
 }
 
 /// The adapted-layer table `rewrite` prints, and the trainable share of all parameters.

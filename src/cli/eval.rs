@@ -89,6 +89,9 @@ pub fn run(args: Args) -> Result<()> {
     let output = super::train::find_output(&graph, args.loss_output.as_deref(), "--loss-output")?;
     let expected = Expected::for_model(&graph, output, &labels, loss);
     let dataset = data::from_tensors(&args.data, raw, &expected)?;
+    graph
+        .check_lookups(&dataset.tensors)
+        .map_err(|m| Error::input_at(crate::error::Subject::file(&args.data), m))?;
     let gpu = args.engine.open_gpu("evaluating")?;
     let name = graph
         .outputs()

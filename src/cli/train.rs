@@ -280,6 +280,9 @@ pub fn run(args: Args) -> Result<()> {
     let output_node = find_output(&graph, args.loss_output.as_deref(), "--loss-output")?;
     let expected = Expected::for_model(&graph, output_node, &labels, loss);
     let dataset = data::from_tensors(&args.data, raw, &expected)?;
+    graph
+        .check_lookups(&dataset.tensors)
+        .map_err(|m| Error::input_at(Subject::file(&args.data), m))?;
     let per_epoch = dataset.batches_per_epoch(batch_size)?;
     let total = match (args.steps, args.epochs) {
         (Some(s), _) => s,
@@ -345,6 +348,9 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
         Some(path) => {
             let dataset = data::load(path, &expected)?;
+            graph
+                .check_lookups(&dataset.tensors)
+                .map_err(|m| Error::input_at(Subject::file(path), m))?;
             let evaluator = super::common::evaluator(
                 graph.clone(),
                 args.loss_output.as_deref(),

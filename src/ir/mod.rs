@@ -7,6 +7,7 @@
 
 mod build;
 mod dump;
+pub mod lookups;
 pub use dump::to_dot;
 pub mod op;
 pub mod patch;

@@ -432,8 +432,14 @@ pub fn embed_layer_normalization(cx: &mut Ctx) -> Result<NodeId> {
         )));
     };
     let words = tmp(cx, Op::Gather { axis: 0 }, &[word, ids], "words")?;
+    let table = cx.shape(position).first().copied().unwrap_or(0);
     let positions = match position_ids {
         Some(p) => p,
+        None if seq > table => {
+            return Err(cx.err(format!(
+                "{seq} positions, but the position embedding has {table} rows"
+            )))
+        }
         None => {
             let name = cx.temp_name("positions");
             cx.add_const(&name, Tensor::i64(vec![1, seq], (0..seq as i64).collect()))?
