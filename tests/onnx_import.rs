@@ -2548,3 +2548,30 @@ fn einsum_terms_longer_than_their_operand_are_refused() {
         );
     }
 }
+
+/// Found by fuzzing: a GRU whose X had 2 dims indexed past its shape (a bounds panic); X, the
+/// weights and the states are checked against the shapes the op defines, naming the input.
+#[test]
+fn recurrent_weights_of_the_wrong_shape_are_refused() {
+    let gru = |x: &[Result<i64, &str>], w: &[Result<i64, &str>]| {
+        let n = with_attr(
+            node("GRU", "/rnn/GRU", &["x", "w", "r"], &["y"]),
+            attr_i("hidden_size", 4),
+        );
+        let ins = vec![vi("x", x), vi("w", w), vi("r", &[Ok(1), Ok(12), Ok(4)])];
+        model(
+            vec![n],
+            vec![],
+            ins,
+            vec![vi("y", &[Ok(5), Ok(1), Ok(2), Ok(4)])],
+            17,
+        )
+    };
+    let e = import_err(&gru(&[Ok(5), Ok(3)], &[Ok(1), Ok(12), Ok(3)])).to_string();
+    assert!(
+        e.contains("/rnn/GRU") && e.contains("X has shape 5x3, expected 3 dims"),
+        "{e}"
+    );
+    let e = import_err(&gru(&[Ok(5), Ok(2), Ok(3)], &[Ok(1), Ok(9), Ok(3)])).to_string();
+    assert!(e.contains("W has shape 1x9x3, expected 1x12x3"), "{e}");
+}

@@ -1725,9 +1725,11 @@ fn recurrent(cx: &mut Ctx, cell: Cell) -> Result<NodeId> {
     } else {
         (None, None)
     };
-    let hidden =
-        cx.attr_int("hidden_size")?
-            .ok_or_else(|| cx.err("the hidden_size attribute is missing".into()))? as usize;
+    let hidden = match cx.attr_int("hidden_size")? {
+        Some(h) if h > 0 => h as usize,
+        Some(h) => return Err(cx.err(format!("hidden_size {h}, expected a positive size"))),
+        None => return Err(cx.err("the hidden_size attribute is missing".into())),
+    };
     let layout = cx.attr_int("layout")?.unwrap_or(0);
     let direction = cx
         .attr_string("direction")?
@@ -1763,6 +1765,12 @@ fn recurrent(cx: &mut Ctx, cell: Cell) -> Result<NodeId> {
     if cell == Cell::Lstm && cx.attr_bool("input_forget", false)? {
         return Err(cx.unsupported("LSTM with input_forget".into()));
     }
+    if cx.shape(x).len() != 3 {
+        return Err(cx.err(format!(
+            "X has shape {}, expected 3 dims",
+            shape_str(&cx.shape(x))
+        )));
+    }
     let x = if layout == 1 {
         tmp(
             cx,
@@ -1792,6 +1800,30 @@ fn recurrent(cx: &mut Ctx, cell: Cell) -> Result<NodeId> {
         d => return Err(cx.err(format!("direction '{d}'"))),
     };
     let gh = gates * hidden;
+    // Every weight and state by the shape the op defines, before any is sliced.
+    let nd = dirs.len();
+    let state_shape = if layout == 1 {
+        vec![batch, nd, hidden]
+    } else {
+        vec![nd, batch, hidden]
+    };
+    let expected = [
+        (Some(w), "W", vec![nd, gh, xs[2]]),
+        (Some(r), "R", vec![nd, gh, hidden]),
+        (bias, "B", vec![nd, 2 * gh]),
+        (h0, "initial_h", state_shape.clone()),
+        (c0, "initial_c", state_shape),
+        (peep, "P", vec![nd, 3 * hidden]),
+    ];
+    for (id, what, want) in expected {
+        if let Some(id) = id.filter(|&id| cx.shape(id) != want) {
+            return Err(cx.err(format!(
+                "{what} has shape {}, expected {}",
+                shape_str(&cx.shape(id)),
+                shape_str(&want)
+            )));
+        }
+    }
     // A per-direction, batch-first-or-not initial state as [B, H].
     let state = |cx: &mut Ctx, s: Option<NodeId>, d: usize, tag: &str| -> Result<NodeId> {
         match s {
