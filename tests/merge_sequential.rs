@@ -102,3 +102,71 @@ fn two_dora_adapters_merge_as_applied_in_sequence() {
     let gpu = run_gpu(&load(&merged), &batch);
     assert!(relative_error(&gpu["y"].data, &want["y"].data) <= 1e-5);
 }
+
+/// A full fine-tuning run's weights merge into the model's own file too, with no `--shape`, and
+/// the merged model computes what the run's weights compute.
+#[test]
+fn full_fine_tuned_weights_merge_into_the_file() {
+    let dir = temp_dir("merge-full");
+    let model = models_dir().join("mlp2d/model.onnx");
+    let data = models_dir().join("demo/teacher.safetensors");
+    let ok = |args: &[&str]| {
+        let out = dorac_in(&dir, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&[
+        "train",
+        s(&model),
+        "--data",
+        s(&data),
+        "--loss",
+        "mse",
+        "--steps",
+        "2",
+        "--method",
+        "full",
+        "--lr",
+        "1e-2",
+        "-o",
+        "full",
+    ]);
+    let said = ok(&["merge", s(&model), "--adapter", "full", "-o", "merged.onnx"]);
+    assert!(
+        said.contains("took 3 fine-tuned weights") && said.contains("dims as they were"),
+        "{said}"
+    );
+    let inputs = models_dir().join("mlp2d/inputs.safetensors");
+    ok(&[
+        "run",
+        "merged.onnx",
+        "--inputs",
+        s(&inputs),
+        "--reference",
+        "-o",
+        "got.safetensors",
+    ]);
+    ok(&[
+        "run",
+        s(&model),
+        "--adapter",
+        "full",
+        "--inputs",
+        s(&inputs),
+        "--reference",
+        "-o",
+        "want.safetensors",
+    ]);
+    let got = dorac::tensors_io::read_safetensors(&dir.join("got.safetensors")).unwrap();
+    let want = dorac::tensors_io::read_safetensors(&dir.join("want.safetensors")).unwrap();
+    let base = read("mlp2d", "ort_outputs.safetensors");
+    assert!(relative_error(&got["y"].data, &want["y"].data) < 1e-6);
+    assert!(
+        relative_error(&got["y"].data, &base["y"].data) > 1e-4,
+        "the weights changed nothing"
+    );
+}

@@ -47,16 +47,15 @@ fn print_warnings(graph: &Graph, path: &Path) {
 
 /// Applies what a training run saved in `dir` to a graph: a PEFT adapter folder (inserting or
 /// replacing adapters), or a full fine-tuning run's `trained_weights.safetensors` (replacing
-/// the weights it names).
-pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<()> {
+/// the weights it names). Returns the names of the weights it replaced (none for an adapter).
+pub fn apply_adapter(graph: &mut Graph, dir: &Path) -> Result<Vec<String>> {
     let weights = dir.join(crate::train::checkpoint::FULL_WEIGHTS_FILE);
     if !dir.join(crate::adapter::CONFIG_FILE).exists() && weights.exists() {
-        crate::train::checkpoint::load_trained_weights(graph, &weights)?;
-        return Ok(());
+        return crate::train::checkpoint::load_trained_weights(graph, &weights);
     }
     let adapter = crate::adapter::load(dir)?;
     crate::adapter::apply(graph, &adapter)?;
-    Ok(())
+    Ok(vec![])
 }
 
 /// Imports the model with dim 0 of every input set to the batch size: `batch`, or when that is
@@ -234,7 +233,16 @@ impl Drop for OpeningGpu {
 /// Writes the rendered ONNX of `graph` to `out`, atomically (with external data when the
 /// input had it or the model is too large to be one file: [`crate::onnx::save_graph`]).
 pub fn save_graph(graph: &Graph, out: &Path) -> Result<()> {
+    create_parent(out)?;
     crate::onnx::save_graph(graph, out)
+}
+
+/// Creates the folder an output file goes in (`-o out/model.onnx`), as `train -o` creates its.
+pub fn create_parent(out: &Path) -> Result<()> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e)),
+        None => Ok(()),
+    }
 }
 
 /// `dir/model.onnx` -> `model.<suffix>.onnx` in the current directory: a command writes where

@@ -1,6 +1,6 @@
 //! `dorac merge`: fold adapters into the base weights and write the merged ONNX.
 
-use super::common::{apply_adapter, load_graph, save_graph};
+use super::common::{apply_adapter, create_parent, load_graph, save_graph};
 use crate::error::{Error, Result, Subject};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,14 +21,29 @@ pub struct Args {
     /// The merged model to write.
     #[arg(short, long, value_name = "MERGED.onnx")]
     pub output: PathBuf,
-    /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable [default:
-    /// none; a symbolic dim left unpinned is an error].
+    /// Pin a symbolic dim (`batch=4`) or a whole input shape (`x=4x16`). Repeatable. Needed only
+    /// when the merged model is exported from dorac's graph (a rewritten model, full weights),
+    /// whose shapes are fixed [default: none; merging into the model's own file keeps its dims].
     #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut graph = load_graph(&args.model, &args.shapes, &HashMap::new())?;
+    // The merged weights do not depend on the inputs' sizes, and a merge into the model's own
+    // file keeps its symbolic dims: dims left unpinned are imported at a size that always fits
+    // (a cache empty, its head size from genai_config.json, others 1). Only a merged graph
+    // exported from the IR would carry them, so that path asks for pins instead.
+    let model = crate::onnx::load_model(&args.model)?;
+    let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
+    let mut defaults = crate::onnx::training_pins(&model, dir, &HashMap::new(), &args.shapes);
+    for d in crate::onnx::symbolic_dims(&model) {
+        let pinned = |p: &String| p.split('=').next() == Some(d.as_str());
+        if !args.shapes.iter().any(pinned) && !defaults.iter().any(pinned) {
+            defaults.push(format!("{d}=1"));
+        }
+    }
+    let shapes: Vec<String> = args.shapes.iter().chain(&defaults).cloned().collect();
+    let mut graph = load_graph(&args.model, &shapes, &HashMap::new())?;
     let no_adapters = || {
         Error::input_at(
             Subject::file(&args.model),
@@ -44,24 +59,32 @@ pub fn run(args: Args) -> Result<()> {
         }
         merge_one(&mut graph, "the model's own adapters", &mut changed)?;
     }
-    let mut full_weights = false;
     for (i, dir) in args.adapter.iter().enumerate() {
         // A rewritten model's own adapters are merged first; each --adapter then starts from
         // the weights merged so far.
         if i == 0 && rewritten {
             merge_one(&mut graph, "the model's own adapters", &mut changed)?;
         }
-        apply_adapter(&mut graph, dir)?;
-        full_weights |= graph.adapters().is_empty();
-        merge_one(&mut graph, &dir.display().to_string(), &mut changed)?;
+        // A full fine-tuning run's weights replace the base ones as they load.
+        let replaced = apply_adapter(&mut graph, dir)?;
+        if replaced.is_empty() {
+            merge_one(&mut graph, &dir.display().to_string(), &mut changed)?;
+        } else {
+            println!(
+                "took {} fine-tuned weights from {} ({})",
+                replaced.len(),
+                dir.display(),
+                replaced.join(", ")
+            );
+            changed.extend(replaced);
+        }
     }
-    // A base model's merged weights go back into its own file, which keeps every other node,
-    // its symbolic dims and its fused ops; a rewritten model loses its adapter subgraphs, so it
-    // is exported from the graph, as is a model whose weights are not initializers as such.
+    // A base model's merged (or fully fine-tuned) weights go back into its own file, which keeps
+    // every other node, its symbolic dims and its fused ops; a rewritten model loses its adapter
+    // subgraphs, so it is exported from the graph, as is a model whose weights are not
+    // initializers as such.
     let in_place = if rewritten {
         Err("the model was made by `dorac rewrite`".to_string())
-    } else if full_weights {
-        Err("fully fine-tuned weights are written from the graph".to_string())
     } else {
         let weights: Vec<(String, crate::tensor::Tensor)> = changed
             .iter()
@@ -75,17 +98,30 @@ pub fn run(args: Args) -> Result<()> {
                 }
             })
             .collect();
-        let model = crate::onnx::load_model(&args.model)?;
         crate::onnx::reweight::reweighted(&model, &weights)
     };
     match in_place {
         Ok(model) => {
-            let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
+            create_parent(&args.output)?;
             crate::onnx::reweight::save_reweighted(model, dir, &args.output)?;
             println!(
                 "wrote {} (the input model, its adapted weights replaced; its other nodes and dims as they were)",
                 args.output.display()
             );
+        }
+        Err(why) if !defaults.is_empty() => {
+            return Err(Error::input_at(
+                Subject::file(&args.model),
+                format!(
+                    "the merged model is exported from dorac's graph ({why}), whose shapes are \
+                     fixed: pin the inputs' dims for it with --shape ({})",
+                    defaults
+                        .iter()
+                        .map(|d| format!("{}=N", d.split('=').next().unwrap_or(d)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            ));
         }
         Err(why) => {
             save_graph(&graph, &args.output)?;

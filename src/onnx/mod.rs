@@ -467,6 +467,30 @@ pub fn shapes_from_examples(
     out
 }
 
+/// The plain symbolic dims (`batch_size`, not `past + 1`) of the model's data inputs, in order.
+pub fn symbolic_dims(model: &proto::ModelProto) -> Vec<String> {
+    let Some(graph) = model.graph.as_ref() else {
+        return vec![];
+    };
+    let names = data_input_names(graph);
+    let mut dims: Vec<String> = vec![];
+    for vi in graph
+        .input
+        .iter()
+        .filter(|i| names.iter().any(|n| n == i.name()))
+    {
+        for d in import::declared_dims(vi).unwrap_or_default() {
+            if let import::DeclaredDim::Param(p) = d {
+                let plain = p.chars().all(|c| c.is_alphanumeric() || c == '_');
+                if plain && !dims.contains(&p) {
+                    dims.push(p);
+                }
+            }
+        }
+    }
+    dims
+}
+
 /// Dim pins that training needs and its data cannot give: a key/value cache that the data does
 /// not hold is empty (each `past...` dim of such an input is 0, as a first call's), and the
 /// cache's head size that onnxruntime-genai's builder leaves symbolic (`kv_cache_dim`) is the

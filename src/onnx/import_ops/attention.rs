@@ -666,7 +666,10 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
         (Some(pk), Some(pv)) => {
             let want = |p: usize| vec![batch, hkv, p, d];
             let (ks, vs) = (cx.shape(pk), cx.shape(pv));
-            if ks.len() != 4 || ks != want(ks[2]) || vs != ks {
+            // An empty past is not read: its head dims need not be the attention's (a merge
+            // imports a cache's symbolic head size at 1).
+            let empty = ks.len() == 4 && ks[2] == 0;
+            if ks.len() != 4 || (!empty && ks != want(ks[2])) || vs != ks {
                 return Err(cx.err(format!(
                     "past key and value have shapes {} and {}, expected [{batch}, {hkv}, past, {d}]",
                     shape_str(&ks),
