@@ -110,15 +110,7 @@ fn full_fine_tuned_weights_merge_into_the_file() {
     let dir = temp_dir("merge-full");
     let model = models_dir().join("mlp2d/model.onnx");
     let data = models_dir().join("demo/teacher.safetensors");
-    let ok = |args: &[&str]| {
-        let out = dorac_in(&dir, args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ok = |args: &[&str]| dorac_ok(&dir, args);
     ok(&[
         "train",
         s(&model),

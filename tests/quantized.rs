@@ -137,15 +137,7 @@ fn merge_writes_merged_layers_into_the_quantized_file() {
     dorac::tensors_io::write_safetensors(&data_path, &data).unwrap();
     let base = model("q4_float_zp_bias");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let ok = |args: &[&str]| {
-        let out = dorac_in(&dir, args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ok = |args: &[&str]| dorac_ok(&dir, args);
     ok(&[
         "train",
         &s(&base),

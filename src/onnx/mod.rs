@@ -469,6 +469,11 @@ pub fn shapes_from_examples(
 
 /// The plain symbolic dims (`batch_size`, not `past + 1`) of the model's data inputs, in order.
 pub fn symbolic_dims(model: &proto::ModelProto) -> Vec<String> {
+    plain_dims(model, |_| true)
+}
+
+/// [`symbolic_dims`] of the data inputs `of` accepts by name.
+fn plain_dims(model: &proto::ModelProto, of: impl Fn(&str) -> bool) -> Vec<String> {
     let Some(graph) = model.graph.as_ref() else {
         return vec![];
     };
@@ -477,7 +482,7 @@ pub fn symbolic_dims(model: &proto::ModelProto) -> Vec<String> {
     for vi in graph
         .input
         .iter()
-        .filter(|i| names.iter().any(|n| n == i.name()))
+        .filter(|i| names.iter().any(|n| n == i.name()) && of(i.name()))
     {
         for d in import::declared_dims(vi).unwrap_or_default() {
             if let import::DeclaredDim::Param(p) = d {
@@ -501,28 +506,7 @@ pub fn training_pins(
     examples: &HashMap<String, Vec<usize>>,
     pinned: &[String],
 ) -> Vec<String> {
-    let Some(graph) = model.graph.as_ref() else {
-        return vec![];
-    };
-    let names = data_input_names(graph);
-    let mut dims: Vec<String> = vec![];
-    for vi in graph
-        .input
-        .iter()
-        .filter(|i| names.iter().any(|n| n == i.name()))
-    {
-        if examples.contains_key(vi.name()) {
-            continue;
-        }
-        for d in import::declared_dims(vi).unwrap_or_default() {
-            if let import::DeclaredDim::Param(p) = d {
-                let plain = p.chars().all(|c| c.is_alphanumeric() || c == '_');
-                if plain && !dims.contains(&p) {
-                    dims.push(p);
-                }
-            }
-        }
-    }
+    let dims = plain_dims(model, |name| !examples.contains_key(name));
     let unpinned = |d: &str| !pinned.iter().any(|p| p.split('=').next() == Some(d));
     let mut pins: Vec<String> = dims
         .iter()

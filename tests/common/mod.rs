@@ -111,6 +111,18 @@ pub fn dorac_in(cwd: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("the dorac binary runs")
 }
 
+/// Runs the dorac binary in `cwd`, asserts that it succeeded (its stderr otherwise), and returns
+/// its stdout.
+pub fn dorac_ok(cwd: &std::path::Path, args: &[&str]) -> String {
+    let out = dorac_in(cwd, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A copy of the PEFT adapter folder `src` at `dst`, its config edited by `config` and its
 /// tensors by `tensors`.
 pub fn edited_adapter(
