@@ -86,19 +86,18 @@ pub fn run(args: Args) -> Result<()> {
     let in_place = if rewritten {
         Err("the model was made by `dorac rewrite`".to_string())
     } else {
-        let weights: Vec<(String, crate::tensor::Tensor)> = changed
+        // Merging keeps each weight's name on its new constant.
+        let weights: std::result::Result<Vec<(String, crate::tensor::Tensor)>, String> = changed
             .iter()
             .map(|name| {
-                let id = graph
+                let t = graph
                     .find_by_name(name)
-                    .expect("merge keeps the weight's name");
-                match &graph.node(id).op {
-                    crate::ir::Op::Const(t) => (name.clone(), t.clone()),
-                    _ => unreachable!("a merged weight is a constant"),
-                }
+                    .and_then(|id| graph.const_tensor(id));
+                t.map(|t| (name.clone(), t.clone()))
+                    .ok_or_else(|| format!("weight '{name}' is not a constant after the merge"))
             })
             .collect();
-        crate::onnx::reweight::reweighted(&model, &weights)
+        weights.and_then(|w| crate::onnx::reweight::reweighted(&model, &w))
     };
     match in_place {
         Ok(model) => {
