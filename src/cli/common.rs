@@ -77,7 +77,7 @@ pub fn load_batched(
     let given = crate::onnx::shapes_from_examples(&model, examples, batch);
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut shapes = shapes.to_vec();
-    shapes.extend(crate::onnx::training_pins(&model, dir, examples, &shapes));
+    shapes.extend(crate::onnx::cache_pins(&model, dir, examples, &shapes));
     Ok((rebatch(model, path, &shapes, batch, &given)?, batch))
 }
 

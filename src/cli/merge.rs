@@ -35,7 +35,7 @@ pub fn run(args: Args) -> Result<()> {
     // exported from the IR would carry them, so that path asks for pins instead.
     let model = crate::onnx::load_model(&args.model)?;
     let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
-    let mut defaults = crate::onnx::training_pins(&model, dir, &HashMap::new(), &args.shapes);
+    let mut defaults = crate::onnx::cache_pins(&model, dir, &HashMap::new(), &args.shapes);
     for d in crate::onnx::symbolic_dims(&model) {
         let pinned = |p: &String| p.split('=').next() == Some(d.as_str());
         if !args.shapes.iter().any(pinned) && !defaults.iter().any(pinned) {

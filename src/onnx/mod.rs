@@ -496,11 +496,11 @@ fn plain_dims(model: &proto::ModelProto, of: impl Fn(&str) -> bool) -> Vec<Strin
     dims
 }
 
-/// Dim pins that training needs and its data cannot give: a key/value cache that the data does
+/// Dim pins for a key/value cache that training (and merging) needs and the data cannot give: a key/value cache that the data does
 /// not hold is empty (each `past...` dim of such an input is 0, as a first call's), and the
 /// cache's head size that onnxruntime-genai's builder leaves symbolic (`kv_cache_dim`) is the
 /// `head_size` of the `genai_config.json` beside the model. Dims in `pinned` are left alone.
-pub fn training_pins(
+pub fn cache_pins(
     model: &proto::ModelProto,
     model_dir: &Path,
     examples: &HashMap<String, Vec<usize>>,

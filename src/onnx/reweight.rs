@@ -39,6 +39,12 @@ pub fn reweighted(
         .enumerate()
         .map(|(i, t)| (t.name().to_string(), i))
         .collect();
+    // How many node inputs read each name, counted once (the edits below keep these counts for
+    // plain initializers: a bias a MatMulNBits read is read by the Add that replaces it).
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for i in graph.node.iter().flat_map(|n| &n.input) {
+        *readers.entry(i.clone()).or_default() += 1;
+    }
     let mut dropped: HashSet<String> = HashSet::new();
     for (name, value) in weights {
         if let Some(&i) = index.get(name) {
@@ -51,12 +57,7 @@ pub fn reweighted(
                 ));
             }
             // A weight other nodes read too (tied embeddings) would change for them as well.
-            let readers = graph
-                .node
-                .iter()
-                .flat_map(|n| &n.input)
-                .filter(|i| *i == name)
-                .count();
+            let readers = readers.get(name).copied().unwrap_or(0);
             if readers != 1 {
                 return Err(format!(
                     "weight '{name}' is read by {readers} nodes of the file, not only its layer"

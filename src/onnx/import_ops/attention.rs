@@ -4,7 +4,7 @@
 //! They share the pieces: heads split and merged, grouped key/value heads repeated, the masked
 //! softmax of the scaled scores, and the rotation of a head's features.
 
-use super::lowered::{bin, scalar, tmp, un};
+use super::lowered::{bin, scalar, slice_strided, tmp, un};
 use super::Ctx;
 use crate::error::Result;
 use crate::ir::{unary, Binary, NodeId, Op, Reduce};
@@ -352,22 +352,9 @@ fn rotate(
         )));
     }
     let half = rot / 2;
-    // Strided windows of the last dim (Slice: differentiable, unlike a Gather of the data).
+    // Strided windows of the last dim.
     let window = |cx: &mut Ctx, start: usize, end: usize, step: i64, tag: &str| {
-        let mut starts = vec![0i64; 4];
-        let mut ends: Vec<i64> = hs.iter().map(|&e| e as i64).collect();
-        let mut steps = vec![1i64; 4];
-        (starts[3], ends[3], steps[3]) = (start as i64, end as i64, step);
-        tmp(
-            cx,
-            Op::Slice {
-                starts,
-                ends,
-                steps,
-            },
-            &[h],
-            tag,
-        )
+        slice_strided(cx, h, 3, (start, end, step), tag)
     };
     let (x1, x2) = if interleaved {
         (window(cx, 0, rot, 2, "x1")?, window(cx, 1, rot, 2, "x2")?)
@@ -622,12 +609,7 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
             }
             let d = width / h;
             let part = |cx: &mut Ctx, from: usize, to: usize, tag: &str| -> Result<NodeId> {
-                let op = Op::Slice {
-                    starts: vec![0, 0, (from * d) as i64],
-                    ends: vec![batch as i64, sq as i64, (to * d) as i64],
-                    steps: vec![1; 3],
-                };
-                let x = tmp(cx, op, &[query], tag)?;
+                let x = slice_strided(cx, query, 2, (from * d, to * d, 1), tag)?;
                 heads(cx, x, to - from, &format!("{tag}_split"))
             };
             (
@@ -881,13 +863,8 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
     let mut from = 0;
     let mut parts = vec![];
     for (size, tag) in sizes.iter().zip(["q", "k", "v"]) {
-        let op = Op::Slice {
-            starts: vec![0, 0, from as i64],
-            ends: vec![batch as i64, sq as i64, (from + size) as i64],
-            steps: vec![1; 3],
-        };
+        let x = slice_strided(cx, qkv, 2, (from, from + size, 1), tag)?;
         from += size;
-        let x = tmp(cx, op, &[qkv], tag)?;
         let x = heads(cx, x, n_heads, &format!("{tag}_split"))?;
         parts.push(swap_1_2(cx, x, &format!("{tag}_heads"))?);
     }
@@ -903,13 +880,8 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
                     shape_str(&ps)
                 )));
             }
-            let half = |cx: &mut Ctx, i: i64, tag: &str| -> Result<NodeId> {
-                let op = Op::Slice {
-                    starts: vec![i, 0, 0, 0, 0],
-                    ends: vec![i + 1, batch as i64, n_heads as i64, ps[3] as i64, d as i64],
-                    steps: vec![1; 5],
-                };
-                let s = tmp(cx, op, &[p], tag)?;
+            let half = |cx: &mut Ctx, i: usize, tag: &str| -> Result<NodeId> {
+                let s = slice_strided(cx, p, 0, (i, i + 1, 1), tag)?;
                 let shape = vec![batch, n_heads, ps[3], d];
                 tmp(cx, Op::Reshape { shape }, &[s], &format!("{tag}_4d"))
             };
@@ -949,65 +921,29 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
     let mut biases: Vec<NodeId> = vec![];
     if let Some(m) = mask {
         let ms = cx.shape(m);
-        let hidden = match ms[..] {
+        // Which keys the mask index hides, [B, T] (or [B, S, T] for a 3-D mask).
+        let zero_i = |cx: &mut Ctx| int_const(cx, vec![], vec![0], "zero_i");
+        let (hidden, rows) = match ms[..] {
             [n] if n == batch => {
                 let len = per_batch(cx, m, "lengths")?;
-                let past_end = bin(cx, Binary::LessOrEqual, len, key, "past_end")?;
-                // [B, 1, 1, T]
-                tmp(
-                    cx,
-                    Op::Reshape {
-                        shape: vec![batch, 1, 1, total],
-                    },
-                    &[past_end],
-                    "hidden",
-                )?
+                (bin(cx, Binary::LessOrEqual, len, key, "past_end")?, 1)
             }
             [n] if n == 2 * batch => {
-                let op = |i: i64| Op::Slice {
-                    starts: vec![i * batch as i64],
-                    ends: vec![(i + 1) * batch as i64],
-                    steps: vec![1],
-                };
-                let end = tmp(cx, op(0), &[m], "ends")?;
-                let start = tmp(cx, op(1), &[m], "starts")?;
+                let end = slice_strided(cx, m, 0, (0, batch, 1), "ends")?;
+                let start = slice_strided(cx, m, 0, (batch, 2 * batch, 1), "starts")?;
                 let end = per_batch(cx, end, "ends_per_batch")?;
                 let start = per_batch(cx, start, "starts_per_batch")?;
                 let after = bin(cx, Binary::LessOrEqual, end, key, "after_end")?;
                 let before = bin(cx, Binary::Less, key, start, "before_start")?;
-                let either = bin(cx, Binary::Or, after, before, "outside")?;
-                tmp(
-                    cx,
-                    Op::Reshape {
-                        shape: vec![batch, 1, 1, total],
-                    },
-                    &[either],
-                    "hidden",
-                )?
+                (bin(cx, Binary::Or, after, before, "outside")?, 1)
             }
             [b, t] if b == batch && t == total => {
-                let z = int_const(cx, vec![], vec![0], "zero_i")?;
-                let off = bin(cx, Binary::Equal, m, z, "off")?;
-                tmp(
-                    cx,
-                    Op::Reshape {
-                        shape: vec![batch, 1, 1, total],
-                    },
-                    &[off],
-                    "hidden",
-                )?
+                let z = zero_i(cx)?;
+                (bin(cx, Binary::Equal, m, z, "off")?, 1)
             }
             [b, s, t] if b == batch && s == sq && t == total => {
-                let z = int_const(cx, vec![], vec![0], "zero_i")?;
-                let off = bin(cx, Binary::Equal, m, z, "off")?;
-                tmp(
-                    cx,
-                    Op::Reshape {
-                        shape: vec![batch, 1, sq, total],
-                    },
-                    &[off],
-                    "hidden",
-                )?
+                let z = zero_i(cx)?;
+                (bin(cx, Binary::Equal, m, z, "off")?, sq)
             }
             _ => {
                 return Err(cx.unsupported(format!(
@@ -1016,6 +952,8 @@ pub fn contrib_attention(cx: &mut Ctx) -> Result<NodeId> {
                 )))
             }
         };
+        let shape = vec![batch, 1, rows, total];
+        let hidden = tmp(cx, Op::Reshape { shape }, &[hidden], "hidden")?;
         biases.push(tmp(cx, Op::Where, &[hidden, fill, zero], "mask_bias")?);
     }
     if causal {

@@ -1657,11 +1657,22 @@ fn slice_axis(
     end: usize,
     tag: &str,
 ) -> Result<NodeId> {
+    slice_strided(cx, x, axis, (start, end, 1), tag)
+}
+
+/// `x[.., start..end:step, ..]` along `axis`: a Slice (differentiable, unlike a Gather).
+pub(super) fn slice_strided(
+    cx: &mut Ctx,
+    x: NodeId,
+    axis: usize,
+    (start, end, step): (usize, usize, i64),
+    tag: &str,
+) -> Result<NodeId> {
     let s = cx.shape(x);
     let mut starts = vec![0i64; s.len()];
     let mut ends: Vec<i64> = s.iter().map(|&e| e as i64).collect();
-    (starts[axis], ends[axis]) = (start as i64, end as i64);
-    let steps = vec![1i64; s.len()];
+    let mut steps = vec![1i64; s.len()];
+    (starts[axis], ends[axis], steps[axis]) = (start as i64, end as i64, step);
     tmp(
         cx,
         Op::Slice {
