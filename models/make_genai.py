@@ -19,6 +19,8 @@ Variants (`models/genai/<variant>/model.onnx` and its `model.onnx.data`):
     with a softcap of 5 set on its attention (the builder writes one for Gemma 2);
   - phi: Phi-2 style, 2 heads of 32, no grouping, rotary over half of each head, LayerNorm and
     SkipLayerNormalization with a bias, GELU;
+  - phi3: Phi-3, whose Hugging Face model packs qkv_proj and gate_up_proj (the builder splits
+    gate_up_proj into gate_proj and up_proj);
   - llama_window: the llama model with its GroupQueryAttention attributes edited to a local
     window of 2 keys and interleaved rotary pairs (ONNX Runtime computes them; the builder
     writes a window for Gemma 2, with a window-sized cache that dorac refuses). With both a window and a softcap, ONNX
@@ -49,7 +51,7 @@ ROOT = pathlib.Path(__file__).resolve().parent
 OUT = ROOT / "genai"
 TRANSFORMERS5 = os.environ.get("GENAI_TRANSFORMERS", "/work/scratch/tfnew")
 # Not 64, the MLP's width: the builder takes a [32, 64] gate_proj for the lm_head when the two
-# shapes agree, and wires the logits to the first layer's norm.
+# shapes agree, and wires the logits to the first layer's norm (see also phi3 below).
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
@@ -57,6 +59,12 @@ ARCHS = {
     "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 16}),
     "phi": (T.PhiConfig, T.PhiForCausalLM, {"hidden_size": 64, "num_key_value_heads": 2, "partial_rotary_factor": 0.5}),
+    # Hugging Face's packed qkv_proj and gate_up_proj, which the builder writes as qkv_proj and as
+    # gate_proj and up_proj. An original context other than the model's makes it a LongRoPE one.
+    # The builder finds the lm_head by its shape: no layer may have [vocab, hidden] (a qkv_proj of
+    # 2 + 2 * 2 heads of 16, a gate_up_proj of 2 * 48).
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"intermediate_size": 40, "original_max_position_embeddings": 32,
+                                               "pad_token_id": 0, "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1}),
 }
 
 
@@ -73,19 +81,24 @@ def tokenizer(folder):
 
 def build(arch, out, **attention):
     config, model, extra = ARCHS[arch]
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model(config(**{**SMALL, **extra})).eval().save_pretrained(tmp)
-        tokenizer(tmp)
-        env = dict(os.environ, PYTHONPATH=TRANSFORMERS5)
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", out / "build",
-                        "-p", "fp32", "-e", "cpu"], env=env, check=True, capture_output=True)
+    torch.manual_seed(0)
+    export(model(config(**{**SMALL, **extra})).eval(), out / "build")
     if attention:
         edit_attention(out / "build", out, **attention)
     else:
         for f in ("model.onnx", "model.onnx.data"):
             shutil.move(out / "build" / f, out / f)
     shutil.rmtree(out / "build")
+
+
+def export(model, out):
+    """The builder's fp32 CPU export of a Hugging Face model, into the folder `out`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer(tmp)
+        env = dict(os.environ, PYTHONPATH=TRANSFORMERS5)
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", out,
+                        "-p", "fp32", "-e", "cpu"], env=env, check=True, capture_output=True)
 
 
 def edit_attention(src, dst, **attrs):
@@ -137,18 +150,24 @@ def cases(folder, head):
 
 
 def main():
+    """`make_genai.py [VARIANT...]` remakes only those variants (all by default)."""
+    only = set(sys.argv[1:])
     OUT.mkdir(exist_ok=True)
     for arch in ARCHS:
+        if only and arch not in only:
+            continue
         folder = OUT / arch
         folder.mkdir(exist_ok=True)
         build(arch, folder, **({"softcap": 5.0} if arch == "qwen3" else {}))
         cases(folder, head_size(arch))
-    window = OUT / "llama_window"
-    window.mkdir(exist_ok=True)
-    edit_attention(OUT / "llama", window, local_window_size=2, rotary_interleaved=1)
-    cases(window, head_size("llama"))
-    ids = np.random.default_rng(1).integers(0, VOCAB, (6, 8)).astype(np.int64)
-    save_file({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}, OUT / "train.safetensors")
+    if not only or "llama_window" in only:
+        window = OUT / "llama_window"
+        window.mkdir(exist_ok=True)
+        edit_attention(OUT / "llama", window, local_window_size=2, rotary_interleaved=1)
+        cases(window, head_size("llama"))
+    if not only:
+        ids = np.random.default_rng(1).integers(0, VOCAB, (6, 8)).astype(np.int64)
+        save_file({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}, OUT / "train.safetensors")
     for f in sorted(OUT.rglob("*")):
         if f.is_file():
             print(f"{f.relative_to(OUT)}: {f.stat().st_size} bytes")

@@ -3,13 +3,15 @@
 //! SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization and SkipLayerNormalization.
 //! Every output of every case (an empty cache, padding, one token after a cache, a batch whose
 //! sequences have different lengths, several tokens after a cache) on the GPU and the reference
-//! executor against onnxruntime's; then training and the DoRA rewrite of one.
+//! executor against onnxruntime's; then training and the DoRA rewrite of one, and PEFT adapters
+//! made on the Hugging Face models applied to the builder's renamed and packed layers.
 
 mod common;
 
 use common::*;
+use dorac::tensor::Array;
 
-const VARIANTS: [&str; 4] = ["llama", "qwen3", "phi", "llama_window"];
+const VARIANTS: [&str; 5] = ["llama", "qwen3", "phi", "phi3", "llama_window"];
 const CASES: [&str; 5] = ["prompt", "padded", "decode", "ragged_decode", "chunk"];
 
 fn dir(variant: &str) -> String {
@@ -135,6 +137,86 @@ fn genai_decoders_train_with_dora() {
     let want = read(&dir("llama"), "prompt.ort.safetensors");
     let got = run_reference(&load_path(&tmp.join("rewritten.onnx"), &inputs), &inputs);
     assert!(rel(&got, &want, "logits") < 1e-5);
+}
+
+/// PEFT adapters made on the Hugging Face models (`models/make_genai_peft.py`) apply to the
+/// builder's export of them, whose modules are renamed and packed: q_proj and v_proj (no k_proj)
+/// into qkv_proj with llama's DoRA, all three with llama's rsLoRA, with their own ranks and
+/// alphas in phi's, Phi's dense as o_proj, and Phi-3's gate_up_proj split into gate_proj and
+/// up_proj. onnxruntime on the builder's export of the model PEFT merged each adapter into is
+/// the reference, unmerged here and merged into the file by `merge`.
+#[test]
+fn peft_adapters_apply_to_builder_exports() {
+    let tmp = temp_dir("genai-peft");
+    let adapters = [
+        ("llama", "peft_dora", 8),
+        ("llama", "peft_lora", 2),
+        ("phi", "peft_dora", 6),
+        ("phi3", "peft_dora", 10),
+    ];
+    for (variant, name, layers) in adapters {
+        let folder = models_dir().join(dir(variant));
+        let model = folder.join("model.onnx");
+        let inputs = read(&dir(variant), "prompt.inputs.safetensors");
+        let expected = format!("{name}.ort.safetensors");
+        let mut g = load_path(&model, &inputs);
+        let adapter = dorac::adapter::load(&folder.join(name)).unwrap();
+        assert_eq!(dorac::adapter::apply(&mut g, &adapter).unwrap(), layers);
+        assert_outputs_match(&g, &inputs, &dir(variant), &expected);
+
+        let merged = tmp.join(format!("{variant}-{name}.onnx"));
+        let adapter = folder.join(name);
+        dorac_ok(
+            &tmp,
+            &[
+                "merge",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "-o",
+                merged.to_str().unwrap(),
+            ],
+        );
+        let got = run_reference(&load_path(&merged, &inputs), &inputs);
+        let want = read(&dir(variant), &expected);
+        let e = rel(&got, &want, "logits");
+        assert!(e < 1e-5, "{variant}/{name} merged: {e:.2e}");
+    }
+}
+
+/// A block that does not fit the packed layer is refused with the module named: llama's q_proj
+/// with half its outputs leaves qkv_proj's q block (32 outputs, beside v's 16) unfilled.
+#[test]
+fn a_block_that_does_not_fit_the_packed_layer_is_refused() {
+    let tmp = temp_dir("genai-peft-misfit");
+    let folder = models_dir().join(dir("llama"));
+    let q_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let q_m = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector";
+    let adapter = edited_adapter(
+        &folder.join("peft_dora"),
+        &tmp.join("misfit"),
+        |_| {},
+        |t| {
+            for key in [q_b, q_m] {
+                let v = &t[key];
+                let rows = v.shape[0] / 2;
+                let keep = v.data.len() / 2;
+                let shape = [&[rows][..], &v.shape[1..]].concat();
+                t.insert(key.into(), Array::new(shape, v.data[..keep].to_vec()));
+            }
+        },
+    );
+    let inputs = read(&dir("llama"), "prompt.inputs.safetensors");
+    let mut g = load_path(&folder.join("model.onnx"), &inputs);
+    let e = dorac::adapter::apply(&mut g, &dorac::adapter::load(&adapter).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("module 'model.layers.0.self_attn.q_proj'")
+            && e.contains("packed 'model.layers.0.attn.qkv_proj'")
+            && e.contains("outputs 0..32 of 64"),
+        "{e}"
+    );
 }
 
 /// `merge` of the trained adapter, with no `--shape`, writes the builder's own file with the
@@ -319,10 +401,7 @@ fn ids_outside_the_vocabulary_are_refused() {
 }
 
 /// Writes the tensors with the ids and masks as int64, the rest as float32.
-fn write_ints(
-    path: &std::path::Path,
-    tensors: std::collections::BTreeMap<String, dorac::tensor::Array>,
-) {
+fn write_ints(path: &std::path::Path, tensors: std::collections::BTreeMap<String, Array>) {
     use dorac::tensor::DType;
     let typed = tensors
         .into_iter()

@@ -14,14 +14,18 @@
 use crate::error::{Error, Result, Subject};
 use crate::ir::{Graph, Method, Patch};
 use crate::passes::{
-    find_linear_layers, insert_adapters, resolve_module, AdapterInit, AdapterSpec, ModuleMatch,
+    find_linear_layers, insert_adapters, resolve_module, AdapterInit, AdapterSpec, LinearLayer,
+    ModuleMatch,
 };
 use crate::tensor::{shape_str, Array, Tensor};
 use crate::tensors_io::{write_atomic, write_safetensors};
+use packed::{builder_place, pack_qkv, split_gate_up, Place, Qkv, Resolved};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 mod config;
+mod packed;
 
 pub use config::{ConfigFile, TargetModules};
 
@@ -379,17 +383,23 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     }
     let layers = find_linear_layers(graph);
     let names: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
+    let (resolved, mut problems) = resolve(graph, &layers, adapter);
     let mut specs = vec![];
-    let mut problems = vec![];
-    for (module, t) in &adapter.layers {
-        let found = match find_module(module, &names) {
-            Ok(found) => found,
-            Err(why) => {
-                problems.push(why);
-                continue;
+    for r in &resolved {
+        let (module, found, t) = (&r.name, &r.layer, r.tensors.as_ref());
+        if let Some(other) = resolved
+            .iter()
+            .find(|o| o.layer == *found && o.name != *module)
+        {
+            if module < &other.name {
+                problems.push(format!(
+                    "modules '{module}' and '{}' both name the model's '{found}'",
+                    other.name
+                ));
             }
-        };
-        let layer = layers.iter().find(|l| l.module == found).unwrap();
+            continue;
+        }
+        let layer = layers.iter().find(|l| l.module == *found).unwrap();
         let filter = graph.conv_filters().get(&layer.weight);
         match (&t.conv_a_shape, filter) {
             (Some(a), Some(f)) if a[1..] != f[1..] => problems.push(format!(
@@ -425,9 +435,9 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         specs.push(AdapterSpec {
             layer,
             method: cfg.method(),
-            rank: t.a.shape[0],
-            alpha: cfg.alpha_for(module),
-            rslora: cfg.use_rslora,
+            rank: r.rank,
+            alpha: r.alpha,
+            rslora: r.rslora,
             init: AdapterInit::Tensors {
                 a: t.a.to_tensor_f32(),
                 b: t.b.to_tensor_f32(),
@@ -455,6 +465,60 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
         )));
     }
     insert_adapters(graph, specs)
+}
+
+/// The model layer each of the adapter's modules goes to: by name (see [`find_module`]), else
+/// by the names and packing of onnxruntime-genai's builder (see `packed`); and why not, for
+/// those that go nowhere.
+fn resolve<'a>(
+    graph: &Graph,
+    layers: &[LinearLayer],
+    adapter: &'a PeftAdapter,
+) -> (Vec<Resolved<'a>>, Vec<String>) {
+    let cfg = &adapter.config;
+    let names: Vec<&str> = layers.iter().map(|l| l.module.as_str()).collect();
+    let layer = |name: &str| layers.iter().find(|l| l.module == name).unwrap();
+    let whole = |name: &str, layer: String, t: &'a LayerTensors| Resolved {
+        name: name.to_string(),
+        layer,
+        tensors: Cow::Borrowed(t),
+        rank: t.a.shape[0],
+        alpha: cfg.alpha_for(name),
+        rslora: cfg.use_rslora,
+    };
+    let (mut resolved, mut problems) = (vec![], vec![]);
+    let mut qkv: BTreeMap<String, Vec<(Qkv, &str, &LayerTensors)>> = BTreeMap::new();
+    for (module, t) in &adapter.layers {
+        let why = match find_module(module, &names) {
+            Ok(found) => {
+                resolved.push(whole(module, found, t));
+                continue;
+            }
+            Err(why) => why,
+        };
+        let linear = !t.embedding && t.conv_a_shape.is_none();
+        match builder_place(module, &names) {
+            // Renamed, it keeps the adapter's name: saved, it loads in PEFT again.
+            Some(Place::Renamed(found)) => resolved.push(whole(module, found, t)),
+            Some(Place::Qkv { packed, part }) if linear => {
+                qkv.entry(packed).or_default().push((part, module, t))
+            }
+            Some(Place::GateUp { gate, up }) if linear => {
+                match split_gate_up(module, t, [layer(&gate), layer(&up)], cfg) {
+                    Ok(halves) => resolved.extend(halves),
+                    Err(why) => problems.push(why),
+                }
+            }
+            _ => problems.push(why),
+        }
+    }
+    for (packed, blocks) in qkv {
+        match pack_qkv(graph, layer(&packed), &blocks, cfg) {
+            Ok(r) => resolved.push(r),
+            Err(why) => problems.push(why),
+        }
+    }
+    (resolved, problems)
 }
 
 /// When `module` is one of `names` with a prefix in front (`model.encoder.q` for `encoder.q`):

@@ -389,50 +389,65 @@ fn peft_init(
         .map(|_| rng.range(-bound, bound) as f32)
         .collect();
     let b = vec![0.0f32; fout * r];
-    let m = (spec.method == Method::Dora).then(|| {
-        // Squared column norms in f64, read straight from W0's f32 values (a large model's
-        // weights are a map of its file: no f64 copy of them), row by row.
-        let owned;
-        let w: &[f32] = match w0.as_f32() {
-            Some(w) => w,
-            None => {
-                owned = w0.to_f32();
-                &owned
-            }
-        };
-        let mut sq = vec![0f64; fout];
-        if trans_b {
-            // W0 [out, in]: column j of the layer is row j.
-            for (j, row) in w.chunks_exact(fin).enumerate() {
-                sq[j] = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
-            }
-        } else {
-            for row in w.chunks_exact(fout) {
-                for (s, &v) in sq.iter_mut().zip(row) {
-                    *s += (v as f64) * (v as f64);
-                }
-            }
-        }
-        let norms: Vec<f32> = sq
-            .into_iter()
-            .map(|sq| {
-                // A zero column gets magnitude 1, not its norm 0: with the norm read as 1 (see
-                // the rewrite above) its scale is 1, the layer computes the base output, and B
-                // still receives LoRA's gradient there.
-                if sq > 0.0 {
-                    (alpha.abs() as f64 * sq.sqrt()) as f32
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        Tensor::f32(vec![fout], norms)
-    });
+    let m = (spec.method == Method::Dora).then(|| column_norms(w0, fin, fout, alpha, trans_b));
     (
         Tensor::f32(vec![r, fin], a),
         Tensor::f32(vec![fout, r], b),
         m,
     )
+}
+
+/// DoRA's magnitude at PEFT's initialisation for `layer`: `‖W0[:, j]‖` per output column j
+/// (times a Gemm's |alpha|); a zero column gets 1 (see `column_norms`).
+pub fn base_magnitude(graph: &Graph, layer: &LinearLayer) -> Tensor {
+    let (alpha, trans_b) = match layer.kind {
+        LinearKind::Gemm { alpha, trans_b, .. } => (alpha, trans_b),
+        LinearKind::MatMul | LinearKind::Embedding => (1.0, false),
+    };
+    let w0 = graph
+        .const_tensor(layer.weight)
+        .expect("linear layers have constant weights");
+    column_norms(w0, layer.in_features, layer.out_features, alpha, trans_b)
+}
+
+fn column_norms(w0: &Tensor, fin: usize, fout: usize, alpha: f32, trans_b: bool) -> Tensor {
+    // Squared column norms in f64, read straight from W0's f32 values (a large model's
+    // weights are a map of its file: no f64 copy of them), row by row.
+    let owned;
+    let w: &[f32] = match w0.as_f32() {
+        Some(w) => w,
+        None => {
+            owned = w0.to_f32();
+            &owned
+        }
+    };
+    let mut sq = vec![0f64; fout];
+    if trans_b {
+        // W0 [out, in]: column j of the layer is row j.
+        for (j, row) in w.chunks_exact(fin).enumerate() {
+            sq[j] = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        }
+    } else {
+        for row in w.chunks_exact(fout) {
+            for (s, &v) in sq.iter_mut().zip(row) {
+                *s += (v as f64) * (v as f64);
+            }
+        }
+    }
+    let norms: Vec<f32> = sq
+        .into_iter()
+        .map(|sq| {
+            // A zero column gets magnitude 1, not its norm 0: with the norm read as 1 (see
+            // the rewrite above) its scale is 1, the layer computes the base output, and B
+            // still receives LoRA's gradient there.
+            if sq > 0.0 {
+                (alpha.abs() as f64 * sq.sqrt()) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Tensor::f32(vec![fout], norms)
 }
 
 fn fnv1a(s: &str) -> u64 {

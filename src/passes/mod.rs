@@ -22,7 +22,7 @@ pub mod recompute;
 pub mod split;
 pub mod transpose;
 
-pub use adapter_insert::{insert_adapters, AdapterInit, AdapterSpec};
+pub use adapter_insert::{base_magnitude, insert_adapters, AdapterInit, AdapterSpec};
 pub use dora_norm::fuse_dora_norms;
 pub use fold::fold_constants;
 pub use half::{store_half, HalfReport};

@@ -147,15 +147,26 @@ pub fn edited_adapter(
 /// and checks every output of `<folder>/<case>.ort.safetensors` (onnxruntime's) within 1e-5.
 pub fn assert_matches_onnxruntime(model: &std::path::Path, folder: &str, case: &str) {
     let inputs = read(folder, &format!("{case}.inputs.safetensors"));
-    let want = read(folder, &format!("{case}.ort.safetensors"));
     let g = load_path(model, &inputs);
-    let reference = run_reference(&g, &inputs);
-    let gpu = run_gpu(&g, &inputs);
+    assert_outputs_match(&g, &inputs, folder, &format!("{case}.ort.safetensors"));
+}
+
+/// Runs `g` on `inputs` on the GPU and the reference executor, and checks every output that
+/// `<folder>/<expected>` holds within 1e-5.
+pub fn assert_outputs_match(
+    g: &Graph,
+    inputs: &BTreeMap<String, Array>,
+    folder: &str,
+    expected: &str,
+) {
+    let want = read(folder, expected);
+    let reference = run_reference(g, inputs);
+    let gpu = run_gpu(g, inputs);
     for name in want.keys() {
         let (r, d) = (rel(&reference, &want, name), rel(&gpu, &want, name));
         assert!(
             r < 1e-5 && d < 1e-5,
-            "{folder}/{case} {name}: reference {r:.2e}, gpu {d:.2e}"
+            "{folder}/{expected} {name}: reference {r:.2e}, gpu {d:.2e}"
         );
     }
 }
