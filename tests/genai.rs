@@ -400,6 +400,49 @@ fn ids_outside_the_vocabulary_are_refused() {
     );
 }
 
+/// A sequence longer than the rotary caches (32 positions, the model's max_position_embeddings) is
+/// refused at import, with the node and the sizes named, not run on rows past the cache's end.
+#[test]
+fn sequences_past_the_rotary_cache_are_refused() {
+    let tmp = temp_dir("genai-long");
+    let model = models_dir().join(dir("llama")).join("model.onnx");
+    let mut inputs = read(&dir("llama"), "prompt.inputs.safetensors");
+    let long = 33;
+    inputs.insert(
+        "input_ids".into(),
+        Array::new(vec![1, long], vec![5.0; long]),
+    );
+    inputs.insert(
+        "attention_mask".into(),
+        Array::new(vec![1, long], vec![1.0; long]),
+    );
+    for (k, v) in inputs.iter_mut().filter(|(k, _)| k.starts_with("past")) {
+        *v = Array::new(vec![1, v.shape[1], 0, v.shape[3]], vec![]);
+        assert!(k.contains("key") || k.contains("value"));
+    }
+    let path = tmp.join("long.safetensors");
+    write_ints(&path, inputs);
+    let run = dorac_in(
+        &tmp,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--inputs",
+            path.to_str().unwrap(),
+            "-o",
+            "y.safetensors",
+        ],
+    );
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success()
+            && e.contains("GroupQueryAttention")
+            && e.contains("total_sequence_length 33 reaches position 32")
+            && e.contains("32 rows"),
+        "{e}"
+    );
+}
+
 /// Writes the tensors with the ids and masks as int64, the rest as float32.
 fn write_ints(path: &std::path::Path, tensors: std::collections::BTreeMap<String, Array>) {
     use dorac::tensor::DType;

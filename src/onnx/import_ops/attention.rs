@@ -701,6 +701,15 @@ pub fn group_query_attention(cx: &mut Ctx) -> Result<NodeId> {
                 shape_str(&cx.shape(sin))
             )));
         }
+        // Positions run up to total_sequence_length - 1; a cache without their rows would be
+        // read past its end (zeros on the GPU), which onnxruntime refuses.
+        if t > cs[0] {
+            return Err(cx.err(format!(
+                "total_sequence_length {t} reaches position {}, but the cos and sin caches have {} rows (the model's longest sequence)",
+                t - 1,
+                cs[0]
+            )));
+        }
         // [1, S] in a first prompt, [B, S] after a past.
         let pos = match past {
             None => steps,
