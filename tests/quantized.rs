@@ -115,10 +115,13 @@ fn malformed_matmul_nbits_is_refused_with_the_node_named() {
     }
 }
 
-/// `merge` writes a trained adapter into the quantized model's own file: each adapted
-/// MatMulNBits becomes a MatMul with the merged f32 weight (and an Add of its bias input), its
-/// quantized tensors go, and the merged file keeps its symbolic batch dim and gives the
-/// unmerged adapter's outputs at another batch size than the one pinned.
+/// `merge --no-requantize` writes a trained adapter into the quantized model's own file: each
+/// adapted MatMulNBits becomes a MatMul with the merged f32 weight (and an Add of its bias input),
+/// its quantized tensors go, and the merged file keeps its symbolic batch dim and gives the
+/// unmerged adapter's outputs at another batch size than the one pinned. Without the flag, each
+/// layer is quantized again in the node's own layout (float zero points here): the nodes stay,
+/// with new tensors, and every weight they read back is within half a step of its block's
+/// scale of the f32 merged weight.
 #[test]
 fn merge_writes_merged_layers_into_the_quantized_file() {
     let dir = temp_dir("quantized-merge");
@@ -161,6 +164,7 @@ fn merge_writes_merged_layers_into_the_quantized_file() {
         "adapter",
         "--shape",
         "batch=3",
+        "--no-requantize",
         "-o",
         "merged.onnx",
     ]);
@@ -180,9 +184,11 @@ fn merge_writes_merged_layers_into_the_quantized_file() {
     assert!(names.contains(&"0.bias"), "{names:?}");
     // Batch 5, where the merge pinned 3.
     let x = &data["x"];
-    let x = dorac::tensor::Array::new(vec![5, 2, 48], x.data[..5 * 2 * 48].to_vec());
+    let x5 = dorac::tensor::Array::new(vec![5, 2, 48], x.data[..5 * 2 * 48].to_vec());
     let inputs = dir.join("x5.safetensors");
-    dorac::tensors_io::write_safetensors(&inputs, &[("x".to_string(), x)].into()).unwrap();
+    let x5: std::collections::BTreeMap<String, dorac::tensor::Array> =
+        [("x".to_string(), x5)].into();
+    dorac::tensors_io::write_safetensors(&inputs, &x5).unwrap();
     ok(&[
         "run",
         "merged.onnx",
@@ -211,4 +217,158 @@ fn merge_writes_merged_layers_into_the_quantized_file() {
         "{:.2e}",
         rel(&got, &want, "y")
     );
+
+    let said = ok(&[
+        "merge",
+        &s(&base),
+        "--adapter",
+        "adapter",
+        "-o",
+        "requantized.onnx",
+    ]);
+    assert!(
+        said.contains("quantized 2 merged layers again")
+            && said.contains("4 bits in blocks of 32")
+            && said.contains("within 0.50 of its block's step"),
+        "{said}"
+    );
+    let requantized = dorac::onnx::load_model(&dir.join("requantized.onnx")).unwrap();
+    let graph = requantized.graph.as_ref().unwrap();
+    let layers: Vec<_> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "MatMulNBits")
+        .collect();
+    assert_eq!(layers.len(), 2);
+    let initializer = |name: &str| graph.initializer.iter().find(|t| t.name() == name);
+    let f32s = |name: &str| -> Vec<f32> {
+        let t = initializer(name).unwrap_or_else(|| panic!("no initializer '{name}'"));
+        t.raw_data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    // The f32 merged weights, and the requantized ones as dorac reads them back.
+    let exact = load_path(&dir.join("merged.onnx"), &x5);
+    let read_back = load_path(&dir.join("requantized.onnx"), &x5);
+    for node in layers {
+        for (i, input) in node.input[1..4].iter().enumerate() {
+            assert!(input.ends_with("_merged"), "input {} is {input}", i + 1);
+        }
+        let attr = |n: &str| node.attribute.iter().find(|a| a.name() == n).unwrap().i() as usize;
+        let (k, n, block) = (attr("K"), attr("N"), attr("block_size"));
+        let blocks = k.div_ceil(block);
+        let scales = f32s(&node.input[2]);
+        assert_eq!(scales.len(), n * blocks);
+        let weight = |g: &dorac::ir::Graph, name: &str| {
+            let id = g
+                .find_by_name(name)
+                .unwrap_or_else(|| panic!("no '{name}'"));
+            g.const_tensor(id).unwrap().to_f32()
+        };
+        // `--no-requantize` named the f32 weight as this names the codes.
+        let w = weight(&exact, &node.input[1]);
+        let q = weight(&read_back, &format!("{}/weight", node.output[0]));
+        assert_eq!(w.len(), k * n);
+        for (i, (a, b)) in w.iter().zip(&q).enumerate() {
+            let step = scales[(i % n) * blocks + (i / n) / block].abs();
+            assert!(
+                (a - b).abs() <= 0.5 * step * (1.0 + 1e-5) + 1e-7,
+                "{}: weight {i} is {a}, read back as {b} (step {step})",
+                node.name()
+            );
+        }
+    }
+    // The layers' old quantized tensors are gone; the bias stays.
+    let names: Vec<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let old =
+        |n: &&str| n.ends_with("_Q4") || n.ends_with("_scales") || n.ends_with("_zero_points");
+    assert!(!names.iter().any(old), "{names:?}");
+    assert!(names.contains(&"0.bias"), "{names:?}");
+}
+
+/// An adapter at PEFT's initialisation (B = 0) leaves each layer's weight as it was: merged into
+/// each weight-only file, every layer is quantized again to the codes and zero points ONNX
+/// Runtime's quantizer wrote into it, and its scales within float rounding. This holds the
+/// re-quantizer to the layout and the rounding scheme of the files (symmetric, packed and float
+/// zero points, 4 and 8 bits, a block running past K).
+#[test]
+fn an_unchanged_layer_is_quantized_again_to_the_files_own_codes() {
+    let dir = temp_dir("quantized-requantize-identity");
+    for v in &VARIANTS[..4] {
+        let base = model(v);
+        let init = dir.join(format!("{v}-init"));
+        let merged = dir.join(format!("{v}.onnx"));
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        dorac_ok(
+            &dir,
+            &[
+                "rewrite",
+                &path(&base),
+                "--shape",
+                "batch=3",
+                "--adapter-out",
+                &path(&init),
+                "-o",
+                "rewritten.onnx",
+            ],
+        );
+        dorac_ok(
+            &dir,
+            &[
+                "merge",
+                &path(&base),
+                "--adapter",
+                &path(&init),
+                "-o",
+                &path(&merged),
+            ],
+        );
+        let tensors = |p: &Path| {
+            let m = dorac::onnx::load_model(p).unwrap();
+            let g = m.graph.unwrap();
+            g.node
+                .iter()
+                .filter(|n| n.op_type() == "MatMulNBits")
+                .map(|n| {
+                    let t = |i: usize| {
+                        n.input.get(i).and_then(|name| {
+                            g.initializer.iter().find(|t| t.name() == name).cloned()
+                        })
+                    };
+                    (t(1).unwrap(), t(2).unwrap(), t(3))
+                })
+                .collect::<Vec<_>>()
+        };
+        let (want, got) = (tensors(&base), tensors(&merged));
+        assert_eq!(want.len(), got.len(), "{v}");
+        for ((codes, scales, zero), (codes2, scales2, zero2)) in want.iter().zip(&got) {
+            assert!(codes2.name().ends_with("_merged"), "{v}: {}", codes2.name());
+            assert_eq!(codes.dims, codes2.dims, "{v}");
+            assert_eq!(codes.raw_data(), codes2.raw_data(), "{v}: {}", codes.name());
+            assert_eq!(scales.data_type, scales2.data_type, "{v}");
+            let floats = |t: &dorac::onnx::proto::TensorProto| -> Vec<f32> {
+                t.raw_data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect()
+            };
+            for (a, b) in floats(scales).iter().zip(floats(scales2)) {
+                assert!((a - b).abs() <= 1e-6 * a.abs(), "{v}: scale {a} became {b}");
+            }
+            match (zero, zero2) {
+                (None, None) => {}
+                // uint8: packed codes.
+                (Some(z), Some(z2)) if z.data_type() == 2 => {
+                    assert_eq!(z.raw_data(), z2.raw_data(), "{v}: zero points")
+                }
+                (Some(z), Some(z2)) => {
+                    for (a, b) in floats(z).iter().zip(floats(z2)) {
+                        assert!((a - b).abs() <= 1e-5, "{v}: zero point {a} became {b}");
+                    }
+                }
+                _ => panic!("{v}: the zero points changed form"),
+            }
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 use super::common::{apply_adapter, create_parent, load_graph, save_graph};
 use crate::error::{Error, Result, Subject};
+use crate::onnx::reweight::{Requantize, Requantized, Reweighted};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -26,6 +27,12 @@ pub struct Args {
     /// whose shapes are fixed [default: none; merging into the model's own file keeps its dims].
     #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
+    /// Write each merged layer of a quantized model (MatMulNBits) as an f32 MatMul, exactly the
+    /// merged weight, instead of quantizing it again in the layer's own format (its bits, block
+    /// size, zero points and scale type), which keeps the file's size and the runtime's kernels
+    /// but rounds the merged weight to the nearest code.
+    #[arg(long)]
+    pub no_requantize: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -97,10 +104,15 @@ pub fn run(args: Args) -> Result<()> {
                     .ok_or_else(|| format!("weight '{name}' is not a constant after the merge"))
             })
             .collect();
-        weights.and_then(|w| crate::onnx::reweight::reweighted(&model, &w))
+        let requantize = match args.no_requantize {
+            true => Requantize::No,
+            false => Requantize::Yes,
+        };
+        weights.and_then(|w| crate::onnx::reweight::reweighted(&model, &w, requantize))
     };
     match in_place {
-        Ok(model) => {
+        Ok(Reweighted { model, requantized }) => {
+            report_requantized(&requantized);
             create_parent(&args.output)?;
             crate::onnx::reweight::save_reweighted(model, dir, &args.output)?;
             println!(
@@ -131,6 +143,32 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Says how far the codes of the layers quantized again are from their merged weights.
+fn report_requantized(layers: &[Requantized]) {
+    let relative = |l: &Requantized| l.max_abs / l.max_weight.max(f64::MIN_POSITIVE);
+    let Some(worst) = layers
+        .iter()
+        .max_by(|a, b| relative(a).total_cmp(&relative(b)))
+    else {
+        return;
+    };
+    let steps = layers.iter().map(|l| l.max_steps).fold(0.0, f64::max);
+    let formats: std::collections::BTreeSet<String> = layers
+        .iter()
+        .map(|l| format!("{} bits in blocks of {}", l.bits, l.block))
+        .collect();
+    println!(
+        "quantized {} merged layers again, as the file stored them ({}; --no-requantize keeps \
+         them f32): every weight within {steps:.2} of its block's step of the merged value; \
+         at most {:.2e} of a layer's largest weight ({:.3e} in '{}')",
+        layers.len(),
+        formats.into_iter().collect::<Vec<_>>().join(", "),
+        relative(worst),
+        worst.max_abs,
+        worst.node
+    );
 }
 
 /// Merges the graph's adapters into its weights and says which layers.

@@ -32,6 +32,8 @@ mod logic;
 mod lowered;
 mod pool;
 mod quantized;
+
+pub use quantized::{quantize_nbits, Quantized, ZeroPointForm};
 mod resize;
 mod shape;
 

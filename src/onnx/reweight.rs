@@ -7,15 +7,18 @@
 //!
 //! A weight is replaced when the IR constant that held it carries the name of an initializer of
 //! the model with the same dims and a float type (written back in that type). A MatMulNBits
-//! layer's weight (dequantized at import) becomes a MatMul with an f32 initializer, its bias an
-//! Add; the quantized tensors no other node reads are dropped. Anything else (a weight the
+//! layer's weight (dequantized at import) is quantized again in the node's own layout (bits,
+//! block size, zero points and the scales' type), or with `Requantize::No` becomes a MatMul with
+//! an f32 initializer, its bias an Add; the quantized tensors no other node reads are dropped.
+//! Anything else (a weight the
 //! importer transposed or folded into a new constant) is not in the file as such: the caller
 //! hears why and exports the graph instead.
 
 use super::data::external_bytes;
 use super::external::{ExternalData, EXTERNAL_MIN_BYTES};
+use super::import_ops::{quantize_nbits, ZeroPointForm};
 use super::proto::tensor_proto::{DataLocation, DataType};
-use super::proto::{ModelProto, NodeProto, TensorProto};
+use super::proto::{GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::error::{Error, Result, Subject};
 use crate::tensor::Tensor;
 use prost::Message;
@@ -25,12 +28,40 @@ use std::path::Path;
 /// Why a weight cannot be written into the model file in place.
 pub type NotInPlace = String;
 
-/// `model` (read from `model_path`) with the initializers named in `weights` replaced, or why
-/// one of them cannot be.
+/// What becomes of a MatMulNBits layer's new weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requantize {
+    /// Quantized again as the node stored it.
+    Yes,
+    /// Written as an f32 MatMul.
+    No,
+}
+
+/// A MatMulNBits layer whose new weight was quantized again: how far its codes are from it.
+#[derive(Clone, Debug)]
+pub struct Requantized {
+    pub node: String,
+    pub bits: usize,
+    pub block: usize,
+    /// The largest `|w - dequantized w|` in steps of its block's scale, and absolute.
+    pub max_steps: f64,
+    pub max_abs: f64,
+    /// The largest `|w|`.
+    pub max_weight: f64,
+}
+
+/// The model with its new weights, and the layers quantized again.
+pub struct Reweighted {
+    pub model: ModelProto,
+    pub requantized: Vec<Requantized>,
+}
+
+/// `model` with the initializers named in `weights` replaced, or why one of them cannot be.
 pub fn reweighted(
     model: &ModelProto,
     weights: &[(String, Tensor)],
-) -> std::result::Result<ModelProto, NotInPlace> {
+    requantize: Requantize,
+) -> std::result::Result<Reweighted, NotInPlace> {
     let mut model = model.clone();
     let graph = model.graph.as_mut().expect("load_model checked the graph");
     let index: HashMap<String, usize> = graph
@@ -46,6 +77,7 @@ pub fn reweighted(
         *readers.entry(i.clone()).or_default() += 1;
     }
     let mut dropped: HashSet<String> = HashSet::new();
+    let mut requantized = vec![];
     for (name, value) in weights {
         if let Some(&i) = index.get(name) {
             let old = &graph.initializer[i];
@@ -81,6 +113,12 @@ pub fn reweighted(
             ));
         };
         let node = graph.node[at].clone();
+        if requantize == Requantize::Yes {
+            let layer = quantize_again(graph, &index, at, value)?;
+            requantized.push(layer);
+            dropped.extend(node.input[1..4.min(node.input.len())].iter().cloned());
+            continue;
+        }
         let b = node.input.get(1).cloned().unwrap_or_default();
         let weight_name = format!("{b}_merged");
         graph
@@ -115,7 +153,93 @@ pub fn reweighted(
     let read: HashSet<&String> = graph.node.iter().flat_map(|n| &n.input).collect();
     let gone: HashSet<String> = dropped.into_iter().filter(|n| !read.contains(n)).collect();
     graph.initializer.retain(|t| !gone.contains(t.name()));
-    Ok(model)
+    Ok(Reweighted { model, requantized })
+}
+
+/// Quantizes `value` (`[K, N]`) into new initializers in the layout of the MatMulNBits node at
+/// `at`, and points the node at them.
+fn quantize_again(
+    graph: &mut GraphProto,
+    index: &HashMap<String, usize>,
+    at: usize,
+    value: &Tensor,
+) -> std::result::Result<Requantized, NotInPlace> {
+    let node = &graph.node[at];
+    let attr = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name() == name)
+            .map(|a| a.i() as usize)
+    };
+    let (k, n) = (value.shape[0], value.shape[1]);
+    let (bits, block) = (attr("bits").unwrap_or(4), attr("block_size").unwrap_or(0));
+    let init = |i: usize| {
+        node.input
+            .get(i)
+            .filter(|name| !name.is_empty())
+            .and_then(|name| index.get(name))
+            .map(|&j| &graph.initializer[j])
+    };
+    let scales = init(2).ok_or("its scales are not an initializer")?;
+    let scale_type = DataType::try_from(scales.data_type()).unwrap_or(DataType::Undefined);
+    let zero = init(3);
+    let form = match zero.map(|z| DataType::try_from(z.data_type())) {
+        None => ZeroPointForm::Middle,
+        Some(Ok(DataType::Uint8)) => ZeroPointForm::Packed,
+        Some(_) => ZeroPointForm::Float,
+    };
+    // The importer checked the layout: these are its sizes.
+    let store = |x: f64| match scale_type {
+        DataType::Float16 => half::f16::from_f64(x).to_f64(),
+        DataType::Bfloat16 => half::bf16::from_f64(x).to_f64(),
+        _ => x as f32 as f64,
+    };
+    let w = value.to_f32();
+    let q = quantize_nbits(&w, (k, n), (bits, block), form, store);
+    let blocks = k.div_ceil(block);
+    let codes = TensorProto {
+        name: Some(format!("{}_merged", node.input[1])),
+        dims: vec![n as i64, blocks as i64, (block * bits / 8) as i64],
+        data_type: Some(DataType::Uint8 as i32),
+        raw_data: Some(q.codes.into()),
+        ..Default::default()
+    };
+    let floats = |like: &TensorProto, values: &[f64]| {
+        let t = Tensor::f32(
+            vec![values.len()],
+            values.iter().map(|&v| v as f32).collect(),
+        );
+        let mut p = float_proto(&format!("{}_merged", like.name()), &t, scale_type)
+            .ok_or_else(|| format!("its scales are {scale_type:?}, not a float type"))?;
+        p.dims = like.dims.clone();
+        Ok::<_, String>(p)
+    };
+    let mut new = vec![codes, floats(scales, &q.scales)?];
+    if let Some(z) = zero {
+        new.push(match form {
+            ZeroPointForm::Packed => TensorProto {
+                name: Some(format!("{}_merged", z.name())),
+                dims: z.dims.clone(),
+                data_type: Some(DataType::Uint8 as i32),
+                raw_data: Some(q.zero_codes.into()),
+                ..Default::default()
+            },
+            _ => floats(z, &q.zero_floats)?,
+        });
+    }
+    let report = Requantized {
+        node: node.name().to_string(),
+        bits,
+        block,
+        max_steps: q.max_steps,
+        max_abs: q.max_abs,
+        max_weight: w.iter().fold(0f64, |m, &v| m.max(f64::from(v).abs())),
+    };
+    for (i, t) in new.into_iter().enumerate() {
+        graph.node[at].input[i + 1] = t.name().to_string();
+        graph.initializer.push(t);
+    }
+    Ok(report)
 }
 
 /// `value` as an initializer of `data_type` (float32, or float16 and bfloat16 rounded to
