@@ -21,6 +21,9 @@ Variants (`models/genai/<variant>/model.onnx` and its `model.onnx.data`):
     SkipLayerNormalization with a bias, GELU;
   - phi3: Phi-3, whose Hugging Face model packs qkv_proj and gate_up_proj (the builder splits
     gate_up_proj into gate_proj and up_proj);
+  - qwen2_int4: Qwen2 with its embedding tied to the LM head, quantized to int4 by the builder:
+    MatMulNBits, and the table a GatherBlockQuantized reads through a Reshape of the LM head's
+    codes (accuracy_level set to 0, see INT4);
   - llama_window: the llama model with its GroupQueryAttention attributes edited to a local
     window of 2 keys and interleaved rotary pairs (ONNX Runtime computes them; the builder
     writes a window for Gemma 2, with a window-sized cache that dorac refuses). With both a window and a softcap, ONNX
@@ -65,7 +68,14 @@ ARCHS = {
     # 2 + 2 * 2 heads of 16, a gate_up_proj of 2 * 48).
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"intermediate_size": 40, "original_max_position_embeddings": 32,
                                                "pad_token_id": 0, "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1}),
+    # int4 (below), with the embedding tied to the LM head as Qwen2.5-0.5B and Llama-3.2-1B have it.
+    "qwen2_int4": (T.Qwen2Config, T.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
 }
+# Variants the builder quantizes (-p int4): MatMulNBits layers, and a tied embedding as a
+# GatherBlockQuantized reading the LM head's codes. The builder asks for accuracy_level 4, with
+# which onnxruntime's CPU quantizes activations to int8; the files here say 0, so that
+# onnxruntime computes the float product of the dequantized weights, as dorac does.
+INT4 = {"qwen2_int4"}
 
 
 def tokenizer(folder):
@@ -82,7 +92,9 @@ def tokenizer(folder):
 def build(arch, out, **attention):
     config, model, extra = ARCHS[arch]
     torch.manual_seed(0)
-    export(model(config(**{**SMALL, **extra})).eval(), out / "build")
+    export(model(config(**{**SMALL, **extra})).eval(), out / "build", "int4" if arch in INT4 else "fp32")
+    if arch in INT4:
+        float_accuracy(out / "build")
     if attention:
         edit_attention(out / "build", out, **attention)
     else:
@@ -91,14 +103,25 @@ def build(arch, out, **attention):
     shutil.rmtree(out / "build")
 
 
-def export(model, out):
-    """The builder's fp32 CPU export of a Hugging Face model, into the folder `out`."""
+def export(model, out, precision="fp32"):
+    """The builder's CPU export of a Hugging Face model, into the folder `out`."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer(tmp)
         env = dict(os.environ, PYTHONPATH=TRANSFORMERS5)
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", out,
-                        "-p", "fp32", "-e", "cpu"], env=env, check=True, capture_output=True)
+                        "-p", precision, "-e", "cpu"], env=env, check=True, capture_output=True)
+
+
+def float_accuracy(folder):
+    """MatMulNBits' accuracy_level set to 0 in folder/model.onnx (see INT4)."""
+    m = onnx.load(folder / "model.onnx")
+    for n in m.graph.node:
+        for a in n.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0
+    (folder / "model.onnx.data").unlink()
+    onnx.save(m, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
 
 
 def edit_attention(src, dst, **attrs):

@@ -12,12 +12,18 @@ multiple of 32, so a block of 32 ends past the row. Variants (one file each):
   - q8_asym16:  8 bits, blocks of 16, uint8 zero points;
   - q4_float_zp_bias: q4_asym32 with its zero points as floats (the scales' type) and the first
     layer's bias moved into MatMulNBits' own bias input (input 5);
+  - embed_uint4, embed_int4: an Embedding(100, 48) + Linear(48, 24) on token ids, its table
+    quantized by the same quantizer into GatherBlockQuantized (4-bit codes of ONNX's uint4 type
+    with uint4 zero points, asymmetric; or int4, symmetric; blocks of 16 along the 48) and its
+    Linear into MatMulNBits; their inputs are `ids.safetensors` (ids [3, 5]);
   - dynamic_u8: ONNX Runtime's dynamic quantization (`quantize_dynamic`, uint8 weights): each
     activation quantized by DynamicQuantizeLinear, MatMulInteger, then the scales (the form of
     the Hub's `model_quantized.onnx`).
 inputs.safetensors holds x [3, 2, 48]; <variant>.ort.safetensors holds onnxruntime's y.
+`make_quantized.py VARIANT...` remakes those variants only.
 """
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -75,7 +81,34 @@ def float_zero_points_and_bias(model):
     return model
 
 
+def embedding_model(path):
+    torch.manual_seed(1)
+
+    class Embedded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 48)
+            self.proj = torch.nn.Linear(48, 24)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    torch.onnx.export(Embedded().eval(), (torch.zeros(3, 5, dtype=torch.long),), path, dynamo=False, opset_version=17,
+                      input_names=["ids"], output_names=["y"], dynamic_axes={"ids": {0: "batch"}, "y": {0: "batch"}})
+    return onnx.load(path)
+
+
+def quantize_embedding(model, symmetric):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    q = MatMulNBitsQuantizer(copy, bits=4, block_size=16, is_symmetric=symmetric,
+                             op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q.process()
+    return q.model.model
+
+
 def main():
+    only = set(sys.argv[1:])
     os.makedirs(OUT, exist_ok=True)
     base = base_model(os.path.join(OUT, "base.onnx"))
     x = np.random.default_rng(0).standard_normal((3, 2, 48)).astype(np.float32)
@@ -88,10 +121,19 @@ def main():
     variants["q4_float_zp_bias"] = float_zero_points_and_bias(quantize(base, 4, 32, False))
     quantize_dynamic(os.path.join(OUT, "base.onnx"), os.path.join(OUT, "dynamic_u8.onnx"), weight_type=QuantType.QUInt8)
     variants["dynamic_u8"] = onnx.load(os.path.join(OUT, "dynamic_u8.onnx"))
+    embedded = embedding_model(os.path.join(OUT, "embedded.onnx"))
+    variants["embed_uint4"] = quantize_embedding(embedded, False)
+    variants["embed_int4"] = quantize_embedding(embedded, True)
+    ids = np.random.default_rng(1).integers(0, 100, (3, 5)).astype(np.int64)
+    save_file({"ids": ids}, os.path.join(OUT, "ids.safetensors"))
+    os.remove(os.path.join(OUT, "embedded.onnx"))
     for name, m in variants.items():
+        if only and name not in only:
+            continue
         path = os.path.join(OUT, f"{name}.onnx")
         onnx.save(m, path)
-        (y,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        feed = {"ids": ids} if name.startswith("embed") else {"x": x}
+        (y,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)
         save_file({"y": y}, os.path.join(OUT, f"{name}.ort.safetensors"))
         ops = sorted({n.op_type for n in m.graph.node})
         print(f"{name}: {os.path.getsize(path)} bytes, ops {ops}")

@@ -11,7 +11,14 @@ mod common;
 use common::*;
 use dorac::tensor::Array;
 
-const VARIANTS: [&str; 5] = ["llama", "qwen3", "phi", "phi3", "llama_window"];
+const VARIANTS: [&str; 6] = [
+    "llama",
+    "qwen3",
+    "phi",
+    "phi3",
+    "qwen2_int4",
+    "llama_window",
+];
 const CASES: [&str; 5] = ["prompt", "padded", "decode", "ragged_decode", "chunk"];
 
 fn dir(variant: &str) -> String {

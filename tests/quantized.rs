@@ -1,8 +1,9 @@
 //! Quantized models (`models/quantized/`, made by `models/make_quantized.py`): weight-only, ONNX
 //! Runtime's MatMulNBits with 4- and 8-bit codes, blocks of 16 and 32 (a block running past K),
-//! symmetric, packed and float zero points, a bias input; and quantized dynamically
-//! (DynamicQuantizeLinear, MatMulInteger). Each runs on the GPU and the reference executor
-//! against onnxruntime's output, and the DoRA rewrite adapts the weight-only ones' layers.
+//! symmetric, packed and float zero points, a bias input; GatherBlockQuantized tables of int4
+//! and uint4 codes; and quantized dynamically (DynamicQuantizeLinear, MatMulInteger). Each runs
+//! on the GPU and the reference executor against onnxruntime's output, and the DoRA rewrite
+//! adapts the weight-only ones' layers.
 
 mod common;
 
@@ -18,6 +19,10 @@ const VARIANTS: [&str; 5] = [
     "dynamic_u8",
 ];
 
+/// Token ids into an embedding table stored as GatherBlockQuantized (ONNX's uint4 codes with
+/// uint4 zero points; int4 codes), then a MatMulNBits layer.
+const EMBEDDED: [&str; 2] = ["embed_uint4", "embed_int4"];
+
 fn model(variant: &str) -> std::path::PathBuf {
     models_dir()
         .join("quantized")
@@ -26,8 +31,11 @@ fn model(variant: &str) -> std::path::PathBuf {
 
 #[test]
 fn quantized_models_match_onnxruntime() {
-    let inputs = read("quantized", "inputs.safetensors");
-    for v in VARIANTS {
+    for v in VARIANTS.iter().chain(&EMBEDDED) {
+        let inputs = match EMBEDDED.contains(v) {
+            true => read("quantized", "ids.safetensors"),
+            false => read("quantized", "inputs.safetensors"),
+        };
         let g = load_path(&model(v), &inputs);
         let want = read("quantized", &format!("{v}.ort.safetensors"));
         let reference = run_reference(&g, &inputs);
@@ -112,6 +120,71 @@ fn malformed_matmul_nbits_is_refused_with_the_node_named() {
         ),
     ] {
         assert!(e.contains(first) && e.contains(want), "{want}: {e}");
+    }
+}
+
+/// A GatherBlockQuantized whose attributes and tensors disagree is refused with the node named.
+#[test]
+fn malformed_gather_block_quantized_is_refused_with_the_node_named() {
+    let edit = |f: &dyn Fn(&mut ModelProto)| {
+        let mut m = dorac::onnx::load_model(&model("embed_uint4")).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        let at = g
+            .node
+            .iter()
+            .position(|n| n.op_type() == "GatherBlockQuantized")
+            .unwrap();
+        g.node.swap(0, at);
+        f(&mut m);
+        let pins = dorac::onnx::ShapePins::parse(&["batch=3"]).unwrap();
+        match dorac::onnx::import(&m, Path::new("."), &pins, &Default::default()) {
+            Ok(_) => panic!("imported"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let set = |name: &'static str, v: i64| {
+        move |m: &mut ModelProto| {
+            let n = &mut m.graph.as_mut().unwrap().node[0];
+            n.attribute.retain(|a| a.name() != name);
+            n.attribute.push(dorac::onnx::proto::AttributeProto {
+                name: Some(name.into()),
+                i: Some(v),
+                r#type: Some(2),
+                ..Default::default()
+            });
+        }
+    };
+    for (e, want) in [
+        (
+            edit(&set("block_size", 24)),
+            "block_size 24 is not a power of two",
+        ),
+        (
+            edit(&set("block_size", 32)),
+            "the scales are float32 100x3, expected floats of shape 100x2",
+        ),
+        (
+            edit(&set("bits", 8)),
+            "bits is 8, expected 2, 4 or 8 for uint8 codes, 4 for int4",
+        ),
+        (
+            edit(&set("quantize_axis", 2)),
+            "quantize_axis 2 is outside the table's 2 axes",
+        ),
+        (
+            edit(&|m: &mut ModelProto| {
+                let g = m.graph.as_mut().unwrap();
+                let zero = g.node[0].input[3].clone();
+                g.initializer.retain(|t| t.name() != zero);
+                g.node[0].input[3] = g.node[0].input[2].clone();
+            }),
+            "the zero points are float32 100x3, expected codes of shape 100x3",
+        ),
+    ] {
+        assert!(
+            e.contains("GatherBlockQuantized") && e.contains(want),
+            "{want}: {e}"
+        );
     }
 }
 

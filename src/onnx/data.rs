@@ -25,6 +25,9 @@ enum Elem {
     U64,
     I8,
     U8,
+    /// Two 4-bit codes a byte, the first in the low bits.
+    I4,
+    U4,
     Bool,
 }
 
@@ -43,17 +46,21 @@ impl Elem {
             DataType::Uint64 => Elem::U64,
             DataType::Int8 => Elem::I8,
             DataType::Uint8 => Elem::U8,
+            DataType::Int4 => Elem::I4,
+            DataType::Uint4 => Elem::U4,
             DataType::Bool => Elem::Bool,
             _ => return None,
         })
     }
 
-    fn size(self) -> usize {
+    /// The bytes `n` elements take.
+    fn bytes(self, n: usize) -> usize {
         match self {
-            Elem::F32 | Elem::I32 | Elem::U32 => 4,
-            Elem::F64 | Elem::I64 | Elem::U64 => 8,
-            Elem::F16 | Elem::Bf16 | Elem::I16 | Elem::U16 => 2,
-            Elem::I8 | Elem::U8 | Elem::Bool => 1,
+            Elem::F32 | Elem::I32 | Elem::U32 => 4 * n,
+            Elem::F64 | Elem::I64 | Elem::U64 => 8 * n,
+            Elem::F16 | Elem::Bf16 | Elem::I16 | Elem::U16 => 2 * n,
+            Elem::I8 | Elem::U8 | Elem::Bool => n,
+            Elem::I4 | Elem::U4 => n.div_ceil(2),
         }
     }
 
@@ -67,7 +74,9 @@ impl Elem {
             | Elem::U32
             | Elem::U64
             | Elem::I8
-            | Elem::U8 => DType::I64,
+            | Elem::U8
+            | Elem::I4
+            | Elem::U4 => DType::I64,
             Elem::Bool => DType::Bool,
         }
     }
@@ -93,20 +102,20 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
     let elem = Elem::of(t.data_type()).ok_or_else(|| {
         err(format!(
             "{} tensors are not supported (dorac reads float32, float64, float16, bfloat16, \
-             int64, int32, int16, int8, uint16, uint8 and bool)",
+             int64, int32, int16, int8, int4, uint16, uint8, uint4 and bool)",
             dtype_name(t.data_type())
         ))
     })?;
     if t.segment.is_some() {
         return Err(err("segmented tensors are not supported".into()));
     }
-    // Before anything is mapped or allocated: `n * elem.size()` below cannot overflow after this.
+    // Before anything is mapped or allocated: `elem.bytes(n)` below cannot overflow after this.
     let shape = checked_dims(t, what, &err)?;
     let n = numel(&shape);
     let external = t.data_location() == DataLocation::External;
     let mapped;
     let raw: Option<&[u8]> = if external {
-        let (map, offset) = map_external(t, model_dir, n * elem.size(), &err)?;
+        let (map, offset) = map_external(t, model_dir, elem.bytes(n), &err)?;
         // float32 weights are used in place from the mapping; other types are converted.
         if let Elem::F32 = elem {
             if let Some(buf) = crate::tensor::F32Buf::mapped(map.clone(), offset, n) {
@@ -117,12 +126,12 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
             }
         }
         mapped = (map, offset);
-        Some(&mapped.0[mapped.1..mapped.1 + n * elem.size()])
+        Some(&mapped.0[mapped.1..mapped.1 + elem.bytes(n)])
     } else {
         // float32 `raw_data` (a slice of the mapped model file) is kept as its bytes: the
         // device upload copies them, and only a host reader converts (`F32Buf::Raw`).
         if let (Elem::F32, Some(bytes)) = (&elem, &t.raw_data) {
-            if bytes.len() == n * elem.size() {
+            if bytes.len() == elem.bytes(n) {
                 if let Some(buf) = crate::tensor::F32Buf::raw(bytes.clone()) {
                     return Ok(Tensor {
                         shape,
@@ -135,24 +144,24 @@ pub(crate) fn tensor_from_proto(t: &TensorProto, model_dir: &Path, what: &str) -
     };
     let data = match raw {
         Some(bytes) => {
-            if bytes.len() != n * elem.size() {
+            if bytes.len() != elem.bytes(n) {
                 return Err(err(format!(
                     "raw data has {} bytes, but shape {:?} of {} needs {}",
                     bytes.len(),
                     shape,
                     dtype_name(t.data_type()),
-                    n * elem.size()
+                    elem.bytes(n)
                 )));
             }
-            from_le_bytes(elem, bytes)
+            from_le_bytes(elem, bytes, n)
         }
         None => from_typed_fields(elem, t, n).map_err(err)?,
     };
     Ok(Tensor { shape, data })
 }
 
-fn from_le_bytes(elem: Elem, b: &[u8]) -> Data {
-    let chunks = b.chunks_exact(elem.size());
+fn from_le_bytes(elem: Elem, b: &[u8], n: usize) -> Data {
+    let chunks = b.chunks_exact(elem.bytes(1).max(1));
     match elem {
         Elem::F32 => Data::F32(
             chunks
@@ -207,8 +216,21 @@ fn from_le_bytes(elem: Elem, b: &[u8]) -> Data {
         ),
         Elem::I8 => Data::I64(b.iter().map(|&x| x as i8 as i64).collect()),
         Elem::U8 => Data::I64(b.iter().map(|&x| x as i64).collect()),
+        Elem::I4 | Elem::U4 => Data::I64(unpack_4bit(elem, b, n).collect()),
         Elem::Bool => Data::Bool(b.iter().map(|&x| x != 0).collect()),
     }
+}
+
+/// The `n` codes of packed 4-bit bytes, the low half of each byte first; int4 is two's
+/// complement.
+fn unpack_4bit(elem: Elem, bytes: &[u8], n: usize) -> impl Iterator<Item = i64> + '_ {
+    (0..n).map(move |i| {
+        let nibble = (bytes[i / 2] >> (4 * (i % 2))) & 0x0f;
+        match elem {
+            Elem::I4 => ((nibble << 4) as i8 >> 4) as i64,
+            _ => nibble as i64,
+        }
+    })
 }
 
 fn from_typed_fields(elem: Elem, t: &TensorProto, n: usize) -> std::result::Result<Data, String> {
@@ -259,6 +281,19 @@ fn from_typed_fields(elem: Elem, t: &TensorProto, n: usize) -> std::result::Resu
             check("uint64_data", t.uint64_data.len())?;
             Data::I64(t.uint64_data.iter().map(|&x| x as i64).collect())
         }
+        // int4 and uint4 travel as their packed bytes in int32_data.
+        Elem::I4 | Elem::U4 => {
+            let bytes: Vec<u8> = t.int32_data.iter().map(|&x| x as u8).collect();
+            if bytes.len() != n.div_ceil(2) {
+                return Err(format!(
+                    "int32_data has {} values, but shape {:?} needs {} (two codes each)",
+                    bytes.len(),
+                    t.dims,
+                    n.div_ceil(2)
+                ));
+            }
+            Data::I64(unpack_4bit(elem, &bytes, n).collect())
+        }
         Elem::Bool => {
             check("int32_data", t.int32_data.len())?;
             Data::Bool(t.int32_data.iter().map(|&x| x != 0).collect())
@@ -300,7 +335,7 @@ pub(crate) fn external_bytes(
         ))
     })?;
     let shape = checked_dims(t, what, &err)?;
-    let len = numel(&shape) * elem.size();
+    let len = elem.bytes(numel(&shape));
     let (map, offset) = map_external(t, model_dir, len, &err)?;
     Ok((map, offset..offset + len))
 }

@@ -446,7 +446,18 @@ impl Scope<'_> {
                 continue;
             }
             let outputs = import_ops::build(&mut self.ctx(g, values, node))?;
-            if let (Some(t), Some(&(_, id))) = (declared_output_type(node), outputs.first()) {
+            // An op that only moves elements keeps its input's type: the builder reshapes the
+            // LM head's uint8 codes into the embedding's GatherBlockQuantized table.
+            let moved = || {
+                let input = values.get(node.input.first()?)?;
+                matches!(
+                    node.op_type(),
+                    "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Transpose"
+                )
+                .then(|| self.formats.get(input).copied())?
+            };
+            let declared = declared_output_type(node).or_else(moved);
+            if let (Some(t), Some(&(_, id))) = (declared, outputs.first()) {
                 self.formats.insert(id, t);
             }
             values.extend(outputs);

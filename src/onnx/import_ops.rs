@@ -200,6 +200,10 @@ pub const CONTRIB_DOMAIN: &str = "com.microsoft";
 /// lower to IR ops (MatMulNBits: the 4-bit weights of `model_q4.onnx` files).
 pub const CONTRIB_OPS: &[(&str, Rule)] = &[
     ("MatMulNBits", Rule::Build(quantized::matmul_nbits)),
+    (
+        "GatherBlockQuantized",
+        Rule::Build(quantized::gather_block_quantized),
+    ),
     ("Attention", Rule::Build(attention::contrib_attention)),
     ("BiasGelu", Rule::Build(lowered::contrib_gelu)),
     (

@@ -29,36 +29,67 @@ struct Layout {
 
 impl Layout {
     /// Code `i` of a packed run of `bits`-bit codes.
-    fn code(&self, bytes: &[f64], i: usize) -> f64 {
+    fn code(&self, bytes: &[i64], i: usize) -> f64 {
         let bit = i * self.bits;
         let byte = bytes[bit / 8] as u32;
         f64::from((byte >> (bit % 8)) & ((1 << self.bits) - 1))
     }
 
     /// The dequantized weight, `[k, n]` row-major: `(code - zero point) * scale` per block.
-    fn dequantize(&self, codes: &[f64], scales: &[f64], zero_points: &ZeroPoints) -> Vec<f32> {
-        let blob = self.block * self.bits / 8;
-        let mut w = vec![0f32; self.k * self.n];
-        for row in 0..self.n {
-            for b in 0..self.blocks {
-                let at = row * self.blocks + b;
-                let scale = scales[at];
-                let zero = match zero_points {
-                    ZeroPoints::Default => f64::from(1u32 << (self.bits - 1)),
-                    ZeroPoints::Packed(z) => {
-                        let per_row = (self.blocks * self.bits).div_ceil(8);
-                        self.code(&z[row * per_row..(row + 1) * per_row], b)
-                    }
-                    ZeroPoints::Float(z) => z[at],
-                };
-                let bytes = &codes[at * blob..(at + 1) * blob];
-                for j in 0..self.block.min(self.k - b * self.block) {
-                    let kk = b * self.block + j;
-                    w[kk * self.n + row] = ((self.code(bytes, j) - zero) * scale) as f32;
+    fn dequantize(&self, codes: &[i64], scales: &[f64], zero_points: &ZeroPoints) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut w = vec![0f32; k * n];
+        // Rows of B are columns of w: a tile of them is decoded into `rows`, then written out
+        // in runs along w's rows, so neither side is read or written a column at a time.
+        const TILE: usize = 64;
+        let mut rows = vec![0f32; TILE * k];
+        for first in (0..n).step_by(TILE) {
+            let tile = TILE.min(n - first);
+            for (r, out) in rows.chunks_exact_mut(k).take(tile).enumerate() {
+                self.dequantize_row(first + r, codes, scales, zero_points, out);
+            }
+            for (kk, line) in w.chunks_exact_mut(n).enumerate() {
+                for (r, v) in line[first..first + tile].iter_mut().enumerate() {
+                    *v = rows[r * k + kk];
                 }
             }
         }
         w
+    }
+
+    /// Row `row` of B (column `row` of the weight), its `k` values.
+    fn dequantize_row(
+        &self,
+        row: usize,
+        codes: &[i64],
+        scales: &[f64],
+        zero_points: &ZeroPoints,
+        out: &mut [f32],
+    ) {
+        let blob = self.block * self.bits / 8;
+        for (b, values) in out.chunks_mut(self.block).enumerate() {
+            let at = row * self.blocks + b;
+            let scale = scales[at];
+            let zero = match zero_points {
+                ZeroPoints::Default => f64::from(1u32 << (self.bits - 1)),
+                ZeroPoints::Packed(z) => {
+                    let per_row = (self.blocks * self.bits).div_ceil(8);
+                    self.code(&z[row * per_row..(row + 1) * per_row], b)
+                }
+                ZeroPoints::Float(z) => z[at],
+            };
+            // Each code's value, once a block: (code - zero) * scale rounds once, in f64 as in
+            // f32, so the table gives what onnxruntime's float arithmetic gives.
+            let value = |c: u32| ((f64::from(c) - zero) * scale) as f32;
+            let lut: Vec<f32> = (0..1u32 << self.bits).map(value).collect();
+            let bytes = &codes[at * blob..(at + 1) * blob];
+            let (per_byte, mask) = (8 / self.bits, (1u32 << self.bits) - 1);
+            for (chunk, &byte) in values.chunks_mut(per_byte).zip(bytes) {
+                for (j, v) in chunk.iter_mut().enumerate() {
+                    *v = lut[((byte as u32) >> (j * self.bits)) as usize & mask as usize];
+                }
+            }
+        }
     }
 }
 
@@ -187,11 +218,16 @@ pub fn quantize_nbits(
     out
 }
 
+/// The values of an integer tensor (the importer checked that it is not float), read in place.
+fn integers(t: &Tensor) -> &[i64] {
+    t.as_i64().expect("an integer tensor")
+}
+
 enum ZeroPoints {
     /// None given: the middle code, `2^(bits-1)`.
     Default,
     /// Codes packed as the weight's are, `ceil(blocks * bits / 8)` bytes a row.
-    Packed(Vec<f64>),
+    Packed(Vec<i64>),
     /// One value a block, in the scales' type.
     Float(Vec<f64>),
 }
@@ -243,8 +279,11 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
     let codes = constant(cx, 1, "quantized weight")?;
     let blob = block * layout.bits / 8;
     let want = [n, layout.blocks, blob];
-    if codes.dtype().is_float() {
-        return Err(cx.err("the quantized weight holds floats, expected uint8 codes".into()));
+    if codes.dtype() != DType::I64 {
+        return Err(cx.err(format!(
+            "the quantized weight holds {}, expected uint8 codes",
+            codes.dtype().name()
+        )));
     }
     if codes.shape != want {
         return Err(cx.err(format!(
@@ -268,10 +307,10 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
             ZeroPoints::Float(z.to_f64())
         }
         Some(z)
-            if !z.dtype().is_float()
+            if z.dtype() == DType::I64
                 && z.numel() == n * (layout.blocks * layout.bits).div_ceil(8) =>
         {
-            ZeroPoints::Packed(z.to_f64())
+            ZeroPoints::Packed(integers(&z).to_vec())
         }
         Some(z) => {
             return Err(cx.err(format!(
@@ -288,7 +327,7 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
         return Err(cx.unsupported("MatMulNBits with g_idx (a permutation of K)".into()));
     }
     let bias = cx.opt_input(5)?;
-    let w = layout.dequantize(&codes.to_f64(), &scales.to_f64(), &zero_points);
+    let w = layout.dequantize(integers(&codes), &scales.to_f64(), &zero_points);
     let name = cx.temp_name("weight");
     let w = cx.add_const(&name, Tensor::f32(vec![k, n], w))?;
     match bias {
@@ -304,6 +343,156 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
             cx.add(Op::Binary(Binary::Add), &[y, bias])
         }
     }
+}
+
+/// GatherBlockQuantized (com.microsoft): a Gather from a constant table of block-quantized
+/// codes, a scale per block of `block_size` codes along `quantize_axis` and an optional zero
+/// point per block. Two forms are written:
+/// - uint8 bytes of 2-, 4- or 8-bit codes packed along the last axis, gathered along axis 0,
+///   zero points packed the same way per row, else the middle code (MatMulNBits' conventions):
+///   onnxruntime-genai's builder, for an int4 model's token embedding, often sharing its codes
+///   with the LM head's MatMulNBits;
+/// - int4 or uint4 codes (ONNX's 4-bit types), any gather and quantize axes, zero points of
+///   the codes' type, else 0: ONNX Runtime's weight quantizer, for a quantized Gather.
+///
+/// The table is dequantized once at import into an f32 constant, which a plain Gather reads
+/// (and the id range check guards, where onnxruntime gives zeros for ids past the table).
+pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
+    let block = cx.attr_int("block_size")?.unwrap_or(128);
+    if block < 16 || !(block as u64).is_power_of_two() {
+        return Err(cx.err(format!(
+            "block_size {block} is not a power of two of at least 16"
+        )));
+    }
+    let block = block as usize;
+    let data = cx.input(0)?;
+    let packed_bytes = match cx.declared_type(data) {
+        Some(DataType::Uint8) => true,
+        Some(DataType::Int4 | DataType::Uint4) => false,
+        other => {
+            return Err(cx.err(format!(
+                "the quantized table is {}, expected uint8, int4 or uint4 codes",
+                other.map_or("a computed value".to_string(), |t| t
+                    .as_str_name()
+                    .to_lowercase())
+            )))
+        }
+    };
+    let bits = match (packed_bytes, cx.attr_int("bits")?.unwrap_or(4)) {
+        (true, b @ (2 | 4 | 8)) | (false, b @ 4) => b as usize,
+        (_, b) => {
+            return Err(cx.err(format!(
+                "bits is {b}, expected 2, 4 or 8 for uint8 codes, 4 for int4 and uint4"
+            )))
+        }
+    };
+    let codes = cx
+        .const_input(0, "quantized table")?
+        .ok_or_else(|| cx.err("the quantized table (input 0) is missing".into()))?;
+    let rank = codes.shape.len();
+    let axis = |name: &str, default: i64| -> Result<usize> {
+        let a = cx.attr_int(name)?.unwrap_or(default);
+        let a = if a < 0 { a + rank as i64 } else { a };
+        usize::try_from(a)
+            .ok()
+            .filter(|&a| a < rank)
+            .ok_or_else(|| cx.err(format!("{name} {a} is outside the table's {rank} axes")))
+    };
+    let (gather_axis, quantize_axis) = (axis("gather_axis", 0)?, axis("quantize_axis", 1)?);
+    if packed_bytes && (gather_axis != 0 || quantize_axis + 1 != rank) {
+        return Err(cx.err(format!(
+            "uint8 codes are gathered along axis 0 and quantized along the last, not \
+             gather_axis {gather_axis} and quantize_axis {quantize_axis}"
+        )));
+    }
+    // The table's logical shape: uint8 bytes hold 8 / bits codes each along the last axis.
+    let per_byte = if packed_bytes { 8 / bits } else { 1 };
+    let mut logical = codes.shape.clone();
+    logical[quantize_axis] *= per_byte;
+    // [outer, axis, inner] around the quantized axis, and its blocks.
+    let outer: usize = logical[..quantize_axis].iter().product();
+    let (along, inner) = (
+        logical[quantize_axis],
+        logical[quantize_axis + 1..].iter().product::<usize>(),
+    );
+    let blocks = along.div_ceil(block);
+    let mut want = logical.clone();
+    want[quantize_axis] = blocks;
+    let scales = cx
+        .const_input(2, "scales")?
+        .ok_or_else(|| cx.err("the scales (input 2) are missing".into()))?;
+    if scales.shape != want || !scales.dtype().is_float() {
+        return Err(cx.err(format!(
+            "the scales are {} {}, expected floats of shape {} (the table's {} in blocks of \
+             {block} along axis {quantize_axis})",
+            scales.dtype().name(),
+            shape_str(&scales.shape),
+            shape_str(&want),
+            shape_str(&logical)
+        )));
+    }
+    // Zero points: per block, packed like the codes in uint8 bytes (a row of blocks each).
+    let zero_bytes = (blocks * bits).div_ceil(8);
+    let zero_points = cx.const_input(3, "zero points")?;
+    if let Some(z) = &zero_points {
+        let mut shape = want.clone();
+        if packed_bytes {
+            shape[quantize_axis] = zero_bytes;
+        }
+        if z.shape != shape || z.dtype() != DType::I64 {
+            return Err(cx.err(format!(
+                "the zero points are {} {}, expected codes of shape {}",
+                z.dtype().name(),
+                shape_str(&z.shape),
+                shape_str(&shape)
+            )));
+        }
+    }
+    let layout = Layout {
+        k: along,
+        n: 1,
+        bits,
+        block,
+        blocks,
+    };
+    let codes = integers(&codes);
+    let scales = scales.to_f64();
+    let zero_points = zero_points.as_ref().map(integers);
+    let middle = if packed_bytes {
+        f64::from(1u32 << (bits - 1))
+    } else {
+        0.0
+    };
+    let mut table = vec![0f32; outer * along * inner];
+    for (o, slab) in table.chunks_exact_mut(along * inner).enumerate() {
+        for (a, line) in slab.chunks_exact_mut(inner).enumerate() {
+            let b = a / block;
+            for (n, v) in line.iter_mut().enumerate() {
+                let i = (o * along + a) * inner + n;
+                let at = (o * blocks + b) * inner + n;
+                let code = match packed_bytes {
+                    true => layout.code(codes, i),
+                    false => codes[i] as f64,
+                };
+                let zero = match zero_points {
+                    None => middle,
+                    // uint8: a row of `blocks` packed codes (inner is 1: the last axis).
+                    Some(z) if packed_bytes => {
+                        layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b)
+                    }
+                    Some(z) => z[at] as f64,
+                };
+                *v = ((code - zero) * scales[at]) as f32;
+            }
+        }
+    }
+    let name = cx.temp_name("table");
+    let table = cx.add_const(&name, Tensor::f32(logical, table))?;
+    let ids = cx.input(1)?;
+    if cx.dtype(ids).is_float() {
+        return Err(cx.err("the indices (input 1) are floats, expected integers".into()));
+    }
+    cx.add(Op::Gather { axis: gather_axis }, &[table, ids])
 }
 
 /// The integer type a quantizer writes: its range, by the ONNX type of its zero point.
@@ -510,11 +699,11 @@ mod tests {
     use super::*;
 
     fn dequantized(q: &Quantized, layout: &Layout, form: ZeroPointForm) -> Vec<f32> {
-        let codes: Vec<f64> = q.codes.iter().map(|&c| f64::from(c)).collect();
+        let codes: Vec<i64> = q.codes.iter().map(|&c| i64::from(c)).collect();
         let zero = match form {
             ZeroPointForm::Middle => ZeroPoints::Default,
             ZeroPointForm::Packed => {
-                ZeroPoints::Packed(q.zero_codes.iter().map(|&c| f64::from(c)).collect())
+                ZeroPoints::Packed(q.zero_codes.iter().map(|&c| i64::from(c)).collect())
             }
             ZeroPointForm::Float => ZeroPoints::Float(q.zero_floats.clone()),
         };
