@@ -2,8 +2,10 @@
 //! reference executor in f64 and stored as the node's type (floats rounded once to f32; integer
 //! and bool values, shapes and masks, exactly). For inference this evaluates the whole DoRA
 //! norm and magnitude scale `g` at compile time, so running an adapted model never recomputes it.
-//! One exception: a broadcast of a constant whose readers broadcast by themselves is dropped,
-//! not folded into a constant of the broadcast size (`drop_broadcast`).
+//! Two exceptions: a broadcast of a constant whose readers broadcast by themselves is dropped,
+//! not folded into a constant of the broadcast size (`drop_broadcast`); and a transpose of a
+//! constant that only products with a computed operand read stays, for them to read in place
+//! (`read_through`).
 
 use crate::error::Result;
 use crate::ir::op::broadcast;
@@ -14,11 +16,37 @@ use std::collections::HashSet;
 /// Folds everything that depends only on constants, except the nodes in `keep_variable` (e.g.
 /// trainable parameters, which are constants in the IR but change every training step).
 pub fn fold_constants(graph: &mut Graph, keep_variable: &HashSet<NodeId>) -> Result<usize> {
-    rewrite(graph, &[&FoldConstants { keep_variable }])
+    let constant = constant_only(graph, keep_variable);
+    rewrite(
+        graph,
+        &[&FoldConstants {
+            keep_variable,
+            constant: &constant,
+        }],
+    )
 }
 
 struct FoldConstants<'a> {
     keep_variable: &'a HashSet<NodeId>,
+    /// The nodes that depend on constants only (folded by the end), before folding.
+    constant: &'a HashSet<NodeId>,
+}
+
+/// Every node computed from constants only (not from inputs or `keep_variable`), constants
+/// included.
+fn constant_only(graph: &Graph, keep_variable: &HashSet<NodeId>) -> HashSet<NodeId> {
+    let mut constant = HashSet::new();
+    for n in graph.topo_order().unwrap_or_default() {
+        let yes = match graph.node(n).op {
+            Op::Input => false,
+            Op::Const(_) => !keep_variable.contains(&n),
+            _ => graph.inputs_of(n).iter().all(|i| constant.contains(i)),
+        };
+        if yes {
+            constant.insert(n);
+        }
+    }
+    constant
 }
 
 impl Rule for FoldConstants<'_> {
@@ -41,6 +69,9 @@ impl Rule for FoldConstants<'_> {
         if let Some(patch) = drop_broadcast(graph, node) {
             return Ok(Some(patch));
         }
+        if read_through(graph, node, self.constant) {
+            return Ok(None);
+        }
         let args: Vec<_> = inputs
             .iter()
             .map(|&i| graph.const_tensor(i).unwrap().to_array())
@@ -53,6 +84,35 @@ impl Rule for FoldConstants<'_> {
         p.replace(node, c);
         Ok(Some(p.finish()))
     }
+}
+
+/// A Transpose of a constant whose every reader is a matrix product (as its A or B) whose other
+/// operand is computed: the product will not fold, and it reads a transposed operand through
+/// the source's strides (`codegen::fusion`'s operand transposes), so the transpose costs no
+/// kernel and no memory. Folded, it would be a transposed copy of the constant: in training,
+/// one of every frozen weight for the input gradient `dX = dY Wᵀ`, doubling the weights' memory
+/// and their upload. A product of two constants still folds, its transposes first.
+fn read_through(graph: &Graph, node: NodeId, constant: &HashSet<NodeId>) -> bool {
+    if !matches!(graph.node(node).op, Op::Transpose { .. }) || graph.shape(node).len() < 2 {
+        return false;
+    }
+    // A folded constant is a new node, of a constant value.
+    let computed = |i: NodeId| !matches!(graph.node(i).op, Op::Const(_)) && !constant.contains(&i);
+    let readers = graph.consumers(node);
+    let is_output = graph.outputs().iter().any(|&(_, o)| o == node);
+    !is_output
+        && !readers.is_empty()
+        && readers.into_iter().all(|r| {
+            let inputs = graph.inputs_of(r);
+            match graph.node(r).op {
+                Op::MatMul => inputs.iter().any(|&i| i != node && computed(i)),
+                Op::Gemm { .. } => {
+                    inputs.get(2) != Some(&node)
+                        && inputs[..2].iter().any(|&i| i != node && computed(i))
+                }
+                _ => false,
+            }
+        })
 }
 
 /// An Expand of a constant whose readers all broadcast their operands to its shape anyway

@@ -41,6 +41,7 @@ pub fn needs_split(graph: &Graph, max_bytes: u64) -> bool {
 /// Splits every constant over `max_bytes` at each of its readers. Returns how many readers were
 /// rewritten.
 pub fn split_large_constants(graph: &mut Graph, max_bytes: u64) -> Result<usize> {
+    transpose_oversized(graph, max_bytes)?;
     let big = oversized(graph, max_bytes);
     if big.is_empty() {
         return Ok(0);
@@ -53,6 +54,33 @@ pub fn split_large_constants(graph: &mut Graph, max_bytes: u64) -> Result<usize>
         }
     }
     rewrite(graph, &[&SplitReader { max_bytes }])
+}
+
+/// Folding leaves a transpose of a constant for the products that read it in place
+/// (`fold::read_through`); over the binding size, the transpose is computed into a constant
+/// here instead, which the products then read in chunks like any other.
+fn transpose_oversized(graph: &mut Graph, max_bytes: u64) -> Result<()> {
+    for c in oversized(graph, max_bytes) {
+        for t in graph.consumers(c) {
+            let n = graph.node(t);
+            if !matches!(n.op, Op::Transpose { .. }) {
+                continue;
+            }
+            let source = graph
+                .const_tensor(c)
+                .expect("oversized nodes are constants");
+            let value = crate::reference::eval_typed(&n.op, &[&source.to_array()], n.dtype)?;
+            let mut p = Patch::new(graph);
+            let name = n.name.clone();
+            let transposed = p.constant(&name, value.to_tensor(n.dtype));
+            p.claim_name(transposed);
+            p.replace(t, transposed);
+            graph.apply(p.finish());
+        }
+    }
+    // The replaced transposes still read their sources: gone, they are no readers to split.
+    graph.remove_dead();
+    Ok(())
 }
 
 /// The bytes a tensor of `shape` takes on the device (every value is f32 or f32-sized there).
