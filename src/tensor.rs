@@ -237,6 +237,18 @@ impl Tensor {
         }
     }
 
+    /// An f32 tensor whose values `fill` writes into zeros in place: for a large result (a
+    /// dequantized weight), one allocation and no copy.
+    pub fn f32_filled(shape: Vec<usize>, fill: impl FnOnce(&mut [f32])) -> Self {
+        // Collected from an iterator of known length: one allocation, written once.
+        let mut values: Arc<[f32]> = std::iter::repeat_n(0.0, numel(&shape)).collect();
+        fill(Arc::get_mut(&mut values).expect("a new Arc has one owner"));
+        Tensor {
+            shape,
+            data: Data::F32(F32Buf::Owned(values)),
+        }
+    }
+
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
         debug_assert_eq!(numel(&shape), data.len());
         Tensor {

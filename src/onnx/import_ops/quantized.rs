@@ -36,38 +36,64 @@ impl Layout {
     }
 
     /// The dequantized weight, `[k, n]` row-major: `(code - zero point) * scale` per block.
-    fn dequantize(&self, codes: &[i64], scales: &[f64], zero_points: &ZeroPoints) -> Vec<f32> {
+    /// The machine's threads each take a run of whole blocks of its rows.
+    fn dequantize(&self, codes: &[i64], scales: &[f64], zero_points: &ZeroPoints) -> Tensor {
         let (k, n) = (self.k, self.n);
-        let mut w = vec![0f32; k * n];
-        // Rows of B are columns of w: a tile of them is decoded into `rows`, then written out
-        // in runs along w's rows, so neither side is read or written a column at a time.
+        Tensor::f32_filled(vec![k, n], |w| {
+            let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+            let blocks = self.blocks.div_ceil(threads.clamp(1, self.blocks.max(1)));
+            std::thread::scope(|scope| {
+                for (t, rows) in w.chunks_mut((blocks * self.block * n).max(1)).enumerate() {
+                    scope.spawn(move || {
+                        self.dequantize_rows(t * blocks, rows, codes, scales, zero_points)
+                    });
+                }
+            });
+        })
+    }
+
+    /// Rows `first_block * block ..` of the weight, as many as `w` holds (whole blocks, or up to
+    /// k). Rows of B are columns of w: a tile of them is decoded into `tile_rows`, then written
+    /// out in runs along w's rows, so neither side is read or written a column at a time.
+    fn dequantize_rows(
+        &self,
+        first_block: usize,
+        w: &mut [f32],
+        codes: &[i64],
+        scales: &[f64],
+        zero_points: &ZeroPoints,
+    ) {
         const TILE: usize = 64;
-        let mut rows = vec![0f32; TILE * k];
+        let n = self.n;
+        let len = w.len() / n;
+        let mut tile_rows = vec![0f32; TILE * len];
         for first in (0..n).step_by(TILE) {
             let tile = TILE.min(n - first);
-            for (r, out) in rows.chunks_exact_mut(k).take(tile).enumerate() {
-                self.dequantize_row(first + r, codes, scales, zero_points, out);
+            for (r, out) in tile_rows.chunks_exact_mut(len).take(tile).enumerate() {
+                self.dequantize_row(first + r, first_block, codes, scales, zero_points, out);
             }
             for (kk, line) in w.chunks_exact_mut(n).enumerate() {
                 for (r, v) in line[first..first + tile].iter_mut().enumerate() {
-                    *v = rows[r * k + kk];
+                    *v = tile_rows[r * len + kk];
                 }
             }
         }
-        w
     }
 
-    /// Row `row` of B (column `row` of the weight), its `k` values.
+    /// Row `row` of B (column `row` of the weight) from block `first_block` on, as many values
+    /// as `out` holds.
     fn dequantize_row(
         &self,
         row: usize,
+        first_block: usize,
         codes: &[i64],
         scales: &[f64],
         zero_points: &ZeroPoints,
         out: &mut [f32],
     ) {
         let blob = self.block * self.bits / 8;
-        for (b, values) in out.chunks_mut(self.block).enumerate() {
+        for (i, values) in out.chunks_mut(self.block).enumerate() {
+            let b = first_block + i;
             let at = row * self.blocks + b;
             let scale = scales[at];
             let zero = match zero_points {
@@ -329,7 +355,7 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
     let bias = cx.opt_input(5)?;
     let w = layout.dequantize(integers(&codes), &scales.to_f64(), &zero_points);
     let name = cx.temp_name("weight");
-    let w = cx.add_const(&name, Tensor::f32(vec![k, n], w))?;
+    let w = cx.add_const(&name, w)?;
     match bias {
         None => cx.add(Op::MatMul, &[a, w]),
         Some(bias) => {
@@ -409,8 +435,7 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     let per_byte = if packed_bytes { 8 / bits } else { 1 };
     let mut logical = codes.shape.clone();
     logical[quantize_axis] *= per_byte;
-    // [outer, axis, inner] around the quantized axis, and its blocks.
-    let outer: usize = logical[..quantize_axis].iter().product();
+    // [outer, axis, inner] around the quantized axis (outer: the slabs below), and its blocks.
     let (along, inner) = (
         logical[quantize_axis],
         logical[quantize_axis + 1..].iter().product::<usize>(),
@@ -463,31 +488,32 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     } else {
         0.0
     };
-    let mut table = vec![0f32; outer * along * inner];
-    for (o, slab) in table.chunks_exact_mut(along * inner).enumerate() {
-        for (a, line) in slab.chunks_exact_mut(inner).enumerate() {
-            let b = a / block;
-            for (n, v) in line.iter_mut().enumerate() {
-                let i = (o * along + a) * inner + n;
-                let at = (o * blocks + b) * inner + n;
-                let code = match packed_bytes {
-                    true => layout.code(codes, i),
-                    false => codes[i] as f64,
-                };
-                let zero = match zero_points {
-                    None => middle,
-                    // uint8: a row of `blocks` packed codes (inner is 1: the last axis).
-                    Some(z) if packed_bytes => {
-                        layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b)
-                    }
-                    Some(z) => z[at] as f64,
-                };
-                *v = ((code - zero) * scales[at]) as f32;
+    let table = Tensor::f32_filled(logical, |table| {
+        for (o, slab) in table.chunks_exact_mut(along * inner).enumerate() {
+            for (a, line) in slab.chunks_exact_mut(inner).enumerate() {
+                let b = a / block;
+                for (n, v) in line.iter_mut().enumerate() {
+                    let i = (o * along + a) * inner + n;
+                    let at = (o * blocks + b) * inner + n;
+                    let code = match packed_bytes {
+                        true => layout.code(codes, i),
+                        false => codes[i] as f64,
+                    };
+                    let zero = match zero_points {
+                        None => middle,
+                        // uint8: a row of `blocks` packed codes (inner is 1: the last axis).
+                        Some(z) if packed_bytes => {
+                            layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b)
+                        }
+                        Some(z) => z[at] as f64,
+                    };
+                    *v = ((code - zero) * scales[at]) as f32;
+                }
             }
         }
-    }
+    });
     let name = cx.temp_name("table");
-    let table = cx.add_const(&name, Tensor::f32(logical, table))?;
+    let table = cx.add_const(&name, table)?;
     let ids = cx.input(1)?;
     if cx.dtype(ids).is_float() {
         return Err(cx.err("the indices (input 1) are floats, expected integers".into()));
@@ -707,7 +733,7 @@ mod tests {
             }
             ZeroPointForm::Float => ZeroPoints::Float(q.zero_floats.clone()),
         };
-        layout.dequantize(&codes, &q.scales, &zero)
+        layout.dequantize(&codes, &q.scales, &zero).to_f32()
     }
 
     /// Every form and width: the codes read back (by the importer's dequantization) within half
