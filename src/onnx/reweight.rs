@@ -10,9 +10,8 @@
 //! layer's weight (dequantized at import) is quantized again in the node's own layout (bits,
 //! block size, zero points and the scales' type), or with `Requantize::No` becomes a MatMul with
 //! an f32 initializer, its bias an Add; the quantized tensors no other node reads are dropped.
-//! Anything else (a weight the
-//! importer transposed or folded into a new constant) is not in the file as such: the caller
-//! hears why and exports the graph instead.
+//! Anything else (a weight the importer transposed or folded into a new constant) is not in the
+//! file as such: the caller hears why and exports the graph instead.
 
 use super::data::external_bytes;
 use super::external::{ExternalData, EXTERNAL_MIN_BYTES};
@@ -171,8 +170,12 @@ fn quantize_again(
             .find(|a| a.name() == name)
             .map(|a| a.i() as usize)
     };
+    // The importer checked the node's layout against these sizes.
     let (k, n) = (value.shape[0], value.shape[1]);
     let (bits, block) = (attr("bits").unwrap_or(4), attr("block_size").unwrap_or(0));
+    if block == 0 {
+        return Err(format!("MatMulNBits '{}' has no block_size", node.name()));
+    }
     let init = |i: usize| {
         node.input
             .get(i)
@@ -188,7 +191,7 @@ fn quantize_again(
         Some(Ok(DataType::Uint8)) => ZeroPointForm::Packed,
         Some(_) => ZeroPointForm::Float,
     };
-    // The importer checked the layout: these are its sizes.
+    // Scales (and float zero points) are rounded to their type before the codes are chosen.
     let store = |x: f64| match scale_type {
         DataType::Float16 => half::f16::from_f64(x).to_f64(),
         DataType::Bfloat16 => half::bf16::from_f64(x).to_f64(),
