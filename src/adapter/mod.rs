@@ -377,6 +377,7 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
     graph.adapter_origin = crate::ir::AdapterOrigin {
         base_model: cfg.base_model.clone(),
         target_modules: cfg.target_modules.clone(),
+        packed: Default::default(),
     };
     if !graph.adapters().is_empty() {
         return replace_tensors(graph, adapter);
@@ -464,6 +465,10 @@ pub fn apply(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
             names.join(", ")
         )));
     }
+    graph.adapter_origin.packed = (resolved.iter())
+        .filter(|r| !r.blocks.is_empty())
+        .map(|r| (r.name.clone(), r.blocks.clone()))
+        .collect();
     insert_adapters(graph, specs)
 }
 
@@ -485,6 +490,7 @@ fn resolve<'a>(
         rank: t.a.shape[0],
         alpha: cfg.alpha_for(name),
         rslora: cfg.use_rslora,
+        blocks: vec![],
     };
     let (mut resolved, mut problems) = (vec![], vec![]);
     let mut qkv: BTreeMap<String, Vec<(Qkv, &str, &LayerTensors)>> = BTreeMap::new();
@@ -612,8 +618,21 @@ fn replace_tensors(graph: &mut Graph, adapter: &PeftAdapter) -> Result<usize> {
 
 /// The `target_modules` a saved adapter declares: the patterns the adapters were chosen by when
 /// they select exactly the adapted layers, else the layers' last name components when those
-/// do, else every adapted module's full name. PEFT then targets the same layers.
-fn target_patterns(graph: &Graph) -> Vec<String> {
+/// do, else every adapted module's full name. PEFT then targets the same layers. With packed
+/// layers (saved as their blocks), the saved modules' last names.
+fn target_patterns(graph: &Graph, saved: &BTreeMap<String, Array>) -> Vec<String> {
+    // Packed layers are saved as the modules of another model (the Hugging Face one): the
+    // saved modules' last names select them there.
+    if !graph.adapter_origin.packed.is_empty() {
+        let mut short: Vec<String> = (saved.keys())
+            .filter_map(|k| k.strip_prefix(KEY_PREFIX))
+            .filter_map(|k| k.split(".lora_").next())
+            .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
+            .collect();
+        short.sort();
+        short.dedup();
+        return short;
+    }
     let adapted: std::collections::BTreeSet<&str> =
         graph.adapters().iter().map(|a| a.module.as_str()).collect();
     let mut modules: Vec<String> = find_linear_layers(graph)
@@ -682,6 +701,35 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
             crate::ir::LinearKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
             _ => ("lora_A.weight", "lora_B.weight"),
         };
+        // A packed layer's adapter goes out as the PEFT modules of its column blocks: A shared,
+        // B's rows and the magnitudes of each block.
+        if let Some(blocks) = graph.adapter_origin.packed.get(&a.module) {
+            let (lora_a, lora_b) = (get(a.lora_a, "a"), get(a.lora_b, "b"));
+            let m = a.magnitude.map(|m| get(m, "m"));
+            for block in blocks {
+                let rows = |t: &Array, width: usize| {
+                    let mut shape = t.shape.clone();
+                    shape[0] = block.end - block.start;
+                    Array::new(
+                        shape,
+                        t.data[block.start * width..block.end * width].to_vec(),
+                    )
+                };
+                let key = |what: &str| format!("{KEY_PREFIX}{}.{what}", block.module);
+                tensors.insert(key(key_a), lora_a.clone());
+                tensors.insert(key(key_b), rows(&lora_b, a.rank));
+                if let Some(m) = &m {
+                    tensors.insert(key("lora_magnitude_vector"), rows(m, 1));
+                }
+                if a.rank != first.rank {
+                    config.rank_pattern.insert(block.module.clone(), a.rank);
+                }
+                if a.alpha != first.alpha {
+                    config.alpha_pattern.insert(block.module.clone(), a.alpha);
+                }
+            }
+            continue;
+        }
         tensors.insert(
             format!("{KEY_PREFIX}{}.{key_a}", a.module),
             get(a.lora_a, "a"),
@@ -703,7 +751,7 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<()> {
             config.alpha_pattern.insert(a.module.clone(), a.alpha);
         }
     }
-    config.target_modules = Some(TargetModules::List(target_patterns(graph)));
+    config.target_modules = Some(TargetModules::List(target_patterns(graph, &tensors)));
     config.base_model_name_or_path = graph.adapter_origin.base_model.clone();
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");

@@ -14,10 +14,12 @@
 //! blocks stack into one adapter of the packed layer — A stacked, B block-diagonal with each
 //! block's scale folded in, the magnitudes side by side — and one adapter of a packed layer
 //! splits into one per block, A shared. A block with no adapter gets B = 0 and, for DoRA, its
-//! base columns' norms as magnitude, which is the base layer's output.
+//! base columns' norms as magnitude, which is the base layer's output. Blocks that share one A
+//! keep it, and a packed q/k/v adapter is saved as its blocks again (`super::save`), A shared,
+//! so that PEFT loads it on the Hugging Face model.
 
 use super::{LayerTensors, PeftConfig};
-use crate::ir::Graph;
+use crate::ir::{Graph, PackedBlock};
 use crate::passes::{base_magnitude, resolve_module, LinearLayer, ModuleMatch};
 use crate::tensor::{shape_str, Array};
 use std::borrow::Cow;
@@ -47,6 +49,8 @@ pub(super) struct Resolved<'a> {
     pub rank: usize,
     pub alpha: f64,
     pub rslora: bool,
+    /// For a packed layer's adapter: the PEFT modules its column blocks are saved as.
+    pub blocks: Vec<PackedBlock>,
 }
 
 /// Where the builder put `module` (a Hugging Face module name), among the model's `names`;
@@ -128,31 +132,60 @@ pub(super) fn pack_qkv<'a>(
         .find(|b| blocks.iter().filter(|c| c.0 == b.0).count() > 1)
     {
         return Err(format!(
-            "two of the adapter's modules are the {:?} block of the model's packed '{packed}'              ('{}' is one)",
+            "two of the adapter's modules are the {:?} block of the model's packed \
+             '{packed}' ('{}' is one)",
             twice.0, twice.1
         ));
     }
-    let dora = config.use_dora;
-    let rank: usize = blocks.iter().map(|b| b.2.a.shape[0]).sum();
-    let mut a = Vec::with_capacity(rank * fin);
+    for (_, module, t) in blocks {
+        if t.a.shape[1] != fin {
+            return Err(format!(
+                "module '{module}': lora_A {} does not take the {fin} inputs of the model's \
+                 packed '{packed}'",
+                shape_str(&t.a.shape)
+            ));
+        }
+    }
+    // Blocks that share one A (an adapter of the packed layer, split when saved) keep it: the
+    // packed adapter has its rank. Else the As are stacked, one rank slot each.
+    let shared = blocks.windows(2).all(|w| w[0].2.a == w[1].2.a);
+    let slots: Vec<usize> = match shared {
+        true => vec![0; blocks.len()],
+        false => (blocks.iter())
+            .scan(0, |next, b| {
+                let at = *next;
+                *next += b.2.a.shape[0];
+                Some(at)
+            })
+            .collect(),
+    };
+    let rank: usize = match shared {
+        true => blocks[0].2.a.shape[0],
+        false => blocks.iter().map(|b| b.2.a.shape[0]).sum(),
+    };
+    let a: Vec<f64> = match shared {
+        true => blocks[0].2.a.data.clone(),
+        false => blocks
+            .iter()
+            .flat_map(|b| b.2.a.data.iter().copied())
+            .collect(),
+    };
     let mut b = vec![0.0; total * rank];
-    let mut m = dora.then(|| base_magnitude(graph, layer).to_array().data);
-    let mut slot = 0;
-    for (part, module, t) in blocks {
+    let mut m = config
+        .use_dora
+        .then(|| base_magnitude(graph, layer).to_array().data);
+    for ((part, module, t), slot) in blocks.iter().zip(slots) {
         let cols = span(*part);
         let r = t.a.shape[0];
-        if t.b.shape[0] != cols.len() || t.a.shape[1] != fin {
+        if t.b.shape[0] != cols.len() {
             return Err(format!(
-                "module '{module}': lora_A {} and lora_B {} do not fit its block of the model's \
-                 packed '{packed}' ({} inputs, outputs {}..{} of {total})",
-                shape_str(&t.a.shape),
+                "module '{module}': lora_B {} does not fit its block of the model's packed \
+                 '{packed}' (outputs {}..{} of {total})",
                 shape_str(&t.b.shape),
-                fin,
                 cols.start,
                 cols.end
             ));
         }
-        a.extend_from_slice(&t.a.data);
         let s = crate::ir::scale(config.alpha_for(module), r, config.use_rslora);
         for (i, row) in t.b.data.chunks_exact(r).enumerate() {
             let at = (cols.start + i) * rank + slot;
@@ -163,8 +196,28 @@ pub(super) fn pack_qkv<'a>(
         if let (Some(m), Some(given)) = (m.as_mut(), &t.magnitude) {
             m[cols].copy_from_slice(&given.data);
         }
-        slot += r;
     }
+    // Every block, given or not, is saved as its own module again: a block without an adapter
+    // here is trained as the others are, under its sibling's name with its own last part.
+    let sibling = blocks[0].1;
+    let saved = [(Qkv::Q, "q_proj"), (Qkv::K, "k_proj"), (Qkv::V, "v_proj")]
+        .into_iter()
+        .map(|(part, leaf)| {
+            let module = match blocks.iter().find(|b| b.0 == part) {
+                Some(b) => b.1.to_string(),
+                None => match sibling.rsplit_once('.') {
+                    Some((parent, _)) => format!("{parent}.{leaf}"),
+                    None => leaf.to_string(),
+                },
+            };
+            let cols = span(part);
+            PackedBlock {
+                module,
+                start: cols.start,
+                end: cols.end,
+            }
+        })
+        .collect();
     Ok(Resolved {
         name: packed.clone(),
         layer: packed.clone(),
@@ -179,6 +232,7 @@ pub(super) fn pack_qkv<'a>(
         rank,
         alpha: rank as f64,
         rslora: false,
+        blocks: saved,
     })
 }
 
@@ -223,6 +277,7 @@ pub(super) fn split_gate_up<'a>(
         rank: r,
         alpha: config.alpha_for(module),
         rslora: config.use_rslora,
+        blocks: vec![],
     };
     Ok([half(0, gate), half(1, up)])
 }

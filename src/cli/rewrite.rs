@@ -67,6 +67,7 @@ pub fn run(args: Args) -> Result<()> {
     graph.adapter_origin = crate::ir::AdapterOrigin {
         base_model: args.base_model.clone(),
         target_modules: args.adapter.patterns(),
+        packed: Default::default(),
     };
     // Outputs go to the current directory unless -o says otherwise, never beside the input.
     let out = args

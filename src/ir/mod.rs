@@ -262,6 +262,17 @@ pub struct Graph {
 pub struct AdapterOrigin {
     pub base_model: Option<String>,
     pub target_modules: Vec<String>,
+    /// Layers whose one adapter stands for a PEFT adapter per block of their output columns
+    /// (`adapter::packed`), by the layer's module: saved, it is split into those again.
+    pub packed: std::collections::BTreeMap<String, Vec<PackedBlock>>,
+}
+
+/// A block of a packed layer's output columns, `start..end`, and the PEFT module it stands for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedBlock {
+    pub module: String,
+    pub start: usize,
+    pub end: usize,
 }
 
 /// A 16-bit float format for stored weights.
