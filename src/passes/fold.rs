@@ -16,8 +16,9 @@ use std::collections::HashSet;
 /// Folds everything that depends only on constants, except the nodes in `keep_variable` (e.g.
 /// trainable parameters, which are constants in the IR but change every training step).
 pub fn fold_constants(graph: &mut Graph, keep_variable: &HashSet<NodeId>) -> Result<usize> {
-    merge_repeats(graph, &constant_only(graph, keep_variable));
+    // Merging only removes nodes, each for a twin of the same kind: the set stays right.
     let constant = constant_only(graph, keep_variable);
+    merge_repeats(graph, &constant);
     rewrite(
         graph,
         &[&FoldConstants {
