@@ -1271,7 +1271,7 @@ fn sums_of_products_accumulate_in_one_kernel() {
     let feeds = random_feeds(shapes, &mut rng);
     let want = run_reference(&graph, &feeds);
     for plan in device_and_portable_plans(&graph) {
-        let halves = (plan.buffers.iter()).filter(|b| b.half.is_some()).count();
+        let halves = (plan.buffers.iter()).filter(|b| b.stored.is_some()).count();
         assert_eq!(halves, 2, "{plan}");
         let kernel = plan.kernels.iter().find(|k| k.nodes[0] == base).unwrap();
         assert!(kernel.nodes.contains(&up), "{plan}");

@@ -13,7 +13,10 @@
 //! `cargo insta accept`, or by renaming the `.snap.new` files; CI runs with `INSTA_UPDATE=no`.
 
 use dorac::codegen::{self, PlanOptions, Target};
-use dorac::ir::{unary, Binary, Graph, GraphBuilder, Half, NodeId, Op, Reduce, Unary};
+use dorac::ir::{
+    unary, Binary, BlockCodes, BlockFormat, Graph, GraphBuilder, Half, NodeId, Op, Reduce, Stored,
+    Unary,
+};
 use dorac::reference;
 use dorac::runtime::{self, Executable, Gpu};
 use dorac::tensor::{numel, relative_error, Array, DType, Rng, Tensor};
@@ -2177,20 +2180,209 @@ fn half_stored_weights() {
     let plan = codegen::plan(&c.graph).unwrap();
     let stored = |name: &str| {
         let b = plan.buffers.iter().find(|b| b.name == name).unwrap();
-        (b.half, b.bytes())
+        (b.stored, b.bytes())
     };
-    assert_eq!(stored("w16"), (Some(Half::F16), 48 * 65 * 2));
-    assert_eq!(stored("wt_bf16"), (Some(Half::Bf16), 96 * 48 * 2));
-    assert_eq!(stored("w_src"), (Some(Half::F16), 33 * 48 * 2));
+    let (f16, bf16) = (
+        Some(Stored::Half(Half::F16)),
+        Some(Stored::Half(Half::Bf16)),
+    );
+    assert_eq!(stored("w16"), (f16, 48 * 65 * 2));
+    assert_eq!(stored("wt_bf16"), (bf16, 96 * 48 * 2));
+    assert_eq!(stored("w_src"), (f16, 33 * 48 * 2));
     assert_eq!(
         stored("a16"),
-        (Some(Half::F16), 5 * 37 * 2 + 2),
+        (f16, 5 * 37 * 2 + 2),
         "185 values in 93 words"
     );
     assert_eq!(stored("shared"), (None, 48 * 48 * 4));
-    assert_eq!(stored("wn"), (Some(Half::F16), 21 * 600 * 2));
-    assert_eq!(stored("table_bf16"), (Some(Half::Bf16), 37 * 13 * 2 + 2));
+    assert_eq!(stored("wn"), (f16, 21 * 600 * 2));
+    assert_eq!(stored("table_bf16"), (bf16, 37 * 13 * 2 + 2));
     c.check();
+}
+
+/// How a block-quantized test weight gives its zero points.
+#[derive(Clone, Copy)]
+enum Zeros {
+    Middle,
+    Codes,
+    Floats,
+}
+
+/// A random block-quantized weight of `shape` (`ir::blocks`): random codes, scales of both
+/// signs, zero points as `zeros` says; its values are what the codes decode to.
+fn block_codes(
+    rng: &mut Rng,
+    shape: [usize; 2],
+    (bits, block): (usize, usize),
+    down_columns: bool,
+    zeros: Zeros,
+) -> BlockCodes {
+    let [rows, cols] = shape;
+    let (lines, line_len) = if down_columns {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    let blocks = line_len.div_ceil(block);
+    let with_zeros = !matches!(zeros, Zeros::Middle);
+    let format = BlockFormat::new(
+        &shape,
+        bits,
+        block,
+        down_columns,
+        blocks * block,
+        blocks,
+        with_zeros,
+    )
+    .unwrap();
+    let codes = (0..format.code_bytes())
+        .map(|_| rng.range(0.0, 256.0) as u8)
+        .collect();
+    let per_block = lines * blocks;
+    let scales = (0..per_block)
+        .map(|_| rng.range(-0.1, 0.1) as f32)
+        .collect();
+    let top = (1u32 << bits) as f64;
+    let zeros = match zeros {
+        Zeros::Middle => vec![],
+        Zeros::Codes => (0..per_block)
+            .map(|_| rng.range(0.0, top).floor() as f32)
+            .collect(),
+        Zeros::Floats => (0..per_block).map(|_| rng.range(0.0, top) as f32).collect(),
+    };
+    BlockCodes {
+        format,
+        codes,
+        scales,
+        zeros,
+    }
+}
+
+/// A constant whose values `codes` decode to, marked to keep them (`Graph::blocked`).
+fn blocked_const(g: &mut GraphBuilder, name: &str, shape: [usize; 2], codes: BlockCodes) -> NodeId {
+    let values = (0..shape[0] * shape[1]).map(|i| codes.value(i)).collect();
+    let n = g.add_const(name, Tensor::f32(shape.to_vec(), values));
+    g.mark_blocked(n, codes);
+    n
+}
+
+/// Weights kept as block-quantized codes (`ir::blocks`): 2-, 4- and 8-bit codes, lines down
+/// columns (MatMulNBits' layout) and along rows (an embedding's), padded last blocks, no zero
+/// points, integer and float ones, read as a product's B (plain, Gemm transB, a transpose read
+/// in place), as DoRA's norm's W and as a Gather's table, against the reference on both targets.
+/// A blocked constant that an element-wise op also reads stays f32.
+#[test]
+fn block_stored_weights() {
+    let mut c = Case::new("block_stored_weights");
+    let mut formats = vec![];
+    let mut blocked = |c: &mut Case, name: &str, shape, bits, down, zeros| {
+        let codes = block_codes(&mut c.rng, shape, bits, down, zeros);
+        formats.push((name.to_string(), codes.format));
+        blocked_const(&mut c.graph, name, shape, codes)
+    };
+    let x = c.input("x", &[37, 48], -1.0, 1.0);
+    let w4 = blocked(&mut c, "w4", [48, 65], (4, 32), true, Zeros::Middle);
+    c.out(Op::MatMul, &[x, w4], "matmul_4bit");
+    let wt = blocked(&mut c, "wt8", [96, 48], (8, 16), false, Zeros::Codes);
+    let gemm = Op::Gemm {
+        alpha: 1.0,
+        beta: 0.0,
+        trans_a: false,
+        trans_b: true,
+    };
+    c.out(gemm, &[x, wt], "gemm_transb_8bit");
+    let w_src = blocked(&mut c, "w_src2", [33, 48], (2, 16), true, Zeros::Floats);
+    let t = c.op(Op::Transpose { perm: vec![1, 0] }, &[w_src], "w_t");
+    c.out(Op::MatMul, &[x, t], "matmul_transposed_2bit");
+    // Read by a matmul and by an add: stays f32.
+    let shared = blocked(&mut c, "shared", [48, 48], (4, 16), true, Zeros::Middle);
+    let y = c.op(Op::MatMul, &[x, shared], "uses_shared");
+    let s2 = c.op(bin(Binary::Add), &[shared, shared], "shared_twice");
+    c.out(Op::MatMul, &[y, s2], "shared_out");
+    // DoRA's norm of a MatMulNBits weight (in x out, lines down its columns, 600 in blocks of
+    // 128: the last one padded).
+    let wn = blocked(&mut c, "wn", [600, 21], (4, 128), true, Zeros::Codes);
+    let a = c.input("lora_a", &[8, 600], -1.0, 1.0);
+    let b = c.input("lora_b", &[21, 8], -1.0, 1.0);
+    let op = Op::DoraNormSq(dorac::ops::DoraNorm {
+        alpha: 1.0,
+        scale: 0.5,
+        weight_out_in: false,
+    });
+    c.out(op, &[wn, a, b], "dora_norm_4bit");
+    // An embedding table, a line per row (13 wide: one padded block), ids in range and out.
+    let table = blocked(&mut c, "table4", [37, 13], (4, 16), false, Zeros::Codes);
+    let v = ints(&mut c, 12, -40, 39);
+    let ids = typed_input(&mut c, "ids", &[3, 4], v, DType::I64);
+    c.out(Op::Gather { axis: 0 }, &[table, ids], "embedding_4bit");
+
+    let plan = codegen::plan(&c.graph).unwrap();
+    for (name, format) in formats {
+        let b = plan.buffers.iter().find(|b| b.name == name).unwrap();
+        if name == "shared" {
+            assert_eq!((b.stored, b.bytes()), (None, 48 * 48 * 4));
+        } else {
+            assert_eq!(b.stored, Some(Stored::Blocks(format)), "{name}");
+            assert_eq!(b.bytes(), 4 * format.words(), "{name}");
+            assert!(
+                b.bytes() < 4 * b.len as u64 / 2,
+                "{name}: {} bytes",
+                b.bytes()
+            );
+        }
+    }
+    c.check();
+}
+
+/// The device decodes block-quantized codes to exactly the constant's values: an identity
+/// times the weight gives it back, for every code width and zero point form, lines down
+/// columns and along rows, on both targets.
+#[test]
+fn block_decoding_is_exact() {
+    let mut rng = Rng::new(base_seed());
+    for bits in [2, 4, 8] {
+        for (zeros, down) in [
+            (Zeros::Middle, true),
+            (Zeros::Codes, false),
+            (Zeros::Floats, true),
+        ] {
+            let shape = [40, 24];
+            let codes = block_codes(&mut rng, shape, (bits, 16), down, zeros);
+            let want: Vec<f32> = (0..40 * 24).map(|i| codes.value(i)).collect();
+            assert!(codes.decodes_to(&want));
+            let mut g = GraphBuilder::new();
+            let eye = g.add_input("eye", vec![40, 40]);
+            let w = blocked_const(&mut g, "w", shape, codes);
+            let y = g.add(Op::MatMul, &[eye, w], "y", "y").unwrap();
+            g.add_output("y", y);
+            let identity: Vec<f32> = (0..40 * 40)
+                .map(|i| if i / 40 == i % 40 { 1.0 } else { 0.0 })
+                .collect();
+            for target in [Target::Gpu, Target::Cpu] {
+                let options = PlanOptions {
+                    target,
+                    ..PlanOptions::default()
+                };
+                let plan = codegen::plan_with(&g, &options).unwrap();
+                let stored = plan.buffers.iter().find(|b| b.name == "w").unwrap().stored;
+                assert!(matches!(stored, Some(Stored::Blocks(_))), "{target:?}");
+                let exe = Executable::new(gpu(), &plan, &g).unwrap();
+                let got = exe
+                    .run(&[("eye".to_string(), identity.clone())].into())
+                    .unwrap();
+                // `==`: a sum that starts from +0 gives +0 for a -0 weight.
+                let wrong: Vec<(usize, f32, f32)> = (want.iter().zip(&got["y"]).enumerate())
+                    .filter(|(_, (w, g))| w != g)
+                    .map(|(i, (w, g))| (i, *w, *g))
+                    .take(5)
+                    .collect();
+                assert!(
+                    wrong.is_empty(),
+                    "{bits}-bit, down_columns {down}, {target:?}: (index, want, got) {wrong:?}"
+                );
+            }
+        }
+    }
 }
 
 /// The device's f16 and bf16 decoding is exact for every finite value, subnormals included:
@@ -2220,8 +2412,8 @@ fn half_decoding_is_exact() {
             };
             let plan = codegen::plan_with(&g, &options).unwrap();
             assert_eq!(
-                plan.buffers.iter().find(|b| b.name == "w").unwrap().half,
-                Some(h)
+                plan.buffers.iter().find(|b| b.name == "w").unwrap().stored,
+                Some(Stored::Half(h))
             );
             let exe = Executable::new(gpu(), &plan, &g).unwrap();
             let got = exe

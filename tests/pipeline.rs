@@ -235,7 +235,11 @@ fn half_models_store_half_weights_and_match() {
         let plan = dorac::codegen::plan(&g).unwrap();
         for (name, len) in [("fc1.weight", 96 * 64), ("fc2.weight", 32 * 96)] {
             let b = plan.buffers.iter().find(|b| b.name == name).unwrap();
-            assert_eq!(b.half.map(|h| h.name()), Some(tag), "{tag}: {name}");
+            assert_eq!(
+                b.stored.map(|h| h.name()).as_deref(),
+                Some(tag),
+                "{tag}: {name}"
+            );
             assert_eq!(
                 b.bytes(),
                 2 * len as u64,

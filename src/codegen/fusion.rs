@@ -291,9 +291,9 @@ pub fn decide(graph: &Graph, options: &super::PlanOptions) -> Result<Fusion> {
     }
     let row_pitch = match options.target {
         super::Target::Cpu => {
-            let half = super::storage::half_stored(graph, &operand_transposes, &live);
+            let stored = super::storage::stored_consts(graph, &operand_transposes, &live);
             let max = options.max_buffer_bytes;
-            super::storage::padded_rows(graph, &operand_transposes, &live, &half, max)
+            super::storage::padded_rows(graph, &operand_transposes, &live, &stored, max)
         }
         super::Target::Gpu => BTreeMap::new(),
     };
@@ -415,8 +415,7 @@ fn batch_norms(ctx: &Context, groups: &mut Vec<Vec<NodeId>>, pitch: &BTreeMap<No
                 .map(|&i| graph.shape(i).to_vec())
                 .collect();
             let w = graph.inputs_of(g[0])[0];
-            let half = graph.half_consts().get(&w).copied();
-            Some((*p, shapes, half, pitch.get(&w).copied()))
+            Some((*p, shapes, graph.stored(w), pitch.get(&w).copied()))
         }
         _ => None,
     };

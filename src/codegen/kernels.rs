@@ -17,7 +17,7 @@ use super::wgsl::{self, broadcast_index, broadcast_strides, strided_index, Bindi
 use super::Target;
 use crate::error::{Error, Result};
 use crate::ir::op::matmul_dims;
-use crate::ir::{Graph, Half, NodeId, Op, Reduce};
+use crate::ir::{Graph, NodeId, Op, Reduce, Stored};
 use crate::tensor::DType;
 use crate::tensor::{numel, shape_str, strides};
 use std::collections::{BTreeMap, BTreeSet};
@@ -136,8 +136,8 @@ struct Builder<'g> {
     inputs: Vec<(String, NodeId)>,
     /// Interior values the kernel also writes (see [`Emitted::writes`]).
     writes: Vec<(String, NodeId)>,
-    /// Bound values stored in half precision (`storage`): declared `array<u32>`.
-    half: BTreeMap<NodeId, Half>,
+    /// Bound values stored other than as f32 (`storage`): declared `array<u32>`.
+    stored: BTreeMap<NodeId, Stored>,
     libs: BTreeSet<Lib>,
     helpers: Vec<String>,
     /// Prefix of the bindings declared now: a kernel computing several layers at once (see
@@ -207,7 +207,7 @@ impl<'g> Builder<'g> {
             transposed,
             inputs: vec![],
             writes: vec![],
-            half: BTreeMap::new(),
+            stored: BTreeMap::new(),
             libs: BTreeSet::new(),
             helpers: vec![],
             scope: String::new(),
@@ -219,20 +219,29 @@ impl<'g> Builder<'g> {
         }
     }
 
-    /// [`bind`](Builder::bind) for a value that may be stored in half precision; returns the
-    /// binding's name and its storage (for [`storage::half_load`]).
+    /// [`bind`](Builder::bind) for a value that may be stored other than as f32; returns the
+    /// binding's name and its storage (for [`storage::stored_load`]).
     fn bind_stored(
         &mut self,
         name: &str,
         node: NodeId,
-        stored: &BTreeMap<NodeId, Half>,
-    ) -> (String, Option<Half>) {
-        let half = stored.get(&node).copied();
-        if let Some(h) = half {
-            self.half.insert(node, h);
-            self.libs.insert(Lib::Half);
+        stored: &BTreeMap<NodeId, Stored>,
+    ) -> (String, Option<Stored>) {
+        let format = stored.get(&node).copied();
+        if let Some(f) = format {
+            self.mark_stored(node, f);
         }
-        (self.bind(name, node), half)
+        (self.bind(name, node), format)
+    }
+
+    /// The bound `node` is stored as `format`: its binding is `array<u32>`, and the kernel
+    /// takes the decoding library.
+    fn mark_stored(&mut self, node: NodeId, format: Stored) {
+        self.stored.insert(node, format);
+        self.libs.insert(match format {
+            Stored::Half(_) => Lib::Half,
+            Stored::Blocks(_) => Lib::Blocks,
+        });
     }
 
     /// Declares an input binding named `name` (after the scope) holding `node`'s value;
@@ -362,7 +371,7 @@ impl<'g> Builder<'g> {
             Binding {
                 name: name.to_string(),
                 value: node.name.clone(),
-                packed: self.half.get(&n).map(|h| h.name()),
+                packed: self.stored.get(&n).map(|h| h.words_note()),
                 count: 1,
                 quads: self.quads.contains(name),
                 shape: self.shapes.get(&n).unwrap_or(&node.shape).clone(),
@@ -458,8 +467,8 @@ pub(crate) struct Decisions<'p> {
     pub prologues: &'p BTreeSet<NodeId>,
     /// Element-wise chains that a sum computes beside its terms, by the sum's anchor.
     pub term_chains: &'p BTreeMap<NodeId, Vec<NodeId>>,
-    /// Constants stored in half precision (see `storage`).
-    pub half: &'p BTreeMap<NodeId, Half>,
+    /// Constants stored other than as f32 values (see `storage`).
+    pub stored: &'p BTreeMap<NodeId, Stored>,
     /// Matrices stored with padded rows, by their row pitch (see `storage::padded_rows`).
     pub pitch: &'p BTreeMap<NodeId, usize>,
     /// Interior values of groups that are read outside their group (see `fusion::escaping`):
@@ -740,7 +749,7 @@ fn elementwise(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Re
             ));
         }
         op if is_index_map(op) => {
-            summary = index_map(&mut b, anchor, &mut lines, indent, d.half)?;
+            summary = index_map(&mut b, anchor, &mut lines, indent, d.stored)?;
         }
         op => {
             let names: &[&str] = match (op, ins.len()) {
@@ -811,7 +820,7 @@ fn index_map(
     n: NodeId,
     lines: &mut Vec<String>,
     indent: &str,
-    half: &BTreeMap<NodeId, Half>,
+    stored: &BTreeMap<NodeId, Stored>,
 ) -> Result<String> {
     let graph = b.graph;
     let node = graph.node(n);
@@ -947,8 +956,8 @@ fn index_map(
                 push(format!("let v0 = 0.0; {comment} (nothing to gather from)"));
                 return Ok(summary);
             }
-            // An embedding table may be stored in half precision (`storage`).
-            let (x, x_half) = b.bind_stored("data", ins[0], half);
+            // An embedding table may be stored in half precision or as codes (`storage`).
+            let (x, x_stored) = b.bind_stored("data", ins[0], stored);
             let ids = b.bind("ids", ins[1]);
             b.libs.insert(Lib::GatherPosition);
             // Output dims: outer (data's before axis), the ids', inner (data's after axis).
@@ -962,7 +971,7 @@ fn index_map(
             let at = offset_expr(&base, "u32(max(p, 0))", inner);
             push(format!(
                 "let v0 = select(0.0, {}, p >= 0); {comment}",
-                storage::half_load(&x, &at, x_half)
+                storage::stored_load(&x, &at, x_stored)
             ));
             summary
         }
@@ -1196,7 +1205,7 @@ fn matmul(graph: &Graph, group: &[NodeId], name: &str, d: &Decisions) -> Result<
         matches!(shape, MatmulShape::Columns { .. })
             && dims.b_quads
             && operands.b.prologue.is_none()
-            && operands.b.half.is_none()
+            && operands.b.stored.is_none()
     };
     let mut b_quads = vec![quads(&first_operands, &dims)];
     let mut column_loads = vec![operand_helpers(
@@ -1429,8 +1438,8 @@ struct Operand {
     src: NodeId,
     /// The transpose's permutation, where the operand is one read in place.
     perm: Option<Vec<usize>>,
-    /// The bound value's storage, where it is a constant stored in half precision.
-    half: Option<Half>,
+    /// The bound value's storage, where it is a constant stored other than as f32.
+    stored: Option<Stored>,
     /// The element-wise chain that computes the operand as it is loaded (an operand prologue),
     /// which binds its own operands instead.
     prologue: Option<Vec<NodeId>>,
@@ -1469,14 +1478,14 @@ fn bind_operands(b: &mut Builder, product: NodeId, suffix: &str, d: &Decisions) 
     let (b_src, b_perm) = b.source(ins[1]);
     let mut operand = |name: &str, src: NodeId, perm: Option<&[usize]>| {
         let prologue = d.operand_prologues.get(&src).cloned();
-        let half = match prologue {
-            None => b.bind_stored(&format!("{name}{suffix}"), src, d.half).1,
+        let stored = match prologue {
+            None => b.bind_stored(&format!("{name}{suffix}"), src, d.stored).1,
             Some(_) => None,
         };
         Operand {
             src,
             perm: perm.map(<[usize]>::to_vec),
-            half,
+            stored,
             prologue,
         }
     };
@@ -1766,11 +1775,11 @@ fn operand_helpers(
             ));
             continue;
         }
-        let note = match operand.half {
+        let note = match operand.stored {
             Some(h) => format!(", stored as {}", h.name()),
             None => String::new(),
         };
-        let load = storage::half_load(&op, &format!("{op}_at(batch, {x}, {y})"), operand.half);
+        let load = storage::stored_load(&op, &format!("{op}_at(batch, {x}, {y})"), operand.stored);
         b.helpers.push(format!(
             "// {}[{x}, {y}] of output matrix `batch`{note}{scale_note}.\n\
              fn {op}_get(batch: u32, {x}: u32, {y}: u32) -> f32 {{\n    return {};\n}}",
@@ -2443,7 +2452,7 @@ fn dora_norm(
     let r = a_shape[0];
     let layers = split_layers(graph, group);
     let weights: Vec<Vec<NodeId>> = layers.iter().map(|l| graph.inputs_of(l[0])).collect();
-    let w_half = d.half.get(&ins[0]).copied();
+    let w_stored = d.stored.get(&ins[0]).copied();
     let w_pitch = d.pitch.get(&ins[0]).copied();
     for (layer, ws) in layers.iter().zip(&weights) {
         let node = graph.node(layer[0]);
@@ -2453,7 +2462,7 @@ fn dora_norm(
             .eq(ins.iter().map(|&i| graph.shape(i)));
         if node.op != Op::DoraNormSq(*p)
             || !same
-            || d.half.get(&ws[0]).copied() != w_half
+            || d.stored.get(&ws[0]).copied() != w_stored
             || d.pitch.get(&ws[0]).copied() != w_pitch
         {
             return Err(Error::gpu(format!(
@@ -2469,14 +2478,13 @@ fn dora_norm(
     // layer in the binding arrays (taken once, before the loop).
     let mut layer_buffers = String::new();
     let (w, a_at, b_at) = if layers.len() == 1 {
-        let (w, _) = b.bind_stored("w", ins[0], d.half);
+        let (w, _) = b.bind_stored("w", ins[0], d.stored);
         (w, b.bind("lora_a", ins[1]), b.bind("lora_b", ins[2]))
     } else {
-        if let Some(h) = w_half {
+        if let Some(h) = w_stored {
             for &wn in &column(0) {
-                b.half.insert(wn, h);
+                b.mark_stored(wn, h);
             }
-            b.libs.insert(Lib::Half);
         }
         let mut at = |name: &str, nodes: &[NodeId]| {
             let array = b.bind_array(name, nodes);
@@ -2519,7 +2527,7 @@ fn dora_norm(
         } else {
             format!("{i} * {} + {j}", w_row("OUT"))
         };
-        let load = storage::half_load(&w, &at, w_half);
+        let load = storage::stored_load(&w, &at, w_stored);
         format!("{:w_indent$}{load}", "")
     };
     let wv = pairs.map(w_load).join(",\n");
@@ -2527,7 +2535,7 @@ fn dora_norm(
         NormKernel::Columns(_) => 20,
         _ => 12,
     };
-    let w_note = match w_half {
+    let w_note = match w_stored {
         Some(h) => format!(", stored as {}", h.name()),
         None => String::new(),
     };

@@ -29,7 +29,7 @@ mod unhosted;
 mod wgsl;
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Half, NodeId, Op};
+use crate::ir::{Graph, NodeId, Op, Stored};
 use crate::tensor::{numel, shape_str};
 pub use fusion::Fusion;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -66,8 +66,9 @@ pub struct BufferSpec {
     /// Element count (f32 each, or 16 bits each when `half`).
     pub len: usize,
     pub role: BufferRole,
-    /// A constant stored in half precision (see `storage`): packed pairs in `u32` words.
-    pub half: Option<Half>,
+    /// A constant stored other than as f32 values (see `storage`): half-precision pairs or
+    /// block-quantized codes in `u32` words.
+    pub stored: Option<Stored>,
     /// A matrix stored with padded rows (`storage::padded_rows`): the elements from one row's
     /// start to the next's, more than its columns; the padding is zeros.
     pub row_pitch: Option<usize>,
@@ -82,10 +83,10 @@ impl BufferSpec {
     /// Size in bytes. Zero-element values still get a 4-byte buffer, since wgpu cannot bind an
     /// empty one.
     pub fn bytes(&self) -> u64 {
-        match (self.half, self.row_pitch, self.shape.as_slice()) {
+        match (self.stored, self.row_pitch, self.shape.as_slice()) {
             (_, Some(pitch), &[rows, _]) => 4 * (rows * pitch).max(1) as u64,
             (None, ..) => 4 * self.len.max(1) as u64,
-            (Some(_), ..) => 4 * self.len.div_ceil(2).max(1) as u64,
+            (Some(s), ..) => 4 * s.words(self.len).max(1),
         }
     }
 }
@@ -362,7 +363,7 @@ pub fn plan_grouped(
     let computed_by_readers: HashSet<NodeId> = (prologues.iter().copied())
         .chain(operand_prologues.values().flatten().copied())
         .collect();
-    let half = storage::half_stored(graph, &transposed, &live);
+    let stored = storage::stored_consts(graph, &transposed, &live);
     let kept = fusion::kept(graph);
     let escapes: BTreeSet<NodeId> = (groups.iter())
         .flat_map(|g| {
@@ -423,7 +424,7 @@ pub fn plan_grouped(
             len: numel(&shape),
             shape,
             role,
-            half: half.get(&n).copied(),
+            stored: stored.get(&n).copied(),
             row_pitch: pitch.get(&n).copied(),
             storage: plan.buffers.len(),
         });
@@ -445,7 +446,7 @@ pub fn plan_grouped(
         transposed: &transposed,
         prologues: &prologues,
         term_chains: &term_chains,
-        half: &half,
+        stored: &stored,
         pitch: &pitch,
         escapes: &escapes,
         max_workgroups: options.max_workgroups_per_dim,
@@ -563,7 +564,7 @@ fn plan_state(graph: &Graph, plan: &mut Plan) -> Result<()> {
             shape: src.shape.clone(),
             len: src.len,
             role: BufferRole::Intermediate,
-            half: None,
+            stored: None,
             row_pitch: None,
             storage: snapshot,
         });
@@ -1105,7 +1106,7 @@ impl fmt::Display for Plan {
                 BufferRole::Intermediate => "intermediate".into(),
                 BufferRole::Output(name) => format!("output '{name}'"),
             };
-            if let Some(h) = b.half {
+            if let Some(h) = b.stored {
                 role += &format!(", stored as {}", h.name());
             }
             if let Some(p) = b.row_pitch {

@@ -1,14 +1,19 @@
-//! Which constants live on the device in half precision (`Graph::half_consts`): those whose
-//! every reader decodes 16-bit values as it loads them (`passes::half::read_only_as_weight`,
-//! the rule `--storage` rounds by too). The readers that do are the ones that read weights: a MatMul's or Gemm's A or B (also through a transpose read in place),
-//! `dora_norm_sq`'s W and a Gather's table (embeddings). A constant read by anything else (an
-//! element-wise op, Gemm's C) or fetched as a graph output stays f32, so every other kernel
-//! keeps reading `array<f32>`.
+//! Which constants live on the device other than as f32 values, and how kernels load them:
+//! in half precision (`Graph::half_consts`), or as the block-quantized codes of a quantized
+//! model (`Graph::blocked`, `ir::blocks`). A constant is stored so when every reader decodes as
+//! it loads (`passes::half::read_only_as_weight`, the rule `--storage` rounds by too). The
+//! readers that do are the ones that read weights: a MatMul's or Gemm's A or B (also through a
+//! transpose read in place), `dora_norm_sq`'s W and a Gather's table (embeddings). A constant
+//! read by anything else (an element-wise op, Gemm's C) or fetched as a graph output stays f32,
+//! so every other kernel keeps reading `array<f32>`.
 //!
 //! A half buffer is an `array<u32>` of packed pairs, element `k` in the low (even `k`) or high
-//! half of word `k / 2`; [`half_load`] renders the decoding load (`shaders/lib/half.wgsl`).
+//! half of word `k / 2`; a block buffer an `array<u32>` of the packed codes, then each block's
+//! scale and zero point as f32 bits. [`stored_load`] renders the decoding load
+//! (`shaders/lib/half.wgsl`, `shaders/lib/blocks.wgsl`).
 
-use crate::ir::{Graph, Half, NodeId, Op};
+use crate::codegen::wgsl::u32_lit;
+use crate::ir::{BlockFormat, Graph, NodeId, Op, Stored};
 use crate::passes::half::{read_only_as_matrix, read_only_as_weight};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,13 +39,13 @@ pub(crate) fn padded_rows(
     graph: &Graph,
     transposed: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
-    half: &BTreeMap<NodeId, Half>,
+    stored: &BTreeMap<NodeId, Stored>,
     max_bytes: u64,
 ) -> BTreeMap<NodeId, usize> {
     let is_reader = |c: NodeId| live.contains(&c);
     let in_place = |t: NodeId| transposed.contains(&t);
     (live.iter().copied())
-        .filter(|&n| !half.contains_key(&n))
+        .filter(|&n| !stored.contains_key(&n))
         .filter(|&n| matches!(graph.node(n).op, Op::Const(_)))
         .filter_map(|n| match graph.shape(n) {
             &[rows, cols] if rows >= 32 && cols % 32 == 0 && cols > 0 => {
@@ -87,30 +92,62 @@ fn read_across_rows(
     })
 }
 
-/// The constants stored in half precision, with their format.
-pub(crate) fn half_stored(
+/// The constants stored other than as f32 values, with their format.
+pub(crate) fn stored_consts(
     graph: &Graph,
     transposed: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
-) -> BTreeMap<NodeId, Half> {
+) -> BTreeMap<NodeId, Stored> {
     let is_reader = |c: NodeId| live.contains(&c);
     let in_place = |t: NodeId| transposed.contains(&t);
-    graph
-        .half_consts()
-        .iter()
-        .filter(|&(&n, _)| graph.contains(n) && live.contains(&n))
-        .filter(|&(&n, _)| matches!(graph.node(n).op, Op::Const(_)))
-        .filter(|&(&n, _)| read_only_as_weight(graph, n, &is_reader, &in_place))
-        .map(|(&n, &h)| (n, h))
+    (graph.half_consts().keys())
+        .chain(graph.blocked().keys())
+        .copied()
+        .filter(|&n| graph.contains(n) && live.contains(&n))
+        .filter(|&n| matches!(graph.node(n).op, Op::Const(_)))
+        .filter(|&n| read_only_as_weight(graph, n, &is_reader, &in_place))
+        .filter_map(|n| Some((n, graph.stored(n)?)))
         .collect()
 }
 
 /// The WGSL expression loading element `index` (a u32 expression) of `binding` stored as
-/// `storage` (`None`: f32). Half formats use `Lib::Half`.
-pub(crate) fn half_load(binding: &str, index: &str, storage: Option<Half>) -> String {
+/// `storage` (`None`: f32). Half formats use `Lib::Half`, blocks `Lib::Blocks`.
+pub(crate) fn stored_load(binding: &str, index: &str, storage: Option<Stored>) -> String {
     match storage {
         None => format!("{binding}[{index}]"),
-        Some(Half::F16) => format!("f16_at({binding}[({index}) >> 1u], {index})"),
-        Some(Half::Bf16) => format!("bf16_at({binding}[({index}) >> 1u], {index})"),
+        Some(Stored::Half(crate::ir::Half::F16)) => {
+            format!("f16_at({binding}[({index}) >> 1u], {index})")
+        }
+        Some(Stored::Half(crate::ir::Half::Bf16)) => {
+            format!("bf16_at({binding}[({index}) >> 1u], {index})")
+        }
+        Some(Stored::Blocks(f)) => blocks_load(binding, index, &f),
     }
+}
+
+/// Element `index` of a block-quantized constant: its code's word, and its block's scale and
+/// zero point, each found by `block_place` (pure arithmetic the compiler computes once).
+fn blocks_load(binding: &str, index: &str, f: &BlockFormat) -> String {
+    let place = format!(
+        "block_place({index}, {}, {}, {}, {}, {}, {})",
+        u32_lit(f.cols as usize),
+        f.down_columns,
+        u32_lit(f.line_codes as usize),
+        u32_lit(f.bits as usize),
+        u32_lit(f.blocks as usize),
+        u32_lit(f.block as usize),
+    );
+    let zero = match f.zero_points {
+        true => format!(
+            "bitcast<f32>({binding}[{} + {place}.y])",
+            u32_lit(f.zeros_at() as usize)
+        ),
+        false => format!("{:.1}", (1u32 << (f.bits - 1)) as f32),
+    };
+    format!(
+        "block_value({binding}[{place}.x >> 5u], {place}.x, {}, {zero}, \
+         bitcast<f32>({binding}[{} + {place}.y]))",
+        u32_lit(f.bits as usize),
+        u32_lit(f.scales_at() as usize)
+    )
 }

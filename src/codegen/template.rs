@@ -55,6 +55,8 @@ pub enum Lib {
     GatherPosition,
     /// Decoding of f16 / bf16 pairs (weights stored in half precision).
     Half,
+    /// Decoding of block-quantized codes (weights stored as a quantized model stores them).
+    Blocks,
 }
 
 impl Lib {
@@ -62,6 +64,7 @@ impl Lib {
         match self {
             Lib::Erf => include_str!("../../shaders/lib/erf.wgsl"),
             Lib::Half => include_str!("../../shaders/lib/half.wgsl"),
+            Lib::Blocks => include_str!("../../shaders/lib/blocks.wgsl"),
             Lib::Tanh => include_str!("../../shaders/lib/tanh.wgsl"),
             Lib::Pow => include_str!("../../shaders/lib/pow.wgsl"),
             Lib::PowInt => include_str!("../../shaders/lib/pow_int.wgsl"),

@@ -118,8 +118,8 @@ pub struct Binding {
     pub name: String,
     pub value: String,
     pub shape: Vec<usize>,
-    /// Stored in this half-precision format, two values per `u32` (see `storage`).
-    pub packed: Option<&'static str>,
+    /// Stored other than as f32 in `u32` words (see `storage`), as this says.
+    pub packed: Option<String>,
     /// Buffers in the binding: above 1, a binding array of that many buffers of this one's
     /// shape and storage (`value` names the first), read as `name[k].v[i]`.
     pub count: usize,
@@ -147,8 +147,8 @@ pub fn bindings(inputs: &[Binding], outputs: &[Binding]) -> String {
         s += &format!("struct {name} {{ v: array<{elem}> }}\n");
     }
     for (i, b) in inputs.iter().enumerate() {
-        let (elem, note) = match (b.packed, b.quads) {
-            (Some(h), _) => ("u32", format!(", {h} pairs")),
+        let (elem, note) = match (&b.packed, b.quads) {
+            (Some(h), _) => ("u32", format!(", {h}")),
             (None, true) => ("vec4<f32>", ", read as vec4s".to_string()),
             (None, false) => ("f32", String::new()),
         };

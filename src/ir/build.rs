@@ -2,7 +2,7 @@
 //! else sees yet, then [`GraphBuilder::finish`] hands it over. From then on it changes only
 //! through patches.
 
-use super::{AdaptedLayer, Graph, Half, ModelInfo, NodeId, Op};
+use super::{AdaptedLayer, BlockCodes, Graph, Half, ModelInfo, NodeId, Op};
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
 use std::ops::Deref;
@@ -90,6 +90,13 @@ impl GraphBuilder {
     /// The graph's state updates become exactly these.
     pub fn set_updates(&mut self, updates: Vec<(NodeId, NodeId)>) {
         self.graph.updates = updates;
+    }
+
+    /// The constant `id` holds the values `codes` decode to (a block-quantized weight,
+    /// dequantized by the importer with [`BlockCodes::value`]'s arithmetic).
+    pub fn mark_blocked(&mut self, id: NodeId, codes: BlockCodes) {
+        debug_assert!(matches!(self.graph.node(id).op, Op::Const(_)));
+        self.graph.blocked.insert(id, std::sync::Arc::new(codes));
     }
 
     /// The constant `id` holds values exact in `format` (a half-precision initializer).

@@ -5,6 +5,7 @@
 //! slot it feeds. Shapes are static and checked when a node is added: a graph that exists is a
 //! graph whose shapes fit.
 
+mod blocks;
 mod build;
 mod dump;
 pub mod lookups;
@@ -12,6 +13,7 @@ pub use dump::to_dot;
 pub mod op;
 pub mod patch;
 
+pub use blocks::{BlockCodes, BlockFormat};
 pub use build::GraphBuilder;
 
 pub use crate::ops::unary;
@@ -24,6 +26,7 @@ use petgraph::stable_graph::{NodeIndex, StableGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 pub type NodeId = NodeIndex<u32>;
 
@@ -242,6 +245,10 @@ pub struct Graph {
     /// `codegen::storage`), computing in f32 as always. The reference executor reads the same
     /// (already rounded) f32 values.
     half_consts: BTreeMap<NodeId, Half>,
+    /// Constants dequantized at import from block-quantized codes, with those codes (see
+    /// `blocks`): the planner stores the codes on the device where every reader decodes them.
+    /// A new value (`Patch::set_const`) drops the record.
+    blocked: BTreeMap<NodeId, Arc<BlockCodes>>,
     /// Copies of forward values that the backward pass computes again from a value it keeps
     /// anyway (`passes::recompute`), each with the node it copies: the planner computes each
     /// in its readers' kernel, never as the epilogue of the kernel that computes the original.
@@ -305,6 +312,41 @@ impl Half {
         match self {
             Half::F16 => half::f16::from_f32(x).to_bits(),
             Half::Bf16 => half::bf16::from_f32(x).to_bits(),
+        }
+    }
+}
+
+/// How the device stores a constant other than as f32 values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stored {
+    /// 16-bit floats, two a word.
+    Half(Half),
+    /// Block-quantized codes, then scales and zero points (`blocks`).
+    Blocks(BlockFormat),
+}
+
+impl Stored {
+    /// What plans say: "f16", "4-bit blocks of 32".
+    pub fn name(&self) -> String {
+        match self {
+            Stored::Half(h) => h.name().to_string(),
+            Stored::Blocks(f) => f.name(),
+        }
+    }
+
+    /// What a kernel's binding holds, for its comment: "f16 pairs".
+    pub fn words_note(&self) -> String {
+        match self {
+            Stored::Half(h) => format!("{} pairs", h.name()),
+            Stored::Blocks(f) => format!("{} with their scales", f.name()),
+        }
+    }
+
+    /// 32-bit words of the buffer of a constant of `len` elements.
+    pub fn words(&self, len: usize) -> u64 {
+        match self {
+            Stored::Half(_) => len.div_ceil(2) as u64,
+            Stored::Blocks(f) => f.words(),
         }
     }
 }
@@ -391,6 +433,18 @@ impl Graph {
         &self.half_consts
     }
 
+    /// Constants that keep the block-quantized codes they were dequantized from.
+    pub fn blocked(&self) -> &BTreeMap<NodeId, Arc<BlockCodes>> {
+        &self.blocked
+    }
+
+    /// How the constant `n` may be stored on the device other than as f32 values (where its
+    /// readers decode it: `codegen::storage` decides).
+    pub fn stored(&self, n: NodeId) -> Option<Stored> {
+        (self.half_consts.get(&n).map(|&h| Stored::Half(h)))
+            .or_else(|| self.blocked.get(&n).map(|b| Stored::Blocks(b.format)))
+    }
+
     /// Nodes that recompute a forward value for the backward pass -> the node each copies.
     pub fn recomputed(&self) -> &BTreeMap<NodeId, NodeId> {
         &self.recomputed
@@ -444,6 +498,7 @@ impl Graph {
             }
             self.conv_filters.remove(&id);
             self.half_consts.remove(&id);
+            self.blocked.remove(&id);
             self.recomputed.remove(&id);
         }
     }

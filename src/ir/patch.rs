@@ -359,10 +359,15 @@ impl Graph {
         }
         for edit in e.in_place {
             match edit {
-                InPlace::Op(n, op) => self.graph[n].op = op,
+                InPlace::Op(n, op) => {
+                    // A new value or op: the codes no longer give it.
+                    self.blocked.remove(&n);
+                    self.graph[n].op = op
+                }
                 InPlace::Promote(n) => {
                     self.graph[n].op = Op::Input;
                     self.half_consts.remove(&n);
+                    self.blocked.remove(&n);
                     self.inputs.push(n);
                 }
                 InPlace::Half(n, format) => _ = self.half_consts.insert(n, format),

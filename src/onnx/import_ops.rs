@@ -558,6 +558,21 @@ impl<'a> Ctx<'a> {
         Ok(self.graph.add_labelled_const(name, &self.label, value))
     }
 
+    /// [`add_const`](Ctx::add_const) for a weight dequantized from `codes`, which the device
+    /// may store instead of its f32 values (`ir::blocks`).
+    pub fn add_blocked_const(
+        &mut self,
+        name: &str,
+        value: Tensor,
+        codes: Option<crate::ir::BlockCodes>,
+    ) -> Result<NodeId> {
+        let id = self.add_const(name, value)?;
+        if let Some(codes) = codes {
+            self.graph.mark_blocked(id, codes);
+        }
+        Ok(id)
+    }
+
     /// Registers `id` as the value of output `i` (> 0) of a node with several outputs; an
     /// output with no name is skipped.
     pub fn set_output(&mut self, i: usize, id: NodeId) {

@@ -37,6 +37,10 @@ pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
         let Some(values) = t.as_f32() else {
             continue;
         };
+        // A weight kept as a quantized model's codes already takes less than half precision.
+        if graph.blocked().contains_key(&n) {
+            continue;
+        }
         // Before fusion, any transpose may turn out to be read in place: `decodes` still
         // requires its readers to be matmul operands.
         if values.len() < HALF_MIN_ELEMENTS || !read_only_as_weight(graph, n, &|_| true, &|_| true)

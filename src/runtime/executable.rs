@@ -783,24 +783,34 @@ fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<()> {
 fn write_mapped(
     buffer: &wgpu::Buffer,
     tensor: &crate::tensor::Tensor,
-    half: Option<crate::ir::Half>,
+    stored: Option<crate::ir::Stored>,
+    blocks: Option<&crate::ir::BlockCodes>,
 ) -> std::result::Result<(), String> {
+    use crate::ir::Stored;
     if tensor.numel() == 0 {
         return Ok(());
     }
-    if let Some(h) = half {
-        let owned;
-        let values: &[f32] = match tensor.as_f32() {
-            Some(v) => v,
-            None => {
-                owned = tensor.to_f32();
-                &owned
-            }
-        };
-        let words: Vec<u32> = values
-            .chunks(2)
-            .map(|p| h.bits(p[0]) as u32 | (p.get(1).map_or(0, |&x| h.bits(x)) as u32) << 16)
-            .collect();
+    let words: Vec<u32> = match (stored, blocks) {
+        (None, _) => vec![],
+        (Some(Stored::Blocks(_)), Some(codes)) => codes.device_words(),
+        (Some(Stored::Blocks(_)), None) => {
+            return Err("its codes are missing (planner bug)".into());
+        }
+        (Some(Stored::Half(h)), _) => {
+            let owned;
+            let values: &[f32] = match tensor.as_f32() {
+                Some(v) => v,
+                None => {
+                    owned = tensor.to_f32();
+                    &owned
+                }
+            };
+            (values.chunks(2))
+                .map(|p| h.bits(p[0]) as u32 | (p.get(1).map_or(0, |&x| h.bits(x)) as u32) << 16)
+                .collect()
+        }
+    };
+    if stored.is_some() {
         let bytes = 4 * words.len() as u64;
         let mut view = buffer
             .slice(..bytes)
@@ -910,7 +920,12 @@ fn create_buffers(
             })?;
             let result = match (spec.row_pitch, spec.shape.as_slice()) {
                 (Some(pitch), &[_, cols]) => write_rows_mapped(&buffer, tensor, cols, pitch),
-                _ => write_mapped(&buffer, tensor, spec.half),
+                _ => write_mapped(
+                    &buffer,
+                    tensor,
+                    spec.stored,
+                    graph.blocked().get(&n).map(|c| &**c),
+                ),
             };
             buffer.unmap();
             result.map_err(|e| Error::gpu(format!("uploading '{}': {e}", spec.name)))?;

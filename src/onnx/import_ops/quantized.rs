@@ -13,7 +13,7 @@
 use super::lowered::{spread_quantization, tmp};
 use super::Ctx;
 use crate::error::Result;
-use crate::ir::{unary, Binary, NodeId, Op, Reduce};
+use crate::ir::{unary, Binary, BlockCodes, BlockFormat, NodeId, Op, Reduce};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::tensor::{shape_str, DType, Tensor};
 
@@ -80,6 +80,45 @@ impl Layout {
         }
     }
 
+    /// The codes as the device may store them (`ir::blocks`: a line per column of the weight),
+    /// or `None` where the layout does not fit there.
+    fn block_codes(
+        &self,
+        codes: &[i64],
+        scales: &[f64],
+        zero_points: &ZeroPoints,
+    ) -> Option<BlockCodes> {
+        let line = self.blocks * self.block;
+        let format = BlockFormat::new(
+            &[self.k, self.n],
+            self.bits,
+            self.block,
+            true,
+            line,
+            self.blocks,
+            !matches!(zero_points, ZeroPoints::Default),
+        )?;
+        let zeros = match zero_points {
+            ZeroPoints::Default => vec![],
+            ZeroPoints::Packed(z) => {
+                let per_row = (self.blocks * self.bits).div_ceil(8);
+                (0..self.n * self.blocks)
+                    .map(|at| {
+                        let (row, b) = (at / self.blocks, at % self.blocks);
+                        self.code(&z[row * per_row..(row + 1) * per_row], b) as f32
+                    })
+                    .collect()
+            }
+            ZeroPoints::Float(z) => z.iter().map(|&v| v as f32).collect(),
+        };
+        Some(BlockCodes {
+            format,
+            codes: codes.iter().map(|&c| c as u8).collect(),
+            scales: scales.iter().map(|&s| s as f32).collect(),
+            zeros,
+        })
+    }
+
     /// Row `row` of B (column `row` of the weight) from block `first_block` on, as many values
     /// as `out` holds.
     fn dequantize_row(
@@ -104,9 +143,10 @@ impl Layout {
                 }
                 ZeroPoints::Float(z) => z[at],
             };
-            // Each code's value, once a block: (code - zero) * scale rounds once, in f64 as in
-            // f32, so the table gives what onnxruntime's float arithmetic gives.
-            let value = |c: u32| ((f64::from(c) - zero) * scale) as f32;
+            // Each code's value, once a block, in f32 as a kernel decodes codes stored on the
+            // device (`ir::BlockCodes::value`). With an integer zero point the product rounds
+            // once, as in onnxruntime's float arithmetic.
+            let value = |c: u32| (c as f32 - zero as f32) * scale as f32;
             let lut: Vec<f32> = (0..1u32 << self.bits).map(value).collect();
             let bytes = &codes[at * blob..(at + 1) * blob];
             let (per_byte, mask) = (8 / self.bits, (1u32 << self.bits) - 1);
@@ -353,9 +393,11 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
         return Err(cx.unsupported("MatMulNBits with g_idx (a permutation of K)".into()));
     }
     let bias = cx.opt_input(5)?;
-    let w = layout.dequantize(integers(&codes), &scales.to_f64(), &zero_points);
+    let scales = scales.to_f64();
+    let w = layout.dequantize(integers(&codes), &scales, &zero_points);
+    let stored = layout.block_codes(integers(&codes), &scales, &zero_points);
     let name = cx.temp_name("weight");
-    let w = cx.add_const(&name, w)?;
+    let w = cx.add_blocked_const(&name, w, stored)?;
     match bias {
         None => cx.add(Op::MatMul, &[a, w]),
         Some(bias) => {
@@ -507,13 +549,42 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
                         }
                         Some(z) => z[at] as f64,
                     };
-                    *v = ((code - zero) * scales[at]) as f32;
+                    // In f32, as a kernel decodes codes stored on the device.
+                    *v = (code as f32 - zero as f32) * scales[at] as f32;
                 }
             }
         }
     });
+    // The builder's uint8 form is kept as codes a line per row of the table (`ir::blocks`).
+    let stored = packed_bytes
+        .then(|| {
+            let format = BlockFormat::new(
+                &table.shape,
+                bits,
+                block,
+                false,
+                along,
+                blocks,
+                zero_points.is_some(),
+            )?;
+            let zeros = zero_points.map_or(vec![], |z| {
+                (0..table.numel() / along * blocks)
+                    .map(|at| {
+                        let (o, b) = (at / blocks, at % blocks);
+                        layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b) as f32
+                    })
+                    .collect()
+            });
+            Some(BlockCodes {
+                format,
+                codes: codes.iter().map(|&c| c as u8).collect(),
+                scales: scales.iter().map(|&s| s as f32).collect(),
+                zeros,
+            })
+        })
+        .flatten();
     let name = cx.temp_name("table");
-    let table = cx.add_const(&name, table)?;
+    let table = cx.add_blocked_const(&name, table, stored)?;
     let ids = cx.input(1)?;
     if cx.dtype(ids).is_float() {
         return Err(cx.err("the indices (input 1) are floats, expected integers".into()));

@@ -1,0 +1,163 @@
+//! Weights kept on the device in the block-quantized codes a model stores them in.
+//!
+//! A quantized model (`MatMulNBits`, the builder's `GatherBlockQuantized`) stores a weight as
+//! 2-, 4- or 8-bit codes with a scale, and maybe a zero point, per block of codes. The importer
+//! dequantizes it into an f32 constant, which every pass and the reference executor read; the
+//! constant also keeps the codes (`Graph::blocked`), so that the planner can put the codes on
+//! the device instead of the f32 values: 4-bit codes with a scale per 32 take 5 bits a weight,
+//! not 32. Kernels decode each weight as they load it, with f32 arithmetic that gives the
+//! constant's value bit for bit ([`BlockCodes::value`] is the device's formula).
+//!
+//! The codes of a `[.., cols]` constant run in *lines*: down its columns (MatMulNBits keeps the
+//! `[K, N]` weight's codes as `[N, K]` rows, a line per output column) or along its rows (an
+//! embedding table, a line per token). A line holds `line_codes` codes (a last block may be
+//! padded) in `blocks` blocks of `block`.
+
+use crate::tensor::numel;
+
+/// The layout of a block-quantized constant: what a kernel needs to decode its elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlockFormat {
+    /// Bits a code: 2, 4 or 8 (a code never straddles a 32-bit word).
+    pub bits: u32,
+    /// Codes a block.
+    pub block: u32,
+    /// The constant's last dim: element `i` is at row `i / cols`, column `i % cols`.
+    pub cols: u32,
+    /// Lines run down the columns (line `c` holds column `c`), else along the rows.
+    pub down_columns: bool,
+    /// How many lines.
+    pub lines: u32,
+    /// Codes a line, padding included.
+    pub line_codes: u32,
+    /// Blocks a line.
+    pub blocks: u32,
+    /// Each block has its own zero point; else every block's is the middle code, 2^(bits-1).
+    pub zero_points: bool,
+}
+
+/// A constant's codes, scales and zero points, in [`BlockFormat`]'s layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockCodes {
+    pub format: BlockFormat,
+    /// `lines * line_codes` codes, packed from the low bits of each byte up.
+    pub codes: Vec<u8>,
+    /// A scale a block, `[lines, blocks]`.
+    pub scales: Vec<f32>,
+    /// A zero point a block, `[lines, blocks]` (empty without `zero_points`), as a float: an
+    /// integer code, or a float zero point as the file gives it.
+    pub zeros: Vec<f32>,
+}
+
+impl BlockFormat {
+    /// A layout of `lines` lines for a constant of `shape`, when the pieces fit together and
+    /// every code's bit offset fits in a u32 (the kernels index with u32); else `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shape: &[usize],
+        bits: usize,
+        block: usize,
+        down_columns: bool,
+        line_codes: usize,
+        blocks: usize,
+        zero_points: bool,
+    ) -> Option<Self> {
+        let cols = *shape.last()?;
+        let len = numel(shape);
+        let lines = match down_columns {
+            true if shape.len() == 2 => cols,
+            false if cols > 0 => len / cols,
+            _ => return None,
+        };
+        let line_len = if lines == 0 { 0 } else { len / lines };
+        let fits = matches!(bits, 2 | 4 | 8)
+            && block > 0
+            && line_codes >= line_len
+            && blocks == line_codes.div_ceil(block)
+            && (lines as u64 * line_codes as u64 * bits as u64) < 1 << 32;
+        let u = |v: usize| u32::try_from(v).ok();
+        fits.then_some(())?;
+        Some(BlockFormat {
+            bits: bits as u32,
+            block: u(block)?,
+            cols: u(cols)?,
+            down_columns,
+            lines: u(lines)?,
+            line_codes: u(line_codes)?,
+            blocks: u(blocks)?,
+            zero_points,
+        })
+    }
+
+    /// Bytes of packed codes.
+    pub fn code_bytes(&self) -> usize {
+        (self.lines as usize * self.line_codes as usize * self.bits as usize).div_ceil(8)
+    }
+
+    /// 32-bit words of the device buffer: the codes (padded to a word), then the scales, then
+    /// the zero points.
+    pub fn words(&self) -> u64 {
+        let per_block = 1 + u64::from(self.zero_points);
+        (self.code_bytes() as u64).div_ceil(4) + per_block * self.lines as u64 * self.blocks as u64
+    }
+
+    /// Word offset of the scales in the device buffer.
+    pub fn scales_at(&self) -> u64 {
+        (self.code_bytes() as u64).div_ceil(4)
+    }
+
+    /// Word offset of the zero points in the device buffer.
+    pub fn zeros_at(&self) -> u64 {
+        self.scales_at() + self.lines as u64 * self.blocks as u64
+    }
+
+    /// Element `i`'s line and its position in the line.
+    pub fn line_of(&self, i: usize) -> (usize, usize) {
+        let (row, col) = (i / self.cols as usize, i % self.cols as usize);
+        match self.down_columns {
+            true => (col, row),
+            false => (row, col),
+        }
+    }
+
+    /// A short name for plans: "4-bit blocks of 32".
+    pub fn name(&self) -> String {
+        format!("{}-bit blocks of {}", self.bits, self.block)
+    }
+}
+
+impl BlockCodes {
+    /// Element `i`'s value as a kernel decodes it: `(code - zero) * scale` in f32.
+    pub fn value(&self, i: usize) -> f32 {
+        let f = &self.format;
+        let (line, at) = f.line_of(i);
+        let bit = (line * f.line_codes as usize + at) * f.bits as usize;
+        let code = (self.codes[bit / 8] >> (bit % 8)) as u32 & ((1 << f.bits) - 1);
+        let b = line * f.blocks as usize + at / f.block as usize;
+        let zero = match f.zero_points {
+            true => self.zeros[b],
+            false => (1u32 << (f.bits - 1)) as f32,
+        };
+        (code as f32 - zero) * self.scales[b]
+    }
+
+    /// Whether these codes decode to exactly `values` (the constant's, row-major), bit for bit.
+    pub fn decodes_to(&self, values: &[f32]) -> bool {
+        let f = &self.format;
+        let lines = f.lines as usize * f.blocks as usize;
+        self.codes.len() == f.code_bytes()
+            && self.scales.len() == lines
+            && self.zeros.len() == if f.zero_points { lines } else { 0 }
+            && (values.iter().enumerate()).all(|(i, v)| self.value(i).to_bits() == v.to_bits())
+    }
+
+    /// The buffer a kernel reads, as words (see [`BlockFormat::words`]).
+    pub fn device_words(&self) -> Vec<u32> {
+        let mut words: Vec<u32> = (self.codes.chunks(4))
+            .map(|b| (b.iter().rev()).fold(0u32, |w, &byte| w << 8 | byte as u32))
+            .collect();
+        words.extend(self.scales.iter().map(|s| s.to_bits()));
+        words.extend(self.zeros.iter().map(|z| z.to_bits()));
+        words
+    }
+}
