@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use dorac::ir::{Graph, GraphBuilder, Op, Patch};
+use dorac::ir::{BlockCodes, BlockFormat, Graph, GraphBuilder, Op, Patch, Stored};
 use dorac::passes::split_large_constants;
 use dorac::tensor::{numel, Array, Rng, Tensor};
 use std::collections::BTreeMap;
@@ -258,4 +258,74 @@ fn oversized_trainable_tensors_train_in_chunks() {
             }
         }
     }
+}
+
+/// A random block-quantized constant of `shape` (4-bit codes, blocks of 16, a zero point a
+/// block), its lines down its columns or along its rows, marked to keep its codes.
+fn blocked(g: &mut GraphBuilder, rng: &mut Rng, name: &str, shape: [usize; 2], down: bool) {
+    let (lines, line_len) = if down {
+        (shape[1], shape[0])
+    } else {
+        (shape[0], shape[1])
+    };
+    let blocks = line_len.div_ceil(16);
+    let format = BlockFormat::new(&shape, 4, 16, down, blocks * 16, blocks, true).unwrap();
+    let per_block = || (0..lines * blocks);
+    let codes = BlockCodes {
+        format,
+        codes: (0..format.code_bytes())
+            .map(|_| rng.range(0.0, 256.0) as u8)
+            .collect(),
+        scales: per_block().map(|_| rng.range(-0.5, 0.5) as f32).collect(),
+        zeros: per_block()
+            .map(|_| rng.range(0.0, 16.0).floor() as f32)
+            .collect(),
+    };
+    let values = (0..shape[0] * shape[1]).map(|i| codes.value(i)).collect();
+    let n = g.add_const(name, Tensor::f32(shape.to_vec(), values));
+    g.mark_blocked(n, codes);
+}
+
+/// Chunks of a constant that keeps its block-quantized codes keep theirs where the cut runs
+/// across its lines (a weight's columns, a table's rows): each chunk's codes decode to its
+/// values, the planner stores them as codes, and the split graph computes what the whole
+/// constant does.
+#[test]
+fn chunks_keep_block_codes() {
+    let mut rng = Rng::new(29);
+    let mut g = GraphBuilder::new();
+    let x = g.add_input("x", vec![3, 40]);
+    blocked(&mut g, &mut rng, "w", [40, 30], true);
+    blocked(&mut g, &mut rng, "wte", [50, 40], false);
+    let (w, table) = (g.find_by_name("w").unwrap(), g.find_by_name("wte").unwrap());
+    let y = g.add(Op::MatMul, &[x, w], "y", "y").unwrap();
+    g.add_output("y", y);
+    let ids = g.add_const("ids", Tensor::i64(vec![4], vec![0, 49, 13, 60]));
+    let e = g
+        .add(Op::Gather { axis: 0 }, &[table, ids], "e", "e")
+        .unwrap();
+    g.add_output("e", e);
+    let xv = Array::new(
+        vec![3, 40],
+        (0..120).map(|i| (i as f64 * 0.37).sin()).collect(),
+    );
+    check("blocked", &g, &[("x".into(), xv)].into(), 2048, 2);
+
+    let mut s: Graph = g.clone();
+    split_large_constants(&mut s, 2048).unwrap();
+    let chunks: Vec<_> = (s.blocked().iter())
+        .map(|(&n, codes)| (n, s.const_tensor(n).unwrap(), codes))
+        .collect();
+    assert_eq!(
+        chunks.len(),
+        3 + 5,
+        "w in 3 chunks of 12 columns, wte in 5 of 12 rows"
+    );
+    for (n, t, codes) in &chunks {
+        let name = &s.node(*n).name;
+        assert!(codes.decodes_to(t.as_f32().unwrap()), "{name}");
+    }
+    let plan = dorac::codegen::plan(&s).unwrap();
+    let stored = (plan.buffers.iter()).filter(|b| matches!(b.stored, Some(Stored::Blocks(_))));
+    assert_eq!(stored.count(), 8);
 }

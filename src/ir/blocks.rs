@@ -69,7 +69,7 @@ impl BlockFormat {
             false if cols > 0 => len / cols,
             _ => return None,
         };
-        let line_len = if lines == 0 { 0 } else { len / lines };
+        let line_len = len.checked_div(lines).unwrap_or(0);
         let fits = matches!(bits, 2 | 4 | 8)
             && block > 0
             && line_codes >= line_len
@@ -149,6 +149,37 @@ impl BlockCodes {
             && self.scales.len() == lines
             && self.zeros.len() == if f.zero_points { lines } else { 0 }
             && (values.iter().enumerate()).all(|(i, v)| self.value(i).to_bits() == v.to_bits())
+    }
+
+    /// The codes of lines `first..first + count` alone: a chunk of the constant cut along its
+    /// lines (its columns when they run down them, else its rows), as the split pass cuts
+    /// constants over the device's binding size. `None` where a line is not whole bytes.
+    pub fn lines(&self, first: usize, count: usize) -> Option<BlockCodes> {
+        let f = &self.format;
+        let line_bits = f.line_codes as usize * f.bits as usize;
+        if line_bits % 8 != 0 || first + count > f.lines as usize {
+            return None;
+        }
+        let per_line = f.blocks as usize;
+        let blocks = |v: &[f32]| match v.is_empty() {
+            true => vec![],
+            false => v[first * per_line..(first + count) * per_line].to_vec(),
+        };
+        let bytes = line_bits / 8;
+        Some(BlockCodes {
+            format: BlockFormat {
+                lines: u32::try_from(count).ok()?,
+                cols: if f.down_columns {
+                    u32::try_from(count).ok()?
+                } else {
+                    f.cols
+                },
+                ..*f
+            },
+            codes: self.codes[first * bytes..(first + count) * bytes].to_vec(),
+            scales: blocks(&self.scales),
+            zeros: blocks(&self.zeros),
+        })
     }
 
     /// The buffer a kernel reads, as words (see [`BlockFormat::words`]).

@@ -92,6 +92,19 @@ impl GraphBuilder {
         self.graph.updates = updates;
     }
 
+    /// Removes the constant `id` if no node reads it and it is no graph output: the importer
+    /// consumed it. Returns whether it did.
+    pub fn drop_unread_const(&mut self, id: NodeId) -> bool {
+        let g = &self.graph;
+        let unread = matches!(g.node(id).op, Op::Const(_))
+            && g.consumers(id).is_empty()
+            && !g.outputs.iter().any(|&(_, o)| o == id);
+        if unread {
+            self.graph.remove_node(id);
+        }
+        unread
+    }
+
     /// The constant `id` holds the values `codes` decode to (a block-quantized weight,
     /// dequantized by the importer with [`BlockCodes::value`]'s arithmetic).
     pub fn mark_blocked(&mut self, id: NodeId, codes: BlockCodes) {

@@ -3,7 +3,7 @@
 //! value to a new one. A patch is built against an immutable graph and applied in one step, so a
 //! rule that fails half-way (a shape error, say) leaves the graph untouched.
 
-use super::{AdaptedLayer, Graph, Half, Node, NodeId, Op};
+use super::{AdaptedLayer, BlockCodes, Graph, Half, Node, NodeId, Op};
 use crate::error::{Error, Result, Subject};
 use crate::tensor::{shape_str, DType, Tensor};
 use std::collections::HashSet;
@@ -56,6 +56,8 @@ struct Edits {
     /// Shunts for some users only: `(old, new, users)`.
     partial_shunts: Vec<(NodeId, PatchRef, Vec<NodeId>)>,
     in_place: Vec<InPlace>,
+    /// New constants that keep block-quantized codes (`Graph::blocked`).
+    blocked: Vec<(PatchRef, BlockCodes)>,
     /// Replaces the graph outputs (before `more_outputs` are appended).
     outputs: Option<Vec<(String, PatchRef)>>,
     more_outputs: Vec<(String, PatchRef)>,
@@ -145,6 +147,14 @@ impl<'g> Patch<'g> {
             op: Op::Const(tensor),
         };
         self.push(node, vec![])
+    }
+
+    /// A constant whose values `codes` decode to, kept as those codes where the device can
+    /// (`Graph::blocked`).
+    pub fn blocked_constant(&mut self, name: &str, tensor: Tensor, codes: BlockCodes) -> PatchRef {
+        let r = self.constant(name, tensor);
+        self.edits.blocked.push((r, codes));
+        r
     }
 
     /// An f32 scalar constant.
@@ -349,6 +359,10 @@ impl Graph {
         }
         for (r, original) in e.recomputed {
             self.recomputed.insert(resolve(&ids, r), original);
+        }
+        for (r, codes) in e.blocked {
+            self.blocked
+                .insert(resolve(&ids, r), std::sync::Arc::new(codes));
         }
         for n in e.promoted {
             self.recomputed.remove(&n);

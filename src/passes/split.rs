@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::ir::op::MAX_CONCAT_INPUTS;
-use crate::ir::{rewrite, Binary, Graph, NodeId, Op, Patch, PatchOps, PatchRef, Rule};
+use crate::ir::{rewrite, Binary, BlockCodes, Graph, NodeId, Op, Patch, PatchOps, PatchRef, Rule};
 use crate::tensor::{shape_str, DType, Tensor};
 
 /// The constants of `graph` over `max_bytes`.
@@ -294,17 +294,43 @@ fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRe
         unreachable!("only constants are split")
     };
     let name = g.node(c).name.clone();
+    let blocked = g.blocked().get(&c).cloned();
+    let shape = t.shape.clone();
     cut(t, axis, max_bytes)
         .into_iter()
         .map(|(start, part)| {
             let len = part.shape[axis];
-            (
-                p.constant(&format!("{name}/rows_{start}"), part),
-                start,
-                len,
-            )
+            let name = format!("{name}/rows_{start}");
+            let codes = (blocked.as_ref()).and_then(|b| chunk_codes(b, &shape, axis, start, len));
+            let chunk = match codes {
+                Some(codes) => p.blocked_constant(&name, part, codes),
+                None => p.constant(&name, part),
+            };
+            (chunk, start, len)
         })
         .collect()
+}
+
+/// The block-quantized codes of a chunk, `start..start + len` along `axis`, of a constant of
+/// `shape` that keeps its codes: where the cut runs across its lines (columns of a weight whose
+/// lines run down them, leading rows of a table whose lines run along them), the chunk keeps
+/// its lines' codes, and the device stores it as codes too.
+fn chunk_codes(
+    codes: &BlockCodes,
+    shape: &[usize],
+    axis: usize,
+    start: usize,
+    len: usize,
+) -> Option<BlockCodes> {
+    let rank = shape.len();
+    match codes.format.down_columns {
+        true if rank == 2 && axis == 1 => codes.lines(start, len),
+        false if axis == 0 && rank >= 2 => {
+            let per_index = shape[1..rank - 1].iter().product::<usize>();
+            codes.lines(start * per_index, len * per_index)
+        }
+        _ => None,
+    }
 }
 
 /// `t` cut along `axis` into pieces of at most `max_bytes`: (first index, piece).
