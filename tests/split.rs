@@ -270,7 +270,7 @@ fn blocked(g: &mut GraphBuilder, rng: &mut Rng, name: &str, shape: [usize; 2], d
     };
     let blocks = line_len.div_ceil(16);
     let format = BlockFormat::new(&shape, 4, 16, down, blocks * 16, blocks, true).unwrap();
-    let per_block = || (0..lines * blocks);
+    let per_block = || 0..lines * blocks;
     let codes = BlockCodes {
         format,
         codes: (0..format.code_bytes())

@@ -157,7 +157,7 @@ impl BlockCodes {
     pub fn lines(&self, first: usize, count: usize) -> Option<BlockCodes> {
         let f = &self.format;
         let line_bits = f.line_codes as usize * f.bits as usize;
-        if line_bits % 8 != 0 || first + count > f.lines as usize {
+        if !line_bits.is_multiple_of(8) || first + count > f.lines as usize {
             return None;
         }
         let per_line = f.blocks as usize;
