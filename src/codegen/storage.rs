@@ -100,8 +100,10 @@ pub(crate) fn stored_consts(
 ) -> BTreeMap<NodeId, Stored> {
     let is_reader = |c: NodeId| live.contains(&c);
     let in_place = |t: NodeId| transposed.contains(&t);
+    // `DORAC_F32_WEIGHTS=1` keeps quantized weights f32 on the device, to compare.
+    let codes = std::env::var_os("DORAC_F32_WEIGHTS").is_none_or(|v| v == "0");
     (graph.half_consts().keys())
-        .chain(graph.blocked().keys())
+        .chain(graph.blocked().keys().filter(|_| codes))
         .copied()
         .filter(|&n| graph.contains(n) && live.contains(&n))
         .filter(|&n| matches!(graph.node(n).op, Op::Const(_)))

@@ -9,6 +9,7 @@
 //!   constant, so the import dequantizes it once into an f32 `[K, N]` constant and the node
 //!   becomes a plain MatMul (plus its bias): it runs, trains and merges like any linear layer,
 //!   and the DoRA rewrite adapts it, with the dequantized weight as W0 (QDoRA's arrangement).
+//!   The constant keeps the codes (`ir::blocks`): the device stores those, not the f32 values.
 
 use super::lowered::{spread_quantization, tmp};
 use super::Ctx;
