@@ -56,6 +56,17 @@ pub enum F32Buf {
     /// and shared by the clones. Most weights are never read on the host, so most are never
     /// converted (protobuf aligns nothing: 83 MB of MiniLM's 90 MB are not 4-byte aligned).
     Raw(Arc<RawF32>),
+    /// Values computed on the first read and shared by the clones: a quantized weight, which
+    /// the device reads as its codes (`ir::blocks`), so that a host that never reads the values
+    /// never holds them.
+    Lazy(Arc<LazyF32>),
+}
+
+/// The values of an [`F32Buf::Lazy`]: how to compute them, and them once computed.
+pub struct LazyF32 {
+    len: usize,
+    make: Box<dyn Fn() -> Vec<f32> + Send + Sync>,
+    values: std::sync::OnceLock<Box<[f32]>>,
 }
 
 /// The bytes of an [`F32Buf::Raw`] and their conversion, made at most once.
@@ -90,6 +101,34 @@ impl F32Buf {
         })
     }
 
+    /// `len` values that `make` computes when they are first read.
+    pub fn lazy(len: usize, make: impl Fn() -> Vec<f32> + Send + Sync + 'static) -> F32Buf {
+        F32Buf::Lazy(Arc::new(LazyF32 {
+            len,
+            make: Box::new(make),
+            values: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// How many values, without computing lazy ones.
+    pub fn len(&self) -> usize {
+        match self {
+            F32Buf::Owned(v) => v.len(),
+            F32Buf::Mapped { len, .. } => *len,
+            F32Buf::Raw(raw) => raw.bytes.len() / 4,
+            F32Buf::Lazy(lazy) => lazy.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the values are computed on their first read and not read yet.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, F32Buf::Lazy(lazy) if lazy.values.get().is_none())
+    }
+
     pub fn is_mapped(&self) -> bool {
         matches!(self, F32Buf::Mapped { .. } | F32Buf::Raw(_))
     }
@@ -102,10 +141,12 @@ impl F32Buf {
             // Only little-endian hosts build these two.
             F32Buf::Raw(raw) => Cow::Borrowed(&raw.bytes),
             F32Buf::Mapped { map, offset, len } => Cow::Borrowed(&map[*offset..*offset + *len * 4]),
-            F32Buf::Owned(v) if cfg!(target_endian = "little") => {
-                Cow::Borrowed(bytemuck::cast_slice(v))
+            F32Buf::Owned(_) | F32Buf::Lazy(_) if cfg!(target_endian = "little") => {
+                Cow::Borrowed(bytemuck::cast_slice(self))
             }
-            F32Buf::Owned(v) => Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            F32Buf::Owned(_) | F32Buf::Lazy(_) => {
+                Cow::Owned(self.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
         }
     }
 }
@@ -127,6 +168,15 @@ impl std::ops::Deref for F32Buf {
                         .collect()
                 }),
             },
+            F32Buf::Lazy(lazy) => lazy.values.get_or_init(|| {
+                let values = (lazy.make)();
+                assert_eq!(
+                    values.len(),
+                    lazy.len,
+                    "a lazy buffer computed the wrong count"
+                );
+                values.into()
+            }),
         }
     }
 }
@@ -139,7 +189,11 @@ impl PartialEq for F32Buf {
 
 impl std::fmt::Debug for F32Buf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if self.is_mapped() { "mapped" } else { "owned" };
+        let kind = match self {
+            F32Buf::Lazy(_) => "lazy",
+            _ if self.is_mapped() => "mapped",
+            _ => "owned",
+        };
         write!(f, "F32Buf({kind}, {} values)", self.len())
     }
 }

@@ -13,7 +13,8 @@
 //! embedding table, a line per token). A line holds `line_codes` codes (a last block may be
 //! padded) in `blocks` blocks of `block`.
 
-use crate::tensor::numel;
+use crate::tensor::{numel, Data, F32Buf, Tensor};
+use std::sync::Arc;
 
 /// The layout of a block-quantized constant: what a kernel needs to decode its elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,6 +29,8 @@ pub struct BlockFormat {
     pub down_columns: bool,
     /// How many lines.
     pub lines: u32,
+    /// Values a line holds: the constant's rows when lines run down its columns, else `cols`.
+    pub line_len: u32,
     /// Codes a line, padding included.
     pub line_codes: u32,
     /// Blocks a line.
@@ -83,6 +86,7 @@ impl BlockFormat {
             cols: u(cols)?,
             down_columns,
             lines: u(lines)?,
+            line_len: u(line_len)?,
             line_codes: u(line_codes)?,
             blocks: u(blocks)?,
             zero_points,
@@ -141,6 +145,99 @@ impl BlockCodes {
         (code as f32 - zero) * self.scales[b]
     }
 
+    /// The f32 constant of `shape` (as many elements as the format covers) whose values these
+    /// codes decode to, computed when first read (`F32Buf::Lazy`): the device reads the codes,
+    /// so a host that reads no values (inference) never holds them.
+    pub fn tensor(codes: &Arc<BlockCodes>, shape: Vec<usize>) -> Tensor {
+        let codes = Arc::clone(codes);
+        Tensor {
+            data: Data::F32(F32Buf::lazy(numel(&shape), move || codes.dequantize())),
+            shape,
+        }
+    }
+
+    /// Every value, row-major, on every thread: the same arithmetic as [`value`](Self::value),
+    /// a table of each block's 2^bits values at a time.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let f = &self.format;
+        let (cols, lines) = (f.cols as usize, f.lines as usize);
+        let line_len = f.line_len as usize;
+        let mut out = vec![0f32; lines * line_len];
+        if out.is_empty() {
+            return out;
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        if !f.down_columns {
+            // Each line is one run of `cols` values.
+            let per = lines.div_ceil(threads).max(1);
+            std::thread::scope(|scope| {
+                for (t, part) in out.chunks_mut(per * cols.max(1)).enumerate() {
+                    scope.spawn(move || {
+                        for (l, run) in part.chunks_mut(cols).enumerate() {
+                            self.decode_line(t * per + l, 0, run);
+                        }
+                    });
+                }
+            });
+            return out;
+        }
+        // Lines are columns: each thread takes a run of rows (whole blocks), decodes a tile of
+        // lines' segments, then writes them out along the rows.
+        const TILE: usize = 64;
+        let rows = line_len;
+        let per = rows
+            .div_ceil(threads)
+            .next_multiple_of(f.block as usize)
+            .max(1);
+        std::thread::scope(|scope| {
+            for (t, part) in out.chunks_mut(per * cols).enumerate() {
+                scope.spawn(move || {
+                    let first = t * per;
+                    let n = part.len() / cols;
+                    let mut tile = vec![0f32; TILE * n];
+                    for c0 in (0..lines).step_by(TILE) {
+                        let width = TILE.min(lines - c0);
+                        for (j, seg) in tile.chunks_exact_mut(n).take(width).enumerate() {
+                            self.decode_line(c0 + j, first, seg);
+                        }
+                        for (r, row) in part.chunks_exact_mut(cols).enumerate() {
+                            for (j, v) in row[c0..c0 + width].iter_mut().enumerate() {
+                                *v = tile[j * n + r];
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        out
+    }
+
+    /// Codes `from..from + out.len()` of line `line`, decoded into `out`.
+    fn decode_line(&self, line: usize, from: usize, out: &mut [f32]) {
+        let f = &self.format;
+        let (bits, block) = (f.bits as usize, f.block as usize);
+        let mask = (1u32 << bits) - 1;
+        let first_bit = line * f.line_codes as usize * bits;
+        let (mut at, mut written) = (from, 0);
+        while written < out.len() {
+            let b = at / block;
+            let end = ((b + 1) * block).min(from + out.len());
+            let k = line * f.blocks as usize + b;
+            let zero = match f.zero_points {
+                true => self.zeros[k],
+                false => (1u32 << (bits - 1)) as f32,
+            };
+            let scale = self.scales[k];
+            let lut: Vec<f32> = (0..=mask).map(|c| (c as f32 - zero) * scale).collect();
+            for (i, v) in (at..end).zip(&mut out[written..]) {
+                let bit = first_bit + i * bits;
+                *v = lut[((self.codes[bit / 8] >> (bit % 8)) as u32 & mask) as usize];
+            }
+            written += end - at;
+            at = end;
+        }
+    }
+
     /// Whether these codes decode to exactly `values` (the constant's, row-major), bit for bit.
     pub fn decodes_to(&self, values: &[f32]) -> bool {
         let f = &self.format;
@@ -190,5 +287,95 @@ impl BlockCodes {
         words.extend(self.scales.iter().map(|s| s.to_bits()));
         words.extend(self.zeros.iter().map(|z| z.to_bits()));
         words
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Rng;
+
+    fn random(
+        rng: &mut Rng,
+        shape: [usize; 2],
+        bits: usize,
+        block: usize,
+        down: bool,
+    ) -> BlockCodes {
+        let (lines, len) = if down {
+            (shape[1], shape[0])
+        } else {
+            (shape[0], shape[1])
+        };
+        let blocks = len.div_ceil(block);
+        let format = BlockFormat::new(&shape, bits, block, down, blocks * block, blocks, down)
+            .expect("a layout that fits");
+        let per_block = lines * blocks;
+        BlockCodes {
+            format,
+            codes: (0..format.code_bytes())
+                .map(|_| rng.range(0.0, 256.0) as u8)
+                .collect(),
+            scales: (0..per_block)
+                .map(|_| rng.range(-1.0, 1.0) as f32)
+                .collect(),
+            zeros: match down {
+                true => (0..per_block).map(|_| rng.range(0.0, 3.0) as f32).collect(),
+                false => vec![],
+            },
+        }
+    }
+
+    /// The host's dequantization, tiles and threads and all, gives what a kernel decodes, for
+    /// lines down columns (more than a tile of them, rows not a whole number of blocks) and
+    /// along rows; a chunk of lines gives its part of the whole.
+    #[test]
+    fn dequantize_gives_each_value_as_decoded() {
+        let mut rng = Rng::new(5);
+        for (shape, bits, block, down) in [
+            ([100, 70], 4, 16, true),
+            ([33, 130], 2, 32, true),
+            ([37, 45], 8, 16, false),
+            ([5, 64], 4, 32, false),
+        ] {
+            let codes = random(&mut rng, shape, bits, block, down);
+            let want: Vec<f32> = (0..shape[0] * shape[1]).map(|i| codes.value(i)).collect();
+            let got = codes.dequantize();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "{shape:?}"
+            );
+            assert!(codes.decodes_to(&want));
+            let (first, count) = (3, 2);
+            let part = codes.lines(first, count).unwrap().dequantize();
+            let whole = |r: usize, c: usize| want[r * shape[1] + c];
+            let expected: Vec<f32> = match down {
+                true => (0..shape[0])
+                    .flat_map(|r| (first..first + count).map(move |c| (r, c)))
+                    .map(|(r, c)| whole(r, c))
+                    .collect(),
+                false => (first..first + count)
+                    .flat_map(|r| (0..shape[1]).map(move |c| (r, c)))
+                    .map(|(r, c)| whole(r, c))
+                    .collect(),
+            };
+            assert_eq!(
+                part,
+                expected,
+                "{shape:?}: lines {first}..{}",
+                first + count
+            );
+        }
+    }
+
+    /// Layouts the device cannot index are refused: a code's bit offset past u32.
+    #[test]
+    fn oversized_layouts_are_refused() {
+        assert!(
+            BlockFormat::new(&[1 << 16, 1 << 14], 8, 32, true, 1 << 16, 1 << 11, false).is_none()
+        );
+        assert!(BlockFormat::new(&[64, 32], 4, 32, true, 64, 2, false).is_some());
     }
 }

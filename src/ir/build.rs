@@ -6,6 +6,7 @@ use super::{AdaptedLayer, BlockCodes, Graph, Half, ModelInfo, NodeId, Op};
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
 use std::ops::Deref;
+use std::sync::Arc;
 
 /// A graph under construction. Reads go to the graph as built so far (it derefs to [`Graph`]).
 #[derive(Default)]
@@ -107,9 +108,9 @@ impl GraphBuilder {
 
     /// The constant `id` holds the values `codes` decode to (a block-quantized weight,
     /// dequantized by the importer with [`BlockCodes::value`]'s arithmetic).
-    pub fn mark_blocked(&mut self, id: NodeId, codes: BlockCodes) {
+    pub fn mark_blocked(&mut self, id: NodeId, codes: impl Into<Arc<BlockCodes>>) {
         debug_assert!(matches!(self.graph.node(id).op, Op::Const(_)));
-        self.graph.blocked.insert(id, std::sync::Arc::new(codes));
+        self.graph.blocked.insert(id, codes.into());
     }
 
     /// The constant `id` holds values exact in `format` (a half-precision initializer).

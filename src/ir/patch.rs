@@ -57,7 +57,7 @@ struct Edits {
     partial_shunts: Vec<(NodeId, PatchRef, Vec<NodeId>)>,
     in_place: Vec<InPlace>,
     /// New constants that keep block-quantized codes (`Graph::blocked`).
-    blocked: Vec<(PatchRef, BlockCodes)>,
+    blocked: Vec<(PatchRef, std::sync::Arc<BlockCodes>)>,
     /// Replaces the graph outputs (before `more_outputs` are appended).
     outputs: Option<Vec<(String, PatchRef)>>,
     more_outputs: Vec<(String, PatchRef)>,
@@ -149,10 +149,16 @@ impl<'g> Patch<'g> {
         self.push(node, vec![])
     }
 
-    /// A constant whose values `codes` decode to, kept as those codes where the device can
-    /// (`Graph::blocked`).
-    pub fn blocked_constant(&mut self, name: &str, tensor: Tensor, codes: BlockCodes) -> PatchRef {
-        let r = self.constant(name, tensor);
+    /// A constant of `shape` whose values `codes` decode to (computed when first read), kept as
+    /// those codes where the device can (`Graph::blocked`).
+    pub fn blocked_constant(
+        &mut self,
+        name: &str,
+        shape: Vec<usize>,
+        codes: BlockCodes,
+    ) -> PatchRef {
+        let codes = std::sync::Arc::new(codes);
+        let r = self.constant(name, BlockCodes::tensor(&codes, shape));
         self.edits.blocked.push((r, codes));
         r
     }
@@ -361,8 +367,7 @@ impl Graph {
             self.recomputed.insert(resolve(&ids, r), original);
         }
         for (r, codes) in e.blocked {
-            self.blocked
-                .insert(resolve(&ids, r), std::sync::Arc::new(codes));
+            self.blocked.insert(resolve(&ids, r), codes);
         }
         for n in e.promoted {
             self.recomputed.remove(&n);

@@ -564,7 +564,7 @@ impl<'a> Ctx<'a> {
         &mut self,
         name: &str,
         value: Tensor,
-        codes: Option<crate::ir::BlockCodes>,
+        codes: Option<std::sync::Arc<crate::ir::BlockCodes>>,
     ) -> Result<NodeId> {
         let id = self.add_const(name, value)?;
         if let Some(codes) = codes {

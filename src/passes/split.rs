@@ -295,16 +295,20 @@ fn chunks(p: &mut Patch, c: NodeId, axis: usize, max_bytes: u64) -> Vec<(PatchRe
     };
     let name = g.node(c).name.clone();
     let blocked = g.blocked().get(&c).cloned();
-    let shape = t.shape.clone();
-    cut(t, axis, max_bytes)
-        .into_iter()
-        .map(|(start, part)| {
-            let len = part.shape[axis];
+    let t = t.clone();
+    let (dim, per) = (t.shape[axis], rows_per_chunk(&t.shape, axis, max_bytes));
+    (0..dim)
+        .step_by(per)
+        .map(|start| {
+            let len = per.min(dim - start);
             let name = format!("{name}/rows_{start}");
-            let codes = (blocked.as_ref()).and_then(|b| chunk_codes(b, &shape, axis, start, len));
+            let mut shape = t.shape.clone();
+            shape[axis] = len;
+            // A chunk that keeps its codes gets its values from them, when they are read.
+            let codes = (blocked.as_ref()).and_then(|b| chunk_codes(b, &t.shape, axis, start, len));
             let chunk = match codes {
-                Some(codes) => p.blocked_constant(&name, part, codes),
-                None => p.constant(&name, part),
+                Some(codes) => p.blocked_constant(&name, shape, codes),
+                None => p.constant(&name, t.slice_axis(axis, start, len)),
             };
             (chunk, start, len)
         })

@@ -16,7 +16,7 @@ use super::Ctx;
 use crate::error::Result;
 use crate::ir::{unary, Binary, BlockCodes, BlockFormat, NodeId, Op, Reduce};
 use crate::onnx::proto::tensor_proto::DataType;
-use crate::tensor::{shape_str, DType, Tensor};
+use crate::tensor::{numel, shape_str, DType, Tensor};
 
 /// The layout the attributes give: `n` rows of `k` codes, `blocks` blocks of `block` codes a
 /// row, `bits` bits a code, packed from the low bits of each byte up.
@@ -395,10 +395,20 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
     }
     let bias = cx.opt_input(5)?;
     let scales = scales.to_f64();
-    let w = layout.dequantize(integers(&codes), &scales, &zero_points);
-    let stored = layout.block_codes(integers(&codes), &scales, &zero_points);
+    // The codes stay as they are, on the device and on the host, where the values are computed
+    // only if something reads them; a layout the device cannot index is dequantized now.
     let name = cx.temp_name("weight");
-    let w = cx.add_blocked_const(&name, w, stored)?;
+    let w = match layout.block_codes(integers(&codes), &scales, &zero_points) {
+        Some(stored) => {
+            let stored = std::sync::Arc::new(stored);
+            let w = BlockCodes::tensor(&stored, vec![k, n]);
+            cx.add_blocked_const(&name, w, Some(stored))?
+        }
+        None => {
+            let w = layout.dequantize(integers(&codes), &scales, &zero_points);
+            cx.add_const(&name, w)?
+        }
+    };
     match bias {
         None => cx.add(Op::MatMul, &[a, w]),
         Some(bias) => {
@@ -531,6 +541,40 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     } else {
         0.0
     };
+    // The builder's uint8 form keeps its codes, a line per row of the table (`ir::blocks`).
+    let stored = packed_bytes
+        .then(|| {
+            let format = BlockFormat::new(
+                &logical,
+                bits,
+                block,
+                false,
+                along,
+                blocks,
+                zero_points.is_some(),
+            )?;
+            let zeros = zero_points.map_or(vec![], |z| {
+                (0..numel(&logical) / along * blocks)
+                    .map(|at| {
+                        let (o, b) = (at / blocks, at % blocks);
+                        layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b) as f32
+                    })
+                    .collect()
+            });
+            Some(std::sync::Arc::new(BlockCodes {
+                format,
+                codes: codes.iter().map(|&c| c as u8).collect(),
+                scales: scales.iter().map(|&s| s as f32).collect(),
+                zeros,
+            }))
+        })
+        .flatten();
+    let name = cx.temp_name("table");
+    if let Some(stored) = stored {
+        let table = BlockCodes::tensor(&stored, logical);
+        let table = cx.add_blocked_const(&name, table, Some(stored))?;
+        return gather_table(cx, table, gather_axis);
+    }
     let table = Tensor::f32_filled(logical, |table| {
         for (o, slab) in table.chunks_exact_mut(along * inner).enumerate() {
             for (a, line) in slab.chunks_exact_mut(inner).enumerate() {
@@ -556,41 +600,17 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
             }
         }
     });
-    // The builder's uint8 form is kept as codes a line per row of the table (`ir::blocks`).
-    let stored = packed_bytes
-        .then(|| {
-            let format = BlockFormat::new(
-                &table.shape,
-                bits,
-                block,
-                false,
-                along,
-                blocks,
-                zero_points.is_some(),
-            )?;
-            let zeros = zero_points.map_or(vec![], |z| {
-                (0..table.numel() / along * blocks)
-                    .map(|at| {
-                        let (o, b) = (at / blocks, at % blocks);
-                        layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b) as f32
-                    })
-                    .collect()
-            });
-            Some(BlockCodes {
-                format,
-                codes: codes.iter().map(|&c| c as u8).collect(),
-                scales: scales.iter().map(|&s| s as f32).collect(),
-                zeros,
-            })
-        })
-        .flatten();
-    let name = cx.temp_name("table");
-    let table = cx.add_blocked_const(&name, table, stored)?;
+    let table = cx.add_const(&name, table)?;
+    gather_table(cx, table, gather_axis)
+}
+
+/// GatherBlockQuantized's Gather from its dequantized `table`.
+fn gather_table(cx: &mut Ctx, table: NodeId, axis: usize) -> Result<NodeId> {
     let ids = cx.input(1)?;
     if cx.dtype(ids).is_float() {
         return Err(cx.err("the indices (input 1) are floats, expected integers".into()));
     }
-    cx.add(Op::Gather { axis: gather_axis }, &[table, ids])
+    cx.add(Op::Gather { axis }, &[table, ids])
 }
 
 /// The integer type a quantizer writes: its range, by the ONNX type of its zero point.
