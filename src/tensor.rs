@@ -360,6 +360,16 @@ impl Tensor {
         }
     }
 
+    /// `f` of the values as f32, without keeping lazy ones computed (`F32Buf::Lazy`): a pass
+    /// that reads a quantized weight once (DoRA's column norms) leaves the host without a copy.
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match &self.data {
+            Data::F32(F32Buf::Lazy(lazy)) if lazy.values.get().is_none() => f(&(lazy.make)()),
+            Data::F32(v) => f(v),
+            _ => f(&self.to_f32()),
+        }
+    }
+
     pub fn as_i64(&self) -> Option<&[i64]> {
         match &self.data {
             Data::I64(v) => Some(v),

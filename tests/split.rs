@@ -305,11 +305,16 @@ fn chunks_keep_block_codes() {
         .add(Op::Gather { axis: 0 }, &[table, ids], "e", "e")
         .unwrap();
     g.add_output("e", e);
+    // The table read transposed too (a tied LM head): the split computes the transposed codes.
+    let perm = Op::Transpose { perm: vec![1, 0] };
+    let t = g.add(perm, &[table], "wte_t", "wte_t").unwrap();
+    let logits = g.add(Op::MatMul, &[x, t], "logits", "logits").unwrap();
+    g.add_output("logits", logits);
     let xv = Array::new(
         vec![3, 40],
         (0..120).map(|i| (i as f64 * 0.37).sin()).collect(),
     );
-    check("blocked", &g, &[("x".into(), xv)].into(), 2048, 2);
+    check("blocked", &g, &[("x".into(), xv)].into(), 2048, 3);
 
     let mut s: Graph = g.clone();
     split_large_constants(&mut s, 2048).unwrap();
@@ -318,8 +323,8 @@ fn chunks_keep_block_codes() {
         .collect();
     assert_eq!(
         chunks.len(),
-        3 + 5,
-        "w in 3 chunks of 12 columns, wte in 5 of 12 rows"
+        3 + 5 + 5,
+        "w in 3 chunks of 12 columns, wte in 5 of 12 rows, its transpose in 5 of 12 columns"
     );
     for (n, t, codes) in &chunks {
         let name = &s.node(*n).name;
@@ -327,5 +332,5 @@ fn chunks_keep_block_codes() {
     }
     let plan = dorac::codegen::plan(&s).unwrap();
     let stored = (plan.buffers.iter()).filter(|b| matches!(b.stored, Some(Stored::Blocks(_))));
-    assert_eq!(stored.count(), 8);
+    assert_eq!(stored.count(), 13);
 }

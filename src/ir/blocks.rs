@@ -279,6 +279,20 @@ impl BlockCodes {
         })
     }
 
+    /// The codes of the transposed matrix (a 2-D constant's): the same lines, read the other
+    /// way (lines down the columns become lines along the rows, and back).
+    pub fn transposed(&self) -> BlockCodes {
+        let f = &self.format;
+        BlockCodes {
+            format: BlockFormat {
+                down_columns: !f.down_columns,
+                cols: if f.down_columns { f.line_len } else { f.lines },
+                ..*f
+            },
+            ..self.clone()
+        }
+    }
+
     /// The buffer a kernel reads, as words (see [`BlockFormat::words`]).
     pub fn device_words(&self) -> Vec<u32> {
         let mut words: Vec<u32> = (self.codes.chunks(4))
@@ -367,6 +381,9 @@ mod tests {
                 "{shape:?}: lines {first}..{}",
                 first + count
             );
+            let t = codes.transposed().dequantize();
+            let (rows, cols) = (shape[0], shape[1]);
+            assert!((0..rows * cols).all(|i| t[(i % cols) * rows + i / cols] == want[i]));
         }
     }
 

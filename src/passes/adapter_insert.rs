@@ -412,28 +412,23 @@ pub fn base_magnitude(graph: &Graph, layer: &LinearLayer) -> Tensor {
 
 fn column_norms(w0: &Tensor, fin: usize, fout: usize, alpha: f32, trans_b: bool) -> Tensor {
     // Squared column norms in f64, read straight from W0's f32 values (a large model's
-    // weights are a map of its file: no f64 copy of them), row by row.
-    let owned;
-    let w: &[f32] = match w0.as_f32() {
-        Some(w) => w,
-        None => {
-            owned = w0.to_f32();
-            &owned
-        }
-    };
+    // weights are a map of its file: no f64 copy of them; a quantized one's are decoded for
+    // this and not kept), row by row.
     let mut sq = vec![0f64; fout];
-    if trans_b {
-        // W0 [out, in]: column j of the layer is row j.
-        for (j, row) in w.chunks_exact(fin).enumerate() {
-            sq[j] = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        }
-    } else {
-        for row in w.chunks_exact(fout) {
-            for (s, &v) in sq.iter_mut().zip(row) {
-                *s += (v as f64) * (v as f64);
+    w0.with_f32(|w| {
+        if trans_b {
+            // W0 [out, in]: column j of the layer is row j.
+            for (j, row) in w.chunks_exact(fin).enumerate() {
+                sq[j] = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            }
+        } else {
+            for row in w.chunks_exact(fout) {
+                for (s, &v) in sq.iter_mut().zip(row) {
+                    *s += (v as f64) * (v as f64);
+                }
             }
         }
-    }
+    });
     let norms: Vec<f32> = sq
         .into_iter()
         .map(|sq| {

@@ -66,13 +66,23 @@ fn transpose_oversized(graph: &mut Graph, max_bytes: u64) -> Result<()> {
             if !matches!(n.op, Op::Transpose { .. }) {
                 continue;
             }
-            let source = graph
-                .const_tensor(c)
-                .expect("oversized nodes are constants");
-            let value = crate::reference::eval_typed(&n.op, &[&source.to_array()], n.dtype)?;
             let mut p = Patch::new(graph);
             let name = n.name.clone();
-            let transposed = p.constant(&name, value.to_tensor(n.dtype));
+            // A matrix kept as block codes is transposed by reading its lines the other way.
+            let codes = (graph.blocked().get(&c))
+                .filter(|_| graph.shape(c).len() == 2)
+                .map(|codes| codes.transposed());
+            let transposed = match codes {
+                Some(codes) => p.blocked_constant(&name, n.shape.clone(), codes),
+                None => {
+                    let source = graph
+                        .const_tensor(c)
+                        .expect("oversized nodes are constants");
+                    let value =
+                        crate::reference::eval_typed(&n.op, &[&source.to_array()], n.dtype)?;
+                    p.constant(&name, value.to_tensor(n.dtype))
+                }
+            };
             p.claim_name(transposed);
             p.replace(t, transposed);
             graph.apply(p.finish());
