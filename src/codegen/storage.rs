@@ -127,29 +127,28 @@ pub(crate) fn stored_load(binding: &str, index: &str, storage: Option<Stored>) -
     }
 }
 
-/// Element `index` of a block-quantized constant: its code's word, and its block's scale and
-/// zero point, each found by `block_place` (pure arithmetic the compiler computes once).
+/// Element `index` of a block-quantized constant: its code's word (codes in row-major order,
+/// `bits` each), and its block's scale and zero point (`BlockFormat::device_block`).
 fn blocks_load(binding: &str, index: &str, f: &BlockFormat) -> String {
-    let place = format!(
-        "block_place({index}, {}, {}, {}, {}, {}, {})",
-        u32_lit(f.cols as usize),
-        f.down_columns,
-        u32_lit(f.line_codes as usize),
-        u32_lit(f.bits as usize),
-        u32_lit(f.blocks as usize),
-        u32_lit(f.block as usize),
-    );
+    let (cols, block) = (u32_lit(f.cols as usize), u32_lit(f.block as usize));
+    let place = match f.down_columns {
+        true => format!("block_down({index}, {cols}, {block})"),
+        false => format!(
+            "block_along({index}, {cols}, {}, {block})",
+            u32_lit(f.blocks as usize)
+        ),
+    };
+    let bits = u32_lit(f.bits as usize);
     let zero = match f.zero_points {
         true => format!(
-            "bitcast<f32>({binding}[{} + {place}.y])",
+            "bitcast<f32>({binding}[{} + {place}])",
             u32_lit(f.zeros_at() as usize)
         ),
         false => format!("{:.1}", (1u32 << (f.bits - 1)) as f32),
     };
     format!(
-        "block_value({binding}[{place}.x >> 5u], {place}.x, {}, {zero}, \
-         bitcast<f32>({binding}[{} + {place}.y]))",
-        u32_lit(f.bits as usize),
+        "block_value({binding}[(({index}) * {bits}) >> 5u], ({index}) * {bits}, {bits}, {zero}, \
+         bitcast<f32>({binding}[{} + {place}]))",
         u32_lit(f.scales_at() as usize)
     )
 }
