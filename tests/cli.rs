@@ -550,4 +550,45 @@ fn storage_flag_stores_weights_half_and_reports_the_error() {
         let bound = if format == "f16" { 1e-2 } else { 5e-2 };
         assert!(err > 0.0 && err < bound, "{format}: {line}");
     }
+    // Block codes (QLoRA's 4 bits, and 8): the plan shows them, `run` reports the rounding
+    // (at most half a step: a 15th of a block's range at 4 bits) and how far outputs moved.
+    dorac_ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--storage",
+        "int4",
+        "-o",
+        plan_dir.to_str().unwrap(),
+    ]);
+    let plan = std::fs::read_to_string(plan_dir.join("plan.txt")).unwrap();
+    assert!(plan.contains("stored as 4-bit blocks of 32"), "{plan}");
+    for (format, bits, bound) in [("int4", 4, 5e-2), ("int8", 8, 2e-3)] {
+        let out = dorac_ok(&[
+            "run",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--storage",
+            format,
+        ]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let said = format!("stored as {bits}-bit codes in blocks of 32, max rounding error ");
+        let rounding: f64 = (stderr.split(&said).nth(1))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{stderr}"));
+        let half_step = 1.0 / ((1u32 << bits) - 1) as f64;
+        assert!(
+            rounding > 0.0 && rounding <= half_step,
+            "{format}: {stderr}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("relative difference from f32 weights"))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        let err: f64 = line.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(err > 0.0 && err < bound, "{format}: {line}");
+    }
 }

@@ -450,3 +450,92 @@ fn the_sequence_length_comes_from_the_data() {
         "input 'input_ids' has shape [2, 16] (dim 'seq' = 16), but --shape seq=12",
     );
 }
+
+/// `--storage int4` (QDoRA): the frozen weights are quantized before the adapters are made, so
+/// DoRA's magnitudes start at the quantized weights' column norms, as PEFT takes them from a
+/// quantized base's dequantized weights; the GPU, reading the codes, gives the reference's
+/// losses; and `--method full`, which would train quantized weights, is refused.
+#[test]
+fn qdora_trains_on_the_quantized_weights() {
+    let dir = temp_dir("train-int4");
+    let _ = common::gpu();
+    let (m, d) = (model(), demo_data());
+    let mut args: Vec<&str> = vec![
+        s(&m),
+        "--data",
+        s(&d),
+        "--steps",
+        "6",
+        "--loss",
+        "mse",
+        "--batch-size",
+        "32",
+        "--rank",
+        "4",
+        "--storage",
+        "int4",
+    ];
+    let (g, r, z) = (dir.join("gpu"), dir.join("ref"), dir.join("lr0"));
+    let gpu_run = train(&[&args[..], &["--lr", "1e-2", "-o", s(&g)]].concat(), &[]);
+    let stderr = String::from_utf8_lossy(&gpu_run.stderr).into_owned();
+    ok(&gpu_run);
+    assert!(
+        stderr.contains("stored as 4-bit codes in blocks of 32"),
+        "{stderr}"
+    );
+    ok(&train(
+        &[&args[..], &["--lr", "1e-2", "-o", s(&r), "--reference"]].concat(),
+        &[],
+    ));
+    let (mg, mr) = (metrics(&g), metrics(&r));
+    assert_eq!(mg.len(), 6);
+    for (a, b) in mg.iter().zip(&mr) {
+        let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "gpu loss {a} vs reference {b}"
+        );
+    }
+    assert!(mg[5]["loss"].as_f64() < mg[0]["loss"].as_f64(), "{mg:?}");
+
+    // Magnitudes at init (lr 1e-30: no step moves them): the quantized weights' column norms,
+    // not the f32 ones'.
+    args[4] = "1";
+    ok(&train(
+        &[&args[..], &["--lr", "1e-30", "-o", s(&z), "--reference"]].concat(),
+        &[],
+    ));
+    let adapter = dorac::adapter::load(&z).unwrap();
+    let x = dorac::tensor::Array::new(vec![32, 16], vec![0.0; 32 * 16]);
+    let f32_graph = load_path(&m, &[("x".to_string(), x)].into());
+    let mut quantized = f32_graph.clone();
+    let report = dorac::passes::store_codes(&mut quantized, 4);
+    assert!(report.tensors > 0);
+    let layers = dorac::passes::find_linear_layers(&quantized);
+    let mut moved = 0;
+    for layer in &layers {
+        let Some(saved) = adapter.layers.get(&layer.module) else {
+            continue;
+        };
+        let saved = saved.magnitude.as_ref().unwrap();
+        let want = dorac::passes::base_magnitude(&quantized, layer).to_array();
+        let f32_norms = dorac::passes::base_magnitude(&f32_graph, layer).to_array();
+        let err = dorac::tensor::relative_error(&saved.data, &want.data);
+        assert!(
+            err < 1e-6,
+            "{}: {err:e} from the quantized norms",
+            layer.module
+        );
+        moved += usize::from(dorac::tensor::relative_error(&saved.data, &f32_norms.data) > 1e-4);
+    }
+    assert!(
+        moved > 0,
+        "no magnitude differs from the f32 weights' norms"
+    );
+
+    let full = train(
+        &[&args[..], &["--method", "full", "-o", s(&dir.join("full"))]].concat(),
+        &[],
+    );
+    fails_with(&full, "--method full trains the weights themselves");
+}

@@ -262,34 +262,76 @@ pub enum StorageArg {
     F16,
     /// bfloat16: 2^-8 relative rounding, f32's range.
     Bf16,
+    /// 4-bit codes in blocks of 32 with a scale and a zero point each (QLoRA's and QDoRA's
+    /// base), within half a step of each block: about 1/30 of a block's range.
+    Int4,
+    /// 8-bit codes in blocks of 32, within half a step: about 1/510 of a block's range.
+    Int8,
 }
 
-impl From<StorageArg> for crate::ir::Half {
-    fn from(s: StorageArg) -> Self {
-        match s {
-            StorageArg::F16 => crate::ir::Half::F16,
-            StorageArg::Bf16 => crate::ir::Half::Bf16,
+impl StorageArg {
+    /// The half-precision format, for `f16` and `bf16`.
+    pub fn half(self) -> Option<crate::ir::Half> {
+        match self {
+            StorageArg::F16 => Some(crate::ir::Half::F16),
+            StorageArg::Bf16 => Some(crate::ir::Half::Bf16),
+            StorageArg::Int4 | StorageArg::Int8 => None,
+        }
+    }
+
+    /// The bits of a code, for `int4` and `int8`.
+    pub fn code_bits(self) -> Option<usize> {
+        match self {
+            StorageArg::Int4 => Some(4),
+            StorageArg::Int8 => Some(8),
+            StorageArg::F16 | StorageArg::Bf16 => None,
+        }
+    }
+
+    fn name(self) -> String {
+        match (self.half(), self.code_bits()) {
+            (Some(h), _) => h.name().to_string(),
+            (None, Some(bits)) => format!(
+                "{bits}-bit codes in blocks of {}",
+                crate::passes::codes::CODE_BLOCK
+            ),
+            (None, None) => unreachable!("every format is one or the other"),
         }
     }
 }
 
 /// Says what `--storage` did to the weights.
-pub fn report_storage(r: &crate::passes::HalfReport, half: crate::ir::Half) {
+pub fn report_storage(r: &crate::passes::HalfReport, storage: StorageArg) {
     eprintln!(
         "storage: {} weight tensors ({} values) stored as {}, max rounding error {:.2e} of \
          each tensor's largest value",
         r.tensors,
         r.elements,
-        half.name(),
+        storage.name(),
         r.max_relative_error
     );
 }
 
-/// Rounds `graph`'s frozen weights to `storage` (the pipelines' last stage,
-/// [`crate::pipeline::store`]) and says what that did.
+/// `--storage int4|int8`, applied first, before adapters and folding read the weights: the
+/// frozen weights become block codes ([`crate::passes::store_codes`]), and every later pass
+/// (DoRA's norms and magnitudes too) sees the values they decode to. Half precision waits for
+/// the pipelines' last stage ([`apply_storage`]).
+pub fn apply_codes(graph: &mut Graph, storage: Option<StorageArg>) {
+    if let Some(bits) = storage.and_then(StorageArg::code_bits) {
+        report_storage(
+            &crate::passes::store_codes(graph, bits),
+            storage.expect("given"),
+        );
+    }
+}
+
+/// Stores `graph`'s frozen weights as `storage` says (half precision as the pipelines' last
+/// stage does, [`crate::pipeline::store`]) and says what that did.
 pub fn apply_storage(graph: &mut Graph, storage: StorageArg) -> Result<()> {
-    let half = crate::ir::Half::from(storage);
-    report_storage(&crate::pipeline::store(graph, half)?, half);
+    match storage.half() {
+        Some(half) => report_storage(&crate::pipeline::store(graph, half)?, storage),
+        None => apply_codes(graph, Some(storage)),
+    }
     Ok(())
 }
 

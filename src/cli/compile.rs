@@ -55,8 +55,8 @@ pub struct Args {
     /// none; a symbolic dim left unpinned is an error].
     #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
-    /// Store the frozen weights in half precision (f16 or bf16) [default: the model's own
-    /// precision], as `run --storage` does: the
+    /// Store the frozen weights in half precision (f16 or bf16) or as block codes (int4, int8)
+    /// [default: the model's own precision], as `run --storage` does: the
     /// plan shows each such buffer's size and format.
     #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
     pub storage: Option<super::common::StorageArg>,
@@ -99,13 +99,14 @@ pub fn run(args: Args) -> Result<()> {
     if args.emit.contains(&Emit::Ir) {
         write("ir.imported.txt", &graph.to_string())?;
     }
+    super::common::apply_codes(&mut graph, args.storage);
     if let Some(dir) = &args.adapter {
         apply_adapter(&mut graph, dir)?;
         if args.emit.contains(&Emit::Ir) {
             write("ir.adapted.txt", &graph.to_string())?;
         }
     }
-    let half = args.storage.map(crate::ir::Half::from);
+    let half = args.storage.and_then(super::common::StorageArg::half);
     let storage = if args.train {
         let method = crate::train::TrainMethod::from(args.method);
         if let (true, Some(kind)) = (graph.adapters().is_empty(), method.adapter()) {
@@ -148,8 +149,8 @@ pub fn run(args: Args) -> Result<()> {
         }
         prepared.storage
     };
-    if let (Some(r), Some(half)) = (&storage, half) {
-        super::common::report_storage(r, half);
+    if let (Some(r), Some(storage)) = (&storage, args.storage) {
+        super::common::report_storage(r, storage);
     }
     if args.emit.contains(&Emit::Dot) {
         write("graph.dot", &crate::ir::to_dot(&graph))?;

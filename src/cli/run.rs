@@ -44,10 +44,10 @@ pub struct Args {
     /// the given input tensors pin the inputs anyway [default: none].
     #[arg(long = "shape", value_name = "NAME=DIMS", help_heading = "Shapes")]
     pub shapes: Vec<String>,
-    /// Store the frozen weights on the device in half precision (f16 or bf16), computing in f32;
-    /// also runs the f32 weights and prints the outputs' difference. A half model's own weights
-    /// (f16 / bf16 initializers) are stored half without this flag [default: the model's own
-    /// precision].
+    /// Store the frozen weights on the device in half precision (f16 or bf16) or as 4- or 8-bit
+    /// block codes (int4, int8: QLoRA's arrangement; also on the host), computing in f32; also
+    /// runs the f32 weights and prints the outputs' difference. A half or quantized model's own
+    /// weights are stored so without this flag [default: the model's own precision].
     #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
     pub storage: Option<StorageArg>,
     /// Print the time of each phase (reading and compiling the model, opening the device,

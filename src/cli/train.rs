@@ -148,9 +148,10 @@ pub struct Args {
 
     #[command(flatten)]
     pub engine: super::common::EngineArgs,
-    /// Store the frozen weights on the device in half precision (f16 or bf16); the adapters,
-    /// their gradients and optimizer state stay f32, and so does all compute [default: the
-    /// model's own precision].
+    /// Store the frozen weights on the device in half precision (f16 or bf16), or quantize them
+    /// to 4- or 8-bit block codes first (int4, int8: QDoRA and QLoRA, the adapters' norms and
+    /// magnitudes taken from the quantized weights); the adapters, their gradients and optimizer
+    /// state stay f32, and so does all compute [default: the model's own precision].
     #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
     pub storage: Option<super::common::StorageArg>,
     /// Pin a symbolic dim (`seq=64`); the batch dim follows --batch-size [default: none].
@@ -293,6 +294,17 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::input("nothing to do: 0 steps"));
     }
 
+    // Codes first: fresh DoRA magnitudes are the quantized weights' norms, as in PEFT.
+    if let (None, Some(storage)) = (method.adapter(), args.storage) {
+        if storage.code_bits().is_some() {
+            return Err(Error::input_at(
+                Subject::flag("--storage"),
+                "int4 and int8 quantize the frozen weights before training, and --method full \
+                 trains the weights themselves: use f16 or bf16, or an adapter method",
+            ));
+        }
+    }
+    super::common::apply_codes(&mut graph, args.storage);
     // Adapters: a given PEFT adapter, a rewritten model's own, or fresh ones (PEFT's init).
     if let Some(dir) = &args.adapter {
         apply_adapter(&mut graph, dir)?;
@@ -324,10 +336,10 @@ pub fn run(args: Args) -> Result<()> {
     let limit = gpu
         .as_ref()
         .map(|g| g.limits().max_storage_buffer_binding_size);
-    let half = args.storage.map(crate::ir::Half::from);
+    let half = args.storage.and_then(super::common::StorageArg::half);
     let prepared = crate::pipeline::training(graph.clone(), &opts, limit, half)?;
-    if let (Some(r), Some(half)) = (&prepared.storage, half) {
-        super::common::report_storage(r, half);
+    if let (Some(r), Some(storage)) = (&prepared.storage, args.storage) {
+        super::common::report_storage(r, storage);
     }
     let program = prepared.value;
     let trainable: usize = program.params.iter().map(|p| p.initial.numel()).sum();

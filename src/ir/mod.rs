@@ -13,7 +13,7 @@ pub use dump::to_dot;
 pub mod op;
 pub mod patch;
 
-pub use blocks::{BlockCodes, BlockFormat};
+pub use blocks::{quantize_nbits, BlockCodes, BlockFormat, Quantized, ZeroPointForm};
 pub use build::GraphBuilder;
 
 pub use crate::ops::unary;

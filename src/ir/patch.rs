@@ -30,6 +30,8 @@ enum InPlace {
     Promote(NodeId),
     /// The constant is stored on the device in half precision.
     Half(NodeId, Half),
+    /// The constant holds what these codes decode to, and keeps them.
+    Blocked(NodeId, std::sync::Arc<BlockCodes>),
 }
 
 /// Pending edits to a graph. Build with [`Patch::new`], apply with [`Graph::apply`]. Every
@@ -271,6 +273,12 @@ impl<'g> Patch<'g> {
         Ok(t.clone())
     }
 
+    /// The constant `n` holds the values `codes` decode to (after a `set_const` of them in
+    /// this patch) and keeps the codes (`Graph::blocked`).
+    pub fn store_blocked(&mut self, n: NodeId, codes: std::sync::Arc<BlockCodes>) {
+        self.edits.in_place.push(InPlace::Blocked(n, codes));
+    }
+
     /// The constant `n` (whose values are exact in `format`) is stored in half precision.
     pub fn store_half(&mut self, n: NodeId, format: Half) {
         self.edits.in_place.push(InPlace::Half(n, format));
@@ -390,6 +398,7 @@ impl Graph {
                     self.inputs.push(n);
                 }
                 InPlace::Half(n, format) => _ = self.half_consts.insert(n, format),
+                InPlace::Blocked(n, codes) => _ = self.blocked.insert(n, codes),
             }
         }
         if let Some(outputs) = e.outputs {

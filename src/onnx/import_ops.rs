@@ -33,7 +33,7 @@ mod lowered;
 mod pool;
 mod quantized;
 
-pub use quantized::{quantize_nbits, Quantized, ZeroPointForm};
+pub use crate::ir::{quantize_nbits, Quantized, ZeroPointForm};
 mod resize;
 mod shape;
 

@@ -4,6 +4,7 @@
 //! - [`linear`]: finds the linear layers (MatMul/Gemm with a 2-D weight initializer) and the
 //!   PyTorch module names they came from; PEFT-style target matching.
 //! - [`adapter_insert`]: rewrites chosen layers into DoRA or LoRA subgraphs.
+//! - [`codes`]: `--storage int4|int8`, frozen weights quantized and kept as block codes.
 //! - [`dora_norm`]: training's one-op DoRA norm in place of the factored one.
 //! - [`fold`]: constant folding through the reference executor (frozen-only work is done once).
 //! - [`merge`]: folds adapters back into the base weights.
@@ -13,6 +14,7 @@
 
 pub mod adapter_insert;
 pub mod autodiff;
+pub mod codes;
 pub mod dora_norm;
 pub mod fold;
 pub mod half;
@@ -23,6 +25,7 @@ pub mod split;
 pub mod transpose;
 
 pub use adapter_insert::{base_magnitude, insert_adapters, AdapterInit, AdapterSpec};
+pub use codes::store_codes;
 pub use dora_norm::fuse_dora_norms;
 pub use fold::fold_constants;
 pub use half::{store_half, HalfReport};

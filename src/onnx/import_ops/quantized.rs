@@ -160,131 +160,6 @@ impl Layout {
     }
 }
 
-/// How a MatMulNBits node gives its zero points: re-quantizing a weight keeps the form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ZeroPointForm {
-    /// None: every block's zero point is the middle code, so its range is symmetric.
-    Middle,
-    /// uint8 codes, packed as the weight's are.
-    Packed,
-    /// One float a block.
-    Float,
-}
-
-/// A `[k, n]` weight quantized into MatMulNBits' layout (see [`quantize_nbits`]).
-pub struct Quantized {
-    /// `[n, blocks, block * bits / 8]`.
-    pub codes: Vec<u8>,
-    /// `n * blocks`, as stored (rounded by the caller's `store`).
-    pub scales: Vec<f64>,
-    /// Packed codes (`n * ceil(blocks * bits / 8)` bytes) or floats (`n * blocks`), by the form.
-    pub zero_codes: Vec<u8>,
-    pub zero_floats: Vec<f64>,
-    /// The largest `|w - dequantized w|`, in steps of its block's scale: 0.5 at most, but where
-    /// a symmetric block's code range clips its largest positive value (1 step at most).
-    pub max_steps: f64,
-    /// The largest `|w - dequantized w|`.
-    pub max_abs: f64,
-}
-
-/// Quantizes `w` (`[k, n]` row-major, as MatMul reads it) to `bits`-bit codes in blocks of
-/// `block` along k, rounding to nearest as ONNX Runtime's weight quantizer does: a block's range
-/// is stretched to include 0 and spread over the codes, with a zero point per block
-/// (`Packed`, `Float`); or its largest magnitude is the code 0 around the middle code
-/// (`Middle`, symmetric). `store` rounds a scale or float zero point to the type it is stored
-/// in, so that the codes are chosen for the values that will be read.
-pub fn quantize_nbits(
-    w: &[f32],
-    (k, n): (usize, usize),
-    (bits, block): (usize, usize),
-    form: ZeroPointForm,
-    store: impl Fn(f64) -> f64,
-) -> Quantized {
-    let layout = Layout {
-        k,
-        n,
-        bits,
-        block,
-        blocks: k.div_ceil(block),
-    };
-    let (blocks, blob) = (layout.blocks, block * bits / 8);
-    let top = f64::from((1u32 << bits) - 1);
-    let middle = f64::from(1u32 << (bits - 1));
-    let zero_bytes = (blocks * bits).div_ceil(8);
-    let mut out = Quantized {
-        codes: vec![0; n * blocks * blob],
-        scales: vec![0.0; n * blocks],
-        zero_codes: vec![
-            0;
-            if form == ZeroPointForm::Packed {
-                n * zero_bytes
-            } else {
-                0
-            }
-        ],
-        zero_floats: vec![
-            0.0;
-            if form == ZeroPointForm::Float {
-                n * blocks
-            } else {
-                0
-            }
-        ],
-        max_steps: 0.0,
-        max_abs: 0.0,
-    };
-    let put = |bytes: &mut [u8], i: usize, code: u8| {
-        let bit = i * bits;
-        bytes[bit / 8] |= code << (bit % 8);
-    };
-    for row in 0..n {
-        for b in 0..blocks {
-            let at = row * blocks + b;
-            let ks = b * block..((b + 1) * block).min(k);
-            let values = || ks.clone().map(|kk| f64::from(w[kk * n + row]));
-            let (scale, zero) = match form {
-                ZeroPointForm::Middle => {
-                    let extreme =
-                        values().fold(0.0, |e: f64, v| if v.abs() > e.abs() { v } else { e });
-                    (store(extreme / -middle), middle)
-                }
-                ZeroPointForm::Packed | ZeroPointForm::Float => {
-                    let lo = values().fold(0.0, f64::min);
-                    let hi = values().fold(0.0, f64::max);
-                    let scale = store((hi - lo) / top);
-                    let zero = if scale == 0.0 { 0.0 } else { -lo / scale };
-                    match form {
-                        ZeroPointForm::Packed => (scale, zero.round().clamp(0.0, top)),
-                        _ => (scale, store(zero)),
-                    }
-                }
-            };
-            out.scales[at] = scale;
-            match form {
-                ZeroPointForm::Packed => {
-                    let row_bytes = &mut out.zero_codes[row * zero_bytes..(row + 1) * zero_bytes];
-                    put(row_bytes, b, zero as u8);
-                }
-                ZeroPointForm::Float => out.zero_floats[at] = zero,
-                ZeroPointForm::Middle => {}
-            }
-            let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-            let bytes = &mut out.codes[at * blob..(at + 1) * blob];
-            for (j, v) in values().enumerate() {
-                let code = (v * inverse + zero).round().clamp(0.0, top);
-                put(bytes, j, code as u8);
-                let error = (v - (code - zero) * scale).abs();
-                out.max_abs = out.max_abs.max(error);
-                if scale != 0.0 {
-                    out.max_steps = out.max_steps.max(error / scale.abs());
-                }
-            }
-            // The block's codes past k stay 0, as ONNX Runtime's quantizer leaves them.
-        }
-    }
-    out
-}
-
 /// The values of an integer tensor (the importer checked that it is not float), read in place.
 fn integers(t: &Tensor) -> &[i64] {
     t.as_i64().expect("an integer tensor")
@@ -815,6 +690,7 @@ pub fn matmul_integer(cx: &mut Ctx) -> Result<NodeId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::{quantize_nbits, Quantized, ZeroPointForm};
 
     fn dequantized(q: &Quantized, layout: &Layout, form: ZeroPointForm) -> Vec<f32> {
         let codes: Vec<i64> = q.codes.iter().map(|&c| i64::from(c)).collect();
