@@ -322,12 +322,21 @@ impl BlockCodes {
         // a word, else on one.
         let (rows, cols) = (len / (f.cols as usize).max(1), f.cols as usize);
         let row_words = cols * bits / 32;
-        if cols * bits % 32 == 0 && row_words > 0 {
+        if !f.down_columns && f.line_codes == f.cols {
+            // Unpadded lines along the rows: the host's codes are already in row-major order.
+            for (word, b) in codes.iter_mut().zip(self.codes.chunks(4)) {
+                *word = (b.iter().rev()).fold(0u32, |w, &byte| w << 8 | byte as u32);
+            }
+        } else if cols * bits % 32 == 0 && row_words > 0 {
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-            let per = rows.div_ceil(threads).max(1);
+            // Whole words of rows a thread, for the transposing path.
+            let per = rows.div_ceil(threads).next_multiple_of(32 / bits).max(1);
             std::thread::scope(|scope| {
                 for (t, part) in codes.chunks_mut(per * row_words).enumerate() {
-                    scope.spawn(move || self.pack_rows(t * per, part));
+                    scope.spawn(move || match self.transposable() {
+                        true => self.pack_tiles(t * per, part),
+                        false => self.pack_rows(t * per, part),
+                    });
                 }
             });
         } else {
@@ -350,6 +359,48 @@ impl BlockCodes {
             }
         }
         words
+    }
+
+    /// Whether [`pack_tiles`](Self::pack_tiles) applies: lines down the columns, each line and
+    /// each row of the constant a whole number of words.
+    fn transposable(&self) -> bool {
+        let f = &self.format;
+        let bits = f.bits as usize;
+        f.down_columns
+            && (f.line_codes as usize * bits).is_multiple_of(32)
+            && (f.cols as usize * bits).is_multiple_of(32)
+    }
+
+    /// [`pack_rows`](Self::pack_rows) a tile of `p = 32 / bits` lines by `p` rows at a time: a
+    /// word of each line holds a column's `p` codes of the tile's rows, and the tile's rows are
+    /// `p` words, so the tile is a `p` x `p` transpose of codes in registers (`first` a
+    /// multiple of `p`; lines padded to whole blocks, so a tile never reads past its line).
+    fn pack_tiles(&self, first: usize, words: &mut [u32]) {
+        let f = &self.format;
+        let (bits, cols) = (f.bits as usize, f.cols as usize);
+        let (p, mask) = (32 / bits, (1u32 << bits) - 1);
+        let row_words = cols / p;
+        let rows = (words.len() / row_words.max(1)).min(f.elements() / cols.max(1) - first);
+        let line_words = f.line_codes as usize / p;
+        let word_at = |i: usize| {
+            let b = &self.codes[4 * i..4 * i + 4];
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        };
+        let mut src = [0u32; 16];
+        for r0 in (0..rows).step_by(p) {
+            let tile_rows = p.min(rows - r0);
+            for c0 in (0..cols).step_by(p) {
+                for (j, s) in src.iter_mut().take(p).enumerate() {
+                    *s = word_at((c0 + j) * line_words + (first + r0) / p);
+                }
+                for i in 0..tile_rows {
+                    let shift = bits * i;
+                    let w = (src.iter().take(p).enumerate())
+                        .fold(0u32, |w, (j, s)| w | ((s >> shift) & mask) << (bits * j));
+                    words[(r0 + i) * row_words + c0 / p] = w;
+                }
+            }
+        }
     }
 
     /// The codes of rows `first..` packed in row-major order into `words` (which starts with
@@ -587,6 +638,39 @@ mod tests {
             let t = codes.transposed().dequantize();
             let (rows, cols) = (shape[0], shape[1]);
             assert!((0..rows * cols).all(|i| t[(i % cols) * rows + i / cols] == want[i]));
+        }
+    }
+
+    /// The device's row-major codes, packed by tiles where lines and rows are whole words and
+    /// by rows elsewhere, hold each element's code at bit `i * bits`; scales and zero points sit
+    /// at `device_block`.
+    #[test]
+    fn device_words_hold_each_code_in_row_major_order() {
+        let mut rng = Rng::new(11);
+        for (shape, bits, block, down) in [
+            ([100, 72], 4, 16, true),
+            ([70, 48], 2, 32, true),
+            ([37, 44], 8, 16, true),
+            ([33, 20], 4, 16, true),
+            ([37, 45], 8, 16, false),
+            ([37, 64], 4, 32, false),
+        ] {
+            let codes = random(&mut rng, shape, bits, block, down);
+            let f = &codes.format;
+            let words = codes.device_words();
+            for i in 0..shape[0] * shape[1] {
+                let bit = i * bits;
+                let got = (words[bit / 32] >> (bit % 32)) & ((1 << bits) - 1);
+                assert_eq!(got, codes.code(i), "{shape:?} element {i}");
+                let (line, at) = f.line_of(i);
+                let k = line * f.blocks as usize + at / block;
+                let d = f.scales_at() as usize + f.device_block(i);
+                assert_eq!(
+                    words[d],
+                    codes.scales[k].to_bits(),
+                    "{shape:?} scale of {i}"
+                );
+            }
         }
     }
 
