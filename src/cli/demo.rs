@@ -57,7 +57,7 @@ fn demo_model(args: &Args, name: &str) -> Result<usize> {
     let adapter = dir.join("peft_dora");
     let gpu = open_gpu(args.backend.as_deref(), false, "running")?;
     let run = |path: &Path, adapter: Option<&Path>| -> Result<(BTreeMap<String, Array>, String)> {
-        let graph = prepare(path, &[], &inputs, adapter, false)?;
+        let graph = prepare(path, &[], &inputs, adapter, false, None)?;
         let (out, engine) = execute(&graph, &inputs, gpu.as_ref(), &mut Phases::start())?;
         let engine = match engine {
             Engine::Gpu(d) => d,

@@ -67,9 +67,10 @@ pub fn run(args: Args) -> Result<()> {
         &inputs,
         args.adapter.as_deref(),
         args.merged,
+        None,
     )?;
     check_inputs(&graph, &inputs, &args.inputs)?;
-    let feed = graph.graph_inputs_of(inputs);
+    let feed = graph.graph_inputs_of(inputs.clone());
     phases.done("read inputs, import, passes");
     let gpu = opening.wait("running")?;
     if gpu.is_some() {
@@ -82,7 +83,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut graph = graph;
     if let Some(storage) = args.storage {
-        apply_storage(&mut graph, storage)?;
+        if storage.code_bits().is_some() {
+            // Codes come before the adapter, which then reads the quantized weights, as it
+            // would in PEFT over a quantized base.
+            let (model, shapes, adapter) = (&args.model, &args.shapes, args.adapter.as_deref());
+            graph = prepare(model, shapes, &inputs, adapter, args.merged, Some(storage))?;
+        } else {
+            apply_storage(&mut graph, storage)?;
+        }
     }
     let start = Instant::now();
     let (outputs, engine) = execute(&graph, &feed, gpu.as_ref(), &mut phases)?;
@@ -128,15 +136,16 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Loads a model for inference: import with pins from the inputs (their shapes, and their values
-/// where an op needs one at import: a shape, axes or split sizes fed as a graph input), apply
-/// the adapter, merge if asked, and fold every constant expression (the DoRA magnitude scale
-/// included) once.
+/// where an op needs one at import: a shape, axes or split sizes fed as a graph input), quantize
+/// the weights to `codes` if given (`--storage int4|int8`), apply the adapter, merge if asked,
+/// and fold every constant expression (the DoRA magnitude scale included) once.
 pub fn prepare(
     model: &Path,
     shapes: &[String],
     inputs: &BTreeMap<String, Array>,
     adapter: Option<&Path>,
     merged: bool,
+    codes: Option<StorageArg>,
 ) -> Result<Graph> {
     let input_shapes: HashMap<String, Vec<usize>> = inputs
         .iter()
@@ -144,6 +153,7 @@ pub fn prepare(
         .collect();
     let values: HashMap<String, Array> = inputs.clone().into_iter().collect();
     let mut graph = load_graph_with_values(model, shapes, &input_shapes, &values)?;
+    super::common::apply_codes(&mut graph, codes);
     if let Some(dir) = adapter {
         apply_adapter(&mut graph, dir)?;
     }

@@ -8,7 +8,7 @@
 //! after this one reads those: it runs before DoRA's norms and magnitudes are taken from the
 //! weights, as PEFT takes them from a quantized base's dequantized weights.
 
-use super::half::{read_only_as_weight, HalfReport, HALF_MIN_ELEMENTS};
+use super::half::{adapter_tensors, read_only_as_weight, HalfReport, HALF_MIN_ELEMENTS};
 use crate::ir::{quantize_nbits, BlockCodes, BlockFormat, Graph, NodeId, Op, Patch, ZeroPointForm};
 use crate::tensor::DType;
 use std::sync::Arc;
@@ -18,14 +18,19 @@ pub const CODE_BLOCK: usize = 32;
 
 /// Quantizes every f32 matrix of at least [`HALF_MIN_ELEMENTS`] values that is read only as a
 /// weight (the rule half precision stores by) to `bits`-bit codes, and marks it to keep them.
-/// Constants that are already half precision or codes are left as they are.
+/// Constants that are already half precision or codes, and adapters applied as constants, are
+/// left as they are.
 pub fn store_codes(graph: &mut Graph, bits: usize) -> HalfReport {
     let mut report = HalfReport::default();
     let mut p = Patch::new(graph);
+    let adapters = adapter_tensors(graph);
     for n in graph.node_ids() {
         let Op::Const(t) = &graph.node(n).op else {
             continue;
         };
+        if adapters.contains(&n) {
+            continue;
+        }
         let &[rows, cols] = t.shape.as_slice() else {
             continue;
         };
@@ -157,5 +162,51 @@ mod tests {
                 .all(|(a, b)| (a - b).abs() <= step / 2.0 + 1e-6));
         }
         assert!(!g.blocked().contains_key(&small));
+    }
+
+    /// Codes come before adapters (the CLI's order): the base weight becomes codes, and an
+    /// adapter applied afterwards as constants (A [32, 64], B [48, 32]: weights by shape and
+    /// readers) is never quantized, also by a second pass.
+    #[test]
+    fn adapters_stay_f32() {
+        use crate::passes::{find_linear_layers, insert_adapters, AdapterInit, AdapterSpec};
+        let mut rng = Rng::new(4);
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect() };
+        let mut g = GraphBuilder::new();
+        let x = g.add_input("x", vec![2, 64]);
+        let w = g.add_const("fc.weight", Tensor::f32(vec![64, 48], values(64 * 48)));
+        let y = g.add(Op::MatMul, &[x, w], "y", "y").unwrap();
+        g.add_output("y", y);
+        let mut g = g.finish();
+        assert_eq!(store_codes(&mut g, 4).tensors, 1);
+        assert!(g.blocked().contains_key(&w));
+        let layer = find_linear_layers(&g).remove(0);
+        let spec = AdapterSpec {
+            layer,
+            method: crate::ir::Method::Dora,
+            rank: 32,
+            alpha: 32.0,
+            rslora: false,
+            init: AdapterInit::Tensors {
+                a: Tensor::f32(vec![32, 64], values(32 * 64)),
+                b: Tensor::f32(vec![48, 32], values(48 * 32)),
+                m: Some(Tensor::f32(vec![48], values(48))),
+            },
+        };
+        insert_adapters(&mut g, vec![spec]).unwrap();
+        let a = g.adapters()[0].clone();
+        let (a0, b0) = (
+            g.const_tensor(a.lora_a).cloned(),
+            g.const_tensor(a.lora_b).cloned(),
+        );
+        assert!(
+            a0.is_some() && b0.is_some(),
+            "applied adapters are constants"
+        );
+        assert_eq!(store_codes(&mut g, 4).tensors, 0);
+        assert_eq!(g.const_tensor(a.lora_a).cloned(), a0);
+        assert_eq!(g.const_tensor(a.lora_b).cloned(), b0);
+        assert!(g.blocked().contains_key(&w));
     }
 }

@@ -30,7 +30,11 @@ pub struct HalfReport {
 pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
     let mut report = HalfReport::default();
     let mut p = Patch::new(graph);
+    let adapters = adapter_tensors(graph);
     for n in graph.node_ids() {
+        if adapters.contains(&n) {
+            continue;
+        }
         let Op::Const(t) = &graph.node(n).op else {
             continue;
         };
@@ -73,6 +77,16 @@ pub fn store_half(graph: &mut Graph, format: Half) -> HalfReport {
     }
     graph.apply(p.finish());
     report
+}
+
+/// The adapters' own tensors (A, B and the magnitude), constants where an adapter was applied
+/// for inference: `--storage` stores the frozen base only, as QLoRA keeps its adapters in full
+/// precision.
+pub(crate) fn adapter_tensors(graph: &Graph) -> std::collections::HashSet<NodeId> {
+    (graph.adapters().iter())
+        .flat_map(|a| [Some(a.lora_a), Some(a.lora_b), a.magnitude])
+        .flatten()
+        .collect()
 }
 
 /// Whether every reader of `n` reads it as a weight, in a slot that decodes half precision: a
