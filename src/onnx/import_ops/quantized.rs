@@ -443,7 +443,18 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
                 zeros,
             }))
         })
-        .flatten();
+        .flatten()
+        .or_else(|| {
+            let signed = cx.declared_type(data) == Some(DataType::Int4);
+            let table = NibbleTable {
+                shape: &logical,
+                gather_axis,
+                quantize_axis,
+                block,
+                signed,
+            };
+            table.block_codes(codes, &scales, zero_points)
+        });
     let name = cx.temp_name("table");
     if let Some(stored) = stored {
         let table = BlockCodes::tensor(&stored, logical);
@@ -477,6 +488,84 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     });
     let table = cx.add_const(&name, table)?;
     gather_table(cx, table, gather_axis)
+}
+
+/// A GatherBlockQuantized table of ONNX int4 or uint4 codes (one code an element), as ONNX
+/// Runtime's quantizer writes it.
+struct NibbleTable<'a> {
+    shape: &'a [usize],
+    gather_axis: usize,
+    quantize_axis: usize,
+    block: usize,
+    signed: bool,
+}
+
+impl NibbleTable<'_> {
+    /// The codes as the device may store them (`ir::blocks`), for a 2-D table gathered by rows
+    /// and quantized along either axis: a line per row (blocks along the rows) or per column
+    /// (blocks down the columns). int4 codes are stored offset by 8, as unsigned codes, with
+    /// their zero points offset alike, so `(code - zero) * scale` is unchanged.
+    fn block_codes(
+        &self,
+        codes: &[i64],
+        scales: &[f64],
+        zero_points: Option<&[i64]>,
+    ) -> Option<std::sync::Arc<BlockCodes>> {
+        let &[rows, cols] = self.shape else {
+            return None;
+        };
+        if self.gather_axis != 0 {
+            return None;
+        }
+        let down = self.quantize_axis == 0;
+        let (lines, line_codes) = if down { (cols, rows) } else { (rows, cols) };
+        let blocks = line_codes.div_ceil(self.block);
+        let offset = if self.signed { 8 } else { 0 };
+        // int4 without zero points is centred on the middle code; uint4 without, on 0.
+        let with_zeros = zero_points.is_some() || !self.signed;
+        let format = BlockFormat::new(
+            self.shape, 4, self.block, down, line_codes, blocks, with_zeros,
+        )?;
+        // Element (line, at) of the table, and block (line, b) of the scales `[.., blocks, ..]`.
+        let element = |line: usize, at: usize| {
+            if down {
+                at * cols + line
+            } else {
+                line * cols + at
+            }
+        };
+        let block_at = |line: usize, b: usize| {
+            if down {
+                b * cols + line
+            } else {
+                line * blocks + b
+            }
+        };
+        let mut packed = vec![0u8; format.code_bytes()];
+        for line in 0..lines {
+            for at in 0..line_codes {
+                let bit = (line * line_codes + at) * 4;
+                let code = (codes[element(line, at)] + offset) as u8 & 0xf;
+                packed[bit / 8] |= code << (bit % 8);
+            }
+        }
+        let per_block = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
+            (0..lines * blocks)
+                .map(|k| f(block_at(k / blocks, k % blocks)))
+                .collect()
+        };
+        let zeros = match zero_points {
+            Some(z) => per_block(&|k| (z[k] + offset) as f32),
+            None if with_zeros => per_block(&|_| 0.0),
+            None => vec![],
+        };
+        Some(std::sync::Arc::new(BlockCodes {
+            format,
+            codes: packed,
+            scales: per_block(&|k| scales[k] as f32),
+            zeros,
+        }))
+    }
 }
 
 /// GatherBlockQuantized's Gather from its dequantized `table`.
@@ -708,6 +797,61 @@ mod tests {
     /// a step of each value (a step for the value a symmetric range clips), and a weight that
     /// already is a dequantized one quantizes to the same codes and scales (what re-quantizing
     /// an unchanged layer of a quantized model gives). k = 40 leaves the last block short.
+    /// ONNX int4 and uint4 tables, quantized along either axis, with and without zero points,
+    /// keep codes that decode to the importer's values: `(code - zero) * scale` in f32.
+    #[test]
+    fn nibble_tables_keep_codes_that_decode_to_the_table() {
+        let (rows, cols, block): (usize, usize, usize) = (20, 36, 16);
+        for (signed, axis, zeros) in [
+            (true, 1, false),
+            (true, 0, true),
+            (false, 1, true),
+            (false, 0, false),
+        ] {
+            let codes: Vec<i64> = (0..rows * cols)
+                .map(|i| (i * 7 % 16) as i64 - if signed { 8 } else { 0 })
+                .collect();
+            let (lines, along) = if axis == 0 {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            let blocks = along.div_ceil(block);
+            let scales: Vec<f64> = (0..lines * blocks)
+                .map(|k| 0.01 * (k as f64 - 9.5))
+                .collect();
+            let z: Vec<i64> = (0..lines * blocks)
+                .map(|k| (k % 5) as i64 - if signed { 2 } else { 0 })
+                .collect();
+            let table = NibbleTable {
+                shape: &[rows, cols],
+                gather_axis: 0,
+                quantize_axis: axis,
+                block,
+                signed,
+            };
+            let stored = table
+                .block_codes(&codes, &scales, zeros.then_some(&z[..]))
+                .unwrap();
+            for i in 0..rows * cols {
+                let (r, c) = (i / cols, i % cols);
+                // Scales and zero points `[rows, blocks]` or `[blocks, cols]`, as the file has them.
+                let k = if axis == 0 {
+                    r / block * cols + c
+                } else {
+                    r * blocks + c / block
+                };
+                let zero = if zeros { z[k] as f32 } else { 0.0 };
+                let want = (codes[i] as f32 - zero) * scales[k] as f32;
+                assert_eq!(
+                    stored.value(i).to_bits(),
+                    want.to_bits(),
+                    "{signed} {axis} {i}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn quantized_weights_read_back_within_half_a_step() {
         let mut rng = crate::tensor::Rng::new(3);
