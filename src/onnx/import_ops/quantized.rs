@@ -833,7 +833,7 @@ mod tests {
             let stored = table
                 .block_codes(&codes, &scales, zeros.then_some(&z[..]))
                 .unwrap();
-            for i in 0..rows * cols {
+            for (i, &code) in codes.iter().enumerate() {
                 let (r, c) = (i / cols, i % cols);
                 // Scales and zero points `[rows, blocks]` or `[blocks, cols]`, as the file has them.
                 let k = if axis == 0 {
@@ -842,7 +842,7 @@ mod tests {
                     r * blocks + c / block
                 };
                 let zero = if zeros { z[k] as f32 } else { 0.0 };
-                let want = (codes[i] as f32 - zero) * scales[k] as f32;
+                let want = (code as f32 - zero) * scales[k] as f32;
                 assert_eq!(
                     stored.value(i).to_bits(),
                     want.to_bits(),
