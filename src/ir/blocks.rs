@@ -1,12 +1,14 @@
 //! Weights kept on the device in the block-quantized codes a model stores them in.
 //!
-//! A quantized model (`MatMulNBits`, the builder's `GatherBlockQuantized`) stores a weight as
-//! 2-, 4- or 8-bit codes with a scale, and maybe a zero point, per block of codes. The importer
-//! dequantizes it into an f32 constant, which every pass and the reference executor read; the
-//! constant also keeps the codes (`Graph::blocked`), so that the planner can put the codes on
-//! the device instead of the f32 values: 4-bit codes with a scale per 32 take 5 bits a weight,
-//! not 32. Kernels decode each weight as they load it, with f32 arithmetic that gives the
-//! constant's value bit for bit ([`BlockCodes::value`] is the device's formula).
+//! A quantized model (`MatMulNBits`, `GatherBlockQuantized`) stores a weight as 2-, 4- or 8-bit
+//! codes with a scale, and maybe a zero point, per block of codes; `--storage int4|int8` makes
+//! such codes of an f32 model's weights ([`quantize_nbits`]). The weight is an f32 constant to
+//! every pass and to the reference executor, its values computed from the codes when first read
+//! ([`BlockCodes::tensor`]); the constant also keeps the codes (`Graph::blocked`), so that the
+//! planner can put the codes on the device instead of the f32 values: 4-bit codes with a scale
+//! per 32 take 5 bits a weight (6 with zero points), not 32. Kernels decode each weight as they
+//! load it, with f32 arithmetic that gives the constant's value bit for bit
+//! ([`BlockCodes::value`] is the device's formula).
 //!
 //! The codes of a `[.., cols]` constant run in *lines*: down its columns (MatMulNBits keeps the
 //! `[K, N]` weight's codes as `[N, K]` rows, a line per output column) or along its rows (an
@@ -82,8 +84,10 @@ impl BlockFormat {
             && line_codes >= line_len
             && blocks == line_codes.div_ceil(block)
             && (lines as u64 * line_codes as u64 * bits as u64) < 1 << 32;
+        if !fits {
+            return None;
+        }
         let u = |v: usize| u32::try_from(v).ok();
-        fits.then_some(())?;
         Some(BlockFormat {
             bits: bits as u32,
             block: u(block)?,
