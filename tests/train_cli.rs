@@ -532,6 +532,34 @@ fn qdora_trains_on_the_quantized_weights() {
         moved > 0,
         "no magnitude differs from the f32 weights' norms"
     );
+    // So at init the adapter gives the quantized base's outputs: `eval --storage int4` scores
+    // it as the base, and without --storage (the f32 base) it does not.
+    let eval = |name: &str, extra: &[&str]| -> f64 {
+        let json = dir.join(format!("{name}.json"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dorac"));
+        c.args([
+            "eval",
+            s(&m),
+            "--data",
+            s(&d),
+            "--loss",
+            "mse",
+            "--reference",
+            "-o",
+        ]);
+        ok(&c.arg(s(&json)).args(extra).output().expect("dorac runs"));
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        metrics["loss"].as_f64().unwrap()
+    };
+    let base = eval("base", &["--storage", "int4"]);
+    let adapted = eval("adapted", &["--storage", "int4", "--adapter", s(&z)]);
+    let on_f32 = eval("on_f32", &["--adapter", s(&z)]);
+    assert!(
+        (adapted - base).abs() <= 1e-6 * base,
+        "{adapted} vs the quantized base's {base}"
+    );
+    assert!((on_f32 - base).abs() > 1e-4 * base, "{on_f32} vs {base}");
 
     let full = train(
         &[&args[..], &["--method", "full", "-o", s(&dir.join("full"))]].concat(),

@@ -46,6 +46,11 @@ pub struct Args {
     /// Write the metrics as JSON to this file [default: print them only].
     #[arg(short, long, value_name = "METRICS.json")]
     pub output: Option<PathBuf>,
+    /// Store the frozen weights as `train --storage` did: int4 or int8 quantizes them before the
+    /// adapter is applied, so an adapter trained with QDoRA is scored on the weights it trained
+    /// on; f16 or bf16 rounds them [default: the model's own precision].
+    #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Engine")]
+    pub storage: Option<super::common::StorageArg>,
     #[command(flatten)]
     pub engine: super::common::EngineArgs,
 }
@@ -83,8 +88,12 @@ pub fn run(args: Args) -> Result<()> {
         data::count_examples(&raw).clamp(1, 32),
         &data::example_shapes(&raw),
     )?;
+    super::common::apply_codes(&mut graph, args.storage);
     if let Some(dir) = &args.adapter {
         apply_adapter(&mut graph, dir)?;
+    }
+    if let Some(storage) = args.storage.filter(|s| s.half().is_some()) {
+        super::common::apply_storage(&mut graph, storage)?;
     }
     let output = super::train::find_output(&graph, args.loss_output.as_deref(), "--loss-output")?;
     let expected = Expected::for_model(&graph, output, &labels, loss);
