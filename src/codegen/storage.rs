@@ -109,6 +109,7 @@ pub(crate) fn stored_consts(
         .filter(|&n| matches!(graph.node(n).op, Op::Const(_)))
         .filter(|&n| read_only_as_weight(graph, n, &is_reader, &in_place))
         .filter_map(|n| Some((n, graph.stored(n)?)))
+        .filter(|(_, s)| !matches!(s, Stored::Blocks(f) if !f.indexable()))
         .collect()
 }
 

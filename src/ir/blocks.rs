@@ -59,8 +59,8 @@ pub struct BlockCodes {
 }
 
 impl BlockFormat {
-    /// A layout of `lines` lines for a constant of `shape`, when the pieces fit together and
-    /// every code's bit offset fits in a u32 (the kernels index with u32); else `None`.
+    /// A layout of `lines` lines for a constant of `shape`, when the pieces fit together; else
+    /// `None`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         shape: &[usize],
@@ -82,8 +82,7 @@ impl BlockFormat {
         let fits = matches!(bits, 2 | 4 | 8)
             && block > 0
             && line_codes >= line_len
-            && blocks == line_codes.div_ceil(block)
-            && (lines as u64 * line_codes as u64 * bits as u64) < 1 << 32;
+            && blocks == line_codes.div_ceil(block);
         if !fits {
             return None;
         }
@@ -99,6 +98,13 @@ impl BlockFormat {
             blocks: u(blocks)?,
             zero_points,
         })
+    }
+
+    /// Whether kernels can index the device buffer: every code's bit offset and every word fit
+    /// in a u32. Else the planner stores the constant as f32 (which it then splits).
+    pub fn indexable(&self) -> bool {
+        self.elements() as u64 * self.bits as u64 <= u32::MAX as u64
+            && self.words() <= u32::MAX as u64
     }
 
     /// Bytes of packed codes.
@@ -678,12 +684,13 @@ mod tests {
         }
     }
 
-    /// Layouts the device cannot index are refused: a code's bit offset past u32.
+    /// Layouts the device cannot index (a code's bit offset past u32) stay codes on the host
+    /// only: the planner stores them as f32.
     #[test]
-    fn oversized_layouts_are_refused() {
-        assert!(
-            BlockFormat::new(&[1 << 16, 1 << 14], 8, 32, true, 1 << 16, 1 << 11, false).is_none()
-        );
-        assert!(BlockFormat::new(&[64, 32], 4, 32, true, 64, 2, false).is_some());
+    fn oversized_layouts_are_not_indexable() {
+        let big = BlockFormat::new(&[1 << 16, 1 << 14], 8, 32, true, 1 << 16, 1 << 11, false);
+        assert!(!big.unwrap().indexable());
+        let small = BlockFormat::new(&[64, 32], 4, 32, true, 64, 2, false);
+        assert!(small.unwrap().indexable());
     }
 }

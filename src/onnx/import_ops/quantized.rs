@@ -6,10 +6,11 @@
 //! - MatMulNBits, of ONNX Runtime's contrib domain: a MatMul whose weight is stored in blocks of
 //!   2-, 4- or 8-bit codes with a scale (and a zero point) per block, as ONNX Runtime's weight
 //!   quantizer writes it (the `model_q4.onnx` files of Hub repositories). The weight is a
-//!   constant, so the import dequantizes it once into an f32 `[K, N]` constant and the node
-//!   becomes a plain MatMul (plus its bias): it runs, trains and merges like any linear layer,
-//!   and the DoRA rewrite adapts it, with the dequantized weight as W0 (QDoRA's arrangement).
-//!   The constant keeps the codes (`ir::blocks`): the device stores those, not the f32 values.
+//!   constant, so the import makes it an f32 `[K, N]` constant that keeps its codes
+//!   (`ir::blocks`: the device stores those, and the host computes the values only when read),
+//!   and the node becomes a plain MatMul (plus its bias): it runs, trains and merges like any
+//!   linear layer, and the DoRA rewrite adapts it, with the dequantized weight as W0 (QDoRA's
+//!   arrangement).
 
 use super::lowered::{spread_quantization, tmp};
 use super::Ctx;
@@ -36,53 +37,9 @@ impl Layout {
         f64::from((byte >> (bit % 8)) & ((1 << self.bits) - 1))
     }
 
-    /// The dequantized weight, `[k, n]` row-major: `(code - zero point) * scale` per block.
-    /// The machine's threads each take a run of whole blocks of its rows.
-    fn dequantize(&self, codes: &[i64], scales: &[f64], zero_points: &ZeroPoints) -> Tensor {
-        let (k, n) = (self.k, self.n);
-        Tensor::f32_filled(vec![k, n], |w| {
-            let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-            let blocks = self.blocks.div_ceil(threads.clamp(1, self.blocks.max(1)));
-            std::thread::scope(|scope| {
-                for (t, rows) in w.chunks_mut((blocks * self.block * n).max(1)).enumerate() {
-                    scope.spawn(move || {
-                        self.dequantize_rows(t * blocks, rows, codes, scales, zero_points)
-                    });
-                }
-            });
-        })
-    }
-
-    /// Rows `first_block * block ..` of the weight, as many as `w` holds (whole blocks, or up to
-    /// k). Rows of B are columns of w: a tile of them is decoded into `tile_rows`, then written
-    /// out in runs along w's rows, so neither side is read or written a column at a time.
-    fn dequantize_rows(
-        &self,
-        first_block: usize,
-        w: &mut [f32],
-        codes: &[i64],
-        scales: &[f64],
-        zero_points: &ZeroPoints,
-    ) {
-        const TILE: usize = 64;
-        let n = self.n;
-        let len = w.len() / n;
-        let mut tile_rows = vec![0f32; TILE * len];
-        for first in (0..n).step_by(TILE) {
-            let tile = TILE.min(n - first);
-            for (r, out) in tile_rows.chunks_exact_mut(len).take(tile).enumerate() {
-                self.dequantize_row(first + r, first_block, codes, scales, zero_points, out);
-            }
-            for (kk, line) in w.chunks_exact_mut(n).enumerate() {
-                for (r, v) in line[first..first + tile].iter_mut().enumerate() {
-                    *v = tile_rows[r * len + kk];
-                }
-            }
-        }
-    }
-
-    /// The codes as the device may store them (`ir::blocks`: a line per column of the weight),
-    /// or `None` where the layout does not fit there.
+    /// The weight's codes (`ir::blocks`: a line per column of the weight, as the file has them),
+    /// from which its values are computed and which the device may store; `None` for a layout
+    /// too large to describe (dims past u32).
     fn block_codes(
         &self,
         codes: &[i64],
@@ -118,45 +75,6 @@ impl Layout {
             scales: scales.iter().map(|&s| s as f32).collect(),
             zeros,
         })
-    }
-
-    /// Row `row` of B (column `row` of the weight) from block `first_block` on, as many values
-    /// as `out` holds.
-    fn dequantize_row(
-        &self,
-        row: usize,
-        first_block: usize,
-        codes: &[i64],
-        scales: &[f64],
-        zero_points: &ZeroPoints,
-        out: &mut [f32],
-    ) {
-        let blob = self.block * self.bits / 8;
-        for (i, values) in out.chunks_mut(self.block).enumerate() {
-            let b = first_block + i;
-            let at = row * self.blocks + b;
-            let scale = scales[at];
-            let zero = match zero_points {
-                ZeroPoints::Default => f64::from(1u32 << (self.bits - 1)),
-                ZeroPoints::Packed(z) => {
-                    let per_row = (self.blocks * self.bits).div_ceil(8);
-                    self.code(&z[row * per_row..(row + 1) * per_row], b)
-                }
-                ZeroPoints::Float(z) => z[at],
-            };
-            // Each code's value, once a block, in f32 as a kernel decodes codes stored on the
-            // device (`ir::BlockCodes::value`). With an integer zero point the product rounds
-            // once, as in onnxruntime's float arithmetic.
-            let value = |c: u32| (c as f32 - zero as f32) * scale as f32;
-            let lut: Vec<f32> = (0..1u32 << self.bits).map(value).collect();
-            let bytes = &codes[at * blob..(at + 1) * blob];
-            let (per_byte, mask) = (8 / self.bits, (1u32 << self.bits) - 1);
-            for (chunk, &byte) in values.chunks_mut(per_byte).zip(bytes) {
-                for (j, v) in chunk.iter_mut().enumerate() {
-                    *v = lut[((byte as u32) >> (j * self.bits)) as usize & mask as usize];
-                }
-            }
-        }
     }
 }
 
@@ -271,19 +189,14 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
     let bias = cx.opt_input(5)?;
     let scales = scales.to_f64();
     // The codes stay as they are, on the device and on the host, where the values are computed
-    // only if something reads them; a layout the device cannot index is dequantized now.
+    // only if something reads them.
+    let stored = layout
+        .block_codes(integers(&codes), &scales, &zero_points)
+        .ok_or_else(|| cx.err(format!("a weight of N = {n} by K = {k} is too large")))?;
+    let stored = std::sync::Arc::new(stored);
+    let w = BlockCodes::tensor(&stored, vec![k, n]);
     let name = cx.temp_name("weight");
-    let w = match layout.block_codes(integers(&codes), &scales, &zero_points) {
-        Some(stored) => {
-            let stored = std::sync::Arc::new(stored);
-            let w = BlockCodes::tensor(&stored, vec![k, n]);
-            cx.add_blocked_const(&name, w, Some(stored))?
-        }
-        None => {
-            let w = layout.dequantize(integers(&codes), &scales, &zero_points);
-            cx.add_const(&name, w)?
-        }
-    };
+    let w = cx.add_blocked_const(&name, w, Some(stored))?;
     match bias {
         None => cx.add(Op::MatMul, &[a, w]),
         Some(bias) => {
@@ -309,8 +222,9 @@ pub fn matmul_nbits(cx: &mut Ctx) -> Result<NodeId> {
 /// - int4 or uint4 codes (ONNX's 4-bit types), any gather and quantize axes, zero points of
 ///   the codes' type, else 0: ONNX Runtime's weight quantizer, for a quantized Gather.
 ///
-/// The table is dequantized once at import into an f32 constant, which a plain Gather reads
-/// (and the id range check guards, where onnxruntime gives zeros for ids past the table).
+/// The table becomes an f32 constant, which a plain Gather reads (and the id range check
+/// guards, where onnxruntime gives zeros for ids past the table): computed from its codes when
+/// read, where it keeps them (`ir::blocks`), else dequantized at import.
 pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     let block = cx.attr_int("block_size")?.unwrap_or(128);
     if block < 16 || !(block as u64).is_power_of_two() {
@@ -416,45 +330,19 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     } else {
         0.0
     };
-    // The builder's uint8 form keeps its codes, a line per row of the table (`ir::blocks`).
-    let stored = packed_bytes
-        .then(|| {
-            let format = BlockFormat::new(
-                &logical,
-                bits,
-                block,
-                false,
-                along,
-                blocks,
-                zero_points.is_some(),
-            )?;
-            let zeros = zero_points.map_or(vec![], |z| {
-                (0..numel(&logical) / along * blocks)
-                    .map(|at| {
-                        let (o, b) = (at / blocks, at % blocks);
-                        layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b) as f32
-                    })
-                    .collect()
-            });
-            Some(std::sync::Arc::new(BlockCodes {
-                format,
-                codes: codes.iter().map(|&c| c as u8).collect(),
-                scales: scales.iter().map(|&s| s as f32).collect(),
-                zeros,
-            }))
-        })
-        .flatten()
-        .or_else(|| {
-            let signed = cx.declared_type(data) == Some(DataType::Int4);
-            let table = NibbleTable {
-                shape: &logical,
-                gather_axis,
-                quantize_axis,
-                block,
-                signed,
-            };
-            table.block_codes(codes, &scales, zero_points)
-        });
+    // The table keeps its codes where `ir::blocks` describes them: the builder's uint8 form (a
+    // line per row), a 2-D int4 or uint4 table gathered by rows.
+    let stored = match packed_bytes {
+        true => packed_table_codes(&layout, &logical, codes, &scales, zero_points),
+        false => NibbleTable {
+            shape: &logical,
+            gather_axis,
+            quantize_axis,
+            block,
+            signed: cx.declared_type(data) == Some(DataType::Int4),
+        }
+        .block_codes(codes, &scales, zero_points),
+    };
     let name = cx.temp_name("table");
     if let Some(stored) = stored {
         let table = BlockCodes::tensor(&stored, logical);
@@ -488,6 +376,42 @@ pub fn gather_block_quantized(cx: &mut Ctx) -> Result<NodeId> {
     });
     let table = cx.add_const(&name, table)?;
     gather_table(cx, table, gather_axis)
+}
+
+/// The codes of a GatherBlockQuantized table of uint8 bytes (`layout`: codes along the last
+/// axis of `shape`, a row of packed zero points per line), a line per row.
+fn packed_table_codes(
+    layout: &Layout,
+    shape: &[usize],
+    codes: &[i64],
+    scales: &[f64],
+    zero_points: Option<&[i64]>,
+) -> Option<std::sync::Arc<BlockCodes>> {
+    let (along, blocks) = (layout.k, layout.blocks);
+    let format = BlockFormat::new(
+        shape,
+        layout.bits,
+        layout.block,
+        false,
+        along,
+        blocks,
+        zero_points.is_some(),
+    )?;
+    let zero_bytes = (blocks * layout.bits).div_ceil(8);
+    let zeros = zero_points.map_or(vec![], |z| {
+        (0..numel(shape) / along * blocks)
+            .map(|at| {
+                let (o, b) = (at / blocks, at % blocks);
+                layout.code(&z[o * zero_bytes..(o + 1) * zero_bytes], b) as f32
+            })
+            .collect()
+    });
+    Some(std::sync::Arc::new(BlockCodes {
+        format,
+        codes: codes.iter().map(|&c| c as u8).collect(),
+        scales: scales.iter().map(|&s| s as f32).collect(),
+        zeros,
+    }))
 }
 
 /// A GatherBlockQuantized table of ONNX int4 or uint4 codes (one code an element), as ONNX
@@ -790,7 +714,10 @@ mod tests {
             }
             ZeroPointForm::Float => ZeroPoints::Float(q.zero_floats.clone()),
         };
-        layout.dequantize(&codes, &q.scales, &zero).to_f32()
+        layout
+            .block_codes(&codes, &q.scales, &zero)
+            .unwrap()
+            .dequantize()
     }
 
     /// Every form and width: the codes read back (by the importer's dequantization) within half
