@@ -326,9 +326,29 @@ fn chunks_keep_block_codes() {
         3 + 5 + 5,
         "w in 3 chunks of 12 columns, wte in 5 of 12 rows, its transpose in 5 of 12 columns"
     );
+    // Each chunk's codes decode to its part of the whole constant (read from the unsplit graph):
+    // columns of w and of wte's transpose, rows of wte.
+    let whole = |name: &str| {
+        let n = g.find_by_name(name).unwrap();
+        g.const_tensor(n).unwrap().to_f32()
+    };
+    let (w_all, wte_all) = (whole("w"), whole("wte"));
     for (n, t, codes) in &chunks {
         let name = &s.node(*n).name;
-        assert!(codes.decodes_to(t.as_f32().unwrap()), "{name}");
+        let (source, start) = name.rsplit_once("/rows_").unwrap();
+        let start: usize = start.parse().unwrap();
+        let [rows, cols] = [t.shape[0], t.shape[1]];
+        let want: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                match source {
+                    "w" => w_all[r * 30 + start + c],
+                    "wte" => wte_all[(start + r) * 40 + c],
+                    _ => wte_all[(start + c) * 40 + r],
+                }
+            })
+            .collect();
+        assert!(codes.decodes_to(&want), "{name}");
     }
     let plan = dorac::codegen::plan(&s).unwrap();
     let stored = (plan.buffers.iter()).filter(|b| matches!(b.stored, Some(Stored::Blocks(_))));

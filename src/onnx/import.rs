@@ -477,7 +477,8 @@ impl Scope<'_> {
     ) -> Result<()> {
         for &i in order {
             let node = &nodes[i];
-            for name in reads(node) {
+            let read = reads(node);
+            for &name in &read {
                 if let Some(t) = self.deferred.remove(name) {
                     add_initializer(g, t, self.model_dir, values, &mut self.formats)?;
                 }
@@ -503,20 +504,20 @@ impl Scope<'_> {
                 self.formats.insert(id, t);
             }
             values.extend(outputs);
-            self.drop_consumed(g, values, node);
+            self.drop_consumed(g, values, &read);
         }
         Ok(())
     }
 
-    /// Drops the large constants that `node` was the last to read, where no IR node reads them:
-    /// the importer consumed them (MatMulNBits dequantizes its codes into a new weight).
+    /// Drops the large constants that a node reading `read` was the last to read, where no IR
+    /// node reads them: the importer consumed them (MatMulNBits makes a new weight of its codes).
     fn drop_consumed(
         &mut self,
         g: &mut GraphBuilder,
         values: &mut HashMap<String, NodeId>,
-        node: &NodeProto,
+        read: &[&str],
     ) {
-        for name in reads(node) {
+        for &name in read {
             let Some(left) = self.reads_left.get_mut(name) else {
                 continue;
             };
